@@ -1,0 +1,69 @@
+"""Forward and reverse KL divergences between teacher and student next-token distributions."""
+
+import torch
+from torch import Tensor
+
+from tad_torchtune.losses._reduction import DivergenceOutput, chunked_divergence
+from tad_torchtune.losses.base import Divergence, masked_xlogy_sum
+
+
+def forward_kl_chunk(s: Tensor, t: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token ``KL(p || q)`` for a chunk ``[n, V]`` of (scaled) logits."""
+    log_q = torch.log_softmax(s, dim=-1)
+    log_p = torch.log_softmax(t, dim=-1)
+    return masked_xlogy_sum(log_p.exp(), log_p - log_q), {}
+
+
+def reverse_kl_chunk(s: Tensor, t: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token ``KL(q || p)`` for a chunk ``[n, V]`` of (scaled) logits."""
+    log_q = torch.log_softmax(s, dim=-1)
+    log_p = torch.log_softmax(t, dim=-1)
+    return masked_xlogy_sum(log_q.exp(), log_q - log_p), {}
+
+
+class ForwardKLLoss(Divergence):
+    """Forward KL, the divergence of vanilla KD: ``KL(p || q) = sum_i p_i (log p_i - log q_i)``.
+
+    ``p = softmax(teacher_logits / tau)``, ``q = softmax(student_logits / tau)``. This is the true
+    KL, 0 when the student equals the teacher (torchtune 0.6.1's ``ForwardKLLoss`` returns the
+    cross-entropy ``-sum p log q`` instead: same gradient, value offset by the teacher entropy).
+    Vocabulary entries with ``p_i = 0`` contribute 0.
+
+    Reduction: mean over tokens whose label is not ``ignore_index``; 0 with zero gradient when no
+    token is valid. Ignored positions may hold any values (NaN, inf): they never reach the result.
+    See ``Divergence`` for the arguments.
+    """
+
+    def sum_and_count(
+        self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
+    ) -> DivergenceOutput:
+        """Args and shapes as ``forward``; returns the un-normalised sum and the token count."""
+        teacher_logits = self.prepare_inputs(student_logits, teacher_logits, labels)
+        return chunked_divergence(
+            forward_kl_chunk, student_logits, teacher_logits, labels,
+            ignore_index=self.ignore_index, temperature=self.temperature,
+            chunk_size=self.chunk_size,
+        )
+
+    chunk_fn = staticmethod(forward_kl_chunk)
+
+
+class ReverseKLLoss(Divergence):
+    """Reverse KL: ``KL(q || p) = sum_i q_i (log q_i - log p_i)``, mode-seeking.
+
+    Same conventions as ``ForwardKLLoss`` (temperature, reduction, masking); entries with
+    ``q_i = 0`` contribute 0.
+    """
+
+    def sum_and_count(
+        self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
+    ) -> DivergenceOutput:
+        """Args and shapes as ``forward``; returns the un-normalised sum and the token count."""
+        teacher_logits = self.prepare_inputs(student_logits, teacher_logits, labels)
+        return chunked_divergence(
+            reverse_kl_chunk, student_logits, teacher_logits, labels,
+            ignore_index=self.ignore_index, temperature=self.temperature,
+            chunk_size=self.chunk_size,
+        )
+
+    chunk_fn = staticmethod(reverse_kl_chunk)

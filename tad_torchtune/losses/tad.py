@@ -1,0 +1,215 @@
+"""TAD, the tail-aware divergence (arXiv 2602.20816, eq. 2-4 and Appendix A; DESIGN.md §1)."""
+
+import math
+
+import torch
+from torch import Tensor
+
+from tad_torchtune.losses._reduction import (
+    DivergenceOutput,
+    chunked_divergence,
+    compute_dtype,
+)
+from tad_torchtune.losses.base import Divergence, check_positive, masked_xlogy_sum, safe_finite
+
+
+def tad_teacher_stats(t: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Teacher-only statistics of TAD for a chunk of (scaled) teacher logits ``[n, V]``.
+
+    Returns:
+        ``topk_idx [n, K]`` (the teacher's top-K ids), ``lse [n]`` (LSE over the vocabulary) and
+        ``lse_tail [n]`` (LSE over the ids outside the top-K), so ``log alphaT = lse_tail - lse``.
+    """
+    top_vals, topk_idx = t.topk(k, dim=-1)
+    lse_tail = t.scatter(-1, topk_idx, float("-inf")).logsumexp(-1)
+    lse = torch.logaddexp(lse_tail, top_vals.logsumexp(-1))
+    return topk_idx, lse, lse_tail
+
+
+def tad_tail_weights(
+    log_alpha: Tensor, valid: Tensor, beta: float
+) -> tuple[Tensor, Tensor]:
+    """Per-token weight of D_KL2, ``beta * alphaT(t) / abar(X)``, and ``abar(X)`` per token.
+
+    ``abar(X)`` is the mean of ``alphaT`` over the valid tokens of the sequence (one row of the
+    batch). Computed in log space, so tail masses that underflow float32 still give the right
+    ratio. A row whose teacher has no tail mass at all (``abar = 0``) gets weight 0, not NaN.
+
+    Args:
+        log_alpha: ``[B, T]`` log tail mass of the teacher.
+        valid: ``[B, T]`` bool.
+        beta: TAD's beta.
+
+    Returns:
+        ``(weight [B, T], abar [B, T])``, both without gradient.
+    """
+    neg_inf = log_alpha.new_full((), float("-inf"))
+    log_alpha = torch.where(valid, log_alpha, neg_inf)
+    count = valid.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+    log_abar = log_alpha.logsumexp(-1, keepdim=True) - torch.log(count.to(log_alpha.dtype))
+    has_tail = torch.isfinite(log_abar) & torch.isfinite(log_alpha)
+    log_weight = log_alpha - safe_finite(log_abar) + math.log(beta)
+    weight = torch.where(has_tail, log_weight.exp(), log_alpha.new_zeros(()))
+    return weight, log_abar.exp().expand_as(log_alpha)
+
+
+def tad_chunk(
+    s: Tensor,
+    t: Tensor,
+    labels: Tensor,
+    topk_idx: Tensor,
+    lse_t: Tensor,
+    lse_t_tail: Tensor,
+    tail_weight: Tensor,
+    abar: Tensor,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token ``D_KL1 + tail_weight * D_KL2`` for a chunk ``[n, V]`` of (scaled) logits.
+
+    ``topk_idx``, ``lse_t`` and ``lse_t_tail`` come from ``tad_teacher_stats`` on the same teacher
+    logits; ``tail_weight`` and ``abar`` from ``tad_tail_weights``.
+    """
+    neg_inf = float("-inf")
+    in_top = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, topk_idx, True)
+    s_top = s.gather(-1, topk_idx)  # (n, K)
+    s_tail = s.masked_fill(in_top, neg_inf)  # (n, V), top-K ids at -inf
+    lse_s_tail = s_tail.logsumexp(-1)
+    lse_s = torch.logaddexp(lse_s_tail, s_top.logsumexp(-1))
+
+    # D_KL1: the K modes plus one bucket holding the rest of the mass.
+    log_p_top = t.gather(-1, topk_idx) - lse_t.unsqueeze(-1)
+    log_q_top = s_top - lse_s.unsqueeze(-1)
+    log_alpha_t = lse_t_tail - lse_t
+    log_alpha_s = lse_s_tail - lse_s
+    alpha_t = log_alpha_t.exp()
+    dkl1 = masked_xlogy_sum(log_p_top.exp(), log_p_top - log_q_top) + torch.where(
+        alpha_t > 0, alpha_t * (log_alpha_t - log_alpha_s), alpha_t.new_zeros(())
+    )
+
+    # D_KL2: KL between the renormalised tails; 0 where the teacher has no tail mass.
+    has_tail = torch.isfinite(lse_t_tail)
+    log_pt = t.masked_fill(in_top, neg_inf) - safe_finite(lse_t_tail).unsqueeze(-1)
+    log_qt = s_tail - safe_finite(lse_s_tail).unsqueeze(-1)
+    dkl2 = masked_xlogy_sum(log_pt.exp(), log_pt - log_qt)
+    dkl2 = torch.where(has_tail, dkl2, dkl2.new_zeros(()))
+
+    per_token = dkl1 + torch.where(tail_weight > 0, tail_weight * dkl2, dkl2.new_zeros(()))
+    stats = {"dkl1": dkl1, "dkl2": dkl2, "tail_mass": alpha_t, "abar": abar}
+    return per_token, stats
+
+
+class TADLoss(Divergence):
+    """Tail-aware divergence (TAD), arXiv 2602.20816 eq. 3.
+
+    For each token, with ``p`` the teacher's and ``q`` the student's distribution (logits divided
+    by ``temperature``) and ``S_K`` the teacher's top-``k`` ids:
+
+    - ``alphaT = 1 - sum_{S_K} p``, ``alphaS = 1 - sum_{S_K} q`` (student mass on the SAME ids),
+      both computed as log-sum-exps, never as ``log(1 - x)``;
+    - ``D_KL1 = sum_{S_K} p (log p - log q) + alphaT (log alphaT - log alphaS)``;
+    - ``D_KL2 = KL(pt || qt)`` between the tails renormalised to sum to 1;
+    - ``L_DIV = D_KL1 + beta * alphaT / abar(X) * D_KL2``, where ``abar(X)`` is the mean of
+      ``alphaT`` over the valid tokens of the token's sequence (its row of the batch).
+
+    ``KL(p||q) = D_KL1 + alphaT * D_KL2`` exactly, so TAD only re-weights the tail term. The gradient
+    on a top-K logit is the KL gradient ``q - p``; on a tail logit it is
+    ``(q - p) + (beta/abar - 1)(q alphaT/alphaS - p)`` (paper eq. 6). ``abar`` comes from the
+    teacher only and carries no gradient.
+
+    Edge cases: a row whose valid tokens all have zero teacher tail mass gets tail term 0 (not
+    NaN); ``alphaT/abar`` is at most the row's valid-token count; ``-inf`` logits (masked
+    vocabulary) have probability 0 and contribute 0. Reduction: mean over valid tokens, 0 with
+    zero gradient when none is valid.
+
+    Diagnostics (``sum_and_count(...).stats``, summed over valid tokens): ``dkl1``, ``dkl2``,
+    ``tail_mass`` (``alphaT``) and ``abar`` (the ``abar`` of the token's row).
+
+    Args:
+        k: size of the teacher's top-K set, ``1 <= k < V`` (paper: 10).
+        beta: tail amplification, > 0 (paper: 2).
+        temperature, ignore_index, chunk_size, vocab_alignment: see ``Divergence``.
+    """
+
+    stat_names = ("abar", "dkl1", "dkl2", "tail_mass")
+
+    def __init__(
+        self,
+        *,
+        k: int = 10,
+        beta: float = 2.0,
+        temperature: float = 1.0,
+        ignore_index: int = -100,
+        chunk_size: int | None = 1024,
+        vocab_alignment: str = "exact",
+    ) -> None:
+        super().__init__(
+            temperature=temperature, ignore_index=ignore_index, chunk_size=chunk_size,
+            vocab_alignment=vocab_alignment,
+        )
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an integer >= 1 (and < vocabulary size), got {k!r}")
+        self.k = k
+        self.beta = check_positive("beta", beta)
+
+    def check_k(self, vocab_size: int) -> None:
+        if self.k >= vocab_size:
+            raise ValueError(
+                f"k must be < vocabulary size: k={self.k}, vocabulary size {vocab_size}"
+            )
+
+    @torch.no_grad()
+    def teacher_pass(
+        self, teacher_logits: Tensor, labels: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The cheap first pass over the teacher: everything TAD needs before the student.
+
+        Args:
+            teacher_logits: ``[B, T, V]`` (aligned) or ``[N, V]`` (one sequence).
+            labels: ``[B, T]`` or ``[N]``.
+
+        Returns:
+            ``topk_idx [B, T, K]``, ``lse [B, T]``, ``lse_tail [B, T]``, ``tail_weight [B, T]``,
+            ``abar [B, T]``, computed chunk by chunk in float32 (float64 for float64 input).
+        """
+        vocab = teacher_logits.shape[-1]
+        self.check_k(vocab)
+        lead = labels.shape if labels.dim() > 1 else (1, labels.shape[0])
+        t = teacher_logits.reshape(-1, vocab)
+        valid = (labels != self.ignore_index).reshape(-1)
+        dtype = compute_dtype(teacher_logits.dtype)
+        step = max(1, self.chunk_size or t.shape[0])
+        pieces = []
+        for start in range(0, t.shape[0], step):
+            chunk = t[start : start + step]
+            rows = valid[start : start + step].unsqueeze(-1)
+            chunk = torch.where(rows, chunk.to(dtype), 0.0) / self.temperature
+            pieces.append(tad_teacher_stats(chunk, self.k))
+        if pieces:
+            topk_idx, lse, lse_tail = (torch.cat(p) for p in zip(*pieces))
+        else:
+            topk_idx = t.new_zeros((0, self.k), dtype=torch.long)
+            lse = lse_tail = t.new_zeros((0,), dtype=dtype)
+        weight, abar = tad_tail_weights(
+            (lse_tail - lse).reshape(lead), valid.reshape(lead), self.beta
+        )
+        return (
+            topk_idx.reshape(*lead, self.k), lse.reshape(lead), lse_tail.reshape(lead),
+            weight, abar,
+        )
+
+    def sum_and_count(
+        self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
+    ) -> DivergenceOutput:
+        """Args and shapes as ``forward``; returns the un-normalised sum and the token count."""
+        teacher_logits = self.prepare_inputs(student_logits, teacher_logits, labels)
+        extras = self.teacher_pass(teacher_logits, labels)
+        return chunked_divergence(
+            tad_chunk, student_logits, teacher_logits, labels,
+            ignore_index=self.ignore_index, temperature=self.temperature,
+            chunk_size=self.chunk_size, stat_names=self.stat_names,
+            extras=tuple(e.reshape(*labels.shape, *e.shape[2:]) for e in extras),
+        )
+
+    chunk_fn = staticmethod(tad_chunk)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, beta={self.beta}, " + super().extra_repr()
