@@ -1,0 +1,116 @@
+"""Atomic, resharding-friendly training checkpoints with ``torch.distributed.checkpoint`` (DCP).
+
+Layout under ``<output_dir>/checkpoints``::
+
+    step_000040/        DCP shards of {"model", "optim"} + meta.pt (step, data position, RNG, ...)
+    latest              text file naming the newest COMPLETE checkpoint folder
+
+A checkpoint is written into a hidden temporary folder, which is renamed into place only when
+every rank has finished, and ``latest`` is then replaced atomically (``os.replace``). A process
+killed at any moment therefore leaves ``latest`` pointing at a complete checkpoint. DCP stores
+tensors by name with their global shapes, so a checkpoint taken on N processes loads on M.
+"""
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+LATEST = "latest"
+META = "meta.pt"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class TrainingCheckpointer:
+    """Saves and restores model, optimizer and recipe state.
+
+    Args:
+        root: folder holding the checkpoints.
+        rank: this process's rank (rank 0 renames folders and writes ``latest``).
+        keep_last: number of complete checkpoints kept; older ones are deleted.
+    """
+
+    def __init__(self, root: str | Path, *, rank: int = 0, keep_last: int = 2) -> None:
+        self.root = Path(root)
+        self.rank = rank
+        self.keep_last = keep_last
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint folder, or None."""
+        pointer = self.root / LATEST
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        return path if (path / META).is_file() else None
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+             meta: dict[str, Any]) -> Path:
+        """Write a checkpoint of ``step`` (all ranks call this)."""
+        final = self.root / f"step_{step:06d}"
+        tmp = self.root / f".step_{step:06d}.incomplete"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        state = {
+            "model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, optimizer),
+        }
+        dcp.save(state, checkpoint_id=str(tmp))
+        if self.rank == 0:
+            torch.save(meta, tmp / META)
+        _barrier()
+        if self.rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            pointer_tmp = self.root / f".{LATEST}.tmp"
+            pointer_tmp.write_text(final.name)
+            os.replace(pointer_tmp, self.root / LATEST)
+            self._prune(keep=final)
+        _barrier()
+        return final
+
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Restore model and optimizer in place from ``path``; returns the recipe ``meta``."""
+        state = {
+            "model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, optimizer),
+        }
+        dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+        return torch.load(path / META, weights_only=False)
+
+    def _prune(self, keep: Path) -> None:
+        done = sorted(p for p in self.root.glob("step_*") if (p / META).is_file())
+        for old in done[: max(0, len(done) - self.keep_last)]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,92 @@
+"""Distributed set-up and the one place where activation checkpointing, compile and FSDP2 are
+applied to a model."""
+
+import functools
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
+
+
+def init_distributed(device_type: str) -> tuple[int, int]:
+    """Initialise the default process group when launched by torchrun; returns (rank, world).
+
+    CUDA uses NCCL, CPU uses gloo (so the distributed path runs, and is tested, without a GPU).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def checkpoint_block(block: nn.Module) -> None:
+    """Make ``block`` recompute its activations in backward, in place.
+
+    The block's forward is wrapped rather than the module, so parameter names (and so state
+    dicts, distributed checkpoints and exports) are the same with or without checkpointing.
+    """
+    inner = block.forward
+    block.forward = functools.partial(checkpoint, inner, use_reentrant=False)
+
+
+def parallelize(
+    model: nn.Module,
+    *,
+    activation_checkpointing: bool = False,
+    compile: bool = False,
+    fsdp: bool = False,
+    cpu_offload: bool = False,
+    reshard_after_forward: bool = True,
+    root: nn.Module | None = None,
+) -> nn.Module:
+    """Apply, in this order, activation checkpointing, per-block ``torch.compile`` and FSDP2.
+
+    The order matters: checkpointing wraps each block first so that compile traces the block
+    together with its recomputation; compile is per block (every block has the same structure, so
+    one graph is reused, and FSDP's hooks stay outside the compiled region); ``fully_shard`` is
+    applied to each block and then to ``root``, so each block's parameters are gathered just
+    before it runs and freed after (``reshard_after_forward``), and the root group holds the
+    embeddings, final norm and output projection (tied weights stay one parameter).
+
+    Args:
+        model: a torchtune ``TransformerDecoder`` (``model.layers`` is its list of blocks).
+        activation_checkpointing: recompute block activations in backward (student only).
+        compile: ``torch.compile`` each block.
+        fsdp: shard with ``fully_shard`` over the default process group.
+        cpu_offload: keep sharded parameters (and gradients, optimizer state) on the CPU.
+        reshard_after_forward: free gathered parameters after each block's forward.
+        root: the module sharded last, as the FSDP root (its parameters outside the blocks are
+            gathered for its whole forward): the model itself, or a wrapper that also computes
+            the losses from the output weight. ``None`` leaves those parameters replicated (the
+            frozen teacher: its embeddings and output are then read directly by the losses).
+
+    Returns:
+        The same model, modified in place.
+    """
+    for block in model.layers:
+        if activation_checkpointing:
+            checkpoint_block(block)
+        if compile:
+            block.compile()
+    if fsdp:
+        kwargs = {"reshard_after_forward": reshard_after_forward}
+        if cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        for block in model.layers:
+            fully_shard(block, **kwargs)
+        if root is not None:
+            fully_shard(root, **kwargs)
+    return model
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
