@@ -1,5 +1,16 @@
 """Students built from teachers, model forward helpers and Hugging Face export."""
 
+from tad_torchtune.models._export import (
+    hf_config_for,
+    load_hf_checkpoint,
+    save_hf_checkpoint,
+)
+from tad_torchtune.models._families import (
+    FAMILIES,
+    ModelFamily,
+    register_family,
+    resolve_teacher,
+)
 from tad_torchtune.models._forward import (
     apply_softcap,
     forward_hidden,
@@ -7,5 +18,33 @@ from tad_torchtune.models._forward import (
     output_weight,
     project_logits,
 )
+from tad_torchtune.models._gemma2 import Gemma2HFLayer, correct_gemma2
+from tad_torchtune.models._student import (
+    DistillSpec,
+    evenly_spaced_layers,
+    init_student_from_teacher,
+    pruned_student,
+)
+from tad_torchtune.models._vocab import check_vocab_compat
 
-__all__ = ["apply_softcap", "forward_hidden", "logit_softcap", "output_weight", "project_logits"]
+__all__ = [
+    "FAMILIES",
+    "DistillSpec",
+    "Gemma2HFLayer",
+    "ModelFamily",
+    "apply_softcap",
+    "check_vocab_compat",
+    "correct_gemma2",
+    "evenly_spaced_layers",
+    "forward_hidden",
+    "hf_config_for",
+    "init_student_from_teacher",
+    "load_hf_checkpoint",
+    "logit_softcap",
+    "output_weight",
+    "project_logits",
+    "pruned_student",
+    "register_family",
+    "resolve_teacher",
+    "save_hf_checkpoint",
+]

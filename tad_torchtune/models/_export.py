@@ -1,0 +1,243 @@
+"""Save a torchtune student as a Hugging Face checkpoint describing ITS architecture.
+
+torchtune's ``FullModelHFCheckpointer.save_checkpoint`` converts weights with the numbers in the
+TEACHER's (input) ``config.json`` and copies that file, so a pruned student would be written with
+the teacher's depth, widths and head counts. ``save_hf_checkpoint`` reads the architecture from
+the student module itself and writes ``model.safetensors`` plus a ``config.json`` that
+``transformers.AutoModelForCausalLM.from_pretrained`` loads without extra code, and that
+``FullModelHFCheckpointer`` (same ``model_type``) reads back.
+"""
+
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torchtune.models import convert_weights
+from torchtune.models.gemma2._attention import Gemma2Attention
+from torchtune.modules import TransformerDecoder
+from torchtune.modules.tied_linear import TiedLinear
+
+from tad_torchtune.models._families import FAMILIES, get_family
+from tad_torchtune.models._gemma2 import Gemma2HFLayer
+
+# Tokenizer and generation files worth carrying over from the teacher's (or base) folder.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "generation_config.json",
+)
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _to_hf(model_type: str, sd: dict[str, Tensor], cfg: Mapping[str, Any]) -> dict[str, Tensor]:
+    """torchtune -> HF keys, with the same functions ``FullModelHFCheckpointer`` uses."""
+    heads, kv, dim = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
+    if model_type in ("PHI3_MINI", "PHI4"):
+        from torchtune.models.phi3._convert_weights import phi3_tune_to_hf
+
+        return phi3_tune_to_hf(sd)
+    if model_type == "QWEN2":
+        from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
+
+        return qwen2_tune_to_hf(sd, num_heads=heads, num_kv_heads=kv, dim=dim,
+                                tie_word_embeddings=cfg["tie_word_embeddings"])
+    if model_type == "GEMMA2":
+        from torchtune.models.gemma2._convert_weights import gemma2_tune_to_hf
+
+        return gemma2_tune_to_hf(sd, num_heads=heads, num_kv_heads=kv, dim=dim,
+                                 head_dim=cfg.get("head_dim"))
+    if model_type in ("LLAMA2", "LLAMA3", "LLAMA3_2", "MISTRAL", "GEMMA"):
+        return convert_weights.tune_to_hf(sd, num_heads=heads, num_kv_heads=kv, dim=dim,
+                                          head_dim=cfg.get("head_dim"))
+    raise ValueError(
+        f"model_type={model_type!r} is not supported for export; supported: PHI3_MINI, PHI4, "
+        f"QWEN2, GEMMA2, LLAMA2, LLAMA3, LLAMA3_2, MISTRAL, GEMMA"
+    )
+
+
+def _from_hf(model_type: str, sd: dict[str, Tensor], cfg: Mapping[str, Any]) -> dict[str, Tensor]:
+    heads, kv, dim = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
+    if model_type in ("PHI3_MINI", "PHI4"):
+        from torchtune.models.phi3._convert_weights import phi3_hf_to_tune
+
+        gqa = heads != kv
+        return phi3_hf_to_tune(sd, num_heads=heads if gqa else None,
+                               num_kv_heads=kv if gqa else None, dim=dim if gqa else None)
+    if model_type == "QWEN2":
+        from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune
+
+        return qwen2_hf_to_tune(sd, num_heads=heads, num_kv_heads=kv, dim=dim,
+                                tie_word_embeddings=cfg["tie_word_embeddings"])
+    if model_type == "GEMMA2":
+        from torchtune.models.gemma2._convert_weights import gemma2_hf_to_tune
+
+        return gemma2_hf_to_tune(sd, num_heads=heads, num_kv_heads=kv, dim=dim,
+                                 head_dim=cfg.get("head_dim"))
+    if model_type in ("LLAMA2", "LLAMA3", "LLAMA3_2", "MISTRAL", "GEMMA"):
+        return convert_weights.hf_to_tune(sd, num_heads=heads, num_kv_heads=kv, dim=dim,
+                                          head_dim=cfg.get("head_dim"))
+    raise ValueError(f"model_type={model_type!r} is not supported for loading")
+
+
+def _default_model_type(model: TransformerDecoder) -> str:
+    spec = getattr(model, "distill_spec", None)
+    if spec is None:
+        raise ValueError(
+            "model_type is required for a model not built by pruned_student (a torchtune "
+            f"checkpointer ModelType name, e.g. one of "
+            f"{sorted({f.checkpointer_model_type for f in FAMILIES.values()})})"
+        )
+    return get_family(spec.family).checkpointer_model_type
+
+
+def hf_config_for(model: TransformerDecoder, base_config: Mapping[str, Any]) -> dict[str, Any]:
+    """``base_config`` with every architecture field replaced by ``model``'s own.
+
+    Args:
+        model: a torchtune ``TransformerDecoder`` (its modules are read, not its weights, so a
+            meta or FSDP-sharded model works).
+        base_config: the teacher's (or the pretrained student's) Hugging Face ``config.json``.
+
+    Returns:
+        The student's ``config.json`` as a dict.
+    """
+    attn = model.layers[0].attn
+    cfg = {k: v for k, v in base_config.items() if k not in ("_name_or_path", "transformers_version")}
+    cfg.update(
+        num_hidden_layers=len(model.layers),
+        hidden_size=attn.embed_dim,
+        num_attention_heads=attn.num_heads,
+        num_key_value_heads=attn.num_kv_heads,
+        intermediate_size=model.layers[0].mlp.w1.out_features,
+        vocab_size=model.tok_embeddings.num_embeddings,
+        tie_word_embeddings=isinstance(model.output, TiedLinear),
+    )
+    if "head_dim" in cfg or attn.head_dim != attn.embed_dim // attn.num_heads:
+        cfg["head_dim"] = attn.head_dim
+    cfg.pop("layer_types", None)  # per-layer list of the base depth; rebuilt below or by HF
+    if isinstance(attn, Gemma2Attention):
+        if not isinstance(model.layers[0], Gemma2HFLayer):
+            raise ValueError(
+                "this torchtune Gemma2 is not corrected (it caps its hidden state and swaps its "
+                "feed-forward norms, which no Hugging Face config can express): call "
+                "tad_torchtune.models.correct_gemma2(model) first"
+            )
+        cfg["attn_logit_softcapping"] = attn.softcapping
+        cfg["final_logit_softcapping"] = model.logit_softcap
+        cfg["query_pre_attn_scalar"] = round(attn.scaling**-2)
+        windows = [layer.attn.sliding_window_size for layer in model.layers]
+        cfg["layer_types"] = ["sliding_attention" if w else "full_attention" for w in windows]
+        cfg["sliding_window"] = next((w for w in windows if w), cfg.get("sliding_window"))
+    return cfg
+
+
+def _gathered_cpu_copy(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    if hasattr(t, "full_tensor"):  # DTensor from an FSDP-sharded model
+        t = t.full_tensor()
+    # copy=True: never hand out (and later convert or cast) storage shared with a live parameter
+    return t.detach().to(device="cpu", dtype=dtype or t.dtype, copy=True)
+
+
+def save_hf_checkpoint(
+    model: TransformerDecoder,
+    output_dir: str | Path,
+    *,
+    base_config: Mapping[str, Any] | str | Path,
+    model_type: str | None = None,
+    state_dict: Mapping[str, Tensor] | None = None,
+    dtype: torch.dtype | str | None = None,
+    copy_files_from: str | Path | None = None,
+) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` for ``model`` in Hugging Face format.
+
+    Args:
+        model: the torchtune student. Its modules give the architecture; its weights are saved
+            unless ``state_dict`` is given.
+        output_dir: folder to write (created).
+        base_config: the teacher's (or pretrained student's) HF config, as a dict, a path to a
+            ``config.json`` or a folder holding one. Fields other than the architecture (rope
+            scaling, eps, activation, token ids, ...) are kept from it.
+        model_type: torchtune checkpointer ``ModelType`` name (``"QWEN2"``, ``"LLAMA3_2"``, ...);
+            default: from ``model.distill_spec``.
+        state_dict: torchtune-format weights to save instead of ``model.state_dict()``, e.g. the
+            full state dict gathered on rank 0 from an FSDP model (plain or DTensors).
+        dtype: cast floating tensors to this (``torch.bfloat16`` or ``"bf16"``/``"fp32"``);
+            None keeps their dtype.
+        copy_files_from: folder whose tokenizer files (``TOKENIZER_FILES``) are copied alongside.
+
+    Returns:
+        ``output_dir`` as a ``Path``.
+
+    Raises:
+        ValueError: if ``base_config`` is for another model family, ``dtype`` is unknown, or
+            the model is an uncorrected torchtune Gemma2.
+    """
+    if isinstance(base_config, (str, Path)):
+        path = Path(base_config)
+        base_config = json.loads((path / "config.json" if path.is_dir() else path).read_text())
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be a torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
+        dtype = _DTYPES[dtype]
+    model_type = (model_type or _default_model_type(model)).upper()
+    spec = getattr(model, "distill_spec", None)
+    if spec is not None and base_config.get("model_type") not in (None, get_family(spec.family).hf_model_type):
+        raise ValueError(
+            f"base_config model_type={base_config.get('model_type')!r} does not match the "
+            f"student's family {spec.family!r} (Hugging Face model_type "
+            f"{get_family(spec.family).hf_model_type!r})"
+        )
+    cfg = hf_config_for(model, base_config)
+
+    source = model.state_dict() if state_dict is None else state_dict
+    tensors = {
+        k: _gathered_cpu_copy(v, dtype if v.is_floating_point() else None)
+        for k, v in source.items()
+    }
+    hf_sd = {k: v.contiguous() for k, v in _to_hf(model_type, tensors, cfg).items()}
+    out_dtype = dtype or next(v.dtype for v in hf_sd.values() if v.is_floating_point())
+    cfg["torch_dtype"] = cfg["dtype"] = str(out_dtype).removeprefix("torch.")
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(hf_sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if copy_files_from is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(copy_files_from) / name
+            if src.is_file():
+                shutil.copyfile(src, out / name)
+    return out
+
+
+def load_hf_checkpoint(
+    model: TransformerDecoder, checkpoint_dir: str | Path, *, model_type: str | None = None
+) -> None:
+    """Load a checkpoint written by ``save_hf_checkpoint`` (or any single-folder HF checkpoint
+    in safetensors) into a torchtune model of the same architecture, strictly.
+
+    ``FullModelHFCheckpointer(checkpoint_dir, checkpoint_files=["model.safetensors"],
+    model_type=..., output_dir=...)`` reads the same folder; this is the short form.
+
+    Args:
+        model: torchtune model built with the checkpoint's architecture.
+        checkpoint_dir: folder with ``config.json`` and ``*.safetensors``.
+        model_type: torchtune checkpointer ``ModelType`` name; default from ``model.distill_spec``.
+    """
+    folder = Path(checkpoint_dir)
+    cfg = json.loads((folder / "config.json").read_text())
+    hf_sd: dict[str, Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        hf_sd.update(load_file(str(file)))
+    tune_sd = _from_hf((model_type or _default_model_type(model)).upper(), hf_sd, cfg)
+    model.load_state_dict(tune_sd, strict=True)

@@ -1,0 +1,141 @@
+"""Check, before training, that a teacher's logits can be read over the student's vocabulary."""
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+from tad_torchtune.losses import VOCAB_ALIGNMENTS
+
+
+def _spm(tok: Any) -> Any:
+    # torchtune's SentencePiece tokenizers wrap ``SentencePieceBaseTokenizer`` as ``_spm_model``,
+    # which wraps the ``sentencepiece`` processor as ``spm_model``.
+    inner = getattr(tok, "_spm_model", tok)
+    return getattr(inner, "spm_model", None)
+
+
+def _token_lookups(tok: Any) -> dict[str, Callable[[int], str | None]]:
+    """Ways to read the token string of an id, most specific first (kind -> function)."""
+    specials = {v: k for k, v in (getattr(tok, "special_tokens", None) or {}).items()}
+    found: dict[str, Callable[[int], str | None]] = {}
+    if hasattr(tok, "id_to_token"):  # tokenizers.Tokenizer
+        found["id_to_token"] = tok.id_to_token
+    if hasattr(tok, "convert_ids_to_tokens"):  # transformers tokenizers
+        found["id_to_token"] = found.get("id_to_token") or tok.convert_ids_to_tokens
+    if isinstance(getattr(tok, "decoder", None), dict):  # torchtune Qwen2Tokenizer (byte BPE)
+        found["bpe"] = lambda i: tok.decoder.get(i, specials.get(i))
+    spm = _spm(tok)
+    if spm is not None and hasattr(spm, "id_to_piece"):
+        size = spm.get_piece_size()
+        found["spm"] = lambda i: spm.id_to_piece(i) if i < size else specials.get(i)
+    tt = getattr(getattr(tok, "tt_model", None), "tt_model", None)
+    if tt is not None:  # torchtune tiktoken tokenizers
+        base = getattr(tok.tt_model, "base_vocab_size", None)
+
+        def tiktoken_piece(i: int) -> str | None:
+            if i in specials:
+                return specials[i]
+            if base is not None and i >= base:
+                return None
+            return repr(tt.decode_single_token_bytes(i))
+
+        found["tiktoken"] = tiktoken_piece
+    if hasattr(tok, "decode"):
+        found["decode"] = lambda i: tok.decode([i])
+    return found
+
+
+def _common_lookup(teacher_tokenizer: Any, student_tokenizer: Any):
+    t, s = _token_lookups(teacher_tokenizer), _token_lookups(student_tokenizer)
+    for kind in t:
+        if kind in s:
+            return kind, t[kind], s[kind]
+    raise ValueError(
+        f"cannot compare tokenizers: no common way to read token strings (teacher tokenizer "
+        f"{type(teacher_tokenizer).__name__} offers {list(t)}, student tokenizer "
+        f"{type(student_tokenizer).__name__} offers {list(s)})"
+    )
+
+
+def _safe(lookup: Callable[[int], str | None], i: int) -> str | None:
+    try:
+        return lookup(i)
+    except Exception:  # an id outside a tokenizer's range reads as "no token"
+        return None
+
+
+def check_vocab_compat(
+    teacher_vocab_size: int,
+    student_vocab_size: int,
+    vocab_alignment: str,
+    teacher_tokenizer: Any = None,
+    student_tokenizer: Any = None,
+    *,
+    sample: int = 2048,
+    seed: int = 0,
+) -> None:
+    """Raise if the teacher's logits cannot be compared with the student's id by id.
+
+    Sizes: equal, or the teacher larger with ``vocab_alignment="truncate_teacher"`` (its first
+    ``student_vocab_size`` ids are then taken to be the student's vocabulary; see
+    ``tad_torchtune.losses.align_teacher_vocab``). Tokenizers (when both are given): the token
+    string of every id in a sample of the shared range must agree. The sample holds the first
+    and last 64 shared ids plus ``sample`` random ones (``seed``); ``sample=-1`` checks them all.
+    Ids that neither tokenizer knows (embedding rows padded past the tokenizer) are skipped.
+
+    Args:
+        teacher_vocab_size: rows of the teacher's output projection.
+        student_vocab_size: rows of the student's output projection.
+        vocab_alignment: one of ``VOCAB_ALIGNMENTS``.
+        teacher_tokenizer: optional; a torchtune, ``tokenizers`` or ``transformers`` tokenizer.
+        student_tokenizer: optional; same kinds.
+        sample: how many random shared ids to compare besides the first and last 64.
+        seed: seed of that sample.
+
+    Raises:
+        ValueError: naming both sides, when the sizes cannot be aligned or the tokenizers map a
+            sampled id to different tokens.
+    """
+    if vocab_alignment not in VOCAB_ALIGNMENTS:
+        raise ValueError(
+            f"vocab_alignment must be one of {VOCAB_ALIGNMENTS}, got {vocab_alignment!r}"
+        )
+    if teacher_vocab_size != student_vocab_size:
+        if teacher_vocab_size > student_vocab_size and vocab_alignment == "truncate_teacher":
+            pass
+        elif teacher_vocab_size > student_vocab_size:
+            raise ValueError(
+                f"vocabulary size mismatch: teacher has {teacher_vocab_size} ids, student has "
+                f"{student_vocab_size} (vocab_alignment={vocab_alignment!r}); set "
+                f"vocab_alignment='truncate_teacher' if the teacher's first "
+                f"{student_vocab_size} ids are the student's vocabulary"
+            )
+        else:
+            raise ValueError(
+                f"vocabulary size mismatch: teacher has {teacher_vocab_size} ids, student has "
+                f"{student_vocab_size}; a teacher vocabulary smaller than the student's cannot "
+                f"be aligned (vocab_alignment={vocab_alignment!r})"
+            )
+    if teacher_tokenizer is None or student_tokenizer is None:
+        return
+
+    shared = min(teacher_vocab_size, student_vocab_size)
+    if sample < 0 or shared <= 128 + sample:
+        ids = list(range(shared))
+    else:
+        middle = random.Random(seed).sample(range(64, shared - 64), sample)
+        ids = [*range(64), *sorted(middle), *range(shared - 64, shared)]
+    kind, t_lookup, s_lookup = _common_lookup(teacher_tokenizer, student_tokenizer)
+    mismatches = []
+    for i in ids:
+        t, s = _safe(t_lookup, i), _safe(s_lookup, i)
+        if t != s:
+            mismatches.append(f"id {i}: teacher {t!r} vs student {s!r}")
+    if mismatches:
+        shown = "; ".join(mismatches[:5])
+        raise ValueError(
+            f"teacher tokenizer ({type(teacher_tokenizer).__name__}) and student tokenizer "
+            f"({type(student_tokenizer).__name__}) disagree on {len(mismatches)} of {len(ids)} "
+            f"sampled shared ids (compared by {kind}): {shown}. Distillation compares logits id "
+            f"by id, so both models must use the same vocabulary for the shared ids"
+        )

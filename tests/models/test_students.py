@@ -1,0 +1,218 @@
+"""Students built from tiny teachers of every family: shapes, copied weights, freezing."""
+
+import pytest
+import torch
+from torchtune.modules.tied_linear import TiedLinear
+
+from tad_torchtune.models import (
+    DistillSpec,
+    evenly_spaced_layers,
+    forward_hidden,
+    init_student_from_teacher,
+    project_logits,
+    pruned_student,
+    resolve_teacher,
+)
+from tests.models.tiny import CASES, SEQ, VOCAB, build_teacher, teacher_node
+
+ALL = list(CASES)
+
+
+def _student(case, **kwargs):
+    teacher = build_teacher(case)
+    torch.manual_seed(1)
+    kwargs.setdefault("num_layers", 2)
+    kwargs.setdefault("intermediate_dim", 24)
+    student = pruned_student(teacher=teacher_node(case), **kwargs)
+    init_student_from_teacher(student, teacher)
+    return teacher, student
+
+
+def _layer_params(model, i, prefix):
+    return {k: v for k, v in model.layers[i].named_parameters() if k.startswith(prefix)}
+
+
+def test_evenly_spaced_layers_include_first_and_last():
+    assert evenly_spaced_layers(36, 18) == [0, 2, 4, 6, 8, 10, 12, 14, 16, 19, 21, 23, 25, 27,
+                                            29, 31, 33, 35]
+    assert evenly_spaced_layers(42, 14) == [0, 3, 6, 9, 13, 16, 19, 22, 25, 28, 32, 35, 38, 41]
+    assert evenly_spaced_layers(4, 2) == [0, 3]
+    assert evenly_spaced_layers(5, 3) == [0, 2, 4]
+    assert evenly_spaced_layers(7, 1) == [0]
+    assert evenly_spaced_layers(6, 6) == list(range(6))
+
+
+def test_resolve_teacher_reads_model_builders_without_building():
+    family, kwargs = resolve_teacher({"_component_": "torchtune.models.qwen2_5.qwen2_5_3b"})
+    assert family.name == "qwen2"
+    assert (kwargs["num_layers"], kwargs["embed_dim"], kwargs["intermediate_dim"]) == (36, 2048, 11008)
+    assert kwargs["tie_word_embeddings"] is True
+    family, kwargs = resolve_teacher({"_component_": "torchtune.models.gemma2.gemma2_9b"})
+    assert (family.name, kwargs["num_layers"], kwargs["head_dim"]) == ("gemma2", 42, 256)
+    family, kwargs = resolve_teacher({"_component_": "torchtune.models.llama3_2.llama3_2_1b",
+                                      "tie_word_embeddings": False})
+    assert (family.name, kwargs["tie_word_embeddings"]) == ("llama3_2", False)
+
+
+@pytest.mark.parametrize("case", ALL)
+def test_student_shape_and_copied_weights(case):
+    teacher, student = _student(case)
+    spec = student.distill_spec
+    assert isinstance(spec, DistillSpec) and spec.teacher_layers == (0, 3)
+    assert len(student.layers) == 2
+    assert student.layers[0].mlp.w1.weight.shape == (24, 32)
+    assert student.layers[0].mlp.w2.weight.shape == (32, 24)
+    assert type(student.output) is type(teacher.output)
+    # embeddings, final norm (and untied output) bit for bit
+    assert torch.equal(student.tok_embeddings.weight, teacher.tok_embeddings.weight)
+    for (k, v), (tk, tv) in zip(student.norm.named_parameters(), teacher.norm.named_parameters()):
+        assert k == tk and torch.equal(v, tv)
+    if not isinstance(student.output, TiedLinear):
+        assert torch.equal(student.output.weight, teacher.output.weight)
+    for s_i, t_i in enumerate(spec.teacher_layers):
+        s_attn, t_attn = _layer_params(student, s_i, "attn"), _layer_params(teacher, t_i, "attn")
+        assert s_attn.keys() == t_attn.keys() and s_attn
+        for k in s_attn:
+            assert torch.equal(s_attn[k], t_attn[k]), (s_i, k)
+        s_norms = {k: v for k, v in student.layers[s_i].named_parameters() if "norm" in k or "scale" in k}
+        t_norms = {k: v for k, v in teacher.layers[t_i].named_parameters() if "norm" in k or "scale" in k}
+        assert s_norms.keys() == t_norms.keys() and s_norms
+        for k in s_norms:
+            assert torch.equal(s_norms[k], t_norms[k]), (s_i, k)
+        # fresh MLPs: the builder's initialisation, nothing like the teacher's prefix
+        t_w1 = teacher.layers[t_i].mlp.w1.weight[:24]
+        assert not torch.allclose(student.layers[s_i].mlp.w1.weight, t_w1, atol=1e-3)
+    tokens = torch.randint(0, VOCAB, (2, SEQ))
+    logits = project_logits(student, forward_hidden(student, tokens)[0])
+    assert logits.shape == (2, SEQ, VOCAB) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("case", ALL)
+def test_mlp_copy_truncates_teacher_mlp(case):
+    teacher, student = _student(case, mlp_init="copy", teacher_layers=[2, 1])
+    assert student.distill_spec.teacher_layers == (2, 1)
+    for s_i, t_i in enumerate((2, 1)):
+        s_mlp, t_mlp = student.layers[s_i].mlp, teacher.layers[t_i].mlp
+        assert torch.equal(s_mlp.w1.weight, t_mlp.w1.weight[:24])
+        assert torch.equal(s_mlp.w3.weight, t_mlp.w3.weight[:24])
+        assert torch.equal(s_mlp.w2.weight, t_mlp.w2.weight[:, :24])
+        assert torch.equal(student.layers[s_i].attn.q_proj.weight, teacher.layers[t_i].attn.q_proj.weight)
+
+
+@pytest.mark.parametrize("case", ALL)
+def test_frozen_embeddings_get_no_grad_and_do_not_move(case):
+    _, student = _student(case)
+    frozen = {k for k, p in student.named_parameters() if not p.requires_grad}
+    expected = {"tok_embeddings.weight"} | (
+        set() if isinstance(student.output, TiedLinear) else {"output.weight"}
+    )
+    assert frozen == expected
+    before = {k: p.detach().clone() for k, p in student.named_parameters()}
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2, weight_decay=0.1)
+    tokens = torch.randint(0, VOCAB, (2, SEQ))
+    logits = project_logits(student, forward_hidden(student, tokens)[0]).float()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+    loss.backward()
+    opt.step()
+    for k, p in student.named_parameters():
+        if k in frozen:
+            assert p.grad is None, k
+            assert torch.equal(p, before[k]), k
+        else:
+            assert p.grad is not None, k
+            assert not torch.equal(p, before[k]), k
+
+
+def test_unfrozen_when_asked():
+    _, student = _student("qwen2", freeze_embeddings=False)
+    assert all(p.requires_grad for p in student.parameters())
+
+
+def _kept_head_dims(t_hd, s_hd, layout):
+    if layout == "half":  # rotary pairs (i, i + hd/2)
+        return list(range(s_hd // 2)) + list(range(t_hd // 2, t_hd // 2 + s_hd // 2))
+    return list(range(s_hd))
+
+
+# (case, widths, rope layout): narrower embed_dim, fewer heads, smaller heads
+NARROW = [
+    ("qwen2", dict(embed_dim=16, num_heads=4, num_kv_heads=2), "half"),  # head_dim 8 -> 4
+    ("phi3", dict(embed_dim=24, num_heads=3, num_kv_heads=1), "half"),  # 4 -> 3 heads
+    ("llama3", dict(embed_dim=16, num_heads=2, num_kv_heads=1), "interleaved"),
+    ("gemma2", dict(embed_dim=24, num_heads=2, num_kv_heads=1, head_dim=8), "interleaved"),
+]
+
+
+@pytest.mark.parametrize("case,widths,layout", NARROW, ids=[c for c, _, _ in NARROW])
+def test_narrow_student_truncates_per_head(case, widths, layout):
+    teacher, student = _student(case, mlp_init="copy", **widths)
+    t_dim, t_h, t_kv, t_hd = student.distill_spec.teacher_width
+    s_dim, s_h, s_kv, s_hd = student.distill_spec.student_width
+    assert s_dim == widths["embed_dim"] and s_h == widths["num_heads"]
+    dims = _kept_head_dims(t_hd, s_hd, layout)
+    assert torch.equal(student.tok_embeddings.weight, teacher.tok_embeddings.weight[:, :s_dim])
+    for s_i, t_i in enumerate(student.distill_spec.teacher_layers):
+        s_attn, t_attn = student.layers[s_i].attn, teacher.layers[t_i].attn
+        for proj, n in (("q_proj", s_h), ("k_proj", s_kv), ("v_proj", s_kv)):
+            t_w = getattr(t_attn, proj).weight
+            ref = torch.cat([t_w[h * t_hd + d, :s_dim].unsqueeze(0) for h in range(n) for d in dims])
+            assert torch.equal(getattr(s_attn, proj).weight, ref), proj
+            if getattr(t_attn, proj).bias is not None:
+                t_b = getattr(t_attn, proj).bias
+                ref_b = torch.stack([t_b[h * t_hd + d] for h in range(n) for d in dims])
+                assert torch.equal(getattr(s_attn, proj).bias, ref_b)
+        t_o = t_attn.output_proj.weight
+        ref_o = torch.stack([t_o[:s_dim, h * t_hd + d] for h in range(s_h) for d in dims], dim=1)
+        assert torch.equal(s_attn.output_proj.weight, ref_o)
+        assert torch.equal(student.layers[s_i].mlp.w2.weight, teacher.layers[t_i].mlp.w2.weight[:s_dim, :24])
+    tokens = torch.randint(0, VOCAB, (1, SEQ))
+    assert torch.isfinite(project_logits(student, forward_hidden(student, tokens)[0])).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(num_layers=5), "num_layers=5 exceeds"),
+        (dict(num_layers=2, teacher_layers=[0, 4]), "teacher_layers"),
+        (dict(num_layers=2, teacher_layers=[0]), "teacher_layers"),
+        (dict(num_layers=2, embed_dim=64), "embed_dim=64"),
+        (dict(num_layers=2, num_heads=8), "num_heads=8"),
+        (dict(num_layers=2, embed_dim=24, num_heads=3, num_kv_heads=2), "divisible"),
+        (dict(num_layers=2, mlp_init="random"), "mlp_init"),
+        (dict(num_layers=2, mlp_init="copy", intermediate_dim=64), "intermediate_dim"),
+        (dict(num_layers=2, head_dim=4), "head_dim=4"),
+    ],
+)
+def test_invalid_student_sizes_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        pruned_student(teacher=teacher_node("qwen2"), **kwargs)
+
+
+def test_unknown_teacher_component_is_refused():
+    with pytest.raises(ValueError, match="register_family"):
+        pruned_student(teacher={"_component_": "torch.nn.Linear"}, num_layers=1)
+    with pytest.raises(ValueError, match="_component_"):
+        pruned_student(teacher={"vocab_size": 3}, num_layers=1)
+
+
+def test_init_from_teacher_state_dict_equals_init_from_module():
+    teacher = build_teacher("llama3_2")
+    torch.manual_seed(3)
+    a = pruned_student(teacher=teacher_node("llama3_2"), num_layers=2, intermediate_dim=24)
+    torch.manual_seed(3)
+    b = pruned_student(teacher=teacher_node("llama3_2"), num_layers=2, intermediate_dim=24)
+    init_student_from_teacher(a, teacher)
+    init_student_from_teacher(b, {k: v.clone() for k, v in teacher.state_dict().items()})
+    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(v, w), k
+
+
+def test_init_rejects_a_plain_model_and_a_wrong_teacher():
+    teacher = build_teacher("qwen2")
+    with pytest.raises(ValueError, match="distill_spec"):
+        init_student_from_teacher(teacher, teacher)
+    student = pruned_student(teacher=teacher_node("qwen2"), num_layers=2)
+    with pytest.raises(ValueError, match="cannot be cut"):
+        init_student_from_teacher(student, build_teacher("gemma2"))  # same keys, other shapes
+    with pytest.raises(ValueError, match="teacher has no weight"):
+        init_student_from_teacher(student, {"tok_embeddings.weight": torch.zeros(VOCAB, 32)})

@@ -1,0 +1,140 @@
+"""Tiny teachers of every supported family, with the Hugging Face config.json each would ship with.
+
+The HF configs are written as on the Hub (``rope_theta``, ``rope_scaling``, ``torch_dtype``), so
+the export code meets the same fields it meets on real checkpoints.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from torchtune.config._utils import _get_component_from_path
+from torchtune.training import FullModelHFCheckpointer
+
+from tad_torchtune.models import FAMILIES, correct_gemma2
+
+VOCAB = 96
+SEQ = 20  # > the Gemma2 sliding window below, so sliding layers are exercised
+
+_COMMON = dict(vocab_size=VOCAB, num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=32,
+               max_seq_len=64)
+_LLAMA3_ROPE = dict(low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192, rope_type="llama3")
+
+# case name -> (family, teacher component kwargs, HF config.json)
+CASES = {
+    "llama2": ("llama2", dict(_COMMON, intermediate_dim=48, norm_eps=1e-5, rope_base=10000.0),
+               dict(model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=10000.0,
+                    rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=64)),
+    "llama3": ("llama3", dict(_COMMON, intermediate_dim=48, norm_eps=1e-5, rope_base=500000),
+               dict(model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=500000.0,
+                    rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=64)),
+    "llama3_1": ("llama3_1", dict(_COMMON, intermediate_dim=48, rope_base=500000, scale_factor=8),
+                 dict(model_type="llama", architectures=["LlamaForCausalLM"],
+                      rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                      max_position_embeddings=131072, rope_scaling=dict(_LLAMA3_ROPE, factor=8.0))),
+    "llama3_2": ("llama3_2", dict(_COMMON, intermediate_dim=48, rope_base=500000, scale_factor=32,
+                                  tie_word_embeddings=True),
+                 dict(model_type="llama", architectures=["LlamaForCausalLM"],
+                      rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                      max_position_embeddings=131072, head_dim=8,
+                      rope_scaling=dict(_LLAMA3_ROPE, factor=32.0))),
+    "qwen2": ("qwen2", dict(_COMMON, intermediate_dim=48, norm_eps=1e-6, rope_base=1e6),
+              dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], rope_theta=1e6,
+                   rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=64,
+                   use_sliding_window=False, max_window_layers=4,
+                   layer_types=["full_attention"] * 4)),
+    "qwen2_5_tied": ("qwen2", dict(_COMMON, intermediate_dim=48, norm_eps=1e-6, rope_base=1e6,
+                                   tie_word_embeddings=True),
+                     dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], rope_theta=1e6,
+                          rms_norm_eps=1e-6, tie_word_embeddings=True,
+                          max_position_embeddings=64, use_sliding_window=False)),
+    "gemma2": ("gemma2", dict(_COMMON, head_dim=16, intermediate_dim=48, norm_eps=1e-6,
+                              rope_base=10000, hidden_capping_value=30.0,
+                              final_capping_value=50.0, sliding_window_size=8),
+               dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], head_dim=16,
+                    rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                    max_position_embeddings=64, sliding_window=8, query_pre_attn_scalar=16,
+                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                    hidden_activation="gelu_pytorch_tanh",
+                    layer_types=["sliding_attention", "full_attention"] * 2)),
+    "phi3": ("phi3", dict(_COMMON, intermediate_dim=48, norm_eps=1e-5, rope_base=10000),
+             dict(model_type="phi3", architectures=["Phi3ForCausalLM"], rope_theta=10000.0,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=64,
+                  original_max_position_embeddings=64, sliding_window=None, rope_scaling=None)),
+    "mistral": ("mistral", dict(_COMMON, intermediate_dim=48, norm_eps=1e-5, rope_base=10000),
+                dict(model_type="mistral", architectures=["MistralForCausalLM"],
+                     rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                     max_position_embeddings=64, sliding_window=None)),
+}
+
+
+def teacher_node(case: str) -> dict:
+    family, kwargs, _ = CASES[case]
+    return {"_component_": FAMILIES[family].component, **kwargs}
+
+
+def hf_config(case: str) -> dict:
+    family, kw, extra = CASES[case]
+    head_dim = kw.get("head_dim", kw["embed_dim"] // kw["num_heads"])
+    cfg = dict(
+        vocab_size=kw["vocab_size"], hidden_size=kw["embed_dim"],
+        intermediate_size=kw["intermediate_dim"], num_hidden_layers=kw["num_layers"],
+        num_attention_heads=kw["num_heads"], num_key_value_heads=kw["num_kv_heads"],
+        hidden_act="silu", torch_dtype="float32", attention_dropout=0.0,
+        bos_token_id=1, eos_token_id=2, transformers_version="4.45.0",
+        _name_or_path=f"tiny-{case}-teacher",
+    )
+    if family == "gemma2":
+        cfg.pop("hidden_act")
+    cfg.update(extra)
+    assert cfg.get("head_dim", head_dim) == head_dim
+    return cfg
+
+
+def randomize_(model: torch.nn.Module, seed: int, norm_center: float = 1.0) -> torch.nn.Module:
+    """Weights large enough that every layer changes the logits noticeably.
+
+    ``norm_center`` is 0 for Gemma's norms, which scale by ``1 + weight``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.dim() == 1 and "bias" not in name:  # norm scales
+                p.copy_(norm_center + 0.2 * noise)
+            else:
+                p.copy_(0.2 * noise)
+    return model
+
+
+def build_teacher(case: str, seed: int = 0) -> torch.nn.Module:
+    node = teacher_node(case)
+    builder = _get_component_from_path(node.pop("_component_"))
+    norm_center = 0.0 if CASES[case][0] == "gemma2" else 1.0
+    return randomize_(correct_gemma2(builder(**node)), seed, norm_center)
+
+
+def save_teacher_hf(case: str, teacher: torch.nn.Module, folder: Path) -> Path:
+    """Write the teacher as a Hub-style checkpoint (weights in HF keys, config.json)."""
+    from tad_torchtune.models._export import _to_hf
+
+    cfg = hf_config(case)
+    folder.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    model_type = FAMILIES[CASES[case][0]].checkpointer_model_type
+    sd = {k: v.clone().contiguous() for k, v in _to_hf(model_type, teacher.state_dict(), cfg).items()}
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def load_with_checkpointer(case: str, folder: Path, output_dir: Path) -> dict:
+    """torchtune's own loading path, as the recipe uses it."""
+    model_type = FAMILIES[CASES[case][0]].checkpointer_model_type
+    ckpt = FullModelHFCheckpointer(
+        checkpoint_dir=str(folder), checkpoint_files=["model.safetensors"],
+        model_type=model_type, output_dir=str(output_dir),
+    )
+    return ckpt.load_checkpoint()["model"]
