@@ -82,7 +82,7 @@ def hf_config(case: str) -> dict:
         intermediate_size=kw["intermediate_dim"], num_hidden_layers=kw["num_layers"],
         num_attention_heads=kw["num_heads"], num_key_value_heads=kw["num_kv_heads"],
         hidden_act="silu", torch_dtype="float32", attention_dropout=0.0,
-        bos_token_id=1, eos_token_id=2, transformers_version="4.45.0",
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, transformers_version="4.45.0",
         _name_or_path=f"tiny-{case}-teacher",
     )
     if family == "gemma2":

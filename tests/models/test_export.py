@@ -1,0 +1,196 @@
+"""Hugging Face export of students, and Gemma2 against transformers' implementation.
+
+The teacher is written as a Hub-style checkpoint and loaded through torchtune's
+``FullModelHFCheckpointer`` (the recipe's path); the student is exported, loaded with
+``transformers.AutoModelForCausalLM`` and compared logit by logit with the torchtune student.
+"""
+
+import json
+
+import pytest
+import torch
+from torchtune.config._utils import _get_component_from_path
+from torchtune.models.gemma2 import gemma2
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+from tad_torchtune.models import (
+    correct_gemma2,
+    forward_hidden,
+    init_student_from_teacher,
+    load_hf_checkpoint,
+    project_logits,
+    pruned_student,
+    save_hf_checkpoint,
+)
+from tests.models.tiny import (
+    CASES,
+    SEQ,
+    VOCAB,
+    build_teacher,
+    hf_config,
+    load_with_checkpointer,
+    randomize_,
+    save_teacher_hf,
+    teacher_node,
+)
+
+ATOL = 1e-4  # fp32
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return project_logits(model, forward_hidden(model, tokens)[0]).float()
+
+
+def _hf_logits(folder, tokens):
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        return hf.eval()(tokens).logits.float()
+
+
+def _teacher_via_checkpointer(case, tmp_path):
+    """A teacher saved as on the Hub, reloaded into a fresh torchtune model as the recipe does."""
+    folder = save_teacher_hf(case, build_teacher(case), tmp_path / "teacher")
+    node = teacher_node(case)
+    teacher = correct_gemma2(_get_component_from_path(node.pop("_component_"))(**node))
+    teacher.load_state_dict(load_with_checkpointer(case, folder, tmp_path / "teacher_out"))
+    return teacher, folder
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_exported_student_matches_transformers(case, tmp_path):
+    teacher, teacher_dir = _teacher_via_checkpointer(case, tmp_path)
+    torch.manual_seed(0)
+    student = pruned_student(teacher=teacher_node(case), num_layers=2, intermediate_dim=24,
+                             mlp_init="copy")
+    init_student_from_teacher(student, teacher)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+
+    out = save_hf_checkpoint(student, tmp_path / "student", base_config=teacher_dir)
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["hidden_size"]) == (2, 24, 32)
+    assert cfg["tie_word_embeddings"] == hf_config(case)["tie_word_embeddings"]
+    assert cfg["model_type"] == hf_config(case)["model_type"]
+    assert "_name_or_path" not in cfg
+
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    ours, theirs = _logits(student, tokens), _hf_logits(out, tokens)
+    assert ours.abs().max() > 1.0  # the comparison is not between near-zero logits
+    torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
+    # exporting never touched the live weights
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+    # torchtune's checkpointer reads the export back into an identical student
+    again = pruned_student(teacher=teacher_node(case), num_layers=2, intermediate_dim=24)
+    again.load_state_dict(load_with_checkpointer(case, out, tmp_path / "reload_out"))
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_export_narrow_student_and_fsdp_style_state_dict(tmp_path):
+    """A narrower Qwen student (head_dim 8 -> 4), saved from a plain gathered state dict in bf16."""
+    case = "qwen2"
+    teacher, teacher_dir = _teacher_via_checkpointer(case, tmp_path)
+    student = pruned_student(teacher=teacher_node(case), num_layers=3, embed_dim=16,
+                             num_heads=4, num_kv_heads=2, intermediate_dim=24)
+    init_student_from_teacher(student, teacher)
+    gathered = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    out = save_hf_checkpoint(student, tmp_path / "bf16", base_config=json.loads(
+        (teacher_dir / "config.json").read_text()), state_dict=gathered, dtype="bf16",
+        model_type="qwen2")
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_hidden_layers"]) == (16, 4, 3)
+    assert cfg["torch_dtype"] == "bfloat16" and "layer_types" not in cfg
+    assert all(v.dtype == torch.float32 for v in gathered.values())  # the source was not cast
+
+    reloaded = pruned_student(teacher=teacher_node(case), num_layers=3, embed_dim=16,
+                              num_heads=4, num_kv_heads=2, intermediate_dim=24)
+    load_hf_checkpoint(reloaded, out)
+    for k, v in reloaded.state_dict().items():
+        assert torch.equal(v, gathered[k].to(torch.bfloat16).float()), k
+
+    tokens = torch.randint(0, VOCAB, (2, SEQ))
+    fp32 = save_hf_checkpoint(student, tmp_path / "fp32", base_config=teacher_dir)
+    torch.testing.assert_close(_hf_logits(fp32, tokens), _logits(student, tokens), atol=ATOL, rtol=0)
+
+
+def test_export_refuses_wrong_family_and_uncorrected_gemma2(tmp_path):
+    student = pruned_student(teacher=teacher_node("qwen2"), num_layers=1)
+    with pytest.raises(ValueError, match="does not match the student's family"):
+        save_hf_checkpoint(student, tmp_path / "x", base_config=hf_config("gemma2"))
+    with pytest.raises(ValueError, match="dtype"):
+        save_hf_checkpoint(student, tmp_path / "x", base_config=hf_config("qwen2"), dtype="int3")
+    node = teacher_node("gemma2")
+    raw = _get_component_from_path(node.pop("_component_"))(**node)
+    with pytest.raises(ValueError, match="correct_gemma2"):
+        save_hf_checkpoint(raw, tmp_path / "y", base_config=hf_config("gemma2"), model_type="GEMMA2")
+    with pytest.raises(ValueError, match="model_type is required"):
+        save_hf_checkpoint(raw, tmp_path / "y", base_config=hf_config("gemma2"))
+
+
+# --------------------------------------------------------------------------------------------
+# Gemma2: transformers is the reference.
+
+
+def _tiny_hf_gemma2(tmp_path):
+    cfg = hf_config("gemma2")
+    hf = Gemma2ForCausalLM(Gemma2Config(**cfg)).eval()
+    randomize_(hf, seed=5, norm_center=0.0)
+    hf.save_pretrained(tmp_path / "hf_gemma2")
+    return hf, tmp_path / "hf_gemma2"
+
+
+def test_corrected_gemma2_matches_transformers(tmp_path):
+    hf, folder = _tiny_hf_gemma2(tmp_path)
+    node = teacher_node("gemma2")
+    node.pop("_component_")
+    tune_sd = load_with_checkpointer("gemma2", folder, tmp_path / "out")
+    raw = gemma2(**node)
+    raw.load_state_dict(tune_sd)
+    fixed = correct_gemma2(gemma2(**node))
+    fixed.load_state_dict(tune_sd)  # same keys before and after the correction
+
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = hf(tokens).logits.float()
+        forward_logits = fixed(tokens)
+    torch.testing.assert_close(_logits(fixed, tokens), reference, atol=ATOL, rtol=0)
+    torch.testing.assert_close(forward_logits, reference, atol=ATOL, rtol=0)
+    # and the uncorrected torchtune model really is different
+    assert (_logits(raw, tokens) - reference).abs().max() > 0.1
+
+
+def test_correct_gemma2_is_idempotent_and_a_no_op_elsewhere():
+    node = teacher_node("gemma2")
+    node.pop("_component_")
+    model = randomize_(gemma2(**node), seed=0, norm_center=0.0)
+    keys = list(model.state_dict())
+    tokens = torch.randint(0, VOCAB, (1, SEQ))
+    once = _logits(correct_gemma2(model), tokens)
+    twice = _logits(correct_gemma2(model), tokens)
+    assert torch.equal(once, twice) and list(model.state_dict()) == keys
+    assert model.logit_softcap == 30.0
+    assert all(layer.attn.softcapping == 50.0 for layer in model.layers)
+
+    llama = build_teacher("llama3")
+    ref = _logits(llama, tokens)
+    assert correct_gemma2(llama) is llama and not hasattr(llama, "logit_softcap")
+    assert torch.equal(_logits(llama, tokens), ref)
+
+
+def test_gemma2_student_is_corrected_and_matches_transformers(tmp_path):
+    hf, folder = _tiny_hf_gemma2(tmp_path)
+    node = teacher_node("gemma2")
+    teacher = correct_gemma2(gemma2(**{k: v for k, v in node.items() if k != "_component_"}))
+    teacher.load_state_dict(load_with_checkpointer("gemma2", folder, tmp_path / "out"))
+    student = pruned_student(teacher=node, num_layers=3, intermediate_dim=24, head_dim=8,
+                             num_heads=2, num_kv_heads=1)
+    assert student.logit_softcap == 30.0
+    init_student_from_teacher(student, teacher)
+    out = save_hf_checkpoint(student, tmp_path / "student", base_config=folder)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["head_dim"] == 8 and cfg["query_pre_attn_scalar"] == 8
+    assert cfg["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
+    tokens = torch.randint(0, VOCAB, (2, SEQ))
+    torch.testing.assert_close(_hf_logits(out, tokens), _logits(student, tokens), atol=ATOL, rtol=0)
