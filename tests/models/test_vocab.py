@@ -1,0 +1,115 @@
+"""check_vocab_compat: sizes, and tokenizers that must agree id by id."""
+
+import json
+
+import pytest
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from torchtune.models.llama2 import llama2_tokenizer
+from torchtune.models.phi3 import phi3_mini_tokenizer
+from torchtune.models.qwen2 import qwen2_tokenizer
+
+from tad_torchtune.models import check_vocab_compat
+
+WORDS = [f"w{i}" for i in range(300)]
+
+
+def _wordlevel(words):
+    return Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+
+
+def test_equal_sizes_and_truncated_teacher_pass():
+    check_vocab_compat(100, 100, "exact")
+    check_vocab_compat(120, 100, "truncate_teacher")
+    check_vocab_compat(100, 100, "truncate_teacher")
+
+
+@pytest.mark.parametrize(
+    "teacher,student,alignment,match",
+    [
+        (120, 100, "exact", r"teacher has 120 ids, student has 100.*truncate_teacher"),
+        (100, 120, "truncate_teacher", r"teacher has 100 ids, student has 120.*smaller"),
+        (100, 120, "exact", r"teacher has 100 ids, student has 120"),
+    ],
+)
+def test_size_mismatch_names_both_sides(teacher, student, alignment, match):
+    with pytest.raises(ValueError, match=match):
+        check_vocab_compat(teacher, student, alignment)
+
+
+def test_unknown_alignment_is_refused():
+    with pytest.raises(ValueError, match=r"vocab_alignment must be one of .*'pad'"):
+        check_vocab_compat(10, 10, "pad")
+
+
+def test_tokenizers_agreeing_on_shared_ids_pass_with_a_larger_teacher():
+    teacher = _wordlevel(WORDS + ["<extra1>", "<extra2>"])  # padded teacher vocabulary
+    student = _wordlevel(WORDS)
+    check_vocab_compat(302, 300, "truncate_teacher", teacher, student, sample=-1)
+
+
+def test_tokenizer_disagreement_names_both_sides_and_the_id():
+    swapped = list(WORDS)
+    swapped[150], swapped[151] = swapped[151], swapped[150]
+    with pytest.raises(ValueError) as err:
+        check_vocab_compat(300, 300, "exact", _wordlevel(WORDS), _wordlevel(swapped), sample=-1)
+    msg = str(err.value)
+    assert "teacher tokenizer" in msg and "student tokenizer" in msg
+    assert "id 150: teacher 'w150' vs student 'w151'" in msg
+    assert "disagree on 2 of 300" in msg
+
+
+def test_sampled_check_always_covers_both_ends():
+    late = list(WORDS)
+    late[-1] = "different"
+    with pytest.raises(ValueError, match="id 299"):
+        check_vocab_compat(300, 300, "exact", _wordlevel(WORDS), _wordlevel(late), sample=8)
+
+
+def _qwen_files(tmp_path, tokens, name):
+    # byte-level BPE as the Qwen2 tokenizer reads it: vocab.json + merges.txt
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return folder
+
+
+def test_torchtune_qwen2_tokenizers(tmp_path):
+    base = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    a = _qwen_files(tmp_path, base, "a")
+    b = _qwen_files(tmp_path, base[:-2] + ["y!", "z!"], "b")
+    tok_a = qwen2_tokenizer(str(a / "vocab.json"), str(a / "merges.txt"))
+    tok_b = qwen2_tokenizer(str(b / "vocab.json"), str(b / "merges.txt"))
+    check_vocab_compat(26, 26, "exact", tok_a, tok_a)
+    with pytest.raises(ValueError, match=r"id 24: teacher 'y' vs student 'y!'"):
+        check_vocab_compat(26, 26, "exact", tok_a, tok_b)
+
+
+def _spm_model(tmp_path, name, text):
+    import sentencepiece as spm
+
+    corpus = tmp_path / f"{name}.txt"
+    corpus.write_text(text)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / name), vocab_size=60,
+        model_type="bpe", character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        minloglevel=2,
+    )
+    return str(tmp_path / f"{name}.model")
+
+
+def test_torchtune_sentencepiece_tokenizers_phi3_teacher_llama2_student(tmp_path):
+    """The Phi3-mini -> TinyLlama pairing: the teacher's tokenizer is the student's plus special
+    tokens past its end (32064 vs 32000 ids in the real models)."""
+    text = "the quick brown fox jumps over the lazy dog\n" * 50 + "pack my box with five dozen\n" * 50
+    shared = _spm_model(tmp_path, "shared", text)
+    other = _spm_model(tmp_path, "other", "completely different words live here\n" * 80)
+    # phi3's tokenizer puts its special tokens at ids 32000+; this tiny one has 60 pieces
+    specials = {"<|endoftext|>": 60, "<|assistant|>": 61}
+    teacher = phi3_mini_tokenizer(shared, special_tokens_path=None)
+    teacher.special_tokens = specials
+    student = llama2_tokenizer(shared)
+    check_vocab_compat(62, 60, "truncate_teacher", teacher, student, sample=-1)
+    with pytest.raises(ValueError, match="teacher tokenizer .Phi3MiniTokenizer. and student tokenizer .Llama2Tokenizer."):
+        check_vocab_compat(62, 60, "truncate_teacher", teacher, llama2_tokenizer(other), sample=-1)
