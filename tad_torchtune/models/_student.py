@@ -84,6 +84,7 @@ def pruned_student(
     num_kv_heads: int | None = None,
     head_dim: int | None = None,
     max_seq_len: int | None = None,
+    tie_word_embeddings: bool | None = None,
     teacher_layers: Sequence[int] | None = None,
     mlp_init: str = "fresh",
     freeze_embeddings: bool = True,
@@ -106,6 +107,10 @@ def pruned_student(
         head_dim: per-head size; only for families whose builder takes it (Gemma2). Elsewhere
             it is ``embed_dim // num_heads`` and may only be passed with that value.
         max_seq_len: RoPE cache length (default: the teacher's).
+        tie_word_embeddings: tie the output projection to the embedding table (default: as the
+            teacher); only for families whose builder takes it (Qwen2, Llama3.2). A tied student
+            of an untied teacher starts from the teacher's input embeddings; an untied student of
+            a tied teacher starts its output projection from them too.
         teacher_layers: teacher layer each student layer starts from (``num_layers`` entries,
             repeats allowed). Default: evenly spaced, first and last included.
         mlp_init: ``"fresh"`` (paper: MLPs randomly initialised) or ``"copy"`` (copied from the
@@ -139,6 +144,13 @@ def pruned_student(
     ):
         if value is not None:
             s_kwargs[name] = value
+    if tie_word_embeddings is not None:
+        if "tie_word_embeddings" not in accepts:
+            raise ValueError(
+                f"tie_word_embeddings={tie_word_embeddings} is not supported for family "
+                f"{family.name!r}: its builder {family.component} has a fixed output projection"
+            )
+        s_kwargs["tie_word_embeddings"] = bool(tie_word_embeddings)
     if head_dim is not None:
         if "head_dim" in accepts:
             s_kwargs["head_dim"] = head_dim
@@ -280,6 +292,8 @@ def init_student_from_teacher(
             if rest[0] == "mlp" and spec.mlp_init == "fresh":
                 continue
             src = ".".join(["layers", str(spec.teacher_layers[i]), *rest])
+        if src == "output.weight" and src not in t_sd:  # tied teacher, untied student
+            src = "tok_embeddings.weight"
         if src not in t_sd:
             raise ValueError(
                 f"teacher has no weight {src!r} for student weight {name!r}: is it the model "

@@ -216,3 +216,15 @@ def test_init_rejects_a_plain_model_and_a_wrong_teacher():
         init_student_from_teacher(student, build_teacher("gemma2"))  # same keys, other shapes
     with pytest.raises(ValueError, match="teacher has no weight"):
         init_student_from_teacher(student, {"tok_embeddings.weight": torch.zeros(VOCAB, 32)})
+
+
+@pytest.mark.parametrize("teacher_case,tie", [("qwen2", True), ("qwen2_5_tied", False)])
+def test_student_can_change_embedding_tying(teacher_case, tie):
+    teacher, student = _student(teacher_case, tie_word_embeddings=tie)
+    assert isinstance(student.output, TiedLinear) == tie
+    assert torch.equal(student.tok_embeddings.weight, teacher.tok_embeddings.weight)
+    if not tie:  # output projection starts from the tied teacher's embeddings, and is frozen
+        assert torch.equal(student.output.weight, teacher.tok_embeddings.weight)
+        assert not student.output.weight.requires_grad
+    with pytest.raises(ValueError, match="tie_word_embeddings=True is not supported"):
+        pruned_student(teacher=teacher_node("mistral"), num_layers=1, tie_word_embeddings=True)
