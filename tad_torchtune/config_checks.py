@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune.config._utils import _get_component_from_path
 
 from tad_torchtune.losses import VOCAB_ALIGNMENTS, Divergence
@@ -105,6 +105,8 @@ def validate_config(cfg: DictConfig) -> None:
             raise ValueError(f"{key}: must be {_type_name(types)}, got null")
         if key not in cfg or value is None:
             continue
+        if isinstance(value, (ListConfig, DictConfig)):
+            value = OmegaConf.to_container(value)
         ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in (
             types if isinstance(types, tuple) else (types,)))
         if not ok:

@@ -1,0 +1,274 @@
+"""End-to-end tests of ``tune run tad_distill`` on tiny models made inside the tests."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tests.recipes import tiny
+
+GOLDEN = Path(__file__).parents[1] / "assets" / "golden_loss_trace.json"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return tiny.make_assets(tmp_path_factory.mktemp("assets"))
+
+
+@pytest.fixture(scope="module")
+def baseline(assets, tmp_path_factory):
+    """The reference run: 10 steps, fp32, batch 8, one process, a checkpoint every 2 steps."""
+    out = tmp_path_factory.mktemp("baseline") / "out"
+    cfg = tiny.base_config(assets, out, save_every_n_steps=2, eval_every_n_steps=5)
+    tiny.run_tune(["tad_distill", "--config", str(tiny.write_config(cfg, out.parent / "c.yaml"))],
+                  cwd=out.parent)
+    return out
+
+
+def _run(assets, tmp_path, name, nproc=1, **overrides) -> Path:
+    out = tmp_path / name
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = tiny.base_config(assets, out, **overrides)
+    tiny.run_tune(["tad_distill", "--config", str(tiny.write_config(cfg, out / "c.yaml"))],
+                  cwd=tmp_path, nproc=nproc)
+    return out
+
+
+def _assert_same_losses(a: dict[int, float], b: dict[int, float], rtol: float, steps=None):
+    steps = sorted(b) if steps is None else steps
+    assert steps and all(s in a for s in steps), (sorted(a), steps)
+    for s in steps:
+        assert math.isclose(a[s], b[s], rel_tol=rtol, abs_tol=0.0), (s, a[s], b[s])
+
+
+def test_golden_loss_trace(baseline):
+    """`tune run` from a folder outside the checkout; the fp32 trace equals the recorded one."""
+    losses = tiny.train_losses(baseline)
+    assert sorted(losses) == list(range(1, 11))
+    golden = {int(k): v for k, v in json.loads(GOLDEN.read_text())["loss"].items()}
+    _assert_same_losses(losses, golden, rtol=1e-5)
+    # The loss decreases on this tiny problem (the recipe learns).
+    assert losses[10] < losses[1] - 0.5
+
+
+def test_outputs_logged_and_exported(baseline):
+    records = tiny.read_metrics(baseline)
+    train = [r for r in records if "loss" in r]
+    for key in ("ce", "kd_loss", "lr", "grad_norm", "tokens_per_second", "kd/tail_mass",
+                "kd/abar", "kd/dkl1", "kd/dkl2", "peak_rss_gib"):
+        assert all(math.isfinite(r[key]) for r in train), key
+    # loss = clm_weight * ce + kd_weight * kd
+    for r in train:
+        assert math.isclose(r["loss"], r["ce"] + r["kd_loss"], rel_tol=1e-9)
+    val = [r for r in records if "val_kl" in r]
+    assert [r["step"] for r in val] == [5, 10]
+    assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_ce"])) for r in val)
+    assert (baseline / "student" / "model.safetensors").is_file()
+    assert (baseline / "student" / "config.json").is_file()
+    ckpts = sorted(p.name for p in (baseline / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_000008", "step_000010"]  # keep_last_n_checkpoints: 2
+    assert (baseline / "checkpoints" / "latest").read_text() == "step_000010"
+
+
+def test_gradient_accumulation_matches_large_batch(assets, tmp_path, baseline):
+    out = _run(assets, tmp_path, "accum", batch_size=2, gradient_accumulation_steps=4)
+    _assert_same_losses(tiny.train_losses(out), tiny.train_losses(baseline), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_fsdp_match_one(assets, tmp_path, baseline):
+    out = _run(assets, tmp_path, "fsdp", nproc=2, batch_size=4, eval_every_n_steps=5)
+    _assert_same_losses(tiny.train_losses(out), tiny.train_losses(baseline), rtol=1e-5)
+    val = {r["step"]: r["val_kl"] for r in tiny.read_metrics(out) if "val_kl" in r}
+    ref = {r["step"]: r["val_kl"] for r in tiny.read_metrics(baseline) if "val_kl" in r}
+    _assert_same_losses(val, ref, rtol=1e-5)
+
+
+def _kill_after_checkpoint(cmd: list[str], cwd: Path, out: Path, min_step: int) -> int:
+    """Start a run, SIGKILL it once a checkpoint of step >= min_step is complete; return that
+    checkpoint's step."""
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=env, start_new_session=True)
+    pointer = out / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if pointer.is_file() and int(pointer.read_text().split("_")[1]) >= min_step:
+            break
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before it could be killed: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.02)
+    import os
+
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return int(pointer.read_text().split("_")[1])
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_the_same_losses(assets, tmp_path, baseline):
+    out = tmp_path / "killed"
+    out.mkdir()
+    cfg = tiny.base_config(assets, out, save_every_n_steps=2, eval_every_n_steps=5)
+    path = tiny.write_config(cfg, out / "c.yaml")
+    step = _kill_after_checkpoint([tiny.tune_bin(), "run", "tad_distill", "--config", str(path)],
+                                  tmp_path, out, min_step=4)
+    assert step < 10, "the run finished before the kill"
+    tiny.run_tune(["tad_distill", "--config", str(path), "resume_from_checkpoint=True"],
+                  cwd=tmp_path)
+    resumed = tiny.train_losses(out)
+    # Steps after the checkpoint were logged twice (before the kill and after the resume): the
+    # last value of each is the resumed one.
+    _assert_same_losses(resumed, tiny.train_losses(baseline), rtol=1e-6,
+                        steps=list(range(step + 1, 11)))
+
+
+@pytest.mark.slow
+def test_resume_on_two_processes_from_one_process_checkpoint(assets, tmp_path, baseline):
+    out = tmp_path / "reshard"
+    out.mkdir()
+    cfg = tiny.base_config(assets, out, save_every_n_steps=2, eval_every_n_steps=5)
+    path = tiny.write_config(cfg, out / "c.yaml")
+    step = _kill_after_checkpoint([tiny.tune_bin(), "run", "tad_distill", "--config", str(path)],
+                                  tmp_path, out, min_step=4)
+    tiny.run_tune(["tad_distill", "--config", str(path), "resume_from_checkpoint=True",
+                   "batch_size=4"], cwd=tmp_path, nproc=2)
+    _assert_same_losses(tiny.train_losses(out), tiny.train_losses(baseline), rtol=1e-5,
+                        steps=list(range(step + 1, 11)))
+
+
+@pytest.mark.slow
+def test_compile_and_activation_checkpointing_match_eager(assets, tmp_path, baseline):
+    ac = _run(assets, tmp_path, "ac", enable_activation_checkpointing=True)
+    # Recomputation replays the same float operations: identical losses.
+    _assert_same_losses(tiny.train_losses(ac), tiny.train_losses(baseline), rtol=1e-7)
+    both = _run(assets, tmp_path, "compiled", enable_activation_checkpointing=True, compile=True,
+                max_steps=10)
+    # Inductor fuses and reorders float32 reductions: equal to eager within 1e-4 relative.
+    _assert_same_losses(tiny.train_losses(both), tiny.train_losses(baseline), rtol=1e-4)
+
+
+# ------------------------------------------------------------------ in-process: NaN, export
+
+
+def _recipe(cfg: dict):
+    import tad_distill
+    from tad_torchtune.config_checks import validate_config
+
+    conf = OmegaConf.create(cfg)
+    validate_config(conf)
+    recipe = tad_distill.TADDistillRecipe(conf)
+    recipe.setup(conf)
+    return recipe
+
+
+def test_nan_stops_before_the_update_and_the_checkpoint_survives(assets, tmp_path):
+    import tad_distill
+
+    out = tmp_path / "nan"
+    cfg = tiny.base_config(assets, out, max_steps=10, save_every_n_steps=2, export_hf=False)
+    recipe = _recipe({**cfg, "max_steps": 10})
+    recipe._total_steps = 4  # stop after 4 steps without changing the schedule
+    recipe.train()
+    saved = {k: v.clone() for k, v in recipe._student.state_dict().items()}
+
+    resumed = _recipe({**cfg, "resume_from_checkpoint": True})
+    assert resumed.global_step == 4
+    poisoned = "layers.1.mlp.w1.weight"
+    with torch.no_grad():
+        dict(resumed._student.named_parameters())[poisoned][0, 0] = float("nan")
+    with pytest.raises(tad_distill.NonFiniteError, match="step 5: loss nan"):
+        resumed.train()
+    after = resumed._student.state_dict()
+    for name, value in saved.items():  # no optimizer step happened
+        if name != poisoned:
+            assert torch.equal(after[name], value), name
+    assert (out / "checkpoints" / "latest").read_text() == "step_000004"
+    again = _recipe({**cfg, "resume_from_checkpoint": True})
+    for name, value in again._student.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+
+
+def test_exported_student_loads_back_with_identical_logits(assets, tmp_path):
+    from torchtune import training
+    from torchtune.config._utils import _get_component_from_path
+
+    from tad_torchtune.models import forward_hidden, project_logits
+
+    out = tmp_path / "export"
+    recipe = _recipe(tiny.base_config(assets, out, max_steps=3))
+    recipe.train()
+    student_dir = out / "student"
+    checkpointer = training.FullModelHFCheckpointer(
+        checkpoint_dir=str(student_dir), checkpoint_files=["model.safetensors"],
+        model_type="LLAMA3", output_dir=str(tmp_path / "unused"),
+    )
+    config = json.loads((student_dir / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2 and config["intermediate_size"] == 48
+    kwargs = {k: v for k, v in tiny.TEACHER.items() if k != "_component_"}
+    loaded = _get_component_from_path(tiny.TEACHER["_component_"])(
+        **{**kwargs, "num_layers": 2, "intermediate_dim": 48})
+    loaded.load_state_dict(checkpointer.load_checkpoint()[training.MODEL_KEY])
+    tokens = torch.randint(0, tiny.VOCAB, (2, 17))
+    with torch.no_grad():
+        expected = project_logits(recipe._student, forward_hidden(recipe._student, tokens)[0])
+        got = loaded(tokens)
+    assert torch.equal(got, expected)
+
+
+# ------------------------------------------------------------------------- malformed configs
+
+
+BAD = [
+    ({"learning_rate": 1e-3}, "unknown top-level config key(s) ['learning_rate']"),
+    ({"kd_weight": -1.0}, "kd_weight: must be >= 0, got -1.0"),
+    ({"clm_weight": 0.0, "kd_weight": 0.0}, "at least one must be > 0"),
+    ({"batch_size": 0}, "batch_size: must be an integer >= 1, got 0"),
+    ({"gradient_accumulation_steps": "four"}, "gradient_accumulation_steps: must be int"),
+    ({"dtype": "fp16"}, "dtype: must be one of ('bf16', 'fp32'), got 'fp16'"),
+    ({"device": "tpu"}, "device: must be one of ('cpu', 'cuda'), got 'tpu'"),
+    ({"kd_loss": {"_component_": "torch.nn.MSELoss"}}, "kd_loss._component_: 'torch.nn.MSELoss' is not a divergence"),
+    ({"kd_loss": {"_component_": "tad_torchtune.losses.NoSuchLoss"}}, "kd_loss._component_: cannot import"),
+    ({"kd_loss": None}, "kd_loss: missing while kd_weight > 0"),
+    ({"teacher_model": None}, "teacher_model: missing"),
+    ({"student_model": {"num_layers": 2}}, "student_model: must be a mapping with a `_component_`"),
+    ({"vocab_alignment": "pad"}, "vocab_alignment: must be one of ('exact', 'truncate_teacher')"),
+    ({"hidden_weight": 1.0}, "hidden_loss: missing while hidden_weight > 0"),
+    ({"clip_grad_norm": 0}, "clip_grad_norm: must be > 0 or null"),
+    ({"max_steps": 0}, "max_steps: must be an integer >= 1, got 0"),
+    ({"hidden_layers": [[1]]}, "hidden_layers: must be a list of [student_layer, teacher_layer]"),
+    ({"fused": "yes"}, "fused: must be bool, got 'yes'"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD, ids=[m.split(":")[0] for _, m in BAD])
+def test_malformed_config_is_rejected_naming_the_field(assets, tmp_path, override, message):
+    from tad_torchtune.config_checks import validate_config
+
+    cfg = {**tiny.base_config(assets, tmp_path / "out"), **override}
+    with pytest.raises(ValueError) as err:
+        validate_config(OmegaConf.create(cfg))
+    assert message in str(err.value)
+
+
+def test_malformed_config_fails_through_tune_run_before_loading(assets, tmp_path):
+    cfg = tiny.base_config(assets, tmp_path / "out", dtype="fp16")
+    cfg["teacher_checkpointer"]["checkpoint_dir"] = str(tmp_path / "does_not_exist")
+    proc = tiny.run_tune(["tad_distill", "--config", str(tiny.write_config(cfg, tmp_path / "c.yaml"))],
+                         cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "dtype: must be one of ('bf16', 'fp32'), got 'fp16'" in proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing was built or written
+
+
+def test_unknown_config_name_lists_the_bundled_ones(tmp_path):
+    proc = tiny.run_tune(["tad_distill", "--config", "no_such_config"], cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "neither a file nor a bundled config" in proc.stderr

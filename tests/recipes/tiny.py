@@ -1,0 +1,167 @@
+"""Tiny assets for recipe tests, all made locally: a BPE tokenizer trained on the shipped corpus,
+a random llama3-family teacher written as a Hugging Face checkpoint, and a config."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+CORPUS = Path(__file__).parents[1] / "assets" / "corpus.txt"
+VOCAB = 256
+TEACHER = {
+    "_component_": "torchtune.models.llama3.llama3",
+    "vocab_size": VOCAB,
+    "num_layers": 4,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "embed_dim": 32,
+    "max_seq_len": 64,
+    "intermediate_dim": 64,
+}
+
+
+def make_tokenizer(folder: Path) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<|bos|>", "<|eos|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train([str(CORPUS)], trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|bos|>", "eos_token": "<|eos|>"})
+    )
+    return folder
+
+
+def make_teacher_checkpoint(folder: Path, seed: int = 0) -> Path:
+    """A random tiny llama3 teacher saved in Hugging Face format (LlamaForCausalLM)."""
+    from torchtune.config._utils import _get_component_from_path
+    from torchtune.models.convert_weights import tune_to_hf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    kwargs = {k: v for k, v in TEACHER.items() if k != "_component_"}
+    model = _get_component_from_path(TEACHER["_component_"])(**kwargs)
+    with torch.no_grad():  # a less flat teacher than the default init: a real tail to distil
+        model.output.weight.mul_(8.0)
+    sd = tune_to_hf(model.state_dict(), num_heads=4, num_kv_heads=2, dim=32)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+        "vocab_size": VOCAB, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+        "torch_dtype": "float32", "bos_token_id": 0, "eos_token_id": 1,
+    }))
+    return folder
+
+
+def make_assets(root: Path) -> dict[str, Path]:
+    return {"tokenizer": make_tokenizer(root / "tokenizer"),
+            "teacher": make_teacher_checkpoint(root / "teacher")}
+
+
+def base_config(assets: dict[str, Path], output_dir: Path, **overrides) -> dict:
+    tok = assets["tokenizer"]
+    dataset = {
+        "_component_": "tad_torchtune.data.text_block_dataset",
+        "source": str(CORPUS), "max_seq_len": 32, "validation_fraction": 0.1,
+    }
+    cfg = {
+        "output_dir": str(output_dir),
+        "seed": 1234,
+        "device": "cpu",
+        "dtype": "fp32",
+        "tokenizer": {
+            "_component_": "torchtune.modules.transforms.tokenizers.HuggingFaceBaseTokenizer",
+            "tokenizer_json_path": str(tok / "tokenizer.json"),
+            "tokenizer_config_json_path": str(tok / "tokenizer_config.json"),
+        },
+        "dataset": {**dataset, "split": "train"},
+        "validation_dataset": {**dataset, "split": "validation", "max_blocks": 8},
+        "batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "teacher_model": dict(TEACHER),
+        "teacher_checkpointer": {
+            "_component_": "torchtune.training.FullModelHFCheckpointer",
+            "checkpoint_dir": str(assets["teacher"]),
+            "checkpoint_files": ["model.safetensors"],
+            "model_type": "LLAMA3",
+            "output_dir": str(output_dir / "teacher_checkpointer"),
+        },
+        "student_model": {
+            "_component_": "tad_torchtune.models.pruned_student",
+            "teacher": "${teacher_model}",
+            "num_layers": 2,
+            "intermediate_dim": 48,
+        },
+        "kd_loss": {"_component_": "tad_torchtune.losses.TADLoss", "k": 5, "beta": 2.0},
+        "clm_weight": 1.0,
+        "kd_weight": 1.0,
+        "optimizer": {"_component_": "torch.optim.AdamW", "lr": 3e-3, "weight_decay": 0.0},
+        "lr_scheduler": {
+            "_component_": "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup",
+            "num_warmup_steps": 2,
+        },
+        "clip_grad_norm": 1.0,
+        "epochs": 1,
+        "max_steps": 10,
+        "log_every_n_steps": 1,
+        "loss_chunk_size": 64,
+        "metric_logger": {
+            "_component_": "torchtune.training.metric_logging.DiskLogger",
+            "log_dir": str(output_dir / "logs"),
+        },
+    }
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return cfg
+
+
+def write_config(cfg: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def tune_bin() -> str:
+    return str(Path(sys.executable).parent / "tune")
+
+
+def run_tune(args: list[str], cwd: Path, timeout: int = 600, check: bool = True,
+             nproc: int = 1) -> subprocess.CompletedProcess:
+    """``tune run [--nproc_per_node N] ARGS`` from ``cwd`` (outside the checkout)."""
+    launch = [tune_bin(), "run"]
+    if nproc > 1:
+        launch += ["--nproc_per_node", str(nproc)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(launch + args, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"tune run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-8000:]}")
+    return proc
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    path = output_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_losses(output_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(output_dir) if "loss" in r}
