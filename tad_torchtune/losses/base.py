@@ -30,6 +30,26 @@ class Divergence(nn.Module):
     #: names of the per-token diagnostics in ``DivergenceOutput.stats``
     stat_names: tuple[str, ...] = ()
 
+    #: The fused path's per-chunk value AND gradient: ``fn(s, t, labels, *extras) ->
+    #: (per_token [n], stats, grad [n, V])`` with ``grad = d per_token.sum() / d s``, same inputs
+    #: as ``chunk_fn``. ``None``: the fused path differentiates ``chunk_fn`` with autograd.
+    chunk_grad_fn = None
+
+    #: True when the divergence needs teacher-only statistics of ALL tokens before any per-chunk
+    #: term (TAD's ``abar``): the fused path then runs ``teacher_chunk_stats`` over every chunk
+    #: first and hands ``teacher_extras`` to the per-chunk functions.
+    needs_teacher_pass: bool = False
+
+    def teacher_chunk_stats(self, t: Tensor) -> tuple[Tensor, ...]:
+        """Per-token teacher-only statistics ``[n, ...]`` of a chunk ``[n, V]`` of scaled,
+        float32 teacher logits (first pass; only called when ``needs_teacher_pass``)."""
+        return ()
+
+    def teacher_extras(self, stats: tuple[Tensor, ...], valid: Tensor) -> tuple[Tensor, ...]:
+        """Turn the first pass's statistics ``[B, T, ...]`` (all tokens) into the per-token
+        ``extras`` ``[B, T, ...]`` of ``chunk_fn``; ``valid`` is ``[B, T]`` bool."""
+        return ()
+
     def __init__(
         self,
         *,

@@ -21,6 +21,31 @@ def reverse_kl_chunk(s: Tensor, t: Tensor, labels: Tensor) -> tuple[Tensor, dict
     return masked_xlogy_sum(log_q.exp(), log_q - log_p), {}
 
 
+def forward_kl_chunk_grad(
+    s: Tensor, t: Tensor, labels: Tensor
+) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """``forward_kl_chunk`` plus its gradient w.r.t. ``s``, ``q - p`` (the fused path's chunk)."""
+    log_q = torch.log_softmax(s, dim=-1)
+    log_p = torch.log_softmax(t, dim=-1)
+    p = log_p.exp()
+    return masked_xlogy_sum(p, log_p - log_q), {}, log_q.exp() - p
+
+
+def reverse_kl_chunk_grad(
+    s: Tensor, t: Tensor, labels: Tensor
+) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """``reverse_kl_chunk`` plus its gradient w.r.t. ``s``: with ``R = KL(q||p)``,
+    ``dR/ds_i = q_i (log q_i - log p_i) - q_i R`` (entries with ``q_i = 0`` contribute 0)."""
+    log_q = torch.log_softmax(s, dim=-1)
+    log_p = torch.log_softmax(t, dim=-1)
+    q = log_q.exp()
+    positive = q > 0
+    zero = q.new_zeros(())
+    term = torch.where(positive, q * torch.where(positive, log_q - log_p, zero), zero)
+    per_token = term.sum(-1)
+    return per_token, {}, term - q * per_token.unsqueeze(-1)
+
+
 class ForwardKLLoss(Divergence):
     """Forward KL, the divergence of vanilla KD: ``KL(p || q) = sum_i p_i (log p_i - log q_i)``.
 
@@ -46,6 +71,7 @@ class ForwardKLLoss(Divergence):
         )
 
     chunk_fn = staticmethod(forward_kl_chunk)
+    chunk_grad_fn = staticmethod(forward_kl_chunk_grad)
 
 
 class ReverseKLLoss(Divergence):
@@ -67,3 +93,4 @@ class ReverseKLLoss(Divergence):
         )
 
     chunk_fn = staticmethod(reverse_kl_chunk)
+    chunk_grad_fn = staticmethod(reverse_kl_chunk_grad)

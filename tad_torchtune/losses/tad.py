@@ -97,6 +97,59 @@ def tad_chunk(
     return per_token, stats
 
 
+def tad_chunk_grad(
+    s: Tensor,
+    t: Tensor,
+    labels: Tensor,
+    topk_idx: Tensor,
+    lse_t: Tensor,
+    lse_t_tail: Tensor,
+    tail_weight: Tensor,
+    abar: Tensor,
+) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """``tad_chunk`` plus its gradient w.r.t. ``s`` in closed form (the fused path's chunk).
+
+    With ``w = tail_weight``, ``qt = q / alphaS`` and ``pt = p / alphaT`` on the tail:
+    ``dL/ds_i = q_i - p_i`` on a top-K id and ``q_i - alphaT qt_i + w (qt_i - pt_i)`` on a tail id
+    (paper eq. 6 rewritten without dividing by ``alphaT``, which may underflow).
+
+    Returns:
+        ``(per_token [n], stats, grad [n, V])``.
+    """
+    neg_inf = float("-inf")
+    in_top = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, topk_idx, True)
+    s_top = s.gather(-1, topk_idx)  # (n, K)
+    s_tail = s.masked_fill(in_top, neg_inf)  # (n, V), top-K ids at -inf
+    lse_s_tail = s_tail.logsumexp(-1)
+    lse_s = torch.logaddexp(lse_s_tail, s_top.logsumexp(-1))
+
+    log_p_top = t.gather(-1, topk_idx) - lse_t.unsqueeze(-1)
+    log_q_top = s_top - lse_s.unsqueeze(-1)
+    log_alpha_t = lse_t_tail - lse_t
+    log_alpha_s = lse_s_tail - lse_s
+    alpha_t = log_alpha_t.exp()
+    p_top = log_p_top.exp()
+    dkl1 = masked_xlogy_sum(p_top, log_p_top - log_q_top) + torch.where(
+        alpha_t > 0, alpha_t * (log_alpha_t - log_alpha_s), alpha_t.new_zeros(())
+    )
+
+    has_tail = torch.isfinite(lse_t_tail)
+    log_pt = t.masked_fill(in_top, neg_inf) - safe_finite(lse_t_tail).unsqueeze(-1)
+    log_qt = s_tail - safe_finite(lse_s_tail).unsqueeze(-1)
+    pt = log_pt.exp()  # (n, V), 0 on the top-K ids
+    dkl2 = masked_xlogy_sum(pt, log_pt - log_qt)
+    dkl2 = torch.where(has_tail, dkl2, dkl2.new_zeros(()))
+    w = torch.where(tail_weight > 0, tail_weight, tail_weight.new_zeros(()))
+    per_token = dkl1 + torch.where(w > 0, w * dkl2, dkl2.new_zeros(()))
+
+    q = (s - lse_s.unsqueeze(-1)).exp()
+    qt = log_qt.exp()  # (n, V), 0 on the top-K ids
+    grad = q + (w - alpha_t).unsqueeze(-1) * qt - w.unsqueeze(-1) * pt
+    grad.scatter_add_(-1, topk_idx, -p_top)  # top-K ids: q - p
+    stats = {"dkl1": dkl1, "dkl2": dkl2, "tail_mass": alpha_t, "abar": abar}
+    return per_token, stats, grad
+
+
 class TADLoss(Divergence):
     """Tail-aware divergence (TAD), arXiv 2602.20816 eq. 3.
 
@@ -182,19 +235,30 @@ class TADLoss(Divergence):
             chunk = t[start : start + step]
             rows = valid[start : start + step].unsqueeze(-1)
             chunk = torch.where(rows, chunk.to(dtype), 0.0) / self.temperature
-            pieces.append(tad_teacher_stats(chunk, self.k))
+            pieces.append(self.teacher_chunk_stats(chunk))
         if pieces:
             topk_idx, lse, lse_tail = (torch.cat(p) for p in zip(*pieces))
         else:
             topk_idx = t.new_zeros((0, self.k), dtype=torch.long)
             lse = lse_tail = t.new_zeros((0,), dtype=dtype)
-        weight, abar = tad_tail_weights(
-            (lse_tail - lse).reshape(lead), valid.reshape(lead), self.beta
-        )
-        return (
-            topk_idx.reshape(*lead, self.k), lse.reshape(lead), lse_tail.reshape(lead),
-            weight, abar,
-        )
+        stats = (topk_idx.reshape(*lead, self.k), lse.reshape(lead), lse_tail.reshape(lead))
+        return self.teacher_extras(stats, valid.reshape(lead))
+
+    needs_teacher_pass = True
+
+    def teacher_chunk_stats(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``tad_teacher_stats`` of a scaled teacher chunk ``[n, V]``: top-K ids, LSE, tail LSE."""
+        self.check_k(t.shape[-1])
+        return tad_teacher_stats(t, self.k)
+
+    def teacher_extras(
+        self, stats: tuple[Tensor, ...], valid: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``(topk_idx, lse, lse_tail)`` of all tokens ``[B, T, ...]`` -> ``tad_chunk``'s extras,
+        adding the row-normalised tail weight and ``abar`` (``tad_tail_weights``)."""
+        topk_idx, lse, lse_tail = stats
+        weight, abar = tad_tail_weights(lse_tail - lse, valid, self.beta)
+        return topk_idx, lse, lse_tail, weight, abar
 
     def sum_and_count(
         self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
@@ -210,6 +274,7 @@ class TADLoss(Divergence):
         )
 
     chunk_fn = staticmethod(tad_chunk)
+    chunk_grad_fn = staticmethod(tad_chunk_grad)
 
     def extra_repr(self) -> str:
         return f"k={self.k}, beta={self.beta}, " + super().extra_repr()

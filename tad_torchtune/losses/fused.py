@@ -1,0 +1,248 @@
+"""Fused output projection + divergence: the loss and its gradients without the ``[N, V]`` logits.
+
+``fused_divergence`` takes the student's and the teacher's final hidden states (after the final
+norm) and output weights instead of their logits. Chunk by chunk over tokens it projects the
+hidden states to logits, applies the soft-caps and the temperature, evaluates the divergence's
+per-chunk value AND gradient (``Divergence.chunk_grad_fn``, closed form; or autograd through
+``Divergence.chunk_fn`` for a divergence without one), and immediately turns the gradient w.r.t.
+the chunk's logits into gradients w.r.t. the student's hidden states and output weight, in the
+forward pass (Liger-Kernel's fused linear losses do the same). What survives a chunk is the
+student hidden-state gradient ``[N, D]`` and the output-weight gradient ``[V, D]``, both float32,
+so the extra memory is those plus a few ``[chunk, V]`` float32 buffers, never ``[N, V]``.
+
+A divergence with ``needs_teacher_pass`` (TAD: ``abar`` is a mean over every valid token of a
+row) first runs a teacher-only pass over all chunks, recomputing the teacher's chunk logits,
+keeping only per-token statistics (TAD: top-K ids, LSE, tail LSE: ``[N, K]`` and ``[N]``), and the
+per-chunk terms then use the exact row statistics. The extra cost is one more teacher projection
+and the top-K; the per-chunk pass reuses the cached top-K ids.
+
+The machinery is written once here; each divergence plugs in its per-chunk functions.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tad_torchtune.losses._reduction import (
+    DivergenceOutput,
+    align_teacher_vocab,
+    compute_dtype,
+)
+from tad_torchtune.losses.base import Divergence
+
+try:  # DTensor is what FSDP2 (fully_shard) leaves in a sharded parameter.
+    from torch.distributed.tensor import DTensor, Partial
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = Partial = None
+
+
+def default_chunk_size(num_tokens: int, vocab_size: int, hidden_size: int) -> int:
+    """Liger-Kernel's rule: a chunk of logits ``[c, V]`` about as large as the hidden states
+    ``[N, D]`` (``c = next_pow2(N / ceil(V / D))``), kept within ``[32, 1024]`` tokens."""
+    ratio = max(1, math.ceil(vocab_size / max(hidden_size, 1)))
+    c = max(1, math.ceil(num_tokens / ratio))
+    return min(max(1 << (c - 1).bit_length(), 32), 1024)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    divergence: Divergence
+    student_softcap: float | None
+    teacher_softcap: float | None
+    chunk_size: int
+    lead: tuple[int, int]  # (rows, tokens per row): TAD's abar is a mean over a row
+
+
+def _logits(h: Tensor, w: Tensor, cap: float | None, dtype: torch.dtype) -> Tensor:
+    """``[n, V]`` logits in ``dtype`` (the projection runs in the inputs' dtype, as nn.Linear)."""
+    z = torch.nn.functional.linear(h, w).to(dtype)
+    return z if cap is None else torch.tanh(z / cap) * cap
+
+
+def _autograd_chunk_grad(fn):
+    """``chunk_grad_fn`` from a ``chunk_fn``, for divergences without a closed-form gradient."""
+
+    def chunk_grad(s: Tensor, t: Tensor, labels: Tensor, *extras: Tensor):
+        with torch.enable_grad():
+            s = s.detach().requires_grad_(True)
+            per_token, stats = fn(s, t, labels, *extras)
+            (grad,) = torch.autograd.grad(per_token.sum(), s)
+        return per_token.detach(), {k: v.detach() for k, v in stats.items()}, grad
+
+    return chunk_grad
+
+
+def _teacher_extras(plan: _Plan, h_t: Tensor, w_t: Tensor, valid: Tensor) -> tuple[Tensor, ...]:
+    """First, teacher-only pass: the divergence's per-token extras ``[N, ...]`` for all tokens."""
+    div = plan.divergence
+    if not div.needs_teacher_pass or valid.shape[0] == 0:
+        return ()
+    dtype = compute_dtype(h_t.dtype)
+    n, step = valid.shape[0], plan.chunk_size
+    pieces = []
+    for start in range(0, n, step):
+        rows = valid[start : start + step].unsqueeze(-1)
+        t = _logits(h_t[start : start + step], w_t, plan.teacher_softcap, dtype)
+        pieces.append(div.teacher_chunk_stats(torch.where(rows, t, 0.0) / div.temperature))
+    stats = tuple(torch.cat(p).reshape(*plan.lead, *p[0].shape[1:]) for p in zip(*pieces))
+    extras = div.teacher_extras(stats, valid.reshape(plan.lead))
+    return tuple(e.reshape(n, *e.shape[2:]) for e in extras)
+
+
+class _FusedDivergence(torch.autograd.Function):
+    """Loss sum and diagnostics in forward; backward only rescales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, labels: Tensor,
+                plan: _Plan) -> tuple[Tensor, ...]:
+        div = plan.divergence
+        n, hidden = h_s.shape
+        dtype = compute_dtype(h_s.dtype)
+        valid = labels != div.ignore_index  # (N,)
+        y = torch.where(valid, labels, 0)
+        extras = _teacher_extras(plan, h_t, w_t, valid)
+        grad_fn = div.chunk_grad_fn or _autograd_chunk_grad(div.chunk_fn)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # float32 even for bf16 inputs: the weight gradient is a sum over all chunks.
+        grad_h = h_s.new_zeros((n, hidden), dtype=dtype) if need_h else None
+        grad_w = w_s.new_zeros(w_s.shape, dtype=dtype) if need_w else None
+        names = sorted(div.stat_names)
+        sums = torch.zeros(1 + len(names), dtype=dtype, device=h_s.device)  # total, *stats
+        tau = div.temperature
+        for start in range(0, n, plan.chunk_size):
+            sl = slice(start, start + plan.chunk_size)
+            rows = valid[sl].unsqueeze(-1)  # (n, 1)
+            z_s = _logits(h_s[sl], w_s, plan.student_softcap, dtype)  # (n, V)
+            z_t = _logits(h_t[sl], w_t, plan.teacher_softcap, dtype)
+            # where(), not multiplication: garbage in an ignored row must not reach any sum.
+            per_token, stats, grad = grad_fn(
+                torch.where(rows, z_s, 0.0) / tau, torch.where(rows, z_t, 0.0) / tau, y[sl],
+                *(e[sl] for e in extras),
+            )
+            del z_t
+            zero = per_token.new_zeros(())
+            sums += torch.stack([torch.where(valid[sl], v, zero).sum()
+                                 for v in (per_token, *(stats[k] for k in names))])
+            if not (need_h or need_w):
+                continue
+            grad = torch.where(rows, grad, 0.0) / tau  # d total / d (capped logits)
+            if plan.student_softcap is not None:  # d(cap tanh(x / cap))/dx = 1 - tanh^2
+                grad = grad * (1 - (z_s / plan.student_softcap).square())
+            del z_s
+            grad = grad.to(h_s.dtype)  # bf16 matmuls, float32 accumulation (as Liger)
+            if need_h:
+                grad_h[sl] = grad @ w_s
+            if need_w:
+                if grad_w.dtype == h_s.dtype:
+                    grad_w.addmm_(grad.t(), h_s[sl])
+                else:
+                    grad_w += grad.t() @ h_s[sl]
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (h_s.dtype, w_s.dtype)
+        num_tokens = valid.sum()
+        stat_sums = [sums[i].clone() for i in range(1, sums.shape[0])]
+        ctx.mark_non_differentiable(num_tokens, *stat_sums)
+        return (sums[0].clone(), num_tokens, *stat_sums)
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor, *_):
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        gh = None if grad_h is None else (grad_h * grad_total).to(h_dtype)
+        gw = None if grad_w is None else (grad_w * grad_total).to(w_dtype)
+        return gh, gw, None, None, None, None
+
+
+def _full(w: Tensor) -> Tensor:
+    """The whole tensor of a (possibly FSDP2-sharded) parameter, differentiably.
+
+    The gradient goes back as ``Partial("avg")``: reduce-scattered AND averaged over the ranks,
+    which is what FSDP2 does with the gradients of every other parameter.
+    """
+    if DTensor is not None and isinstance(w, DTensor):
+        return w.full_tensor(grad_placements=[Partial("avg")] * len(w.placements))
+    return w
+
+
+@torch.compiler.disable  # a Python loop over chunks: run eagerly, graph break around it
+def _apply(h_s, w_s, h_t, w_t, labels, plan):
+    return _FusedDivergence.apply(h_s, w_s, h_t, w_t, labels, plan)
+
+
+def fused_divergence(
+    divergence: Divergence,
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    labels: Tensor,
+    *,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    chunk_size: int | None = None,
+) -> DivergenceOutput:
+    """``divergence.sum_and_count(student logits, teacher logits, labels)`` without the logits.
+
+    The student logits are ``cap_s * tanh(student_hidden @ student_weight.T / cap_s)`` (no tanh
+    when ``student_softcap`` is None), the teacher's likewise; the teacher gets no gradient.
+
+    Args:
+        divergence: any ``Divergence`` of this package (its temperature, ignore_index and
+            vocab_alignment apply; its ``chunk_size`` does not, see ``chunk_size``).
+        student_hidden: ``[B, T, D]`` (or ``[N, D]``) final hidden states, after the final norm.
+        student_weight: ``[V, D]`` output projection (the embedding table when tied); may be an
+            FSDP2-sharded DTensor, gathered with ``full_tensor()``.
+        teacher_hidden: ``[B, T, D_T]`` (or ``[N, D_T]``).
+        teacher_weight: ``[V_T, D_T]``; with ``vocab_alignment="truncate_teacher"`` its first
+            ``V`` rows are used when ``V_T > V``.
+        labels: ``[B, T]`` (or ``[N]``, one sequence); ``ignore_index`` marks ignored tokens.
+        student_softcap, teacher_softcap: logit soft-caps (``model.logit_softcap``) or None.
+        chunk_size: tokens per chunk; None picks ``default_chunk_size`` (Liger's rule).
+
+    Returns:
+        ``DivergenceOutput``: ``total`` (float32, float64 for float64 inputs) differentiable
+        w.r.t. ``student_hidden`` and ``student_weight``, ``num_tokens`` and ``stats``.
+
+    Raises:
+        ValueError: on mismatched shapes or vocabularies.
+    """
+    if student_hidden.dim() < 2 or labels.shape != student_hidden.shape[:-1]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal student_hidden's leading shape "
+            f"{tuple(student_hidden.shape[:-1])} (student_hidden is [B, T, D] or [N, D])"
+        )
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(
+            f"teacher_hidden shape {tuple(teacher_hidden.shape)} does not match student_hidden "
+            f"shape {tuple(student_hidden.shape)} in the leading (batch, token) dimensions"
+        )
+    for name, h, w in (("student", student_hidden, student_weight),
+                       ("teacher", teacher_hidden, teacher_weight)):
+        if w.dim() != 2 or w.shape[1] != h.shape[-1]:
+            raise ValueError(
+                f"{name}_weight must be [V, D] with D = {name}_hidden.shape[-1] = "
+                f"{h.shape[-1]}, got shape {tuple(w.shape)}"
+            )
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
+    w_s = _full(student_weight)
+    with torch.no_grad():
+        w_t = teacher_weight.full_tensor() if DTensor is not None and isinstance(
+            teacher_weight, DTensor) else teacher_weight
+        w_t = align_teacher_vocab(w_t.detach().t(), w_s.shape[0], divergence.vocab_alignment).t()
+    hidden = student_hidden.shape[-1]
+    h_s = student_hidden.reshape(-1, hidden)  # (N, D)
+    h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])  # (N, D_T)
+    y = labels.reshape(-1)
+    lead = tuple(labels.shape) if labels.dim() == 2 else (1, y.shape[0])
+    if labels.dim() > 2:
+        lead = (math.prod(labels.shape[:-1]), labels.shape[-1])
+    n = y.shape[0]
+    plan = _Plan(divergence, student_softcap, teacher_softcap,
+                 chunk_size or default_chunk_size(n, w_s.shape[0], hidden), lead)
+    total, num_tokens, *stats = _apply(h_s, w_s, h_t, w_t, y, plan)
+    names = sorted(divergence.stat_names)
+    return DivergenceOutput(total=total, num_tokens=num_tokens, stats=dict(zip(names, stats)))

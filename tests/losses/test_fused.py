@@ -1,0 +1,344 @@
+"""The fused path (hidden states + output weights in, loss and gradients out) against the unfused
+divergences on materialised logits, and the closed-form chunk gradients against autograd."""
+
+import os
+import socket
+import sys
+
+import pytest
+import torch
+
+from tad_torchtune.losses import DRKLLoss, ForwardKLLoss, ReverseKLLoss, TADLoss
+from tad_torchtune.losses.fused import default_chunk_size, fused_divergence
+
+B, T, D, D_T, V = 3, 47, 16, 24, 123  # deliberately odd: N = 141 tokens, prime-ish sizes
+IGNORE = -100
+
+DIVERGENCES = {
+    "forward_kl": lambda **kw: ForwardKLLoss(**kw),
+    "reverse_kl": lambda **kw: ReverseKLLoss(**kw),
+    "tad_k1": lambda **kw: TADLoss(k=1, beta=2.0, **kw),
+    "tad_k10": lambda **kw: TADLoss(k=10, beta=2.0, **kw),
+    "drkl": lambda **kw: DRKLLoss(gamma=2.5, **kw),
+}
+
+# (dtype, atol, rtol) of fused vs unfused in the SAME dtype; atol is RELATIVE TO THE LARGEST
+# ENTRY of the expected tensor: float32 gradients of both paths carry ~1e-6 of that much
+# cancellation error on their small entries (each path is that far from float64, too).
+TOL = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-10, 1e-10)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The shapes here are tiny: on a shared 2-core machine OpenMP's barrier waits between two
+    threads cost far more than the work, so run single-threaded and restore afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_case(seed, dtype=torch.float32, b=B, t=T, v=V, v_t=None, masked=True):
+    gen = torch.Generator().manual_seed(seed)
+    h_s = torch.randn(b, t, D, generator=gen).to(dtype)
+    w_s = (torch.randn(v, D, generator=gen) * 0.6).to(dtype)
+    h_t = torch.randn(b, t, D_T, generator=gen).to(dtype)
+    w_t = (torch.randn(v_t or v, D_T, generator=gen) * 0.6).to(dtype)
+    labels = torch.randint(0, v, (b, t), generator=gen)
+    if masked:
+        labels[0, :7] = IGNORE  # a masked prompt
+        labels[min(1, b - 1), -5:] = IGNORE  # masked padding
+    return h_s, w_s, h_t, w_t, labels
+
+
+def softcap(z, cap):
+    return z if cap is None else torch.tanh(z / cap) * cap
+
+
+def unfused(div, h_s, w_s, h_t, w_t, labels, s_cap=None, t_cap=None):
+    """Materialise the logits, as the recipe's unfused path does, and backprop."""
+    h_s = h_s.detach().clone().requires_grad_(True)
+    w_s = w_s.detach().clone().requires_grad_(True)
+    out = div.sum_and_count(softcap(h_s @ w_s.T, s_cap), softcap(h_t @ w_t.T, t_cap), labels)
+    out.total.backward()
+    return out, h_s.grad, w_s.grad
+
+
+def fused(div, h_s, w_s, h_t, w_t, labels, **kw):
+    h_s = h_s.detach().clone().requires_grad_(True)
+    w_s = w_s.detach().clone().requires_grad_(True)
+    out = fused_divergence(div, h_s, w_s, h_t, w_t, labels, **kw)
+    out.total.backward()
+    return out, h_s.grad, w_s.grad
+
+
+def assert_same(a, b, dtype):
+    (out_a, gh_a, gw_a), (out_b, gh_b, gw_b) = a, b
+    atol, rtol = TOL[dtype]
+
+    def close(x, y):
+        torch.testing.assert_close(x, y, atol=atol * float(y.detach().abs().max()), rtol=rtol)
+
+    close(out_a.total, out_b.total)
+    assert int(out_a.num_tokens) == int(out_b.num_tokens)
+    assert sorted(out_a.stats) == sorted(out_b.stats)
+    for k in out_a.stats:
+        close(out_a.stats[k], out_b.stats[k])
+    close(gh_a, gh_b)
+    close(gw_a, gw_b)
+
+
+# ----------------------------------------------------------------------------- equality
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk_size", [1, 13, 64, None])  # 141 tokens: never divisible
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_fused_equals_unfused(name, chunk_size, dtype):
+    div = DIVERGENCES[name](chunk_size=32)
+    case = make_case(0, dtype)
+    assert_same(fused(div, *case, chunk_size=chunk_size), unfused(div, *case), dtype)
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_softcap_and_temperature(name):
+    div = DIVERGENCES[name](temperature=2.0)
+    case = make_case(1)
+    assert_same(
+        fused(div, *case, student_softcap=3.0, teacher_softcap=5.0, chunk_size=16),
+        unfused(div, *case, s_cap=3.0, t_cap=5.0),
+        torch.float32,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_autograd_fallback_equals_closed_form(name):
+    """A divergence without ``chunk_grad_fn`` goes through autograd on ``chunk_fn``."""
+    div = DIVERGENCES[name]()
+    case = make_case(2, torch.float64)
+    closed = fused(div, *case, chunk_size=20)
+    div.chunk_grad_fn = None
+    assert_same(fused(div, *case, chunk_size=20), closed, torch.float64)
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_vocab_alignment_truncates_teacher_weight(name):
+    case = make_case(3, v_t=V + 9)
+    div = DIVERGENCES[name](vocab_alignment="truncate_teacher")
+    assert_same(fused(div, *case, chunk_size=10), unfused(div, *case), torch.float32)
+    with pytest.raises(ValueError, match="vocab_alignment"):
+        fused_divergence(DIVERGENCES[name](), *case)
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_all_ignored_gives_zero_and_zero_grad(name):
+    h_s, w_s, h_t, w_t, labels = make_case(4)
+    out, g_h, g_w = fused(DIVERGENCES[name](), h_s, w_s, h_t, w_t, torch.full_like(labels, IGNORE))
+    assert float(out.mean().detach()) == 0.0 and int(out.num_tokens) == 0
+    assert not g_h.any() and not g_w.any()
+
+
+def test_empty_batch():
+    h_s, w_s, h_t, w_t, labels = make_case(4, b=1, t=0)
+    out, g_h, g_w = fused(TADLoss(k=3), h_s, w_s, h_t, w_t, labels)
+    assert float(out.total.detach()) == 0.0 and g_h.shape == h_s.shape and not g_w.any()
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_ignored_tokens_do_not_count(name):
+    """Changing the hidden states of ignored tokens changes nothing."""
+    h_s, w_s, h_t, w_t, labels = make_case(5)
+    div = DIVERGENCES[name]()
+    a = fused(div, h_s, w_s, h_t, w_t, labels, chunk_size=16)
+    ignored = (labels == IGNORE).unsqueeze(-1)
+    h_s2 = torch.where(ignored, 50.0, h_s)
+    h_t2 = torch.where(ignored, -50.0, h_t)
+    b = fused(div, h_s2, w_s, h_t2, w_t, labels, chunk_size=16)
+    assert_same(a, b, torch.float32)
+    assert not a[1][ignored.squeeze(-1)].any()
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_bf16_inputs_against_float64(name):
+    """bf16 hidden states and weights: the logits are bf16 matmul outputs (as the model's), the
+    math float32, the weight gradient accumulated in float32 over chunks. Reference: float64 math
+    on the SAME bf16 logits, chained to the hidden states and weight in float64. The gradients
+    come back in bf16 (relative rounding 2**-8) after per-chunk bf16 matmuls."""
+    div = DIVERGENCES[name]()
+    h_s, w_s, h_t, w_t, labels = make_case(6, torch.bfloat16)
+    out, g_h, g_w = fused(div, h_s, w_s, h_t, w_t, labels, chunk_size=16)
+    z = (h_s @ w_s.T).double().requires_grad_(True)  # the bf16 logits, exactly
+    ref = div.sum_and_count(z, (h_t @ w_t.T).double(), labels)
+    (g_z,) = torch.autograd.grad(ref.total, z)
+    r_h, r_w = g_z @ w_s.double(), g_z.reshape(-1, V).T @ h_s.double().reshape(-1, D)
+    assert out.total.dtype == torch.float32 and g_h.dtype == g_w.dtype == torch.bfloat16
+    torch.testing.assert_close(out.total.double(), ref.total, atol=0, rtol=1e-5)
+    for got, want in ((g_h, r_h), (g_w, r_w)):
+        scale = float(want.abs().max())
+        torch.testing.assert_close(got.double(), want, atol=1e-2 * scale, rtol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "tad_k10"])
+def test_tied_embedding_and_output_weight(name):
+    """The output weight is the embedding table: both uses add up in the one parameter."""
+    div = DIVERGENCES[name]()
+    gen = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, V, (B, T), generator=gen)
+    _, _, h_t, w_t, labels = make_case(7)
+
+    def run(use_fused):
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(V, D)
+        mix = torch.nn.Linear(D, D)
+        h = torch.tanh(mix(emb(tokens)))  # (B, T, D)
+        if use_fused:
+            out = fused_divergence(div, h, emb.weight, h_t, w_t, labels, chunk_size=17)
+        else:
+            out = div.sum_and_count(h @ emb.weight.T, h_t @ w_t.T, labels)
+        out.mean().backward()
+        return out.mean().detach(), emb.weight.grad, mix.weight.grad
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
+
+
+def test_default_chunk_size():
+    assert default_chunk_size(2048, 32000, 512) == 64  # Liger's rule, as the CPU benchmark
+    assert default_chunk_size(8192, 151936, 2048) == 128
+    assert default_chunk_size(10, 50000, 16) == 32  # floor
+    assert default_chunk_size(10**6, 1000, 4096) == 1024  # ceiling
+
+
+def test_shape_errors():
+    h_s, w_s, h_t, w_t, labels = make_case(8)
+    with pytest.raises(ValueError, match="labels shape"):
+        fused_divergence(ForwardKLLoss(), h_s, w_s, h_t, w_t, labels[:, :-1])
+    with pytest.raises(ValueError, match="teacher_hidden"):
+        fused_divergence(ForwardKLLoss(), h_s, w_s, h_t[:, :-1], w_t, labels)
+    with pytest.raises(ValueError, match="student_weight"):
+        fused_divergence(ForwardKLLoss(), h_s, w_s[:, :-1], h_t, w_t, labels)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_divergence(ForwardKLLoss(), h_s, w_s, h_t, w_t, labels, chunk_size=0)
+
+
+# ----------------------------------------------------------------------------- closed-form grads
+
+
+def chunk_inputs(kind, seed=9, n=29, v=V):
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.randn(n, v, generator=gen, dtype=torch.float64) * 2
+    t = torch.randn(n, v, generator=gen, dtype=torch.float64) * 2
+    y = torch.randint(0, v, (n,), generator=gen)
+    if kind == "masked_vocab":  # -inf entries in both models
+        s[:, -7:] = t[:, -7:] = float("-inf")
+        y = y % (v - 7)
+    elif kind == "huge":
+        s, t = s * 1e3, t * 1e3
+    elif kind == "one_hot_teacher":
+        t = torch.full_like(t, -1e4).scatter_(-1, y.unsqueeze(-1), 0.0)
+    return s, t, y
+
+
+@pytest.mark.parametrize("kind", ["plain", "masked_vocab", "huge", "one_hot_teacher"])
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_chunk_grad_fn_equals_autograd(name, kind):
+    div = DIVERGENCES[name]()
+    s, t, y = chunk_inputs(kind)
+    extras = ()
+    if div.needs_teacher_pass:
+        stats = tuple(x.unsqueeze(0) for x in div.teacher_chunk_stats(t))
+        extras = tuple(e[0] for e in div.teacher_extras(stats, torch.ones(1, len(y), dtype=bool)))
+    s_ = s.clone().requires_grad_(True)
+    value, stats = div.chunk_fn(s_, t, y, *extras)
+    (grad,) = torch.autograd.grad(value.sum(), s_)
+    value2, stats2, grad2 = div.chunk_grad_fn(s, t, y, *extras)
+    torch.testing.assert_close(value2, value.detach(), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(grad2, grad, atol=1e-10, rtol=1e-8)
+    for k in stats:
+        torch.testing.assert_close(stats2[k], stats[k].detach(), atol=1e-10, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+def test_compiled_caller_matches_eager():
+    """torch.compile of a caller: the fused call is a graph break (run eagerly), values equal."""
+    torch._dynamo.reset()
+    div = TADLoss(k=4)
+    h_s, w_s, h_t, w_t, labels = make_case(10, b=2, t=9)
+    proj = torch.nn.Linear(D, D)
+
+    def step(x, w):
+        out = fused_divergence(div, torch.relu(proj(x)), w, h_t, w_t, labels, chunk_size=5)
+        return out.total / out.num_tokens.clamp(min=1) * 2.0
+
+    results = []
+    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=False)):
+        x, w = h_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
+        loss = fn(x, w)
+        loss.backward()
+        results.append((loss.detach(), x.grad, w.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _fsdp_worker(rank: int, world: int, port: int, name: str, result_path: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        h_s, w_s, h_t, w_t, labels = make_case(11, b=4, t=23)
+        head = torch.nn.Linear(D, V, bias=False)  # the student's output projection
+        with torch.no_grad():
+            head.weight.copy_(w_s)
+        fully_shard(head)  # head.weight is now a DTensor sharded over the 2 ranks
+        rows = slice(rank * 2, rank * 2 + 2)  # data parallel: each rank its 2 sequences
+        x = h_s[rows].clone().requires_grad_(True)
+        out = fused_divergence(DIVERGENCES[name](), x, head.weight, h_t[rows], w_t, labels[rows],
+                               chunk_size=8)
+        count = out.num_tokens.clone()
+        dist.all_reduce(count)  # the global valid-token count normalises (DESIGN.md §1)
+        (out.total / count).backward()
+        total = out.total.detach().clone()
+        dist.all_reduce(total)
+        grad_w = head.weight.grad.full_tensor()
+        if rank == 0:
+            torch.save({"loss": total / count, "grad_w": grad_w, "grad_x0": x.grad}, result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["tad_k10"])
+def test_fsdp2_two_processes_match_one(name, tmp_path):
+    """2 ranks (gloo, CPU), the output projection fully_shard-ed: same loss as 1 process, and the
+    sharded weight gradient is the 1-process gradient averaged over ranks, as FSDP2 averages."""
+    import torch.multiprocessing as mp
+
+    if sys.platform != "linux":
+        pytest.skip("gloo spawn test runs on Linux")
+    result = tmp_path / "rank0.pt"
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), name, str(result)), nprocs=2, join=True)
+    got = torch.load(result)
+
+    h_s, w_s, h_t, w_t, labels = make_case(11, b=4, t=23)
+    div = DIVERGENCES[name]()
+    x = h_s.clone().requires_grad_(True)
+    w = w_s.clone().requires_grad_(True)
+    out = fused_divergence(div, x, w, h_t, w_t, labels, chunk_size=8)
+    out.mean().backward()
+    torch.testing.assert_close(got["loss"], out.mean().detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got["grad_w"], w.grad / 2, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(got["grad_x0"], x.grad[:2], atol=1e-7, rtol=1e-5)
