@@ -1,0 +1,133 @@
+"""``tune run tad_eval`` end to end on tiny Hugging Face checkpoints written by the test."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from tad_torchtune.data import TextBlockDataset, resolve_asset  # noqa: E402
+
+pytestmark = pytest.mark.slow
+TUNE = str(Path(sys.executable).parent / "tune")
+DEMO = Path(resolve_asset("pkg://demo"))
+WORDS = ("the hacker wrote a kludge to frob the bits of the daemon while the wizard "
+         "grepped the source for a bug and found a feature in the core dump").split()
+
+
+def tiny_llama(path: Path, seed: int, *, tied: bool = False, vocab: int = 2048) -> Path:
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        rope_theta=500000.0, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1,
+    )
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():  # larger logits than the default init, so the metrics are not trivial
+        model.lm_head.weight.normal_(0, 0.5) if not tied else model.model.embed_tokens.weight.normal_(0, 0.5)
+    model.save_pretrained(path)
+    return path
+
+
+def write_corpus(path: Path) -> Path:
+    g = torch.Generator().manual_seed(0)
+    docs = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (40,), generator=g).tolist())
+            for _ in range(12)]
+    path.write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n")
+    return path
+
+
+def write_config(path: Path, **entries) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(entries, sort_keys=False))
+    return path
+
+
+def tokenizer_cfg():
+    return {
+        "_component_": "torchtune.modules.transforms.tokenizers.HuggingFaceBaseTokenizer",
+        "tokenizer_json_path": "pkg://demo/tokenizer.json",
+        "tokenizer_config_json_path": "pkg://demo/tokenizer_config.json",
+    }
+
+
+def run_tune(*args, timeout=300):
+    proc = subprocess.run([TUNE, "run", "tad_eval", *args], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.skipif(not (DEMO / "tokenizer.json").is_file(), reason="demo tokenizer not built")
+def test_tad_eval_end_to_end(tmp_path):
+    teacher = tiny_llama(tmp_path / "teacher", seed=0)
+    other = tiny_llama(tmp_path / "other", seed=1, tied=True)
+    data = write_corpus(tmp_path / "held_out.jsonl")
+    dataset = {"_component_": "tad_torchtune.data.text_block_dataset", "source": str(data),
+               "max_seq_len": 32, "split": "validation", "validation_fraction": 0.5}
+    out = tmp_path / "out"
+    cfg = write_config(
+        tmp_path / "eval.yaml", output_dir=str(out), device="cpu", dtype="fp32",
+        tokenizer=tokenizer_cfg(), dataset=dataset, teacher={"checkpoint_dir": str(teacher)},
+        students={"same": {"checkpoint_dir": str(teacher)}, "other": {"checkpoint_dir": str(other)}},
+        batch_size=3, num_bins=10, tail_ks=[1, 2, 5, 10, 20, 50],
+    )
+    proc = run_tune("--config", str(cfg))
+    assert "tad_eval: outputs in" in proc.stdout and str(out / "eval.json") in proc.stdout
+    for name in ("eval.json", "figure2_teacher.png", "reliability.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    report = json.loads((out / "eval.json").read_text())
+
+    # reference: transformers on the same held-out blocks, labels shifted left
+    from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer
+
+    tok = HuggingFaceBaseTokenizer(resolve_asset("pkg://demo/tokenizer.json"),
+                                   tokenizer_config_json_path=resolve_asset("pkg://demo/tokenizer_config.json"))
+    blocks = TextBlockDataset(tok, source=str(data), max_seq_len=32, split="validation",
+                              validation_fraction=0.5)
+    x = torch.tensor([blocks[i]["tokens"] for i in range(len(blocks))])
+    hf_t = transformers.LlamaForCausalLM.from_pretrained(teacher).eval()
+    hf_o = transformers.LlamaForCausalLM.from_pretrained(other).eval()
+    with torch.no_grad():
+        lt, lo = hf_t(x).logits[:, :-1], hf_o(x).logits[:, :-1]
+    y = x[:, 1:]
+    ce_t = torch.nn.functional.cross_entropy(lt.flatten(0, 1), y.flatten()).item()
+    ce_o = torch.nn.functional.cross_entropy(lo.flatten(0, 1), y.flatten()).item()
+    log_p, log_q = lt.log_softmax(-1), lo.log_softmax(-1)
+    kl_o = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+    agree_o = (lt.argmax(-1) == lo.argmax(-1)).double().mean().item()
+
+    t, same, oth = report["teacher"], report["students"]["same"], report["students"]["other"]
+    assert t["num_tokens"] == same["num_tokens"] == y.numel()
+    assert t["ce"] == pytest.approx(ce_t, rel=1e-4)
+    assert same["kl"] == pytest.approx(0.0, abs=1e-5) and same["top1_agreement"] == 1.0
+    assert same["ce"] == pytest.approx(t["ce"], rel=1e-6)
+    assert same["full_ece"] == pytest.approx(t["full_ece"], rel=1e-5)
+    assert oth["ce"] == pytest.approx(ce_o, rel=1e-4)
+    assert oth["kl"] == pytest.approx(kl_o, rel=1e-4) and oth["kl"] > 0.01
+    assert oth["top1_agreement"] == pytest.approx(agree_o)
+    assert set(t["tail_mass"]) == {"1", "2", "5", "10", "20", "50"}
+    tails = [t["tail_mass"][k] for k in ("1", "2", "5", "10", "20", "50")]
+    assert all(0 < a < 1 for a in tails) and tails == sorted(tails, reverse=True)
+    assert t["mismatch_rate"] == pytest.approx(1 - t["top1_accuracy"])
+    for s in (same, oth):
+        assert all(math.isfinite(s[k]) for k in ("kl", "ce", "ppl", "full_ece", "top1_agreement"))
+
+
+@pytest.mark.skipif(not (DEMO / "teacher" / "model.safetensors").is_file(),
+                    reason="demo teacher not built")
+def test_bundled_config_by_name(tmp_path):
+    """``--config demo_eval`` resolves to the shipped config; the bundled teacher against itself."""
+    out = tmp_path / "out"
+    run_tune("--config", "demo_eval", f"output_dir={out}", f"students.self.checkpoint_dir={DEMO / 'teacher'}",
+             "max_batches=1", "batch_size=2")
+    report = json.loads((out / "eval.json").read_text())
+    assert report["students"]["self"]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert report["students"]["self"]["num_tokens"] == 2 * 255
+    assert 0.0 < report["teacher"]["mismatch_rate"] < 1.0
