@@ -105,6 +105,16 @@ def model_from_hf_config(hf: dict[str, Any], *, where: str) -> tuple[nn.Module, 
     )
 
 
+def hf_decoder(checkpoint_dir: str) -> nn.Module:
+    """The torchtune decoder (random weights) that the ``config.json`` in ``checkpoint_dir``
+    describes: a model ``_component_`` for configs of other recipes (e.g. ``eleuther_eval``) that
+    load the weights with ``FullModelHFCheckpointer`` themselves."""
+    path = Path(resolve_asset(str(checkpoint_dir))).expanduser() / "config.json"
+    if not path.is_file():
+        raise ValueError(f"model.checkpoint_dir: {str(path.parent)!r} has no config.json")
+    return model_from_hf_config(json.loads(path.read_text()), where="model")[0]
+
+
 def load_hf_model(spec: DictConfig, *, where: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Build the model of ``spec`` and load its Hugging Face checkpoint through torchtune."""
     if spec is None or spec.get("checkpoint_dir") is None:

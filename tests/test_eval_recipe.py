@@ -131,3 +131,35 @@ def test_bundled_config_by_name(tmp_path):
     assert report["students"]["self"]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert report["students"]["self"]["num_tokens"] == 2 * 255
     assert 0.0 < report["teacher"]["mismatch_rate"] < 1.0
+
+
+def test_eleuther_config_components_load(tmp_path):
+    """The components of configs/eleuther_eval_student.yaml build and load an exported student
+    (lm_eval itself is not installed here, so the harness run is not tested)."""
+    from omegaconf import OmegaConf
+    from torchtune import config, training
+
+    student = tiny_llama(tmp_path / "student", seed=3, tied=True)
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "configs" / "eleuther_eval_student.yaml")
+    cfg.student_dir, cfg.output_dir = str(student), str(tmp_path / "out")
+    model = config.instantiate(cfg.model)
+    model.load_state_dict(config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY])
+    tok = config.instantiate(cfg.tokenizer)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_tokens, tok.max_seq_len) == (0, 1, 2, [1], 256)
+    ids = tok.encode("a kludge in the daemon", add_bos=True, add_eos=False)
+    assert tok.decode(ids[1:]) == "a kludge in the daemon"
+    hf = transformers.LlamaForCausalLM.from_pretrained(student).eval()
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_demo_method_overrides():
+    from tad_torchtune.demo import method_overrides
+
+    tad_cfg = {"_component_": "tad_torchtune.losses.TADLoss", "k": 5, "beta": 1.0, "temperature": 1.0}
+    assert method_overrides("clm", tad_cfg) == ["kd_weight=0"]
+    assert method_overrides("kd", tad_cfg) == [
+        "kd_loss._component_=tad_torchtune.losses.ForwardKLLoss", "~kd_loss.k", "~kd_loss.beta"]
+    assert method_overrides("tad", {"_component_": "tad_torchtune.losses.ForwardKLLoss"}) == [
+        "kd_loss._component_=tad_torchtune.losses.TADLoss", "kd_loss.k=10", "kd_loss.beta=2.0"]
