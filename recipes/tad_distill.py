@@ -228,6 +228,9 @@ class TADDistillRecipe:
         """The student, initialised from the teacher (pruned students) or from its own
         checkpoint; returns it with the Hugging Face checkpoint folder (config.json, tokenizer
         files) and model type its export derives from."""
+        # The same seed on every rank: FSDP shards each rank's local copy, so fresh weights must
+        # be identical everywhere (torchtune's set_seed gives each rank seed + rank).
+        torch.manual_seed(self._seed)
         with training.set_default_dtype(self._dtype):
             student = config.instantiate(cfg.student_model)
         source = cfg.teacher_checkpointer
