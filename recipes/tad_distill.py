@@ -38,7 +38,12 @@ from torchtune.data import padded_collate_packed, padded_collate_sft
 from tqdm import tqdm
 
 from tad_torchtune.checkpointing import TrainingCheckpointer, rng_state, set_rng_state
-from tad_torchtune.config_checks import SCALARS, resolve_config_argv, validate_config
+from tad_torchtune.config_checks import (
+    SCALARS,
+    resolve_config_argv,
+    resolve_package_paths,
+    validate_config,
+)
 from tad_torchtune.data import ResumableBatchSampler
 from tad_torchtune.losses import DivergenceOutput, ForwardKLLoss
 from tad_torchtune.losses.ce import chunked_cross_entropy, linear_cross_entropy
@@ -537,6 +542,7 @@ class TADDistillRecipe:
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point of ``tune run tad_distill --config ...``."""
     validate_config(cfg)
+    resolve_package_paths(cfg)
     recipe = TADDistillRecipe(cfg)
     try:
         recipe.setup(cfg)

@@ -156,6 +156,22 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def resolve_package_paths(node: DictConfig | ListConfig) -> None:
+    """Replace, in place, every string ``pkg://PATH`` by the path of the file or folder PATH
+    shipped in ``tad_torchtune/assets`` (the bundled demo teacher, tokenizer and corpus)."""
+    from tad_torchtune.data import resolve_asset
+
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for key in keys:
+        if OmegaConf.is_interpolation(node, key):
+            continue  # resolved where it points to
+        value = node[key]
+        if isinstance(value, (DictConfig, ListConfig)):
+            resolve_package_paths(value)
+        elif isinstance(value, str) and value.startswith("pkg://"):
+            node[key] = resolve_asset(value)
+
+
 def resolve_config_argv(argv: list[str]) -> list[str]:
     """Map ``--config NAME`` to a config shipped in ``tad_torchtune.configs`` when NAME is not a
     file, so ``tune run tad_distill --config demo`` works from any folder."""
