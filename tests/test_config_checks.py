@@ -11,14 +11,14 @@ def test_pkg_paths_resolve_inside_the_package_and_interpolations_follow():
         "teacher": {"checkpoint_dir": "pkg://demo/teacher", "alias": "${other}"},
         "other": "plain/path",
         "files": ["pkg://demo/tokenizer.json", 3],
-        "copy": "${teacher}",
+        "mirror": "${teacher}",
     })
     resolve_package_paths(cfg)
     assets = Path(tad_torchtune.__file__).parent / "assets"
     assert cfg.teacher.checkpoint_dir == str(assets / "demo" / "teacher")
     assert cfg.teacher.alias == "plain/path"
     assert cfg.files[0] == str(assets / "demo" / "tokenizer.json") and cfg.files[1] == 3
-    assert cfg.copy.checkpoint_dir == str(assets / "demo" / "teacher")
+    assert cfg.mirror.checkpoint_dir == str(assets / "demo" / "teacher")
 
 
 def test_config_names_resolve_to_bundled_files(tmp_path):
