@@ -272,3 +272,16 @@ def test_unknown_config_name_lists_the_bundled_ones(tmp_path):
     proc = tiny.run_tune(["tad_distill", "--config", "no_such_config"], cwd=tmp_path, check=False)
     assert proc.returncode == 2
     assert "neither a file nor a bundled config" in proc.stderr
+
+
+@pytest.mark.parametrize("kd", ["TADLoss", "ReverseKLLoss"])
+def test_fused_path_matches_unfused(assets, tmp_path, baseline, kd):
+    """fused: true computes CE and the divergence from hidden states and output weights."""
+    kd_loss = {"_component_": f"tad_torchtune.losses.{kd}"}
+    if kd == "TADLoss":
+        kd_loss.update(k=5, beta=2.0)
+        reference = tiny.train_losses(baseline)
+    else:
+        reference = tiny.train_losses(_run(assets, tmp_path, "unfused", kd_loss=kd_loss, max_steps=4))
+    out = _run(assets, tmp_path, "fused", fused=True, kd_loss=kd_loss, max_steps=10 if kd == "TADLoss" else 4)
+    _assert_same_losses(tiny.train_losses(out), reference, rtol=1e-5)
