@@ -285,3 +285,14 @@ def test_fused_path_matches_unfused(assets, tmp_path, baseline, kd):
         reference = tiny.train_losses(_run(assets, tmp_path, "unfused", kd_loss=kd_loss, max_steps=4))
     out = _run(assets, tmp_path, "fused", fused=True, kd_loss=kd_loss, max_steps=10 if kd == "TADLoss" else 4)
     _assert_same_losses(tiny.train_losses(out), reference, rtol=1e-5)
+
+
+def test_bf16_run_tracks_fp32(assets, tmp_path, baseline):
+    """bf16 parameters and activations, float32 loss accumulation: close to the fp32 trace."""
+    out = _run(assets, tmp_path, "bf16", dtype="bf16", max_steps=3)
+    _assert_same_losses(tiny.train_losses(out), tiny.train_losses(baseline), rtol=3e-2,
+                        steps=[1, 2, 3])
+    import safetensors.torch
+
+    weights = safetensors.torch.load_file(str(out / "student" / "model.safetensors"))
+    assert all(w.dtype == torch.bfloat16 for w in weights.values())
