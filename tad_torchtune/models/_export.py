@@ -100,6 +100,21 @@ def _default_model_type(model: TransformerDecoder) -> str:
     return get_family(spec.family).checkpointer_model_type
 
 
+# Wrapper prefixes that activation checkpointing, FSDP1 and torch.compile insert in module paths.
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod")
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    for part in _WRAPPER_PARTS:
+        while hasattr(module, part) and isinstance(getattr(module, part), torch.nn.Module):
+            module = getattr(module, part)
+    return module
+
+
+def _clean_key(key: str) -> str:
+    return ".".join(p for p in key.split(".") if p not in _WRAPPER_PARTS)
+
+
 def hf_config_for(model: TransformerDecoder, base_config: Mapping[str, Any]) -> dict[str, Any]:
     """``base_config`` with every architecture field replaced by ``model``'s own.
 
@@ -111,14 +126,15 @@ def hf_config_for(model: TransformerDecoder, base_config: Mapping[str, Any]) -> 
     Returns:
         The student's ``config.json`` as a dict.
     """
-    attn = model.layers[0].attn
+    layers = [_unwrap(layer) for layer in model.layers]
+    attn = layers[0].attn
     cfg = {k: v for k, v in base_config.items() if k not in ("_name_or_path", "transformers_version")}
     cfg.update(
-        num_hidden_layers=len(model.layers),
+        num_hidden_layers=len(layers),
         hidden_size=attn.embed_dim,
         num_attention_heads=attn.num_heads,
         num_key_value_heads=attn.num_kv_heads,
-        intermediate_size=model.layers[0].mlp.w1.out_features,
+        intermediate_size=layers[0].mlp.w1.out_features,
         vocab_size=model.tok_embeddings.num_embeddings,
         tie_word_embeddings=isinstance(model.output, TiedLinear),
     )
@@ -126,7 +142,7 @@ def hf_config_for(model: TransformerDecoder, base_config: Mapping[str, Any]) -> 
         cfg["head_dim"] = attn.head_dim
     cfg.pop("layer_types", None)  # per-layer list of the base depth; rebuilt below or by HF
     if isinstance(attn, Gemma2Attention):
-        if not isinstance(model.layers[0], Gemma2HFLayer):
+        if not isinstance(layers[0], Gemma2HFLayer):
             raise ValueError(
                 "this torchtune Gemma2 is not corrected (it caps its hidden state and swaps its "
                 "feed-forward norms, which no Hugging Face config can express): call "
@@ -135,7 +151,7 @@ def hf_config_for(model: TransformerDecoder, base_config: Mapping[str, Any]) -> 
         cfg["attn_logit_softcapping"] = attn.softcapping
         cfg["final_logit_softcapping"] = model.logit_softcap
         cfg["query_pre_attn_scalar"] = round(attn.scaling**-2)
-        windows = [layer.attn.sliding_window_size for layer in model.layers]
+        windows = [layer.attn.sliding_window_size for layer in layers]
         cfg["layer_types"] = ["sliding_attention" if w else "full_attention" for w in windows]
         cfg["sliding_window"] = next((w for w in windows if w), cfg.get("sliding_window"))
     return cfg
@@ -201,7 +217,7 @@ def save_hf_checkpoint(
 
     source = model.state_dict() if state_dict is None else state_dict
     tensors = {
-        k: _gathered_cpu_copy(v, dtype if v.is_floating_point() else None)
+        _clean_key(k): _gathered_cpu_copy(v, dtype if v.is_floating_point() else None)
         for k, v in source.items()
     }
     hf_sd = {k: v.contiguous() for k, v in _to_hf(model_type, tensors, cfg).items()}

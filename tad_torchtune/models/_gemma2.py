@@ -96,9 +96,17 @@ def correct_gemma2(
     for module in model.modules():
         if isinstance(module, Gemma2Attention):
             module.softcapping = attn_logit_softcapping
-        elif type(module) is TransformerSelfAttentionLayer and isinstance(
+        elif isinstance(module, TransformerSelfAttentionLayer) and isinstance(
             module.attn, Gemma2Attention
         ):
+            if isinstance(module, Gemma2HFLayer):
+                continue
+            if type(module) is not TransformerSelfAttentionLayer:
+                raise ValueError(
+                    f"correct_gemma2: layer of type {type(module).__name__} (already sharded or "
+                    f"compiled?) cannot be corrected; call correct_gemma2 right after building "
+                    f"the model, before FSDP, activation checkpointing or torch.compile"
+                )
             # Swap the roles, not the modules, so checkpoints keep loading under the same keys.
             module.__class__ = Gemma2HFLayer
     model.logit_softcap = final_logit_softcapping

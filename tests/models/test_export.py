@@ -194,3 +194,48 @@ def test_gemma2_student_is_corrected_and_matches_transformers(tmp_path):
     assert cfg["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
     tokens = torch.randint(0, VOCAB, (2, SEQ))
     torch.testing.assert_close(_hf_logits(out, tokens), _logits(student, tokens), atol=ATOL, rtol=0)
+
+
+def test_export_after_activation_checkpointing_wrappers(tmp_path):
+    """The recipe exports the training model, whose layers are wrapped: the files must be those
+    of the unwrapped model, also from a state dict keyed by wrapped parameter names."""
+    from safetensors.torch import load_file
+    from torchtune.modules import TransformerSelfAttentionLayer
+    from torchtune.training import set_activation_checkpointing
+
+    teacher = build_teacher("gemma2")
+    student = pruned_student(teacher=teacher_node("gemma2"), num_layers=2, intermediate_dim=24)
+    init_student_from_teacher(student, teacher)
+    plain = save_hf_checkpoint(student, tmp_path / "plain", base_config=hf_config("gemma2"))
+    set_activation_checkpointing(student, auto_wrap_policy={TransformerSelfAttentionLayer})
+    named = dict(student.named_parameters())
+    assert any("_checkpoint_wrapped_module" in k for k in named)
+    wrapped = save_hf_checkpoint(student, tmp_path / "wrapped", base_config=hf_config("gemma2"),
+                                 state_dict=named)
+    assert (plain / "config.json").read_text() == (wrapped / "config.json").read_text()
+    a, b = load_file(str(plain / "model.safetensors")), load_file(str(wrapped / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_correct_gemma2_through_activation_checkpointing_and_refusing_fsdp_like_classes():
+    from torchtune.modules import TransformerSelfAttentionLayer
+    from torchtune.training import set_activation_checkpointing
+
+    node = teacher_node("gemma2")
+    node.pop("_component_")
+    reference = randomize_(gemma2(**node), seed=4, norm_center=0.0)
+    wrapped = gemma2(**node)
+    wrapped.load_state_dict(reference.state_dict())
+    set_activation_checkpointing(wrapped, auto_wrap_policy={TransformerSelfAttentionLayer})
+    correct_gemma2(wrapped)
+    correct_gemma2(reference)
+    tokens = torch.randint(0, VOCAB, (1, SEQ))
+    assert torch.equal(_logits(wrapped, tokens), _logits(reference, tokens))
+
+    class ShardedLayer(TransformerSelfAttentionLayer):  # stands in for FSDP2's dynamic subclass
+        pass
+
+    other = gemma2(**node)
+    other.layers[0].__class__ = ShardedLayer
+    with pytest.raises(ValueError, match="before FSDP"):
+        correct_gemma2(other)
