@@ -128,7 +128,8 @@ def hf_config_for(model: TransformerDecoder, base_config: Mapping[str, Any]) -> 
     """
     layers = [_unwrap(layer) for layer in model.layers]
     attn = layers[0].attn
-    cfg = {k: v for k, v in base_config.items() if k not in ("_name_or_path", "transformers_version")}
+    dropped = ("_name_or_path", "transformers_version")
+    cfg = {k: v for k, v in base_config.items() if k not in dropped}
     cfg.update(
         num_hidden_layers=len(layers),
         hidden_size=attn.embed_dim,
@@ -203,15 +204,17 @@ def save_hf_checkpoint(
         base_config = json.loads((path / "config.json" if path.is_dir() else path).read_text())
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be a torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
+            raise ValueError(
+                f"dtype must be a torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}"
+            )
         dtype = _DTYPES[dtype]
     model_type = (model_type or _default_model_type(model)).upper()
     spec = getattr(model, "distill_spec", None)
-    if spec is not None and base_config.get("model_type") not in (None, get_family(spec.family).hf_model_type):
+    hf_type = None if spec is None else get_family(spec.family).hf_model_type
+    if hf_type is not None and base_config.get("model_type") not in (None, hf_type):
         raise ValueError(
             f"base_config model_type={base_config.get('model_type')!r} does not match the "
-            f"student's family {spec.family!r} (Hugging Face model_type "
-            f"{get_family(spec.family).hf_model_type!r})"
+            f"student's family {spec.family!r} (Hugging Face model_type {hf_type!r})"
         )
     cfg = hf_config_for(model, base_config)
 

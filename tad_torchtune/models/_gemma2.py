@@ -9,14 +9,14 @@ Three differences, all in ``torchtune/models/gemma2``:
    swapped: ``hidden_capping_value=30.0`` becomes the attention soft-cap and
    ``final_capping_value=50.0`` the final one, while every released Gemma2 checkpoint uses
    ``attn_logit_softcapping=50.0`` and ``final_logit_softcapping=30.0``.
-
 3. The checkpoint key mapping (``_convert_weights._GEMMA2_FROM_HF``) sends Hugging Face's
-   ``post_feedforward_layernorm`` to ``layers.{i}.mlp_norm`` (which ``TransformerSelfAttentionLayer``
-   applies BEFORE the MLP) and ``pre_feedforward_layernorm`` to ``layers.{i}.mlp_scale`` (applied
-   AFTER it): a real checkpoint loads with its two feed-forward norms swapped.
+   ``post_feedforward_layernorm`` to ``layers.{i}.mlp_norm`` (which
+   ``TransformerSelfAttentionLayer`` applies BEFORE the MLP) and ``pre_feedforward_layernorm`` to
+   ``layers.{i}.mlp_scale`` (applied AFTER it): a real checkpoint loads with its two
+   feed-forward norms swapped.
 
-``correct_gemma2`` fixes all three without touching any parameter, so state-dict keys stay the same and
-torchtune's checkpointers load and save the model as before.
+``correct_gemma2`` fixes all three without touching any parameter, so state-dict keys stay the
+same and torchtune's checkpointers load and save the model as before.
 """
 
 import types

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torchtune.modules import TransformerDecoder
 from torchtune.modules.tied_linear import TiedLinear
 
-from tad_torchtune.models._families import ModelFamily, get_family, resolve_teacher
+from tad_torchtune.models._families import get_family, resolve_teacher
 from tad_torchtune.models._gemma2 import correct_gemma2
 
 MLP_INITS = ("fresh", "copy")
@@ -69,7 +69,7 @@ def evenly_spaced_layers(num_teacher_layers: int, num_layers: int) -> list[int]:
     return [(2 * i * span + num_layers - 1) // (2 * (num_layers - 1)) for i in range(num_layers)]
 
 
-def _width(family: ModelFamily, kwargs: Mapping[str, Any]) -> tuple[int, int, int, int]:
+def _width(kwargs: Mapping[str, Any]) -> tuple[int, int, int, int]:
     head_dim = kwargs.get("head_dim") or kwargs["embed_dim"] // kwargs["num_heads"]
     return kwargs["embed_dim"], kwargs["num_heads"], kwargs["num_kv_heads"], head_dim
 
@@ -161,8 +161,8 @@ def pruned_student(
                 f"{s_kwargs['embed_dim'] // s_kwargs['num_heads']}; leave head_dim unset"
             )
 
-    t_width = _width(family, t_kwargs)
-    s_width = _width(family, s_kwargs)
+    t_width = _width(t_kwargs)
+    s_width = _width(s_kwargs)
     for name, t, s in zip(("embed_dim", "num_heads", "num_kv_heads", "head_dim"), t_width, s_width):
         if s > t:
             raise ValueError(

@@ -43,7 +43,9 @@ def _logits(model, tokens):
 
 
 def _hf_logits(folder, tokens):
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    hf = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager"
+    )
     with torch.no_grad():
         return hf.eval()(tokens).logits.float()
 
@@ -112,7 +114,8 @@ def test_export_narrow_student_and_fsdp_style_state_dict(tmp_path):
 
     tokens = torch.randint(0, VOCAB, (2, SEQ))
     fp32 = save_hf_checkpoint(student, tmp_path / "fp32", base_config=teacher_dir)
-    torch.testing.assert_close(_hf_logits(fp32, tokens), _logits(student, tokens), atol=ATOL, rtol=0)
+    ours = _logits(student, tokens)
+    torch.testing.assert_close(_hf_logits(fp32, tokens), ours, atol=ATOL, rtol=0)
 
 
 def test_export_refuses_wrong_family_and_uncorrected_gemma2(tmp_path):
@@ -124,7 +127,8 @@ def test_export_refuses_wrong_family_and_uncorrected_gemma2(tmp_path):
     node = teacher_node("gemma2")
     raw = _get_component_from_path(node.pop("_component_"))(**node)
     with pytest.raises(ValueError, match="correct_gemma2"):
-        save_hf_checkpoint(raw, tmp_path / "y", base_config=hf_config("gemma2"), model_type="GEMMA2")
+        save_hf_checkpoint(raw, tmp_path / "y", base_config=hf_config("gemma2"),
+                           model_type="GEMMA2")
     with pytest.raises(ValueError, match="model_type is required"):
         save_hf_checkpoint(raw, tmp_path / "y", base_config=hf_config("gemma2"))
 
@@ -213,7 +217,8 @@ def test_export_after_activation_checkpointing_wrappers(tmp_path):
     wrapped = save_hf_checkpoint(student, tmp_path / "wrapped", base_config=hf_config("gemma2"),
                                  state_dict=named)
     assert (plain / "config.json").read_text() == (wrapped / "config.json").read_text()
-    a, b = load_file(str(plain / "model.safetensors")), load_file(str(wrapped / "model.safetensors"))
+    a = load_file(str(plain / "model.safetensors"))
+    b = load_file(str(wrapped / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -258,7 +263,8 @@ def test_register_family_is_all_a_new_family_needs(tmp_path):
         teacher = randomize_(gemma(**kwargs), seed=0, norm_center=0.0)
         student = pruned_student(teacher=node, num_layers=2, intermediate_dim=24)
         init_student_from_teacher(student, teacher)
-        assert torch.equal(student.layers[1].attn.q_proj.weight, teacher.layers[3].attn.q_proj.weight)
+        assert torch.equal(student.layers[1].attn.q_proj.weight,
+                           teacher.layers[3].attn.q_proj.weight)
         base = dict(model_type="gemma", architectures=["GemmaForCausalLM"], vocab_size=VOCAB,
                     hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=1, head_dim=16, intermediate_size=48, rms_norm_eps=1e-6,
@@ -266,6 +272,7 @@ def test_register_family_is_all_a_new_family_needs(tmp_path):
                     tie_word_embeddings=True, max_position_embeddings=64, pad_token_id=0)
         out = save_hf_checkpoint(student, tmp_path / "gemma", base_config=base)
         tokens = torch.randint(0, VOCAB, (2, SEQ))
-        torch.testing.assert_close(_hf_logits(out, tokens), _logits(student, tokens), atol=ATOL, rtol=0)
+        ours = _logits(student, tokens)
+        torch.testing.assert_close(_hf_logits(out, tokens), ours, atol=ATOL, rtol=0)
     finally:
         FAMILIES.pop("gemma")

@@ -28,6 +28,10 @@ def _student(case, **kwargs):
     return teacher, student
 
 
+def _norms(layer):
+    return {k: v for k, v in layer.named_parameters() if "norm" in k or "scale" in k}
+
+
 def _layer_params(model, i, prefix):
     return {k: v for k, v in model.layers[i].named_parameters() if k.startswith(prefix)}
 
@@ -45,7 +49,8 @@ def test_evenly_spaced_layers_include_first_and_last():
 def test_resolve_teacher_reads_model_builders_without_building():
     family, kwargs = resolve_teacher({"_component_": "torchtune.models.qwen2_5.qwen2_5_3b"})
     assert family.name == "qwen2"
-    assert (kwargs["num_layers"], kwargs["embed_dim"], kwargs["intermediate_dim"]) == (36, 2048, 11008)
+    sizes = (kwargs["num_layers"], kwargs["embed_dim"], kwargs["intermediate_dim"])
+    assert sizes == (36, 2048, 11008)
     assert kwargs["tie_word_embeddings"] is True
     family, kwargs = resolve_teacher({"_component_": "torchtune.models.gemma2.gemma2_9b"})
     assert (family.name, kwargs["num_layers"], kwargs["head_dim"]) == ("gemma2", 42, 256)
@@ -74,8 +79,8 @@ def test_student_shape_and_copied_weights(case):
         assert s_attn.keys() == t_attn.keys() and s_attn
         for k in s_attn:
             assert torch.equal(s_attn[k], t_attn[k]), (s_i, k)
-        s_norms = {k: v for k, v in student.layers[s_i].named_parameters() if "norm" in k or "scale" in k}
-        t_norms = {k: v for k, v in teacher.layers[t_i].named_parameters() if "norm" in k or "scale" in k}
+        s_norms = _norms(student.layers[s_i])
+        t_norms = _norms(teacher.layers[t_i])
         assert s_norms.keys() == t_norms.keys() and s_norms
         for k in s_norms:
             assert torch.equal(s_norms[k], t_norms[k]), (s_i, k)
@@ -96,7 +101,8 @@ def test_mlp_copy_truncates_teacher_mlp(case):
         assert torch.equal(s_mlp.w1.weight, t_mlp.w1.weight[:24])
         assert torch.equal(s_mlp.w3.weight, t_mlp.w3.weight[:24])
         assert torch.equal(s_mlp.w2.weight, t_mlp.w2.weight[:, :24])
-        assert torch.equal(student.layers[s_i].attn.q_proj.weight, teacher.layers[t_i].attn.q_proj.weight)
+        assert torch.equal(student.layers[s_i].attn.q_proj.weight,
+                           teacher.layers[t_i].attn.q_proj.weight)
 
 
 @pytest.mark.parametrize("case", ALL)
@@ -111,7 +117,9 @@ def test_frozen_embeddings_get_no_grad_and_do_not_move(case):
     opt = torch.optim.AdamW(student.parameters(), lr=1e-2, weight_decay=0.1)
     tokens = torch.randint(0, VOCAB, (2, SEQ))
     logits = project_logits(student, forward_hidden(student, tokens)[0]).float()
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, VOCAB), tokens[:, 1:].reshape(-1)
+    )
     loss.backward()
     opt.step()
     for k, p in student.named_parameters():
@@ -155,7 +163,7 @@ def test_narrow_student_truncates_per_head(case, widths, layout):
         s_attn, t_attn = student.layers[s_i].attn, teacher.layers[t_i].attn
         for proj, n in (("q_proj", s_h), ("k_proj", s_kv), ("v_proj", s_kv)):
             t_w = getattr(t_attn, proj).weight
-            ref = torch.cat([t_w[h * t_hd + d, :s_dim].unsqueeze(0) for h in range(n) for d in dims])
+            ref = torch.stack([t_w[h * t_hd + d, :s_dim] for h in range(n) for d in dims])
             assert torch.equal(getattr(s_attn, proj).weight, ref), proj
             if getattr(t_attn, proj).bias is not None:
                 t_b = getattr(t_attn, proj).bias
@@ -164,7 +172,8 @@ def test_narrow_student_truncates_per_head(case, widths, layout):
         t_o = t_attn.output_proj.weight
         ref_o = torch.stack([t_o[:s_dim, h * t_hd + d] for h in range(s_h) for d in dims], dim=1)
         assert torch.equal(s_attn.output_proj.weight, ref_o)
-        assert torch.equal(student.layers[s_i].mlp.w2.weight, teacher.layers[t_i].mlp.w2.weight[:s_dim, :24])
+        t_w2 = teacher.layers[t_i].mlp.w2.weight
+        assert torch.equal(student.layers[s_i].mlp.w2.weight, t_w2[:s_dim, :24])
     tokens = torch.randint(0, VOCAB, (1, SEQ))
     assert torch.isfinite(project_logits(student, forward_hidden(student, tokens)[0])).all()
 

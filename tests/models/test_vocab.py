@@ -102,7 +102,8 @@ def _spm_model(tmp_path, name, text):
 def test_torchtune_sentencepiece_tokenizers_phi3_teacher_llama2_student(tmp_path):
     """The Phi3-mini -> TinyLlama pairing: the teacher's tokenizer is the student's plus special
     tokens past its end (32064 vs 32000 ids in the real models)."""
-    text = "the quick brown fox jumps over the lazy dog\n" * 50 + "pack my box with five dozen\n" * 50
+    text = "the quick brown fox jumps over the lazy dog\n" * 50
+    text += "pack my box with five dozen\n" * 50
     shared = _spm_model(tmp_path, "shared", text)
     other = _spm_model(tmp_path, "other", "completely different words live here\n" * 80)
     # phi3's tokenizer puts its special tokens at ids 32000+; this tiny one has 60 pieces
@@ -111,5 +112,6 @@ def test_torchtune_sentencepiece_tokenizers_phi3_teacher_llama2_student(tmp_path
     teacher.special_tokens = specials
     student = llama2_tokenizer(shared)
     check_vocab_compat(62, 60, "truncate_teacher", teacher, student, sample=-1)
-    with pytest.raises(ValueError, match="teacher tokenizer .Phi3MiniTokenizer. and student tokenizer .Llama2Tokenizer."):
+    both = "teacher tokenizer .Phi3MiniTokenizer. and student tokenizer .Llama2Tokenizer."
+    with pytest.raises(ValueError, match=both):
         check_vocab_compat(62, 60, "truncate_teacher", teacher, llama2_tokenizer(other), sample=-1)

@@ -8,10 +8,12 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torchtune.config._utils import _get_component_from_path
 from torchtune.training import FullModelHFCheckpointer
 
 from tad_torchtune.models import FAMILIES, correct_gemma2
+from tad_torchtune.models._export import _to_hf
 
 VOCAB = 96
 SEQ = 20  # > the Gemma2 sliding window below, so sliding layers are exercised
@@ -117,14 +119,11 @@ def build_teacher(case: str, seed: int = 0) -> torch.nn.Module:
 
 def save_teacher_hf(case: str, teacher: torch.nn.Module, folder: Path) -> Path:
     """Write the teacher as a Hub-style checkpoint (weights in HF keys, config.json)."""
-    from tad_torchtune.models._export import _to_hf
-
     cfg = hf_config(case)
     folder.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
-
     model_type = FAMILIES[CASES[case][0]].checkpointer_model_type
-    sd = {k: v.clone().contiguous() for k, v in _to_hf(model_type, teacher.state_dict(), cfg).items()}
+    hf_sd = _to_hf(model_type, teacher.state_dict(), cfg)
+    sd = {k: v.clone().contiguous() for k, v in hf_sd.items()}
     save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(cfg))
     return folder
