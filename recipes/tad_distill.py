@@ -181,8 +181,13 @@ class TADDistillRecipe:
                     root=self._step_module)
 
         self._kd_loss = config.instantiate(cfg.kd_loss) if self._kd_weight > 0 else None
+        self._kd_sum_and_count = None
         if self._kd_loss is not None:
             self._kd_loss.vocab_alignment = self._vocab_alignment
+            # The unfused divergence is compiled whole (chunk loop and recomputation included);
+            # the fused path is an autograd.Function of its own.
+            self._kd_sum_and_count = (torch.compile(self._kd_loss.sum_and_count)
+                                      if self._compile else self._kd_loss.sum_and_count)
         self._hidden_loss = (config.instantiate(cfg.hidden_loss)
                              if self._hidden_weight > 0 else None)
         self._eval_kl = ForwardKLLoss(chunk_size=self._loss_chunk_size,
@@ -315,7 +320,7 @@ class TADDistillRecipe:
             logits = project_logits(student, h)  # (B, T, V) in the model dtype
             ce, n = chunked_cross_entropy(logits, labels, chunk_size=self._loss_chunk_size)
             if self._kd_loss is not None:
-                terms["kd"] = self._kd_loss.sum_and_count(logits, teacher_out["logits"], labels)
+                terms["kd"] = self._kd_sum_and_count(logits, teacher_out["logits"], labels)
         terms["ce"] = ce
         terms["tokens"] = n
         if self._hidden_loss is not None:
