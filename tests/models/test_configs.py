@@ -33,6 +33,19 @@ PAPER_CONFIGS = [
     "phi3_mini_to_tinyllama_sft",
     "phi3_medium_to_llama2_7b_sft",
 ]
+# The paper's Appendix B: (learning rate, sequences per optimizer step, GPUs).
+PAPER_SETUP = {
+    "qwen1_5_1_8b_to_1_2b": (1e-4, 128, 1),
+    "qwen1_5_1_8b_to_0_5b": (1e-4, 128, 1),
+    "qwen2_5_3b_to_half": (1e-4, 128, 1),
+    "qwen2_5_3b_to_half_fkl": (1e-4, 128, 1),
+    "qwen2_5_3b_to_half_rkl": (1e-4, 128, 1),
+    "qwen2_5_3b_to_half_drkl": (1e-4, 128, 1),
+    "gemma2_9b_to_third": (1e-4, 128, 2),
+    "phi3_mini_to_tinyllama_cpt": (3e-5, 128, 1),
+    "phi3_mini_to_tinyllama_sft": (1e-5, 32, 1),
+    "phi3_medium_to_llama2_7b_sft": (1e-5, 32, 2),
+}
 SHRINK = 16  # every width (embed, intermediate, head) divided by this; depths and head counts kept
 WIDTHS = ("embed_dim", "intermediate_dim", "head_dim")
 
@@ -72,7 +85,7 @@ def _tiny(cfg):
 
 def test_every_paper_config_is_shipped_and_listed():
     shipped = {p.stem for p in CONFIG_DIR.glob("*.yaml")}
-    assert set(PAPER_CONFIGS) <= shipped
+    assert set(PAPER_CONFIGS) <= shipped and set(PAPER_SETUP) == set(PAPER_CONFIGS)
 
 
 @pytest.mark.parametrize("name", PAPER_CONFIGS)
@@ -87,7 +100,19 @@ def test_header_documents_the_run(name):
 
 
 @pytest.mark.parametrize("name", PAPER_CONFIGS)
-def test_config_components_build_at_tiny_size(name):
+def test_paper_hyperparameters(name):
+    cfg = _load(name)
+    lr, sequences, gpus = PAPER_SETUP[name]
+    assert cfg.optimizer.lr == lr and cfg.optimizer.weight_decay == 0.1
+    assert cfg.batch_size * cfg.gradient_accumulation_steps * gpus == sequences
+    assert (f"--nproc_per_node {gpus}" in (CONFIG_DIR / f"{name}.yaml").read_text()) == (gpus > 1)
+    if cfg.kd_loss._component_.endswith("TADLoss"):
+        assert (cfg.kd_loss.k, cfg.kd_loss.beta) == (10, 2.0)
+    assert cfg.tokenizer.max_seq_len == 2048  # the paper's context size
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_config_components_build_at_tiny_size(name, tmp_path):
     real = _load(name)
     # vocabulary sizes of the real models agree under the config's alignment
     t_family, t_kwargs = resolve_teacher(real.teacher_model)
@@ -115,7 +140,17 @@ def test_config_components_build_at_tiny_size(name):
     if cfg.get("hidden_loss") is not None:
         assert isinstance(tt_config.instantiate(cfg.hidden_loss), HiddenCosineLoss)
         assert student.tok_embeddings.embedding_dim == teacher.tok_embeddings.embedding_dim
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = tt_config.instantiate(cfg.optimizer, trainable)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["weight_decay"] == 0.1  # the paper's, in every setup
+    scheduler = tt_config.instantiate(cfg.lr_scheduler, optimizer, num_training_steps=1000)
+    assert scheduler.get_last_lr()[0] == 0.0  # warmup starts from zero
     assert cfg.lr_scheduler.num_warmup_steps < (cfg.max_steps or 10**9)
+    cfg.output_dir = str(tmp_path)
+    logger = tt_config.instantiate(cfg.metric_logger)
+    assert Path(logger.path_to_log_file()).parent == tmp_path / "logs"
+    logger.close()
 
     # the recipe's own checks, when the recipe package is present (device forced to cpu here)
     try:
