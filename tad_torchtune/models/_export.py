@@ -187,7 +187,10 @@ def save_hf_checkpoint(
         model_type: torchtune checkpointer ``ModelType`` name (``"QWEN2"``, ``"LLAMA3_2"``, ...);
             default: from ``model.distill_spec``.
         state_dict: torchtune-format weights to save instead of ``model.state_dict()``, e.g. the
-            full state dict gathered on rank 0 from an FSDP model (plain or DTensors).
+            full state dict of an FSDP model gathered on rank 0 with
+            ``get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+            cpu_offload=True))``. Without it, a sharded model's DTensors are gathered here, a
+            collective that every rank must then enter.
         dtype: cast floating tensors to this (``torch.bfloat16`` or ``"bf16"``/``"fp32"``);
             None keeps their dtype.
         copy_files_from: folder whose tokenizer files (``TOKENIZER_FILES``) are copied alongside.
