@@ -85,7 +85,8 @@ def _teacher_extras(plan: _Plan, h_t: Tensor, w_t: Tensor, valid: Tensor) -> tup
     for start in range(0, n, step):
         rows = valid[start : start + step].unsqueeze(-1)
         t = _logits(h_t[start : start + step], w_t, plan.teacher_softcap, dtype)
-        pieces.append(div.teacher_chunk_stats(torch.where(rows, t, 0.0) / div.temperature))
+        t = torch.where(rows, t, 0.0)
+        pieces.append(div.teacher_chunk_stats(t if div.temperature == 1.0 else t.div_(div.temperature)))
     stats = tuple(torch.cat(p).reshape(*plan.lead, *p[0].shape[1:]) for p in zip(*pieces))
     extras = div.teacher_extras(stats, valid.reshape(plan.lead))
     return tuple(e.reshape(n, *e.shape[2:]) for e in extras)
@@ -117,19 +118,22 @@ class _FusedDivergence(torch.autograd.Function):
             z_s = _logits(h_s[sl], w_s, plan.student_softcap, dtype)  # (n, V)
             z_t = _logits(h_t[sl], w_t, plan.teacher_softcap, dtype)
             # where(), not multiplication: garbage in an ignored row must not reach any sum.
-            per_token, stats, grad = grad_fn(
-                torch.where(rows, z_s, 0.0) / tau, torch.where(rows, z_t, 0.0) / tau, y[sl],
-                *(e[sl] for e in extras),
-            )
+            s, t = torch.where(rows, z_s, 0.0), torch.where(rows, z_t, 0.0)
             del z_t
+            if tau != 1.0:
+                s, t = s.div_(tau), t.div_(tau)
+            per_token, stats, grad = grad_fn(s, t, y[sl], *(e[sl] for e in extras))
+            del s, t
             zero = per_token.new_zeros(())
             sums += torch.stack([torch.where(valid[sl], v, zero).sum()
                                  for v in (per_token, *(stats[k] for k in names))])
             if not (need_h or need_w):
                 continue
-            grad = torch.where(rows, grad, 0.0) / tau  # d total / d (capped logits)
+            grad = grad.masked_fill_(~rows, 0.0)  # d total / d (capped logits)
+            if tau != 1.0:
+                grad = grad.div_(tau)
             if plan.student_softcap is not None:  # d(cap tanh(x / cap))/dx = 1 - tanh^2
-                grad = grad * (1 - (z_s / plan.student_softcap).square())
+                grad = grad.mul_(1 - (z_s / plan.student_softcap).square())
             del z_s
             grad = grad.to(h_s.dtype)  # bf16 matmuls, float32 accumulation (as Liger)
             if need_h:

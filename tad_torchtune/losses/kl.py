@@ -4,7 +4,7 @@ import torch
 from torch import Tensor
 
 from tad_torchtune.losses._reduction import DivergenceOutput, chunked_divergence
-from tad_torchtune.losses.base import Divergence, masked_xlogy_sum
+from tad_torchtune.losses.base import Divergence, masked_xlogy_sum, masked_xlogy_value
 
 
 def forward_kl_chunk(s: Tensor, t: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -28,7 +28,8 @@ def forward_kl_chunk_grad(
     log_q = torch.log_softmax(s, dim=-1)
     log_p = torch.log_softmax(t, dim=-1)
     p = log_p.exp()
-    return masked_xlogy_sum(p, log_p - log_q), {}, log_q.exp() - p
+    per_token = masked_xlogy_value(p, log_p - log_q)
+    return per_token, {}, log_q.exp_().sub_(p)
 
 
 def reverse_kl_chunk_grad(
@@ -39,11 +40,9 @@ def reverse_kl_chunk_grad(
     log_q = torch.log_softmax(s, dim=-1)
     log_p = torch.log_softmax(t, dim=-1)
     q = log_q.exp()
-    positive = q > 0
-    zero = q.new_zeros(())
-    term = torch.where(positive, q * torch.where(positive, log_q - log_p, zero), zero)
+    term = q * torch.where(q > 0, log_q.sub_(log_p), q.new_zeros(()))
     per_token = term.sum(-1)
-    return per_token, {}, term - q * per_token.unsqueeze(-1)
+    return per_token, {}, term.sub_(q.mul_(per_token.unsqueeze(-1)))
 
 
 class ForwardKLLoss(Divergence):

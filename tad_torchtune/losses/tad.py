@@ -10,7 +10,13 @@ from tad_torchtune.losses._reduction import (
     chunked_divergence,
     compute_dtype,
 )
-from tad_torchtune.losses.base import Divergence, check_positive, masked_xlogy_sum, safe_finite
+from tad_torchtune.losses.base import (
+    Divergence,
+    check_positive,
+    masked_xlogy_sum,
+    masked_xlogy_value,
+    safe_finite,
+)
 
 
 def tad_teacher_stats(t: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -117,9 +123,9 @@ def tad_chunk_grad(
         ``(per_token [n], stats, grad [n, V])``.
     """
     neg_inf = float("-inf")
-    in_top = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, topk_idx, True)
+    zero = s.new_zeros(())
     s_top = s.gather(-1, topk_idx)  # (n, K)
-    s_tail = s.masked_fill(in_top, neg_inf)  # (n, V), top-K ids at -inf
+    s_tail = s.scatter(-1, topk_idx, neg_inf)  # (n, V), top-K ids at -inf
     lse_s_tail = s_tail.logsumexp(-1)
     lse_s = torch.logaddexp(lse_s_tail, s_top.logsumexp(-1))
 
@@ -129,23 +135,23 @@ def tad_chunk_grad(
     log_alpha_s = lse_s_tail - lse_s
     alpha_t = log_alpha_t.exp()
     p_top = log_p_top.exp()
-    dkl1 = masked_xlogy_sum(p_top, log_p_top - log_q_top) + torch.where(
-        alpha_t > 0, alpha_t * (log_alpha_t - log_alpha_s), alpha_t.new_zeros(())
+    dkl1 = masked_xlogy_value(p_top, log_p_top - log_q_top) + torch.where(
+        alpha_t > 0, alpha_t * (log_alpha_t - log_alpha_s), zero
     )
 
+    # In-place from here on: each [n, V] buffer is reused once its value is no longer needed.
     has_tail = torch.isfinite(lse_t_tail)
-    log_pt = t.masked_fill(in_top, neg_inf) - safe_finite(lse_t_tail).unsqueeze(-1)
-    log_qt = s_tail - safe_finite(lse_s_tail).unsqueeze(-1)
+    log_pt = t.scatter(-1, topk_idx, neg_inf).sub_(safe_finite(lse_t_tail).unsqueeze(-1))
+    log_qt = s_tail.sub_(safe_finite(lse_s_tail).unsqueeze(-1))
     pt = log_pt.exp()  # (n, V), 0 on the top-K ids
-    dkl2 = masked_xlogy_sum(pt, log_pt - log_qt)
-    dkl2 = torch.where(has_tail, dkl2, dkl2.new_zeros(()))
-    w = torch.where(tail_weight > 0, tail_weight, tail_weight.new_zeros(()))
-    per_token = dkl1 + torch.where(w > 0, w * dkl2, dkl2.new_zeros(()))
+    dkl2 = torch.where(has_tail, masked_xlogy_value(pt, log_pt.sub_(log_qt)), zero)
+    w = torch.where(tail_weight > 0, tail_weight, zero)
+    per_token = dkl1 + torch.where(w > 0, w * dkl2, zero)
 
-    q = (s - lse_s.unsqueeze(-1)).exp()
-    qt = log_qt.exp()  # (n, V), 0 on the top-K ids
-    grad = q + (w - alpha_t).unsqueeze(-1) * qt - w.unsqueeze(-1) * pt
-    grad.scatter_add_(-1, topk_idx, -p_top)  # top-K ids: q - p
+    # Tail: q - alphaT qt + w (qt - pt) = (alphaS - alphaT + w) qt - w pt; top-K: q - p.
+    coef = log_alpha_s.exp() - alpha_t + w
+    grad = log_qt.exp_().mul_(coef.unsqueeze(-1)).sub_(pt.mul_(w.unsqueeze(-1)))
+    grad.scatter_(-1, topk_idx, log_q_top.exp() - p_top)
     stats = {"dkl1": dkl1, "dkl2": dkl2, "tail_mass": alpha_t, "abar": abar}
     return per_token, stats, grad
 

@@ -1,0 +1,307 @@
+"""Time and peak memory of one distillation-loss step (forward + backward), side by side.
+
+    python benchmarks/loss_bench.py [--device cpu|cuda] [--shapes N,V,D[,dtype] ...]
+
+One row per (implementation, divergence, N, V, hidden). Every case starts from the same inputs:
+student and teacher final hidden states ``[B, N/B, D]`` (rows of 1024 tokens), their output
+weights ``[V, D]``, labels with the first 5% of each row ignored. The student's hidden states and
+output weight require grad; the teacher's do not. A step is: logits (or not, for the fused path),
+loss, ``backward()``; gradients are dropped between steps.
+
+Implementations:
+- ``naive``: full float32 logits ``[N, V]`` for both models and plain autograd through our
+  per-token function in one piece (``Divergence(chunk_size=None)`` on float32 logits).
+- ``torchtune_chunked`` (forward KL only): torchtune 0.6.1's KD recipe path, the logits computed in
+  8 pieces by ``TransformerDecoder.chunked_output`` (the model's dtype), then
+  ``ForwardKLWithChunkedOutputLoss``.
+- ``unfused``: our ``Divergence`` (checkpointed chunks of 1024 tokens) on logits materialised in
+  the model's dtype, as the recipe's unfused path.
+- ``fused``: ``tad_torchtune.losses.fused.fused_divergence`` on hidden states + weights.
+
+Time: median over ``--repeats`` steps after ``--warmup`` steps (CUDA: synchronised), all cases of
+a shape in one process taking turns step by step, so that load from other users of a shared
+machine hits them alike and the ratios stay fair. Peak extra memory, one step in a fresh
+subprocess per case: CUDA, ``torch.cuda.max_memory_allocated()`` minus the memory allocated
+before the step; CPU, the process's peak resident set size (``VmHWM``, reset through
+``/proc/self/clear_refs`` once the inputs are built) minus its resident size then, so it includes
+the allocator's caching and is a few MiB noisy. Gradients (``[V, D]`` and ``[N, D]``) count as
+extra memory for every implementation.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tad_torchtune.losses import DRKLLoss, ForwardKLLoss, ReverseKLLoss, TADLoss  # noqa: E402
+from tad_torchtune.losses.fused import default_chunk_size, fused_divergence  # noqa: E402
+
+DIVERGENCES = {
+    "forward_kl": lambda **kw: ForwardKLLoss(**kw),
+    "reverse_kl": lambda **kw: ReverseKLLoss(**kw),
+    "tad": lambda **kw: TADLoss(k=10, beta=2.0, **kw),
+    "drkl": lambda **kw: DRKLLoss(gamma=1.0, **kw),
+}
+IMPLS = ("naive", "torchtune_chunked", "unfused", "fused")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_SHAPES = {
+    "cpu": ["2048,32000,512,fp32"],
+    "cuda": ["2048,32000,512,bf16", "8192,151936,2048,bf16", "8192,256000,3584,bf16"],
+}
+ROW_TOKENS = 1024
+
+
+def parse_shape(text: str) -> tuple[int, int, int, str]:
+    parts = text.split(",")
+    if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] not in DTYPES):
+        raise ValueError(f"--shapes takes N,V,D[,fp32|bf16], got {text!r}")
+    n, v, d = (int(p) for p in parts[:3])
+    return n, v, d, parts[3] if len(parts) == 4 else "fp32"
+
+
+def make_inputs(n: int, v: int, d: int, dtype: torch.dtype, device: str):
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = max(1, n // ROW_TOKENS)
+    shape = (rows, n // rows, d)
+
+    def randn(*size, scale=1.0):
+        return (torch.randn(*size, generator=gen, device=device) * scale).to(dtype)
+
+    h_s = randn(*shape).requires_grad_(True)
+    w_s = randn(v, d, scale=d**-0.5).requires_grad_(True)
+    h_t = randn(*shape, scale=1.5)
+    w_t = randn(v, d, scale=d**-0.5)
+    labels = torch.randint(0, v, shape[:2], generator=gen, device=device)
+    labels[:, : shape[1] // 20] = -100  # a masked prompt in every row
+    return h_s, w_s, h_t, w_t, labels
+
+
+def make_step(impl: str, name: str, h_s, w_s, h_t, w_t, labels):
+    """A closure running one forward + backward, or None if the combination does not exist."""
+    if impl == "torchtune_chunked":
+        if name != "forward_kl":
+            return None
+        from torchtune.modules import TransformerDecoder
+        from torchtune.modules.loss import ForwardKLWithChunkedOutputLoss
+
+        loss_fn = ForwardKLWithChunkedOutputLoss(num_output_chunks=8)
+
+        def head(w):  # what TransformerDecoder.chunked_output needs from the model
+            return SimpleNamespace(output=lambda x: x @ w.T, num_output_chunks=8)
+
+        def step():
+            logits = TransformerDecoder.chunked_output(head(w_s), h_s)
+            with torch.no_grad():
+                teacher_logits = TransformerDecoder.chunked_output(head(w_t), h_t)
+            loss_fn(logits, teacher_logits, labels).backward()
+
+        return step
+    if impl == "naive":
+        div = DIVERGENCES[name](chunk_size=None)
+
+        def step():
+            with torch.no_grad():
+                teacher_logits = (h_t @ w_t.T).float()
+            div(((h_s @ w_s.T).float()), teacher_logits, labels).backward()
+
+        return step
+    if impl == "unfused":
+        div = DIVERGENCES[name]()  # default chunk_size=1024, checkpointed
+
+        def step():
+            with torch.no_grad():
+                teacher_logits = h_t @ w_t.T
+            div(h_s @ w_s.T, teacher_logits, labels).backward()
+
+        return step
+    div = DIVERGENCES[name]()
+
+    def step():
+        fused_divergence(div, h_s, w_s, h_t, w_t, labels).mean().backward()
+
+    return step
+
+
+def _vm_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_memory(impl: str, name: str, shape: tuple, device: str) -> dict:
+    """Peak extra memory of one step (the first: it holds every one-time allocation too)."""
+    n, v, d, dtype_name = shape
+    inputs = make_inputs(n, v, d, DTYPES[dtype_name], device)
+    step = make_step(impl, name, *inputs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS to the current RSS
+        base = _vm_kib("VmRSS") * 1024
+    try:
+        step()
+        _sync(device)
+    except torch.OutOfMemoryError:
+        return {"peak_mib": None, "note": "OOM"}
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _vm_kib("VmHWM") * 1024
+    return {"peak_mib": (peak - base) / 2**20}
+
+
+def measure_times(cases: list[tuple[str, str]], shape: tuple, device: str, warmup: int,
+                  repeats: int) -> dict:
+    """Median step time of each case, the cases taking turns step by step (round robin) so that
+    a change in the machine's load hits them all alike; ratios are then fair on a shared box."""
+    n, v, d, dtype_name = shape
+    inputs = make_inputs(n, v, d, DTYPES[dtype_name], device)
+    h_s, w_s = inputs[:2]
+    steps = {c: make_step(*c, *inputs) for c in cases}
+    times = {c: [] for c in cases}
+    failed = {}
+    for i in range(warmup + repeats):
+        for c, step in steps.items():
+            if c in failed:
+                continue
+            h_s.grad = w_s.grad = None
+            _sync(device)
+            start = time.perf_counter()
+            try:
+                step()
+                _sync(device)
+            except torch.OutOfMemoryError:
+                failed[c] = "OOM"
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            if i >= warmup:
+                times[c].append(1e3 * (time.perf_counter() - start))
+    return {f"{impl}/{name}": {"ms": statistics.median(times[(impl, name)])
+                               if times[(impl, name)] else None,
+                               "times_ms": [round(t, 1) for t in times[(impl, name)]],
+                               **({"note": failed[(impl, name)]} if (impl, name) in failed else {})}
+            for impl, name in cases}
+
+
+def fmt(x, spec):
+    return "—" if x is None else format(x, spec)
+
+
+def _subprocess(args, task: dict) -> dict:
+    """Run one measurement in a fresh Python process (its own peak memory, no history)."""
+    cmd = [sys.executable, __file__, "--device", args.device, "--_task", json.dumps(task)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        return {"error": proc.stderr[-400:]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", nargs="+", help="N,V,D[,fp32|bf16] (default: per device)")
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    parser.add_argument("--divergences", nargs="+", default=list(DIVERGENCES),
+                        choices=list(DIVERGENCES))
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--_task", help=argparse.SUPPRESS)  # internal: one subprocess's work
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args._task:
+        task = json.loads(args._task)
+        shape = tuple(task["shape"])
+        if task["kind"] == "memory":
+            result = measure_memory(task["impl"], task["name"], shape, args.device)
+        else:
+            result = measure_times([tuple(c) for c in task["cases"]], shape, args.device,
+                                   task["warmup"], task["repeats"])
+        print("RESULT " + json.dumps(result))
+        return
+
+    shapes = [parse_shape(s) for s in (args.shapes or DEFAULT_SHAPES[args.device])]
+    cases = [(impl, name) for name in args.divergences for impl in args.impls
+             if impl != "torchtune_chunked" or name == "forward_kl"]
+    rows = []
+    for shape in shapes:
+        n, v, d, dtype_name = shape
+        timing = _subprocess(args, dict(kind="time", shape=shape, cases=cases,
+                                        warmup=args.warmup, repeats=args.repeats))
+        print(f"# times {shape}: {timing}", file=sys.stderr, flush=True)
+        for impl, name in cases:
+            memory = _subprocess(args, dict(kind="memory", shape=shape, impl=impl, name=name))
+            t = timing.get(f"{impl}/{name}", {"ms": None, "note": timing.get("error", "")})
+            note = " ".join(x for x in (t.get("note"), memory.get("note"),
+                                        memory.get("error", "")[-200:]) if x)
+            rows.append(dict(impl=impl, divergence=name, N=n, V=v, D=d, dtype=dtype_name,
+                             ms=t["ms"], times_ms=t.get("times_ms"),
+                             peak_mib=memory.get("peak_mib"), note=note))
+            print(f"# {rows[-1]}", file=sys.stderr, flush=True)
+
+    mem_how = ("torch.cuda.max_memory_allocated" if args.device == "cuda"
+               else "peak RSS (VmHWM) of a subprocess per case")
+    print(f"\ndevice={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
+          f"warmup={args.warmup} repeats={args.repeats} (timed round robin in one process)\n")
+    print(f"| impl | divergence | N | V | D | dtype | fused chunk | fwd+bwd ms (median) | "
+          f"peak extra MiB ({mem_how}) | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        chunk = default_chunk_size(r["N"], r["V"], r["D"]) if r["impl"] == "fused" else ""
+        print(f"| {r['impl']} | {r['divergence']} | {r['N']} | {r['V']} | {r['D']} | "
+              f"{r['dtype']} | {chunk} | {fmt(r['ms'], '.0f')} | {fmt(r['peak_mib'], '.0f')} | "
+              f"{r['note']} |")
+
+    print("\nRatios (same run, same shape):\n")
+    for n, v, d, dtype_name in shapes:
+        got = {(r["impl"], r["divergence"]): r for r in rows
+               if (r["N"], r["V"], r["D"], r["dtype"]) == (n, v, d, dtype_name)}
+
+        def ratio(a, b, key):
+            x, y = got.get(a), got.get(b)
+            if not x or not y or x[key] is None or y[key] is None:
+                return "—"
+            return f"{x[key] / y[key]:.2f}"
+
+        shape = f"({n}, {v}, {d}, {dtype_name})"
+        tad, fkl, tt = ("fused", "tad"), ("fused", "forward_kl"), ("torchtune_chunked", "forward_kl")
+        print(f"- {shape} fused TAD / fused forward-KL time: {ratio(tad, fkl, 'ms')} "
+              f"(target <= 1.2, goal 1.1)")
+        print(f"- {shape} fused TAD / torchtune chunked forward-KL peak extra memory: "
+              f"{ratio(tad, tt, 'peak_mib')} (target <= 0.25)")
+        print(f"- {shape} fused TAD / torchtune chunked forward-KL time: "
+              f"{ratio(tad, tt, 'ms')} (target <= 1.0)")
+        for name in args.divergences:
+            f, u = ("fused", name), ("unfused", name)
+            print(f"- {shape} {name}: fused / unfused time {ratio(f, u, 'ms')}, "
+                  f"peak extra memory {ratio(f, u, 'peak_mib')}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
