@@ -1,6 +1,6 @@
 """The bundled demo: CLM-only vs vanilla KD vs TAD on the Jargon File, on a laptop CPU.
 
-    python -m tad_torchtune.demo [--out /tmp/tad_demo] [--steps N] [--seeds 0 1]
+    python -m tad_torchtune.demo [--out /tmp/tad_demo] [--steps N] [--seeds 0 1] [KEY=VALUE ...]
 
 Runs, one after the other, ``tune run tad_distill --config demo`` three times with the same
 number of steps (hence tokens) and seed, differing only in the distillation term:
@@ -9,7 +9,8 @@ number of steps (hence tokens) and seed, differing only in the distillation term
 - ``kd``:  vanilla KD, forward KL (``kd_loss._component_=tad_torchtune.losses.ForwardKLLoss``);
 - ``tad``: TAD with K=10, beta=2 (``tad_torchtune.losses.TADLoss``), the paper's best setting;
 
-each into ``<out>/<method>_seed<s>`` (the student is exported to ``.../student``). Then
+each into ``<out>/<method>_seed<s>`` (the student is exported to ``.../student``); trailing
+``KEY=VALUE`` arguments are passed to every run (``eval_every_n_steps=10``). Then
 ``tune run tad_eval --config demo_eval`` scores every student against the bundled teacher on the
 held-out text, and the figures are drawn:
 
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-config", default="demo_eval", help="tad_eval config (name or path)")
     parser.add_argument("--skip-existing", action="store_true",
                         help="do not re-train runs whose student was already exported")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="extra tad_distill config overrides for every run, e.g. eval_every_n_steps=10")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
@@ -151,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"demo: {name}: student exists, skipped")
                 continue
             cmd = [*tune, "run", "tad_distill", "--config", args.config,
-                   f"output_dir={run_dir}", f"seed={seed}",
-                   *method_overrides(method, kd_loss_cfg)]
+                   f"output_dir={run_dir}", f"seed={seed}", "export_hf=true",
+                   *method_overrides(method, kd_loss_cfg), *args.overrides]
             if args.steps is not None:
                 cmd.append(f"max_steps={args.steps}")
             print(f"demo: training {name} ...", flush=True)
