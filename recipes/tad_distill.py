@@ -364,8 +364,8 @@ class TADDistillRecipe:
                 log = self._train_step(micro)
                 self.global_step += 1
                 self.step_in_epoch += 1
-                self.tokens_seen += int(log["tokens"])
-                log["tokens_per_second"] = log["tokens"] / (time.perf_counter() - t0)
+                self.tokens_seen += int(log["step_tokens"])
+                log["tokens_per_second"] = log["step_tokens"] / (time.perf_counter() - t0)
                 progress.update(1)
                 progress.set_postfix(loss=f"{log['loss']:.4f}", lr=f"{log['lr']:.2e}")
                 if self.global_step % self._log_every == 0 or self.global_step == self._total_steps:
@@ -437,7 +437,7 @@ class TADDistillRecipe:
         if self._lr_scheduler is not None:
             self._lr_scheduler.step()
         log = {"loss": loss_value, "ce": ce, "lr": lr, "grad_norm": grad_norm,
-               "tokens": float(global_tokens)}
+               "step_tokens": float(global_tokens)}
         if self._kd_loss is not None:
             log["kd_loss"] = kd_mean
             log.update({f"kd/{k}": float(v) for k, v in zip(names, packed[3:])})

@@ -64,6 +64,10 @@ def test_outputs_logged_and_exported(baseline):
     for key in ("ce", "kd_loss", "lr", "grad_norm", "tokens_per_second", "kd/tail_mass",
                 "kd/abar", "kd/dkl1", "kd/dkl2", "peak_rss_gib"):
         assert all(math.isfinite(r[key]) for r in train), key
+    # `tokens` counts valid tokens seen so far, `step_tokens` those of the step
+    assert [r["tokens"] for r in train] == [sum(t["step_tokens"] for t in train[: i + 1])
+                                            for i in range(len(train))]
+    assert all(r["step_tokens"] == 8 * 31 for r in train)  # 8 blocks of 32, last label shifted out
     # loss = clm_weight * ce + kd_weight * kd
     for r in train:
         assert math.isclose(r["loss"], r["ce"] + r["kd_loss"], rel_tol=1e-9)
