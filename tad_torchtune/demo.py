@@ -119,6 +119,21 @@ def run_logged(cmd: list[str], log_path: Path) -> float:
     return time.time() - start
 
 
+def check_same_tokens(runs: dict[str, Path]) -> None:
+    """Warn when the runs did not all train on the same number of tokens (a changed config)."""
+    last: dict[str, float] = {}
+    for name, run_dir in runs.items():
+        path = run_dir / "metrics.jsonl"
+        if path.is_file():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            tokens = [r["tokens"] for r in rows if "tokens" in r]
+            if tokens:
+                last[name] = float(tokens[-1])
+    if len(set(last.values())) > 1:
+        print(f"demo: warning: the runs saw different numbers of training tokens: {last}",
+              file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tad_torchtune.demo",
@@ -162,8 +177,14 @@ def main(argv: list[str] | None = None) -> int:
             seconds = run_logged(cmd, out / "logs" / f"{name}.log")
             print(f"demo: {name} done in {seconds:.0f}s", flush=True)
 
+    check_same_tokens(runs)
     eval_dir = out / "eval"
     cmd = [*tune, "run", "tad_eval", "--config", args.eval_config, f"output_dir={eval_dir}"]
+    # score on blocks as long as the ones the students were trained on
+    data_cfg = (distill_cfg or {}).get("validation_dataset") or (distill_cfg or {}).get("dataset") or {}
+    for key in ("max_seq_len", "validation_fraction"):
+        if isinstance(data_cfg.get(key), (int, float)):
+            cmd.append(f"dataset.{key}={data_cfg[key]}")
     cmd += [f"students.{name}.checkpoint_dir={run_dir / 'student'}" for name, run_dir in runs.items()]
     print("demo: evaluating the students ...", flush=True)
     run_logged(cmd, out / "logs" / "eval.log")
