@@ -84,7 +84,7 @@ def make_inputs(n: int, v: int, d: int, dtype: torch.dtype, device: str):
     return h_s, w_s, h_t, w_t, labels
 
 
-def make_step(impl: str, name: str, h_s, w_s, h_t, w_t, labels):
+def make_step(impl: str, name: str, h_s, w_s, h_t, w_t, labels, fused_chunk: int | None = None):
     """A closure running one forward + backward, or None if the combination does not exist."""
     if impl == "torchtune_chunked":
         if name != "forward_kl":
@@ -125,7 +125,7 @@ def make_step(impl: str, name: str, h_s, w_s, h_t, w_t, labels):
     div = DIVERGENCES[name]()
 
     def step():
-        fused_divergence(div, h_s, w_s, h_t, w_t, labels).mean().backward()
+        fused_divergence(div, h_s, w_s, h_t, w_t, labels, chunk_size=fused_chunk).mean().backward()
 
     return step
 
@@ -143,11 +143,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure_memory(impl: str, name: str, shape: tuple, device: str) -> dict:
+def measure_memory(impl: str, name: str, shape: tuple, device: str,
+                   fused_chunk: int | None = None) -> dict:
     """Peak extra memory of one step (the first: it holds every one-time allocation too)."""
     n, v, d, dtype_name = shape
     inputs = make_inputs(n, v, d, DTYPES[dtype_name], device)
-    step = make_step(impl, name, *inputs)
+    step = make_step(impl, name, *inputs, fused_chunk=fused_chunk)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -167,13 +168,13 @@ def measure_memory(impl: str, name: str, shape: tuple, device: str) -> dict:
 
 
 def measure_times(cases: list[tuple[str, str]], shape: tuple, device: str, warmup: int,
-                  repeats: int) -> dict:
+                  repeats: int, fused_chunk: int | None = None) -> dict:
     """Median step time of each case, the cases taking turns step by step (round robin) so that
     a change in the machine's load hits them all alike; ratios are then fair on a shared box."""
     n, v, d, dtype_name = shape
     inputs = make_inputs(n, v, d, DTYPES[dtype_name], device)
     h_s, w_s = inputs[:2]
-    steps = {c: make_step(*c, *inputs) for c in cases}
+    steps = {c: make_step(*c, *inputs, fused_chunk=fused_chunk) for c in cases}
     times = {c: [] for c in cases}
     failed = {}
     for i in range(warmup + repeats):
@@ -207,6 +208,8 @@ def fmt(x, spec):
 def _subprocess(args, task: dict) -> dict:
     """Run one measurement in a fresh Python process (its own peak memory, no history)."""
     cmd = [sys.executable, __file__, "--device", args.device, "--_task", json.dumps(task)]
+    if args.fused_chunk:
+        cmd += ["--fused-chunk", str(args.fused_chunk)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -226,6 +229,8 @@ def main() -> None:
                         choices=list(DIVERGENCES))
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--fused-chunk", type=int, default=None,
+                        help="tokens per chunk of the fused path (default: default_chunk_size)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--_task", help=argparse.SUPPRESS)  # internal: one subprocess's work
@@ -237,10 +242,11 @@ def main() -> None:
         task = json.loads(args._task)
         shape = tuple(task["shape"])
         if task["kind"] == "memory":
-            result = measure_memory(task["impl"], task["name"], shape, args.device)
+            result = measure_memory(task["impl"], task["name"], shape, args.device,
+                                    args.fused_chunk)
         else:
             result = measure_times([tuple(c) for c in task["cases"]], shape, args.device,
-                                   task["warmup"], task["repeats"])
+                                   task["warmup"], task["repeats"], args.fused_chunk)
         print("RESULT " + json.dumps(result))
         return
 
@@ -271,7 +277,8 @@ def main() -> None:
           f"peak extra MiB ({mem_how}) | note |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        chunk = default_chunk_size(r["N"], r["V"], r["D"]) if r["impl"] == "fused" else ""
+        chunk = (args.fused_chunk or default_chunk_size(r["N"], r["V"], r["D"], args.device)
+                 if r["impl"] == "fused" else "")
         print(f"| {r['impl']} | {r['divergence']} | {r['N']} | {r['V']} | {r['D']} | "
               f"{r['dtype']} | {chunk} | {fmt(r['ms'], '.0f')} | {fmt(r['peak_mib'], '.0f')} | "
               f"{r['note']} |")

@@ -38,12 +38,24 @@ except ImportError:  # pragma: no cover - torch built without distributed
     DTensor = Partial = None
 
 
-def default_chunk_size(num_tokens: int, vocab_size: int, hidden_size: int) -> int:
+def default_chunk_size(
+    num_tokens: int, vocab_size: int, hidden_size: int, device: torch.device | str = "cuda"
+) -> int:
     """Liger-Kernel's rule: a chunk of logits ``[c, V]`` about as large as the hidden states
-    ``[N, D]`` (``c = next_pow2(N / ceil(V / D))``), kept within ``[32, 1024]`` tokens."""
+    ``[N, D]`` (``c = next_pow2(N / ceil(V / D))``), kept within ``[32, 1024]`` tokens.
+    ``device`` is accepted for a per-device rule; CPU sweeps (benchmarks/RESULTS.md) were too
+    noisy to justify one, so it is the same rule everywhere for now."""
     ratio = max(1, math.ceil(vocab_size / max(hidden_size, 1)))
     c = max(1, math.ceil(num_tokens / ratio))
     return min(max(1 << (c - 1).bit_length(), 32), 1024)
+
+
+def _chunks_with_ignored(valid: Tensor, step: int) -> list[bool]:
+    """Per chunk, whether it holds an ignored token (one host sync for all chunks): chunks
+    without one skip the masking passes over their ``[n, V]`` logits."""
+    pad = -valid.shape[0] % step
+    ignored = torch.nn.functional.pad(~valid, (0, pad), value=False)
+    return ignored.view(-1, step).any(-1).tolist()
 
 
 @dataclass(frozen=True)
@@ -82,10 +94,10 @@ def _teacher_extras(plan: _Plan, h_t: Tensor, w_t: Tensor, valid: Tensor) -> tup
     dtype = compute_dtype(h_t.dtype)
     n, step = valid.shape[0], plan.chunk_size
     pieces = []
-    for start in range(0, n, step):
-        rows = valid[start : start + step].unsqueeze(-1)
+    for start, ignored in zip(range(0, n, step), _chunks_with_ignored(valid, step)):
         t = _logits(h_t[start : start + step], w_t, plan.teacher_softcap, dtype)
-        t = torch.where(rows, t, 0.0)
+        if ignored:
+            t = torch.where(valid[start : start + step].unsqueeze(-1), t, 0.0)
         pieces.append(div.teacher_chunk_stats(t if div.temperature == 1.0 else t.div_(div.temperature)))
     stats = tuple(torch.cat(p).reshape(*plan.lead, *p[0].shape[1:]) for p in zip(*pieces))
     extras = div.teacher_extras(stats, valid.reshape(plan.lead))
@@ -112,16 +124,18 @@ class _FusedDivergence(torch.autograd.Function):
         names = sorted(div.stat_names)
         sums = torch.zeros(1 + len(names), dtype=dtype, device=h_s.device)  # total, *stats
         tau = div.temperature
-        for start in range(0, n, plan.chunk_size):
+        starts = range(0, n, plan.chunk_size)
+        for start, ignored in zip(starts, _chunks_with_ignored(valid, plan.chunk_size)):
             sl = slice(start, start + plan.chunk_size)
             rows = valid[sl].unsqueeze(-1)  # (n, 1)
             z_s = _logits(h_s[sl], w_s, plan.student_softcap, dtype)  # (n, V)
-            z_t = _logits(h_t[sl], w_t, plan.teacher_softcap, dtype)
-            # where(), not multiplication: garbage in an ignored row must not reach any sum.
-            s, t = torch.where(rows, z_s, 0.0), torch.where(rows, z_t, 0.0)
-            del z_t
+            t = _logits(h_t[sl], w_t, plan.teacher_softcap, dtype)
+            s = z_s  # z_s itself stays intact: the soft-cap gradient needs it
+            if ignored:
+                # where(), not multiplication: garbage in an ignored row must not reach any sum.
+                s, t = torch.where(rows, z_s, 0.0), torch.where(rows, t, 0.0)
             if tau != 1.0:
-                s, t = s.div_(tau), t.div_(tau)
+                s, t = (s.div_(tau) if ignored else s / tau), t.div_(tau)
             per_token, stats, grad = grad_fn(s, t, y[sl], *(e[sl] for e in extras))
             del s, t
             zero = per_token.new_zeros(())
@@ -129,7 +143,8 @@ class _FusedDivergence(torch.autograd.Function):
                                  for v in (per_token, *(stats[k] for k in names))])
             if not (need_h or need_w):
                 continue
-            grad = grad.masked_fill_(~rows, 0.0)  # d total / d (capped logits)
+            if ignored:
+                grad = grad.masked_fill_(~rows, 0.0)  # d total / d (capped logits)
             if tau != 1.0:
                 grad = grad.div_(tau)
             if plan.student_softcap is not None:  # d(cap tanh(x / cap))/dx = 1 - tanh^2
@@ -145,6 +160,7 @@ class _FusedDivergence(torch.autograd.Function):
                     grad_w += grad.t() @ h_s[sl]
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (h_s.dtype, w_s.dtype)
+        ctx.done = False
         num_tokens = valid.sum()
         stat_sums = [sums[i].clone() for i in range(1, sums.shape[0])]
         ctx.mark_non_differentiable(num_tokens, *stat_sums)
@@ -152,10 +168,16 @@ class _FusedDivergence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total: Tensor, *_):
+        if ctx.done:
+            raise RuntimeError(
+                "fused_divergence's backward can run only once (retain_graph=True is not "
+                "supported): it scales its stored gradients in place to save a [V, D] copy"
+            )
+        ctx.done = True
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        gh = None if grad_h is None else (grad_h * grad_total).to(h_dtype)
-        gw = None if grad_w is None else (grad_w * grad_total).to(w_dtype)
+        gh = None if grad_h is None else grad_h.mul_(grad_total).to(h_dtype)
+        gw = None if grad_w is None else grad_w.mul_(grad_total).to(w_dtype)
         return gh, gw, None, None, None, None
 
 
@@ -244,9 +266,11 @@ def fused_divergence(
     lead = tuple(labels.shape) if labels.dim() == 2 else (1, y.shape[0])
     if labels.dim() > 2:
         lead = (math.prod(labels.shape[:-1]), labels.shape[-1])
+    if not torch.is_grad_enabled():  # evaluation: the value only, no gradient buffers
+        h_s, w_s = h_s.detach(), w_s.detach()
     n = y.shape[0]
     plan = _Plan(divergence, student_softcap, teacher_softcap,
-                 chunk_size or default_chunk_size(n, w_s.shape[0], hidden), lead)
+                 chunk_size or default_chunk_size(n, w_s.shape[0], hidden, h_s.device), lead)
     total, num_tokens, *stats = _apply(h_s, w_s, h_t, w_t, y, plan)
     names = sorted(divergence.stat_names)
     return DivergenceOutput(total=total, num_tokens=num_tokens, stats=dict(zip(names, stats)))

@@ -202,11 +202,25 @@ def test_tied_embedding_and_output_weight(name):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
 
 
+def test_no_grad_gives_the_value_and_backward_runs_once():
+    div = TADLoss(k=5)
+    h_s, w_s, h_t, w_t, labels = make_case(12)
+    w_s.requires_grad_(True)
+    with torch.no_grad():
+        value = fused_divergence(div, h_s, w_s, h_t, w_t, labels).total
+    out = fused_divergence(div, h_s, w_s, h_t, w_t, labels)
+    torch.testing.assert_close(value, out.total.detach(), atol=0, rtol=1e-6)
+    out.total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        out.total.backward()
+
+
 def test_default_chunk_size():
-    assert default_chunk_size(2048, 32000, 512) == 64  # Liger's rule, as the CPU benchmark
+    assert default_chunk_size(2048, 32000, 512) == 64  # Liger's rule
     assert default_chunk_size(8192, 151936, 2048) == 128
     assert default_chunk_size(10, 50000, 16) == 32  # floor
     assert default_chunk_size(10**6, 1000, 4096) == 1024  # ceiling
+    assert default_chunk_size(2048, 32000, 512, "cpu") == 64
 
 
 def test_shape_errors():
