@@ -17,7 +17,9 @@ held-out text, and the figures are drawn:
 - ``<out>/figure1_kl_vs_tokens.png``: held-out KL against training tokens (paper Figure 1);
 - ``<out>/eval/figure2_teacher.png``: teacher tail mass vs K and mismatch rate (paper Figure 2);
 - ``<out>/eval/eval.json`` and ``<out>/eval/reliability.png``: KL, CE, perplexity, Full-ECE and
-  top-1 agreement per student.
+  top-1 agreement per student;
+- ``<out>/summary.json``: per method, the mean, sample standard deviation, min and max of those
+  metrics over the seeds (``summarize_seeds``).
 
 Logs of every ``tune run`` go to ``<out>/logs/``.
 """
@@ -29,6 +31,7 @@ import importlib.resources
 import inspect
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -134,6 +137,57 @@ def check_same_tokens(runs: dict[str, Path]) -> None:
               file=sys.stderr)
 
 
+#: the per-student metrics of ``eval.json`` that ``summarize_seeds`` aggregates
+SUMMARY_METRICS = ("kl", "ce", "ppl", "full_ece", "top1_agreement")
+
+
+def summarize_seeds(students: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method, the spread over seeds of every metric in ``SUMMARY_METRICS``.
+
+    Args:
+        students: ``eval.json``'s ``students``: run name (``<method>_seed<s>``) -> metrics.
+
+    Returns:
+        method -> ``{"seeds": n, metric: {"mean", "std", "min", "max"}}``; ``std`` is the sample
+        standard deviation (n - 1 in the denominator), None for a single seed.
+    """
+    from tad_torchtune.plots import run_label
+
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for name, metrics in students.items():
+        grouped.setdefault(run_label(name), []).append(metrics)
+    summary: dict[str, dict[str, Any]] = {}
+    for method, runs in grouped.items():
+        entry: dict[str, Any] = {"seeds": len(runs)}
+        for metric in SUMMARY_METRICS:
+            values = [float(r[metric]) for r in runs if metric in r]
+            if values:
+                entry[metric] = {
+                    "mean": statistics.fmean(values),
+                    "std": statistics.stdev(values) if len(values) > 1 else None,
+                    "min": min(values),
+                    "max": max(values),
+                }
+        summary[method] = entry
+    return summary
+
+
+def format_summary(summary: dict[str, dict[str, Any]]) -> str:
+    """``summarize_seeds``'s result as a text table, ``mean ± std`` per metric."""
+    lines = [f"{'method':<8}{'seeds':>6}" + "".join(f"{m:>22}" for m in SUMMARY_METRICS)]
+    for method, entry in summary.items():
+        cells = []
+        for metric in SUMMARY_METRICS:
+            v = entry.get(metric)
+            if v is None:
+                cells.append(f"{'-':>22}")
+            else:
+                std = "" if v["std"] is None else f" ± {v['std']:.4f}"
+                cells.append(f"{v['mean']:.4f}{std}".rjust(22))
+        lines.append(f"{method:<8}{entry['seeds']:>6}" + "".join(cells))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tad_torchtune.demo",
@@ -205,12 +259,18 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['top1_agreement']:>10.4f}")
     t = report["teacher"]
     print(f"{'teacher':<14}{'':>10}{t['ce']:>9.4f}{t['ppl']:>9.2f}{t['full_ece']:>10.4f}")
+    summary = summarize_seeds(report["students"])
+    summary_path = out / "summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    if len(args.seeds) > 1:
+        print(f"\nover {len(args.seeds)} seeds (mean ± sample std):\n{format_summary(summary)}")
     print(f"\ndemo: finished in {time.time() - started:.0f}s. Outputs:")
     print(f"  runs (metrics.jsonl, student/): {', '.join(str(p) for p in runs.values())}")
     if figure1 is not None:
         print(f"  Figure 1, held-out KL vs tokens: {figure1}")
     print(f"  Figure 2, teacher tail mass and mismatch rate: {eval_dir / 'figure2_teacher.png'}")
     print(f"  evaluation report: {eval_dir / 'eval.json'} (reliability: {eval_dir / 'reliability.png'})")
+    print(f"  per-method summary over seeds: {summary_path}")
     print(f"  logs: {out / 'logs'}")
     return 0
 
