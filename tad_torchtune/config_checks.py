@@ -35,6 +35,7 @@ SCALARS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "hidden_weight": ((int, float), 0.0),
     "hidden_layers": ((list, type(None)), None),
     "fused": (bool, False),
+    "fused_teacher_cache_mib": ((int, float), 128),
     "loss_chunk_size": (int, 1024),
     "clip_grad_norm": ((int, float, type(None)), 1.0),
     "epochs": (int, 1),
@@ -122,6 +123,9 @@ def validate_config(cfg: DictConfig) -> None:
     weights = {k: cfg.get(k, SCALARS[k][1]) for k in ("clm_weight", "kd_weight", "hidden_weight")}
     if not any(w > 0 for w in weights.values()):
         raise ValueError(f"clm_weight, kd_weight, hidden_weight: at least one must be > 0, got {weights}")
+    if cfg.get("fused_teacher_cache_mib", 0) < 0:
+        raise ValueError("fused_teacher_cache_mib: must be >= 0 (MiB; 0 recomputes every teacher "
+                         f"chunk), got {cfg.fused_teacher_cache_mib!r}")
     if cfg.get("clip_grad_norm") is not None and cfg.clip_grad_norm <= 0:
         raise ValueError(f"clip_grad_norm: must be > 0 or null, got {cfg.clip_grad_norm!r}")
     if weights["kd_weight"] > 0:

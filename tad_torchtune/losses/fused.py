@@ -11,10 +11,18 @@ student hidden-state gradient ``[N, D]`` and the output-weight gradient ``[V, D]
 so the extra memory is those plus a few ``[chunk, V]`` float32 buffers, never ``[N, V]``.
 
 A divergence with ``needs_teacher_pass`` (TAD: ``abar`` is a mean over every valid token of a
-row) first runs a teacher-only pass over all chunks, recomputing the teacher's chunk logits,
-keeping only per-token statistics (TAD: top-K ids, LSE, tail LSE: ``[N, K]`` and ``[N]``), and the
-per-chunk terms then use the exact row statistics. The extra cost is one more teacher projection
-and the top-K; the per-chunk pass reuses the cached top-K ids.
+row) works segment by segment, a segment being whole rows of the batch: first a teacher-only pass
+over the segment's chunks keeps per-token statistics (TAD: top-K ids, LSE, tail LSE: ``[n, K]``
+and ``[n]``), then the per-chunk terms use the exact row statistics. The teacher's projection of
+a chunk is needed by both passes; up to ``teacher_cache_mib`` of them are kept from the first pass
+(in the projection's own dtype, so the second pass sees bit-identical values) and the rest are
+recomputed. A segment holds as many rows as the cache can hold entirely (at least one row), so a
+budget of one row's teacher logits removes every recomputation. With no cache the extra cost is
+one more teacher projection per chunk and the top-K.
+
+``compile_chunks=True`` runs each divergence's per-chunk function through ``torch.compile``
+(inductor fuses its dozen element-wise passes over ``[chunk, V]`` into a few loops); the
+projections and the loop stay eager.
 
 The machinery is written once here; each divergence plugs in its per-chunk functions.
 """
@@ -38,15 +46,23 @@ except ImportError:  # pragma: no cover - torch built without distributed
     DTensor = Partial = None
 
 
+#: default ``teacher_cache_mib``: one 1024-token row of 32K-vocabulary float32 teacher logits, or
+#: 256 tokens of a 256K vocabulary in bf16; small next to the float32 ``[V, D]`` weight gradient.
+DEFAULT_TEACHER_CACHE_MIB = 128
+
+
 def default_chunk_size(
     num_tokens: int, vocab_size: int, hidden_size: int, device: torch.device | str = "cuda"
 ) -> int:
     """Liger-Kernel's rule: a chunk of logits ``[c, V]`` about as large as the hidden states
-    ``[N, D]`` (``c = next_pow2(N / ceil(V / D))``), kept within ``[32, 1024]`` tokens.
-    ``device`` is accepted for a per-device rule; CPU sweeps (benchmarks/RESULTS.md) were too
-    noisy to justify one, so it is the same rule everywhere for now."""
+    ``[N, D]`` (``c = next_pow2(N / ceil(V / D))``), kept within ``[32, 1024]`` tokens; twice that
+    on CPU, where every chunk's projections stream the whole ``[V, D]`` weights from memory and
+    small chunks are bandwidth-bound (at (2048, 32000, 512) 128-token chunks took 0.77-0.94x the
+    time of 64-token ones, for 1.2-1.5x the peak memory: benchmarks/RESULTS.md)."""
     ratio = max(1, math.ceil(vocab_size / max(hidden_size, 1)))
     c = max(1, math.ceil(num_tokens / ratio))
+    if torch.device(device).type == "cpu":
+        c *= 2
     return min(max(1 << (c - 1).bit_length(), 32), 1024)
 
 
@@ -65,12 +81,30 @@ class _Plan:
     teacher_softcap: float | None
     chunk_size: int
     lead: tuple[int, int]  # (rows, tokens per row): TAD's abar is a mean over a row
+    cache_bytes: int = 0  # teacher chunk projections kept between the two passes
+    compile_chunks: bool = False
 
 
 def _logits(h: Tensor, w: Tensor, cap: float | None, dtype: torch.dtype) -> Tensor:
     """``[n, V]`` logits in ``dtype`` (the projection runs in the inputs' dtype, as nn.Linear)."""
     z = torch.nn.functional.linear(h, w).to(dtype)
     return z if cap is None else torch.tanh(z / cap) * cap
+
+
+def _scaled_teacher(z: Tensor, plan: _Plan, dtype: torch.dtype, rows: Tensor, ignored: bool,
+                    keep_z: bool) -> Tensor:
+    """Teacher chunk logits as the divergence sees them, from the raw projection ``z``: float32,
+    soft-capped, ignored rows zeroed, divided by the temperature. ``keep_z``: ``z`` is cached and
+    must not be written to."""
+    t = z.to(dtype)
+    if plan.teacher_softcap is not None:
+        t = torch.tanh(t / plan.teacher_softcap) * plan.teacher_softcap
+    if ignored:
+        t = torch.where(rows, t, 0.0)
+    tau = plan.divergence.temperature
+    if tau != 1.0:
+        t = t / tau if (keep_z and t is z) else t.div_(tau)
+    return t
 
 
 def _autograd_chunk_grad(fn):
@@ -86,22 +120,50 @@ def _autograd_chunk_grad(fn):
     return chunk_grad
 
 
-def _teacher_extras(plan: _Plan, h_t: Tensor, w_t: Tensor, valid: Tensor) -> tuple[Tensor, ...]:
-    """First, teacher-only pass: the divergence's per-token extras ``[N, ...]`` for all tokens."""
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    """``torch.compile(fn)``, built once per function (recompiles for a new chunk length, then
+    with a dynamic token dimension)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn)
+    return _COMPILED[fn]
+
+
+def _segment_rows(plan: _Plan, vocab: int, itemsize: int) -> int:
+    """Rows of the batch per segment: every row at once when no teacher pass is needed or no
+    cache is allowed, else as many rows as the cache holds whole, at least one."""
+    rows, tokens = plan.lead
+    if not plan.divergence.needs_teacher_pass or plan.cache_bytes <= 0:
+        return rows
+    return min(rows, max(1, plan.cache_bytes // max(1, tokens * vocab * itemsize)))
+
+
+def _teacher_extras(plan: _Plan, h_t: Tensor, w_t: Tensor, valid: Tensor, flags: list[bool],
+                    lead: tuple[int, int]) -> tuple[tuple[Tensor, ...], dict[int, Tensor]]:
+    """First, teacher-only pass over one segment: the divergence's per-token extras ``[n, ...]``
+    and the teacher chunk projections kept for the second pass (chunk start -> raw ``[c, V]``)."""
     div = plan.divergence
+    cache: dict[int, Tensor] = {}
     if not div.needs_teacher_pass or valid.shape[0] == 0:
-        return ()
+        return (), cache
     dtype = compute_dtype(h_t.dtype)
     n, step = valid.shape[0], plan.chunk_size
+    budget = plan.cache_bytes
     pieces = []
-    for start, ignored in zip(range(0, n, step), _chunks_with_ignored(valid, step)):
-        t = _logits(h_t[start : start + step], w_t, plan.teacher_softcap, dtype)
-        if ignored:
-            t = torch.where(valid[start : start + step].unsqueeze(-1), t, 0.0)
-        pieces.append(div.teacher_chunk_stats(t if div.temperature == 1.0 else t.div_(div.temperature)))
-    stats = tuple(torch.cat(p).reshape(*plan.lead, *p[0].shape[1:]) for p in zip(*pieces))
-    extras = div.teacher_extras(stats, valid.reshape(plan.lead))
-    return tuple(e.reshape(n, *e.shape[2:]) for e in extras)
+    for start, ignored in zip(range(0, n, step), flags):
+        z = torch.nn.functional.linear(h_t[start : start + step], w_t)
+        keep = z.numel() * z.element_size() <= budget
+        if keep:
+            cache[start] = z
+            budget -= z.numel() * z.element_size()
+        t = _scaled_teacher(z, plan, dtype, valid[start : start + step].unsqueeze(-1), ignored,
+                            keep_z=keep)
+        pieces.append(div.teacher_chunk_stats(t))
+    stats = tuple(torch.cat(p).reshape(*lead, *p[0].shape[1:]) for p in zip(*pieces))
+    extras = div.teacher_extras(stats, valid.reshape(lead))
+    return tuple(e.reshape(n, *e.shape[2:]) for e in extras), cache
 
 
 class _FusedDivergence(torch.autograd.Function):
@@ -115,8 +177,9 @@ class _FusedDivergence(torch.autograd.Function):
         dtype = compute_dtype(h_s.dtype)
         valid = labels != div.ignore_index  # (N,)
         y = torch.where(valid, labels, 0)
-        extras = _teacher_extras(plan, h_t, w_t, valid)
         grad_fn = div.chunk_grad_fn or _autograd_chunk_grad(div.chunk_fn)
+        if plan.compile_chunks:
+            grad_fn = _compiled(grad_fn)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # float32 even for bf16 inputs: the weight gradient is a sum over all chunks.
         grad_h = h_s.new_zeros((n, hidden), dtype=dtype) if need_h else None
@@ -124,40 +187,53 @@ class _FusedDivergence(torch.autograd.Function):
         names = sorted(div.stat_names)
         sums = torch.zeros(1 + len(names), dtype=dtype, device=h_s.device)  # total, *stats
         tau = div.temperature
-        starts = range(0, n, plan.chunk_size)
-        for start, ignored in zip(starts, _chunks_with_ignored(valid, plan.chunk_size)):
-            sl = slice(start, start + plan.chunk_size)
-            rows = valid[sl].unsqueeze(-1)  # (n, 1)
-            z_s = _logits(h_s[sl], w_s, plan.student_softcap, dtype)  # (n, V)
-            t = _logits(h_t[sl], w_t, plan.teacher_softcap, dtype)
-            s = z_s  # z_s itself stays intact: the soft-cap gradient needs it
-            if ignored:
-                # where(), not multiplication: garbage in an ignored row must not reach any sum.
-                s, t = torch.where(rows, z_s, 0.0), torch.where(rows, t, 0.0)
-            if tau != 1.0:
-                s, t = (s.div_(tau) if ignored else s / tau), t.div_(tau)
-            per_token, stats, grad = grad_fn(s, t, y[sl], *(e[sl] for e in extras))
-            del s, t
-            zero = per_token.new_zeros(())
-            sums += torch.stack([torch.where(valid[sl], v, zero).sum()
-                                 for v in (per_token, *(stats[k] for k in names))])
-            if not (need_h or need_w):
-                continue
-            if ignored:
-                grad = grad.masked_fill_(~rows, 0.0)  # d total / d (capped logits)
-            if tau != 1.0:
-                grad = grad.div_(tau)
-            if plan.student_softcap is not None:  # d(cap tanh(x / cap))/dx = 1 - tanh^2
-                grad = grad.mul_(1 - (z_s / plan.student_softcap).square())
-            del z_s
-            grad = grad.to(h_s.dtype)  # bf16 matmuls, float32 accumulation (as Liger)
-            if need_h:
-                grad_h[sl] = grad @ w_s
-            if need_w:
-                if grad_w.dtype == h_s.dtype:
-                    grad_w.addmm_(grad.t(), h_s[sl])
-                else:
-                    grad_w += grad.t() @ h_s[sl]
+        row_len = plan.lead[1]
+        seg_rows = _segment_rows(plan, w_t.shape[0], h_t.element_size())
+        for seg_start in range(0, n, max(1, seg_rows * row_len)):
+            seg_n = min(seg_rows * row_len, n - seg_start)
+            seg = slice(seg_start, seg_start + seg_n)
+            seg_valid = valid[seg]
+            flags = _chunks_with_ignored(seg_valid, plan.chunk_size)
+            extras, cache = _teacher_extras(plan, h_t[seg], w_t, seg_valid, flags,
+                                            (seg_n // row_len, row_len))
+            for start, ignored in zip(range(0, seg_n, plan.chunk_size), flags):
+                stop = min(start + plan.chunk_size, seg_n)  # chunks never cross a segment
+                local, sl = slice(start, stop), slice(seg_start + start, seg_start + stop)
+                rows = valid[sl].unsqueeze(-1)  # (n, 1)
+                z_s = _logits(h_s[sl], w_s, plan.student_softcap, dtype)  # (n, V)
+                z_t = cache.pop(start, None)
+                if z_t is None:
+                    z_t = torch.nn.functional.linear(h_t[sl], w_t)
+                t = _scaled_teacher(z_t, plan, dtype, rows, ignored, keep_z=False)
+                del z_t
+                s = z_s  # z_s itself stays intact: the soft-cap gradient needs it
+                if ignored:
+                    # where(), not multiplication: garbage in an ignored row must not reach any sum.
+                    s = torch.where(rows, z_s, 0.0)
+                if tau != 1.0:
+                    s = s.div_(tau) if ignored else s / tau
+                per_token, stats, grad = grad_fn(s, t, y[sl], *(e[local] for e in extras))
+                del s, t
+                zero = per_token.new_zeros(())
+                sums += torch.stack([torch.where(valid[sl], v, zero).sum()
+                                     for v in (per_token, *(stats[k] for k in names))])
+                if not (need_h or need_w):
+                    continue
+                if ignored:
+                    grad = grad.masked_fill_(~rows, 0.0)  # d total / d (capped logits)
+                if tau != 1.0:
+                    grad = grad.div_(tau)
+                if plan.student_softcap is not None:  # d(cap tanh(x / cap))/dx = 1 - tanh^2
+                    grad = grad.mul_(1 - (z_s / plan.student_softcap).square())
+                del z_s
+                grad = grad.to(h_s.dtype)  # bf16 matmuls, float32 accumulation (as Liger)
+                if need_h:
+                    grad_h[sl] = grad @ w_s
+                if need_w:
+                    if grad_w.dtype == h_s.dtype:
+                        grad_w.addmm_(grad.t(), h_s[sl])
+                    else:
+                        grad_w += grad.t() @ h_s[sl]
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (h_s.dtype, w_s.dtype)
         ctx.done = False
@@ -208,6 +284,8 @@ def fused_divergence(
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
     chunk_size: int | None = None,
+    teacher_cache_mib: float = DEFAULT_TEACHER_CACHE_MIB,
+    compile_chunks: bool = False,
 ) -> DivergenceOutput:
     """``divergence.sum_and_count(student logits, teacher logits, labels)`` without the logits.
 
@@ -225,7 +303,12 @@ def fused_divergence(
             ``V`` rows are used when ``V_T > V``.
         labels: ``[B, T]`` (or ``[N]``, one sequence); ``ignore_index`` marks ignored tokens.
         student_softcap, teacher_softcap: logit soft-caps (``model.logit_softcap``) or None.
-        chunk_size: tokens per chunk; None picks ``default_chunk_size`` (Liger's rule).
+        chunk_size: tokens per chunk; None picks ``default_chunk_size`` (Liger's rule; twice
+            that on CPU).
+        teacher_cache_mib: memory (MiB) for teacher chunk projections kept from the first pass
+            of a divergence with ``needs_teacher_pass`` (TAD) to the second, instead of
+            recomputing them; 0 recomputes every one. Ignored by the other divergences.
+        compile_chunks: run the divergence's per-chunk function through ``torch.compile``.
 
     Returns:
         ``DivergenceOutput``: ``total`` (float32, float64 for float64 inputs) differentiable
@@ -251,6 +334,9 @@ def fused_divergence(
                 f"{name}_weight must be [V, D] with D = {name}_hidden.shape[-1] = "
                 f"{h.shape[-1]}, got shape {tuple(w.shape)}"
             )
+    if (isinstance(teacher_cache_mib, bool) or not isinstance(teacher_cache_mib, (int, float))
+            or not teacher_cache_mib >= 0):
+        raise ValueError(f"teacher_cache_mib must be a number >= 0, got {teacher_cache_mib!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
@@ -270,7 +356,8 @@ def fused_divergence(
         h_s, w_s = h_s.detach(), w_s.detach()
     n = y.shape[0]
     plan = _Plan(divergence, student_softcap, teacher_softcap,
-                 chunk_size or default_chunk_size(n, w_s.shape[0], hidden, h_s.device), lead)
+                 chunk_size or default_chunk_size(n, w_s.shape[0], hidden, h_s.device), lead,
+                 cache_bytes=int(teacher_cache_mib * 2**20), compile_chunks=bool(compile_chunks))
     total, num_tokens, *stats = _apply(h_s, w_s, h_t, w_t, y, plan)
     names = sorted(divergence.stat_names)
     return DivergenceOutput(total=total, num_tokens=num_tokens, stats=dict(zip(names, stats)))

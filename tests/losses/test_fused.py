@@ -220,7 +220,9 @@ def test_default_chunk_size():
     assert default_chunk_size(8192, 151936, 2048) == 128
     assert default_chunk_size(10, 50000, 16) == 32  # floor
     assert default_chunk_size(10**6, 1000, 4096) == 1024  # ceiling
-    assert default_chunk_size(2048, 32000, 512, "cpu") == 64
+    assert default_chunk_size(2048, 32000, 512, "cpu") == 128  # twice Liger's on CPU
+    assert default_chunk_size(2048, 32000, 512, torch.device("cuda", 1)) == 64
+    assert default_chunk_size(10**6, 1000, 4096, "cpu") == 1024  # same ceiling
 
 
 def test_shape_errors():
@@ -272,6 +274,64 @@ def test_chunk_grad_fn_equals_autograd(name, kind):
         torch.testing.assert_close(stats2[k], stats[k].detach(), atol=1e-10, rtol=1e-10)
 
 
+# ----------------------------------------------------------------------------- teacher cache
+
+ROW_BYTES = T * V * 4  # one row of float32 teacher logits
+
+
+def count_teacher_projections(monkeypatch, w_t):
+    """Patch F.linear to count the projections through the teacher weight ``w_t``."""
+    calls = []
+    linear = torch.nn.functional.linear
+
+    def counting(x, w, *args):
+        if w.data_ptr() == w_t.data_ptr():
+            calls.append(x.shape[0])
+        return linear(x, w, *args)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    return calls
+
+
+@pytest.mark.parametrize("temperature,caps", [(1.0, (None, None)), (2.0, (None, None)),
+                                              (2.0, (3.0, 5.0))])
+@pytest.mark.parametrize("cache_bytes,projections", [
+    (0, 2 * 141),                     # every teacher chunk recomputed: 2 passes of 141 tokens
+    # one row per segment; of its chunks (12, 12, 12, 11 tokens) the first and the last fit in
+    # half a row's bytes, the two middle ones (24 tokens per row) are projected twice
+    (ROW_BYTES // 2, 141 + 3 * 24),
+    (ROW_BYTES, 141),                 # one row per segment, all of it kept
+    (2 * ROW_BYTES + 1, 141),         # 2 rows, then 1
+    (10 * ROW_BYTES, 141),            # the whole batch in one segment
+])
+def test_teacher_cache_budgets(monkeypatch, cache_bytes, projections, temperature, caps):
+    """TAD's two passes share cached teacher projections up to the budget: same values as the
+    unfused loss for every budget, and each kept chunk is projected once instead of twice."""
+    div = TADLoss(k=10, beta=2.0, temperature=temperature)
+    case = make_case(12)
+    expected = unfused(div, *case, s_cap=caps[0], t_cap=caps[1])
+    calls = count_teacher_projections(monkeypatch, case[3])
+    got = fused(div, *case, chunk_size=12, student_softcap=caps[0], teacher_softcap=caps[1],
+                teacher_cache_mib=cache_bytes / 2**20)
+    assert_same(got, expected, torch.float32)
+    assert sum(calls) == projections
+
+
+def test_teacher_cache_unused_without_teacher_pass(monkeypatch):
+    """Divergences without a teacher pass project the teacher once per chunk, whatever the budget."""
+    case = make_case(13)
+    calls = count_teacher_projections(monkeypatch, case[3])
+    fused(ForwardKLLoss(), *case, chunk_size=12, teacher_cache_mib=0)
+    fused(ForwardKLLoss(), *case, chunk_size=12, teacher_cache_mib=1000)
+    assert sum(calls) == 2 * 141
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), "64", True])
+def test_teacher_cache_argument_errors(bad):
+    with pytest.raises(ValueError, match="teacher_cache_mib"):
+        fused_divergence(TADLoss(), *make_case(0), teacher_cache_mib=bad)
+
+
 # ----------------------------------------------------------------------------- compile
 
 
@@ -294,6 +354,22 @@ def test_compiled_caller_matches_eager():
         results.append((loss.detach(), x.grad, w.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["forward_kl", "tad_k10"])
+def test_compile_chunks_matches_unfused(name):
+    """``compile_chunks=True``: the per-chunk functions through inductor, chunks of two lengths
+    (64, 64, 13): same loss and gradients as the unfused loss."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    div = DIVERGENCES[name]()
+    case = make_case(14)
+    assert_same(fused(div, *case, chunk_size=64, compile_chunks=True), unfused(div, *case),
+                torch.float32)
+    assert counters["stats"]["unique_graphs"] >= 1  # the chunk function did go through dynamo
 
 
 # ----------------------------------------------------------------------------- FSDP2

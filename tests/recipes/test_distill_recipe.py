@@ -249,6 +249,8 @@ BAD = [
     ({"max_steps": 0}, "max_steps: must be an integer >= 1, got 0"),
     ({"hidden_layers": [[1]]}, "hidden_layers: must be a list of [student_layer, teacher_layer]"),
     ({"fused": "yes"}, "fused: must be bool, got 'yes'"),
+    ({"fused_teacher_cache_mib": -1}, "fused_teacher_cache_mib: must be >= 0"),
+    ({"fused_teacher_cache_mib": "all"}, "fused_teacher_cache_mib: must be int or float, got 'all'"),
 ]
 
 
@@ -278,16 +280,18 @@ def test_unknown_config_name_lists_the_bundled_ones(tmp_path):
     assert "neither a file nor a bundled config" in proc.stderr
 
 
-@pytest.mark.parametrize("kd", ["TADLoss", "ReverseKLLoss"])
-def test_fused_path_matches_unfused(assets, tmp_path, baseline, kd):
-    """fused: true computes CE and the divergence from hidden states and output weights."""
+@pytest.mark.parametrize("kd,cache_mib", [("TADLoss", 128), ("TADLoss", 0), ("ReverseKLLoss", 128)])
+def test_fused_path_matches_unfused(assets, tmp_path, baseline, kd, cache_mib):
+    """fused: true computes CE and the divergence from hidden states and output weights (TAD
+    with its teacher projections kept between its passes, and recomputed)."""
     kd_loss = {"_component_": f"tad_torchtune.losses.{kd}"}
     if kd == "TADLoss":
         kd_loss.update(k=5, beta=2.0)
         reference = tiny.train_losses(baseline)
     else:
         reference = tiny.train_losses(_run(assets, tmp_path, "unfused", kd_loss=kd_loss, max_steps=4))
-    out = _run(assets, tmp_path, "fused", fused=True, kd_loss=kd_loss, max_steps=10 if kd == "TADLoss" else 4)
+    out = _run(assets, tmp_path, "fused", fused=True, kd_loss=kd_loss, fused_teacher_cache_mib=cache_mib,
+               max_steps=10 if kd == "TADLoss" else 4)
     _assert_same_losses(tiny.train_losses(out), reference, rtol=1e-5)
 
 
