@@ -16,20 +16,31 @@ Implementations:
   ``ForwardKLWithChunkedOutputLoss``.
 - ``unfused``: our ``Divergence`` (checkpointed chunks of 1024 tokens) on logits materialised in
   the model's dtype, as the recipe's unfused path.
-- ``fused``: ``tad_torchtune.losses.fused.fused_divergence`` on hidden states + weights.
+- ``torchtune_chunked_compiled``: the same, the loss through ``torchtune.training.compile_loss``
+  (what torchtune's KD recipes do with ``compile: True``).
+- ``fused``: ``tad_torchtune.losses.fused.fused_divergence`` on hidden states + weights, with its
+  defaults (eager per-chunk functions; TAD keeps up to 128 MiB of teacher chunk projections
+  between its two passes).
+- ``fused_nocache``: ``fused`` with ``teacher_cache_mib=0`` (TAD projects the teacher twice).
+- ``fused_compiled``: ``fused`` with ``compile_chunks=True`` (per-chunk functions through
+  inductor; compilation happens in the warm-up steps).
 
 Time: median over ``--repeats`` steps after ``--warmup`` steps (CUDA: synchronised), all cases of
 a shape in one process taking turns step by step, so that load from other users of a shared
 machine hits them alike and the ratios stay fair. Peak extra memory, one step in a fresh
-subprocess per case: CUDA, ``torch.cuda.max_memory_allocated()`` minus the memory allocated
-before the step; CPU, the process's peak resident set size (``VmHWM``, reset through
-``/proc/self/clear_refs`` once the inputs are built) minus its resident size then, so it includes
-the allocator's caching and is a few MiB noisy. Gradients (``[V, D]`` and ``[N, D]``) count as
+subprocess per case, the second step (the first is a warm-up that also compiles the compiled
+cases): CUDA, ``torch.cuda.max_memory_allocated()`` minus the memory allocated before the step;
+CPU, the process's peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``
+after the warm-up step and a ``malloc_trim(0)`` that hands its freed memory back to the OS)
+minus its resident size then, with glibc's mmap threshold fixed at 128 KiB
+(``MALLOC_MMAP_THRESHOLD_``) so that every large tensor is mapped on allocation and unmapped on
+free: the resident size then follows the live tensors, a few MiB noisy. Gradients (``[V, D]`` and ``[N, D]``) count as
 extra memory for every implementation.
 """
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -50,7 +61,10 @@ DIVERGENCES = {
     "tad": lambda **kw: TADLoss(k=10, beta=2.0, **kw),
     "drkl": lambda **kw: DRKLLoss(gamma=1.0, **kw),
 }
-IMPLS = ("naive", "torchtune_chunked", "unfused", "fused")
+IMPLS = ("naive", "torchtune_chunked", "torchtune_chunked_compiled", "unfused", "fused",
+         "fused_nocache", "fused_compiled")
+FUSED_OPTIONS = {"fused": {}, "fused_nocache": {"teacher_cache_mib": 0},
+                 "fused_compiled": {"compile_chunks": True}}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_SHAPES = {
     "cpu": ["2048,32000,512,fp32"],
@@ -84,15 +98,19 @@ def make_inputs(n: int, v: int, d: int, dtype: torch.dtype, device: str):
     return h_s, w_s, h_t, w_t, labels
 
 
-def make_step(impl: str, name: str, h_s, w_s, h_t, w_t, labels, fused_chunk: int | None = None):
+def make_step(impl: str, name: str, h_s, w_s, h_t, w_t, labels, fused_chunk: int | None = None,
+              teacher_cache_mib: float | None = None):
     """A closure running one forward + backward, or None if the combination does not exist."""
-    if impl == "torchtune_chunked":
+    if impl.startswith("torchtune_chunked"):
         if name != "forward_kl":
             return None
         from torchtune.modules import TransformerDecoder
         from torchtune.modules.loss import ForwardKLWithChunkedOutputLoss
+        from torchtune.training import compile_loss
 
         loss_fn = ForwardKLWithChunkedOutputLoss(num_output_chunks=8)
+        if impl.endswith("_compiled"):
+            loss_fn = compile_loss(loss_fn, verbose=False)
 
         def head(w):  # what TransformerDecoder.chunked_output needs from the model
             return SimpleNamespace(output=lambda x: x @ w.T, num_output_chunks=8)
@@ -124,8 +142,13 @@ def make_step(impl: str, name: str, h_s, w_s, h_t, w_t, labels, fused_chunk: int
         return step
     div = DIVERGENCES[name]()
 
+    options = dict(FUSED_OPTIONS[impl])
+    if teacher_cache_mib is not None and "teacher_cache_mib" not in options:
+        options["teacher_cache_mib"] = teacher_cache_mib
+
     def step():
-        fused_divergence(div, h_s, w_s, h_t, w_t, labels, chunk_size=fused_chunk).mean().backward()
+        fused_divergence(div, h_s, w_s, h_t, w_t, labels, chunk_size=fused_chunk,
+                         **options).mean().backward()
 
     return step
 
@@ -138,17 +161,32 @@ def _vm_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _release_free_memory() -> None:
+    """glibc's ``malloc_trim(0)``: return freed heap memory to the OS, so that a step after a
+    warm-up step pays its peak resident size again."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
 def measure_memory(impl: str, name: str, shape: tuple, device: str,
-                   fused_chunk: int | None = None) -> dict:
-    """Peak extra memory of one step (the first: it holds every one-time allocation too)."""
+                   fused_chunk: int | None = None, teacher_cache_mib: float | None = None) -> dict:
+    """Peak extra memory of the second step (the first compiles the compiled cases; CPU: the
+    memory it freed is handed back to the OS first, so that it counts again)."""
     n, v, d, dtype_name = shape
     inputs = make_inputs(n, v, d, DTYPES[dtype_name], device)
-    step = make_step(impl, name, *inputs, fused_chunk=fused_chunk)
+    step = make_step(impl, name, *inputs, fused_chunk=fused_chunk,
+                     teacher_cache_mib=teacher_cache_mib)
+    step()  # warm-up: compiles the compiled cases, whose compiler memory is not the loss's
+    inputs[0].grad = inputs[1].grad = None
+    _sync(device)
+    if device == "cpu":
+        _release_free_memory()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -168,13 +206,15 @@ def measure_memory(impl: str, name: str, shape: tuple, device: str,
 
 
 def measure_times(cases: list[tuple[str, str]], shape: tuple, device: str, warmup: int,
-                  repeats: int, fused_chunk: int | None = None) -> dict:
+                  repeats: int, fused_chunk: int | None = None,
+                  teacher_cache_mib: float | None = None) -> dict:
     """Median step time of each case, the cases taking turns step by step (round robin) so that
     a change in the machine's load hits them all alike; ratios are then fair on a shared box."""
     n, v, d, dtype_name = shape
     inputs = make_inputs(n, v, d, DTYPES[dtype_name], device)
     h_s, w_s = inputs[:2]
-    steps = {c: make_step(*c, *inputs, fused_chunk=fused_chunk) for c in cases}
+    steps = {c: make_step(*c, *inputs, fused_chunk=fused_chunk, teacher_cache_mib=teacher_cache_mib)
+             for c in cases}
     times = {c: [] for c in cases}
     failed = {}
     for i in range(warmup + repeats):
@@ -212,7 +252,15 @@ def _subprocess(args, task: dict) -> dict:
         cmd += ["--fused-chunk", str(args.fused_chunk)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if args.teacher_cache_mib is not None:
+        cmd += ["--teacher-cache-mib", str(args.teacher_cache_mib)]
+    env = dict(os.environ)
+    if task["kind"] == "memory" and args.device == "cpu":
+        # a fixed mmap threshold: every large tensor is its own mapping, returned to the OS when
+        # freed, so the resident size follows the live tensors (glibc's dynamic threshold would
+        # serve them from a heap that stays resident after the warm-up step)
+        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         return {"error": proc.stderr[-400:]}
@@ -231,6 +279,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--fused-chunk", type=int, default=None,
                         help="tokens per chunk of the fused path (default: default_chunk_size)")
+    parser.add_argument("--teacher-cache-mib", type=float, default=None,
+                        help="teacher_cache_mib of the fused and fused_compiled cases "
+                             "(default: fused_divergence's)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--_task", help=argparse.SUPPRESS)  # internal: one subprocess's work
@@ -243,16 +294,17 @@ def main() -> None:
         shape = tuple(task["shape"])
         if task["kind"] == "memory":
             result = measure_memory(task["impl"], task["name"], shape, args.device,
-                                    args.fused_chunk)
+                                    args.fused_chunk, args.teacher_cache_mib)
         else:
             result = measure_times([tuple(c) for c in task["cases"]], shape, args.device,
-                                   task["warmup"], task["repeats"], args.fused_chunk)
+                                   task["warmup"], task["repeats"], args.fused_chunk,
+                                   args.teacher_cache_mib)
         print("RESULT " + json.dumps(result))
         return
 
     shapes = [parse_shape(s) for s in (args.shapes or DEFAULT_SHAPES[args.device])]
     cases = [(impl, name) for name in args.divergences for impl in args.impls
-             if impl != "torchtune_chunked" or name == "forward_kl"]
+             if not impl.startswith("torchtune_chunked") or name == "forward_kl"]
     rows = []
     for shape in shapes:
         n, v, d, dtype_name = shape
@@ -278,7 +330,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         chunk = (args.fused_chunk or default_chunk_size(r["N"], r["V"], r["D"], args.device)
-                 if r["impl"] == "fused" else "")
+                 if r["impl"].startswith("fused") else "")
         print(f"| {r['impl']} | {r['divergence']} | {r['N']} | {r['V']} | {r['D']} | "
               f"{r['dtype']} | {chunk} | {fmt(r['ms'], '.0f')} | {fmt(r['peak_mib'], '.0f')} | "
               f"{r['note']} |")
