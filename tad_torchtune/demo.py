@@ -30,6 +30,7 @@ import argparse
 import importlib.resources
 import inspect
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -204,7 +205,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="do not re-train runs whose student was already exported")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="extra tad_distill config overrides for every run, e.g. eval_every_n_steps=10")
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may follow a list option (``--seeds 0 1 max_steps=5``), where argparse
+    # would read them as list items: set them aside before parsing.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    is_override = [bool(re.match(r"^(~[A-Za-z_][\w.]*$|\+?[A-Za-z_][\w.]*=)", a)) for a in argv]
+    overrides = [a for a, o in zip(argv, is_override) if o]
+    args = parser.parse_args([a for a, o in zip(argv, is_override) if not o])
+    args.overrides = overrides
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
 
