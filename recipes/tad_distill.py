@@ -257,6 +257,10 @@ class TADDistillRecipe:
 
     def _setup_data(self, dataset_cfg: DictConfig, *, train: bool):
         packed = bool(dataset_cfg.get("packed", False))
+        if packed and self._is_rank_zero and getattr(self._kd_loss, "needs_teacher_pass", False):
+            print("tad_distill: warning: packed: true with a row-normalised divergence (TAD): its "
+                  "abar is the mean tail mass over each packed row, not over each document",
+                  file=sys.stderr)
         dataset = config.instantiate(dataset_cfg, self._tokenizer)
         if train:
             sampler = ResumableBatchSampler(
