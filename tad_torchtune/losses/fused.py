@@ -85,25 +85,25 @@ class _Plan:
     compile_chunks: bool = False
 
 
-def _logits(h: Tensor, w: Tensor, cap: float | None, dtype: torch.dtype) -> Tensor:
-    """``[n, V]`` logits in ``dtype`` (the projection runs in the inputs' dtype, as nn.Linear)."""
-    z = torch.nn.functional.linear(h, w).to(dtype)
+def _capped(z: Tensor, cap: float | None, dtype: torch.dtype) -> Tensor:
+    """Projection output ``z`` in ``dtype``, soft-capped (``cap * tanh(z / cap)``) unless None."""
+    z = z.to(dtype)
     return z if cap is None else torch.tanh(z / cap) * cap
 
 
-def _scaled_teacher(z: Tensor, plan: _Plan, dtype: torch.dtype, rows: Tensor, ignored: bool,
-                    keep_z: bool) -> Tensor:
-    """Teacher chunk logits as the divergence sees them, from the raw projection ``z``: float32,
-    soft-capped, ignored rows zeroed, divided by the temperature. ``keep_z``: ``z`` is cached and
-    must not be written to."""
-    t = z.to(dtype)
-    if plan.teacher_softcap is not None:
-        t = torch.tanh(t / plan.teacher_softcap) * plan.teacher_softcap
-    if ignored:
-        t = torch.where(rows, t, 0.0)
-    tau = plan.divergence.temperature
+def _logits(h: Tensor, w: Tensor, cap: float | None, dtype: torch.dtype) -> Tensor:
+    """``[n, V]`` logits in ``dtype`` (the projection runs in the inputs' dtype, as nn.Linear)."""
+    return _capped(torch.nn.functional.linear(h, w), cap, dtype)
+
+
+def _masked_scaled(x: Tensor, rows: Tensor, ignored: bool, tau: float, keep: bool) -> Tensor:
+    """Chunk logits as the divergence sees them: ignored rows zeroed (``where()``, not
+    multiplication: garbage in an ignored row must not reach any sum), divided by the
+    temperature. ``keep``: ``x`` must not be written to (the student's soft-cap gradient needs it,
+    a cached teacher projection is read again)."""
+    t = torch.where(rows, x, 0.0) if ignored else x
     if tau != 1.0:
-        t = t / tau if (keep_z and t is z) else t.div_(tau)
+        t = t / tau if (keep and t is x) else t.div_(tau)
     return t
 
 
@@ -154,12 +154,14 @@ def _teacher_extras(plan: _Plan, h_t: Tensor, w_t: Tensor, valid: Tensor, flags:
     pieces = []
     for start, ignored in zip(range(0, n, step), flags):
         z = torch.nn.functional.linear(h_t[start : start + step], w_t)
-        keep = z.numel() * z.element_size() <= budget
+        size = z.numel() * z.element_size()
+        keep = size <= budget
         if keep:
             cache[start] = z
-            budget -= z.numel() * z.element_size()
-        t = _scaled_teacher(z, plan, dtype, valid[start : start + step].unsqueeze(-1), ignored,
-                            keep_z=keep)
+            budget -= size
+        t = _capped(z, plan.teacher_softcap, dtype)
+        t = _masked_scaled(t, valid[start : start + step].unsqueeze(-1), ignored,
+                           div.temperature, keep=keep and t is z)
         pieces.append(div.teacher_chunk_stats(t))
     stats = tuple(torch.cat(p).reshape(*lead, *p[0].shape[1:]) for p in zip(*pieces))
     extras = div.teacher_extras(stats, valid.reshape(lead))
@@ -204,14 +206,10 @@ class _FusedDivergence(torch.autograd.Function):
                 z_t = cache.pop(start, None)
                 if z_t is None:
                     z_t = torch.nn.functional.linear(h_t[sl], w_t)
-                t = _scaled_teacher(z_t, plan, dtype, rows, ignored, keep_z=False)
+                t = _masked_scaled(_capped(z_t, plan.teacher_softcap, dtype), rows, ignored, tau,
+                                   keep=False)
                 del z_t
-                s = z_s  # z_s itself stays intact: the soft-cap gradient needs it
-                if ignored:
-                    # where(), not multiplication: garbage in an ignored row must not reach any sum.
-                    s = torch.where(rows, z_s, 0.0)
-                if tau != 1.0:
-                    s = s.div_(tau) if ignored else s / tau
+                s = _masked_scaled(z_s, rows, ignored, tau, keep=True)  # z_s stays intact
                 per_token, stats, grad = grad_fn(s, t, y[sl], *(e[local] for e in extras))
                 del s, t
                 zero = per_token.new_zeros(())
