@@ -116,16 +116,13 @@ def validate_config(cfg: DictConfig) -> None:
             raise ValueError(f"{key}: must be one of {CHOICES[key]}, got {value!r}")
         if key in AT_LEAST_ONE and value < 1:
             raise ValueError(f"{key}: must be an integer >= 1, got {value!r}")
-    for key in ("clm_weight", "kd_weight", "hidden_weight"):
+    for key in ("clm_weight", "kd_weight", "hidden_weight", "fused_teacher_cache_mib"):
         value = cfg.get(key, SCALARS[key][1])
         if value < 0:
             raise ValueError(f"{key}: must be >= 0, got {value!r}")
     weights = {k: cfg.get(k, SCALARS[k][1]) for k in ("clm_weight", "kd_weight", "hidden_weight")}
     if not any(w > 0 for w in weights.values()):
         raise ValueError(f"clm_weight, kd_weight, hidden_weight: at least one must be > 0, got {weights}")
-    if cfg.get("fused_teacher_cache_mib", 0) < 0:
-        raise ValueError("fused_teacher_cache_mib: must be >= 0 (MiB; 0 recomputes every teacher "
-                         f"chunk), got {cfg.fused_teacher_cache_mib!r}")
     if cfg.get("clip_grad_norm") is not None and cfg.clip_grad_norm <= 0:
         raise ValueError(f"clip_grad_norm: must be > 0 or null, got {cfg.clip_grad_norm!r}")
     if weights["kd_weight"] > 0:
