@@ -9,7 +9,6 @@ chunked forward KL and to our fused forward KL in the same mode (eager or compil
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,14 +30,7 @@ def main(repeats: int = 7, warmup: int = 2) -> None:
                                                        teacher_cache_mib=mib)
         cases[f"fused_compiled TAD cache {mib}"] = lb.make_step("fused_compiled", "tad", *inputs,
                                                                 teacher_cache_mib=mib)
-    times: dict[str, list[float]] = {k: [] for k in cases}
-    for i in range(warmup + repeats):
-        for name, step in cases.items():
-            inputs[0].grad = inputs[1].grad = None
-            start = time.perf_counter()
-            step()
-            if i >= warmup:
-                times[name].append(1e3 * (time.perf_counter() - start))
+    times, _ = lb.time_round_robin(cases, inputs, "cpu", warmup, repeats)
     median = {k: statistics.median(v) for k, v in times.items()}
     print(f"threads={torch.get_num_threads()} warmup={warmup} repeats={repeats}")
     print("| case | median ms | / torchtune chunked FKL | / fused FKL (same mode) | all times ms |")

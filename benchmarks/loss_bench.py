@@ -184,7 +184,6 @@ def measure_memory(impl: str, name: str, shape: tuple, device: str,
                      teacher_cache_mib=teacher_cache_mib)
     step()  # warm-up: compiles the compiled cases, whose compiler memory is not the loss's
     inputs[0].grad = inputs[1].grad = None
-    _sync(device)
     if device == "cpu":
         _release_free_memory()
     if device == "cuda":
@@ -205,17 +204,18 @@ def measure_memory(impl: str, name: str, shape: tuple, device: str,
     return {"peak_mib": (peak - base) / 2**20}
 
 
-def measure_times(cases: list[tuple[str, str]], shape: tuple, device: str, warmup: int,
-                  repeats: int, fused_chunk: int | None = None,
-                  teacher_cache_mib: float | None = None) -> dict:
-    """Median step time of each case, the cases taking turns step by step (round robin) so that
-    a change in the machine's load hits them all alike; ratios are then fair on a shared box."""
-    n, v, d, dtype_name = shape
-    inputs = make_inputs(n, v, d, DTYPES[dtype_name], device)
+def time_round_robin(steps: dict, inputs: tuple, device: str, warmup: int,
+                     repeats: int) -> tuple[dict, dict]:
+    """Step times (ms) of every ``steps`` entry, the entries taking turns step by step (round
+    robin) so that a change in the machine's load hits them all alike; ratios are then fair on a
+    shared box. Gradients of the student inputs are dropped before each step.
+
+    Returns:
+        ``(times, failed)``: key -> times after the warm-up, key -> "OOM" for steps that ran out
+        of memory (and were not run again).
+    """
     h_s, w_s = inputs[:2]
-    steps = {c: make_step(*c, *inputs, fused_chunk=fused_chunk, teacher_cache_mib=teacher_cache_mib)
-             for c in cases}
-    times = {c: [] for c in cases}
+    times = {c: [] for c in steps}
     failed = {}
     for i in range(warmup + repeats):
         for c, step in steps.items():
@@ -234,6 +234,18 @@ def measure_times(cases: list[tuple[str, str]], shape: tuple, device: str, warmu
                 continue
             if i >= warmup:
                 times[c].append(1e3 * (time.perf_counter() - start))
+    return times, failed
+
+
+def measure_times(cases: list[tuple[str, str]], shape: tuple, device: str, warmup: int,
+                  repeats: int, fused_chunk: int | None = None,
+                  teacher_cache_mib: float | None = None) -> dict:
+    """Median step time of each case, timed by ``time_round_robin``."""
+    n, v, d, dtype_name = shape
+    inputs = make_inputs(n, v, d, DTYPES[dtype_name], device)
+    steps = {c: make_step(*c, *inputs, fused_chunk=fused_chunk, teacher_cache_mib=teacher_cache_mib)
+             for c in cases}
+    times, failed = time_round_robin(steps, inputs, device, warmup, repeats)
     return {f"{impl}/{name}": {"ms": statistics.median(times[(impl, name)])
                                if times[(impl, name)] else None,
                                "times_ms": [round(t, 1) for t in times[(impl, name)]],
