@@ -85,10 +85,14 @@ class _Plan:
     compile_chunks: bool = False
 
 
-def _capped(z: Tensor, cap: float | None, dtype: torch.dtype) -> Tensor:
-    """Projection output ``z`` in ``dtype``, soft-capped (``cap * tanh(z / cap)``) unless None."""
-    z = z.to(dtype)
-    return z if cap is None else torch.tanh(z / cap) * cap
+def _capped(z: Tensor, cap: float | None, dtype: torch.dtype, keep: bool = False) -> Tensor:
+    """Projection output ``z`` in ``dtype``, soft-capped (``cap * tanh(z / cap)``) unless None;
+    in place where ``z`` is already in ``dtype``, unless ``keep`` (a cached projection)."""
+    x = z.to(dtype)
+    if cap is None:
+        return x
+    x = x / cap if (keep and x is z) else x.div_(cap)
+    return x.tanh_().mul_(cap)
 
 
 def _logits(h: Tensor, w: Tensor, cap: float | None, dtype: torch.dtype) -> Tensor:
@@ -97,14 +101,14 @@ def _logits(h: Tensor, w: Tensor, cap: float | None, dtype: torch.dtype) -> Tens
 
 
 def _masked_scaled(x: Tensor, rows: Tensor, ignored: bool, tau: float, keep: bool) -> Tensor:
-    """Chunk logits as the divergence sees them: ignored rows zeroed (``where()``, not
+    """Chunk logits as the divergence sees them: ignored rows zeroed (a fill, not a
     multiplication: garbage in an ignored row must not reach any sum), divided by the
-    temperature. ``keep``: ``x`` must not be written to (the student's soft-cap gradient needs it,
-    a cached teacher projection is read again)."""
-    t = torch.where(rows, x, 0.0) if ignored else x
-    if tau != 1.0:
-        t = t / tau if (keep and t is x) else t.div_(tau)
-    return t
+    temperature; in place unless ``keep`` (``x`` is a cached teacher projection, read again)."""
+    if keep and (ignored or tau != 1.0):
+        x = x.clone()
+    if ignored:
+        x = x.masked_fill_(~rows, 0.0)
+    return x.div_(tau) if tau != 1.0 else x
 
 
 def _autograd_chunk_grad(fn):
@@ -159,7 +163,7 @@ def _teacher_extras(plan: _Plan, h_t: Tensor, w_t: Tensor, valid: Tensor, flags:
         if keep:
             cache[start] = z
             budget -= size
-        t = _capped(z, plan.teacher_softcap, dtype)
+        t = _capped(z, plan.teacher_softcap, dtype, keep=keep)
         t = _masked_scaled(t, valid[start : start + step].unsqueeze(-1), ignored,
                            div.temperature, keep=keep and t is z)
         pieces.append(div.teacher_chunk_stats(t))
@@ -202,16 +206,17 @@ class _FusedDivergence(torch.autograd.Function):
                 stop = min(start + plan.chunk_size, seg_n)  # chunks never cross a segment
                 local, sl = slice(start, stop), slice(seg_start + start, seg_start + stop)
                 rows = valid[sl].unsqueeze(-1)  # (n, 1)
-                z_s = _logits(h_s[sl], w_s, plan.student_softcap, dtype)  # (n, V)
+                s = _masked_scaled(_logits(h_s[sl], w_s, plan.student_softcap, dtype), rows,
+                                   ignored, tau, keep=False)  # (n, V)
                 z_t = cache.pop(start, None)
                 if z_t is None:
                     z_t = torch.nn.functional.linear(h_t[sl], w_t)
                 t = _masked_scaled(_capped(z_t, plan.teacher_softcap, dtype), rows, ignored, tau,
                                    keep=False)
                 del z_t
-                s = _masked_scaled(z_s, rows, ignored, tau, keep=True)  # z_s stays intact
+                # t is scratch for grad_fn (TAD's overwrites it); s is read only.
                 per_token, stats, grad = grad_fn(s, t, y[sl], *(e[local] for e in extras))
-                del s, t
+                del t
                 zero = per_token.new_zeros(())
                 sums += torch.stack([torch.where(valid[sl], v, zero).sum()
                                      for v in (per_token, *(stats[k] for k in names))])
@@ -221,9 +226,11 @@ class _FusedDivergence(torch.autograd.Function):
                     grad = grad.masked_fill_(~rows, 0.0)  # d total / d (capped logits)
                 if tau != 1.0:
                     grad = grad.div_(tau)
-                if plan.student_softcap is not None:  # d(cap tanh(x / cap))/dx = 1 - tanh^2
-                    grad = grad.mul_(1 - (z_s / plan.student_softcap).square())
-                del z_s
+                if plan.student_softcap is not None:
+                    # d(cap tanh(x / cap))/dx = 1 - tanh^2 = 1 - (s tau / cap)^2 on valid rows
+                    # (the capped logits are s tau there); built in s's own buffer.
+                    grad = grad.mul_(s.mul_(tau / plan.student_softcap).square_().neg_().add_(1.0))
+                del s
                 grad = grad.to(h_s.dtype)  # bf16 matmuls, float32 accumulation (as Liger)
                 if need_h:
                     grad_h[sl] = grad @ w_s

@@ -119,17 +119,20 @@ def tad_chunk_grad(
     ``dL/ds_i = q_i - p_i`` on a top-K id and ``q_i - alphaT qt_i + w (qt_i - pt_i)`` on a tail id
     (paper eq. 6 rewritten without dividing by ``alphaT``, which may underflow).
 
+    ``t`` is scratch: it is overwritten (the fused path's teacher chunk is its own). Besides ``s``
+    and ``t`` the chunk allocates two ``[n, V]`` float buffers, one of which becomes ``grad``.
+
     Returns:
         ``(per_token [n], stats, grad [n, V])``.
     """
     neg_inf = float("-inf")
     zero = s.new_zeros(())
     s_top = s.gather(-1, topk_idx)  # (n, K)
-    s_tail = s.scatter(-1, topk_idx, neg_inf)  # (n, V), top-K ids at -inf
-    lse_s_tail = s_tail.logsumexp(-1)
+    log_p_top = t.gather(-1, topk_idx) - lse_t.unsqueeze(-1)
+    log_qt = s.scatter(-1, topk_idx, neg_inf)  # (n, V), top-K ids at -inf
+    lse_s_tail = log_qt.logsumexp(-1)
     lse_s = torch.logaddexp(lse_s_tail, s_top.logsumexp(-1))
 
-    log_p_top = t.gather(-1, topk_idx) - lse_t.unsqueeze(-1)
     log_q_top = s_top - lse_s.unsqueeze(-1)
     log_alpha_t = lse_t_tail - lse_t
     log_alpha_s = lse_s_tail - lse_s
@@ -139,12 +142,15 @@ def tad_chunk_grad(
         alpha_t > 0, alpha_t * (log_alpha_t - log_alpha_s), zero
     )
 
-    # In-place from here on: each [n, V] buffer is reused once its value is no longer needed.
+    # D_KL2 = sum_tail pt (log pt - log qt); 0 where the teacher has no tail mass.
     has_tail = torch.isfinite(lse_t_tail)
-    log_pt = t.scatter(-1, topk_idx, neg_inf).sub_(safe_finite(lse_t_tail).unsqueeze(-1))
-    log_qt = s_tail.sub_(safe_finite(lse_s_tail).unsqueeze(-1))
-    pt = log_pt.exp()  # (n, V), 0 on the top-K ids
-    dkl2 = torch.where(has_tail, masked_xlogy_value(pt, log_pt.sub_(log_qt)), zero)
+    log_qt.sub_(safe_finite(lse_s_tail).unsqueeze(-1))
+    log_pt = t.scatter_(-1, topk_idx, neg_inf).sub_(safe_finite(lse_t_tail).unsqueeze(-1))
+    log_ratio = log_pt - log_qt  # NaN on the top-K ids (-inf - -inf), masked out below
+    pt = log_pt.exp_()  # (n, V), 0 on the top-K ids
+    dkl2 = log_ratio.masked_fill_(pt == 0, 0.0).mul_(pt).sum(-1)
+    del log_ratio
+    dkl2 = torch.where(has_tail, dkl2, zero)
     w = torch.where(tail_weight > 0, tail_weight, zero)
     per_token = dkl1 + torch.where(w > 0, w * dkl2, zero)
 

@@ -267,7 +267,9 @@ def test_chunk_grad_fn_equals_autograd(name, kind):
     s_ = s.clone().requires_grad_(True)
     value, stats = div.chunk_fn(s_, t, y, *extras)
     (grad,) = torch.autograd.grad(value.sum(), s_)
+    s_before = s.clone()
     value2, stats2, grad2 = div.chunk_grad_fn(s, t, y, *extras)
+    assert torch.equal(s, s_before)  # s is read only (t is scratch, TAD writes to it)
     torch.testing.assert_close(value2, value.detach(), atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(grad2, grad, atol=1e-10, rtol=1e-8)
     for k in stats:
@@ -330,6 +332,59 @@ def test_teacher_cache_unused_without_teacher_pass(monkeypatch):
 def test_teacher_cache_argument_errors(bad):
     with pytest.raises(ValueError, match="teacher_cache_mib"):
         fused_divergence(TADLoss(), *make_case(0), teacher_cache_mib=bad)
+
+
+# ----------------------------------------------------------------------------- peak memory
+
+
+def peak_allocated_bytes(fn) -> int:
+    """Peak of the CPU bytes allocated by ``fn()`` and still live, from the profiler's memory
+    events (every torch allocation and free, in order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+MEM_ROWS, MEM_T, MEM_V, MEM_CHUNK = 2, 256, 2048, 16
+CHUNK_BYTES = MEM_CHUNK * MEM_V * 4  # one [chunk, V] float32 buffer; [N, V] is 32 of them
+
+
+@pytest.mark.parametrize("name,cache_chunks,limit", [
+    # beyond the gradients and the cached teacher chunks: the student chunk, the teacher chunk
+    # (scratch for TAD's chunk gradient), TAD's two working buffers, a bool mask and the
+    # [N, K] / [N] statistics; the code before this bound held 7.2 and 8.4 buffers
+    ("tad_k10", 4, 5.0),
+    ("tad_k10", 0, 6.0),
+    # the other divergences have no teacher pass; far below the 32 buffers of [N, V]
+    ("forward_kl", 0, 10.0),
+    ("reverse_kl", 0, 10.0),
+    ("drkl", 0, 14.0),
+])
+@pytest.mark.parametrize("temperature,caps", [(1.0, (None, None)), (2.0, (5.0, 7.0))])
+def test_peak_memory_is_a_few_chunks(name, cache_chunks, limit, temperature, caps):
+    """Peak memory of a fused forward (where all the work happens) in ``[chunk, V]`` buffers,
+    beyond the two gradients and the teacher cache, counted from every torch allocation."""
+    case = make_case(21, b=MEM_ROWS, t=MEM_T, v=MEM_V)
+    h_s, w_s = (x.requires_grad_(True) for x in case[:2])
+    div = DIVERGENCES[name](temperature=temperature)
+    grads = (w_s.numel() + h_s.numel()) * 4
+    cache = cache_chunks * CHUNK_BYTES
+
+    def forward():
+        fused_divergence(div, h_s, w_s, *case[2:], chunk_size=MEM_CHUNK, student_softcap=caps[0],
+                         teacher_softcap=caps[1], teacher_cache_mib=cache / 2**20)
+
+    forward()  # first calls allocate caches of their own (e.g. the CPU allocator's)
+    buffers = (peak_allocated_bytes(forward) - grads - cache) / CHUNK_BYTES
+    assert 1.0 < buffers <= limit, buffers
 
 
 # ----------------------------------------------------------------------------- compile
