@@ -172,6 +172,20 @@ def _teacher_extras(plan: _Plan, h_t: Tensor, w_t: Tensor, valid: Tensor, flags:
     return tuple(e.reshape(n, *e.shape[2:]) for e in extras), cache
 
 
+def _accumulate_weight_grad(grad_w: Tensor, grad: Tensor, h: Tensor) -> None:
+    """``grad_w += grad.T @ h`` (``[V, D] += [V, n] @ [n, D]``). Inputs of a lower precision than
+    the float32 ``grad_w`` (bf16) multiply in their own dtype, like the model's matmuls, and are
+    added by vocabulary blocks, so the low-precision product is never a whole ``[V, D]`` (1.7 GiB
+    at Gemma2-9B's 256000 x 3584) but at most the size of the chunk's float32 ``[n, V]`` logits."""
+    if grad_w.dtype == h.dtype:
+        grad_w.addmm_(grad.t(), h)
+        return
+    vocab, hidden = grad_w.shape
+    block = max(1, grad.shape[0] * vocab * 4 // (hidden * h.element_size()))
+    for v in range(0, vocab, block):
+        grad_w[v : v + block] += grad[:, v : v + block].t() @ h
+
+
 class _FusedDivergence(torch.autograd.Function):
     """Loss sum and diagnostics in forward; backward only rescales the stored gradients."""
 
@@ -235,10 +249,7 @@ class _FusedDivergence(torch.autograd.Function):
                 if need_h:
                     grad_h[sl] = grad @ w_s
                 if need_w:
-                    if grad_w.dtype == h_s.dtype:
-                        grad_w.addmm_(grad.t(), h_s[sl])
-                    else:
-                        grad_w += grad.t() @ h_s[sl]
+                    _accumulate_weight_grad(grad_w, grad, h_s[sl])
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (h_s.dtype, w_s.dtype)
         ctx.done = False

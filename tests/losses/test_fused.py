@@ -158,15 +158,16 @@ def test_ignored_tokens_do_not_count(name):
     assert not a[1][ignored.squeeze(-1)].any()
 
 
+@pytest.mark.parametrize("chunk", [16, 1])  # 1: the weight gradient by vocabulary blocks of 15
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
-def test_bf16_inputs_against_float64(name):
+def test_bf16_inputs_against_float64(name, chunk):
     """bf16 hidden states and weights: the logits are bf16 matmul outputs (as the model's), the
     math float32, the weight gradient accumulated in float32 over chunks. Reference: float64 math
     on the SAME bf16 logits, chained to the hidden states and weight in float64. The gradients
     come back in bf16 (relative rounding 2**-8) after per-chunk bf16 matmuls."""
     div = DIVERGENCES[name]()
     h_s, w_s, h_t, w_t, labels = make_case(6, torch.bfloat16)
-    out, g_h, g_w = fused(div, h_s, w_s, h_t, w_t, labels, chunk_size=16)
+    out, g_h, g_w = fused(div, h_s, w_s, h_t, w_t, labels, chunk_size=chunk)
     z = (h_s @ w_s.T).double().requires_grad_(True)  # the bf16 logits, exactly
     ref = div.sum_and_count(z, (h_t @ w_t.T).double(), labels)
     (g_z,) = torch.autograd.grad(ref.total, z)
@@ -385,6 +386,26 @@ def test_peak_memory_is_a_few_chunks(name, cache_chunks, limit, temperature, cap
     forward()  # first calls allocate caches of their own (e.g. the CPU allocator's)
     buffers = (peak_allocated_bytes(forward) - grads - cache) / CHUNK_BYTES
     assert 1.0 < buffers <= limit, buffers
+
+
+def test_bf16_weight_gradient_is_summed_by_vocabulary_blocks():
+    """A wide bf16 weight: the per-chunk bf16 product ``grad.T @ h`` is added to the float32
+    weight gradient block by block, never as a whole ``[V, D]`` (whole: 192 chunk buffers here,
+    the bf16 product and its float32 promotion)."""
+    chunk, hidden = 4, 512
+    case = make_case(22, torch.bfloat16, b=1, t=64, v=MEM_V)
+    gen = torch.Generator().manual_seed(0)
+    h_s = torch.randn(1, 64, hidden, generator=gen).bfloat16().requires_grad_(True)
+    w_s = (torch.randn(MEM_V, hidden, generator=gen) * 0.05).bfloat16().requires_grad_(True)
+    chunk_bytes = chunk * MEM_V * 4
+    grads = (w_s.numel() + h_s.numel()) * 4  # float32 until backward
+
+    def forward():
+        fused_divergence(ForwardKLLoss(), h_s, w_s, *case[2:], chunk_size=chunk)
+
+    forward()
+    buffers = (peak_allocated_bytes(forward) - grads) / chunk_bytes
+    assert buffers <= 10.0, buffers
 
 
 # ----------------------------------------------------------------------------- compile
