@@ -24,10 +24,15 @@ Implementations:
 - ``fused_nocache``: ``fused`` with ``teacher_cache_mib=0`` (TAD projects the teacher twice).
 - ``fused_compiled``: ``fused`` with ``compile_chunks=True`` (per-chunk functions through
   inductor; compilation happens in the warm-up steps).
+- ``matmul_floor`` (divergence ``none``): the output-projection matmuls alone, no loss: per chunk
+  of the fused path's size, the student's and the teacher's projections and the student's two
+  backward matmuls (hidden-state and weight gradients), in the inputs' dtype. No fused loss can
+  be faster; the GPU target is TAD within 1.5x of it.
 
 Time: median over ``--repeats`` steps after ``--warmup`` steps (CUDA: synchronised), all cases of
 a shape in one process taking turns step by step, so that load from other users of a shared
-machine hits them alike and the ratios stay fair. Peak extra memory, one step in a fresh
+machine hits them alike and the ratios stay fair. A time RATIO is the median over rounds of the
+ratio within a round (paired), which a slow spell shared by both cases leaves alone. Peak extra memory, one step in a fresh
 subprocess per case, the second step (the first is a warm-up that also compiles the compiled
 cases): CUDA, ``torch.cuda.max_memory_allocated()`` minus the memory allocated before the step;
 CPU, the process's peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``
@@ -62,7 +67,7 @@ DIVERGENCES = {
     "drkl": lambda **kw: DRKLLoss(gamma=1.0, **kw),
 }
 IMPLS = ("naive", "torchtune_chunked", "torchtune_chunked_compiled", "unfused", "fused",
-         "fused_nocache", "fused_compiled")
+         "fused_nocache", "fused_compiled", "matmul_floor")
 FUSED_OPTIONS = {"fused": {}, "fused_nocache": {"teacher_cache_mib": 0},
                  "fused_compiled": {"compile_chunks": True}}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -101,6 +106,8 @@ def make_inputs(n: int, v: int, d: int, dtype: torch.dtype, device: str):
 def make_step(impl: str, name: str, h_s, w_s, h_t, w_t, labels, fused_chunk: int | None = None,
               teacher_cache_mib: float | None = None):
     """A closure running one forward + backward, or None if the combination does not exist."""
+    if impl == "matmul_floor":
+        return _matmul_floor_step(h_s, w_s, h_t, w_t, fused_chunk)
     if impl.startswith("torchtune_chunked"):
         if name != "forward_kl":
             return None
@@ -149,6 +156,27 @@ def make_step(impl: str, name: str, h_s, w_s, h_t, w_t, labels, fused_chunk: int
     def step():
         fused_divergence(div, h_s, w_s, h_t, w_t, labels, chunk_size=fused_chunk,
                          **options).mean().backward()
+
+    return step
+
+
+def _matmul_floor_step(h_s, w_s, h_t, w_t, chunk: int | None):
+    """The four ``[chunk, V] x [V, D]``-sized matmuls of a fused step and nothing else; the
+    student's logits stand in for their gradient."""
+    d = h_s.shape[-1]
+    hs, ht = h_s.detach().reshape(-1, d), h_t.reshape(-1, h_t.shape[-1])
+    chunk = chunk or default_chunk_size(hs.shape[0], w_s.shape[0], d, hs.device)
+
+    def step():
+        with torch.no_grad():
+            grad_h = torch.empty_like(hs)
+            grad_w = torch.zeros_like(w_s)
+            for start in range(0, hs.shape[0], chunk):
+                h = hs[start : start + chunk]
+                z = h @ w_s.T  # student projection
+                ht[start : start + chunk] @ w_t.T  # teacher projection
+                grad_h[start : start + chunk] = z @ w_s
+                grad_w.addmm_(z.t(), h)
 
     return step
 
@@ -253,6 +281,14 @@ def measure_times(cases: list[tuple[str, str]], shape: tuple, device: str, warmu
             for impl, name in cases}
 
 
+def paired_time_ratio(times_a: list[float], times_b: list[float]) -> float:
+    """Median over rounds of ``a / b`` within each round of ``time_round_robin``; the ratio of
+    the medians when the rounds do not pair up (a case that ran out of memory)."""
+    if len(times_a) == len(times_b) and times_a:
+        return statistics.median(a / b for a, b in zip(times_a, times_b))
+    return statistics.median(times_a) / statistics.median(times_b)
+
+
 def fmt(x, spec):
     return "—" if x is None else format(x, spec)
 
@@ -316,7 +352,10 @@ def main() -> None:
 
     shapes = [parse_shape(s) for s in (args.shapes or DEFAULT_SHAPES[args.device])]
     cases = [(impl, name) for name in args.divergences for impl in args.impls
-             if not impl.startswith("torchtune_chunked") or name == "forward_kl"]
+             if impl != "matmul_floor"
+             and (not impl.startswith("torchtune_chunked") or name == "forward_kl")]
+    if "matmul_floor" in args.impls:
+        cases.append(("matmul_floor", "none"))
     rows = []
     for shape in shapes:
         n, v, d, dtype_name = shape
@@ -342,7 +381,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         chunk = (args.fused_chunk or default_chunk_size(r["N"], r["V"], r["D"], args.device)
-                 if r["impl"].startswith("fused") else "")
+                 if r["impl"].startswith(("fused", "matmul_floor")) else "")
         print(f"| {r['impl']} | {r['divergence']} | {r['N']} | {r['V']} | {r['D']} | "
               f"{r['dtype']} | {chunk} | {fmt(r['ms'], '.0f')} | {fmt(r['peak_mib'], '.0f')} | "
               f"{r['note']} |")
@@ -356,16 +395,25 @@ def main() -> None:
             x, y = got.get(a), got.get(b)
             if not x or not y or x[key] is None or y[key] is None:
                 return "—"
+            if key == "ms":
+                return f"{paired_time_ratio(x['times_ms'], y['times_ms']):.2f}"
             return f"{x[key] / y[key]:.2f}"
 
         shape = f"({n}, {v}, {d}, {dtype_name})"
-        tad, fkl, tt = ("fused", "tad"), ("fused", "forward_kl"), ("torchtune_chunked", "forward_kl")
-        print(f"- {shape} fused TAD / fused forward-KL time: {ratio(tad, fkl, 'ms')} "
-              f"(target <= 1.2, goal 1.1)")
-        print(f"- {shape} fused TAD / torchtune chunked forward-KL peak extra memory: "
-              f"{ratio(tad, tt, 'peak_mib')} (target <= 0.25)")
-        print(f"- {shape} fused TAD / torchtune chunked forward-KL time: "
-              f"{ratio(tad, tt, 'ms')} (target <= 1.0)")
+        tt = ("torchtune_chunked", "forward_kl")
+        floor = ("matmul_floor", "none")
+        for mode in ("fused", "fused_compiled"):
+            tad, same_fkl = (mode, "tad"), (mode, "forward_kl")
+            if tad not in got:
+                continue
+            print(f"- {shape} {mode} TAD / {mode} forward-KL time: {ratio(tad, same_fkl, 'ms')} "
+                  f"(target <= 1.2, goal 1.1)")
+            print(f"- {shape} {mode} TAD / torchtune chunked forward-KL peak extra memory: "
+                  f"{ratio(tad, tt, 'peak_mib')} (CPU target <= 0.25); time: "
+                  f"{ratio(tad, tt, 'ms')} (CPU target <= 1.0)")
+            print(f"- {shape} {mode} TAD / matmul floor time: {ratio(tad, floor, 'ms')} "
+                  f"(GPU target <= 1.5); peak extra MiB {fmt(got[tad]['peak_mib'], '.0f')} "
+                  f"(GPU target <= 2048)")
         for name in args.divergences:
             f, u = ("fused", name), ("unfused", name)
             print(f"- {shape} {name}: fused / unfused time {ratio(f, u, 'ms')}, "

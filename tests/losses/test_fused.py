@@ -388,6 +388,34 @@ def test_peak_memory_is_a_few_chunks(name, cache_chunks, limit, temperature, cap
     assert 1.0 < buffers <= limit, buffers
 
 
+def matmul_flops(fn) -> int:
+    """Flops of the matrix products ``fn()`` runs (torch's FlopCounterMode, taught the in-place
+    ``addmm_`` that accumulates the weight gradient)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def addmm_inplace(self_shape, a_shape, b_shape, out_shape=None, **kwargs):
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+    mapping = {torch.ops.aten.addmm_: addmm_inplace}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name,cache_mib,teacher_projections", [
+    ("forward_kl", 128, 1),
+    ("tad_k10", 128, 1),  # the whole teacher kept between TAD's passes: the cost of KL
+    ("tad_k10", 0, 2),
+])
+def test_matmul_flops(name, cache_mib, teacher_projections):
+    """Matmul work of a fused forward + backward: the student's projection and its two gradient
+    matmuls (3 x 2 N V D) plus the teacher's projection once per pass that needs it."""
+    h_s, w_s, h_t, w_t, labels = make_case(23)
+    flops = matmul_flops(lambda: fused(DIVERGENCES[name](), h_s, w_s, h_t, w_t, labels,
+                                       chunk_size=12, teacher_cache_mib=cache_mib))
+    assert flops == 2 * B * T * V * (3 * D + teacher_projections * D_T)
+
+
 def test_bf16_weight_gradient_is_summed_by_vocabulary_blocks():
     """A wide bf16 weight: the per-chunk bf16 product ``grad.T @ h`` is added to the float32
     weight gradient block by block, never as a whole ``[V, D]`` (whole: 192 chunk buffers here,

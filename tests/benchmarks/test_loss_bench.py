@@ -1,0 +1,30 @@
+"""The benchmark's own arithmetic: paired time ratios and the matmul floor."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.losses.test_fused import matmul_flops
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import loss_bench  # noqa: E402
+
+
+def test_paired_time_ratio_pairs_rounds():
+    # round 2 was slow for both cases: the paired ratio ignores it, the ratio of medians does not
+    a, b = [2.0, 20.0, 2.2], [1.0, 10.0, 1.0]
+    assert loss_bench.paired_time_ratio(a, b) == pytest.approx(2.0)
+    assert loss_bench.paired_time_ratio(a, b[:2]) == pytest.approx(2.2 / 5.5)
+
+
+@pytest.mark.parametrize("chunk", [None, 48])
+def test_matmul_floor_is_four_projection_matmuls(chunk):
+    """The floor step does the student's and the teacher's projections and the student's two
+    backward matmuls, 4 x 2 N V D flops (teacher width D_T for its own), and nothing else."""
+    n, v, d = 1024 + 96, 300, 16
+    inputs = loss_bench.make_inputs(n, v, d, torch.float32, "cpu")
+    step = loss_bench.make_step("matmul_floor", "none", *inputs, fused_chunk=chunk)
+    assert matmul_flops(step) == 4 * 2 * n * v * d
