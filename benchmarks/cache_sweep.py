@@ -4,7 +4,8 @@ torchtune's chunked forward KL, all in one process (CPU, (2048, 32000, 512), fp3
     python benchmarks/cache_sweep.py [REPEATS]
 
 Prints a markdown table: median step time (forward + backward) per case, its ratio to torchtune's
-chunked forward KL and to our fused forward KL in the same mode (eager or compiled chunks).
+chunked forward KL and to our fused forward KL in the same mode (eager or compiled chunks), each
+the median over rounds of the ratio within a round.
 """
 
 import statistics
@@ -31,14 +32,15 @@ def main(repeats: int = 7, warmup: int = 2) -> None:
         cases[f"fused_compiled TAD cache {mib}"] = lb.make_step("fused_compiled", "tad", *inputs,
                                                                 teacher_cache_mib=mib)
     times, _ = lb.time_round_robin(cases, inputs, "cpu", warmup, repeats)
-    median = {k: statistics.median(v) for k, v in times.items()}
-    print(f"threads={torch.get_num_threads()} warmup={warmup} repeats={repeats}")
+    print(f"threads={torch.get_num_threads()} warmup={warmup} repeats={repeats} "
+          "(ratios: median over rounds of the ratio within a round)")
     print("| case | median ms | / torchtune chunked FKL | / fused FKL (same mode) | all times ms |")
     print("|---|---|---|---|---|")
     for name, values in times.items():
-        ref = median["fused_compiled FKL" if "compiled" in name else "fused FKL"]
-        print(f"| {name} | {median[name]:.0f} | {median[name] / median['torchtune_chunked FKL']:.2f}"
-              f" | {median[name] / ref:.2f} | {' '.join(f'{x:.0f}' for x in values)} |")
+        ref = times["fused_compiled FKL" if "compiled" in name else "fused FKL"]
+        print(f"| {name} | {statistics.median(values):.0f} | "
+              f"{lb.paired_time_ratio(values, times['torchtune_chunked FKL']):.2f} | "
+              f"{lb.paired_time_ratio(values, ref):.2f} | {' '.join(f'{x:.0f}' for x in values)} |")
 
 
 if __name__ == "__main__":

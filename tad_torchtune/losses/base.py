@@ -32,7 +32,9 @@ class Divergence(nn.Module):
 
     #: The fused path's per-chunk value AND gradient: ``fn(s, t, labels, *extras) ->
     #: (per_token [n], stats, grad [n, V])`` with ``grad = d per_token.sum() / d s``, same inputs
-    #: as ``chunk_fn``. ``None``: the fused path differentiates ``chunk_fn`` with autograd.
+    #: as ``chunk_fn``. ``s`` is read only (the fused path reuses it); ``t`` is the chunk's own
+    #: buffer and may be overwritten, to save a ``[n, V]`` one. ``None``: the fused path
+    #: differentiates ``chunk_fn`` with autograd.
     chunk_grad_fn = None
 
     #: True when the divergence needs teacher-only statistics of ALL tokens before any per-chunk

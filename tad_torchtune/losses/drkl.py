@@ -58,12 +58,13 @@ def make_drkl_chunk_grad(gamma: float):
     def drkl_chunk_grad(
         s: Tensor, t: Tensor, labels: Tensor
     ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        # t is scratch (log ph, then q): two [n, V] buffers are new
         y = labels.unsqueeze(-1)  # (n, 1)
         neg_inf = float("-inf")
-        s_nt = s.scatter(-1, y, neg_inf)  # (n, V), target id at -inf
-        t_nt = t.scatter(-1, y, neg_inf)
-        lse_s_nt, lse_t_nt = s_nt.logsumexp(-1), t_nt.logsumexp(-1)
         s_y, t_y = s.gather(-1, y).squeeze(-1), t.gather(-1, y).squeeze(-1)
+        log_qh = s.scatter(-1, y, neg_inf)  # (n, V), target id at -inf
+        log_ph = t.scatter_(-1, y, neg_inf)
+        lse_s_nt, lse_t_nt = log_qh.logsumexp(-1), log_ph.logsumexp(-1)
         lse_s = torch.logaddexp(lse_s_nt, s_y)
         lse_t = torch.logaddexp(lse_t_nt, t_y)
         log_bq = torch.stack([s_y - lse_s, lse_s_nt - lse_s], -1)  # (n, 2)
@@ -73,22 +74,19 @@ def make_drkl_chunk_grad(gamma: float):
         r = torch.where(bq > 0, log_bq - log_bp, zero)  # (n, 2)
         kl_binary = torch.where(bq > 0, bq * r, zero).sum(-1)
 
-        log_qh = s_nt - safe_finite(lse_s_nt).unsqueeze(-1)
-        log_ph = t_nt - safe_finite(lse_t_nt).unsqueeze(-1)
+        log_qh.sub_(safe_finite(lse_s_nt).unsqueeze(-1))
+        log_ph.sub_(safe_finite(lse_t_nt).unsqueeze(-1))
         qh = log_qh.exp()  # (n, V), 0 at the target id
-        positive = qh > 0
-        term = torch.where(positive, qh * torch.where(positive, log_qh - log_ph, zero), zero)
+        term = log_qh.sub_(log_ph).masked_fill_(qh == 0, 0.0).mul_(qh)  # qh (log qh - log ph)
         has_nt = torch.isfinite(lse_s_nt)
         kl_nontarget = torch.where(has_nt, term.sum(-1), zero)
 
         q_y = bq[:, 0]
-        q = (s - lse_s.unsqueeze(-1)).exp()
+        q = torch.sub(s, lse_s.unsqueeze(-1), out=t).exp_()  # in t's buffer
         d_bin = (q_y * (r[:, 0] - r[:, 1])).unsqueeze(-1)  # (n, 1)
-        grad = -d_bin * q
+        grad = term.sub_(qh.mul_(kl_nontarget.unsqueeze(-1)))
+        grad = grad.masked_fill_(~has_nt.unsqueeze(-1), 0.0).mul_(gamma).sub_(q.mul_(d_bin))
         grad.scatter_add_(-1, y, d_bin)
-        grad += gamma * torch.where(
-            has_nt.unsqueeze(-1), term - qh * kl_nontarget.unsqueeze(-1), zero
-        )
         stats = {"kl_binary": kl_binary, "kl_nontarget": kl_nontarget, "q_target": q_y}
         return kl_binary + gamma * kl_nontarget, stats, grad
 

@@ -4,7 +4,7 @@ import torch
 from torch import Tensor
 
 from tad_torchtune.losses._reduction import DivergenceOutput, chunked_divergence
-from tad_torchtune.losses.base import Divergence, masked_xlogy_sum, masked_xlogy_value
+from tad_torchtune.losses.base import Divergence, masked_xlogy_sum
 
 
 def forward_kl_chunk(s: Tensor, t: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -24,11 +24,13 @@ def reverse_kl_chunk(s: Tensor, t: Tensor, labels: Tensor) -> tuple[Tensor, dict
 def forward_kl_chunk_grad(
     s: Tensor, t: Tensor, labels: Tensor
 ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-    """``forward_kl_chunk`` plus its gradient w.r.t. ``s``, ``q - p`` (the fused path's chunk)."""
+    """``forward_kl_chunk`` plus its gradient w.r.t. ``s``, ``q - p`` (the fused path's chunk).
+    ``t`` is scratch (``log p``, then the per-entry terms): two ``[n, V]`` buffers are new."""
     log_q = torch.log_softmax(s, dim=-1)
-    log_p = torch.log_softmax(t, dim=-1)
+    log_p = t.sub_(t.logsumexp(-1, keepdim=True))
     p = log_p.exp()
-    per_token = masked_xlogy_value(p, log_p - log_q)
+    # p (log p - log q), 0 where p = 0 (also where log p - log q is -inf - -inf)
+    per_token = log_p.sub_(log_q).masked_fill_(p == 0, 0.0).mul_(p).sum(-1)
     return per_token, {}, log_q.exp_().sub_(p)
 
 
@@ -36,11 +38,12 @@ def reverse_kl_chunk_grad(
     s: Tensor, t: Tensor, labels: Tensor
 ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
     """``reverse_kl_chunk`` plus its gradient w.r.t. ``s``: with ``R = KL(q||p)``,
-    ``dR/ds_i = q_i (log q_i - log p_i) - q_i R`` (entries with ``q_i = 0`` contribute 0)."""
+    ``dR/ds_i = q_i (log q_i - log p_i) - q_i R`` (entries with ``q_i = 0`` contribute 0).
+    ``t`` is scratch (``log p``): two ``[n, V]`` buffers are new."""
     log_q = torch.log_softmax(s, dim=-1)
-    log_p = torch.log_softmax(t, dim=-1)
+    log_p = t.sub_(t.logsumexp(-1, keepdim=True))
     q = log_q.exp()
-    term = q * torch.where(q > 0, log_q.sub_(log_p), q.new_zeros(()))
+    term = log_q.sub_(log_p).masked_fill_(q == 0, 0.0).mul_(q)  # q (log q - log p)
     per_token = term.sum(-1)
     return per_token, {}, term.sub_(q.mul_(per_token.unsqueeze(-1)))
 
