@@ -40,7 +40,9 @@ after the warm-up step and a ``malloc_trim(0)`` that hands its freed memory back
 minus its resident size then, with glibc's mmap threshold fixed at 128 KiB
 (``MALLOC_MMAP_THRESHOLD_``) so that every large tensor is mapped on allocation and unmapped on
 free: the resident size then follows the live tensors, a few MiB noisy. Gradients (``[V, D]`` and ``[N, D]``) count as
-extra memory for every implementation.
+extra memory for every implementation; a second column subtracts them (in the inputs' dtype, as
+the parameters' ``.grad`` holds them), which leaves what the loss costs beyond the gradients any
+step must produce (for the fused path with bf16 inputs this still counts its float32 sums).
 """
 
 import argparse
@@ -289,6 +291,14 @@ def paired_time_ratio(times_a: list[float], times_b: list[float]) -> float:
     return statistics.median(times_a) / statistics.median(times_b)
 
 
+def beyond_gradients(row: dict) -> float | None:
+    """``peak_mib`` minus the student's ``[V, D]`` and ``[N, D]`` gradients in the inputs' dtype."""
+    if row["peak_mib"] is None:
+        return None
+    itemsize = DTYPES[row["dtype"]].itemsize
+    return row["peak_mib"] - (row["V"] + row["N"]) * row["D"] * itemsize / 2**20
+
+
 def fmt(x, spec):
     return "—" if x is None else format(x, spec)
 
@@ -377,14 +387,14 @@ def main() -> None:
     print(f"\ndevice={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"warmup={args.warmup} repeats={args.repeats} (timed round robin in one process)\n")
     print(f"| impl | divergence | N | V | D | dtype | fused chunk | fwd+bwd ms (median) | "
-          f"peak extra MiB ({mem_how}) | note |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"peak extra MiB ({mem_how}) | beyond the gradients MiB | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         chunk = (args.fused_chunk or default_chunk_size(r["N"], r["V"], r["D"], args.device)
                  if r["impl"].startswith(("fused", "matmul_floor")) else "")
         print(f"| {r['impl']} | {r['divergence']} | {r['N']} | {r['V']} | {r['D']} | "
               f"{r['dtype']} | {chunk} | {fmt(r['ms'], '.0f')} | {fmt(r['peak_mib'], '.0f')} | "
-              f"{r['note']} |")
+              f"{fmt(beyond_gradients(r), '.0f')} | {r['note']} |")
 
     print("\nRatios (same run, same shape):\n")
     for n, v, d, dtype_name in shapes:
@@ -412,7 +422,8 @@ def main() -> None:
                   f"{ratio(tad, tt, 'peak_mib')} (CPU target <= 0.25); time: "
                   f"{ratio(tad, tt, 'ms')} (CPU target <= 1.0)")
             print(f"- {shape} {mode} TAD / matmul floor time: {ratio(tad, floor, 'ms')} "
-                  f"(GPU target <= 1.5); peak extra MiB {fmt(got[tad]['peak_mib'], '.0f')} "
+                  f"(GPU target <= 1.5); peak extra MiB {fmt(got[tad]['peak_mib'], '.0f')}, "
+                  f"beyond the gradients {fmt(beyond_gradients(got[tad]), '.0f')} "
                   f"(GPU target <= 2048)")
         for name in args.divergences:
             f, u = ("fused", name), ("unfused", name)

@@ -28,3 +28,11 @@ def test_matmul_floor_is_four_projection_matmuls(chunk):
     inputs = loss_bench.make_inputs(n, v, d, torch.float32, "cpu")
     step = loss_bench.make_step("matmul_floor", "none", *inputs, fused_chunk=chunk)
     assert matmul_flops(step) == 4 * 2 * n * v * d
+
+
+def test_beyond_gradients_subtracts_the_gradients_in_the_inputs_dtype():
+    row = dict(peak_mib=300.0, N=2048, V=32000, D=512, dtype="fp32")
+    assert loss_bench.beyond_gradients(row) == pytest.approx(300.0 - 62.5 - 4.0)
+    row.update(dtype="bf16")
+    assert loss_bench.beyond_gradients(row) == pytest.approx(300.0 - 31.25 - 2.0)
+    assert loss_bench.beyond_gradients(dict(row, peak_mib=None)) is None
