@@ -39,7 +39,10 @@ CPU, the process's peak resident set size (``VmHWM``, reset through ``/proc/self
 after the warm-up step and a ``malloc_trim(0)`` that hands its freed memory back to the OS)
 minus its resident size then, with glibc's mmap threshold fixed at 128 KiB
 (``MALLOC_MMAP_THRESHOLD_``) so that every large tensor is mapped on allocation and unmapped on
-free: the resident size then follows the live tensors, a few MiB noisy. Gradients (``[V, D]`` and ``[N, D]``) count as
+free: the resident size then follows the live tensors, a few MiB noisy. ``--cpu-memory
+allocations`` counts instead the live torch allocations of one step from the profiler's memory
+events (the quantity ``torch.cuda.max_memory_allocated`` reports), which needs no warm-up step
+for the eager cases and so reads off a GPU shape's memory on a CPU in one (slow) step. Gradients (``[V, D]`` and ``[N, D]``) count as
 extra memory for every implementation; a second column subtracts them (in the inputs' dtype, as
 the parameters' ``.grad`` holds them), which leaves what the loss costs beyond the gradients any
 step must produce (for the fused path with bf16 inputs this still counts its float32 sums).
@@ -199,6 +202,37 @@ def _release_free_memory() -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def peak_allocated_bytes(fn) -> int:
+    """Peak of the CPU bytes that torch allocates in ``fn()`` and that are live at once, from the
+    profiler's memory events (every allocation and free, in order): the quantity
+    ``torch.cuda.max_memory_allocated`` reports for the same tensors on a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def measure_allocations(impl: str, name: str, shape: tuple, fused_chunk: int | None = None,
+                        teacher_cache_mib: float | None = None) -> dict:
+    """CPU: ``peak_allocated_bytes`` of one step (after a warm-up step for the compiled cases
+    only), to read off a GPU shape's memory on a machine without one."""
+    n, v, d, dtype_name = shape
+    inputs = make_inputs(n, v, d, DTYPES[dtype_name], "cpu")
+    step = make_step(impl, name, *inputs, fused_chunk=fused_chunk,
+                     teacher_cache_mib=teacher_cache_mib)
+    if "compiled" in impl:
+        step()
+        inputs[0].grad = inputs[1].grad = None
+    return {"peak_mib": peak_allocated_bytes(step) / 2**20}
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -312,8 +346,9 @@ def _subprocess(args, task: dict) -> dict:
         cmd += ["--threads", str(args.threads)]
     if args.teacher_cache_mib is not None:
         cmd += ["--teacher-cache-mib", str(args.teacher_cache_mib)]
+    cmd += ["--cpu-memory", args.cpu_memory]
     env = dict(os.environ)
-    if task["kind"] == "memory" and args.device == "cpu":
+    if task["kind"] == "memory" and args.device == "cpu" and args.cpu_memory == "rss":
         # a fixed mmap threshold: every large tensor is its own mapping, returned to the OS when
         # freed, so the resident size follows the live tensors (glibc's dynamic threshold would
         # serve them from a heap that stays resident after the warm-up step)
@@ -341,6 +376,10 @@ def main() -> None:
                         help="teacher_cache_mib of the fused and fused_compiled cases "
                              "(default: fused_divergence's)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--cpu-memory", choices=("rss", "allocations"), default="rss",
+                        help="CPU peak memory: peak RSS of a subprocess (default), or the peak of "
+                             "live torch allocations (profiler), one step without warm-up for "
+                             "the eager cases: what a GPU's allocator would be asked for")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--_task", help=argparse.SUPPRESS)  # internal: one subprocess's work
     args = parser.parse_args()
@@ -350,7 +389,10 @@ def main() -> None:
     if args._task:
         task = json.loads(args._task)
         shape = tuple(task["shape"])
-        if task["kind"] == "memory":
+        if task["kind"] == "memory" and args.device == "cpu" and args.cpu_memory == "allocations":
+            result = measure_allocations(task["impl"], task["name"], shape, args.fused_chunk,
+                                         args.teacher_cache_mib)
+        elif task["kind"] == "memory":
             result = measure_memory(task["impl"], task["name"], shape, args.device,
                                     args.fused_chunk, args.teacher_cache_mib)
         else:
@@ -383,7 +425,8 @@ def main() -> None:
             print(f"# {rows[-1]}", file=sys.stderr, flush=True)
 
     mem_how = ("torch.cuda.max_memory_allocated" if args.device == "cuda"
-               else "peak RSS (VmHWM) of a subprocess per case")
+               else "peak RSS (VmHWM) of a subprocess per case" if args.cpu_memory == "rss"
+               else "peak of live torch allocations, profiler")
     print(f"\ndevice={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"warmup={args.warmup} repeats={args.repeats} (timed round robin in one process)\n")
     print(f"| impl | divergence | N | V | D | dtype | fused chunk | fwd+bwd ms (median) | "

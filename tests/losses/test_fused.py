@@ -4,12 +4,16 @@ divergences on materialised logits, and the closed-form chunk gradients against 
 import os
 import socket
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from tad_torchtune.losses import DRKLLoss, ForwardKLLoss, ReverseKLLoss, TADLoss
 from tad_torchtune.losses.fused import default_chunk_size, fused_divergence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from loss_bench import peak_allocated_bytes  # noqa: E402  (the benchmark's memory accounting)
 
 B, T, D, D_T, V = 3, 47, 16, 24, 123  # deliberately odd: N = 141 tokens, prime-ish sizes
 IGNORE = -100
@@ -336,22 +340,6 @@ def test_teacher_cache_argument_errors(bad):
 
 
 # ----------------------------------------------------------------------------- peak memory
-
-
-def peak_allocated_bytes(fn) -> int:
-    """Peak of the CPU bytes allocated by ``fn()`` and still live, from the profiler's memory
-    events (every torch allocation and free, in order)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 MEM_ROWS, MEM_T, MEM_V, MEM_CHUNK = 2, 256, 2048, 16
