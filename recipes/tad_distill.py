@@ -110,6 +110,7 @@ class TADDistillRecipe:
         self._teacher_hidden_layers = tuple(int(p[1]) for p in pairs)
         self._fused = bool(get("fused"))
         self._teacher_cache_mib = float(get("fused_teacher_cache_mib"))
+        self._float32_weight_grad = bool(get("fused_float32_weight_grad"))
         self._loss_chunk_size = int(get("loss_chunk_size"))
         self._vocab_alignment = get("vocab_alignment")
 
@@ -320,7 +321,7 @@ class TADDistillRecipe:
                     full_tensor(output_weight(self._teacher)), labels,
                     student_softcap=self._student_softcap, teacher_softcap=self._teacher_softcap,
                     chunk_size=self._loss_chunk_size, teacher_cache_mib=self._teacher_cache_mib,
-                    compile_chunks=self._compile,
+                    compile_chunks=self._compile, float32_weight_grad=self._float32_weight_grad,
                 )
         else:
             logits = project_logits(student, h)  # (B, T, V) in the model dtype

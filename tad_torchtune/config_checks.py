@@ -36,6 +36,7 @@ SCALARS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "hidden_layers": ((list, type(None)), None),
     "fused": (bool, False),
     "fused_teacher_cache_mib": ((int, float), 128),
+    "fused_float32_weight_grad": (bool, True),
     "loss_chunk_size": (int, 1024),
     "clip_grad_norm": ((int, float, type(None)), 1.0),
     "epochs": (int, 1),

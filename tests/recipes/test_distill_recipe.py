@@ -173,6 +173,29 @@ def _recipe(cfg: dict):
     return recipe
 
 
+@pytest.mark.parametrize("flag", [None, False])
+def test_fused_options_reach_the_fused_path(assets, tmp_path, monkeypatch, flag):
+    """fused_teacher_cache_mib and fused_float32_weight_grad (default true) are what the recipe
+    hands fused_divergence (values only bf16 changes: tests/losses/test_fused.py)."""
+    import tad_torchtune.losses.fused as fused_module
+
+    calls = []
+    real = fused_module.fused_divergence
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_module, "fused_divergence", spy)
+    extra = {} if flag is None else {"fused_float32_weight_grad": flag}
+    cfg = tiny.base_config(assets, tmp_path / "out", fused=True, fused_teacher_cache_mib=3,
+                           max_steps=1, export_hf=False, **extra)
+    recipe = _recipe(cfg)
+    recipe.train()
+    assert calls and all(c["teacher_cache_mib"] == 3.0 for c in calls)
+    assert all(c["float32_weight_grad"] is (flag is None) for c in calls)
+
+
 def test_nan_stops_before_the_update_and_the_checkpoint_survives(assets, tmp_path):
     import tad_distill
 
@@ -251,6 +274,7 @@ BAD = [
     ({"fused": "yes"}, "fused: must be bool, got 'yes'"),
     ({"fused_teacher_cache_mib": -1}, "fused_teacher_cache_mib: must be >= 0"),
     ({"fused_teacher_cache_mib": "all"}, "fused_teacher_cache_mib: must be int or float, got 'all'"),
+    ({"fused_float32_weight_grad": "no"}, "fused_float32_weight_grad: must be bool, got 'no'"),
 ]
 
 
