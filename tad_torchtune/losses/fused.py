@@ -181,12 +181,13 @@ def _accumulate_weight_grad(grad_w: Tensor, grad: Tensor, h: Tensor) -> None:
     """``grad_w += grad.T @ h`` (``[V, D] += [V, n] @ [n, D]``). Inputs of a lower precision than
     the float32 ``grad_w`` (bf16) multiply in their own dtype, like the model's matmuls, and are
     added by vocabulary blocks, so the low-precision product is never a whole ``[V, D]`` (1.7 GiB
-    at Gemma2-9B's 256000 x 3584) but at most the size of the chunk's float32 ``[n, V]`` logits."""
+    at Gemma2-9B's 256000 x 3584, and as much again for its float32 promotion in the sum): the
+    two together take at most the size of the chunk's float32 ``[n, V]`` logits."""
     if grad_w.dtype == h.dtype:
         grad_w.addmm_(grad.t(), h)
         return
     vocab, hidden = grad_w.shape
-    block = max(1, grad.shape[0] * vocab * 4 // (hidden * h.element_size()))
+    block = max(1, grad.shape[0] * vocab * 4 // (hidden * (h.element_size() + 4)))
     for v in range(0, vocab, block):
         grad_w[v : v + block] += grad[:, v : v + block].t() @ h
 

@@ -189,7 +189,7 @@ def test_bf16_weight_grad_summed_in_bf16(name):
     assert err32 < err16
 
 
-@pytest.mark.parametrize("chunk", [16, 1])  # 1: the weight gradient by vocabulary blocks of 15
+@pytest.mark.parametrize("chunk", [16, 1])  # 1: the weight gradient by vocabulary blocks of 5
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
 def test_bf16_inputs_against_float64(name, chunk):
     """bf16 hidden states and weights: the logits are bf16 matmul outputs (as the model's), the
@@ -450,7 +450,7 @@ def test_bf16_weight_gradient_is_summed_by_vocabulary_blocks(float32_weight_grad
 
     forward()
     buffers = (peak_allocated_bytes(forward) - grads) / chunk_bytes
-    assert buffers <= 10.0, buffers
+    assert buffers <= 6.0, buffers  # measured 4.8 either way; 192 without the blocks
 
 
 # ----------------------------------------------------------------------------- compile
