@@ -42,7 +42,8 @@ minus its resident size then, with glibc's mmap threshold fixed at 128 KiB
 free: the resident size then follows the live tensors, a few MiB noisy. ``--cpu-memory
 allocations`` counts instead the live torch allocations of one step from the profiler's memory
 events (the quantity ``torch.cuda.max_memory_allocated`` reports), which needs no warm-up step
-for the eager cases and so reads off a GPU shape's memory on a CPU in one (slow) step. Gradients (``[V, D]`` and ``[N, D]``) count as
+for the eager cases: a GPU shape's memory in one CPU step, where the CPU's bf16 matmuls allow
+(on the project's 2-core machine they do not, at Gemma2-9B's vocabulary). Gradients (``[V, D]`` and ``[N, D]``) count as
 extra memory for every implementation; a second column subtracts them (in the inputs' dtype, as
 the parameters' ``.grad`` holds them), which leaves what the loss costs beyond the gradients any
 step must produce (for the fused path with bf16 inputs this still counts its float32 sums).
