@@ -7,12 +7,13 @@ per-chunk value AND gradient (``Divergence.chunk_grad_fn``, closed form; or auto
 ``Divergence.chunk_fn`` for a divergence without one), and immediately turns the gradient w.r.t.
 the chunk's logits into gradients w.r.t. the student's hidden states and output weight, in the
 forward pass (Liger-Kernel's fused linear losses do the same). What survives a chunk is the
-student hidden-state gradient ``[N, D]`` and the output-weight gradient ``[V, D]``, both float32,
-so the extra memory is those plus a few ``[chunk, V]`` float32 buffers, never ``[N, V]``: each
-chunk's logits are masked, scaled and soft-capped in their own buffer, and TAD's chunk gradient
-works in the teacher chunk's (as the other divergences' do), so a chunk holds about 4.5 (TAD)
-to 5.5 such buffers at its peak (``tests/losses/test_fused.py::test_peak_memory_is_a_few_chunks``). A bf16 weight
-gradient is summed in float32 by vocabulary blocks (``_accumulate_weight_grad``).
+student hidden-state gradient ``[N, D]`` and the output-weight gradient ``[V, D]``, both float32
+(the weight's own dtype with ``float32_weight_grad=False``), so the extra memory is those plus a
+few ``[chunk, V]`` float32 buffers, never ``[N, V]``: each chunk's logits are masked, scaled and
+soft-capped in their own buffer, and every chunk gradient works in the teacher chunk's, so a
+chunk holds about 4.5 (TAD) to 5.5 such buffers at its peak (``test_peak_memory_is_a_few_chunks``
+in ``tests/losses/test_fused.py``). A bf16 weight gradient is summed in float32 by vocabulary
+blocks (``_accumulate_weight_grad``).
 
 A divergence with ``needs_teacher_pass`` (TAD: ``abar`` is a mean over every valid token of a
 row) works segment by segment, a segment being whole rows of the batch: first a teacher-only pass
