@@ -9,7 +9,13 @@ import torch
 from torch import Tensor
 
 from tad_torchtune.losses._reduction import DivergenceOutput, chunked_divergence
-from tad_torchtune.losses.base import Divergence, check_positive, masked_xlogy_sum, safe_finite
+from tad_torchtune.losses.base import (
+    Divergence,
+    check_positive,
+    masked_xlogy_sum,
+    masked_xlogy_terms_,
+    safe_finite,
+)
 
 
 def drkl_parts(s: Tensor, t: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -77,7 +83,7 @@ def make_drkl_chunk_grad(gamma: float):
         log_qh.sub_(safe_finite(lse_s_nt).unsqueeze(-1))
         log_ph.sub_(safe_finite(lse_t_nt).unsqueeze(-1))
         qh = log_qh.exp()  # (n, V), 0 at the target id
-        term = log_qh.sub_(log_ph).masked_fill_(qh == 0, 0.0).mul_(qh)  # qh (log qh - log ph)
+        term = masked_xlogy_terms_(qh, log_qh.sub_(log_ph))  # qh (log qh - log ph)
         has_nt = torch.isfinite(lse_s_nt)
         kl_nontarget = torch.where(has_nt, term.sum(-1), zero)
 

@@ -4,7 +4,7 @@ import torch
 from torch import Tensor
 
 from tad_torchtune.losses._reduction import DivergenceOutput, chunked_divergence
-from tad_torchtune.losses.base import Divergence, masked_xlogy_sum
+from tad_torchtune.losses.base import Divergence, masked_xlogy_sum, masked_xlogy_terms_
 
 
 def forward_kl_chunk(s: Tensor, t: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -29,8 +29,7 @@ def forward_kl_chunk_grad(
     log_q = torch.log_softmax(s, dim=-1)
     log_p = t.sub_(t.logsumexp(-1, keepdim=True))
     p = log_p.exp()
-    # p (log p - log q), 0 where p = 0 (also where log p - log q is -inf - -inf)
-    per_token = log_p.sub_(log_q).masked_fill_(p == 0, 0.0).mul_(p).sum(-1)
+    per_token = masked_xlogy_terms_(p, log_p.sub_(log_q)).sum(-1)
     return per_token, {}, log_q.exp_().sub_(p)
 
 
@@ -43,7 +42,7 @@ def reverse_kl_chunk_grad(
     log_q = torch.log_softmax(s, dim=-1)
     log_p = t.sub_(t.logsumexp(-1, keepdim=True))
     q = log_q.exp()
-    term = log_q.sub_(log_p).masked_fill_(q == 0, 0.0).mul_(q)  # q (log q - log p)
+    term = masked_xlogy_terms_(q, log_q.sub_(log_p))  # q (log q - log p)
     per_token = term.sum(-1)
     return per_token, {}, term.sub_(q.mul_(per_token.unsqueeze(-1)))
 

@@ -14,6 +14,7 @@ from tad_torchtune.losses.base import (
     Divergence,
     check_positive,
     masked_xlogy_sum,
+    masked_xlogy_terms_,
     masked_xlogy_value,
     safe_finite,
 )
@@ -148,9 +149,8 @@ def tad_chunk_grad(
     log_pt = t.scatter_(-1, topk_idx, neg_inf).sub_(safe_finite(lse_t_tail).unsqueeze(-1))
     log_ratio = log_pt - log_qt  # NaN on the top-K ids (-inf - -inf), masked out below
     pt = log_pt.exp_()  # (n, V), 0 on the top-K ids
-    dkl2 = log_ratio.masked_fill_(pt == 0, 0.0).mul_(pt).sum(-1)
+    dkl2 = torch.where(has_tail, masked_xlogy_terms_(pt, log_ratio).sum(-1), zero)
     del log_ratio
-    dkl2 = torch.where(has_tail, dkl2, zero)
     w = torch.where(tail_weight > 0, tail_weight, zero)
     per_token = dkl1 + torch.where(w > 0, w * dkl2, zero)
 
