@@ -220,35 +220,28 @@ def peak_allocated_bytes(fn) -> int:
     return peak
 
 
-def measure_allocations(impl: str, name: str, shape: tuple, fused_chunk: int | None = None,
-                        teacher_cache_mib: float | None = None) -> dict:
-    """CPU: ``peak_allocated_bytes`` of one step (after a warm-up step for the compiled cases
-    only), to read off a GPU shape's memory on a machine without one."""
-    n, v, d, dtype_name = shape
-    inputs = make_inputs(n, v, d, DTYPES[dtype_name], "cpu")
-    step = make_step(impl, name, *inputs, fused_chunk=fused_chunk,
-                     teacher_cache_mib=teacher_cache_mib)
-    if "compiled" in impl:
-        step()
-        inputs[0].grad = inputs[1].grad = None
-    return {"peak_mib": peak_allocated_bytes(step) / 2**20}
-
-
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
 def measure_memory(impl: str, name: str, shape: tuple, device: str,
-                   fused_chunk: int | None = None, teacher_cache_mib: float | None = None) -> dict:
+                   fused_chunk: int | None = None, teacher_cache_mib: float | None = None,
+                   cpu_memory: str = "rss") -> dict:
     """Peak extra memory of the second step (the first compiles the compiled cases; CPU: the
-    memory it freed is handed back to the OS first, so that it counts again)."""
+    memory it freed is handed back to the OS first, so that it counts again). CPU with
+    ``cpu_memory="allocations"``: ``peak_allocated_bytes`` of one step, after a warm-up step for
+    the compiled cases only, to read off a GPU shape's memory on a machine without one."""
     n, v, d, dtype_name = shape
     inputs = make_inputs(n, v, d, DTYPES[dtype_name], device)
     step = make_step(impl, name, *inputs, fused_chunk=fused_chunk,
                      teacher_cache_mib=teacher_cache_mib)
-    step()  # warm-up: compiles the compiled cases, whose compiler memory is not the loss's
-    inputs[0].grad = inputs[1].grad = None
+    by_allocations = device == "cpu" and cpu_memory == "allocations"
+    if not by_allocations or "compiled" in impl:
+        step()  # warm-up: compiles the compiled cases, whose compiler memory is not the loss's
+        inputs[0].grad = inputs[1].grad = None
+    if by_allocations:
+        return {"peak_mib": peak_allocated_bytes(step) / 2**20}
     if device == "cpu":
         _release_free_memory()
     if device == "cuda":
@@ -390,12 +383,9 @@ def main() -> None:
     if args._task:
         task = json.loads(args._task)
         shape = tuple(task["shape"])
-        if task["kind"] == "memory" and args.device == "cpu" and args.cpu_memory == "allocations":
-            result = measure_allocations(task["impl"], task["name"], shape, args.fused_chunk,
-                                         args.teacher_cache_mib)
-        elif task["kind"] == "memory":
+        if task["kind"] == "memory":
             result = measure_memory(task["impl"], task["name"], shape, args.device,
-                                    args.fused_chunk, args.teacher_cache_mib)
+                                    args.fused_chunk, args.teacher_cache_mib, args.cpu_memory)
         else:
             result = measure_times([tuple(c) for c in task["cases"]], shape, args.device,
                                    task["warmup"], task["repeats"], args.fused_chunk,

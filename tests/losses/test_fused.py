@@ -441,7 +441,7 @@ def test_bf16_weight_gradient_is_summed_by_vocabulary_blocks(float32_weight_grad
     h_s = torch.randn(1, 64, hidden, generator=gen).bfloat16().requires_grad_(True)
     w_s = (torch.randn(MEM_V, hidden, generator=gen) * 0.05).bfloat16().requires_grad_(True)
     chunk_bytes = chunk * MEM_V * 4
-    # float32 until backward
+    # the two gradient sums, held until backward
     grads = w_s.numel() * (4 if float32_weight_grad else 2) + h_s.numel() * 4
 
     def forward():
