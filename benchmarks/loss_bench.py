@@ -50,6 +50,7 @@ step must produce (for the fused path with bf16 inputs this still counts its flo
 """
 
 import argparse
+import bisect
 import json
 import os
 import statistics
@@ -203,19 +204,53 @@ def _release_free_memory() -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+#: matrix products whose CPU kernels may allocate a workspace of their own inside the op (oneDNN's
+#: bf16 matmuls on CPUs with AMX do: packed copies of the operands), which depends on the CPU and
+#: says nothing about the loss's own buffers
+_MATMUL_OPS = frozenset({
+    "aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::matmul",
+    "aten::linear", "aten::_addmm_activation", "aten::addmv", "aten::mv", "aten::dot",
+})
+
+
 def peak_allocated_bytes(fn) -> int:
-    """Peak of the CPU bytes that torch allocates in ``fn()`` and that are live at once, from the
+    """Peak of the CPU bytes that ``fn()``'s code allocates and keeps live at once, from the
     profiler's memory events (every allocation and free, in order): the quantity
-    ``torch.cuda.max_memory_allocated`` reports for the same tensors on a GPU."""
+    ``torch.cuda.max_memory_allocated`` reports for the same tensors on a GPU.
+
+    A matrix product's own workspace is not counted: the memory events inside a matmul op are
+    taken at the op's end, so what it allocates and frees internally nets out while its output
+    (still live at its end) counts. The figure is then the same on every CPU, whatever its matmul
+    backend does inside the op (e.g. oneDNN on an AMX CPU, which packs bf16 operands)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    events = list(prof.profiler.kineto_results.events())
+    spans = sorted((e.start_ns(), e.start_ns() + e.duration_ns()) for e in events
+                   if e.name() in _MATMUL_OPS)
+    outer: list[list[int]] = []  # outermost matmul spans (linear > matmul > mm nest)
+    for start, end in spans:
+        if outer and start <= outer[-1][1]:
+            outer[-1][1] = max(outer[-1][1], end)
+        else:
+            outer.append([start, end])
+    ends = [end for _, end in outer]
+    starts = [start for start, _ in outer]
+
+    def when(t: int) -> int:
+        i = bisect.bisect_right(starts, t) - 1
+        return ends[i] if i >= 0 and t <= ends[i] else t
+
+    memory = sorted(((when(e.start_ns()), e.nbytes()) for e in events if e.name() == "[memory]"),
+                    key=lambda x: x[0])
     live = peak = 0
-    for e in events:
-        live += e.nbytes()
+    i = 0
+    while i < len(memory):  # events at the same instant (an op's end) net out first
+        t = memory[i][0]
+        while i < len(memory) and memory[i][0] == t:
+            live += memory[i][1]
+            i += 1
         peak = max(peak, live)
     return peak
 

@@ -36,3 +36,33 @@ def test_beyond_gradients_subtracts_the_gradients_in_the_inputs_dtype():
     row.update(dtype="bf16")
     assert loss_bench.beyond_gradients(row) == pytest.approx(300.0 - 31.25 - 2.0)
     assert loss_bench.beyond_gradients(dict(row, peak_mib=None)) is None
+
+
+def test_peak_allocations_leave_out_a_matmul_workspace_and_count_its_output():
+    """What a matmul kernel allocates and frees inside the op (oneDNN's packed bf16 operands on
+    an AMX CPU: the memory tests counted 32.8 buffers there, 4.8 elsewhere) is not the loss's
+    memory; the op's output is. A ``record_function`` named like the op stands in for a kernel
+    with a workspace, so this holds on every CPU."""
+    from torch.profiler import record_function
+
+    mib = 2**20
+    kept = []
+
+    def step(workspace_mib: int):
+        with record_function("aten::mm"):
+            scratch = torch.empty(workspace_mib * mib, dtype=torch.uint8)
+            out = torch.empty(mib, dtype=torch.uint8)  # the product, kept
+            del scratch
+        kept.append(out)
+        tmp = torch.empty(2 * mib, dtype=torch.uint8)  # the caller's own buffer: counted
+        del tmp
+
+    plain = loss_bench.peak_allocated_bytes(lambda: step(0))
+    assert plain == 3 * mib  # the kept output and the caller's buffer, live together
+    assert loss_bench.peak_allocated_bytes(lambda: step(64)) == plain
+
+    def outside(workspace_mib: int):  # the same buffer outside a matmul counts in full
+        scratch = torch.empty(workspace_mib * mib, dtype=torch.uint8)
+        del scratch
+
+    assert loss_bench.peak_allocated_bytes(lambda: outside(64)) == 64 * mib

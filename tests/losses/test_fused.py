@@ -450,7 +450,9 @@ def test_bf16_weight_gradient_is_summed_by_vocabulary_blocks(float32_weight_grad
 
     forward()
     buffers = (peak_allocated_bytes(forward) - grads) / chunk_bytes
-    assert buffers <= 6.0, buffers  # measured 4.8 either way; 192 without the blocks
+    # measured 4.8 either way; 192 without the blocks (a matmul kernel's own workspace is not
+    # counted: 32.8 with it on an AMX CPU, whose oneDNN packs the bf16 operands per product)
+    assert buffers <= 6.0, buffers
 
 
 # ----------------------------------------------------------------------------- compile
