@@ -64,19 +64,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tad_torchtune.losses import DRKLLoss, ForwardKLLoss, ReverseKLLoss, TADLoss  # noqa: E402
-from tad_torchtune.losses.fused import default_chunk_size, fused_divergence  # noqa: E402
+from tad_torchtune.losses import DIVERGENCES  # noqa: E402  (every registered divergence)
+from tad_torchtune.losses.fused import (  # noqa: E402
+    default_chunk_size,
+    fused_divergence,
+    fused_head,
+)
 
-DIVERGENCES = {
-    "forward_kl": lambda **kw: ForwardKLLoss(**kw),
-    "reverse_kl": lambda **kw: ReverseKLLoss(**kw),
-    "tad": lambda **kw: TADLoss(k=10, beta=2.0, **kw),
-    "drkl": lambda **kw: DRKLLoss(gamma=1.0, **kw),
-}
 IMPLS = ("naive", "torchtune_chunked", "torchtune_chunked_compiled", "unfused", "fused",
-         "fused_nocache", "fused_compiled", "matmul_floor")
+         "fused_nocache", "fused_compiled", "matmul_floor", "fused_step", "fused_step_compiled",
+         "two_pass")
 FUSED_OPTIONS = {"fused": {}, "fused_nocache": {"teacher_cache_mib": 0},
-                 "fused_compiled": {"compile_chunks": True}}
+                 "fused_compiled": {"compile_chunks": True}, "fused_step": {},
+                 "fused_step_compiled": {"compile_chunks": True}, "two_pass": {}}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_SHAPES = {
     "cpu": ["2048,32000,512,fp32"],
@@ -159,12 +159,45 @@ def make_step(impl: str, name: str, h_s, w_s, h_t, w_t, labels, fused_chunk: int
     options = dict(FUSED_OPTIONS[impl])
     if teacher_cache_mib is not None and "teacher_cache_mib" not in options:
         options["teacher_cache_mib"] = teacher_cache_mib
+    if impl.startswith("fused_step"):  # CE + divergence from one projection (the recipe's head)
+
+        def step():
+            fused_head(h_s, w_s, labels, divergence=div, teacher_hidden=h_t, teacher_weight=w_t,
+                       chunk_size=fused_chunk, compute_ce=True, **options).objective.backward()
+
+        return step
+    if impl == "two_pass":  # the recipe's head before it: a CE pass of its own, then the divergence
+        ce_chunk = fused_chunk or default_chunk_size(labels.numel(), w_s.shape[0], h_s.shape[-1],
+                                                     h_s.device)
+
+        def step():
+            ce = _checkpointed_linear_ce(h_s, w_s, labels, ce_chunk)
+            kd = fused_divergence(div, h_s, w_s, h_t, w_t, labels, chunk_size=fused_chunk,
+                                  **options)
+            (ce + kd.total).backward()
+
+        return step
 
     def step():
         fused_divergence(div, h_s, w_s, h_t, w_t, labels, chunk_size=fused_chunk,
                          **options).mean().backward()
 
     return step
+
+
+def _checkpointed_linear_ce(h_s, w_s, labels, chunk: int):
+    """The cross-entropy as the recipe computed it before its fused head: chunks of
+    ``F.cross_entropy(h @ w.T)`` under activation checkpointing (projection, recomputed
+    projection, two gradient matmuls per chunk)."""
+    from torch.utils.checkpoint import checkpoint
+
+    h, y = h_s.reshape(-1, h_s.shape[-1]), labels.reshape(-1)
+
+    def chunk_ce(hc, yc):
+        return torch.nn.functional.cross_entropy((hc @ w_s.T).float(), yc, reduction="sum")
+
+    return sum(checkpoint(chunk_ce, h[i : i + chunk], y[i : i + chunk], use_reentrant=False)
+               for i in range(0, h.shape[0], chunk))
 
 
 def _matmul_floor_step(h_s, w_s, h_t, w_t, chunk: int | None):

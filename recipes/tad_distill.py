@@ -9,7 +9,7 @@ The objective of one optimizer step is
     tokens of every micro-batch on every process, divided by their global count,
 
 so (batch 8, accumulation 1), (batch 2, accumulation 4) and (batch 4 on 2 processes) give the same
-update (DESIGN.md §1, Reduction). ``kd_loss`` is any divergence of ``tad_torchtune.losses``
+update (``docs/design.md``, "Reduction"). ``kd_loss`` is any divergence of ``tad_torchtune.losses``
 (TAD, forward KL, reverse KL, DRKL): swapping one for another is one YAML line or
 ``kd_loss._component_=tad_torchtune.losses.ForwardKLLoss`` on the command line.
 
@@ -38,6 +38,7 @@ from torchtune.data import padded_collate_packed, padded_collate_sft
 from tqdm import tqdm
 
 from tad_torchtune.checkpointing import TrainingCheckpointer, rng_state, set_rng_state
+from tad_torchtune.common import IGNORE_INDEX, full_tensor, shift_labels
 from tad_torchtune.config_checks import (
     SCALARS,
     resolve_config_argv,
@@ -45,41 +46,25 @@ from tad_torchtune.config_checks import (
     validate_config,
 )
 from tad_torchtune.data import ResumableBatchSampler
-from tad_torchtune.losses import DivergenceOutput, ForwardKLLoss
-from tad_torchtune.losses.ce import chunked_cross_entropy, linear_cross_entropy
+from tad_torchtune.head import StudentHead, TeacherHead
 from tad_torchtune.models import (
-    check_vocab_compat,
-    correct_gemma2,
-    forward_hidden,
+    build_model,
     init_student_from_teacher,
-    logit_softcap,
     output_weight,
-    project_logits,
     save_hf_checkpoint,
 )
-from tad_torchtune.parallel import full_tensor, init_distributed, parallelize
-
-IGNORE_INDEX = -100
+from tad_torchtune.parallel import init_distributed, parallelize
+from tad_torchtune.vocab import check_vocab_compat
 
 
 class NonFiniteError(RuntimeError):
     """A loss or gradient norm that is not finite: the optimizer step was not taken."""
 
 
-class StudentStep(nn.Module):
-    """Runs the student AND its losses in one ``forward``.
-
-    Under FSDP2 this module is the root of the student's sharding, so its output projection is
-    gathered while the losses read it (the fused path needs the weight, not the logits).
-    """
-
-    def __init__(self, student: nn.Module, loss_fn: Any) -> None:
-        super().__init__()
-        self.student = student
-        object.__setattr__(self, "_loss_fn", loss_fn)  # not a submodule
-
-    def forward(self, batch: dict[str, Tensor], teacher_out: dict[str, Any], evaluate: bool):
-        return self._loss_fn(self.student, batch, teacher_out, evaluate)
+def _hf_config(checkpointer: DictConfig) -> dict[str, Any] | None:
+    """The ``config.json`` of a Hugging Face checkpointer's folder, if it has one."""
+    path = Path(str(checkpointer.get("checkpoint_dir", ""))) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 class TADDistillRecipe:
@@ -172,30 +157,24 @@ class TADDistillRecipe:
             teacher_tokenizer=teacher_tokenizer,
             student_tokenizer=self._tokenizer if teacher_tokenizer is not None else None,
         )
-        self._teacher_softcap = logit_softcap(self._teacher)
-        self._student_softcap = logit_softcap(self._student)
-
         fsdp = self._world_size > 1
-        self._step_module = StudentStep(self._student, self._student_losses)
+        kd_loss = config.instantiate(cfg.kd_loss) if self._kd_weight > 0 else None
+        hidden_loss = config.instantiate(cfg.hidden_loss) if self._hidden_weight > 0 else None
+        self._head = StudentHead(
+            self._student, kd_loss=kd_loss, hidden_loss=hidden_loss,
+            clm_weight=self._clm_weight, kd_weight=self._kd_weight,
+            hidden_weight=self._hidden_weight, hidden_layers=self._student_hidden_layers,
+            vocab_alignment=self._vocab_alignment, fused=self._fused,
+            chunk_size=self._loss_chunk_size, teacher_cache_mib=self._teacher_cache_mib,
+            float32_weight_grad=self._float32_weight_grad, compile=self._compile,
+        )
+        self._teacher_head = TeacherHead(self._teacher, hidden_layers=self._teacher_hidden_layers)
         parallelize(self._teacher, compile=self._compile, fsdp=fsdp, cpu_offload=self._cpu_offload)
         parallelize(self._student, activation_checkpointing=self._activation_checkpointing,
                     compile=self._compile, fsdp=fsdp, cpu_offload=self._cpu_offload,
-                    root=self._step_module)
+                    root=self._head)
 
-        self._kd_loss = config.instantiate(cfg.kd_loss) if self._kd_weight > 0 else None
-        self._kd_sum_and_count = None
-        if self._kd_loss is not None:
-            self._kd_loss.vocab_alignment = self._vocab_alignment
-            # The unfused divergence is compiled whole (chunk loop and recomputation included);
-            # the fused path is an autograd.Function of its own.
-            self._kd_sum_and_count = (torch.compile(self._kd_loss.sum_and_count)
-                                      if self._compile else self._kd_loss.sum_and_count)
-        self._hidden_loss = (config.instantiate(cfg.hidden_loss)
-                             if self._hidden_weight > 0 else None)
-        self._eval_kl = ForwardKLLoss(chunk_size=self._loss_chunk_size,
-                                      vocab_alignment=self._vocab_alignment)
-
-        trainable = [p for p in self._step_module.parameters() if p.requires_grad]
+        trainable = [p for p in self._head.parameters() if p.requires_grad]
         self._optimizer = config.instantiate(cfg.optimizer, trainable)
         self._train_loader, self._train_sampler = self._setup_data(cfg.dataset, train=True)
         self._val_loader = None
@@ -229,9 +208,8 @@ class TADDistillRecipe:
         checkpointer = config.instantiate(cfg.teacher_checkpointer)
         state_dict = checkpointer.load_checkpoint()[training.MODEL_KEY]
         with training.set_default_dtype(self._dtype):
-            teacher = config.instantiate(cfg.teacher_model)
+            teacher, _ = build_model(cfg.teacher_model, _hf_config(cfg.teacher_checkpointer))
         teacher.load_state_dict(state_dict)
-        correct_gemma2(teacher)
         teacher.to(self._device).eval()
         teacher.requires_grad_(False)
         return teacher
@@ -243,22 +221,21 @@ class TADDistillRecipe:
         # The same seed on every rank: FSDP shards each rank's local copy, so fresh weights must
         # be identical everywhere (torchtune's set_seed gives each rank seed + rank).
         torch.manual_seed(self._seed)
+        source = cfg.get("student_checkpointer") or cfg.teacher_checkpointer
         with training.set_default_dtype(self._dtype):
-            student = config.instantiate(cfg.student_model)
-        source = cfg.teacher_checkpointer
+            student, _ = build_model(cfg.student_model, _hf_config(source))
         if getattr(student, "distill_spec", None) is not None:
+            source = cfg.teacher_checkpointer
             init_student_from_teacher(student, self._teacher)
         elif cfg.get("student_checkpointer") is not None:
             checkpointer = config.instantiate(cfg.student_checkpointer)
             student.load_state_dict(checkpointer.load_checkpoint()[training.MODEL_KEY])
-            source = cfg.student_checkpointer
-        correct_gemma2(student)
         student.to(self._device).train()
         return student, Path(source.checkpoint_dir), str(source.model_type)
 
     def _setup_data(self, dataset_cfg: DictConfig, *, train: bool):
         packed = bool(dataset_cfg.get("packed", False))
-        if packed and self._is_rank_zero and getattr(self._kd_loss, "needs_teacher_pass", False):
+        if packed and self._is_rank_zero and getattr(self._head.kd_loss, "needs_teacher_pass", False):
             print("tad_distill: warning: packed: true with a row-normalised divergence (TAD): its "
                   "abar is the mean tail mass over each packed row, not over each document",
                   file=sys.stderr)
@@ -272,6 +249,11 @@ class TADDistillRecipe:
             # Every held-out sample exactly once over all ranks, whatever their number.
             own = list(range(self._rank, len(dataset), self._world_size))
             sampler = [own[i : i + self._batch_size] for i in range(0, len(own), self._batch_size)]
+            # Every rank runs as many batches as the first (FSDP gathers in each forward): the
+            # others repeat their first batch with no token counted.
+            self._val_batches = len(sampler)
+            most = -(-(-(-len(dataset) // self._world_size)) // self._batch_size)
+            sampler += sampler[:1] * (most - len(sampler))
         collate = (padded_collate_packed if packed else
                    partial(padded_collate_sft, padding_idx=self._tokenizer.pad_id
                            if getattr(self._tokenizer, "pad_id", None) is not None else 0,
@@ -279,78 +261,12 @@ class TADDistillRecipe:
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=0)
         return loader, sampler
 
-    # ------------------------------------------------------------------------------- the losses
-
-    def _teacher_forward(self, batch: dict[str, Tensor], need_logits: bool) -> dict[str, Any]:
-        with torch.no_grad():
-            h, hidden = forward_hidden(
-                self._teacher, batch["tokens"], mask=batch.get("mask"),
-                input_pos=batch.get("input_pos"), hidden_layers=self._teacher_hidden_layers,
-            )
-            out: dict[str, Any] = {"hidden": hidden, "h": h}
-            if need_logits:
-                out["logits"] = project_logits(self._teacher, h)
-        return out
-
-    def _student_losses(self, student: nn.Module, batch: dict[str, Tensor],
-                        teacher_out: dict[str, Any], evaluate: bool) -> dict[str, Any]:
-        """Un-normalised loss sums of one micro-batch (called inside ``StudentStep.forward``)."""
-        labels = batch["labels"]
-        h, hidden = forward_hidden(
-            student, batch["tokens"], mask=batch.get("mask"), input_pos=batch.get("input_pos"),
-            hidden_layers=() if evaluate else self._student_hidden_layers,
-        )
-        if evaluate:
-            logits = project_logits(student, h)
-            ce, n = chunked_cross_entropy(logits, labels, chunk_size=self._loss_chunk_size)
-            kl = self._eval_kl.sum_and_count(logits, teacher_out["logits"], labels)
-            top1 = (logits.argmax(-1) == teacher_out["logits"][..., : logits.shape[-1]].argmax(-1))
-            agree = (top1 & (labels != IGNORE_INDEX)).sum()
-            return {"ce": ce, "kl": kl.total, "agree": agree, "tokens": n}
-
-        terms: dict[str, Any] = {}
-        weight = full_tensor(output_weight(student))
-        if self._fused:
-            from tad_torchtune.losses.fused import fused_divergence
-
-            ce, n = linear_cross_entropy(h, weight, labels, softcap=self._student_softcap,
-                                         chunk_size=self._loss_chunk_size)
-            if self._kd_loss is not None:
-                terms["kd"] = fused_divergence(
-                    self._kd_loss, h, weight, teacher_out["h"],
-                    full_tensor(output_weight(self._teacher)), labels,
-                    student_softcap=self._student_softcap, teacher_softcap=self._teacher_softcap,
-                    chunk_size=self._loss_chunk_size, teacher_cache_mib=self._teacher_cache_mib,
-                    compile_chunks=self._compile, float32_weight_grad=self._float32_weight_grad,
-                )
-        else:
-            logits = project_logits(student, h)  # (B, T, V) in the model dtype
-            ce, n = chunked_cross_entropy(logits, labels, chunk_size=self._loss_chunk_size)
-            if self._kd_loss is not None:
-                terms["kd"] = self._kd_sum_and_count(logits, teacher_out["logits"], labels)
-        terms["ce"] = ce
-        terms["tokens"] = n
-        if self._hidden_loss is not None:
-            hidden_sum = sum(
-                self._hidden_loss.sum_and_count(s_h, t_h, labels).total
-                for s_h, t_h in zip(hidden, teacher_out["hidden"])
-            )
-            terms["hidden"] = hidden_sum
-        return terms
-
-    @staticmethod
-    def _shift_labels(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Position t predicts token t+1: labels move left, the last position is ignored."""
-        labels = batch["labels"]
-        ignore = torch.full_like(labels[:, :1], IGNORE_INDEX)
-        return {**batch, "labels": torch.cat([labels[:, 1:], ignore], dim=1)}
+    # --------------------------------------------------------------------------------- training
 
     def _all_reduce(self, values: Tensor) -> Tensor:
         if self._world_size > 1:
             dist.all_reduce(values)
         return values
-
-    # --------------------------------------------------------------------------------- training
 
     def train(self) -> None:
         """Optimizer steps until ``epochs`` / ``max_steps``, with logging, validation and
@@ -366,9 +282,8 @@ class TADDistillRecipe:
             batches = iter(self._train_loader)
             while self.step_in_epoch < self._steps_per_epoch and self.global_step < self._total_steps:
                 t0 = time.perf_counter()
-                micro = [self._to_device(self._shift_labels(next(batches)))
-                         for _ in range(self._grad_accum)]
-                log = self._train_step(micro)
+                micro = [self._prepare(next(batches)) for _ in range(self._grad_accum)]
+                log = self._train_step([b for b, _ in micro], sum(n for _, n in micro))
                 self.global_step += 1
                 self.step_in_epoch += 1
                 self.tokens_seen += int(log["step_tokens"])
@@ -393,44 +308,45 @@ class TADDistillRecipe:
             self.save(export=False)  # the final export follows
         self.export(self._output_dir / "student")
 
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.to(self._device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    def _prepare(self, batch: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """A collated batch with shifted labels on the device, and its valid-token count, read
+        on the host batch (no device synchronisation)."""
+        batch = {**batch, "labels": shift_labels(batch["labels"])}
+        valid = int((batch["labels"] != IGNORE_INDEX).sum())
+        return {k: v.to(self._device, non_blocking=True) if isinstance(v, Tensor) else v
+                for k, v in batch.items()}, valid
 
-    def _train_step(self, micro: list[dict[str, Tensor]]) -> dict[str, float]:
-        local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
-        global_tokens = int(self._all_reduce(torch.tensor([local_tokens], dtype=torch.float64,
-                                                          device=self._device))[0])
+    def _train_step(self, micro: list[dict[str, Tensor]], local_tokens: int) -> dict[str, float]:
+        global_tokens = local_tokens
+        if self._world_size > 1:
+            global_tokens = int(self._all_reduce(torch.tensor(
+                [local_tokens], dtype=torch.float64, device=self._device))[0])
         # FSDP averages gradients over ranks; scaling by world_size turns that into a sum, so the
         # update is (global sum of token losses) / (global token count).
         scale = self._world_size / max(global_tokens, 1)
-        sums = {"ce": 0.0, "kd": 0.0, "hidden": 0.0}
-        stats: dict[str, float] = {}
+        needs_teacher = self._head.kd_loss is not None or self._head.hidden_loss is not None
+        sums, names = None, []
         for batch in micro:
-            teacher_out = self._teacher_forward(batch, need_logits=not self._fused)
-            terms = self._step_module(batch, teacher_out, False)
-            kd: DivergenceOutput | None = terms.get("kd")
-            loss = self._clm_weight * terms["ce"]
-            if kd is not None:
-                loss = loss + self._kd_weight * kd.total
-                for name, value in kd.stats.items():
-                    stats[name] = stats.get(name, 0.0) + float(value)
-            if "hidden" in terms:
-                loss = loss + self._hidden_weight * terms["hidden"]
-            (loss * scale).backward()
-            sums["ce"] += float(terms["ce"].detach())
-            sums["kd"] += float(kd.total.detach()) if kd is not None else 0.0
-            sums["hidden"] += float(terms["hidden"].detach()) if "hidden" in terms else 0.0
-        names = sorted(stats)
-        packed = torch.tensor([sums["ce"], sums["kd"], sums["hidden"], *(stats[k] for k in names)],
-                              dtype=torch.float64, device=self._device)
-        packed = self._all_reduce(packed) / max(global_tokens, 1)
-        ce, kd_mean, hidden_mean = (float(x) for x in packed[:3])
-        loss_value = (self._clm_weight * ce + self._kd_weight * kd_mean
-                      + self._hidden_weight * hidden_mean)
+            teacher = (self._teacher_head(batch, logits=self._head.needs_teacher_logits)
+                       if needs_teacher else None)
+            terms = self._head(batch, teacher)
+            (terms.objective * scale).backward()
+            names = sorted(terms.stats)
+            zero = terms.ce.new_zeros(())
+            part = torch.stack([terms.ce, zero if terms.kd is None else terms.kd,
+                                zero if terms.hidden is None else terms.hidden,
+                                *(terms.stats[k] for k in names)]).double()
+            sums = part if sums is None else sums + part
+        sums = self._all_reduce(sums) / max(global_tokens, 1)
 
         max_norm = self._clip_grad_norm if self._clip_grad_norm is not None else float("inf")
-        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(
-            [p for p in self._step_module.parameters() if p.requires_grad], max_norm)))
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(
+            [p for p in self._head.parameters() if p.requires_grad], max_norm))
+        # the step's one host synchronisation (besides the token count of several processes)
+        values = torch.cat([sums, grad_norm.double().reshape(1)]).tolist()
+        (ce, kd_mean, hidden_mean), stats, grad_norm = values[:3], values[3:-1], values[-1]
+        loss_value = (self._clm_weight * ce + self._kd_weight * kd_mean
+                      + self._hidden_weight * hidden_mean)
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             self._optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(
@@ -445,33 +361,33 @@ class TADDistillRecipe:
             self._lr_scheduler.step()
         log = {"loss": loss_value, "ce": ce, "lr": lr, "grad_norm": grad_norm,
                "step_tokens": float(global_tokens)}
-        if self._kd_loss is not None:
+        if self._head.kd_loss is not None:
             log["kd_loss"] = kd_mean
-            log.update({f"kd/{k}": float(v) for k, v in zip(names, packed[3:])})
-        if self._hidden_loss is not None:
+            log.update({f"kd/{k}": v for k, v in zip(names, stats)})
+        if self._head.hidden_loss is not None:
             log["hidden_loss"] = hidden_mean
         return log
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Held-out KL(teacher || student), student cross-entropy and perplexity, top-1 agreement,
-        over the whole validation set (or ``max_eval_batches`` per rank)."""
+        over the whole validation set (or ``max_eval_batches`` per rank), with the metrics of
+        ``tad_eval`` (``tad_torchtune.metrics.StudentMetrics``), summed over the processes."""
         if self._val_loader is None:
             return {}
         self._student.eval()
-        totals = torch.zeros(4, dtype=torch.float64, device=self._device)
+        metrics = self._head.new_metrics(calibration=False)
         for i, batch in enumerate(self._val_loader):
             if self._max_eval_batches is not None and i >= self._max_eval_batches:
                 break
-            batch = self._to_device(self._shift_labels(batch))
-            out = self._step_module(batch, self._teacher_forward(batch, need_logits=True), True)
-            totals += torch.stack([out["kl"].double(), out["ce"].double(),
-                                   out["agree"].double(), out["tokens"].double()])
+            batch, _ = self._prepare(batch)
+            if i >= self._val_batches:  # a rank with fewer batches runs the others' FSDP steps
+                batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+            self._head.evaluate(batch, self._teacher_head(batch, logits=not self._fused), metrics)
         self._student.train()
-        kl, ce, agree, n = self._all_reduce(totals).tolist()
-        n = max(n, 1.0)
-        return {"val_kl": kl / n, "val_ce": ce / n, "val_ppl": math.exp(min(ce / n, 700.0)),
-                "val_top1_agreement": agree / n}
+        out = metrics.all_reduce().compute()
+        return {"val_kl": out["kl"], "val_ce": out["ce"], "val_ppl": out["ppl"],
+                "val_top1_agreement": out["top1_agreement"]}
 
     # ------------------------------------------------------------------ checkpoints and logging
 
@@ -484,7 +400,7 @@ class TADDistillRecipe:
             "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler else None,
             "rng": rng_state(), "world_size": self._world_size,
         }
-        path = self._checkpointer.save(self.global_step, self._step_module, self._optimizer, meta)
+        path = self._checkpointer.save(self.global_step, self._head, self._optimizer, meta)
         if export and self._export_hf:
             self.export(path / "hf")
 
@@ -493,7 +409,7 @@ class TADDistillRecipe:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(
-            self._step_module.student,
+            self._head.student,
             options=StateDictOptions(full_state_dict=True, cpu_offload=True),
         )
         if self._is_rank_zero:
@@ -512,7 +428,7 @@ class TADDistillRecipe:
                 print(f"resume_from_checkpoint: no checkpoint in {self._checkpointer.root}; "
                       "starting from scratch", file=sys.stderr)
             return
-        meta = self._checkpointer.load(path, self._step_module, self._optimizer)
+        meta = self._checkpointer.load(path, self._head, self._optimizer)
         self.global_step, self.epoch = meta["global_step"], meta["epoch"]
         self.tokens_seen = meta["tokens_seen"]
         per_step = self._grad_accum * self._train_sampler.global_batch
@@ -540,10 +456,13 @@ class TADDistillRecipe:
                 values["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         self._metric_logger.log_dict(values, step=self.global_step)
         record = {"step": self.global_step, "tokens": self.tokens_seen, **values}
-        with open(self._output_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self._metrics_file is None:  # opened once, appended to; a line is flushed at once
+            self._metrics_file = open(self._output_dir / "metrics.jsonl", "a", buffering=1)
+        self._metrics_file.write(json.dumps(record) + "\n")
 
     def cleanup(self) -> None:
+        if self._metrics_file is not None:
+            self._metrics_file.close()
         if self._metric_logger is not None:
             self._metric_logger.close()
         if dist.is_initialized():

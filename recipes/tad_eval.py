@@ -13,8 +13,8 @@ Config (see ``configs/demo_eval.yaml``):
 - ``teacher`` and each entry of ``students`` (a mapping name -> spec) is a Hugging Face checkpoint
   folder: ``checkpoint_dir`` (``config.json`` + ``*.safetensors``), and optionally
   ``checkpoint_files`` (default: every ``*.safetensors`` there), ``model`` (a torchtune model
-  builder ``_component_``; default: built from ``config.json`` for Llama and Qwen2 checkpoints) and
-  ``model_type`` (the ``FullModelHFCheckpointer`` model type; default from ``config.json``).
+  builder ``_component_``; default: built from ``config.json`` by its registered model family,
+  ``tad_torchtune.models.model_from_hf_config``) and ``model_type`` (the ``FullModelHFCheckpointer`` model type; default from ``config.json``).
 - ``tokenizer`` and ``dataset``: components; the dataset is built as
   ``instantiate(dataset, tokenizer)`` and yields ``{"tokens", "labels"}`` blocks of equal length.
   Position t predicts token t+1 (labels are shifted left, the last position ignored), as in
@@ -36,83 +36,21 @@ from torch import nn
 from torchtune import config, training
 from tqdm import tqdm
 
-from tad_torchtune.config_checks import resolve_config_argv
+from tad_torchtune.common import DTYPES, shift_labels
+from tad_torchtune.config_checks import resolve_config_argv, resolve_package_paths
 from tad_torchtune.data import resolve_asset
 from tad_torchtune.metrics import TAIL_KS, StudentMetrics, TeacherMetrics
-from tad_torchtune.models import forward_hidden, project_logits
-
-IGNORE_INDEX = -100
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_pkg_paths(node: Any) -> Any:
-    """Replace every ``pkg://...`` string in a config tree by the path of the shipped asset."""
-    if isinstance(node, DictConfig):
-        for key in list(node.keys()):
-            node[key] = resolve_pkg_paths(node[key])
-    elif isinstance(node, ListConfig):
-        for i in range(len(node)):
-            node[i] = resolve_pkg_paths(node[i])
-    elif isinstance(node, str) and node.startswith("pkg://"):
-        return resolve_asset(node)
-    return node
-
-
-def _rope_theta(hf: dict[str, Any], default: float) -> float:
-    params = hf.get("rope_parameters") or {}
-    return float(hf.get("rope_theta") or params.get("rope_theta") or default)
-
-
-def model_from_hf_config(hf: dict[str, Any], *, where: str) -> tuple[nn.Module, str]:
-    """A torchtune decoder (random weights) and checkpointer model type for an HF ``config.json``.
-
-    Llama (``model_type: llama``, no rope scaling) maps to torchtune's ``llama3`` component
-    builder, Qwen2 to ``qwen2``. Anything else needs an explicit ``model`` component.
-    """
-    kind = hf.get("model_type")
-    common = dict(
-        vocab_size=hf.get("vocab_size"),
-        num_layers=hf.get("num_hidden_layers"),
-        num_heads=hf.get("num_attention_heads"),
-        num_kv_heads=hf.get("num_key_value_heads", hf.get("num_attention_heads")),
-        embed_dim=hf.get("hidden_size"),
-        intermediate_dim=hf.get("intermediate_size"),
-        max_seq_len=hf.get("max_position_embeddings"),
-        norm_eps=hf.get("rms_norm_eps", 1e-5),
-    )
-    head_dim = hf.get("head_dim")
-    if kind == "llama" and not hf.get("rope_scaling") and (
-        head_dim is None or head_dim * common["num_heads"] == common["embed_dim"]
-    ):
-        from torchtune.models.llama3._component_builders import llama3
-        from torchtune.modules import TiedLinear
-
-        model = llama3(**common, rope_base=_rope_theta(hf, 500_000.0))
-        if hf.get("tie_word_embeddings", False):
-            del model.output  # TiedLinear is not an nn.Module: drop the submodule first
-            model.output = TiedLinear(model.tok_embeddings)
-        return model, "LLAMA3"
-    if kind == "qwen2":
-        from torchtune.models.qwen2._component_builders import qwen2
-
-        model = qwen2(**common, rope_base=_rope_theta(hf, 1_000_000.0),
-                      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
-        return model, "QWEN2"
-    raise ValueError(
-        f"{where}: cannot build a torchtune model from config.json (model_type={kind!r}, "
-        f"rope_scaling={hf.get('rope_scaling')!r}); set {where}.model to a torchtune model "
-        f"builder _component_ and {where}.model_type to its checkpointer model type (e.g. LLAMA3)"
-    )
-
+from tad_torchtune.models import build_model, forward_hidden, model_from_hf_config, project_logits
 
 def hf_decoder(checkpoint_dir: str) -> nn.Module:
     """The torchtune decoder (random weights) that the ``config.json`` in ``checkpoint_dir``
-    describes: a model ``_component_`` for configs of other recipes (e.g. ``eleuther_eval``) that
-    load the weights with ``FullModelHFCheckpointer`` themselves."""
+    describes, for any registered model family: a model ``_component_`` for configs of other
+    recipes (e.g. ``eleuther_eval``) that load the weights with ``FullModelHFCheckpointer``
+    themselves."""
     path = Path(resolve_asset(str(checkpoint_dir))).expanduser() / "config.json"
     if not path.is_file():
         raise ValueError(f"model.checkpoint_dir: {str(path.parent)!r} has no config.json")
-    return model_from_hf_config(json.loads(path.read_text()), where="model")[0]
+    return model_from_hf_config(json.loads(path.read_text()), where="model.checkpoint_dir")[0]
 
 
 def load_hf_model(spec: DictConfig, *, where: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -129,13 +67,13 @@ def load_hf_model(spec: DictConfig, *, where: str, device: torch.device, dtype: 
         if not files:
             raise ValueError(f"{where}.checkpoint_dir: no *.safetensors file in {str(ckpt_dir)!r}")
     if spec.get("model") is not None:
-        model = config.instantiate(spec.model)
+        model, _ = build_model(spec.model, hf)
         model_type = spec.get("model_type")
         if model_type is None:
             raise ValueError(f"{where}.model_type: required when {where}.model is given (e.g. LLAMA3)")
     else:
-        model, model_type = model_from_hf_config(hf, where=where)
-        model_type = spec.get("model_type", model_type)
+        model, family = model_from_hf_config(hf, where=f"{where}.checkpoint_dir")
+        model_type = spec.get("model_type", family.checkpointer_model_type)
     # The checkpointer insists on an output folder; nothing is written there while loading.
     with tempfile.TemporaryDirectory() as tmp:
         checkpointer = training.FullModelHFCheckpointer(
@@ -199,9 +137,7 @@ class TADEvalRecipe:
         for start in range(0, n, self._batch_size):
             items = [self._dataset[i] for i in range(start, min(n, start + self._batch_size))]
             tokens = torch.tensor([it["tokens"] for it in items])  # (B, T)
-            labels = torch.tensor([it["labels"] for it in items])  # (B, T)
-            # position t predicts token t+1; the last position has no target
-            labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], 1)
+            labels = shift_labels(torch.tensor([it["labels"] for it in items]))  # (B, T)
             yield tokens.to(self._device), labels.to(self._device)
 
     @torch.no_grad()
@@ -270,7 +206,7 @@ def summary_table(report: dict[str, Any]) -> str:
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point of ``tune run tad_eval --config ...``."""
-    resolve_pkg_paths(cfg)
+    resolve_package_paths(cfg)
     recipe = TADEvalRecipe(cfg)
     recipe.setup(cfg)
     report = recipe.evaluate()

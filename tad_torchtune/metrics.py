@@ -37,34 +37,44 @@ needs another normalisation or a reliability diagram.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from tad_torchtune.losses._reduction import align_teacher_vocab, check_vocab_alignment
+from tad_torchtune.common import IGNORE_INDEX, apply_softcap, compute_dtype, full_tensor
+from tad_torchtune.losses.engine import chunk_slices
 from tad_torchtune.losses.kl import forward_kl_chunk
+from tad_torchtune.vocab import align_teacher_vocab, check_vocab_alignment
 
 #: tail-mass K values of the paper's Figure 2
 TAIL_KS: tuple[int, ...] = (1, 2, 5, 10, 20, 50)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _valid_chunks(labels: Tensor, chunk_size: int | None, ignore_index: int, *logits: Tensor):
-    """Yield ``(labels [n], *logits [n, V] upcast)`` for the valid tokens, chunk by chunk."""
+def _valid_chunks(labels: Tensor, chunk_size: int | None, ignore_index: int,
+                  *logits: Tensor) -> Iterator[tuple[Tensor, ...]]:
+    """``(labels [n], *logits [n, V] upcast)`` of the valid tokens, chunk by chunk (the engine's
+    chunks: ``engine.chunk_slices``)."""
     y = labels.reshape(-1)  # (N,)
     flat = [x.reshape(y.shape[0], x.shape[-1]) for x in logits]  # (N, V) views when contiguous
-    n = y.shape[0]
-    step = n if not chunk_size or chunk_size >= n else chunk_size
-    for start in range(0, n, max(step, 1)):
-        yc = y[start : start + step]
-        keep = yc != ignore_index
-        if not bool(keep.any()):
-            continue
-        yield (yc[keep], *(x[start : start + step][keep].to(_compute_dtype(x.dtype)) for x in flat))
+    for sl in chunk_slices(y.shape[0], chunk_size):
+        keep = y[sl] != ignore_index
+        yield (y[sl][keep], *(x[sl][keep].to(compute_dtype(x.dtype)) for x in flat))
+
+
+def _projected_chunks(labels: Tensor, chunk_size: int | None, ignore_index: int,
+                      *sides: tuple[Tensor, Tensor, float | None]) -> Iterator[tuple[Tensor, ...]]:
+    """As ``_valid_chunks``, from ``(hidden [..., D], weight [V, D], softcap)`` per model: each
+    chunk's logits are projected (and soft-capped) on the fly, so ``[N, V]`` never exists."""
+    y = labels.reshape(-1)
+    flat = [(h.reshape(y.shape[0], h.shape[-1]), full_tensor(w), cap) for h, w, cap in sides]
+    for sl in chunk_slices(y.shape[0], chunk_size):
+        keep = y[sl] != ignore_index
+        yield (y[sl][keep], *(
+            apply_softcap(torch.nn.functional.linear(h[sl][keep], w).to(compute_dtype(h.dtype)),
+                          cap) for h, w, cap in flat))
 
 
 def _check_inputs(logits: Tensor, labels: Tensor, name: str) -> None:
@@ -77,94 +87,115 @@ def _check_inputs(logits: Tensor, labels: Tensor, name: str) -> None:
         )
 
 
-class _CalibrationAndCE:
-    """CE, top-1 accuracy and the Full-ECE bins of one model's predictions against the labels."""
+def _all_reduce(t: Tensor) -> Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
 
-    def __init__(self, num_bins: int) -> None:
+
+class _CalibrationAndCE:
+    """CE, top-1 accuracy and the Full-ECE bins of one model's predictions against the labels,
+    as float64 sums in one tensor (``state``), so processes can add theirs up."""
+
+    def __init__(self, num_bins: int, calibration: bool = True) -> None:
         if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
             raise ValueError(f"num_bins must be an integer >= 1, got {num_bins!r}")
         self.num_bins = num_bins
-        self.num_tokens = 0
-        self.ce_sum = 0.0
-        self.correct = 0
-        self.bin_count = torch.zeros(num_bins, dtype=torch.float64)
-        self.bin_prob = torch.zeros(num_bins, dtype=torch.float64)
-        self.bin_label = torch.zeros(num_bins, dtype=torch.float64)
+        self.calibration = calibration
+        # num_tokens, ce_sum, correct, then per bin: count, sum of probabilities, labels
+        self.state = torch.zeros(3 + 3 * num_bins, dtype=torch.float64)
 
     def update(self, log_q: Tensor, y: Tensor) -> Tensor:
         """Add a chunk; ``log_q`` is ``[n, V]`` log-probabilities. Returns the argmax ``[n]``."""
-        n = y.shape[0]
-        self.num_tokens += n
-        self.ce_sum += float(-log_q.gather(1, y[:, None]).sum(dtype=torch.float64))
+        if self.state.device != log_q.device:
+            self.state = self.state.to(log_q.device)
+        n, m = y.shape[0], self.num_bins
         top1 = log_q.argmax(-1)
-        self.correct += int((top1 == y).sum())
-        q = log_q.exp()  # (n, V)
-        bins = (q * self.num_bins).long().clamp_(0, self.num_bins - 1)  # (n, V)
-        # per-row partial sums in the compute dtype (V terms each), rows summed in float64
-        per_row = q.new_zeros(n, self.num_bins).scatter_add_(1, bins, q)  # (n, M)
-        self.bin_prob += per_row.sum(0, dtype=torch.float64)
-        self.bin_count += torch.bincount(bins.flatten(), minlength=self.num_bins).double()
-        label_bins = bins.gather(1, y[:, None]).squeeze(1)
-        self.bin_label += torch.bincount(label_bins, minlength=self.num_bins).double()
+        head = torch.stack([
+            log_q.new_tensor(float(n), dtype=torch.float64),
+            -log_q.gather(1, y[:, None]).sum(dtype=torch.float64),
+            (top1 == y).sum().double(),
+        ])
+        self.state[:3] += head
+        if self.calibration and n:
+            q = log_q.exp()  # (n, V)
+            bins = (q * m).long().clamp_(0, m - 1)  # (n, V)
+            # per-row partial sums in the compute dtype (V terms each), rows summed in float64
+            per_row = q.new_zeros(n, m).scatter_add_(1, bins, q)  # (n, M)
+            self.state[3 : 3 + m] += torch.bincount(bins.flatten(), minlength=m).double()
+            self.state[3 + m : 3 + 2 * m] += per_row.sum(0, dtype=torch.float64)
+            label_bins = bins.gather(1, y[:, None]).squeeze(1)
+            self.state[3 + 2 * m :] += torch.bincount(label_bins, minlength=m).double()
         return top1
 
     def compute(self) -> dict[str, Any]:
-        n = max(self.num_tokens, 1)
-        ce = self.ce_sum / n if self.num_tokens else float("nan")
-        count = self.bin_count.clamp(min=1)
-        return {
+        state = self.state.cpu()
+        num_tokens = int(state[0])
+        n = max(num_tokens, 1)
+        m = self.num_bins
+        ce = float(state[1]) / n if num_tokens else float("nan")
+        out = {
             "ce": ce,
             "ppl": float("inf") if ce > 709.0 else math.exp(ce),  # nan stays nan
-            "top1_accuracy": self.correct / n if self.num_tokens else float("nan"),
-            "full_ece": float((self.bin_label - self.bin_prob).abs().sum() / n)
-            if self.num_tokens else float("nan"),
-            "reliability": {
-                "bin_edges": [m / self.num_bins for m in range(self.num_bins + 1)],
-                "count": self.bin_count.tolist(),
-                "accuracy": (self.bin_label / count).tolist(),
-                "confidence": (self.bin_prob / count).tolist(),
-            },
+            "top1_accuracy": float(state[2]) / n if num_tokens else float("nan"),
         }
+        if self.calibration:
+            count, prob, label = state[3 : 3 + m], state[3 + m : 3 + 2 * m], state[3 + 2 * m :]
+            out["full_ece"] = (float((label - prob).abs().sum() / n) if num_tokens
+                               else float("nan"))
+            out["reliability"] = {
+                "bin_edges": [i / m for i in range(m + 1)],
+                "count": count.tolist(),
+                "accuracy": (label / count.clamp(min=1)).tolist(),
+                "confidence": (prob / count.clamp(min=1)).tolist(),
+            }
+        return out
 
 
 class StudentMetrics:
-    """Streaming held-out metrics of a student against its teacher and the labels.
+    """Streaming held-out metrics of a student against its teacher and the labels: what
+    ``tad_eval`` reports and what ``tad_distill`` logs as ``val_*`` (one implementation).
 
     ``compute()`` returns (means over all valid tokens seen):
 
     - ``kl``: ``KL(p || q) = sum_i p_i (log p_i - log q_i)``, p the teacher's, q the student's
       next-token distribution (the forward KL of vanilla KD, 0 when they are equal);
     - ``ce``: ``-log q(y)``; ``ppl = exp(ce)``;
-    - ``full_ece``: Full-ECE of q (module docstring), with ``reliability`` its bins;
+    - ``full_ece``: Full-ECE of q (module docstring), with ``reliability`` its bins (only with
+      ``calibration``);
     - ``top1_accuracy``: ``argmax q == y``; ``top1_agreement``: ``argmax q == argmax p``;
     - ``num_tokens``.
+
+    The sums live in one float64 tensor on the inputs' device; ``all_reduce()`` adds up those of
+    every process (``torch.distributed``) before ``compute()``.
 
     Args:
         num_bins: Full-ECE bins over [0, 1].
         ignore_index: label of positions that do not count.
         chunk_size: tokens upcast at once; ``None`` for all.
         temperature: both logits are divided by it before the softmax (1.0 for evaluation).
-        vocab_alignment: ``"exact"`` or ``"truncate_teacher"`` (see ``tad_torchtune.losses``).
+        vocab_alignment: ``"exact"`` or ``"truncate_teacher"`` (``tad_torchtune.vocab``).
+        calibration: also accumulate the Full-ECE bins (one more pass over each chunk).
     """
 
     def __init__(
         self,
         *,
         num_bins: int = 10,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         chunk_size: int | None = 1024,
         temperature: float = 1.0,
         vocab_alignment: str = "exact",
+        calibration: bool = True,
     ) -> None:
-        self._own = _CalibrationAndCE(num_bins)
+        self._own = _CalibrationAndCE(num_bins, calibration)
         self.ignore_index = int(ignore_index)
         self.chunk_size = chunk_size
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         self.temperature = float(temperature)
         self.vocab_alignment = check_vocab_alignment(vocab_alignment)
-        self.kl_sum = 0.0
-        self.agree = 0
+        self._pair = torch.zeros(2, dtype=torch.float64)  # kl_sum, agree
 
     @torch.no_grad()
     def update(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> None:
@@ -180,20 +211,46 @@ class StudentMetrics:
         teacher_logits = align_teacher_vocab(
             teacher_logits, student_logits.shape[-1], self.vocab_alignment
         )
-        for y, s, t in _valid_chunks(
-            labels, self.chunk_size, self.ignore_index, student_logits, teacher_logits
-        ):
+        self._add(_valid_chunks(labels, self.chunk_size, self.ignore_index, student_logits,
+                                teacher_logits))
+
+    @torch.no_grad()
+    def update_from_hidden(
+        self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+        teacher_weight: Tensor, labels: Tensor, *, student_softcap: float | None = None,
+        teacher_softcap: float | None = None,
+    ) -> None:
+        """Add a batch given as final hidden states ``[B, T, D]`` and output weights ``[V, D]``
+        (the fused path's inputs); the same values as ``update`` on their logits."""
+        w_t = align_teacher_vocab(full_tensor(teacher_weight).t(), student_weight.shape[0],
+                                  self.vocab_alignment).t()
+        self._add(_projected_chunks(
+            labels, self.chunk_size, self.ignore_index,
+            (student_hidden, student_weight, student_softcap),
+            (teacher_hidden, w_t, teacher_softcap)))
+
+    def _add(self, chunks) -> None:
+        for y, s, t in chunks:
+            if self._pair.device != s.device:
+                self._pair = self._pair.to(s.device)
             s, t = s / self.temperature, t / self.temperature
             kl, _ = forward_kl_chunk(s, t, y)
-            self.kl_sum += float(kl.sum(dtype=torch.float64))
             top1 = self._own.update(torch.log_softmax(s, dim=-1), y)
-            self.agree += int((top1 == t.argmax(-1)).sum())
+            self._pair += torch.stack([kl.sum(dtype=torch.float64),
+                                       (top1 == t.argmax(-1)).sum().double()])
+
+    def all_reduce(self) -> "StudentMetrics":
+        """Sum the accumulated state over all processes (a collective: every rank calls it)."""
+        _all_reduce(self._own.state)
+        _all_reduce(self._pair)
+        return self
 
     def compute(self) -> dict[str, Any]:
         out = self._own.compute()
-        n = self._own.num_tokens
-        out["kl"] = self.kl_sum / n if n else float("nan")
-        out["top1_agreement"] = self.agree / n if n else float("nan")
+        n = int(self._own.state[0])
+        kl_sum, agree = self._pair.tolist()
+        out["kl"] = kl_sum / n if n else float("nan")
+        out["top1_agreement"] = agree / n if n else float("nan")
         out["num_tokens"] = n
         return out
 
@@ -220,7 +277,7 @@ class TeacherMetrics:
         *,
         ks: tuple[int, ...] | list[int] = TAIL_KS,
         num_bins: int = 10,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         chunk_size: int | None = 1024,
         temperature: float = 1.0,
     ) -> None:
@@ -243,7 +300,9 @@ class TeacherMetrics:
         vocab = teacher_logits.shape[-1]
         if self.ks[-1] >= vocab:
             raise ValueError(f"every K in ks must be < the vocabulary size {vocab}, got ks={self.ks}")
-        index = torch.tensor(self.ks)
+        index = torch.tensor(self.ks, device=teacher_logits.device)
+        if self.tail_sum.device != teacher_logits.device:
+            self.tail_sum = self.tail_sum.to(teacher_logits.device)
         for y, t in _valid_chunks(labels, self.chunk_size, self.ignore_index, teacher_logits):
             log_p = torch.log_softmax(t / self.temperature, dim=-1)  # (n, V)
             self._own.update(log_p, y)
@@ -255,9 +314,9 @@ class TeacherMetrics:
 
     def compute(self) -> dict[str, Any]:
         out = self._own.compute()
-        n = self._own.num_tokens
+        n = int(self._own.state[0])
         out["tail_mass"] = {
-            k: (float(s) / n if n else float("nan")) for k, s in zip(self.ks, self.tail_sum)
+            k: (float(s) / n if n else float("nan")) for k, s in zip(self.ks, self.tail_sum.cpu())
         }
         out["mismatch_rate"] = 1.0 - out["top1_accuracy"] if n else float("nan")
         out["num_tokens"] = n

@@ -7,8 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard, register_fsdp_forward_method
 from torch.utils.checkpoint import checkpoint
 
 
@@ -66,7 +65,8 @@ def parallelize(
         reshard_after_forward: free gathered parameters after each block's forward.
         root: the module sharded last, as the FSDP root (its parameters outside the blocks are
             gathered for its whole forward): the model itself, or a wrapper that also computes
-            the losses from the output weight. ``None`` leaves those parameters replicated (the
+            the losses from the output weight; its ``fsdp_forward_methods`` are registered with
+            FSDP like ``forward``. ``None`` leaves those parameters replicated (the
             frozen teacher: its embeddings and output are then read directly by the losses).
 
     Returns:
@@ -85,8 +85,7 @@ def parallelize(
             fully_shard(block, **kwargs)
         if root is not None:
             fully_shard(root, **kwargs)
+            # methods other than forward that read the root's parameters (StudentHead.evaluate)
+            for name in getattr(root, "fsdp_forward_methods", ()):
+                register_fsdp_forward_method(root, name)
     return model
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t

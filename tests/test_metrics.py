@@ -198,3 +198,25 @@ def test_empty_and_invalid_inputs():
     with pytest.raises(ValueError, match="ks"):
         TeacherMetrics(ks=(0,))
     assert TAIL_KS == (1, 2, 5, 10, 20, 50)
+
+
+def test_metrics_from_hidden_states_equal_metrics_from_logits():
+    """The fused path's evaluation (logits projected chunk by chunk, soft-capped) gives the
+    values of ``update`` on the materialised logits."""
+    g = torch.Generator().manual_seed(7)
+    h_s, h_t = torch.randn(2, 9, 6, generator=g), torch.randn(2, 9, 10, generator=g)
+    w_s, w_t = torch.randn(31, 6, generator=g), torch.randn(35, 10, generator=g)
+    labels = torch.randint(0, 31, (2, 9), generator=g)
+    labels[1, -3:] = -100
+    caps = (4.0, 6.0)
+    by_logits = StudentMetrics(chunk_size=4, vocab_alignment="truncate_teacher")
+    by_logits.update(torch.tanh(h_s @ w_s.T / caps[0]) * caps[0],
+                     torch.tanh(h_t @ w_t.T / caps[1]) * caps[1], labels)
+    by_hidden = StudentMetrics(chunk_size=4, vocab_alignment="truncate_teacher")
+    by_hidden.update_from_hidden(h_s, w_s, h_t, w_t, labels, student_softcap=caps[0],
+                                 teacher_softcap=caps[1])
+    a, b = by_logits.compute(), by_hidden.compute()
+    assert a["num_tokens"] == b["num_tokens"] == 15
+    for key in ("kl", "ce", "full_ece", "top1_agreement", "top1_accuracy"):
+        assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), key
+    assert b["kl"] > 0.1

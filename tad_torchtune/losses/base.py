@@ -1,23 +1,74 @@
-"""The interface every divergence of this package offers to the recipe."""
+"""The interface every divergence of this package offers, its registry, and the log-space helpers
+their per-chunk functions share (``docs/design.md``, "The divergences")."""
+
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from tad_torchtune.losses._reduction import (
+from tad_torchtune.losses.engine import (
     DivergenceOutput,
-    align_teacher_vocab,
-    check_logits,
-    check_positive,
-    check_vocab_alignment,
+    chunk_slices,
+    reduce_chunks,
+    row_layout,
+    scaled_chunk,
+    teacher_pass,
 )
+from tad_torchtune.vocab import align_teacher_vocab, check_vocab_alignment
+
+#: every divergence class by its ``name``: what the config check, the benchmark and the tests
+#: iterate over. A subclass with a ``name`` registers itself when its module is imported.
+DIVERGENCES: dict[str, type["Divergence"]] = {}
+
+
+def check_positive(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def check_logits(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> None:
+    """Shape checks shared by the divergences (vocabulary sizes are checked by alignment)."""
+    if student_logits.dim() < 2:
+        raise ValueError(
+            f"student_logits must be [B, T, V] or [N, V], got shape {tuple(student_logits.shape)}"
+        )
+    if teacher_logits.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(
+            f"teacher_logits shape {tuple(teacher_logits.shape)} does not match student_logits "
+            f"shape {tuple(student_logits.shape)} in the leading (batch, token) dimensions"
+        )
+    if labels.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal the logits' leading shape "
+            f"{tuple(student_logits.shape[:-1])}"
+        )
+    if not (student_logits.is_floating_point() and teacher_logits.is_floating_point()):
+        raise ValueError("student_logits and teacher_logits must be floating point tensors")
 
 
 class Divergence(nn.Module):
     """Base of the logit divergences: ``forward`` is the mean over valid tokens.
 
-    Subclasses implement ``sum_and_count`` (un-normalised sum, valid-token count, diagnostics), so
-    a recipe can normalise by the global token count of an optimizer step (DESIGN.md §1,
-    Reduction), and ``chunk_fn``, the per-chunk math that the fused path reuses.
+    A divergence is its per-chunk math, written once:
+
+    - ``chunk_fn(s, t, labels, *extras) -> (per_token [n], stats)``: the value, on chunks
+      ``[n, V]`` of student and teacher logits already divided by the temperature, in float32
+      (float64 stays float64), ignored rows zeroed. The unfused path differentiates it with
+      autograd; it is the reference.
+    - ``chunk_grad_fn`` (optional): the same value AND its gradient w.r.t. ``s`` in closed form,
+      ``(per_token, stats, grad [n, V])``, held against autograd of ``chunk_fn`` by the tests.
+      ``s`` is read only (the fused path reuses it); ``t`` is the chunk's own buffer and may be
+      overwritten, to save a ``[n, V]`` one. ``None``: the fused path differentiates
+      ``chunk_fn``.
+    - ``needs_teacher_pass``: the divergence needs teacher-only statistics of ALL tokens of a row
+      before any per-token term (TAD's ``abar``); ``teacher_chunk_stats`` gives them per chunk
+      and ``teacher_extras`` turns them into the per-token ``extras`` of the chunk functions.
+      ``engine.teacher_pass`` runs that pass on both paths.
+
+    ``sum_and_count`` (un-normalised sum, valid-token count, diagnostics) lets a recipe normalise
+    by the global token count of an optimizer step. A new divergence is one subclass with a
+    ``name`` (it joins ``DIVERGENCES``) that sets ``chunk_fn``; see ``docs/design.md``.
 
     Args:
         temperature: both logits are divided by it before the softmax; no ``tau**2`` scaling.
@@ -27,30 +78,18 @@ class Divergence(nn.Module):
             (a larger teacher vocabulary whose first ids are the student's is cut to the student's).
     """
 
+    #: registry name (``DIVERGENCES``); empty for abstract bases
+    name: ClassVar[str] = ""
     #: names of the per-token diagnostics in ``DivergenceOutput.stats``
     stat_names: tuple[str, ...] = ()
-
-    #: The fused path's per-chunk value AND gradient: ``fn(s, t, labels, *extras) ->
-    #: (per_token [n], stats, grad [n, V])`` with ``grad = d per_token.sum() / d s``, same inputs
-    #: as ``chunk_fn``. ``s`` is read only (the fused path reuses it); ``t`` is the chunk's own
-    #: buffer and may be overwritten, to save a ``[n, V]`` one. ``None``: the fused path
-    #: differentiates ``chunk_fn`` with autograd.
+    chunk_fn = None
     chunk_grad_fn = None
-
-    #: True when the divergence needs teacher-only statistics of ALL tokens before any per-chunk
-    #: term (TAD's ``abar``): the fused path then runs ``teacher_chunk_stats`` over every chunk
-    #: first and hands ``teacher_extras`` to the per-chunk functions.
     needs_teacher_pass: bool = False
 
-    def teacher_chunk_stats(self, t: Tensor) -> tuple[Tensor, ...]:
-        """Per-token teacher-only statistics ``[n, ...]`` of a chunk ``[n, V]`` of scaled,
-        float32 teacher logits (first pass; only called when ``needs_teacher_pass``)."""
-        return ()
-
-    def teacher_extras(self, stats: tuple[Tensor, ...], valid: Tensor) -> tuple[Tensor, ...]:
-        """Turn the first pass's statistics ``[B, T, ...]`` (all tokens) into the per-token
-        ``extras`` ``[B, T, ...]`` of ``chunk_fn``; ``valid`` is ``[B, T]`` bool."""
-        return ()
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):
+            DIVERGENCES[cls.name] = cls
 
     def __init__(
         self,
@@ -68,6 +107,18 @@ class Divergence(nn.Module):
         self.chunk_size = chunk_size
         self.vocab_alignment = check_vocab_alignment(vocab_alignment)
 
+    def teacher_chunk_stats(self, t: Tensor) -> tuple[Tensor, ...]:
+        """Per-token teacher-only statistics ``[n, ...]`` of a chunk ``[n, V]`` of scaled,
+        float32 teacher logits (first pass; only called when ``needs_teacher_pass``)."""
+        return ()
+
+    def teacher_extras(self, stats: tuple[Tensor, ...], valid: Tensor,
+                       groups: Tensor | None = None) -> tuple[Tensor, ...]:
+        """Turn the first pass's statistics ``[B, T, ...]`` (all tokens) into the per-token
+        ``extras`` ``[B, T, ...]`` of ``chunk_fn``; ``valid`` is ``[B, T]`` bool, ``groups``
+        ``[B, T]`` document ids within each row (None: each row is one group)."""
+        return ()
+
     def prepare_inputs(
         self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
     ) -> Tensor:
@@ -77,10 +128,43 @@ class Divergence(nn.Module):
             teacher_logits, student_logits.shape[-1], self.vocab_alignment
         )
 
+    @torch.no_grad()
+    def teacher_pass(self, teacher_logits: Tensor, labels: Tensor,
+                     document_ids: Tensor | None = None) -> tuple[Tensor, ...]:
+        """The first pass on materialised teacher logits ``[B, T, V]`` (aligned) and labels
+        ``[B, T]``: the extras of ``chunk_fn``, each ``[B, T, ...]`` (``engine.teacher_pass``)."""
+        if not self.needs_teacher_pass:
+            return ()
+        vocab = teacher_logits.shape[-1]
+        t = teacher_logits.reshape(-1, vocab)
+        valid = (labels != self.ignore_index).reshape(-1)
+        slices = chunk_slices(valid.shape[0], self.chunk_size)
+
+        def chunk(_: int, sl: slice) -> Tensor:
+            return scaled_chunk(t[sl], valid[sl].unsqueeze(-1), self.temperature)
+
+        groups = None if document_ids is None else document_ids.reshape(-1)
+        extras = teacher_pass(self, chunk, slices, valid, row_layout(labels), groups)
+        return tuple(e.reshape(*labels.shape, *e.shape[1:]) for e in extras)
+
     def sum_and_count(
-        self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
+        self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *,
+        document_ids: Tensor | None = None,
     ) -> DivergenceOutput:
-        raise NotImplementedError
+        """Un-normalised sum over valid tokens, their count and the diagnostics' sums.
+
+        Args and shapes as ``forward``; ``document_ids`` ``[B, T]`` (optional) are the document
+        of each token within its row, for divergences whose row statistics can be per document.
+        """
+        teacher_logits = self.prepare_inputs(student_logits, teacher_logits, labels)
+        extras = self.teacher_pass(teacher_logits, labels, document_ids)
+        n = labels.numel()
+        return reduce_chunks(
+            self.chunk_fn, (student_logits, teacher_logits), labels,
+            ignore_index=self.ignore_index, temperature=self.temperature,
+            chunk_size=self.chunk_size, stat_names=self.stat_names,
+            extras=tuple(e.reshape(n, *e.shape[labels.dim():]) for e in extras),
+        )
 
     def forward(
         self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
@@ -129,3 +213,4 @@ def masked_xlogy_terms_(prob: Tensor, log_ratio: Tensor) -> Tensor:
 def safe_finite(x: Tensor) -> Tensor:
     """``x`` where finite, 0 elsewhere: used to subtract a log-normaliser that may be ``-inf``."""
     return torch.where(torch.isfinite(x), x, x.new_zeros(()))
+

@@ -1,4 +1,4 @@
-"""DRKL, the diversity-aware reverse KL (arXiv 2604.00223; DESIGN.md §1).
+"""DRKL, the diversity-aware reverse KL (arXiv 2604.00223; ``docs/design.md``).
 
 Only the paper's abstract is public to this project, so the formulation below is a
 RECONSTRUCTION from it, not the authors' code: it keeps RKL's target/non-target decomposition and
@@ -8,7 +8,6 @@ replaces the student-dependent weight of the non-target term by a constant ``gam
 import torch
 from torch import Tensor
 
-from tad_torchtune.losses._reduction import DivergenceOutput, chunked_divergence
 from tad_torchtune.losses.base import (
     Divergence,
     check_positive,
@@ -123,6 +122,7 @@ class DRKLLoss(Divergence):
         temperature, ignore_index, chunk_size, vocab_alignment: see ``Divergence``.
     """
 
+    name = "drkl"
     stat_names = ("kl_binary", "kl_nontarget", "q_target")
 
     def __init__(
@@ -141,17 +141,6 @@ class DRKLLoss(Divergence):
         self.gamma = check_positive("gamma", gamma)
         self.chunk_fn = make_drkl_chunk(self.gamma)
         self.chunk_grad_fn = make_drkl_chunk_grad(self.gamma)
-
-    def sum_and_count(
-        self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
-    ) -> DivergenceOutput:
-        """Args and shapes as ``forward``; returns the un-normalised sum and the token count."""
-        teacher_logits = self.prepare_inputs(student_logits, teacher_logits, labels)
-        return chunked_divergence(
-            self.chunk_fn, student_logits, teacher_logits, labels,
-            ignore_index=self.ignore_index, temperature=self.temperature,
-            chunk_size=self.chunk_size, stat_names=self.stat_names,
-        )
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, " + super().extra_repr()

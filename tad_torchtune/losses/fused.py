@@ -1,35 +1,35 @@
-"""Fused output projection + divergence: the loss and its gradients without the ``[N, V]`` logits.
+"""The fused head: cross-entropy and divergence from hidden states, without the ``[N, V]`` logits.
 
-``fused_divergence`` takes the student's and the teacher's final hidden states (after the final
-norm) and output weights instead of their logits. Chunk by chunk over tokens it projects the
-hidden states to logits, applies the soft-caps and the temperature, evaluates the divergence's
-per-chunk value AND gradient (``Divergence.chunk_grad_fn``, closed form; or autograd through
-``Divergence.chunk_fn`` for a divergence without one), and immediately turns the gradient w.r.t.
-the chunk's logits into gradients w.r.t. the student's hidden states and output weight, in the
-forward pass (Liger-Kernel's fused linear losses do the same). What survives a chunk is the
-student hidden-state gradient ``[N, D]`` and the output-weight gradient ``[V, D]``, both float32
-(the weight's own dtype with ``float32_weight_grad=False``), so the extra memory is those plus a
-few ``[chunk, V]`` float32 buffers, never ``[N, V]``: each chunk's logits are masked, scaled and
-soft-capped in their own buffer, and every chunk gradient works in the teacher chunk's, so a
-chunk holds about 4.5 (TAD) to 5.5 such buffers at its peak (``test_peak_memory_is_a_few_chunks``
-in ``tests/losses/test_fused.py``). A bf16 weight gradient is summed in float32 by vocabulary
-blocks (``_accumulate_weight_grad``).
+``fused_head`` takes the student's final hidden states (after the final norm) and output weight,
+and the teacher's, instead of their logits. Chunk by chunk over tokens (``engine.chunk_slices``)
+it projects the student's hidden states ONCE to logits, applies the soft-cap, and from that one
+chunk computes the cross-entropy and the divergence, values AND gradients (closed form:
+``Divergence.chunk_grad_fn``; or autograd through ``chunk_fn``), then turns the gradient of
+``ce_weight * CE + kd_weight * divergence`` w.r.t. the chunk's logits into gradients w.r.t. the
+student's hidden states and output weight, in the forward pass (Liger-Kernel's fused linear
+losses do the same). A step so does the floor of matmul work: the student's projection and its
+two gradient products, and the teacher's projection (``docs/design.md``, "The fused head").
+
+What survives a chunk is the student hidden-state gradient ``[N, D]`` and the output-weight
+gradient ``[V, D]``, both float32 (the weight's own dtype with ``float32_weight_grad=False``), so
+the extra memory is those plus a few ``[chunk, V]`` float32 buffers, never ``[N, V]``: each
+chunk's logits are masked, scaled and soft-capped in their own buffer, and the divergence's chunk
+gradient works in the teacher chunk's (``test_peak_memory_is_a_few_chunks`` in
+``tests/losses/test_fused.py``). A bf16 weight gradient is summed in float32 by vocabulary blocks
+(``_accumulate_weight_grad``).
 
 A divergence with ``needs_teacher_pass`` (TAD: ``abar`` is a mean over every valid token of a
-row) works segment by segment, a segment being whole rows of the batch: first a teacher-only pass
-over the segment's chunks keeps per-token statistics (TAD: top-K ids, LSE, tail LSE: ``[n, K]``
-and ``[n]``), then the per-chunk terms use the exact row statistics. The teacher's projection of
-a chunk is needed by both passes; up to ``teacher_cache_mib`` of them are kept from the first pass
-(in the projection's own dtype, so the second pass sees bit-identical values) and the rest are
-recomputed. A segment holds as many rows as the cache can hold entirely (at least one row), so a
-budget of one row's teacher logits removes every recomputation. With no cache the extra cost is
-one more teacher projection per chunk and the top-K.
+row) works segment by segment, a segment being whole rows of the batch: first the teacher-only
+pass (``engine.teacher_pass``) over the segment's chunks, then the per-chunk terms with the exact
+row statistics. The teacher's projection of a chunk is needed by both passes; up to
+``teacher_cache_mib`` of them are kept from the first pass (in the projection's own dtype, so the
+second pass sees bit-identical values) and the rest are recomputed. A segment holds as many rows
+as the cache can hold entirely (at least one row), so a budget of one row's teacher logits
+removes every recomputation.
 
-``compile_chunks=True`` runs each divergence's per-chunk function through ``torch.compile``
-(inductor fuses its dozen element-wise passes over ``[chunk, V]`` into a few loops); the
-projections and the loop stay eager.
-
-The machinery is written once here; each divergence plugs in its per-chunk functions.
+``compile_chunks=True`` runs each chunk's element-wise work through ``torch.compile`` (inductor
+fuses its dozen passes over ``[chunk, V]`` into a few loops); the projections and the loop stay
+eager.
 """
 
 import math
@@ -38,18 +38,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tad_torchtune.losses._reduction import (
-    DivergenceOutput,
-    align_teacher_vocab,
-    compute_dtype,
-)
+from tad_torchtune.common import IGNORE_INDEX, compute_dtype, full_tensor
 from tad_torchtune.losses.base import Divergence
-
-try:  # DTensor is what FSDP2 (fully_shard) leaves in a sharded parameter.
-    from torch.distributed.tensor import DTensor, Partial
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = Partial = None
-
+from tad_torchtune.losses.engine import (
+    DivergenceOutput,
+    chunk_slices,
+    chunks_with_ignored,
+    row_layout,
+    teacher_pass,
+)
+from tad_torchtune.vocab import align_teacher_vocab
 
 #: default ``teacher_cache_mib``: one 1024-token row of 32K-vocabulary float32 teacher logits, or
 #: 256 tokens of a 256K vocabulary in bf16; small next to the float32 ``[V, D]`` weight gradient.
@@ -71,17 +69,13 @@ def default_chunk_size(
     return min(max(1 << (c - 1).bit_length(), 32), 1024)
 
 
-def _chunks_with_ignored(valid: Tensor, step: int) -> list[bool]:
-    """Per chunk, whether it holds an ignored token (one host sync for all chunks): chunks
-    without one skip the masking passes over their ``[n, V]`` logits."""
-    pad = -valid.shape[0] % step
-    ignored = torch.nn.functional.pad(~valid, (0, pad), value=False)
-    return ignored.view(-1, step).any(-1).tolist()
-
-
 @dataclass(frozen=True)
 class _Plan:
-    divergence: Divergence
+    divergence: Divergence | None
+    ce_weight: float
+    kd_weight: float
+    compute_ce: bool
+    ignore_index: int
     student_softcap: float | None
     teacher_softcap: float | None
     chunk_size: int
@@ -101,15 +95,11 @@ def _capped(z: Tensor, cap: float | None, dtype: torch.dtype, keep: bool = False
     return x.tanh_().mul_(cap)
 
 
-def _logits(h: Tensor, w: Tensor, cap: float | None, dtype: torch.dtype) -> Tensor:
-    """``[n, V]`` logits in ``dtype`` (the projection runs in the inputs' dtype, as nn.Linear)."""
-    return _capped(torch.nn.functional.linear(h, w), cap, dtype)
-
-
 def _masked_scaled(x: Tensor, rows: Tensor, ignored: bool, tau: float, keep: bool) -> Tensor:
     """Chunk logits as the divergence sees them: ignored rows zeroed (a fill, not a
     multiplication: garbage in an ignored row must not reach any sum), divided by the
-    temperature; in place unless ``keep`` (``x`` is a cached teacher projection, read again)."""
+    temperature; in place unless ``keep`` (``x`` is a cached teacher projection, read again).
+    The in-place twin of ``engine.scaled_chunk``."""
     if keep and (ignored or tau != 1.0):
         x = x.clone()
     if ignored:
@@ -130,6 +120,48 @@ def _autograd_chunk_grad(fn):
     return chunk_grad
 
 
+def _head_chunk(z: Tensor, t: Tensor | None, y: Tensor, rows: Tensor, extras: tuple,
+                div_grad, ignored: bool, compute_ce: bool, ce_weight: float, kd_weight: float,
+                tau: float, cap: float | None):
+    """One chunk of the fused head, after the projections.
+
+    ``z`` ``[n, V]``: the student's soft-capped float32 logits (its own buffer: consumed). ``t``:
+    the teacher's chunk as the divergence sees it (scratch), or None without a divergence.
+
+    Returns:
+        ``(ce [n] | None, kd [n] | None, stats, grad [n, V])``, ``grad`` the gradient of
+        ``ce_weight * CE + kd_weight * KD`` w.r.t. the logits BEFORE the soft-cap, 0 on ignored
+        rows.
+    """
+    if ignored:
+        z = z.masked_fill_(~rows, 0.0)
+    ce = lse = None
+    if compute_ce or ce_weight:
+        lse = z.logsumexp(-1)  # (n,)
+        ce = lse - z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    kd, stats, grad = None, {}, None
+    s = z
+    if div_grad is not None:
+        s = z.div_(tau) if tau != 1.0 else z  # s is read only from here
+        kd, stats, grad = div_grad(s, t, y, *extras)
+        del t
+        if kd_weight / tau != 1.0:
+            grad = grad.mul_(kd_weight / tau)
+    if ce_weight:  # + ce_weight * (softmax(z) - onehot(y)), z = s * tau
+        q = (s.mul(tau) if tau != 1.0 else s.clone()).sub_(lse.unsqueeze(-1)).exp_()
+        grad = q.mul_(ce_weight) if grad is None else grad.add_(q, alpha=ce_weight)
+        del q
+        grad.scatter_add_(-1, y.unsqueeze(-1), grad.new_full((y.shape[0], 1), -ce_weight))
+    if grad is None:  # nothing is differentiated (both weights 0)
+        grad = torch.zeros_like(z)
+    if ignored:
+        grad = grad.masked_fill_(~rows, 0.0)
+    if cap is not None:
+        # d(cap tanh(x / cap))/dx = 1 - tanh^2 = 1 - (z / cap)^2, built in s's buffer (z = s tau)
+        grad = grad.mul_(s.mul_(tau / cap).square_().neg_().add_(1.0))
+    return ce, kd, stats, grad
+
+
 _COMPILED: dict = {}
 
 
@@ -141,41 +173,53 @@ def _compiled(fn):
     return _COMPILED[fn]
 
 
-def _segment_rows(plan: _Plan, vocab: int, itemsize: int) -> int:
-    """Rows of the batch per segment: every row at once when no teacher pass is needed or no
-    cache is allowed, else as many rows as the cache holds whole, at least one."""
-    rows, tokens = plan.lead
-    if not plan.divergence.needs_teacher_pass or plan.cache_bytes <= 0:
-        return rows
-    return min(rows, max(1, plan.cache_bytes // max(1, tokens * vocab * itemsize)))
+class _ProjectedTeacher:
+    """The teacher side of the fused head: chunk logits projected from hidden states, some kept
+    between the two passes of a divergence with a teacher pass."""
 
+    def __init__(self, h: Tensor, w: Tensor, plan: _Plan, dtype: torch.dtype) -> None:
+        self.h, self.w, self.plan, self.dtype = h, w, plan, dtype
+        self.tau = plan.divergence.temperature
+        self.cache: dict[int, Tensor] = {}
 
-def _teacher_extras(plan: _Plan, h_t: Tensor, w_t: Tensor, valid: Tensor, flags: list[bool],
-                    lead: tuple[int, int]) -> tuple[tuple[Tensor, ...], dict[int, Tensor]]:
-    """First, teacher-only pass over one segment: the divergence's per-token extras ``[n, ...]``
-    and the teacher chunk projections kept for the second pass (chunk start -> raw ``[c, V]``)."""
-    div = plan.divergence
-    cache: dict[int, Tensor] = {}
-    if not div.needs_teacher_pass or valid.shape[0] == 0:
-        return (), cache
-    dtype = compute_dtype(h_t.dtype)
-    n, step = valid.shape[0], plan.chunk_size
-    budget = plan.cache_bytes
-    pieces = []
-    for start, ignored in zip(range(0, n, step), flags):
-        z = torch.nn.functional.linear(h_t[start : start + step], w_t)
-        size = z.numel() * z.element_size()
-        keep = size <= budget
-        if keep:
-            cache[start] = z
-            budget -= size
-        t = _capped(z, plan.teacher_softcap, dtype, keep=keep)
-        t = _masked_scaled(t, valid[start : start + step].unsqueeze(-1), ignored,
-                           div.temperature, keep=keep and t is z)
-        pieces.append(div.teacher_chunk_stats(t))
-    stats = tuple(torch.cat(p).reshape(*lead, *p[0].shape[1:]) for p in zip(*pieces))
-    extras = div.teacher_extras(stats, valid.reshape(lead))
-    return tuple(e.reshape(n, *e.shape[2:]) for e in extras), cache
+    def segment_rows(self) -> int:
+        """Rows of the batch per segment: every row at once when no teacher pass is needed or no
+        cache is allowed, else as many rows as the cache holds whole, at least one."""
+        rows, tokens = self.plan.lead
+        if not self.plan.divergence.needs_teacher_pass or self.plan.cache_bytes <= 0:
+            return rows
+        row_bytes = tokens * self.w.shape[0] * self.h.element_size()
+        return min(rows, max(1, self.plan.cache_bytes // max(1, row_bytes)))
+
+    def first_pass(self, seg: slice, slices: list[slice], flags: list[bool], valid: Tensor,
+                   groups: Tensor | None) -> tuple[Tensor, ...]:
+        """The teacher pass over one segment, keeping projections within the budget."""
+        self.cache = {}
+        budget = self.plan.cache_bytes
+
+        def chunk(i: int, sl: slice) -> Tensor:
+            nonlocal budget
+            z = torch.nn.functional.linear(self.h[seg][sl], self.w)
+            size = z.numel() * z.element_size()
+            keep = size <= budget
+            if keep:
+                self.cache[i] = z
+                budget -= size
+            t = _capped(z, self.plan.teacher_softcap, self.dtype, keep=keep)
+            return _masked_scaled(t, valid[sl].unsqueeze(-1), flags[i], self.tau,
+                                  keep=keep and t is z)
+
+        rows = (seg.stop - seg.start) // self.plan.lead[1]
+        return teacher_pass(self.plan.divergence, chunk, slices, valid, (rows, self.plan.lead[1]),
+                            groups)
+
+    def chunk(self, i: int, sl: slice, rows: Tensor, ignored: bool) -> Tensor:
+        """The teacher chunk ``i`` of the current segment, scaled and masked, as scratch."""
+        z = self.cache.pop(i, None)
+        if z is None:
+            z = torch.nn.functional.linear(self.h[sl], self.w)
+        return _masked_scaled(_capped(z, self.plan.teacher_softcap, self.dtype), rows, ignored,
+                              self.tau, keep=False)
 
 
 def _accumulate_weight_grad(grad_w: Tensor, grad: Tensor, h: Tensor) -> None:
@@ -193,109 +237,232 @@ def _accumulate_weight_grad(grad_w: Tensor, grad: Tensor, h: Tensor) -> None:
         grad_w[v : v + block] += grad[:, v : v + block].t() @ h
 
 
-class _FusedDivergence(torch.autograd.Function):
-    """Loss sum and diagnostics in forward; backward only rescales the stored gradients."""
+class _FusedHead(torch.autograd.Function):
+    """Loss sums and diagnostics in forward; backward only rescales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, labels: Tensor,
-                plan: _Plan) -> tuple[Tensor, ...]:
+    def forward(ctx, h_s: Tensor, w_s: Tensor, labels: Tensor, plan: _Plan, teacher,
+                groups: Tensor | None) -> tuple[Tensor, ...]:
         div = plan.divergence
         n, hidden = h_s.shape
         dtype = compute_dtype(h_s.dtype)
-        valid = labels != div.ignore_index  # (N,)
+        valid = labels != plan.ignore_index  # (N,)
         y = torch.where(valid, labels, 0)
-        grad_fn = div.chunk_grad_fn or _autograd_chunk_grad(div.chunk_fn)
-        if plan.compile_chunks:
-            grad_fn = _compiled(grad_fn)
+        div_grad = None
+        if div is not None:
+            div_grad = div.chunk_grad_fn or _autograd_chunk_grad(div.chunk_fn)
+        step = _compiled(_head_chunk) if plan.compile_chunks else _head_chunk
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # float32 even for bf16 inputs: the weight gradient is a sum over all chunks (unless
         # the caller trades that precision for a [V, D] float32 buffer).
         grad_h = h_s.new_zeros((n, hidden), dtype=dtype) if need_h else None
         grad_w = w_s.new_zeros(w_s.shape, dtype=dtype if plan.float32_weight_grad else w_s.dtype
                                ) if need_w else None
-        names = sorted(div.stat_names)
-        sums = torch.zeros(1 + len(names), dtype=dtype, device=h_s.device)  # total, *stats
-        tau = div.temperature
+        names = sorted(div.stat_names) if div is not None else []
+        sums = torch.zeros(2 + len(names), dtype=dtype, device=h_s.device)  # ce, kd, *stats
+        tau = div.temperature if div is not None else 1.0
         row_len = plan.lead[1]
-        seg_rows = _segment_rows(plan, w_t.shape[0], h_t.element_size())
+        seg_rows = teacher.segment_rows() if teacher is not None else plan.lead[0]
         for seg_start in range(0, n, max(1, seg_rows * row_len)):
-            seg_n = min(seg_rows * row_len, n - seg_start)
-            seg = slice(seg_start, seg_start + seg_n)
-            seg_valid = valid[seg]
-            flags = _chunks_with_ignored(seg_valid, plan.chunk_size)
-            extras, cache = _teacher_extras(plan, h_t[seg], w_t, seg_valid, flags,
-                                            (seg_n // row_len, row_len))
-            for start, ignored in zip(range(0, seg_n, plan.chunk_size), flags):
-                stop = min(start + plan.chunk_size, seg_n)  # chunks never cross a segment
-                local, sl = slice(start, stop), slice(seg_start + start, seg_start + stop)
+            seg = slice(seg_start, min(seg_start + seg_rows * row_len, n))
+            slices = chunk_slices(seg.stop - seg.start, plan.chunk_size)  # never cross a segment
+            flags = chunks_with_ignored(valid[seg], slices)
+            extras: tuple[Tensor, ...] = ()
+            if div is not None and div.needs_teacher_pass:
+                extras = teacher.first_pass(seg, slices, flags, valid[seg],
+                                            None if groups is None else groups[seg])
+            for i, (local, ignored) in enumerate(zip(slices, flags)):
+                sl = slice(seg.start + local.start, seg.start + local.stop)
                 rows = valid[sl].unsqueeze(-1)  # (n, 1)
-                s = _masked_scaled(_logits(h_s[sl], w_s, plan.student_softcap, dtype), rows,
-                                   ignored, tau, keep=False)  # (n, V)
-                z_t = cache.pop(start, None)
-                if z_t is None:
-                    z_t = torch.nn.functional.linear(h_t[sl], w_t)
-                t = _masked_scaled(_capped(z_t, plan.teacher_softcap, dtype), rows, ignored, tau,
-                                   keep=False)
-                del z_t
-                # t is scratch for grad_fn (TAD's overwrites it); s is read only.
-                per_token, stats, grad = grad_fn(s, t, y[sl], *(e[local] for e in extras))
-                del t
-                zero = per_token.new_zeros(())
-                sums += torch.stack([torch.where(valid[sl], v, zero).sum()
-                                     for v in (per_token, *(stats[k] for k in names))])
+                z = _capped(torch.nn.functional.linear(h_s[sl], w_s), plan.student_softcap, dtype)
+                t = teacher.chunk(i, sl, rows, ignored) if div is not None else None
+                ce, kd, stats, grad = step(
+                    z, t, y[sl], rows, tuple(e[local] for e in extras), div_grad, ignored,
+                    plan.compute_ce, plan.ce_weight, plan.kd_weight, tau, plan.student_softcap)
+                del z, t
+                zero = sums.new_zeros(())
+                parts = [zero if v is None else torch.where(valid[sl], v, zero).sum()
+                         for v in (ce, kd, *(stats[k] for k in names))]
+                sums += torch.stack(parts)
                 if not (need_h or need_w):
                     continue
-                if ignored:
-                    grad = grad.masked_fill_(~rows, 0.0)  # d total / d (capped logits)
-                if tau != 1.0:
-                    grad = grad.div_(tau)
-                if plan.student_softcap is not None:
-                    # d(cap tanh(x / cap))/dx = 1 - tanh^2 = 1 - (s tau / cap)^2 on valid rows
-                    # (the capped logits are s tau there); built in s's own buffer.
-                    grad = grad.mul_(s.mul_(tau / plan.student_softcap).square_().neg_().add_(1.0))
-                del s
                 grad = grad.to(h_s.dtype)  # bf16 matmuls, float32 accumulation (as Liger)
                 if need_h:
                     grad_h[sl] = grad @ w_s
                 if need_w:
                     _accumulate_weight_grad(grad_w, grad, h_s[sl])
+                del grad
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (h_s.dtype, w_s.dtype)
         ctx.done = False
+        objective = plan.ce_weight * sums[0] + plan.kd_weight * sums[1]
         num_tokens = valid.sum()
-        stat_sums = [sums[i].clone() for i in range(1, sums.shape[0])]
-        ctx.mark_non_differentiable(num_tokens, *stat_sums)
-        return (sums[0].clone(), num_tokens, *stat_sums)
+        others = [sums[i].clone() for i in range(sums.shape[0])]
+        ctx.mark_non_differentiable(num_tokens, *others)
+        return (objective, num_tokens, *others)
 
     @staticmethod
-    def backward(ctx, grad_total: Tensor, *_):
+    def backward(ctx, grad_objective: Tensor, *_):
         if ctx.done:
             raise RuntimeError(
-                "fused_divergence's backward can run only once (retain_graph=True is not "
+                "the fused head's backward can run only once (retain_graph=True is not "
                 "supported): it scales its stored gradients in place to save a [V, D] copy"
             )
         ctx.done = True
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        gh = None if grad_h is None else grad_h.mul_(grad_total).to(h_dtype)
-        gw = None if grad_w is None else grad_w.mul_(grad_total).to(w_dtype)
+        gh = None if grad_h is None else grad_h.mul_(grad_objective).to(h_dtype)
+        gw = None if grad_w is None else grad_w.mul_(grad_objective).to(w_dtype)
         return gh, gw, None, None, None, None
 
 
-def _full(w: Tensor) -> Tensor:
-    """The whole tensor of a (possibly FSDP2-sharded) parameter, differentiably.
-
-    The gradient goes back as ``Partial("avg")``: reduce-scattered AND averaged over the ranks,
-    which is what FSDP2 does with the gradients of every other parameter.
-    """
-    if DTensor is not None and isinstance(w, DTensor):
-        return w.full_tensor(grad_placements=[Partial("avg")] * len(w.placements))
-    return w
-
-
 @torch.compiler.disable  # a Python loop over chunks: run eagerly, graph break around it
-def _apply(h_s, w_s, h_t, w_t, labels, plan):
-    return _FusedDivergence.apply(h_s, w_s, h_t, w_t, labels, plan)
+def _apply(h_s, w_s, labels, plan, teacher, groups):
+    return _FusedHead.apply(h_s, w_s, labels, plan, teacher, groups)
+
+
+@dataclass
+class HeadOutput:
+    """What ``fused_head`` returns.
+
+    Attributes:
+        objective: ``ce_weight * CE sum + kd_weight * divergence sum`` over valid tokens
+            (scalar, differentiable w.r.t. the student's hidden states and output weight).
+        ce: the CE sum (detached), or None when it was not computed.
+        kd: the divergence's ``DivergenceOutput`` (its ``total`` detached), or None.
+        num_tokens: valid tokens (scalar int64).
+    """
+
+    objective: Tensor
+    ce: Tensor | None
+    kd: DivergenceOutput | None
+    num_tokens: Tensor
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < minimum):
+        raise ValueError(f"{name} must be an integer >= {minimum} or None, got {value!r}")
+
+
+def fused_head(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    labels: Tensor,
+    *,
+    divergence: Divergence | None = None,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    ce_weight: float = 1.0,
+    kd_weight: float = 1.0,
+    compute_ce: bool | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    document_ids: Tensor | None = None,
+    ignore_index: int | None = None,
+    chunk_size: int | None = None,
+    teacher_cache_mib: float = DEFAULT_TEACHER_CACHE_MIB,
+    compile_chunks: bool = False,
+    float32_weight_grad: bool = True,
+) -> HeadOutput:
+    """``ce_weight * CE + kd_weight * divergence`` from hidden states, without the logits.
+
+    The student logits are ``cap_s * tanh(student_hidden @ student_weight.T / cap_s)`` (no tanh
+    when ``student_softcap`` is None), the teacher's likewise; the teacher gets no gradient. The
+    cross-entropy uses the student's logits as they are (no temperature); the divergence, both
+    divided by its temperature. One projection of the student per chunk serves both terms.
+
+    Args:
+        student_hidden: ``[B, T, D]`` (or ``[N, D]``) final hidden states, after the final norm.
+        student_weight: ``[V, D]`` output projection (the embedding table when tied); may be an
+            FSDP2-sharded DTensor, gathered with ``full_tensor()``.
+        labels: ``[B, T]`` (or ``[N]``, one sequence); ``ignore_index`` marks ignored tokens.
+        divergence: any ``Divergence`` of this package (its temperature, ignore_index and
+            vocab_alignment apply; its ``chunk_size`` does not, see ``chunk_size``), or None
+            for the cross-entropy alone.
+        teacher_hidden: ``[B, T, D_T]`` (or ``[N, D_T]``), with a divergence.
+        teacher_weight: ``[V_T, D_T]``; with ``vocab_alignment="truncate_teacher"`` its first
+            ``V`` rows are used when ``V_T > V``.
+        ce_weight, kd_weight: weights of the two sums in ``objective``.
+        compute_ce: compute the CE sum (default: when ``ce_weight > 0``).
+        student_softcap, teacher_softcap: logit soft-caps (``model.logit_softcap``) or None.
+        document_ids: ``[B, T]`` document of each token within its row, for divergences whose
+            row statistics can be per document (TAD with ``abar_scope="document"``).
+        ignore_index: label of ignored tokens without a divergence (default -100).
+        chunk_size: tokens per chunk; None picks ``default_chunk_size`` (Liger's rule; twice
+            that on CPU).
+        teacher_cache_mib: memory (MiB) for teacher chunk projections kept from the first pass
+            of a divergence with ``needs_teacher_pass`` (TAD) to the second, instead of
+            recomputing them; 0 recomputes every one. Ignored by the other divergences.
+        compile_chunks: run each chunk's element-wise work through ``torch.compile``.
+        float32_weight_grad: sum the output-weight gradient over chunks in float32 (default).
+            False sums it in the weight's dtype, as autograd does for a chunked output layer
+            (torchtune's path) and Liger-Kernel does: for bf16 weights that saves a float32
+            ``[V, D]`` buffer (3.4 GiB at 256000 x 3584) for a rounding to bf16 per chunk.
+
+    Returns:
+        ``HeadOutput``.
+
+    Raises:
+        ValueError: on mismatched shapes or vocabularies, or bad arguments.
+    """
+    if student_hidden.dim() < 2 or labels.shape != student_hidden.shape[:-1]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal student_hidden's leading shape "
+            f"{tuple(student_hidden.shape[:-1])} (student_hidden is [B, T, D] or [N, D])"
+        )
+    sides = [("student", student_hidden, student_weight)]
+    if divergence is not None:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("a divergence needs teacher_hidden and teacher_weight")
+        if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+            raise ValueError(
+                f"teacher_hidden shape {tuple(teacher_hidden.shape)} does not match "
+                f"student_hidden shape {tuple(student_hidden.shape)} in the leading (batch, "
+                f"token) dimensions"
+            )
+        sides.append(("teacher", teacher_hidden, teacher_weight))
+    for name, h, w in sides:
+        if w.dim() != 2 or w.shape[1] != h.shape[-1]:
+            raise ValueError(
+                f"{name}_weight must be [V, D] with D = {name}_hidden.shape[-1] = "
+                f"{h.shape[-1]}, got shape {tuple(w.shape)}"
+            )
+    if (isinstance(teacher_cache_mib, bool) or not isinstance(teacher_cache_mib, (int, float))
+            or not teacher_cache_mib >= 0):
+        raise ValueError(f"teacher_cache_mib must be a number >= 0, got {teacher_cache_mib!r}")
+    _check_int("chunk_size", chunk_size, 1)
+    w_s = full_tensor(student_weight, differentiable=True)
+    hidden = student_hidden.shape[-1]
+    h_s = student_hidden.reshape(-1, hidden)  # (N, D)
+    y = labels.reshape(-1)
+    if not torch.is_grad_enabled():  # evaluation: the values only, no gradient buffers
+        h_s, w_s = h_s.detach(), w_s.detach()
+    n = y.shape[0]
+    plan = _Plan(
+        divergence, float(ce_weight), float(kd_weight) if divergence is not None else 0.0,
+        bool(ce_weight > 0 if compute_ce is None else compute_ce),
+        divergence.ignore_index if divergence is not None else
+        (IGNORE_INDEX if ignore_index is None else int(ignore_index)),
+        student_softcap, teacher_softcap,
+        chunk_size or default_chunk_size(n, w_s.shape[0], hidden, h_s.device),
+        row_layout(labels), cache_bytes=int(teacher_cache_mib * 2**20),
+        compile_chunks=bool(compile_chunks), float32_weight_grad=bool(float32_weight_grad))
+    teacher = None
+    if divergence is not None:
+        with torch.no_grad():
+            w_t = align_teacher_vocab(full_tensor(teacher_weight).detach().t(), w_s.shape[0],
+                                      divergence.vocab_alignment).t()
+        h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])  # (N, D_T)
+        teacher = _ProjectedTeacher(h_t, w_t, plan, compute_dtype(h_t.dtype))
+    groups = None if document_ids is None else document_ids.reshape(-1)
+    objective, num_tokens, ce, kd, *stats = _apply(h_s, w_s, y, plan, teacher, groups)
+    kd_out = None
+    if divergence is not None:
+        names = sorted(divergence.stat_names)
+        kd_out = DivergenceOutput(total=kd, num_tokens=num_tokens, stats=dict(zip(names, stats)))
+    return HeadOutput(objective=objective, ce=ce if plan.compute_ce else None, kd=kd_out,
+                      num_tokens=num_tokens)
 
 
 def fused_divergence(
@@ -305,90 +472,22 @@ def fused_divergence(
     teacher_hidden: Tensor,
     teacher_weight: Tensor,
     labels: Tensor,
-    *,
-    student_softcap: float | None = None,
-    teacher_softcap: float | None = None,
-    chunk_size: int | None = None,
-    teacher_cache_mib: float = DEFAULT_TEACHER_CACHE_MIB,
-    compile_chunks: bool = False,
-    float32_weight_grad: bool = True,
+    **kwargs,
 ) -> DivergenceOutput:
-    """``divergence.sum_and_count(student logits, teacher logits, labels)`` without the logits.
-
-    The student logits are ``cap_s * tanh(student_hidden @ student_weight.T / cap_s)`` (no tanh
-    when ``student_softcap`` is None), the teacher's likewise; the teacher gets no gradient.
+    """``divergence.sum_and_count(student logits, teacher logits, labels)`` without the logits:
+    ``fused_head`` with the divergence alone (``ce_weight=0``), its ``total`` differentiable.
 
     Args:
-        divergence: any ``Divergence`` of this package (its temperature, ignore_index and
-            vocab_alignment apply; its ``chunk_size`` does not, see ``chunk_size``).
-        student_hidden: ``[B, T, D]`` (or ``[N, D]``) final hidden states, after the final norm.
-        student_weight: ``[V, D]`` output projection (the embedding table when tied); may be an
-            FSDP2-sharded DTensor, gathered with ``full_tensor()``.
-        teacher_hidden: ``[B, T, D_T]`` (or ``[N, D_T]``).
-        teacher_weight: ``[V_T, D_T]``; with ``vocab_alignment="truncate_teacher"`` its first
-            ``V`` rows are used when ``V_T > V``.
-        labels: ``[B, T]`` (or ``[N]``, one sequence); ``ignore_index`` marks ignored tokens.
-        student_softcap, teacher_softcap: logit soft-caps (``model.logit_softcap``) or None.
-        chunk_size: tokens per chunk; None picks ``default_chunk_size`` (Liger's rule; twice
-            that on CPU).
-        teacher_cache_mib: memory (MiB) for teacher chunk projections kept from the first pass
-            of a divergence with ``needs_teacher_pass`` (TAD) to the second, instead of
-            recomputing them; 0 recomputes every one. Ignored by the other divergences.
-        compile_chunks: run the divergence's per-chunk function through ``torch.compile``.
-        float32_weight_grad: sum the output-weight gradient over chunks in float32 (default).
-            False sums it in the weight's dtype, as autograd does for a chunked output layer
-            (torchtune's path) and Liger-Kernel does: for bf16 weights that saves a float32
-            ``[V, D]`` buffer (3.4 GiB at 256000 x 3584) for a rounding to bf16 per chunk.
+        divergence, student_hidden, student_weight, teacher_hidden, teacher_weight, labels:
+            as ``fused_head``.
+        **kwargs: ``student_softcap``, ``teacher_softcap``, ``document_ids``, ``chunk_size``,
+            ``teacher_cache_mib``, ``compile_chunks``, ``float32_weight_grad`` of ``fused_head``.
 
     Returns:
         ``DivergenceOutput``: ``total`` (float32, float64 for float64 inputs) differentiable
         w.r.t. ``student_hidden`` and ``student_weight``, ``num_tokens`` and ``stats``.
-
-    Raises:
-        ValueError: on mismatched shapes or vocabularies.
     """
-    if student_hidden.dim() < 2 or labels.shape != student_hidden.shape[:-1]:
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} must equal student_hidden's leading shape "
-            f"{tuple(student_hidden.shape[:-1])} (student_hidden is [B, T, D] or [N, D])"
-        )
-    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
-        raise ValueError(
-            f"teacher_hidden shape {tuple(teacher_hidden.shape)} does not match student_hidden "
-            f"shape {tuple(student_hidden.shape)} in the leading (batch, token) dimensions"
-        )
-    for name, h, w in (("student", student_hidden, student_weight),
-                       ("teacher", teacher_hidden, teacher_weight)):
-        if w.dim() != 2 or w.shape[1] != h.shape[-1]:
-            raise ValueError(
-                f"{name}_weight must be [V, D] with D = {name}_hidden.shape[-1] = "
-                f"{h.shape[-1]}, got shape {tuple(w.shape)}"
-            )
-    if (isinstance(teacher_cache_mib, bool) or not isinstance(teacher_cache_mib, (int, float))
-            or not teacher_cache_mib >= 0):
-        raise ValueError(f"teacher_cache_mib must be a number >= 0, got {teacher_cache_mib!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
-    w_s = _full(student_weight)
-    with torch.no_grad():
-        w_t = teacher_weight.full_tensor() if DTensor is not None and isinstance(
-            teacher_weight, DTensor) else teacher_weight
-        w_t = align_teacher_vocab(w_t.detach().t(), w_s.shape[0], divergence.vocab_alignment).t()
-    hidden = student_hidden.shape[-1]
-    h_s = student_hidden.reshape(-1, hidden)  # (N, D)
-    h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])  # (N, D_T)
-    y = labels.reshape(-1)
-    lead = tuple(labels.shape) if labels.dim() == 2 else (1, y.shape[0])
-    if labels.dim() > 2:
-        lead = (math.prod(labels.shape[:-1]), labels.shape[-1])
-    if not torch.is_grad_enabled():  # evaluation: the value only, no gradient buffers
-        h_s, w_s = h_s.detach(), w_s.detach()
-    n = y.shape[0]
-    plan = _Plan(divergence, student_softcap, teacher_softcap,
-                 chunk_size or default_chunk_size(n, w_s.shape[0], hidden, h_s.device), lead,
-                 cache_bytes=int(teacher_cache_mib * 2**20), compile_chunks=bool(compile_chunks),
-                 float32_weight_grad=bool(float32_weight_grad))
-    total, num_tokens, *stats = _apply(h_s, w_s, h_t, w_t, y, plan)
-    names = sorted(divergence.stat_names)
-    return DivergenceOutput(total=total, num_tokens=num_tokens, stats=dict(zip(names, stats)))
+    out = fused_head(student_hidden, student_weight, labels, divergence=divergence,
+                     teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, ce_weight=0.0,
+                     kd_weight=1.0, **kwargs)
+    return DivergenceOutput(total=out.objective, num_tokens=out.num_tokens, stats=out.kd.stats)

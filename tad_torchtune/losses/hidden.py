@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tad_torchtune.losses._reduction import DivergenceOutput, compute_dtype
+from tad_torchtune.common import compute_dtype
+from tad_torchtune.losses.engine import DivergenceOutput
 
 
 class HiddenCosineLoss(nn.Module):

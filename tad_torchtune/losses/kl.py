@@ -3,7 +3,6 @@
 import torch
 from torch import Tensor
 
-from tad_torchtune.losses._reduction import DivergenceOutput, chunked_divergence
 from tad_torchtune.losses.base import Divergence, masked_xlogy_sum, masked_xlogy_terms_
 
 
@@ -60,17 +59,7 @@ class ForwardKLLoss(Divergence):
     See ``Divergence`` for the arguments.
     """
 
-    def sum_and_count(
-        self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
-    ) -> DivergenceOutput:
-        """Args and shapes as ``forward``; returns the un-normalised sum and the token count."""
-        teacher_logits = self.prepare_inputs(student_logits, teacher_logits, labels)
-        return chunked_divergence(
-            forward_kl_chunk, student_logits, teacher_logits, labels,
-            ignore_index=self.ignore_index, temperature=self.temperature,
-            chunk_size=self.chunk_size,
-        )
-
+    name = "forward_kl"
     chunk_fn = staticmethod(forward_kl_chunk)
     chunk_grad_fn = staticmethod(forward_kl_chunk_grad)
 
@@ -82,16 +71,6 @@ class ReverseKLLoss(Divergence):
     ``q_i = 0`` contribute 0.
     """
 
-    def sum_and_count(
-        self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
-    ) -> DivergenceOutput:
-        """Args and shapes as ``forward``; returns the un-normalised sum and the token count."""
-        teacher_logits = self.prepare_inputs(student_logits, teacher_logits, labels)
-        return chunked_divergence(
-            reverse_kl_chunk, student_logits, teacher_logits, labels,
-            ignore_index=self.ignore_index, temperature=self.temperature,
-            chunk_size=self.chunk_size,
-        )
-
+    name = "reverse_kl"
     chunk_fn = staticmethod(reverse_kl_chunk)
     chunk_grad_fn = staticmethod(reverse_kl_chunk_grad)

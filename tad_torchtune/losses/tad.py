@@ -1,15 +1,10 @@
-"""TAD, the tail-aware divergence (arXiv 2602.20816, eq. 2-4 and Appendix A; DESIGN.md §1)."""
+"""TAD, the tail-aware divergence (arXiv 2602.20816, eq. 2-4 and Appendix A; ``docs/design.md``)."""
 
 import math
 
 import torch
 from torch import Tensor
 
-from tad_torchtune.losses._reduction import (
-    DivergenceOutput,
-    chunked_divergence,
-    compute_dtype,
-)
 from tad_torchtune.losses.base import (
     Divergence,
     check_positive,
@@ -33,31 +28,50 @@ def tad_teacher_stats(t: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return topk_idx, lse, lse_tail
 
 
+ABAR_SCOPES = ("row", "document")
+
+
 def tad_tail_weights(
-    log_alpha: Tensor, valid: Tensor, beta: float
+    log_alpha: Tensor, valid: Tensor, beta: float, groups: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Per-token weight of D_KL2, ``beta * alphaT(t) / abar(X)``, and ``abar(X)`` per token.
 
-    ``abar(X)`` is the mean of ``alphaT`` over the valid tokens of the sequence (one row of the
-    batch). Computed in log space, so tail masses that underflow float32 still give the right
-    ratio. A row whose teacher has no tail mass at all (``abar = 0``) gets weight 0, not NaN.
+    ``abar(X)`` is the mean of ``alphaT`` over the valid tokens of the token's sequence: its row
+    of the batch, or with ``groups`` the tokens of its row with the same group id (its document
+    in a row packed with several). Computed in log space, so tail masses that underflow float32
+    still give the right ratio. A sequence whose teacher has no tail mass at all (``abar = 0``)
+    gets weight 0, not NaN.
 
     Args:
         log_alpha: ``[B, T]`` log tail mass of the teacher.
         valid: ``[B, T]`` bool.
         beta: TAD's beta.
+        groups: ``[B, T]`` integer ids in ``[0, T)`` of the sequences within each row, or None.
 
     Returns:
         ``(weight [B, T], abar [B, T])``, both without gradient.
     """
     neg_inf = log_alpha.new_full((), float("-inf"))
     log_alpha = torch.where(valid, log_alpha, neg_inf)
-    count = valid.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
-    log_abar = log_alpha.logsumexp(-1, keepdim=True) - torch.log(count.to(log_alpha.dtype))
+    if groups is None:
+        count = valid.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+        log_abar = log_alpha.logsumexp(-1, keepdim=True) - torch.log(count.to(log_alpha.dtype))
+        log_abar = log_abar.expand_as(log_alpha)
+    else:  # a log-sum-exp per (row, group), by scatter over the flat keys row * T + group
+        rows, length = log_alpha.shape
+        key = (torch.arange(rows, device=groups.device).unsqueeze(-1) * length
+               + groups.long()).reshape(-1)
+        flat = log_alpha.reshape(-1)
+        peak = flat.new_full((rows * length,), float("-inf")).scatter_reduce(
+            0, key, flat, "amax", include_self=True)
+        shift = safe_finite(peak)
+        total = torch.zeros_like(flat).scatter_add_(0, key, (flat - shift[key]).exp())
+        count = torch.zeros_like(flat).scatter_add_(0, key, valid.reshape(-1).to(flat.dtype))
+        log_abar = (total.log() + shift - count.clamp(min=1).log())[key].reshape(rows, length)
     has_tail = torch.isfinite(log_abar) & torch.isfinite(log_alpha)
     log_weight = log_alpha - safe_finite(log_abar) + math.log(beta)
     weight = torch.where(has_tail, log_weight.exp(), log_alpha.new_zeros(()))
-    return weight, log_abar.exp().expand_as(log_alpha)
+    return weight, log_abar.exp()
 
 
 def tad_chunk(
@@ -173,7 +187,10 @@ class TADLoss(Divergence):
     - ``D_KL1 = sum_{S_K} p (log p - log q) + alphaT (log alphaT - log alphaS)``;
     - ``D_KL2 = KL(pt || qt)`` between the tails renormalised to sum to 1;
     - ``L_DIV = D_KL1 + beta * alphaT / abar(X) * D_KL2``, where ``abar(X)`` is the mean of
-      ``alphaT`` over the valid tokens of the token's sequence (its row of the batch).
+      ``alphaT`` over the valid tokens of the token's sequence: its row of the batch
+      (``abar_scope="row"``, the paper's sequence), or its document within the row
+      (``abar_scope="document"``, for rows packed with several documents; the caller passes the
+      documents as ``document_ids``, a row without them being one document).
 
     ``KL(p||q) = D_KL1 + alphaT * D_KL2`` exactly, so TAD only re-weights the tail term. The gradient
     on a top-K logit is the KL gradient ``q - p``; on a tail logit it is
@@ -186,21 +203,27 @@ class TADLoss(Divergence):
     zero gradient when none is valid.
 
     Diagnostics (``sum_and_count(...).stats``, summed over valid tokens): ``dkl1``, ``dkl2``,
-    ``tail_mass`` (``alphaT``) and ``abar`` (the ``abar`` of the token's row).
+    ``tail_mass`` (``alphaT``) and ``abar`` (the ``abar`` of the token's sequence).
 
     Args:
         k: size of the teacher's top-K set, ``1 <= k < V`` (paper: 10).
         beta: tail amplification, > 0 (paper: 2).
+        abar_scope: ``"row"`` or ``"document"``: what ``abar`` averages over.
         temperature, ignore_index, chunk_size, vocab_alignment: see ``Divergence``.
     """
 
+    name = "tad"
     stat_names = ("abar", "dkl1", "dkl2", "tail_mass")
+    needs_teacher_pass = True
+    chunk_fn = staticmethod(tad_chunk)
+    chunk_grad_fn = staticmethod(tad_chunk_grad)
 
     def __init__(
         self,
         *,
         k: int = 10,
         beta: float = 2.0,
+        abar_scope: str = "row",
         temperature: float = 1.0,
         ignore_index: int = -100,
         chunk_size: int | None = 1024,
@@ -214,6 +237,9 @@ class TADLoss(Divergence):
             raise ValueError(f"k must be an integer >= 1 (and < vocabulary size), got {k!r}")
         self.k = k
         self.beta = check_positive("beta", beta)
+        if abar_scope not in ABAR_SCOPES:
+            raise ValueError(f"abar_scope must be one of {ABAR_SCOPES}, got {abar_scope!r}")
+        self.abar_scope = abar_scope
 
     def check_k(self, vocab_size: int) -> None:
         if self.k >= vocab_size:
@@ -221,72 +247,23 @@ class TADLoss(Divergence):
                 f"k must be < vocabulary size: k={self.k}, vocabulary size {vocab_size}"
             )
 
-    @torch.no_grad()
-    def teacher_pass(
-        self, teacher_logits: Tensor, labels: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """The cheap first pass over the teacher: everything TAD needs before the student.
-
-        Args:
-            teacher_logits: ``[B, T, V]`` (aligned) or ``[N, V]`` (one sequence).
-            labels: ``[B, T]`` or ``[N]``.
-
-        Returns:
-            ``topk_idx [B, T, K]``, ``lse [B, T]``, ``lse_tail [B, T]``, ``tail_weight [B, T]``,
-            ``abar [B, T]``, computed chunk by chunk in float32 (float64 for float64 input).
-        """
-        vocab = teacher_logits.shape[-1]
-        self.check_k(vocab)
-        lead = labels.shape if labels.dim() > 1 else (1, labels.shape[0])
-        t = teacher_logits.reshape(-1, vocab)
-        valid = (labels != self.ignore_index).reshape(-1)
-        dtype = compute_dtype(teacher_logits.dtype)
-        step = max(1, self.chunk_size or t.shape[0])
-        pieces = []
-        for start in range(0, t.shape[0], step):
-            chunk = t[start : start + step]
-            rows = valid[start : start + step].unsqueeze(-1)
-            chunk = torch.where(rows, chunk.to(dtype), 0.0) / self.temperature
-            pieces.append(self.teacher_chunk_stats(chunk))
-        if pieces:
-            topk_idx, lse, lse_tail = (torch.cat(p) for p in zip(*pieces))
-        else:
-            topk_idx = t.new_zeros((0, self.k), dtype=torch.long)
-            lse = lse_tail = t.new_zeros((0,), dtype=dtype)
-        stats = (topk_idx.reshape(*lead, self.k), lse.reshape(lead), lse_tail.reshape(lead))
-        return self.teacher_extras(stats, valid.reshape(lead))
-
-    needs_teacher_pass = True
-
     def teacher_chunk_stats(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``tad_teacher_stats`` of a scaled teacher chunk ``[n, V]``: top-K ids, LSE, tail LSE."""
         self.check_k(t.shape[-1])
         return tad_teacher_stats(t, self.k)
 
     def teacher_extras(
-        self, stats: tuple[Tensor, ...], valid: Tensor
+        self, stats: tuple[Tensor, ...], valid: Tensor, groups: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``(topk_idx, lse, lse_tail)`` of all tokens ``[B, T, ...]`` -> ``tad_chunk``'s extras,
-        adding the row-normalised tail weight and ``abar`` (``tad_tail_weights``)."""
+        adding the tail weight and ``abar`` (``tad_tail_weights``; per document of ``groups``
+        with ``abar_scope="document"``, per row otherwise)."""
         topk_idx, lse, lse_tail = stats
-        weight, abar = tad_tail_weights(lse_tail - lse, valid, self.beta)
+        if self.abar_scope == "row":
+            groups = None
+        weight, abar = tad_tail_weights(lse_tail - lse, valid, self.beta, groups)
         return topk_idx, lse, lse_tail, weight, abar
 
-    def sum_and_count(
-        self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
-    ) -> DivergenceOutput:
-        """Args and shapes as ``forward``; returns the un-normalised sum and the token count."""
-        teacher_logits = self.prepare_inputs(student_logits, teacher_logits, labels)
-        extras = self.teacher_pass(teacher_logits, labels)
-        return chunked_divergence(
-            tad_chunk, student_logits, teacher_logits, labels,
-            ignore_index=self.ignore_index, temperature=self.temperature,
-            chunk_size=self.chunk_size, stat_names=self.stat_names,
-            extras=tuple(e.reshape(*labels.shape, *e.shape[2:]) for e in extras),
-        )
-
-    chunk_fn = staticmethod(tad_chunk)
-    chunk_grad_fn = staticmethod(tad_chunk_grad)
-
     def extra_repr(self) -> str:
-        return f"k={self.k}, beta={self.beta}, " + super().extra_repr()
+        scope = "" if self.abar_scope == "row" else f", abar_scope={self.abar_scope!r}"
+        return f"k={self.k}, beta={self.beta}{scope}, " + super().extra_repr()

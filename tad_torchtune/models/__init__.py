@@ -5,14 +5,19 @@ from tad_torchtune.models._export import (
     load_hf_checkpoint,
     save_hf_checkpoint,
 )
+from tad_torchtune.common import apply_softcap
 from tad_torchtune.models._families import (
     FAMILIES,
     ModelFamily,
+    NotThisFamily,
+    build_model,
+    family_for_model_type,
+    get_family,
+    model_from_hf_config,
     register_family,
     resolve_teacher,
 )
 from tad_torchtune.models._forward import (
-    apply_softcap,
     forward_hidden,
     logit_softcap,
     output_weight,
@@ -25,22 +30,27 @@ from tad_torchtune.models._student import (
     init_student_from_teacher,
     pruned_student,
 )
-from tad_torchtune.models._vocab import check_vocab_compat
+from tad_torchtune.vocab import check_vocab_compat
 
 __all__ = [
     "FAMILIES",
     "DistillSpec",
     "Gemma2HFLayer",
     "ModelFamily",
+    "NotThisFamily",
     "apply_softcap",
+    "build_model",
     "check_vocab_compat",
     "correct_gemma2",
     "evenly_spaced_layers",
+    "family_for_model_type",
     "forward_hidden",
+    "get_family",
     "hf_config_for",
     "init_student_from_teacher",
     "load_hf_checkpoint",
     "logit_softcap",
+    "model_from_hf_config",
     "output_weight",
     "project_logits",
     "pruned_student",

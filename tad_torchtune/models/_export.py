@@ -17,13 +17,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from torchtune.models import convert_weights
-from torchtune.models.gemma2._attention import Gemma2Attention
 from torchtune.modules import TransformerDecoder
 from torchtune.modules.tied_linear import TiedLinear
 
-from tad_torchtune.models._families import FAMILIES, get_family
-from tad_torchtune.models._gemma2 import Gemma2HFLayer
+from tad_torchtune.common import DTYPES, full_tensor
+from tad_torchtune.models._families import (
+    FAMILIES,
+    ModelFamily,
+    family_for_model_type,
+    get_family,
+)
 
 # Tokenizer and generation files worth carrying over from the teacher's (or base) folder.
 TOKENIZER_FILES = (
@@ -36,60 +39,13 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "generation_config.json",
 )
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _to_hf(model_type: str, sd: dict[str, Tensor], cfg: Mapping[str, Any]) -> dict[str, Tensor]:
-    """torchtune -> HF keys, with the same functions ``FullModelHFCheckpointer`` uses."""
-    heads, kv, dim = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
-    if model_type in ("PHI3_MINI", "PHI4"):
-        from torchtune.models.phi3._convert_weights import phi3_tune_to_hf
-
-        return phi3_tune_to_hf(sd)
-    if model_type == "QWEN2":
-        from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
-
-        return qwen2_tune_to_hf(sd, num_heads=heads, num_kv_heads=kv, dim=dim,
-                                tie_word_embeddings=cfg["tie_word_embeddings"])
-    if model_type == "GEMMA2":
-        from torchtune.models.gemma2._convert_weights import gemma2_tune_to_hf
-
-        return gemma2_tune_to_hf(sd, num_heads=heads, num_kv_heads=kv, dim=dim,
-                                 head_dim=cfg.get("head_dim"))
-    if model_type in ("LLAMA2", "LLAMA3", "LLAMA3_2", "MISTRAL", "GEMMA"):
-        return convert_weights.tune_to_hf(sd, num_heads=heads, num_kv_heads=kv, dim=dim,
-                                          head_dim=cfg.get("head_dim"))
-    raise ValueError(
-        f"model_type={model_type!r} is not supported for export; supported: PHI3_MINI, PHI4, "
-        f"QWEN2, GEMMA2, LLAMA2, LLAMA3, LLAMA3_2, MISTRAL, GEMMA"
-    )
-
-
-def _from_hf(model_type: str, sd: dict[str, Tensor], cfg: Mapping[str, Any]) -> dict[str, Tensor]:
-    heads, kv, dim = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
-    if model_type in ("PHI3_MINI", "PHI4"):
-        from torchtune.models.phi3._convert_weights import phi3_hf_to_tune
-
-        gqa = heads != kv
-        return phi3_hf_to_tune(sd, num_heads=heads if gqa else None,
-                               num_kv_heads=kv if gqa else None, dim=dim if gqa else None)
-    if model_type == "QWEN2":
-        from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune
-
-        return qwen2_hf_to_tune(sd, num_heads=heads, num_kv_heads=kv, dim=dim,
-                                tie_word_embeddings=cfg["tie_word_embeddings"])
-    if model_type == "GEMMA2":
-        from torchtune.models.gemma2._convert_weights import gemma2_hf_to_tune
-
-        return gemma2_hf_to_tune(sd, num_heads=heads, num_kv_heads=kv, dim=dim,
-                                 head_dim=cfg.get("head_dim"))
-    if model_type in ("LLAMA2", "LLAMA3", "LLAMA3_2", "MISTRAL", "GEMMA"):
-        return convert_weights.hf_to_tune(sd, num_heads=heads, num_kv_heads=kv, dim=dim,
-                                          head_dim=cfg.get("head_dim"))
-    raise ValueError(f"model_type={model_type!r} is not supported for loading")
-
-
-def _default_model_type(model: TransformerDecoder) -> str:
+def _family_of(model: TransformerDecoder, model_type: str | None) -> ModelFamily:
+    """The family that converts ``model``: from ``model_type`` (a checkpointer ``ModelType``
+    name) or, for a ``pruned_student``, from its ``distill_spec``."""
+    if model_type is not None:
+        return family_for_model_type(model_type)
     spec = getattr(model, "distill_spec", None)
     if spec is None:
         raise ValueError(
@@ -97,7 +53,7 @@ def _default_model_type(model: TransformerDecoder) -> str:
             f"checkpointer ModelType name, e.g. one of "
             f"{sorted({f.checkpointer_model_type for f in FAMILIES.values()})})"
         )
-    return get_family(spec.family).checkpointer_model_type
+    return get_family(spec.family)
 
 
 # Wrapper prefixes that activation checkpointing, FSDP1 and torch.compile insert in module paths.
@@ -115,13 +71,16 @@ def _clean_key(key: str) -> str:
     return ".".join(p for p in key.split(".") if p not in _WRAPPER_PARTS)
 
 
-def hf_config_for(model: TransformerDecoder, base_config: Mapping[str, Any]) -> dict[str, Any]:
+def hf_config_for(model: TransformerDecoder, base_config: Mapping[str, Any],
+                  family: ModelFamily | None = None) -> dict[str, Any]:
     """``base_config`` with every architecture field replaced by ``model``'s own.
 
     Args:
         model: a torchtune ``TransformerDecoder`` (its modules are read, not its weights, so a
             meta or FSDP-sharded model works).
         base_config: the teacher's (or the pretrained student's) Hugging Face ``config.json``.
+        family: the model's family (default: a ``pruned_student``'s), whose
+            ``hf_config_extras`` add its own fields (Gemma2's soft-caps).
 
     Returns:
         The student's ``config.json`` as a dict.
@@ -142,25 +101,15 @@ def hf_config_for(model: TransformerDecoder, base_config: Mapping[str, Any]) -> 
     if "head_dim" in cfg or attn.head_dim != attn.embed_dim // attn.num_heads:
         cfg["head_dim"] = attn.head_dim
     cfg.pop("layer_types", None)  # per-layer list of the base depth; rebuilt below or by HF
-    if isinstance(attn, Gemma2Attention):
-        if not isinstance(layers[0], Gemma2HFLayer):
-            raise ValueError(
-                "this torchtune Gemma2 is not corrected (it caps its hidden state and swaps its "
-                "feed-forward norms, which no Hugging Face config can express): call "
-                "tad_torchtune.models.correct_gemma2(model) first"
-            )
-        cfg["attn_logit_softcapping"] = attn.softcapping
-        cfg["final_logit_softcapping"] = model.logit_softcap
-        cfg["query_pre_attn_scalar"] = round(attn.scaling**-2)
-        windows = [layer.attn.sliding_window_size for layer in layers]
-        cfg["layer_types"] = ["sliding_attention" if w else "full_attention" for w in windows]
-        cfg["sliding_window"] = next((w for w in windows if w), cfg.get("sliding_window"))
+    if family is None and getattr(model, "distill_spec", None) is not None:
+        family = get_family(model.distill_spec.family)
+    if family is not None and family.hf_config_extras is not None:
+        family.hf_config_extras(model, cfg)
     return cfg
 
 
 def _gathered_cpu_copy(t: Tensor, dtype: torch.dtype | None) -> Tensor:
-    if hasattr(t, "full_tensor"):  # DTensor from an FSDP-sharded model
-        t = t.full_tensor()
+    t = full_tensor(t)  # a DTensor from an FSDP-sharded model is gathered
     # copy=True: never hand out (and later convert or cast) storage shared with a live parameter
     return t.detach().to(device="cpu", dtype=dtype or t.dtype, copy=True)
 
@@ -206,27 +155,25 @@ def save_hf_checkpoint(
         path = Path(base_config)
         base_config = json.loads((path / "config.json" if path.is_dir() else path).read_text())
     if isinstance(dtype, str):
-        if dtype not in _DTYPES:
+        if dtype not in DTYPES:
             raise ValueError(
-                f"dtype must be a torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}"
+                f"dtype must be a torch.dtype or one of {sorted(DTYPES)}, got {dtype!r}"
             )
-        dtype = _DTYPES[dtype]
-    model_type = (model_type or _default_model_type(model)).upper()
-    spec = getattr(model, "distill_spec", None)
-    hf_type = None if spec is None else get_family(spec.family).hf_model_type
-    if hf_type is not None and base_config.get("model_type") not in (None, hf_type):
+        dtype = DTYPES[dtype]
+    family = _family_of(model, model_type)
+    if base_config.get("model_type") not in (None, family.hf_model_type):
         raise ValueError(
             f"base_config model_type={base_config.get('model_type')!r} does not match the "
-            f"student's family {spec.family!r} (Hugging Face model_type {hf_type!r})"
+            f"student's family {family.name!r} (Hugging Face model_type {family.hf_model_type!r})"
         )
-    cfg = hf_config_for(model, base_config)
+    cfg = hf_config_for(model, base_config, family)
 
     source = model.state_dict() if state_dict is None else state_dict
     tensors = {
         _clean_key(k): _gathered_cpu_copy(v, dtype if v.is_floating_point() else None)
         for k, v in source.items()
     }
-    hf_sd = {k: v.contiguous() for k, v in _to_hf(model_type, tensors, cfg).items()}
+    hf_sd = {k: v.contiguous() for k, v in family.to_hf(tensors, cfg).items()}
     out_dtype = dtype or next(v.dtype for v in hf_sd.values() if v.is_floating_point())
     cfg["torch_dtype"] = cfg["dtype"] = str(out_dtype).removeprefix("torch.")
 
@@ -261,5 +208,5 @@ def load_hf_checkpoint(
     hf_sd: dict[str, Tensor] = {}
     for file in sorted(folder.glob("*.safetensors")):
         hf_sd.update(load_file(str(file)))
-    tune_sd = _from_hf((model_type or _default_model_type(model)).upper(), hf_sd, cfg)
+    tune_sd = _family_of(model, model_type).from_hf(hf_sd, cfg)
     model.load_state_dict(tune_sd, strict=True)

@@ -1,10 +1,11 @@
 """Model families a student can be built from, and how to read a teacher's architecture.
 
-A *family* is one torchtune component builder (``torchtune.models.qwen2.qwen2``, ...) plus the
-few facts the student code needs about it: which torchtune checkpointer ``model_type`` converts
-its weights to and from Hugging Face, which Hugging Face ``model_type`` that produces, and how its
-rotary embedding pairs the dimensions of a head (needed to truncate heads without splitting
-rotary pairs).
+A *family* is one torchtune component builder (``torchtune.models.qwen2.qwen2``, ...) plus what
+the package needs to know about it: which torchtune checkpointer ``model_type`` converts its
+weights and how, which Hugging Face ``model_type`` that produces, how a ``config.json`` maps onto
+the builder's arguments, any fix-up of torchtune's model (Gemma2's), and how its rotary embedding
+pairs the dimensions of a head (needed to truncate heads without splitting rotary pairs). Export,
+evaluation and the recipes dispatch through it.
 
 Adding a family is one call (or one entry in ``_BUILTIN_FAMILIES``)::
 
@@ -26,14 +27,54 @@ from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
 from torchtune.config._utils import _get_component_from_path
 
 ROPE_LAYOUTS = ("interleaved", "half")
 
+StateDict = dict[str, Tensor]
+
+
+class NotThisFamily(ValueError):
+    """Raised by a family's ``hf_kwargs`` for a ``config.json`` it cannot express."""
+
+
+def _rope_theta(hf: Mapping[str, Any]) -> float | None:
+    params = hf.get("rope_parameters") or {}
+    return hf.get("rope_theta") or params.get("rope_theta")
+
+
+def hf_common_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """The component-builder kwargs that every family reads the same way from a Hugging Face
+    ``config.json`` (torchtune name <- HF name); a family keeps those its builder accepts."""
+    heads = hf.get("num_attention_heads")
+    kwargs = dict(
+        vocab_size=hf.get("vocab_size"), num_layers=hf.get("num_hidden_layers"),
+        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        embed_dim=hf.get("hidden_size"), intermediate_dim=hf.get("intermediate_size"),
+        max_seq_len=hf.get("max_position_embeddings"), norm_eps=hf.get("rms_norm_eps"),
+        rope_base=_rope_theta(hf), head_dim=hf.get("head_dim"),
+        tie_word_embeddings=hf.get("tie_word_embeddings"),
+    )
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _llama_convert(to_hf: bool):
+    def convert(sd: StateDict, cfg: Mapping[str, Any]) -> StateDict:
+        from torchtune.models import convert_weights
+
+        fn = convert_weights.tune_to_hf if to_hf else convert_weights.hf_to_tune
+        return fn(sd, num_heads=cfg["num_attention_heads"], num_kv_heads=cfg["num_key_value_heads"],
+                  dim=cfg["hidden_size"], head_dim=cfg.get("head_dim"))
+
+    return convert
+
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """A torchtune component builder that students can be built with.
+    """A torchtune component builder that students can be built with, and everything the package
+    needs to know about it: the one place a family's knowledge lives (``docs/design.md``,
+    "Model families").
 
     Args:
         name: short name, e.g. ``"qwen2"`` (also used for Qwen2.5 and Qwen1.5 models).
@@ -48,6 +89,14 @@ class ModelFamily:
             head in the ``q_proj``/``k_proj`` weights: ``"interleaved"`` (pairs ``(2i, 2i+1)``,
             torchtune's ``RotaryPositionalEmbeddings``, whose checkpoint conversion permutes the
             Hugging Face weights) or ``"half"`` (pairs ``(i, i + head_dim/2)``, Qwen2 and Phi3).
+        to_hf, from_hf: ``(state_dict, hf_config) -> state_dict`` between torchtune's and
+            Hugging Face's keys (default: torchtune's Llama conversion, ``convert_weights``).
+        hf_kwargs: ``hf_config -> component kwargs`` beyond ``hf_common_kwargs`` (default:
+            none); raises ``NotThisFamily`` for a config this family cannot express.
+        fixup: ``(model, hf_config | None) -> model``, applied to every model of the family
+            right after it is built (Gemma2: ``correct_gemma2``).
+        hf_config_extras: ``(model, hf_config) -> None``, writing the family's own fields into a
+            student's exported ``config.json`` (Gemma2: soft-caps, sliding layers).
     """
 
     name: str
@@ -55,6 +104,11 @@ class ModelFamily:
     checkpointer_model_type: str
     hf_model_type: str
     rope_layout: str = "interleaved"
+    to_hf: Callable[[StateDict, Mapping[str, Any]], StateDict] = _llama_convert(True)
+    from_hf: Callable[[StateDict, Mapping[str, Any]], StateDict] = _llama_convert(False)
+    hf_kwargs: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    fixup: Callable[[nn.Module, Mapping[str, Any] | None], nn.Module] | None = None
+    hf_config_extras: Callable[[nn.Module, dict[str, Any]], None] | None = None
 
     def __post_init__(self) -> None:
         if self.rope_layout not in ROPE_LAYOUTS:
@@ -66,23 +120,175 @@ class ModelFamily:
     def builder(self) -> Callable[..., Any]:
         return _get_component_from_path(self.component)
 
+    def prepare(self, model: nn.Module, hf_config: Mapping[str, Any] | None = None) -> nn.Module:
+        """``model`` (just built) with the family's fix-up applied; a no-op for most families."""
+        return model if self.fixup is None else self.fixup(model, hf_config)
+
+    def kwargs_from_hf_config(self, hf: Mapping[str, Any]) -> dict[str, Any]:
+        """The component-builder kwargs of the model a ``config.json`` describes.
+
+        Raises:
+            NotThisFamily: when the config is of this family's ``model_type`` but uses a
+                feature its torchtune builder cannot express (e.g. another RoPE scaling).
+        """
+        accepted = set(inspect.signature(self.builder()).parameters)
+        kwargs = {**hf_common_kwargs(hf), **(self.hf_kwargs(hf) if self.hf_kwargs else {})}
+        return {k: v for k, v in kwargs.items() if k in accepted}
+
+    def build_from_hf_config(self, hf: Mapping[str, Any]) -> nn.Module:
+        """A model (random weights, the family's fix-up applied) of ``config.json``'s shape.
+
+        Raises:
+            NotThisFamily: as ``kwargs_from_hf_config``, or when the builder's output projection
+                is tied where the config's is not (or the reverse).
+        """
+        from torchtune.modules.tied_linear import TiedLinear
+
+        model = self.builder()(**self.kwargs_from_hf_config(hf))
+        tied = isinstance(model.output, TiedLinear)
+        if tied != bool(hf.get("tie_word_embeddings", tied)):
+            raise NotThisFamily(f"{self.name}: its builder's output projection is "
+                                f"{'' if tied else 'un'}tied, config.json says "
+                                f"tie_word_embeddings={hf.get('tie_word_embeddings')}")
+        return self.prepare(model, hf)
+
+
+def _no_rope_scaling(name: str):
+    def kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
+        if hf.get("rope_scaling"):
+            raise NotThisFamily(f"{name}: no RoPE scaling, got rope_scaling={hf['rope_scaling']!r}")
+        return {}
+
+    return kwargs
+
+
+def _llama3_scaled_rope(name: str, *, unscaled: bool = False):
+    # torchtune's Llama3ScaledRoPE has these constants built in
+    fixed = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+             "original_max_position_embeddings": 8192}
+
+    def kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
+        scaling = hf.get("rope_scaling") or {}
+        if unscaled and not scaling:  # scale factor 1 is plain RoPE (a tied unscaled Llama)
+            return {"scale_factor": 1}
+        if any(scaling.get(k) != v for k, v in fixed.items()):
+            raise NotThisFamily(f"{name}: needs rope_scaling {fixed} and a factor, got "
+                                f"rope_scaling={hf.get('rope_scaling')!r}")
+        return {"scale_factor": scaling["factor"]}
+
+    return kwargs
+
+
+def _qwen2_convert(to_hf: bool):
+    def convert(sd: StateDict, cfg: Mapping[str, Any]) -> StateDict:
+        from torchtune.models.qwen2 import _convert_weights as cw
+
+        fn = cw.qwen2_tune_to_hf if to_hf else cw.qwen2_hf_to_tune
+        return fn(sd, num_heads=cfg["num_attention_heads"], num_kv_heads=cfg["num_key_value_heads"],
+                  dim=cfg["hidden_size"], tie_word_embeddings=cfg["tie_word_embeddings"])
+
+    return convert
+
+
+def _qwen2_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
+    if hf.get("use_sliding_window") or hf.get("rope_scaling"):
+        raise NotThisFamily("qwen2: no sliding window or RoPE scaling in torchtune's qwen2")
+    return {"tie_word_embeddings": bool(hf.get("tie_word_embeddings", False))}
+
+
+def _gemma2_convert(to_hf: bool):
+    def convert(sd: StateDict, cfg: Mapping[str, Any]) -> StateDict:
+        from torchtune.models.gemma2 import _convert_weights as cw
+
+        fn = cw.gemma2_tune_to_hf if to_hf else cw.gemma2_hf_to_tune
+        return fn(sd, num_heads=cfg["num_attention_heads"], num_kv_heads=cfg["num_key_value_heads"],
+                  dim=cfg["hidden_size"], head_dim=cfg.get("head_dim"))
+
+    return convert
+
+
+def _gemma2_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
+    out = {"sliding_window_size": hf.get("sliding_window", 4096)}
+    if hf.get("query_pre_attn_scalar") is not None:
+        out["query_pre_attn_scalar"] = hf["query_pre_attn_scalar"]
+    return out
+
+
+def _gemma2_fixup(model: nn.Module, hf: Mapping[str, Any] | None) -> nn.Module:
+    from tad_torchtune.models._gemma2 import (
+        HF_ATTN_LOGIT_SOFTCAPPING,
+        HF_FINAL_LOGIT_SOFTCAPPING,
+        correct_gemma2,
+    )
+
+    hf = hf or {}
+    return correct_gemma2(
+        model,
+        attn_logit_softcapping=hf.get("attn_logit_softcapping", HF_ATTN_LOGIT_SOFTCAPPING),
+        final_logit_softcapping=hf.get("final_logit_softcapping", HF_FINAL_LOGIT_SOFTCAPPING))
+
+
+def _gemma2_config_extras(model: nn.Module, cfg: dict[str, Any]) -> None:
+    from tad_torchtune.models._gemma2 import gemma2_hf_config
+
+    cfg.update(gemma2_hf_config(model, cfg))
+
+
+def _phi3_convert(to_hf: bool):
+    def convert(sd: StateDict, cfg: Mapping[str, Any]) -> StateDict:
+        from torchtune.models.phi3 import _convert_weights as cw
+
+        if to_hf:
+            return cw.phi3_tune_to_hf(sd)
+        heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        gqa = heads != kv
+        return cw.phi3_hf_to_tune(sd, num_heads=heads if gqa else None,
+                                  num_kv_heads=kv if gqa else None,
+                                  dim=cfg["hidden_size"] if gqa else None)
+
+    return convert
+
+
+def _phi3_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
+    if hf.get("rope_scaling") or hf.get("sliding_window"):
+        raise NotThisFamily("phi3: no RoPE scaling or sliding window in torchtune's phi3")
+    return {}
+
+
+def _mistral_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
+    if hf.get("sliding_window") or hf.get("rope_scaling"):
+        raise NotThisFamily("mistral: no sliding window or RoPE scaling in torchtune's mistral")
+    return {}
+
 
 _BUILTIN_FAMILIES = (
-    ModelFamily("llama2", "torchtune.models.llama2.llama2", "LLAMA2", "llama"),
-    ModelFamily("llama3", "torchtune.models.llama3.llama3", "LLAMA3", "llama"),
-    ModelFamily("llama3_1", "torchtune.models.llama3_1.llama3_1", "LLAMA3", "llama"),
-    ModelFamily("llama3_2", "torchtune.models.llama3_2.llama3_2", "LLAMA3_2", "llama"),
-    ModelFamily("qwen2", "torchtune.models.qwen2.qwen2", "QWEN2", "qwen2", rope_layout="half"),
-    ModelFamily("gemma2", "torchtune.models.gemma2.gemma2", "GEMMA2", "gemma2"),
-    ModelFamily("phi3", "torchtune.models.phi3.phi3", "PHI3_MINI", "phi3", rope_layout="half"),
-    ModelFamily("mistral", "torchtune.models.mistral.mistral", "MISTRAL", "mistral"),
+    ModelFamily("llama2", "torchtune.models.llama2.llama2", "LLAMA2", "llama",
+                hf_kwargs=_no_rope_scaling("llama2")),
+    ModelFamily("llama3", "torchtune.models.llama3.llama3", "LLAMA3", "llama",
+                hf_kwargs=_no_rope_scaling("llama3")),
+    ModelFamily("llama3_1", "torchtune.models.llama3_1.llama3_1", "LLAMA3", "llama",
+                hf_kwargs=_llama3_scaled_rope("llama3_1")),
+    ModelFamily("llama3_2", "torchtune.models.llama3_2.llama3_2", "LLAMA3_2", "llama",
+                hf_kwargs=_llama3_scaled_rope("llama3_2", unscaled=True)),
+    ModelFamily("qwen2", "torchtune.models.qwen2.qwen2", "QWEN2", "qwen2", rope_layout="half",
+                to_hf=_qwen2_convert(True), from_hf=_qwen2_convert(False),
+                hf_kwargs=_qwen2_kwargs),
+    ModelFamily("gemma2", "torchtune.models.gemma2.gemma2", "GEMMA2", "gemma2",
+                to_hf=_gemma2_convert(True), from_hf=_gemma2_convert(False),
+                hf_kwargs=_gemma2_kwargs, fixup=_gemma2_fixup,
+                hf_config_extras=_gemma2_config_extras),
+    ModelFamily("phi3", "torchtune.models.phi3.phi3", "PHI3_MINI", "phi3", rope_layout="half",
+                to_hf=_phi3_convert(True), from_hf=_phi3_convert(False), hf_kwargs=_phi3_kwargs),
+    ModelFamily("mistral", "torchtune.models.mistral.mistral", "MISTRAL", "mistral",
+                hf_kwargs=_mistral_kwargs),
 )
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in _BUILTIN_FAMILIES}
 
 
 def register_family(family: ModelFamily) -> None:
-    """Make ``family`` available to ``pruned_student`` and the exporter (replaces a same name)."""
+    """Make ``family`` available to students, export, evaluation and the recipes (replaces a
+    family of the same name)."""
     FAMILIES[family.name] = family
 
 
@@ -90,6 +296,62 @@ def get_family(name: str) -> ModelFamily:
     if name not in FAMILIES:
         raise ValueError(f"unknown model family {name!r}; registered: {sorted(FAMILIES)}")
     return FAMILIES[name]
+
+
+def family_for_model_type(model_type: str) -> ModelFamily:
+    """The first registered family whose checkpointer ``ModelType`` is ``model_type``."""
+    for family in FAMILIES.values():
+        if family.checkpointer_model_type == model_type.upper():
+            return family
+    raise ValueError(
+        f"model_type={model_type!r} is not a registered family's checkpointer model type; "
+        f"accepted: {sorted({f.checkpointer_model_type for f in FAMILIES.values()})}"
+    )
+
+
+def model_from_hf_config(hf: Mapping[str, Any], *, where: str = "config.json"
+                         ) -> tuple[nn.Module, ModelFamily]:
+    """The torchtune model (random weights, fix-ups applied) and family of a Hugging Face
+    ``config.json``: the first registered family of its ``model_type`` that can express it.
+
+    Raises:
+        ValueError: naming ``where``, when no registered family can.
+    """
+    kind = hf.get("model_type")
+    reasons = []
+    for family in FAMILIES.values():
+        if family.hf_model_type != kind:
+            continue
+        try:
+            return family.build_from_hf_config(hf), family
+        except NotThisFamily as err:
+            reasons.append(str(err))
+    known = sorted({f.hf_model_type for f in FAMILIES.values()})
+    detail = "; ".join(reasons) if reasons else f"registered model types: {known}"
+    raise ValueError(f"{where}: no registered model family builds model_type={kind!r} ({detail})")
+
+
+def build_model(node: Mapping[str, Any] | DictConfig,
+                hf_config: Mapping[str, Any] | None = None) -> tuple[nn.Module, ModelFamily]:
+    """Instantiate a model config node and apply its family's fix-up (Gemma2's correction).
+
+    The family is the one of a ``pruned_student`` (its ``distill_spec``) or of the registered
+    component builder the node's builder calls (``resolve_teacher``).
+
+    Args:
+        node: a ``_component_`` config node (a mapping or an OmegaConf node).
+        hf_config: the Hugging Face ``config.json`` of the checkpoint that will be loaded into
+            it, when there is one (Gemma2 reads its soft-caps from it).
+
+    Returns:
+        ``(model, family)``.
+    """
+    from torchtune import config
+
+    model = config.instantiate(node if isinstance(node, DictConfig) else OmegaConf.create(dict(node)))
+    spec = getattr(model, "distill_spec", None)
+    family = get_family(spec.family) if spec is not None else resolve_teacher(node)[0]
+    return family.prepare(model, hf_config), family
 
 
 class _Captured(Exception):

@@ -14,6 +14,8 @@ from torch import Tensor, nn
 from torchtune.modules import TransformerDecoder
 from torchtune.modules.tied_linear import TiedLinear
 
+from tad_torchtune.common import apply_softcap
+
 
 def output_weight(model: TransformerDecoder) -> Tensor:
     """The ``[V, D]`` output projection weight (the embedding table when tied)."""
@@ -24,10 +26,6 @@ def output_weight(model: TransformerDecoder) -> Tensor:
 
 def logit_softcap(model: nn.Module) -> float | None:
     return getattr(model, "logit_softcap", None)
-
-
-def apply_softcap(logits: Tensor, cap: float | None) -> Tensor:
-    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def forward_hidden(

@@ -112,3 +112,28 @@ def correct_gemma2(
     model.logit_softcap = final_logit_softcapping
     model.unembed = types.MethodType(_capped_unembed, model)
     return model
+
+
+def gemma2_hf_config(model: nn.Module, cfg: dict) -> dict:
+    """The Gemma2 fields of a corrected model's Hugging Face ``config.json``: the soft-caps, the
+    attention scaling and which layers use the sliding window.
+
+    Raises:
+        ValueError: for an uncorrected model, which no Hugging Face config can express.
+    """
+    layers = [getattr(layer, "_checkpoint_wrapped_module", layer) for layer in model.layers]
+    if not isinstance(layers[0], Gemma2HFLayer):
+        raise ValueError(
+            "this torchtune Gemma2 is not corrected (it caps its hidden state and swaps its "
+            "feed-forward norms, which no Hugging Face config can express): call "
+            "tad_torchtune.models.correct_gemma2(model) first"
+        )
+    attn = layers[0].attn
+    windows = [layer.attn.sliding_window_size for layer in layers]
+    return {
+        "attn_logit_softcapping": attn.softcapping,
+        "final_logit_softcapping": model.logit_softcap,
+        "query_pre_attn_scalar": round(attn.scaling**-2),
+        "layer_types": ["sliding_attention" if w else "full_attention" for w in windows],
+        "sliding_window": next((w for w in windows if w), cfg.get("sliding_window")),
+    }

@@ -1,4 +1,4 @@
-"""Students built from their teacher's torchtune builder (DESIGN.md §2, paper §3.2).
+"""Students built from their teacher's torchtune builder (``docs/design.md``, paper §3.2).
 
 ``pruned_student`` builds the student with the teacher's own component builder and the
 teacher's hyperparameters, changing only depth and (optionally) width; it records how the student
@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from torchtune.modules import TransformerDecoder
 from torchtune.modules.tied_linear import TiedLinear
 
+from tad_torchtune.common import full_tensor
 from tad_torchtune.models._families import get_family, resolve_teacher
-from tad_torchtune.models._gemma2 import correct_gemma2
 
 MLP_INITS = ("fresh", "copy")
 _ATTN_IN = ("q_proj", "k_proj", "v_proj")  # weights [heads * head_dim, embed_dim]
@@ -119,7 +119,7 @@ def pruned_student(
 
     Returns:
         The student ``TransformerDecoder`` with a ``distill_spec`` attribute (``DistillSpec``).
-        Gemma2 students are passed through ``correct_gemma2``.
+        The family's fix-up is applied (Gemma2 students are corrected).
 
     Raises:
         ValueError: for an unknown teacher builder, or sizes the teacher cannot be cut down to.
@@ -198,8 +198,7 @@ def pruned_student(
                 f"got {list(teacher_layers)}"
             )
 
-    student = builder(**s_kwargs)
-    correct_gemma2(student)
+    student = family.prepare(builder(**s_kwargs))
     student.distill_spec = DistillSpec(
         family=family.name,
         teacher_kwargs=t_kwargs,
@@ -255,11 +254,6 @@ def _truncate_attention(
     return w.reshape(s_n * s_hd, s_dim)
 
 
-def _full(t: Tensor) -> Tensor:
-    # A DTensor (FSDP-sharded teacher) is gathered; a plain tensor is returned as is.
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 @torch.no_grad()
 def init_student_from_teacher(
     student: TransformerDecoder, teacher: nn.Module | Mapping[str, Tensor]
@@ -299,7 +293,7 @@ def init_student_from_teacher(
                 f"teacher has no weight {src!r} for student weight {name!r}: is it the model "
                 f"the student was built from (family {spec.family!r})?"
             )
-        t = _full(t_sd[src])
+        t = full_tensor(t_sd[src])  # a DTensor (FSDP-sharded teacher) is gathered
         try:
             if leaf[0] == "layers" and rest[0] == "attn" and rest[1] in (*_ATTN_IN, "output_proj"):
                 value = _truncate_attention(rest[1], rest[-1], t, spec, rope_layout)

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tad_torchtune.losses import DRKLLoss, ForwardKLLoss, ReverseKLLoss, TADLoss
-from tad_torchtune.losses.fused import default_chunk_size, fused_divergence
+from tad_torchtune.losses import DIVERGENCES as REGISTRY
+from tad_torchtune.losses import DRKLLoss, ForwardKLLoss, TADLoss
+from tad_torchtune.losses.ce import chunked_cross_entropy
+from tad_torchtune.losses.fused import default_chunk_size, fused_divergence, fused_head
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from loss_bench import peak_allocated_bytes  # noqa: E402  (the benchmark's memory accounting)
@@ -18,12 +20,11 @@ from loss_bench import peak_allocated_bytes  # noqa: E402  (the benchmark's memo
 B, T, D, D_T, V = 3, 47, 16, 24, 123  # deliberately odd: N = 141 tokens, prime-ish sizes
 IGNORE = -100
 
+# every registered divergence with its defaults (TAD: K=10, beta=2), plus variants
 DIVERGENCES = {
-    "forward_kl": lambda **kw: ForwardKLLoss(**kw),
-    "reverse_kl": lambda **kw: ReverseKLLoss(**kw),
+    **REGISTRY,
     "tad_k1": lambda **kw: TADLoss(k=1, beta=2.0, **kw),
-    "tad_k10": lambda **kw: TADLoss(k=10, beta=2.0, **kw),
-    "drkl": lambda **kw: DRKLLoss(gamma=2.5, **kw),
+    "drkl_gamma2.5": lambda **kw: DRKLLoss(gamma=2.5, **kw),
 }
 
 # (dtype, atol, rtol) of fused vs unfused in the SAME dtype; atol is RELATIVE TO THE LARGEST
@@ -171,7 +172,7 @@ def bf16_reference(div, h_s, w_s, h_t, w_t, labels):
     return ref, g_z @ w_s.double(), g_z.reshape(-1, V).T @ h_s.double().reshape(-1, D)
 
 
-@pytest.mark.parametrize("name", ["forward_kl", "tad_k10"])
+@pytest.mark.parametrize("name", ["forward_kl", "tad"])
 def test_bf16_weight_grad_summed_in_bf16(name):
     """``float32_weight_grad=False``: the loss and the hidden-state gradient are those of the
     float32 sums, bit for bit; the weight gradient, rounded to bf16 after each of the 9 chunks,
@@ -207,7 +208,7 @@ def test_bf16_inputs_against_float64(name, chunk):
         torch.testing.assert_close(got.double(), want, atol=1e-2 * scale, rtol=1e-2)
 
 
-@pytest.mark.parametrize("name", ["forward_kl", "tad_k10"])
+@pytest.mark.parametrize("name", ["forward_kl", "tad"])
 def test_tied_embedding_and_output_weight(name):
     """The output weight is the embedding table: both uses add up in the one parameter."""
     div = DIVERGENCES[name]()
@@ -374,13 +375,13 @@ CHUNK_BYTES = MEM_CHUNK * MEM_V * 4  # one [chunk, V] float32 buffer; [N, V] is 
     # beyond the gradients and the cached teacher chunks: the student chunk, the teacher chunk
     # (scratch for TAD's chunk gradient), TAD's two working buffers, a bool mask and the
     # [N, K] / [N] statistics; the code before this bound held 7.2 and 8.4 buffers
-    ("tad_k10", 4, 5.0),
-    ("tad_k10", 0, 6.0),
+    ("tad", 4, 5.0),
+    ("tad", 0, 6.0),
     # the other divergences have no teacher pass; far below the 32 buffers of [N, V] (their
     # chunk functions before this bound held 9, 8 and 13.3)
     ("forward_kl", 0, 6.0),
     ("reverse_kl", 0, 6.0),
-    ("drkl", 0, 6.0),
+    ("drkl_gamma2.5", 0, 6.0),
 ])
 @pytest.mark.parametrize("temperature,caps", [(1.0, (None, None)), (2.0, (5.0, 7.0))])
 def test_peak_memory_is_a_few_chunks(name, cache_chunks, limit, temperature, caps):
@@ -417,8 +418,8 @@ def matmul_flops(fn) -> int:
 
 @pytest.mark.parametrize("name,cache_mib,teacher_projections", [
     ("forward_kl", 128, 1),
-    ("tad_k10", 128, 1),  # the whole teacher kept between TAD's passes: the cost of KL
-    ("tad_k10", 0, 2),
+    ("tad", 128, 1),  # the whole teacher kept between TAD's passes: the cost of KL
+    ("tad", 0, 2),
 ])
 def test_matmul_flops(name, cache_mib, teacher_projections):
     """Matmul work of a fused forward + backward: the student's projection and its two gradient
@@ -426,6 +427,80 @@ def test_matmul_flops(name, cache_mib, teacher_projections):
     h_s, w_s, h_t, w_t, labels = make_case(23)
     flops = matmul_flops(lambda: fused(DIVERGENCES[name](), h_s, w_s, h_t, w_t, labels,
                                        chunk_size=12, teacher_cache_mib=cache_mib))
+    assert flops == 2 * B * T * V * (3 * D + teacher_projections * D_T)
+
+
+def head(div, h_s, w_s, h_t, w_t, labels, **kw):
+    """The fused head (CE + divergence from one student projection), backpropagated."""
+    h_s = h_s.detach().clone().requires_grad_(True)
+    w_s = w_s.detach().clone().requires_grad_(True)
+    out = fused_head(h_s, w_s, labels, divergence=div, teacher_hidden=h_t, teacher_weight=w_t,
+                     **kw)
+    out.objective.backward()
+    return out, h_s.grad, w_s.grad
+
+
+def unfused_head(div, h_s, w_s, h_t, w_t, labels, ce_weight, kd_weight, s_cap=None, t_cap=None):
+    """CE and the divergence on materialised logits (the reference), backpropagated."""
+    h_s = h_s.detach().clone().requires_grad_(True)
+    w_s = w_s.detach().clone().requires_grad_(True)
+    logits = softcap(h_s @ w_s.T, s_cap)
+    ce, n = chunked_cross_entropy(logits, labels, chunk_size=50)
+    objective = ce_weight * ce
+    kd = None
+    if div is not None:
+        kd = div.sum_and_count(logits, softcap(h_t @ w_t.T, t_cap), labels)
+        objective = objective + kd_weight * kd.total
+    objective.backward()
+    return objective, ce, kd, n, h_s.grad, w_s.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", sorted(DIVERGENCES) + ["ce_only"])
+@pytest.mark.parametrize("weights,temperature,caps", [
+    ((1.0, 1.0), 1.0, (None, None)),
+    ((0.7, 1.3), 2.0, (3.0, 5.0)),
+])
+def test_fused_head_equals_unfused_ce_plus_divergence(name, weights, temperature, caps, dtype):
+    """One projection per chunk serves the CE and the divergence: the objective, both sums, the
+    diagnostics and both gradients equal CE + divergence on materialised logits."""
+    ce_w, kd_w = weights
+    div = None if name == "ce_only" else DIVERGENCES[name](temperature=temperature)
+    case = make_case(31, dtype)
+    ref_obj, ref_ce, ref_kd, ref_n, ref_gh, ref_gw = unfused_head(
+        div, *case, ce_w, kd_w, s_cap=caps[0], t_cap=caps[1])
+    out, gh, gw = head(div, *case, ce_weight=ce_w, kd_weight=kd_w, student_softcap=caps[0],
+                       teacher_softcap=caps[1], chunk_size=13, compute_ce=True)
+    atol, rtol = TOL[dtype]
+
+    def close(x, y):
+        torch.testing.assert_close(x, y, atol=atol * float(y.detach().abs().max()), rtol=rtol)
+
+    close(out.objective, ref_obj.detach())
+    close(out.ce, ref_ce.detach())
+    assert int(out.num_tokens) == int(ref_n)
+    if div is not None:
+        close(out.kd.total, ref_kd.total.detach())
+        for k in ref_kd.stats:
+            close(out.kd.stats[k], ref_kd.stats[k])
+    close(gh, ref_gh)
+    close(gw, ref_gw)
+
+
+@pytest.mark.parametrize("name,cache_mib,teacher_projections", [
+    ("forward_kl", 128, 1),
+    ("tad", 128, 1),
+    ("tad", 0, 2),
+    ("ce_only", 0, 0),
+])
+def test_fused_step_does_the_floor_of_matmul_work(name, cache_mib, teacher_projections):
+    """A fused step as the recipe runs it (CE + divergence): the student is projected ONCE per
+    chunk for both terms, so the step is the 4-matmul floor, 2 N V (3 D + D_T), when the cache
+    holds TAD's teacher rows (one teacher projection more without it); the CE alone, 3 x 2 N V D."""
+    h_s, w_s, h_t, w_t, labels = make_case(23)
+    div = None if name == "ce_only" else DIVERGENCES[name]()
+    flops = matmul_flops(lambda: head(div, h_s, w_s, h_t, w_t, labels, chunk_size=12,
+                                      teacher_cache_mib=cache_mib, compute_ce=True))
     assert flops == 2 * B * T * V * (3 * D + teacher_projections * D_T)
 
 
@@ -480,7 +555,7 @@ def test_compiled_caller_matches_eager():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["forward_kl", "tad_k10"])
+@pytest.mark.parametrize("name", ["forward_kl", "tad"])
 def test_compile_chunks_matches_unfused(name):
     """``compile_chunks=True``: the per-chunk functions through inductor, chunks of two lengths
     (64, 64, 13): same loss and gradients as the unfused loss."""
@@ -523,7 +598,7 @@ def _fsdp_worker(rank: int, world: int, port: int, name: str, result_path: str) 
         out = fused_divergence(DIVERGENCES[name](), x, head.weight, h_t[rows], w_t, labels[rows],
                                chunk_size=8)
         count = out.num_tokens.clone()
-        dist.all_reduce(count)  # the global valid-token count normalises (DESIGN.md §1)
+        dist.all_reduce(count)  # the global valid-token count normalises (docs/design.md)
         (out.total / count).backward()
         total = out.total.detach().clone()
         dist.all_reduce(total)
@@ -534,7 +609,7 @@ def _fsdp_worker(rank: int, world: int, port: int, name: str, result_path: str) 
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name", ["tad_k10"])
+@pytest.mark.parametrize("name", ["tad"])
 def test_fsdp2_two_processes_match_one(name, tmp_path):
     """2 ranks (gloo, CPU), the output projection fully_shard-ed: same loss as 1 process, and the
     sharded weight gradient is the 1-process gradient averaged over ranks, as FSDP2 averages."""

@@ -276,3 +276,40 @@ def test_register_family_is_all_a_new_family_needs(tmp_path):
         torch.testing.assert_close(_hf_logits(out, tokens), ours, atol=ATOL, rtol=0)
     finally:
         FAMILIES.pop("gemma")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tad_eval_builds_every_family_from_config_json_alone(case, tmp_path):
+    """An exported student of every family is rebuilt by ``tad_eval`` from its folder alone
+    (the family read from config.json, torchtune's checkpointer loading the weights), with the
+    student's exact logits."""
+    from omegaconf import OmegaConf
+
+    import tad_eval
+
+    teacher, teacher_dir = _teacher_via_checkpointer(case, tmp_path)
+    torch.manual_seed(0)
+    student = pruned_student(teacher=teacher_node(case), num_layers=2, intermediate_dim=24,
+                             mlp_init="copy")
+    init_student_from_teacher(student, teacher)
+    out = save_hf_checkpoint(student, tmp_path / "student", base_config=teacher_dir)
+    model = tad_eval.load_hf_model(OmegaConf.create({"checkpoint_dir": str(out)}),
+                                   where="students.s", device=torch.device("cpu"),
+                                   dtype=torch.float32)
+    assert type(model.layers[0]) is type(student.layers[0])
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    ours, rebuilt = _logits(student, tokens), _logits(model, tokens)
+    assert ours.abs().max() > 1.0
+    torch.testing.assert_close(rebuilt, ours, atol=1e-6, rtol=0)
+
+
+def test_model_from_hf_config_names_what_no_family_can_build():
+    from tad_torchtune.models import model_from_hf_config
+
+    cfg = hf_config("llama3_1")
+    cfg["rope_scaling"] = dict(cfg["rope_scaling"], high_freq_factor=2.0)
+    with pytest.raises(ValueError, match=r"students.x: no registered model family builds "
+                                         r"model_type='llama' \(llama2: no RoPE scaling"):
+        model_from_hf_config(cfg, where="students.x")
+    with pytest.raises(ValueError, match=r"model_type='gpt2' \(registered model types: "):
+        model_from_hf_config({"model_type": "gpt2"}, where="students.x")

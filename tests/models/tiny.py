@@ -13,7 +13,6 @@ from torchtune.config._utils import _get_component_from_path
 from torchtune.training import FullModelHFCheckpointer
 
 from tad_torchtune.models import FAMILIES, correct_gemma2
-from tad_torchtune.models._export import _to_hf
 
 VOCAB = 96
 SEQ = 20  # > the Gemma2 sliding window below, so sliding layers are exercised
@@ -121,8 +120,7 @@ def save_teacher_hf(case: str, teacher: torch.nn.Module, folder: Path) -> Path:
     """Write the teacher as a Hub-style checkpoint (weights in HF keys, config.json)."""
     cfg = hf_config(case)
     folder.mkdir(parents=True, exist_ok=True)
-    model_type = FAMILIES[CASES[case][0]].checkpointer_model_type
-    hf_sd = _to_hf(model_type, teacher.state_dict(), cfg)
+    hf_sd = FAMILIES[CASES[case][0]].to_hf(teacher.state_dict(), cfg)
     sd = {k: v.clone().contiguous() for k, v in hf_sd.items()}
     save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(cfg))

@@ -81,6 +81,29 @@ def test_outputs_logged_and_exported(baseline):
     assert (baseline / "checkpoints" / "latest").read_text() == "step_000010"
 
 
+def test_validation_metrics_equal_tad_eval_on_the_exported_student(assets, baseline, tmp_path):
+    """The recipe's validation and ``tad_eval`` share one metric implementation: val_kl / val_ce
+    of the final step equal tad_eval's KL and CE for the exported student on the same text."""
+    cfg = tiny.base_config(assets, baseline)
+    out = tmp_path / "eval"
+    eval_cfg = {
+        "output_dir": str(out), "device": "cpu", "dtype": "fp32", "batch_size": 3,
+        "chunk_size": 1024, "tokenizer": cfg["tokenizer"], "dataset": cfg["validation_dataset"],
+        "teacher": {"checkpoint_dir": cfg["teacher_checkpointer"]["checkpoint_dir"]},
+        "students": {"s": {"checkpoint_dir": str(baseline / "student")}},
+    }
+    tiny.run_tune(["tad_eval", "--config", str(tiny.write_config(eval_cfg, tmp_path / "e.yaml"))],
+                  cwd=tmp_path)
+    report = json.loads((out / "eval.json").read_text())["students"]["s"]
+    final = [r for r in tiny.read_metrics(baseline) if "val_kl" in r][-1]
+    assert final["step"] == 10
+    assert report["num_tokens"] == 8 * 31
+    assert report["kl"] == pytest.approx(final["val_kl"], rel=1e-5)
+    assert report["ce"] == pytest.approx(final["val_ce"], rel=1e-6)
+    assert report["top1_agreement"] == pytest.approx(final["val_top1_agreement"], abs=1e-12)
+    assert final["val_kl"] > 0.01
+
+
 def test_gradient_accumulation_matches_large_batch(assets, tmp_path, baseline):
     out = _run(assets, tmp_path, "accum", batch_size=2, gradient_accumulation_steps=4)
     _assert_same_losses(tiny.train_losses(out), tiny.train_losses(baseline), rtol=1e-5)
@@ -176,17 +199,17 @@ def _recipe(cfg: dict):
 @pytest.mark.parametrize("flag", [None, False])
 def test_fused_options_reach_the_fused_path(assets, tmp_path, monkeypatch, flag):
     """fused_teacher_cache_mib and fused_float32_weight_grad (default true) are what the recipe
-    hands fused_divergence (values only bf16 changes: tests/losses/test_fused.py)."""
-    import tad_torchtune.losses.fused as fused_module
+    hands the fused head (values only bf16 changes: tests/losses/test_fused.py)."""
+    import tad_torchtune.head as head_module
 
     calls = []
-    real = fused_module.fused_divergence
+    real = head_module.fused_head
 
     def spy(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fused_module, "fused_divergence", spy)
+    monkeypatch.setattr(head_module, "fused_head", spy)
     extra = {} if flag is None else {"fused_float32_weight_grad": flag}
     cfg = tiny.base_config(assets, tmp_path / "out", fused=True, fused_teacher_cache_mib=3,
                            max_steps=1, export_hf=False, **extra)

@@ -1,10 +1,59 @@
-"""Check, before training, that a teacher's logits can be read over the student's vocabulary."""
+"""Vocabulary policy, shared by the losses, the models and the metrics: how a teacher's logits are
+read over the student's vocabulary, and the check, before training, that they can be.
+
+``"exact"``: the vocabulary sizes must match. ``"truncate_teacher"``: a teacher whose vocabulary
+is larger than the student's, its first ids being the student's (padded embedding tables, as
+Qwen2.5's), is cut to the student's before any softmax.
+"""
 
 import random
 from collections.abc import Callable
 from typing import Any
 
-from tad_torchtune.losses import VOCAB_ALIGNMENTS
+from torch import Tensor
+
+VOCAB_ALIGNMENTS = ("exact", "truncate_teacher")
+
+
+def check_vocab_alignment(value: str, *, key: str = "vocab_alignment") -> str:
+    """``value`` if it is one of ``VOCAB_ALIGNMENTS``; else a ``ValueError`` naming ``key``."""
+    if value not in VOCAB_ALIGNMENTS:
+        raise ValueError(f"{key} must be one of {VOCAB_ALIGNMENTS}, got {value!r}")
+    return value
+
+
+def align_teacher_vocab(
+    teacher_logits: Tensor, student_vocab_size: int, vocab_alignment: str
+) -> Tensor:
+    """Return teacher logits (or any ``[..., V_T]`` tensor indexed by teacher ids, e.g. the
+    transposed output weight) over the student's vocabulary.
+
+    Args:
+        teacher_logits: ``[..., V_T]``.
+        student_vocab_size: ``V_S``.
+        vocab_alignment: one of ``VOCAB_ALIGNMENTS``.
+
+    Returns:
+        ``[..., V_S]`` (a view, no copy).
+
+    Raises:
+        ValueError: if the sizes differ and cannot be aligned.
+    """
+    teacher_vocab_size = teacher_logits.shape[-1]
+    if teacher_vocab_size == student_vocab_size:
+        return teacher_logits
+    if vocab_alignment == "truncate_teacher" and teacher_vocab_size > student_vocab_size:
+        return teacher_logits[..., :student_vocab_size]
+    hint = (
+        "set vocab_alignment='truncate_teacher' if the teacher's first ids are the student's "
+        "vocabulary"
+        if teacher_vocab_size > student_vocab_size
+        else "a teacher vocabulary smaller than the student's cannot be aligned"
+    )
+    raise ValueError(
+        f"vocabulary size mismatch: teacher has {teacher_vocab_size} logits, student has "
+        f"{student_vocab_size} (vocab_alignment={vocab_alignment!r}); {hint}"
+    )
 
 
 def _spm(tok: Any) -> Any:
@@ -78,7 +127,7 @@ def check_vocab_compat(
 
     Sizes: equal, or the teacher larger with ``vocab_alignment="truncate_teacher"`` (its first
     ``student_vocab_size`` ids are then taken to be the student's vocabulary; see
-    ``tad_torchtune.losses.align_teacher_vocab``). Tokenizers (when both are given): the token
+    ``align_teacher_vocab``). Tokenizers (when both are given): the token
     string of every id in a sample of the shared range must agree. The sample holds the first
     and last 64 shared ids plus ``sample`` random ones (``seed``); ``sample=-1`` checks them all.
     Ids that neither tokenizer knows (embedding rows padded past the tokenizer) are skipped.
@@ -96,10 +145,7 @@ def check_vocab_compat(
         ValueError: naming both sides, when the sizes cannot be aligned or the tokenizers map a
             sampled id to different tokens.
     """
-    if vocab_alignment not in VOCAB_ALIGNMENTS:
-        raise ValueError(
-            f"vocab_alignment must be one of {VOCAB_ALIGNMENTS}, got {vocab_alignment!r}"
-        )
+    check_vocab_alignment(vocab_alignment)
     if teacher_vocab_size != student_vocab_size:
         if teacher_vocab_size > student_vocab_size and vocab_alignment == "truncate_teacher":
             pass

@@ -1,0 +1,225 @@
+"""Run a model and compute its terms: the library side of a distillation step.
+
+``TeacherHead`` runs the frozen teacher (no autograd) and returns what the student's losses read:
+its final normed hidden state and output weight (the fused path projects them chunk by chunk),
+or its logits (the unfused path and evaluation), and the hidden states of chosen layers.
+``StudentHead`` owns the student: ``forward`` runs it and returns its training terms, the
+objective ``clm_weight * CE + kd_weight * divergence + hidden_weight * hidden`` summed over valid
+tokens; ``evaluate`` adds a batch to the held-out metrics (``tad_torchtune.metrics``). It knows
+the output weight, the soft-cap, the vocabulary alignment and the fused path, so a recipe only
+calls it (``docs/design.md``, "One step").
+
+Under FSDP2 the ``StudentHead`` is the root of the student's sharding, so the parameters outside
+the blocks (embeddings, final norm, output projection) are gathered for its whole ``forward``
+and ``evaluate`` (registered as an FSDP forward method by ``parallel.parallelize``): the fused
+path reads the output weight itself, not just its logits.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tad_torchtune.common import full_tensor
+from tad_torchtune.losses import Divergence, DivergenceOutput
+from tad_torchtune.losses.ce import chunked_cross_entropy
+from tad_torchtune.losses.fused import DEFAULT_TEACHER_CACHE_MIB, fused_head
+from tad_torchtune.metrics import StudentMetrics
+from tad_torchtune.models import forward_hidden, logit_softcap, output_weight, project_logits
+
+
+@dataclass
+class TeacherOutput:
+    """What the teacher gives the student's losses for one batch (no autograd).
+
+    Attributes:
+        hidden: ``[B, T, D_T]`` final normed hidden state.
+        weight: ``[V_T, D_T]`` output projection weight.
+        softcap: the teacher's logit soft-cap, or None.
+        logits: ``[B, T, V_T]`` in the model's dtype, when asked for.
+        layers: hidden states of the requested layers (the hidden-state loss).
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    softcap: float | None
+    logits: Tensor | None = None
+    layers: list[Tensor] = field(default_factory=list)
+
+
+class TeacherHead:
+    """Runs the frozen teacher of a distillation.
+
+    Args:
+        model: the teacher, a torchtune ``TransformerDecoder`` in eval mode.
+        hidden_layers: layers whose input hidden state the hidden-state loss reads (-1: the
+            final normed hidden state).
+    """
+
+    def __init__(self, model: nn.Module, *, hidden_layers: tuple[int, ...] = ()) -> None:
+        self.model = model
+        self.hidden_layers = tuple(hidden_layers)
+        self.softcap = logit_softcap(model)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, Tensor], *, logits: bool) -> TeacherOutput:
+        h, layers = forward_hidden(self.model, batch["tokens"], mask=batch.get("mask"),
+                                   input_pos=batch.get("input_pos"),
+                                   hidden_layers=self.hidden_layers)
+        return TeacherOutput(hidden=h, weight=full_tensor(output_weight(self.model)),
+                             softcap=self.softcap, layers=layers,
+                             logits=project_logits(self.model, h) if logits else None)
+
+
+@dataclass
+class TrainTerms:
+    """One micro-batch's training terms, sums over its valid tokens.
+
+    Attributes:
+        objective: ``clm_weight * ce + kd_weight * kd + hidden_weight * hidden`` (scalar,
+            differentiable w.r.t. the student).
+        ce, kd, hidden: the three sums, detached (``kd`` / ``hidden`` None when unused).
+        stats: the divergence's diagnostics, sums over valid tokens (detached).
+        num_tokens: valid tokens (scalar int64).
+    """
+
+    objective: Tensor
+    ce: Tensor
+    kd: Tensor | None
+    hidden: Tensor | None
+    stats: dict[str, Tensor]
+    num_tokens: Tensor
+
+
+class StudentHead(nn.Module):
+    """The student with its losses: ``forward`` gives a batch's ``TrainTerms``, ``evaluate``
+    adds it to held-out metrics. See the module docstring.
+
+    Args:
+        student: the student ``TransformerDecoder``.
+        kd_loss: a ``Divergence`` or None (no distillation term).
+        hidden_loss: ``HiddenCosineLoss`` or None.
+        clm_weight, kd_weight, hidden_weight: weights of the objective.
+        hidden_layers: student layers paired with the teacher's for the hidden loss.
+        vocab_alignment: how the teacher's logits are read over the student's vocabulary
+            (set on ``kd_loss`` too).
+        fused: compute CE and divergence from hidden states and output weights
+            (``losses.fused.fused_head``) instead of materialised logits.
+        chunk_size: tokens per loss chunk.
+        teacher_cache_mib, float32_weight_grad: the fused head's options.
+        compile: ``torch.compile`` the unfused divergence (whole), or the fused head's chunks.
+    """
+
+    #: methods FSDP2 must treat like ``forward`` (gathering the root's parameters)
+    fsdp_forward_methods = ("evaluate",)
+
+    def __init__(
+        self,
+        student: nn.Module,
+        *,
+        kd_loss: Divergence | None = None,
+        hidden_loss: nn.Module | None = None,
+        clm_weight: float = 1.0,
+        kd_weight: float = 1.0,
+        hidden_weight: float = 0.0,
+        hidden_layers: tuple[int, ...] = (),
+        vocab_alignment: str = "exact",
+        fused: bool = False,
+        chunk_size: int = 1024,
+        teacher_cache_mib: float = DEFAULT_TEACHER_CACHE_MIB,
+        float32_weight_grad: bool = True,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.student = student
+        self.kd_loss = kd_loss if kd_weight > 0 else None
+        if self.kd_loss is not None:
+            self.kd_loss.vocab_alignment = vocab_alignment
+        self.hidden_loss = hidden_loss if hidden_weight > 0 else None
+        self.weights = (float(clm_weight), float(kd_weight), float(hidden_weight))
+        self.hidden_layers = tuple(hidden_layers) if self.hidden_loss is not None else ()
+        self.vocab_alignment = vocab_alignment
+        self.fused = bool(fused)
+        self.chunk_size = int(chunk_size)
+        self.fused_options = {"teacher_cache_mib": float(teacher_cache_mib),
+                              "float32_weight_grad": bool(float32_weight_grad),
+                              "compile_chunks": bool(compile)}
+        # The unfused divergence is compiled whole (chunk loop and recomputation included).
+        self._kd_sum_and_count = None
+        if self.kd_loss is not None:
+            self._kd_sum_and_count = (torch.compile(self.kd_loss.sum_and_count) if compile
+                                      and not self.fused else self.kd_loss.sum_and_count)
+        self.softcap = logit_softcap(student)
+
+    @property
+    def needs_teacher_logits(self) -> bool:
+        """Whether ``forward`` reads the teacher's logits (the unfused path with a divergence)."""
+        return self.kd_loss is not None and not self.fused
+
+    def forward(self, batch: dict[str, Tensor], teacher: TeacherOutput | None) -> TrainTerms:
+        """The training terms of one micro-batch.
+
+        Args:
+            batch: ``tokens [B, T]``, shifted ``labels [B, T]``, optionally ``mask``,
+                ``input_pos`` and ``document_ids [B, T]``.
+            teacher: the teacher's output for the batch (None without a divergence or hidden
+                loss).
+
+        Returns:
+            ``TrainTerms``.
+        """
+        clm_w, kd_w, hidden_w = self.weights
+        labels = batch["labels"]
+        documents = batch.get("document_ids")
+        h, layers = forward_hidden(self.student, batch["tokens"], mask=batch.get("mask"),
+                                   input_pos=batch.get("input_pos"),
+                                   hidden_layers=self.hidden_layers)
+        kd: DivergenceOutput | None = None
+        if self.fused:
+            out = fused_head(
+                h, output_weight(self.student), labels, divergence=self.kd_loss,
+                teacher_hidden=teacher.hidden if self.kd_loss is not None else None,
+                teacher_weight=teacher.weight if self.kd_loss is not None else None,
+                ce_weight=clm_w, kd_weight=kd_w, compute_ce=True, student_softcap=self.softcap,
+                teacher_softcap=teacher.softcap if self.kd_loss is not None else None,
+                document_ids=documents, chunk_size=self.chunk_size, **self.fused_options)
+            objective, ce, kd, n = out.objective, out.ce, out.kd, out.num_tokens
+        else:
+            logits = project_logits(self.student, h)  # (B, T, V) in the model dtype
+            ce, n = chunked_cross_entropy(logits, labels, chunk_size=self.chunk_size)
+            objective = clm_w * ce
+            if self.kd_loss is not None:
+                kd = self._kd_sum_and_count(logits, teacher.logits, labels,
+                                            document_ids=documents)
+                objective = objective + kd_w * kd.total
+        hidden_sum = None
+        if self.hidden_loss is not None:
+            hidden_sum = sum(self.hidden_loss.sum_and_count(s_h, t_h, labels).total
+                             for s_h, t_h in zip(layers, teacher.layers))
+            objective = objective + hidden_w * hidden_sum
+        return TrainTerms(
+            objective=objective, ce=ce.detach(),
+            kd=None if kd is None else kd.total.detach(),
+            hidden=None if hidden_sum is None else hidden_sum.detach(),
+            stats={} if kd is None else dict(kd.stats), num_tokens=n)
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict[str, Tensor], teacher: TeacherOutput,
+                 metrics: StudentMetrics) -> None:
+        """Add one held-out batch to ``metrics``: from logits, or on the fused path from hidden
+        states and output weights, chunk by chunk, so ``[B, T, V]`` logits never exist."""
+        h, _ = forward_hidden(self.student, batch["tokens"], mask=batch.get("mask"),
+                              input_pos=batch.get("input_pos"))
+        if teacher.logits is None:
+            metrics.update_from_hidden(h, output_weight(self.student), teacher.hidden,
+                                       teacher.weight, batch["labels"],
+                                       student_softcap=self.softcap,
+                                       teacher_softcap=teacher.softcap)
+        else:
+            metrics.update(project_logits(self.student, h), teacher.logits, batch["labels"])
+
+    def new_metrics(self, **kwargs: Any) -> StudentMetrics:
+        """Held-out metrics with this head's chunk size and vocabulary alignment."""
+        return StudentMetrics(chunk_size=self.chunk_size, vocab_alignment=self.vocab_alignment,
+                              **kwargs)
