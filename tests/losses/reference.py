@@ -78,3 +78,19 @@ def drkl(s, t, labels, gamma, temperature=1.0, ignore_index=-100):
         kl_bin, kl_nt = drkl_token_parts(p[b, i], q[b, i], int(labels[b, i]))
         terms.append(kl_bin + gamma * kl_nt)
     return _mean_over_valid(terms, int(valid.sum()))
+
+
+def tad_per_document(s, t, labels, document_ids, k, beta, temperature=1.0, ignore_index=-100):
+    """TAD whose abar is the mean tail mass of each DOCUMENT of a row: every document of every
+    row run through ``tad`` as a sequence of its own, the sums added up."""
+    total, n_valid = torch.zeros((), dtype=torch.float64), 0
+    for b in range(labels.shape[0]):
+        for d in sorted(set(document_ids[b].tolist())):
+            cols = (document_ids[b] == d).nonzero().squeeze(-1)
+            y = labels[b : b + 1, cols]
+            n = int((y != ignore_index).sum())
+            if n:
+                total = total + tad(s[b : b + 1, cols], t[b : b + 1, cols], y, k, beta,
+                                    temperature, ignore_index) * n
+                n_valid += n
+    return total / max(n_valid, 1)

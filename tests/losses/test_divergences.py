@@ -467,3 +467,49 @@ def test_compile_matches_eager(name, backend):
     v, g = loss_and_grad(compiled, student, teacher, labels)
     torch.testing.assert_close(v, eager_v, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(g, eager_g, atol=1e-8, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def documents_of(b, t, seed):
+    """Document ids per row: every row cut at random places into 1 to 4 documents."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(b, t, dtype=torch.long)
+    for r in range(b):
+        cuts = sorted(torch.randperm(t - 1, generator=g)[: r + 1].add(1).tolist())
+        for c in cuts:
+            ids[r, c:] += 1
+    return ids
+
+
+@pytest.mark.parametrize("k,beta", [(1, 2.0), (5, 0.5)])
+def test_tad_abar_per_document_matches_a_naive_reference(k, beta):
+    student, teacher, labels = make_inputs(23, torch.float64)
+    # tokens of different sharpness, so that the tail masses (and their means) differ
+    teacher = teacher * torch.rand(B, T, 1, generator=torch.Generator().manual_seed(2),
+                                   dtype=torch.float64).mul(6.0).add(0.5)
+    docs = documents_of(B, T, 3)
+    loss = TADLoss(k=k, beta=beta, abar_scope="document", chunk_size=20)
+    value, grad = loss_and_grad(
+        lambda s, t, y: loss.sum_and_count(s, t, y, document_ids=docs).mean(), student, teacher,
+        labels)
+    ref_value, ref_grad = reference_loss_and_grad(
+        lambda s, t, y: ref.tad_per_document(s, t, y, docs, k, beta), student, teacher, labels)
+    torch.testing.assert_close(value, ref_value, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-12, rtol=1e-9)
+    # per row it is another value: the documents really changed the normaliser
+    row = TADLoss(k=k, beta=beta, chunk_size=20)(student, teacher, labels)
+    assert abs(float(row) - float(ref_value)) > 1e-4
+    # row scope ignores document ids; one document per row is the row scope
+    assert torch.equal(TADLoss(k=k, beta=beta).sum_and_count(
+        student, teacher, labels, document_ids=docs).total, TADLoss(k=k, beta=beta).sum_and_count(
+        student, teacher, labels).total)
+    one = TADLoss(k=k, beta=beta, abar_scope="document").sum_and_count(
+        student, teacher, labels, document_ids=torch.zeros_like(docs)).total
+    torch.testing.assert_close(one, row * int((labels != IGNORE).sum()), atol=1e-10, rtol=1e-10)
+
+
+def test_abar_scope_is_checked():
+    with pytest.raises(ValueError, match=r"abar_scope must be one of \('row', 'document'\), got 'doc'"):
+        TADLoss(abar_scope="doc")

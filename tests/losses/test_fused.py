@@ -630,3 +630,20 @@ def test_fsdp2_two_processes_match_one(name, tmp_path):
     torch.testing.assert_close(got["loss"], out.mean().detach(), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(got["grad_w"], w.grad / 2, atol=1e-7, rtol=1e-5)
     torch.testing.assert_close(got["grad_x0"], x.grad[:2], atol=1e-7, rtol=1e-5)
+
+
+def test_fused_tad_per_document_equals_unfused():
+    """Document ids reach the fused path's teacher pass, whatever the segments of the cache."""
+    g = torch.Generator().manual_seed(4)
+    docs = torch.zeros(B, T, dtype=torch.long)
+    for r in range(B):
+        for c in sorted(torch.randperm(T - 1, generator=g)[: r + 2].add(1).tolist()):
+            docs[r, c:] += 1
+    case = make_case(41)
+    div = TADLoss(k=3, abar_scope="document")
+    h_s, w_s = (x.detach().clone().requires_grad_(True) for x in case[:2])
+    ref = div.sum_and_count(h_s @ w_s.T, case[2] @ case[3].T, case[4], document_ids=docs)
+    ref.total.backward()
+    for cache_mib in (0, 1e-3, 128):  # no cache, a one-row segment, everything at once
+        out = fused(div, *case, chunk_size=11, document_ids=docs, teacher_cache_mib=cache_mib)
+        assert_same(out, (ref, h_s.grad, w_s.grad), torch.float32)
