@@ -46,6 +46,7 @@ from tad_torchtune.config_checks import (
     validate_config,
 )
 from tad_torchtune.data import ResumableBatchSampler
+from tad_torchtune.flops import peak_flops, step_flops_per_token
 from tad_torchtune.head import StudentHead, TeacherHead
 from tad_torchtune.models import (
     build_model,
@@ -117,6 +118,8 @@ class TADDistillRecipe:
         self._export_hf = bool(get("export_hf"))
         self._log_peak_memory = bool(get("log_peak_memory_stats"))
         self._keep_last = int(get("keep_last_n_checkpoints"))
+        self._peak_flops = get("peak_flops_per_device") or peak_flops(self._device, self._dtype)
+        self._flops_per_token: dict[int, int] = {}
 
         self.global_step = 0
         self.epoch = 0
@@ -284,12 +287,13 @@ class TADDistillRecipe:
                 t0 = time.perf_counter()
                 micro = [self._prepare(next(batches)) for _ in range(self._grad_accum)]
                 log = self._train_step([b for b, _ in micro], sum(n for _, n in micro))
+                seconds = time.perf_counter() - t0
                 self.global_step += 1
                 self.step_in_epoch += 1
                 self.tokens_seen += int(log["step_tokens"])
-                log["tokens_per_second"] = log["step_tokens"] / (time.perf_counter() - t0)
+                log.update(self._speed([b for b, _ in micro], log["step_tokens"], seconds))
                 progress.update(1)
-                progress.set_postfix(loss=f"{log['loss']:.4f}", lr=f"{log['lr']:.2e}")
+                progress.set_postfix(self._postfix(log))
                 if self.global_step % self._log_every == 0 or self.global_step == self._total_steps:
                     self._log(log)
                 if self._eval_every and self.global_step % self._eval_every == 0:
@@ -307,6 +311,32 @@ class TADDistillRecipe:
         if not (self._save_every and self.global_step % self._save_every == 0):
             self.save(export=False)  # the final export follows
         self.export(self._output_dir / "student")
+
+    def _speed(self, micro: list[dict[str, Tensor]], valid_tokens: float,
+               seconds: float) -> dict[str, float]:
+        """Throughput of a step: valid tokens/s over all processes and per device, and MFU
+        (``tad_torchtune.flops``: model FLOPs of every position this process processed, against
+        one device's ``peak_flops_per_device``)."""
+        out = {"tokens_per_second": valid_tokens / seconds,
+               "tokens_per_second_per_device": valid_tokens / seconds / self._world_size}
+        if self._peak_flops:
+            flops = 0
+            for batch in micro:
+                rows, length = batch["tokens"].shape
+                if length not in self._flops_per_token:
+                    self._flops_per_token[length] = step_flops_per_token(
+                        self._student, self._teacher, length)
+                flops += self._flops_per_token[length] * rows * length
+            out["mfu"] = flops / seconds / self._peak_flops
+        return out
+
+    @staticmethod
+    def _postfix(log: dict[str, float]) -> dict[str, str]:
+        postfix = {"loss": f"{log['loss']:.4f}", "lr": f"{log['lr']:.2e}",
+                   "tok/s": f"{log['tokens_per_second']:.0f}"}
+        if "mfu" in log:
+            postfix["mfu"] = f"{log['mfu']:.1%}"
+        return postfix
 
     def _prepare(self, batch: dict[str, Any]) -> tuple[dict[str, Any], int]:
         """A collated batch with shifted labels on the device, and its valid-token count, read

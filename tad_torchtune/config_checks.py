@@ -53,6 +53,7 @@ SCALARS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "resume_from_checkpoint": (bool, False),
     "export_hf": (bool, True),
     "log_peak_memory_stats": (bool, True),
+    "peak_flops_per_device": ((int, float, type(None)), None),
 }
 ALLOWED_KEYS = set(REQUIRED_COMPONENTS) | set(OPTIONAL_COMPONENTS) | set(SCALARS)
 CHOICES = {"device": ("cpu", "cuda"), "dtype": ("bf16", "fp32"), "vocab_alignment": VOCAB_ALIGNMENTS}
@@ -117,9 +118,10 @@ def validate_config(cfg: DictConfig) -> None:
             raise ValueError(f"{key}: must be one of {CHOICES[key]}, got {value!r}")
         if key in AT_LEAST_ONE and value < 1:
             raise ValueError(f"{key}: must be an integer >= 1, got {value!r}")
-    for key in ("clm_weight", "kd_weight", "hidden_weight", "fused_teacher_cache_mib"):
+    for key in ("clm_weight", "kd_weight", "hidden_weight", "fused_teacher_cache_mib",
+                "peak_flops_per_device"):
         value = cfg.get(key, SCALARS[key][1])
-        if value < 0:
+        if value is not None and value < 0:
             raise ValueError(f"{key}: must be >= 0, got {value!r}")
     weights = {k: cfg.get(k, SCALARS[k][1]) for k in ("clm_weight", "kd_weight", "hidden_weight")}
     if not any(w > 0 for w in weights.values()):

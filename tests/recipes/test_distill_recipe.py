@@ -219,6 +219,27 @@ def test_fused_options_reach_the_fused_path(assets, tmp_path, monkeypatch, flag)
     assert all(c["float32_weight_grad"] is (flag is None) for c in calls)
 
 
+def test_mfu_and_per_device_throughput_are_logged(assets, tmp_path):
+    """mfu = model FLOPs of the step's processed positions / seconds / peak_flops_per_device,
+    with the step's seconds those of tokens_per_second."""
+    from tad_torchtune.flops import step_flops_per_token
+
+    out = tmp_path / "mfu"
+    recipe = _recipe(tiny.base_config(assets, out, max_steps=2, export_hf=False,
+                                      peak_flops_per_device=1e12))
+    recipe.train()
+    rows = [r for r in tiny.read_metrics(out) if "loss" in r]
+    per_token = step_flops_per_token(recipe._student, recipe._teacher, 32)
+    for r in rows:
+        seconds = r["step_tokens"] / r["tokens_per_second"]
+        assert r["mfu"] == pytest.approx(per_token * 8 * 32 / seconds / 1e12, rel=1e-9)
+        assert r["tokens_per_second_per_device"] == r["tokens_per_second"]
+    # no peak known (a CPU, no key): no mfu
+    plain = tmp_path / "plain"
+    _recipe(tiny.base_config(assets, plain, max_steps=1, export_hf=False)).train()
+    assert "mfu" not in tiny.read_metrics(plain)[0]
+
+
 def test_nan_stops_before_the_update_and_the_checkpoint_survives(assets, tmp_path):
     import tad_distill
 
@@ -298,6 +319,7 @@ BAD = [
     ({"fused_teacher_cache_mib": -1}, "fused_teacher_cache_mib: must be >= 0"),
     ({"fused_teacher_cache_mib": "all"}, "fused_teacher_cache_mib: must be int or float, got 'all'"),
     ({"fused_float32_weight_grad": "no"}, "fused_float32_weight_grad: must be bool, got 'no'"),
+    ({"peak_flops_per_device": -1.0}, "peak_flops_per_device: must be >= 0, got -1.0"),
 ]
 
 
