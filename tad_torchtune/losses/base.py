@@ -6,6 +6,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from tad_torchtune.losses.cached import TeacherTopM, sanitized
 from tad_torchtune.losses.engine import (
     DivergenceOutput,
     chunk_slices,
@@ -85,6 +86,9 @@ class Divergence(nn.Module):
     chunk_fn = None
     chunk_grad_fn = None
     needs_teacher_pass: bool = False
+    #: ``(s, labels, ids, logp, log_rest, label_logp, *extras) -> (per_token, stats)``: the value
+    #: from a teacher cache (``losses/cached.py``) instead of teacher logits; None: no such version
+    cached_chunk_fn = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -118,6 +122,53 @@ class Divergence(nn.Module):
         ``extras`` ``[B, T, ...]`` of ``chunk_fn``; ``valid`` is ``[B, T]`` bool, ``groups``
         ``[B, T]`` document ids within each row (None: each row is one group)."""
         return ()
+
+    def check_top_m(self, top_m: int) -> None:
+        """Raise if a teacher cache of ``top_m`` ids cannot serve this divergence."""
+
+    def cached_teacher_extras(self, cache: tuple[Tensor, ...], valid: Tensor,
+                              groups: Tensor | None = None) -> tuple[Tensor, ...]:
+        """The extras of ``cached_chunk_fn`` ``[B, T, ...]`` from the cached
+        ``(ids, logp, log_rest, label_logp)`` of all tokens (TAD's row normaliser)."""
+        return ()
+
+    def cached_inputs(self, cache: TeacherTopM, labels: Tensor,
+                      document_ids: Tensor | None = None) -> tuple[Tensor, ...]:
+        """The flat per-token extras ``[N, ...]`` of ``cached_chunk_fn``: the cache's four
+        tensors (ignored positions sanitized) and the divergence's own extras.
+
+        Raises:
+            ValueError: if the divergence has no cached version, or the cache's shape or top-M
+                does not fit.
+        """
+        if self.cached_chunk_fn is None:
+            raise ValueError(f"{type(self).__name__} has no teacher-cache version")
+        if cache.ids.shape[:-1] != labels.shape:
+            raise ValueError(f"teacher cache shape {tuple(cache.ids.shape)} does not match the "
+                             f"labels' {tuple(labels.shape)}")
+        self.check_top_m(cache.top_m)
+        valid = labels != self.ignore_index
+        flat = sanitized(valid.reshape(-1), *cache.flat())
+        lead = row_layout(labels)
+        extras = self.cached_teacher_extras(
+            tuple(x.reshape(*lead, *x.shape[1:]) for x in flat), valid.reshape(lead),
+            None if document_ids is None else document_ids.reshape(lead))
+        return (*flat, *(e.reshape(-1, *e.shape[2:]) for e in extras))
+
+    def sum_and_count_cached(
+        self, student_logits: Tensor, cache: TeacherTopM, labels: Tensor, *,
+        document_ids: Tensor | None = None,
+    ) -> DivergenceOutput:
+        """``sum_and_count`` from a teacher cache (``TeacherTopM``, ``[B, T, ...]``, at the
+        divergence's temperature) instead of teacher logits: ``docs/design.md``, "Divergences
+        from a teacher cache". The student logits ``[B, T, V]`` are those of the vocabulary the
+        cached ids index."""
+        extras = self.cached_inputs(cache, labels, document_ids)
+        return reduce_chunks(
+            self.cached_chunk_fn, (student_logits,), labels, ignore_index=self.ignore_index,
+            temperature=self.temperature, chunk_size=self.chunk_size,
+            stat_names=self.stat_names, extras=extras,
+        )
 
     def prepare_inputs(
         self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor

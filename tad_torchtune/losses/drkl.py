@@ -15,6 +15,7 @@ from tad_torchtune.losses.base import (
     masked_xlogy_terms_,
     safe_finite,
 )
+from tad_torchtune.losses.cached import bucketed, log1mexp, student_side
 
 
 def drkl_parts(s: Tensor, t: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -98,6 +99,44 @@ def make_drkl_chunk_grad(gamma: float):
     return drkl_chunk_grad
 
 
+def make_drkl_cached_chunk(gamma: float):
+    """DRKL's chunk from a teacher cache. The binary term is exact: ``q_y`` from the student's
+    logits, ``p_y`` the cached label log-probability, each complement the log-sum-exp of the
+    other outcomes. The non-target term is the KL over the M + 1 cached outcomes without the
+    label: the top-M ids (the label left out when it is among them) and the bucket (the label
+    taken out of it when it is not)."""
+
+    def drkl_cached_chunk(s: Tensor, labels: Tensor, ids: Tensor, logp: Tensor,
+                          log_rest: Tensor, label_logp: Tensor
+                          ) -> tuple[Tensor, dict[str, Tensor]]:
+        y = labels.unsqueeze(-1)  # (n, 1)
+        neg_inf = float("-inf")
+        lse, s_m, lse_rest = student_side(s, ids)
+        in_m = ids == y  # (n, M): the label among the cached ids
+        y_in = in_m.any(-1)
+        log_q_y = s.gather(-1, y).squeeze(-1) - lse
+        log_s_rest = lse_rest - lse
+        # the buckets without the label (when it lies in them): log(mass - label's mass)
+        s_bucket = torch.where(y_in, log_s_rest,
+                               log_s_rest + log1mexp(log_q_y - safe_finite(log_s_rest)))
+        p_bucket = torch.where(y_in, log_rest, log_rest + log1mexp(label_logp - log_rest))
+        log_q_nt = bucketed((s_m - lse.unsqueeze(-1)).masked_fill(in_m, neg_inf), s_bucket)
+        log_p_nt = bucketed(logp.masked_fill(in_m, neg_inf), p_bucket)
+        lse_q_nt, lse_p_nt = log_q_nt.logsumexp(-1), log_p_nt.logsumexp(-1)  # log(1 - q_y)...
+        log_bq = torch.stack([log_q_y, lse_q_nt], -1)  # (n, 2)
+        log_bp = torch.stack([label_logp, lse_p_nt], -1)
+        kl_binary = masked_xlogy_sum(log_bq.exp(), log_bq - log_bp)
+        log_qh = log_q_nt - safe_finite(lse_q_nt).unsqueeze(-1)
+        log_ph = log_p_nt - safe_finite(lse_p_nt).unsqueeze(-1)
+        kl_nontarget = torch.where(torch.isfinite(lse_q_nt),
+                                   masked_xlogy_sum(log_qh.exp(), log_qh - log_ph),
+                                   log_qh.new_zeros(()))
+        stats = {"kl_binary": kl_binary, "kl_nontarget": kl_nontarget, "q_target": log_q_y.exp()}
+        return kl_binary + gamma * kl_nontarget, stats
+
+    return drkl_cached_chunk
+
+
 class DRKLLoss(Divergence):
     """Diversity-aware reverse KL (DRKL), reconstructed from the abstract of arXiv 2604.00223.
 
@@ -113,6 +152,9 @@ class DRKLLoss(Divergence):
     with a constant ``gamma > 0``; ``gamma > 1 - q_y`` strengthens the non-target signal. It is not
     the authors' code (their full text is not available to this project). It is 0 when
     ``q = p``. Needs the labels of valid tokens to be ids in ``[0, V)``.
+
+    From a teacher cache (``sum_and_count_cached``): the binary term is exact (the cache holds the
+    teacher's label log-probability); the non-target term is bucketed (``make_drkl_cached_chunk``).
 
     Reduction and masking as ``ForwardKLLoss``. Diagnostics: ``kl_binary``, ``kl_nontarget``,
     ``q_target`` (sums over valid tokens).
@@ -141,6 +183,7 @@ class DRKLLoss(Divergence):
         self.gamma = check_positive("gamma", gamma)
         self.chunk_fn = make_drkl_chunk(self.gamma)
         self.chunk_grad_fn = make_drkl_chunk_grad(self.gamma)
+        self.cached_chunk_fn = make_drkl_cached_chunk(self.gamma)
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, " + super().extra_repr()

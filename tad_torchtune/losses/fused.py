@@ -40,6 +40,7 @@ from torch import Tensor
 
 from tad_torchtune.common import IGNORE_INDEX, compute_dtype, full_tensor
 from tad_torchtune.losses.base import Divergence
+from tad_torchtune.losses.cached import TeacherTopM
 from tad_torchtune.losses.engine import (
     DivergenceOutput,
     chunk_slices,
@@ -108,12 +109,13 @@ def _masked_scaled(x: Tensor, rows: Tensor, ignored: bool, tau: float, keep: boo
 
 
 def _autograd_chunk_grad(fn):
-    """``chunk_grad_fn`` from a ``chunk_fn``, for divergences without a closed-form gradient."""
+    """``chunk_grad_fn`` from a ``chunk_fn`` (or a ``cached_chunk_fn``), for divergences without
+    a closed-form gradient: the same arguments, the gradient w.r.t. the first."""
 
-    def chunk_grad(s: Tensor, t: Tensor, labels: Tensor, *extras: Tensor):
+    def chunk_grad(s: Tensor, *args: Tensor):
         with torch.enable_grad():
             s = s.detach().requires_grad_(True)
-            per_token, stats = fn(s, t, labels, *extras)
+            per_token, stats = fn(s, *args)
             (grad,) = torch.autograd.grad(per_token.sum(), s)
         return per_token.detach(), {k: v.detach() for k, v in stats.items()}, grad
 
@@ -126,7 +128,8 @@ def _head_chunk(z: Tensor, t: Tensor | None, y: Tensor, rows: Tensor, extras: tu
     """One chunk of the fused head, after the projections.
 
     ``z`` ``[n, V]``: the student's soft-capped float32 logits (its own buffer: consumed). ``t``:
-    the teacher's chunk as the divergence sees it (scratch), or None without a divergence.
+    the teacher's chunk as the divergence sees it (scratch), or None without a divergence or
+    from a teacher cache (whose entries are among the ``extras``).
 
     Returns:
         ``(ce [n] | None, kd [n] | None, stats, grad [n, V])``, ``grad`` the gradient of
@@ -143,7 +146,7 @@ def _head_chunk(z: Tensor, t: Tensor | None, y: Tensor, rows: Tensor, extras: tu
     s = z
     if div_grad is not None:
         s = z.div_(tau) if tau != 1.0 else z  # s is read only from here
-        kd, stats, grad = div_grad(s, t, y, *extras)
+        kd, stats, grad = div_grad(s, y, *extras) if t is None else div_grad(s, t, y, *extras)
         del t
         if kd_weight / tau != 1.0:
             grad = grad.mul_(kd_weight / tau)
@@ -191,10 +194,13 @@ class _ProjectedTeacher:
         row_bytes = tokens * self.w.shape[0] * self.h.element_size()
         return min(rows, max(1, self.plan.cache_bytes // max(1, row_bytes)))
 
-    def first_pass(self, seg: slice, slices: list[slice], flags: list[bool], valid: Tensor,
-                   groups: Tensor | None) -> tuple[Tensor, ...]:
-        """The teacher pass over one segment, keeping projections within the budget."""
+    def extras(self, seg: slice, slices: list[slice], flags: list[bool], valid: Tensor,
+               groups: Tensor | None) -> tuple[Tensor, ...]:
+        """The divergence's per-token extras of one segment: its teacher pass, if it needs one,
+        keeping projections within the budget."""
         self.cache = {}
+        if not self.plan.divergence.needs_teacher_pass:
+            return ()
         budget = self.plan.cache_bytes
 
         def chunk(i: int, sl: slice) -> Tensor:
@@ -220,6 +226,27 @@ class _ProjectedTeacher:
             z = torch.nn.functional.linear(self.h[sl], self.w)
         return _masked_scaled(_capped(z, self.plan.teacher_softcap, self.dtype), rows, ignored,
                               self.tau, keep=False)
+
+
+class _CachedTeacher:
+    """The teacher side of the fused head from a teacher cache: no teacher projection at all;
+    the cached entries (and TAD's normaliser from them) are per-token extras."""
+
+    def __init__(self, cache: TeacherTopM, plan: _Plan) -> None:
+        self.cache, self.plan = cache, plan
+
+    def segment_rows(self) -> int:
+        return self.plan.lead[0]
+
+    def extras(self, seg: slice, slices: list[slice], flags: list[bool], valid: Tensor,
+               groups: Tensor | None) -> tuple[Tensor, ...]:
+        lead = self.plan.lead
+        labels = torch.where(valid, 0, self.plan.ignore_index).reshape(lead)  # validity only
+        return self.plan.divergence.cached_inputs(
+            self.cache, labels, None if groups is None else groups.reshape(lead))
+
+    def chunk(self, i: int, sl: slice, rows: Tensor, ignored: bool) -> None:
+        return None
 
 
 def _accumulate_weight_grad(grad_w: Tensor, grad: Tensor, h: Tensor) -> None:
@@ -249,7 +276,10 @@ class _FusedHead(torch.autograd.Function):
         valid = labels != plan.ignore_index  # (N,)
         y = torch.where(valid, labels, 0)
         div_grad = None
-        if div is not None:
+        if isinstance(teacher, _CachedTeacher):
+            div_grad = (getattr(div, "cached_chunk_grad_fn", None)
+                        or _autograd_chunk_grad(div.cached_chunk_fn))
+        elif div is not None:
             div_grad = div.chunk_grad_fn or _autograd_chunk_grad(div.chunk_fn)
         step = _compiled(_head_chunk) if plan.compile_chunks else _head_chunk
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -268,9 +298,9 @@ class _FusedHead(torch.autograd.Function):
             slices = chunk_slices(seg.stop - seg.start, plan.chunk_size)  # never cross a segment
             flags = chunks_with_ignored(valid[seg], slices)
             extras: tuple[Tensor, ...] = ()
-            if div is not None and div.needs_teacher_pass:
-                extras = teacher.first_pass(seg, slices, flags, valid[seg],
-                                            None if groups is None else groups[seg])
+            if div is not None:
+                extras = teacher.extras(seg, slices, flags, valid[seg],
+                                        None if groups is None else groups[seg])
             for i, (local, ignored) in enumerate(zip(slices, flags)):
                 sl = slice(seg.start + local.start, seg.start + local.stop)
                 rows = valid[sl].unsqueeze(-1)  # (n, 1)
@@ -353,6 +383,7 @@ def fused_head(
     divergence: Divergence | None = None,
     teacher_hidden: Tensor | None = None,
     teacher_weight: Tensor | None = None,
+    teacher_cache: TeacherTopM | None = None,
     ce_weight: float = 1.0,
     kd_weight: float = 1.0,
     compute_ce: bool | None = None,
@@ -383,6 +414,9 @@ def fused_head(
         teacher_hidden: ``[B, T, D_T]`` (or ``[N, D_T]``), with a divergence.
         teacher_weight: ``[V_T, D_T]``; with ``vocab_alignment="truncate_teacher"`` its first
             ``V`` rows are used when ``V_T > V``.
+        teacher_cache: the teacher's cached top-M statistics (``TeacherTopM``, ``[B, T, ...]``)
+            instead of ``teacher_hidden`` and ``teacher_weight``: the divergence's cached version,
+            from the student's LSE and its logits at the cached ids; no teacher projection.
         ce_weight, kd_weight: weights of the two sums in ``objective``.
         compute_ce: compute the CE sum (default: when ``ce_weight > 0``).
         student_softcap, teacher_softcap: logit soft-caps (``model.logit_softcap``) or None.
@@ -412,9 +446,10 @@ def fused_head(
             f"{tuple(student_hidden.shape[:-1])} (student_hidden is [B, T, D] or [N, D])"
         )
     sides = [("student", student_hidden, student_weight)]
-    if divergence is not None:
+    if divergence is not None and teacher_cache is None:
         if teacher_hidden is None or teacher_weight is None:
-            raise ValueError("a divergence needs teacher_hidden and teacher_weight")
+            raise ValueError("a divergence needs teacher_hidden and teacher_weight, or a "
+                             "teacher_cache")
         if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
             raise ValueError(
                 f"teacher_hidden shape {tuple(teacher_hidden.shape)} does not match "
@@ -449,7 +484,9 @@ def fused_head(
         row_layout(labels), cache_bytes=int(teacher_cache_mib * 2**20),
         compile_chunks=bool(compile_chunks), float32_weight_grad=bool(float32_weight_grad))
     teacher = None
-    if divergence is not None:
+    if divergence is not None and teacher_cache is not None:
+        teacher = _CachedTeacher(teacher_cache, plan)
+    elif divergence is not None:
         with torch.no_grad():
             w_t = align_teacher_vocab(full_tensor(teacher_weight).detach().t(), w_s.shape[0],
                                       divergence.vocab_alignment).t()

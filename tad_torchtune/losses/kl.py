@@ -4,6 +4,7 @@ import torch
 from torch import Tensor
 
 from tad_torchtune.losses.base import Divergence, masked_xlogy_sum, masked_xlogy_terms_
+from tad_torchtune.losses.cached import bucketed, student_side
 
 
 def forward_kl_chunk(s: Tensor, t: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -17,6 +18,33 @@ def reverse_kl_chunk(s: Tensor, t: Tensor, labels: Tensor) -> tuple[Tensor, dict
     """Per-token ``KL(q || p)`` for a chunk ``[n, V]`` of (scaled) logits."""
     log_q = torch.log_softmax(s, dim=-1)
     log_p = torch.log_softmax(t, dim=-1)
+    return masked_xlogy_sum(log_q.exp(), log_q - log_p), {}
+
+
+def _cached_outcomes(s: Tensor, ids: Tensor, logp: Tensor, log_rest: Tensor
+                     ) -> tuple[Tensor, Tensor]:
+    """Log-masses ``[n, M + 1]`` of the cached outcomes (top-M ids and the bucket), student's
+    and teacher's."""
+    lse, s_m, lse_rest = student_side(s, ids)
+    return bucketed(s_m, lse_rest) - lse.unsqueeze(-1), bucketed(logp, log_rest)
+
+
+def forward_kl_cached_chunk(s: Tensor, labels: Tensor, ids: Tensor, logp: Tensor,
+                            log_rest: Tensor, label_logp: Tensor
+                            ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token forward KL over the M + 1 cached outcomes: ``sum_{I_M} p log(p / q)
+    + r_M log(r_M / s_M)``, ``s_M`` the student's mass outside ``I_M`` (exact when the bucket is
+    one id, a lower bound otherwise)."""
+    log_q, log_p = _cached_outcomes(s, ids, logp, log_rest)
+    return masked_xlogy_sum(log_p.exp(), log_p - log_q), {}
+
+
+def reverse_kl_cached_chunk(s: Tensor, labels: Tensor, ids: Tensor, logp: Tensor,
+                            log_rest: Tensor, label_logp: Tensor
+                            ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token reverse KL over the M + 1 cached outcomes (``forward_kl_cached_chunk``'s
+    bucketing on both sides)."""
+    log_q, log_p = _cached_outcomes(s, ids, logp, log_rest)
     return masked_xlogy_sum(log_q.exp(), log_q - log_p), {}
 
 
@@ -56,21 +84,25 @@ class ForwardKLLoss(Divergence):
 
     Reduction: mean over tokens whose label is not ``ignore_index``; 0 with zero gradient when no
     token is valid. Ignored positions may hold any values (NaN, inf): they never reach the result.
-    See ``Divergence`` for the arguments.
+    From a teacher cache (``sum_and_count_cached``): the KL over the cached top-M ids plus one
+    bucket for the rest, the student's bucket being its mass outside those ids; exact when the
+    bucket is one id, a lower bound otherwise. See ``Divergence`` for the arguments.
     """
 
     name = "forward_kl"
     chunk_fn = staticmethod(forward_kl_chunk)
     chunk_grad_fn = staticmethod(forward_kl_chunk_grad)
+    cached_chunk_fn = staticmethod(forward_kl_cached_chunk)
 
 
 class ReverseKLLoss(Divergence):
     """Reverse KL: ``KL(q || p) = sum_i q_i (log q_i - log p_i)``, mode-seeking.
 
-    Same conventions as ``ForwardKLLoss`` (temperature, reduction, masking); entries with
-    ``q_i = 0`` contribute 0.
+    Same conventions as ``ForwardKLLoss`` (temperature, reduction, masking, the same bucketing
+    from a teacher cache); entries with ``q_i = 0`` contribute 0.
     """
 
     name = "reverse_kl"
     chunk_fn = staticmethod(reverse_kl_chunk)
     chunk_grad_fn = staticmethod(reverse_kl_chunk_grad)
+    cached_chunk_fn = staticmethod(reverse_kl_cached_chunk)

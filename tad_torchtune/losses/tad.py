@@ -13,6 +13,7 @@ from tad_torchtune.losses.base import (
     masked_xlogy_value,
     safe_finite,
 )
+from tad_torchtune.losses.cached import bucketed, student_side
 
 
 def tad_teacher_stats(t: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -176,6 +177,42 @@ def tad_chunk_grad(
     return per_token, stats, grad
 
 
+def cached_log_tail(logp: Tensor, log_rest: Tensor, k: int) -> Tensor:
+    """``log alphaT`` from a teacher cache (K <= M): the mass of ranks K+1..M and of the bucket,
+    exactly the online tail mass (``[..., M]``, ``[...]`` -> ``[...]``)."""
+    return torch.logaddexp(logp[..., k:].logsumexp(-1), log_rest)
+
+
+def make_tad_cached_chunk(k: int):
+    """TAD's chunk from a teacher cache with M >= K outcomes kept (``docs/design.md``,
+    "Divergences from a teacher cache"): ``S_K`` is the first K cached ids, so ``D_KL1``,
+    ``alphaT`` and ``abar`` are exact; ``D_KL2`` is the KL between the tails renormalised over
+    ranks K+1..M plus one bucket (teacher ``r_M / alphaT``, student ``s_M / alphaS``), which
+    tends to the exact ``D_KL2`` as M grows."""
+
+    def tad_cached_chunk(s: Tensor, labels: Tensor, ids: Tensor, logp: Tensor, log_rest: Tensor,
+                         label_logp: Tensor, tail_weight: Tensor, abar: Tensor
+                         ) -> tuple[Tensor, dict[str, Tensor]]:
+        zero = s.new_zeros(())
+        lse, s_m, lse_rest = student_side(s, ids)
+        log_q_m = s_m - lse.unsqueeze(-1)  # (n, M)
+        log_s_rest = lse_rest - lse
+        log_alpha_t = cached_log_tail(logp, log_rest, k)
+        log_alpha_s = torch.logaddexp(log_q_m[:, k:].logsumexp(-1), log_s_rest)
+        alpha_t = log_alpha_t.exp()
+        log_p_top, log_q_top = logp[:, :k], log_q_m[:, :k]
+        dkl1 = masked_xlogy_sum(log_p_top.exp(), log_p_top - log_q_top) + torch.where(
+            alpha_t > 0, alpha_t * (log_alpha_t - log_alpha_s), zero)
+        log_pt = bucketed(logp[:, k:], log_rest) - safe_finite(log_alpha_t).unsqueeze(-1)
+        log_qt = bucketed(log_q_m[:, k:], log_s_rest) - safe_finite(log_alpha_s).unsqueeze(-1)
+        dkl2 = torch.where(torch.isfinite(log_alpha_t),
+                           masked_xlogy_sum(log_pt.exp(), log_pt - log_qt), zero)
+        per_token = dkl1 + torch.where(tail_weight > 0, tail_weight * dkl2, zero)
+        return per_token, {"dkl1": dkl1, "dkl2": dkl2, "tail_mass": alpha_t, "abar": abar}
+
+    return tad_cached_chunk
+
+
 class TADLoss(Divergence):
     """Tail-aware divergence (TAD), arXiv 2602.20816 eq. 3.
 
@@ -201,6 +238,10 @@ class TADLoss(Divergence):
     NaN); ``alphaT/abar`` is at most the row's valid-token count; ``-inf`` logits (masked
     vocabulary) have probability 0 and contribute 0. Reduction: mean over valid tokens, 0 with
     zero gradient when none is valid.
+
+    From a teacher cache (``sum_and_count_cached``, K <= M): ``S_K`` is the first K cached ids,
+    so ``D_KL1``, ``alphaT`` and ``abar`` are exact; ``D_KL2`` is computed over ranks K+1..M plus
+    one bucket for the rest (``make_tad_cached_chunk``), the only approximation.
 
     Diagnostics (``sum_and_count(...).stats``, summed over valid tokens): ``dkl1``, ``dkl2``,
     ``tail_mass`` (``alphaT``) and ``abar`` (the ``abar`` of the token's sequence).
@@ -240,6 +281,7 @@ class TADLoss(Divergence):
         if abar_scope not in ABAR_SCOPES:
             raise ValueError(f"abar_scope must be one of {ABAR_SCOPES}, got {abar_scope!r}")
         self.abar_scope = abar_scope
+        self.cached_chunk_fn = make_tad_cached_chunk(k)
 
     def check_k(self, vocab_size: int) -> None:
         if self.k >= vocab_size:
@@ -263,6 +305,20 @@ class TADLoss(Divergence):
             groups = None
         weight, abar = tad_tail_weights(lse_tail - lse, valid, self.beta, groups)
         return topk_idx, lse, lse_tail, weight, abar
+
+    def check_top_m(self, top_m: int) -> None:
+        if self.k > top_m:
+            raise ValueError(f"k={self.k} exceeds the teacher cache's top_m={top_m}: TAD from a "
+                             f"cache needs its top-K among the cached ids (k <= top_m)")
+
+    def cached_teacher_extras(self, cache: tuple[Tensor, ...], valid: Tensor,
+                              groups: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(tail_weight, abar)`` ``[B, T]`` from the cached ``(ids, logp, log_rest,
+        label_logp)`` (``[B, T, ...]``): ``alphaT`` is exact, so the normaliser is too."""
+        _, logp, log_rest, _ = cache
+        if self.abar_scope == "row":
+            groups = None
+        return tad_tail_weights(cached_log_tail(logp, log_rest, self.k), valid, self.beta, groups)
 
     def extra_repr(self) -> str:
         scope = "" if self.abar_scope == "row" else f", abar_scope={self.abar_scope!r}"

@@ -94,3 +94,79 @@ def tad_per_document(s, t, labels, document_ids, k, beta, temperature=1.0, ignor
                                     temperature, ignore_index) * n
                 n_valid += n
     return total / max(n_valid, 1)
+
+
+# ------------------------------------------------------------------ from a teacher cache (top-M)
+
+
+def _cached_token(p_row: Tensor, q_row: Tensor, m: int):
+    """The top-M ids of p (most probable first) and the bucket masses of p and q."""
+    order = sorted(range(p_row.shape[0]), key=lambda i: -float(p_row[i]))
+    top, rest = order[:m], order[m:]
+    return top, rest, p_row[rest].sum(), q_row[rest].sum()
+
+
+def _kl(a: list, b: list) -> Tensor:
+    return sum(x * (x / y).log() for x, y in zip(a, b) if float(x.detach()) > 0)
+
+
+def _cached_terms(s, t, labels, per_token, temperature=1.0, ignore_index=-100):
+    p, q = _probs(s, t, temperature)
+    valid = labels != ignore_index
+    terms = [per_token(p[b, i], q[b, i], int(labels[b, i])) for b, i in valid.nonzero().tolist()]
+    return _mean_over_valid(terms, int(valid.sum()))
+
+
+def forward_kl_cached(s, t, labels, m, **kw):
+    def token(p_row, q_row, y):
+        top, _, p_rest, q_rest = _cached_token(p_row, q_row, m)
+        return _kl([*p_row[top], p_rest], [*q_row[top], q_rest])
+
+    return _cached_terms(s, t, labels, token, **kw)
+
+
+def reverse_kl_cached(s, t, labels, m, **kw):
+    def token(p_row, q_row, y):
+        top, _, p_rest, q_rest = _cached_token(p_row, q_row, m)
+        return _kl([*q_row[top], q_rest], [*p_row[top], p_rest])
+
+    return _cached_terms(s, t, labels, token, **kw)
+
+
+def drkl_cached(s, t, labels, m, gamma, **kw):
+    def token(p_row, q_row, y):
+        top, _, p_rest, q_rest = _cached_token(p_row, q_row, m)
+        qy, py = q_row[y], p_row[y]
+        kl_bin = _kl([qy, 1 - qy], [py, 1 - py])
+        others = [i for i in top if i != y]
+        if y in top:  # the label among the cached ids: the bucket is the rest
+            qb, pb = q_rest, p_rest
+        else:  # the label lies in the bucket: take it out
+            qb, pb = q_rest - qy, p_rest - py
+        qh = [x / (1 - qy) for x in [*q_row[others], qb]]
+        ph = [x / (1 - py) for x in [*p_row[others], pb]]
+        return kl_bin + gamma * _kl(qh, ph)
+
+    return _cached_terms(s, t, labels, token, **kw)
+
+
+def tad_cached(s, t, labels, k, m, beta, temperature=1.0, ignore_index=-100):
+    p, q = _probs(s, t, temperature)
+    terms, n_valid = [], 0
+    for b in range(labels.shape[0]):
+        idx = [i for i in range(labels.shape[1]) if labels[b, i] != ignore_index]
+        parts = []
+        for i in idx:
+            top, _, p_rest, q_rest = _cached_token(p[b, i], q[b, i], m)
+            head, mid = top[:k], top[k:]
+            alpha_t, alpha_s = 1 - p[b, i][head].sum(), 1 - q[b, i][head].sum()
+            dkl1 = _kl([*p[b, i][head], alpha_t], [*q[b, i][head], alpha_s])
+            dkl2 = _kl([x / alpha_t for x in [*p[b, i][mid], p_rest]],
+                       [x / alpha_s for x in [*q[b, i][mid], q_rest]])
+            parts.append((dkl1, dkl2, alpha_t))
+        if not parts:
+            continue
+        abar = sum(float(a) for _, _, a in parts) / len(parts)
+        terms += [d1 + beta * a / abar * d2 for d1, d2, a in parts]
+        n_valid += len(parts)
+    return _mean_over_valid(terms, n_valid)
