@@ -18,6 +18,7 @@ from tad_torchtune.models._families import (
     resolve_teacher,
 )
 from tad_torchtune.models._forward import (
+    document_attention,
     forward_hidden,
     logit_softcap,
     output_weight,
@@ -42,6 +43,7 @@ __all__ = [
     "build_model",
     "check_vocab_compat",
     "correct_gemma2",
+    "document_attention",
     "evenly_spaced_layers",
     "family_for_model_type",
     "forward_hidden",

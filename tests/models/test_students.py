@@ -237,3 +237,28 @@ def test_student_can_change_embedding_tying(teacher_case, tie):
         assert not student.output.weight.requires_grad
     with pytest.raises(ValueError, match="tie_word_embeddings=True is not supported"):
         pruned_student(teacher=teacher_node("mistral"), num_layers=1, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("case", ["llama3", "qwen2", "gemma2", "phi3"])
+def test_document_attention_runs_each_document_as_if_alone(case):
+    """document_mask: a row packed with three documents gives, on each document, the logits of
+    that document run on its own (positions restarting, no attention across the boundary)."""
+    from tad_torchtune.models import document_attention
+
+    model = build_teacher(case)
+    lengths = [7, 5, 8]  # 20 tokens: past the tiny Gemma2's sliding window of 8
+    docs = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).unsqueeze(0)
+    tokens = torch.randint(0, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(4))
+    mask, input_pos = document_attention(docs)
+    assert input_pos.tolist() == [list(range(7)) + list(range(5)) + list(range(8))]
+    with torch.no_grad():
+        packed = project_logits(model, forward_hidden(model, tokens, mask=mask,
+                                                      input_pos=input_pos)[0])
+        start = 0
+        for n in lengths:
+            alone = project_logits(model, forward_hidden(model, tokens[:, start : start + n])[0])
+            torch.testing.assert_close(packed[:, start : start + n], alone, atol=1e-5, rtol=1e-5)
+            start += n
+        # without the mask the later documents see the earlier ones
+        plain = project_logits(model, forward_hidden(model, tokens)[0])
+        assert (plain[:, 7:12] - packed[:, 7:12]).abs().max() > 1e-3

@@ -1,0 +1,161 @@
+"""Errors a user can cause, and how every command of the package reports them: one line on
+stderr naming the dotted config key or the file, the value and what is accepted, and a non-zero
+exit, with no traceback unless ``TAD_TORCHTUNE_TRACEBACK=1`` is set. The package's own
+invariants stay ``assert``s, with their tracebacks."""
+
+import functools
+import inspect
+import json
+import os
+import re
+import struct
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+#: set to 1 to see the traceback of an error a user caused
+TRACEBACK_ENV = "TAD_TORCHTUNE_TRACEBACK"
+#: exit status of a command stopped by such an error
+USER_ERROR_EXIT = 2
+
+
+class ConfigError(ValueError):
+    """An error in what the user gave: a config value, a file, a command-line argument."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from torchtune.config._errors import ConfigError as TorchtuneConfigError
+    from torchtune.config._errors import InstantiationError
+
+    return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            PermissionError, InstantiationError, TorchtuneConfigError)
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (newlines folded)."""
+    text = str(err).strip() or type(err).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def reports_user_errors(prog: str) -> Callable:
+    """Decorate a command's entry point: an error the user caused becomes ``prog: error: ...``
+    (one line) and exit status 2; anything else propagates with its traceback."""
+
+    def wrap(main: Callable) -> Callable:
+        @functools.wraps(main)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return main(*args, **kwargs)
+            except _user_error_types() as err:
+                if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+                    raise
+                print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+                raise SystemExit(USER_ERROR_EXIT) from None
+
+        return run
+
+    return wrap
+
+
+_ARG_MESSAGE = re.compile(
+    r"^(?P<name>[A-Za-z_]\w*)(?::\s*|\s+(?=(?:must|is|should|has|exceeds)\b))(?P<rest>.*)$", re.S)
+_UNEXPECTED = re.compile(r"unexpected keyword argument '(?P<name>\w+)'")
+
+
+def instantiate(node: Any, key: str, *args: Any, **kwargs: Any) -> Any:
+    """``torchtune.config.instantiate(node, *args, **kwargs)`` whose errors name the dotted key:
+    a component's ``k must be ..., got 0`` becomes ``kd_loss.k: must be ..., got 0``, an unknown
+    argument ``kd_loss.kk: not an argument of tad_torchtune.losses.TADLoss; accepted: ...``.
+
+    Args:
+        node: the component's config node.
+        key: its dotted key in the config (``kd_loss``, ``dataset``).
+    """
+    from torchtune import config
+
+    try:
+        return config.instantiate(node, *args, **kwargs)
+    except TypeError as err:
+        match = _UNEXPECTED.search(str(err))
+        if match is None:
+            raise
+        component = node.get("_component_")
+        accepted = _accepted_arguments(component)
+        raise ConfigError(f"{key}.{match['name']}: not an argument of {component}; accepted: "
+                          f"{', '.join(accepted)}") from None
+    except ValueError as err:
+        raise ConfigError(_prefixed(one_line(err), key, node)) from None
+
+
+def _accepted_arguments(component: str | None) -> list[str]:
+    try:
+        from torchtune.config._utils import _get_component_from_path
+
+        params = inspect.signature(_get_component_from_path(component)).parameters
+    except Exception:  # the component cannot be imported: say nothing more
+        return []
+    return [n for n, p in params.items()
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n != "self"]
+
+
+def _prefixed(message: str, key: str, node: Any) -> str:
+    """``message`` with the dotted key in front: a message that starts by naming one of the
+    component's arguments (``k must be ...``, ``dataset.source: ...``) gets ``key.argument: ``."""
+    if message.startswith(f"{key}.") or message.startswith(f"{key}:"):
+        return message
+    names = set(node.keys()) | set(_accepted_arguments(node.get("_component_")))
+    head = message
+    for generic in ("dataset.", "model.", "tokenizer."):  # a component naming its own kind
+        head = head.removeprefix(generic)
+    match = _ARG_MESSAGE.match(head)
+    if match and match["name"] in names:
+        return f"{key}.{match['name']}: {match['rest']}"
+    return f"{key}: {message}"
+
+
+def check_checkpoint_files(node: Any, key: str) -> None:
+    """Check, before torchtune loads them, that the files of a checkpointer node exist and that
+    every ``.safetensors`` file is whole (its header parses and its tensors fit in the file), so
+    a missing or truncated file is reported by name instead of by torchtune's "Unable to load".
+
+    Raises:
+        ConfigError: naming ``key``, the file and what is wrong with it.
+    """
+    folder = Path(str(node.get("checkpoint_dir", ""))).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"{key}.checkpoint_dir: {str(folder)!r} is not a folder")
+    files = node.get("checkpoint_files") or []
+    if isinstance(files, str) or hasattr(files, "get") and not isinstance(files, (list, tuple)):
+        return  # torchtune's {filename_format, max_filename} form: left to torchtune
+    for name in list(files):
+        path = folder / str(name)
+        if not path.is_file():
+            raise ConfigError(f"{key}.checkpoint_files: {str(path)!r} does not exist")
+        if path.suffix == ".safetensors":
+            problem = _safetensors_problem(path)
+            if problem:
+                raise ConfigError(f"{key}.checkpoint_files: {str(path)!r} is not a readable "
+                                  f"safetensors file: {problem}")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file, or None: an 8-byte little-endian header length,
+    a JSON header, then the tensor data whose offsets the header gives."""
+    size = path.stat().st_size
+    if size < 8:
+        return f"{size} bytes, shorter than its 8-byte header length"
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if 8 + header_len > size:
+            return f"its header is {header_len} bytes but the file has {size}: truncated"
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "its header is not JSON"
+    ends = [v["data_offsets"][1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    need = 8 + header_len + max(ends, default=0)
+    if need > size:
+        return f"its tensors need {need} bytes, the file has {size}: truncated"
+    return None
