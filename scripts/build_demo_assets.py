@@ -20,8 +20,11 @@ What it does, in order (each step feeds the next):
    plain cross-entropy on packed 256-token windows of the training split (BOS + doc + EOS,
    concatenated), AdamW, warm-up then cosine decay, on at most 2 CPU threads.
 5. Export: ``convert_weights.tune_to_hf`` -> ``teacher/model.safetensors`` (bf16) +
-   ``teacher/config.json`` (``LlamaForCausalLM``), checked to load through torchtune's
-   ``FullModelHFCheckpointer`` and, when installed, ``transformers`` with matching logits.
+   ``teacher/config.json`` (``LlamaForCausalLM``) + a copy of the tokenizer files, so that the
+   folder (and every student ``tad_distill`` exports from it, which copies them) opens with
+   ``transformers.AutoModelForCausalLM`` and ``AutoTokenizer`` alone; checked to load through
+   torchtune's ``FullModelHFCheckpointer`` and, when installed, ``transformers`` with matching
+   logits and the same token ids as the torchtune tokenizer.
 """
 
 from __future__ import annotations
@@ -236,7 +239,11 @@ def hf_config() -> dict:
     }
 
 
-def export_teacher(model, out: Path) -> None:
+#: the tokenizer files written next to the corpus and copied into ``teacher/``
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def export_teacher(model, out: Path, tokenizer_dir: Path) -> None:
     from safetensors.torch import save_file
     from torchtune.models.convert_weights import tune_to_hf
 
@@ -250,6 +257,8 @@ def export_teacher(model, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(hf_config(), indent=2) + "\n")
     gen = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(tokenizer_dir / name, out / name)
 
 
 @torch.no_grad()
@@ -281,6 +290,14 @@ def check_export(teacher_dir: Path, val_ids: torch.Tensor) -> dict:
     report["max_abs_logit_diff_vs_transformers"] = diff
     if diff > 1e-3:
         raise RuntimeError(f"transformers and torchtune logits differ by {diff}")
+    # the HF tokenizer adds no special tokens; torchtune's adds BOS/EOS only when asked
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+    tune_tok = load_tokenizer(teacher_dir)
+    text = "The Jargon File: hackers' slang, 'kludge' and ‘frob’ — ½ of it."
+    if hf_tok(text)["input_ids"] != tune_tok.encode(text, add_bos=False, add_eos=False):
+        raise RuntimeError("transformers' AutoTokenizer and torchtune's tokenizer disagree")
     return report
 
 
@@ -323,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     teacher_dir = out / "teacher"
     if teacher_dir.exists():
         shutil.rmtree(teacher_dir)
-    export_teacher(model, teacher_dir)
+    export_teacher(model, teacher_dir, tokenizer_dir=out)
     info = {
         "command": "python scripts/build_demo_assets.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "teacher_builder": "torchtune.models.llama3._component_builders.llama3",
