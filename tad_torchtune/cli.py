@@ -3,7 +3,7 @@ for torchtune's own.
 
     python -m tad_torchtune ls                         # one line per recipe and per config
     python -m tad_torchtune cp demo my_demo.yaml       # a config (NAME or NAME.yaml) to a file
-    python -m tad_torchtune cp tad_distill ./recipes/  # a recipe (NAME or NAME.py) into a folder
+    python -m tad_torchtune cp tad_distill mine/       # a recipe (NAME or NAME.py) into a folder
     python -m tad_torchtune cp demo my_demo.yaml --force
 
 A recipe's line is the first paragraph of its module docstring, a config's the first paragraph of
@@ -18,6 +18,7 @@ import argparse
 import ast
 import importlib.resources
 import importlib.util
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -83,13 +84,14 @@ def ls_lines() -> list[str]:
     return _table("RECIPE", recipes) + [""] + _table("CONFIG", configs)
 
 
-def copy_shipped(name: str, dest: Path, *, force: bool = False) -> Path:
+def copy_shipped(name: str, dest: str | Path, *, force: bool = False) -> Path:
     """Copy the shipped config or recipe ``name`` to ``dest``; returns the file written.
 
     Args:
         name: a config (``demo`` or ``demo.yaml``) or a recipe (``tad_distill`` or
             ``tad_distill.py``).
-        dest: the file to write, or an existing folder to copy it into under its own name.
+        dest: the file to write, or an existing folder to copy it into under its own name
+            (a string ending with ``/`` must be a folder).
         force: overwrite an existing file.
 
     Raises:
@@ -108,7 +110,9 @@ def copy_shipped(name: str, dest: Path, *, force: bool = False) -> Path:
             f"cp: {name!r} is not a shipped config or recipe; configs: {', '.join(configs)}; "
             f"recipes: {', '.join(RECIPES)}"
         )
-    target = dest / source.name if dest.is_dir() else dest
+    folder_meant = str(dest).endswith(("/", os.sep))
+    dest = Path(dest)
+    target = dest / source.name if dest.is_dir() or folder_meant else dest
     if not target.parent.is_dir():
         raise CLIError(f"cp: destination folder {str(target.parent)!r} does not exist")
     if target.exists() and not force:
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("ls", help="list the recipes and configs, one line each")
     cp = commands.add_parser("cp", help="copy a shipped config or recipe")
     cp.add_argument("name", help="config (NAME or NAME.yaml) or recipe (NAME or NAME.py)")
-    cp.add_argument("dest", type=Path, help="file to write, or an existing folder")
+    cp.add_argument("dest", help="file to write, or an existing folder")
     cp.add_argument("--force", action="store_true", help="overwrite an existing file")
     args = parser.parse_args(argv)
     try:

@@ -96,4 +96,7 @@ def test_cp_errors_are_one_line(tmp_path):
     proc = run_cli("cp", "demo", str(tmp_path / "no" / "such" / "x.yaml"))
     assert proc.returncode == 1
     assert proc.stderr == f"cp: destination folder '{tmp_path / 'no' / 'such'}' does not exist\n"
+    proc = run_cli("cp", "demo", f"{tmp_path / 'mine'}/")  # a folder meant, not a file 'mine'
+    assert proc.returncode == 1
+    assert proc.stderr == f"cp: destination folder '{tmp_path / 'mine'}' does not exist\n"
     assert not list(tmp_path.iterdir())
