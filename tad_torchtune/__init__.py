@@ -7,4 +7,5 @@ __version__ = "0.1.0"
 RECIPES: tuple[str, ...] = (
     "tad_distill",
     "tad_eval",
+    "tad_eleuther_eval",
 )
