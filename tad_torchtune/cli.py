@@ -74,7 +74,8 @@ def recipe_summary(path: Path) -> str:
 
 def _table(title: str, rows: dict[str, str]) -> list[str]:
     width = max(len(title), *(len(name) for name in rows)) + 2
-    return [f"{title:<{width}}DESCRIPTION"] + [f"{name:<{width}}{text}" for name, text in rows.items()]
+    lines = [f"{title:<{width}}DESCRIPTION"]
+    return lines + [f"{name:<{width}}{text}" for name, text in rows.items()]
 
 
 def ls_lines() -> list[str]:
