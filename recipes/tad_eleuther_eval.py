@@ -127,7 +127,12 @@ class TADEleutherEvalRecipe(eleuther_eval.EleutherEvalRecipe):
         if self.include_path is not None and not Path(str(self.include_path)).is_dir():
             raise ValueError(f"include_path: {str(self.include_path)!r} is not a folder of "
                              "lm_eval task YAML files (pkg://lm_eval: the shipped tasks)")
-        self.task_manager = TaskManager(include_path=self.include_path)
+        # lm_eval's own ~14k task files take seconds to index: only when a task is not local
+        self.task_manager = None
+        if self.include_path is not None:
+            self.task_manager = TaskManager(include_path=self.include_path, include_defaults=False)
+        if self.task_manager is None or not set(self.tasks) <= set(self.task_manager.all_tasks):
+            self.task_manager = TaskManager(include_path=self.include_path)
         for task in self.tasks:
             if task not in self.task_manager.all_tasks and not Path(str(task)).is_file():
                 raise ValueError(
