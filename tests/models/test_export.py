@@ -283,6 +283,7 @@ def test_exported_demo_student_is_self_contained(tmp_path):
     the bundled demo teacher opens with ``AutoModelForCausalLM`` and ``AutoTokenizer`` from its
     folder alone, with the teacher's tokenizer and the torchtune student's logits."""
     import shutil
+    from pathlib import Path
 
     from transformers import AutoTokenizer
 
@@ -306,3 +307,11 @@ def test_exported_demo_student_is_self_contained(tmp_path):
     assert ids == demo_tokenizer().encode(text, add_bos=False, add_eos=False)
     tokens = torch.tensor([[0, *ids]])  # BOS first, as in training
     torch.testing.assert_close(_hf_logits(alone, tokens), _logits(student, tokens), atol=ATOL, rtol=0)
+
+    # a teacher folder without a tokenizer gives an export that cannot be self-contained: said
+    bare = tmp_path / "bare_teacher"
+    bare.mkdir()
+    shutil.copyfile(Path(teacher_dir) / "config.json", bare / "config.json")
+    with pytest.warns(UserWarning, match=r"bare_teacher' holds none of \('tokenizer.json', "
+                                         r"'tokenizer.model', 'vocab.json'\), so .* will not open"):
+        save_hf_checkpoint(student, tmp_path / "bare", base_config=bare, copy_files_from=bare)
