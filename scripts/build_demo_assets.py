@@ -13,15 +13,20 @@ What it does, in order (each step feeds the next):
    the tokens). ``jargon.jsonl.gz`` holds one ``{"text": doc}`` per line, UTF-8, the training
    documents first (in the File's order), then the held-out ones, so that "the last 5% of the
    token stream" (``tad_torchtune.data.TextBlockDataset(validation_fraction=0.05)``) lies inside
-   text the teacher never saw. gzip mtime 0: the file is reproducible byte for byte.
+   text the teacher never saw. gzip mtime 0: the file is reproducible byte for byte. The
+   held-out documents alone also go to ``tad_torchtune/assets/lm_eval/jargon_heldout.jsonl``, the
+   data of the shipped lm-evaluation-harness task (``--tasks-out``).
 3. Tokenizer: byte-level BPE (``tokenizers``), 2048 ids, trained on the training documents only.
    Special tokens ``<|begin_of_text|>`` (0), ``<|end_of_text|>`` (1), ``<|pad|>`` (2).
 4. Teacher: torchtune ``llama3`` decoder (4 layers, 192 wide, 4 heads, 2 KV heads), trained with
    plain cross-entropy on packed 256-token windows of the training split (BOS + doc + EOS,
    concatenated), AdamW, warm-up then cosine decay, on at most 2 CPU threads.
 5. Export: ``convert_weights.tune_to_hf`` -> ``teacher/model.safetensors`` (bf16) +
-   ``teacher/config.json`` (``LlamaForCausalLM``), checked to load through torchtune's
-   ``FullModelHFCheckpointer`` and, when installed, ``transformers`` with matching logits.
+   ``teacher/config.json`` (``LlamaForCausalLM``) + a copy of the tokenizer files, so that the
+   folder (and every student ``tad_distill`` exports from it, which copies them) opens with
+   ``transformers.AutoModelForCausalLM`` and ``AutoTokenizer`` alone; checked to load through
+   torchtune's ``FullModelHFCheckpointer`` and, when installed, ``transformers`` with matching
+   logits and the same token ids as the torchtune tokenizer.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "tad_torchtune" / "assets" / "demo"
+DEFAULT_TASKS_OUT = REPO / "tad_torchtune" / "assets" / "lm_eval"
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 VOCAB_SIZE = 2048
@@ -106,11 +112,14 @@ def is_held_out(doc: str) -> bool:
     return zlib.crc32(doc.encode("utf-8")) % 15 == 0
 
 
+def jsonl(docs: list[str]) -> bytes:
+    return ("".join(json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in docs)).encode("utf-8")
+
+
 def write_jsonl_gz(path: Path, docs: list[str]) -> None:
-    lines = [json.dumps({"text": doc}, ensure_ascii=False) for doc in docs]
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=9, mtime=0, filename="") as f:
-        f.write(("\n".join(lines) + "\n").encode("utf-8"))
+        f.write(jsonl(docs))
     path.write_bytes(buf.getvalue())
 
 
@@ -236,7 +245,11 @@ def hf_config() -> dict:
     }
 
 
-def export_teacher(model, out: Path) -> None:
+#: the tokenizer files written next to the corpus and copied into ``teacher/``
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def export_teacher(model, out: Path, tokenizer_dir: Path) -> None:
     from safetensors.torch import save_file
     from torchtune.models.convert_weights import tune_to_hf
 
@@ -250,6 +263,8 @@ def export_teacher(model, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(hf_config(), indent=2) + "\n")
     gen = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(tokenizer_dir / name, out / name)
 
 
 @torch.no_grad()
@@ -281,6 +296,14 @@ def check_export(teacher_dir: Path, val_ids: torch.Tensor) -> dict:
     report["max_abs_logit_diff_vs_transformers"] = diff
     if diff > 1e-3:
         raise RuntimeError(f"transformers and torchtune logits differ by {diff}")
+    # the HF tokenizer adds no special tokens; torchtune's adds BOS/EOS only when asked
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+    tune_tok = load_tokenizer(teacher_dir)
+    text = "The Jargon File: hackers' slang, 'kludge' and ‘frob’ — ½ of it."
+    if hf_tok(text)["input_ids"] != tune_tok.encode(text, add_bos=False, add_eos=False):
+        raise RuntimeError("transformers' AutoTokenizer and torchtune's tokenizer disagree")
     return report
 
 
@@ -288,6 +311,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jargon", type=Path, help="jargon.txt[.gz]; fetched with apt-get if absent")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--tasks-out", type=Path, default=DEFAULT_TASKS_OUT,
+                        help="folder of the lm_eval task, for jargon_heldout.jsonl")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -305,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     train_docs = [d for d in docs if not is_held_out(d)]
     val_docs = [d for d in docs if is_held_out(d)]
     write_jsonl_gz(out / "jargon.jsonl.gz", train_docs + val_docs)
+    args.tasks_out.mkdir(parents=True, exist_ok=True)
+    (args.tasks_out / "jargon_heldout.jsonl").write_bytes(jsonl(val_docs))
     print(f"corpus: {len(train_docs)} training / {len(val_docs)} held-out documents")
 
     train_tokenizer(train_docs, out)
@@ -323,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     teacher_dir = out / "teacher"
     if teacher_dir.exists():
         shutil.rmtree(teacher_dir)
-    export_teacher(model, teacher_dir)
+    export_teacher(model, teacher_dir, tokenizer_dir=out)
     info = {
         "command": "python scripts/build_demo_assets.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "teacher_builder": "torchtune.models.llama3._component_builders.llama3",

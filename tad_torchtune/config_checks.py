@@ -3,7 +3,6 @@
 Every error names the field, the value it has and what would be accepted.
 """
 
-import importlib.resources
 import sys
 from pathlib import Path
 from typing import Any
@@ -183,16 +182,14 @@ def resolve_config_argv(argv: list[str]) -> list[str]:
     if "--config" in argv:
         i = argv.index("--config") + 1
         if i < len(argv) and not Path(argv[i]).exists():
+            from tad_torchtune.cli import shipped_configs
+
             name = argv[i][:-5] if argv[i].endswith(".yaml") else argv[i]
-            bundled = importlib.resources.files("tad_torchtune.configs") / f"{name}.yaml"
-            if bundled.is_file():
-                argv[i] = str(bundled)
+            shipped = shipped_configs()
+            if name in shipped:
+                argv[i] = str(shipped[name])
             else:
-                shipped = sorted(
-                    p.name[:-5] for p in importlib.resources.files("tad_torchtune.configs").iterdir()
-                    if p.name.endswith(".yaml")
-                )
                 print(f"--config: {argv[i]!r} is neither a file nor a bundled config; bundled: "
-                      f"{shipped}", file=sys.stderr)
+                      f"{sorted(shipped)}", file=sys.stderr)
                 raise SystemExit(2)
     return argv

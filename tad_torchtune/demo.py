@@ -27,7 +27,6 @@ Logs of every ``tune run`` go to ``<out>/logs/``.
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import inspect
 import json
 import re
@@ -80,10 +79,12 @@ def tune_command() -> list[str]:
 
 def bundled_config(name: str) -> dict[str, Any] | None:
     """The shipped YAML config ``name`` as a plain dict (None when it is not shipped)."""
+    from tad_torchtune.cli import shipped_configs
+
     path = Path(name)
     if not path.is_file():
-        path = Path(str(importlib.resources.files("tad_torchtune.configs") / f"{name}.yaml"))
-    if not path.is_file():
+        path = shipped_configs().get(name[:-5] if name.endswith(".yaml") else name)
+    if path is None:
         return None
     from omegaconf import OmegaConf
 

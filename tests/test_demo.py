@@ -76,3 +76,36 @@ def test_demo_end_to_end_reduced(tmp_path):
         kls = [report["students"][f"{method}_seed{s}"]["kl"] for s in (0, 1)]
         assert entry["kl"]["mean"] == pytest.approx(sum(kls) / 2)
         assert entry["kl"]["std"] == pytest.approx(abs(kls[0] - kls[1]) / math.sqrt(2))
+
+
+def test_teacher_folder_opens_with_auto_classes_and_matches_the_demo_tokenizer():
+    """The bundled teacher is a self-contained Hugging Face folder: ``AutoModelForCausalLM`` and
+    ``AutoTokenizer`` load it alone, and its tokenizer encodes every corpus document exactly as
+    the demo tokenizer does without special tokens (the HF tokenizer adds none; torchtune adds
+    BOS/EOS when asked, as the datasets do)."""
+    import gzip
+
+    transformers = pytest.importorskip("transformers")
+    from tad_torchtune.demo import demo_tokenizer
+
+    teacher = DEMO / "teacher"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (teacher / name).read_bytes() == (DEMO / name).read_bytes(), name
+    hf_tok = transformers.AutoTokenizer.from_pretrained(teacher)
+    tok = demo_tokenizer()
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (0, 1, 2)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2)
+    cfg = json.loads((teacher / "config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (0, 1, 2)
+
+    with gzip.open(DEMO / "jargon.jsonl.gz", "rt", encoding="utf-8") as f:
+        docs = [json.loads(line)["text"] for line in f]
+    texts = docs + ["", " leading space", "two\nlines\n\n", "<|begin_of_text|>x<|end_of_text|>"]
+    for text in texts:
+        ids = tok.encode(text, add_bos=False, add_eos=False)
+        assert hf_tok(text)["input_ids"] == ids, text[:60]
+        assert tok.encode(text, add_bos=True, add_eos=True) == [0, *ids, 1]
+    assert hf_tok.decode(hf_tok(docs[-1])["input_ids"]) == docs[-1]
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(teacher)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.vocab_size == len(hf_tok)

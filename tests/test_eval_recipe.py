@@ -135,7 +135,7 @@ def test_bundled_config_by_name(tmp_path):
 
 def test_eleuther_config_components_load(tmp_path):
     """The components of configs/eleuther_eval_student.yaml build and load an exported student
-    (lm_eval itself is not installed here, so the harness run is not tested)."""
+    (the harness run itself: tests/test_harness.py)."""
     from omegaconf import OmegaConf
     from torchtune import config, training
 

@@ -10,6 +10,7 @@ the student module itself and writes ``model.safetensors`` plus a ``config.json`
 
 import json
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "generation_config.json",
 )
+# One of them makes a tokenizer that transformers.AutoTokenizer can load.
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def _family_of(model: TransformerDecoder, model_type: str | None) -> ModelFamily:
@@ -142,7 +145,9 @@ def save_hf_checkpoint(
             collective that every rank must then enter.
         dtype: cast floating tensors to this (``torch.bfloat16`` or ``"bf16"``/``"fp32"``);
             None keeps their dtype.
-        copy_files_from: folder whose tokenizer files (``TOKENIZER_FILES``) are copied alongside.
+        copy_files_from: folder whose tokenizer files (``TOKENIZER_FILES``) are copied alongside,
+            so that the export opens with ``AutoTokenizer`` too; a warning when it has no
+            vocabulary file (``VOCABULARY_FILES``).
 
     Returns:
         ``output_dir`` as a ``Path``.
@@ -182,10 +187,17 @@ def save_hf_checkpoint(
     save_file(hf_sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if copy_files_from is not None:
+        copied = []
         for name in TOKENIZER_FILES:
             src = Path(copy_files_from) / name
             if src.is_file():
                 shutil.copyfile(src, out / name)
+                copied.append(name)
+        if not set(copied) & set(VOCABULARY_FILES):
+            warnings.warn(
+                f"save_hf_checkpoint: {str(copy_files_from)!r} holds none of {VOCABULARY_FILES}, "
+                f"so {str(out)!r} will not open with transformers.AutoTokenizer; put the "
+                "teacher's tokenizer files next to its weights", stacklevel=2)
     return out
 
 

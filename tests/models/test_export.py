@@ -313,3 +313,42 @@ def test_model_from_hf_config_names_what_no_family_can_build():
         model_from_hf_config(cfg, where="students.x")
     with pytest.raises(ValueError, match=r"model_type='gpt2' \(registered model types: "):
         model_from_hf_config({"model_type": "gpt2"}, where="students.x")
+
+
+def test_exported_demo_student_is_self_contained(tmp_path):
+    """A student exported as the recipe does (``copy_files_from`` = the teacher's folder) from
+    the bundled demo teacher opens with ``AutoModelForCausalLM`` and ``AutoTokenizer`` from its
+    folder alone, with the teacher's tokenizer and the torchtune student's logits."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from tad_torchtune.data import resolve_asset
+    from tad_torchtune.demo import bundled_config, demo_tokenizer
+
+    teacher_dir = resolve_asset("pkg://demo/teacher")
+    node = dict(bundled_config("demo")["teacher_model"])
+    teacher = _get_component_from_path(node.pop("_component_"))(**node)
+    teacher.load_state_dict(load_with_checkpointer("llama3", teacher_dir, tmp_path / "ckpt"))
+    torch.manual_seed(0)
+    student = pruned_student(teacher=bundled_config("demo")["teacher_model"], num_layers=2,
+                             intermediate_dim=256, mlp_init="fresh")
+    init_student_from_teacher(student, teacher)
+    save_hf_checkpoint(student, tmp_path / "export", base_config=teacher_dir,
+                       copy_files_from=teacher_dir)
+    alone = shutil.move(tmp_path / "export", tmp_path / "elsewhere" / "student")  # nothing beside it
+
+    text = "A kludge: the wizard's ‘hack’ frobbed the daemon."
+    ids = AutoTokenizer.from_pretrained(alone)(text)["input_ids"]
+    assert ids == demo_tokenizer().encode(text, add_bos=False, add_eos=False)
+    tokens = torch.tensor([[0, *ids]])  # BOS first, as in training
+    torch.testing.assert_close(_hf_logits(alone, tokens), _logits(student, tokens), atol=ATOL, rtol=0)
+
+    # a teacher folder without a tokenizer gives an export that cannot be self-contained: said
+    bare = tmp_path / "bare_teacher"
+    bare.mkdir()
+    shutil.copyfile(Path(teacher_dir) / "config.json", bare / "config.json")
+    with pytest.warns(UserWarning, match=r"bare_teacher' holds none of \('tokenizer.json', "
+                                         r"'tokenizer.model', 'vocab.json'\), so .* will not open"):
+        save_hf_checkpoint(student, tmp_path / "bare", base_config=bare, copy_files_from=bare)
