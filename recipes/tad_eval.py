@@ -198,8 +198,9 @@ class TADEvalRecipe:
         n = len(self._dataset)
         for start in range(0, n, self._batch_size):
             items = [self._dataset[i] for i in range(start, min(n, start + self._batch_size))]
-            tokens = torch.tensor([it["tokens"] for it in items])  # (B, T)
-            labels = torch.tensor([it["labels"] for it in items])  # (B, T)
+            # samples hold lists (torchtune datasets) or tensors (text_block_dataset)
+            tokens = torch.stack([torch.as_tensor(it["tokens"]) for it in items]).long()  # (B, T)
+            labels = torch.stack([torch.as_tensor(it["labels"]) for it in items]).long()  # (B, T)
             # position t predicts token t+1; the last position has no target
             labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], 1)
             yield tokens.to(self._device), labels.to(self._device)
