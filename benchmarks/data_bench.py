@@ -218,6 +218,40 @@ def startup_child(store_dir: str, source: str, batches: int) -> None:
     print(json.dumps(result))
 
 
+def prepare_memory_child(corpus: str, out: str) -> None:
+    """In a fresh process: build the store of ``corpus`` with the demo tokenizer; print the peak
+    resident memory added by the build (VmHWM after - VmRSS before)."""
+    from tad_torchtune.data import build_store, expand_sources
+    from tad_torchtune.demo import demo_tokenizer
+
+    tok = demo_tokenizer()
+    files = expand_sources(corpus)
+    tok.tokenizer.encode_batch(["warm up the thread pool"] * 64)
+    before = vm_kib("VmRSS")
+    build_store(Path(out), files, tok, progress=False)
+    print(json.dumps({"peak_growth_mib": (vm_kib("VmHWM") - before) / 1024,
+                      "corpus_mib": files[0].size / 2**20}))
+
+
+def bench_prepare_memory(work: Path, copies: list[int]) -> list[dict]:
+    import shutil
+
+    rows = []
+    text = gzip.decompress(DEMO_CORPUS.read_bytes())
+    for n in copies:
+        corpus = work / f"memory_{n}.jsonl"
+        corpus.write_bytes(text * n)
+        shutil.rmtree(work / "memory_store", ignore_errors=True)
+        out = subprocess.run([sys.executable, __file__, "--_prepare_child", str(corpus),
+                              str(work / "memory_store")], capture_output=True, text=True, check=True)
+        row = {"copies": n, **json.loads(out.stdout.strip().splitlines()[-1])}
+        rows.append(row)
+        corpus.unlink()
+        print(f"prepare  memory: {n:3d} copies ({row['corpus_mib']:.0f} MiB of JSONL): peak RSS "
+              f"+{row['peak_growth_mib']:.0f} MiB", flush=True)
+    return rows
+
+
 def bench_startup(work: Path, sizes: list[str], repeats: int, batches: int) -> list[dict]:
     rows = []
     for name in sizes:
@@ -265,11 +299,18 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--batches", type=int, default=2000, help="batches timed per store")
     parser.add_argument("--step-time", type=float, help="demo step time in s (default: measure it)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["prepare", "startup", "step"])
+    parser.add_argument("--memory-copies", type=int, nargs="+", default=[1, 8, 64],
+                        help="corpus sizes (demo copies) whose prepare peak memory is measured")
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["prepare", "memory", "startup", "step"])
     parser.add_argument("--_child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--_prepare_child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
         startup_child(args._child[0], args._child[1], int(args._child[2]))
+        return
+    if args._prepare_child:
+        prepare_memory_child(*args._prepare_child)
         return
     tmp = None
     if args.work is None:
@@ -283,6 +324,8 @@ def main() -> None:
     print(f"machine: {report['machine']}", flush=True)
     if "prepare" not in args.skip:
         report["prepare"] = bench_prepare(args.work, args.copies, args.repeats)
+    if "memory" not in args.skip:
+        report["prepare_memory"] = bench_prepare_memory(args.work, args.memory_copies)
     if "startup" not in args.skip:
         report["startup"] = bench_startup(args.work, args.sizes, args.repeats, args.batches)
     if args.step_time is not None:

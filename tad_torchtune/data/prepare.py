@@ -349,13 +349,26 @@ def _build_lock(store_dir: Path, key: str) -> Iterator[None]:
         yield
 
 
+def _check_writable(root: Path, where: str) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        writable = os.access(root, os.W_OK | os.X_OK)
+        reason = "not writable"
+    except OSError as e:
+        writable, reason = False, e.strerror or str(e)
+    if not writable:
+        raise StoreError(f"{where}.store_dir: cannot build a token store in {str(root)!r} "
+                         f"({reason}); accepted: a writable folder (default: ${STORE_DIR_ENV}, "
+                         f"else {DEFAULT_STORE_DIR})")
+
+
 def _wait_for(path: Path, where: str) -> None:
     timeout = float(os.environ.get(WAIT_ENV) or DEFAULT_WAIT_S)
     deadline = time.monotonic() + timeout
     while not (path / MANIFEST).is_file():
         if time.monotonic() > deadline:
             raise TimeoutError(
-                f"{where}: waited {timeout:.0f} s for local rank 0 to build the token store "
+                f"{where}: waited {timeout:g} s for local rank 0 to build the token store "
                 f"{str(path)!r}; build it beforehand with `tune run tad_prepare --config CONFIG`, "
                 f"or raise {WAIT_ENV}"
             )
@@ -402,7 +415,7 @@ def prepare_store(source: str | Sequence[str], tokenizer: Any, *, column: str = 
     built = False
     if not (path / MANIFEST).is_file():
         if _builds_here():
-            root.mkdir(parents=True, exist_ok=True)
+            _check_writable(root, where)
             with _build_lock(root, key):
                 if not (path / MANIFEST).is_file():
                     remove_stale_tmp(root, key)

@@ -148,3 +148,31 @@ def test_bad_input_midway_leaves_no_store_and_no_temporary_folder(tmp_path, demo
                                "(Unterminated string starting at: column 10); accepted: one JSON "
                                "object per line")
     assert [p.name for p in store_dir.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_store_dir_that_cannot_be_written(tmp_path):
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"text": "x"}\n')
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StoreError) as info:
+        prepare_store(str(src), ByteTokenizer(), store_dir=blocker / "stores")
+    assert str(info.value) == (
+        f"dataset.store_dir: cannot build a token store in '{blocker / 'stores'}' (Not a "
+        "directory); accepted: a writable folder (default: $TAD_TORCHTUNE_STORE_DIR, else "
+        "~/.cache/tad_torchtune/stores)")
+
+
+def test_a_waiting_rank_gives_up_with_a_clear_message(tmp_path, monkeypatch):
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"text": "x"}\n')
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("TAD_TORCHTUNE_STORE_WAIT_S", "0.3")
+    with pytest.raises(TimeoutError) as info:
+        prepare_store(str(src), ByteTokenizer(), store_dir=tmp_path / "stores")
+    message = str(info.value)
+    assert message.startswith(f"dataset: waited 0.3 s for local rank 0 to build the token store "
+                              f"'{tmp_path / 'stores'}/c.jsonl-")
+    assert message.endswith("'; build it beforehand with `tune run tad_prepare --config CONFIG`, "
+                            "or raise TAD_TORCHTUNE_STORE_WAIT_S")
+    assert not (tmp_path / "stores").exists()  # waiting ranks write nothing
