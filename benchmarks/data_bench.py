@@ -283,7 +283,10 @@ def bench_startup(work: Path, sizes: list[str], repeats: int, batches: int) -> l
 def demo_step_time(work: Path) -> dict:
     from tad_torchtune.demo import tune_command
 
+    import shutil
+
     out = work / "demo_run"
+    shutil.rmtree(out, ignore_errors=True)  # the recipe appends to an existing metrics.jsonl
     subprocess.run([*tune_command(), "run", "tad_distill", "--config", "demo", "max_steps=20",
                     f"output_dir={out}", "export_hf=false", "eval_every_n_steps=null",
                     "save_every_n_steps=null"],
