@@ -3,7 +3,6 @@
 import gzip
 import hashlib
 import json
-import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
