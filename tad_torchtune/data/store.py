@@ -28,6 +28,7 @@ import re
 import secrets
 import shutil
 import time
+import types
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -93,8 +94,9 @@ def _feed(h: Any, obj: Any, *, depth: int, seen: set[int]) -> None:
     if isinstance(obj, _PLAIN):
         h.update(repr(obj).encode("utf-8", "surrogatepass"))
         return
-    if depth > 8 or id(obj) in seen or callable(obj) and not hasattr(obj, "__dict__"):
-        return
+    if depth > 8 or id(obj) in seen or isinstance(obj, (type, types.ModuleType)) \
+            or callable(obj) and not hasattr(obj, "__dict__"):
+        return  # classes, modules and builtins count by their type name only
     seen.add(id(obj))
     if kind.__module__.startswith("tokenizers") and hasattr(obj, "to_str"):
         h.update(obj.to_str().encode())  # a Hugging Face tokenizers.Tokenizer

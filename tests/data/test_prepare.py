@@ -176,3 +176,31 @@ def test_a_waiting_rank_gives_up_with_a_clear_message(tmp_path, monkeypatch):
     assert message.endswith("'; build it beforehand with `tune run tad_prepare --config CONFIG`, "
                             "or raise TAD_TORCHTUNE_STORE_WAIT_S")
     assert not (tmp_path / "stores").exists()  # waiting ranks write nothing
+
+
+def test_a_sentencepiece_tokenizer_goes_through_workers(tmp_path, demo_docs):
+    """torchtune's llama2 tokenizer (SentencePiece): no batch engine; 2 workers == one process
+    == tokenizer.encode, and the fingerprint is stable across loads."""
+    import sentencepiece as spm
+    from torchtune.models.llama2 import llama2_tokenizer
+
+    from tad_torchtune.data import tokenizer_fingerprint
+
+    (tmp_path / "text.txt").write_text("\n".join(demo_docs[:400]))
+    spm.SentencePieceTrainer.train(
+        input=str(tmp_path / "text.txt"), model_prefix=str(tmp_path / "spm"), vocab_size=500,
+        model_type="bpe", character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        minloglevel=2,
+    )
+    tok = llama2_tokenizer(str(tmp_path / "spm.model"))
+    assert batch_encoder(tok) is None
+    assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(llama2_tokenizer(str(tmp_path / "spm.model")))
+    src = tmp_path / "c.jsonl"
+    docs = demo_docs[:600]
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    files = expand_sources(str(src))
+    a = build_store(tmp_path / "w", files, tok, num_workers=2, progress=False)
+    b = build_store(tmp_path / "i", files, tok, num_workers=1, progress=False)
+    assert _comparable(a) == _comparable(b)
+    assert TokenStore.open(a).tokens.tolist() == _flat(encode_all(tok, docs))[0]
+    assert json.loads((a / MANIFEST).read_text())["build"]["engine"] == "workers"
