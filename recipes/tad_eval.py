@@ -136,8 +136,9 @@ class TADEvalRecipe:
         n = len(self._dataset)
         for start in range(0, n, self._batch_size):
             items = [self._dataset[i] for i in range(start, min(n, start + self._batch_size))]
-            tokens = torch.tensor([it["tokens"] for it in items])  # (B, T)
-            labels = shift_labels(torch.tensor([it["labels"] for it in items]))  # (B, T)
+            # samples hold lists (torchtune datasets) or tensors (text_block_dataset)
+            tokens = torch.stack([torch.as_tensor(it["tokens"]) for it in items]).long()  # (B, T)
+            labels = shift_labels(torch.stack([torch.as_tensor(it["labels"]) for it in items]).long())
             yield tokens.to(self._device), labels.to(self._device)
 
     @torch.no_grad()

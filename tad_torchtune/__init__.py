@@ -8,4 +8,5 @@ RECIPES: tuple[str, ...] = (
     "tad_distill",
     "tad_eval",
     "tad_eleuther_eval",
+    "tad_prepare",
 )

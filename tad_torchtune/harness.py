@@ -35,7 +35,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from tad_torchtune.data import _expand_sources, _read_documents, resolve_asset
+from tad_torchtune.data import expand_sources, iter_documents, resolve_asset
 
 #: the lm-evaluation-harness tasks shipped in the package (``pkg://lm_eval``)
 TASKS_DIR = Path(__file__).parent / "assets" / "lm_eval"
@@ -104,8 +104,8 @@ class RollingWindowDataset(Dataset):
         pad_id = getattr(tokenizer, "pad_id", None)
         pad_id = 0 if pad_id is None else pad_id
         length = max_length + 1
-        docs = [doc for path in _expand_sources([resolve_asset(str(s)) for s in sources])
-                for doc in _read_documents(path, column)][:max_documents]
+        docs = [doc for file in expand_sources([resolve_asset(str(s)) for s in sources])
+                for doc in iter_documents(file, column=column)][:max_documents]
         self.samples: list[dict[str, list[int]]] = []
         for doc in docs:
             ids = tokenizer.encode(doc, add_bos=False, add_eos=False)

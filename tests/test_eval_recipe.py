@@ -91,7 +91,7 @@ def test_tad_eval_end_to_end(tmp_path):
                                    tokenizer_config_json_path=resolve_asset("pkg://demo/tokenizer_config.json"))
     blocks = TextBlockDataset(tok, source=str(data), max_seq_len=32, split="validation",
                               validation_fraction=0.5)
-    x = torch.tensor([blocks[i]["tokens"] for i in range(len(blocks))])
+    x = torch.stack([blocks[i]["tokens"] for i in range(len(blocks))])
     hf_t = transformers.LlamaForCausalLM.from_pretrained(teacher).eval()
     hf_o = transformers.LlamaForCausalLM.from_pretrained(other).eval()
     with torch.no_grad():

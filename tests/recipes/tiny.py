@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-CORPUS = Path(__file__).parents[1] / "assets" / "corpus.txt"
+CORPUS = Path(__file__).parents[1] / "assets" / "corpus.jsonl"
 VOCAB = 256
 TEACHER = {
     "_component_": "torchtune.models.llama3.llama3",
@@ -36,7 +36,8 @@ def make_tokenizer(folder: Path) -> Path:
         vocab_size=VOCAB, special_tokens=["<|bos|>", "<|eos|>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train([str(CORPUS)], trainer)
+    docs = [json.loads(line)["text"] for line in CORPUS.read_text(encoding="utf-8").splitlines()]
+    tok.train_from_iterator(docs, trainer)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(
         json.dumps({"bos_token": "<|bos|>", "eos_token": "<|eos|>"})

@@ -1,0 +1,439 @@
+"""Tokenizing a corpus into a token store once, on every core, in memory that does not grow with
+the corpus; and finding (or building) the store of a dataset at start-up.
+
+Documents are streamed from the source files in batches and encoded by one of three engines, all
+giving exactly the ids of ``tokenizer.encode(doc, add_bos=True, add_eos=True)``, concatenated in
+file order (so the store's bytes do not depend on the engine or the number of workers):
+
+- ``batch``: a torchtune ``HuggingFaceBaseTokenizer`` (with its own ``encode``) is run through
+  its ``tokenizers.Tokenizer.encode_batch_fast`` on that library's thread pool (every core;
+  ``RAYON_NUM_THREADS`` limits it), BOS and EOS added exactly as its ``encode`` adds them;
+- ``workers``: any other tokenizer is called in ``num_workers`` worker processes;
+- ``inline``: ``num_workers=1``, in this process.
+
+A few batches per worker are in flight at any time, so memory is bounded by the batch size.
+"""
+
+import contextlib
+import os
+import platform
+import sys
+import time
+from collections import deque
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from tad_torchtune.data.sources import SourceFile, expand_sources, iter_documents
+from tad_torchtune.data.store import (
+    MANIFEST, StoreError, StoreWriter, TokenStore, remove_stale_tmp, store_key, token_dtype_for,
+    tokenizer_fingerprint, tokenizer_vocab_size,
+)
+
+STORE_DIR_ENV = "TAD_TORCHTUNE_STORE_DIR"
+WAIT_ENV = "TAD_TORCHTUNE_STORE_WAIT_S"
+DEFAULT_STORE_DIR = "~/.cache/tad_torchtune/stores"
+DEFAULT_WAIT_S = 7200.0
+#: characters of text per batch: the batch engine's batches feed its thread pool, the workers'
+#: are small enough to balance the load and large enough to amortise the inter-process copies
+BATCH_CHARS = {"batch": 1 << 20, "workers": 1 << 16, "inline": 1 << 16}
+
+EncodeFn = Callable[[list[str], str], tuple[np.ndarray, np.ndarray]]
+
+
+def default_store_dir() -> Path:
+    """``$TAD_TORCHTUNE_STORE_DIR``, else ``~/.cache/tad_torchtune/stores``."""
+    return Path(os.environ.get(STORE_DIR_ENV) or DEFAULT_STORE_DIR).expanduser()
+
+
+def default_num_workers() -> int:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------------- encoders
+
+
+class _TokenIdError(Exception):
+    """An id outside the store dtype, at document ``doc`` of a batch (picklable from workers)."""
+
+    def __init__(self, doc: int, token: int) -> None:
+        super().__init__(doc, token)
+        self.doc, self.token = doc, token
+
+
+def _to_store_dtype(flat: list[int], lengths: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.array(flat, dtype=np.int64)
+    limit = np.iinfo(dtype).max
+    if ids.size and (ids.min() < 0 or ids.max() > limit):
+        first = int(np.flatnonzero((ids < 0) | (ids > limit))[0])
+        doc = int(np.searchsorted(np.cumsum(lengths), first, side="right"))
+        raise _TokenIdError(doc, int(ids[first]))
+    return ids.astype(dtype), lengths
+
+
+def encode_documents(tokenizer: Any, docs: list[str], dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """``tokenizer.encode(doc, add_bos=True, add_eos=True)`` of each document, concatenated.
+
+    Returns:
+        tokens [sum(lengths)] in ``dtype``, lengths [len(docs)] int64.
+    """
+    lengths = np.empty(len(docs), np.int64)
+    flat: list[int] = []
+    for i, doc in enumerate(docs):
+        ids = tokenizer.encode(doc, add_bos=True, add_eos=True)
+        lengths[i] = len(ids)
+        flat.extend(ids)
+    return _to_store_dtype(flat, lengths, dtype)
+
+
+class BatchEncoder:
+    """``HuggingFaceBaseTokenizer.encode`` for a list of documents, in one ``encode_batch_fast``.
+
+    torchtune's ``encode`` takes the ids of ``tokenizers.Tokenizer.encode(text)`` and inserts
+    ``bos_id`` in front unless the Hugging Face post-processor already adds it (``hf_adds_bos``),
+    and appends ``eos_id`` unless it adds that (``hf_adds_eos``); so does this.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer.tokenizer
+        self._bos = None if tokenizer.hf_adds_bos else int(tokenizer.bos_id)
+        self._eos = None if tokenizer.hf_adds_eos else int(tokenizer.eos_id)
+
+    def __call__(self, docs: list[str], dtype: str) -> tuple[np.ndarray, np.ndarray]:
+        encode = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
+        encodings = encode(docs)  # releases the GIL and runs on every core
+        lengths = np.empty(len(docs), np.int64)
+        flat: list[int] = []
+        extra = (self._bos is not None) + (self._eos is not None)
+        for i, enc in enumerate(encodings):
+            ids = enc.ids
+            if self._bos is not None:
+                flat.append(self._bos)
+            flat.extend(ids)
+            if self._eos is not None:
+                flat.append(self._eos)
+            lengths[i] = len(ids) + extra
+        return _to_store_dtype(flat, lengths, dtype)
+
+
+def batch_encoder(tokenizer: Any) -> BatchEncoder | None:
+    """The batch engine for ``tokenizer`` when it has one (a torchtune ``HuggingFaceBaseTokenizer``
+    whose ``encode`` is torchtune's own), else None."""
+    try:
+        from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer
+    except ImportError:
+        return None
+    if not isinstance(tokenizer, HuggingFaceBaseTokenizer):
+        return None
+    if type(tokenizer).encode is not HuggingFaceBaseTokenizer.encode:
+        return None
+    return BatchEncoder(tokenizer)
+
+
+_WORKER_TOKENIZER: Any = None
+
+
+def _init_worker(tokenizer: Any) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tokenizer
+    with contextlib.suppress(Exception):  # Linux: die with the parent instead of waiting forever
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _encode_in_worker(docs: list[str], dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    return encode_documents(_WORKER_TOKENIZER, docs, dtype)
+
+
+# ----------------------------------------------------------------------------------- pipeline
+
+
+@dataclass
+class _Batch:
+    file: int  # index into the source files
+    first_doc: int  # index, within the file, of the batch's first document
+    docs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _FileEnd:
+    file: int
+    sha256: str
+    num_documents: int
+
+
+def _batches(files: Sequence[SourceFile], *, column: str, where: str,
+             batch_chars: int) -> Iterator[_Batch | _FileEnd]:
+    import hashlib
+
+    for i, f in enumerate(files):
+        digest = hashlib.sha256()
+        batch, chars, n = _Batch(i, 0), 0, 0
+        for doc in iter_documents(f, column=column, where=where, digest=digest):
+            batch.docs.append(doc)
+            chars += len(doc)
+            n += 1
+            if chars >= batch_chars:
+                yield batch
+                batch, chars = _Batch(i, n), 0
+        if batch.docs:
+            yield batch
+        now = SourceFile.stat(f.path)
+        if (now.size, now.mtime_ns) != (f.size, f.mtime_ns):
+            raise StoreError(f"{where}.source: {str(f.path)!r} changed while it was being "
+                             "tokenized; accepted: files that do not change during prepare")
+        yield _FileEnd(i, digest.hexdigest(), n)
+
+
+def _in_order(items: Iterator[_Batch | _FileEnd], encode: EncodeFn, dtype: str,
+              executor: Executor | None, window: int) -> Iterator[tuple[Any, Any]]:
+    """``(item, encode(item.docs))`` in input order, at most ``window`` batches in flight; a
+    ``_TokenIdError`` leaves with the batch it came from as ``.batch``."""
+
+    def done(item: Any, result: Callable[[], Any]) -> tuple[Any, Any]:
+        try:
+            return item, result()
+        except _TokenIdError as e:
+            e.batch = item
+            raise
+
+    if executor is None:
+        for item in items:
+            yield done(item, lambda: encode(item.docs, dtype) if isinstance(item, _Batch) else None)
+        return
+    pending: deque = deque()
+    in_flight = 0
+    for item in items:
+        if isinstance(item, _Batch):
+            pending.append((item, executor.submit(encode, item.docs, dtype)))
+            in_flight += 1
+        else:
+            pending.append((item, None))
+        while in_flight >= window or (pending and pending[0][1] is None):
+            head, future = pending.popleft()
+            in_flight -= future is not None
+            yield done(head, future.result if future is not None else lambda: None)
+    while pending:
+        head, future = pending.popleft()
+        yield done(head, future.result if future is not None else lambda: None)
+
+
+def build_store(path: Path, files: Sequence[SourceFile], tokenizer: Any, *, column: str = "text",
+                token_dtype: str = "uint16", tokenizer_fp: str | None = None,
+                num_workers: int | None = None, batch_encode: bool = True,
+                where: str = "dataset", progress: bool = True) -> Path:
+    """Tokenize ``files`` and publish the store at ``path`` (atomically; see ``StoreWriter``).
+
+    Args:
+        path: the store's folder (``<store_dir>/<store_key(...)>``).
+        files: the source files (``expand_sources``).
+        tokenizer: any torchtune tokenizer with ``encode(text, add_bos, add_eos)``.
+        column: field of JSON lines / column of parquet files holding the text.
+        token_dtype: ``"uint16"`` or ``"uint32"`` (``token_dtype_for``).
+        tokenizer_fp: ``tokenizer_fingerprint(tokenizer)``, when already computed.
+        num_workers: worker processes of the ``workers`` engine (default: every core); 1 encodes
+            in this process.
+        batch_encode: use the ``batch`` engine when the tokenizer has one.
+        where: the config key of the dataset, for error messages.
+        progress: show a progress bar (tokens and tokens/s) on stderr.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        CorpusError: a file that cannot be read (``sources.iter_documents``).
+        StoreError: an id that does not fit ``token_dtype``; no token at all.
+    """
+    workers = default_num_workers() if num_workers is None else int(num_workers)
+    if workers < 1:
+        raise StoreError(f"num_workers: must be an integer >= 1, got {num_workers!r}")
+    tokenizer_fp = tokenizer_fp or tokenizer_fingerprint(tokenizer)
+    fast = batch_encoder(tokenizer) if batch_encode else None
+    engine = "batch" if fast is not None else "workers" if workers > 1 else "inline"
+    executor: Executor | None = None
+    if engine == "batch":  # one thread encodes while the other converts the previous batch
+        executor, encode, window = ThreadPoolExecutor(2), fast, 3
+    elif engine == "workers":
+        import multiprocessing as mp
+
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        executor = ProcessPoolExecutor(workers, mp_context=mp.get_context(method),
+                                       initializer=_init_worker, initargs=(tokenizer,))
+        encode, window = _encode_in_worker, 2 * workers
+    else:
+        encode, window = partial(encode_documents, tokenizer), 1
+    vocab = tokenizer_vocab_size(tokenizer)
+    info = {"class": f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}",
+            "fingerprint": tokenizer_fp, "vocab_size": vocab,
+            "bos_id": getattr(tokenizer, "bos_id", None), "eos_id": getattr(tokenizer, "eos_id", None)}
+    start = time.perf_counter()
+    try:
+        with StoreWriter(path, token_dtype=token_dtype, tokenizer=info, column=column) as writer, \
+                tqdm(unit="tok", unit_scale=True, desc="tad_torchtune: tokenizing", file=sys.stderr,
+                     disable=not progress, mininterval=1.0, dynamic_ncols=True) as bar:
+            items = _batches(files, column=column, where=where, batch_chars=BATCH_CHARS[engine])
+            file_tokens = 0
+            try:
+                for batch, result in _in_order(items, encode, token_dtype, executor, window):
+                    if isinstance(batch, _FileEnd):
+                        f = files[batch.file]
+                        writer.add_source({"path": str(f.path), "size": f.size, "mtime_ns": f.mtime_ns,
+                                           "sha256": batch.sha256, "num_documents": batch.num_documents,
+                                           "num_tokens": file_tokens})
+                        file_tokens = 0
+                        continue
+                    tokens, lengths = result
+                    writer.append(tokens, lengths)
+                    file_tokens += tokens.size
+                    bar.update(tokens.size)
+                    bar.set_postfix_str(f"file {batch.file + 1}/{len(files)}", refresh=False)
+            except _TokenIdError as e:
+                limit = np.iinfo(token_dtype).max + 1
+                hint = f", or {where}.token_dtype: uint32" if token_dtype == "uint16" else ""
+                raise StoreError(
+                    f"tokenizer: encode gave id {e.token} in document {e.batch.first_doc + e.doc + 1} "
+                    f"of {str(files[e.batch.file].path)!r}, which the store's {token_dtype} cannot "
+                    f"hold (the tokenizer reports a vocabulary of {vocab} ids); accepted: ids in "
+                    f"[0, {limit}): a tokenizer whose vocab_size covers its ids{hint}"
+                ) from None
+            seconds = time.perf_counter() - start
+            writer.publish(build={
+                "engine": engine, "num_workers": workers if engine == "workers" else None,
+                "seconds": round(seconds, 3),
+                "tokens_per_second": round(writer.num_tokens / max(seconds, 1e-9)),
+                "host": platform.node(), "pid": os.getpid(),
+            })
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+    return path
+
+
+# ---------------------------------------------------------------------------- find or build
+
+
+def _builds_here() -> bool:
+    """Under torchrun, local rank 0 builds a missing store (one per node, in case the store
+    folder is not shared); any other process builds it only when it runs on its own."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+@contextlib.contextmanager
+def _build_lock(store_dir: Path, key: str) -> Iterator[None]:
+    """An exclusive lock per store (released by the kernel if its holder is killed); where the
+    file system has no locks, concurrent builders both build and the first rename wins."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(store_dir / f".{key}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"tad_torchtune: waiting for another process building {store_dir / key}",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+
+
+def _check_writable(root: Path, where: str) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        writable = os.access(root, os.W_OK | os.X_OK)
+        reason = "not writable"
+    except OSError as e:
+        writable, reason = False, e.strerror or str(e)
+    if not writable:
+        raise StoreError(f"{where}.store_dir: cannot build a token store in {str(root)!r} "
+                         f"({reason}); accepted: a writable folder (default: ${STORE_DIR_ENV}, "
+                         f"else {DEFAULT_STORE_DIR})")
+
+
+def _wait_for(path: Path, where: str) -> None:
+    timeout = float(os.environ.get(WAIT_ENV) or DEFAULT_WAIT_S)
+    deadline = time.monotonic() + timeout
+    while not (path / MANIFEST).is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{where}: waited {timeout:g} s for local rank 0 to build the token store "
+                f"{str(path)!r}; build it beforehand with `tune run tad_prepare --config CONFIG`, "
+                f"or raise {WAIT_ENV}"
+            )
+        time.sleep(0.2)
+
+
+def prepare_store(source: str | Sequence[str], tokenizer: Any, *, column: str = "text",
+                  store_dir: str | os.PathLike | None = None, token_dtype: str = "auto",
+                  num_workers: int | None = None, where: str = "dataset",
+                  progress: bool = True) -> tuple[TokenStore, bool]:
+    """The store of ``source`` tokenized by ``tokenizer``: mapped if it exists, else built.
+
+    Start-up cost is O(number of files): ``stat`` of every file and the tokenizer fingerprint
+    give the store's key; nothing of the corpus is read when the store exists. A missing store is
+    built once: under torchrun by local rank 0 while the other ranks wait for its manifest (at
+    most ``$TAD_TORCHTUNE_STORE_WAIT_S`` s, default 7200); otherwise by the process that takes
+    the store's lock, the others waiting on it. Leftovers of killed builds are removed first.
+
+    Args:
+        source: a file, a folder, a glob or a list of them (``sources.expand_sources``).
+        tokenizer: any torchtune tokenizer with ``encode(text, add_bos, add_eos)``.
+        column: field of JSON lines / column of parquet files holding the text.
+        store_dir: folder of the stores (default ``default_store_dir()``).
+        token_dtype: ``"auto"`` (uint16 when the vocabulary fits), ``"uint16"`` or ``"uint32"``.
+        num_workers: worker processes for a tokenizer without the batch engine (default: every
+            core).
+        where: the config key of the dataset, for error messages.
+        progress: show a progress bar while building.
+
+    Returns:
+        The mapped store, and whether this call built it.
+
+    Raises:
+        CorpusError, StoreError: bad input, naming the config key (see ``build_store``), or a
+            store built by another tokenizer or from other files.
+        TimeoutError: a waiting rank whose store did not appear in time.
+    """
+    files = expand_sources(source, where=where)
+    dtype = token_dtype_for(tokenizer, token_dtype, where=where)
+    fp = tokenizer_fingerprint(tokenizer)
+    root = Path(store_dir).expanduser() if store_dir is not None else default_store_dir()
+    key = store_key(files, tokenizer_fp=fp, column=column, token_dtype=dtype)
+    path = root / key
+    built = False
+    if not (path / MANIFEST).is_file():
+        if _builds_here():
+            _check_writable(root, where)
+            with _build_lock(root, key):
+                if not (path / MANIFEST).is_file():
+                    remove_stale_tmp(root, key)
+                    total = sum(f.size for f in files)
+                    print(f"tad_torchtune: building the token store of {len(files)} file(s) "
+                          f"({total / 2**20:.1f} MiB) at {path}", file=sys.stderr, flush=True)
+                    build_store(path, files, tokenizer, column=column, token_dtype=dtype,
+                                tokenizer_fp=fp, num_workers=num_workers, where=where,
+                                progress=progress)
+                    built = True
+        else:
+            _wait_for(path, where)
+    store = TokenStore.open(path, where=where)
+    store.check(tokenizer_fp=fp, files=files, where=where)
+    if built:
+        b = store.manifest["build"]
+        print(f"tad_torchtune: built {path}: {store.num_tokens:,} tokens, "
+              f"{store.num_documents:,} documents ({store.manifest['token_dtype']}) in "
+              f"{b['seconds']:.1f} s, {b['tokens_per_second']:,} tokens/s ({b['engine']})",
+              file=sys.stderr, flush=True)
+    return store, built

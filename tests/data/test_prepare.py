@@ -1,0 +1,206 @@
+"""Building token stores: the engines agree with tokenizer.encode and with each other byte for
+byte; bad input fails with one clear line and leaves nothing behind."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from tad_torchtune.data import StoreError, build_store, expand_sources, prepare_store
+from tad_torchtune.data.prepare import BatchEncoder, batch_encoder
+from tad_torchtune.data.store import MANIFEST, OFFSETS, TOKENS, TokenStore
+from tests.data.reference import encode_all
+from tests.data.toy_tokenizers import ByteTokenizer, hf_tokenizer
+
+
+def _flat(encoded):
+    return [t for ids in encoded for t in ids], [len(ids) for ids in encoded]
+
+
+def test_batch_engine_gives_the_ids_of_encode_on_the_demo_corpus(demo_tok, demo_docs):
+    assert isinstance(batch_encoder(demo_tok), BatchEncoder)
+    tokens, lengths = batch_encoder(demo_tok)(demo_docs, "uint16")
+    ref_tokens, ref_lengths = _flat(encode_all(demo_tok, demo_docs))
+    assert lengths.tolist() == ref_lengths and tokens.tolist() == ref_tokens
+    assert tokens.dtype == np.uint16 and len(ref_tokens) == 515_859
+
+
+def test_batch_engine_when_the_hf_post_processor_adds_bos_and_eos(tmp_path, demo_docs):
+    docs = demo_docs[:200] + ["", " ", "\n\n"]
+    for template in (False, True):
+        tok = hf_tokenizer(tmp_path / str(template), template=template)
+        assert (tok.hf_adds_bos, tok.hf_adds_eos) == (template, template)
+        tokens, lengths = batch_encoder(tok)(docs, "uint16")
+        ref = encode_all(tok, docs)
+        assert all(ids[0] == 0 and ids[-1] == 1 and 1 not in ids[:-1] for ids in ref)
+        assert (tokens.tolist(), lengths.tolist()) == _flat(ref)
+
+
+def test_no_batch_engine_for_other_tokenizers(demo_tok):
+    class Custom(type(demo_tok)):  # an overridden encode must be called as it is
+        def encode(self, text, add_bos=True, add_eos=True):
+            return super().encode(text.lower(), add_bos, add_eos)
+
+    custom = Custom.__new__(Custom)
+    custom.__dict__.update(demo_tok.__dict__)
+    assert batch_encoder(custom) is None and batch_encoder(ByteTokenizer()) is None
+
+
+def _two_files(folder, docs):
+    """The demo documents in two files, one gzip JSON lines, one plain."""
+    folder.mkdir()
+    half = len(docs) // 2
+    with gzip.open(folder / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs[:half])
+    (folder / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[half:]))
+    return expand_sources(str(folder))
+
+
+def _comparable(path):
+    manifest = json.loads((path / MANIFEST).read_text())
+    for key in ("created", "build"):
+        del manifest[key]
+    return (path / TOKENS).read_bytes(), (path / OFFSETS).read_bytes(), manifest
+
+
+def test_parallel_equals_single_process_byte_for_byte(tmp_path, demo_tok, demo_docs):
+    """batch engine, 2 worker processes and one process: the same three files (but timings)."""
+    files = _two_files(tmp_path / "corpus", demo_docs)
+    built = {
+        "batch": build_store(tmp_path / "batch", files, demo_tok, progress=False),
+        "workers": build_store(tmp_path / "workers", files, demo_tok, num_workers=2,
+                               batch_encode=False, progress=False),
+        "inline": build_store(tmp_path / "inline", files, demo_tok, num_workers=1,
+                              batch_encode=False, progress=False),
+    }
+    engines = {name: json.loads((p / MANIFEST).read_text())["build"]["engine"] for name, p in built.items()}
+    assert engines == {"batch": "batch", "workers": "workers", "inline": "inline"}
+    reference = _comparable(built["inline"])
+    assert _comparable(built["batch"]) == reference
+    assert _comparable(built["workers"]) == reference
+    # and the content is the reference's
+    store = TokenStore.open(built["workers"])
+    ref_tokens, ref_lengths = _flat(encode_all(demo_tok, demo_docs))
+    assert store.tokens.tolist() == ref_tokens
+    assert np.diff(store.offsets).tolist() == ref_lengths
+    sources = store.manifest["sources"]
+    assert [s["num_documents"] for s in sources] == [len(demo_docs) // 2, len(demo_docs) - len(demo_docs) // 2]
+    assert sum(s["num_tokens"] for s in sources) == store.num_tokens == len(ref_tokens)
+
+
+def test_worker_engine_for_a_plain_tokenizer(tmp_path):
+    src = tmp_path / "c.jsonl"
+    docs = [f"document {i} " * (i % 7) for i in range(3000)]
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    files = expand_sources(str(src))
+    tok = ByteTokenizer()
+    a = build_store(tmp_path / "w", files, tok, num_workers=2, progress=False)
+    b = build_store(tmp_path / "i", files, tok, num_workers=1, progress=False)
+    assert _comparable(a) == _comparable(b)
+    assert TokenStore.open(a).tokens.tolist() == _flat(encode_all(tok, docs))[0]
+
+
+def test_an_id_the_dtype_cannot_hold(tmp_path):
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["fine", "also fine", "has Z"]))
+    for workers in (1, 2):
+        with pytest.raises(StoreError) as info:
+            prepare_store(str(src), ByteTokenizer(big_id_for="Z"), store_dir=tmp_path / "s",
+                          num_workers=workers)
+        assert str(info.value) == (
+            f"tokenizer: encode gave id 70000 in document 3 of '{src}', which the store's uint16 "
+            "cannot hold (the tokenizer reports a vocabulary of 259 ids); accepted: ids in "
+            "[0, 65536): a tokenizer whose vocab_size covers its ids, or dataset.token_dtype: uint32")
+        assert [p.name for p in (tmp_path / "s").iterdir() if not p.name.endswith(".lock")] == []
+    store, built = prepare_store(str(src), ByteTokenizer(big_id_for="Z"), store_dir=tmp_path / "s",
+                                 token_dtype="uint32")
+    assert built and store.tokens.dtype == np.uint32 and store.tokens[-2] == 70_000
+
+
+def test_a_vocabulary_the_dtype_cannot_hold(tmp_path):
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"text": "x"}\n')
+    with pytest.raises(StoreError) as info:
+        prepare_store(str(src), ByteTokenizer(vocab_size=151_646), store_dir=tmp_path,
+                      token_dtype="uint16", where="validation_dataset")
+    assert str(info.value) == (
+        "validation_dataset.token_dtype: 'uint16' holds ids below 65536, but the tokenizer's "
+        "vocabulary has 151646 ids; accepted: 'auto' or 'uint32'")
+    with pytest.raises(StoreError) as info:
+        prepare_store(str(src), ByteTokenizer(), store_dir=tmp_path, token_dtype="int8")
+    assert str(info.value) == ("dataset.token_dtype: must be one of ('auto', 'uint16', 'uint32'), "
+                               "got 'int8'")
+    store, _ = prepare_store(str(src), ByteTokenizer(vocab_size=151_646), store_dir=tmp_path)
+    assert store.manifest["token_dtype"] == "uint32"
+
+
+def test_bad_input_midway_leaves_no_store_and_no_temporary_folder(tmp_path, demo_tok, demo_docs):
+    corpus = tmp_path / "corpus"
+    _two_files(corpus, demo_docs)
+    with open(corpus / "b.jsonl", "a") as f:
+        f.write('{"text": "the last line is cut\n')
+    n_lines = len(demo_docs) - len(demo_docs) // 2 + 1
+    store_dir = tmp_path / "stores"
+    with pytest.raises(ValueError) as info:
+        prepare_store(str(corpus), demo_tok, store_dir=store_dir, progress=False)
+    assert str(info.value) == (f"dataset.source: '{corpus / 'b.jsonl'}' line {n_lines} is not JSON "
+                               "(Unterminated string starting at: column 10); accepted: one JSON "
+                               "object per line")
+    assert [p.name for p in store_dir.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_store_dir_that_cannot_be_written(tmp_path):
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"text": "x"}\n')
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StoreError) as info:
+        prepare_store(str(src), ByteTokenizer(), store_dir=blocker / "stores")
+    assert str(info.value) == (
+        f"dataset.store_dir: cannot build a token store in '{blocker / 'stores'}' (Not a "
+        "directory); accepted: a writable folder (default: $TAD_TORCHTUNE_STORE_DIR, else "
+        "~/.cache/tad_torchtune/stores)")
+
+
+def test_a_waiting_rank_gives_up_with_a_clear_message(tmp_path, monkeypatch):
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"text": "x"}\n')
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("TAD_TORCHTUNE_STORE_WAIT_S", "0.3")
+    with pytest.raises(TimeoutError) as info:
+        prepare_store(str(src), ByteTokenizer(), store_dir=tmp_path / "stores")
+    message = str(info.value)
+    assert message.startswith(f"dataset: waited 0.3 s for local rank 0 to build the token store "
+                              f"'{tmp_path / 'stores'}/c.jsonl-")
+    assert message.endswith("'; build it beforehand with `tune run tad_prepare --config CONFIG`, "
+                            "or raise TAD_TORCHTUNE_STORE_WAIT_S")
+    assert not (tmp_path / "stores").exists()  # waiting ranks write nothing
+
+
+def test_a_sentencepiece_tokenizer_goes_through_workers(tmp_path, demo_docs):
+    """torchtune's llama2 tokenizer (SentencePiece): no batch engine; 2 workers == one process
+    == tokenizer.encode, and the fingerprint is stable across loads."""
+    import sentencepiece as spm
+    from torchtune.models.llama2 import llama2_tokenizer
+
+    from tad_torchtune.data import tokenizer_fingerprint
+
+    (tmp_path / "text.txt").write_text("\n".join(demo_docs[:400]))
+    spm.SentencePieceTrainer.train(
+        input=str(tmp_path / "text.txt"), model_prefix=str(tmp_path / "spm"), vocab_size=500,
+        model_type="bpe", character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        minloglevel=2,
+    )
+    tok = llama2_tokenizer(str(tmp_path / "spm.model"))
+    assert batch_encoder(tok) is None
+    assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(llama2_tokenizer(str(tmp_path / "spm.model")))
+    src = tmp_path / "c.jsonl"
+    docs = demo_docs[:600]
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    files = expand_sources(str(src))
+    a = build_store(tmp_path / "w", files, tok, num_workers=2, progress=False)
+    b = build_store(tmp_path / "i", files, tok, num_workers=1, progress=False)
+    assert _comparable(a) == _comparable(b)
+    assert TokenStore.open(a).tokens.tolist() == _flat(encode_all(tok, docs))[0]
+    assert json.loads((a / MANIFEST).read_text())["build"]["engine"] == "workers"

@@ -1,0 +1,127 @@
+"""Streaming corpus readers: the documents they yield, the hash they compute, their errors."""
+
+import gzip
+import hashlib
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tad_torchtune.data.sources import CorpusError, SourceFile, expand_sources, iter_documents
+from tests.data.reference import DEMO_CORPUS, read_documents
+
+
+def documents(path, **kw):
+    return list(iter_documents(SourceFile.stat(path), **kw))
+
+
+def test_demo_corpus_streamed_equals_read_at_once_and_hash_is_the_files():
+    digest = hashlib.sha256()
+    docs = list(iter_documents(SourceFile.stat(DEMO_CORPUS), digest=digest))
+    assert docs == read_documents(DEMO_CORPUS) and len(docs) == 2497
+    assert digest.hexdigest() == hashlib.sha256(DEMO_CORPUS.read_bytes()).hexdigest()
+
+
+def test_formats(tmp_path):
+    rows = [{"text": "first doc"}, {"text": "second\ndoc", "id": 2}, {"text": ""}]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n  \n")
+    with gzip.open(tmp_path / "b.json.gz", "wt") as f:
+        f.write("\n".join(json.dumps({"body": r["text"]}) for r in rows))
+    (tmp_path / "c.txt").write_text("line one\n\nline two\n")
+    # several row groups and record batches: parquet is streamed, not read whole
+    table = pa.table({"text": [f"row {i}" for i in range(10_000)], "n": list(range(10_000))})
+    pq.write_table(table, tmp_path / "d.parquet", row_group_size=3000)
+    assert documents(tmp_path / "a.jsonl") == ["first doc", "second\ndoc", ""]
+    assert documents(tmp_path / "b.json.gz", column="body") == ["first doc", "second\ndoc", ""]
+    assert documents(tmp_path / "c.txt") == ["line one\n\nline two\n"]
+    assert documents(tmp_path / "d.parquet") == [f"row {i}" for i in range(10_000)]
+    digest = hashlib.sha256()
+    list(iter_documents(SourceFile.stat(tmp_path / "d.parquet"), digest=digest))
+    assert digest.hexdigest() == hashlib.sha256((tmp_path / "d.parquet").read_bytes()).hexdigest()
+
+
+def test_expand_sources_order_folder_glob_list(tmp_path):
+    for name in ("b.jsonl", "a.jsonl", "c.txt"):
+        (tmp_path / name).write_text('{"text": "x"}\n')
+    files = expand_sources(str(tmp_path))
+    assert [f.path.name for f in files] == ["a.jsonl", "b.jsonl", "c.txt"]
+    assert all(f.path.is_absolute() and f.size == 14 for f in files)
+    assert [f.path.name for f in expand_sources(str(tmp_path / "*.jsonl"))] == ["a.jsonl", "b.jsonl"]
+    assert [f.path.name for f in expand_sources([str(tmp_path / "c.txt"), str(tmp_path / "a.jsonl")])] \
+        == ["c.txt", "a.jsonl"]
+    assert expand_sources("pkg://demo/jargon.jsonl.gz")[0].path == DEMO_CORPUS.resolve()
+
+
+def test_errors_name_the_key_the_file_the_line_and_what_is_accepted(tmp_path):
+    def error(path, **kw):
+        with pytest.raises(CorpusError) as info:
+            documents(path, **kw)
+        return str(info.value).replace(str(tmp_path), "T")
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n\n{"text": "cut\n')
+    assert error(bad) == ("dataset.source: 'T/bad.jsonl' line 3 is not JSON (Unterminated "
+                          "string starting at: column 10); accepted: one JSON object per line")
+    bad.write_text('{"text": "ok"}\n["text"]\n')
+    assert error(bad, where="validation_dataset") == (
+        "validation_dataset.source: 'T/bad.jsonl' line 2 is a JSON array, not an object; "
+        "accepted: one JSON object per line with the text in 'text'")
+    bad.write_text('{"text": "ok"}\n{"body": "x", "id": 1}\n')
+    assert error(bad) == ("dataset.column: 'T/bad.jsonl' line 2 has no field 'text' (fields: "
+                          "['body', 'id']); accepted: a field every line has")
+    bad.write_text('{"text": 3}\n')
+    assert error(bad) == ("dataset.column: 'T/bad.jsonl' line 1: field 'text' is a JSON number, "
+                          "not a string; accepted: a field holding the document's text")
+    bad.write_bytes(b'{"text": "caf\xe9"}\n')
+    assert error(bad) == ("dataset.source: 'T/bad.jsonl' line 1 is not UTF-8 (byte 14 of the line); "
+                          "accepted: UTF-8 JSON lines")
+    bad.write_text("\n \n")
+    assert error(bad) == ("dataset.source: 'T/bad.jsonl' holds no document (only blank lines); "
+                          "accepted: a file with at least one document")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert error(empty) == ("dataset.source: 'T/empty.txt' is empty (0 bytes); accepted: a file "
+                            "with at least one document")
+    not_gz = tmp_path / "x.jsonl.gz"
+    not_gz.write_text('{"text": "plain"}\n')
+    assert error(not_gz).startswith("dataset.source: 'T/x.jsonl.gz' is not a valid gzip file (")
+    assert error(not_gz).endswith("); accepted: a gzip-compressed text or JSON lines file")
+
+    pq.write_table(pa.table({"body": ["a"], "n": [1]}), tmp_path / "p.parquet")
+    assert error(tmp_path / "p.parquet") == (
+        "dataset.column: 'T/p.parquet' has no column 'text' (columns: ['body', 'n']); "
+        "accepted: one of its columns")
+    assert error(tmp_path / "p.parquet", column="n") == (
+        "dataset.column: column 'n' of 'T/p.parquet' is int64, not a string column; accepted: "
+        "a column holding the documents' text")
+    pq.write_table(pa.table({"text": ["a", None, "c"]}), tmp_path / "p.parquet")
+    assert error(tmp_path / "p.parquet") == (
+        "dataset.column: 'T/p.parquet' row 1 of column 'text' is null; accepted: a string in "
+        "every row")
+    (tmp_path / "q.parquet").write_text("not parquet")
+    assert error(tmp_path / "q.parquet").startswith("dataset.source: 'T/q.parquet' is not a parquet file (")
+
+
+def test_expand_errors(tmp_path):
+    def error(source):
+        with pytest.raises(CorpusError) as info:
+            expand_sources(source)
+        return str(info.value).replace(str(tmp_path), "T")
+
+    assert error(str(tmp_path / "missing.jsonl")) == (
+        "dataset.source: no file matches 'T/missing.jsonl'; accepted: an existing file, a "
+        "folder, a glob, or a list of them")
+    assert error(str(tmp_path / "*.parquet")) == (
+        "dataset.source: no file matches 'T/*.parquet'; accepted: an existing file, a folder, "
+        "a glob, or a list of them")
+    (tmp_path / "sub").mkdir()
+    assert error(str(tmp_path / "sub")) == (
+        "dataset.source: the folder 'T/sub' holds no file; accepted: a folder of .txt, .jsonl, "
+        ".json, .parquet (optionally .gz, except parquet) files")
+    (tmp_path / "notes.md").write_text("x")
+    assert error([str(tmp_path / "notes.md")]) == (
+        "dataset.source: unsupported file 'T/notes.md'; accepted: .txt, .jsonl, .json, .parquet "
+        "(optionally .gz, except parquet)")
+    assert error([]) == ("dataset.source: an empty list; accepted: a file, a folder, a glob, or "
+                         "a list of them")
