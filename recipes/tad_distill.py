@@ -45,21 +45,35 @@ from tad_torchtune.config_checks import (
     resolve_package_paths,
     validate_config,
 )
-from tad_torchtune.data import ResumableBatchSampler
+from tad_torchtune.data import ResumableBatchSampler, collate_blocks
+from tad_torchtune.errors import (
+    ConfigError,
+    check_checkpoint_files,
+    instantiate,
+    reports_user_errors,
+)
 from tad_torchtune.flops import peak_flops, step_flops_per_token
 from tad_torchtune.head import StudentHead, TeacherHead
 from tad_torchtune.models import (
     build_model,
+    document_attention,
     init_student_from_teacher,
     output_weight,
     save_hf_checkpoint,
 )
 from tad_torchtune.parallel import init_distributed, parallelize
+from tad_torchtune.teacher_cache import CachedBlocks, TeacherCache
 from tad_torchtune.vocab import check_vocab_compat
 
 
 class NonFiniteError(RuntimeError):
     """A loss or gradient norm that is not finite: the optimizer step was not taken."""
+
+
+def _vocab_size(state_dict: dict[str, Tensor]) -> int:
+    """Rows of a torchtune state dict's output projection (its embedding table when tied)."""
+    weight = state_dict.get("output.weight", state_dict.get("tok_embeddings.weight"))
+    return weight.shape[0]
 
 
 def _hf_config(checkpointer: DictConfig) -> dict[str, Any] | None:
@@ -118,6 +132,9 @@ class TADDistillRecipe:
         self._export_hf = bool(get("export_hf"))
         self._log_peak_memory = bool(get("log_peak_memory_stats"))
         self._keep_last = int(get("keep_last_n_checkpoints"))
+        self._document_mask = bool(get("document_mask"))
+        self._resume_on_different_data = bool(get("resume_on_different_data"))
+        self._teacher_cache_dir = get("teacher_cache_dir")
         self._peak_flops = get("peak_flops_per_device") or peak_flops(self._device, self._dtype)
         self._flops_per_token: dict[int, int] = {}
 
@@ -143,26 +160,38 @@ class TADDistillRecipe:
                 "_component_": "torchtune.training.metric_logging.DiskLogger",
                 "log_dir": str(self._output_dir / "logs"),
             })
-            self._metric_logger = config.instantiate(logger_cfg)
+            self._metric_logger = instantiate(logger_cfg, "metric_logger")
             self._metric_logger.log_config(cfg)
 
-        self._tokenizer = config.instantiate(cfg.tokenizer)
-        teacher_tokenizer = (config.instantiate(cfg.teacher_tokenizer)
+        self._tokenizer = instantiate(cfg.tokenizer, "tokenizer")
+        teacher_tokenizer = (instantiate(cfg.teacher_tokenizer, "teacher_tokenizer")
                              if cfg.get("teacher_tokenizer") is not None else None)
 
-        self._teacher = self._setup_teacher(cfg)
-        self._student, self._hf_source_dir, self._hf_model_type = self._setup_student(cfg)
+        # From a teacher cache the teacher runs only to score the validation split (val_kl stays
+        # exact); its weights still initialise a pruned student.
+        self._teacher_cache = (TeacherCache(self._teacher_cache_dir)
+                               if self._teacher_cache_dir else None)
+        teacher_state = self._load_teacher_state(cfg)
+        teacher_vocab = _vocab_size(teacher_state)
+        self._teacher = None
+        if self._teacher_cache is None or cfg.get("validation_dataset") is not None:
+            self._teacher = self._build_teacher(cfg, teacher_state)
+        self._student, self._hf_source_dir, self._hf_model_type = self._setup_student(
+            cfg, teacher_state)
+        del teacher_state
         self._hf_base_config = json.loads((self._hf_source_dir / "config.json").read_text())
+        self._student_vocab = output_weight(self._student).shape[0]
         check_vocab_compat(
-            teacher_vocab_size=output_weight(self._teacher).shape[0],
-            student_vocab_size=output_weight(self._student).shape[0],
-            vocab_alignment=self._vocab_alignment,
-            teacher_tokenizer=teacher_tokenizer,
+            teacher_vocab_size=teacher_vocab, student_vocab_size=self._student_vocab,
+            vocab_alignment=self._vocab_alignment, teacher_tokenizer=teacher_tokenizer,
             student_tokenizer=self._tokenizer if teacher_tokenizer is not None else None,
         )
         fsdp = self._world_size > 1
-        kd_loss = config.instantiate(cfg.kd_loss) if self._kd_weight > 0 else None
-        hidden_loss = config.instantiate(cfg.hidden_loss) if self._hidden_weight > 0 else None
+        kd_loss = instantiate(cfg.kd_loss, "kd_loss") if self._kd_weight > 0 else None
+        hidden_loss = (instantiate(cfg.hidden_loss, "hidden_loss") if self._hidden_weight > 0
+                       else None)
+        if self._teacher_cache is not None and kd_loss is not None:
+            self._check_cache_serves(kd_loss)
         self._head = StudentHead(
             self._student, kd_loss=kd_loss, hidden_loss=hidden_loss,
             clm_weight=self._clm_weight, kd_weight=self._kd_weight,
@@ -170,19 +199,25 @@ class TADDistillRecipe:
             vocab_alignment=self._vocab_alignment, fused=self._fused,
             chunk_size=self._loss_chunk_size, teacher_cache_mib=self._teacher_cache_mib,
             float32_weight_grad=self._float32_weight_grad, compile=self._compile,
+            from_cache=self._teacher_cache is not None,
         )
-        self._teacher_head = TeacherHead(self._teacher, hidden_layers=self._teacher_hidden_layers)
-        parallelize(self._teacher, compile=self._compile, fsdp=fsdp, cpu_offload=self._cpu_offload)
+        self._teacher_head = None
+        if self._teacher is not None:
+            self._teacher_head = TeacherHead(self._teacher,
+                                             hidden_layers=self._teacher_hidden_layers)
+            parallelize(self._teacher, compile=self._compile, fsdp=fsdp,
+                        cpu_offload=self._cpu_offload)
         parallelize(self._student, activation_checkpointing=self._activation_checkpointing,
                     compile=self._compile, fsdp=fsdp, cpu_offload=self._cpu_offload,
                     root=self._head)
 
         trainable = [p for p in self._head.parameters() if p.requires_grad]
-        self._optimizer = config.instantiate(cfg.optimizer, trainable)
-        self._train_loader, self._train_sampler = self._setup_data(cfg.dataset, train=True)
+        self._optimizer = instantiate(cfg.optimizer, "optimizer", trainable)
+        self._data_fingerprints: dict[str, str | None] = {}
+        self._train_loader, self._train_sampler = self._setup_data(cfg, "dataset", train=True)
         self._val_loader = None
         if cfg.get("validation_dataset") is not None:
-            self._val_loader, _ = self._setup_data(cfg.validation_dataset, train=False)
+            self._val_loader, _ = self._setup_data(cfg, "validation_dataset", train=False)
         self._steps_per_epoch = len(self._train_sampler) // self._grad_accum
         if self._max_steps_per_epoch is not None:
             self._steps_per_epoch = min(self._steps_per_epoch, self._max_steps_per_epoch)
@@ -197,9 +232,9 @@ class TADDistillRecipe:
             self._total_steps = min(self._total_steps, self._max_steps)
         self._lr_scheduler = None
         if cfg.get("lr_scheduler") is not None:
-            self._lr_scheduler = config.instantiate(
-                cfg.lr_scheduler, self._optimizer, num_training_steps=self._total_steps
-            )
+            self._lr_scheduler = instantiate(
+                cfg.lr_scheduler, "lr_scheduler", self._optimizer,
+                num_training_steps=self._total_steps)
 
         self._checkpointer = TrainingCheckpointer(
             self._output_dir / "checkpoints", rank=self._rank, keep_last=self._keep_last
@@ -207,9 +242,12 @@ class TADDistillRecipe:
         if self._resume:
             self._load_training_state()
 
-    def _setup_teacher(self, cfg: DictConfig) -> nn.Module:
-        checkpointer = config.instantiate(cfg.teacher_checkpointer)
-        state_dict = checkpointer.load_checkpoint()[training.MODEL_KEY]
+    def _load_teacher_state(self, cfg: DictConfig) -> dict[str, Tensor]:
+        check_checkpoint_files(cfg.teacher_checkpointer, "teacher_checkpointer")
+        checkpointer = instantiate(cfg.teacher_checkpointer, "teacher_checkpointer")
+        return checkpointer.load_checkpoint()[training.MODEL_KEY]
+
+    def _build_teacher(self, cfg: DictConfig, state_dict: dict[str, Tensor]) -> nn.Module:
         with training.set_default_dtype(self._dtype):
             teacher, _ = build_model(cfg.teacher_model, _hf_config(cfg.teacher_checkpointer))
         teacher.load_state_dict(state_dict)
@@ -217,8 +255,9 @@ class TADDistillRecipe:
         teacher.requires_grad_(False)
         return teacher
 
-    def _setup_student(self, cfg: DictConfig) -> tuple[nn.Module, Path, str]:
-        """The student, initialised from the teacher (pruned students) or from its own
+    def _setup_student(self, cfg: DictConfig, teacher_state: dict[str, Tensor]
+                       ) -> tuple[nn.Module, Path, str]:
+        """The student, initialised from the teacher's weights (pruned students) or from its own
         checkpoint; returns it with the Hugging Face checkpoint folder (config.json, tokenizer
         files) and model type its export derives from."""
         # The same seed on every rank: FSDP shards each rank's local copy, so fresh weights must
@@ -229,20 +268,45 @@ class TADDistillRecipe:
             student, _ = build_model(cfg.student_model, _hf_config(source))
         if getattr(student, "distill_spec", None) is not None:
             source = cfg.teacher_checkpointer
-            init_student_from_teacher(student, self._teacher)
+            init_student_from_teacher(student, teacher_state)
         elif cfg.get("student_checkpointer") is not None:
-            checkpointer = config.instantiate(cfg.student_checkpointer)
+            check_checkpoint_files(cfg.student_checkpointer, "student_checkpointer")
+            checkpointer = instantiate(cfg.student_checkpointer, "student_checkpointer")
             student.load_state_dict(checkpointer.load_checkpoint()[training.MODEL_KEY])
         student.to(self._device).train()
         return student, Path(source.checkpoint_dir), str(source.model_type)
 
-    def _setup_data(self, dataset_cfg: DictConfig, *, train: bool):
+    def _check_cache_serves(self, kd_loss) -> None:
+        """Refuse a teacher cache that cannot serve ``kd_loss``, naming the keys."""
+        cache, where = self._teacher_cache, f"teacher_cache_dir={str(self._teacher_cache.root)!r}"
+        if kd_loss.cached_chunk_fn is None:
+            raise ConfigError(f"kd_loss._component_: {type(kd_loss).__name__} has no teacher-cache "
+                              f"version; drop teacher_cache_dir or use another divergence")
+        try:
+            kd_loss.check_top_m(cache.top_m)
+        except ValueError as err:
+            raise ConfigError(f"kd_loss.k: {err} ({where}, made with cache_top_m="
+                              f"{cache.top_m})") from None
+        if kd_loss.temperature != cache.temperature:
+            raise ConfigError(f"kd_loss.temperature: {kd_loss.temperature} differs from the "
+                              f"teacher cache's {cache.temperature} ({where}); make the cache at "
+                              f"this temperature")
+
+    def _setup_data(self, cfg: DictConfig, key: str, *, train: bool):
+        dataset_cfg = cfg[key]
         packed = bool(dataset_cfg.get("packed", False))
-        if packed and self._is_rank_zero and getattr(self._head.kd_loss, "needs_teacher_pass", False):
-            print("tad_distill: warning: packed: true with a row-normalised divergence (TAD): its "
-                  "abar is the mean tail mass over each packed row, not over each document",
-                  file=sys.stderr)
-        dataset = config.instantiate(dataset_cfg, self._tokenizer)
+        if packed and self._is_rank_zero and getattr(self._head.kd_loss, "abar_scope", None) == "row":
+            print(f"tad_distill: warning: {key}.packed: true with TAD's abar_scope: row: its abar is "
+                  "the mean tail mass over each packed row; kd_loss.abar_scope: document makes it "
+                  "per document", file=sys.stderr)
+        dataset = instantiate(dataset_cfg, key, self._tokenizer)
+        self._data_fingerprints[key] = getattr(dataset, "fingerprint", None)
+        if train and self._teacher_cache is not None:
+            if not hasattr(dataset, "fingerprint"):
+                raise ConfigError(f"{key}._component_: a teacher cache is aligned to the blocks of a"
+                                  " prepared store: use tad_torchtune.data.text_block_dataset")
+            dataset = CachedBlocks(dataset, self._teacher_cache, "train",
+                                   vocab_size=self._student_vocab)
         if train:
             sampler = ResumableBatchSampler(
                 len(dataset), batch_size=self._batch_size, rank=self._rank,
@@ -257,10 +321,14 @@ class TADDistillRecipe:
             self._val_batches = len(sampler)
             most = -(-(-(-len(dataset) // self._world_size)) // self._batch_size)
             sampler += sampler[:1] * (most - len(sampler))
-        collate = (padded_collate_packed if packed else
-                   partial(padded_collate_sft, padding_idx=self._tokenizer.pad_id
-                           if getattr(self._tokenizer, "pad_id", None) is not None else 0,
-                           ignore_idx=IGNORE_INDEX))
+        if hasattr(dataset, "fingerprint"):  # blocks of a token store: equal lengths
+            collate = collate_blocks
+        elif packed:
+            collate = padded_collate_packed
+        else:
+            collate = partial(padded_collate_sft, padding_idx=self._tokenizer.pad_id
+                              if getattr(self._tokenizer, "pad_id", None) is not None else 0,
+                              ignore_idx=IGNORE_INDEX)
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=0)
         return loader, sampler
 
@@ -325,7 +393,7 @@ class TADDistillRecipe:
                 rows, length = batch["tokens"].shape
                 if length not in self._flops_per_token:
                     self._flops_per_token[length] = step_flops_per_token(
-                        self._student, self._teacher, length)
+                        self._student, self._teacher if self._head.needs_teacher else None, length)
                 flops += self._flops_per_token[length] * rows * length
             out["mfu"] = flops / seconds / self._peak_flops
         return out
@@ -343,8 +411,13 @@ class TADDistillRecipe:
         on the host batch (no device synchronisation)."""
         batch = {**batch, "labels": shift_labels(batch["labels"])}
         valid = int((batch["labels"] != IGNORE_INDEX).sum())
-        return {k: v.to(self._device, non_blocking=True) if isinstance(v, Tensor) else v
-                for k, v in batch.items()}, valid
+        batch = {k: v.to(self._device, non_blocking=True) if isinstance(v, Tensor) else v
+                 for k, v in batch.items()}
+        if "document_ids" not in batch and "input_pos" in batch:  # torchtune's packed rows
+            batch["document_ids"] = (batch["input_pos"] == 0).long().cumsum(-1) - 1
+        if self._document_mask and "document_ids" in batch and "mask" not in batch:
+            batch["mask"], batch["input_pos"] = document_attention(batch["document_ids"])
+        return batch, valid
 
     def _train_step(self, micro: list[dict[str, Tensor]], local_tokens: int) -> dict[str, float]:
         global_tokens = local_tokens
@@ -354,11 +427,10 @@ class TADDistillRecipe:
         # FSDP averages gradients over ranks; scaling by world_size turns that into a sum, so the
         # update is (global sum of token losses) / (global token count).
         scale = self._world_size / max(global_tokens, 1)
-        needs_teacher = self._head.kd_loss is not None or self._head.hidden_loss is not None
         sums, names = None, []
         for batch in micro:
             teacher = (self._teacher_head(batch, logits=self._head.needs_teacher_logits)
-                       if needs_teacher else None)
+                       if self._head.needs_teacher else None)
             terms = self._head(batch, teacher)
             (terms.objective * scale).backward()
             names = sorted(terms.stats)
@@ -429,6 +501,7 @@ class TADDistillRecipe:
             "samples_in_epoch": self.step_in_epoch * self._grad_accum * self._train_sampler.global_batch,
             "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler else None,
             "rng": rng_state(), "world_size": self._world_size,
+            "data": self._data_fingerprints,
         }
         path = self._checkpointer.save(self.global_step, self._head, self._optimizer, meta)
         if export and self._export_hf:
@@ -459,6 +532,7 @@ class TADDistillRecipe:
                       "starting from scratch", file=sys.stderr)
             return
         meta = self._checkpointer.load(path, self._head, self._optimizer)
+        self._check_same_data(meta.get("data") or {}, path)
         self.global_step, self.epoch = meta["global_step"], meta["epoch"]
         self.tokens_seen = meta["tokens_seen"]
         per_step = self._grad_accum * self._train_sampler.global_batch
@@ -475,6 +549,18 @@ class TADDistillRecipe:
         set_rng_state(meta["rng"])
         if self._is_rank_zero:
             print(f"resumed from {path} at step {self.global_step}", file=sys.stderr)
+
+    def _check_same_data(self, saved: dict[str, str | None], path: Path) -> None:
+        """Refuse to resume on a token store other than the checkpoint's (other data or another
+        tokenizer), unless ``resume_on_different_data``."""
+        for key, now in self._data_fingerprints.items():
+            then = saved.get(key)
+            if then is None or now is None or then == now or self._resume_on_different_data:
+                continue
+            raise ConfigError(
+                f"{key}: the checkpoint {str(path)!r} was trained on the token store "
+                f"{then} and this run's is {now} (other data or another tokenizer); "
+                f"resume_on_different_data=true resumes anyway")
 
     def _log(self, values: dict[str, float]) -> None:
         if not values or not self._is_rank_zero:
@@ -499,6 +585,7 @@ class TADDistillRecipe:
             dist.destroy_process_group()
 
 
+@reports_user_errors("tad_distill")
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point of ``tune run tad_distill --config ...``."""

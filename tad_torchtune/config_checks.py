@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune.config._utils import _get_component_from_path
 
-from tad_torchtune.losses import VOCAB_ALIGNMENTS, Divergence
+from tad_torchtune.losses import DIVERGENCES, VOCAB_ALIGNMENTS, Divergence
 
 REQUIRED_COMPONENTS = (
     "tokenizer", "dataset", "teacher_model", "teacher_checkpointer", "student_model", "optimizer",
@@ -53,13 +53,20 @@ SCALARS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "export_hf": (bool, True),
     "log_peak_memory_stats": (bool, True),
     "peak_flops_per_device": ((int, float, type(None)), None),
+    "document_mask": (bool, False),
+    "resume_on_different_data": (bool, False),
+    "teacher_cache_dir": ((str, type(None)), None),
+    "cache_top_m": (int, 32),
+    "cache_logp_dtype": (str, "float16"),
+    "cache_shard_blocks": (int, 256),
 }
 ALLOWED_KEYS = set(REQUIRED_COMPONENTS) | set(OPTIONAL_COMPONENTS) | set(SCALARS)
-CHOICES = {"device": ("cpu", "cuda"), "dtype": ("bf16", "fp32"), "vocab_alignment": VOCAB_ALIGNMENTS}
+CHOICES = {"device": ("cpu", "cuda"), "dtype": ("bf16", "fp32"), "vocab_alignment": VOCAB_ALIGNMENTS,
+           "cache_logp_dtype": ("float16", "bfloat16", "float32")}
 AT_LEAST_ONE = (
     "batch_size", "gradient_accumulation_steps", "epochs", "max_steps_per_epoch", "max_steps",
     "save_every_n_steps", "eval_every_n_steps", "log_every_n_steps", "loss_chunk_size",
-    "keep_last_n_checkpoints", "max_eval_batches",
+    "keep_last_n_checkpoints", "max_eval_batches", "cache_top_m", "cache_shard_blocks",
 )
 
 
@@ -133,10 +140,11 @@ def validate_config(cfg: DictConfig) -> None:
                              "(e.g. tad_torchtune.losses.TADLoss) or set kd_weight: 0")
         kd_cls = _check_component(cfg, "kd_loss")
         if not (isinstance(kd_cls, type) and issubclass(kd_cls, Divergence)):
+            shipped = ", ".join(f"{c.__module__.rsplit('.', 1)[0]}.{c.__name__}"
+                                for c in DIVERGENCES.values())
             raise ValueError(
                 f"kd_loss._component_: {cfg.kd_loss._component_!r} is not a divergence; accepted: "
-                "tad_torchtune.losses.TADLoss, ForwardKLLoss, ReverseKLLoss, DRKLLoss, or another "
-                "subclass of tad_torchtune.losses.Divergence"
+                f"{shipped}, or another subclass of tad_torchtune.losses.Divergence"
             )
     if weights["hidden_weight"] > 0 and cfg.get("hidden_loss") is None:
         raise ValueError("hidden_loss: missing while hidden_weight > 0; give e.g. "
@@ -149,6 +157,11 @@ def validate_config(cfg: DictConfig) -> None:
                     f"hidden_layers: must be a list of [student_layer, teacher_layer] integer "
                     f"pairs (-1 = final hidden state), got {OmegaConf.to_container(layers)!r}"
                 )
+    if cfg.get("teacher_cache_dir") and weights["hidden_weight"] > 0:
+        raise ValueError("hidden_weight: the hidden-state loss needs the live teacher's hidden "
+                         f"states, which a teacher cache does not hold (teacher_cache_dir="
+                         f"{cfg.teacher_cache_dir!r}); set hidden_weight: 0 or drop "
+                         "teacher_cache_dir")
     if cfg.get("device") == "cuda" and not _cuda_available():
         raise ValueError("device: 'cuda' requested but torch.cuda.is_available() is False; use 'cpu'")
 

@@ -182,10 +182,17 @@ def collate_blocks(batch: list[dict[str, Any]]) -> dict[str, Tensor]:
     """Stack equal-length samples of ``TextBlockDataset`` into a batch (no padding needed).
 
     Args:
-        batch: B samples, each ``{"tokens", "labels", "document_ids"}`` of length L.
+        batch: B samples, each ``{"tokens", "labels", "document_ids"}`` of length L, and
+            whatever else they carry per block (a teacher cache's statistics: stacked as they
+            are).
 
     Returns:
-        ``{"tokens": [B, L], "labels": [B, L], "document_ids": [B, L]}`` int64.
+        ``{"tokens": [B, L], "labels": [B, L], "document_ids": [B, L]}`` int64, and the other
+        keys stacked in their own dtype.
     """
-    return {key: torch.stack([torch.as_tensor(sample[key]) for sample in batch]).long()
-            for key in ("tokens", "labels", "document_ids")}
+    ids = ("tokens", "labels", "document_ids")
+    out = {key: torch.stack([torch.as_tensor(sample[key]) for sample in batch]).long()
+           for key in ids}
+    for key in batch[0].keys() - set(ids):
+        out[key] = torch.stack([torch.as_tensor(sample[key]) for sample in batch])
+    return out

@@ -240,6 +240,61 @@ def test_mfu_and_per_device_throughput_are_logged(assets, tmp_path):
     assert "mfu" not in tiny.read_metrics(plain)[0]
 
 
+def test_resume_on_another_token_store_is_refused_naming_both(assets, tmp_path):
+    """The store's fingerprint is saved with each checkpoint; a resume on another store (here:
+    another corpus) names both fingerprints and the key that forces it."""
+    out = tmp_path / "data"
+    cfg = tiny.base_config(assets, out, max_steps=2, save_every_n_steps=2, export_hf=False)
+    first = _recipe(cfg)
+    first.train()
+    saved = first._data_fingerprints["dataset"]
+    other = tmp_path / "other.jsonl"
+    lines = tiny.CORPUS.read_text().splitlines()
+    other.write_text("\n".join(reversed(lines)) + "\n")
+    moved = {**cfg, "resume_from_checkpoint": True, "max_steps": 3,
+             "dataset": {**cfg["dataset"], "source": str(other)},
+             "validation_dataset": {**cfg["validation_dataset"], "source": str(other)}}
+    from tad_torchtune.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        _recipe(moved)
+    now = err.value.args[0].split("this run's is ")[1].split(" ")[0]
+    assert now != saved and len(now) >= 16
+    assert str(err.value) == (
+        f"dataset: the checkpoint {str(out / 'checkpoints' / 'step_000002')!r} was trained on "
+        f"the token store {saved} and this run's is {now} (other data or another tokenizer); "
+        f"resume_on_different_data=true resumes anyway")
+    forced = _recipe({**moved, "resume_on_different_data": True})
+    assert forced.global_step == 2
+
+
+def test_document_mask_reaches_the_models(assets, tmp_path, monkeypatch):
+    """document_mask: true gives every batch the mask and positions of its documents (the
+    models' side: tests/models/test_students.py), and TAD can normalise per document."""
+    import tad_distill
+
+    seen = []
+    real = tad_distill.document_attention
+
+    def spy(document_ids):
+        seen.append(document_ids.clone())
+        return real(document_ids)
+
+    monkeypatch.setattr(tad_distill, "document_attention", spy)
+    # 64-token blocks of documents of ~580 tokens: one block in nine holds a boundary
+    long_blocks = {"dataset.max_seq_len": 64, "validation_dataset.max_seq_len": 64}
+    out = tmp_path / "docs"
+    cfg = tiny.base_config(assets, out, max_steps=10, export_hf=False, document_mask=True,
+                           kd_loss={"_component_": "tad_torchtune.losses.TADLoss", "k": 5,
+                                    "beta": 2.0, "abar_scope": "document"}, **long_blocks)
+    _recipe(cfg).train()
+    assert len(seen) >= 10 and any(int(d.max()) > 0 for d in seen)  # rows of several documents
+    plain = tmp_path / "plain"
+    _recipe(tiny.base_config(assets, plain, max_steps=10, export_hf=False, **long_blocks)).train()
+    a, b = tiny.train_losses(out), tiny.train_losses(plain)
+    assert a[10] != pytest.approx(b[10], rel=1e-6)  # the masks changed the training
+
+
 def test_nan_stops_before_the_update_and_the_checkpoint_survives(assets, tmp_path):
     import tad_distill
 

@@ -3,6 +3,7 @@ a random llama3-family teacher written as a Hugging Face checkpoint, and a confi
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,8 +71,11 @@ def make_teacher_checkpoint(folder: Path, seed: int = 0) -> Path:
 
 
 def make_assets(root: Path) -> dict[str, Path]:
-    return {"tokenizer": make_tokenizer(root / "tokenizer"),
-            "teacher": make_teacher_checkpoint(root / "teacher")}
+    tokenizer = make_tokenizer(root / "tokenizer")
+    teacher = make_teacher_checkpoint(root / "teacher")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # a self-contained checkpoint
+        shutil.copyfile(tokenizer / name, teacher / name)
+    return {"tokenizer": tokenizer, "teacher": teacher}
 
 
 def base_config(assets: dict[str, Path], output_dir: Path, **overrides) -> dict:
