@@ -9,4 +9,5 @@ RECIPES: tuple[str, ...] = (
     "tad_eval",
     "tad_eleuther_eval",
     "tad_prepare",
+    "tad_cache",
 )

@@ -27,6 +27,7 @@ from tad_torchtune.losses.ce import chunked_cross_entropy
 from tad_torchtune.losses.fused import DEFAULT_TEACHER_CACHE_MIB, fused_head
 from tad_torchtune.metrics import StudentMetrics
 from tad_torchtune.models import forward_hidden, logit_softcap, output_weight, project_logits
+from tad_torchtune.teacher_cache import batch_top_m
 
 
 @dataclass
@@ -109,6 +110,8 @@ class StudentHead(nn.Module):
         chunk_size: tokens per loss chunk.
         teacher_cache_mib, float32_weight_grad: the fused head's options.
         compile: ``torch.compile`` the unfused divergence (whole), or the fused head's chunks.
+        from_cache: the divergence reads the teacher's cached top-M statistics that every batch
+            carries (``tad_torchtune.teacher_cache``) instead of a live teacher.
     """
 
     #: methods FSDP2 must treat like ``forward`` (gathering the root's parameters)
@@ -130,6 +133,7 @@ class StudentHead(nn.Module):
         teacher_cache_mib: float = DEFAULT_TEACHER_CACHE_MIB,
         float32_weight_grad: bool = True,
         compile: bool = False,
+        from_cache: bool = False,
     ) -> None:
         super().__init__()
         self.student = student
@@ -145,17 +149,24 @@ class StudentHead(nn.Module):
         self.fused_options = {"teacher_cache_mib": float(teacher_cache_mib),
                               "float32_weight_grad": bool(float32_weight_grad),
                               "compile_chunks": bool(compile)}
+        self.from_cache = bool(from_cache)
         # The unfused divergence is compiled whole (chunk loop and recomputation included).
         self._kd_sum_and_count = None
         if self.kd_loss is not None:
-            self._kd_sum_and_count = (torch.compile(self.kd_loss.sum_and_count) if compile
-                                      and not self.fused else self.kd_loss.sum_and_count)
+            fn = (self.kd_loss.sum_and_count_cached if self.from_cache
+                  else self.kd_loss.sum_and_count)
+            self._kd_sum_and_count = torch.compile(fn) if compile and not self.fused else fn
         self.softcap = logit_softcap(student)
 
     @property
     def needs_teacher_logits(self) -> bool:
-        """Whether ``forward`` reads the teacher's logits (the unfused path with a divergence)."""
-        return self.kd_loss is not None and not self.fused
+        """Whether ``forward`` reads the teacher's logits (the unfused path with a live teacher)."""
+        return self.kd_loss is not None and not self.fused and not self.from_cache
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether ``forward`` needs the live teacher's output at all."""
+        return (self.kd_loss is not None and not self.from_cache) or self.hidden_loss is not None
 
     def forward(self, batch: dict[str, Tensor], teacher: TeacherOutput | None) -> TrainTerms:
         """The training terms of one micro-batch.
@@ -163,8 +174,7 @@ class StudentHead(nn.Module):
         Args:
             batch: ``tokens [B, T]``, shifted ``labels [B, T]``, optionally ``mask``,
                 ``input_pos`` and ``document_ids [B, T]``.
-            teacher: the teacher's output for the batch (None without a divergence or hidden
-                loss).
+            teacher: the teacher's output for the batch (None when ``needs_teacher`` is False).
 
         Returns:
             ``TrainTerms``.
@@ -176,13 +186,15 @@ class StudentHead(nn.Module):
                                    input_pos=batch.get("input_pos"),
                                    hidden_layers=self.hidden_layers)
         kd: DivergenceOutput | None = None
+        cache = batch_top_m(batch) if self.from_cache else None
+        live = self.kd_loss is not None and cache is None
         if self.fused:
             out = fused_head(
                 h, output_weight(self.student), labels, divergence=self.kd_loss,
-                teacher_hidden=teacher.hidden if self.kd_loss is not None else None,
-                teacher_weight=teacher.weight if self.kd_loss is not None else None,
+                teacher_hidden=teacher.hidden if live else None,
+                teacher_weight=teacher.weight if live else None, teacher_cache=cache,
                 ce_weight=clm_w, kd_weight=kd_w, compute_ce=True, student_softcap=self.softcap,
-                teacher_softcap=teacher.softcap if self.kd_loss is not None else None,
+                teacher_softcap=teacher.softcap if live else None,
                 document_ids=documents, chunk_size=self.chunk_size, **self.fused_options)
             objective, ce, kd, n = out.objective, out.ce, out.kd, out.num_tokens
         else:
@@ -190,8 +202,8 @@ class StudentHead(nn.Module):
             ce, n = chunked_cross_entropy(logits, labels, chunk_size=self.chunk_size)
             objective = clm_w * ce
             if self.kd_loss is not None:
-                kd = self._kd_sum_and_count(logits, teacher.logits, labels,
-                                            document_ids=documents)
+                kd = self._kd_sum_and_count(logits, cache if cache is not None else teacher.logits,
+                                            labels, document_ids=documents)
                 objective = objective + kd_w * kd.total
         hidden_sum = None
         if self.hidden_loss is not None:

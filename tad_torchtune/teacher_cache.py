@@ -1,0 +1,278 @@
+"""A teacher cache on disk: the teacher's top-M statistics of every block of a prepared dataset.
+
+``tune run tad_cache --config CONFIG`` writes one (``recipes/tad_cache.py``); ``tad_distill`` with
+``teacher_cache_dir`` trains from it without running the teacher (``docs/design.md``, "The
+teacher cache"). The format is plain NumPy, so another producer (a vLLM ``prompt_logprobs``
+job, say) can write it too::
+
+    TEACHER_CACHE_DIR/
+      manifest.json                    the description below
+      <split>/shard_<NNNNNN>/          blocks [i * shard_blocks, (i + 1) * shard_blocks) of a split
+        ids.npy        [blocks, L, M]  the teacher's top-M ids per position, most probable first
+                                       (uint16 when the vocabulary has at most 65536 ids, else int32)
+        logp.npy       [blocks, L, M]  their log-probabilities under the full softmax (float16 by
+                                       default; "logp_dtype")
+        log_rest.npy   [blocks, L]     float32 log of the mass outside the top-M
+                                       (LSE(logits outside) - LSE(logits), never log(1 - sum))
+        label_logp.npy [blocks, L]     float32 log-probability of the next token (0 at a block's
+                                       last position, which has none)
+
+Position t of a block holds the teacher's distribution of token t+1 given tokens 0..t of the
+block, at the cache's ``temperature``, over the student's vocabulary (the teacher's logits
+aligned first, as ``vocab_alignment`` says). A shard folder is published by an atomic rename
+once its four files are written, so a shard that exists is complete; the cache is complete when
+every shard of every split exists.
+
+``manifest.json``: ``format`` ("tad_torchtune.teacher_cache"), ``version`` (1), ``top_m``,
+``vocab_size``, ``temperature``, ``ids_dtype``, ``logp_dtype``, ``shard_blocks``, ``teacher``
+(what identifies it: model config, checkpoint files and sizes, dtype), and per split
+``{store_fingerprint, first_token, max_seq_len, num_blocks}``: the blocks it covers are tokens
+``first_token + [i * max_seq_len, (i + 1) * max_seq_len)`` of that store.
+"""
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tad_torchtune.errors import ConfigError
+from tad_torchtune.losses.cached import TeacherTopM
+
+FORMAT = "tad_torchtune.teacher_cache"
+VERSION = 1
+LOGP_DTYPES = ("float16", "bfloat16", "float32")
+FIELDS = ("ids", "logp", "log_rest", "label_logp")
+#: batch keys under which a cached block's statistics travel with its tokens
+BATCH_KEYS = {f: f"teacher_{f}" for f in FIELDS}
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Which blocks of which prepared store a split's cache covers."""
+
+    store_fingerprint: str
+    first_token: int
+    max_seq_len: int
+    num_blocks: int
+
+    @classmethod
+    def of(cls, dataset: Any) -> "BlockLayout":
+        """The layout of a ``tad_torchtune.data.TextBlockDataset``."""
+        start, stop = dataset.token_span(0)
+        return cls(dataset.fingerprint, int(start), int(stop - start), len(dataset))
+
+
+def ids_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 2**16 else "int32"
+
+
+def _shard_dir(root: Path, split: str, index: int) -> Path:
+    return root / split / f"shard_{index:06d}"
+
+
+def _to_numpy(x: torch.Tensor, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":  # NumPy has no bfloat16: its bits, as uint16
+        return x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+    return x.cpu().numpy().astype(dtype)
+
+
+def _from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if dtype == "bfloat16":
+        return t.view(torch.int16).view(torch.bfloat16).float()
+    return t.float() if t.is_floating_point() else t.long()
+
+
+class TeacherCache:
+    """A teacher cache folder, read (memory-mapped) or written shard by shard.
+
+    Args:
+        root: the folder (``teacher_cache_dir``).
+        manifest: the manifest to write when the folder has none yet (``TeacherCache.create``);
+            None opens an existing cache.
+
+    Raises:
+        ConfigError: the folder has no cache, or one of another format.
+    """
+
+    def __init__(self, root: str | os.PathLike, manifest: dict[str, Any] | None = None) -> None:
+        self.root = Path(root).expanduser()
+        path = self.root / "manifest.json"
+        if manifest is None:
+            if not path.is_file():
+                raise ConfigError(f"teacher_cache_dir: {str(self.root)!r} holds no teacher cache "
+                                  f"(no manifest.json); make one with tune run tad_cache")
+            manifest = json.loads(path.read_text())
+        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+            raise ConfigError(f"teacher_cache_dir: {str(path)!r} is not a {FORMAT} version "
+                              f"{VERSION} manifest")
+        self.manifest = manifest
+        self._open: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+
+    @classmethod
+    def create(cls, root: str | os.PathLike, *, top_m: int, vocab_size: int, temperature: float,
+               layouts: dict[str, BlockLayout], teacher: dict[str, Any],
+               logp_dtype: str = "float16", shard_blocks: int = 256) -> "TeacherCache":
+        """Open the cache at ``root`` for writing, making its manifest if it has none. An
+        existing manifest must describe the same cache (a resumed ``tad_cache``).
+
+        Raises:
+            ConfigError: ``root`` holds a cache made with other settings, naming them.
+        """
+        if logp_dtype not in LOGP_DTYPES:
+            raise ConfigError(f"cache_logp_dtype: must be one of {LOGP_DTYPES}, got {logp_dtype!r}")
+        manifest = {
+            "format": FORMAT, "version": VERSION, "top_m": int(top_m),
+            "vocab_size": int(vocab_size), "temperature": float(temperature),
+            "ids_dtype": ids_dtype(vocab_size), "logp_dtype": logp_dtype,
+            "shard_blocks": int(shard_blocks), "teacher": teacher,
+            "splits": {k: asdict(v) for k, v in layouts.items()},
+        }
+        root = Path(root).expanduser()
+        path = root / "manifest.json"
+        if path.is_file():
+            old = json.loads(path.read_text())
+            diff = sorted(k for k in manifest if old.get(k) != manifest[k])
+            if diff:
+                raise ConfigError(
+                    f"teacher_cache_dir: {str(root)!r} holds a cache made with other settings "
+                    f"({', '.join(f'{k}: {old.get(k)!r} there, {manifest[k]!r} now' for k in diff)});"
+                    f" give another teacher_cache_dir or delete that one")
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = root / ".manifest.json.tmp"
+            tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, path)
+        return cls(root)
+
+    # ------------------------------------------------------------------------------ the manifest
+
+    @property
+    def top_m(self) -> int:
+        return self.manifest["top_m"]
+
+    @property
+    def temperature(self) -> float:
+        return self.manifest["temperature"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["vocab_size"]
+
+    @property
+    def shard_blocks(self) -> int:
+        return self.manifest["shard_blocks"]
+
+    def layout(self, split: str) -> BlockLayout:
+        if split not in self.manifest["splits"]:
+            raise ConfigError(f"teacher_cache_dir: {str(self.root)!r} has no {split!r} split "
+                              f"(it has {sorted(self.manifest['splits'])})")
+        return BlockLayout(**self.manifest["splits"][split])
+
+    def num_shards(self, split: str) -> int:
+        return -(-self.layout(split).num_blocks // self.shard_blocks)
+
+    def missing_shards(self, split: str) -> list[int]:
+        """Shards of ``split`` not written yet (a complete cache has none)."""
+        return [i for i in range(self.num_shards(split))
+                if not _shard_dir(self.root, split, i).is_dir()]
+
+    def bytes_per_token(self) -> float:
+        """Bytes the cache takes per position."""
+        m = self.top_m
+        ids = 2 if self.manifest["ids_dtype"] == "uint16" else 4
+        logp = 4 if self.manifest["logp_dtype"] == "float32" else 2
+        return m * (ids + logp) + 8
+
+    def check(self, split: str, layout: BlockLayout, *, vocab_size: int) -> None:
+        """Refuse a cache that does not cover ``layout``'s blocks or the student's vocabulary,
+        or that is incomplete, naming what differs."""
+        mine = self.layout(split)
+        if mine != layout:
+            raise ConfigError(
+                f"teacher_cache_dir: {str(self.root)!r} was made for other {split} blocks "
+                f"({asdict(mine)}) than the dataset gives ({asdict(layout)}): the store "
+                f"fingerprint, max_seq_len or validation split changed; run tad_cache again")
+        if self.vocab_size != vocab_size:
+            raise ConfigError(f"teacher_cache_dir: {str(self.root)!r} holds ids of a {self.vocab_size}"
+                              f"-id vocabulary, the student's has {vocab_size}")
+        missing = self.missing_shards(split)
+        if missing:
+            raise ConfigError(f"teacher_cache_dir: {str(self.root)!r} is incomplete: {len(missing)}"
+                              f" of {self.num_shards(split)} {split} shards missing (first "
+                              f"{missing[0]}); run tune run tad_cache with the same config to "
+                              f"finish it")
+
+    # ------------------------------------------------------------------------------ read, write
+
+    def write_shard(self, split: str, index: int, stats: TeacherTopM) -> Path:
+        """Publish shard ``index`` of ``split`` (``stats`` ``[blocks, L, ...]``) atomically."""
+        final = _shard_dir(self.root, split, index)
+        tmp = final.parent / f".{final.name}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        encodings = {"ids": self.manifest["ids_dtype"], "logp": self.manifest["logp_dtype"],
+                     "log_rest": "float32", "label_logp": "float32"}
+        for field in FIELDS:
+            np.save(tmp / f"{field}.npy", _to_numpy(getattr(stats, field), encodings[field]))
+        os.replace(tmp, final)
+        return final
+
+    def _shard(self, split: str, index: int) -> dict[str, np.ndarray]:
+        key = (split, index)
+        if key not in self._open:
+            folder = _shard_dir(self.root, split, index)
+            self._open[key] = {f: np.load(folder / f"{f}.npy", mmap_mode="r") for f in FIELDS}
+        return self._open[key]
+
+    def block(self, split: str, index: int) -> dict[str, torch.Tensor]:
+        """The cached statistics of block ``index`` of ``split``, decoded: ``ids`` int64
+        ``[L, M]``, ``logp`` float32 ``[L, M]``, ``log_rest``, ``label_logp`` float32 ``[L]``."""
+        shard = self._shard(split, index // self.shard_blocks)
+        row = index % self.shard_blocks
+        return {"ids": _from_numpy(shard["ids"][row], self.manifest["ids_dtype"]),
+                "logp": _from_numpy(shard["logp"][row], self.manifest["logp_dtype"]),
+                "log_rest": _from_numpy(shard["log_rest"][row], "float32"),
+                "label_logp": _from_numpy(shard["label_logp"][row], "float32")}
+
+
+def encode_round_trip(stats: TeacherTopM, logp_dtype: str) -> TeacherTopM:
+    """``stats`` as the cache stores them (log-probabilities rounded to ``logp_dtype``): what a
+    cached loss reads back, for measuring the encoding's error without writing files."""
+    logp = _from_numpy(_to_numpy(stats.logp, logp_dtype), logp_dtype)
+    return TeacherTopM(stats.ids, logp.to(stats.logp.device), stats.log_rest, stats.label_logp)
+
+
+class CachedBlocks(torch.utils.data.Dataset):
+    """A ``TextBlockDataset`` whose samples also carry their block's cached teacher statistics
+    (``BATCH_KEYS``), checked against the cache first (``TeacherCache.check``)."""
+
+    def __init__(self, dataset: Any, cache: TeacherCache, split: str, *, vocab_size: int) -> None:
+        cache.check(split, BlockLayout.of(dataset), vocab_size=vocab_size)
+        self.dataset, self.cache, self.split = dataset, cache, split
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = dict(self.dataset[index])
+        for field, value in self.cache.block(self.split, index).items():
+            sample[BATCH_KEYS[field]] = value
+        return sample
+
+    def __getattr__(self, name: str) -> Any:  # fingerprint, store_path, ... of the dataset
+        if name in ("dataset", "cache", "split"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def batch_top_m(batch: dict[str, torch.Tensor]) -> TeacherTopM | None:
+    """The ``TeacherTopM`` a collated batch carries (``BATCH_KEYS``), or None."""
+    if BATCH_KEYS["ids"] not in batch:
+        return None
+    return TeacherTopM(*(batch[BATCH_KEYS[f]] for f in FIELDS))

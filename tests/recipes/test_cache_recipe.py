@@ -1,0 +1,153 @@
+"""``tune run tad_cache`` and ``tad_distill`` from a teacher cache, on tiny local models."""
+
+import filecmp
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.recipes import tiny
+
+V = tiny.VOCAB
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return tiny.make_assets(tmp_path_factory.mktemp("assets"))
+
+
+@pytest.fixture(scope="module")
+def online(assets, tmp_path_factory):
+    """The reference: 6 steps with the live teacher."""
+    out = tmp_path_factory.mktemp("online") / "out"
+    cfg = tiny.base_config(assets, out, max_steps=6, eval_every_n_steps=3, export_hf=False)
+    tiny.run_tune(["tad_distill", "--config", str(tiny.write_config(cfg, out.parent / "c.yaml"))],
+                  cwd=out.parent)
+    return out
+
+
+def _cache(assets, tmp_path, name, **overrides):
+    cache = tmp_path / name
+    cfg = tiny.base_config(assets, tmp_path / "unused", teacher_cache_dir=str(cache), **overrides)
+    proc = tiny.run_tune(["tad_cache", "--config", str(tiny.write_config(cfg, tmp_path / f"{name}.yaml"))],
+                         cwd=tmp_path)
+    return cache, proc
+
+
+@pytest.fixture(scope="module")
+def exact_cache(assets, tmp_path_factory):
+    """A cache holding all but one id per position in float32: the bucket is one id, so the
+    cached losses are the online ones."""
+    tmp = tmp_path_factory.mktemp("exact")
+    cache, _ = _cache(assets, tmp, "cache", cache_top_m=V - 1, cache_logp_dtype="float32",
+                      cache_shard_blocks=16)
+    return cache
+
+
+def _run(assets, tmp_path, name, nproc=1, **overrides):
+    out = tmp_path / name
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = tiny.base_config(assets, out, max_steps=6, eval_every_n_steps=3, export_hf=False,
+                           **overrides)
+    tiny.run_tune(["tad_distill", "--config", str(tiny.write_config(cfg, out / "c.yaml"))],
+                  cwd=tmp_path, nproc=nproc)
+    return out
+
+
+def _same(a: dict, b: dict, rtol: float):
+    assert sorted(a) == sorted(b) and a
+    for step in a:
+        assert math.isclose(a[step], b[step], rel_tol=rtol), (step, a[step], b[step])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fused", [False, True])
+def test_training_from_an_exact_cache_gives_the_online_losses(assets, online, exact_cache,
+                                                              tmp_path, fused):
+    out = _run(assets, tmp_path, "cached", teacher_cache_dir=str(exact_cache), fused=fused)
+    _same(tiny.train_losses(out), tiny.train_losses(online), rtol=1e-5)
+    # validation ran with the live teacher: the exact held-out KL, as online
+    val = {r["step"]: r["val_kl"] for r in tiny.read_metrics(out) if "val_kl" in r}
+    ref = {r["step"]: r["val_kl"] for r in tiny.read_metrics(online) if "val_kl" in r}
+    _same(val, ref, rtol=1e-5)
+    manifest = json.loads((exact_cache / "manifest.json").read_text())
+    assert manifest["top_m"] == V - 1 and manifest["splits"]["train"]["max_seq_len"] == 32
+
+
+@pytest.mark.slow
+def test_accumulation_and_two_processes_from_the_cache(assets, exact_cache, tmp_path):
+    one = _run(assets, tmp_path, "one", teacher_cache_dir=str(exact_cache))
+    accum = _run(assets, tmp_path, "accum", teacher_cache_dir=str(exact_cache), batch_size=2,
+                 gradient_accumulation_steps=4)
+    two = _run(assets, tmp_path, "two", nproc=2, teacher_cache_dir=str(exact_cache), batch_size=4)
+    _same(tiny.train_losses(accum), tiny.train_losses(one), rtol=1e-5)
+    _same(tiny.train_losses(two), tiny.train_losses(one), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_killed_tad_cache_resumes_to_the_same_bytes(assets, tmp_path):
+    whole, _ = _cache(assets, tmp_path, "whole", cache_top_m=8, cache_shard_blocks=4,
+                      batch_size=2)
+    cache = tmp_path / "killed"
+    cfg = tiny.base_config(assets, tmp_path / "unused", teacher_cache_dir=str(cache),
+                           cache_top_m=8, cache_shard_blocks=4, batch_size=2)
+    path = tiny.write_config(cfg, tmp_path / "killed.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([tiny.tune_bin(), "run", "tad_cache", "--config", str(path)],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((cache / "train").glob("shard_*")):
+        assert proc.poll() is None, "tad_cache ended before it could be killed"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in (cache / "train").glob("shard_*"))
+    total = sorted(p.name for p in (whole / "train").glob("shard_*"))
+    assert 0 < len(done) < len(total), (done, total)
+    tiny.run_tune(["tad_cache", "--config", str(path)], cwd=tmp_path)
+    for name in total:
+        for f in ("ids.npy", "logp.npy", "log_rest.npy", "label_logp.npy"):
+            assert filecmp.cmp(whole / "train" / name / f, cache / "train" / name / f,
+                               shallow=False), (name, f)
+    assert not list((cache / "train").glob(".*"))  # no temporary folder left
+
+
+def test_cache_errors_name_the_keys(assets, tmp_path):
+    cache, proc = _cache(assets, tmp_path, "small", cache_top_m=4)
+    assert "bytes per token" in proc.stdout
+
+    def fails(**overrides):
+        cfg = tiny.base_config(assets, tmp_path / "o", teacher_cache_dir=str(cache), **overrides)
+        result = tiny.run_tune(["tad_distill", "--config",
+                                str(tiny.write_config(cfg, tmp_path / "bad.yaml"))],
+                               cwd=tmp_path, check=False)
+        assert result.returncode == 2, result.stderr
+        lines = [line for line in result.stderr.splitlines() if "error:" in line]
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        return lines[0]
+
+    line = fails()  # the tiny config's TAD has k=5 > 4
+    assert line == (f"tad_distill: error: kd_loss.k: k=5 exceeds the teacher cache's top_m=4: TAD "
+                    f"from a cache needs its top-K among the cached ids (k <= top_m) "
+                    f"(teacher_cache_dir={str(cache)!r}, made with cache_top_m=4)")
+    line = fails(**{"kd_loss.k": 2, "kd_loss.temperature": 2.0})
+    assert line.startswith("tad_distill: error: kd_loss.temperature: 2.0 differs from the "
+                           "teacher cache's 1.0")
+    line = fails(**{"dataset.max_seq_len": 16, "kd_loss.k": 2})
+    assert "teacher_cache_dir: " in line and "was made for other train blocks" in line
+    line = fails(hidden_weight=1.0, hidden_loss={
+        "_component_": "tad_torchtune.losses.HiddenCosineLoss"})
+    assert line.startswith("tad_distill: error: hidden_weight: the hidden-state loss needs the "
+                           "live teacher's hidden states")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = tiny.base_config(assets, tmp_path / "o", teacher_cache_dir=str(empty))
+    result = tiny.run_tune(["tad_distill", "--config", str(tiny.write_config(cfg, tmp_path / "e.yaml"))],
+                           cwd=tmp_path, check=False)
+    assert f"teacher_cache_dir: {str(empty)!r} holds no teacher cache (no manifest.json)" in result.stderr
