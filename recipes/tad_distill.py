@@ -26,7 +26,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -352,18 +352,7 @@ class TADDistillRecipe:
             )
             batches = iter(self._train_loader)
             while self.step_in_epoch < self._steps_per_epoch and self.global_step < self._total_steps:
-                t0 = time.perf_counter()
-                micro = [self._prepare(next(batches)) for _ in range(self._grad_accum)]
-                log = self._train_step([b for b, _ in micro], sum(n for _, n in micro))
-                seconds = time.perf_counter() - t0
-                self.global_step += 1
-                self.step_in_epoch += 1
-                self.tokens_seen += int(log["step_tokens"])
-                log.update(self._speed([b for b, _ in micro], log["step_tokens"], seconds))
-                progress.update(1)
-                progress.set_postfix(self._postfix(log))
-                if self.global_step % self._log_every == 0 or self.global_step == self._total_steps:
-                    self._log(log)
+                self.train_step(batches, progress)
                 if self._eval_every and self.global_step % self._eval_every == 0:
                     self._log(self.evaluate())
                 if self._save_every and self.global_step % self._save_every == 0:
@@ -379,6 +368,26 @@ class TADDistillRecipe:
         if not (self._save_every and self.global_step % self._save_every == 0):
             self.save(export=False)  # the final export follows
         self.export(self._output_dir / "student")
+
+    def train_step(self, batches: Iterator[dict[str, Any]], progress: tqdm | None = None
+                   ) -> dict[str, float]:
+        """One optimizer step as ``train`` runs it: the micro-batches fetched from ``batches``
+        and prepared, the step (``_train_step``), its throughput and MFU, the progress bar, and
+        the metrics when it is a logging step. Returns the step's metrics."""
+        t0 = time.perf_counter()
+        micro = [self._prepare(next(batches)) for _ in range(self._grad_accum)]
+        log = self._train_step([b for b, _ in micro], sum(n for _, n in micro))
+        seconds = time.perf_counter() - t0
+        self.global_step += 1
+        self.step_in_epoch += 1
+        self.tokens_seen += int(log["step_tokens"])
+        log.update(self._speed([b for b, _ in micro], log["step_tokens"], seconds))
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(self._postfix(log))
+        if self.global_step % self._log_every == 0 or self.global_step == self._total_steps:
+            self._log(log)
+        return log
 
     def _speed(self, micro: list[dict[str, Tensor]], valid_tokens: float,
                seconds: float) -> dict[str, float]:

@@ -56,7 +56,7 @@ SCALARS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "document_mask": (bool, False),
     "resume_on_different_data": (bool, False),
     "teacher_cache_dir": ((str, type(None)), None),
-    "cache_top_m": (int, 32),
+    "cache_top_m": (int, 48),
     "cache_logp_dtype": (str, "float16"),
     "cache_shard_blocks": (int, 256),
 }
@@ -82,6 +82,9 @@ def _check_component(cfg: DictConfig, key: str) -> Any:
             f"{key}: must be a mapping with a `_component_` dotpath (e.g. `{key}._component_: "
             f"package.module.name`), got {OmegaConf.to_container(node) if isinstance(node, DictConfig) else node!r}"
         )
+    if not isinstance(node._component_, str):
+        raise ValueError(f"{key}._component_: must be a dotpath (package.module.name), got "
+                         f"{node._component_!r}")
     try:
         return _get_component_from_path(node._component_)
     except Exception as e:  # torchtune raises its own InstantiationError
@@ -89,11 +92,18 @@ def _check_component(cfg: DictConfig, key: str) -> Any:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Check a ``tad_distill`` config before anything heavy is built.
+    """Check a ``tad_distill`` config before anything heavy is built. An optional component
+    whose ``_component_`` is null (``validation_dataset=null`` on the command line) is removed.
 
     Raises:
         ValueError: naming the first offending field, its value and what is accepted.
     """
+    for key in OPTIONAL_COMPONENTS:
+        # `tune run ... validation_dataset=null` sets the node's _component_ (torchtune's CLI
+        # cannot remove a component): an optional component so switched off is absent
+        node = cfg.get(key)
+        if isinstance(node, DictConfig) and "_component_" in node and node._component_ is None:
+            cfg[key] = None
     unknown = sorted(set(cfg.keys()) - ALLOWED_KEYS)
     if unknown:
         raise ValueError(

@@ -28,3 +28,24 @@ def test_config_names_resolve_to_bundled_files(tmp_path):
     existing = tmp_path / "mine.yaml"
     existing.write_text("seed: 1\n")
     assert resolve_config_argv(["x", "--config", str(existing)])[2] == str(existing)
+
+
+def test_an_optional_component_set_to_null_on_the_command_line_is_absent():
+    """``tune run tad_distill ... validation_dataset=null lr_scheduler=null``: torchtune's CLI
+    sets the nodes' ``_component_`` to null; the check then drops those components."""
+    from omegaconf import OmegaConf
+
+    from tad_torchtune.config_checks import validate_config
+    from tad_torchtune.demo import bundled_config
+
+    cfg = OmegaConf.create(bundled_config("demo"))
+    cfg.validation_dataset._component_ = None
+    cfg.lr_scheduler._component_ = None
+    validate_config(cfg)
+    assert cfg.validation_dataset is None and cfg.lr_scheduler is None
+    cfg.dataset._component_ = None  # a required one stays an error
+    import pytest
+
+    with pytest.raises(ValueError, match=r"^dataset._component_: must be a dotpath "
+                                         r"\(package.module.name\), got None$"):
+        validate_config(cfg)
