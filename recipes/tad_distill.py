@@ -190,6 +190,11 @@ class TADDistillRecipe:
         kd_loss = instantiate(cfg.kd_loss, "kd_loss") if self._kd_weight > 0 else None
         hidden_loss = (instantiate(cfg.hidden_loss, "hidden_loss") if self._hidden_weight > 0
                        else None)
+        if kd_loss is not None and hasattr(kd_loss, "check_k"):
+            try:
+                kd_loss.check_k(self._student_vocab)
+            except ValueError as err:
+                raise ConfigError(f"kd_loss.k: {err}") from None
         if self._teacher_cache is not None and kd_loss is not None:
             self._check_cache_serves(kd_loss)
         self._head = StudentHead(

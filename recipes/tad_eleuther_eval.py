@@ -36,6 +36,7 @@ from packaging.version import Version
 from torchtune import config, training, utils
 
 from tad_torchtune.config_checks import resolve_config_argv, resolve_package_paths
+from tad_torchtune.errors import reports_user_errors
 
 MIN_LM_EVAL = "0.4.5"  # torchtune 0.6.1's own minimum
 
@@ -163,6 +164,7 @@ class TADEleutherEvalRecipe(eleuther_eval.EleutherEvalRecipe):
         return output
 
 
+@reports_user_errors("tad_eleuther_eval")
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point of ``tune run tad_eleuther_eval --config ...``."""
@@ -175,8 +177,4 @@ def recipe_main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = resolve_config_argv(sys.argv)
-    try:
-        sys.exit(recipe_main())
-    except ValueError as err:  # a config error a user can fix: one line naming the key
-        print(f"tad_eleuther_eval: {err}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(recipe_main())

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from tad_torchtune.common import DTYPES, shift_labels
 from tad_torchtune.config_checks import resolve_config_argv, resolve_package_paths
 from tad_torchtune.data import resolve_asset
+from tad_torchtune.errors import check_checkpoint_files, instantiate, reports_user_errors
 from tad_torchtune.metrics import TAIL_KS, StudentMetrics, TeacherMetrics
 from tad_torchtune.models import build_model, forward_hidden, model_from_hf_config, project_logits
 
@@ -74,6 +75,8 @@ def load_hf_model(spec: DictConfig, *, where: str, device: torch.device, dtype: 
     else:
         model, family = model_from_hf_config(hf, where=f"{where}.checkpoint_dir")
         model_type = spec.get("model_type", family.checkpointer_model_type)
+    check_checkpoint_files({"checkpoint_dir": str(ckpt_dir), "checkpoint_files": list(files)},
+                           where)
     # The checkpointer insists on an output folder; nothing is written there while loading.
     with tempfile.TemporaryDirectory() as tmp:
         checkpointer = training.FullModelHFCheckpointer(
@@ -117,8 +120,8 @@ class TADEvalRecipe:
     def setup(self, cfg: DictConfig) -> None:
         # Tokenizer before the dataset (which tokenizes with it); models last, the heaviest part.
         torch.manual_seed(int(cfg.get("seed", 0)))
-        tokenizer = config.instantiate(cfg.tokenizer)
-        dataset = config.instantiate(cfg.dataset, tokenizer)
+        tokenizer = instantiate(cfg.tokenizer, "tokenizer")
+        dataset = instantiate(cfg.dataset, "dataset", tokenizer)
         if len(dataset) == 0:
             raise ValueError("dataset: the held-out set is empty")
         self._dataset = dataset
@@ -204,6 +207,7 @@ def summary_table(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+@reports_user_errors("tad_eval")
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point of ``tune run tad_eval --config ...``."""

@@ -25,6 +25,7 @@ from torchtune.config._utils import _get_component_from_path
 
 from tad_torchtune.config_checks import resolve_config_argv, resolve_package_paths
 from tad_torchtune.data import TextBlockDataset, prepare_store, text_block_dataset
+from tad_torchtune.errors import instantiate, reports_user_errors
 
 DATASET_KEYS = ("dataset", "validation_dataset")
 
@@ -68,7 +69,7 @@ class TADPrepareRecipe:
         if not self._datasets:
             raise ValueError("dataset: missing; tad_prepare needs a `dataset` of "
                              "tad_torchtune.data.text_block_dataset")
-        self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._tokenizer = instantiate(cfg.tokenizer, "tokenizer")
 
     def prepare(self) -> list[dict[str, Any]]:
         """Build or open each dataset's store; returns and prints what each one holds."""
@@ -103,6 +104,7 @@ class TADPrepareRecipe:
         return reports
 
 
+@reports_user_errors("tad_prepare")
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point of ``tune run tad_prepare --config ...``."""

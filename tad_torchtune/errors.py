@@ -126,7 +126,7 @@ def check_checkpoint_files(node: Any, key: str) -> None:
     if not folder.is_dir():
         raise ConfigError(f"{key}.checkpoint_dir: {str(folder)!r} is not a folder")
     files = node.get("checkpoint_files") or []
-    if isinstance(files, str) or hasattr(files, "get") and not isinstance(files, (list, tuple)):
+    if isinstance(files, str) or hasattr(files, "keys"):
         return  # torchtune's {filename_format, max_filename} form: left to torchtune
     for name in list(files):
         path = folder / str(name)

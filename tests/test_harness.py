@@ -208,10 +208,10 @@ def test_demo_student_perplexity_agrees_across_harness_paths(tmp_path):
 def test_eleuther_recipe_errors_are_one_line(tmp_path):
     cases = [
         ([f"student_dir={tmp_path / 'nowhere'}"],
-         f"tad_eleuther_eval: checkpointer.checkpoint_dir: '{tmp_path / 'nowhere'}' is not a "
+         f"tad_eleuther_eval: error: checkpointer.checkpoint_dir: '{tmp_path / 'nowhere'}' is not a "
          "folder; give the student tad_distill exported (student_dir=OUTPUT_DIR/student)"),
         ([f"student_dir={DEMO / 'teacher'}", "tasks=[jargon_heldoot]"],
-         f"tad_eleuther_eval: tasks: 'jargon_heldoot' is neither a task, group or tag of lm_eval "
+         f"tad_eleuther_eval: error: tasks: 'jargon_heldoot' is neither a task, group or tag of lm_eval "
          f"nor of include_path '{TASKS_DIR}', nor a task YAML file; e.g. jargon_heldout (shipped) "
          "or hellaswag; `lm_eval ls tasks` lists them"),
     ]
@@ -220,5 +220,5 @@ def test_eleuther_recipe_errors_are_one_line(tmp_path):
             [str(BIN / "tune"), "run", "tad_eleuther_eval", "--config", "eleuther_eval_student",
              f"output_dir={tmp_path / 'out'}", *overrides],
             capture_output=True, text=True, timeout=300, cwd=tmp_path, env=os.environ | OFFLINE)
-        assert proc.returncode == 1
+        assert proc.returncode == 2
         assert proc.stderr.splitlines()[-1] == line and "Traceback" not in proc.stderr

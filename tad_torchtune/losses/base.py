@@ -85,6 +85,10 @@ class Divergence(nn.Module):
     stat_names: tuple[str, ...] = ()
     chunk_fn = None
     chunk_grad_fn = None
+    #: ``chunk_grad_fn(..., ce_weight=c)`` also returns the per-token cross-entropy of ``s``
+    #: (temperature 1) and the gradient of ``divergence + c * CE``: the fused head then spends no
+    #: pass over ``[n, V]`` on the CE
+    fuses_ce: bool = False
     needs_teacher_pass: bool = False
     #: ``(s, labels, ids, logp, log_rest, label_logp, *extras) -> (per_token, stats)``: the value
     #: from a teacher cache (``losses/cached.py``) instead of teacher logits; None: no such version

@@ -123,13 +123,14 @@ def _autograd_chunk_grad(fn):
 
 
 def _head_chunk(z: Tensor, t: Tensor | None, y: Tensor, rows: Tensor, extras: tuple,
-                div_grad, ignored: bool, compute_ce: bool, ce_weight: float, kd_weight: float,
-                tau: float, cap: float | None):
+                div_grad, fuses_ce: bool, ignored: bool, compute_ce: bool, ce_weight: float,
+                kd_weight: float, tau: float, cap: float | None):
     """One chunk of the fused head, after the projections.
 
     ``z`` ``[n, V]``: the student's soft-capped float32 logits (its own buffer: consumed). ``t``:
     the teacher's chunk as the divergence sees it (scratch), or None without a divergence or
-    from a teacher cache (whose entries are among the ``extras``).
+    from a teacher cache (whose entries are among the ``extras``). ``fuses_ce``: the
+    divergence's closed form computes the CE term too (``Divergence.fuses_ce``, temperature 1).
 
     Returns:
         ``(ce [n] | None, kd [n] | None, stats, grad [n, V])``, ``grad`` the gradient of
@@ -138,23 +139,32 @@ def _head_chunk(z: Tensor, t: Tensor | None, y: Tensor, rows: Tensor, extras: tu
     """
     if ignored:
         z = z.masked_fill_(~rows, 0.0)
+    want_ce = compute_ce or bool(ce_weight)
     ce = lse = None
-    if compute_ce or ce_weight:
-        lse = z.logsumexp(-1)  # (n,)
-        ce = lse - z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
     kd, stats, grad = None, {}, None
     s = z
-    if div_grad is not None:
-        s = z.div_(tau) if tau != 1.0 else z  # s is read only from here
-        kd, stats, grad = div_grad(s, y, *extras) if t is None else div_grad(s, t, y, *extras)
+    if div_grad is not None and fuses_ce and tau == 1.0 and want_ce and kd_weight:
+        # the divergence's closed form folds the CE in: grad of KD + (ce_weight / kd_weight) CE
+        args = (s, y, *extras) if t is None else (s, t, y, *extras)
+        kd, stats, grad, ce = div_grad(*args, ce_weight=ce_weight / kd_weight)
         del t
-        if kd_weight / tau != 1.0:
-            grad = grad.mul_(kd_weight / tau)
-    if ce_weight:  # + ce_weight * (softmax(z) - onehot(y)), z = s * tau
-        q = (s.mul(tau) if tau != 1.0 else s.clone()).sub_(lse.unsqueeze(-1)).exp_()
-        grad = q.mul_(ce_weight) if grad is None else grad.add_(q, alpha=ce_weight)
-        del q
-        grad.scatter_add_(-1, y.unsqueeze(-1), grad.new_full((y.shape[0], 1), -ce_weight))
+        if kd_weight != 1.0:
+            grad = grad.mul_(kd_weight)
+    else:
+        if want_ce:
+            lse = z.logsumexp(-1)  # (n,)
+            ce = lse - z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        if div_grad is not None:
+            s = z.div_(tau) if tau != 1.0 else z  # s is read only from here
+            kd, stats, grad = div_grad(s, y, *extras) if t is None else div_grad(s, t, y, *extras)
+            del t
+            if kd_weight / tau != 1.0:
+                grad = grad.mul_(kd_weight / tau)
+        if ce_weight:  # + ce_weight * (softmax(z) - onehot(y)), z = s * tau
+            q = (s.mul(tau) if tau != 1.0 else s.clone()).sub_(lse.unsqueeze(-1)).exp_()
+            grad = q.mul_(ce_weight) if grad is None else grad.add_(q, alpha=ce_weight)
+            del q
+            grad.scatter_add_(-1, y.unsqueeze(-1), grad.new_full((y.shape[0], 1), -ce_weight))
     if grad is None:  # nothing is differentiated (both weights 0)
         grad = torch.zeros_like(z)
     if ignored:
@@ -275,12 +285,13 @@ class _FusedHead(torch.autograd.Function):
         dtype = compute_dtype(h_s.dtype)
         valid = labels != plan.ignore_index  # (N,)
         y = torch.where(valid, labels, 0)
-        div_grad = None
+        div_grad, fuses_ce = None, False
         if isinstance(teacher, _CachedTeacher):
             div_grad = (getattr(div, "cached_chunk_grad_fn", None)
                         or _autograd_chunk_grad(div.cached_chunk_fn))
         elif div is not None:
             div_grad = div.chunk_grad_fn or _autograd_chunk_grad(div.chunk_fn)
+            fuses_ce = div.fuses_ce and div.chunk_grad_fn is not None
         step = _compiled(_head_chunk) if plan.compile_chunks else _head_chunk
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # float32 even for bf16 inputs: the weight gradient is a sum over all chunks (unless
@@ -307,8 +318,9 @@ class _FusedHead(torch.autograd.Function):
                 z = _capped(torch.nn.functional.linear(h_s[sl], w_s), plan.student_softcap, dtype)
                 t = teacher.chunk(i, sl, rows, ignored) if div is not None else None
                 ce, kd, stats, grad = step(
-                    z, t, y[sl], rows, tuple(e[local] for e in extras), div_grad, ignored,
-                    plan.compute_ce, plan.ce_weight, plan.kd_weight, tau, plan.student_softcap)
+                    z, t, y[sl], rows, tuple(e[local] for e in extras), div_grad, fuses_ce,
+                    ignored, plan.compute_ce, plan.ce_weight, plan.kd_weight, tau,
+                    plan.student_softcap)
                 del z, t
                 zero = sums.new_zeros(())
                 parts = [zero if v is None else torch.where(valid[sl], v, zero).sum()

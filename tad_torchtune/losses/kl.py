@@ -49,15 +49,25 @@ def reverse_kl_cached_chunk(s: Tensor, labels: Tensor, ids: Tensor, logp: Tensor
 
 
 def forward_kl_chunk_grad(
-    s: Tensor, t: Tensor, labels: Tensor
-) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    s: Tensor, t: Tensor, labels: Tensor, *, ce_weight: float | None = None
+) -> tuple[Tensor, ...]:
     """``forward_kl_chunk`` plus its gradient w.r.t. ``s``, ``q - p`` (the fused path's chunk).
-    ``t`` is scratch (``log p``, then the per-entry terms): two ``[n, V]`` buffers are new."""
+    ``t`` is scratch (``log p``, then the per-entry terms): two ``[n, V]`` buffers are new.
+
+    With ``ce_weight`` (temperature 1) it also returns the per-token cross-entropy ``-log q_y``
+    and ``grad`` is that of ``KL + ce_weight * CE``, ``(1 + ce_weight) q - p - ce_weight
+    onehot(y)``, at no extra pass over ``[n, V]``."""
     log_q = torch.log_softmax(s, dim=-1)
     log_p = t.sub_(t.logsumexp(-1, keepdim=True))
     p = log_p.exp()
     per_token = masked_xlogy_terms_(p, log_p.sub_(log_q)).sum(-1)
-    return per_token, {}, log_q.exp_().sub_(p)
+    if ce_weight is None:
+        return per_token, {}, log_q.exp_().sub_(p)
+    y = labels.unsqueeze(-1)
+    ce = -log_q.gather(-1, y).squeeze(-1)
+    grad = log_q.exp_().mul_(1.0 + ce_weight).sub_(p)
+    grad.scatter_add_(-1, y, grad.new_full(y.shape, -ce_weight))
+    return per_token, {}, grad, ce
 
 
 def reverse_kl_chunk_grad(
@@ -92,6 +102,7 @@ class ForwardKLLoss(Divergence):
     name = "forward_kl"
     chunk_fn = staticmethod(forward_kl_chunk)
     chunk_grad_fn = staticmethod(forward_kl_chunk_grad)
+    fuses_ce = True
     cached_chunk_fn = staticmethod(forward_kl_cached_chunk)
 
 

@@ -128,18 +128,25 @@ def tad_chunk_grad(
     lse_t_tail: Tensor,
     tail_weight: Tensor,
     abar: Tensor,
-) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    *,
+    ce_weight: float | None = None,
+) -> tuple[Tensor, ...]:
     """``tad_chunk`` plus its gradient w.r.t. ``s`` in closed form (the fused path's chunk).
 
     With ``w = tail_weight``, ``qt = q / alphaS`` and ``pt = p / alphaT`` on the tail:
     ``dL/ds_i = q_i - p_i`` on a top-K id and ``q_i - alphaT qt_i + w (qt_i - pt_i)`` on a tail id
     (paper eq. 6 rewritten without dividing by ``alphaT``, which may underflow).
 
+    With ``ce_weight`` (temperature 1, so ``s`` are the logits themselves) the chunk also
+    returns the per-token cross-entropy ``LSE(s) - s_y`` and ``grad`` is that of
+    ``TAD + ce_weight * CE``: the CE's ``ce_weight * q`` joins the coefficients (``q = alphaS qt``
+    on the tail), so the CE costs no pass over ``[n, V]`` of its own.
+
     ``t`` is scratch: it is overwritten (the fused path's teacher chunk is its own). Besides ``s``
     and ``t`` the chunk allocates two ``[n, V]`` float buffers, one of which becomes ``grad``.
 
     Returns:
-        ``(per_token [n], stats, grad [n, V])``.
+        ``(per_token [n], stats, grad [n, V])``, and ``ce [n]`` with ``ce_weight``.
     """
     neg_inf = float("-inf")
     zero = s.new_zeros(())
@@ -170,11 +177,17 @@ def tad_chunk_grad(
     per_token = dkl1 + torch.where(w > 0, w * dkl2, zero)
 
     # Tail: q - alphaT qt + w (qt - pt) = (alphaS - alphaT + w) qt - w pt; top-K: q - p.
-    coef = log_alpha_s.exp() - alpha_t + w
+    alpha_s = log_alpha_s.exp()
+    c = 0.0 if ce_weight is None else ce_weight  # + c q = c alphaS qt on the tail, c q on top-K
+    coef = alpha_s * (1.0 + c) - alpha_t + w
     grad = log_qt.exp_().mul_(coef.unsqueeze(-1)).sub_(pt.mul_(w.unsqueeze(-1)))
-    grad.scatter_(-1, topk_idx, log_q_top.exp() - p_top)
+    grad.scatter_(-1, topk_idx, log_q_top.exp().mul_(1.0 + c) - p_top)
     stats = {"dkl1": dkl1, "dkl2": dkl2, "tail_mass": alpha_t, "abar": abar}
-    return per_token, stats, grad
+    if ce_weight is None:
+        return per_token, stats, grad
+    y = labels.unsqueeze(-1)
+    grad.scatter_add_(-1, y, grad.new_full(y.shape, -c))
+    return per_token, stats, grad, lse_s - s.gather(-1, y).squeeze(-1)
 
 
 def cached_log_tail(logp: Tensor, log_rest: Tensor, k: int) -> Tensor:
@@ -258,6 +271,7 @@ class TADLoss(Divergence):
     needs_teacher_pass = True
     chunk_fn = staticmethod(tad_chunk)
     chunk_grad_fn = staticmethod(tad_chunk_grad)
+    fuses_ce = True
 
     def __init__(
         self,

@@ -306,6 +306,28 @@ def test_chunk_grad_fn_equals_autograd(name, kind):
         torch.testing.assert_close(stats2[k], stats[k].detach(), atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("kind", ["plain", "masked_vocab", "huge", "one_hot_teacher"])
+@pytest.mark.parametrize("name", sorted(n for n, d in DIVERGENCES.items() if d().fuses_ce))
+def test_chunk_grad_fn_with_the_cross_entropy_folded_in(name, kind):
+    """``chunk_grad_fn(..., ce_weight=c)``: the divergence's value, the per-token CE and the
+    gradient of ``divergence + c * CE``, against autograd of ``chunk_fn`` plus torch's CE."""
+    div = DIVERGENCES[name]()
+    s, t, y = chunk_inputs(kind)
+    extras = ()
+    if div.needs_teacher_pass:
+        stats = tuple(x.unsqueeze(0) for x in div.teacher_chunk_stats(t))
+        extras = tuple(e[0] for e in div.teacher_extras(stats, torch.ones(1, len(y), dtype=bool)))
+    c = 0.7
+    s_ = s.clone().requires_grad_(True)
+    value, _ = div.chunk_fn(s_, t, y, *extras)
+    ce = torch.nn.functional.cross_entropy(s_, y, reduction="none")
+    (grad,) = torch.autograd.grad((value + c * ce).sum(), s_)
+    value2, _, grad2, ce2 = div.chunk_grad_fn(s, t.clone(), y, *extras, ce_weight=c)
+    torch.testing.assert_close(value2, value.detach(), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(ce2, ce.detach(), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(grad2, grad, atol=1e-10, rtol=1e-8)
+
+
 # ----------------------------------------------------------------------------- teacher cache
 
 ROW_BYTES = T * V * 4  # one row of float32 teacher logits

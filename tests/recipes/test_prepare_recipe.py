@@ -40,12 +40,13 @@ def test_config_errors(tmp_path):
                              "dataset": {"_component_": "torchtune.datasets.text_completion_dataset"}},
                             tmp_path / "c.yaml")
     proc = tiny.run_tune(["tad_prepare", "--config", str(cfg)], cwd=tmp_path, check=False)
-    assert proc.returncode != 0
-    assert ("ValueError: dataset._component_: tad_prepare builds the token stores of "
-            "tad_torchtune.data.text_block_dataset, got 'torchtune.datasets.text_completion_dataset'"
-            in proc.stderr)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        "tad_prepare: error: dataset._component_: tad_prepare builds the token stores of "
+        "tad_torchtune.data.text_block_dataset, got 'torchtune.datasets.text_completion_dataset'")
     proc = tiny.run_tune(["tad_prepare", "--config", "demo", "num_workers=0"], cwd=tmp_path, check=False)
-    assert "ValueError: num_workers: must be an integer >= 1 or null, got 0" in proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        "tad_prepare: error: num_workers: must be an integer >= 1 or null, got 0")
 
 
 def test_sigkill_midway_leaves_no_store_and_the_next_run_builds_it(tmp_path):
