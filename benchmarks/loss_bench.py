@@ -527,6 +527,15 @@ def main() -> None:
                   f"(GPU target <= 1.5); peak extra MiB {fmt(got[tad]['peak_mib'], '.0f')}, "
                   f"beyond the gradients {fmt(beyond_gradients(got[tad]), '.0f')} "
                   f"(GPU target <= 2048)")
+        for mode in ("fused_step", "fused_step_compiled"):
+            for name in args.divergences:
+                head = (mode, name)
+                if head not in got:
+                    continue
+                print(f"- {shape} {mode} (CE + {name}, the recipe's head) / matmul floor time: "
+                      f"{ratio(head, floor, 'ms')} (CE + TAD: CPU target <= 1.25); / two_pass "
+                      f"(a CE pass of its own, then the divergence): "
+                      f"{ratio(head, ('two_pass', name), 'ms')}")
         for name in args.divergences:
             f, u = ("fused", name), ("unfused", name)
             print(f"- {shape} {name}: fused / unfused time {ratio(f, u, 'ms')}, "

@@ -93,6 +93,8 @@ class Divergence(nn.Module):
     #: ``(s, labels, ids, logp, log_rest, label_logp, *extras) -> (per_token, stats)``: the value
     #: from a teacher cache (``losses/cached.py``) instead of teacher logits; None: no such version
     cached_chunk_fn = None
+    #: its closed-form gradient, as ``chunk_grad_fn``; None: autograd through ``cached_chunk_fn``
+    cached_chunk_grad_fn = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

@@ -287,8 +287,7 @@ class _FusedHead(torch.autograd.Function):
         y = torch.where(valid, labels, 0)
         div_grad, fuses_ce = None, False
         if isinstance(teacher, _CachedTeacher):
-            div_grad = (getattr(div, "cached_chunk_grad_fn", None)
-                        or _autograd_chunk_grad(div.cached_chunk_fn))
+            div_grad = div.cached_chunk_grad_fn or _autograd_chunk_grad(div.cached_chunk_fn)
         elif div is not None:
             div_grad = div.chunk_grad_fn or _autograd_chunk_grad(div.chunk_fn)
             fuses_ce = div.fuses_ce and div.chunk_grad_fn is not None
