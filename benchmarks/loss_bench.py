@@ -518,7 +518,9 @@ def _subprocess(args, task: dict) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def main() -> None:
+def main() -> int:
+    """Exit code 1 when a measurement's subprocess failed (its row says how); an OOM or an
+    unavailable case is a result, not a failure."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
@@ -558,7 +560,7 @@ def main() -> None:
                                    task["warmup"], task["repeats"], args.fused_chunk,
                                    args.teacher_cache_mib)
         print("RESULT " + json.dumps(result))
-        return
+        return 0
 
     try:
         shapes = [parse_shape(s) for s in (args.shapes or DEFAULT_SHAPES[args.device])]
@@ -572,7 +574,7 @@ def main() -> None:
             cases.append(("matmul_floor", "none"))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, failed = [], False
     for shape in shapes:
         n, v, d, dtype_name = shape
         timing = _subprocess(args, dict(kind="time", shape=shape, cases=cases,
@@ -582,6 +584,7 @@ def main() -> None:
             t = timing.get(f"{impl}/{name}", {"ms": None, "note": timing.get("error", "")})
             memory = {"peak_mib": None} if t.get("unavailable") else _subprocess(
                 args, dict(kind="memory", shape=shape, impl=impl, name=name))
+            failed = failed or "error" in timing or "error" in memory
             note = " ".join(dict.fromkeys(x for x in (t.get("note"), memory.get("note"),
                                                       memory.get("error", "")[-200:]) if x))
             rows.append(dict(impl=impl, divergence=name, N=n, V=v, D=d, dtype=dtype_name,
@@ -648,7 +651,8 @@ def main() -> None:
             if f in got and u in got:
                 print(f"- {shape} {name}: fused / unfused time {ratio(f, u, 'ms')}, "
                       f"peak extra memory {ratio(f, u, 'peak_mib')}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
