@@ -9,7 +9,7 @@ imported from, and fails when one is missing or when the installed project (``ta
 its recipes and configs, as ``tune run`` subprocesses import them) differs from this checkout,
 which the benchmarks import (a wheel built before the last edit).
 
-``summary`` reads the check's files in OUT_DIR (``pytest_cuda.xml``, ``loss_bench_*.json``,
+``summary`` reads the check's files in OUT_DIR (``pytest_cuda*.xml``, ``loss_bench_*.json``,
 ``recipe_bench.json``) and the steps' exit codes, prints the targets as met or missed with their
 figures, and writes everything to ``OUT_DIR/summary.json``. Exit code 1 when the check is
 incomplete: a step failed or timed out, a test failed, a test was skipped on a GPU run (every
@@ -141,16 +141,17 @@ def step_state(step: dict[str, Any]) -> str:
     return f"timed out after {step['seconds']} s" if step["timed_out"] else f"exited {step['rc']}"
 
 
-def read_junit(path: Path) -> dict[str, int] | None:
-    """Counts of a pytest JUnit XML file: tests, failures, errors, skipped, passed."""
-    if not path.is_file():
+def read_junit(paths: list[Path]) -> dict[str, int] | None:
+    """Counts of pytest JUnit XML files together: tests, failures, errors, skipped, passed
+    (None without a file)."""
+    if not paths:
         return None
-    root = ET.parse(path).getroot()
-    suites = [root] if root.tag == "testsuite" else root.iter("testsuite")
     counts = {k: 0 for k in ("tests", "failures", "errors", "skipped")}
-    for suite in suites:
-        for k in counts:
-            counts[k] += int(suite.get(k, 0))
+    for path in paths:
+        root = ET.parse(path).getroot()
+        for suite in [root] if root.tag == "testsuite" else root.iter("testsuite"):
+            for k in counts:
+                counts[k] += int(suite.get(k, 0))
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     return counts
 
@@ -247,10 +248,10 @@ def summarize(out_dir: Path, steps: list[dict[str, Any]], target_shape: str,
                    f"; summed in the weight's dtype (fused_float32_weight_grad: false): "
                    f"{bf16_beyond:.0f} MiB" if bf16_beyond is not None else "")),
     ]
-    tests = read_junit(out_dir / "pytest_cuda.xml")
+    tests = read_junit(sorted(out_dir.glob("pytest_cuda*.xml")))
     problems = [f"step {s['name']} {step_state(s)}" for s in steps if not s["ok"]]
     if tests is None:
-        problems.append("no pytest_cuda.xml")
+        problems.append("no pytest_cuda*.xml")
     else:
         if tests["failures"] or tests["errors"]:
             problems.append(f"{tests['failures']} CUDA tests failed, {tests['errors']} errors")

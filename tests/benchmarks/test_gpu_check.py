@@ -40,8 +40,8 @@ def test_dry_run_writes_every_result(dry_run):
     proc, out, seconds = dry_run
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [
-        "gpu_check.log", "loss_bench_256x1000x64.json", "pytest_cuda.xml", "recipe_bench.json",
-        "summary.json"]
+        "gpu_check.log", "loss_bench_256x1000x64.json", "pytest_cuda.xml",
+        "pytest_cuda_recipe.xml", "recipe_bench.json", "summary.json"]
     assert seconds < 120, seconds
     log = (out / "gpu_check.log").read_text()
     assert "check complete" in log and log.strip().endswith(proc.stdout.strip().splitlines()[-1])
@@ -61,14 +61,18 @@ def test_dry_run_writes_every_result(dry_run):
         "demo", "fused", 64, 2)
     assert recipe["recipe_tokens_per_second"] > 0 and recipe["minimal_tokens_per_second"] > 0
 
-    tests = gpu_check.read_junit(out / "pytest_cuda.xml")
-    # collected and skipped on a CPU: every test of tests/test_cuda.py, none run
+    # collected and skipped on a CPU: every test of tests/test_cuda.py, none run; the recipe's
+    # in a run of its own
+    recipe_only = gpu_check.read_junit([out / "pytest_cuda_recipe.xml"])
+    assert recipe_only["tests"] == recipe_only["skipped"] == 1, recipe_only
+    tests = gpu_check.read_junit([out / "pytest_cuda.xml", out / "pytest_cuda_recipe.xml"])
     assert tests["tests"] >= 20 and tests["skipped"] == tests["tests"], tests
     assert tests["failures"] == tests["errors"] == 0
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] and summary["complete"] and summary["problems"] == []
-    assert [s["name"] for s in summary["steps"]] == ["imports", "pytest", "loss_1000", "recipe"]
+    assert [s["name"] for s in summary["steps"]] == [
+        "imports", "pytest", "pytest_recipe", "loss_1000", "recipe"]
     assert all(s["ok"] for s in summary["steps"])
     assert summary["tests"] == tests
     figures = summary["loss"][DRY_SHAPE]
@@ -89,10 +93,10 @@ def test_steps_without_time_are_recorded_and_fail_the_check(tmp_path):
     assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert [(s["name"], s["rc"], s["ok"]) for s in summary["steps"]] == [
-        ("imports", 200, False), ("pytest", 200, False), ("loss_1000", 200, False),
-        ("recipe", 200, False)]
+        (name, 200, False) for name in ("imports", "pytest", "pytest_recipe", "loss_1000",
+                                        "recipe")]
     assert not summary["complete"]
-    assert "no pytest_cuda.xml" in summary["problems"]
+    assert "no pytest_cuda*.xml" in summary["problems"]
     assert "no figure for target: recipe tokens/s" in summary["problems"]
     assert "CHECK INCOMPLETE" in proc.stdout
 
