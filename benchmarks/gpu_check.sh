@@ -35,7 +35,7 @@
 # matmul floor and <= 2 GiB beyond the gradients at (8192, 256000, 3584).
 # --dry-run: no install, --device cpu, loss_bench at 256,1000,64,fp32 (2 repeats), recipe_bench
 # --archs demo --variants fused --seq 64 --batch 2 --steps 2 --warmup 1; the CUDA tests are
-# collected and skipped, the Liger case is reported unavailable; about 55 s on the project's
+# collected and skipped, the Liger case is reported unavailable; about 53 s on the project's
 # 2-core machine, half of it the loss benchmark's 6 fresh processes (4.5 s of imports each);
 # tests/benchmarks/test_gpu_check.py runs it in CI. GPU_CHECK_ONLY="pytest recipe" runs only
 # the steps named (install and imports always run), e.g. to retry one step.
@@ -43,12 +43,14 @@
 # Preparing the wheels, here in the repository root (`/.whl/` is in .gitignore), for the GPU
 # machine's Python 3.12 on manylinux x86_64. That machine has torch 2.11 + CUDA, triton 3.6,
 # PyYAML, safetensors, tqdm, tokenizers, numpy, pyarrow, pandas, fsspec, huggingface-hub,
-# requests, pytest (the device notes' KINDS.md); missing there, and pinned as `pip install -e .`
-# resolves them beside the project's pins: torchtune's own imports, HF datasets (dill,
-# multiprocess) at `import torchtune` and kagglehub (kagglesdk) in the `tune` command;
-# omegaconf 2.4.0 (needs only PyYAML; 2.3 would need antlr4 4.9.3, which has no wheel);
-# liger-kernel 0.8.5 (Requires-Dist: torch>=2.1.2, triton>=2.3.1, both there; its
-# LigerFusedLinearJSDLoss at beta 0 is forward KL); and the project:
+# requests, pytest (the device notes' KINDS.md). Missing there, pinned to what `pip install -e .`
+# resolves beside the project's own pins: torchtune, torchao, torchdata; HF datasets with dill
+# and multiprocess (`import torchtune` imports it; it wants pyarrow>=24, fsspec<=2026.9.0 and
+# huggingface-hub>=1.31, 1.33 there: the imports step prints the versions found); kagglehub
+# with kagglesdk (the `tune` command imports it); omegaconf 2.4.0 (needs only PyYAML; 2.3
+# would need antlr4 4.9.3, which has no wheel); liger-kernel 0.8.5 (Requires-Dist:
+# torch>=2.1.2, triton>=2.3.1, both there; its LigerFusedLinearJSDLoss at beta 0 is forward
+# KL); and the project:
 #
 #   rm -rf .whl && P="--only-binary=:all: --python-version 3.12 --implementation cp
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64
