@@ -24,10 +24,26 @@ Implementations:
 - ``fused_nocache``: ``fused`` with ``teacher_cache_mib=0`` (TAD projects the teacher twice).
 - ``fused_compiled``: ``fused`` with ``compile_chunks=True`` (per-chunk functions through
   inductor; compilation happens in the warm-up steps).
+- ``fused_step``: ``tad_torchtune.losses.fused.fused_head``, the recipe's fused head: the
+  cross-entropy and the divergence from one student projection per chunk
+  (``fused_step_compiled``: with ``compile_chunks=True``; ``fused_step_bf16_wgrad``: with
+  ``float32_weight_grad=False``, the weight gradient summed in the weight's dtype, the recipe's
+  ``fused_float32_weight_grad: false``).
+- ``two_pass``: the recipe's head before it, a checkpointed CE pass, then the fused divergence.
+- ``liger_fused_jsd`` (forward KL only, CUDA only): Liger-Kernel's
+  ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss``, the fused linear distillation loss users
+  pick today, as ``liger_jsd_loss`` builds it: the divergence alone (``weight_hard_loss=0``), at
+  the ``beta`` that makes it ``KL(teacher || student)`` (``LIGER_FORWARD_KL_BETA``), with its
+  defaults otherwise (``torch.compile`` of its chunk step, its own chunk size). On a CPU, or
+  without ``liger-kernel`` installed, the case is reported unavailable with the reason.
 - ``matmul_floor`` (divergence ``none``): the output-projection matmuls alone, no loss: per chunk
   of the fused path's size, the student's and the teacher's projections and the student's two
   backward matmuls (hidden-state and weight gradients), in the inputs' dtype. No fused loss can
   be faster; the GPU target is TAD within 1.5x of it.
+
+``--cases IMPL/DIVERGENCE ...`` picks cases instead of every ``--impls`` x ``--divergences``
+pair; ``--json`` is rewritten after every row, so a run stopped part-way keeps the rows it
+finished.
 
 Time: median over ``--repeats`` steps after ``--warmup`` steps (CUDA: synchronised), all cases of
 a shape in one process taking turns step by step, so that load from other users of a shared
@@ -73,16 +89,37 @@ from tad_torchtune.losses.fused import (  # noqa: E402
 
 IMPLS = ("naive", "torchtune_chunked", "torchtune_chunked_compiled", "unfused", "fused",
          "fused_nocache", "fused_compiled", "matmul_floor", "fused_step", "fused_step_compiled",
-         "two_pass")
+         "fused_step_bf16_wgrad", "two_pass", "liger_fused_jsd")
 FUSED_OPTIONS = {"fused": {}, "fused_nocache": {"teacher_cache_mib": 0},
                  "fused_compiled": {"compile_chunks": True}, "fused_step": {},
-                 "fused_step_compiled": {"compile_chunks": True}, "two_pass": {}}
+                 "fused_step_compiled": {"compile_chunks": True},
+                 "fused_step_bf16_wgrad": {"float32_weight_grad": False}, "two_pass": {}}
+#: implementations of one divergence only (the others have every registered divergence)
+ONLY_DIVERGENCE = {"torchtune_chunked": "forward_kl", "torchtune_chunked_compiled": "forward_kl",
+                   "liger_fused_jsd": "forward_kl", "matmul_floor": "none"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_SHAPES = {
     "cpu": ["2048,32000,512,fp32"],
     "cuda": ["2048,32000,512,bf16", "8192,151936,2048,bf16", "8192,256000,3584,bf16"],
 }
 ROW_TOKENS = 1024
+
+
+class Unavailable(Exception):
+    """A case that cannot run here (its library or its device is missing); the message says
+    why, and the case's row carries it as its note."""
+
+
+def parse_case(text: str) -> tuple[str, str]:
+    """``IMPL/DIVERGENCE`` (``matmul_floor/none``; ``torchtune_chunked*`` and ``liger_fused_jsd``
+    take ``forward_kl`` only)."""
+    impl, _, name = text.partition("/")
+    allowed = [ONLY_DIVERGENCE[impl]] if impl in ONLY_DIVERGENCE else list(DIVERGENCES)
+    if impl not in IMPLS or name not in allowed:
+        raise ValueError(f"--cases takes IMPL/DIVERGENCE with IMPL one of {IMPLS} and "
+                         f"DIVERGENCE one of {allowed if impl in IMPLS else list(DIVERGENCES)}, "
+                         f"got {text!r}")
+    return impl, name
 
 
 def parse_shape(text: str) -> tuple[int, int, int, str]:
@@ -110,11 +147,60 @@ def make_inputs(n: int, v: int, d: int, dtype: torch.dtype, device: str):
     return h_s, w_s, h_t, w_t, labels
 
 
+#: ``LigerFusedLinearJSDLoss``'s ``beta`` at which its loss is ``KL(teacher || student)``. In
+#: liger-kernel 0.8.5 (``chunked_loss/jsd_loss.py``) beta == 0 exactly is
+#: ``F.kl_div(log q_student, log p_teacher, log_target=True)``, i.e. sum_i p_i log(p_i / q_i),
+#: forward KL; beta == 1 is reverse KL; in between, the generalized JSD
+#: ``beta KL(p || m) + (1 - beta) KL(q || m)`` with ``m = beta p + (1 - beta) q``
+#: (tests/test_cuda.py checks both ends against our ForwardKLLoss and ReverseKLLoss).
+LIGER_FORWARD_KL_BETA = 0.0
+#: the version the GPU check installs (benchmarks/gpu_check.sh's header)
+LIGER_VERSION = "0.8.5"
+
+
+def liger_jsd_loss(device: torch.device | str, *, beta: float = LIGER_FORWARD_KL_BETA,
+                   compiled: bool = True):
+    """Liger-Kernel's ``LigerFusedLinearJSDLoss`` as a divergence alone: ``weight_hard_loss=0``
+    (it then skips its CE), ``weight_soft_loss=1``, its own defaults otherwise (chunks of 1024
+    tokens, ``torch.compile`` of its chunk step, the weight gradient summed in the weight's
+    dtype). Called as ``loss(h_s [N, D], w_s [V, D], h_t [N, D_T], w_t [V, D_T], labels [N])``,
+    it returns the mean over valid tokens. Unlike ours, its divergence takes the log-softmax of
+    the logits in their own dtype (bf16 for bf16 inputs; only its CE upcasts to float32).
+
+    Raises:
+        Unavailable: on a CPU (its chunked loss would run there, but what users pick it for
+            and the GPU check measures is CUDA), or when ``liger-kernel`` does not import.
+    """
+    if torch.device(device).type != "cuda":
+        raise Unavailable("Liger-Kernel is measured on CUDA only (the GPU library users pick); "
+                          f"not run on {torch.device(device).type}")
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+    except ImportError as err:
+        raise Unavailable(f"liger-kernel does not import ({err}); pip install "
+                          f"liger-kernel=={LIGER_VERSION}") from err
+    return LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta,
+                                   compiled=compiled)
+
+
 def make_step(impl: str, name: str, h_s, w_s, h_t, w_t, labels, fused_chunk: int | None = None,
               teacher_cache_mib: float | None = None):
-    """A closure running one forward + backward, or None if the combination does not exist."""
+    """A closure running one forward + backward, or None if the combination does not exist.
+
+    Raises:
+        Unavailable: when the case cannot run here (``liger_fused_jsd`` on a CPU or without
+            ``liger-kernel``).
+    """
     if impl == "matmul_floor":
         return _matmul_floor_step(h_s, w_s, h_t, w_t, fused_chunk)
+    if impl == "liger_fused_jsd":
+        loss_fn = liger_jsd_loss(h_s.device)
+        d_s, d_t = h_s.shape[-1], h_t.shape[-1]
+
+        def step():  # Liger takes [N, D] hidden states and [N] labels
+            loss_fn(h_s.view(-1, d_s), w_s, h_t.view(-1, d_t), w_t, labels.view(-1)).backward()
+
+        return step
     if impl.startswith("torchtune_chunked"):
         if name != "forward_kl":
             return None
@@ -302,8 +388,11 @@ def measure_memory(impl: str, name: str, shape: tuple, device: str,
     the compiled cases only, to read off a GPU shape's memory on a machine without one."""
     n, v, d, dtype_name = shape
     inputs = make_inputs(n, v, d, DTYPES[dtype_name], device)
-    step = make_step(impl, name, *inputs, fused_chunk=fused_chunk,
-                     teacher_cache_mib=teacher_cache_mib)
+    try:
+        step = make_step(impl, name, *inputs, fused_chunk=fused_chunk,
+                         teacher_cache_mib=teacher_cache_mib)
+    except Unavailable as why:
+        return {"peak_mib": None, "note": str(why)}
     by_allocations = device == "cpu" and cpu_memory == "allocations"
     if not by_allocations or "compiled" in impl:
         step()  # warm-up: compiles the compiled cases, whose compiler memory is not the loss's
@@ -369,13 +458,20 @@ def measure_times(cases: list[tuple[str, str]], shape: tuple, device: str, warmu
     """Median step time of each case, timed by ``time_round_robin``."""
     n, v, d, dtype_name = shape
     inputs = make_inputs(n, v, d, DTYPES[dtype_name], device)
-    steps = {c: make_step(*c, *inputs, fused_chunk=fused_chunk, teacher_cache_mib=teacher_cache_mib)
-             for c in cases}
+    steps, unavailable = {}, {}
+    for c in cases:
+        try:
+            steps[c] = make_step(*c, *inputs, fused_chunk=fused_chunk,
+                                 teacher_cache_mib=teacher_cache_mib)
+        except Unavailable as why:
+            unavailable[c] = str(why)
     times, failed = time_round_robin(steps, inputs, device, warmup, repeats)
+    failed.update(unavailable)
     return {f"{impl}/{name}": {"ms": statistics.median(times[(impl, name)])
-                               if times[(impl, name)] else None,
-                               "times_ms": [round(t, 1) for t in times[(impl, name)]],
-                               **({"note": failed[(impl, name)]} if (impl, name) in failed else {})}
+                               if times.get((impl, name)) else None,
+                               "times_ms": [round(t, 1) for t in times.get((impl, name), [])],
+                               **({"note": failed[(impl, name)]} if (impl, name) in failed else {}),
+                               **({"unavailable": True} if (impl, name) in unavailable else {})}
             for impl, name in cases}
 
 
@@ -422,7 +518,9 @@ def _subprocess(args, task: dict) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def main() -> None:
+def main() -> int:
+    """Exit code 1 when a measurement's subprocess failed (its row says how); an OOM or an
+    unavailable case is a result, not a failure."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
@@ -430,6 +528,9 @@ def main() -> None:
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--divergences", nargs="+", default=list(DIVERGENCES),
                         choices=list(DIVERGENCES))
+    parser.add_argument("--cases", nargs="+", metavar="IMPL/DIVERGENCE",
+                        help="these cases instead of --impls x --divergences (e.g. fused/tad "
+                             "matmul_floor/none liger_fused_jsd/forward_kl)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--fused-chunk", type=int, default=None,
@@ -459,29 +560,39 @@ def main() -> None:
                                    task["warmup"], task["repeats"], args.fused_chunk,
                                    args.teacher_cache_mib)
         print("RESULT " + json.dumps(result))
-        return
+        return 0
 
-    shapes = [parse_shape(s) for s in (args.shapes or DEFAULT_SHAPES[args.device])]
-    cases = [(impl, name) for name in args.divergences for impl in args.impls
-             if impl != "matmul_floor"
-             and (not impl.startswith("torchtune_chunked") or name == "forward_kl")]
-    if "matmul_floor" in args.impls:
-        cases.append(("matmul_floor", "none"))
-    rows = []
+    try:
+        shapes = [parse_shape(s) for s in (args.shapes or DEFAULT_SHAPES[args.device])]
+        cases = [parse_case(c) for c in args.cases or ()]
+    except ValueError as err:
+        parser.error(str(err))
+    if not cases:
+        cases = [(impl, name) for name in args.divergences for impl in args.impls
+                 if ONLY_DIVERGENCE.get(impl, name) == name]
+        if "matmul_floor" in args.impls:
+            cases.append(("matmul_floor", "none"))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+    rows, failed = [], False
     for shape in shapes:
         n, v, d, dtype_name = shape
         timing = _subprocess(args, dict(kind="time", shape=shape, cases=cases,
                                         warmup=args.warmup, repeats=args.repeats))
         print(f"# times {shape}: {timing}", file=sys.stderr, flush=True)
         for impl, name in cases:
-            memory = _subprocess(args, dict(kind="memory", shape=shape, impl=impl, name=name))
             t = timing.get(f"{impl}/{name}", {"ms": None, "note": timing.get("error", "")})
-            note = " ".join(x for x in (t.get("note"), memory.get("note"),
-                                        memory.get("error", "")[-200:]) if x)
+            memory = {"peak_mib": None} if t.get("unavailable") else _subprocess(
+                args, dict(kind="memory", shape=shape, impl=impl, name=name))
+            failed = failed or "error" in timing or "error" in memory
+            note = " ".join(dict.fromkeys(x for x in (t.get("note"), memory.get("note"),
+                                                      memory.get("error", "")[-200:]) if x))
             rows.append(dict(impl=impl, divergence=name, N=n, V=v, D=d, dtype=dtype_name,
                              ms=t["ms"], times_ms=t.get("times_ms"),
                              peak_mib=memory.get("peak_mib"), note=note))
             print(f"# {rows[-1]}", file=sys.stderr, flush=True)
+            if args.json:  # after every row: a run stopped part-way keeps what it measured
+                args.json.write_text(json.dumps(rows, indent=1))
 
     mem_how = ("torch.cuda.max_memory_allocated" if args.device == "cuda"
                else "peak RSS (VmHWM) of a subprocess per case" if args.cpu_memory == "rss"
@@ -514,15 +625,17 @@ def main() -> None:
         shape = f"({n}, {v}, {d}, {dtype_name})"
         tt = ("torchtune_chunked", "forward_kl")
         floor = ("matmul_floor", "none")
-        for mode in ("fused", "fused_compiled"):
+        for mode in ("fused", "fused_compiled", "fused_step", "fused_step_bf16_wgrad"):
             tad, same_fkl = (mode, "tad"), (mode, "forward_kl")
             if tad not in got:
                 continue
-            print(f"- {shape} {mode} TAD / {mode} forward-KL time: {ratio(tad, same_fkl, 'ms')} "
-                  f"(target <= 1.2, goal 1.1)")
-            print(f"- {shape} {mode} TAD / torchtune chunked forward-KL peak extra memory: "
-                  f"{ratio(tad, tt, 'peak_mib')} (CPU target <= 0.25); time: "
-                  f"{ratio(tad, tt, 'ms')} (CPU target <= 1.0)")
+            if same_fkl in got:
+                print(f"- {shape} {mode} TAD / {mode} forward-KL time: "
+                      f"{ratio(tad, same_fkl, 'ms')} (target <= 1.2, goal 1.1)")
+            if tt in got:
+                print(f"- {shape} {mode} TAD / torchtune chunked forward-KL peak extra memory: "
+                      f"{ratio(tad, tt, 'peak_mib')} (CPU target <= 0.25); time: "
+                      f"{ratio(tad, tt, 'ms')} (CPU target <= 1.0)")
             print(f"- {shape} {mode} TAD / matmul floor time: {ratio(tad, floor, 'ms')} "
                   f"(GPU target <= 1.5); peak extra MiB {fmt(got[tad]['peak_mib'], '.0f')}, "
                   f"beyond the gradients {fmt(beyond_gradients(got[tad]), '.0f')} "
@@ -536,13 +649,19 @@ def main() -> None:
                       f"{ratio(head, floor, 'ms')} (CE + TAD: CPU target <= 1.25); / two_pass "
                       f"(a CE pass of its own, then the divergence): "
                       f"{ratio(head, ('two_pass', name), 'ms')}")
+        liger, ours = ("liger_fused_jsd", "forward_kl"), ("fused", "forward_kl")
+        if liger in got:
+            note = f" ({got[liger]['note']})" if got[liger]["note"] else ""
+            print(f"- {shape} Liger fused linear JSD at beta {LIGER_FORWARD_KL_BETA} (forward KL) "
+                  f"/ fused forward-KL time: {ratio(liger, ours, 'ms')}, peak extra memory: "
+                  f"{ratio(liger, ours, 'peak_mib')}{note}")
         for name in args.divergences:
             f, u = ("fused", name), ("unfused", name)
-            print(f"- {shape} {name}: fused / unfused time {ratio(f, u, 'ms')}, "
-                  f"peak extra memory {ratio(f, u, 'peak_mib')}")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+            if f in got and u in got:
+                print(f"- {shape} {name}: fused / unfused time {ratio(f, u, 'ms')}, "
+                      f"peak extra memory {ratio(f, u, 'peak_mib')}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -27,6 +27,7 @@ recipe step into teacher forward, student forward + losses, backward, optimizer 
 """
 
 import argparse
+import importlib.util
 import json
 import resource
 import statistics
@@ -39,8 +40,13 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "recipes"))
+# The installed project where there is one (an installed wheel holds tad_torchtune.configs, which
+# the shipped configs' architectures read; a checkout has configs/ beside the package), else
+# this checkout and its recipes.
+if importlib.util.find_spec("tad_torchtune") is None:
+    sys.path.insert(0, str(ROOT))
+if importlib.util.find_spec("tad_distill") is None:
+    sys.path.insert(0, str(ROOT / "recipes"))
 
 import tad_distill  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402

@@ -66,3 +66,25 @@ def test_peak_allocations_leave_out_a_matmul_workspace_and_count_its_output():
         del scratch
 
     assert loss_bench.peak_allocated_bytes(lambda: outside(64)) == 64 * mib
+
+
+def test_cases_parse_and_name_what_is_accepted():
+    assert loss_bench.parse_case("fused_step/tad") == ("fused_step", "tad")
+    assert loss_bench.parse_case("matmul_floor/none") == ("matmul_floor", "none")
+    assert loss_bench.parse_case("liger_fused_jsd/forward_kl") == ("liger_fused_jsd", "forward_kl")
+    with pytest.raises(ValueError, match=r"DIVERGENCE one of \['forward_kl'\], got 'liger"):
+        loss_bench.parse_case("liger_fused_jsd/tad")
+    with pytest.raises(ValueError, match="got 'fused'"):
+        loss_bench.parse_case("fused")
+
+
+def test_liger_case_on_cpu_is_reported_unavailable_not_run():
+    """On a CPU the Liger case is a row with the reason and no time, next to cases that ran."""
+    got = loss_bench.measure_times([("liger_fused_jsd", "forward_kl"), ("matmul_floor", "none")],
+                                   (64, 50, 8, "fp32"), "cpu", warmup=0, repeats=2)
+    liger = got["liger_fused_jsd/forward_kl"]
+    assert liger["ms"] is None and liger["times_ms"] == [] and liger["unavailable"]
+    assert "CUDA only" in liger["note"]
+    assert got["matmul_floor/none"]["ms"] > 0 and len(got["matmul_floor/none"]["times_ms"]) == 2
+    memory = loss_bench.measure_memory("liger_fused_jsd", "forward_kl", (64, 50, 8, "fp32"), "cpu")
+    assert memory == {"peak_mib": None, "note": liger["note"]}

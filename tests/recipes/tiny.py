@@ -145,16 +145,20 @@ def write_config(cfg: dict, path: Path) -> Path:
 
 
 def tune_bin() -> str:
-    return str(Path(sys.executable).parent / "tune")
+    """The ``tune`` beside this interpreter (a virtual environment), else the one on PATH (a
+    ``pip install --target`` puts it in the target's ``bin/``, as benchmarks/gpu_check.sh does)."""
+    beside = Path(sys.executable).parent / "tune"
+    return str(beside) if beside.is_file() else shutil.which("tune") or str(beside)
 
 
 def run_tune(args: list[str], cwd: Path, timeout: int = 600, check: bool = True,
-             nproc: int = 1) -> subprocess.CompletedProcess:
-    """``tune run [--nproc_per_node N] ARGS`` from ``cwd`` (outside the checkout)."""
+             nproc: int = 1, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``tune run [--nproc_per_node N] ARGS`` from ``cwd`` (outside the checkout), with ``env``
+    added to this process's environment."""
     launch = [tune_bin(), "run"]
     if nproc > 1:
         launch += ["--nproc_per_node", str(nproc)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(launch + args, cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)
     if check and proc.returncode != 0:

@@ -1,0 +1,250 @@
+"""The CUDA path, on a GPU: the fused losses and the fused head equal the unfused ones in float32
+and bf16 for every registered divergence, Liger-Kernel's fused linear JSD is our forward KL at
+the beta ``benchmarks/loss_bench.py`` compares it at, and a 2-step ``tune run tad_distill`` in
+bf16 with ``compile: true`` and ``fused: true`` gives the losses of the eager run.
+
+Every test here is marked ``cuda`` and skipped without a GPU, so CI (CPU) collects and skips them;
+``benchmarks/gpu_check.sh`` runs them on a GPU (``pytest -m cuda tests/test_cuda.py``).
+
+bf16 inputs: a cuBLAS product of a chunk and one of the whole batch may round a logit
+differently (another kernel, another summation order), which would make fused and unfused differ
+by bf16 roundings of the logits (and TAD's top-K by a tie broken otherwise), hiding an error of
+that size. ``exact_bf16_case`` gives every token a one-hot hidden state scaled by a power of two,
+so each logit is ONE product of bf16 numbers, exact in every kernel, summation order and in bf16,
+and the teacher's weight columns distinct values, so its top-K has no ties. Both paths then see
+the same logits bit for bit, and the bf16 tolerances of ``tests/losses/test_fused.py`` apply
+unchanged: the loss within 1e-5 of float64 math on those logits, the bf16 gradients (full
+products ``grad @ w`` and ``grad.T @ h`` over every chunk) within 1e-2 of the largest entry.
+"""
+
+import math
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.losses.test_fused import (
+    DIVERGENCES,
+    IGNORE,
+    TOL,
+    B,
+    D,
+    D_T,
+    T,
+    V,
+    assert_same,
+    bf16_reference,
+    fused,
+    head,
+    make_case,
+    unfused,
+    unfused_head,
+)
+from tests.recipes import tiny
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import loss_bench  # noqa: E402  (the benchmark's Liger case)
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.fixture(autouse=True)
+def full_float32_matmuls():
+    """float32 means float32: no TF32 products (torch's default, asserted against a caller that
+    changed it), so the float32 tolerances of the CPU tests hold."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved[0]
+    torch.set_float32_matmul_precision(saved[1])
+
+
+def on_cuda(case):
+    return tuple(x.cuda() for x in case)
+
+
+def exact_bf16_case(seed: int):
+    """``make_case``'s shapes and masks in bf16 on the GPU, with logits that every kernel
+    computes exactly (module docstring): hidden states ``scale * one_hot(column)``, scale in
+    {1/2, 1, 2}; the student's weight any bf16 numbers; each teacher weight column a permutation
+    of 123 distinct multiples of 1/16 in (-4, 4) (exact in bf16)."""
+    _, _, _, _, labels = make_case(seed)
+    gen = torch.Generator().manual_seed(seed)
+
+    def one_hot(dim: int) -> torch.Tensor:  # (B, T, dim)
+        columns = torch.randint(0, dim, (B, T), generator=gen)
+        scale = 2.0 ** torch.randint(-1, 2, (B, T, 1), generator=gen)
+        return F.one_hot(columns, dim) * scale
+
+    h_s, h_t = one_hot(D), one_hot(D_T)
+    w_s = torch.randn(V, D, generator=gen) * 1.5
+    levels = (torch.arange(V) - V // 2) / 16.0
+    w_t = torch.stack([levels[torch.randperm(V, generator=gen)] for _ in range(D_T)], dim=1)
+    return on_cuda(tuple(x.bfloat16() for x in (h_s, w_s, h_t, w_t)) + (labels,))
+
+
+def test_exact_bf16_case_has_exact_logits():
+    """The premise of the bf16 tests: the GPU's bf16 logits, of the whole batch or of any chunk,
+    equal the float64 products, and no teacher row has two equal logits."""
+    h_s, w_s, h_t, w_t, _ = exact_bf16_case(6)
+    for h, w in ((h_s, w_s), (h_t, w_t)):
+        exact = h.double() @ w.double().T
+        assert torch.equal((h @ w.T).double(), exact)
+        assert torch.equal(torch.cat([c @ w.T for c in h.reshape(-1, h.shape[-1]).split(13)])
+                           .double(), exact.reshape(-1, V))
+    teacher = (h_t @ w_t.T).float().sort(dim=-1).values
+    assert (teacher.diff(dim=-1) > 0).all()
+
+
+# ----------------------------------------------------------------------------- fused == unfused
+
+
+@pytest.mark.parametrize("chunk_size", [13, None])  # 141 tokens: 13 never divides them
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_fused_equals_unfused_float32(name, chunk_size):
+    div = DIVERGENCES[name](chunk_size=32)
+    case = on_cuda(make_case(0))
+    assert_same(fused(div, *case, chunk_size=chunk_size), unfused(div, *case), torch.float32)
+
+
+@pytest.mark.parametrize("chunk_size", [16, 1])  # 1: the weight gradient by vocabulary blocks
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_fused_equals_unfused_bf16(name, chunk_size):
+    """bf16 hidden states and weights: the fused loss and diagnostics equal the unfused ones on
+    the bf16 logits and float64 math on them; the bf16 gradients both paths return are within
+    bf16 rounding of float64."""
+    div = DIVERGENCES[name]()
+    case = exact_bf16_case(6)
+    out, g_h, g_w = fused(div, *case, chunk_size=chunk_size)
+    ref, r_h, r_w = bf16_reference(div, *case)
+    plain, u_h, u_w = unfused(div, *case)
+    assert out.total.dtype == torch.float32 and g_h.dtype == g_w.dtype == torch.bfloat16
+    torch.testing.assert_close(out.total.double(), ref.total, atol=0, rtol=1e-5)
+    torch.testing.assert_close(out.total, plain.total, atol=0, rtol=1e-5)
+    assert int(out.num_tokens) == int(plain.num_tokens)
+    for k in plain.stats:
+        torch.testing.assert_close(out.stats[k], plain.stats[k],
+                                   atol=1e-5 * float(plain.stats[k].abs().max()), rtol=1e-5)
+    for got, want in ((g_h, r_h), (g_w, r_w), (u_h, r_h), (u_w, r_w)):
+        scale = float(want.abs().max())
+        torch.testing.assert_close(got.double(), want, atol=1e-2 * scale, rtol=1e-2)
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES) + ["ce_only"])
+def test_fused_head_equals_unfused_float32(name):
+    """The recipe's fused head (CE + divergence from one projection) against CE + divergence on
+    materialised logits, weighted as in a recipe with clm_weight 0.7, kd_weight 1.3."""
+    div = None if name == "ce_only" else DIVERGENCES[name]()
+    case = on_cuda(make_case(31))
+    ref_obj, ref_ce, ref_kd, ref_n, ref_gh, ref_gw = unfused_head(div, *case, 0.7, 1.3)
+    out, gh, gw = head(div, *case, ce_weight=0.7, kd_weight=1.3, chunk_size=13, compute_ce=True)
+    atol, rtol = TOL[torch.float32]
+
+    def close(x, y):
+        torch.testing.assert_close(x, y, atol=atol * float(y.detach().abs().max()), rtol=rtol)
+
+    close(out.objective, ref_obj.detach())
+    close(out.ce, ref_ce.detach())
+    assert int(out.num_tokens) == int(ref_n)
+    if div is not None:
+        close(out.kd.total, ref_kd.total.detach())
+    close(gh, ref_gh)
+    close(gw, ref_gw)
+
+
+def bf16_head_reference(div, h_s, w_s, h_t, w_t, labels, ce_weight, kd_weight):
+    """float64 CE and divergence on the (exact) bf16 logits, chained to the hidden states and
+    the weight in float64: ``(objective, ce, grad_h, grad_w)``."""
+    z = (h_s @ w_s.T).double().requires_grad_(True)
+    ce = F.cross_entropy(z.reshape(-1, V), labels.reshape(-1), ignore_index=IGNORE,
+                         reduction="sum")
+    objective = ce_weight * ce
+    if div is not None:
+        objective = objective + kd_weight * div.sum_and_count(z, (h_t @ w_t.T).double(),
+                                                              labels).total
+    (g_z,) = torch.autograd.grad(objective, z)
+    return objective, ce, g_z @ w_s.double(), g_z.reshape(-1, V).T @ h_s.double().reshape(-1, D)
+
+
+@pytest.mark.parametrize("float32_weight_grad", [True, False])
+@pytest.mark.parametrize("name", sorted(DIVERGENCES) + ["ce_only"])
+def test_fused_head_bf16(name, float32_weight_grad):
+    """bf16: the fused head's objective and CE are float64 math on the bf16 logits within 1e-5,
+    its gradients within bf16 rounding of float64, whether the weight gradient is summed in
+    float32 or (``fused_float32_weight_grad: false``) in bf16 over the 9 chunks."""
+    div = None if name == "ce_only" else DIVERGENCES[name]()
+    case = exact_bf16_case(32)
+    out, gh, gw = head(div, *case, ce_weight=0.7, kd_weight=1.3, chunk_size=16,
+                       compute_ce=True, float32_weight_grad=float32_weight_grad)
+    ref_obj, ref_ce, r_h, r_w = bf16_head_reference(div, *case, 0.7, 1.3)
+    torch.testing.assert_close(out.objective.double(), ref_obj, atol=0, rtol=1e-5)
+    torch.testing.assert_close(out.ce.double(), ref_ce, atol=0, rtol=1e-5)
+    for got, want in ((gh, r_h), (gw, r_w)):
+        assert got.dtype == torch.bfloat16
+        scale = float(want.abs().max())
+        torch.testing.assert_close(got.double(), want, atol=2e-2 * scale, rtol=2e-2)
+
+
+# ----------------------------------------------------------------------------- Liger-Kernel
+
+
+def test_liger_fused_jsd_is_forward_kl_at_the_benchmarked_beta():
+    """``loss_bench.py``'s ``liger_fused_jsd`` case is Liger's fused linear JSD at
+    ``LIGER_FORWARD_KL_BETA``, the divergence alone: that loss and its gradients are our forward
+    KL's, mean over valid tokens, with the masked prompt and padding of ``make_case``; the other
+    end of its beta range is our reverse KL (so the direction is pinned, not just "a KL")."""
+    pytest.importorskip("liger_kernel.chunked_loss")
+    case = on_cuda(make_case(51))
+    for beta, name in ((loss_bench.LIGER_FORWARD_KL_BETA, "forward_kl"),
+                       (1.0 - loss_bench.LIGER_FORWARD_KL_BETA, "reverse_kl")):
+        loss_fn = loss_bench.liger_jsd_loss("cuda", beta=beta, compiled=False)
+        h_s, w_s = (x.detach().clone().requires_grad_(True) for x in case[:2])
+        h_t, w_t, labels = case[2:]
+        loss = loss_fn(h_s.view(-1, D), w_s, h_t.view(-1, D_T), w_t, labels.view(-1))
+        loss.backward()
+        out, r_h, r_w = fused(DIVERGENCES[name](), *case)
+        n = float(out.num_tokens)
+        torch.testing.assert_close(loss.detach(), out.total.detach() / n, atol=0, rtol=1e-5,
+                                   msg=lambda m: f"beta={beta} vs our {name}: {m}")
+        for got, want in ((h_s.grad, r_h / n), (w_s.grad, r_w / n)):
+            torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+def test_compiled_bf16_recipe_matches_eager(tmp_path):
+    """``tune run tad_distill`` on the GPU, bf16, the fused head, 2 steps at a constant learning
+    rate, with ``compile: true`` (every block and the per-chunk loss functions through inductor)
+    and without: both losses finite, and equal within 2e-2 relative (5 bf16 roundings, 2**-8
+    each: inductor keeps a fused kernel's intermediates in float32 where eager rounds each
+    op's output to bf16). The compiled run's inductor cache must hold compiled kernels."""
+    assets = tiny.make_assets(tmp_path / "assets")
+    inductor_cache = tmp_path / "inductor"
+
+    def run(name: str, compile: bool):
+        out = tmp_path / name
+        out.mkdir()
+        cfg = tiny.base_config(assets, out, device="cuda", dtype="bf16", fused=True,
+                               compile=compile, max_steps=2, lr_scheduler=None,
+                               validation_dataset=None, export_hf=False)
+        env = {"TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)} if compile else {}
+        tiny.run_tune(["tad_distill", "--config", str(tiny.write_config(cfg, out / "c.yaml"))],
+                      cwd=tmp_path, env=env)
+        return tiny.train_losses(out)
+
+    with ThreadPoolExecutor(2) as pool:  # one GPU, two tiny runs: side by side
+        compiled, eager = pool.map(lambda a: run(*a), [("compiled", True), ("eager", False)])
+    assert sorted(compiled) == sorted(eager) == [1, 2]
+    for step in (1, 2):
+        assert math.isfinite(compiled[step]) and math.isfinite(eager[step])
+        assert math.isclose(compiled[step], eager[step], rel_tol=2e-2), (step, compiled, eager)
+    kernels = [p for p in inductor_cache.rglob("*") if p.is_file()]
+    assert kernels, "the compiled run left no inductor output: nothing was compiled"
