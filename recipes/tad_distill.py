@@ -13,10 +13,18 @@ update (``docs/design.md``, "Reduction"). ``kd_loss`` is any divergence of ``tad
 (TAD, forward KL, reverse KL, DRKL): swapping one for another is one YAML line or
 ``kd_loss._component_=tad_torchtune.losses.ForwardKLLoss`` on the command line.
 
+The teacher and the student run through ``tad_torchtune.head`` (``TeacherHead``,
+``StudentHead``), which owns the losses, the fused head and the held-out metrics; this file sets
+things up in order and steps them. With ``teacher_cache_dir`` the divergence reads the teacher's
+statistics cached by ``tad_cache`` instead of running the teacher (``docs/design.md``, "The teacher
+cache"); with ``document_mask`` attention stops at the documents of the token store's blocks.
+
 Single process, or FSDP2 under torchrun (NCCL on CUDA, gloo on CPU). Training state is saved
-with ``torch.distributed.checkpoint`` atomically every ``save_every_n_steps``; with
-``resume_from_checkpoint: true`` a run continues from its newest complete checkpoint, on the same
-or another number of processes, and logs the same losses it would have logged uninterrupted.
+with ``torch.distributed.checkpoint`` atomically every ``save_every_n_steps``, with the token
+store's fingerprint; with ``resume_from_checkpoint: true`` a run continues from its newest
+complete checkpoint, on the same or another number of processes, and logs the same losses it
+would have logged uninterrupted. Errors a user can cause end the run with one line naming the
+config key (``tad_torchtune.errors``).
 """
 
 import json
