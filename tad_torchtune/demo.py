@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tad_torchtune.errors import USER_ERROR_EXIT
+
 #: method -> overrides of the demo config that select its distillation term
 METHODS: dict[str, list[str]] = {
     "clm": ["kd_weight=0"],
@@ -109,7 +111,9 @@ def method_overrides(method: str, kd_loss_cfg: dict[str, Any] | None) -> list[st
 
 
 def run_logged(cmd: list[str], log_path: Path) -> float:
-    """Run ``cmd`` with its output in ``log_path``; on failure print the log's tail and exit."""
+    """Run ``cmd`` with its output in ``log_path``. When it fails on an error the user caused
+    (its one ``NAME: error: ...`` line), print that line and where the log is, and exit 2; on
+    any other failure, the log's tail."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with open(log_path, "w", encoding="utf-8") as log:
@@ -117,11 +121,23 @@ def run_logged(cmd: list[str], log_path: Path) -> float:
         log.flush()
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
     if rc != 0:
-        tail = log_path.read_text(encoding="utf-8", errors="replace")[-4000:]
-        print(tail, file=sys.stderr)
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+        user = [line for line in text.splitlines() if re.match(r"^tad_\w+: error: ", line)]
+        if rc == USER_ERROR_EXIT and user:
+            print(f"demo: error: {user[-1]} (log: {log_path})", file=sys.stderr)
+            raise SystemExit(USER_ERROR_EXIT)
+        print(text[-4000:], file=sys.stderr)
         print(f"demo: command failed (exit {rc}); full log: {log_path}", file=sys.stderr)
         raise SystemExit(rc)
     return time.time() - start
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (no usage block) and exit status 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (--help lists the options)", file=sys.stderr)
+        raise SystemExit(USER_ERROR_EXIT)
 
 
 def check_same_tokens(runs: dict[str, Path]) -> None:
@@ -191,7 +207,7 @@ def format_summary(summary: dict[str, dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="python -m tad_torchtune.demo",
         description="CLM-only vs vanilla KD vs TAD on the bundled demo corpus and teacher.",
     )

@@ -109,3 +109,24 @@ def test_teacher_folder_opens_with_auto_classes_and_matches_the_demo_tokenizer()
 
     model = transformers.AutoModelForCausalLM.from_pretrained(teacher)
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.vocab_size == len(hf_tok)
+
+
+@pytest.mark.slow
+def test_demo_errors_are_one_line(tmp_path):
+    """A bad option, and a bad override that tad_distill refuses: one line each, exit 2."""
+    import subprocess
+    import sys
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, "-m", "tad_torchtune.demo", "--out", str(tmp_path),
+                               *args], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr
+        return lines[0]
+
+    assert run("--steps", "0") == ("python -m tad_torchtune.demo: error: --steps must be >= 1, "
+                                   "got 0 (--help lists the options)")
+    line = run("--methods", "tad", "batch_size=0")
+    assert line == ("demo: error: tad_distill: error: batch_size: must be an integer >= 1, got 0 "
+                    f"(log: {tmp_path / 'logs' / 'tad_seed0.log'})")
