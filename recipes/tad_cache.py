@@ -30,7 +30,7 @@ from tad_torchtune.common import DTYPES, shift_labels
 from tad_torchtune.config_checks import SCALARS, resolve_config_argv, resolve_package_paths, validate_config
 from tad_torchtune.data import collate_blocks
 from tad_torchtune.errors import ConfigError, check_checkpoint_files, instantiate, reports_user_errors
-from tad_torchtune.losses.cached import teacher_top_m
+from tad_torchtune.losses.cached import TeacherTopM, teacher_top_m
 from tad_torchtune.models import build_model, forward_hidden, output_weight, project_logits
 from tad_torchtune.parallel import init_distributed, parallelize
 from tad_torchtune.teacher_cache import BlockLayout, TeacherCache
@@ -111,23 +111,30 @@ class TADCacheRecipe:
 
     @torch.no_grad()
     def run(self) -> None:
+        # what is missing, read by every rank before any rank writes a shard
+        todo = {split: self._cache.missing_shards(split) for split in self._datasets}
+        if self._world > 1:
+            dist.barrier()
         for split, dataset in self._datasets.items():
-            missing = self._cache.missing_shards(split)
+            missing = todo[split]
             mine = missing[self._rank :: self._world]
-            # every rank runs as many shards as the first (FSDP gathers in each forward); the
-            # extra ones are computed and dropped
+            # FSDP gathers each block's weights in every forward, so all ranks run the same
+            # number of teacher forwards: each round as many batches as its largest shard, the
+            # extra ones (and whole extra shards) computed and dropped
             rounds = -(-len(missing) // self._world)
-            blocks = sum(min(self._shard_blocks, len(dataset) - i * self._shard_blocks)
-                         for i in mine)
+            blocks = sum(self._shard_size(dataset, i) for i in mine)
             length = BlockLayout.of(dataset).max_seq_len
             progress = tqdm(total=blocks * length, unit="tok", unit_scale=True,
                             disable=self._rank != 0, desc=f"tad_cache {split}")
             start = time.perf_counter()
             for r in range(rounds):
-                index = mine[r] if r < len(mine) else (mine[0] if mine else missing[0])
-                stats = self._shard(dataset, index, progress if r < len(mine) else None)
+                batches = max(-(-self._shard_size(dataset, i) // self._batch_size)
+                              for i in missing[r * self._world:(r + 1) * self._world])
                 if r < len(mine):
-                    self._cache.write_shard(split, index, stats)
+                    self._cache.write_shard(split, mine[r],
+                                            self._shard(dataset, mine[r], batches, progress))
+                else:  # this rank's shards are done: the forwards alone, on the first shard
+                    self._shard(dataset, missing[0], batches, None, keep=False)
             progress.close()
             if self._rank == 0:
                 seconds = time.perf_counter() - start
@@ -140,23 +147,33 @@ class TADCacheRecipe:
             print(f"tad_cache: done; cache in {self._root} (top_m={self._top_m}, "
                   f"{self._cache.bytes_per_token():.0f} bytes per token)")
 
-    def _shard(self, dataset, index: int, progress) -> Any:
+    def _shard_size(self, dataset, index: int) -> int:
+        """Number of blocks in shard ``index`` (the last one may be short)."""
+        return min(self._shard_blocks, len(dataset) - index * self._shard_blocks)
+
+    def _shard(self, dataset, index: int, batches: int, progress, keep: bool = True) -> Any:
+        """The teacher's top-M of shard ``index`` in exactly ``batches`` teacher forwards: the
+        shard's own batches (none with ``keep=False``), then its first batch again, dropped."""
         first = index * self._shard_blocks
-        last = min(first + self._shard_blocks, len(dataset))
+        last = first + self._shard_size(dataset, index)
+        starts = list(range(first, last, self._batch_size)) if keep else []
+        assert len(starts) <= batches, (index, batches)
         parts = []
-        for start in range(first, last, self._batch_size):
+        for n, start in enumerate(starts + [first] * (batches - len(starts))):
             batch = collate_blocks([dataset[i] for i in range(start, min(start + self._batch_size,
                                                                           last))])
             tokens = batch["tokens"].to(self._device)
             labels = shift_labels(batch["labels"]).to(self._device)
             h, _ = forward_hidden(self._teacher, tokens)
+            if n >= len(starts):
+                continue
             logits = align_teacher_vocab(project_logits(self._teacher, h), self._vocab,
                                          self._vocab_alignment)
             parts.append(teacher_top_m(logits, labels, self._top_m, temperature=self._temperature))
             if progress is not None:
                 progress.update(tokens.numel())
-        from tad_torchtune.losses.cached import TeacherTopM
-
+        if not keep:
+            return None
         return TeacherTopM(*(torch.cat([getattr(p, f) for p in parts]).cpu()
                              for f in ("ids", "logp", "log_rest", "label_logp")))
 

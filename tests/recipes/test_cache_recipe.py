@@ -31,12 +31,21 @@ def online(assets, tmp_path_factory):
     return out
 
 
-def _cache(assets, tmp_path, name, **overrides):
+def _cache(assets, tmp_path, name, nproc=1, **overrides):
     cache = tmp_path / name
     cfg = tiny.base_config(assets, tmp_path / "unused", teacher_cache_dir=str(cache), **overrides)
     proc = tiny.run_tune(["tad_cache", "--config", str(tiny.write_config(cfg, tmp_path / f"{name}.yaml"))],
-                         cwd=tmp_path)
+                         cwd=tmp_path, nproc=nproc)
     return cache, proc
+
+
+def _same_shards(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in (a / "train").glob("shard_*"))
+    assert names and names == sorted(p.name for p in (b / "train").glob("shard_*"))
+    for name in names:
+        for f in ("ids.npy", "logp.npy", "log_rest.npy", "label_logp.npy"):
+            assert filecmp.cmp(a / "train" / name / f, b / "train" / name / f, shallow=False), \
+                (name, f)
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +120,23 @@ def test_a_killed_tad_cache_resumes_to_the_same_bytes(assets, tmp_path):
     total = sorted(p.name for p in (whole / "train").glob("shard_*"))
     assert 0 < len(done) < len(total), (done, total)
     tiny.run_tune(["tad_cache", "--config", str(path)], cwd=tmp_path)
-    for name in total:
-        for f in ("ids.npy", "logp.npy", "log_rest.npy", "label_logp.npy"):
-            assert filecmp.cmp(whole / "train" / name / f, cache / "train" / name / f,
-                               shallow=False), (name, f)
+    _same_shards(whole, cache)
     assert not list((cache / "train").glob(".*"))  # no temporary folder left
+
+
+@pytest.mark.slow
+def test_tad_cache_on_two_processes_writes_the_same_bytes(assets, tmp_path):
+    """Each process takes its share of the shards (the teacher sharded with FSDP2): the cache
+    is byte for byte the one a single process writes. The split has an odd number of shards
+    (1658 blocks / 4) and a short last one (2 blocks, 1 batch where the others have 2), so the
+    ranks run different shard and batch counts: each must still run as many teacher forwards
+    as the other, or FSDP's all-gathers wait forever (the first version hung here)."""
+    one, _ = _cache(assets, tmp_path, "one", cache_top_m=8, cache_shard_blocks=4, batch_size=2)
+    two, _ = _cache(assets, tmp_path, "two", nproc=2, cache_top_m=8, cache_shard_blocks=4,
+                    batch_size=2)
+    _same_shards(one, two)
+    assert json.loads((one / "manifest.json").read_text()) == json.loads(
+        (two / "manifest.json").read_text())
 
 
 def test_cache_errors_name_the_keys(assets, tmp_path):
