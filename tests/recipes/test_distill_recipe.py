@@ -118,6 +118,18 @@ def test_two_processes_fsdp_match_one(assets, tmp_path, baseline):
     _assert_same_losses(val, ref, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_fused_head_on_two_processes_matches_one(assets, tmp_path, baseline):
+    """The StudentHead is the FSDP2 root of the student: its output weight is gathered while the
+    fused head reads the weight itself (and during evaluate), so 2 processes train as 1."""
+    out = _run(assets, tmp_path, "fsdp_fused", nproc=2, batch_size=4, fused=True,
+               eval_every_n_steps=5)
+    _assert_same_losses(tiny.train_losses(out), tiny.train_losses(baseline), rtol=1e-5)
+    val = {r["step"]: r["val_kl"] for r in tiny.read_metrics(out) if "val_kl" in r}
+    ref = {r["step"]: r["val_kl"] for r in tiny.read_metrics(baseline) if "val_kl" in r}
+    _assert_same_losses(val, ref, rtol=1e-5)
+
+
 def _kill_after_checkpoint(cmd: list[str], cwd: Path, out: Path, min_step: int) -> int:
     """Start a run, SIGKILL it once a checkpoint of step >= min_step is complete; return that
     checkpoint's step."""
