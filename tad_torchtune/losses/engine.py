@@ -185,3 +185,33 @@ def reduce_chunks(
     assert acc is not None and len(acc) == 1 + len(stat_names)
     stats = {k: v.detach() for k, v in zip(sorted(stat_names), acc[1:])}
     return DivergenceOutput(total=acc[0], num_tokens=valid.sum(), stats=stats)
+
+
+#: ``top_k`` works by blocks of this many ids (a row's block maxima, then the best blocks)
+TOP_K_BLOCK = 64
+
+
+def top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``x.topk(k, dim=-1)`` (values in descending order, ids) for ``[n, V]`` logits with k much
+    smaller than V, in about one pass over ``x`` instead of a partial sort of every row.
+
+    Each row's ids are cut into blocks of ``TOP_K_BLOCK``; the k largest entries lie within the
+    k blocks of largest maximum (a block holding one of them but outside those k would have k
+    other blocks, each with an entry at least as large, above it), so the top-k of those blocks'
+    entries (and of the ids past the last whole block) is the row's top-k. The values are those
+    of ``topk``; among entries of equal value the ids taken may differ from ``topk``'s, which
+    does not specify its choice either.
+    """
+    n, vocab = x.shape[0], x.shape[-1]
+    blocks = vocab // TOP_K_BLOCK
+    if x.dim() != 2 or blocks < 4 * k:
+        return x.topk(k, dim=-1)
+    whole = blocks * TOP_K_BLOCK
+    best = x[:, :whole].reshape(n, blocks, TOP_K_BLOCK).amax(-1).topk(k, dim=-1).indices
+    ids = (best.unsqueeze(-1) * TOP_K_BLOCK
+           + torch.arange(TOP_K_BLOCK, device=x.device)).reshape(n, k * TOP_K_BLOCK)
+    if whole < vocab:
+        rest = torch.arange(whole, vocab, device=x.device).expand(n, vocab - whole)
+        ids = torch.cat([ids, rest], dim=-1)
+    values, pick = x.gather(-1, ids).topk(k, dim=-1)
+    return values, ids.gather(-1, pick)

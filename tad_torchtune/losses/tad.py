@@ -14,19 +14,35 @@ from tad_torchtune.losses.base import (
     safe_finite,
 )
 from tad_torchtune.losses.cached import bucketed, student_side
+from tad_torchtune.losses.engine import top_k
 
 
 def tad_teacher_stats(t: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Teacher-only statistics of TAD for a chunk of (scaled) teacher logits ``[n, V]``.
 
+    The top K+1 logits give the top-K ids and, in the (K+1)-th, the largest logit of the tail,
+    which shifts the tail's log-sum-exp (one pass of ``exp`` with the top-K entries zeroed: the
+    same sum as a log-sum-exp of the tail alone). ``t`` is only read.
+
     Returns:
         ``topk_idx [n, K]`` (the teacher's top-K ids), ``lse [n]`` (LSE over the vocabulary) and
         ``lse_tail [n]`` (LSE over the ids outside the top-K), so ``log alphaT = lse_tail - lse``.
     """
-    top_vals, topk_idx = t.topk(k, dim=-1)
-    lse_tail = t.scatter(-1, topk_idx, float("-inf")).logsumexp(-1)
-    lse = torch.logaddexp(lse_tail, top_vals.logsumexp(-1))
+    top_vals, top_idx = top_k(t, k + 1)
+    topk_idx = top_idx[..., :k]
+    lse_tail = _tail_logsumexp(t, topk_idx, top_vals[..., k])
+    lse = torch.logaddexp(lse_tail, top_vals[..., :k].logsumexp(-1))
     return topk_idx, lse, lse_tail
+
+
+def _tail_logsumexp(x: Tensor, topk_idx: Tensor, tail_max: Tensor) -> Tensor:
+    """The log-sum-exp ``[n]`` of ``x`` ``[n, V]`` over the ids outside ``topk_idx``, shifted by
+    ``tail_max``, the largest of those entries (0 where that is not finite: a tail all ``-inf``
+    sums to 0 and its log-sum-exp is ``-inf``): one ``exp`` pass with the top-K entries zeroed,
+    no copy of the tail."""
+    shift = safe_finite(tail_max)
+    e = torch.sub(x, shift.unsqueeze(-1)).exp_().scatter_(-1, topk_idx, 0.0)
+    return e.sum(-1).log_().add_(shift)
 
 
 ABAR_SCOPES = ("row", "document")
