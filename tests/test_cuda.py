@@ -29,12 +29,12 @@ import torch.nn.functional as F
 from tests.losses.test_fused import (
     DIVERGENCES,
     IGNORE,
-    TOL,
     B,
     D,
     D_T,
     T,
     V,
+    assert_head_equals,
     assert_same,
     bf16_reference,
     fused,
@@ -145,18 +145,8 @@ def test_fused_head_equals_unfused_float32(name):
     case = on_cuda(make_case(31))
     ref_obj, ref_ce, ref_kd, ref_n, ref_gh, ref_gw = unfused_head(div, *case, 0.7, 1.3)
     out, gh, gw = head(div, *case, ce_weight=0.7, kd_weight=1.3, chunk_size=13, compute_ce=True)
-    atol, rtol = TOL[torch.float32]
-
-    def close(x, y):
-        torch.testing.assert_close(x, y, atol=atol * float(y.detach().abs().max()), rtol=rtol)
-
-    close(out.objective, ref_obj.detach())
-    close(out.ce, ref_ce.detach())
-    assert int(out.num_tokens) == int(ref_n)
-    if div is not None:
-        close(out.kd.total, ref_kd.total.detach())
-    close(gh, ref_gh)
-    close(gw, ref_gw)
+    assert_head_equals(out, gh, gw, (ref_obj, ref_ce, ref_kd, ref_n, ref_gh, ref_gw),
+                       torch.float32, stats=False)
 
 
 def bf16_head_reference(div, h_s, w_s, h_t, w_t, labels, ce_weight, kd_weight):

@@ -285,15 +285,21 @@ def chunk_inputs(kind, seed=9, n=29, v=V):
     return s, t, y
 
 
+def chunk_extras(div, t, y):
+    """The divergence's per-token extras for one chunk that is one whole row (its teacher pass
+    on ``t``), or none."""
+    if not div.needs_teacher_pass:
+        return ()
+    stats = tuple(x.unsqueeze(0) for x in div.teacher_chunk_stats(t))
+    return tuple(e[0] for e in div.teacher_extras(stats, torch.ones(1, len(y), dtype=bool)))
+
+
 @pytest.mark.parametrize("kind", ["plain", "masked_vocab", "huge", "one_hot_teacher"])
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
 def test_chunk_grad_fn_equals_autograd(name, kind):
     div = DIVERGENCES[name]()
     s, t, y = chunk_inputs(kind)
-    extras = ()
-    if div.needs_teacher_pass:
-        stats = tuple(x.unsqueeze(0) for x in div.teacher_chunk_stats(t))
-        extras = tuple(e[0] for e in div.teacher_extras(stats, torch.ones(1, len(y), dtype=bool)))
+    extras = chunk_extras(div, t, y)
     s_ = s.clone().requires_grad_(True)
     value, stats = div.chunk_fn(s_, t, y, *extras)
     (grad,) = torch.autograd.grad(value.sum(), s_)
@@ -313,10 +319,7 @@ def test_chunk_grad_fn_with_the_cross_entropy_folded_in(name, kind):
     gradient of ``divergence + c * CE``, against autograd of ``chunk_fn`` plus torch's CE."""
     div = DIVERGENCES[name]()
     s, t, y = chunk_inputs(kind)
-    extras = ()
-    if div.needs_teacher_pass:
-        stats = tuple(x.unsqueeze(0) for x in div.teacher_chunk_stats(t))
-        extras = tuple(e[0] for e in div.teacher_extras(stats, torch.ones(1, len(y), dtype=bool)))
+    extras = chunk_extras(div, t, y)
     c = 0.7
     s_ = s.clone().requires_grad_(True)
     value, _ = div.chunk_fn(s_, t, y, *extras)
@@ -477,6 +480,26 @@ def unfused_head(div, h_s, w_s, h_t, w_t, labels, ce_weight, kd_weight, s_cap=No
     return objective, ce, kd, n, h_s.grad, w_s.grad
 
 
+def assert_head_equals(out, gh, gw, ref, dtype, stats=True):
+    """The fused head's result and gradients against ``unfused_head``'s ``ref``, each within
+    ``TOL[dtype]`` scaled by the reference's largest entry (and the diagnostics with ``stats``)."""
+    ref_obj, ref_ce, ref_kd, ref_n, ref_gh, ref_gw = ref
+    atol, rtol = TOL[dtype]
+
+    def close(x, y):
+        torch.testing.assert_close(x, y, atol=atol * float(y.detach().abs().max()), rtol=rtol)
+
+    close(out.objective, ref_obj.detach())
+    close(out.ce, ref_ce.detach())
+    assert int(out.num_tokens) == int(ref_n)
+    if ref_kd is not None:
+        close(out.kd.total, ref_kd.total.detach())
+        for k in ref_kd.stats if stats else ():
+            close(out.kd.stats[k], ref_kd.stats[k])
+    close(gh, ref_gh)
+    close(gw, ref_gw)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", sorted(DIVERGENCES) + ["ce_only"])
 @pytest.mark.parametrize("weights,temperature,caps", [
@@ -493,20 +516,7 @@ def test_fused_head_equals_unfused_ce_plus_divergence(name, weights, temperature
         div, *case, ce_w, kd_w, s_cap=caps[0], t_cap=caps[1])
     out, gh, gw = head(div, *case, ce_weight=ce_w, kd_weight=kd_w, student_softcap=caps[0],
                        teacher_softcap=caps[1], chunk_size=13, compute_ce=True)
-    atol, rtol = TOL[dtype]
-
-    def close(x, y):
-        torch.testing.assert_close(x, y, atol=atol * float(y.detach().abs().max()), rtol=rtol)
-
-    close(out.objective, ref_obj.detach())
-    close(out.ce, ref_ce.detach())
-    assert int(out.num_tokens) == int(ref_n)
-    if div is not None:
-        close(out.kd.total, ref_kd.total.detach())
-        for k in ref_kd.stats:
-            close(out.kd.stats[k], ref_kd.stats[k])
-    close(gh, ref_gh)
-    close(gw, ref_gw)
+    assert_head_equals(out, gh, gw, (ref_obj, ref_ce, ref_kd, ref_n, ref_gh, ref_gw), dtype)
 
 
 @pytest.mark.parametrize("name,cache_mib,teacher_projections", [

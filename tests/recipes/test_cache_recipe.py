@@ -17,11 +17,6 @@ V = tiny.VOCAB
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return tiny.make_assets(tmp_path_factory.mktemp("assets"))
-
-
-@pytest.fixture(scope="module")
 def online(assets, tmp_path_factory):
     """The reference: 6 steps with the live teacher."""
     out = tmp_path_factory.mktemp("online") / "out"

@@ -18,11 +18,6 @@ GOLDEN = Path(__file__).parents[1] / "assets" / "golden_loss_trace.json"
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return tiny.make_assets(tmp_path_factory.mktemp("assets"))
-
-
-@pytest.fixture(scope="module")
 def baseline(assets, tmp_path_factory):
     """The reference run: 10 steps, fp32, batch 8, one process, a checkpoint every 2 steps."""
     out = tmp_path_factory.mktemp("baseline") / "out"

@@ -11,11 +11,6 @@ from tests.recipes import tiny
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return tiny.make_assets(tmp_path_factory.mktemp("assets"))
-
-
 def _one_line(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
