@@ -24,7 +24,7 @@ and memory against the store's size, and the cost of a batch against a training 
    fresh process each, ``--repeats`` times: the time of ``TextBlockDataset(...)`` (tokenizer
    fingerprint, key, manifest, maps, split) and the resident memory it adds (VmRSS), with the
    page cache warm (the files were just written; opening reads none of them).
-3. batch: one 8 x 128 batch (random indices, ``collate_blocks``) from each store, median over
+3. batch: one 8 x 128 batch (random indices, ``collate``) from each store, median over
    2000 batches, against the step time of ``tune run tad_distill --config demo max_steps=20``
    (median over its logged steps of step tokens / tokens_per_second), or ``--step-time``.
 """
@@ -195,7 +195,7 @@ def startup_child(store_dir: str, source: str, batches: int) -> None:
     """In a fresh process: open the dataset, fetch batches; print one JSON line. Memory is split
     into anonymous pages (this process's own) and mapped file pages (the store's, in the page
     cache: clean, shared with every process mapping them, reclaimable)."""
-    from tad_torchtune.data import ResumableBatchSampler, TextBlockDataset, collate_blocks
+    from tad_torchtune.data import ResumableBatchSampler, TextBlockDataset, collate
     from tad_torchtune.demo import demo_tokenizer
 
     tok = demo_tokenizer()
@@ -210,9 +210,9 @@ def startup_child(store_dir: str, source: str, batches: int) -> None:
     for _ in range(batches):
         indices = next(sampler)
         start = time.perf_counter()
-        batch = collate_blocks([ds[i] for i in indices])
+        batch = collate([ds[i] for i in indices])
         times.append(time.perf_counter() - start)
-    assert batch["tokens"].shape == (BATCH, SEQ_LEN)
+    assert batch.tokens.shape == (BATCH, SEQ_LEN)
     after_batches = {k: vm_kib(k) for k in fields}
     result = {"open_s": opened, "batch_s": statistics.median(times), "blocks": len(ds),
               "tokens": ds.store.num_tokens, "rss_total_mib": after_open["VmRSS"] / 1024,

@@ -52,7 +52,7 @@ import tad_distill  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from tad_torchtune.common import IGNORE_INDEX, shift_labels  # noqa: E402
-from tad_torchtune.config_checks import validate_config  # noqa: E402
+from tad_torchtune.schema import validate_config  # noqa: E402
 from tad_torchtune.flops import peak_flops, step_flops_per_token  # noqa: E402
 from tad_torchtune.head import StudentHead, TeacherHead  # noqa: E402
 from tad_torchtune.losses.ce import chunked_cross_entropy  # noqa: E402

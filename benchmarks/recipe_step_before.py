@@ -16,7 +16,7 @@ sys.path.insert(0, f"{sys.argv[1]}/recipes")
 import torch
 import tad_distill
 from omegaconf import OmegaConf
-from tad_torchtune.config_checks import validate_config, resolve_package_paths
+from tad_torchtune.schema import validate_config, resolve_package_paths
 from tad_torchtune.losses.ce import chunked_cross_entropy
 from tad_torchtune.models import forward_hidden, project_logits
 

@@ -1,20 +1,24 @@
-"""Run a distillation config's teacher once over its prepared data and keep its top-M statistics.
+"""Run a distillation config's teacher once over its prepared data and keep its statistics.
 
     tune run tad_cache --config CONFIG teacher_cache_dir=DIR [cache_top_m=32]
+    tune run tad_cache --config CONFIG teacher_cache_dir=DIR cache_mode=sampled [cache_samples=32]
     tune run --nproc_per_node 2 tad_cache --config CONFIG teacher_cache_dir=DIR
 
 Reads the SAME config as ``tad_distill``: its tokenizer, ``dataset`` (the training split; the
-validation split is scored by the live teacher, so ``val_kl`` stays exact), its teacher (checkpointer, dtype, family fix-ups such as Gemma2's correction,
-``vocab_alignment``) and its divergence's temperature. For every block of the split it writes
-the teacher's top-``cache_top_m`` ids and log-probabilities, the log-mass outside them and the
-log-probability of the next token, in shards of ``cache_shard_blocks`` blocks, each published
-atomically (``tad_torchtune/teacher_cache.py`` documents the format). A run that is interrupted
-leaves only complete shards: the next run with the same config writes the missing ones, and the
-cache is then byte for byte what an uninterrupted run writes. Under torchrun each process takes
-its share of the shards, the teacher sharded with FSDP2 as in ``tad_distill``.
+validation split is scored by the live teacher, so ``val_kl`` stays exact), its teacher
+(checkpointer, dtype, family fix-ups such as Gemma2's correction, ``vocab_alignment``) and its
+divergence's temperature. For every block of the split it writes, per position, the teacher's
+top-``cache_top_m`` ids and log-probabilities and, by ``cache_mode``: the log-mass outside them
+and the log-probability of the next token (``top_m``, the bucket cache), or the log-mass and
+entropy outside them and ``cache_samples`` ids drawn from there (``sampled``, unbiased for TAD
+and forward KL), in shards of ``cache_shard_blocks`` blocks, each published atomically
+(``tad_torchtune/teacher_cache.py`` documents the format). A run that is interrupted leaves only
+complete shards: the next run with the same config writes the missing ones, and the cache is
+then byte for byte what an uninterrupted run writes (the draws come from a counter-based
+generator keyed by the seed, the block and the position). Under torchrun each process takes its
+share of the shards, the teacher sharded with FSDP2 as in ``tad_distill``.
 """
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,35 +26,24 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
-from torchtune import config, training
+from omegaconf import DictConfig
+from torchtune import config
 from tqdm import tqdm
 
-from tad_torchtune.common import DTYPES, shift_labels
-from tad_torchtune.config_checks import SCALARS, resolve_config_argv, resolve_package_paths, validate_config
-from tad_torchtune.data import collate_blocks
-from tad_torchtune.errors import ConfigError, check_checkpoint_files, instantiate, reports_user_errors
-from tad_torchtune.losses.cached import TeacherTopM, teacher_top_m
-from tad_torchtune.models import build_model, forward_hidden, output_weight, project_logits
+from tad_torchtune.common import DTYPES
+from tad_torchtune.data import TextBlockDataset, collate
+from tad_torchtune.errors import ConfigError, instantiate, reports_user_errors
+from tad_torchtune.head import TeacherHead
+from tad_torchtune.losses.cached import teacher_sampled, teacher_top_m
+from tad_torchtune.models.loading import load_teacher, vocab_size_of
 from tad_torchtune.parallel import init_distributed, parallelize
-from tad_torchtune.teacher_cache import BlockLayout, TeacherCache
-from tad_torchtune.vocab import align_teacher_vocab
-
-
-def _teacher_identity(cfg: DictConfig) -> dict[str, Any]:
-    """What identifies the teacher a cache was made with: its model config, its checkpoint
-    files (names and sizes), the dtype and the vocabulary alignment."""
-    ckpt = cfg.teacher_checkpointer
-    folder = Path(str(ckpt.checkpoint_dir))
-    files = ckpt.get("checkpoint_files") or []
-    return {
-        "model": OmegaConf.to_container(cfg.teacher_model, resolve=True),
-        "checkpoint_dir": str(folder.resolve()),
-        "checkpoint_files": {str(f): (folder / str(f)).stat().st_size for f in files
-                             if (folder / str(f)).is_file()},
-        "dtype": cfg.get("dtype", SCALARS["dtype"][1]),
-        "vocab_alignment": cfg.get("vocab_alignment", SCALARS["vocab_alignment"][1]),
-    }
+from tad_torchtune.schema import DISTILL, resolve_config_argv, resolve_package_paths, validate_config
+from tad_torchtune.teacher_cache import (
+    DEFAULT_TOP_M,
+    BlockLayout,
+    TeacherCache,
+    teacher_identity,
+)
 
 
 class TADCacheRecipe:
@@ -62,12 +55,15 @@ class TADCacheRecipe:
 
     def __init__(self, cfg: DictConfig) -> None:
         def get(key: str) -> Any:
-            return cfg.get(key, SCALARS[key][1])
+            return DISTILL.get(cfg, key)
 
         if not get("teacher_cache_dir"):
             raise ConfigError("teacher_cache_dir: missing; give the folder to write the cache to")
         self._root = Path(str(get("teacher_cache_dir"))).expanduser()
-        self._top_m = int(get("cache_top_m"))
+        self._mode = get("cache_mode")
+        self._top_m = get("cache_top_m") or DEFAULT_TOP_M[self._mode]
+        self._samples = get("cache_samples")
+        self._seed = get("cache_seed")
         self._logp_dtype = str(get("cache_logp_dtype"))
         self._shard_blocks = int(get("cache_shard_blocks"))
         self._batch_size = int(get("batch_size"))
@@ -85,33 +81,30 @@ class TADCacheRecipe:
         (from its config, on the meta device: nothing allocated), then the teacher."""
         tokenizer = instantiate(cfg.tokenizer, "tokenizer")
         dataset = instantiate(cfg.dataset, "dataset", tokenizer)
-        if not hasattr(dataset, "fingerprint"):
+        if not isinstance(dataset, TextBlockDataset):
             raise ConfigError("dataset._component_: the teacher cache is aligned to the blocks of a "
                               "prepared store: use tad_torchtune.data.text_block_dataset")
         self._datasets = {"train": dataset}
-        with torch.device("meta"):
-            student, _ = build_model(cfg.student_model)
-        self._vocab = output_weight(student).shape[0]
-        check_checkpoint_files(cfg.teacher_checkpointer, "teacher_checkpointer")
-        checkpointer = instantiate(cfg.teacher_checkpointer, "teacher_checkpointer")
-        state = checkpointer.load_checkpoint()[training.MODEL_KEY]
-        path = Path(str(cfg.teacher_checkpointer.checkpoint_dir)) / "config.json"
-        hf = json.loads(path.read_text()) if path.is_file() else None
-        with training.set_default_dtype(self._dtype):
-            self._teacher, _ = build_model(cfg.teacher_model, hf)
-        self._teacher.load_state_dict(state)
-        del state
-        self._teacher.to(self._device).eval().requires_grad_(False)
-        parallelize(self._teacher, fsdp=self._world > 1)
+        self._vocab = vocab_size_of(cfg.student_model)
+        teacher = load_teacher(cfg.teacher_model, cfg.teacher_checkpointer, device=self._device,
+                               dtype=self._dtype)
+        parallelize(teacher, fsdp=self._world > 1)
+        self._teacher = TeacherHead(teacher, vocab_size=self._vocab,
+                                    vocab_alignment=self._vocab_alignment)
         self._cache = TeacherCache.create(
             self._root, top_m=self._top_m, vocab_size=self._vocab, temperature=self._temperature,
             layouts={s: BlockLayout.of(d) for s, d in self._datasets.items()},
-            teacher=_teacher_identity(cfg), logp_dtype=self._logp_dtype,
-            shard_blocks=self._shard_blocks)
+            teacher=teacher_identity(cfg), logp_dtype=self._logp_dtype,
+            shard_blocks=self._shard_blocks, mode=self._mode,
+            samples=self._samples if self._mode == "sampled" else None,
+            seed=self._seed if self._mode == "sampled" else None)
 
     @torch.no_grad()
     def run(self) -> None:
         # what is missing, read by every rank before any rank writes a shard
+        if self._rank == 0:
+            for split in self._datasets:
+                self._cache.remove_stale(split)
         todo = {split: self._cache.missing_shards(split) for split in self._datasets}
         if self._world > 1:
             dist.barrier()
@@ -144,8 +137,10 @@ class TADCacheRecipe:
         if self._world > 1:
             dist.barrier()
         if self._rank == 0:
-            print(f"tad_cache: done; cache in {self._root} (top_m={self._top_m}, "
-                  f"{self._cache.bytes_per_token():.0f} bytes per token)")
+            samples = f", samples={self._samples}" if self._mode == "sampled" else ""
+            print(f"tad_cache: done; cache in {self._root} (mode={self._mode}, "
+                  f"top_m={self._top_m}{samples}, {self._cache.bytes_per_token():.0f} bytes per "
+                  f"token)")
 
     def _shard_size(self, dataset, index: int) -> int:
         """Number of blocks in shard ``index`` (the last one may be short)."""
@@ -160,32 +155,32 @@ class TADCacheRecipe:
         assert len(starts) <= batches, (index, batches)
         parts = []
         for n, start in enumerate(starts + [first] * (batches - len(starts))):
-            batch = collate_blocks([dataset[i] for i in range(start, min(start + self._batch_size,
-                                                                          last))])
-            tokens = batch["tokens"].to(self._device)
-            labels = shift_labels(batch["labels"]).to(self._device)
-            h, _ = forward_hidden(self._teacher, tokens)
+            batch = collate([dataset[i] for i in range(start, min(start + self._batch_size, last))]
+                            ).to(self._device)
+            out = self._teacher(batch, logits=n < len(starts))
             if n >= len(starts):
                 continue
-            logits = align_teacher_vocab(project_logits(self._teacher, h), self._vocab,
-                                         self._vocab_alignment)
-            parts.append(teacher_top_m(logits, labels, self._top_m, temperature=self._temperature))
+            if self._mode == "sampled":
+                blocks = torch.arange(start, start + batch.tokens.shape[0])
+                parts.append(teacher_sampled(out.logits, self._top_m, self._samples,
+                                             seed=self._seed, blocks=blocks,
+                                             temperature=self._temperature))
+            else:
+                parts.append(teacher_top_m(out.logits, batch.labels, self._top_m,
+                                           temperature=self._temperature))
             if progress is not None:
-                progress.update(tokens.numel())
+                progress.update(batch.tokens.numel())
         if not keep:
             return None
-        return TeacherTopM(*(torch.cat([getattr(p, f) for p in parts]).cpu()
-                             for f in ("ids", "logp", "log_rest", "label_logp")))
+        return type(parts[0])(*(torch.cat(p).cpu() for p in zip(*(x.tensors() for x in parts))))
 
     def cleanup(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-@reports_user_errors("tad_cache")
-@config.parse
-def recipe_main(cfg: DictConfig) -> None:
-    """Entry point of ``tune run tad_cache --config ...``."""
+def run(cfg: DictConfig) -> None:
+    """``tune run tad_cache`` on a parsed config, in this process."""
     validate_config(cfg)
     resolve_package_paths(cfg)
     recipe = TADCacheRecipe(cfg)
@@ -194,6 +189,13 @@ def recipe_main(cfg: DictConfig) -> None:
         recipe.run()
     finally:
         recipe.cleanup()
+
+
+@reports_user_errors("tad_cache")
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Entry point of ``tune run tad_cache --config ...``."""
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -39,37 +39,32 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader
 from torchtune import config, training
-from torchtune.data import padded_collate_packed, padded_collate_sft
 from tqdm import tqdm
 
 from tad_torchtune.checkpointing import TrainingCheckpointer, rng_state, set_rng_state
-from tad_torchtune.common import IGNORE_INDEX, full_tensor, shift_labels
-from tad_torchtune.config_checks import (
-    SCALARS,
+from tad_torchtune.common import DTYPES, full_tensor
+from tad_torchtune.data import Batch, ResumableBatchSampler, TextBlockDataset, collate
+from tad_torchtune.errors import ConfigError, instantiate, reports_user_errors
+from tad_torchtune.flops import peak_flops, step_flops_per_token
+from tad_torchtune.head import StudentHead, TeacherHead
+from tad_torchtune.losses import DivergenceUse
+from tad_torchtune.models import output_weight, save_hf_checkpoint
+from tad_torchtune.models.loading import (
+    checkpoint_state,
+    load_student,
+    load_teacher,
+    state_vocab_size,
+)
+from tad_torchtune.parallel import init_distributed, parallelize
+from tad_torchtune.schema import (
+    DISTILL,
     resolve_config_argv,
     resolve_package_paths,
     validate_config,
 )
-from tad_torchtune.data import ResumableBatchSampler, collate_blocks
-from tad_torchtune.errors import (
-    ConfigError,
-    check_checkpoint_files,
-    instantiate,
-    reports_user_errors,
-)
-from tad_torchtune.flops import peak_flops, step_flops_per_token
-from tad_torchtune.head import StudentHead, TeacherHead
-from tad_torchtune.models import (
-    build_model,
-    document_attention,
-    init_student_from_teacher,
-    output_weight,
-    save_hf_checkpoint,
-)
-from tad_torchtune.parallel import init_distributed, parallelize
 from tad_torchtune.teacher_cache import CachedBlocks, TeacherCache
 from tad_torchtune.vocab import check_vocab_compat
 
@@ -78,31 +73,19 @@ class NonFiniteError(RuntimeError):
     """A loss or gradient norm that is not finite: the optimizer step was not taken."""
 
 
-def _vocab_size(state_dict: dict[str, Tensor]) -> int:
-    """Rows of a torchtune state dict's output projection (its embedding table when tied)."""
-    weight = state_dict.get("output.weight", state_dict.get("tok_embeddings.weight"))
-    return weight.shape[0]
-
-
-def _hf_config(checkpointer: DictConfig) -> dict[str, Any] | None:
-    """The ``config.json`` of a Hugging Face checkpointer's folder, if it has one."""
-    path = Path(str(checkpointer.get("checkpoint_dir", ""))) / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 class TADDistillRecipe:
     """Distils ``teacher_model`` into ``student_model``; see the module docstring.
 
     Args:
-        cfg: the validated config (``tad_torchtune.config_checks.validate_config``).
+        cfg: the validated config (``tad_torchtune.schema.validate_config``).
     """
 
     def __init__(self, cfg: DictConfig) -> None:
         def get(key: str) -> Any:
-            return cfg.get(key, SCALARS[key][1])
+            return DISTILL.get(cfg, key)
 
         self._device = torch.device(get("device"))
-        self._dtype = torch.bfloat16 if get("dtype") == "bf16" else torch.float32
+        self._dtype = DTYPES[get("dtype")]
         self._rank, self._world_size = init_distributed(self._device.type)
         self._is_rank_zero = self._rank == 0
         if self._device.type == "cuda":
@@ -155,10 +138,11 @@ class TADDistillRecipe:
 
     def setup(self, cfg: DictConfig) -> None:
         """Build everything in dependency order: logging first (so set-up is visible), then the
-        teacher (the student is initialised from its weights), the vocabulary checks (before any
-        compute is spent), parallelism (after weights are loaded, so sharding splits real
-        tensors), losses, optimizer (over the sharded trainable parameters), data, and last the
-        resume, which overwrites model, optimizer, scheduler and data position."""
+        teacher (the student is initialised from its weights), the vocabulary checks and the
+        divergence's own (before any compute is spent), parallelism (after weights are loaded,
+        so sharding splits real tensors), losses, optimizer (over the sharded trainable
+        parameters), data, and last the resume, which overwrites model, optimizer, scheduler and
+        data position."""
         self._metric_logger = None
         self._metrics_file = None
         if self._is_rank_zero:
@@ -179,13 +163,18 @@ class TADDistillRecipe:
         # exact); its weights still initialise a pruned student.
         self._teacher_cache = (TeacherCache(self._teacher_cache_dir)
                                if self._teacher_cache_dir else None)
-        teacher_state = self._load_teacher_state(cfg)
-        teacher_vocab = _vocab_size(teacher_state)
+        teacher_state = checkpoint_state(cfg.teacher_checkpointer, "teacher_checkpointer")
+        teacher_vocab = state_vocab_size(teacher_state)
         self._teacher = None
         if self._teacher_cache is None or cfg.get("validation_dataset") is not None:
-            self._teacher = self._build_teacher(cfg, teacher_state)
-        self._student, self._hf_source_dir, self._hf_model_type = self._setup_student(
-            cfg, teacher_state)
+            self._teacher = load_teacher(cfg.teacher_model, cfg.teacher_checkpointer,
+                                         device=self._device, dtype=self._dtype,
+                                         state=teacher_state)
+        self._student, self._hf_source_dir, self._hf_model_type = load_student(
+            cfg.student_model, teacher_state=teacher_state,
+            teacher_checkpointer=cfg.teacher_checkpointer,
+            student_checkpointer=cfg.get("student_checkpointer"), device=self._device,
+            dtype=self._dtype, seed=self._seed)
         del teacher_state
         self._hf_base_config = json.loads((self._hf_source_dir / "config.json").read_text())
         self._student_vocab = output_weight(self._student).shape[0]
@@ -198,26 +187,25 @@ class TADDistillRecipe:
         kd_loss = instantiate(cfg.kd_loss, "kd_loss") if self._kd_weight > 0 else None
         hidden_loss = (instantiate(cfg.hidden_loss, "hidden_loss") if self._hidden_weight > 0
                        else None)
-        if kd_loss is not None and hasattr(kd_loss, "check_k"):
-            try:
-                kd_loss.check_k(self._student_vocab)
-            except ValueError as err:
-                raise ConfigError(f"kd_loss.k: {err}") from None
-        if self._teacher_cache is not None and kd_loss is not None:
-            self._check_cache_serves(kd_loss)
+        if kd_loss is not None:
+            kd_loss.validate(DivergenceUse(
+                vocab_size=self._student_vocab, fused=self._fused,
+                cache=None if self._teacher_cache is None else self._teacher_cache.spec(),
+                packed_rows=bool(cfg.dataset.get("packed", False))))
         self._head = StudentHead(
             self._student, kd_loss=kd_loss, hidden_loss=hidden_loss,
             clm_weight=self._clm_weight, kd_weight=self._kd_weight,
             hidden_weight=self._hidden_weight, hidden_layers=self._student_hidden_layers,
-            vocab_alignment=self._vocab_alignment, fused=self._fused,
-            chunk_size=self._loss_chunk_size, teacher_cache_mib=self._teacher_cache_mib,
+            fused=self._fused, chunk_size=self._loss_chunk_size,
+            teacher_cache_mib=self._teacher_cache_mib,
             float32_weight_grad=self._float32_weight_grad, compile=self._compile,
             from_cache=self._teacher_cache is not None,
         )
         self._teacher_head = None
         if self._teacher is not None:
-            self._teacher_head = TeacherHead(self._teacher,
-                                             hidden_layers=self._teacher_hidden_layers)
+            self._teacher_head = TeacherHead(
+                self._teacher, vocab_size=self._student_vocab,
+                vocab_alignment=self._vocab_alignment, hidden_layers=self._teacher_hidden_layers)
             parallelize(self._teacher, compile=self._compile, fsdp=fsdp,
                         cpu_offload=self._cpu_offload)
         parallelize(self._student, activation_checkpointing=self._activation_checkpointing,
@@ -255,67 +243,12 @@ class TADDistillRecipe:
         if self._resume:
             self._load_training_state()
 
-    def _load_teacher_state(self, cfg: DictConfig) -> dict[str, Tensor]:
-        check_checkpoint_files(cfg.teacher_checkpointer, "teacher_checkpointer")
-        checkpointer = instantiate(cfg.teacher_checkpointer, "teacher_checkpointer")
-        return checkpointer.load_checkpoint()[training.MODEL_KEY]
-
-    def _build_teacher(self, cfg: DictConfig, state_dict: dict[str, Tensor]) -> nn.Module:
-        with training.set_default_dtype(self._dtype):
-            teacher, _ = build_model(cfg.teacher_model, _hf_config(cfg.teacher_checkpointer))
-        teacher.load_state_dict(state_dict)
-        teacher.to(self._device).eval()
-        teacher.requires_grad_(False)
-        return teacher
-
-    def _setup_student(self, cfg: DictConfig, teacher_state: dict[str, Tensor]
-                       ) -> tuple[nn.Module, Path, str]:
-        """The student, initialised from the teacher's weights (pruned students) or from its own
-        checkpoint; returns it with the Hugging Face checkpoint folder (config.json, tokenizer
-        files) and model type its export derives from."""
-        # The same seed on every rank: FSDP shards each rank's local copy, so fresh weights must
-        # be identical everywhere (torchtune's set_seed gives each rank seed + rank).
-        torch.manual_seed(self._seed)
-        source = cfg.get("student_checkpointer") or cfg.teacher_checkpointer
-        with training.set_default_dtype(self._dtype):
-            student, _ = build_model(cfg.student_model, _hf_config(source))
-        if getattr(student, "distill_spec", None) is not None:
-            source = cfg.teacher_checkpointer
-            init_student_from_teacher(student, teacher_state)
-        elif cfg.get("student_checkpointer") is not None:
-            check_checkpoint_files(cfg.student_checkpointer, "student_checkpointer")
-            checkpointer = instantiate(cfg.student_checkpointer, "student_checkpointer")
-            student.load_state_dict(checkpointer.load_checkpoint()[training.MODEL_KEY])
-        student.to(self._device).train()
-        return student, Path(source.checkpoint_dir), str(source.model_type)
-
-    def _check_cache_serves(self, kd_loss) -> None:
-        """Refuse a teacher cache that cannot serve ``kd_loss``, naming the keys."""
-        cache, where = self._teacher_cache, f"teacher_cache_dir={str(self._teacher_cache.root)!r}"
-        if kd_loss.cached_chunk_fn is None:
-            raise ConfigError(f"kd_loss._component_: {type(kd_loss).__name__} has no teacher-cache "
-                              f"version; drop teacher_cache_dir or use another divergence")
-        try:
-            kd_loss.check_top_m(cache.top_m)
-        except ValueError as err:
-            raise ConfigError(f"kd_loss.k: {err} ({where}, made with cache_top_m="
-                              f"{cache.top_m})") from None
-        if kd_loss.temperature != cache.temperature:
-            raise ConfigError(f"kd_loss.temperature: {kd_loss.temperature} differs from the "
-                              f"teacher cache's {cache.temperature} ({where}); make the cache at "
-                              f"this temperature")
-
     def _setup_data(self, cfg: DictConfig, key: str, *, train: bool):
-        dataset_cfg = cfg[key]
-        packed = bool(dataset_cfg.get("packed", False))
-        if packed and self._is_rank_zero and getattr(self._head.kd_loss, "abar_scope", None) == "row":
-            print(f"tad_distill: warning: {key}.packed: true with TAD's abar_scope: row: its abar is "
-                  "the mean tail mass over each packed row; kd_loss.abar_scope: document makes it "
-                  "per document", file=sys.stderr)
-        dataset = instantiate(dataset_cfg, key, self._tokenizer)
-        self._data_fingerprints[key] = getattr(dataset, "fingerprint", None)
+        dataset = instantiate(cfg[key], key, self._tokenizer)
+        blocks = isinstance(dataset, TextBlockDataset)
+        self._data_fingerprints[key] = dataset.fingerprint if blocks else None
         if train and self._teacher_cache is not None:
-            if not hasattr(dataset, "fingerprint"):
+            if not blocks:
                 raise ConfigError(f"{key}._component_: a teacher cache is aligned to the blocks of a"
                                   " prepared store: use tad_torchtune.data.text_block_dataset")
             dataset = CachedBlocks(dataset, self._teacher_cache, "train",
@@ -334,15 +267,9 @@ class TADDistillRecipe:
             self._val_batches = len(sampler)
             most = -(-(-(-len(dataset) // self._world_size)) // self._batch_size)
             sampler += sampler[:1] * (most - len(sampler))
-        if hasattr(dataset, "fingerprint"):  # blocks of a token store: equal lengths
-            collate = collate_blocks
-        elif packed:
-            collate = padded_collate_packed
-        else:
-            collate = partial(padded_collate_sft, padding_idx=self._tokenizer.pad_id
-                              if getattr(self._tokenizer, "pad_id", None) is not None else 0,
-                              ignore_idx=IGNORE_INDEX)
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=0)
+        pad_id = getattr(self._tokenizer, "pad_id", None)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=0,
+                            collate_fn=partial(collate, pad_id=pad_id or 0))
         return loader, sampler
 
     # --------------------------------------------------------------------------------- training
@@ -382,19 +309,19 @@ class TADDistillRecipe:
             self.save(export=False)  # the final export follows
         self.export(self._output_dir / "student")
 
-    def train_step(self, batches: Iterator[dict[str, Any]], progress: tqdm | None = None
+    def train_step(self, batches: Iterator[Batch], progress: tqdm | None = None
                    ) -> dict[str, float]:
         """One optimizer step as ``train`` runs it: the micro-batches fetched from ``batches``
         and prepared, the step (``_train_step``), its throughput and MFU, the progress bar, and
         the metrics when it is a logging step. Returns the step's metrics."""
         t0 = time.perf_counter()
         micro = [self._prepare(next(batches)) for _ in range(self._grad_accum)]
-        log = self._train_step([b for b, _ in micro], sum(n for _, n in micro))
+        log = self._train_step(micro, sum(b.num_tokens for b in micro))
         seconds = time.perf_counter() - t0
         self.global_step += 1
         self.step_in_epoch += 1
         self.tokens_seen += int(log["step_tokens"])
-        log.update(self._speed([b for b, _ in micro], log["step_tokens"], seconds))
+        log.update(self._speed(micro, log["step_tokens"], seconds))
         if progress is not None:
             progress.update(1)
             progress.set_postfix(self._postfix(log))
@@ -402,7 +329,7 @@ class TADDistillRecipe:
             self._log(log)
         return log
 
-    def _speed(self, micro: list[dict[str, Tensor]], valid_tokens: float,
+    def _speed(self, micro: list[Batch], valid_tokens: float,
                seconds: float) -> dict[str, float]:
         """Throughput of a step: valid tokens/s over all processes and per device, and MFU
         (``tad_torchtune.flops``: model FLOPs of every position this process processed, against
@@ -412,7 +339,7 @@ class TADDistillRecipe:
         if self._peak_flops:
             flops = 0
             for batch in micro:
-                rows, length = batch["tokens"].shape
+                rows, length = batch.tokens.shape
                 if length not in self._flops_per_token:
                     self._flops_per_token[length] = step_flops_per_token(
                         self._student, self._teacher if self._head.needs_teacher else None, length)
@@ -428,20 +355,12 @@ class TADDistillRecipe:
             postfix["mfu"] = f"{log['mfu']:.1%}"
         return postfix
 
-    def _prepare(self, batch: dict[str, Any]) -> tuple[dict[str, Any], int]:
-        """A collated batch with shifted labels on the device, and its valid-token count, read
-        on the host batch (no device synchronisation)."""
-        batch = {**batch, "labels": shift_labels(batch["labels"])}
-        valid = int((batch["labels"] != IGNORE_INDEX).sum())
-        batch = {k: v.to(self._device, non_blocking=True) if isinstance(v, Tensor) else v
-                 for k, v in batch.items()}
-        if "document_ids" not in batch and "input_pos" in batch:  # torchtune's packed rows
-            batch["document_ids"] = (batch["input_pos"] == 0).long().cumsum(-1) - 1
-        if self._document_mask and "document_ids" in batch and "mask" not in batch:
-            batch["mask"], batch["input_pos"] = document_attention(batch["document_ids"])
-        return batch, valid
+    def _prepare(self, batch: Batch) -> Batch:
+        """A collated batch on the device, with document-masked attention when asked for."""
+        batch = batch.to(self._device)
+        return batch.with_document_mask() if self._document_mask else batch
 
-    def _train_step(self, micro: list[dict[str, Tensor]], local_tokens: int) -> dict[str, float]:
+    def _train_step(self, micro: list[Batch], local_tokens: int) -> dict[str, float]:
         global_tokens = local_tokens
         if self._world_size > 1:
             global_tokens = int(self._all_reduce(torch.tensor(
@@ -504,9 +423,9 @@ class TADDistillRecipe:
         for i, batch in enumerate(self._val_loader):
             if self._max_eval_batches is not None and i >= self._max_eval_batches:
                 break
-            batch, _ = self._prepare(batch)
+            batch = self._prepare(batch)
             if i >= self._val_batches:  # a rank with fewer batches runs the others' FSDP steps
-                batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+                batch = batch.ignoring_all()
             self._head.evaluate(batch, self._teacher_head(batch, logits=not self._fused), metrics)
         self._student.train()
         out = metrics.all_reduce().compute()
@@ -607,10 +526,9 @@ class TADDistillRecipe:
             dist.destroy_process_group()
 
 
-@reports_user_errors("tad_distill")
-@config.parse
-def recipe_main(cfg: DictConfig) -> None:
-    """Entry point of ``tune run tad_distill --config ...``."""
+def run(cfg: DictConfig) -> None:
+    """``tune run tad_distill`` on a parsed config, in this process: check it, resolve its
+    ``pkg://`` paths, set up, train, export."""
     validate_config(cfg)
     resolve_package_paths(cfg)
     recipe = TADDistillRecipe(cfg)
@@ -623,6 +541,13 @@ def recipe_main(cfg: DictConfig) -> None:
                   f"{recipe._output_dir / 'metrics.jsonl'})")
     finally:
         recipe.cleanup()
+
+
+@reports_user_errors("tad_distill")
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Entry point of ``tune run tad_distill --config ...``."""
+    run(cfg)
 
 
 if __name__ == "__main__":

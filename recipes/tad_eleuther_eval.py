@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 from packaging.version import Version
 from torchtune import config, training, utils
 
-from tad_torchtune.config_checks import resolve_config_argv, resolve_package_paths
+from tad_torchtune.schema import resolve_config_argv, resolve_package_paths
 from tad_torchtune.errors import reports_user_errors
 
 MIN_LM_EVAL = "0.4.5"  # torchtune 0.6.1's own minimum

@@ -25,67 +25,22 @@ Config (see ``configs/demo_eval.yaml``):
 
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from torch import nn
-from torchtune import config, training
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config
 from tqdm import tqdm
 
-from tad_torchtune.common import DTYPES, shift_labels
-from tad_torchtune.config_checks import resolve_config_argv, resolve_package_paths
-from tad_torchtune.data import resolve_asset
-from tad_torchtune.errors import check_checkpoint_files, instantiate, reports_user_errors
-from tad_torchtune.metrics import TAIL_KS, StudentMetrics, TeacherMetrics
-from tad_torchtune.models import build_model, forward_hidden, model_from_hf_config, project_logits
-
-def hf_decoder(checkpoint_dir: str) -> nn.Module:
-    """The torchtune decoder (random weights) that the ``config.json`` in ``checkpoint_dir``
-    describes, for any registered model family: a model ``_component_`` for configs of other
-    recipes (e.g. ``eleuther_eval``) that load the weights with ``FullModelHFCheckpointer``
-    themselves."""
-    path = Path(resolve_asset(str(checkpoint_dir))).expanduser() / "config.json"
-    if not path.is_file():
-        raise ValueError(f"model.checkpoint_dir: {str(path.parent)!r} has no config.json")
-    return model_from_hf_config(json.loads(path.read_text()), where="model.checkpoint_dir")[0]
-
-
-def load_hf_model(spec: DictConfig, *, where: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Build the model of ``spec`` and load its Hugging Face checkpoint through torchtune."""
-    if spec is None or spec.get("checkpoint_dir") is None:
-        raise ValueError(f"{where}.checkpoint_dir: required (a Hugging Face checkpoint folder)")
-    ckpt_dir = Path(str(spec.checkpoint_dir)).expanduser()
-    if not (ckpt_dir / "config.json").is_file():
-        raise ValueError(f"{where}.checkpoint_dir: {str(ckpt_dir)!r} has no config.json")
-    hf = json.loads((ckpt_dir / "config.json").read_text())
-    files = spec.get("checkpoint_files")
-    if files is None:
-        files = sorted(p.name for p in ckpt_dir.glob("*.safetensors"))
-        if not files:
-            raise ValueError(f"{where}.checkpoint_dir: no *.safetensors file in {str(ckpt_dir)!r}")
-    if spec.get("model") is not None:
-        model, _ = build_model(spec.model, hf)
-        model_type = spec.get("model_type")
-        if model_type is None:
-            raise ValueError(f"{where}.model_type: required when {where}.model is given (e.g. LLAMA3)")
-    else:
-        model, family = model_from_hf_config(hf, where=f"{where}.checkpoint_dir")
-        model_type = spec.get("model_type", family.checkpointer_model_type)
-    check_checkpoint_files({"checkpoint_dir": str(ckpt_dir), "checkpoint_files": list(files)},
-                           where)
-    # The checkpointer insists on an output folder; nothing is written there while loading.
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpointer = training.FullModelHFCheckpointer(
-            checkpoint_dir=str(ckpt_dir), checkpoint_files=list(files),
-            model_type=str(model_type), output_dir=tmp,
-        )
-        state = checkpointer.load_checkpoint()[training.MODEL_KEY]
-    model.load_state_dict(state)
-    return model.to(device=device, dtype=dtype).eval()
+from tad_torchtune.common import DTYPES
+from tad_torchtune.data import collate
+from tad_torchtune.errors import ConfigError, instantiate, reports_user_errors
+from tad_torchtune.metrics import StudentMetrics, TeacherMetrics
+from tad_torchtune.models import forward_hidden, project_logits
+from tad_torchtune.models.loading import load_hf_folder
+from tad_torchtune.schema import EVAL, resolve_config_argv, resolve_package_paths
 
 
 class TADEvalRecipe:
@@ -96,39 +51,37 @@ class TADEvalRecipe:
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        self._device = torch.device(cfg.get("device", "cpu"))
-        dtype = cfg.get("dtype", "fp32")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype: must be one of {sorted(DTYPES)}, got {dtype!r}")
-        self._dtype = DTYPES[dtype]
+        EVAL.validate(cfg)
+        get = lambda key: EVAL.get(cfg, key)  # noqa: E731
+        self._device = torch.device(get("device"))
+        self._dtype = DTYPES[get("dtype")]
         self._output_dir = Path(str(cfg.output_dir)).expanduser()
-        self._batch_size = int(cfg.get("batch_size", 8))
-        self._max_batches = cfg.get("max_batches")
-        self._chunk_size = cfg.get("chunk_size", 1024)
-        self._num_bins = int(cfg.get("num_bins", 10))
-        self._tail_ks = tuple(int(k) for k in cfg.get("tail_ks", TAIL_KS))
-        self._vocab_alignment = cfg.get("vocab_alignment", "exact")
-        students = cfg.get("students")
-        if not isinstance(students, DictConfig) or len(students) == 0:
-            raise ValueError(
+        self._batch_size = get("batch_size")
+        self._max_batches = get("max_batches")
+        self._chunk_size = get("chunk_size")
+        self._num_bins = get("num_bins")
+        self._tail_ks = tuple(int(k) for k in get("tail_ks"))
+        self._vocab_alignment = get("vocab_alignment")
+        if len(cfg.students) == 0:
+            raise ConfigError(
                 "students: must map at least one name to {checkpoint_dir: ...}, e.g. "
                 "students.tad.checkpoint_dir=/path/to/student"
             )
-        if self._batch_size < 1:
-            raise ValueError(f"batch_size: must be >= 1, got {self._batch_size}")
 
     def setup(self, cfg: DictConfig) -> None:
         # Tokenizer before the dataset (which tokenizes with it); models last, the heaviest part.
-        torch.manual_seed(int(cfg.get("seed", 0)))
+        torch.manual_seed(int(EVAL.get(cfg, "seed")))
         tokenizer = instantiate(cfg.tokenizer, "tokenizer")
         dataset = instantiate(cfg.dataset, "dataset", tokenizer)
         if len(dataset) == 0:
             raise ValueError("dataset: the held-out set is empty")
         self._dataset = dataset
         self._data_desc = {k: v for k, v in OmegaConf.to_container(cfg.dataset).items()}
-        self._teacher = load_hf_model(cfg.teacher, where="teacher", device=self._device, dtype=self._dtype)
+        self._teacher = load_hf_folder(cfg.teacher, where="teacher", device=self._device,
+                                       dtype=self._dtype)
         self._students = {
-            str(name): load_hf_model(spec, where=f"students.{name}", device=self._device, dtype=self._dtype)
+            str(name): load_hf_folder(spec, where=f"students.{name}", device=self._device,
+                                      dtype=self._dtype)
             for name, spec in cfg.students.items()
         }
         self._paths = {"teacher": str(cfg.teacher.checkpoint_dir)} | {
@@ -138,11 +91,8 @@ class TADEvalRecipe:
     def _batches(self):
         n = len(self._dataset)
         for start in range(0, n, self._batch_size):
-            items = [self._dataset[i] for i in range(start, min(n, start + self._batch_size))]
-            # samples hold lists (torchtune datasets) or tensors (text_block_dataset)
-            tokens = torch.stack([torch.as_tensor(it["tokens"]) for it in items]).long()  # (B, T)
-            labels = shift_labels(torch.stack([torch.as_tensor(it["labels"]) for it in items]).long())
-            yield tokens.to(self._device), labels.to(self._device)
+            batch = collate([self._dataset[i] for i in range(start, min(n, start + self._batch_size))])
+            yield batch.to(self._device)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -158,10 +108,11 @@ class TADEvalRecipe:
         if self._max_batches is not None:
             n_batches = min(n_batches, int(self._max_batches))
         start = time.time()
-        for i, (tokens, labels) in enumerate(tqdm(self._batches(), total=n_batches, desc="tad_eval")):
+        for i, batch in enumerate(tqdm(self._batches(), total=n_batches, desc="tad_eval")):
             if i >= n_batches:
                 break
             # logits in the model dtype; the metrics upcast chunk by chunk
+            tokens, labels = batch.tokens, batch.labels
             teacher_logits = project_logits(self._teacher, forward_hidden(self._teacher, tokens)[0])
             teacher_metrics.update(teacher_logits, labels)
             for name, student in self._students.items():
@@ -207,10 +158,8 @@ def summary_table(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-@reports_user_errors("tad_eval")
-@config.parse
-def recipe_main(cfg: DictConfig) -> None:
-    """Entry point of ``tune run tad_eval --config ...``."""
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """``tune run tad_eval`` on a parsed config, in this process; returns the report."""
     resolve_package_paths(cfg)
     recipe = TADEvalRecipe(cfg)
     recipe.setup(cfg)
@@ -218,6 +167,14 @@ def recipe_main(cfg: DictConfig) -> None:
     paths = recipe.save(report)
     print(summary_table(report))
     print("tad_eval: outputs in " + ", ".join(f"{k}: {v}" for k, v in paths.items()))
+    return report
+
+
+@reports_user_errors("tad_eval")
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Entry point of ``tune run tad_eval --config ...``."""
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 from torchtune.config._utils import _get_component_from_path
 
-from tad_torchtune.config_checks import resolve_config_argv, resolve_package_paths
+from tad_torchtune.schema import PREPARE, resolve_config_argv, resolve_package_paths
 from tad_torchtune.data import TextBlockDataset, prepare_store, text_block_dataset
 from tad_torchtune.errors import instantiate, reports_user_errors
 
@@ -38,11 +38,8 @@ class TADPrepareRecipe:
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        workers = cfg.get("num_workers")
-        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
-                                    or workers < 1):
-            raise ValueError(f"num_workers: must be an integer >= 1 or null, got {workers!r}")
-        self._num_workers = workers
+        PREPARE.validate(cfg)
+        self._num_workers = PREPARE.get(cfg, "num_workers")
 
     def setup(self, cfg: DictConfig) -> None:
         """The datasets first (a config without one fails before the tokenizer loads), then the
@@ -104,14 +101,19 @@ class TADPrepareRecipe:
         return reports
 
 
+def run(cfg: DictConfig) -> list[dict[str, Any]]:
+    """``tune run tad_prepare`` on a parsed config, in this process; returns its reports."""
+    resolve_package_paths(cfg)
+    recipe = TADPrepareRecipe(cfg)
+    recipe.setup(cfg)
+    return recipe.prepare()
+
+
 @reports_user_errors("tad_prepare")
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point of ``tune run tad_prepare --config ...``."""
-    resolve_package_paths(cfg)
-    recipe = TADPrepareRecipe(cfg)
-    recipe.setup(cfg)
-    recipe.prepare()
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,11 @@ Layout under ``<output_dir>/checkpoints``::
     latest              text file naming the newest COMPLETE checkpoint folder
 
 A checkpoint is written into a hidden temporary folder, which is renamed into place only when
-every rank has finished, and ``latest`` is then replaced atomically (``os.replace``). A process
+every rank has finished, and ``latest`` is then replaced atomically (``tad_torchtune.files``). A process
 killed at any moment therefore leaves ``latest`` pointing at a complete checkpoint. DCP stores
 tensors by name with their global shapes, so a checkpoint taken on N processes loads on M.
 """
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+from tad_torchtune.files import atomic_write_text, publish_dir
 
 LATEST = "latest"
 META = "meta.pt"
@@ -76,11 +77,8 @@ class TrainingCheckpointer:
             torch.save(meta, tmp / META)
         _barrier()
         if self.rank == 0:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            pointer_tmp = self.root / f".{LATEST}.tmp"
-            pointer_tmp.write_text(final.name)
-            os.replace(pointer_tmp, self.root / LATEST)
+            publish_dir(tmp, final, replace=True)
+            atomic_write_text(self.root / LATEST, final.name)
             self._prune(keep=final)
         _barrier()
         return final

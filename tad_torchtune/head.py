@@ -1,13 +1,15 @@
 """Run a model and compute its terms: the library side of a distillation step.
 
-``TeacherHead`` runs the frozen teacher (no autograd) and returns what the student's losses read:
-its final normed hidden state and output weight (the fused path projects them chunk by chunk),
-or its logits (the unfused path and evaluation), and the hidden states of chosen layers.
+``TeacherHead`` runs the frozen teacher (no autograd) and returns what the student's losses read,
+over the STUDENT's vocabulary (a larger teacher's aligned here, the one place): its final normed
+hidden state and output weight and bias (the fused path projects them chunk by chunk), or its
+logits (the unfused path and evaluation), and the hidden states of chosen layers.
 ``StudentHead`` owns the student: ``forward`` runs it and returns its training terms, the
 objective ``clm_weight * CE + kd_weight * divergence + hidden_weight * hidden`` summed over valid
 tokens; ``evaluate`` adds a batch to the held-out metrics (``tad_torchtune.metrics``). It knows
-the output weight, the soft-cap, the vocabulary alignment and the fused path, so a recipe only
-calls it (``docs/design.md``, "One step").
+the output weight, the soft-cap and the fused path, and holds nothing specific to a divergence
+or a teacher cache: the divergence validates itself, the cache's entries adapt it
+(``docs/design.md``, "One step").
 
 Under FSDP2 the ``StudentHead`` is the root of the student's sharding, so the parameters outside
 the blocks (embeddings, final norm, output projection) are gathered for its whole ``forward``
@@ -22,28 +24,38 @@ import torch
 from torch import Tensor, nn
 
 from tad_torchtune.common import full_tensor
-from tad_torchtune.losses import Divergence, DivergenceOutput
+from tad_torchtune.data.batch import Batch
+from tad_torchtune.losses import DEFAULT_CHUNK_SIZE, Divergence, DivergenceOutput
 from tad_torchtune.losses.ce import chunked_cross_entropy
 from tad_torchtune.losses.fused import DEFAULT_TEACHER_CACHE_MIB, fused_head
 from tad_torchtune.metrics import StudentMetrics
-from tad_torchtune.models import forward_hidden, logit_softcap, output_weight, project_logits
-from tad_torchtune.teacher_cache import batch_top_m
+from tad_torchtune.models import (
+    forward_hidden,
+    logit_softcap,
+    output_bias,
+    output_weight,
+    project_logits,
+)
+from tad_torchtune.vocab import align_teacher_vocab, check_vocab_alignment
 
 
 @dataclass
 class TeacherOutput:
-    """What the teacher gives the student's losses for one batch (no autograd).
+    """What the teacher gives the student's losses for one batch (no autograd), over the
+    student's vocabulary.
 
     Attributes:
         hidden: ``[B, T, D_T]`` final normed hidden state.
-        weight: ``[V_T, D_T]`` output projection weight.
+        weight: ``[V, D_T]`` output projection weight.
+        bias: ``[V]`` output projection bias, or None.
         softcap: the teacher's logit soft-cap, or None.
-        logits: ``[B, T, V_T]`` in the model's dtype, when asked for.
+        logits: ``[B, T, V]`` in the model's dtype, when asked for.
         layers: hidden states of the requested layers (the hidden-state loss).
     """
 
     hidden: Tensor
     weight: Tensor
+    bias: Tensor | None
     softcap: float | None
     logits: Tensor | None = None
     layers: list[Tensor] = field(default_factory=list)
@@ -54,23 +66,33 @@ class TeacherHead:
 
     Args:
         model: the teacher, a torchtune ``TransformerDecoder`` in eval mode.
+        vocab_size: the student's vocabulary size: what the teacher's outputs are aligned to.
+        vocab_alignment: ``"exact"`` or ``"truncate_teacher"`` (``tad_torchtune.vocab``).
         hidden_layers: layers whose input hidden state the hidden-state loss reads (-1: the
             final normed hidden state).
     """
 
-    def __init__(self, model: nn.Module, *, hidden_layers: tuple[int, ...] = ()) -> None:
+    def __init__(self, model: nn.Module, *, vocab_size: int, vocab_alignment: str = "exact",
+                 hidden_layers: tuple[int, ...] = ()) -> None:
         self.model = model
+        self.vocab_size = int(vocab_size)
+        self.vocab_alignment = check_vocab_alignment(vocab_alignment)
         self.hidden_layers = tuple(hidden_layers)
         self.softcap = logit_softcap(model)
 
+    def _aligned(self, x: Tensor) -> Tensor:
+        return align_teacher_vocab(x, self.vocab_size, self.vocab_alignment)
+
     @torch.no_grad()
-    def __call__(self, batch: dict[str, Tensor], *, logits: bool) -> TeacherOutput:
-        h, layers = forward_hidden(self.model, batch["tokens"], mask=batch.get("mask"),
-                                   input_pos=batch.get("input_pos"),
-                                   hidden_layers=self.hidden_layers)
-        return TeacherOutput(hidden=h, weight=full_tensor(output_weight(self.model)),
-                             softcap=self.softcap, layers=layers,
-                             logits=project_logits(self.model, h) if logits else None)
+    def __call__(self, batch: Batch, *, logits: bool) -> TeacherOutput:
+        h, layers = forward_hidden(self.model, batch.tokens, mask=batch.mask,
+                                   input_pos=batch.input_pos, hidden_layers=self.hidden_layers)
+        bias = output_bias(self.model)
+        return TeacherOutput(
+            hidden=h, weight=self._aligned(full_tensor(output_weight(self.model)).t()).t(),
+            bias=None if bias is None else self._aligned(full_tensor(bias)),
+            softcap=self.softcap, layers=layers,
+            logits=self._aligned(project_logits(self.model, h)) if logits else None)
 
 
 @dataclass
@@ -103,15 +125,13 @@ class StudentHead(nn.Module):
         hidden_loss: ``HiddenCosineLoss`` or None.
         clm_weight, kd_weight, hidden_weight: weights of the objective.
         hidden_layers: student layers paired with the teacher's for the hidden loss.
-        vocab_alignment: how the teacher's logits are read over the student's vocabulary
-            (set on ``kd_loss`` too).
         fused: compute CE and divergence from hidden states and output weights
             (``losses.fused.fused_head``) instead of materialised logits.
-        chunk_size: tokens per loss chunk.
+        chunk_size: tokens per loss chunk, on every path (the recipe's ``loss_chunk_size``).
         teacher_cache_mib, float32_weight_grad: the fused head's options.
         compile: ``torch.compile`` the unfused divergence (whole), or the fused head's chunks.
-        from_cache: the divergence reads the teacher's cached top-M statistics that every batch
-            carries (``tad_torchtune.teacher_cache``) instead of a live teacher.
+        from_cache: the divergence reads the teacher-cache entries every batch carries
+            (``Batch.teacher``) instead of a live teacher.
     """
 
     #: methods FSDP2 must treat like ``forward`` (gathering the root's parameters)
@@ -127,9 +147,8 @@ class StudentHead(nn.Module):
         kd_weight: float = 1.0,
         hidden_weight: float = 0.0,
         hidden_layers: tuple[int, ...] = (),
-        vocab_alignment: str = "exact",
         fused: bool = False,
-        chunk_size: int = 1024,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         teacher_cache_mib: float = DEFAULT_TEACHER_CACHE_MIB,
         float32_weight_grad: bool = True,
         compile: bool = False,
@@ -138,12 +157,9 @@ class StudentHead(nn.Module):
         super().__init__()
         self.student = student
         self.kd_loss = kd_loss if kd_weight > 0 else None
-        if self.kd_loss is not None:
-            self.kd_loss.vocab_alignment = vocab_alignment
         self.hidden_loss = hidden_loss if hidden_weight > 0 else None
         self.weights = (float(clm_weight), float(kd_weight), float(hidden_weight))
         self.hidden_layers = tuple(hidden_layers) if self.hidden_loss is not None else ()
-        self.vocab_alignment = vocab_alignment
         self.fused = bool(fused)
         self.chunk_size = int(chunk_size)
         self.fused_options = {"teacher_cache_mib": float(teacher_cache_mib),
@@ -153,8 +169,7 @@ class StudentHead(nn.Module):
         # The unfused divergence is compiled whole (chunk loop and recomputation included).
         self._kd_sum_and_count = None
         if self.kd_loss is not None:
-            fn = (self.kd_loss.sum_and_count_cached if self.from_cache
-                  else self.kd_loss.sum_and_count)
+            fn = self.kd_loss.sum_and_count
             self._kd_sum_and_count = torch.compile(fn) if compile and not self.fused else fn
         self.softcap = logit_softcap(student)
 
@@ -168,42 +183,43 @@ class StudentHead(nn.Module):
         """Whether ``forward`` needs the live teacher's output at all."""
         return (self.kd_loss is not None and not self.from_cache) or self.hidden_loss is not None
 
-    def forward(self, batch: dict[str, Tensor], teacher: TeacherOutput | None) -> TrainTerms:
+    def forward(self, batch: Batch, teacher: TeacherOutput | None) -> TrainTerms:
         """The training terms of one micro-batch.
 
         Args:
-            batch: ``tokens [B, T]``, shifted ``labels [B, T]``, optionally ``mask``,
-                ``input_pos`` and ``document_ids [B, T]``.
+            batch: the micro-batch (``Batch``; its ``teacher`` entries with ``from_cache``).
             teacher: the teacher's output for the batch (None when ``needs_teacher`` is False).
 
         Returns:
             ``TrainTerms``.
         """
         clm_w, kd_w, hidden_w = self.weights
-        labels = batch["labels"]
-        documents = batch.get("document_ids")
-        h, layers = forward_hidden(self.student, batch["tokens"], mask=batch.get("mask"),
-                                   input_pos=batch.get("input_pos"),
-                                   hidden_layers=self.hidden_layers)
+        labels = batch.labels
+        h, layers = forward_hidden(self.student, batch.tokens, mask=batch.mask,
+                                   input_pos=batch.input_pos, hidden_layers=self.hidden_layers)
         kd: DivergenceOutput | None = None
-        cache = batch_top_m(batch) if self.from_cache else None
+        cache = batch.teacher if self.from_cache else None
         live = self.kd_loss is not None and cache is None
         if self.fused:
             out = fused_head(
                 h, output_weight(self.student), labels, divergence=self.kd_loss,
                 teacher_hidden=teacher.hidden if live else None,
                 teacher_weight=teacher.weight if live else None, teacher_cache=cache,
+                student_bias=output_bias(self.student),
+                teacher_bias=teacher.bias if live else None,
                 ce_weight=clm_w, kd_weight=kd_w, compute_ce=True, student_softcap=self.softcap,
                 teacher_softcap=teacher.softcap if live else None,
-                document_ids=documents, chunk_size=self.chunk_size, **self.fused_options)
+                document_ids=batch.document_ids, chunk_size=self.chunk_size,
+                **self.fused_options)
             objective, ce, kd, n = out.objective, out.ce, out.kd, out.num_tokens
         else:
             logits = project_logits(self.student, h)  # (B, T, V) in the model dtype
             ce, n = chunked_cross_entropy(logits, labels, chunk_size=self.chunk_size)
             objective = clm_w * ce
             if self.kd_loss is not None:
-                kd = self._kd_sum_and_count(logits, cache if cache is not None else teacher.logits,
-                                            labels, document_ids=documents)
+                kd = self._kd_sum_and_count(
+                    logits, cache if cache is not None else teacher.logits, labels,
+                    document_ids=batch.document_ids, chunk_size=self.chunk_size)
                 objective = objective + kd_w * kd.total
         hidden_sum = None
         if self.hidden_loss is not None:
@@ -217,21 +233,19 @@ class StudentHead(nn.Module):
             stats={} if kd is None else dict(kd.stats), num_tokens=n)
 
     @torch.no_grad()
-    def evaluate(self, batch: dict[str, Tensor], teacher: TeacherOutput,
-                 metrics: StudentMetrics) -> None:
+    def evaluate(self, batch: Batch, teacher: TeacherOutput, metrics: StudentMetrics) -> None:
         """Add one held-out batch to ``metrics``: from logits, or on the fused path from hidden
         states and output weights, chunk by chunk, so ``[B, T, V]`` logits never exist."""
-        h, _ = forward_hidden(self.student, batch["tokens"], mask=batch.get("mask"),
-                              input_pos=batch.get("input_pos"))
+        h, _ = forward_hidden(self.student, batch.tokens, mask=batch.mask,
+                              input_pos=batch.input_pos)
         if teacher.logits is None:
-            metrics.update_from_hidden(h, output_weight(self.student), teacher.hidden,
-                                       teacher.weight, batch["labels"],
-                                       student_softcap=self.softcap,
-                                       teacher_softcap=teacher.softcap)
+            metrics.update_from_hidden(
+                h, output_weight(self.student), teacher.hidden, teacher.weight, batch.labels,
+                student_bias=output_bias(self.student), teacher_bias=teacher.bias,
+                student_softcap=self.softcap, teacher_softcap=teacher.softcap)
         else:
-            metrics.update(project_logits(self.student, h), teacher.logits, batch["labels"])
+            metrics.update(project_logits(self.student, h), teacher.logits, batch.labels)
 
     def new_metrics(self, **kwargs: Any) -> StudentMetrics:
-        """Held-out metrics with this head's chunk size and vocabulary alignment."""
-        return StudentMetrics(chunk_size=self.chunk_size, vocab_alignment=self.vocab_alignment,
-                              **kwargs)
+        """Held-out metrics with this head's chunk size (the teacher's outputs are aligned)."""
+        return StudentMetrics(chunk_size=self.chunk_size, **kwargs)

@@ -44,8 +44,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from tad_torchtune.checks import check_int, check_positive, is_int
 from tad_torchtune.common import IGNORE_INDEX, apply_softcap, compute_dtype, full_tensor
-from tad_torchtune.losses.engine import chunk_slices
+from tad_torchtune.losses.engine import DEFAULT_CHUNK_SIZE, chunk_slices
 from tad_torchtune.losses.kl import forward_kl_chunk
 from tad_torchtune.vocab import align_teacher_vocab, check_vocab_alignment
 
@@ -65,16 +66,19 @@ def _valid_chunks(labels: Tensor, chunk_size: int | None, ignore_index: int,
 
 
 def _projected_chunks(labels: Tensor, chunk_size: int | None, ignore_index: int,
-                      *sides: tuple[Tensor, Tensor, float | None]) -> Iterator[tuple[Tensor, ...]]:
-    """As ``_valid_chunks``, from ``(hidden [..., D], weight [V, D], softcap)`` per model: each
-    chunk's logits are projected (and soft-capped) on the fly, so ``[N, V]`` never exists."""
+                      *sides: tuple[Tensor, Tensor, Tensor | None, float | None]
+                      ) -> Iterator[tuple[Tensor, ...]]:
+    """As ``_valid_chunks``, from ``(hidden [..., D], weight [V, D], bias [V] | None, softcap)``
+    per model: each chunk's logits are projected (and soft-capped) on the fly, so ``[N, V]``
+    never exists."""
     y = labels.reshape(-1)
-    flat = [(h.reshape(y.shape[0], h.shape[-1]), full_tensor(w), cap) for h, w, cap in sides]
+    flat = [(h.reshape(y.shape[0], h.shape[-1]), full_tensor(w),
+             None if b is None else full_tensor(b), cap) for h, w, b, cap in sides]
     for sl in chunk_slices(y.shape[0], chunk_size):
         keep = y[sl] != ignore_index
         yield (y[sl][keep], *(
-            apply_softcap(torch.nn.functional.linear(h[sl][keep], w).to(compute_dtype(h.dtype)),
-                          cap) for h, w, cap in flat))
+            apply_softcap(torch.nn.functional.linear(h[sl][keep], w, b).to(compute_dtype(h.dtype)),
+                          cap) for h, w, b, cap in flat))
 
 
 def _check_inputs(logits: Tensor, labels: Tensor, name: str) -> None:
@@ -98,9 +102,7 @@ class _CalibrationAndCE:
     as float64 sums in one tensor (``state``), so processes can add theirs up."""
 
     def __init__(self, num_bins: int, calibration: bool = True) -> None:
-        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-            raise ValueError(f"num_bins must be an integer >= 1, got {num_bins!r}")
-        self.num_bins = num_bins
+        self.num_bins = check_int(num_bins, "num_bins")
         self.calibration = calibration
         # num_tokens, ce_sum, correct, then per bin: count, sum of probabilities, labels
         self.state = torch.zeros(3 + 3 * num_bins, dtype=torch.float64)
@@ -183,7 +185,7 @@ class StudentMetrics:
         *,
         num_bins: int = 10,
         ignore_index: int = IGNORE_INDEX,
-        chunk_size: int | None = 1024,
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
         temperature: float = 1.0,
         vocab_alignment: str = "exact",
         calibration: bool = True,
@@ -191,9 +193,7 @@ class StudentMetrics:
         self._own = _CalibrationAndCE(num_bins, calibration)
         self.ignore_index = int(ignore_index)
         self.chunk_size = chunk_size
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        self.temperature = float(temperature)
+        self.temperature = check_positive(temperature, "temperature")
         self.vocab_alignment = check_vocab_alignment(vocab_alignment)
         self._pair = torch.zeros(2, dtype=torch.float64)  # kl_sum, agree
 
@@ -217,17 +217,22 @@ class StudentMetrics:
     @torch.no_grad()
     def update_from_hidden(
         self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
-        teacher_weight: Tensor, labels: Tensor, *, student_softcap: float | None = None,
+        teacher_weight: Tensor, labels: Tensor, *, student_bias: Tensor | None = None,
+        teacher_bias: Tensor | None = None, student_softcap: float | None = None,
         teacher_softcap: float | None = None,
     ) -> None:
-        """Add a batch given as final hidden states ``[B, T, D]`` and output weights ``[V, D]``
-        (the fused path's inputs); the same values as ``update`` on their logits."""
-        w_t = align_teacher_vocab(full_tensor(teacher_weight).t(), student_weight.shape[0],
-                                  self.vocab_alignment).t()
+        """Add a batch given as final hidden states ``[B, T, D]``, output weights ``[V, D]`` and
+        biases ``[V]`` (the fused path's inputs); the same values as ``update`` on their
+        logits."""
+        vocab = student_weight.shape[0]
+        w_t = align_teacher_vocab(full_tensor(teacher_weight).t(), vocab, self.vocab_alignment).t()
+        if teacher_bias is not None:
+            teacher_bias = align_teacher_vocab(full_tensor(teacher_bias), vocab,
+                                               self.vocab_alignment)
         self._add(_projected_chunks(
             labels, self.chunk_size, self.ignore_index,
-            (student_hidden, student_weight, student_softcap),
-            (teacher_hidden, w_t, teacher_softcap)))
+            (student_hidden, student_weight, student_bias, student_softcap),
+            (teacher_hidden, w_t, teacher_bias, teacher_softcap)))
 
     def _add(self, chunks) -> None:
         for y, s, t in chunks:
@@ -278,19 +283,17 @@ class TeacherMetrics:
         ks: tuple[int, ...] | list[int] = TAIL_KS,
         num_bins: int = 10,
         ignore_index: int = IGNORE_INDEX,
-        chunk_size: int | None = 1024,
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
         temperature: float = 1.0,
     ) -> None:
         ks = tuple(ks)
-        if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        if not ks or not all(is_int(k) and k >= 1 for k in ks):
             raise ValueError(f"ks must be a non-empty list of integers >= 1, got {ks!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self.temperature = check_positive(temperature, "temperature")
         self.ks = tuple(sorted(set(ks)))
         self._own = _CalibrationAndCE(num_bins)
         self.ignore_index = int(ignore_index)
         self.chunk_size = chunk_size
-        self.temperature = float(temperature)
         self.tail_sum = torch.zeros(len(self.ks), dtype=torch.float64)
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""A teacher cache on disk: the teacher's top-M statistics of every block of a prepared dataset.
+"""A teacher cache on disk: the teacher's statistics of every block of a prepared dataset.
 
 ``tune run tad_cache --config CONFIG`` writes one (``recipes/tad_cache.py``); ``tad_distill`` with
 ``teacher_cache_dir`` trains from it without running the teacher (``docs/design.md``, "The
@@ -17,13 +17,27 @@ job, say) can write it too::
         label_logp.npy [blocks, L]     float32 log-probability of the next token (0 at a block's
                                        last position, which has none)
 
+That is the bucket cache (``mode`` "top_m", 4 M + 8 bytes per position with uint16 ids and float16
+log-probabilities). The sampled cache (``mode`` "sampled", ``docs/design.md``, "Divergences from
+a sampled-tail cache") keeps the top K = ``top_m`` ids exactly and draws from the rest
+(4 K + 8 + 2 S bytes per position with uint16 ids)::
+
+        ids.npy        [blocks, L, K]  the teacher's top-K ids per position, most probable first
+        logp.npy       [blocks, L, K]  their log-probabilities under the full softmax
+        log_tail.npy   [blocks, L]     float32 log of the mass outside the top-K
+        entropy.npy    [blocks, L]     float32 entropy of the renormalised rest (0 without one)
+        draws.npy      [blocks, L, S]  S ids drawn from the renormalised rest, sorted (ids dtype):
+                                       systematic draws of the uniform counter_uniform(seed,
+                                       block, position), so every producer writes the same bytes
+
 Position t of a block holds the teacher's distribution of token t+1 given tokens 0..t of the
 block, at the cache's ``temperature``, over the student's vocabulary (the teacher's logits
 aligned first, as ``vocab_alignment`` says). A shard folder is published by an atomic rename
-once its four files are written, so a shard that exists is complete; the cache is complete when
+once its files are written, so a shard that exists is complete; the cache is complete when
 every shard of every split exists.
 
-``manifest.json``: ``format`` ("tad_torchtune.teacher_cache"), ``version`` (1), ``top_m``,
+``manifest.json``: ``format`` ("tad_torchtune.teacher_cache"), ``version`` (1), ``mode`` (absent:
+"top_m"; "sampled" with ``samples`` and ``seed``), ``top_m``,
 ``vocab_size``, ``temperature``, ``ids_dtype``, ``logp_dtype``, ``shard_blocks``, ``teacher``
 (what identifies it: model config, checkpoint files and sizes, dtype), and per split
 ``{store_fingerprint, first_token, max_seq_len, num_blocks}``: the blocks it covers are tokens
@@ -32,8 +46,7 @@ every shard of every split exists.
 
 import json
 import os
-import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +54,23 @@ import numpy as np
 import torch
 
 from tad_torchtune.errors import ConfigError
-from tad_torchtune.losses.cached import TeacherTopM
+from tad_torchtune.files import atomic_write_text, publish_dir, remove_stale, staging_dir
+from tad_torchtune.losses import CacheSpec
+from tad_torchtune.losses.cached import CacheEntries, TeacherSampled, TeacherTopM
 
 FORMAT = "tad_torchtune.teacher_cache"
 VERSION = 1
 LOGP_DTYPES = ("float16", "bfloat16", "float32")
-FIELDS = ("ids", "logp", "log_rest", "label_logp")
-#: batch keys under which a cached block's statistics travel with its tokens
-BATCH_KEYS = {f: f"teacher_{f}" for f in FIELDS}
+#: each cache mode's entries and how its fields are stored ("ids": the ids dtype, "logp": the
+#: log-probabilities' dtype, else that NumPy dtype)
+MODES: dict[str, tuple[type[CacheEntries], dict[str, str]]] = {
+    "top_m": (TeacherTopM, {"ids": "ids", "logp": "logp", "log_rest": "float32",
+                            "label_logp": "float32"}),
+    "sampled": (TeacherSampled, {"ids": "ids", "logp": "logp", "log_tail": "float32",
+                                 "entropy": "float32", "draws": "ids"}),
+}
+#: ``cache_top_m`` when the config leaves it null, per mode
+DEFAULT_TOP_M = {"top_m": 48, "sampled": 12}
 
 
 @dataclass(frozen=True)
@@ -65,6 +87,27 @@ class BlockLayout:
         """The layout of a ``tad_torchtune.data.TextBlockDataset``."""
         start, stop = dataset.token_span(0)
         return cls(dataset.fingerprint, int(start), int(stop - start), len(dataset))
+
+
+def teacher_identity(cfg: Any) -> dict[str, Any]:
+    """What identifies the teacher a cache was made with, from a ``tad_distill`` config: its
+    model config, its checkpoint files (names and sizes), the dtype and the vocabulary
+    alignment."""
+    from omegaconf import OmegaConf
+
+    from tad_torchtune.schema import DISTILL
+
+    ckpt = cfg.teacher_checkpointer
+    folder = Path(str(ckpt.checkpoint_dir))
+    files = ckpt.get("checkpoint_files") or []
+    return {
+        "model": OmegaConf.to_container(cfg.teacher_model, resolve=True),
+        "checkpoint_dir": str(folder.resolve()),
+        "checkpoint_files": {str(f): (folder / str(f)).stat().st_size for f in files
+                             if (folder / str(f)).is_file()},
+        "dtype": DISTILL.get(cfg, "dtype"),
+        "vocab_alignment": DISTILL.get(cfg, "vocab_alignment"),
+    }
 
 
 def ids_dtype(vocab_size: int) -> str:
@@ -117,7 +160,8 @@ class TeacherCache:
     @classmethod
     def create(cls, root: str | os.PathLike, *, top_m: int, vocab_size: int, temperature: float,
                layouts: dict[str, BlockLayout], teacher: dict[str, Any],
-               logp_dtype: str = "float16", shard_blocks: int = 256) -> "TeacherCache":
+               logp_dtype: str = "float16", shard_blocks: int = 256, mode: str = "top_m",
+               samples: int | None = None, seed: int | None = None) -> "TeacherCache":
         """Open the cache at ``root`` for writing, making its manifest if it has none. An
         existing manifest must describe the same cache (a resumed ``tad_cache``).
 
@@ -133,6 +177,8 @@ class TeacherCache:
             "shard_blocks": int(shard_blocks), "teacher": teacher,
             "splits": {k: asdict(v) for k, v in layouts.items()},
         }
+        if mode != "top_m":  # a bucket cache's manifest is that of the first version
+            manifest.update(mode=mode, samples=int(samples), seed=int(seed))
         root = Path(root).expanduser()
         path = root / "manifest.json"
         if path.is_file():
@@ -145,12 +191,14 @@ class TeacherCache:
                     f" give another teacher_cache_dir or delete that one")
         else:
             root.mkdir(parents=True, exist_ok=True)
-            tmp = root / ".manifest.json.tmp"
-            tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, path)
+            atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         return cls(root)
 
     # ------------------------------------------------------------------------------ the manifest
+
+    @property
+    def mode(self) -> str:
+        return self.manifest.get("mode", "top_m")
 
     @property
     def top_m(self) -> int:
@@ -168,6 +216,11 @@ class TeacherCache:
     def shard_blocks(self) -> int:
         return self.manifest["shard_blocks"]
 
+    def spec(self) -> CacheSpec:
+        """What this cache offers a divergence (its ``validate`` hook reads it)."""
+        return CacheSpec(mode=self.mode, top_m=self.top_m, temperature=self.temperature,
+                         where=f"teacher_cache_dir={str(self.root)!r}")
+
     def layout(self, split: str) -> BlockLayout:
         if split not in self.manifest["splits"]:
             raise ConfigError(f"teacher_cache_dir: {str(self.root)!r} has no {split!r} split "
@@ -177,6 +230,11 @@ class TeacherCache:
     def num_shards(self, split: str) -> int:
         return -(-self.layout(split).num_blocks // self.shard_blocks)
 
+    def remove_stale(self, split: str) -> None:
+        """Remove the temporary shard folders that killed writers left (call while no one
+        writes)."""
+        remove_stale(self.root / split, "shard_*")
+
     def missing_shards(self, split: str) -> list[int]:
         """Shards of ``split`` not written yet (a complete cache has none)."""
         return [i for i in range(self.num_shards(split))
@@ -184,10 +242,17 @@ class TeacherCache:
 
     def bytes_per_token(self) -> float:
         """Bytes the cache takes per position."""
-        m = self.top_m
-        ids = 2 if self.manifest["ids_dtype"] == "uint16" else 4
-        logp = 4 if self.manifest["logp_dtype"] == "float32" else 2
-        return m * (ids + logp) + 8
+        sizes = {"ids": 2 if self.manifest["ids_dtype"] == "uint16" else 4,
+                 "logp": 4 if self.manifest["logp_dtype"] == "float32" else 2, "float32": 4}
+        width = {"ids": self.top_m, "logp": self.top_m, "draws": self.manifest.get("samples")}
+        return sum(sizes[enc] * (width.get(field) or 1) for field, enc in self._fields().items())
+
+    def _fields(self) -> dict[str, str]:
+        return MODES[self.mode][1]
+
+    def _encoding(self, field: str) -> str:
+        enc = self._fields()[field]
+        return {"ids": self.manifest["ids_dtype"], "logp": self.manifest["logp_dtype"]}.get(enc, enc)
 
     def check(self, split: str, layout: BlockLayout, *, vocab_size: int) -> None:
         """Refuse a cache that does not cover ``layout``'s blocks or the student's vocabulary,
@@ -210,47 +275,44 @@ class TeacherCache:
 
     # ------------------------------------------------------------------------------ read, write
 
-    def write_shard(self, split: str, index: int, stats: TeacherTopM) -> Path:
-        """Publish shard ``index`` of ``split`` (``stats`` ``[blocks, L, ...]``) atomically."""
+    def write_shard(self, split: str, index: int, stats: CacheEntries) -> Path:
+        """Publish shard ``index`` of ``split`` (``stats`` ``[blocks, L, ...]``, this cache's
+        mode's entries) atomically."""
         final = _shard_dir(self.root, split, index)
-        tmp = final.parent / f".{final.name}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        encodings = {"ids": self.manifest["ids_dtype"], "logp": self.manifest["logp_dtype"],
-                     "log_rest": "float32", "label_logp": "float32"}
-        for field in FIELDS:
-            np.save(tmp / f"{field}.npy", _to_numpy(getattr(stats, field), encodings[field]))
-        os.replace(tmp, final)
+        tmp = staging_dir(final)
+        for field in self._fields():
+            np.save(tmp / f"{field}.npy", _to_numpy(getattr(stats, field), self._encoding(field)))
+        publish_dir(tmp, final)  # a shard that exists already holds the same bytes
         return final
 
     def _shard(self, split: str, index: int) -> dict[str, np.ndarray]:
         key = (split, index)
         if key not in self._open:
             folder = _shard_dir(self.root, split, index)
-            self._open[key] = {f: np.load(folder / f"{f}.npy", mmap_mode="r") for f in FIELDS}
+            self._open[key] = {f: np.load(folder / f"{f}.npy", mmap_mode="r")
+                               for f in self._fields()}
         return self._open[key]
 
-    def block(self, split: str, index: int) -> dict[str, torch.Tensor]:
-        """The cached statistics of block ``index`` of ``split``, decoded: ``ids`` int64
-        ``[L, M]``, ``logp`` float32 ``[L, M]``, ``log_rest``, ``label_logp`` float32 ``[L]``."""
+    def block(self, split: str, index: int) -> CacheEntries:
+        """The cached statistics of block ``index`` of ``split``, decoded (``[L, ...]``: ids
+        int64, the rest float32), as this cache's mode's entries."""
         shard = self._shard(split, index // self.shard_blocks)
         row = index % self.shard_blocks
-        return {"ids": _from_numpy(shard["ids"][row], self.manifest["ids_dtype"]),
-                "logp": _from_numpy(shard["logp"][row], self.manifest["logp_dtype"]),
-                "log_rest": _from_numpy(shard["log_rest"][row], "float32"),
-                "label_logp": _from_numpy(shard["label_logp"][row], "float32")}
+        entries = MODES[self.mode][0]
+        return entries(*(_from_numpy(shard[f][row], self._encoding(f)) for f in self._fields()))
 
 
-def encode_round_trip(stats: TeacherTopM, logp_dtype: str) -> TeacherTopM:
+def encode_round_trip(stats: CacheEntries, logp_dtype: str) -> CacheEntries:
     """``stats`` as the cache stores them (log-probabilities rounded to ``logp_dtype``): what a
     cached loss reads back, for measuring the encoding's error without writing files."""
     logp = _from_numpy(_to_numpy(stats.logp, logp_dtype), logp_dtype)
-    return TeacherTopM(stats.ids, logp.to(stats.logp.device), stats.log_rest, stats.label_logp)
+    return replace(stats, logp=logp.to(stats.logp.device))
 
 
 class CachedBlocks(torch.utils.data.Dataset):
     """A ``TextBlockDataset`` whose samples also carry their block's cached teacher statistics
-    (``BATCH_KEYS``), checked against the cache first (``TeacherCache.check``)."""
+    (``sample["teacher"]``, which ``tad_torchtune.data.collate`` stacks into ``Batch.teacher``),
+    checked against the cache first (``TeacherCache.check``)."""
 
     def __init__(self, dataset: Any, cache: TeacherCache, split: str, *, vocab_size: int) -> None:
         cache.check(split, BlockLayout.of(dataset), vocab_size=vocab_size)
@@ -260,19 +322,9 @@ class CachedBlocks(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = dict(self.dataset[index])
-        for field, value in self.cache.block(self.split, index).items():
-            sample[BATCH_KEYS[field]] = value
-        return sample
+        return {**self.dataset[index], "teacher": self.cache.block(self.split, index)}
 
     def __getattr__(self, name: str) -> Any:  # fingerprint, store_path, ... of the dataset
         if name in ("dataset", "cache", "split"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
-
-
-def batch_top_m(batch: dict[str, torch.Tensor]) -> TeacherTopM | None:
-    """The ``TeacherTopM`` a collated batch carries (``BATCH_KEYS``), or None."""
-    if BATCH_KEYS["ids"] not in batch:
-        return None
-    return TeacherTopM(*(batch[BATCH_KEYS[f]] for f in FIELDS))

@@ -101,9 +101,8 @@ def test_student_wrapper_sets_up_what_hflm_does_and_scores_like_it():
     from lm_eval.models.huggingface import HFLM
 
     from tad_eleuther_eval import StudentEvalWrapper
-    from tad_eval import hf_decoder
 
-    from tad_torchtune.models import load_hf_checkpoint
+    from tad_torchtune.models import hf_decoder, load_hf_checkpoint
 
     teacher_dir = str(DEMO / "teacher")
     hf = HFLM(pretrained=teacher_dir, device="cpu", batch_size=4, dtype="float32")

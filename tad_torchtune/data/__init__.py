@@ -2,18 +2,20 @@
 fixed-length blocks that keep their document boundaries, and a resumable batch sampler.
 
 - ``text_block_dataset`` / ``TextBlockDataset``: the YAML dataset component; samples
-  ``{"tokens", "labels", "document_ids"}``, batched by ``collate_blocks``; ``.fingerprint`` and
-  ``.store_path`` identify the store it reads.
+  ``{"tokens", "labels", "document_ids"}``; ``.fingerprint`` and ``.store_path`` identify the
+  store it reads.
+- ``Batch`` and ``collate``: the typed batch every recipe steps on, made by one collate from the
+  samples of any dataset (blocks, torchtune's packed and SFT datasets), labels shifted.
 - ``prepare_store``: find or build (once, across processes) the store of a source and tokenizer;
   ``tune run tad_prepare --config CONFIG`` calls it for a config's datasets.
 - ``TokenStore``, ``StoreWriter``, ``tokenizer_fingerprint``: the store format (``store``).
 - ``ResumableBatchSampler``: global batches in a per-epoch order, resumable at any sample.
 """
 
+from tad_torchtune.data.batch import Batch, collate, document_attention
 from tad_torchtune.data.dataset import (
     SPLITS,
     TextBlockDataset,
-    collate_blocks,
     text_block_dataset,
     validation_start,
 )
@@ -29,8 +31,9 @@ from tad_torchtune.data.sources import CorpusError, SourceFile, expand_sources, 
 from tad_torchtune.data.store import StoreError, StoreWriter, TokenStore, tokenizer_fingerprint
 
 __all__ = [
-    "SPLITS", "STORE_DIR_ENV", "CorpusError", "ResumableBatchSampler", "SourceFile", "StoreError",
-    "StoreWriter", "TextBlockDataset", "TokenStore", "build_store", "collate_blocks",
+    "SPLITS", "STORE_DIR_ENV", "Batch", "CorpusError", "ResumableBatchSampler", "SourceFile",
+    "StoreError", "StoreWriter", "TextBlockDataset", "TokenStore", "build_store", "collate",
+    "document_attention",
     "default_num_workers", "default_store_dir", "expand_sources", "iter_documents",
     "prepare_store", "resolve_asset", "text_block_dataset", "tokenizer_fingerprint",
     "validation_start",

@@ -48,7 +48,7 @@ class TextBlockDataset(Dataset):
     dropped. Samples are ``{"tokens": [L], "labels": [L], "document_ids": [L]}`` int64 tensors:
     labels equal tokens (the recipe shifts them), and ``document_ids[t]`` is the index, within the
     block, of the document token ``t`` belongs to (0 for the block's first document, +1 at each
-    document start inside the block). ``collate_blocks`` stacks them into a batch.
+    document start inside the block). ``tad_torchtune.data.collate`` stacks them into a batch.
 
     Args:
         tokenizer: any torchtune tokenizer with ``encode(text, add_bos, add_eos)``.
@@ -176,23 +176,3 @@ class TextBlockDataset(Dataset):
 def text_block_dataset(tokenizer: Any, **kwargs: Any) -> TextBlockDataset:
     """Builder for YAML: ``_component_: tad_torchtune.data.text_block_dataset``."""
     return TextBlockDataset(tokenizer, **kwargs)
-
-
-def collate_blocks(batch: list[dict[str, Any]]) -> dict[str, Tensor]:
-    """Stack equal-length samples of ``TextBlockDataset`` into a batch (no padding needed).
-
-    Args:
-        batch: B samples, each ``{"tokens", "labels", "document_ids"}`` of length L, and
-            whatever else they carry per block (a teacher cache's statistics: stacked as they
-            are).
-
-    Returns:
-        ``{"tokens": [B, L], "labels": [B, L], "document_ids": [B, L]}`` int64, and the other
-        keys stacked in their own dtype.
-    """
-    ids = ("tokens", "labels", "document_ids")
-    out = {key: torch.stack([torch.as_tensor(sample[key]) for sample in batch]).long()
-           for key in ids}
-    for key in batch[0].keys() - set(ids):
-        out[key] = torch.stack([torch.as_tensor(sample[key]) for sample in batch])
-    return out

@@ -19,13 +19,11 @@ and modification time: it is computed at start-up from ``stat`` alone, so openin
 reads the corpus. An edited or replaced file changes the key, hence a new store is built.
 """
 
-import errno
 import hashlib
 import json
 import mmap
 import os
 import re
-import secrets
 import shutil
 import time
 import types
@@ -35,11 +33,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from tad_torchtune.data.sources import SourceFile
+from tad_torchtune.files import publish_dir, remove_stale, staging_dir
 
 FORMAT = "tad_torchtune.token_store"
 FORMAT_VERSION = 1
 MANIFEST, TOKENS, OFFSETS = "manifest.json", "tokens.bin", "offsets.bin"
-TMP_PREFIX = ".tmp-"
 TOKEN_DTYPES = ("auto", "uint16", "uint32")
 _NUMPY_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
@@ -215,10 +213,7 @@ class StoreWriter:
         self.path = Path(path)
         self.dtype = _NUMPY_DTYPES[token_dtype]
         self._header = {"token_dtype": token_dtype, "tokenizer": tokenizer, "column": column}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # mkdir rather than mkdtemp: the umask's permissions, so a shared store folder stays shared
-        self.tmp = self.path.parent / f"{TMP_PREFIX}{self.path.name}-{os.getpid()}-{secrets.token_hex(4)}"
-        os.mkdir(self.tmp)
+        self.tmp = staging_dir(self.path)
         self._tokens = open(self.tmp / TOKENS, "wb")
         self._offsets = open(self.tmp / OFFSETS, "wb")
         self._tokens_sha = hashlib.sha256()
@@ -285,18 +280,16 @@ class StoreWriter:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(self.tmp)
         try:
-            os.rename(self.tmp, self.path)
+            published = publish_dir(self.tmp, self.path)
         except OSError as e:
-            if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and (self.path / MANIFEST).is_file():
-                shutil.rmtree(self.tmp, ignore_errors=True)  # someone else published first
-                return self.path
             self.abort()
-            raise StoreError(f"cannot publish the token store at {str(self.path)!r} ({e}); it "
-                             "exists and is not a store: delete it") from None
-        _fsync_dir(self.path.parent)
-        return self.path
+            raise StoreError(f"cannot publish the token store at {str(self.path)!r} ({e})"
+                             ) from None
+        if not published and not (self.path / MANIFEST).is_file():
+            raise StoreError(f"cannot publish the token store at {str(self.path)!r}: it exists "
+                             "and is not a store; delete it")
+        return self.path  # when another process published first, both hold the same bytes
 
     def abort(self) -> None:
         """Close and remove the temporary folder."""
@@ -305,23 +298,9 @@ class StoreWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def remove_stale_tmp(store_dir: Path, key: str) -> None:
     """Remove the temporary folders left by killed builds of ``key`` (call under its lock)."""
-    for tmp in store_dir.glob(f"{TMP_PREFIX}{key}-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    remove_stale(store_dir, key)
 
 
 # ------------------------------------------------------------------------------------ reader

@@ -4,23 +4,34 @@ Every divergence registers itself in ``DIVERGENCES`` (name -> class) when import
 is a module with one ``Divergence`` subclass plus its line below.
 """
 
-from tad_torchtune.losses.base import DIVERGENCES, Divergence
+from tad_torchtune.losses.base import (
+    CACHE_MODES,
+    DIVERGENCES,
+    CacheSpec,
+    Divergence,
+    DivergenceUse,
+    TailWeight,
+)
 from tad_torchtune.losses.drkl import DRKLLoss
-from tad_torchtune.losses.engine import DivergenceOutput
+from tad_torchtune.losses.engine import DEFAULT_CHUNK_SIZE, DivergenceOutput
 from tad_torchtune.losses.hidden import HiddenCosineLoss
 from tad_torchtune.losses.kl import ForwardKLLoss, ReverseKLLoss
 from tad_torchtune.losses.tad import TADLoss
-from tad_torchtune.vocab import VOCAB_ALIGNMENTS, align_teacher_vocab
+from tad_torchtune.vocab import align_teacher_vocab
 
 __all__ = [
+    "CACHE_MODES",
+    "DEFAULT_CHUNK_SIZE",
     "DIVERGENCES",
-    "VOCAB_ALIGNMENTS",
+    "CacheSpec",
     "DRKLLoss",
     "Divergence",
     "DivergenceOutput",
+    "DivergenceUse",
     "ForwardKLLoss",
     "HiddenCosineLoss",
     "ReverseKLLoss",
     "TADLoss",
+    "TailWeight",
     "align_teacher_vocab",
 ]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tad_torchtune.common import IGNORE_INDEX
-from tad_torchtune.losses.engine import reduce_chunks
+from tad_torchtune.losses.engine import DEFAULT_CHUNK_SIZE, reduce_chunks
 
 
 def ce_chunk(s: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -20,7 +20,7 @@ def ce_chunk(s: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
 
 def chunked_cross_entropy(
     logits: Tensor, labels: Tensor, *, ignore_index: int = IGNORE_INDEX,
-    chunk_size: int | None = 1024,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> tuple[Tensor, Tensor]:
     """Sum of the token cross-entropies over valid tokens, and their count.
 
@@ -48,7 +48,7 @@ def linear_cross_entropy(
     *,
     softcap: float | None = None,
     ignore_index: int = IGNORE_INDEX,
-    chunk_size: int | None = 1024,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> tuple[Tensor, Tensor]:
     """Cross-entropy of ``hidden @ weight.T`` (optionally soft-capped) without ever holding the
     full logits: the fused head with the cross-entropy alone (one projection per chunk, both

@@ -8,14 +8,13 @@ replaces the student-dependent weight of the non-target term by a constant ``gam
 import torch
 from torch import Tensor
 
-from tad_torchtune.losses.base import (
-    Divergence,
-    check_positive,
+from tad_torchtune.checks import check_positive
+from tad_torchtune.losses.base import Divergence
+from tad_torchtune.losses.terms import (
     masked_xlogy_sum,
     masked_xlogy_terms_,
     safe_finite,
 )
-from tad_torchtune.losses.cached import bucketed, log1mexp, student_side
 
 
 def drkl_parts(s: Tensor, t: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -62,8 +61,8 @@ def make_drkl_chunk_grad(gamma: float):
     """
 
     def drkl_chunk_grad(
-        s: Tensor, t: Tensor, labels: Tensor
-    ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        s: Tensor, t: Tensor, labels: Tensor, *, ce_weight: float | None = None
+    ) -> tuple[Tensor, ...]:
         # t is scratch (log ph, then q): two [n, V] buffers are new
         y = labels.unsqueeze(-1)  # (n, 1)
         neg_inf = float("-inf")
@@ -89,52 +88,18 @@ def make_drkl_chunk_grad(gamma: float):
 
         q_y = bq[:, 0]
         q = torch.sub(s, lse_s.unsqueeze(-1), out=t).exp_()  # in t's buffer
-        d_bin = (q_y * (r[:, 0] - r[:, 1])).unsqueeze(-1)  # (n, 1)
+        # the binary term's q_y (1[j=y] - q_j) (r_y - r_nt), and the CE's c (q_j - 1[j=y])
+        c = 0.0 if ce_weight is None else ce_weight
+        d_bin = (q_y * (r[:, 0] - r[:, 1]) - c).unsqueeze(-1)  # (n, 1)
         grad = term.sub_(qh.mul_(kl_nontarget.unsqueeze(-1)))
         grad = grad.masked_fill_(~has_nt.unsqueeze(-1), 0.0).mul_(gamma).sub_(q.mul_(d_bin))
         grad.scatter_add_(-1, y, d_bin)
         stats = {"kl_binary": kl_binary, "kl_nontarget": kl_nontarget, "q_target": q_y}
-        return kl_binary + gamma * kl_nontarget, stats, grad
+        if ce_weight is None:
+            return kl_binary + gamma * kl_nontarget, stats, grad
+        return kl_binary + gamma * kl_nontarget, stats, grad, lse_s - s_y
 
     return drkl_chunk_grad
-
-
-def make_drkl_cached_chunk(gamma: float):
-    """DRKL's chunk from a teacher cache. The binary term is exact: ``q_y`` from the student's
-    logits, ``p_y`` the cached label log-probability, each complement the log-sum-exp of the
-    other outcomes. The non-target term is the KL over the M + 1 cached outcomes without the
-    label: the top-M ids (the label left out when it is among them) and the bucket (the label
-    taken out of it when it is not)."""
-
-    def drkl_cached_chunk(s: Tensor, labels: Tensor, ids: Tensor, logp: Tensor,
-                          log_rest: Tensor, label_logp: Tensor
-                          ) -> tuple[Tensor, dict[str, Tensor]]:
-        y = labels.unsqueeze(-1)  # (n, 1)
-        neg_inf = float("-inf")
-        lse, s_m, lse_rest = student_side(s, ids)
-        in_m = ids == y  # (n, M): the label among the cached ids
-        y_in = in_m.any(-1)
-        log_q_y = s.gather(-1, y).squeeze(-1) - lse
-        log_s_rest = lse_rest - lse
-        # the buckets without the label (when it lies in them): log(mass - label's mass)
-        s_bucket = torch.where(y_in, log_s_rest,
-                               log_s_rest + log1mexp(log_q_y - safe_finite(log_s_rest)))
-        p_bucket = torch.where(y_in, log_rest, log_rest + log1mexp(label_logp - log_rest))
-        log_q_nt = bucketed((s_m - lse.unsqueeze(-1)).masked_fill(in_m, neg_inf), s_bucket)
-        log_p_nt = bucketed(logp.masked_fill(in_m, neg_inf), p_bucket)
-        lse_q_nt, lse_p_nt = log_q_nt.logsumexp(-1), log_p_nt.logsumexp(-1)  # log(1 - q_y)...
-        log_bq = torch.stack([log_q_y, lse_q_nt], -1)  # (n, 2)
-        log_bp = torch.stack([label_logp, lse_p_nt], -1)
-        kl_binary = masked_xlogy_sum(log_bq.exp(), log_bq - log_bp)
-        log_qh = log_q_nt - safe_finite(lse_q_nt).unsqueeze(-1)
-        log_ph = log_p_nt - safe_finite(lse_p_nt).unsqueeze(-1)
-        kl_nontarget = torch.where(torch.isfinite(lse_q_nt),
-                                   masked_xlogy_sum(log_qh.exp(), log_qh - log_ph),
-                                   log_qh.new_zeros(()))
-        stats = {"kl_binary": kl_binary, "kl_nontarget": kl_nontarget, "q_target": log_q_y.exp()}
-        return kl_binary + gamma * kl_nontarget, stats
-
-    return drkl_cached_chunk
 
 
 class DRKLLoss(Divergence):
@@ -153,37 +118,29 @@ class DRKLLoss(Divergence):
     the authors' code (their full text is not available to this project). It is 0 when
     ``q = p``. Needs the labels of valid tokens to be ids in ``[0, V)``.
 
-    From a teacher cache (``sum_and_count_cached``): the binary term is exact (the cache holds the
-    teacher's label log-probability); the non-target term is bucketed (``make_drkl_cached_chunk``).
+    From a top-M teacher cache (``tad_torchtune.losses.cached``): the binary term is exact (the
+    cache holds the teacher's label log-probability, and the label is an outcome of its own:
+    ``reads_labels``); the non-target term is over the cached ids and the bucket without the
+    label. A sampled cache cannot serve it (``validate``).
 
     Reduction and masking as ``ForwardKLLoss``. Diagnostics: ``kl_binary``, ``kl_nontarget``,
     ``q_target`` (sums over valid tokens).
 
     Args:
         gamma: weight of the non-target KL, > 0.
-        temperature, ignore_index, chunk_size, vocab_alignment: see ``Divergence``.
+        temperature, ignore_index: see ``Divergence``.
     """
 
     name = "drkl"
     stat_names = ("kl_binary", "kl_nontarget", "q_target")
+    reads_labels = True
 
-    def __init__(
-        self,
-        *,
-        gamma: float = 1.0,
-        temperature: float = 1.0,
-        ignore_index: int = -100,
-        chunk_size: int | None = 1024,
-        vocab_alignment: str = "exact",
-    ) -> None:
-        super().__init__(
-            temperature=temperature, ignore_index=ignore_index, chunk_size=chunk_size,
-            vocab_alignment=vocab_alignment,
-        )
-        self.gamma = check_positive("gamma", gamma)
+    def __init__(self, *, gamma: float = 1.0, temperature: float = 1.0,
+                 ignore_index: int = -100) -> None:
+        super().__init__(temperature=temperature, ignore_index=ignore_index)
+        self.gamma = check_positive(gamma, "gamma")
         self.chunk_fn = make_drkl_chunk(self.gamma)
         self.chunk_grad_fn = make_drkl_chunk_grad(self.gamma)
-        self.cached_chunk_fn = make_drkl_cached_chunk(self.gamma)
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, " + super().extra_repr()

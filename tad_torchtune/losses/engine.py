@@ -4,14 +4,16 @@ A divergence is written once as a per-chunk function of ``[n, V]`` logits (``Div
 module runs such functions over a batch (``docs/design.md``, "The loss engine"):
 
 - ``chunk_slices`` / ``chunks_with_ignored``: THE chunk iterator. Every consumer (the unfused
-  losses, the cross-entropy, the fused head, the evaluation metrics) walks the flat ``[N]``
-  tokens in the same slices, so no ``[N, V]`` float32 copy of the logits ever exists.
+  losses, the cross-entropy, the fused head, the evaluation metrics, the teacher caches) walks
+  the flat ``[N]`` tokens in the same slices, so no ``[N, V]`` float32 copy of the logits ever
+  exists.
 - ``scaled_chunk``: a chunk as a divergence sees it: upcast, ignored rows zeroed (a ``where``,
   not a multiplication: NaN or inf there must not reach a sum or a gradient), divided by the
   temperature.
-- ``teacher_pass``: the teacher-only first pass of a divergence that needs row statistics of
-  every token before any per-token term (TAD's ``abar``), on materialised logits (here) and on
-  the fused path's projections (``fused.py``) alike.
+- ``teacher_pass`` / ``top_k_extras``: for a divergence with a ``top_k``, the teacher's top-K
+  split of every position (``terms.teacher_top_k``) and what the divergence derives from all of
+  them (TAD's ``abar``), before any per-token term; on materialised logits, on the fused path's
+  projections and from a teacher cache alike.
 - ``reduce_chunks``: the unfused reduction, summing a per-chunk function over the valid tokens,
   each chunk recomputed in backward (activation checkpointing), so backward keeps only views of
   the input logits.
@@ -26,6 +28,10 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from tad_torchtune.common import compute_dtype
+from tad_torchtune.losses.terms import TopK, teacher_top_k
+
+#: tokens upcast to float32 at once when nobody says otherwise (the recipe's ``loss_chunk_size``)
+DEFAULT_CHUNK_SIZE = 1024
 
 
 @dataclass
@@ -96,32 +102,88 @@ def row_layout(labels: Tensor) -> tuple[int, int]:
     return math.prod(labels.shape[:-1]), labels.shape[-1]
 
 
+def check_logits(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> None:
+    """The shape checks of a divergence on materialised logits: ``[..., V]`` each, the same
+    vocabulary (a larger teacher's is aligned first: ``tad_torchtune.vocab``), labels ``[...]``."""
+    if student_logits.dim() < 2:
+        raise ValueError(
+            f"student_logits must be [B, T, V] or [N, V], got shape {tuple(student_logits.shape)}"
+        )
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits shape {tuple(teacher_logits.shape)} does not match student_logits "
+            f"shape {tuple(student_logits.shape)} (align a larger teacher vocabulary first: "
+            f"tad_torchtune.vocab.align_teacher_vocab)"
+        )
+    if labels.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal the logits' leading shape "
+            f"{tuple(student_logits.shape[:-1])}"
+        )
+    if not (student_logits.is_floating_point() and teacher_logits.is_floating_point()):
+        raise ValueError("student_logits and teacher_logits must be floating point tensors")
+
+
+def top_k_extras(divergence, tops: Sequence[TopK], valid: Tensor, lead: tuple[int, int],
+                 groups: Tensor | None = None) -> tuple[Tensor, ...]:
+    """The per-token extras ``[N, ...]`` of a divergence with a ``top_k``: the ``TopK`` of every
+    position (given chunk by chunk, in order) followed by the divergence's ``sequence_extras``.
+
+    Args:
+        divergence: the ``Divergence``.
+        tops: the ``TopK`` of each chunk of the ``N = rows * T`` positions.
+        valid: ``[N]`` bool.
+        lead: ``(rows, T)``.
+        groups: ``[N]`` ids of the normaliser's groups within a row (document ids), or None.
+    """
+    if not tops:
+        return ()
+    top = TopK(*(torch.cat(parts) for parts in zip(*tops)))  # (N, ...)
+    n = valid.shape[0]
+    extras = divergence.sequence_extras(
+        TopK(*(x.reshape(*lead, *x.shape[1:]) for x in top)), valid.reshape(lead),
+        None if groups is None else groups.reshape(lead))
+    return (*top, *(e.reshape(n, *e.shape[2:]) for e in extras))
+
+
 def teacher_pass(
     divergence, teacher_chunk: Callable[[int, slice], Tensor], slices: Sequence[slice],
     valid: Tensor, lead: tuple[int, int], groups: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
-    """The first, teacher-only pass of a divergence with ``needs_teacher_pass``.
+    """The first, teacher-only pass of a divergence with a ``top_k`` (none otherwise).
 
     Args:
-        divergence: the ``Divergence`` (its ``teacher_chunk_stats`` and ``teacher_extras``).
+        divergence: the ``Divergence``.
         teacher_chunk: ``(i, slice) -> [n, V]`` scaled teacher logits of chunk ``i`` (as
             ``scaled_chunk`` gives), from materialised logits or from projections.
         slices: the chunks (``chunk_slices``) of the ``N = rows * T`` tokens.
-        valid: ``[N]`` bool.
-        lead: ``(rows, T)``.
-        groups: ``[N]`` ids of the normaliser's groups within a row (document ids), or None.
+        valid, lead, groups: as ``top_k_extras``.
 
     Returns:
-        The per-token extras of the divergence's chunk functions, each ``[N, ...]``.
+        ``top_k_extras``: the per-token extras of the divergence's chunk functions.
     """
-    pieces = [divergence.teacher_chunk_stats(teacher_chunk(i, sl)) for i, sl in enumerate(slices)]
-    if not pieces:
+    if divergence.top_k is None:
         return ()
-    stats = tuple(torch.cat(p).reshape(*lead, *p[0].shape[1:]) for p in zip(*pieces))
-    extras = divergence.teacher_extras(
-        stats, valid.reshape(lead), None if groups is None else groups.reshape(lead))
-    n = valid.shape[0]
-    return tuple(e.reshape(n, *e.shape[2:]) for e in extras)
+    with torch.no_grad():
+        tops = [teacher_top_k(teacher_chunk(i, sl), divergence.top_k)
+                for i, sl in enumerate(slices)]
+        return top_k_extras(divergence, tops, valid, lead, groups)
+
+
+def logits_teacher_pass(divergence, teacher_logits: Tensor, labels: Tensor,
+                        document_ids: Tensor | None = None, *,
+                        chunk_size: int | None = DEFAULT_CHUNK_SIZE) -> tuple[Tensor, ...]:
+    """``teacher_pass`` on materialised teacher logits ``[..., V]`` and their labels."""
+    if divergence.top_k is None:
+        return ()
+    t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    valid = (labels != divergence.ignore_index).reshape(-1)
+
+    def chunk(_: int, sl: slice) -> Tensor:
+        return scaled_chunk(t[sl], valid[sl].unsqueeze(-1), divergence.temperature, detach=True)
+
+    return teacher_pass(divergence, chunk, chunk_slices(valid.shape[0], chunk_size), valid,
+                        row_layout(labels), None if document_ids is None else document_ids.reshape(-1))
 
 
 def _reduce_chunk(fn: ChunkFn, temperature: float, detach: tuple[bool, ...], labels: Tensor,
@@ -185,33 +247,3 @@ def reduce_chunks(
     assert acc is not None and len(acc) == 1 + len(stat_names)
     stats = {k: v.detach() for k, v in zip(sorted(stat_names), acc[1:])}
     return DivergenceOutput(total=acc[0], num_tokens=valid.sum(), stats=stats)
-
-
-#: ``top_k`` works by blocks of this many ids (a row's block maxima, then the best blocks)
-TOP_K_BLOCK = 64
-
-
-def top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """``x.topk(k, dim=-1)`` (values in descending order, ids) for ``[n, V]`` logits with k much
-    smaller than V, in about one pass over ``x`` instead of a partial sort of every row.
-
-    Each row's ids are cut into blocks of ``TOP_K_BLOCK``; the k largest entries lie within the
-    k blocks of largest maximum (a block holding one of them but outside those k would have k
-    other blocks, each with an entry at least as large, above it), so the top-k of those blocks'
-    entries (and of the ids past the last whole block) is the row's top-k. The values are those
-    of ``topk``; among entries of equal value the ids taken may differ from ``topk``'s, which
-    does not specify its choice either.
-    """
-    n, vocab = x.shape[0], x.shape[-1]
-    blocks = vocab // TOP_K_BLOCK
-    if x.dim() != 2 or blocks < 4 * k:
-        return x.topk(k, dim=-1)
-    whole = blocks * TOP_K_BLOCK
-    best = x[:, :whole].reshape(n, blocks, TOP_K_BLOCK).amax(-1).topk(k, dim=-1).indices
-    ids = (best.unsqueeze(-1) * TOP_K_BLOCK
-           + torch.arange(TOP_K_BLOCK, device=x.device)).reshape(n, k * TOP_K_BLOCK)
-    if whole < vocab:
-        rest = torch.arange(whole, vocab, device=x.device).expand(n, vocab - whole)
-        ids = torch.cat([ids, rest], dim=-1)
-    values, pick = x.gather(-1, ids).topk(k, dim=-1)
-    return values, ids.gather(-1, pick)

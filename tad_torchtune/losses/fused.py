@@ -18,7 +18,7 @@ gradient works in the teacher chunk's (``test_peak_memory_is_a_few_chunks`` in
 ``tests/losses/test_fused.py``). A bf16 weight gradient is summed in float32 by vocabulary blocks
 (``_accumulate_weight_grad``).
 
-A divergence with ``needs_teacher_pass`` (TAD: ``abar`` is a mean over every valid token of a
+A divergence with a ``top_k`` (TAD: ``abar`` is a mean over every valid token of a
 row) works segment by segment, a segment being whole rows of the batch: first the teacher-only
 pass (``engine.teacher_pass``) over the segment's chunks, then the per-chunk terms with the exact
 row statistics. The teacher's projection of a chunk is needed by both passes; up to
@@ -38,9 +38,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tad_torchtune.checks import check_int, check_non_negative
 from tad_torchtune.common import IGNORE_INDEX, compute_dtype, full_tensor
 from tad_torchtune.losses.base import Divergence
-from tad_torchtune.losses.cached import TeacherTopM
+from tad_torchtune.losses.cached import CacheEntries
 from tad_torchtune.losses.engine import (
     DivergenceOutput,
     chunk_slices,
@@ -48,7 +49,6 @@ from tad_torchtune.losses.engine import (
     row_layout,
     teacher_pass,
 )
-from tad_torchtune.vocab import align_teacher_vocab
 
 #: default ``teacher_cache_mib``: one 1024-token row of 32K-vocabulary float32 teacher logits, or
 #: 256 tokens of a 256K vocabulary in bf16; small next to the float32 ``[V, D]`` weight gradient.
@@ -123,14 +123,15 @@ def _autograd_chunk_grad(fn):
 
 
 def _head_chunk(z: Tensor, t: Tensor | None, y: Tensor, rows: Tensor, extras: tuple,
-                div_grad, fuses_ce: bool, ignored: bool, compute_ce: bool, ce_weight: float,
+                div_grad, folds_ce: bool, ignored: bool, compute_ce: bool, ce_weight: float,
                 kd_weight: float, tau: float, cap: float | None):
     """One chunk of the fused head, after the projections.
 
     ``z`` ``[n, V]``: the student's soft-capped float32 logits (its own buffer: consumed). ``t``:
     the teacher's chunk as the divergence sees it (scratch), or None without a divergence or
-    from a teacher cache (whose entries are among the ``extras``). ``fuses_ce``: the
-    divergence's closed form computes the CE term too (``Divergence.fuses_ce``, temperature 1).
+    from a teacher cache (whose entries are among the ``extras``). ``folds_ce``: ``div_grad``
+    is a closed form that takes ``ce_weight`` (``Divergence.chunk_grad_fn``) and the
+    temperature is 1, so it computes the CE term too.
 
     Returns:
         ``(ce [n] | None, kd [n] | None, stats, grad [n, V])``, ``grad`` the gradient of
@@ -143,7 +144,7 @@ def _head_chunk(z: Tensor, t: Tensor | None, y: Tensor, rows: Tensor, extras: tu
     ce = lse = None
     kd, stats, grad = None, {}, None
     s = z
-    if div_grad is not None and fuses_ce and tau == 1.0 and want_ce and kd_weight:
+    if div_grad is not None and folds_ce and want_ce and kd_weight:
         # the divergence's closed form folds the CE in: grad of KD + (ce_weight / kd_weight) CE
         args = (s, y, *extras) if t is None else (s, t, y, *extras)
         kd, stats, grad, ce = div_grad(*args, ce_weight=ce_weight / kd_weight)
@@ -186,12 +187,17 @@ def _compiled(fn):
     return _COMPILED[fn]
 
 
+def _project(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return torch.nn.functional.linear(h, w, b)
+
+
 class _ProjectedTeacher:
     """The teacher side of the fused head: chunk logits projected from hidden states, some kept
-    between the two passes of a divergence with a teacher pass."""
+    between the two passes of a divergence with a ``top_k``."""
 
-    def __init__(self, h: Tensor, w: Tensor, plan: _Plan, dtype: torch.dtype) -> None:
-        self.h, self.w, self.plan, self.dtype = h, w, plan, dtype
+    def __init__(self, h: Tensor, w: Tensor, b: Tensor | None, plan: _Plan,
+                 dtype: torch.dtype) -> None:
+        self.h, self.w, self.b, self.plan, self.dtype = h, w, b, plan, dtype
         self.tau = plan.divergence.temperature
         self.cache: dict[int, Tensor] = {}
 
@@ -199,7 +205,7 @@ class _ProjectedTeacher:
         """Rows of the batch per segment: every row at once when no teacher pass is needed or no
         cache is allowed, else as many rows as the cache holds whole, at least one."""
         rows, tokens = self.plan.lead
-        if not self.plan.divergence.needs_teacher_pass or self.plan.cache_bytes <= 0:
+        if self.plan.divergence.top_k is None or self.plan.cache_bytes <= 0:
             return rows
         row_bytes = tokens * self.w.shape[0] * self.h.element_size()
         return min(rows, max(1, self.plan.cache_bytes // max(1, row_bytes)))
@@ -209,13 +215,11 @@ class _ProjectedTeacher:
         """The divergence's per-token extras of one segment: its teacher pass, if it needs one,
         keeping projections within the budget."""
         self.cache = {}
-        if not self.plan.divergence.needs_teacher_pass:
-            return ()
         budget = self.plan.cache_bytes
 
         def chunk(i: int, sl: slice) -> Tensor:
             nonlocal budget
-            z = torch.nn.functional.linear(self.h[seg][sl], self.w)
+            z = _project(self.h[seg][sl], self.w, self.b)
             size = z.numel() * z.element_size()
             keep = size <= budget
             if keep:
@@ -233,16 +237,16 @@ class _ProjectedTeacher:
         """The teacher chunk ``i`` of the current segment, scaled and masked, as scratch."""
         z = self.cache.pop(i, None)
         if z is None:
-            z = torch.nn.functional.linear(self.h[sl], self.w)
+            z = _project(self.h[sl], self.w, self.b)
         return _masked_scaled(_capped(z, self.plan.teacher_softcap, self.dtype), rows, ignored,
                               self.tau, keep=False)
 
 
 class _CachedTeacher:
     """The teacher side of the fused head from a teacher cache: no teacher projection at all;
-    the cached entries (and TAD's normaliser from them) are per-token extras."""
+    the cache's adapter gives the per-token inputs of its chunk function."""
 
-    def __init__(self, cache: TeacherTopM, plan: _Plan) -> None:
+    def __init__(self, cache: CacheEntries, plan: _Plan) -> None:
         self.cache, self.plan = cache, plan
 
     def segment_rows(self) -> int:
@@ -250,10 +254,7 @@ class _CachedTeacher:
 
     def extras(self, seg: slice, slices: list[slice], flags: list[bool], valid: Tensor,
                groups: Tensor | None) -> tuple[Tensor, ...]:
-        lead = self.plan.lead
-        labels = torch.where(valid, 0, self.plan.ignore_index).reshape(lead)  # validity only
-        return self.plan.divergence.cached_inputs(
-            self.cache, labels, None if groups is None else groups.reshape(lead))
+        return self.cache.chunk_inputs(self.plan.divergence, valid, self.plan.lead, groups)
 
     def chunk(self, i: int, sl: slice, rows: Tensor, ignored: bool) -> None:
         return None
@@ -278,26 +279,29 @@ class _FusedHead(torch.autograd.Function):
     """Loss sums and diagnostics in forward; backward only rescales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, h_s: Tensor, w_s: Tensor, labels: Tensor, plan: _Plan, teacher,
-                groups: Tensor | None) -> tuple[Tensor, ...]:
+    def forward(ctx, h_s: Tensor, w_s: Tensor, b_s: Tensor | None, labels: Tensor, plan: _Plan,
+                teacher, groups: Tensor | None) -> tuple[Tensor, ...]:
         div = plan.divergence
         n, hidden = h_s.shape
         dtype = compute_dtype(h_s.dtype)
         valid = labels != plan.ignore_index  # (N,)
         y = torch.where(valid, labels, 0)
-        div_grad, fuses_ce = None, False
-        if isinstance(teacher, _CachedTeacher):
-            div_grad = div.cached_chunk_grad_fn or _autograd_chunk_grad(div.cached_chunk_fn)
-        elif div is not None:
-            div_grad = div.chunk_grad_fn or _autograd_chunk_grad(div.chunk_fn)
-            fuses_ce = div.fuses_ce and div.chunk_grad_fn is not None
+        div_grad, folds_ce = None, False
+        if div is not None:
+            closed, fn = div.chunk_grad_fn, div.chunk_fn
+            if isinstance(teacher, _CachedTeacher):  # the cache's adapter of the divergence
+                closed, fn = teacher.cache.chunk_grad_fn(div), teacher.cache.chunk_fn(div)
+            div_grad = closed or _autograd_chunk_grad(fn)
+            folds_ce = closed is not None and div.temperature == 1.0
         step = _compiled(_head_chunk) if plan.compile_chunks else _head_chunk
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = b_s is not None and ctx.needs_input_grad[2]
         # float32 even for bf16 inputs: the weight gradient is a sum over all chunks (unless
         # the caller trades that precision for a [V, D] float32 buffer).
         grad_h = h_s.new_zeros((n, hidden), dtype=dtype) if need_h else None
         grad_w = w_s.new_zeros(w_s.shape, dtype=dtype if plan.float32_weight_grad else w_s.dtype
                                ) if need_w else None
+        grad_b = b_s.new_zeros(b_s.shape, dtype=dtype) if need_b else None
         names = sorted(div.stat_names) if div is not None else []
         sums = torch.zeros(2 + len(names), dtype=dtype, device=h_s.device)  # ce, kd, *stats
         tau = div.temperature if div is not None else 1.0
@@ -314,10 +318,10 @@ class _FusedHead(torch.autograd.Function):
             for i, (local, ignored) in enumerate(zip(slices, flags)):
                 sl = slice(seg.start + local.start, seg.start + local.stop)
                 rows = valid[sl].unsqueeze(-1)  # (n, 1)
-                z = _capped(torch.nn.functional.linear(h_s[sl], w_s), plan.student_softcap, dtype)
+                z = _capped(_project(h_s[sl], w_s, b_s), plan.student_softcap, dtype)
                 t = teacher.chunk(i, sl, rows, ignored) if div is not None else None
                 ce, kd, stats, grad = step(
-                    z, t, y[sl], rows, tuple(e[local] for e in extras), div_grad, fuses_ce,
+                    z, t, y[sl], rows, tuple(e[local] for e in extras), div_grad, folds_ce,
                     ignored, plan.compute_ce, plan.ce_weight, plan.kd_weight, tau,
                     plan.student_softcap)
                 del z, t
@@ -325,6 +329,8 @@ class _FusedHead(torch.autograd.Function):
                 parts = [zero if v is None else torch.where(valid[sl], v, zero).sum()
                          for v in (ce, kd, *(stats[k] for k in names))]
                 sums += torch.stack(parts)
+                if need_b:
+                    grad_b += grad.sum(0)
                 if not (need_h or need_w):
                     continue
                 grad = grad.to(h_s.dtype)  # bf16 matmuls, float32 accumulation (as Liger)
@@ -333,8 +339,8 @@ class _FusedHead(torch.autograd.Function):
                 if need_w:
                     _accumulate_weight_grad(grad_w, grad, h_s[sl])
                 del grad
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.dtypes = (h_s.dtype, w_s.dtype)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
         ctx.done = False
         objective = plan.ce_weight * sums[0] + plan.kd_weight * sums[1]
         num_tokens = valid.sum()
@@ -350,16 +356,15 @@ class _FusedHead(torch.autograd.Function):
                 "supported): it scales its stored gradients in place to save a [V, D] copy"
             )
         ctx.done = True
-        grad_h, grad_w = ctx.saved_tensors
-        h_dtype, w_dtype = ctx.dtypes
-        gh = None if grad_h is None else grad_h.mul_(grad_objective).to(h_dtype)
-        gw = None if grad_w is None else grad_w.mul_(grad_objective).to(w_dtype)
-        return gh, gw, None, None, None, None
+        grads = []
+        for g, dtype in zip(ctx.saved_tensors, ctx.dtypes):
+            grads.append(None if g is None else g.mul_(grad_objective).to(dtype))
+        return (*grads, None, None, None, None)
 
 
 @torch.compiler.disable  # a Python loop over chunks: run eagerly, graph break around it
-def _apply(h_s, w_s, labels, plan, teacher, groups):
-    return _FusedHead.apply(h_s, w_s, labels, plan, teacher, groups)
+def _apply(h_s, w_s, b_s, labels, plan, teacher, groups):
+    return _FusedHead.apply(h_s, w_s, b_s, labels, plan, teacher, groups)
 
 
 @dataclass
@@ -380,12 +385,6 @@ class HeadOutput:
     num_tokens: Tensor
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                              or value < minimum):
-        raise ValueError(f"{name} must be an integer >= {minimum} or None, got {value!r}")
-
-
 def fused_head(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -394,7 +393,9 @@ def fused_head(
     divergence: Divergence | None = None,
     teacher_hidden: Tensor | None = None,
     teacher_weight: Tensor | None = None,
-    teacher_cache: TeacherTopM | None = None,
+    teacher_cache: CacheEntries | None = None,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
     ce_weight: float = 1.0,
     kd_weight: float = 1.0,
     compute_ce: bool | None = None,
@@ -409,25 +410,27 @@ def fused_head(
 ) -> HeadOutput:
     """``ce_weight * CE + kd_weight * divergence`` from hidden states, without the logits.
 
-    The student logits are ``cap_s * tanh(student_hidden @ student_weight.T / cap_s)`` (no tanh
-    when ``student_softcap`` is None), the teacher's likewise; the teacher gets no gradient. The
-    cross-entropy uses the student's logits as they are (no temperature); the divergence, both
-    divided by its temperature. One projection of the student per chunk serves both terms.
+    The student logits are ``cap_s * tanh((student_hidden @ student_weight.T + student_bias) /
+    cap_s)`` (no tanh when ``student_softcap`` is None, no bias when it is None), the teacher's
+    likewise; the teacher gets no gradient. The cross-entropy uses the student's logits as they
+    are (no temperature); the divergence, both divided by its temperature. One projection of the
+    student per chunk serves both terms.
 
     Args:
         student_hidden: ``[B, T, D]`` (or ``[N, D]``) final hidden states, after the final norm.
         student_weight: ``[V, D]`` output projection (the embedding table when tied); may be an
             FSDP2-sharded DTensor, gathered with ``full_tensor()``.
         labels: ``[B, T]`` (or ``[N]``, one sequence); ``ignore_index`` marks ignored tokens.
-        divergence: any ``Divergence`` of this package (its temperature, ignore_index and
-            vocab_alignment apply; its ``chunk_size`` does not, see ``chunk_size``), or None
-            for the cross-entropy alone.
+        divergence: any ``Divergence`` of this package (its temperature and ignore_index apply),
+            or None for the cross-entropy alone.
         teacher_hidden: ``[B, T, D_T]`` (or ``[N, D_T]``), with a divergence.
-        teacher_weight: ``[V_T, D_T]``; with ``vocab_alignment="truncate_teacher"`` its first
-            ``V`` rows are used when ``V_T > V``.
-        teacher_cache: the teacher's cached top-M statistics (``TeacherTopM``, ``[B, T, ...]``)
-            instead of ``teacher_hidden`` and ``teacher_weight``: the divergence's cached version,
-            from the student's LSE and its logits at the cached ids; no teacher projection.
+        teacher_weight: ``[V, D_T]``, over the student's vocabulary (a larger teacher's aligned
+            first: ``tad_torchtune.vocab.align_teacher_vocab`` of its transpose).
+        teacher_cache: a teacher cache's entries of these positions (``losses.cached``,
+            ``[B, T, ...]``) instead of ``teacher_hidden`` and ``teacher_weight``: the
+            divergence through the cache's adapter, from the student's logits alone; no teacher
+            projection.
+        student_bias, teacher_bias: ``[V]`` output-projection biases, or None.
         ce_weight, kd_weight: weights of the two sums in ``objective``.
         compute_ce: compute the CE sum (default: when ``ce_weight > 0``).
         student_softcap, teacher_softcap: logit soft-caps (``model.logit_softcap``) or None.
@@ -437,8 +440,8 @@ def fused_head(
         chunk_size: tokens per chunk; None picks ``default_chunk_size`` (Liger's rule; twice
             that on CPU).
         teacher_cache_mib: memory (MiB) for teacher chunk projections kept from the first pass
-            of a divergence with ``needs_teacher_pass`` (TAD) to the second, instead of
-            recomputing them; 0 recomputes every one. Ignored by the other divergences.
+            of a divergence with a ``top_k`` (TAD) to the second, instead of recomputing them;
+            0 recomputes every one. Ignored by the other divergences.
         compile_chunks: run each chunk's element-wise work through ``torch.compile``.
         float32_weight_grad: sum the output-weight gradient over chunks in float32 (default).
             False sums it in the weight's dtype, as autograd does for a chunked output layer
@@ -456,7 +459,7 @@ def fused_head(
             f"labels shape {tuple(labels.shape)} must equal student_hidden's leading shape "
             f"{tuple(student_hidden.shape[:-1])} (student_hidden is [B, T, D] or [N, D])"
         )
-    sides = [("student", student_hidden, student_weight)]
+    sides = [("student", student_hidden, student_weight, student_bias)]
     if divergence is not None and teacher_cache is None:
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("a divergence needs teacher_hidden and teacher_weight, or a "
@@ -467,23 +470,30 @@ def fused_head(
                 f"student_hidden shape {tuple(student_hidden.shape)} in the leading (batch, "
                 f"token) dimensions"
             )
-        sides.append(("teacher", teacher_hidden, teacher_weight))
-    for name, h, w in sides:
+        if teacher_weight.shape[0] != student_weight.shape[0]:
+            raise ValueError(
+                f"teacher_weight has {teacher_weight.shape[0]} rows, student_weight "
+                f"{student_weight.shape[0]}: align a larger teacher vocabulary first "
+                f"(tad_torchtune.vocab.align_teacher_vocab)")
+        sides.append(("teacher", teacher_hidden, teacher_weight, teacher_bias))
+    for name, h, w, b in sides:
         if w.dim() != 2 or w.shape[1] != h.shape[-1]:
             raise ValueError(
                 f"{name}_weight must be [V, D] with D = {name}_hidden.shape[-1] = "
                 f"{h.shape[-1]}, got shape {tuple(w.shape)}"
             )
-    if (isinstance(teacher_cache_mib, bool) or not isinstance(teacher_cache_mib, (int, float))
-            or not teacher_cache_mib >= 0):
-        raise ValueError(f"teacher_cache_mib must be a number >= 0, got {teacher_cache_mib!r}")
-    _check_int("chunk_size", chunk_size, 1)
+        if b is not None and tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"{name}_bias must be [V] = [{w.shape[0]}], got {tuple(b.shape)}")
+    check_non_negative(teacher_cache_mib, "teacher_cache_mib")
+    check_int(chunk_size, "chunk_size", optional=True)
     w_s = full_tensor(student_weight, differentiable=True)
+    b_s = None if student_bias is None else full_tensor(student_bias, differentiable=True)
     hidden = student_hidden.shape[-1]
     h_s = student_hidden.reshape(-1, hidden)  # (N, D)
     y = labels.reshape(-1)
     if not torch.is_grad_enabled():  # evaluation: the values only, no gradient buffers
         h_s, w_s = h_s.detach(), w_s.detach()
+        b_s = None if b_s is None else b_s.detach()
     n = y.shape[0]
     plan = _Plan(
         divergence, float(ce_weight), float(kd_weight) if divergence is not None else 0.0,
@@ -498,13 +508,12 @@ def fused_head(
     if divergence is not None and teacher_cache is not None:
         teacher = _CachedTeacher(teacher_cache, plan)
     elif divergence is not None:
-        with torch.no_grad():
-            w_t = align_teacher_vocab(full_tensor(teacher_weight).detach().t(), w_s.shape[0],
-                                      divergence.vocab_alignment).t()
+        w_t = full_tensor(teacher_weight).detach()
+        b_t = None if teacher_bias is None else full_tensor(teacher_bias).detach()
         h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])  # (N, D_T)
-        teacher = _ProjectedTeacher(h_t, w_t, plan, compute_dtype(h_t.dtype))
+        teacher = _ProjectedTeacher(h_t, w_t, b_t, plan, compute_dtype(h_t.dtype))
     groups = None if document_ids is None else document_ids.reshape(-1)
-    objective, num_tokens, ce, kd, *stats = _apply(h_s, w_s, y, plan, teacher, groups)
+    objective, num_tokens, ce, kd, *stats = _apply(h_s, w_s, b_s, y, plan, teacher, groups)
     kd_out = None
     if divergence is not None:
         names = sorted(divergence.stat_names)
@@ -528,8 +537,9 @@ def fused_divergence(
     Args:
         divergence, student_hidden, student_weight, teacher_hidden, teacher_weight, labels:
             as ``fused_head``.
-        **kwargs: ``student_softcap``, ``teacher_softcap``, ``document_ids``, ``chunk_size``,
-            ``teacher_cache_mib``, ``compile_chunks``, ``float32_weight_grad`` of ``fused_head``.
+        **kwargs: the other keyword arguments of ``fused_head`` (soft-caps, biases,
+            ``document_ids``, ``chunk_size``, ``teacher_cache_mib``, ``compile_chunks``,
+            ``float32_weight_grad``).
 
     Returns:
         ``DivergenceOutput``: ``total`` (float32, float64 for float64 inputs) differentiable

@@ -3,8 +3,8 @@
 import torch
 from torch import Tensor
 
-from tad_torchtune.losses.base import Divergence, masked_xlogy_sum, masked_xlogy_terms_
-from tad_torchtune.losses.cached import bucketed, student_side
+from tad_torchtune.losses.base import Divergence, TailWeight
+from tad_torchtune.losses.terms import masked_xlogy_sum, masked_xlogy_terms_
 
 
 def forward_kl_chunk(s: Tensor, t: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -18,33 +18,6 @@ def reverse_kl_chunk(s: Tensor, t: Tensor, labels: Tensor) -> tuple[Tensor, dict
     """Per-token ``KL(q || p)`` for a chunk ``[n, V]`` of (scaled) logits."""
     log_q = torch.log_softmax(s, dim=-1)
     log_p = torch.log_softmax(t, dim=-1)
-    return masked_xlogy_sum(log_q.exp(), log_q - log_p), {}
-
-
-def _cached_outcomes(s: Tensor, ids: Tensor, logp: Tensor, log_rest: Tensor
-                     ) -> tuple[Tensor, Tensor]:
-    """Log-masses ``[n, M + 1]`` of the cached outcomes (top-M ids and the bucket), student's
-    and teacher's."""
-    lse, s_m, lse_rest = student_side(s, ids)
-    return bucketed(s_m, lse_rest) - lse.unsqueeze(-1), bucketed(logp, log_rest)
-
-
-def forward_kl_cached_chunk(s: Tensor, labels: Tensor, ids: Tensor, logp: Tensor,
-                            log_rest: Tensor, label_logp: Tensor
-                            ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-token forward KL over the M + 1 cached outcomes: ``sum_{I_M} p log(p / q)
-    + r_M log(r_M / s_M)``, ``s_M`` the student's mass outside ``I_M`` (exact when the bucket is
-    one id, a lower bound otherwise)."""
-    log_q, log_p = _cached_outcomes(s, ids, logp, log_rest)
-    return masked_xlogy_sum(log_p.exp(), log_p - log_q), {}
-
-
-def reverse_kl_cached_chunk(s: Tensor, labels: Tensor, ids: Tensor, logp: Tensor,
-                            log_rest: Tensor, label_logp: Tensor
-                            ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-token reverse KL over the M + 1 cached outcomes (``forward_kl_cached_chunk``'s
-    bucketing on both sides)."""
-    log_q, log_p = _cached_outcomes(s, ids, logp, log_rest)
     return masked_xlogy_sum(log_q.exp(), log_q - log_p), {}
 
 
@@ -71,17 +44,30 @@ def forward_kl_chunk_grad(
 
 
 def reverse_kl_chunk_grad(
-    s: Tensor, t: Tensor, labels: Tensor
-) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    s: Tensor, t: Tensor, labels: Tensor, *, ce_weight: float | None = None
+) -> tuple[Tensor, ...]:
     """``reverse_kl_chunk`` plus its gradient w.r.t. ``s``: with ``R = KL(q||p)``,
     ``dR/ds_i = q_i (log q_i - log p_i) - q_i R`` (entries with ``q_i = 0`` contribute 0).
-    ``t`` is scratch (``log p``): two ``[n, V]`` buffers are new."""
+    ``t`` is scratch (``log p``): two ``[n, V]`` buffers are new.
+
+    With ``ce_weight`` (temperature 1) it also returns the per-token cross-entropy ``-log q_y``
+    and ``grad`` is that of ``R + ce_weight * CE``: ``- q (R - ce_weight)`` in place of
+    ``- q R``, ``-ce_weight`` at the label."""
     log_q = torch.log_softmax(s, dim=-1)
     log_p = t.sub_(t.logsumexp(-1, keepdim=True))
     q = log_q.exp()
+    ce = None
+    if ce_weight is not None:
+        y = labels.unsqueeze(-1)
+        ce = -log_q.gather(-1, y).squeeze(-1)
     term = masked_xlogy_terms_(q, log_q.sub_(log_p))  # q (log q - log p)
     per_token = term.sum(-1)
-    return per_token, {}, term.sub_(q.mul_(per_token.unsqueeze(-1)))
+    scale = per_token if ce_weight is None else per_token - ce_weight
+    grad = term.sub_(q.mul_(scale.unsqueeze(-1)))
+    if ce_weight is None:
+        return per_token, {}, grad
+    grad.scatter_add_(-1, y, grad.new_full(y.shape, -ce_weight))
+    return per_token, {}, grad, ce
 
 
 class ForwardKLLoss(Divergence):
@@ -94,26 +80,31 @@ class ForwardKLLoss(Divergence):
 
     Reduction: mean over tokens whose label is not ``ignore_index``; 0 with zero gradient when no
     token is valid. Ignored positions may hold any values (NaN, inf): they never reach the result.
-    From a teacher cache (``sum_and_count_cached``): the KL over the cached top-M ids plus one
-    bucket for the rest, the student's bucket being its mass outside those ids; exact when the
-    bucket is one id, a lower bound otherwise. See ``Divergence`` for the arguments.
+    From a bucket teacher cache (``tad_torchtune.losses.cached``): the KL over the cached top-M
+    ids plus one bucket for the rest, the student's bucket being its mass outside those ids;
+    exact when the bucket is one id, a lower bound otherwise. From a sampled cache: ``D_KL1 +
+    alphaT * D_KL2`` over the cache's top-K, the tail term estimated without bias from the
+    teacher's draws (``tail_weight``). See ``Divergence`` for the arguments.
     """
 
     name = "forward_kl"
     chunk_fn = staticmethod(forward_kl_chunk)
     chunk_grad_fn = staticmethod(forward_kl_chunk_grad)
-    fuses_ce = True
-    cached_chunk_fn = staticmethod(forward_kl_cached_chunk)
+
+    def tail_weight(self, log_alpha_t: Tensor, valid: Tensor, groups: Tensor | None = None
+                    ) -> TailWeight:
+        """``KL(p||q) = D_KL1 + alphaT * D_KL2`` for any top-K split: ``w = alphaT``."""
+        return TailWeight(torch.where(valid, log_alpha_t.exp(), log_alpha_t.new_zeros(())), {})
 
 
 class ReverseKLLoss(Divergence):
     """Reverse KL: ``KL(q || p) = sum_i q_i (log q_i - log p_i)``, mode-seeking.
 
     Same conventions as ``ForwardKLLoss`` (temperature, reduction, masking, the same bucketing
-    from a teacher cache); entries with ``q_i = 0`` contribute 0.
+    from a top-M teacher cache); entries with ``q_i = 0`` contribute 0. A sampled teacher cache
+    cannot serve it (``validate``).
     """
 
     name = "reverse_kl"
     chunk_fn = staticmethod(reverse_kl_chunk)
     chunk_grad_fn = staticmethod(reverse_kl_chunk_grad)
-    cached_chunk_fn = staticmethod(reverse_kl_cached_chunk)

@@ -1,4 +1,5 @@
-"""Students built from teachers, model forward helpers and Hugging Face export."""
+"""Students built from teachers, model families, loading checkpoints into models, forward
+helpers and Hugging Face export."""
 
 from tad_torchtune.models._export import (
     hf_config_for,
@@ -18,13 +19,21 @@ from tad_torchtune.models._families import (
     resolve_teacher,
 )
 from tad_torchtune.models._forward import (
-    document_attention,
     forward_hidden,
     logit_softcap,
+    output_bias,
     output_weight,
     project_logits,
 )
 from tad_torchtune.models._gemma2 import Gemma2HFLayer, correct_gemma2
+from tad_torchtune.models.loading import (
+    checkpoint_state,
+    hf_decoder,
+    load_hf_folder,
+    load_student,
+    load_teacher,
+    vocab_size_of,
+)
 from tad_torchtune.models._student import (
     DistillSpec,
     evenly_spaced_layers,
@@ -43,16 +52,22 @@ __all__ = [
     "build_model",
     "check_vocab_compat",
     "correct_gemma2",
-    "document_attention",
     "evenly_spaced_layers",
     "family_for_model_type",
     "forward_hidden",
     "get_family",
+    "checkpoint_state",
+    "hf_decoder",
+    "load_hf_folder",
+    "load_student",
+    "load_teacher",
+    "vocab_size_of",
     "hf_config_for",
     "init_student_from_teacher",
     "load_hf_checkpoint",
     "logit_softcap",
     "model_from_hf_config",
+    "output_bias",
     "output_weight",
     "project_logits",
     "pruned_student",

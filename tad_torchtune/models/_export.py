@@ -202,23 +202,28 @@ def save_hf_checkpoint(
 
 
 def load_hf_checkpoint(
-    model: TransformerDecoder, checkpoint_dir: str | Path, *, model_type: str | None = None
+    model: TransformerDecoder, checkpoint_dir: str | Path, *, model_type: str | None = None,
+    files: list[str] | None = None, family: ModelFamily | None = None,
 ) -> None:
     """Load a checkpoint written by ``save_hf_checkpoint`` (or any single-folder HF checkpoint
     in safetensors) into a torchtune model of the same architecture, strictly.
 
     ``FullModelHFCheckpointer(checkpoint_dir, checkpoint_files=["model.safetensors"],
-    model_type=..., output_dir=...)`` reads the same folder; this is the short form.
+    model_type=..., output_dir=...)`` reads the same folder; this is the short form, converting
+    by the model's family (``ModelFamily.from_hf``).
 
     Args:
         model: torchtune model built with the checkpoint's architecture.
         checkpoint_dir: folder with ``config.json`` and ``*.safetensors``.
         model_type: torchtune checkpointer ``ModelType`` name; default from ``model.distill_spec``.
+        files: the safetensors files to read (default: every one in the folder).
+        family: the family that converts the weights (default: from ``model_type``).
     """
     folder = Path(checkpoint_dir)
     cfg = json.loads((folder / "config.json").read_text())
     hf_sd: dict[str, Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
+    paths = sorted(folder.glob("*.safetensors")) if files is None else [folder / f for f in files]
+    for file in paths:
         hf_sd.update(load_file(str(file)))
-    tune_sd = _family_of(model, model_type).from_hf(hf_sd, cfg)
-    model.load_state_dict(tune_sd, strict=True)
+    family = family if family is not None else _family_of(model, model_type)
+    model.load_state_dict(family.from_hf(hf_sd, cfg), strict=True)

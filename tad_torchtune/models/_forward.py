@@ -9,8 +9,6 @@ A model may carry ``logit_softcap`` (float): its logits are ``cap * tanh(logits 
 Hugging Face's Gemma2 (final_logit_softcapping=30.0).
 """
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 from torchtune.modules import TransformerDecoder
@@ -24,6 +22,13 @@ def output_weight(model: TransformerDecoder) -> Tensor:
     if isinstance(model.output, TiedLinear):
         return model.output.tied_module.weight
     return model.output.weight
+
+
+def output_bias(model: TransformerDecoder) -> Tensor | None:
+    """The ``[V]`` output projection bias, or None (every family but Phi-2 has none)."""
+    if isinstance(model.output, TiedLinear):
+        return None
+    return getattr(model.output, "bias", None)
 
 
 def logit_softcap(model: nn.Module) -> float | None:
@@ -67,33 +72,3 @@ def forward_hidden(
 def project_logits(model: TransformerDecoder, h: Tensor) -> Tensor:
     """``[B, T, V]`` logits in the model's dtype (soft-capped when the model says so)."""
     return apply_softcap(model.output(h), logit_softcap(model))
-
-
-def document_attention(document_ids: Tensor, *, flex: bool = False) -> tuple[Any, Tensor]:
-    """Attention that stops at document boundaries, for rows packed with several documents.
-
-    Args:
-        document_ids: ``[B, T]`` the document of each token within its row (non-decreasing).
-        flex: build torchtune's ``BlockMask`` (flex attention, CUDA) from the documents' lengths
-            instead of a dense ``[B, T, T]`` boolean mask (every family, every device).
-
-    Returns:
-        ``(mask, input_pos)`` for ``forward_hidden``: token i attends to token j iff j <= i in
-        the same document, and its position restarts at 0 at every document start, so each
-        document is computed as if it ran alone.
-    """
-    rows, length = document_ids.shape
-    pos = torch.arange(length, device=document_ids.device).expand(rows, length)
-    starts = torch.ones_like(document_ids, dtype=torch.bool)
-    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    # position of each token's document start: the running maximum of start positions
-    first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
-    input_pos = pos - first
-    if flex:
-        from torchtune.modules.attention_utils import packed_block_causal_mask
-
-        seq_lens = [torch.bincount(row - row[0]) for row in document_ids]
-        return packed_block_causal_mask(seq_lens), input_pos
-    same = document_ids.unsqueeze(-1) == document_ids.unsqueeze(-2)  # (B, T, T)
-    causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril_()
-    return same & causal, input_pos

@@ -137,14 +137,14 @@ def test_opening_a_billion_token_store_reads_none_of_it(tmp_path, demo_tok):
     manifest["fingerprint"] = content_fingerprint(manifest)
     (path / MANIFEST).write_text(json.dumps(manifest))
 
-    from tad_torchtune.data import TextBlockDataset, collate_blocks
+    from tad_torchtune.data import TextBlockDataset, collate
 
     rss, start = _vm_rss(), time.perf_counter()
     ds = TextBlockDataset(demo_tok, source=str(src), max_seq_len=128, store_dir=tmp_path / "stores")
     opened = time.perf_counter() - start
-    batch = collate_blocks([ds[i] for i in np.random.default_rng(0).integers(0, len(ds), 8)])
+    batch = collate([ds[i] for i in np.random.default_rng(0).integers(0, len(ds), 8)])
     growth = _vm_rss() - rss
     assert ds.store_path == path and len(ds) == (n_tokens - n_tokens // 20) // 128
-    assert batch["tokens"].shape == (8, 128) and batch["document_ids"].max() <= 1
+    assert batch.tokens.shape == (8, 128) and batch.document_ids.max() <= 1
     assert opened < 1.0, opened
     assert growth < 64 * 2**20, growth

@@ -1,11 +1,25 @@
-"""Divergences from a teacher cache (top-M ids and log-probabilities plus one bucket) against
-float64 references of the same bucketed formulas, and against the online losses."""
+"""Divergences from a teacher cache: the bucket cache (top-M ids and log-probabilities plus one
+bucket) against float64 references of the same bucketed formulas and the online losses; the
+sampled cache (top-K plus draws from the tail) unbiased for the online loss and gradient."""
 
 import pytest
 import torch
 
-from tad_torchtune.losses import DRKLLoss, ForwardKLLoss, ReverseKLLoss, TADLoss
-from tad_torchtune.losses.cached import TeacherTopM, teacher_top_m
+from tad_torchtune.errors import ConfigError
+from tad_torchtune.losses import (
+    CacheSpec,
+    DivergenceUse,
+    DRKLLoss,
+    ForwardKLLoss,
+    ReverseKLLoss,
+    TADLoss,
+)
+from tad_torchtune.losses.cached import (
+    TeacherTopM,
+    counter_uniform,
+    teacher_sampled,
+    teacher_top_m,
+)
 from tad_torchtune.losses.fused import fused_head
 from tests.losses import reference as ref
 from tests.losses.test_divergences import (
@@ -28,20 +42,20 @@ def sharp_inputs(seed, dtype=torch.float64, **kw):
 
 
 CASES = {
-    "forward_kl": (lambda k: ForwardKLLoss(chunk_size=20), lambda s, t, y, k, m:
+    "forward_kl": (lambda k: ForwardKLLoss(), lambda s, t, y, k, m:
                    ref.forward_kl_cached(s, t, y, m)),
-    "reverse_kl": (lambda k: ReverseKLLoss(chunk_size=20), lambda s, t, y, k, m:
+    "reverse_kl": (lambda k: ReverseKLLoss(), lambda s, t, y, k, m:
                    ref.reverse_kl_cached(s, t, y, m)),
-    "tad": (lambda k: TADLoss(k=k, beta=2.0, chunk_size=20), lambda s, t, y, k, m:
+    "tad": (lambda k: TADLoss(k=k, beta=2.0), lambda s, t, y, k, m:
             ref.tad_cached(s, t, y, k, m, 2.0)),
-    "drkl": (lambda k: DRKLLoss(gamma=1.7, chunk_size=20), lambda s, t, y, k, m:
+    "drkl": (lambda k: DRKLLoss(gamma=1.7), lambda s, t, y, k, m:
              ref.drkl_cached(s, t, y, m, 1.7)),
 }
 
 
 def cached_loss_and_grad(div, student, teacher, labels, m):
     cache = teacher_top_m(teacher, labels, m, temperature=div.temperature)
-    return loss_and_grad(lambda s, t, y: div.sum_and_count_cached(s, cache, y).mean(),
+    return loss_and_grad(lambda s, t, y: div.sum_and_count(s, cache, y, chunk_size=20).mean(),
                          student, teacher, labels)
 
 
@@ -78,7 +92,7 @@ def test_tad_dkl1_and_tail_mass_are_exact_for_every_m(k, m):
     student, teacher, labels = sharp_inputs(33)
     div = TADLoss(k=k)
     online = div.sum_and_count(student, teacher, labels)
-    cached = div.sum_and_count_cached(student, teacher_top_m(teacher, labels, m), labels)
+    cached = div.sum_and_count(student, teacher_top_m(teacher, labels, m), labels)
     for stat in ("dkl1", "tail_mass", "abar"):
         torch.testing.assert_close(cached.stats[stat], online.stats[stat], atol=1e-11, rtol=1e-11)
     if m < V - 1 and k < m:  # the tail term is the approximate part
@@ -108,13 +122,13 @@ def test_ignored_positions_hold_garbage_and_all_ignored_is_zero(name):
                       cache.log_rest.masked_fill(ignored, float("inf")),
                       cache.label_logp.masked_fill(ignored, float("nan")))
     s = student.clone().requires_grad_(True)
-    value = div.sum_and_count_cached(s, bad, labels).mean()
+    value = div.sum_and_count(s, bad, labels, chunk_size=20).mean()
     value.backward()
     expected, _ = cached_loss_and_grad(div, student, teacher, labels, 8)
     torch.testing.assert_close(value.detach(), expected, atol=1e-12, rtol=1e-12)
     assert torch.isfinite(s.grad).all() and not s.grad[ignored].any()
     s.grad = None
-    zero = div.sum_and_count_cached(s, bad, torch.full_like(labels, IGNORE)).mean()
+    zero = div.sum_and_count(s, bad, torch.full_like(labels, IGNORE)).mean()
     zero.backward()
     assert float(zero.detach()) == 0.0 and not s.grad.any()
 
@@ -122,7 +136,7 @@ def test_ignored_positions_hold_garbage_and_all_ignored_is_zero(name):
 def test_k_above_top_m_is_refused_naming_both():
     student, teacher, labels = sharp_inputs(36)
     with pytest.raises(ValueError, match=r"k=10 exceeds the teacher cache's top_m=8"):
-        TADLoss(k=10).sum_and_count_cached(student, teacher_top_m(teacher, labels, 8), labels)
+        TADLoss(k=10).sum_and_count(student, teacher_top_m(teacher, labels, 8), labels)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -139,7 +153,7 @@ def test_fused_head_from_the_cache_equals_unfused(name):
     hs, ws = (x.detach().clone().requires_grad_(True) for x in (h_s, w_s))
     logits = hs @ ws.T
     ce, _ = chunked_cross_entropy(logits, labels)
-    kd = div.sum_and_count_cached(logits, cache, labels)
+    kd = div.sum_and_count(logits, cache, labels)
     (0.5 * ce + 2.0 * kd.total).backward()
     hf, wf = (x.detach().clone().requires_grad_(True) for x in (h_s, w_s))
     out = fused_head(hf, wf, labels, divergence=div, teacher_cache=cache, ce_weight=0.5,
@@ -166,3 +180,217 @@ def test_a_step_from_the_cache_projects_no_teacher():
                    chunk_size=12).objective.backward()
 
     assert matmul_flops(step) == 3 * 2 * B * T * V * D
+
+
+# ----------------------------------------------------------------------------- the sampled cache
+
+
+SB, ST, SV = 2, 9, 60  # small: hundreds of cache seeds per test
+
+
+def sampled_case(seed=40):
+    gen = torch.Generator().manual_seed(seed)
+    student = torch.randn(SB, ST, SV, generator=gen, dtype=torch.float64) * 1.5
+    scale = torch.rand(SB, ST, 1, generator=gen, dtype=torch.float64) * 2 + 0.5
+    teacher = torch.randn(SB, ST, SV, generator=gen, dtype=torch.float64) * scale
+    labels = torch.randint(0, SV, (SB, ST), generator=gen)
+    labels[0, :2] = IGNORE
+    return student, teacher, labels
+
+
+def sampled_entries(teacher, top_m, samples, seed, temperature=1.0):
+    return teacher_sampled(teacher, top_m, samples, seed=seed, blocks=torch.arange(SB) + 7,
+                           temperature=temperature)
+
+
+SAMPLED = {"tad_k3": lambda: TADLoss(k=3, beta=2.0), "tad_k6": lambda: TADLoss(k=6, beta=0.5),
+           "forward_kl": lambda: ForwardKLLoss()}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLED))
+def test_the_sampled_cache_is_unbiased_for_the_loss_and_its_gradient(name):
+    """Over many cache seeds the mean of the sampled loss, and of its gradient projected on 16
+    random directions, equals the online (exact) one within 6 standard errors of the mean; the
+    gradient on the teacher's top-K ids does not depend on the draws and equals it exactly."""
+    div = SAMPLED[name]()
+    student, teacher, labels = sampled_case()
+    online, online_grad = loss_and_grad(div, student, teacher, labels)
+    values, grads = [], []
+    for seed in range(600):
+        cache = sampled_entries(teacher, 6, 3, seed)
+        v, g = loss_and_grad(lambda s, t, y: div.sum_and_count(s, cache, y).mean(), student,
+                             teacher, labels)
+        values.append(v)
+        grads.append(g)
+    values, grads = torch.stack(values), torch.stack(grads)
+    n = values.shape[0]
+    bound = 6 * values.std() / n ** 0.5
+    assert abs(float(values.mean() - online)) < float(bound), (values.mean(), online, bound)
+    directions = torch.randn(16, online_grad.numel(), dtype=torch.float64,
+                             generator=torch.Generator().manual_seed(1))
+    proj = grads.reshape(n, -1) @ directions.T  # (n, 16)
+    err = (proj.mean(0) - directions @ online_grad.reshape(-1)).abs()
+    assert (err < 6 * proj.std(0) / n ** 0.5).all(), (err / (proj.std(0) / n ** 0.5)).max()
+    k = div.top_k or 6
+    top = teacher.topk(k, -1).indices
+    torch.testing.assert_close(grads.gather(-1, top.expand(n, *top.shape)),
+                               online_grad.gather(-1, top).expand(n, *top.shape), atol=1e-13,
+                               rtol=1e-9)
+    assert values.std() > 0 and (proj.std(0) > 0).all()  # the test saw sampling noise
+
+
+def test_a_biased_estimate_fails_the_unbiasedness_bound():
+    """The bound above can fail: the plug-in estimate of the tail term (the empirical
+    distribution of the draws in place of pt) is biased, and the same check catches it."""
+    student, teacher, labels = sampled_case()
+    online = float(ForwardKLLoss()(student, teacher, labels))
+    valid = labels != IGNORE
+    values = []
+    for seed in range(300):
+        cache = sampled_entries(teacher, 6, 3, seed)
+        p = torch.softmax(teacher, -1)
+        q = torch.softmax(student, -1)
+        top = cache.ids
+        kl_top = (p.gather(-1, top) * (p.gather(-1, top) / q.gather(-1, top)).log()).sum(-1)
+        counts = torch.zeros_like(p).scatter_add_(-1, cache.draws, torch.ones_like(
+            cache.draws, dtype=p.dtype)) / cache.draws.shape[-1]
+        alpha = cache.log_tail.exp()
+        pt_hat = counts * alpha.unsqueeze(-1)
+        qt = q.scatter(-1, top, 0.0)
+        plug_in = torch.where(pt_hat > 0, pt_hat * (pt_hat / qt).log(), 0.0).sum(-1)
+        values.append(float((kl_top + plug_in)[valid].mean()))
+    values = torch.tensor(values, dtype=torch.float64)
+    assert abs(float(values.mean()) - online) > 6 * float(values.std()) / len(values) ** 0.5
+
+
+def test_a_tail_of_one_id_is_exact_from_one_draw():
+    student, teacher, labels = sampled_case(41)
+    top = teacher.topk(5, -1).indices
+    lone = teacher.topk(6, -1).indices[..., 5:]
+    keep = torch.zeros_like(teacher, dtype=torch.bool).scatter_(-1, top, True)
+    keep.scatter_(-1, lone, True)
+    teacher = teacher.masked_fill(~keep, float("-inf"))  # rank 6 is the whole rest
+    for div in (TADLoss(k=3), TADLoss(k=5), ForwardKLLoss()):
+        cache = sampled_entries(teacher, 5, 1, seed=0)
+        assert torch.equal(cache.draws[..., 0], lone[..., 0]) and (cache.entropy == 0).all()
+        value, grad = loss_and_grad(lambda s, t, y: div.sum_and_count(s, cache, y).mean(),
+                                    student, teacher, labels)
+        online, online_grad = loss_and_grad(div, student, teacher, labels)
+        torch.testing.assert_close(value, online, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(grad, online_grad, atol=1e-13, rtol=1e-9)
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_sampled_tad_exact_parts_equal_online(k):
+    student, teacher, labels = sampled_case(42)
+    div = TADLoss(k=k)
+    online = div.sum_and_count(student, teacher, labels)
+    for seed in (0, 1):
+        cached = div.sum_and_count(student, sampled_entries(teacher, 8, 4, seed), labels)
+        for stat in ("dkl1", "tail_mass", "abar"):
+            torch.testing.assert_close(cached.stats[stat], online.stats[stat], atol=1e-11,
+                                       rtol=1e-11)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLED))
+@pytest.mark.parametrize("ce_weight", [None, 0.7])
+def test_sampled_closed_form_gradient_equals_autograd(name, ce_weight):
+    div = SAMPLED[name]()
+    student, teacher, labels = sampled_case(43)
+    cache = sampled_entries(teacher, 6, 5, seed=3)
+    valid = (labels != IGNORE).reshape(-1)
+    inputs = cache.chunk_inputs(div, valid, (SB, ST))
+    s = student.reshape(-1, SV)
+    y = torch.where(valid, labels.reshape(-1), 0)
+    s_ = s.clone().requires_grad_(True)
+    value, stats = cache.chunk_fn(div)(s_, y, *inputs)
+    objective = value if ce_weight is None else value + ce_weight * torch.nn.functional.cross_entropy(
+        s_, y, reduction="none")
+    (grad,) = torch.autograd.grad(objective.sum(), s_)
+    out = cache.chunk_grad_fn(div)(s, y, *inputs, ce_weight=ce_weight)
+    torch.testing.assert_close(out[0], value.detach(), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(out[2], grad, atol=1e-12, rtol=1e-9)
+    for key in stats:
+        torch.testing.assert_close(out[1][key], stats[key].detach(), atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLED))
+def test_fused_head_from_the_sampled_cache_equals_unfused(name):
+    from tad_torchtune.losses.ce import chunked_cross_entropy
+    from tests.losses.test_fused import make_case
+
+    div = SAMPLED[name]()
+    h_s, w_s, h_t, w_t, labels = make_case(44, torch.float64)
+    cache = teacher_sampled(h_t @ w_t.T, 10, 6, seed=5, blocks=torch.arange(h_t.shape[0]))
+    hs, ws = (x.detach().clone().requires_grad_(True) for x in (h_s, w_s))
+    logits = hs @ ws.T
+    ce, _ = chunked_cross_entropy(logits, labels)
+    kd = div.sum_and_count(logits, cache, labels)
+    (0.5 * ce + 2.0 * kd.total).backward()
+    hf, wf = (x.detach().clone().requires_grad_(True) for x in (h_s, w_s))
+    out = fused_head(hf, wf, labels, divergence=div, teacher_cache=cache, ce_weight=0.5,
+                     kd_weight=2.0, chunk_size=13)
+    out.objective.backward()
+    torch.testing.assert_close(out.kd.total, kd.total.detach(), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(out.ce, ce.detach(), atol=1e-10, rtol=1e-10)
+    for key in kd.stats:
+        torch.testing.assert_close(out.kd.stats[key], kd.stats[key], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(hf.grad, hs.grad, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(wf.grad, ws.grad, atol=1e-10, rtol=1e-9)
+
+
+def test_sampled_cache_at_a_temperature_is_that_of_the_tempered_teacher():
+    student, teacher, labels = sampled_case(45)
+    div = ForwardKLLoss(temperature=2.0)
+    cache = sampled_entries(teacher, 5, 1, seed=0, temperature=2.0)
+    plain = sampled_entries(teacher / 2.0, 5, 1, seed=0)
+    for a, b in zip(cache.tensors(), plain.tensors()):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    value = div.sum_and_count(student, cache, labels).mean()
+    assert torch.isfinite(value)
+
+
+def test_draws_are_sorted_ids_of_the_tail_and_reproducible():
+    _, teacher, _ = sampled_case(46)
+    a = sampled_entries(teacher, 4, 16, seed=9)
+    b = sampled_entries(teacher, 4, 16, seed=9)
+    assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors()))
+    assert (a.draws[..., 1:] >= a.draws[..., :-1]).all()
+    assert not (a.draws.unsqueeze(-1) == a.ids.unsqueeze(-2)).any()  # never a top id
+    c = sampled_entries(teacher, 4, 16, seed=10)
+    assert not torch.equal(a.draws, c.draws)
+    # the log-probabilities and masses are those of the teacher's softmax
+    logp = torch.log_softmax(teacher, -1)
+    torch.testing.assert_close(a.logp, logp.gather(-1, a.ids), atol=1e-12, rtol=1e-12)
+    rest = logp.scatter(-1, a.ids, float("-inf"))
+    torch.testing.assert_close(a.log_tail, rest.logsumexp(-1), atol=1e-12, rtol=1e-12)
+    pt = (rest - rest.logsumexp(-1, keepdim=True)).exp()
+    entropy = -(pt * torch.where(pt > 0, pt.log(), 0.0)).sum(-1)
+    torch.testing.assert_close(a.entropy, entropy, atol=1e-12, rtol=1e-10)
+
+
+def test_counter_uniform_depends_on_its_counter_only():
+    blocks, positions = torch.arange(300), torch.arange(128)
+    u = counter_uniform(3, blocks, positions)
+    assert u.shape == (300, 128) and (u >= 0).all() and (u < 1).all()
+    assert torch.equal(u[17:19], counter_uniform(3, blocks[17:19], positions))
+    assert torch.equal(u[:, 5:9], counter_uniform(3, blocks, positions[5:9]))
+    assert not torch.equal(u, counter_uniform(4, blocks, positions))
+    # uniform: the empirical CDF of 38400 values within the Kolmogorov-Smirnov 0.1% bound
+    values = u.flatten().sort().values
+    ecdf = torch.arange(1, values.numel() + 1, dtype=torch.float64) / values.numel()
+    assert float((ecdf - values).abs().max()) < 1.95 / values.numel() ** 0.5
+
+
+@pytest.mark.parametrize("div,message", [
+    (ReverseKLLoss(), r"kd_loss._component_: ReverseKLLoss cannot be estimated from a sampled "
+                      r"teacher cache \(cache_mode=sampled"),
+    (DRKLLoss(), r"kd_loss._component_: DRKLLoss cannot be estimated"),
+    (TADLoss(k=12), r"kd_loss.k: k=12 exceeds the teacher cache's top_m=10"),
+])
+def test_what_a_sampled_cache_cannot_serve_is_refused_in_one_line(div, message):
+    use = DivergenceUse(vocab_size=100, cache=CacheSpec("sampled", 10, 1.0))
+    with pytest.raises(ConfigError, match=message):
+        div.validate(use)
+    ForwardKLLoss().validate(use)
+    TADLoss(k=10).validate(use)

@@ -12,7 +12,9 @@ import torch
 from tad_torchtune.losses import DIVERGENCES as REGISTRY
 from tad_torchtune.losses import DRKLLoss, ForwardKLLoss, TADLoss
 from tad_torchtune.losses.ce import chunked_cross_entropy
+from tad_torchtune.losses.engine import top_k_extras
 from tad_torchtune.losses.fused import default_chunk_size, fused_divergence, fused_head
+from tad_torchtune.losses.terms import teacher_top_k
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from loss_bench import peak_allocated_bytes  # noqa: E402  (the benchmark's memory accounting)
@@ -100,7 +102,7 @@ def assert_same(a, b, dtype):
 @pytest.mark.parametrize("chunk_size", [1, 13, 64, None])  # 141 tokens: never divisible
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
 def test_fused_equals_unfused(name, chunk_size, dtype):
-    div = DIVERGENCES[name](chunk_size=32)
+    div = DIVERGENCES[name]()
     case = make_case(0, dtype)
     assert_same(fused(div, *case, chunk_size=chunk_size), unfused(div, *case), dtype)
 
@@ -126,13 +128,12 @@ def test_autograd_fallback_equals_closed_form(name):
     assert_same(fused(div, *case, chunk_size=20), closed, torch.float64)
 
 
-@pytest.mark.parametrize("name", sorted(DIVERGENCES))
-def test_vocab_alignment_truncates_teacher_weight(name):
+def test_a_teacher_weight_over_another_vocabulary_is_refused():
+    """The teacher's weight arrives aligned to the student's vocabulary (``TeacherHead``)."""
     case = make_case(3, v_t=V + 9)
-    div = DIVERGENCES[name](vocab_alignment="truncate_teacher")
-    assert_same(fused(div, *case, chunk_size=10), unfused(div, *case), torch.float32)
-    with pytest.raises(ValueError, match="vocab_alignment"):
-        fused_divergence(DIVERGENCES[name](), *case)
+    with pytest.raises(ValueError, match=r"teacher_weight has 132 rows, student_weight 123: "
+                                         r"align a larger teacher vocabulary first"):
+        fused_divergence(ForwardKLLoss(), *case)
 
 
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
@@ -288,10 +289,10 @@ def chunk_inputs(kind, seed=9, n=29, v=V):
 def chunk_extras(div, t, y):
     """The divergence's per-token extras for one chunk that is one whole row (its teacher pass
     on ``t``), or none."""
-    if not div.needs_teacher_pass:
+    if div.top_k is None:
         return ()
-    stats = tuple(x.unsqueeze(0) for x in div.teacher_chunk_stats(t))
-    return tuple(e[0] for e in div.teacher_extras(stats, torch.ones(1, len(y), dtype=bool)))
+    valid = torch.ones(len(y), dtype=torch.bool)
+    return top_k_extras(div, [teacher_top_k(t, div.top_k)], valid, (1, len(y)))
 
 
 @pytest.mark.parametrize("kind", ["plain", "masked_vocab", "huge", "one_hot_teacher"])
@@ -313,7 +314,7 @@ def test_chunk_grad_fn_equals_autograd(name, kind):
 
 
 @pytest.mark.parametrize("kind", ["plain", "masked_vocab", "huge", "one_hot_teacher"])
-@pytest.mark.parametrize("name", sorted(n for n, d in DIVERGENCES.items() if d().fuses_ce))
+@pytest.mark.parametrize("name", sorted(n for n, d in DIVERGENCES.items() if d().chunk_grad_fn))
 def test_chunk_grad_fn_with_the_cross_entropy_folded_in(name, kind):
     """``chunk_grad_fn(..., ce_weight=c)``: the divergence's value, the per-token CE and the
     gradient of ``divergence + c * CE``, against autograd of ``chunk_fn`` plus torch's CE."""

@@ -154,7 +154,7 @@ def test_config_components_build_at_tiny_size(name, tmp_path):
 
     # the recipe's own checks, when the recipe package is present (device forced to cpu here)
     try:
-        from tad_torchtune.config_checks import validate_config
+        from tad_torchtune.schema import validate_config
     except ImportError:
         return
     real.device = "cpu"

@@ -283,9 +283,7 @@ def test_tad_eval_builds_every_family_from_config_json_alone(case, tmp_path):
     """An exported student of every family is rebuilt by ``tad_eval`` from its folder alone
     (the family read from config.json, torchtune's checkpointer loading the weights), with the
     student's exact logits."""
-    from omegaconf import OmegaConf
-
-    import tad_eval
+    from tad_torchtune.models import load_hf_folder
 
     teacher, teacher_dir = _teacher_via_checkpointer(case, tmp_path)
     torch.manual_seed(0)
@@ -293,9 +291,8 @@ def test_tad_eval_builds_every_family_from_config_json_alone(case, tmp_path):
                              mlp_init="copy")
     init_student_from_teacher(student, teacher)
     out = save_hf_checkpoint(student, tmp_path / "student", base_config=teacher_dir)
-    model = tad_eval.load_hf_model(OmegaConf.create({"checkpoint_dir": str(out)}),
-                                   where="students.s", device=torch.device("cpu"),
-                                   dtype=torch.float32)
+    model = load_hf_folder(out, where="students.s", device=torch.device("cpu"),
+                           dtype=torch.float32)
     assert type(model.layers[0]) is type(student.layers[0])
     tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
     ours, rebuilt = _logits(student, tokens), _logits(model, tokens)

@@ -243,7 +243,7 @@ def test_student_can_change_embedding_tying(teacher_case, tie):
 def test_document_attention_runs_each_document_as_if_alone(case):
     """document_mask: a row packed with three documents gives, on each document, the logits of
     that document run on its own (positions restarting, no attention across the boundary)."""
-    from tad_torchtune.models import document_attention
+    from tad_torchtune.data import document_attention
 
     model = build_teacher(case)
     lengths = [7, 5, 8]  # 20 tokens: past the tiny Gemma2's sliding window of 8

@@ -38,18 +38,25 @@ def _same_shards(a: Path, b: Path) -> None:
     names = sorted(p.name for p in (a / "train").glob("shard_*"))
     assert names and names == sorted(p.name for p in (b / "train").glob("shard_*"))
     for name in names:
-        for f in ("ids.npy", "logp.npy", "log_rest.npy", "label_logp.npy"):
+        files = sorted(p.name for p in (a / "train" / name).glob("*.npy"))
+        assert len(files) >= 4 and files == sorted(p.name for p in (b / "train" / name).glob("*.npy"))
+        for f in files:
             assert filecmp.cmp(a / "train" / name / f, b / "train" / name / f, shallow=False), \
                 (name, f)
 
 
-@pytest.fixture(scope="module")
-def exact_cache(assets, tmp_path_factory):
-    """A cache holding all but one id per position in float32: the bucket is one id, so the
-    cached losses are the online ones."""
+#: the two cache kinds at tiny sizes: the bucket cache, and top-8 ids plus 5 draws
+MODES = {"top_m": {"cache_top_m": 8}, "sampled": {"cache_mode": "sampled", "cache_top_m": 8,
+                                                  "cache_samples": 5, "cache_seed": 3}}
+
+
+@pytest.fixture(scope="module", params=["top_m", "sampled"])
+def exact_cache(assets, tmp_path_factory, request):
+    """A cache holding all but one id per position in float32: the bucket (the rest the draws
+    come from) is one id, so the cached losses are the online ones."""
     tmp = tmp_path_factory.mktemp("exact")
     cache, _ = _cache(assets, tmp, "cache", cache_top_m=V - 1, cache_logp_dtype="float32",
-                      cache_shard_blocks=16)
+                      cache_shard_blocks=16, cache_mode=request.param, cache_samples=1)
     return cache
 
 
@@ -94,12 +101,13 @@ def test_accumulation_and_two_processes_from_the_cache(assets, exact_cache, tmp_
 
 
 @pytest.mark.slow
-def test_a_killed_tad_cache_resumes_to_the_same_bytes(assets, tmp_path):
-    whole, _ = _cache(assets, tmp_path, "whole", cache_top_m=8, cache_shard_blocks=4,
-                      batch_size=2)
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_a_killed_tad_cache_resumes_to_the_same_bytes(assets, tmp_path, mode):
+    whole, _ = _cache(assets, tmp_path, "whole", cache_shard_blocks=4, batch_size=2,
+                      **MODES[mode])
     cache = tmp_path / "killed"
     cfg = tiny.base_config(assets, tmp_path / "unused", teacher_cache_dir=str(cache),
-                           cache_top_m=8, cache_shard_blocks=4, batch_size=2)
+                           cache_shard_blocks=4, batch_size=2, **MODES[mode])
     path = tiny.write_config(cfg, tmp_path / "killed.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([tiny.tune_bin(), "run", "tad_cache", "--config", str(path)],
@@ -120,15 +128,16 @@ def test_a_killed_tad_cache_resumes_to_the_same_bytes(assets, tmp_path):
 
 
 @pytest.mark.slow
-def test_tad_cache_on_two_processes_writes_the_same_bytes(assets, tmp_path):
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_tad_cache_on_two_processes_writes_the_same_bytes(assets, tmp_path, mode):
     """Each process takes its share of the shards (the teacher sharded with FSDP2): the cache
     is byte for byte the one a single process writes. The split has an odd number of shards
     (1658 blocks / 4) and a short last one (2 blocks, 1 batch where the others have 2), so the
     ranks run different shard and batch counts: each must still run as many teacher forwards
     as the other, or FSDP's all-gathers wait forever (the first version hung here)."""
-    one, _ = _cache(assets, tmp_path, "one", cache_top_m=8, cache_shard_blocks=4, batch_size=2)
-    two, _ = _cache(assets, tmp_path, "two", nproc=2, cache_top_m=8, cache_shard_blocks=4,
-                    batch_size=2)
+    one, _ = _cache(assets, tmp_path, "one", cache_shard_blocks=4, batch_size=2, **MODES[mode])
+    two, _ = _cache(assets, tmp_path, "two", nproc=2, cache_shard_blocks=4, batch_size=2,
+                    **MODES[mode])
     _same_shards(one, two)
     assert json.loads((one / "manifest.json").read_text()) == json.loads(
         (two / "manifest.json").read_text())
@@ -149,9 +158,9 @@ def test_cache_errors_name_the_keys(assets, tmp_path):
         return lines[0]
 
     line = fails()  # the tiny config's TAD has k=5 > 4
-    assert line == (f"tad_distill: error: kd_loss.k: k=5 exceeds the teacher cache's top_m=4: TAD "
-                    f"from a cache needs its top-K among the cached ids (k <= top_m) "
-                    f"(teacher_cache_dir={str(cache)!r}, made with cache_top_m=4)")
+    assert line == (f"tad_distill: error: kd_loss.k: k=5 exceeds the teacher cache's top_m=4 "
+                    f"(teacher_cache_dir={str(cache)!r}): TAD from a cache needs its top-K among "
+                    f"the cached ids (k <= top_m); make the cache with cache_top_m >= 5")
     line = fails(**{"kd_loss.k": 2, "kd_loss.temperature": 2.0})
     assert line.startswith("tad_distill: error: kd_loss.temperature: 2.0 differs from the "
                            "teacher cache's 1.0")

@@ -1,0 +1,136 @@
+"""The batch every recipe steps on, and the one collate that makes it from any dataset's samples.
+
+``collate`` takes the samples of ``TextBlockDataset`` (equal-length blocks with their document
+ids, and a teacher cache's entries when the dataset carries them), of torchtune's packed
+datasets (``input_pos``, ``seq_lens``) and of torchtune's instruct/SFT datasets (token lists of
+any length, padded), and returns a ``Batch`` whose labels are already shifted: position t
+predicts ``labels[t]`` (``docs/design.md``, "The batch").
+"""
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tad_torchtune.common import IGNORE_INDEX, shift_labels
+
+
+@dataclass
+class Batch:
+    """A batch of rows ready for the models and the losses.
+
+    Attributes:
+        tokens: ``[B, T]`` int64 input ids.
+        labels: ``[B, T]`` int64, SHIFTED: position t predicts ``labels[t]``, ``IGNORE_INDEX``
+            where nothing counts (padding, a prompt, each row's last position).
+        document_ids: ``[B, T]`` the document of each token within its row (0 for the row's
+            first), or None when a row is one sequence.
+        mask: attention mask of packed rows (``[B, T, T]`` bool or a flex ``BlockMask``), or
+            None for plain causal attention.
+        input_pos: ``[B, T]`` positions (restarting at each packed document), or None.
+        teacher: a teacher cache's entries of these positions (``[B, T, ...]``,
+            ``tad_torchtune.losses.cached``), or None.
+        num_tokens: valid positions (labels not ignored), counted on the host when collated.
+    """
+
+    tokens: Tensor
+    labels: Tensor
+    document_ids: Tensor | None = None
+    mask: Any = None
+    input_pos: Tensor | None = None
+    teacher: Any = None
+    num_tokens: int = 0
+
+    def to(self, device: torch.device | str) -> "Batch":
+        """The batch on ``device`` (non-blocking copies)."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if value is not None and hasattr(value, "to") and not isinstance(value, int):
+                moved[name] = value.to(device, non_blocking=True) if isinstance(value, Tensor) \
+                    else value.to(device)
+        return Batch(**moved)
+
+    def with_document_mask(self, *, flex: bool = False) -> "Batch":
+        """The batch with attention stopping at its documents (``document_attention``); rows
+        without document ids are left as they are."""
+        if self.document_ids is None or self.mask is not None:
+            return self
+        mask, input_pos = document_attention(self.document_ids, flex=flex)
+        return replace(self, mask=mask, input_pos=input_pos)
+
+    def ignoring_all(self) -> "Batch":
+        """The same inputs with no position counted (a rank's padding batch in evaluation)."""
+        return replace(self, labels=torch.full_like(self.labels, IGNORE_INDEX), num_tokens=0)
+
+
+def collate(samples: list[dict[str, Any]], *, pad_id: int = 0,
+            ignore_index: int = IGNORE_INDEX) -> Batch:
+    """Stack (or pad) samples into a ``Batch`` and shift its labels.
+
+    Args:
+        samples: B dicts with ``tokens`` and ``labels`` (lists or tensors) and optionally
+            ``document_ids`` (``TextBlockDataset``), ``input_pos`` and ``seq_lens`` (torchtune's
+            packed datasets) and ``teacher`` (a teacher cache's entries of the sample's block).
+        pad_id: token of the padding of rows shorter than the longest (SFT samples).
+        ignore_index: label of positions that do not count.
+
+    Returns:
+        ``Batch``; packed rows get their ``document_ids`` from ``input_pos`` and torchtune's
+        block-causal ``mask``.
+    """
+    first = samples[0]
+    if "input_pos" in first:  # torchtune's packed rows
+        from torchtune.data import padded_collate_packed
+
+        out = padded_collate_packed(samples)
+        input_pos = out["input_pos"]
+        batch = Batch(out["tokens"].long(), out["labels"].long(),
+                      document_ids=(input_pos == 0).long().cumsum(-1) - 1, mask=out.get("mask"),
+                      input_pos=input_pos)
+    elif len({len(s["tokens"]) for s in samples}) == 1:  # equal lengths: blocks
+        def stacked(key: str) -> Tensor:
+            return torch.stack([torch.as_tensor(s[key]) for s in samples]).long()
+
+        batch = Batch(stacked("tokens"), stacked("labels"),
+                      document_ids=stacked("document_ids") if "document_ids" in first else None)
+    else:
+        from torchtune.data import padded_collate_sft
+
+        out = padded_collate_sft(samples, padding_idx=pad_id, ignore_idx=ignore_index)
+        batch = Batch(out["tokens"].long(), out["labels"].long())
+    if first.get("teacher") is not None:
+        batch.teacher = type(first["teacher"]).stack([s["teacher"] for s in samples])
+    batch.labels = shift_labels(batch.labels, ignore_index)
+    batch.num_tokens = int((batch.labels != ignore_index).sum())
+    return batch
+
+
+def document_attention(document_ids: Tensor, *, flex: bool = False) -> tuple[Any, Tensor]:
+    """Attention that stops at document boundaries, for rows packed with several documents.
+
+    Args:
+        document_ids: ``[B, T]`` the document of each token within its row (non-decreasing).
+        flex: build torchtune's ``BlockMask`` (flex attention, CUDA) from the documents' lengths
+            instead of a dense ``[B, T, T]`` boolean mask (every family, every device).
+
+    Returns:
+        ``(mask, input_pos)`` for ``forward_hidden``: token i attends to token j iff j <= i in
+        the same document, and its position restarts at 0 at every document start, so each
+        document is computed as if it ran alone.
+    """
+    rows, length = document_ids.shape
+    pos = torch.arange(length, device=document_ids.device).expand(rows, length)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    # position of each token's document start: the running maximum of start positions
+    first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    input_pos = pos - first
+    if flex:
+        from torchtune.modules.attention_utils import packed_block_causal_mask
+
+        seq_lens = [torch.bincount(row - row[0]) for row in document_ids]
+        return packed_block_causal_mask(seq_lens), input_pos
+    same = document_ids.unsqueeze(-1) == document_ids.unsqueeze(-2)  # (B, T, T)
+    causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril_()
+    return same & causal, input_pos

@@ -1,0 +1,91 @@
+"""Files written so that a reader never sees half of them: written beside their final place
+under a temporary name, flushed, then published by one rename. The token store, the teacher
+cache and the training checkpoints all write this way, so a process killed at any moment leaves
+either the previous state or the new one, never a mixture."""
+
+import errno
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+#: prefix of the temporary names (``.tmp-<name>-<pid>-<random>``), so stale ones can be found
+TMP_PREFIX = ".tmp-"
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries to disk (best effort: some file systems refuse)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temporary_path(final: Path) -> Path:
+    """A fresh name beside ``final`` for writing it: ``.tmp-<name>-<pid>-<random>``."""
+    return final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def staging_dir(final: Path) -> Path:
+    """A new empty folder beside ``final`` to write its content into (``publish_dir`` then
+    renames it). ``mkdir`` rather than ``mkdtemp``: the umask's permissions, so a shared folder
+    stays shared."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(final)
+    os.mkdir(tmp)
+    return tmp
+
+
+def publish_dir(tmp: Path, final: Path, *, replace: bool = False) -> bool:
+    """Rename the written folder ``tmp`` into place as ``final``, after flushing it.
+
+    Args:
+        replace: remove an existing ``final`` first (a checkpoint rewritten); otherwise an
+            existing ``final`` wins (another writer published the same content first) and
+            ``tmp`` is removed.
+
+    Returns:
+        True when ``tmp`` became ``final``, False when an existing one was kept.
+
+    Raises:
+        OSError: the rename failed for another reason (``tmp`` is left for the caller).
+    """
+    fsync_dir(tmp)
+    if replace and final.exists():
+        shutil.rmtree(final)
+    try:
+        os.rename(tmp, final)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and not replace:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        raise
+    fsync_dir(final.parent)
+    return True
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` by a temporary file and one ``os.replace``."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def remove_stale(folder: Path, name: str) -> None:
+    """Remove the temporary files and folders that killed writers of ``name`` left in
+    ``folder`` (call it while no other writer of ``name`` runs)."""
+    for tmp in Path(folder).glob(f"{TMP_PREFIX}{name}-*"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)

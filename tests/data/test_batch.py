@@ -1,0 +1,91 @@
+"""``collate`` and ``Batch``: one collate for the token store's blocks, torchtune's packed rows and
+its SFT samples, against torchtune's own collates and the shift of causal LM training."""
+
+import warnings
+
+import torch
+from torchtune.data import padded_collate_packed, padded_collate_sft
+
+from tad_torchtune.common import IGNORE_INDEX
+from tad_torchtune.data import Batch, collate, document_attention, text_block_dataset
+from tad_torchtune.losses.cached import TeacherTopM
+
+DEMO = "pkg://demo/jargon.jsonl.gz"
+
+
+def shifted(labels: torch.Tensor) -> torch.Tensor:
+    """Position t predicts token t+1; the last position predicts nothing (the definition)."""
+    out = torch.full_like(labels, IGNORE_INDEX)
+    out[:, :-1] = labels[:, 1:]
+    return out
+
+
+def test_blocks_are_stacked_with_their_documents_and_labels_shifted(demo_tok):
+    ds = text_block_dataset(demo_tok, source=DEMO, max_seq_len=32)
+    samples = [ds[i] for i in (3, 0, 7)]
+    batch = collate(samples)
+    assert isinstance(batch, Batch) and batch.tokens.shape == (3, 32)
+    assert batch.tokens[1].tolist() == ds[0]["tokens"].tolist()
+    assert batch.document_ids[2].tolist() == ds[7]["document_ids"].tolist()
+    stacked = torch.stack([s["labels"] for s in samples])
+    assert torch.equal(batch.labels, shifted(stacked))
+    assert batch.num_tokens == 3 * 31 and batch.mask is None and batch.teacher is None
+    # torchtune's SFT collate stacks equal lengths the same way (before the shift)
+    with warnings.catch_warnings():  # torch.tensor(a tensor) warns; the values are the same
+        warnings.simplefilter("ignore", UserWarning)
+        sft = padded_collate_sft(samples, padding_idx=2, ignore_idx=IGNORE_INDEX)
+    assert torch.equal(sft["tokens"], batch.tokens)
+    assert torch.equal(shifted(sft["labels"]), batch.labels)
+
+
+def test_sft_samples_of_several_lengths_are_padded():
+    samples = [{"tokens": [5, 6, 7, 8], "labels": [IGNORE_INDEX, IGNORE_INDEX, 7, 8]},
+               {"tokens": [9, 10], "labels": [9, 10]}]
+    batch = collate(samples, pad_id=0)
+    assert batch.tokens.tolist() == [[5, 6, 7, 8], [9, 10, 0, 0]]
+    assert batch.labels.tolist() == [[IGNORE_INDEX, 7, 8, IGNORE_INDEX],
+                                     [10, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch.num_tokens == 3 and batch.document_ids is None
+
+
+def test_packed_rows_get_documents_mask_and_positions():
+    """torchtune's packed samples: its block-causal mask and positions, and the documents the
+    positions restart at (TAD's per-document normaliser reads them)."""
+    samples = [{"tokens": torch.arange(6), "labels": torch.arange(6),
+                "input_pos": torch.tensor([0, 1, 2, 0, 1, 0]), "seq_lens": torch.tensor([3, 2, 1])}]
+    batch = collate(samples)
+    ref = padded_collate_packed(samples)
+    assert torch.equal(batch.input_pos, ref["input_pos"]) and torch.equal(batch.mask, ref["mask"])
+    assert batch.document_ids.tolist() == [[0, 0, 0, 1, 1, 2]]
+    assert batch.labels.tolist() == [[1, 2, 3, 4, 5, IGNORE_INDEX]]
+
+
+def test_teacher_cache_entries_travel_with_their_blocks():
+    def entries(seed):
+        g = torch.Generator().manual_seed(seed)
+        return TeacherTopM(torch.randint(0, 50, (8, 4), generator=g), torch.randn(8, 4, generator=g),
+                           torch.randn(8, generator=g), torch.randn(8, generator=g))
+
+    samples = [{"tokens": torch.arange(8), "labels": torch.arange(8), "teacher": entries(i)}
+               for i in range(3)]
+    batch = collate(samples)
+    assert isinstance(batch.teacher, TeacherTopM) and batch.teacher.ids.shape == (3, 8, 4)
+    for i in range(3):
+        assert torch.equal(batch.teacher.logp[i], entries(i).logp)
+    moved = batch.to("cpu")
+    assert isinstance(moved.teacher, TeacherTopM) and torch.equal(moved.teacher.ids, batch.teacher.ids)
+
+
+def test_document_mask_and_ignoring_all():
+    docs = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 0, 0]])
+    batch = Batch(torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long),
+                  document_ids=docs, num_tokens=10)
+    masked = batch.with_document_mask()
+    mask, pos = document_attention(docs)
+    assert torch.equal(masked.mask, mask) and torch.equal(masked.input_pos, pos)
+    assert pos.tolist() == [[0, 1, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert not masked.mask[0, 3, 1] and masked.mask[0, 3, 2]  # no attention across documents
+    assert masked.with_document_mask() is masked  # a mask is kept
+    silent = batch.ignoring_all()
+    assert (silent.labels == IGNORE_INDEX).all() and silent.num_tokens == 0
+    assert torch.equal(silent.tokens, batch.tokens)

@@ -1,0 +1,114 @@
+"""The shared log-space terms (``losses/terms.py``): the block-wise top-k against
+``torch.topk``, the teacher's top-K split and the LSE outside a set against their definitions,
+``D_KL1`` against a naive sum."""
+
+import pytest
+import torch
+
+from tad_torchtune.losses.terms import (
+    TOP_K_BLOCK,
+    log1mexp,
+    lse_outside,
+    split_kl,
+    teacher_top_k,
+    top_k,
+)
+
+
+@pytest.mark.parametrize("vocab,k", [(32000, 11), (32001, 10), (4 * TOP_K_BLOCK * 3 + 5, 3),
+                                     (4 * TOP_K_BLOCK * 3 - 1, 3), (300, 10), (70000, 49)])
+def test_top_k_is_torch_topk(vocab, k):
+    gen = torch.Generator().manual_seed(vocab + k)
+    x = torch.randn(9, vocab, generator=gen, dtype=torch.float64)
+    # the best entries crowded into one block, in the ids past the last whole block, and -inf
+    x[0, 5 * TOP_K_BLOCK : 5 * TOP_K_BLOCK + k] += 50.0
+    x[1, -k:] += 50.0
+    x[2, : vocab // 2] = float("-inf")
+    x[3] = float("-inf")
+    values, ids = top_k(x, k)
+    ref_values, ref_ids = x.topk(k, dim=-1)
+    assert torch.equal(values, ref_values)
+    # ids are those of topk (a row all -inf ties everywhere: any k ids are its top-k)
+    assert torch.equal(ids[[0, 1, 2, 4, 5, 6, 7, 8]], ref_ids[[0, 1, 2, 4, 5, 6, 7, 8]])
+    assert torch.equal(x.gather(-1, ids), values)
+    assert ids[3].unique().numel() == k
+
+
+def test_top_k_takes_the_block_path(monkeypatch):
+    """The comparison above must exercise the block path, not the fallback to ``topk``."""
+    calls = []
+    real = torch.Tensor.topk
+
+    def spy(self, k, *args, **kwargs):
+        calls.append(self.shape[-1])
+        return real(self, k, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "topk", spy)
+    top_k(torch.randn(3, 32000), 10)
+    assert 32000 not in calls and calls == [32000 // TOP_K_BLOCK, 10 * TOP_K_BLOCK]
+
+
+def test_ties_give_a_valid_top_k():
+    x = torch.zeros(4, 8192)
+    x[:, 100:120] = 1.0  # 20 tied maxima, 10 taken
+    values, ids = top_k(x, 10)
+    assert torch.equal(values, torch.ones(4, 10))
+    assert ((ids >= 100) & (ids < 120)).all() and all(r.unique().numel() == 10 for r in ids)
+
+
+def test_teacher_stats_are_those_of_a_naive_tail():
+    """Top-K ids, LSE and tail LSE (shifted by the (K+1)-th logit, no copy of the tail) against
+    the definitions, with a tail all -inf (no tail mass) and a tail far below the top-K."""
+    gen = torch.Generator().manual_seed(3)
+    t = torch.randn(6, 5000, generator=gen, dtype=torch.float64) * 3
+    t[1, 10:] = float("-inf")  # K = 10 finite logits: no tail
+    t[2, :10] += 1e4  # the tail 1e4 below the top-K: its LSE must not underflow
+    idx, lse, lse_tail = teacher_top_k(t, 10)
+    ref_idx = t.topk(10, dim=-1).indices
+    assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
+    torch.testing.assert_close(lse, t.logsumexp(-1), rtol=1e-12, atol=0)
+    tail = t.scatter(-1, ref_idx, float("-inf")).logsumexp(-1)
+    assert lse_tail[1] == float("-inf") and torch.isfinite(lse_tail[[0, 2, 3, 4, 5]]).all()
+    torch.testing.assert_close(lse_tail, tail, rtol=1e-12, atol=0)
+
+
+def test_lse_outside_both_ways_against_the_definition():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 300, generator=gen, dtype=torch.float64) * 4
+    ids = torch.stack([torch.randperm(300, generator=gen)[:7] for _ in range(5)])
+    keep = torch.ones_like(x, dtype=torch.bool).scatter_(-1, ids, False)
+    expected = torch.stack([x[r][keep[r]].logsumexp(-1) for r in range(5)])
+    torch.testing.assert_close(lse_outside(x, ids), expected, rtol=1e-13, atol=0)
+    outside_max = torch.stack([x[r][keep[r]].max() for r in range(5)])
+    torch.testing.assert_close(lse_outside(x, ids, outside_max=outside_max), expected,
+                               rtol=1e-13, atol=0)
+    every = torch.arange(300).expand(2, 300)
+    assert (lse_outside(x[:2], every) == float("-inf")).all()
+
+
+def test_split_kl_is_the_kl_over_the_modes_and_one_bucket():
+    gen = torch.Generator().manual_seed(5)
+    p = torch.softmax(torch.randn(4, 50, generator=gen, dtype=torch.float64), -1)
+    q = torch.softmax(torch.randn(4, 50, generator=gen, dtype=torch.float64), -1)
+    k = 6
+    top = p.topk(k, -1).indices
+    p_top, q_top = p.gather(-1, top), q.gather(-1, top)
+    a_t, a_s = 1 - p_top.sum(-1), 1 - q_top.sum(-1)
+    expected = (p_top * (p_top / q_top).log()).sum(-1) + a_t * (a_t / a_s).log()
+    for differentiable in (True, False):
+        got = split_kl(p_top.log(), q_top.log(), a_t.log(), a_s.log(),
+                       differentiable=differentiable)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_log1mexp():
+    """``exp(log1mexp(x)) + exp(x) = 1``; far below 0 it is ``-exp(x)`` to first order (where
+    ``log(1 - exp(x))`` rounds to 0); at or above 0 nothing is left: ``-inf``."""
+    x = torch.tensor([-1e-12, -0.1, -0.6931, -0.7, -5.0], dtype=torch.float64)
+    torch.testing.assert_close(log1mexp(x).exp() + x.exp(), torch.ones_like(x), rtol=1e-15, atol=0)
+    torch.testing.assert_close(log1mexp(torch.tensor([-1e-12], dtype=torch.float64)),
+                               torch.tensor([-27.631021115871], dtype=torch.float64), rtol=1e-9,
+                               atol=0)  # log(1e-12)
+    far = torch.tensor([-40.0, -50.0, -700.0], dtype=torch.float64)
+    torch.testing.assert_close(log1mexp(far), -far.exp(), rtol=1e-12, atol=0)
+    assert (log1mexp(torch.tensor([0.0, 1e-3])) == float("-inf")).all()
