@@ -1,5 +1,6 @@
 """The paper configs in configs/: every component builds (models scaled down, no download) and
-``tune validate`` accepts the file."""
+``tune validate`` accepts the file; every shipped pretraining config reads its text through the
+token store and every GPU config runs the fused head."""
 
 import subprocess
 import sys
@@ -46,6 +47,19 @@ PAPER_SETUP = {
     "phi3_mini_to_tinyllama_sft": (1e-5, 32, 1),
     "phi3_medium_to_llama2_7b_sft": (1e-5, 32, 2),
 }
+# Every shipped tad_distill config (the eval configs have no student_model).
+TRAINING_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")
+                          if "student_model" in OmegaConf.load(p))
+TEXT_BLOCKS = "tad_torchtune.data.text_block_dataset"
+# The one exception to the token store: supervised distillation on instruction data (prompt
+# masking, small data) through torchtune's instruct / chat builders. Both lists are explicit, so a
+# new config is classified deliberately: a pretraining config on any other builder fails below.
+SFT_BUILDERS = frozenset({
+    "torchtune.datasets.instruct_dataset",
+    "torchtune.datasets.chat_dataset",
+    "torchtune.datasets.SFTDataset",
+})
+SFT_CONFIGS = frozenset({"phi3_mini_to_tinyllama_sft", "phi3_medium_to_llama2_7b_sft"})
 SHRINK = 16  # every width (embed, intermediate, head) divided by this; depths and head counts kept
 WIDTHS = ("embed_dim", "intermediate_dim", "head_dim")
 
@@ -195,3 +209,95 @@ def test_tune_validate_rejects_a_broken_config():
     # torchtune 0.6.1 raises a bare TypeError here rather than its ConfigError
     with pytest.raises((ConfigError, TypeError), match="num_layayers"):
         validate(cfg)
+
+
+def data_rule_violations(name: str, cfg) -> list[str]:
+    """What breaks the rule "a shipped pretraining config reads its text (``dataset`` and
+    ``validation_dataset``) through ``text_block_dataset``; only the configs of ``SFT_CONFIGS``
+    read theirs with a builder of ``SFT_BUILDERS``" (empty when nothing does)."""
+    builders = {key: cfg[key].get("_component_") for key in ("dataset", "validation_dataset")
+                if cfg.get(key) is not None}
+    sft = builders.get("dataset") in SFT_BUILDERS
+    problems = []
+    if sft != (name in SFT_CONFIGS):
+        problems.append(
+            f"{name}: dataset {builders.get('dataset')!r} but the config is "
+            f"{'not ' if name not in SFT_CONFIGS else ''}in SFT_CONFIGS: a pretraining config reads "
+            f"{TEXT_BLOCKS}, an SFT config one of {sorted(SFT_BUILDERS)} and is listed there"
+        )
+    allowed = SFT_BUILDERS if name in SFT_CONFIGS else {TEXT_BLOCKS}
+    problems += [f"{name}: {key}._component_ is {builder!r}, accepted: {sorted(allowed)}"
+                 for key, builder in builders.items() if builder not in allowed]
+    return problems
+
+
+def fused_rule_violations(name: str, cfg) -> list[str]:
+    """A GPU config (``device: cuda``) without ``fused: true`` (empty when it has it)."""
+    if cfg.get("device") == "cuda" and cfg.get("fused") is not True:
+        return [f"{name}: device cuda with fused {cfg.get('fused', 'absent')!r}; GPU configs run "
+                "the fused head (fused: true)"]
+    return []
+
+
+def test_training_configs_are_found():
+    # the rules below are not vacuous: every paper config and the demo are training configs
+    assert set(PAPER_CONFIGS) | {"demo"} <= set(TRAINING_CONFIGS)
+    assert SFT_CONFIGS <= set(TRAINING_CONFIGS)
+
+
+@pytest.mark.parametrize("name", TRAINING_CONFIGS)
+def test_pretraining_configs_read_the_token_store(name):
+    assert data_rule_violations(name, _load(name)) == []
+
+
+@pytest.mark.parametrize("name", TRAINING_CONFIGS)
+def test_gpu_configs_run_the_fused_head(name):
+    assert fused_rule_violations(name, _load(name)) == []
+
+
+def test_the_config_rules_catch_what_they_forbid():
+    """Each way of breaking the two rules is reported (what the two tests above would fail on)."""
+    def broken(name, edit):
+        cfg = _load(name)
+        edit(cfg)
+        return data_rule_violations(name, cfg) + fused_rule_violations(name, cfg)
+
+    in_memory = {"_component_": "torchtune.datasets.text_completion_dataset", "source": "parquet",
+                 "data_files": "/data/*.parquet", "packed": True}
+    instruct = {"_component_": "torchtune.datasets.instruct_dataset", "source": "json"}
+    name = "qwen2_5_3b_to_half"
+    assert broken(name, lambda c: None) == []
+    assert len(broken(name, lambda c: c.update(dataset=in_memory))) == 1
+    assert len(broken(name, lambda c: c.update(validation_dataset=in_memory))) == 1
+    # an SFT builder in a config not listed as SFT: both the classification and the builder
+    assert len(broken(name, lambda c: c.update(dataset=instruct))) == 2
+    assert len(broken(name, lambda c: c.update(fused=False))) == 1
+    assert len(broken(name, lambda c: c.pop("fused"))) == 1
+    assert broken(name, lambda c: c.update(fused=False, device="cpu")) == []
+    sft = "phi3_mini_to_tinyllama_sft"
+    assert broken(sft, lambda c: None) == []
+    assert len(broken(sft, lambda c: c.update(validation_dataset=in_memory))) == 1
+    # a new instruction-data config, not yet listed as SFT: its class and both its builders
+    problems = data_rule_violations("a_new_sft_config", _load(sft))
+    assert len(problems) == 3 and "not in SFT_CONFIGS" in problems[0]
+
+
+PRETRAINING_CONFIGS = [n for n in TRAINING_CONFIGS if n not in SFT_CONFIGS]
+
+
+@pytest.mark.parametrize("name", PRETRAINING_CONFIGS)
+def test_pretraining_datasets_build_on_a_small_corpus(name):
+    """The dataset nodes as shipped, only the source swapped for the bundled corpus (tokenized by
+    the demo tokenizer): ``text_block_dataset`` takes every key (``tune validate`` cannot tell,
+    the builder takes ``**kwargs``) and cuts blocks of the tokenizer's context size."""
+    from tad_torchtune.demo import demo_tokenizer
+
+    cfg = _load(name)
+    tokenizer = demo_tokenizer()
+    context = cfg.tokenizer.get("max_seq_len", cfg.dataset.max_seq_len)
+    for key in ("dataset", "validation_dataset"):
+        node = OmegaConf.to_container(cfg[key])
+        node["source"] = "pkg://demo/jargon.jsonl.gz"
+        dataset = tt_config.instantiate(OmegaConf.create(node), tokenizer)
+        assert len(dataset) > 0
+        assert dataset[len(dataset) - 1]["tokens"].shape == (context,)
