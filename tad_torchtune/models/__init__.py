@@ -1,8 +1,10 @@
 """Students built from teachers, model forward helpers and Hugging Face export."""
 
+from tad_torchtune.models._checkpointer import HFCheckpointer
 from tad_torchtune.models._export import (
     hf_config_for,
     load_hf_checkpoint,
+    read_hf_checkpoint,
     save_hf_checkpoint,
 )
 from tad_torchtune.common import apply_softcap
@@ -21,10 +23,17 @@ from tad_torchtune.models._forward import (
     document_attention,
     forward_hidden,
     logit_softcap,
+    output_bias,
     output_weight,
     project_logits,
 )
 from tad_torchtune.models._gemma2 import Gemma2HFLayer, correct_gemma2
+from tad_torchtune.models._phi2 import (
+    PartialRotaryPositionalEmbeddings,
+    PhiParallelLayer,
+    phi2,
+    phi2_2_7b,
+)
 from tad_torchtune.models._student import (
     DistillSpec,
     evenly_spaced_layers,
@@ -37,8 +46,11 @@ __all__ = [
     "FAMILIES",
     "DistillSpec",
     "Gemma2HFLayer",
+    "HFCheckpointer",
     "ModelFamily",
     "NotThisFamily",
+    "PartialRotaryPositionalEmbeddings",
+    "PhiParallelLayer",
     "apply_softcap",
     "build_model",
     "check_vocab_compat",
@@ -53,9 +65,13 @@ __all__ = [
     "load_hf_checkpoint",
     "logit_softcap",
     "model_from_hf_config",
+    "output_bias",
     "output_weight",
+    "phi2",
+    "phi2_2_7b",
     "project_logits",
     "pruned_student",
+    "read_hf_checkpoint",
     "register_family",
     "resolve_teacher",
     "save_hf_checkpoint",

@@ -26,6 +26,15 @@ def output_weight(model: TransformerDecoder) -> Tensor:
     return model.output.weight
 
 
+def output_bias(model: TransformerDecoder) -> Tensor | None:
+    """The ``[V]`` output projection bias (Phi-2's ``lm_head.bias``); None for the families whose
+    projection has none (all the others). ``project_logits`` adds it already; a head that
+    multiplies by ``output_weight`` itself must add it too."""
+    if isinstance(model.output, TiedLinear):
+        return None
+    return model.output.bias
+
+
 def logit_softcap(model: nn.Module) -> float | None:
     return getattr(model, "logit_softcap", None)
 
