@@ -259,3 +259,35 @@ def test_student_head_must_rotate_whole_pairs(hf_phi):
     with pytest.raises(ValueError, match=r"rotates int\(0.4 \* 8\) = 3 dimensions"):
         phi2(vocab_size=8, num_layers=1, num_heads=4, num_kv_heads=4, embed_dim=32,
              intermediate_dim=8, max_seq_len=8)
+
+
+# microsoft/phi-2's config.json in the layout the Hub serves (transformers 4.37: rope_theta and
+# partial_rotary_factor at the top level, where transformers 5 writes rope_parameters)
+HUB_PHI2 = dict(
+    architectures=["PhiForCausalLM"], model_type="phi", attention_dropout=0.0,
+    bos_token_id=50256, eos_token_id=50256, embd_pdrop=0.0, hidden_act="gelu_new",
+    hidden_size=2560, initializer_range=0.02, intermediate_size=10240, layer_norm_eps=1e-05,
+    max_position_embeddings=2048, num_attention_heads=32, num_hidden_layers=32,
+    num_key_value_heads=32, partial_rotary_factor=0.4, qk_layernorm=False, resid_pdrop=0.1,
+    rope_scaling=None, rope_theta=10000.0, tie_word_embeddings=False, torch_dtype="float16",
+    transformers_version="4.37.0", use_cache=True, vocab_size=51200,
+)
+
+
+def test_hub_phi2_config_builds_phi2_2_7b():
+    from tad_torchtune.models import phi2_2_7b
+
+    with torch.device("meta"):
+        model, family = model_from_hf_config(HUB_PHI2)
+        reference = phi2_2_7b()
+        theirs = PhiForCausalLM(PhiConfig(**HUB_PHI2))
+    assert family.name == "phi2"
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in reference.state_dict().items()}
+    hf_sd = FAMILIES["phi2"].to_hf(model.state_dict(), HUB_PHI2)
+    assert {k: v.shape for k, v in hf_sd.items()} == {k: v.shape for k, v in
+                                                      theirs.state_dict().items()}
+    # transformers reads the same rotation and epsilon from this layout
+    assert theirs.model.layers[0].self_attn.rotary_ndims == 32
+    assert model.layers[0].attn.pos_embeddings.rotary_dim == 32
+    assert model.layers[0].sa_norm.eps == theirs.model.layers[0].input_layernorm.eps == 1e-5
