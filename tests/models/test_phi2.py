@@ -291,3 +291,11 @@ def test_hub_phi2_config_builds_phi2_2_7b():
     assert theirs.model.layers[0].self_attn.rotary_ndims == 32
     assert model.layers[0].attn.pos_embeddings.rotary_dim == 32
     assert model.layers[0].sa_norm.eps == theirs.model.layers[0].input_layernorm.eps == 1e-5
+
+
+def test_output_bias_is_none_for_every_other_family():
+    from tests.models.tiny import CASES, build_teacher
+
+    for case, (family, _, _) in CASES.items():
+        bias = output_bias(build_teacher(case))
+        assert (bias is not None) == (family == "phi2"), case
