@@ -1,9 +1,11 @@
 """Students built from teachers, model families, loading checkpoints into models, forward
 helpers and Hugging Face export."""
 
+from tad_torchtune.models._checkpointer import HFCheckpointer
 from tad_torchtune.models._export import (
     hf_config_for,
     load_hf_checkpoint,
+    read_hf_checkpoint,
     save_hf_checkpoint,
 )
 from tad_torchtune.common import apply_softcap
@@ -34,6 +36,12 @@ from tad_torchtune.models.loading import (
     load_teacher,
     vocab_size_of,
 )
+from tad_torchtune.models._phi2 import (
+    PartialRotaryPositionalEmbeddings,
+    PhiParallelLayer,
+    phi2,
+    phi2_2_7b,
+)
 from tad_torchtune.models._student import (
     DistillSpec,
     evenly_spaced_layers,
@@ -46,8 +54,11 @@ __all__ = [
     "FAMILIES",
     "DistillSpec",
     "Gemma2HFLayer",
+    "HFCheckpointer",
     "ModelFamily",
     "NotThisFamily",
+    "PartialRotaryPositionalEmbeddings",
+    "PhiParallelLayer",
     "apply_softcap",
     "build_model",
     "check_vocab_compat",
@@ -69,8 +80,11 @@ __all__ = [
     "model_from_hf_config",
     "output_bias",
     "output_weight",
+    "phi2",
+    "phi2_2_7b",
     "project_logits",
     "pruned_student",
+    "read_hf_checkpoint",
     "register_family",
     "resolve_teacher",
     "save_hf_checkpoint",

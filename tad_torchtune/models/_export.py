@@ -11,7 +11,7 @@ the student module itself and writes ``model.safetensors`` plus a ``config.json`
 import json
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +201,33 @@ def save_hf_checkpoint(
     return out
 
 
+def read_hf_checkpoint(
+    checkpoint_dir: str | Path, family: ModelFamily, files: Sequence[str] | None = None
+) -> dict[str, Tensor]:
+    """The weights of a Hugging Face checkpoint folder in torchtune's keys, converted by
+    ``family.from_hf`` with the folder's ``config.json``.
+
+    Args:
+        checkpoint_dir: folder with ``config.json`` and the weight files.
+        family: the model family that converts the keys.
+        files: weight files in the folder (``*.safetensors``, or ``*.bin``/``*.pt`` read with
+            ``weights_only``); default: every ``*.safetensors`` there.
+
+    Returns:
+        The torchtune-format state dict.
+    """
+    folder = Path(checkpoint_dir)
+    cfg = json.loads((folder / "config.json").read_text())
+    paths = sorted(folder.glob("*.safetensors")) if files is None else [folder / f for f in files]
+    hf_sd: dict[str, Tensor] = {}
+    for path in paths:
+        if path.suffix == ".safetensors":
+            hf_sd.update(load_file(str(path)))
+        else:
+            hf_sd.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    return family.from_hf(hf_sd, cfg)
+
+
 def load_hf_checkpoint(
     model: TransformerDecoder, checkpoint_dir: str | Path, *, model_type: str | None = None,
     files: list[str] | None = None, family: ModelFamily | None = None,
@@ -208,22 +235,17 @@ def load_hf_checkpoint(
     """Load a checkpoint written by ``save_hf_checkpoint`` (or any single-folder HF checkpoint
     in safetensors) into a torchtune model of the same architecture, strictly.
 
-    ``FullModelHFCheckpointer(checkpoint_dir, checkpoint_files=["model.safetensors"],
-    model_type=..., output_dir=...)`` reads the same folder; this is the short form, converting
-    by the model's family (``ModelFamily.from_hf``).
+    ``tad_torchtune.models.HFCheckpointer(checkpoint_dir, checkpoint_files=["model.safetensors"],
+    model_type=..., output_dir=...)`` reads the same folder (and, for the families torchtune
+    knows, so does ``FullModelHFCheckpointer``); this is the short form.
 
     Args:
         model: torchtune model built with the checkpoint's architecture.
         checkpoint_dir: folder with ``config.json`` and ``*.safetensors``.
-        model_type: torchtune checkpointer ``ModelType`` name; default from ``model.distill_spec``.
-        files: the safetensors files to read (default: every one in the folder).
+        model_type: a registered family's checkpointer model type (``"QWEN2"``, ``"PHI2"``);
+            default from ``model.distill_spec``.
+        files: the weight files to read (default: every ``*.safetensors`` in the folder).
         family: the family that converts the weights (default: from ``model_type``).
     """
-    folder = Path(checkpoint_dir)
-    cfg = json.loads((folder / "config.json").read_text())
-    hf_sd: dict[str, Tensor] = {}
-    paths = sorted(folder.glob("*.safetensors")) if files is None else [folder / f for f in files]
-    for file in paths:
-        hf_sd.update(load_file(str(file)))
     family = family if family is not None else _family_of(model, model_type)
-    model.load_state_dict(family.from_hf(hf_sd, cfg), strict=True)
+    model.load_state_dict(read_hf_checkpoint(checkpoint_dir, family, files), strict=True)

@@ -88,7 +88,8 @@ class ModelFamily:
         rope_layout: how torchtune's rotary embedding for this family pairs the dimensions of a
             head in the ``q_proj``/``k_proj`` weights: ``"interleaved"`` (pairs ``(2i, 2i+1)``,
             torchtune's ``RotaryPositionalEmbeddings``, whose checkpoint conversion permutes the
-            Hugging Face weights) or ``"half"`` (pairs ``(i, i + head_dim/2)``, Qwen2 and Phi3).
+            Hugging Face weights) or ``"half"`` (pairs ``(i, i + head_dim/2)``, Qwen2 and Phi3;
+            Phi-2 rotates its first ``rotary_dim`` dimensions, pairs ``(i, i + rotary_dim/2)``).
         to_hf, from_hf: ``(state_dict, hf_config) -> state_dict`` between torchtune's and
             Hugging Face's keys (default: torchtune's Llama conversion, ``convert_weights``).
         hf_kwargs: ``hf_config -> component kwargs`` beyond ``hf_common_kwargs`` (default:
@@ -261,6 +262,17 @@ def _mistral_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def _phi2(name: str):
+    # Phi-2's builder and conversion live in tad_torchtune/models/_phi2.py (imported when used:
+    # it imports this module)
+    def call(*args):
+        from tad_torchtune.models import _phi2
+
+        return getattr(_phi2, name)(*args)
+
+    return call
+
+
 _BUILTIN_FAMILIES = (
     ModelFamily("llama2", "torchtune.models.llama2.llama2", "LLAMA2", "llama",
                 hf_kwargs=_no_rope_scaling("llama2")),
@@ -281,6 +293,9 @@ _BUILTIN_FAMILIES = (
                 to_hf=_phi3_convert(True), from_hf=_phi3_convert(False), hf_kwargs=_phi3_kwargs),
     ModelFamily("mistral", "torchtune.models.mistral.mistral", "MISTRAL", "mistral",
                 hf_kwargs=_mistral_kwargs),
+    ModelFamily("phi2", "tad_torchtune.models.phi2", "PHI2", "phi", rope_layout="half",
+                to_hf=_phi2("tune_to_hf"), from_hf=_phi2("hf_to_tune"),
+                hf_kwargs=_phi2("hf_kwargs")),
 )
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in _BUILTIN_FAMILIES}

@@ -25,10 +25,12 @@ def output_weight(model: TransformerDecoder) -> Tensor:
 
 
 def output_bias(model: TransformerDecoder) -> Tensor | None:
-    """The ``[V]`` output projection bias, or None (every family but Phi-2 has none)."""
+    """The ``[V]`` output projection bias (Phi-2's ``lm_head.bias``); None for the families whose
+    projection has none (all the others). ``project_logits`` adds it already; a head that
+    multiplies by ``output_weight`` itself must add it too."""
     if isinstance(model.output, TiedLinear):
         return None
-    return getattr(model.output, "bias", None)
+    return model.output.bias
 
 
 def logit_softcap(model: nn.Module) -> float | None:

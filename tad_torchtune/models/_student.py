@@ -5,12 +5,15 @@ teacher's hyperparameters, changing only depth and (optionally) width; it record
 maps onto the teacher in ``student.distill_spec``. ``init_student_from_teacher`` then copies the
 teacher's weights into it:
 
-- embeddings (and an untied output projection): copied, first ``embed_dim`` columns when the
-  student is narrower; frozen by default (``freeze_embeddings``);
-- attention: copied from the chosen teacher layer; when the student has fewer heads it keeps the
-  first ones, when its heads are smaller it keeps the first dimensions of each head (whole rotary
-  pairs), when its ``embed_dim`` is smaller it keeps the first input/output columns;
-- norms: copied (first ``embed_dim`` entries);
+- embeddings (and an untied output projection, with its bias when it has one): copied, first
+  ``embed_dim`` columns when the student is narrower; frozen by default (``freeze_embeddings``);
+- attention (weights and biases): copied from the chosen teacher layer; when the student has fewer
+  heads it keeps the first ones, when its heads are smaller it keeps the first dimensions of each
+  head (whole rotary pairs; with partial rotary embeddings, Phi-2's, the first pairs of the rotated
+  part and the first of the unrotated ones), when its ``embed_dim`` is smaller it keeps the first
+  input/output columns;
+- norms (RMSNorm scales, LayerNorm weights and biases; Phi-2 has one per block): copied (first
+  ``embed_dim`` entries);
 - MLPs: left as freshly initialised by the builder (``mlp_init="fresh"``, the paper) or copied and
   truncated to ``intermediate_dim`` (``mlp_init="copy"``).
 """
@@ -27,6 +30,7 @@ from torchtune.modules.tied_linear import TiedLinear
 
 from tad_torchtune.common import full_tensor
 from tad_torchtune.models._families import get_family, resolve_teacher
+from tad_torchtune.models._phi2 import rotary_dim
 
 MLP_INITS = ("fresh", "copy")
 _ATTN_IN = ("q_proj", "k_proj", "v_proj")  # weights [heads * head_dim, embed_dim]
@@ -74,6 +78,14 @@ def _width(kwargs: Mapping[str, Any]) -> tuple[int, int, int, int]:
     return kwargs["embed_dim"], kwargs["num_heads"], kwargs["num_kv_heads"], head_dim
 
 
+def _rotary_dim(kwargs: Mapping[str, Any]) -> int:
+    """Leading dimensions of a head that the rotary embedding turns: all of them, or, for a
+    builder with ``partial_rotary_factor`` (Phi-2), its share."""
+    head_dim = _width(kwargs)[3]
+    factor = kwargs.get("partial_rotary_factor")
+    return head_dim if factor is None else rotary_dim(head_dim, factor)
+
+
 def pruned_student(
     *,
     teacher: Mapping[str, Any] | DictConfig,
@@ -104,8 +116,8 @@ def pruned_student(
         embed_dim: student hidden size, at most the teacher's (default: the teacher's).
         num_heads: query heads, at most the teacher's (default: the teacher's).
         num_kv_heads: key/value heads, at most the teacher's (default: the teacher's).
-        head_dim: per-head size; only for families whose builder takes it (Gemma2). Elsewhere
-            it is ``embed_dim // num_heads`` and may only be passed with that value.
+        head_dim: per-head size; only for families whose builder takes it (Gemma2, Phi-2).
+            Elsewhere it is ``embed_dim // num_heads`` and may only be passed with that value.
         max_seq_len: RoPE cache length (default: the teacher's).
         tie_word_embeddings: tie the output projection to the embedding table (default: as the
             teacher); only for families whose builder takes it (Qwen2, Llama3.2). A tied student
@@ -173,8 +185,13 @@ def pruned_student(
         raise ValueError(
             f"num_heads={s_width[1]} must be divisible by num_kv_heads={s_width[2]}"
         )
-    if s_width[3] % 2 != 0:
-        raise ValueError(f"head_dim must be even (rotary pairs), got {s_width[3]}")
+    # With one partial_rotary_factor, a smaller head has at most the teacher's rotated and
+    # unrotated dimensions each (int(f * h) grows by at most 1 when h does), so both fit.
+    s_rot = _rotary_dim(s_kwargs)
+    if s_rot % 2 != 0:
+        partial = "" if s_rot == s_width[3] else f" (of which {s_rot} rotated)"
+        raise ValueError(f"head_dim must rotate an even number of dimensions (rotary pairs), got "
+                         f"{s_width[3]}{partial}")
     if mlp_init == "copy":
         s_inter, t_inter = s_kwargs.get("intermediate_dim"), t_kwargs.get("intermediate_dim")
         if s_inter is not None and t_inter is not None and s_inter > t_inter:
@@ -222,27 +239,32 @@ def _freeze_embeddings(student: TransformerDecoder) -> None:
             p.requires_grad_(False)
 
 
-def _head_dims(t_head_dim: int, s_head_dim: int, rope_layout: str) -> Tensor:
-    """Indices of the dimensions of a teacher head that a narrower student head keeps."""
-    if rope_layout == "half":  # rotary pairs (i, i + head_dim / 2): keep whole pairs
-        half = s_head_dim // 2
-        first = torch.arange(half)
-        return torch.cat([first, first + t_head_dim // 2])
-    return torch.arange(s_head_dim)  # pairs (2i, 2i + 1): a prefix keeps whole pairs
+def _head_dims(spec: DistillSpec, rope_layout: str) -> Tensor:
+    """Indices of the dimensions of a teacher head that a narrower student head keeps: whole
+    rotary pairs of the teacher's rotated part (the first ``rotary_dim`` dimensions; all of
+    them unless the builder rotates a share, Phi-2), then the first unrotated dimensions."""
+    t_hd, s_hd = spec.teacher_width[3], spec.student_width[3]
+    t_rot, s_rot = _rotary_dim(spec.teacher_kwargs), _rotary_dim(spec.student_kwargs)
+    if rope_layout == "half":  # rotary pairs (i, i + rotary_dim / 2): keep whole pairs
+        first = torch.arange(s_rot // 2)
+        rotated = torch.cat([first, first + t_rot // 2])
+    else:  # pairs (2i, 2i + 1): a prefix keeps whole pairs
+        rotated = torch.arange(s_rot)
+    return torch.cat([rotated, torch.arange(t_rot, t_rot + s_hd - s_rot)])
 
 
 def _prefix(t: Tensor, shape: torch.Size) -> Tensor:
     return t[tuple(slice(0, n) for n in shape)]
 
 
-def _truncate_attention(
-    proj: str, kind: str, t: Tensor, spec: DistillSpec, rope_layout: str
-) -> Tensor:
-    """Per-head truncation of one attention projection (``kind`` is ``weight`` or ``bias``)."""
+def _truncate_attention(proj: str, kind: str, t: Tensor, spec: DistillSpec, dims: Tensor
+                        ) -> Tensor:
+    """Per-head truncation of one attention projection (``kind`` is ``weight`` or ``bias``),
+    keeping the head dimensions ``dims`` (``_head_dims``)."""
     t_dim, t_heads, t_kv, t_hd = spec.teacher_width
     s_dim, s_heads, s_kv, s_hd = spec.student_width
-    dims = _head_dims(t_hd, s_hd, rope_layout).to(t.device)
-    if proj == "output_proj":  # [embed_dim, heads * head_dim] (no bias in these families)
+    dims = dims.to(t.device)
+    if proj == "output_proj":  # [embed_dim, heads * head_dim], bias [embed_dim] (Phi-2)
         if kind != "weight":
             return t[:s_dim]
         w = t.reshape(t_dim, t_heads, t_hd)[:s_dim, :s_heads].index_select(2, dims)
@@ -275,7 +297,7 @@ def init_student_from_teacher(
         raise ValueError(
             "student has no distill_spec: build it with tad_torchtune.models.pruned_student"
         )
-    rope_layout = get_family(spec.family).rope_layout
+    dims = _head_dims(spec, get_family(spec.family).rope_layout)
     t_sd = teacher.state_dict() if isinstance(teacher, nn.Module) else teacher
     s_params = dict(student.named_parameters())
     for name, param in student.state_dict().items():
@@ -296,7 +318,7 @@ def init_student_from_teacher(
         t = full_tensor(t_sd[src])  # a DTensor (FSDP-sharded teacher) is gathered
         try:
             if leaf[0] == "layers" and rest[0] == "attn" and rest[1] in (*_ATTN_IN, "output_proj"):
-                value = _truncate_attention(rest[1], rest[-1], t, spec, rope_layout)
+                value = _truncate_attention(rest[1], rest[-1], t, spec, dims)
             else:
                 value = _prefix(t, param.shape)
         except (RuntimeError, IndexError):  # a reshape that does not fit the recorded widths

@@ -33,6 +33,8 @@ PAPER_CONFIGS = [
     "phi3_mini_to_tinyllama_cpt",
     "phi3_mini_to_tinyllama_sft",
     "phi3_medium_to_llama2_7b_sft",
+    "phi2_to_1b",
+    "phi2_to_1b_fkl",
 ]
 # The paper's Appendix B: (learning rate, sequences per optimizer step, GPUs).
 PAPER_SETUP = {
@@ -46,6 +48,8 @@ PAPER_SETUP = {
     "phi3_mini_to_tinyllama_cpt": (3e-5, 128, 1),
     "phi3_mini_to_tinyllama_sft": (1e-5, 32, 1),
     "phi3_medium_to_llama2_7b_sft": (1e-5, 32, 2),
+    "phi2_to_1b": (1e-4, 128, 1),
+    "phi2_to_1b_fkl": (1e-4, 128, 1),
 }
 # Every shipped tad_distill config (the eval configs have no student_model).
 TRAINING_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")
@@ -122,7 +126,9 @@ def test_paper_hyperparameters(name):
     assert (f"--nproc_per_node {gpus}" in (CONFIG_DIR / f"{name}.yaml").read_text()) == (gpus > 1)
     if cfg.kd_loss._component_.endswith("TADLoss"):
         assert (cfg.kd_loss.k, cfg.kd_loss.beta) == (10, 2.0)
-    assert cfg.tokenizer.max_seq_len == 2048  # the paper's context size
+    # the paper's context size, set on the tokenizer or the token store's blocks (or both)
+    context = [node.max_seq_len for node in (cfg.tokenizer, cfg.dataset) if "max_seq_len" in node]
+    assert context and set(context) == {2048}
 
 
 @pytest.mark.parametrize("name", PAPER_CONFIGS)
@@ -301,3 +307,77 @@ def test_pretraining_datasets_build_on_a_small_corpus(name):
         dataset = tt_config.instantiate(OmegaConf.create(node), tokenizer)
         assert len(dataset) > 0
         assert dataset[len(dataset) - 1]["tokens"].shape == (context,)
+
+
+# --------------------------------------------------------------------------------------------
+# Phi-2 -> 1.1B (Table 4): the real sizes, built on the meta device (nothing allocated).
+
+PHI2_TEACHER_PARAMS = 2_779_683_840  # microsoft/phi-2's safetensors hold this many
+PHI2_STUDENT_PARAMS = 1_101_429_760
+PHI2_STUDENT_FROZEN = 262_195_200  # 51200 x 2560 embedding, output projection and its bias
+
+
+@pytest.mark.parametrize("name", ["phi2_to_1b", "phi2_to_1b_fkl"])
+def test_phi2_config_builds_the_stated_sizes_on_meta(name):
+    cfg = _load(name)
+    with torch.device("meta"):
+        teacher = tt_config.instantiate(cfg.teacher_model)
+        student = tt_config.instantiate(cfg.student_model)
+    assert sum(p.numel() for p in teacher.parameters()) == PHI2_TEACHER_PARAMS
+    attn = teacher.layers[0].attn
+    sizes = (len(teacher.layers), attn.embed_dim, attn.num_heads, attn.head_dim)
+    assert sizes == (32, 2560, 32, 80)
+    assert attn.pos_embeddings.rotary_dim == 32 and teacher.output.bias.shape == (51200,)
+    assert teacher.layers[0].mlp.w1.out_features == 10240
+
+    assert len(student.layers) == 16 and student.layers[0].mlp.w1.out_features == 5120
+    assert student.distill_spec.teacher_layers == (0, 2, 4, 6, 8, 10, 12, 14, 17, 19, 21, 23, 25,
+                                                   27, 29, 31)
+    total = sum(p.numel() for p in student.parameters())
+    frozen = sum(p.numel() for p in student.parameters() if not p.requires_grad)
+    assert (total, frozen) == (PHI2_STUDENT_PARAMS, PHI2_STUDENT_FROZEN)
+    # the header states these counts
+    header = (CONFIG_DIR / f"{name}.yaml").read_text()
+    for stated in (f"{PHI2_TEACHER_PARAMS / 1e9:.2f}B parameters",
+                   f"{(total - frozen) / 1e9:.2f}B trainable",
+                   f"({total:,} total - {frozen:,} frozen", "exactly 1.10B parameters"):
+        assert stated in header, stated
+
+
+def test_phi2_tokenizer_node_feeds_the_token_store(tmp_path):
+    """The config's tokenizer (torchtune's HuggingFaceBaseTokenizer on a tokenizer.json) with a
+    byte-level BPE built like Phi-2's (CodeGen/GPT-2: <|endoftext|> as BOS and EOS, nothing
+    added by the post-processor) and the config's dataset node, on a small JSONL corpus."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    text = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog."]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(text * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "add_bos_token": False,
+         "tokenizer_class": "CodeGenTokenizer"}))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in text * 30))
+
+    cfg = _load("phi2_to_1b")
+    cfg.tokenizer.tokenizer_json_path = str(tmp_path / "tokenizer.json")
+    cfg.tokenizer.tokenizer_config_json_path = str(tmp_path / "tokenizer_config.json")
+    tokenizer = tt_config.instantiate(cfg.tokenizer)
+    eot = tok.token_to_id("<|endoftext|>")
+    assert (tokenizer.bos_id, tokenizer.eos_id) == (eot, eot)
+    ids = tokenizer.encode(text[0], add_bos=True, add_eos=True)
+    assert ids == [eot, *tok.encode(text[0]).ids, eot]
+    assert tokenizer.decode(ids[1:-1]) == text[0]
+
+    node = cfg.dataset
+    node.source, node.max_seq_len, node.store_dir = str(corpus), 32, str(tmp_path / "stores")
+    dataset = tt_config.instantiate(node, tokenizer)
+    first = dataset[0]["tokens"].tolist()
+    assert first[: len(ids)] == ids  # the stream starts with the first document as encoded

@@ -98,9 +98,16 @@ def test_mlp_copy_truncates_teacher_mlp(case):
     assert student.distill_spec.teacher_layers == (2, 1)
     for s_i, t_i in enumerate((2, 1)):
         s_mlp, t_mlp = student.layers[s_i].mlp, teacher.layers[t_i].mlp
-        assert torch.equal(s_mlp.w1.weight, t_mlp.w1.weight[:24])
-        assert torch.equal(s_mlp.w3.weight, t_mlp.w3.weight[:24])
+        for up in ("w1", "w3"):  # [intermediate, embed]; Phi-2 has no w3
+            if getattr(t_mlp, up) is None:
+                assert getattr(s_mlp, up) is None
+                continue
+            assert torch.equal(getattr(s_mlp, up).weight, getattr(t_mlp, up).weight[:24])
+            if getattr(t_mlp, up).bias is not None:  # Phi-2
+                assert torch.equal(getattr(s_mlp, up).bias, getattr(t_mlp, up).bias[:24])
         assert torch.equal(s_mlp.w2.weight, t_mlp.w2.weight[:, :24])
+        if t_mlp.w2.bias is not None:
+            assert torch.equal(s_mlp.w2.bias, t_mlp.w2.bias)
         assert torch.equal(student.layers[s_i].attn.q_proj.weight,
                            teacher.layers[t_i].attn.q_proj.weight)
 
@@ -109,8 +116,9 @@ def test_mlp_copy_truncates_teacher_mlp(case):
 def test_frozen_embeddings_get_no_grad_and_do_not_move(case):
     _, student = _student(case)
     frozen = {k for k, p in student.named_parameters() if not p.requires_grad}
-    expected = {"tok_embeddings.weight"} | (
-        set() if isinstance(student.output, TiedLinear) else {"output.weight"}
+    expected = {"tok_embeddings.weight"} | (  # an untied output's bias too (Phi-2)
+        set() if isinstance(student.output, TiedLinear)
+        else {f"output.{k}" for k, _ in student.output.named_parameters()}
     )
     assert frozen == expected
     before = {k: p.detach().clone() for k, p in student.named_parameters()}
@@ -136,28 +144,27 @@ def test_unfrozen_when_asked():
     assert all(p.requires_grad for p in student.parameters())
 
 
-def _kept_head_dims(t_hd, s_hd, layout):
-    if layout == "half":  # rotary pairs (i, i + hd/2)
-        return list(range(s_hd // 2)) + list(range(t_hd // 2, t_hd // 2 + s_hd // 2))
-    return list(range(s_hd))
-
-
-# (case, widths, rope layout): narrower embed_dim, fewer heads, smaller heads
+# (case, widths, the teacher head's dimensions each student head keeps): narrower embed_dim,
+# fewer heads, smaller heads; whole rotary pairs
 NARROW = [
-    ("qwen2", dict(embed_dim=16, num_heads=4, num_kv_heads=2), "half"),  # head_dim 8 -> 4
-    ("phi3", dict(embed_dim=24, num_heads=3, num_kv_heads=1), "half"),  # 4 -> 3 heads
-    ("llama3", dict(embed_dim=16, num_heads=2, num_kv_heads=1), "interleaved"),
-    ("gemma2", dict(embed_dim=24, num_heads=2, num_kv_heads=1, head_dim=8), "interleaved"),
+    # head_dim 8 -> 4, pairs (i, i + 4): keeps the pairs (0, 4) and (1, 5)
+    ("qwen2", dict(embed_dim=16, num_heads=4, num_kv_heads=2), [0, 1, 4, 5]),
+    ("phi3", dict(embed_dim=24, num_heads=3, num_kv_heads=1), list(range(8))),  # 4 -> 3 heads
+    ("llama3", dict(embed_dim=16, num_heads=2, num_kv_heads=1), list(range(8))),
+    # head_dim 16 -> 8, pairs (2i, 2i + 1)
+    ("gemma2", dict(embed_dim=24, num_heads=2, num_kv_heads=1, head_dim=8), list(range(8))),
+    # head_dim 8 -> 4, of which 4 -> 2 rotated, pairs (i, i + 2): the pair (0, 2), then the
+    # first two unrotated dimensions
+    ("phi2", dict(embed_dim=16, num_heads=4, num_kv_heads=2), [0, 2, 4, 5]),
 ]
 
 
-@pytest.mark.parametrize("case,widths,layout", NARROW, ids=[c for c, _, _ in NARROW])
-def test_narrow_student_truncates_per_head(case, widths, layout):
+@pytest.mark.parametrize("case,widths,dims", NARROW, ids=[c for c, _, _ in NARROW])
+def test_narrow_student_truncates_per_head(case, widths, dims):
     teacher, student = _student(case, mlp_init="copy", **widths)
     t_dim, t_h, t_kv, t_hd = student.distill_spec.teacher_width
     s_dim, s_h, s_kv, s_hd = student.distill_spec.student_width
-    assert s_dim == widths["embed_dim"] and s_h == widths["num_heads"]
-    dims = _kept_head_dims(t_hd, s_hd, layout)
+    assert s_dim == widths["embed_dim"] and s_h == widths["num_heads"] and len(dims) == s_hd
     assert torch.equal(student.tok_embeddings.weight, teacher.tok_embeddings.weight[:, :s_dim])
     for s_i, t_i in enumerate(student.distill_spec.teacher_layers):
         s_attn, t_attn = student.layers[s_i].attn, teacher.layers[t_i].attn
@@ -172,6 +179,8 @@ def test_narrow_student_truncates_per_head(case, widths, layout):
         t_o = t_attn.output_proj.weight
         ref_o = torch.stack([t_o[:s_dim, h * t_hd + d] for h in range(s_h) for d in dims], dim=1)
         assert torch.equal(s_attn.output_proj.weight, ref_o)
+        if t_attn.output_proj.bias is not None:  # Phi-2's dense.bias: [embed_dim]
+            assert torch.equal(s_attn.output_proj.bias, t_attn.output_proj.bias[:s_dim])
         t_w2 = teacher.layers[t_i].mlp.w2.weight
         assert torch.equal(student.layers[s_i].mlp.w2.weight, t_w2[:s_dim, :24])
     tokens = torch.randint(0, VOCAB, (1, SEQ))
@@ -239,7 +248,7 @@ def test_student_can_change_embedding_tying(teacher_case, tie):
         pruned_student(teacher=teacher_node("mistral"), num_layers=1, tie_word_embeddings=True)
 
 
-@pytest.mark.parametrize("case", ["llama3", "qwen2", "gemma2", "phi3"])
+@pytest.mark.parametrize("case", ["llama3", "qwen2", "gemma2", "phi3", "phi2"])
 def test_document_attention_runs_each_document_as_if_alone(case):
     """document_mask: a row packed with three documents gives, on each document, the logits of
     that document run on its own (positions restarting, no attention across the boundary)."""

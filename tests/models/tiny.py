@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torchtune.config._utils import _get_component_from_path
-from torchtune.training import FullModelHFCheckpointer
+from torchtune.training import FullModelHFCheckpointer, ModelType
 
-from tad_torchtune.models import FAMILIES, correct_gemma2
+from tad_torchtune.models import FAMILIES, HFCheckpointer, correct_gemma2
 
 VOCAB = 96
 SEQ = 20  # > the Gemma2 sliding window below, so sliding layers are exercised
@@ -67,6 +67,14 @@ CASES = {
                 dict(model_type="mistral", architectures=["MistralForCausalLM"],
                      rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
                      max_position_embeddings=64, sliding_window=None)),
+    # the project's own Phi-2 builder: parallel blocks, 4 of 8 head dims rotated, biases
+    # everywhere, LayerNorms, an output bias (tests/models/test_phi2.py: Phi-2's 0.4)
+    "phi2": ("phi2", dict(_COMMON, intermediate_dim=48, norm_eps=1e-5, rope_base=10000.0,
+                          partial_rotary_factor=0.5),
+             dict(model_type="phi", architectures=["PhiForCausalLM"], hidden_act="gelu_new",
+                  rope_theta=10000.0, partial_rotary_factor=0.5, layer_norm_eps=1e-5,
+                  qk_layernorm=False, tie_word_embeddings=False, max_position_embeddings=64,
+                  resid_pdrop=0.0, embd_pdrop=0.0)),
 }
 
 
@@ -128,9 +136,12 @@ def save_teacher_hf(case: str, teacher: torch.nn.Module, folder: Path) -> Path:
 
 
 def load_with_checkpointer(case: str, folder: Path, output_dir: Path) -> dict:
-    """torchtune's own loading path, as the recipe uses it."""
+    """torchtune's own loading path, as the recipe uses it; for a family torchtune has no
+    ``ModelType`` for (Phi-2), the project's ``HFCheckpointer``, which configs name instead."""
     model_type = FAMILIES[CASES[case][0]].checkpointer_model_type
-    ckpt = FullModelHFCheckpointer(
+    known = model_type in ModelType.__members__
+    checkpointer = FullModelHFCheckpointer if known else HFCheckpointer
+    ckpt = checkpointer(
         checkpoint_dir=str(folder), checkpoint_files=["model.safetensors"],
         model_type=model_type, output_dir=str(output_dir),
     )
