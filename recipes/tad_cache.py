@@ -33,6 +33,7 @@ from tqdm import tqdm
 from tad_torchtune.common import DTYPES
 from tad_torchtune.data import TextBlockDataset, collate
 from tad_torchtune.errors import ConfigError, instantiate, reports_user_errors
+from tad_torchtune.hardware import warn_if_slow_bf16
 from tad_torchtune.head import TeacherHead
 from tad_torchtune.losses.cached import teacher_sampled, teacher_top_m
 from tad_torchtune.models.loading import load_teacher, vocab_size_of
@@ -79,6 +80,8 @@ class TADCacheRecipe:
     def setup(self, cfg: DictConfig) -> None:
         """Data first (cheap, and it says which blocks there are), then the student's vocabulary
         (from its config, on the meta device: nothing allocated), then the teacher."""
+        if self._rank == 0:
+            warn_if_slow_bf16(self._device, self._dtype)
         tokenizer = instantiate(cfg.tokenizer, "tokenizer")
         dataset = instantiate(cfg.dataset, "dataset", tokenizer)
         if not isinstance(dataset, TextBlockDataset):

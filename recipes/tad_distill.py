@@ -49,6 +49,7 @@ from tad_torchtune.common import DTYPES, full_tensor
 from tad_torchtune.data import Batch, ResumableBatchSampler, TextBlockDataset, collate
 from tad_torchtune.errors import ConfigError, instantiate, reports_user_errors
 from tad_torchtune.flops import peak_flops, step_flops_per_token
+from tad_torchtune.hardware import warn_if_slow_bf16
 from tad_torchtune.head import StudentHead, TeacherHead
 from tad_torchtune.losses import DivergenceUse
 from tad_torchtune.models import output_weight, save_hf_checkpoint
@@ -154,6 +155,7 @@ class TADDistillRecipe:
             })
             self._metric_logger = instantiate(logger_cfg, "metric_logger")
             self._metric_logger.log_config(cfg)
+            warn_if_slow_bf16(self._device, self._dtype)
 
         self._tokenizer = instantiate(cfg.tokenizer, "tokenizer")
         teacher_tokenizer = (instantiate(cfg.teacher_tokenizer, "teacher_tokenizer")

@@ -220,3 +220,22 @@ def test_metrics_from_hidden_states_equal_metrics_from_logits():
     for key in ("kl", "ce", "full_ece", "top1_agreement", "top1_accuracy"):
         assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), key
     assert b["kl"] > 0.1
+
+
+def test_metrics_from_hidden_states_add_the_output_biases():
+    """Phi-2's output projection has a bias: the projected chunks add it, as its logits do."""
+    g = torch.Generator().manual_seed(8)
+    h_s, h_t = torch.randn(2, 9, 6, generator=g), torch.randn(2, 9, 10, generator=g)
+    w_s, w_t = torch.randn(31, 6, generator=g), torch.randn(31, 10, generator=g)
+    b_s, b_t = torch.randn(31, generator=g) * 2, torch.randn(31, generator=g) * 2
+    labels = torch.randint(0, 31, (2, 9), generator=g)
+    by_logits = StudentMetrics(chunk_size=4)
+    by_logits.update(h_s @ w_s.T + b_s, h_t @ w_t.T + b_t, labels)
+    by_hidden = StudentMetrics(chunk_size=4)
+    by_hidden.update_from_hidden(h_s, w_s, h_t, w_t, labels, student_bias=b_s, teacher_bias=b_t)
+    without = StudentMetrics(chunk_size=4)
+    without.update_from_hidden(h_s, w_s, h_t, w_t, labels)
+    a, b, c = by_logits.compute(), by_hidden.compute(), without.compute()
+    for key in ("kl", "ce", "full_ece", "top1_agreement"):
+        assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), key
+    assert abs(c["kl"] - a["kl"]) > 1e-3  # the biases matter here

@@ -680,3 +680,29 @@ def test_fused_tad_per_document_equals_unfused():
     for cache_mib in (0, 1e-3, 128):  # no cache, a one-row segment, everything at once
         out = fused(div, *case, chunk_size=11, document_ids=docs, teacher_cache_mib=cache_mib)
         assert_same(out, (ref, h_s.grad, w_s.grad), torch.float32)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_output_biases_on_the_fused_path(name):
+    """An output projection with a bias (Phi-2's): the fused head adds both biases and returns
+    the student bias's gradient, as autograd through the materialised logits does."""
+    div = REGISTRY[name]()
+    h_s, w_s, h_t, w_t, labels = make_case(31, torch.float64)
+    g = torch.Generator().manual_seed(3)
+    b_s, b_t = (torch.randn(V, generator=g, dtype=torch.float64) for _ in range(2))
+    hs, ws, bs = (x.detach().clone().requires_grad_(True) for x in (h_s, w_s, b_s))
+    logits = hs @ ws.T + bs
+    ce, _ = chunked_cross_entropy(logits, labels)
+    kd = div.sum_and_count(logits, h_t @ w_t.T + b_t, labels)
+    (0.4 * ce + 1.5 * kd.total).backward()
+    hf, wf, bf = (x.detach().clone().requires_grad_(True) for x in (h_s, w_s, b_s))
+    out = fused_head(hf, wf, labels, divergence=div, teacher_hidden=h_t, teacher_weight=w_t,
+                     student_bias=bf, teacher_bias=b_t, ce_weight=0.4, kd_weight=1.5,
+                     chunk_size=13)
+    out.objective.backward()
+    torch.testing.assert_close(out.kd.total, kd.total.detach(), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(out.ce, ce.detach(), atol=1e-10, rtol=1e-10)
+    for mine, ref in ((hf, hs), (wf, ws), (bf, bs)):
+        torch.testing.assert_close(mine.grad, ref.grad, atol=1e-10, rtol=1e-9)
+    without = fused_divergence(div, h_s, w_s, h_t, w_t, labels, chunk_size=13)
+    assert abs(float(without.total.detach()) - float(kd.total.detach())) > 1e-3  # biases matter

@@ -278,18 +278,10 @@ def test_register_family_is_all_a_new_family_needs(tmp_path):
         FAMILIES.pop("gemma")
 
 
-# tad_eval loads with torchtune's FullModelHFCheckpointer, whose ModelType has no PHI2: it fails
-# (KeyError 'PHI2') until recipes/tad_eval.py loads with tad_torchtune.models.HFCheckpointer (or
-# read_hf_checkpoint); strict, so the mark has to go when it does.
-_TAD_EVAL_CASES = [pytest.param(c, marks=pytest.mark.xfail(
-    strict=True, raises=KeyError, reason="tad_eval reads through FullModelHFCheckpointer"))
-    if c == "phi2" else c for c in CASES]
-
-
-@pytest.mark.parametrize("case", _TAD_EVAL_CASES)
+@pytest.mark.parametrize("case", sorted(CASES))
 def test_tad_eval_builds_every_family_from_config_json_alone(case, tmp_path):
     """An exported student of every family is rebuilt by ``tad_eval`` from its folder alone
-    (the family read from config.json, torchtune's checkpointer loading the weights), with the
+    (the family read from config.json, its conversion loading the weights), with the
     student's exact logits."""
     from tad_torchtune.models import load_hf_folder
 
