@@ -335,10 +335,11 @@ def print_summary(s: dict[str, Any]) -> None:
                    None: "not judged" if s["dry_run"] else "no figure"}[tg["met"]]
         if tg["stand_in"] and not s["dry_run"]:
             verdict = "STAND-IN, not judged"
-        value = fmt(tg["value"], ".1%" if tg["name"].startswith("MFU") else ".2f")
-        limit = f"{tg['limit']:.0%}" if tg["name"].startswith("MFU") else f"{tg['limit']:g}"
-        print(f"- target {tg['name']} [{tg['where']}]: {value}{tg['unit']} {tg['comparison']} "
-              f"{limit}{tg['unit']}: {verdict}; {tg['detail']}")
+        mfu = tg["name"].startswith("MFU")
+        value = fmt(tg["value"], ".1%" if mfu else ".2f") + (tg["unit"] if tg["value"] else "")
+        limit = f"{tg['limit']:.0%}" if mfu else f"{tg['limit']:g}{tg['unit']}"
+        print(f"- target {tg['name']} [{tg['where']}]: {value} {tg['comparison']} {limit}: "
+              f"{verdict}" + (f"; {tg['detail']}" if tg["detail"] else ""))
     judged = [tg["met"] for tg in s["targets"] if tg["met"] is not None]
     print(f"targets: {judged.count(True)} met, {judged.count(False)} missed, "
           f"{len(s['targets']) - len(judged)} not judged")

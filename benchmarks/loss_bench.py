@@ -199,9 +199,10 @@ LIGER_VERSION = "0.8.5"
 class LigerStandIn:
     """What ``LigerFusedLinearJSDLoss`` computes at beta 0, ``(weight_hard_loss * CE +
     weight_soft_loss * KL(teacher || student))`` summed over valid tokens and divided by their
-    count, by plain autograd on whole float32 (float64 for float64 inputs) logits: where ``liger-kernel`` is not installed
-    (CI's dry run of the GPU check), the code around Liger's loss still runs. Never a
-    measurement of Liger: rows and loops that use it say so (``stand_in``)."""
+    count, by plain autograd on whole float32 (float64 for float64 inputs) logits: where
+    ``liger-kernel`` is not installed (CI's dry run of the GPU check), the code around Liger's
+    loss still runs. Never a measurement of Liger: rows and loops that use it say so
+    (``stand_in``)."""
 
     stand_in = True
 
