@@ -124,7 +124,7 @@ if [[ $dry == 1 ]]; then
     recipe_archs=(tiny_qwen2 tiny_gemma2)
     recipe_options=(--steps 2 --warmup 1)
     stand_in=(--compile-backend eager --liger-stand-in)
-    require=(--require transformers)
+    require=()
 else
     device=cuda
     loss_shapes=(8192,151936,2048,bf16 8192,256000,3584,bf16)
@@ -132,7 +132,7 @@ else
     recipe_archs=(qwen2_5_3b_half gemma2_9b_third_short)
     recipe_options=(--steps 6 --warmup 2)
     stand_in=()
-    require=(--require-cuda --require transformers liger_kernel.chunked_loss triton)
+    require=(--require-cuda --require liger_kernel.chunked_loss triton)
 fi
 recipe_loops=("minimal peer peer_eager" "peer")
 recipe_caps=(120 140)

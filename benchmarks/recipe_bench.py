@@ -4,8 +4,8 @@ memory and where a recipe step's time goes.
 
     python benchmarks/recipe_bench.py [--device cpu|cuda] [--archs demo small ...]
         [--variants unfused fused ...] [--loops minimal peer peer_eager] [--steps 20]
-        [--warmup 3] [--seq N] [--batch B] [--compile-backend inductor|eager]
-        [--liger-stand-in] [--json PATH]
+        [--warmup 3] [--seq N] [--batch B] [--peer-compile layers|body]
+        [--compile-backend inductor|eager] [--liger-stand-in] [--json PATH]
 
 Per architecture (``ARCHS``: tiny ones for the CPU, the shipped configs' real teacher/student
 pairs for a GPU) and variant (``VARIANTS``: fused or unfused head, compile, activation
@@ -34,7 +34,9 @@ so that all of them see the same machine:
   weight_soft_loss=1)`` (CE + forward KL; its chunks of 1024 tokens, compiled) on the final hidden
   states and the ``lm_head`` weights; the config's optimizer (AdamW, fused on CUDA) and gradient
   clipping. ``peer`` compiles every decoder layer of both models (``torch.compile`` per block,
-  as the recipe compiles its models); ``peer_eager`` does not; both share models and optimizer.
+  as the recipe compiles its models; ``--peer-compile body``: each base model whole, as a
+  Trainer's ``torch_compile`` does, minutes more to compile); ``peer_eager`` does not; both share
+  models and optimizer.
   Liger has no logit soft-cap: the Gemma2 peer's loss reads uncapped logits (the recipe caps them
   at 30, one element-wise pass more). Without ``liger-kernel``, ``--liger-stand-in`` (the GPU
   check's dry run) gives the peer ``loss_bench.LigerStandIn`` instead, and its row says so.
@@ -363,13 +365,16 @@ class PeerModels:
     """What a TRL user runs instead (see the module docstring): transformers models of the same
     sizes, Liger-Kernel's fused linear JSD as CE + forward KL, the config's optimizer. ``step``
     runs eagerly or, with ``compiled``, with every decoder layer of both models compiled (the
-    layers swapped for ``torch.compile`` wrappers of themselves: one set of weights for both)."""
+    layers swapped for ``torch.compile`` wrappers of themselves: one set of weights for both;
+    the recipe's compile scope, and a few graphs to compile), or with ``compile_scope="body"``
+    each base model compiled whole (``torch.compile(model.model)``, as a Trainer's
+    ``torch_compile`` would; one graph of every layer: minutes of compilation on a GPU)."""
 
     def __init__(self, cfg: DictConfig, device: torch.device, *, attention: str | None,
-                 stand_in: bool) -> None:
+                 stand_in: bool, compile_scope: str = "layers") -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        self.device = device
+        self.device, self.compile_scope = device, compile_scope
         t_cfg, s_cfg, _, meta_student = peer_configs(
             OmegaConf.to_container(cfg.teacher_model, resolve=True),
             OmegaConf.to_container(cfg.student_model, resolve=True))
@@ -391,6 +396,7 @@ class PeerModels:
         self.student.get_output_embeddings().weight.requires_grad_(
             output_weight(meta_student).requires_grad)
         self.layers = {m: {False: m.base_model.layers} for m in models}
+        self.bodies: dict = {}  # compile_scope "body": the compiled base models
         self.loss = loss_bench.liger_jsd_loss(device, ce=True, stand_in=stand_in)
         self.trainable = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = config.instantiate(cfg.optimizer, self.trainable)
@@ -403,20 +409,25 @@ class PeerModels:
         return f"liger-kernel {importlib.metadata.version('liger-kernel')} " \
                f"LigerFusedLinearJSDLoss(beta=0, weight_hard_loss=1, weight_soft_loss=1)"
 
-    def _use_layers(self, compiled: bool) -> None:
-        for model, versions in self.layers.items():
-            if compiled not in versions:
-                versions[True] = torch.nn.ModuleList(torch.compile(layer)
-                                                     for layer in versions[False])
-            model.base_model.layers = versions[compiled]
+    def _body(self, model, compiled: bool):
+        """``model``'s base model (embedding, layers, final norm) as this step runs it: eager,
+        with compiled layers (``compile_scope="layers"``) or compiled whole (``"body"``)."""
+        versions = self.layers[model]
+        if compiled and self.compile_scope == "layers" and True not in versions:
+            versions[True] = torch.nn.ModuleList(torch.compile(layer) for layer in versions[False])
+        model.base_model.layers = versions[compiled and self.compile_scope == "layers"]
+        if compiled and self.compile_scope == "body":
+            if model not in self.bodies:
+                self.bodies[model] = torch.compile(model.base_model)
+            return self.bodies[model]
+        return model.base_model
 
     def step(self, batch: dict[str, torch.Tensor], compiled: bool) -> None:
-        self._use_layers(compiled)
         tokens = batch["tokens"].to(self.device, non_blocking=True)
         labels = shift_labels(batch["labels"]).to(self.device, non_blocking=True)
         with torch.no_grad():
-            h_t = self.teacher.base_model(input_ids=tokens).last_hidden_state  # (B, T, D_T)
-        h_s = self.student.base_model(input_ids=tokens).last_hidden_state  # (B, T, D)
+            h_t = self._body(self.teacher, compiled)(input_ids=tokens).last_hidden_state
+        h_s = self._body(self.student, compiled)(input_ids=tokens).last_hidden_state  # (B, T, D)
         loss = self.loss(h_s.flatten(0, 1), self.student.get_output_embeddings().weight,
                          h_t.flatten(0, 1), self.teacher.get_output_embeddings().weight,
                          labels.flatten())
@@ -527,7 +538,7 @@ def time_split(recipe, batches, device: torch.device) -> dict[str, float]:
 
 def bench(arch: str, variant: str, device: str, *, loops: list[str], steps: int, warmup: int,
           seq: int | None, batch: int | None, peak: float | None, attention: str | None = None,
-          stand_in: bool = False) -> dict[str, Any]:
+          stand_in: bool = False, compile_scope: str = "layers") -> dict[str, Any]:
     split_steps = max(1, steps // 3)
     rows_per_batch = batch or ARCHS[arch]["batch"]
     num_blocks = rows_per_batch * (warmup + steps + split_steps)
@@ -566,7 +577,8 @@ def bench(arch: str, variant: str, device: str, *, loops: list[str], steps: int,
             peer = None
             if "peer" in loops or "peer_eager" in loops:
                 peer = setup("peer", lambda: PeerModels(cfg, dev, attention=attention,
-                                                        stand_in=stand_in))
+                                                        stand_in=stand_in,
+                                                        compile_scope=compile_scope))
                 todo += [Loop(name, lambda b, c=name == "peer": peer.step(b, c), "peer")
                          for name in ("peer", "peer_eager") if name in loops]
             run_rounds(todo, batches, dev, warmup, steps, kept)
@@ -602,7 +614,9 @@ def bench(arch: str, variant: str, device: str, *, loops: list[str], steps: int,
         import transformers
 
         out["peer"] = {"transformers": transformers.__version__, "attention": peer.attention,
-                       "loss": peer.loss_name, "compile": "torch.compile of every decoder layer"}
+                       "loss": peer.loss_name,
+                       "compile": {"layers": "torch.compile of every decoder layer",
+                                   "body": "torch.compile of each base model"}[compile_scope]}
     return out
 
 
@@ -622,6 +636,9 @@ def main() -> int:
     parser.add_argument("--peer-attention", default=None,
                         help="attn_implementation of the peer's models (default: sdpa; eager "
                              "for Gemma2)")
+    parser.add_argument("--peer-compile", choices=("layers", "body"), default="layers",
+                        help="what the compiled peer compiles: each decoder layer (default, the "
+                             "recipe's scope) or each base model whole")
     parser.add_argument("--compile-backend", choices=("inductor", "eager"), default="inductor",
                         help="backend of every torch.compile (eager: Dynamo only, the dry run)")
     parser.add_argument("--liger-stand-in", action="store_true",
@@ -639,7 +656,8 @@ def main() -> int:
         for variant in args.variants:
             row = bench(arch, variant, args.device, loops=args.loops, steps=args.steps,
                         warmup=args.warmup, seq=args.seq, batch=args.batch, peak=peak,
-                        attention=args.peer_attention, stand_in=args.liger_stand_in)
+                        attention=args.peer_attention, stand_in=args.liger_stand_in,
+                        compile_scope=args.peer_compile)
             rows.append(row)
             loops = "  ".join(
                 f"{name} {x['tokens_per_second']:.0f} tok/s"

@@ -57,7 +57,7 @@ def test_dry_run_writes_every_result(dry_run):
     assert sorted(p.name for p in out.iterdir()) == [
         "gpu_check.log", "loss_bench.json", "pytest_cuda.xml", "pytest_cuda_recipe.xml",
         "recipe_bench_tiny_gemma2.json", "recipe_bench_tiny_qwen2.json", "summary.json"]
-    assert seconds < 120, seconds
+    assert seconds < 150, seconds  # about 60-80 s on the 2-core development machine
     log = (out / "gpu_check.log").read_text()
     assert "check complete" in log and log.strip().endswith(proc.stdout.strip().splitlines()[-1])
 
