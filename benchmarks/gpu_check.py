@@ -1,20 +1,24 @@
 """The Python steps of ``benchmarks/gpu_check.sh``: what is installed, and the summary.
 
     python benchmarks/gpu_check.py check-install [--require-cuda] [--require MODULE ...]
-    python benchmarks/gpu_check.py summary OUT_DIR --steps STEPS.tsv --target-shape N,V,D,DTYPE
-        [--dry-run]
+    python benchmarks/gpu_check.py summary OUT_DIR --steps STEPS.tsv --loss-shapes S1 S2
+        --recipe-archs A1 A2 [--dry-run]
 
 ``check-install`` prints the interpreter, the GPU and where each package the check needs is
 imported from, and fails when one is missing or when the installed project (``tad_torchtune``,
 its recipes and configs, as ``tune run`` subprocesses import them) differs from this checkout,
 which the benchmarks import (a wheel built before the last edit).
 
-``summary`` reads the check's files in OUT_DIR (``pytest_cuda*.xml``, ``loss_bench_*.json``,
-``recipe_bench.json``) and the steps' exit codes, prints the targets as met or missed with their
-figures, and writes everything to ``OUT_DIR/summary.json``. Exit code 1 when the check is
-incomplete: a step failed or timed out, a test failed, a test was skipped on a GPU run (every
-CUDA test must run there), or a target has no figure. A missed target is a result, not a
-failure of the check: it is reported, and the exit code stays 0.
+``summary`` reads the check's files in OUT_DIR (``pytest_cuda*.xml``, ``loss_bench.json``,
+``recipe_bench_*.json``) and the steps' exit codes, prints the targets (``LOSS_TARGETS`` at each
+of ``LOSS_TARGET_SHAPES``, ``RECIPE_TARGETS``) as met or missed with their figures, and writes
+everything to ``OUT_DIR/summary.json``. ``--loss-shapes`` and ``--recipe-archs`` name what was
+measured for each target shape and architecture, in their order: the targets themselves on a
+GPU, tiny stand-ins in a dry run, whose targets keep their names and are not judged. Exit code 1
+when the check is incomplete: a step failed or timed out, a test failed, a test was skipped on a
+GPU run (every CUDA test must run there), a target has no figure, or a GPU target's figure came
+from a stand-in. A missed target is a result, not a failure of the check: it is reported, and
+the exit code stays 0.
 """
 
 import argparse
@@ -31,24 +35,40 @@ ROOT = Path(__file__).resolve().parents[1]
 #: gpu_check.sh's exit code for a step it did not start
 NOT_RUN = 200
 
-#: Qwen2.5-3B -> half depth, sequence 2048, bf16, fused head, compiled, on one H100/H200
-#: (about 40% MFU there)
-TARGET_RECIPE_TOKENS_PER_SECOND = 30_000
-#: the recipe's fused TAD head (CE + TAD, ``fused_step``) against the four projection matmuls
-TARGET_HEAD_OVER_FLOOR = 1.5
-#: its peak memory beyond the student's gradients, at (8192, 256000, 3584) bf16
-TARGET_HEAD_BEYOND_GRADIENTS_MIB = 2048.0
+#: the loss head's target shapes (N, V, D, dtype): Qwen2.5's vocabulary and width (the
+#: Qwen2.5-3B pair), Gemma2-9B's
+LOSS_TARGET_SHAPES = ("8192,151936,2048,bf16", "8192,256000,3584,bf16")
+#: loss_bench cases the targets read: the recipe's head (CE + divergence at its settings),
+#: Liger's fused linear JSD with its CE (CE + forward KL), the unchunked four-matmul floor
+HEAD_TAD, HEAD_FKL = "fused_step_recipe/tad", "fused_step_recipe/forward_kl"
+LIGER, FLOOR = "liger_fused_jsd_ce/forward_kl", "matmul_floor_unchunked/none"
+#: (name, case, against, what, limit): the case's paired time ratio ("ms") or peak-memory
+#: ratio ("peak_mib") against the other case, at most ``limit`` (issue 19)
+LOSS_TARGETS = (
+    ("vs Liger time", HEAD_TAD, LIGER, "ms", 1.15),
+    ("vs Liger memory", HEAD_TAD, LIGER, "peak_mib", 1.0),
+    ("CE + forward KL vs Liger time", HEAD_FKL, LIGER, "ms", 1.0),
+    ("unchunked floor", HEAD_TAD, FLOOR, "ms", 1.5),
+)
+#: per target architecture, (name, figure of its recipe_bench row, at least): the recipe's speed
+#: over the compiled transformers + Liger loop's (paired rounds), and its MFU
+RECIPE_TARGETS = {
+    "qwen2_5_3b_half": (("vs transformers + Liger", "recipe_over_peer", 1.10),
+                        ("MFU", "mfu", 0.50)),
+    "gemma2_9b_third_short": (("vs transformers + Liger", "recipe_over_peer", 1.05),),
+}
 
 #: modules every run imports, with the distribution that holds each: torchtune imports HF
 #: ``datasets`` (which needs pyarrow, fsspec and huggingface_hub of some versions), and
-#: ``torchtune._cli.tune``, the ``tune`` command, every subcommand's dependencies (kagglehub)
+#: ``torchtune._cli.tune``, the ``tune`` command, every subcommand's dependencies (kagglehub);
+#: transformers for recipe_bench's peer loop
 REQUIRED = {"torch": "torch", "torchao": "torchao", "torchdata": "torchdata",
             "omegaconf": "omegaconf", "yaml": "PyYAML", "safetensors": "safetensors",
             "tqdm": "tqdm", "tokenizers": "tokenizers", "pyarrow": "pyarrow",
             "fsspec": "fsspec", "huggingface_hub": "huggingface_hub", "datasets": "datasets",
             "kagglehub": "kagglehub", "torchtune": "torchtune",
-            "torchtune._cli.tune": "torchtune", "tad_torchtune": "tad_torchtune",
-            "tad_distill": "tad_torchtune"}
+            "torchtune._cli.tune": "torchtune", "transformers": "transformers",
+            "tad_torchtune": "tad_torchtune", "tad_distill": "tad_torchtune"}
 
 
 # --------------------------------------------------------------------------- check-install
@@ -161,93 +181,93 @@ def shape_key(row: dict[str, Any]) -> str:
 
 
 def loss_figures(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per shape (``N,V,D,dtype``), the ratios the targets and the Liger comparison read off
-    ``loss_bench.py``'s rows (paired time ratios, memory beyond the gradients; None where a case
-    has no figure)."""
-    from loss_bench import beyond_gradients, paired_time_ratio
+    """Per shape (``N,V,D,dtype``) of ``loss_bench.py``'s rows: each case's median time, peak
+    memory, note and whether a stand-in ran it; and every target's ratio (None where a case has
+    no figure)."""
+    from loss_bench import paired_time_ratio
 
-    by_shape: dict[str, dict[tuple[str, str], dict]] = {}
+    by_shape: dict[str, dict[str, dict]] = {}
     for r in rows:
-        by_shape.setdefault(shape_key(r), {})[(r["impl"], r["divergence"])] = r
+        by_shape.setdefault(shape_key(r), {})[f"{r['impl']}/{r['divergence']}"] = r
 
-    def time_ratio(got, a, b):
+    def ratio(got, a, b, what):
         x, y = got.get(a), got.get(b)
-        if not x or not y or x["ms"] is None or y["ms"] is None:
+        if not x or not y or x[what] is None or not (y[what] or 0) > 0:
             return None
-        return paired_time_ratio(x["times_ms"], y["times_ms"])
+        if what == "ms":
+            return paired_time_ratio(x["times_ms"], y["times_ms"])
+        return x[what] / y[what]
 
-    def memory_ratio(got, a, b):
-        x, y = got.get(a), got.get(b)
-        if not x or not y or x["peak_mib"] is None or not (y["peak_mib"] or 0) > 0:
-            return None
-        return x["peak_mib"] / y["peak_mib"]
-
-    def beyond(got, case):
-        return beyond_gradients(got[case]) if case in got else None
-
-    floor, head, head_bf16 = ("matmul_floor", "none"), ("fused_step", "tad"), (
-        "fused_step_bf16_wgrad", "tad")
-    tad, fkl, liger = ("fused", "tad"), ("fused", "forward_kl"), ("liger_fused_jsd", "forward_kl")
-    out = {}
-    for shape, got in by_shape.items():
-        out[shape] = {
-            "ms": {f"{i}/{d}": r["ms"] for (i, d), r in got.items()},
-            "peak_mib": {f"{i}/{d}": r["peak_mib"] for (i, d), r in got.items()},
-            "head_over_floor": time_ratio(got, head, floor),
-            "head_beyond_gradients_mib": beyond(got, head),
-            "head_bf16_wgrad_over_floor": time_ratio(got, head_bf16, floor),
-            "head_bf16_wgrad_beyond_gradients_mib": beyond(got, head_bf16),
-            "fused_tad_over_floor": time_ratio(got, tad, floor),
-            "fused_tad_over_fused_forward_kl": time_ratio(got, tad, fkl),
-            "liger_over_fused_forward_kl_time": time_ratio(got, liger, fkl),
-            "liger_over_fused_forward_kl_memory": memory_ratio(got, liger, fkl),
-            "notes": {f"{i}/{d}": r["note"] for (i, d), r in got.items() if r.get("note")},
-        }
-    return out
+    return {shape: {
+        "ms": {c: r["ms"] for c, r in got.items()},
+        "peak_mib": {c: r["peak_mib"] for c, r in got.items()},
+        "notes": {c: r["note"] for c, r in got.items() if r.get("note")},
+        "stand_in": sorted(c for c, r in got.items() if r.get("stand_in")),
+        "ratios": {name: ratio(got, case, against, what)
+                   for name, case, against, what, _ in LOSS_TARGETS},
+    } for shape, got in by_shape.items()}
 
 
 def target(name: str, value: float | None, limit: float, *, at_least: bool, unit: str,
-           where: str, judged: bool, detail: str = "") -> dict[str, Any]:
-    """One target: its figure against its limit; ``met`` is None when there is no figure or
-    when the run does not judge (a dry run's tiny CPU shapes)."""
+           where: str, judged: bool, stand_in: bool = False, detail: str = "") -> dict[str, Any]:
+    """One target: its figure against its limit; ``met`` is None when there is no figure, when
+    the run does not judge (a dry run's tiny CPU shapes) or when a stand-in made the figure."""
     met = None
-    if value is not None and judged:
+    if value is not None and judged and not stand_in:
         met = value >= limit if at_least else value <= limit
     return {"name": name, "value": value, "limit": limit,
             "comparison": ">=" if at_least else "<=", "unit": unit, "where": where,
-            "met": met, "detail": detail}
+            "met": met, "stand_in": stand_in, "detail": detail}
 
 
-def summarize(out_dir: Path, steps: list[dict[str, Any]], target_shape: str,
-              dry_run: bool) -> dict[str, Any]:
+def targets_of(loss: dict[str, dict], recipes: dict[str, dict], loss_shapes: list[str],
+               recipe_archs: list[str], dry_run: bool) -> list[dict[str, Any]]:
+    """Every target of ``LOSS_TARGETS`` at each of ``LOSS_TARGET_SHAPES`` and of
+    ``RECIPE_TARGETS``, its figure read at the shape or architecture measured for it (the same
+    on a GPU; the dry run's stand-ins, in the same order)."""
+    out = []
+    stand = " (dry run)" if dry_run else ""
+    for gpu_shape, shape in zip(LOSS_TARGET_SHAPES, loss_shapes):
+        got = loss.get(shape, {})
+        for name, case, against, what, limit in LOSS_TARGETS:
+            value = got.get("ratios", {}).get(name)
+            out.append(target(
+                f"{name} ({gpu_shape})", value, limit, at_least=False, unit="x",
+                where=shape + stand, judged=not dry_run,
+                stand_in=bool({case, against} & set(got.get("stand_in", ()))),
+                detail=f"{case} / {against}, "
+                       + ("paired rounds" if what == "ms" else "peak extra memory")))
+    for gpu_arch, arch in zip(RECIPE_TARGETS, recipe_archs):
+        row = recipes.get(arch)
+        where = (f"{arch} {row['variant']}, seq {row['seq']}, batch {row['batch']}, "
+                 f"{row['device']}{stand}" if row else f"no recipe_bench row for {arch}")
+        peer = (row or {}).get("peer", {})
+        for name, key, limit in RECIPE_TARGETS[gpu_arch]:
+            loops = (row or {}).get("loops", {})
+            value = (loops.get("recipe", {}).get("mfu") if key == "mfu"
+                     else (row or {}).get(key))
+            detail = (f"recipe {loops['recipe']['tokens_per_second']:.0f} tokens/s, compiled "
+                      f"peer {loops['peer']['tokens_per_second']:.0f} ({peer.get('loss')}, "
+                      f"transformers {peer.get('transformers')}, {peer.get('attention')})"
+                      if "recipe" in loops and "peer" in loops else "")
+            out.append(target(f"{name} ({gpu_arch})", value, limit, at_least=True,
+                              unit="x" if key != "mfu" else "", where=where,
+                              judged=not dry_run, detail=detail,
+                              stand_in=key != "mfu" and "LigerStandIn" in str(peer.get("loss"))))
+    return out
+
+
+def summarize(out_dir: Path, steps: list[dict[str, Any]], loss_shapes: list[str],
+              recipe_archs: list[str], dry_run: bool) -> dict[str, Any]:
     rows = []
-    for path in sorted(out_dir.glob("loss_bench_*.json")):
+    for path in sorted(out_dir.glob("loss_bench*.json")):
         rows += json.loads(path.read_text())
     loss = loss_figures(rows)
-    recipe_path = out_dir / "recipe_bench.json"
-    recipe_rows = json.loads(recipe_path.read_text())["rows"] if recipe_path.is_file() else []
-    recipe = recipe_rows[0] if recipe_rows else None
-    at = loss.get(target_shape, {})
-    judged = not dry_run
-    recipe_where = (f"{recipe['arch']} {recipe['variant']}, seq {recipe['seq']}, batch "
-                    f"{recipe['batch']}, {recipe['device']}" if recipe else "no recipe_bench row")
-    mfu = recipe.get("mfu") if recipe else None
-    bf16_beyond = at.get("head_bf16_wgrad_beyond_gradients_mib")
-    targets = [
-        target("recipe tokens/s", recipe["recipe_tokens_per_second"] if recipe else None,
-               TARGET_RECIPE_TOKENS_PER_SECOND, at_least=True, unit="tokens/s",
-               where=recipe_where, judged=judged,
-               detail=f"MFU {mfu:.1%} (about 40% expected)" if mfu is not None else "MFU unknown"),
-        target("fused TAD head / matmul floor time", at.get("head_over_floor"),
-               TARGET_HEAD_OVER_FLOOR, at_least=False, unit="x", where=target_shape,
-               judged=judged, detail="fused_step/tad against matmul_floor, paired rounds"),
-        target("fused TAD head memory beyond the gradients", at.get("head_beyond_gradients_mib"),
-               TARGET_HEAD_BEYOND_GRADIENTS_MIB, at_least=False, unit="MiB",
-               where=target_shape, judged=judged,
-               detail="weight gradient summed in float32 (the default)" + (
-                   f"; summed in the weight's dtype (fused_float32_weight_grad: false): "
-                   f"{bf16_beyond:.0f} MiB" if bf16_beyond is not None else "")),
-    ]
+    recipes = {}
+    for path in sorted(out_dir.glob("recipe_bench*.json")):
+        for row in json.loads(path.read_text())["rows"]:
+            recipes[row["arch"]] = row
+    targets = targets_of(loss, recipes, loss_shapes, recipe_archs, dry_run)
     tests = read_junit(sorted(out_dir.glob("pytest_cuda*.xml")))
     problems = [f"step {s['name']} {step_state(s)}" for s in steps if not s["ok"]]
     if tests is None:
@@ -258,8 +278,11 @@ def summarize(out_dir: Path, steps: list[dict[str, Any]], target_shape: str,
         if not dry_run and tests["skipped"]:
             problems.append(f"{tests['skipped']} CUDA tests skipped on a GPU run")
     problems += [f"no figure for target: {t['name']}" for t in targets if t["value"] is None]
+    if not dry_run:
+        problems += [f"target {t['name']} measured on a stand-in" for t in targets
+                     if t["stand_in"]]
     return {"dry_run": dry_run, "environment": environment(), "steps": steps, "tests": tests,
-            "loss": loss, "recipe": recipe, "targets": targets, "problems": problems,
+            "loss": loss, "recipes": recipes, "targets": targets, "problems": problems,
             "complete": not problems}
 
 
@@ -268,7 +291,7 @@ def environment() -> dict[str, Any]:
 
     versions = {}
     for dist in ("torch", "triton", "torchtune", "torchao", "torchdata", "omegaconf",
-                 "liger-kernel", "tad_torchtune"):
+                 "transformers", "liger-kernel", "tad_torchtune"):
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -287,7 +310,8 @@ def print_summary(s: dict[str, Any]) -> None:
     env = s["environment"]
     dry = " (DRY RUN: CPU, tiny shapes, targets not judged)" if s["dry_run"] else ""
     print(f"\nGPU check summary{dry}: {env['gpu'] or 'no GPU'}, torch {env['versions']['torch']}, "
-          f"liger-kernel {env['versions']['liger-kernel'] or 'not installed'}")
+          f"liger-kernel {env['versions']['liger-kernel'] or 'not installed'}, transformers "
+          f"{env['versions']['transformers'] or 'not installed'}")
     print("steps: " + " | ".join(f"{st['name']} {step_state(st)} {st['seconds']} s"
                                  for st in s["steps"]))
     t = s["tests"]
@@ -295,21 +319,27 @@ def print_summary(s: dict[str, Any]) -> None:
                             f"{t['passed']} passed, {t['failures']} failed, {t['errors']} errors, "
                             f"{t['skipped']} skipped"))
     for shape, f in s["loss"].items():
-        print(f"loss ({shape}): fused TAD head / floor {fmt(f['head_over_floor'], '.2f')}, "
-              f"beyond the gradients {fmt(f['head_beyond_gradients_mib'], '.0f')} MiB "
-              f"(bf16 weight-gradient sum: {fmt(f['head_bf16_wgrad_over_floor'], '.2f')}, "
-              f"{fmt(f['head_bf16_wgrad_beyond_gradients_mib'], '.0f')} MiB); fused TAD / floor "
-              f"{fmt(f['fused_tad_over_floor'], '.2f')}; Liger JSD (forward KL) / our fused "
-              f"forward KL: time {fmt(f['liger_over_fused_forward_kl_time'], '.2f')}, memory "
-              f"{fmt(f['liger_over_fused_forward_kl_memory'], '.2f')}"
-              + (f" ({f['notes']['liger_fused_jsd/forward_kl']})"
-                 if "liger_fused_jsd/forward_kl" in f["notes"] else ""))
+        cases = ", ".join(f"{c} {fmt(ms, '.1f')} ms {fmt(f['peak_mib'][c], '.0f')} MiB"
+                          for c, ms in f["ms"].items())
+        print(f"loss ({shape}): {cases}"
+              + (f"; stand-ins: {', '.join(f['stand_in'])}" if f["stand_in"] else "")
+              + "".join(f"; {c}: {n}" for c, n in f["notes"].items()))
+    for arch, row in s["recipes"].items():
+        loops = ", ".join(f"{name} {x['tokens_per_second']:.0f} tokens/s"
+                          + (f" MFU {x['mfu']:.1%}" if x["mfu"] is not None else "")
+                          + f" {x['peak_memory_gib']:.1f} GiB" for name, x in row["loops"].items())
+        print(f"recipe_bench {arch} {row['variant']} (seq {row['seq']}, batch {row['batch']}): "
+              f"{loops}")
     for tg in s["targets"]:
         verdict = {True: "met", False: "MISSED",
                    None: "not judged" if s["dry_run"] else "no figure"}[tg["met"]]
-        value = fmt(tg["value"], ".0f" if tg["unit"] != "x" else ".2f")
-        print(f"- target {tg['name']} ({tg['where']}): {value} {tg['unit']} {tg['comparison']} "
-              f"{tg['limit']:g}: {verdict}; {tg['detail']}")
+        if tg["stand_in"] and not s["dry_run"]:
+            verdict = "STAND-IN, not judged"
+        mfu = tg["name"].startswith("MFU")
+        value = fmt(tg["value"], ".1%" if mfu else ".2f") + (tg["unit"] if tg["value"] else "")
+        limit = f"{tg['limit']:.0%}" if mfu else f"{tg['limit']:g}{tg['unit']}"
+        print(f"- target {tg['name']} [{tg['where']}]: {value} {tg['comparison']} {limit}: "
+              f"{verdict}" + (f"; {tg['detail']}" if tg["detail"] else ""))
     judged = [tg["met"] for tg in s["targets"] if tg["met"] is not None]
     print(f"targets: {judged.count(True)} met, {judged.count(False)} missed, "
           f"{len(s['targets']) - len(judged)} not judged")
@@ -326,12 +356,22 @@ def main() -> int:
     summary = sub.add_parser("summary")
     summary.add_argument("out_dir", type=Path)
     summary.add_argument("--steps", type=Path, required=True)
-    summary.add_argument("--target-shape", required=True, help="N,V,D,DTYPE of the loss targets")
+    summary.add_argument("--loss-shapes", nargs="+", required=True,
+                         help="N,V,D,DTYPE measured for each of LOSS_TARGET_SHAPES, in order")
+    summary.add_argument("--recipe-archs", nargs="+", required=True,
+                         help="recipe_bench arch measured for each of RECIPE_TARGETS, in order")
     summary.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
     if args.command == "check-install":
         return check_install(args.require_cuda, args.require)
-    s = summarize(args.out_dir, read_steps(args.steps), args.target_shape, args.dry_run)
+    if (len(args.loss_shapes), len(args.recipe_archs)) != (len(LOSS_TARGET_SHAPES),
+                                                           len(RECIPE_TARGETS)):
+        parser.error(f"--loss-shapes takes {len(LOSS_TARGET_SHAPES)} shapes (for "
+                     f"{LOSS_TARGET_SHAPES}) and --recipe-archs {len(RECIPE_TARGETS)} "
+                     f"architectures (for {tuple(RECIPE_TARGETS)}), got {args.loss_shapes} and "
+                     f"{args.recipe_archs}")
+    s = summarize(args.out_dir, read_steps(args.steps), args.loss_shapes, args.recipe_archs,
+                  args.dry_run)
     (args.out_dir / "summary.json").write_text(json.dumps(s, indent=1) + "\n")
     print_summary(s)
     return 0 if s["complete"] else 1

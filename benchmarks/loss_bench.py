@@ -10,7 +10,7 @@ loss, ``backward()``; gradients are dropped between steps.
 
 Implementations:
 - ``naive``: full float32 logits ``[N, V]`` for both models and plain autograd through our
-  per-token function in one piece (``Divergence(chunk_size=None)`` on float32 logits).
+  per-token function in one piece (``sum_and_count(..., chunk_size=None)`` on float32 logits).
 - ``torchtune_chunked`` (forward KL only): torchtune 0.6.1's KD recipe path, the logits computed in
   8 pieces by ``TransformerDecoder.chunked_output`` (the model's dtype), then
   ``ForwardKLWithChunkedOutputLoss``.
@@ -29,44 +29,64 @@ Implementations:
   (``fused_step_compiled``: with ``compile_chunks=True``; ``fused_step_bf16_wgrad``: with
   ``float32_weight_grad=False``, the weight gradient summed in the weight's dtype, the recipe's
   ``fused_float32_weight_grad: false``).
+- ``fused_step_recipe``: ``fused_head`` as the recipe runs it by default: chunks of
+  ``loss_chunk_size`` tokens (the recipe's schema default, 1024) through inductor
+  (``compile_chunks=True``, the recipe's ``compile: true``), its default teacher cache and
+  float32 weight-gradient sum (``RECIPE_HEAD``; ``--fused-chunk`` does not apply).
 - ``two_pass``: the recipe's head before it, a checkpointed CE pass, then the fused divergence.
-- ``liger_fused_jsd`` (forward KL only, CUDA only): Liger-Kernel's
+- ``liger_fused_jsd`` (forward KL only): Liger-Kernel's
   ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss``, the fused linear distillation loss users
   pick today, as ``liger_jsd_loss`` builds it: the divergence alone (``weight_hard_loss=0``), at
   the ``beta`` that makes it ``KL(teacher || student)`` (``LIGER_FORWARD_KL_BETA``), with its
-  defaults otherwise (``torch.compile`` of its chunk step, its own chunk size). On a CPU, or
-  without ``liger-kernel`` installed, the case is reported unavailable with the reason.
+  defaults otherwise (``torch.compile`` of its chunk step, chunks of 1024 tokens).
+- ``liger_fused_jsd_ce`` (forward KL only): the same loss with its cross-entropy,
+  ``weight_hard_loss=1, weight_soft_loss=1``: CE + forward KL, what a TRL user runs with it and
+  what ``recipe_bench.py``'s peer loop runs; the counterpart of ``fused_step*`` (CE + divergence).
+  Without ``liger-kernel`` both Liger cases are reported unavailable with the reason (its chunked
+  losses are torch code: they run on a CPU too, where it is installed), or, with
+  ``--liger-stand-in`` (the GPU check's dry run), replaced by ``LigerStandIn`` (the same loss by
+  plain autograd), their rows saying so.
 - ``matmul_floor`` (divergence ``none``): the output-projection matmuls alone, no loss: per chunk
   of the fused path's size, the student's and the teacher's projections and the student's two
-  backward matmuls (hidden-state and weight gradients), in the inputs' dtype. No fused loss can
-  be faster; the GPU target is TAD within 1.5x of it.
+  backward matmuls (hidden-state and weight gradients), in the inputs' dtype.
+- ``matmul_floor_unchunked`` (divergence ``none``): the same four products unchunked, ``[N, V]``
+  at once, in the inputs' dtype: the floor no fused loss can beat. The chunked floor pays what
+  small chunks cost (at (8192, 256000, 3584) bf16 on an H200, 183 ms for 128-token chunks
+  against 88.7 ms unchunked), so ratios against it understate a head's gap; the GPU target is
+  the recipe's head within 1.5x of this one.
 
 ``--cases IMPL/DIVERGENCE ...`` picks cases instead of every ``--impls`` x ``--divergences``
 pair; ``--json`` is rewritten after every row, so a run stopped part-way keeps the rows it
-finished.
+finished. ``--compile-backend eager`` makes every ``torch.compile`` of the process (ours,
+Liger's) trace with Dynamo and run the traced graph eagerly: the compiled code paths without
+inductor's code generation, which takes minutes on a 2-core CPU (the dry run's setting).
 
 Time: median over ``--repeats`` steps after ``--warmup`` steps (CUDA: synchronised), all cases of
 a shape in one process taking turns step by step, so that load from other users of a shared
 machine hits them alike and the ratios stay fair. A time RATIO is the median over rounds of the
-ratio within a round (paired), which a slow spell shared by both cases leaves alone. Peak extra memory, one step in a fresh
-subprocess per case, the second step (the first is a warm-up that also compiles the compiled
-cases): CUDA, ``torch.cuda.max_memory_allocated()`` minus the memory allocated before the step;
-CPU, the process's peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``
-after the warm-up step and a ``malloc_trim(0)`` that hands its freed memory back to the OS)
-minus its resident size then, with glibc's mmap threshold fixed at 128 KiB
-(``MALLOC_MMAP_THRESHOLD_``) so that every large tensor is mapped on allocation and unmapped on
-free: the resident size then follows the live tensors, a few MiB noisy. ``--cpu-memory
-allocations`` counts instead the live torch allocations of one step from the profiler's memory
-events (the quantity ``torch.cuda.max_memory_allocated`` reports), which needs no warm-up step
-for the eager cases: a GPU shape's memory in one CPU step, where the CPU's bf16 matmuls allow
-(on the project's 2-core machine they do not, at Gemma2-9B's vocabulary). Gradients (``[V, D]`` and ``[N, D]``) count as
-extra memory for every implementation; a second column subtracts them (in the inputs' dtype, as
-the parameters' ``.grad`` holds them), which leaves what the loss costs beyond the gradients any
-step must produce (for the fused path with bf16 inputs this still counts its float32 sums).
+ratio within a round (paired), which a slow spell shared by both cases leaves alone.
+
+Peak extra memory of one step after the timed ones (the warm-up compiled the compiled cases).
+CUDA: in the timing process, case after case, ``torch.cuda.max_memory_allocated()`` after
+``reset_peak_memory_stats()`` minus the memory allocated before the step. CPU, by default: one
+step in a fresh subprocess per case, after a warm-up step, the process's peak resident set size
+(``VmHWM``, reset through ``/proc/self/clear_refs`` after the warm-up step and a
+``malloc_trim(0)`` that hands its freed memory back to the OS) minus its resident size then, with
+glibc's mmap threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``) so that every large tensor
+is mapped on allocation and unmapped on free: the resident size then follows the live tensors, a
+few MiB noisy. ``--cpu-memory allocations`` counts instead, in the timing process, the live torch
+allocations of one step from the profiler's memory events (the quantity
+``torch.cuda.max_memory_allocated`` reports): a GPU shape's memory in one CPU step, where the
+CPU's bf16 matmuls allow (on the project's 2-core machine they do not, at Gemma2-9B's
+vocabulary). Gradients (``[V, D]`` and ``[N, D]``) count as extra memory for every
+implementation; a second column subtracts them (in the inputs' dtype, as the parameters'
+``.grad`` holds them), which leaves what the loss costs beyond the gradients any step must
+produce (for the fused path with bf16 inputs this still counts its float32 sums).
 """
 
 import argparse
 import bisect
+import functools
 import json
 import os
 import statistics
@@ -80,6 +100,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tad_torchtune.schema import DISTILL  # noqa: E402  (the recipe's defaults)
 from tad_torchtune.losses import DIVERGENCES  # noqa: E402  (every registered divergence)
 from tad_torchtune.losses.fused import (  # noqa: E402
     default_chunk_size,
@@ -88,21 +109,29 @@ from tad_torchtune.losses.fused import (  # noqa: E402
 )
 
 IMPLS = ("naive", "torchtune_chunked", "torchtune_chunked_compiled", "unfused", "fused",
-         "fused_nocache", "fused_compiled", "matmul_floor", "fused_step", "fused_step_compiled",
-         "fused_step_bf16_wgrad", "two_pass", "liger_fused_jsd")
+         "fused_nocache", "fused_compiled", "matmul_floor", "matmul_floor_unchunked",
+         "fused_step", "fused_step_compiled", "fused_step_bf16_wgrad", "fused_step_recipe",
+         "two_pass", "liger_fused_jsd", "liger_fused_jsd_ce")
+#: the fused head as the recipe runs it with its schema's defaults and ``compile: true``
+RECIPE_HEAD = {"chunk_size": DISTILL["loss_chunk_size"].default, "compile_chunks": True,
+               "teacher_cache_mib": DISTILL["fused_teacher_cache_mib"].default,
+               "float32_weight_grad": DISTILL["fused_float32_weight_grad"].default}
 FUSED_OPTIONS = {"fused": {}, "fused_nocache": {"teacher_cache_mib": 0},
                  "fused_compiled": {"compile_chunks": True}, "fused_step": {},
                  "fused_step_compiled": {"compile_chunks": True},
-                 "fused_step_bf16_wgrad": {"float32_weight_grad": False}, "two_pass": {}}
+                 "fused_step_bf16_wgrad": {"float32_weight_grad": False},
+                 "fused_step_recipe": RECIPE_HEAD, "two_pass": {}}
 #: implementations of one divergence only (the others have every registered divergence)
 ONLY_DIVERGENCE = {"torchtune_chunked": "forward_kl", "torchtune_chunked_compiled": "forward_kl",
-                   "liger_fused_jsd": "forward_kl", "matmul_floor": "none"}
+                   "liger_fused_jsd": "forward_kl", "liger_fused_jsd_ce": "forward_kl",
+                   "matmul_floor": "none", "matmul_floor_unchunked": "none"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_SHAPES = {
     "cpu": ["2048,32000,512,fp32"],
     "cuda": ["2048,32000,512,bf16", "8192,151936,2048,bf16", "8192,256000,3584,bf16"],
 }
 ROW_TOKENS = 1024
+_TORCH_COMPILE = torch.compile
 
 
 class Unavailable(Exception):
@@ -110,9 +139,18 @@ class Unavailable(Exception):
     why, and the case's row carries it as its note."""
 
 
+def set_compile_backend(backend: str) -> None:
+    """Every later ``torch.compile`` of this process (the fused head's chunks, Liger's chunk
+    step, the recipe's blocks, the peer's layers) with ``backend``: ``"inductor"`` (torch's
+    default) or ``"eager"`` (Dynamo traces and the traced graph runs eagerly: the compiled code
+    paths, without inductor's code generation, minutes of C++ compilation on a 2-core CPU)."""
+    torch.compile = (_TORCH_COMPILE if backend == "inductor"
+                     else functools.partial(_TORCH_COMPILE, backend=backend))
+
+
 def parse_case(text: str) -> tuple[str, str]:
-    """``IMPL/DIVERGENCE`` (``matmul_floor/none``; ``torchtune_chunked*`` and ``liger_fused_jsd``
-    take ``forward_kl`` only)."""
+    """``IMPL/DIVERGENCE`` (``matmul_floor*/none``; ``torchtune_chunked*`` and ``liger_*`` take
+    ``forward_kl`` only)."""
     impl, _, name = text.partition("/")
     allowed = [ONLY_DIVERGENCE[impl]] if impl in ONLY_DIVERGENCE else list(DIVERGENCES)
     if impl not in IMPLS or name not in allowed:
@@ -158,48 +196,95 @@ LIGER_FORWARD_KL_BETA = 0.0
 LIGER_VERSION = "0.8.5"
 
 
+class LigerStandIn:
+    """What ``LigerFusedLinearJSDLoss`` computes at beta 0, ``(weight_hard_loss * CE +
+    weight_soft_loss * KL(teacher || student))`` summed over valid tokens and divided by their
+    count, by plain autograd on whole float32 (float64 for float64 inputs) logits: where
+    ``liger-kernel`` is not installed (CI's dry run of the GPU check), the code around Liger's
+    loss still runs. Never a measurement of Liger: rows and loops that use it say so
+    (``stand_in``)."""
+
+    stand_in = True
+
+    def __init__(self, *, weight_hard_loss: float, weight_soft_loss: float,
+                 ignore_index: int = -100) -> None:
+        self.weights = (weight_hard_loss, weight_soft_loss)
+        self.ignore_index = ignore_index
+
+    def __call__(self, h_s, w_s, h_t, w_t, labels):
+        """``h_s [N, D]``, ``w_s [V, D]``, ``h_t [N, D_T]``, ``w_t [V, D_T]``, ``labels [N]``."""
+        import torch.nn.functional as F
+
+        dtype = torch.promote_types(h_s.dtype, torch.float32)
+        z = (h_s @ w_s.T).to(dtype)  # (N, V)
+        with torch.no_grad():
+            t = (h_t @ w_t.T).to(dtype)
+        valid = labels != self.ignore_index
+        ce = F.cross_entropy(z, labels, ignore_index=self.ignore_index, reduction="sum")
+        kl = F.kl_div(z.log_softmax(-1), t.log_softmax(-1), log_target=True,
+                      reduction="none").sum(-1)
+        hard, soft = self.weights
+        return (hard * ce + soft * torch.where(valid, kl, 0.0).sum()) / valid.sum().clamp_min(1)
+
+
 def liger_jsd_loss(device: torch.device | str, *, beta: float = LIGER_FORWARD_KL_BETA,
-                   compiled: bool = True):
-    """Liger-Kernel's ``LigerFusedLinearJSDLoss`` as a divergence alone: ``weight_hard_loss=0``
-    (it then skips its CE), ``weight_soft_loss=1``, its own defaults otherwise (chunks of 1024
-    tokens, ``torch.compile`` of its chunk step, the weight gradient summed in the weight's
-    dtype). Called as ``loss(h_s [N, D], w_s [V, D], h_t [N, D_T], w_t [V, D_T], labels [N])``,
-    it returns the mean over valid tokens. Unlike ours, its divergence takes the log-softmax of
-    the logits in their own dtype (bf16 for bf16 inputs; only its CE upcasts to float32).
+                   compiled: bool = True, ce: bool = False, stand_in: bool = False):
+    """Liger-Kernel's ``LigerFusedLinearJSDLoss`` at ``beta``: the divergence alone
+    (``weight_hard_loss=0``: it then skips its CE), or with ``ce`` CE + divergence
+    (``weight_hard_loss=1``, what the peer loop of ``recipe_bench.py`` runs); its own defaults
+    otherwise (chunks of 1024 tokens, ``torch.compile`` of its chunk step, the weight gradient
+    summed in the weight's dtype, computed even for a frozen weight). Called as
+    ``loss(h_s [N, D], w_s [V, D], h_t [N, D_T], w_t [V, D_T], labels [N])``, it returns the sum
+    over valid tokens divided by their count. Unlike ours, its divergence takes the log-softmax
+    of the logits in their own dtype (bf16 for bf16 inputs; only its CE upcasts to float32), and
+    it has no logit soft-cap (Gemma2's final cap is not applied).
+
+    Args:
+        device: where it runs (any: its chunked losses are torch code; the GPU check measures
+            it on CUDA).
+        beta, compiled: ``LigerFusedLinearJSDLoss``'s.
+        ce: add its cross-entropy (``weight_hard_loss=1``).
+        stand_in: without ``liger-kernel``, return a ``LigerStandIn`` (beta 0 only) instead of
+            raising.
 
     Raises:
-        Unavailable: on a CPU (its chunked loss would run there, but what users pick it for
-            and the GPU check measures is CUDA), or when ``liger-kernel`` does not import.
+        Unavailable: when ``liger-kernel`` does not import (and no stand-in is asked for).
     """
-    if torch.device(device).type != "cuda":
-        raise Unavailable("Liger-Kernel is measured on CUDA only (the GPU library users pick); "
-                          f"not run on {torch.device(device).type}")
+    del device  # Liger's chunked losses follow their inputs' device
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
     except ImportError as err:
-        raise Unavailable(f"liger-kernel does not import ({err}); pip install "
+        if stand_in and beta == LIGER_FORWARD_KL_BETA:
+            return LigerStandIn(weight_hard_loss=float(ce), weight_soft_loss=1.0)
+        raise Unavailable(f"liger-kernel does not import ({err}); pip install --no-deps "
                           f"liger-kernel=={LIGER_VERSION}") from err
-    return LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta,
+    return LigerFusedLinearJSDLoss(weight_hard_loss=float(ce), weight_soft_loss=1.0, beta=beta,
                                    compiled=compiled)
 
 
 def make_step(impl: str, name: str, h_s, w_s, h_t, w_t, labels, fused_chunk: int | None = None,
-              teacher_cache_mib: float | None = None):
-    """A closure running one forward + backward, or None if the combination does not exist.
+              teacher_cache_mib: float | None = None, liger_stand_in: bool = False):
+    """A closure running one forward + backward, or None if the combination does not exist. A
+    step that stands in for the case (``LigerStandIn``) carries a ``note`` attribute saying so.
 
     Raises:
-        Unavailable: when the case cannot run here (``liger_fused_jsd`` on a CPU or without
-            ``liger-kernel``).
+        Unavailable: when the case cannot run here (``liger_fused_jsd*`` without
+            ``liger-kernel`` and without ``liger_stand_in``).
     """
     if impl == "matmul_floor":
         return _matmul_floor_step(h_s, w_s, h_t, w_t, fused_chunk)
-    if impl == "liger_fused_jsd":
-        loss_fn = liger_jsd_loss(h_s.device)
+    if impl == "matmul_floor_unchunked":
+        return _unchunked_floor_step(h_s, w_s, h_t, w_t)
+    if impl.startswith("liger_fused_jsd"):
+        loss_fn = liger_jsd_loss(h_s.device, ce=impl == "liger_fused_jsd_ce",
+                                 stand_in=liger_stand_in)
         d_s, d_t = h_s.shape[-1], h_t.shape[-1]
 
         def step():  # Liger takes [N, D] hidden states and [N] labels
             loss_fn(h_s.view(-1, d_s), w_s, h_t.view(-1, d_t), w_t, labels.view(-1)).backward()
 
+        if getattr(loss_fn, "stand_in", False):
+            step.note = "stand-in (liger-kernel not installed): the same loss by plain autograd"
         return step
     if impl.startswith("torchtune_chunked"):
         if name != "forward_kl":
@@ -223,12 +308,13 @@ def make_step(impl: str, name: str, h_s, w_s, h_t, w_t, labels, fused_chunk: int
 
         return step
     if impl == "naive":
-        div = DIVERGENCES[name](chunk_size=None)
+        div = DIVERGENCES[name]()
 
         def step():
             with torch.no_grad():
                 teacher_logits = (h_t @ w_t.T).float()
-            div(((h_s @ w_s.T).float()), teacher_logits, labels).backward()
+            div.sum_and_count(((h_s @ w_s.T).float()), teacher_logits, labels,
+                              chunk_size=None).mean().backward()
 
         return step
     if impl == "unfused":
@@ -246,10 +332,11 @@ def make_step(impl: str, name: str, h_s, w_s, h_t, w_t, labels, fused_chunk: int
     if teacher_cache_mib is not None and "teacher_cache_mib" not in options:
         options["teacher_cache_mib"] = teacher_cache_mib
     if impl.startswith("fused_step"):  # CE + divergence from one projection (the recipe's head)
+        chunk = options.pop("chunk_size", fused_chunk)
 
         def step():
             fused_head(h_s, w_s, labels, divergence=div, teacher_hidden=h_t, teacher_weight=w_t,
-                       chunk_size=fused_chunk, compute_ce=True, **options).objective.backward()
+                       chunk_size=chunk, compute_ce=True, **options).objective.backward()
 
         return step
     if impl == "two_pass":  # the recipe's head before it: a CE pass of its own, then the divergence
@@ -303,6 +390,21 @@ def _matmul_floor_step(h_s, w_s, h_t, w_t, chunk: int | None):
                 ht[start : start + chunk] @ w_t.T  # teacher projection
                 grad_h[start : start + chunk] = z @ w_s
                 grad_w.addmm_(z.t(), h)
+
+    return step
+
+
+def _unchunked_floor_step(h_s, w_s, h_t, w_t):
+    """The same four products unchunked (``[N, V]`` at once), each one library call."""
+    d = h_s.shape[-1]
+    hs, ht = h_s.detach().reshape(-1, d), h_t.reshape(-1, h_t.shape[-1])
+
+    def step():
+        with torch.no_grad():
+            z = hs @ w_s.T  # (N, V): student projection, standing in for its gradient too
+            ht @ w_t.T  # teacher projection
+            z @ w_s  # hidden-state gradient (N, D)
+            z.t() @ hs  # weight gradient (V, D)
 
     return step
 
@@ -381,42 +483,52 @@ def _sync(device: str) -> None:
 
 def measure_memory(impl: str, name: str, shape: tuple, device: str,
                    fused_chunk: int | None = None, teacher_cache_mib: float | None = None,
-                   cpu_memory: str = "rss") -> dict:
-    """Peak extra memory of the second step (the first compiles the compiled cases; CPU: the
-    memory it freed is handed back to the OS first, so that it counts again). CPU with
-    ``cpu_memory="allocations"``: ``peak_allocated_bytes`` of one step, after a warm-up step for
-    the compiled cases only, to read off a GPU shape's memory on a machine without one."""
+                   cpu_memory: str = "rss", liger_stand_in: bool = False) -> dict:
+    """Peak extra memory of one step in a process of its own (CPU with ``cpu_memory="rss"``):
+    the second step (the first compiles the compiled cases; the memory it freed is handed back
+    to the OS first, so that it counts again). Elsewhere ``measure_times(memory=True)`` measures
+    it in the timing process."""
     n, v, d, dtype_name = shape
     inputs = make_inputs(n, v, d, DTYPES[dtype_name], device)
     try:
         step = make_step(impl, name, *inputs, fused_chunk=fused_chunk,
-                         teacher_cache_mib=teacher_cache_mib)
+                         teacher_cache_mib=teacher_cache_mib, liger_stand_in=liger_stand_in)
     except Unavailable as why:
         return {"peak_mib": None, "note": str(why)}
-    by_allocations = device == "cpu" and cpu_memory == "allocations"
-    if not by_allocations or "compiled" in impl:
+    if device == "cpu" and cpu_memory == "rss":
         step()  # warm-up: compiles the compiled cases, whose compiler memory is not the loss's
         inputs[0].grad = inputs[1].grad = None
-    if by_allocations:
-        return {"peak_mib": peak_allocated_bytes(step) / 2**20}
-    if device == "cpu":
         _release_free_memory()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak RSS to the current RSS
         base = _vm_kib("VmRSS") * 1024
+        step()
+        return {"peak_mib": (_vm_kib("VmHWM") * 1024 - base) / 2**20}
+    if "compiled" in impl or impl == "fused_step_recipe" or impl.startswith("liger"):
+        step()  # compiles
+        inputs[0].grad = inputs[1].grad = None
+    return step_memory(step, device, cpu_memory)
+
+
+def step_memory(step, device: str, cpu_memory: str = "allocations") -> dict:
+    """Peak extra memory of ``step()`` measured in this process: CUDA,
+    ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` minus the memory
+    allocated before; CPU, ``peak_allocated_bytes`` (the CPU's peak RSS cannot be reset
+    per step in a process that has already freed memory)."""
+    if device == "cpu":
+        if cpu_memory != "allocations":
+            raise ValueError(f"step_memory on a CPU counts allocations, got {cpu_memory!r}")
+        return {"peak_mib": peak_allocated_bytes(step) / 2**20}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
     try:
         step()
-        _sync(device)
+        torch.cuda.synchronize()
     except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
         return {"peak_mib": None, "note": "OOM"}
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _vm_kib("VmHWM") * 1024
-    return {"peak_mib": (peak - base) / 2**20}
+    return {"peak_mib": (torch.cuda.max_memory_allocated() - base) / 2**20}
 
 
 def time_round_robin(steps: dict, inputs: tuple, device: str, warmup: int,
@@ -454,25 +566,40 @@ def time_round_robin(steps: dict, inputs: tuple, device: str, warmup: int,
 
 def measure_times(cases: list[tuple[str, str]], shape: tuple, device: str, warmup: int,
                   repeats: int, fused_chunk: int | None = None,
-                  teacher_cache_mib: float | None = None) -> dict:
-    """Median step time of each case, timed by ``time_round_robin``."""
+                  teacher_cache_mib: float | None = None, *, memory: bool = False,
+                  cpu_memory: str = "allocations", liger_stand_in: bool = False) -> dict:
+    """Median step time of each case, timed by ``time_round_robin``; with ``memory``, then the
+    peak extra memory of one more step of each case (``step_memory``), case after case, in this
+    process (the warm-up steps compiled the compiled cases)."""
     n, v, d, dtype_name = shape
     inputs = make_inputs(n, v, d, DTYPES[dtype_name], device)
     steps, unavailable = {}, {}
     for c in cases:
         try:
             steps[c] = make_step(*c, *inputs, fused_chunk=fused_chunk,
-                                 teacher_cache_mib=teacher_cache_mib)
+                                 teacher_cache_mib=teacher_cache_mib,
+                                 liger_stand_in=liger_stand_in)
         except Unavailable as why:
             unavailable[c] = str(why)
     times, failed = time_round_robin(steps, inputs, device, warmup, repeats)
     failed.update(unavailable)
-    return {f"{impl}/{name}": {"ms": statistics.median(times[(impl, name)])
-                               if times.get((impl, name)) else None,
-                               "times_ms": [round(t, 1) for t in times.get((impl, name), [])],
-                               **({"note": failed[(impl, name)]} if (impl, name) in failed else {}),
-                               **({"unavailable": True} if (impl, name) in unavailable else {})}
-            for impl, name in cases}
+    peaks = {}
+    for c, step in steps.items() if memory else ():
+        if c not in failed:
+            inputs[0].grad = inputs[1].grad = None
+            peaks[c] = step_memory(step, device, cpu_memory)
+    out = {}
+    for c in cases:
+        notes = [failed.get(c), getattr(steps.get(c), "note", None), peaks.get(c, {}).get("note")]
+        out["/".join(c)] = {
+            "ms": statistics.median(times[c]) if times.get(c) else None,
+            "times_ms": [round(t, 1) for t in times.get(c, [])],
+            "note": " ".join(x for x in notes if x),
+            **({"peak_mib": peaks.get(c, {}).get("peak_mib")} if memory else {}),
+            **({"unavailable": True} if c in unavailable else {}),
+            **({"stand_in": True} if hasattr(steps.get(c), "note") else {}),
+        }
+    return out
 
 
 def paired_time_ratio(times_a: list[float], times_b: list[float]) -> float:
@@ -504,7 +631,9 @@ def _subprocess(args, task: dict) -> dict:
         cmd += ["--threads", str(args.threads)]
     if args.teacher_cache_mib is not None:
         cmd += ["--teacher-cache-mib", str(args.teacher_cache_mib)]
-    cmd += ["--cpu-memory", args.cpu_memory]
+    cmd += ["--cpu-memory", args.cpu_memory, "--compile-backend", args.compile_backend]
+    if args.liger_stand_in:
+        cmd += ["--liger-stand-in"]
     env = dict(os.environ)
     if task["kind"] == "memory" and args.device == "cpu" and args.cpu_memory == "rss":
         # a fixed mmap threshold: every large tensor is its own mapping, returned to the OS when
@@ -540,25 +669,32 @@ def main() -> int:
                              "(default: fused_divergence's)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--cpu-memory", choices=("rss", "allocations"), default="rss",
-                        help="CPU peak memory: peak RSS of a subprocess (default), or the peak of "
-                             "live torch allocations (profiler), one step without warm-up for "
-                             "the eager cases: what a GPU's allocator would be asked for")
+                        help="CPU peak memory: peak RSS of a subprocess per case (default), or "
+                             "the peak of live torch allocations (profiler) in the timing "
+                             "process: what a GPU's allocator would be asked for")
+    parser.add_argument("--compile-backend", choices=("inductor", "eager"), default="inductor",
+                        help="backend of every torch.compile (eager: Dynamo only, the dry run)")
+    parser.add_argument("--liger-stand-in", action="store_true",
+                        help="without liger-kernel, run the Liger cases' loss by plain autograd "
+                             "(LigerStandIn, rows marked) instead of reporting them unavailable")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--_task", help=argparse.SUPPRESS)  # internal: one subprocess's work
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    set_compile_backend(args.compile_backend)
 
     if args._task:
         task = json.loads(args._task)
         shape = tuple(task["shape"])
         if task["kind"] == "memory":
             result = measure_memory(task["impl"], task["name"], shape, args.device,
-                                    args.fused_chunk, args.teacher_cache_mib, args.cpu_memory)
+                                    args.fused_chunk, args.teacher_cache_mib, args.cpu_memory,
+                                    liger_stand_in=args.liger_stand_in)
         else:
             result = measure_times([tuple(c) for c in task["cases"]], shape, args.device,
                                    task["warmup"], task["repeats"], args.fused_chunk,
-                                   args.teacher_cache_mib)
+                                   args.teacher_cache_mib, liger_stand_in=args.liger_stand_in)
         print("RESULT " + json.dumps(result))
         return 0
 
@@ -570,41 +706,54 @@ def main() -> int:
     if not cases:
         cases = [(impl, name) for name in args.divergences for impl in args.impls
                  if ONLY_DIVERGENCE.get(impl, name) == name]
-        if "matmul_floor" in args.impls:
-            cases.append(("matmul_floor", "none"))
+        cases += [(impl, "none") for impl in args.impls if ONLY_DIVERGENCE.get(impl) == "none"]
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
+    # CUDA, or CPU allocations: everything in this process (memory after the timed steps);
+    # CPU peak RSS: a fresh process for the times and one per case for the memory
+    in_process = args.device == "cuda" or args.cpu_memory == "allocations"
     rows, failed = [], False
     for shape in shapes:
         n, v, d, dtype_name = shape
-        timing = _subprocess(args, dict(kind="time", shape=shape, cases=cases,
-                                        warmup=args.warmup, repeats=args.repeats))
+        if in_process:
+            torch._dynamo.reset()  # every shape compiles afresh, static, as in a process of its own
+            timing = measure_times(cases, shape, args.device, args.warmup, args.repeats,
+                                   args.fused_chunk, args.teacher_cache_mib, memory=True,
+                                   cpu_memory=args.cpu_memory, liger_stand_in=args.liger_stand_in)
+        else:
+            timing = _subprocess(args, dict(kind="time", shape=shape, cases=cases,
+                                            warmup=args.warmup, repeats=args.repeats))
         print(f"# times {shape}: {timing}", file=sys.stderr, flush=True)
         for impl, name in cases:
             t = timing.get(f"{impl}/{name}", {"ms": None, "note": timing.get("error", "")})
-            memory = {"peak_mib": None} if t.get("unavailable") else _subprocess(
-                args, dict(kind="memory", shape=shape, impl=impl, name=name))
+            memory = ({"peak_mib": t.get("peak_mib")} if in_process
+                      else {"peak_mib": None} if t.get("unavailable")
+                      else _subprocess(args, dict(kind="memory", shape=shape, impl=impl,
+                                                  name=name)))
             failed = failed or "error" in timing or "error" in memory
             note = " ".join(dict.fromkeys(x for x in (t.get("note"), memory.get("note"),
                                                       memory.get("error", "")[-200:]) if x))
             rows.append(dict(impl=impl, divergence=name, N=n, V=v, D=d, dtype=dtype_name,
                              ms=t["ms"], times_ms=t.get("times_ms"),
-                             peak_mib=memory.get("peak_mib"), note=note))
+                             peak_mib=memory.get("peak_mib"), note=note,
+                             stand_in=bool(t.get("stand_in"))))
             print(f"# {rows[-1]}", file=sys.stderr, flush=True)
             if args.json:  # after every row: a run stopped part-way keeps what it measured
                 args.json.write_text(json.dumps(rows, indent=1))
 
     mem_how = ("torch.cuda.max_memory_allocated" if args.device == "cuda"
-               else "peak RSS (VmHWM) of a subprocess per case" if args.cpu_memory == "rss"
-               else "peak of live torch allocations, profiler")
+               else "peak of live torch allocations, profiler" if in_process
+               else "peak RSS (VmHWM) of a subprocess per case")
     print(f"\ndevice={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"warmup={args.warmup} repeats={args.repeats} (timed round robin in one process)\n")
     print(f"| impl | divergence | N | V | D | dtype | fused chunk | fwd+bwd ms (median) | "
           f"peak extra MiB ({mem_how}) | beyond the gradients MiB | note |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        chunk = (args.fused_chunk or default_chunk_size(r["N"], r["V"], r["D"], args.device)
-                 if r["impl"].startswith(("fused", "matmul_floor")) else "")
+        chunk = (RECIPE_HEAD["chunk_size"] if r["impl"] == "fused_step_recipe"
+                 else "" if not r["impl"].startswith(("fused", "matmul_floor"))
+                 or r["impl"] == "matmul_floor_unchunked"
+                 else args.fused_chunk or default_chunk_size(r["N"], r["V"], r["D"], args.device))
         print(f"| {r['impl']} | {r['divergence']} | {r['N']} | {r['V']} | {r['D']} | "
               f"{r['dtype']} | {chunk} | {fmt(r['ms'], '.0f')} | {fmt(r['peak_mib'], '.0f')} | "
               f"{fmt(beyond_gradients(r), '.0f')} | {r['note']} |")
@@ -624,7 +773,7 @@ def main() -> int:
 
         shape = f"({n}, {v}, {d}, {dtype_name})"
         tt = ("torchtune_chunked", "forward_kl")
-        floor = ("matmul_floor", "none")
+        floor, unchunked = ("matmul_floor", "none"), ("matmul_floor_unchunked", "none")
         for mode in ("fused", "fused_compiled", "fused_step", "fused_step_bf16_wgrad"):
             tad, same_fkl = (mode, "tad"), (mode, "forward_kl")
             if tad not in got:
@@ -636,25 +785,33 @@ def main() -> int:
                 print(f"- {shape} {mode} TAD / torchtune chunked forward-KL peak extra memory: "
                       f"{ratio(tad, tt, 'peak_mib')} (CPU target <= 0.25); time: "
                       f"{ratio(tad, tt, 'ms')} (CPU target <= 1.0)")
-            print(f"- {shape} {mode} TAD / matmul floor time: {ratio(tad, floor, 'ms')} "
-                  f"(GPU target <= 1.5); peak extra MiB {fmt(got[tad]['peak_mib'], '.0f')}, "
-                  f"beyond the gradients {fmt(beyond_gradients(got[tad]), '.0f')} "
-                  f"(GPU target <= 2048)")
-        for mode in ("fused_step", "fused_step_compiled"):
+            print(f"- {shape} {mode} TAD / chunked matmul floor time: {ratio(tad, floor, 'ms')}, "
+                  f"/ unchunked floor: {ratio(tad, unchunked, 'ms')}; peak extra MiB "
+                  f"{fmt(got[tad]['peak_mib'], '.0f')}, beyond the gradients "
+                  f"{fmt(beyond_gradients(got[tad]), '.0f')}")
+        liger_ce = ("liger_fused_jsd_ce", "forward_kl")
+        for mode in ("fused_step", "fused_step_compiled", "fused_step_bf16_wgrad",
+                     "fused_step_recipe"):
             for name in args.divergences:
                 head = (mode, name)
                 if head not in got:
                     continue
-                print(f"- {shape} {mode} (CE + {name}, the recipe's head) / matmul floor time: "
-                      f"{ratio(head, floor, 'ms')} (CE + TAD: CPU target <= 1.25); / two_pass "
-                      f"(a CE pass of its own, then the divergence): "
-                      f"{ratio(head, ('two_pass', name), 'ms')}")
+                print(f"- {shape} {mode} (CE + {name}) / chunked matmul floor time: "
+                      f"{ratio(head, floor, 'ms')}; / unchunked floor: "
+                      f"{ratio(head, unchunked, 'ms')} (GPU target, CE + TAD at the recipe's "
+                      f"settings: <= 1.5); / Liger CE + forward KL time: "
+                      f"{ratio(head, liger_ce, 'ms')}, peak extra memory: "
+                      f"{ratio(head, liger_ce, 'peak_mib')} (GPU targets at the recipe's "
+                      f"settings: CE + TAD <= 1.15 and <= 1.0, CE + forward KL <= 1.0); / "
+                      f"two_pass: {ratio(head, ('two_pass', name), 'ms')}")
         liger, ours = ("liger_fused_jsd", "forward_kl"), ("fused", "forward_kl")
-        if liger in got:
-            note = f" ({got[liger]['note']})" if got[liger]["note"] else ""
-            print(f"- {shape} Liger fused linear JSD at beta {LIGER_FORWARD_KL_BETA} (forward KL) "
-                  f"/ fused forward-KL time: {ratio(liger, ours, 'ms')}, peak extra memory: "
-                  f"{ratio(liger, ours, 'peak_mib')}{note}")
+        for case, mine in ((liger, ours), (liger_ce, ("fused_step", "forward_kl"))):
+            if case in got:
+                note = f" ({got[case]['note']})" if got[case]["note"] else ""
+                print(f"- {shape} {case[0]} at beta {LIGER_FORWARD_KL_BETA} (forward KL) / "
+                      f"{mine[0]} forward-KL time: {ratio(case, mine, 'ms')}, peak extra memory: "
+                      f"{ratio(case, mine, 'peak_mib')}; / unchunked floor: "
+                      f"{ratio(case, unchunked, 'ms')}{note}")
         for name in args.divergences:
             f, u = ("fused", name), ("unfused", name)
             if f in got and u in got:

@@ -1,32 +1,61 @@
-"""The recipe's own training step against a minimal loop doing the same work: tokens/s, the
-recipe's overhead as a ratio, MFU, peak memory and where a step's time goes.
+"""The recipe's training step against a minimal loop doing the same work and against what a user
+of another stack runs instead (transformers + Liger-Kernel): tokens/s, the ratios, MFU, peak
+memory and where a recipe step's time goes.
 
     python benchmarks/recipe_bench.py [--device cpu|cuda] [--archs demo small ...]
-        [--variants unfused fused ...] [--steps 20] [--warmup 3] [--seq N] [--batch B]
-        [--json PATH]
+        [--variants unfused fused ...] [--loops minimal peer peer_eager] [--steps 20]
+        [--warmup 3] [--seq N] [--batch B] [--peer-compile layers|body]
+        [--compile-backend inductor|eager] [--liger-stand-in] [--json PATH]
 
 Per architecture (``ARCHS``: tiny ones for the CPU, the shipped configs' real teacher/student
 pairs for a GPU) and variant (``VARIANTS``: fused or unfused head, compile, activation
-checkpointing), on a teacher with random weights and synthetic token blocks (no download):
+checkpointing), on random weights and synthetic token blocks (no download), up to four loops
+over the same batches take turns step by step (recipe, minimal, peer, peer_eager, recipe, ...),
+so that all of them see the same machine:
 
-- the recipe: ``TADDistillRecipe`` set up from a config and stepped with its own
-  ``train_step`` (data loader, collation, ``_prepare``, the teacher and student heads, the
-  step's one host synchronisation, throughput, logging every step). The only method replaced is
-  ``_load_teacher_state``, which builds random teacher weights instead of reading a checkpoint;
-- a minimal loop over the SAME models, optimizer and batches: teacher forward without autograd,
-  student forward, the same loss functions (chunked CE + the divergence, or the fused head),
-  backward, gradient clipping, the optimizer step;
+- ``recipe``: ``TADDistillRecipe`` set up from a config (``setup``) and stepped by its own
+  ``train_step`` (preparation, the teacher and student heads, the step's one host
+  synchronisation, throughput, a metrics line every step). Its ``teacher_checkpointer`` is this
+  benchmark's ``RandomCheckpointer`` (random teacher weights, no file); nothing but the config,
+  ``setup``, ``train_step`` and ``cleanup`` is used. On a GPU, ``setup`` runs under
+  ``torch.device("cuda")``, so the models it builds are initialised there: a 9B teacher's random
+  initialisation on the CPU's serial generator would take a minute of the GPU check.
+- ``minimal``: the same work as a hand-written loop over the library: its own teacher and
+  student, built as the recipe builds them (``build_model``, ``init_student_from_teacher``,
+  ``parallelize``), teacher forward without autograd, student forward, the same loss functions
+  (``fused_head``, or chunked CE + the divergence), backward, clipping, the same optimizer. The
+  recipe / minimal ratio is the recipe's overhead.
+- ``peer`` and ``peer_eager``: what a TRL user runs instead, ``PeerModels``: the same teacher
+  and student as transformers models (``AutoModelForCausalLM`` from configs of the same sizes,
+  ``hf_config_for`` of the torchtune models: ``Qwen2ForCausalLM``, ``Gemma2ForCausalLM``, ...),
+  random weights, attention ``sdpa`` (``eager`` for Gemma2, whose soft-capped attention sdpa
+  cannot compute: transformers refuses it), the student's embedding frozen (and tied) as the
+  recipe's; the loss Liger-Kernel's ``LigerFusedLinearJSDLoss(beta=0, weight_hard_loss=1,
+  weight_soft_loss=1)`` (CE + forward KL; its chunks of 1024 tokens, compiled) on the final hidden
+  states and the ``lm_head`` weights; the config's optimizer (AdamW, fused on CUDA) and gradient
+  clipping. ``peer`` compiles every decoder layer of both models (``torch.compile`` per block,
+  as the recipe compiles its models; ``--peer-compile body``: each base model whole, as a
+  Trainer's ``torch_compile`` does, minutes more to compile); ``peer_eager`` does not; both share
+  models and optimizer.
+  Liger has no logit soft-cap: the Gemma2 peer's loss reads uncapped logits (the recipe caps them
+  at 30, one element-wise pass more). Without ``liger-kernel``, ``--liger-stand-in`` (the GPU
+  check's dry run) gives the peer ``loss_bench.LigerStandIn`` instead, and its row says so.
 
-taking turns step by step (A B A B ...), so both see the same machine. Reported: tokens/s of each
-(median over steps), the recipe/minimal ratio (median of the per-round ratios of their steps'
-times), MFU (``tad_torchtune.flops``; peak FLOP/s: the known GPU's, or on a CPU the best float32
-matmul rate measured in this process, so CPU "MFU" is against what this CPU's matmul achieves),
-peak memory (CUDA: ``max_memory_allocated``; CPU: the process's peak RSS) and the time split of a
-recipe step into teacher forward, student forward + losses, backward, optimizer and the rest
-(measured in a separate pass, with synchronised timers).
+Reported per loop: tokens/s (valid tokens of a step over its median time), MFU
+(``tad_torchtune.flops``, model FLOPs of the architecture, the same for every loop; peak FLOP/s:
+the known GPU's, or on a CPU the best float32 matmul rate measured in this process) and peak
+memory: on CUDA the loop's own, what it allocated at set-up and kept from its first step
+(models, optimizer state) plus the most any of its steps allocated beyond what was allocated
+before the step, i.e. what it would need alone; on a CPU the process's peak RSS, all loops
+together. Ratios, paired per round: ``recipe_over_LOOP`` is the median of the loop's step time
+over the recipe's step time of the same round (> 1: the recipe is faster). The time split of a
+recipe step into teacher forward, student forward + losses, backward, optimizer and the rest is
+measured in a separate pass with synchronised timers (``TeacherHead``, ``StudentHead``,
+``Tensor.backward``, torch.optim's global step hooks).
 """
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import resource
@@ -38,6 +67,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # The installed project where there is one (an installed wheel holds tad_torchtune.configs, which
@@ -48,11 +81,14 @@ if importlib.util.find_spec("tad_torchtune") is None:
 if importlib.util.find_spec("tad_distill") is None:
     sys.path.insert(0, str(ROOT / "recipes"))
 
+import loss_bench  # noqa: E402  (Liger's loss as the loss benchmark builds it; the compile backend)
 import tad_distill  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from torchtune import config, training  # noqa: E402
 
-from tad_torchtune.common import IGNORE_INDEX, shift_labels  # noqa: E402
-from tad_torchtune.schema import validate_config  # noqa: E402
+from tad_torchtune.common import IGNORE_INDEX  # noqa: E402
+from tad_torchtune.data import Batch, collate  # noqa: E402
+from tad_torchtune.schema import DISTILL, validate_config  # noqa: E402
 from tad_torchtune.flops import peak_flops, step_flops_per_token  # noqa: E402
 from tad_torchtune.head import StudentHead, TeacherHead  # noqa: E402
 from tad_torchtune.losses.ce import chunked_cross_entropy  # noqa: E402
@@ -60,12 +96,20 @@ from tad_torchtune.losses.fused import fused_head  # noqa: E402
 from tad_torchtune.models import (  # noqa: E402
     build_model,
     forward_hidden,
+    hf_config_for,
+    init_student_from_teacher,
+    logit_softcap,
     output_weight,
     project_logits,
     resolve_teacher,
 )
+from tad_torchtune.parallel import parallelize  # noqa: E402
 
 _LLAMA = "torchtune.models.llama3._component_builders.llama3"
+_QWEN2 = "torchtune.models.qwen2._component_builders.qwen2"
+_GEMMA2 = "torchtune.models.gemma2._component_builders.gemma2"
+_TINY = {"vocab_size": 1024, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "embed_dim": 64,
+         "intermediate_dim": 128, "max_seq_len": 128}
 ARCHS: dict[str, dict[str, Any]] = {
     # the bundled demo's models and batches (configs/demo.yaml)
     "demo": dict(teacher={"_component_": _LLAMA, "vocab_size": 2048, "num_layers": 4,
@@ -79,12 +123,24 @@ ARCHS: dict[str, dict[str, Any]] = {
                            "intermediate_dim": 1024, "max_seq_len": 512, "rope_base": 500000},
                   student=dict(num_layers=3, intermediate_dim=768), seq=256, batch=4,
                   chunk=1024),
+    # the GPU pairs' families at a CPU's size (the GPU check's dry run): Qwen2 with tied
+    # embeddings; Gemma2 with its soft-caps and a sliding window shorter than the sequence
+    "tiny_qwen2": dict(teacher={"_component_": _QWEN2, **_TINY, "norm_eps": 1e-6,
+                                "rope_base": 1e6, "tie_word_embeddings": True},
+                       student=dict(num_layers=2, intermediate_dim=96), seq=64, batch=2,
+                       chunk=None),
+    "tiny_gemma2": dict(teacher={"_component_": _GEMMA2, **_TINY, "head_dim": 16,
+                                 "sliding_window_size": 32},
+                        student=dict(num_layers=2, intermediate_dim=96), seq=64, batch=2,
+                        chunk=None),
     # the shipped configs' teacher/student pairs (GPU)
     "qwen2_5_3b_half": dict(config="qwen2_5_3b_to_half", seq=2048, batch=4, chunk=None),
     "qwen1_5_1_8b_to_1_2b": dict(config="qwen1_5_1_8b_to_1_2b", seq=2048, batch=4, chunk=None),
-    # Gemma2-9B at full width with 14 of its 42 layers, so teacher and student fit one GPU
-    "gemma2_9b_third_short": dict(config="gemma2_9b_to_third", teacher_layers=14,
-                                  student=dict(num_layers=5), seq=2048, batch=2, chunk=None),
+    # Gemma2-9B -> a third (gemma2_9b_to_third: 42 -> 14 layers, the paper's flagship) on ONE
+    # GPU with sequences of 1024 ("short"; the config's are 2048): the recipe's and the peer's
+    # teacher and student (about 30 GB each, with gradients and optimizer state) and their
+    # activations fit one H200
+    "gemma2_9b_third_short": dict(config="gemma2_9b_to_third", seq=1024, batch=2, chunk=None),
 }
 VARIANTS = {
     "unfused": {}, "fused": {"fused": True},
@@ -94,6 +150,9 @@ VARIANTS = {
     "fused_compiled_ac": {"fused": True, "compile": True,
                           "enable_activation_checkpointing": True},
 }
+#: the loops that can run beside the recipe, in their turn order
+LOOPS = ("minimal", "peer", "peer_eager")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 # ------------------------------------------------------------ components the config points at
@@ -118,7 +177,9 @@ class SyntheticBlocks(torch.utils.data.Dataset):
     def __init__(self, tokenizer: Any, *, vocab_size: int, max_seq_len: int, num_blocks: int,
                  seed: int = 0) -> None:
         gen = torch.Generator().manual_seed(seed)
-        self.tokens = torch.randint(0, vocab_size, (num_blocks, max_seq_len), generator=gen)
+        # on the CPU also under a torch.device("cuda") context (the recipe's set-up on a GPU)
+        self.tokens = torch.randint(0, vocab_size, (num_blocks, max_seq_len), generator=gen,
+                                    device="cpu")
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -132,13 +193,24 @@ def synthetic_blocks(tokenizer: Any, **kwargs: Any) -> SyntheticBlocks:
     return SyntheticBlocks(tokenizer, **kwargs)
 
 
-class BenchRecipe(tad_distill.TADDistillRecipe):
-    """The recipe with random teacher weights instead of a checkpoint."""
+class RandomCheckpointer:
+    """A ``teacher_checkpointer`` that reads no file: the teacher of ``ARCHS[arch]`` with
+    torchtune's random initialisation (seeded), built on ``device`` in ``dtype``, handed out as
+    torchtune's checkpointers hand out a checkpoint (``load_checkpoint()["model"]``, torchtune
+    keys). The other keys of a checkpointer node (``checkpoint_dir``, whose ``config.json``
+    names the model type, ``checkpoint_files``, ``model_type``, ``output_dir``) are accepted and
+    left to the recipe."""
 
-    def _load_teacher_state(self, cfg):
-        with torch.device(self._device):
-            model, _ = build_model(cfg.teacher_model)
-        return {k: v.to(self._dtype) for k, v in model.state_dict().items()}
+    def __init__(self, *, arch: str, dtype: str, device: str, seed: int = 0,
+                 **checkpointer_keys: Any) -> None:
+        self.arch, self.dtype, self.device, self.seed = arch, DTYPES[dtype], device, seed
+
+    def load_checkpoint(self) -> dict[str, dict[str, torch.Tensor]]:
+        teacher, _, _ = arch_nodes(self.arch)
+        torch.manual_seed(self.seed)
+        with training.set_default_dtype(self.dtype), torch.device(self.device):
+            model, _ = build_model(teacher)
+        return {training.MODEL_KEY: model.state_dict()}
 
 
 # --------------------------------------------------------------------------------- the config
@@ -154,19 +226,13 @@ def arch_nodes(name: str) -> tuple[dict, dict, dict]:
         teacher = OmegaConf.to_container(cfg.teacher_model, resolve=True)
         student = OmegaConf.to_container(cfg.student_model, resolve=False)
         student.pop("teacher", None)
-        if arch.get("teacher_layers"):
-            _, kwargs = resolve_teacher(teacher)
-            teacher = {"_component_": resolve_teacher(teacher)[0].component,
-                       **{**kwargs, "num_layers": arch["teacher_layers"]}}
-            student.pop("teacher_layers", None)
-        student.update(arch.get("student", {}))
     else:
         teacher, student = dict(arch["teacher"]), dict(arch["student"])
     student = {"_component_": "tad_torchtune.models.pruned_student", "teacher": teacher, **student}
     return teacher, student, arch
 
 
-def recipe_config(arch_name: str, variant: str, device: str, out: Path, *, steps: int,
+def recipe_config(arch_name: str, variant: str, device: str, out: Path, *, num_blocks: int,
                   seq: int | None, batch: int | None, peak: float | None) -> dict:
     teacher, student, arch = arch_nodes(arch_name)
     seq, batch = seq or arch["seq"], batch or arch["batch"]
@@ -174,16 +240,17 @@ def recipe_config(arch_name: str, variant: str, device: str, out: Path, *, steps
     hf = out / "teacher_hf"
     hf.mkdir(parents=True, exist_ok=True)
     (hf / "config.json").write_text(json.dumps({"model_type": family.hf_model_type}))
+    dtype = "bf16" if device == "cuda" else "fp32"
     cfg = {
-        "output_dir": str(out / "run"), "seed": 0, "device": device,
-        "dtype": "bf16" if device == "cuda" else "fp32",
+        "output_dir": str(out / "run"), "seed": 0, "device": device, "dtype": dtype,
         "tokenizer": {"_component_": "recipe_bench.null_tokenizer"},
         "dataset": {"_component_": "recipe_bench.synthetic_blocks",
                     "vocab_size": kwargs["vocab_size"], "max_seq_len": seq,
-                    "num_blocks": batch * (2 * steps + 8)},
+                    "num_blocks": num_blocks},
         "batch_size": batch, "gradient_accumulation_steps": 1,
         "teacher_model": teacher,
-        "teacher_checkpointer": {"_component_": "torchtune.training.FullModelHFCheckpointer",
+        "teacher_checkpointer": {"_component_": "recipe_bench.RandomCheckpointer",
+                                 "arch": arch_name, "dtype": dtype, "device": device,
                                  "checkpoint_dir": str(hf), "checkpoint_files": [],
                                  "model_type": family.checkpointer_model_type,
                                  "output_dir": str(out / "unused")},
@@ -202,12 +269,175 @@ def recipe_config(arch_name: str, variant: str, device: str, out: Path, *, steps
     return cfg
 
 
-# ------------------------------------------------------------------------------- measurement
+def _setting(cfg: DictConfig, key: str) -> Any:
+    """A recipe setting of ``cfg``, or the recipe's default for it."""
+    return DISTILL.get(cfg, key)
+
+
+# ------------------------------------------------------------------------------------ loops
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+class MinimalLoop:
+    """The recipe's work as a hand-written loop over the library, on models of its own built
+    as the recipe builds them (see the module docstring)."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device) -> None:
+        self.device = device
+        node = OmegaConf.to_container(cfg.teacher_checkpointer, resolve=True)
+        node.pop("_component_")
+        state = RandomCheckpointer(**node).load_checkpoint()[training.MODEL_KEY]
+        compile = bool(_setting(cfg, "compile"))
+        with training.set_default_dtype(DTYPES[cfg.dtype]), torch.device(device):
+            self.teacher, _ = build_model(cfg.teacher_model)
+            self.teacher.load_state_dict(state)
+            torch.manual_seed(cfg.seed)
+            self.student, _ = build_model(cfg.student_model)
+            init_student_from_teacher(self.student, state)
+        del state
+        self.teacher.eval().requires_grad_(False)
+        self.student.train()
+        parallelize(self.teacher, compile=compile)
+        parallelize(self.student, compile=compile, activation_checkpointing=bool(
+            _setting(cfg, "enable_activation_checkpointing")))
+        self.kd = config.instantiate(cfg.kd_loss)
+        self.fused = bool(_setting(cfg, "fused"))
+        self.chunk = int(_setting(cfg, "loss_chunk_size"))
+        self.fused_options = {
+            "teacher_cache_mib": float(_setting(cfg, "fused_teacher_cache_mib")),
+            "float32_weight_grad": bool(_setting(cfg, "fused_float32_weight_grad")),
+            "compile_chunks": compile}
+        # as the recipe's head: the unfused divergence compiled whole
+        self.kd_sum = (torch.compile(self.kd.sum_and_count) if compile and not self.fused
+                       else self.kd.sum_and_count)
+        self.trainable = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer = config.instantiate(cfg.optimizer, self.trainable)
+        self.clip = float(cfg.clip_grad_norm)
+
+    def step(self, batch: Batch) -> None:
+        batch = batch.to(self.device)
+        tokens, labels = batch.tokens, batch.labels
+        n = (labels != IGNORE_INDEX).sum()
+        teacher, student = self.teacher, self.student
+        with torch.no_grad():
+            t_hidden, _ = forward_hidden(teacher, tokens)
+            t_logits = None if self.fused else project_logits(teacher, t_hidden)
+        hidden, _ = forward_hidden(student, tokens)
+        if self.fused:
+            loss = fused_head(hidden, output_weight(student), labels, divergence=self.kd,
+                              teacher_hidden=t_hidden, teacher_weight=output_weight(teacher),
+                              teacher_softcap=logit_softcap(teacher),
+                              student_softcap=logit_softcap(student), compute_ce=True,
+                              chunk_size=self.chunk, **self.fused_options).objective
+        else:
+            logits = project_logits(student, hidden)
+            ce, _ = chunked_cross_entropy(logits, labels, chunk_size=self.chunk)
+            loss = ce + self.kd_sum(logits, t_logits, labels).total
+        (loss / n).backward()
+        torch.nn.utils.clip_grad_norm_(self.trainable, self.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def peer_configs(teacher_node: dict, student_node: dict) -> tuple[dict, dict, Any, Any]:
+    """The Hugging Face configs of the teacher and the student, read off the torchtune models
+    (built on the meta device: no memory, no initialisation) by ``hf_config_for``, and those
+    meta models (their FLOPs, which parameters are frozen)."""
+    family, kwargs = resolve_teacher(teacher_node)
+    base = {"model_type": family.hf_model_type, "rope_theta": kwargs.get("rope_base"),
+            "rms_norm_eps": kwargs.get("norm_eps"),
+            "max_position_embeddings": kwargs.get("max_seq_len"),
+            "head_dim": None,  # present, so hf_config_for writes the model's (Gemma2's differs)
+            "use_cache": False}
+    base = {k: v for k, v in base.items() if v is not None or k == "head_dim"}
+    with torch.device("meta"):
+        teacher, _ = build_model(teacher_node)
+        student, _ = build_model(student_node)
+    return (hf_config_for(teacher, base, family), hf_config_for(student, base, family), teacher,
+            student)
+
+
+class PeerModels:
+    """What a TRL user runs instead (see the module docstring): transformers models of the same
+    sizes, Liger-Kernel's fused linear JSD as CE + forward KL, the config's optimizer. ``step``
+    runs eagerly or, with ``compiled``, with every decoder layer of both models compiled (the
+    layers swapped for ``torch.compile`` wrappers of themselves: one set of weights for both;
+    the recipe's compile scope, and a few graphs to compile), or with ``compile_scope="body"``
+    each base model compiled whole (``torch.compile(model.model)``, as a Trainer's
+    ``torch_compile`` would; one graph of every layer: minutes of compilation on a GPU)."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device, *, attention: str | None,
+                 stand_in: bool, compile_scope: str = "layers") -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.device, self.compile_scope = device, compile_scope
+        t_cfg, s_cfg, _, meta_student = peer_configs(
+            OmegaConf.to_container(cfg.teacher_model, resolve=True),
+            OmegaConf.to_container(cfg.student_model, resolve=True))
+        # transformers' Gemma2 refuses sdpa (it cannot soft-cap attention scores)
+        self.attention = attention or ("eager" if t_cfg["model_type"] == "gemma2" else "sdpa")
+        dtype = DTYPES[cfg.dtype]
+        models = []
+        with torch.device(device):
+            for hf in (t_cfg, s_cfg):
+                hf = AutoConfig.for_model(**hf)
+                models.append(AutoModelForCausalLM.from_config(
+                    hf, attn_implementation=self.attention, dtype=dtype))
+        self.teacher, self.student = models
+        self.teacher.eval().requires_grad_(False)
+        self.student.train()
+        # frozen as the recipe's student (its embedding; its output projection, when untied)
+        self.student.get_input_embeddings().weight.requires_grad_(
+            meta_student.tok_embeddings.weight.requires_grad)
+        self.student.get_output_embeddings().weight.requires_grad_(
+            output_weight(meta_student).requires_grad)
+        self.layers = {m: {False: m.base_model.layers} for m in models}
+        self.bodies: dict = {}  # compile_scope "body": the compiled base models
+        self.loss = loss_bench.liger_jsd_loss(device, ce=True, stand_in=stand_in)
+        self.trainable = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer = config.instantiate(cfg.optimizer, self.trainable)
+        self.clip = float(cfg.clip_grad_norm)
+
+    @property
+    def loss_name(self) -> str:
+        if getattr(self.loss, "stand_in", False):
+            return "LigerStandIn (liger-kernel not installed: the same loss by plain autograd)"
+        return f"liger-kernel {importlib.metadata.version('liger-kernel')} " \
+               f"LigerFusedLinearJSDLoss(beta=0, weight_hard_loss=1, weight_soft_loss=1)"
+
+    def _body(self, model, compiled: bool):
+        """``model``'s base model (embedding, layers, final norm) as this step runs it: eager,
+        with compiled layers (``compile_scope="layers"``) or compiled whole (``"body"``)."""
+        versions = self.layers[model]
+        if compiled and self.compile_scope == "layers" and True not in versions:
+            versions[True] = torch.nn.ModuleList(torch.compile(layer) for layer in versions[False])
+        model.base_model.layers = versions[compiled and self.compile_scope == "layers"]
+        if compiled and self.compile_scope == "body":
+            if model not in self.bodies:
+                self.bodies[model] = torch.compile(model.base_model)
+            return self.bodies[model]
+        return model.base_model
+
+    def step(self, batch: Batch, compiled: bool) -> None:
+        batch = batch.to(self.device)
+        tokens, labels = batch.tokens, batch.labels
+        with torch.no_grad():
+            h_t = self._body(self.teacher, compiled)(input_ids=tokens).last_hidden_state
+        h_s = self._body(self.student, compiled)(input_ids=tokens).last_hidden_state  # (B, T, D)
+        loss = self.loss(h_s.flatten(0, 1), self.student.get_output_embeddings().weight,
+                         h_t.flatten(0, 1), self.teacher.get_output_embeddings().weight,
+                         labels.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trainable, self.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------------------- measurement
 
 
 def cpu_matmul_peak(repeats: int = 5, n: int = 2048) -> float:
@@ -221,41 +451,48 @@ def cpu_matmul_peak(repeats: int = 5, n: int = 2048) -> float:
     return 2 * n**3 / best
 
 
-def minimal_step(recipe, batch: dict[str, torch.Tensor]) -> None:
-    """The same work as a recipe step, written as a hand-rolled loop would."""
-    device, head = recipe._device, recipe._head
-    tokens = batch["tokens"].to(device)
-    labels = shift_labels(batch["labels"]).to(device)
-    n = (labels != IGNORE_INDEX).sum()
-    kd = head.kd_loss
-    with torch.no_grad():
-        t_hidden, _ = forward_hidden(recipe._teacher, tokens)
-        t_logits = None if head.fused else project_logits(recipe._teacher, t_hidden)
-    hidden, _ = forward_hidden(recipe._student, tokens)
-    if head.fused:
-        loss = fused_head(hidden, output_weight(recipe._student), labels, divergence=kd,
-                          teacher_hidden=t_hidden, teacher_weight=output_weight(recipe._teacher),
-                          teacher_softcap=recipe._teacher_head.softcap, student_softcap=head.softcap,
-                          compute_ce=True, chunk_size=head.chunk_size,
-                          **head.fused_options).objective
-    else:
-        logits = project_logits(recipe._student, hidden)
-        ce, _ = chunked_cross_entropy(logits, labels, chunk_size=head.chunk_size)
-        loss = ce + head._kd_sum_and_count(logits, t_logits, labels).total
-    (loss / n).backward()
-    torch.nn.utils.clip_grad_norm_([p for p in head.parameters() if p.requires_grad], 1.0)
-    recipe._optimizer.step()
-    recipe._optimizer.zero_grad(set_to_none=True)
-    _sync(device)
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated() if device.type == "cuda" else 0
 
 
-def time_split(recipe, batches, steps: int) -> dict[str, float]:
+class Loop:
+    """One loop's step and what it measured. Loops of the same ``owner`` (the two peers) share
+    their set-up's memory."""
+
+    def __init__(self, name: str, step, owner: str) -> None:
+        self.name, self.step, self.owner = name, step, owner
+        self.times: list[float] = []
+        self.step_peak = 0  # bytes a step allocated beyond what was allocated before it
+
+
+def run_rounds(loops: list[Loop], batches: list[dict], device: torch.device, warmup: int,
+               steps: int, kept: dict[str, int]) -> None:
+    """``warmup + steps`` rounds, every loop one step on the round's batch, in turn; what the
+    first step of a loop leaves allocated (optimizer state) is added to ``kept[owner]``."""
+    for i in range(warmup + steps):
+        for loop in loops:
+            _sync(device)
+            before = _allocated(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            loop.step(batches[i])
+            _sync(device)
+            seconds = time.perf_counter() - t0
+            if device.type == "cuda":
+                loop.step_peak = max(loop.step_peak, torch.cuda.max_memory_allocated() - before)
+                if i == 0:
+                    kept[loop.owner] += torch.cuda.memory_allocated() - before
+            if i >= warmup:
+                loop.times.append(seconds)
+
+
+def time_split(recipe, batches, device: torch.device) -> dict[str, float]:
     """Mean seconds per step in each part of a recipe step, with synchronised timers around the
     teacher head, the student head, backward and the optimizer step; "other" is the rest (data,
     preparation, clipping, the host synchronisation, logging)."""
     parts = {"teacher_forward": 0.0, "student_forward_and_losses": 0.0, "backward": 0.0,
              "optimizer": 0.0}
-    device = recipe._device
 
     def timed(name, fn):
         def run(*args, **kwargs):
@@ -268,76 +505,119 @@ def time_split(recipe, batches, steps: int) -> dict[str, float]:
 
         return run
 
-    saved = (TeacherHead.__call__, StudentHead.forward, torch.Tensor.backward,
-             recipe._optimizer.step)
+    started = []
+
+    def before_step(optimizer, args, kwargs):
+        _sync(device)
+        started.append(time.perf_counter())
+
+    def after_step(optimizer, args, kwargs):
+        _sync(device)
+        parts["optimizer"] += time.perf_counter() - started.pop()
+
+    saved = (TeacherHead.__call__, StudentHead.forward, torch.Tensor.backward)
     TeacherHead.__call__ = timed("teacher_forward", TeacherHead.__call__)
     StudentHead.forward = timed("student_forward_and_losses", StudentHead.forward)
     torch.Tensor.backward = timed("backward", torch.Tensor.backward)
-    recipe._optimizer.step = timed("optimizer", recipe._optimizer.step)
+    hooks = (register_optimizer_step_pre_hook(before_step),
+             register_optimizer_step_post_hook(after_step))
     try:
         t0 = time.perf_counter()
-        for _ in range(steps):
-            recipe.train_step(batches)
+        for batch in batches:
+            recipe.train_step(iter([batch]))
         _sync(device)
         total = time.perf_counter() - t0
     finally:
-        TeacherHead.__call__, StudentHead.forward, torch.Tensor.backward = saved[:3]
-        recipe._optimizer.step = saved[3]
-    out = {k: v / steps for k, v in parts.items()}
-    out["other"] = total / steps - sum(out.values())
+        TeacherHead.__call__, StudentHead.forward, torch.Tensor.backward = saved
+        for hook in hooks:
+            hook.remove()
+    out = {k: v / len(batches) for k, v in parts.items()}
+    out["other"] = total / len(batches) - sum(out.values())
     return out
 
 
-def bench(arch: str, variant: str, device: str, *, steps: int, warmup: int, seq, batch,
-          peak: float | None) -> dict[str, Any]:
+def bench(arch: str, variant: str, device: str, *, loops: list[str], steps: int, warmup: int,
+          seq: int | None, batch: int | None, peak: float | None, attention: str | None = None,
+          stand_in: bool = False, compile_scope: str = "layers") -> dict[str, Any]:
+    split_steps = max(1, steps // 3)
+    rows_per_batch = batch or ARCHS[arch]["batch"]
+    num_blocks = rows_per_batch * (warmup + steps + split_steps)
+    dev = torch.device(device)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = OmegaConf.create(recipe_config(arch, variant, device, Path(tmp), steps=steps,
-                                             seq=seq, batch=batch, peak=peak))
+        cfg = OmegaConf.create(recipe_config(arch, variant, device, Path(tmp),
+                                             num_blocks=num_blocks, seq=seq, batch=batch,
+                                             peak=peak))
         validate_config(cfg)
-        recipe = BenchRecipe(cfg)
-        recipe.setup(cfg)
+        data = synthetic_blocks(None, **{k: v for k, v in cfg.dataset.items()
+                                         if k != "_component_"})
+        batches = [collate([data[j] for j in range(i, i + cfg.batch_size)])
+                   for i in range(0, len(data), cfg.batch_size)]
+        kept: dict[str, int] = {}
+
+        def setup(owner: str, build):
+            _sync(dev)
+            before = _allocated(dev)
+            out = build()
+            _sync(dev)
+            kept[owner] = _allocated(dev) - before
+            return out
+
+        def setup_recipe():
+            recipe = tad_distill.TADDistillRecipe(cfg)
+            with torch.device(dev):  # the models it builds start on the device
+                recipe.setup(cfg)
+            return recipe
+
+        recipe = setup("recipe", setup_recipe)
         try:
-            return _measure(recipe, cfg, steps=steps, warmup=warmup, arch=arch, variant=variant)
+            todo = [Loop("recipe", lambda b: recipe.train_step(iter([b])), "recipe")]
+            if "minimal" in loops:
+                minimal = setup("minimal", lambda: MinimalLoop(cfg, dev))
+                todo.append(Loop("minimal", minimal.step, "minimal"))
+            peer = None
+            if "peer" in loops or "peer_eager" in loops:
+                peer = setup("peer", lambda: PeerModels(cfg, dev, attention=attention,
+                                                        stand_in=stand_in,
+                                                        compile_scope=compile_scope))
+                todo += [Loop(name, lambda b, c=name == "peer": peer.step(b, c), "peer")
+                         for name in ("peer", "peer_eager") if name in loops]
+            run_rounds(todo, batches, dev, warmup, steps, kept)
+            memory_kind = ("cuda: the loop's own allocations (set-up, first step, step peak)"
+                           if dev.type == "cuda" else "peak RSS of the process, all loops")
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            split = time_split(recipe, batches[warmup + steps:], dev)
         finally:
             recipe.cleanup()
-
-
-def _measure(recipe, cfg, *, steps: int, warmup: int, arch: str, variant: str) -> dict[str, Any]:
-    device = recipe._device
-    recipe._train_sampler.set_position(0, 0)
-    batches = iter(recipe._train_loader)
-    spare = iter(recipe._train_loader)  # the minimal loop's batches (same shapes)
-    for _ in range(warmup):  # compiles, allocator warm-up, both paths
-        recipe.train_step(batches)
-        minimal_step(recipe, next(spare))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    rec, mini = [], []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        recipe.train_step(batches)
-        rec.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        minimal_step(recipe, next(spare))
-        mini.append(time.perf_counter() - t0)
+    _, _, meta_teacher, meta_student = peer_configs(*arch_nodes(arch)[:2])
     rows, length = cfg.batch_size, cfg.dataset.max_seq_len
     tokens = rows * (length - 1)  # valid (predicted) tokens of a batch
-    flops = step_flops_per_token(recipe._student, recipe._teacher, length) * rows * length
-    peak = recipe._peak_flops
-    memory = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
-              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-    split = time_split(recipe, batches, max(3, steps // 4))
-    return {
-        "arch": arch, "variant": variant, "device": str(device), "batch": rows, "seq": length,
-        "recipe_tokens_per_second": tokens / statistics.median(rec),
-        "minimal_tokens_per_second": tokens / statistics.median(mini),
-        "recipe_over_minimal": statistics.median(m / r for r, m in zip(rec, mini)),
-        "mfu": flops / statistics.median(rec) / peak if peak else None,
-        "peak_flops": peak, "flops_per_step": flops,
-        "peak_memory_gib": memory,
-        "memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS",
-        "split_seconds": split, "recipe_step_seconds": statistics.median(rec),
+    flops = step_flops_per_token(meta_student, meta_teacher, length) * rows * length
+    rec = todo[0]
+    out = {
+        "arch": arch, "variant": variant, "device": str(dev), "batch": rows, "seq": length,
+        "flops_per_step": flops, "peak_flops": peak, "memory_kind": memory_kind,
+        "loops": {}, "split_seconds": split,
     }
+    for loop in todo:
+        seconds = statistics.median(loop.times)
+        out["loops"][loop.name] = {
+            "tokens_per_second": tokens / seconds, "step_seconds": seconds,
+            "step_times": loop.times,
+            "mfu": flops / seconds / peak if peak else None,
+            "peak_memory_gib": ((kept[loop.owner] + loop.step_peak) if dev.type == "cuda"
+                                else rss) / 2**30,
+        }
+        if loop is not rec:
+            out[f"recipe_over_{loop.name}"] = statistics.median(
+                t / r for r, t in zip(rec.times, loop.times))
+    if peer is not None:
+        import transformers
+
+        out["peer"] = {"transformers": transformers.__version__, "attention": peer.attention,
+                       "loss": peer.loss_name,
+                       "compile": {"layers": "torch.compile of every decoder layer",
+                                   "body": "torch.compile of each base model"}[compile_scope]}
+    return out
 
 
 def main() -> int:
@@ -347,12 +627,25 @@ def main() -> int:
     parser.add_argument("--archs", nargs="+", default=None, choices=list(ARCHS))
     parser.add_argument("--variants", nargs="+", default=["unfused", "fused"],
                         choices=list(VARIANTS))
+    parser.add_argument("--loops", nargs="*", default=list(LOOPS), choices=LOOPS,
+                        help="loops beside the recipe (default: all; none: the recipe alone)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--peer-attention", default=None,
+                        help="attn_implementation of the peer's models (default: sdpa; eager "
+                             "for Gemma2)")
+    parser.add_argument("--peer-compile", choices=("layers", "body"), default="layers",
+                        help="what the compiled peer compiles: each decoder layer (default, the "
+                             "recipe's scope) or each base model whole")
+    parser.add_argument("--compile-backend", choices=("inductor", "eager"), default="inductor",
+                        help="backend of every torch.compile (eager: Dynamo only, the dry run)")
+    parser.add_argument("--liger-stand-in", action="store_true",
+                        help="without liger-kernel, give the peer loss_bench.LigerStandIn")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    loss_bench.set_compile_backend(args.compile_backend)
     archs = args.archs or (["demo", "small"] if args.device == "cpu" else ["qwen2_5_3b_half"])
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     peak = peak_flops(torch.device(args.device), dtype)
@@ -361,18 +654,22 @@ def main() -> int:
     rows = []
     for arch in archs:
         for variant in args.variants:
-            row = bench(arch, variant, args.device, steps=args.steps, warmup=args.warmup,
-                        seq=args.seq, batch=args.batch, peak=peak)
+            row = bench(arch, variant, args.device, loops=args.loops, steps=args.steps,
+                        warmup=args.warmup, seq=args.seq, batch=args.batch, peak=peak,
+                        attention=args.peer_attention, stand_in=args.liger_stand_in,
+                        compile_scope=args.peer_compile)
             rows.append(row)
+            loops = "  ".join(
+                f"{name} {x['tokens_per_second']:.0f} tok/s"
+                + (f" (x{row['recipe_over_' + name]:.3f})" if name != "recipe" else "")
+                + f" MFU {x['mfu']:.1%}" * (x["mfu"] is not None)
+                + f" {x['peak_memory_gib']:.2f} GiB" for name, x in row["loops"].items())
             split = " ".join(f"{k}={v * 1e3:.1f}ms" for k, v in row["split_seconds"].items())
-            mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
-            print(f"{arch:<22}{variant:<18} recipe {row['recipe_tokens_per_second']:>9.0f} tok/s"
-                  f"  minimal {row['minimal_tokens_per_second']:>9.0f}  ratio "
-                  f"{row['recipe_over_minimal']:.3f}  MFU {mfu}  mem {row['peak_memory_gib']:.2f}"
-                  f" GiB  | {split}", flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"peak_flops": peak, "rows": rows}, indent=2) + "\n")
+            print(f"{arch:<22}{variant:<18} {loops}  | {split}", flush=True)
+            if args.json:  # after every row: a run stopped part-way keeps what it measured
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps({"peak_flops": peak, "rows": rows}, indent=2)
+                                     + "\n")
     return 0
 
 

@@ -1,8 +1,10 @@
-"""benchmarks/gpu_check.sh in its dry mode (CPU, tiny shapes: every step and file of the GPU run),
-a run whose steps get no time, and the summary's verdicts on recorded figures."""
+"""benchmarks/gpu_check.sh in its dry mode (CPU, stand-in sizes: every step, option and file of
+the GPU run), a run whose steps get no time, and the summary's verdicts on recorded figures."""
 
+import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -16,10 +18,19 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_check  # noqa: E402
 
-DRY_SHAPE = "256,1000,64,fp32"
-DRY_CASES = {("fused", "tad"), ("fused", "forward_kl"), ("fused_step", "tad"),
-             ("fused_step_bf16_wgrad", "tad"), ("matmul_floor", "none"),
-             ("liger_fused_jsd", "forward_kl")}
+DRY_SHAPES = ["256,1000,64,fp32", "256,1536,96,fp32"]
+DRY_ARCHS = ["tiny_qwen2", "tiny_gemma2"]
+GPU_SHAPES = ["8192,151936,2048,bf16", "8192,256000,3584,bf16"]
+CASES = {("fused_step_recipe", "tad"), ("fused_step_recipe", "forward_kl"), ("fused_step", "tad"),
+         ("matmul_floor_unchunked", "none"), ("liger_fused_jsd_ce", "forward_kl")}
+#: the targets of issue 19, by name: the summary must name exactly these, dry or not
+TARGET_NAMES = {f"{name} ({shape})" for shape in GPU_SHAPES for name in (
+    "vs Liger time", "vs Liger memory", "CE + forward KL vs Liger time", "unchunked floor")} | {
+    "vs transformers + Liger (qwen2_5_3b_half)", "MFU (qwen2_5_3b_half)",
+    "vs transformers + Liger (gemma2_9b_third_short)"}
+STEPS = ["imports", "loss", "recipe_qwen2_5_3b_half", "recipe_gemma2_9b_third_short", "pytest",
+         "pytest_recipe"]
+LIGER_INSTALLED = importlib.util.find_spec("liger_kernel") is not None
 
 
 def run_script(args: list[str], **env: str) -> subprocess.CompletedProcess:
@@ -35,31 +46,48 @@ def dry_run(tmp_path_factory):
     return proc, out, time.monotonic() - start
 
 
+def paired(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
 @pytest.mark.slow
 def test_dry_run_writes_every_result(dry_run):
     proc, out, seconds = dry_run
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [
-        "gpu_check.log", "loss_bench_256x1000x64.json", "pytest_cuda.xml",
-        "pytest_cuda_recipe.xml", "recipe_bench.json", "summary.json"]
-    assert seconds < 120, seconds
+        "gpu_check.log", "loss_bench.json", "pytest_cuda.xml", "pytest_cuda_recipe.xml",
+        "recipe_bench_tiny_gemma2.json", "recipe_bench_tiny_qwen2.json", "summary.json"]
+    assert seconds < 150, seconds  # about 60-80 s on the 2-core development machine
     log = (out / "gpu_check.log").read_text()
     assert "check complete" in log and log.strip().endswith(proc.stdout.strip().splitlines()[-1])
 
-    rows = json.loads((out / "loss_bench_256x1000x64.json").read_text())
-    assert {(r["impl"], r["divergence"]) for r in rows} == DRY_CASES
-    for r in rows:
-        assert (r["N"], r["V"], r["D"], r["dtype"]) == (256, 1000, 64, "fp32")
-        if r["impl"] == "liger_fused_jsd":  # needs CUDA: a row with the reason, no figures
-            assert r["ms"] is None and r["peak_mib"] is None and "CUDA" in r["note"], r
-        else:
-            assert r["ms"] > 0 and len(r["times_ms"]) == 2 and r["note"] == "", r
-            assert isinstance(r["peak_mib"], float), r
+    rows = json.loads((out / "loss_bench.json").read_text())
+    assert sorted((r["impl"], r["divergence"], f"{r['N']},{r['V']},{r['D']},{r['dtype']}")
+                  for r in rows) == sorted((*c, s) for c in CASES for s in DRY_SHAPES)
+    for r in rows:  # every case ran, Liger's too (a stand-in where it is not installed)
+        assert r["ms"] > 0 and len(r["times_ms"]) == 2 and r["peak_mib"] > 0, r
+        stand_in = r["impl"] == "liger_fused_jsd_ce" and not LIGER_INSTALLED
+        assert r["stand_in"] == stand_in and ("stand-in" in r["note"]) == stand_in, r
 
-    (recipe,) = json.loads((out / "recipe_bench.json").read_text())["rows"]
-    assert (recipe["arch"], recipe["variant"], recipe["seq"], recipe["batch"]) == (
-        "demo", "fused", 64, 2)
-    assert recipe["recipe_tokens_per_second"] > 0 and recipe["minimal_tokens_per_second"] > 0
+    recipes = {}
+    for arch, loops in zip(DRY_ARCHS, (["recipe", "minimal", "peer", "peer_eager"],
+                                       ["recipe", "peer"])):
+        (row,) = json.loads((out / f"recipe_bench_{arch}.json").read_text())["rows"]
+        recipes[arch] = row
+        assert (row["arch"], row["variant"], row["seq"], row["batch"]) == (
+            arch, "fused_compiled", 64, 2)
+        assert list(row["loops"]) == loops
+        tokens = row["batch"] * (row["seq"] - 1)
+        recipe_times = row["loops"]["recipe"]["step_times"]
+        for name, loop in row["loops"].items():
+            assert len(loop["step_times"]) == 2
+            assert loop["tokens_per_second"] == pytest.approx(
+                tokens / statistics.median(loop["step_times"]))
+            if name != "recipe":
+                assert row[f"recipe_over_{name}"] == pytest.approx(
+                    paired(loop["step_times"], recipe_times))
+        assert row["peer"]["attention"] == ("eager" if arch == "tiny_gemma2" else "sdpa")
+        assert ("LigerStandIn" in row["peer"]["loss"]) == (not LIGER_INSTALLED)
 
     # collected and skipped on a CPU: every test of tests/test_cuda.py, none run; the recipe's
     # in a run of its own
@@ -71,18 +99,31 @@ def test_dry_run_writes_every_result(dry_run):
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] and summary["complete"] and summary["problems"] == []
-    assert [s["name"] for s in summary["steps"]] == [
-        "imports", "pytest", "pytest_recipe", "loss_1000", "recipe"]
+    assert [s["name"] for s in summary["steps"]] == STEPS
     assert all(s["ok"] for s in summary["steps"])
     assert summary["tests"] == tests
-    figures = summary["loss"][DRY_SHAPE]
-    assert figures["head_over_floor"] > 0 and figures["fused_tad_over_fused_forward_kl"] > 0
-    assert figures["liger_over_fused_forward_kl_time"] is None
-    assert "CUDA" in figures["notes"]["liger_fused_jsd/forward_kl"]
     targets = {t["name"]: t for t in summary["targets"]}
-    assert targets["recipe tokens/s"]["value"] == recipe["recipe_tokens_per_second"]
-    assert targets["fused TAD head / matmul floor time"]["value"] == figures["head_over_floor"]
+    assert set(targets) == TARGET_NAMES
     assert all(t["value"] is not None and t["met"] is None for t in targets.values())
+    for gpu_shape, shape in zip(GPU_SHAPES, DRY_SHAPES):  # the figures, recomputed from the rows
+        got = {f"{r['impl']}/{r['divergence']}": r for r in rows
+               if f"{r['N']},{r['V']},{r['D']},{r['dtype']}" == shape}
+        head, liger = got["fused_step_recipe/tad"], got["liger_fused_jsd_ce/forward_kl"]
+        t = targets[f"vs Liger time ({gpu_shape})"]
+        assert t["where"].startswith(shape) and t["stand_in"] == (not LIGER_INSTALLED)
+        assert t["value"] == pytest.approx(paired(head["times_ms"], liger["times_ms"]))
+        assert targets[f"vs Liger memory ({gpu_shape})"]["value"] == pytest.approx(
+            head["peak_mib"] / liger["peak_mib"])
+        assert targets[f"CE + forward KL vs Liger time ({gpu_shape})"]["value"] == pytest.approx(
+            paired(got["fused_step_recipe/forward_kl"]["times_ms"], liger["times_ms"]))
+        assert targets[f"unchunked floor ({gpu_shape})"]["value"] == pytest.approx(
+            paired(head["times_ms"], got["matmul_floor_unchunked/none"]["times_ms"]))
+    qwen, gemma = recipes["tiny_qwen2"], recipes["tiny_gemma2"]
+    assert targets["vs transformers + Liger (qwen2_5_3b_half)"]["value"] == qwen[
+        "recipe_over_peer"]
+    assert targets["MFU (qwen2_5_3b_half)"]["value"] == qwen["loops"]["recipe"]["mfu"] > 0
+    assert targets["vs transformers + Liger (gemma2_9b_third_short)"]["value"] == gemma[
+        "recipe_over_peer"]
 
 
 def test_steps_without_time_are_recorded_and_fail_the_check(tmp_path):
@@ -93,42 +134,62 @@ def test_steps_without_time_are_recorded_and_fail_the_check(tmp_path):
     assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert [(s["name"], s["rc"], s["ok"]) for s in summary["steps"]] == [
-        (name, 200, False) for name in ("imports", "pytest", "pytest_recipe", "loss_1000",
-                                        "recipe")]
+        (name, 200, False) for name in STEPS]
     assert not summary["complete"]
     assert "no pytest_cuda*.xml" in summary["problems"]
-    assert "no figure for target: recipe tokens/s" in summary["problems"]
+    assert {p for p in summary["problems"] if p.startswith("no figure")} == {
+        f"no figure for target: {name}" for name in TARGET_NAMES}
     assert "CHECK INCOMPLETE" in proc.stdout
 
 
 # ----------------------------------------------------------------------------- the verdicts
 
 
-def loss_row(impl, divergence, times, peak_mib, note=""):
-    return dict(impl=impl, divergence=divergence, N=8192, V=256000, D=3584, dtype="bf16",
-                ms=sorted(times)[len(times) // 2] if times else None, times_ms=times,
-                peak_mib=peak_mib, note=note)
+def loss_row(shape, case, times, peak_mib, stand_in=False):
+    n, v, d, dtype = shape.split(",")
+    impl, divergence = case.split("/")
+    return dict(impl=impl, divergence=divergence, N=int(n), V=int(v), D=int(d), dtype=dtype,
+                ms=statistics.median(times), times_ms=times, peak_mib=peak_mib,
+                note="stand-in" if stand_in else "", stand_in=stand_in)
 
 
-GRADIENTS_MIB = (256000 + 8192) * 3584 * 2 / 2**20  # bf16 [V, D] and [N, D]
-
-
-def write_run(out: Path, *, head_times, head_peak, tokens_per_second, skipped=0):
+def write_run(out: Path, *, head: float, head_fkl: float, memory: float, peer: float,
+              mfu: float, skipped: int = 0, stand_in: bool = False):
+    """A GPU run's files: per target shape, Liger at 100 ms in rounds 1 and 3 and 200 ms in a
+    slow round 2 that every case shares (paired ratios ignore it), the floor at 50 ms, the
+    head at ``head`` times Liger's time and ``memory`` times its memory; the recipe at ``peer``
+    times the compiled peer's speed and at MFU ``mfu``."""
     out.mkdir()
-    rows = [loss_row("matmul_floor", "none", [100.0, 200.0, 100.0], 1000.0),
-            loss_row("fused_step", "tad", head_times, head_peak),
-            loss_row("fused", "forward_kl", [120.0, 240.0, 120.0], 2000.0),
-            loss_row("liger_fused_jsd", "forward_kl", [180.0, 360.0, 180.0], 3000.0)]
-    (out / "loss_bench_8192x256000x3584.json").write_text(json.dumps(rows))
-    (out / "recipe_bench.json").write_text(json.dumps({"rows": [dict(
-        arch="qwen2_5_3b_half", variant="fused_compiled", device="cuda:0", seq=2048, batch=4,
-        recipe_tokens_per_second=tokens_per_second, mfu=0.4)]}))
+    rows = []
+    for shape in GPU_SHAPES:
+        slow = [1.0, 2.0, 1.0]
+        rows += [loss_row(shape, "liger_fused_jsd_ce/forward_kl", [100 * x for x in slow],
+                          1000.0, stand_in),
+                 loss_row(shape, "matmul_floor_unchunked/none", [50 * x for x in slow], 500.0),
+                 loss_row(shape, "fused_step_recipe/tad", [100 * head * x for x in slow],
+                          1000.0 * memory),
+                 loss_row(shape, "fused_step_recipe/forward_kl",
+                          [100 * head_fkl * x for x in slow], 900.0)]
+    (out / "loss_bench.json").write_text(json.dumps(rows))
+    for arch in ("qwen2_5_3b_half", "gemma2_9b_third_short"):
+        loops = {"recipe": {"tokens_per_second": 1000.0 * peer, "mfu": mfu,
+                            "peak_memory_gib": 30.0},
+                 "peer": {"tokens_per_second": 1000.0, "mfu": mfu / peer, "peak_memory_gib": 28.0}}
+        (out / f"recipe_bench_{arch}.json").write_text(json.dumps({"rows": [dict(
+            arch=arch, variant="fused_compiled", device="cuda:0", seq=2048, batch=4, loops=loops,
+            recipe_over_peer=peer, peer={"loss": "liger-kernel 0.8.5 LigerFusedLinearJSDLoss",
+                                         "transformers": "5.17.0", "attention": "sdpa"})]}))
     (out / "pytest_cuda.xml").write_text(
         f'<testsuites><testsuite name="pytest" tests="10" failures="0" errors="0" '
         f'skipped="{skipped}"/></testsuites>')
     steps = out / "steps.tsv"
-    steps.write_text("pytest\t0\t50\t120\nrecipe\t0\t90\t170\n")
+    steps.write_text("loss\t0\t90\t130\nrecipe_qwen2_5_3b_half\t0\t100\t120\n")
     return gpu_check.read_steps(steps)
+
+
+def summarize(out: Path, steps, dry_run: bool = False):
+    return gpu_check.summarize(out, steps, GPU_SHAPES, list(gpu_check.RECIPE_TARGETS),
+                               dry_run=dry_run)
 
 
 def verdicts(summary):
@@ -136,33 +197,56 @@ def verdicts(summary):
 
 
 def test_targets_met_and_missed_at_their_limits(tmp_path):
-    shape = "8192,256000,3584,bf16"
-    # paired rounds: 1.5, 1.5, 1.5 (the slow middle round shared by both cases)
-    steps = write_run(tmp_path / "met", head_times=[150.0, 300.0, 150.0],
-                      head_peak=GRADIENTS_MIB + 2048.0, tokens_per_second=30_000.0)
-    s = gpu_check.summarize(tmp_path / "met", steps, shape, dry_run=False)
+    steps = write_run(tmp_path / "met", head=1.15, head_fkl=1.0, memory=1.0, peer=1.10, mfu=0.5)
+    s = summarize(tmp_path / "met", steps)
     assert s["complete"], s["problems"]
     got = verdicts(s)
-    assert got["recipe tokens/s"] == (30_000.0, True)
-    assert got["fused TAD head / matmul floor time"] == (pytest.approx(1.5), True)
-    assert got["fused TAD head memory beyond the gradients"] == (pytest.approx(2048.0), True)
-    assert s["loss"][shape]["liger_over_fused_forward_kl_time"] == pytest.approx(1.5)
-    assert s["loss"][shape]["liger_over_fused_forward_kl_memory"] == pytest.approx(1.5)
+    assert set(got) == TARGET_NAMES
+    for shape in GPU_SHAPES:
+        assert got[f"vs Liger time ({shape})"] == (pytest.approx(1.15), True)
+        assert got[f"vs Liger memory ({shape})"] == (pytest.approx(1.0), True)
+        assert got[f"CE + forward KL vs Liger time ({shape})"] == (pytest.approx(1.0), True)
+        assert got[f"unchunked floor ({shape})"] == (pytest.approx(2.3), False)  # 115 / 50 ms
+    assert got["vs transformers + Liger (qwen2_5_3b_half)"] == (1.10, True)
+    assert got["MFU (qwen2_5_3b_half)"] == (0.5, True)
+    assert got["vs transformers + Liger (gemma2_9b_third_short)"] == (1.10, True)
 
-    steps = write_run(tmp_path / "missed", head_times=[151.0, 302.0, 151.0],
-                      head_peak=GRADIENTS_MIB + 2049.0, tokens_per_second=29_999.0)
-    s = gpu_check.summarize(tmp_path / "missed", steps, shape, dry_run=False)
+    steps = write_run(tmp_path / "missed", head=1.16, head_fkl=1.01, memory=1.01, peer=1.04,
+                      mfu=0.49)
+    s = summarize(tmp_path / "missed", steps)
     assert s["complete"]  # missed targets are results, not an incomplete check
-    assert [met for _, met in verdicts(s).values()] == [False, False, False]
+    assert [met for _, met in verdicts(s).values()] == [False] * len(TARGET_NAMES)
+
+    steps = write_run(tmp_path / "fast", head=0.7, head_fkl=0.5, memory=0.5, peer=1.2, mfu=0.6)
+    got = verdicts(summarize(tmp_path / "fast", steps))
+    assert got["unchunked floor (8192,256000,3584,bf16)"] == (pytest.approx(1.4), True)
+    assert all(met for _, met in got.values())
+
+
+def test_a_stand_in_figure_is_not_judged_and_makes_a_gpu_run_incomplete(tmp_path):
+    steps = write_run(tmp_path / "run", head=1.0, head_fkl=1.0, memory=1.0, peer=1.2, mfu=0.6,
+                      stand_in=True)
+    s = summarize(tmp_path / "run", steps)
+    liger = [t for t in s["targets"] if "Liger" in t["name"] and "transformers" not in t["name"]]
+    assert len(liger) == 6 and all(t["stand_in"] and t["met"] is None for t in liger)
+    assert sorted(s["problems"]) == sorted(f"target {t['name']} measured on a stand-in"
+                                           for t in liger)
+    assert summarize(tmp_path / "run", steps, dry_run=True)["complete"]
 
 
 def test_a_skipped_cuda_test_makes_a_gpu_run_incomplete(tmp_path):
-    steps = write_run(tmp_path / "run", head_times=[1.0], head_peak=1.0, tokens_per_second=1.0,
+    steps = write_run(tmp_path / "run", head=1.0, head_fkl=1.0, memory=1.0, peer=1.2, mfu=0.6,
                       skipped=1)
-    s = gpu_check.summarize(tmp_path / "run", steps, "8192,256000,3584,bf16", dry_run=False)
-    assert s["problems"] == ["1 CUDA tests skipped on a GPU run"]
-    assert gpu_check.summarize(tmp_path / "run", steps, "8192,256000,3584,bf16",
-                               dry_run=True)["complete"]
+    assert summarize(tmp_path / "run", steps)["problems"] == ["1 CUDA tests skipped on a GPU run"]
+    assert summarize(tmp_path / "run", steps, dry_run=True)["complete"]
+
+
+def test_summary_takes_one_measured_shape_and_arch_per_target(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "summary",
+                           str(tmp_path), "--steps", str(tmp_path / "none.tsv"),
+                           "--loss-shapes", GPU_SHAPES[0], "--recipe-archs", "a", "b"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "--loss-shapes takes 2 shapes" in proc.stderr, proc.stderr
 
 
 def test_read_steps_marks_timeouts(tmp_path):

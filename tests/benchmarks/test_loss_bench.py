@@ -1,4 +1,5 @@
-"""The benchmark's own arithmetic: paired time ratios and the matmul floor."""
+"""The benchmark's own arithmetic: paired time ratios, the matmul floors, memory in the timing
+process; Liger's loss and its stand-in against our fused head."""
 
 import sys
 from pathlib import Path
@@ -20,14 +21,37 @@ def test_paired_time_ratio_pairs_rounds():
     assert loss_bench.paired_time_ratio(a, b[:2]) == pytest.approx(2.2 / 5.5)
 
 
-@pytest.mark.parametrize("chunk", [None, 48])
-def test_matmul_floor_is_four_projection_matmuls(chunk):
+@pytest.mark.parametrize("impl,chunk", [("matmul_floor", None), ("matmul_floor", 48),
+                                        ("matmul_floor_unchunked", None)])
+def test_matmul_floor_is_four_projection_matmuls(impl, chunk):
     """The floor step does the student's and the teacher's projections and the student's two
-    backward matmuls, 4 x 2 N V D flops (teacher width D_T for its own), and nothing else."""
+    backward matmuls, 4 x 2 N V D flops (teacher width D_T for its own), and nothing else;
+    unchunked, in four calls."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     n, v, d = 1024 + 96, 300, 16
     inputs = loss_bench.make_inputs(n, v, d, torch.float32, "cpu")
-    step = loss_bench.make_step("matmul_floor", "none", *inputs, fused_chunk=chunk)
+    step = loss_bench.make_step(impl, "none", *inputs, fused_chunk=chunk)
     assert matmul_flops(step) == 4 * 2 * n * v * d
+    if impl == "matmul_floor_unchunked":
+        with FlopCounterMode(display=False) as counter:
+            step()
+        assert sum(counter.get_flop_counts()["Global"].values()) == 4 * 2 * n * v * d
+        assert set(counter.get_flop_counts()["Global"]) == {torch.ops.aten.mm}
+
+
+def test_memory_in_the_timing_process_counts_the_step_buffers():
+    """``measure_times(memory=True)`` on a CPU: the unchunked floor's peak is its two live
+    ``[N, V]`` products (the student's, kept, and the teacher's) plus at most its two gradient
+    products; a case that is not available has no figure."""
+    n, v, d = 512, 700, 24
+    got = loss_bench.measure_times([("matmul_floor_unchunked", "none"),
+                                    ("liger_fused_jsd_ce", "forward_kl")],
+                                   (n, v, d, "fp32"), "cpu", warmup=0, repeats=1, memory=True,
+                                   liger_stand_in=True)
+    peak = got["matmul_floor_unchunked/none"]["peak_mib"] * 2**20
+    assert 2 * n * v * 4 <= peak <= (2 * n * v + n * d + v * d) * 4, peak
+    assert got["liger_fused_jsd_ce/forward_kl"]["peak_mib"] >= n * v * 4 / 2**20
 
 
 def test_beyond_gradients_subtracts_the_gradients_in_the_inputs_dtype():
@@ -71,20 +95,118 @@ def test_peak_allocations_leave_out_a_matmul_workspace_and_count_its_output():
 def test_cases_parse_and_name_what_is_accepted():
     assert loss_bench.parse_case("fused_step/tad") == ("fused_step", "tad")
     assert loss_bench.parse_case("matmul_floor/none") == ("matmul_floor", "none")
+    assert loss_bench.parse_case("matmul_floor_unchunked/none") == ("matmul_floor_unchunked",
+                                                                     "none")
     assert loss_bench.parse_case("liger_fused_jsd/forward_kl") == ("liger_fused_jsd", "forward_kl")
-    with pytest.raises(ValueError, match=r"DIVERGENCE one of \['forward_kl'\], got 'liger"):
-        loss_bench.parse_case("liger_fused_jsd/tad")
+    for impl in ("liger_fused_jsd", "liger_fused_jsd_ce"):
+        with pytest.raises(ValueError, match=r"DIVERGENCE one of \['forward_kl'\], got 'liger"):
+            loss_bench.parse_case(f"{impl}/tad")
     with pytest.raises(ValueError, match="got 'fused'"):
         loss_bench.parse_case("fused")
 
 
-def test_liger_case_on_cpu_is_reported_unavailable_not_run():
-    """On a CPU the Liger case is a row with the reason and no time, next to cases that ran."""
-    got = loss_bench.measure_times([("liger_fused_jsd", "forward_kl"), ("matmul_floor", "none")],
-                                   (64, 50, 8, "fp32"), "cpu", warmup=0, repeats=2)
-    liger = got["liger_fused_jsd/forward_kl"]
+def test_recipe_head_case_runs_the_recipe_defaults():
+    """``fused_step_recipe`` is the head at the recipe schema's defaults, compiled, whatever
+    ``--fused-chunk`` says: one chunk of ``loss_chunk_size`` here (two student projections of
+    N rows for the forward and one gradient product; no second chunk)."""
+    from tad_torchtune.config_checks import SCALARS
+
+    assert loss_bench.RECIPE_HEAD == {
+        "chunk_size": SCALARS["loss_chunk_size"][1], "compile_chunks": True,
+        "teacher_cache_mib": SCALARS["fused_teacher_cache_mib"][1],
+        "float32_weight_grad": SCALARS["fused_float32_weight_grad"][1]}
+    loss_bench.set_compile_backend("eager")
+    try:
+        n = SCALARS["loss_chunk_size"][1]
+        inputs = loss_bench.make_inputs(n, 40, 8, torch.float32, "cpu")
+        calls = []
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Rows(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm_.default):
+                    calls.append(args[-2].shape[0] if func is torch.ops.aten.addmm_.default
+                                 else args[0].shape[0])
+                return func(*args, **(kwargs or {}))
+
+        step = loss_bench.make_step("fused_step_recipe", "forward_kl", *inputs, fused_chunk=16)
+        with Rows():
+            step()
+        assert calls and set(calls) <= {n, 40}, calls  # chunks of n rows, never 16
+    finally:
+        loss_bench.set_compile_backend("inductor")
+    assert torch.compile is loss_bench._TORCH_COMPILE
+
+
+def test_liger_cases_without_liger_kernel_are_unavailable_or_a_stand_in(monkeypatch):
+    """Without liger-kernel a Liger case is a row with the reason and no time, next to cases
+    that ran; with ``liger_stand_in`` it runs ``LigerStandIn`` and says so."""
+    monkeypatch.setitem(sys.modules, "liger_kernel.chunked_loss", None)  # import fails
+    cases = [("liger_fused_jsd_ce", "forward_kl"), ("matmul_floor", "none")]
+    got = loss_bench.measure_times(cases, (64, 50, 8, "fp32"), "cpu", warmup=0, repeats=2)
+    liger = got["liger_fused_jsd_ce/forward_kl"]
     assert liger["ms"] is None and liger["times_ms"] == [] and liger["unavailable"]
-    assert "CUDA only" in liger["note"]
+    assert "liger-kernel does not import" in liger["note"]
     assert got["matmul_floor/none"]["ms"] > 0 and len(got["matmul_floor/none"]["times_ms"]) == 2
-    memory = loss_bench.measure_memory("liger_fused_jsd", "forward_kl", (64, 50, 8, "fp32"), "cpu")
+    memory = loss_bench.measure_memory("liger_fused_jsd_ce", "forward_kl", (64, 50, 8, "fp32"),
+                                       "cpu")
     assert memory == {"peak_mib": None, "note": liger["note"]}
+    got = loss_bench.measure_times(cases, (64, 50, 8, "fp32"), "cpu", warmup=0, repeats=2,
+                                   liger_stand_in=True)
+    liger = got["liger_fused_jsd_ce/forward_kl"]
+    assert liger["ms"] > 0 and liger["stand_in"] and "stand-in" in liger["note"]
+    assert "stand_in" not in got["matmul_floor/none"]
+
+
+def liger_case(seed: int = 0):
+    """Rows of 33 tokens (the first 3 ignored) of a 123-word vocabulary, teacher width 12."""
+    gen = torch.Generator().manual_seed(seed)
+    n, v, d, d_t = 66, 123, 8, 12
+    h_s = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    w_s = torch.randn(v, d, generator=gen, dtype=torch.float64) / d**0.5
+    h_t = torch.randn(n, d_t, generator=gen, dtype=torch.float64) * 1.5
+    w_t = torch.randn(v, d_t, generator=gen, dtype=torch.float64) / d_t**0.5
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[:3] = labels[33:36] = -100
+    return h_s, w_s, h_t, w_t, labels
+
+
+def grads_of(loss_fn, h_s, w_s, h_t, w_t, labels):
+    h_s, w_s = (x.clone().requires_grad_(True) for x in (h_s, w_s))
+    loss = loss_fn(h_s, w_s, h_t, w_t, labels)
+    loss.backward()
+    return loss.detach(), h_s.grad, w_s.grad
+
+
+@pytest.mark.parametrize("ce", [True, False])
+def test_liger_stand_in_is_our_fused_head(ce):
+    """``LigerStandIn`` (CE + forward KL, or forward KL alone) is our fused head's CE + forward
+    KL over the valid tokens, value and gradients, in float64."""
+    from tad_torchtune.losses import ForwardKLLoss
+    from tad_torchtune.losses.fused import fused_head
+
+    case = liger_case()
+
+    def ours(h_s, w_s, h_t, w_t, labels):
+        out = fused_head(h_s, w_s, labels, divergence=ForwardKLLoss(), teacher_hidden=h_t,
+                         teacher_weight=w_t, ce_weight=float(ce), compute_ce=ce)
+        return out.objective / out.num_tokens
+
+    stand_in = loss_bench.LigerStandIn(weight_hard_loss=float(ce), weight_soft_loss=1.0)
+    for got, want in zip(grads_of(stand_in, *case), grads_of(ours, *case)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("ce", [True, False])
+def test_liger_on_cpu_is_its_stand_in(ce):
+    """Where liger-kernel is installed (not in CI: its wheel requires triton), its chunked loss
+    runs on a CPU and computes what ``LigerStandIn`` computes, value and gradients (float64
+    inputs; Liger's CE and its loss sums are float32: float32 tolerances)."""
+    pytest.importorskip("liger_kernel.chunked_loss")
+    case = liger_case(1)
+    liger = loss_bench.liger_jsd_loss("cpu", ce=ce, compiled=False)
+    stand_in = loss_bench.LigerStandIn(weight_hard_loss=float(ce), weight_soft_loss=1.0)
+    (loss, *grads), (want_loss, *want_grads) = grads_of(liger, *case), grads_of(stand_in, *case)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-6, atol=0)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))

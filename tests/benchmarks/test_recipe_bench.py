@@ -1,0 +1,64 @@
+"""benchmarks/recipe_bench.py's pieces: the peer's transformers models have the recipe's models'
+sizes and frozen parameters for every architecture (the GPU pairs too, on the meta device), and
+the random teacher checkpoint is a torchtune teacher's state."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import recipe_bench  # noqa: E402
+
+from tad_torchtune.models import build_model  # noqa: E402
+
+
+def numel(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+@pytest.mark.parametrize("arch", list(recipe_bench.ARCHS))
+def test_peer_models_have_the_recipe_models_sizes(arch, tmp_path):
+    """Parameters in all and trainable ones of the transformers teacher and student equal the
+    torchtune models' the recipe builds; the student's embedding and output projection are one
+    tensor exactly when the recipe's are tied; Gemma2 attends eagerly (it refuses sdpa)."""
+    cfg = OmegaConf.create(recipe_bench.recipe_config(arch, "fused", "cpu", tmp_path,
+                                                      num_blocks=2, seq=None, batch=None,
+                                                      peak=None))
+    peer = recipe_bench.PeerModels(cfg, torch.device("meta"), attention=None, stand_in=True)
+    teacher, student = (OmegaConf.to_container(node, resolve=True)
+                        for node in (cfg.teacher_model, cfg.student_model))
+    with torch.device("meta"):
+        tt_teacher, _ = build_model(teacher)
+        tt_student, family = build_model(student)
+    assert numel(peer.teacher.parameters()) == numel(tt_teacher.parameters())
+    assert numel(peer.student.parameters()) == numel(tt_student.parameters())
+    assert numel(peer.trainable) == numel(p for p in tt_student.parameters() if p.requires_grad)
+    assert numel(peer.trainable) < numel(peer.student.parameters())  # the embedding is frozen
+    tied = type(tt_student.output).__name__ == "TiedLinear"
+    assert (peer.student.get_input_embeddings().weight
+            is peer.student.get_output_embeddings().weight) == tied
+    assert peer.attention == ("eager" if family.name == "gemma2" else "sdpa")
+
+
+def test_random_checkpointer_is_a_seeded_torchtune_teacher():
+    """``load_checkpoint()["model"]``: the torchtune teacher's keys and shapes, in the asked
+    dtype, the same for the same seed and not for another."""
+    def load(seed):
+        return recipe_bench.RandomCheckpointer(
+            arch="tiny_gemma2", dtype="bf16", device="cpu", seed=seed, checkpoint_dir="unused",
+            model_type="GEMMA2").load_checkpoint()["model"]
+
+    teacher, _, _ = recipe_bench.arch_nodes("tiny_gemma2")
+    with torch.device("meta"):
+        want = build_model(teacher)[0].state_dict()
+    got, again, other = load(0), load(0), load(1)
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
+    assert all(v.dtype == torch.bfloat16 for v in got.values())
+    assert all(torch.equal(got[k], again[k]) for k in got)
+    assert not torch.equal(got["layers.0.attn.q_proj.weight"],
+                           other["layers.0.attn.q_proj.weight"])
