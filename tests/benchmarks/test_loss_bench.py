@@ -109,15 +109,15 @@ def test_recipe_head_case_runs_the_recipe_defaults():
     """``fused_step_recipe`` is the head at the recipe schema's defaults, compiled, whatever
     ``--fused-chunk`` says: one chunk of ``loss_chunk_size`` here (two student projections of
     N rows for the forward and one gradient product; no second chunk)."""
-    from tad_torchtune.config_checks import SCALARS
+    from tad_torchtune.schema import DISTILL
 
     assert loss_bench.RECIPE_HEAD == {
-        "chunk_size": SCALARS["loss_chunk_size"][1], "compile_chunks": True,
-        "teacher_cache_mib": SCALARS["fused_teacher_cache_mib"][1],
-        "float32_weight_grad": SCALARS["fused_float32_weight_grad"][1]}
+        "chunk_size": DISTILL["loss_chunk_size"].default, "compile_chunks": True,
+        "teacher_cache_mib": DISTILL["fused_teacher_cache_mib"].default,
+        "float32_weight_grad": DISTILL["fused_float32_weight_grad"].default}
     loss_bench.set_compile_backend("eager")
     try:
-        n = SCALARS["loss_chunk_size"][1]
+        n = DISTILL["loss_chunk_size"].default
         inputs = loss_bench.make_inputs(n, 40, 8, torch.float32, "cpu")
         calls = []
         from torch.utils._python_dispatch import TorchDispatchMode
