@@ -109,7 +109,7 @@ def test_exact_bf16_case_has_exact_logits():
 @pytest.mark.parametrize("chunk_size", [13, None])  # 141 tokens: 13 never divides them
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
 def test_fused_equals_unfused_float32(name, chunk_size):
-    div = DIVERGENCES[name](chunk_size=32)
+    div = DIVERGENCES[name]()
     case = on_cuda(make_case(0))
     assert_same(fused(div, *case, chunk_size=chunk_size), unfused(div, *case), torch.float32)
 
@@ -238,3 +238,19 @@ def test_compiled_bf16_recipe_matches_eager(tmp_path):
         assert math.isclose(compiled[step], eager[step], rel_tol=2e-2), (step, compiled, eager)
     kernels = [p for p in inductor_cache.rglob("*") if p.is_file()]
     assert kernels, "the compiled run left no inductor output: nothing was compiled"
+
+
+def test_the_bf16_weight_gradient_accumulates_inside_the_matmul():
+    """On a GPU the fused head sums a bf16 weight gradient into its float32 accumulator inside
+    the matmul (``torch.addmm(..., out_dtype=torch.float32)``): available, and equal to the
+    float32 sum of the bf16 products."""
+    from tad_torchtune.losses.fused import _accumulate_weight_grad, _mixed_mm_ok
+
+    assert _mixed_mm_ok(torch.device("cuda"), torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    grad = torch.randn(96, 1000, device="cuda", generator=g).to(torch.bfloat16)
+    h = torch.randn(96, 64, device="cuda", generator=g).to(torch.bfloat16)
+    acc = torch.randn(1000, 64, device="cuda", generator=g)
+    want = acc + grad.t().float() @ h.float()
+    _accumulate_weight_grad(acc, grad, h)
+    torch.testing.assert_close(acc, want, atol=1e-4 * float(want.abs().max()), rtol=1e-4)

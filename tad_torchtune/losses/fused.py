@@ -260,14 +260,43 @@ class _CachedTeacher:
         return None
 
 
+_MIXED_MM: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _mixed_mm_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` accumulates products
+    of ``dtype`` inputs into a float32 ``acc`` inside the matmul on ``device`` (cuBLAS: beta = 1,
+    float32 output), checked once against float32 arithmetic. CPU builds lack the kernel."""
+    key = (device.type, dtype)
+    if key not in _MIXED_MM:
+        ok = False
+        if device.type == "cuda":
+            try:
+                g = torch.Generator(device=device).manual_seed(0)
+                a = torch.randn(64, 48, device=device, generator=g).to(dtype)
+                b = torch.randn(48, 32, device=device, generator=g).to(dtype)
+                acc = torch.ones(64, 32, device=device)
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                ok = bool(torch.allclose(acc, 1 + a.float() @ b.float(), rtol=1e-3, atol=1e-3))
+            except (RuntimeError, TypeError, NotImplementedError):
+                ok = False
+        _MIXED_MM[key] = ok
+    return _MIXED_MM[key]
+
+
 def _accumulate_weight_grad(grad_w: Tensor, grad: Tensor, h: Tensor) -> None:
     """``grad_w += grad.T @ h`` (``[V, D] += [V, n] @ [n, D]``). Inputs of a lower precision than
-    the float32 ``grad_w`` (bf16) multiply in their own dtype, like the model's matmuls, and are
-    added by vocabulary blocks, so the low-precision product is never a whole ``[V, D]`` (1.7 GiB
-    at Gemma2-9B's 256000 x 3584, and as much again for its float32 promotion in the sum): the
-    two together take at most the size of the chunk's float32 ``[n, V]`` logits."""
+    the float32 ``grad_w`` (bf16) multiply in their own dtype, like the model's matmuls: on a GPU
+    the product is accumulated into ``grad_w`` inside the matmul (float32 output, beta = 1: no
+    low-precision ``[V, D]`` product and no pass of its own for the sum); elsewhere it is added
+    by vocabulary blocks, so the low-precision product is never a whole ``[V, D]`` (1.7 GiB at
+    Gemma2-9B's 256000 x 3584, and as much again for its float32 promotion in the sum): the two
+    together take at most the size of the chunk's float32 ``[n, V]`` logits."""
     if grad_w.dtype == h.dtype:
         grad_w.addmm_(grad.t(), h)
+        return
+    if grad_w.dtype == torch.float32 and _mixed_mm_ok(h.device, h.dtype):
+        torch.addmm(grad_w, grad.t(), h, out_dtype=torch.float32, out=grad_w)
         return
     vocab, hidden = grad_w.shape
     block = max(1, grad.shape[0] * vocab * 4 // (hidden * (h.element_size() + 4)))
