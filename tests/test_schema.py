@@ -83,10 +83,11 @@ def test_malformed_config_is_rejected_naming_the_field(override, message):
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("schema", [DISTILL, EVAL], ids=lambda s: s.recipe)
-def test_the_readme_key_table_is_the_schema(schema):
-    """The README's table of a recipe's keys is generated from its schema
-    (``python -m tad_torchtune.schema``), so a key, default or doc changed in one place only
-    fails here until the README is regenerated."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert schema.markdown() in readme, f"README.md: regenerate the {schema.recipe} key table"
+@pytest.mark.parametrize("schema,doc", [(DISTILL, "README.md"), (EVAL, "docs/design.md")],
+                         ids=["tad_distill", "tad_eval"])
+def test_the_documented_key_tables_are_the_schemas(schema, doc):
+    """The README's table of ``tad_distill``'s keys (and design.md's of ``tad_eval``'s) is
+    generated from the schema (``python -m tad_torchtune.schema``), so a key, default or doc
+    changed in one place only fails here until the table is regenerated."""
+    text = (Path(__file__).parents[1] / doc).read_text()
+    assert schema.markdown() in text, f"{doc}: regenerate the {schema.recipe} key table"
