@@ -20,12 +20,13 @@ def check_int(value: Any, name: str, *, minimum: int = 1, optional: bool = False
     """``value`` if it is an integer ``>= minimum`` (or None when ``optional``).
 
     Raises:
-        ValueError: ``"{name} must be an integer >= {minimum}[ or None]{detail}, got {value!r}"``.
+        ValueError: ``"{name} must be an integer >= {minimum}[ or null]{detail}, got {value!r}"``
+            (null: what a YAML config writes for None).
     """
     if value is None and optional:
         return None
     if not is_int(value) or value < minimum:
-        accepted = f"an integer >= {minimum}{' or None' if optional else ''}{detail}"
+        accepted = f"an integer >= {minimum}{' or null' if optional else ''}{detail}"
         raise ValueError(f"{name} must be {accepted}, got {value!r}")
     return value
 

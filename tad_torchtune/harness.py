@@ -35,6 +35,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from tad_torchtune.checks import check_int
 from tad_torchtune.data import expand_sources, iter_documents, resolve_asset
 
 #: the lm-evaluation-harness tasks shipped in the package (``pkg://lm_eval``)
@@ -94,12 +95,8 @@ class RollingWindowDataset(Dataset):
 
     def __init__(self, tokenizer: Any, *, source: str | list[str], max_length: int,
                  column: str = "text", max_documents: int | None = None) -> None:
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-            raise ValueError(f"dataset.max_length must be an integer >= 1, got {max_length!r}")
-        if max_documents is not None and (isinstance(max_documents, bool)
-                                          or not isinstance(max_documents, int) or max_documents < 1):
-            raise ValueError(
-                f"dataset.max_documents must be null or an integer >= 1, got {max_documents!r}")
+        check_int(max_length, "dataset.max_length")
+        check_int(max_documents, "dataset.max_documents", optional=True)
         sources = [source] if isinstance(source, str) else list(source)
         pad_id = getattr(tokenizer, "pad_id", None)
         pad_id = 0 if pad_id is None else pad_id

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from tad_torchtune.checks import check_choice, check_int, is_number
 from tad_torchtune.data.prepare import prepare_store
 from tad_torchtune.data.store import TokenStore
 
@@ -83,18 +84,13 @@ class TextBlockDataset(Dataset):
         store_dir: str | os.PathLike | None = None,
         token_dtype: str = "auto",
     ) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"dataset.split must be one of {SPLITS}, got {split!r}")
-        if isinstance(validation_fraction, bool) or not isinstance(validation_fraction, (int, float)) \
-                or not 0 <= validation_fraction < 1:
+        check_choice(split, "dataset.split", SPLITS)
+        if not is_number(validation_fraction) or not 0 <= validation_fraction < 1:
             raise ValueError(
                 f"dataset.validation_fraction must be in [0, 1), got {validation_fraction!r}"
             )
-        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
-            raise ValueError(f"dataset.max_seq_len must be an integer >= 2, got {max_seq_len!r}")
-        if max_blocks is not None and (isinstance(max_blocks, bool) or not isinstance(max_blocks, int)
-                                       or max_blocks < 1):
-            raise ValueError(f"dataset.max_blocks must be an integer >= 1 or null, got {max_blocks!r}")
+        check_int(max_seq_len, "dataset.max_seq_len", minimum=2)
+        check_int(max_blocks, "dataset.max_blocks", optional=True)
         if not isinstance(column, str) or not column:
             raise ValueError(f"dataset.column must be a non-empty string, got {column!r}")
         self._store, _ = prepare_store(source, tokenizer, column=column, store_dir=store_dir,

@@ -262,17 +262,6 @@ def _mistral_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _phi2(name: str):
-    # Phi-2's builder and conversion live in tad_torchtune/models/_phi2.py (imported when used:
-    # it imports this module)
-    def call(*args):
-        from tad_torchtune.models import _phi2
-
-        return getattr(_phi2, name)(*args)
-
-    return call
-
-
 _BUILTIN_FAMILIES = (
     ModelFamily("llama2", "torchtune.models.llama2.llama2", "LLAMA2", "llama",
                 hf_kwargs=_no_rope_scaling("llama2")),
@@ -293,9 +282,6 @@ _BUILTIN_FAMILIES = (
                 to_hf=_phi3_convert(True), from_hf=_phi3_convert(False), hf_kwargs=_phi3_kwargs),
     ModelFamily("mistral", "torchtune.models.mistral.mistral", "MISTRAL", "mistral",
                 hf_kwargs=_mistral_kwargs),
-    ModelFamily("phi2", "tad_torchtune.models.phi2", "PHI2", "phi", rope_layout="half",
-                to_hf=_phi2("tune_to_hf"), from_hf=_phi2("hf_to_tune"),
-                hf_kwargs=_phi2("hf_kwargs")),
 )
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in _BUILTIN_FAMILIES}

@@ -32,7 +32,7 @@ from torchtune.modules import (
     TransformerSelfAttentionLayer,
 )
 
-from tad_torchtune.models._families import NotThisFamily
+from tad_torchtune.models._families import ModelFamily, NotThisFamily, register_family
 
 StateDict = dict[str, Tensor]
 
@@ -238,3 +238,9 @@ def hf_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
                             f"got hidden_act={act!r}")
     factor = hf.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5))
     return {"partial_rotary_factor": factor, "norm_eps": hf.get("layer_norm_eps", 1e-5)}
+
+
+# The family, registered as a user registers one (``docs/design.md``, "Model families").
+register_family(ModelFamily("phi2", "tad_torchtune.models.phi2", "PHI2", "phi",
+                            rope_layout="half", to_hf=tune_to_hf, from_hf=hf_to_tune,
+                            hf_kwargs=hf_kwargs))
