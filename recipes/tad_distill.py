@@ -489,6 +489,10 @@ class TADDistillRecipe:
         self.step_in_epoch = meta["samples_in_epoch"] // per_step
         if self._lr_scheduler is not None and meta["lr_scheduler"] is not None:
             self._lr_scheduler.load_state_dict(meta["lr_scheduler"])
+            # the next step's rate from THIS run's schedule (a resume with a larger max_steps has
+            # another one), not the rate the checkpoint's optimizer state carries
+            for group, lr in zip(self._optimizer.param_groups, self._lr_scheduler.get_lr()):
+                group["lr"] = lr
         set_rng_state(meta["rng"])
         if self._is_rank_zero:
             print(f"resumed from {path} at step {self.global_step}", file=sys.stderr)
