@@ -13,13 +13,13 @@ from torchtune import config as tt_config
 
 from tad_torchtune.losses import Divergence, HiddenCosineLoss
 from tad_torchtune.models import (
-    FAMILIES,
     check_vocab_compat,
     correct_gemma2,
     init_student_from_teacher,
     output_weight,
     resolve_teacher,
 )
+from tests.models.tiny import shrink_config as _tiny  # every width / 16, depths and heads kept
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 PAPER_CONFIGS = [
@@ -64,41 +64,8 @@ SFT_BUILDERS = frozenset({
     "torchtune.datasets.SFTDataset",
 })
 SFT_CONFIGS = frozenset({"phi3_mini_to_tinyllama_sft", "phi3_medium_to_llama2_7b_sft"})
-SHRINK = 16  # every width (embed, intermediate, head) divided by this; depths and head counts kept
-WIDTHS = ("embed_dim", "intermediate_dim", "head_dim")
-
-
-def _tiny_vocab(v: int) -> int:
-    # keeps equal vocabularies equal and a larger teacher larger (32064 -> 320, 32000 -> 256)
-    return 256 + v % 256
-
-
-def _tiny_node(node) -> dict:
-    """A real-size model node rewritten as the family's component builder at tiny widths."""
-    family, kwargs = resolve_teacher(node)
-    for key in WIDTHS:
-        if kwargs.get(key):
-            kwargs[key] //= SHRINK
-    kwargs["vocab_size"] = _tiny_vocab(kwargs["vocab_size"])
-    kwargs["max_seq_len"] = 64
-    return {"_component_": FAMILIES[family.name].component, **kwargs}
-
-
 def _load(name: str):
     return OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
-
-
-def _tiny(cfg):
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    cfg.teacher_model = _tiny_node(cfg.teacher_model)
-    student = cfg.student_model
-    if student._component_ == "tad_torchtune.models.pruned_student":
-        for key in WIDTHS:
-            if student.get(key):
-                student[key] //= SHRINK
-    else:
-        cfg.student_model = _tiny_node(student)
-    return cfg
 
 
 def test_every_paper_config_is_shipped_and_listed():

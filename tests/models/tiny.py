@@ -8,11 +8,12 @@ import json
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torchtune.config._utils import _get_component_from_path
 from torchtune.training import FullModelHFCheckpointer, ModelType
 
-from tad_torchtune.models import FAMILIES, HFCheckpointer, correct_gemma2
+from tad_torchtune.models import FAMILIES, HFCheckpointer, correct_gemma2, resolve_teacher
 
 VOCAB = 96
 SEQ = 20  # > the Gemma2 sliding window below, so sliding layers are exercised
@@ -146,3 +147,95 @@ def load_with_checkpointer(case: str, folder: Path, output_dir: Path) -> dict:
         model_type=model_type, output_dir=str(output_dir),
     )
     return ckpt.load_checkpoint()["model"]
+
+
+# --------------------------------------------------------------------------------------------
+# Shipped configs at tiny size: the model nodes of configs/*.yaml rewritten as their family's
+# component builder with every width divided by a factor (depths and head counts kept), used by
+# tests/models/test_configs.py (factor SHRINK) and the dress rehearsals of
+# tests/recipes/test_shipped_configs.py (the largest factor the heads allow).
+
+SHRINK = 16  # tests/models/test_configs.py: every width (embed, intermediate, head) divided by 16
+WIDTHS = ("embed_dim", "intermediate_dim", "head_dim")
+PRUNED_STUDENT = "tad_torchtune.models.pruned_student"
+TINY_MAX_SEQ_LEN = 64  # the RoPE cache of a tiny model: longer than any test's block
+
+
+def tiny_vocab(v: int) -> int:
+    # keeps equal vocabularies equal and a larger teacher larger (32064 -> 320, 32000 -> 256)
+    return 256 + v % 256
+
+
+def shrink_node(node, shrink: int = SHRINK) -> dict:
+    """A real-size model node rewritten as the family's component builder at tiny widths: every
+    width divided by ``shrink`` (``embed_dim`` down to a multiple of ``num_heads``), depth, head
+    counts and every other argument kept, the vocabulary ``tiny_vocab``."""
+    family, kwargs = resolve_teacher(node)
+    _shrink_widths(kwargs, shrink, kwargs["num_heads"])
+    kwargs["vocab_size"] = tiny_vocab(kwargs["vocab_size"])
+    kwargs["max_seq_len"] = TINY_MAX_SEQ_LEN
+    return {"_component_": FAMILIES[family.name].component, **kwargs}
+
+
+def _shrink_widths(node, shrink: int, num_heads: int) -> None:
+    for key in WIDTHS:
+        if node.get(key):
+            node[key] //= shrink
+    if node.get("embed_dim"):  # a multiple of num_heads, as torchtune's Gemma2 attention asks
+        node["embed_dim"] = max(num_heads, node["embed_dim"] - node["embed_dim"] % num_heads)
+
+
+def _rotary_ok(kwargs: dict, head_dim: int) -> bool:
+    # Whole rotary pairs, two of them: a single pair turns at frequency 1 whatever the RoPE base,
+    # so a wrong base would go unseen. A head that rotates a share of itself (Phi-2's 0.4) needs
+    # one pair only: two would take heads of 10, a 40M-parameter tiny Phi-2.
+    factor = kwargs.get("partial_rotary_factor")
+    rotated = head_dim if factor is None else int(factor * head_dim)
+    return rotated >= (4 if factor is None else 2) and rotated % 2 == 0
+
+
+def _head_dim(kwargs: dict) -> int:
+    return kwargs.get("head_dim") or kwargs["embed_dim"] // kwargs["num_heads"]
+
+
+def largest_shrink(*models: dict) -> int:
+    """The largest factor that divides the head size of every model in ``models`` (component
+    kwargs) into a head of whole rotary pairs, two of them (Qwen2.5-3B's 128 -> 4; Phi-2's
+    80 -> 5, 2 of them rotated). The models are shrunk together: a pruned student and its
+    teacher share the factor, so the student stays the same fraction of the teacher."""
+    heads = [_head_dim(kw) for kw in models]
+    for factor in range(min(heads), 0, -1):
+        if all(h % factor == 0 and _rotary_ok(kw, h // factor) for kw, h in zip(models, heads)):
+            return factor
+    raise AssertionError(f"no width factor fits heads {heads}")
+
+
+def _pruned_kwargs(teacher_kwargs: dict, student: dict) -> dict:
+    # what pruned_student makes of the teacher's kwargs (only what the head size depends on)
+    return {**teacher_kwargs,
+            **{k: student[k] for k in ("embed_dim", "num_heads", "head_dim") if student.get(k)}}
+
+
+def shrink_config(cfg, shrink: int | None = SHRINK):
+    """``cfg`` (a shipped config) with its ``teacher_model`` and ``student_model`` at tiny widths
+    (``shrink_node``). A ``pruned_student`` keeps its node, its widths divided by the teacher's
+    factor. ``shrink=None``: each model (a pruned student with its teacher) divided by its
+    ``largest_shrink``."""
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    teacher_kwargs = resolve_teacher(cfg.teacher_model)[1]
+    student = cfg.student_model
+    pruned = student._component_ == PRUNED_STUDENT
+    if shrink is None:
+        together = [teacher_kwargs]
+        if pruned:
+            together.append(_pruned_kwargs(teacher_kwargs, OmegaConf.to_container(student)))
+        t_shrink = largest_shrink(*together)
+    else:
+        t_shrink = shrink
+    cfg.teacher_model = shrink_node(cfg.teacher_model, t_shrink)
+    if pruned:
+        _shrink_widths(student, t_shrink, student.get("num_heads") or teacher_kwargs["num_heads"])
+    else:
+        s_shrink = shrink or largest_shrink(resolve_teacher(student)[1])
+        cfg.student_model = shrink_node(student, s_shrink)
+    return cfg
