@@ -642,16 +642,11 @@ def test_rehearsal_changes_refuse_anything_but_sizes_paths_and_steps(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "bug: a run resumed with a larger max_steps takes its first step at the learning rate that "
-    "the checkpoint's schedule ended with"))
 def test_resume_with_more_steps_takes_the_new_schedule_from_its_first_step(
         tmp_path, token_store_dir, quiet_process):
-    """Issue 21's flow: 2 steps, then ``resume_from_checkpoint=true max_steps=3``. The resumed
-    scheduler counts on towards the new total (3), but the optimizer's learning rate is the
-    checkpoint's, the one the 2-step cosine schedule set after its last step: 0. So step 3 runs
-    at 0, not at the 3-step schedule's rate (half the peak with one warm-up step); from step 4 on
-    the schedule's rates would apply."""
+    """2 steps, then ``resume_from_checkpoint=true max_steps=3``: the resumed run takes step 3 at
+    the 3-step schedule's rate (half the peak with one warm-up step), not at the rate the 2-step
+    cosine schedule ended with (0), which the optimizer state in the checkpoint carries."""
     from torchtune import config
 
     cfg = _with(rehearsal_config(load_shipped("demo"), tmp_path), max_steps=2)
