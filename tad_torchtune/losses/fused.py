@@ -109,7 +109,7 @@ def _masked_scaled(x: Tensor, rows: Tensor, ignored: bool, tau: float, keep: boo
 
 
 def _autograd_chunk_grad(fn):
-    """``chunk_grad_fn`` from a ``chunk_fn`` (or a ``cached_chunk_fn``), for divergences without
+    """``chunk_grad_fn`` from a ``chunk_fn`` (or a cache adapter's), for divergences without
     a closed-form gradient: the same arguments, the gradient w.r.t. the first."""
 
     def chunk_grad(s: Tensor, *args: Tensor):
