@@ -36,6 +36,17 @@ def test_summarize_seeds_hand_computed():
     assert "0.3000 ± 0.1000" in table and "0.1000" in table.splitlines()[2]
 
 
+def test_demo_method_overrides():
+    from tad_torchtune.demo import method_overrides
+
+    tad_cfg = {"_component_": "tad_torchtune.losses.TADLoss", "k": 5, "beta": 1.0, "temperature": 1.0}
+    assert method_overrides("clm", tad_cfg) == ["kd_weight=0"]
+    assert method_overrides("kd", tad_cfg) == [
+        "kd_loss._component_=tad_torchtune.losses.ForwardKLLoss", "~kd_loss.k", "~kd_loss.beta"]
+    assert method_overrides("tad", {"_component_": "tad_torchtune.losses.ForwardKLLoss"}) == [
+        "kd_loss._component_=tad_torchtune.losses.TADLoss", "kd_loss.k=10", "kd_loss.beta=2.0"]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (DEMO / "teacher" / "model.safetensors").is_file(),
                     reason="demo teacher not built")

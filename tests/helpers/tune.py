@@ -1,5 +1,7 @@
-"""Tiny assets for recipe tests, all made locally: a BPE tokenizer trained on the shipped corpus,
-a random llama3-family teacher written as a Hugging Face checkpoint, and a config."""
+"""What the recipe tests (``tests/recipes/``) run on, all made locally: a BPE tokenizer trained on
+the shipped corpus, a random llama3-family teacher written as a Hugging Face checkpoint, a config;
+and how they run a recipe (``tune run`` in a subprocess) and read its outputs. (The tiny teachers
+of every model family are ``tests/helpers/teachers.py``.)"""
 
 import json
 import os
@@ -174,3 +176,13 @@ def read_metrics(output_dir: Path) -> list[dict]:
 
 def train_losses(output_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(output_dir) if "loss" in r}
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one ``NAME: error: ...`` line of a command stopped by an error the user caused (exit 2,
+    no traceback)."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]

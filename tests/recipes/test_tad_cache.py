@@ -11,25 +11,25 @@ from pathlib import Path
 
 import pytest
 
-from tests.recipes import tiny
+from tests.helpers import tune
 
-V = tiny.VOCAB
+V = tune.VOCAB
 
 
 @pytest.fixture(scope="module")
 def online(assets, tmp_path_factory):
     """The reference: 6 steps with the live teacher."""
     out = tmp_path_factory.mktemp("online") / "out"
-    cfg = tiny.base_config(assets, out, max_steps=6, eval_every_n_steps=3, export_hf=False)
-    tiny.run_tune(["tad_distill", "--config", str(tiny.write_config(cfg, out.parent / "c.yaml"))],
+    cfg = tune.base_config(assets, out, max_steps=6, eval_every_n_steps=3, export_hf=False)
+    tune.run_tune(["tad_distill", "--config", str(tune.write_config(cfg, out.parent / "c.yaml"))],
                   cwd=out.parent)
     return out
 
 
 def _cache(assets, tmp_path, name, nproc=1, **overrides):
     cache = tmp_path / name
-    cfg = tiny.base_config(assets, tmp_path / "unused", teacher_cache_dir=str(cache), **overrides)
-    proc = tiny.run_tune(["tad_cache", "--config", str(tiny.write_config(cfg, tmp_path / f"{name}.yaml"))],
+    cfg = tune.base_config(assets, tmp_path / "unused", teacher_cache_dir=str(cache), **overrides)
+    proc = tune.run_tune(["tad_cache", "--config", str(tune.write_config(cfg, tmp_path / f"{name}.yaml"))],
                          cwd=tmp_path, nproc=nproc)
     return cache, proc
 
@@ -63,9 +63,9 @@ def exact_cache(assets, tmp_path_factory, request):
 def _run(assets, tmp_path, name, nproc=1, **overrides):
     out = tmp_path / name
     out.mkdir(parents=True, exist_ok=True)
-    cfg = tiny.base_config(assets, out, max_steps=6, eval_every_n_steps=3, export_hf=False,
+    cfg = tune.base_config(assets, out, max_steps=6, eval_every_n_steps=3, export_hf=False,
                            **overrides)
-    tiny.run_tune(["tad_distill", "--config", str(tiny.write_config(cfg, out / "c.yaml"))],
+    tune.run_tune(["tad_distill", "--config", str(tune.write_config(cfg, out / "c.yaml"))],
                   cwd=tmp_path, nproc=nproc)
     return out
 
@@ -81,10 +81,10 @@ def _same(a: dict, b: dict, rtol: float):
 def test_training_from_an_exact_cache_gives_the_online_losses(assets, online, exact_cache,
                                                               tmp_path, fused):
     out = _run(assets, tmp_path, "cached", teacher_cache_dir=str(exact_cache), fused=fused)
-    _same(tiny.train_losses(out), tiny.train_losses(online), rtol=1e-5)
+    _same(tune.train_losses(out), tune.train_losses(online), rtol=1e-5)
     # validation ran with the live teacher: the exact held-out KL, as online
-    val = {r["step"]: r["val_kl"] for r in tiny.read_metrics(out) if "val_kl" in r}
-    ref = {r["step"]: r["val_kl"] for r in tiny.read_metrics(online) if "val_kl" in r}
+    val = {r["step"]: r["val_kl"] for r in tune.read_metrics(out) if "val_kl" in r}
+    ref = {r["step"]: r["val_kl"] for r in tune.read_metrics(online) if "val_kl" in r}
     _same(val, ref, rtol=1e-5)
     manifest = json.loads((exact_cache / "manifest.json").read_text())
     assert manifest["top_m"] == V - 1 and manifest["splits"]["train"]["max_seq_len"] == 32
@@ -96,8 +96,8 @@ def test_accumulation_and_two_processes_from_the_cache(assets, exact_cache, tmp_
     accum = _run(assets, tmp_path, "accum", teacher_cache_dir=str(exact_cache), batch_size=2,
                  gradient_accumulation_steps=4)
     two = _run(assets, tmp_path, "two", nproc=2, teacher_cache_dir=str(exact_cache), batch_size=4)
-    _same(tiny.train_losses(accum), tiny.train_losses(one), rtol=1e-5)
-    _same(tiny.train_losses(two), tiny.train_losses(one), rtol=1e-5)
+    _same(tune.train_losses(accum), tune.train_losses(one), rtol=1e-5)
+    _same(tune.train_losses(two), tune.train_losses(one), rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -106,11 +106,11 @@ def test_a_killed_tad_cache_resumes_to_the_same_bytes(assets, tmp_path, mode):
     whole, _ = _cache(assets, tmp_path, "whole", cache_shard_blocks=4, batch_size=2,
                       **MODES[mode])
     cache = tmp_path / "killed"
-    cfg = tiny.base_config(assets, tmp_path / "unused", teacher_cache_dir=str(cache),
+    cfg = tune.base_config(assets, tmp_path / "unused", teacher_cache_dir=str(cache),
                            cache_shard_blocks=4, batch_size=2, **MODES[mode])
-    path = tiny.write_config(cfg, tmp_path / "killed.yaml")
+    path = tune.write_config(cfg, tmp_path / "killed.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([tiny.tune_bin(), "run", "tad_cache", "--config", str(path)],
+    proc = subprocess.Popen([tune.tune_bin(), "run", "tad_cache", "--config", str(path)],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=env, start_new_session=True)
     deadline = time.time() + 300
@@ -122,7 +122,7 @@ def test_a_killed_tad_cache_resumes_to_the_same_bytes(assets, tmp_path, mode):
     done = sorted(p.name for p in (cache / "train").glob("shard_*"))
     total = sorted(p.name for p in (whole / "train").glob("shard_*"))
     assert 0 < len(done) < len(total), (done, total)
-    tiny.run_tune(["tad_cache", "--config", str(path)], cwd=tmp_path)
+    tune.run_tune(["tad_cache", "--config", str(path)], cwd=tmp_path)
     _same_shards(whole, cache)
     assert not list((cache / "train").glob(".*"))  # no temporary folder left
 
@@ -148,9 +148,9 @@ def test_cache_errors_name_the_keys(assets, tmp_path):
     assert "bytes per token" in proc.stdout
 
     def fails(**overrides):
-        cfg = tiny.base_config(assets, tmp_path / "o", teacher_cache_dir=str(cache), **overrides)
-        result = tiny.run_tune(["tad_distill", "--config",
-                                str(tiny.write_config(cfg, tmp_path / "bad.yaml"))],
+        cfg = tune.base_config(assets, tmp_path / "o", teacher_cache_dir=str(cache), **overrides)
+        result = tune.run_tune(["tad_distill", "--config",
+                                str(tune.write_config(cfg, tmp_path / "bad.yaml"))],
                                cwd=tmp_path, check=False)
         assert result.returncode == 2, result.stderr
         lines = [line for line in result.stderr.splitlines() if "error:" in line]
@@ -172,7 +172,7 @@ def test_cache_errors_name_the_keys(assets, tmp_path):
                            "live teacher's hidden states")
     empty = tmp_path / "empty"
     empty.mkdir()
-    cfg = tiny.base_config(assets, tmp_path / "o", teacher_cache_dir=str(empty))
-    result = tiny.run_tune(["tad_distill", "--config", str(tiny.write_config(cfg, tmp_path / "e.yaml"))],
+    cfg = tune.base_config(assets, tmp_path / "o", teacher_cache_dir=str(empty))
+    result = tune.run_tune(["tad_distill", "--config", str(tune.write_config(cfg, tmp_path / "e.yaml"))],
                            cwd=tmp_path, check=False)
     assert f"teacher_cache_dir: {str(empty)!r} holds no teacher cache (no manifest.json)" in result.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.recipes import tiny
+from tests.helpers import tune
 
 pytestmark = pytest.mark.slow
 DEMO_CORPUS = Path(__file__).parents[2] / "tad_torchtune" / "assets" / "demo" / "jargon.jsonl.gz"
@@ -21,7 +21,7 @@ def test_demo_config_builds_one_store_for_both_datasets_then_reports_it(tmp_path
     env_dir = tmp_path / "stores"
     args = ["tad_prepare", "--config", "demo", f"dataset.store_dir={env_dir}",
             f"validation_dataset.store_dir={env_dir}"]
-    first = tiny.run_tune(args, cwd=tmp_path).stdout
+    first = tune.run_tune(args, cwd=tmp_path).stdout
     stores = [p for p in env_dir.iterdir() if not p.name.startswith(".")]
     assert len(stores) == 1
     manifest = json.loads((stores[0] / "manifest.json").read_text())
@@ -30,21 +30,21 @@ def test_demo_config_builds_one_store_for_both_datasets_then_reports_it(tmp_path
     assert f"  515,859 tokens, 2,497 documents, 1 file(s), uint16, fingerprint {manifest['fingerprint'][:16]}\n" in first
     assert "tokens/s (batch engine)" in first
     assert f"tad_prepare: validation_dataset: already built (the same store as dataset): {stores[0]}\n" in first
-    second = tiny.run_tune(args, cwd=tmp_path).stdout
+    second = tune.run_tune(args, cwd=tmp_path).stdout
     assert f"tad_prepare: dataset: already built: {stores[0]}\n" in second and ": built:" not in second
     assert json.loads((stores[0] / "manifest.json").read_text()) == manifest  # not rebuilt
 
 
 def test_config_errors(tmp_path):
-    cfg = tiny.write_config({"tokenizer": {"_component_": "tad_torchtune.demo.demo_tokenizer"},
+    cfg = tune.write_config({"tokenizer": {"_component_": "tad_torchtune.demo.demo_tokenizer"},
                              "dataset": {"_component_": "torchtune.datasets.text_completion_dataset"}},
                             tmp_path / "c.yaml")
-    proc = tiny.run_tune(["tad_prepare", "--config", str(cfg)], cwd=tmp_path, check=False)
+    proc = tune.run_tune(["tad_prepare", "--config", str(cfg)], cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.splitlines()[-1] == (
         "tad_prepare: error: dataset._component_: tad_prepare builds the token stores of "
         "tad_torchtune.data.text_block_dataset, got 'torchtune.datasets.text_completion_dataset'")
-    proc = tiny.run_tune(["tad_prepare", "--config", "demo", "num_workers=0"], cwd=tmp_path, check=False)
+    proc = tune.run_tune(["tad_prepare", "--config", "demo", "num_workers=0"], cwd=tmp_path, check=False)
     assert proc.stderr.splitlines()[-1] == (
         "tad_prepare: error: num_workers: must be an integer >= 1 or null, got 0")
 
@@ -55,12 +55,12 @@ def test_sigkill_midway_leaves_no_store_and_the_next_run_builds_it(tmp_path):
     corpus = tmp_path / "big.jsonl"
     corpus.write_bytes(gzip.decompress(demo) * copies)
     stores = tmp_path / "stores"
-    cfg = tiny.write_config({
+    cfg = tune.write_config({
         "tokenizer": {"_component_": "tad_torchtune.demo.demo_tokenizer"},
         "dataset": {"_component_": "tad_torchtune.data.text_block_dataset", "source": str(corpus),
                     "max_seq_len": 128, "store_dir": str(stores)},
     }, tmp_path / "c.yaml")
-    cmd = [tiny.tune_bin(), "run", "tad_prepare", "--config", str(cfg)]
+    cmd = [tune.tune_bin(), "run", "tad_prepare", "--config", str(cfg)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     deadline = time.monotonic() + 120
@@ -74,7 +74,7 @@ def test_sigkill_midway_leaves_no_store_and_the_next_run_builds_it(tmp_path):
     assert [p.name for p in stores.iterdir() if not p.name.startswith(".")] == []
     assert len(list(stores.glob(".tmp-*"))) == 1  # the killed build's leftovers, ignored
 
-    out = tiny.run_tune(["tad_prepare", "--config", str(cfg)], cwd=tmp_path).stdout
+    out = tune.run_tune(["tad_prepare", "--config", str(cfg)], cwd=tmp_path).stdout
     built = [p for p in stores.iterdir() if not p.name.startswith(".")]
     assert len(built) == 1 and f"tad_prepare: dataset: built: {built[0]}" in out
     assert list(stores.glob(".tmp-*")) == []  # removed by the build that followed
