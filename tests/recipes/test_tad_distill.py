@@ -277,7 +277,7 @@ def test_resume_on_another_token_store_is_refused_naming_both(assets, tmp_path):
 
 def test_document_mask_reaches_the_models(assets, tmp_path, monkeypatch):
     """document_mask: true gives every batch the mask and positions of its documents (the
-    models' side: tests/models/test_students.py), and TAD can normalise per document."""
+    models' side: tests/models/test_student.py), and TAD can normalise per document."""
     from tad_torchtune.data import batch as batch_module
 
     seen = []
