@@ -186,3 +186,38 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1, proc.stderr[-3000:]
     return errors[0]
+
+
+def run_in_process(recipe: str, args: list[str], monkeypatch) -> None:
+    """``tune run RECIPE ARGS`` in this process: the recipe's ``recipe_main`` (torchtune's
+    ``config.parse`` of ``--config PATH key=value ...`` and ``reports_user_errors``) with
+    ``sys.argv`` as ``tune run`` sets it. Errors a user causes end in ``SystemExit(2)``."""
+    import importlib
+
+    from tad_torchtune.errors import TRACEBACK_ENV
+
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    monkeypatch.setattr(sys, "argv", [recipe, *args])
+    try:
+        importlib.import_module(recipe).recipe_main()
+    except SystemExit as stopped:  # config.parse ends a run that went well with sys.exit(None)
+        if stopped.code not in (None, 0):
+            raise
+
+
+def user_error(recipe: str, args: list[str], monkeypatch, capsys) -> str:
+    """The one ``RECIPE: error: ...`` line of ``run_in_process``, which must exit with 2 and no
+    traceback, as ``one_error_line`` checks a subprocess."""
+    import pytest
+
+    from tad_torchtune.errors import USER_ERROR_EXIT
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        run_in_process(recipe, args, monkeypatch)
+    err = capsys.readouterr().err
+    assert stopped.value.code == USER_ERROR_EXIT, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, err[-3000:]
+    return errors[0]

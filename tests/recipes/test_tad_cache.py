@@ -143,19 +143,22 @@ def test_tad_cache_on_two_processes_writes_the_same_bytes(assets, tmp_path, mode
         (two / "manifest.json").read_text())
 
 
-def test_cache_errors_name_the_keys(assets, tmp_path):
-    cache, proc = _cache(assets, tmp_path, "small", cache_top_m=4)
-    assert "bytes per token" in proc.stdout
+def test_cache_errors_name_the_keys(assets, tmp_path, monkeypatch, capsys):
+    """What tad_distill refuses of a cache, one line each (in this process, through the
+    recipe's entry point: ``tune.user_error``; the `tune run` path of such lines:
+    ``tests/recipes/test_tad_distill.py``)."""
+    cache = tmp_path / "small"
+    cfg = tune.base_config(assets, tmp_path / "unused", teacher_cache_dir=str(cache), cache_top_m=4)
+    capsys.readouterr()
+    tune.run_in_process("tad_cache", ["--config", str(tune.write_config(cfg, tmp_path / "small.yaml"))],
+                        monkeypatch)
+    assert "bytes per token" in capsys.readouterr().out
 
     def fails(**overrides):
-        cfg = tune.base_config(assets, tmp_path / "o", teacher_cache_dir=str(cache), **overrides)
-        result = tune.run_tune(["tad_distill", "--config",
-                                str(tune.write_config(cfg, tmp_path / "bad.yaml"))],
-                               cwd=tmp_path, check=False)
-        assert result.returncode == 2, result.stderr
-        lines = [line for line in result.stderr.splitlines() if "error:" in line]
-        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-        return lines[0]
+        cfg = tune.base_config(assets, tmp_path / "o", **{"teacher_cache_dir": str(cache),
+                                                          **overrides})
+        return tune.user_error("tad_distill", ["--config", str(tune.write_config(
+            cfg, tmp_path / "bad.yaml"))], monkeypatch, capsys)
 
     line = fails()  # the tiny config's TAD has k=5 > 4
     assert line == (f"tad_distill: error: kd_loss.k: k=5 exceeds the teacher cache's top_m=4 "
@@ -172,7 +175,5 @@ def test_cache_errors_name_the_keys(assets, tmp_path):
                            "live teacher's hidden states")
     empty = tmp_path / "empty"
     empty.mkdir()
-    cfg = tune.base_config(assets, tmp_path / "o", teacher_cache_dir=str(empty))
-    result = tune.run_tune(["tad_distill", "--config", str(tune.write_config(cfg, tmp_path / "e.yaml"))],
-                           cwd=tmp_path, check=False)
-    assert f"teacher_cache_dir: {str(empty)!r} holds no teacher cache (no manifest.json)" in result.stderr
+    line = fails(teacher_cache_dir=str(empty))
+    assert f"teacher_cache_dir: {str(empty)!r} holds no teacher cache (no manifest.json)" in line

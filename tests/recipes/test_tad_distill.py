@@ -356,25 +356,6 @@ def test_exported_student_loads_back_with_identical_logits(assets, tmp_path):
     assert torch.equal(got, expected)
 
 
-# ------------------------------------------------------------------------- malformed configs
-
-
-def test_malformed_config_fails_through_tune_run_before_loading(assets, tmp_path):
-    cfg = tune.base_config(assets, tmp_path / "out", dtype="fp16")
-    cfg["teacher_checkpointer"]["checkpoint_dir"] = str(tmp_path / "does_not_exist")
-    proc = tune.run_tune(["tad_distill", "--config", str(tune.write_config(cfg, tmp_path / "c.yaml"))],
-                         cwd=tmp_path, check=False)
-    assert proc.returncode != 0
-    assert "dtype: must be one of ('bf16', 'fp32'), got 'fp16'" in proc.stderr
-    assert not (tmp_path / "out").exists()  # nothing was built or written
-
-
-def test_unknown_config_name_lists_the_bundled_ones(tmp_path):
-    proc = tune.run_tune(["tad_distill", "--config", "no_such_config"], cwd=tmp_path, check=False)
-    assert proc.returncode == 2
-    assert "neither a file nor a bundled config" in proc.stderr
-
-
 @pytest.mark.parametrize("kd,cache_mib", [("TADLoss", 128), ("TADLoss", 0), ("ReverseKLLoss", 128)])
 def test_fused_path_matches_unfused(assets, tmp_path, baseline, kd, cache_mib):
     """fused: true computes CE and the divergence from hidden states and output weights (TAD
@@ -403,15 +384,31 @@ def test_bf16_run_tracks_fp32(assets, tmp_path, baseline):
 
 # ------------------------------------------------------------------ errors a user can cause
 # They end as ONE line on stderr, naming the dotted key or the file, the value and what is
-# accepted, and exit 2; no traceback unless TAD_TORCHTUNE_TRACEBACK=1.
+# accepted, and exit 2; no traceback unless TAD_TORCHTUNE_TRACEBACK=1. Each way such an error
+# reaches the user runs once through `tune run` (a config value, a damaged file, the traceback
+# asked for); every other message is checked in this process through the recipe's own entry
+# point (`tune.user_error`: the same parse and report, without a new process).
+
+
+def _config(assets, tmp_path, **overrides) -> str:
+    cfg = tune.base_config(assets, tmp_path / "out", **overrides)
+    return str(tune.write_config(cfg, tmp_path / "c.yaml"))
 
 
 def _distill(assets, tmp_path, *overrides, cfg_overrides=None, env=None):
-    cfg = tune.base_config(assets, tmp_path / "out", **(cfg_overrides or {}))
-    path = tune.write_config(cfg, tmp_path / "c.yaml")
-    launch = [tune.tune_bin(), "run", "tad_distill", "--config", str(path), *overrides]
+    launch = [tune.tune_bin(), "run", "tad_distill", "--config",
+              _config(assets, tmp_path, **(cfg_overrides or {})), *overrides]
     return subprocess.run(launch, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_a_config_error_through_tune_run_is_one_line_before_anything_loads(assets, tmp_path):
+    ckpt = {**tune.base_config(assets, tmp_path)["teacher_checkpointer"],
+            "checkpoint_dir": str(tmp_path / "does_not_exist")}
+    proc = _distill(assets, tmp_path, "dtype=fp16", cfg_overrides={"teacher_checkpointer": ckpt})
+    assert tune.one_error_line(proc) == ("tad_distill: error: dtype: must be one of ('bf16', "
+                                         "'fp32'), got 'fp16'")
+    assert not (tmp_path / "out").exists()  # nothing was built or written
 
 
 CASES = [
@@ -432,13 +429,14 @@ CASES = [
 
 
 @pytest.mark.parametrize("overrides,message", CASES, ids=[c[1].split(":")[0] for c in CASES])
-def test_config_errors_are_one_line(assets, tmp_path, overrides, message):
-    line = tune.one_error_line(_distill(assets, tmp_path, *overrides))
+def test_config_errors_are_one_line(assets, tmp_path, overrides, message, monkeypatch, capsys):
+    line = tune.user_error("tad_distill", ["--config", _config(assets, tmp_path), *overrides],
+                           monkeypatch, capsys)
     assert line == f"tad_distill: error: {message}"
     assert not (tmp_path / "out" / "checkpoints").exists()  # nothing heavy was built
 
 
-def test_missing_and_truncated_checkpoint_files_are_named(assets, tmp_path):
+def test_missing_and_truncated_checkpoint_files_are_named(assets, tmp_path, monkeypatch, capsys):
     import shutil
 
     teacher = tmp_path / "teacher"
@@ -454,14 +452,17 @@ def test_missing_and_truncated_checkpoint_files_are_named(assets, tmp_path):
                            f"{str(weights)!r} is not a readable safetensors file: its tensors "
                            f"need {size} bytes, the file has {size - 1000}: truncated")
     weights.unlink()
-    line = tune.one_error_line(_distill(assets, tmp_path, cfg_overrides={"teacher_checkpointer": ckpt}))
+    line = tune.user_error("tad_distill", ["--config", _config(
+        assets, tmp_path, teacher_checkpointer=ckpt)], monkeypatch, capsys)
     assert line == (f"tad_distill: error: teacher_checkpointer.checkpoint_files: "
                     f"{str(weights)!r} does not exist")
 
 
-def test_a_missing_corpus_names_the_dataset_key(assets, tmp_path):
+def test_a_missing_corpus_names_the_dataset_key(assets, tmp_path, monkeypatch, capsys):
     missing = tmp_path / "nowhere.jsonl"
-    line = tune.one_error_line(_distill(assets, tmp_path, f"validation_dataset.source={missing}"))
+    line = tune.user_error("tad_distill", ["--config", _config(assets, tmp_path),
+                                           f"validation_dataset.source={missing}"],
+                           monkeypatch, capsys)
     assert line.startswith("tad_distill: error: validation_dataset.source: ")
     assert str(missing) in line
 

@@ -13,6 +13,8 @@ transformers = pytest.importorskip("transformers")
 
 from tad_torchtune.data import resolve_asset  # noqa: E402
 from tad_torchtune.harness import TASKS_DIR  # noqa: E402
+from tad_torchtune.schema import resolve_config_argv  # noqa: E402
+from tests.helpers import tune  # noqa: E402
 from tests.helpers.teachers import save_hf_llama  # noqa: E402
 
 DEMO = Path(resolve_asset("pkg://demo"))
@@ -43,20 +45,24 @@ def test_eleuther_config_components_load(tmp_path):
 
 
 @pytest.mark.slow
-def test_eleuther_recipe_errors_are_one_line(tmp_path):
-    cases = [
-        ([f"student_dir={tmp_path / 'nowhere'}"],
-         f"tad_eleuther_eval: error: checkpointer.checkpoint_dir: '{tmp_path / 'nowhere'}' is not a "
-         "folder; give the student tad_distill exported (student_dir=OUTPUT_DIR/student)"),
-        ([f"student_dir={DEMO / 'teacher'}", "tasks=[jargon_heldoot]"],
-         f"tad_eleuther_eval: error: tasks: 'jargon_heldoot' is neither a task, group or tag of lm_eval "
-         f"nor of include_path '{TASKS_DIR}', nor a task YAML file; e.g. jargon_heldout (shipped) "
-         "or hellaswag; `lm_eval ls tasks` lists them"),
-    ]
-    for overrides, line in cases:
-        proc = subprocess.run(
-            [str(BIN / "tune"), "run", "tad_eleuther_eval", "--config", "eleuther_eval_student",
-             f"output_dir={tmp_path / 'out'}", *overrides],
-            capture_output=True, text=True, timeout=300, cwd=tmp_path, env=os.environ | OFFLINE)
-        assert proc.returncode == 2
-        assert proc.stderr.splitlines()[-1] == line and "Traceback" not in proc.stderr
+def test_eleuther_recipe_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    """Through `tune run` once; the other message in this process (``tune.user_error``)."""
+    proc = subprocess.run(
+        [str(BIN / "tune"), "run", "tad_eleuther_eval", "--config", "eleuther_eval_student",
+         f"output_dir={tmp_path / 'out'}", f"student_dir={tmp_path / 'nowhere'}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=os.environ | OFFLINE)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1] == (
+        f"tad_eleuther_eval: error: checkpointer.checkpoint_dir: '{tmp_path / 'nowhere'}' is not a "
+        "folder; give the student tad_distill exported (student_dir=OUTPUT_DIR/student)")
+    assert "Traceback" not in proc.stderr
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    config = resolve_config_argv(["x", "--config", "eleuther_eval_student"])[2]
+    line = tune.user_error("tad_eleuther_eval", [
+        "--config", config, f"output_dir={tmp_path / 'out'}", f"student_dir={DEMO / 'teacher'}",
+        "tasks=[jargon_heldoot]"], monkeypatch, capsys)
+    assert line == (
+        f"tad_eleuther_eval: error: tasks: 'jargon_heldoot' is neither a task, group or tag of "
+        f"lm_eval nor of include_path '{TASKS_DIR}', nor a task YAML file; e.g. jargon_heldout "
+        "(shipped) or hellaswag; `lm_eval ls tasks` lists them")
