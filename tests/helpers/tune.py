@@ -188,6 +188,13 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
+def bundled_config_path(name: str) -> Path:
+    """The file of a config shipped with the package (``--config NAME`` of ``tune run``)."""
+    from tad_torchtune.schema import resolve_config_argv
+
+    return Path(resolve_config_argv(["", "--config", name])[2])
+
+
 def run_in_process(recipe: str, args: list[str], monkeypatch) -> None:
     """``tune run RECIPE ARGS`` in this process: the recipe's ``recipe_main`` (torchtune's
     ``config.parse`` of ``--config PATH key=value ...`` and ``reports_user_errors``) with

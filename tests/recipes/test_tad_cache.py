@@ -14,13 +14,22 @@ import pytest
 from tests.helpers import tune
 
 V = tune.VOCAB
+#: the first 202 training blocks of 32 tokens, not all 1658: in shards of 4, an odd number of
+#: shards (51) and a short last one (2 blocks), as the whole split has; 25 optimizer steps of 8
+SMALL = {"dataset.max_blocks": 202}
+
+
+def _config(assets, output_dir, **overrides) -> dict:
+    """The recipe tests' config on ``SMALL``'s blocks, for every run of this module (a cache
+    and the runs that read it must see the same blocks)."""
+    return tune.base_config(assets, output_dir, **{**SMALL, **overrides})
 
 
 @pytest.fixture(scope="module")
 def online(assets, tmp_path_factory):
     """The reference: 6 steps with the live teacher."""
     out = tmp_path_factory.mktemp("online") / "out"
-    cfg = tune.base_config(assets, out, max_steps=6, eval_every_n_steps=3, export_hf=False)
+    cfg = _config(assets, out, max_steps=6, eval_every_n_steps=3, export_hf=False)
     tune.run_tune(["tad_distill", "--config", str(tune.write_config(cfg, out.parent / "c.yaml"))],
                   cwd=out.parent)
     return out
@@ -28,7 +37,7 @@ def online(assets, tmp_path_factory):
 
 def _cache(assets, tmp_path, name, nproc=1, **overrides):
     cache = tmp_path / name
-    cfg = tune.base_config(assets, tmp_path / "unused", teacher_cache_dir=str(cache), **overrides)
+    cfg = _config(assets, tmp_path / "unused", teacher_cache_dir=str(cache), **overrides)
     proc = tune.run_tune(["tad_cache", "--config", str(tune.write_config(cfg, tmp_path / f"{name}.yaml"))],
                          cwd=tmp_path, nproc=nproc)
     return cache, proc
@@ -63,7 +72,7 @@ def exact_cache(assets, tmp_path_factory, request):
 def _run(assets, tmp_path, name, nproc=1, **overrides):
     out = tmp_path / name
     out.mkdir(parents=True, exist_ok=True)
-    cfg = tune.base_config(assets, out, max_steps=6, eval_every_n_steps=3, export_hf=False,
+    cfg = _config(assets, out, max_steps=6, eval_every_n_steps=3, export_hf=False,
                            **overrides)
     tune.run_tune(["tad_distill", "--config", str(tune.write_config(cfg, out / "c.yaml"))],
                   cwd=tmp_path, nproc=nproc)
@@ -106,7 +115,7 @@ def test_a_killed_tad_cache_resumes_to_the_same_bytes(assets, tmp_path, mode):
     whole, _ = _cache(assets, tmp_path, "whole", cache_shard_blocks=4, batch_size=2,
                       **MODES[mode])
     cache = tmp_path / "killed"
-    cfg = tune.base_config(assets, tmp_path / "unused", teacher_cache_dir=str(cache),
+    cfg = _config(assets, tmp_path / "unused", teacher_cache_dir=str(cache),
                            cache_shard_blocks=4, batch_size=2, **MODES[mode])
     path = tune.write_config(cfg, tmp_path / "killed.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -132,7 +141,7 @@ def test_a_killed_tad_cache_resumes_to_the_same_bytes(assets, tmp_path, mode):
 def test_tad_cache_on_two_processes_writes_the_same_bytes(assets, tmp_path, mode):
     """Each process takes its share of the shards (the teacher sharded with FSDP2): the cache
     is byte for byte the one a single process writes. The split has an odd number of shards
-    (1658 blocks / 4) and a short last one (2 blocks, 1 batch where the others have 2), so the
+    (202 blocks / 4) and a short last one (2 blocks, 1 batch where the others have 2), so the
     ranks run different shard and batch counts: each must still run as many teacher forwards
     as the other, or FSDP's all-gathers wait forever (the first version hung here)."""
     one, _ = _cache(assets, tmp_path, "one", cache_shard_blocks=4, batch_size=2, **MODES[mode])
@@ -148,14 +157,14 @@ def test_cache_errors_name_the_keys(assets, tmp_path, monkeypatch, capsys):
     recipe's entry point: ``tune.user_error``; the `tune run` path of such lines:
     ``tests/recipes/test_tad_distill.py``)."""
     cache = tmp_path / "small"
-    cfg = tune.base_config(assets, tmp_path / "unused", teacher_cache_dir=str(cache), cache_top_m=4)
+    cfg = _config(assets, tmp_path / "unused", teacher_cache_dir=str(cache), cache_top_m=4)
     capsys.readouterr()
     tune.run_in_process("tad_cache", ["--config", str(tune.write_config(cfg, tmp_path / "small.yaml"))],
                         monkeypatch)
     assert "bytes per token" in capsys.readouterr().out
 
     def fails(**overrides):
-        cfg = tune.base_config(assets, tmp_path / "o", **{"teacher_cache_dir": str(cache),
+        cfg = _config(assets, tmp_path / "o", **{"teacher_cache_dir": str(cache),
                                                           **overrides})
         return tune.user_error("tad_distill", ["--config", str(tune.write_config(
             cfg, tmp_path / "bad.yaml"))], monkeypatch, capsys)

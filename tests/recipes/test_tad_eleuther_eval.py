@@ -13,7 +13,6 @@ transformers = pytest.importorskip("transformers")
 
 from tad_torchtune.data import resolve_asset  # noqa: E402
 from tad_torchtune.harness import TASKS_DIR  # noqa: E402
-from tad_torchtune.schema import resolve_config_argv  # noqa: E402
 from tests.helpers import tune  # noqa: E402
 from tests.helpers.teachers import save_hf_llama  # noqa: E402
 
@@ -58,9 +57,8 @@ def test_eleuther_recipe_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert "Traceback" not in proc.stderr
     for key, value in OFFLINE.items():
         monkeypatch.setenv(key, value)
-    config = resolve_config_argv(["x", "--config", "eleuther_eval_student"])[2]
     line = tune.user_error("tad_eleuther_eval", [
-        "--config", config, f"output_dir={tmp_path / 'out'}", f"student_dir={DEMO / 'teacher'}",
+        "--config", str(tune.bundled_config_path("eleuther_eval_student")), f"output_dir={tmp_path / 'out'}", f"student_dir={DEMO / 'teacher'}",
         "tasks=[jargon_heldoot]"], monkeypatch, capsys)
     assert line == (
         f"tad_eleuther_eval: error: tasks: 'jargon_heldoot' is neither a task, group or tag of "
