@@ -72,11 +72,18 @@ def exact_cache(assets, tmp_path_factory, request):
 def _run(assets, tmp_path, name, nproc=1, **overrides):
     out = tmp_path / name
     out.mkdir(parents=True, exist_ok=True)
-    cfg = _config(assets, out, max_steps=6, eval_every_n_steps=3, export_hf=False,
-                           **overrides)
+    cfg = _config(assets, out, max_steps=6, eval_every_n_steps=3, export_hf=False, **overrides)
     tune.run_tune(["tad_distill", "--config", str(tune.write_config(cfg, out / "c.yaml"))],
                   cwd=tmp_path, nproc=nproc)
     return out
+
+
+@pytest.fixture(scope="module")
+def from_cache(assets, exact_cache, tmp_path_factory):
+    """The run from ``exact_cache`` on one process, unfused, batch 8: what the online run is
+    compared with, and the runs with accumulation or two processes."""
+    return _run(assets, tmp_path_factory.mktemp("from_cache"), "one",
+                teacher_cache_dir=str(exact_cache))
 
 
 def _same(a: dict, b: dict, rtol: float):
@@ -88,8 +95,9 @@ def _same(a: dict, b: dict, rtol: float):
 @pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True])
 def test_training_from_an_exact_cache_gives_the_online_losses(assets, online, exact_cache,
-                                                              tmp_path, fused):
-    out = _run(assets, tmp_path, "cached", teacher_cache_dir=str(exact_cache), fused=fused)
+                                                              from_cache, tmp_path, fused):
+    out = from_cache if not fused else _run(assets, tmp_path, "cached", fused=True,
+                                            teacher_cache_dir=str(exact_cache))
     _same(tune.train_losses(out), tune.train_losses(online), rtol=1e-5)
     # validation ran with the live teacher: the exact held-out KL, as online
     val = {r["step"]: r["val_kl"] for r in tune.read_metrics(out) if "val_kl" in r}
@@ -100,8 +108,8 @@ def test_training_from_an_exact_cache_gives_the_online_losses(assets, online, ex
 
 
 @pytest.mark.slow
-def test_accumulation_and_two_processes_from_the_cache(assets, exact_cache, tmp_path):
-    one = _run(assets, tmp_path, "one", teacher_cache_dir=str(exact_cache))
+def test_accumulation_and_two_processes_from_the_cache(assets, exact_cache, from_cache, tmp_path):
+    one = from_cache
     accum = _run(assets, tmp_path, "accum", teacher_cache_dir=str(exact_cache), batch_size=2,
                  gradient_accumulation_steps=4)
     two = _run(assets, tmp_path, "two", nproc=2, teacher_cache_dir=str(exact_cache), batch_size=4)

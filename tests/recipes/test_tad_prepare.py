@@ -53,8 +53,8 @@ def test_config_errors(tmp_path, monkeypatch, capsys):
     assert line == "tad_prepare: error: num_workers: must be an integer >= 1 or null, got 0"
 
 
-def test_sigkill_midway_leaves_no_store_and_the_next_run_builds_it(tmp_path):
-    copies = 12  # ~6M tokens: a few seconds of tokenizing
+def test_sigkill_midway_leaves_no_store_and_the_next_run_builds_it(tmp_path, monkeypatch, capsys):
+    copies = 6  # ~3M tokens: seconds of tokenizing, the kill lands after the first batch
     demo = DEMO_CORPUS.read_bytes()
     corpus = tmp_path / "big.jsonl"
     corpus.write_bytes(gzip.decompress(demo) * copies)
@@ -78,7 +78,9 @@ def test_sigkill_midway_leaves_no_store_and_the_next_run_builds_it(tmp_path):
     assert [p.name for p in stores.iterdir() if not p.name.startswith(".")] == []
     assert len(list(stores.glob(".tmp-*"))) == 1  # the killed build's leftovers, ignored
 
-    out = tune.run_tune(["tad_prepare", "--config", str(cfg)], cwd=tmp_path).stdout
+    capsys.readouterr()
+    tune.run_in_process("tad_prepare", ["--config", str(cfg)], monkeypatch)  # in this process
+    out = capsys.readouterr().out
     built = [p for p in stores.iterdir() if not p.name.startswith(".")]
     assert len(built) == 1 and f"tad_prepare: dataset: built: {built[0]}" in out
     assert list(stores.glob(".tmp-*")) == []  # removed by the build that followed
