@@ -228,3 +228,20 @@ def user_error(recipe: str, args: list[str], monkeypatch, capsys) -> str:
     errors = [line for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1, err[-3000:]
     return errors[0]
+
+
+def run_recipe(recipe: str, cfg: dict) -> None:
+    """A whole run of ``recipe`` (its ``run(cfg)``: check, set up, run, clean up) in this process,
+    single-threaded as ``run_tune`` runs it (``OMP_NUM_THREADS=1``): the run of ``tune run``
+    without the start of a new interpreter (the ``tune run`` path itself is tested once per
+    recipe)."""
+    import importlib
+
+    from omegaconf import OmegaConf
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        importlib.import_module(recipe).run(OmegaConf.create(cfg))
+    finally:
+        torch.set_num_threads(threads)

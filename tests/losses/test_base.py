@@ -19,8 +19,8 @@ from tests.helpers.losses import (
     make_inputs,
 )
 
-# Every registered divergence (a new one is tested here without editing this file), with the
-# arguments these small shapes need where its defaults would not do.
+# Every registered divergence, with the arguments these small shapes need where its defaults
+# would not do, walked in chunks of 4 tokens.
 _SMALL = {"tad": {"k": 3, "beta": 2.0}, "drkl": {"gamma": 1.5}}
 ALL_DIVERGENCES = {
     name: (lambda cls=cls, kw=_SMALL.get(name, {}): chunked(cls(**kw), 4))

@@ -29,18 +29,22 @@ def _config(assets, output_dir, **overrides) -> dict:
 def online(assets, tmp_path_factory):
     """The reference: 6 steps with the live teacher."""
     out = tmp_path_factory.mktemp("online") / "out"
-    cfg = _config(assets, out, max_steps=6, eval_every_n_steps=3, export_hf=False)
-    tune.run_tune(["tad_distill", "--config", str(tune.write_config(cfg, out.parent / "c.yaml"))],
-                  cwd=out.parent)
+    tune.run_recipe("tad_distill", _config(assets, out, max_steps=6, eval_every_n_steps=3,
+                                           export_hf=False))
     return out
 
 
-def _cache(assets, tmp_path, name, nproc=1, **overrides):
+def _cache(assets, tmp_path, name, nproc=1, **overrides) -> Path:
+    """A teacher cache of the tiny config: in this process (``tune.run_recipe``), or through
+    ``tune run`` on ``nproc`` processes."""
     cache = tmp_path / name
     cfg = _config(assets, tmp_path / "unused", teacher_cache_dir=str(cache), **overrides)
-    proc = tune.run_tune(["tad_cache", "--config", str(tune.write_config(cfg, tmp_path / f"{name}.yaml"))],
-                         cwd=tmp_path, nproc=nproc)
-    return cache, proc
+    if nproc == 1:
+        tune.run_recipe("tad_cache", cfg)
+    else:
+        tune.run_tune(["tad_cache", "--config", str(tune.write_config(cfg, tmp_path / f"{name}.yaml"))],
+                      cwd=tmp_path, nproc=nproc)
+    return cache
 
 
 def _same_shards(a: Path, b: Path) -> None:
@@ -64,17 +68,21 @@ def exact_cache(assets, tmp_path_factory, request):
     """A cache holding all but one id per position in float32: the bucket (the rest the draws
     come from) is one id, so the cached losses are the online ones."""
     tmp = tmp_path_factory.mktemp("exact")
-    cache, _ = _cache(assets, tmp, "cache", cache_top_m=V - 1, cache_logp_dtype="float32",
+    cache = _cache(assets, tmp, "cache", cache_top_m=V - 1, cache_logp_dtype="float32",
                       cache_shard_blocks=16, cache_mode=request.param, cache_samples=1)
     return cache
 
 
 def _run(assets, tmp_path, name, nproc=1, **overrides):
+    """A 6-step run: in this process, or through ``tune run`` on ``nproc`` processes."""
     out = tmp_path / name
     out.mkdir(parents=True, exist_ok=True)
     cfg = _config(assets, out, max_steps=6, eval_every_n_steps=3, export_hf=False, **overrides)
-    tune.run_tune(["tad_distill", "--config", str(tune.write_config(cfg, out / "c.yaml"))],
-                  cwd=tmp_path, nproc=nproc)
+    if nproc == 1:
+        tune.run_recipe("tad_distill", cfg)
+    else:
+        tune.run_tune(["tad_distill", "--config", str(tune.write_config(cfg, out / "c.yaml"))],
+                      cwd=tmp_path, nproc=nproc)
     return out
 
 
@@ -120,7 +128,7 @@ def test_accumulation_and_two_processes_from_the_cache(assets, exact_cache, from
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_a_killed_tad_cache_resumes_to_the_same_bytes(assets, tmp_path, mode):
-    whole, _ = _cache(assets, tmp_path, "whole", cache_shard_blocks=4, batch_size=2,
+    whole = _cache(assets, tmp_path, "whole", cache_shard_blocks=4, batch_size=2,
                       **MODES[mode])
     cache = tmp_path / "killed"
     cfg = _config(assets, tmp_path / "unused", teacher_cache_dir=str(cache),
@@ -139,7 +147,7 @@ def test_a_killed_tad_cache_resumes_to_the_same_bytes(assets, tmp_path, mode):
     done = sorted(p.name for p in (cache / "train").glob("shard_*"))
     total = sorted(p.name for p in (whole / "train").glob("shard_*"))
     assert 0 < len(done) < len(total), (done, total)
-    tune.run_tune(["tad_cache", "--config", str(path)], cwd=tmp_path)
+    tune.run_recipe("tad_cache", cfg)  # the rest, in this process
     _same_shards(whole, cache)
     assert not list((cache / "train").glob(".*"))  # no temporary folder left
 
@@ -152,8 +160,8 @@ def test_tad_cache_on_two_processes_writes_the_same_bytes(assets, tmp_path, mode
     (202 blocks / 4) and a short last one (2 blocks, 1 batch where the others have 2), so the
     ranks run different shard and batch counts: each must still run as many teacher forwards
     as the other, or FSDP's all-gathers wait forever (the first version hung here)."""
-    one, _ = _cache(assets, tmp_path, "one", cache_shard_blocks=4, batch_size=2, **MODES[mode])
-    two, _ = _cache(assets, tmp_path, "two", nproc=2, cache_shard_blocks=4, batch_size=2,
+    one = _cache(assets, tmp_path, "one", cache_shard_blocks=4, batch_size=2, **MODES[mode])
+    two = _cache(assets, tmp_path, "two", nproc=2, cache_shard_blocks=4, batch_size=2,
                     **MODES[mode])
     _same_shards(one, two)
     assert json.loads((one / "manifest.json").read_text()) == json.loads(

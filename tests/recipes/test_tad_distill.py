@@ -28,11 +28,16 @@ def baseline(assets, tmp_path_factory):
 
 
 def _run(assets, tmp_path, name, nproc=1, **overrides) -> Path:
+    """A run of the tiny config: in this process (``tune.run_recipe``), or through ``tune run``
+    on ``nproc`` processes, or when it compiles (dynamo's state stays in its own process)."""
     out = tmp_path / name
     out.mkdir(parents=True, exist_ok=True)
     cfg = tune.base_config(assets, out, **overrides)
-    tune.run_tune(["tad_distill", "--config", str(tune.write_config(cfg, out / "c.yaml"))],
-                  cwd=tmp_path, nproc=nproc)
+    if nproc == 1 and not cfg.get("compile"):
+        tune.run_recipe("tad_distill", cfg)
+    else:
+        tune.run_tune(["tad_distill", "--config", str(tune.write_config(cfg, out / "c.yaml"))],
+                      cwd=tmp_path, nproc=nproc)
     return out
 
 
@@ -76,7 +81,8 @@ def test_outputs_logged_and_exported(baseline):
     assert (baseline / "checkpoints" / "latest").read_text() == "step_000010"
 
 
-def test_validation_metrics_equal_tad_eval_on_the_exported_student(assets, baseline, tmp_path):
+def test_validation_metrics_equal_tad_eval_on_the_exported_student(assets, baseline, tmp_path,
+                                                                   monkeypatch):
     """The recipe's validation and ``tad_eval`` share one metric implementation: val_kl / val_ce
     of the final step equal tad_eval's KL and CE for the exported student on the same text."""
     cfg = tune.base_config(assets, baseline)
@@ -87,8 +93,9 @@ def test_validation_metrics_equal_tad_eval_on_the_exported_student(assets, basel
         "teacher": {"checkpoint_dir": cfg["teacher_checkpointer"]["checkpoint_dir"]},
         "students": {"s": {"checkpoint_dir": str(baseline / "student")}},
     }
-    tune.run_tune(["tad_eval", "--config", str(tune.write_config(eval_cfg, tmp_path / "e.yaml"))],
-                  cwd=tmp_path)
+    # tad_eval in this process (its `tune run`: tests/recipes/test_tad_eval.py)
+    tune.run_in_process("tad_eval", ["--config", str(tune.write_config(eval_cfg, tmp_path / "e.yaml"))],
+                        monkeypatch)
     report = json.loads((out / "eval.json").read_text())["students"]["s"]
     final = [r for r in tune.read_metrics(baseline) if "val_kl" in r][-1]
     assert final["step"] == 10
@@ -155,8 +162,7 @@ def test_kill_and_resume_gives_the_same_losses(assets, tmp_path, baseline):
     step = _kill_after_checkpoint([tune.tune_bin(), "run", "tad_distill", "--config", str(path)],
                                   tmp_path, out, min_step=4)
     assert step < 10, "the run finished before the kill"
-    tune.run_tune(["tad_distill", "--config", str(path), "resume_from_checkpoint=True"],
-                  cwd=tmp_path)
+    tune.run_recipe("tad_distill", {**cfg, "resume_from_checkpoint": True})  # in this process
     resumed = tune.train_losses(out)
     # Steps after the checkpoint were logged twice (before the kill and after the resume): the
     # last value of each is the resumed one.
