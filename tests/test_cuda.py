@@ -26,8 +26,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.losses.test_fused import (
-    DIVERGENCES,
+from tests.helpers.losses import DIVERGENCE_CASES as DIVERGENCES
+from tests.helpers.losses import (
     IGNORE,
     B,
     D,
@@ -43,7 +43,7 @@ from tests.losses.test_fused import (
     unfused,
     unfused_head,
 )
-from tests.recipes import tiny
+from tests.helpers import tune
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import loss_bench  # noqa: E402  (the benchmark's Liger case)
@@ -216,19 +216,19 @@ def test_compiled_bf16_recipe_matches_eager(tmp_path):
     and without: both losses finite, and equal within 2e-2 relative (5 bf16 roundings, 2**-8
     each: inductor keeps a fused kernel's intermediates in float32 where eager rounds each
     op's output to bf16). The compiled run's inductor cache must hold compiled kernels."""
-    assets = tiny.make_assets(tmp_path / "assets")
+    assets = tune.make_assets(tmp_path / "assets")
     inductor_cache = tmp_path / "inductor"
 
     def run(name: str, compile: bool):
         out = tmp_path / name
         out.mkdir()
-        cfg = tiny.base_config(assets, out, device="cuda", dtype="bf16", fused=True,
+        cfg = tune.base_config(assets, out, device="cuda", dtype="bf16", fused=True,
                                compile=compile, max_steps=2, lr_scheduler=None,
                                validation_dataset=None, export_hf=False)
         env = {"TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)} if compile else {}
-        tiny.run_tune(["tad_distill", "--config", str(tiny.write_config(cfg, out / "c.yaml"))],
+        tune.run_tune(["tad_distill", "--config", str(tune.write_config(cfg, out / "c.yaml"))],
                       cwd=tmp_path, env=env)
-        return tiny.train_losses(out)
+        return tune.train_losses(out)
 
     with ThreadPoolExecutor(2) as pool:  # one GPU, two tiny runs: side by side
         compiled, eager = pool.map(lambda a: run(*a), [("compiled", True), ("eager", False)])

@@ -2,14 +2,12 @@
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tad_torchtune.data import resolve_asset
-from tad_torchtune.demo import format_summary, summarize_seeds
+from tad_torchtune.demo import bundled_config, format_summary, summarize_seeds
 
 DEMO = Path(resolve_asset("pkg://demo"))
 
@@ -36,47 +34,82 @@ def test_summarize_seeds_hand_computed():
     assert "0.3000 ± 0.1000" in table and "0.1000" in table.splitlines()[2]
 
 
+def test_demo_method_overrides():
+    from tad_torchtune.demo import method_overrides
+
+    tad_cfg = {"_component_": "tad_torchtune.losses.TADLoss", "k": 5, "beta": 1.0, "temperature": 1.0}
+    assert method_overrides("clm", tad_cfg) == ["kd_weight=0"]
+    assert method_overrides("kd", tad_cfg) == [
+        "kd_loss._component_=tad_torchtune.losses.ForwardKLLoss", "~kd_loss.k", "~kd_loss.beta"]
+    assert method_overrides("tad", {"_component_": "tad_torchtune.losses.ForwardKLLoss"}) == [
+        "kd_loss._component_=tad_torchtune.losses.TADLoss", "kd_loss.k=10", "kd_loss.beta=2.0"]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (DEMO / "teacher" / "model.safetensors").is_file(),
                     reason="demo teacher not built")
-def test_demo_end_to_end_reduced(tmp_path):
-    """``python -m tad_torchtune.demo`` at 3 steps, 2 seeds, 2 methods: every output exists and
-    every number in it is finite (the real demo only differs in its step count)."""
-    out = tmp_path / "demo"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tad_torchtune.demo", "--out", str(out), "--steps", "3",
-         "--seeds", "0", "1", "--methods", "kd", "tad", "eval_every_n_steps=1",
-         "max_eval_batches=1", "log_every_n_steps=1"],
-        capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "over 2 seeds" in proc.stdout and str(out / "figure1_kl_vs_tokens.png") in proc.stdout
+def test_demo_end_to_end_reduced(tmp_path, capsys, monkeypatch):
+    """The demo driver (``demo.main``, its ``tune run``s real) at 2 steps, TAD, 2 seeds, one
+    held-out batch: the summary is the seeds' statistics of the evaluation report, the printed
+    table its numbers, and Figure 1 plots the runs' logged held-out KL (the real demo only
+    differs in its step count, methods and seeds)."""
+    from tad_torchtune import demo, plots
 
-    for png in ("figure1_kl_vs_tokens.png", "eval/figure2_teacher.png", "eval/reliability.png"):
-        assert (out / png).stat().st_size > 1000, png
-    runs = ["kd_seed0", "tad_seed0", "kd_seed1", "tad_seed1"]
-    for run in runs:
-        assert (out / run / "student" / "config.json").is_file()
-        rows = [json.loads(x) for x in (out / run / "metrics.jsonl").read_text().splitlines()]
-        val = [r["val_kl"] for r in rows if "val_kl" in r]
-        assert len(val) >= 3 and all(math.isfinite(v) for v in val)
+    figures = {}
+    real_save = plots._save
+
+    def keep(fig, path):
+        figures[Path(path).name] = fig
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    eval_cfg = bundled_config("demo_eval")
+    eval_cfg["max_batches"] = 1
+    eval_path = tmp_path / "demo_eval.yaml"
+    eval_path.write_text(json.dumps(eval_cfg))  # JSON is YAML
+    out = tmp_path / "demo"
+    assert demo.main(["--out", str(out), "--steps", "2", "--seeds", "0", "1", "--methods", "tad",
+                      "--eval-config", str(eval_path), "eval_every_n_steps=1",
+                      "max_eval_batches=1", "log_every_n_steps=1"]) == 0
+    stdout = capsys.readouterr().out
+    assert "over 2 seeds" in stdout and str(out / "figure1_kl_vs_tokens.png") in stdout
+
+    runs = {s: [json.loads(x) for x in (out / f"tad_seed{s}" / "metrics.jsonl").read_text()
+                .splitlines()] for s in (0, 1)}
+    val = {s: {r["tokens"]: r["val_kl"] for r in rows if "val_kl" in r} for s, rows in runs.items()}
+    assert all(len(v) == 2 and all(math.isfinite(x) for x in v.values()) for v in val.values())
+    assert val[0] != val[1]  # two seeds, two students
+    for s in (0, 1):
+        assert (out / f"tad_seed{s}" / "student" / "config.json").is_file()
+
+    # Figure 1: the mean of the seeds' held-out KL at the tokens both logged, and their range
+    ax = figures["figure1_kl_vs_tokens.png"].axes[0]
+    (line,) = ax.get_lines()
+    tokens = sorted(set(val[0]) & set(val[1]))
+    assert line.get_label() == "tad (mean of 2)" and list(line.get_xdata()) == tokens
+    assert list(line.get_ydata()) == pytest.approx([(val[0][t] + val[1][t]) / 2 for t in tokens])
 
     report = json.loads((out / "eval" / "eval.json").read_text())
-    assert sorted(report["students"]) == sorted(runs)
-    for metrics in report["students"].values():
-        for key in ("kl", "ce", "ppl", "full_ece", "top1_agreement"):
-            assert math.isfinite(metrics[key]), key
-        assert metrics["kl"] > 0
+    students = report["students"]
+    assert sorted(students) == ["tad_seed0", "tad_seed1"]
+    for name, m in students.items():  # the printed table is the report
+        assert (f"{name:<14}{m['kl']:>10.4f}{m['ce']:>9.4f}{m['ppl']:>9.2f}"
+                f"{m['full_ece']:>10.4f}{m['top1_agreement']:>10.4f}") in stdout
+        # max_batches=1: one batch of 8 blocks, as long as the training ones (T - 1 predicted)
+        block = bundled_config("demo")["validation_dataset"]["max_seq_len"]
+        assert m["kl"] > 0 and m["num_tokens"] == 8 * (block - 1)
     assert all(0 < v < 1 for v in report["teacher"]["tail_mass"].values())
+    for png in ("figure1_kl_vs_tokens.png", "eval/figure2_teacher.png", "eval/reliability.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"kd", "tad"}
-    for method, entry in summary.items():
-        assert entry["seeds"] == 2
-        kls = [report["students"][f"{method}_seed{s}"]["kl"] for s in (0, 1)]
-        assert entry["kl"]["mean"] == pytest.approx(sum(kls) / 2)
-        assert entry["kl"]["std"] == pytest.approx(abs(kls[0] - kls[1]) / math.sqrt(2))
-
+    assert list(summary) == ["tad"] and summary["tad"]["seeds"] == 2
+    for metric in ("kl", "ce", "ppl", "full_ece", "top1_agreement"):
+        a, b = students["tad_seed0"][metric], students["tad_seed1"][metric]
+        entry = summary["tad"][metric]
+        assert entry["mean"] == pytest.approx((a + b) / 2, rel=1e-12)
+        assert entry["std"] == pytest.approx(abs(a - b) / math.sqrt(2), rel=1e-9)
+        assert (entry["min"], entry["max"]) == (min(a, b), max(a, b))
 
 def test_teacher_folder_opens_with_auto_classes_and_matches_the_demo_tokenizer():
     """The bundled teacher is a self-contained Hugging Face folder: ``AutoModelForCausalLM`` and
@@ -112,17 +145,19 @@ def test_teacher_folder_opens_with_auto_classes_and_matches_the_demo_tokenizer()
 
 
 @pytest.mark.slow
-def test_demo_errors_are_one_line(tmp_path):
-    """A bad option, and a bad override that tad_distill refuses: one line each, exit 2."""
-    import subprocess
-    import sys
+def test_demo_errors_are_one_line(tmp_path, capsys):
+    """A bad option, and a bad override that tad_distill refuses: one line each, exit 2 (the
+    driver in this process; the second error comes from its `tune run tad_distill`)."""
+    from tad_torchtune import demo
 
     def run(*args):
-        proc = subprocess.run([sys.executable, "-m", "tad_torchtune.demo", "--out", str(tmp_path),
-                               *args], capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1, proc.stderr
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stopped:
+            demo.main(["--out", str(tmp_path), *args])
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and "Traceback" not in err, err[-2000:]
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, err
         return lines[0]
 
     assert run("--steps", "0") == ("python -m tad_torchtune.demo: error: --steps must be >= 1, "

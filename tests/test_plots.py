@@ -1,16 +1,20 @@
-"""Figures from synthetic run logs and metric outputs."""
+"""Figures from synthetic run logs and metric outputs: what each figure plots (its lines, bands
+and bars) is the data it was given, and the command line writes a PNG."""
 
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+from tad_torchtune import plots
 from tad_torchtune.metrics import StudentMetrics, TeacherMetrics
 from tad_torchtune.plots import (
     group_curves,
     metric_curve,
+    plot_kl_vs_tokens,
     plot_reliability,
     plot_teacher_stats,
     read_metrics,
@@ -34,6 +38,26 @@ def write_run(folder, kls, tokens_per_step=2048, eval_every=10):
 
 def assert_png(path):
     assert path.is_file() and path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5000
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the plotting functions save, by path (kept after ``plt.close``)."""
+    saved = {}
+    real = plots._save
+
+    def spy(fig, out_path):
+        saved[str(out_path)] = fig
+        return real(fig, out_path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    return saved
+
+
+def _lines(ax):
+    """``label -> (x, y)`` of an axis' lines."""
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+            for line in ax.get_lines()}
 
 
 def test_read_and_group_runs(tmp_path):
@@ -67,7 +91,28 @@ def test_figure1_cli_writes_png(tmp_path):
     assert_png(out)
 
 
-def test_figure2_and_reliability_png_from_metrics(tmp_path):
+def test_figure1_plots_the_mean_of_the_seeds_and_their_range(tmp_path, figures):
+    runs = [write_run(tmp_path / "tad_seed0", [1.0, 0.8, 0.6]),
+            write_run(tmp_path / "tad_seed1", [1.2, 1.0, 0.8, 0.7]),
+            write_run(tmp_path / "kd_seed0", [1.1, 0.9, 0.7])]
+    out = plot_kl_vs_tokens(runs, tmp_path / "fig1.png", logy=True)
+    assert_png(out)
+    ax = figures[str(out)].axes[0]
+    xs = [20480.0, 40960.0, 61440.0]
+    lines = _lines(ax)
+    assert sorted(lines) == ["kd", "tad (mean of 2)"]
+    assert lines["tad (mean of 2)"][0] == xs
+    assert lines["tad (mean of 2)"][1] == pytest.approx([1.1, 0.9, 0.7])
+    assert lines["kd"] == (xs, [1.1, 0.9, 0.7])
+    (band,) = ax.collections  # one min-max band: the method with two seeds
+    vertices = band.get_paths()[0].vertices
+    for x, lo, hi in zip(xs, [1.0, 0.8, 0.6], [1.2, 1.0, 0.8]):
+        at_x = vertices[np.isclose(vertices[:, 0], x), 1]
+        assert at_x.min() == pytest.approx(lo) and at_x.max() == pytest.approx(hi)
+    assert ax.get_yscale() == "log" and ax.get_xlabel() == "training tokens"
+
+
+def test_figure2_and_reliability_plot_the_metrics(tmp_path, figures):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 9, 80, generator=g) * 3
     labels = torch.randint(0, 80, (2, 9), generator=g)
@@ -76,6 +121,27 @@ def test_figure2_and_reliability_png_from_metrics(tmp_path):
     student = StudentMetrics()
     student.update(logits * 0.5, logits, labels)
     t = json.loads(json.dumps(teacher.compute()))  # as read back from eval.json: string keys
-    assert_png(plot_teacher_stats({"teacher": t, "other": teacher.compute()}, tmp_path / "f2.png"))
+    other = TeacherMetrics()  # another teacher: other tail masses and another mismatch rate
+    right = (torch.randn(2, 9, 80, generator=g) * 6).scatter_add(
+        -1, labels.unsqueeze(-1), torch.tensor([[[50.0]] * 9, [[0.0]] * 9]))  # row 0 right
+    other.update(right, labels)
+    s = other.compute()
+    assert s["mismatch_rate"] != t["mismatch_rate"]
+    out = plot_teacher_stats({"teacher": t, "other": s}, tmp_path / "f2.png")
+    assert_png(out)
+    ax_a, ax_b = figures[str(out)].axes
+    for label, stats in (("teacher", t), ("other", s)):
+        tail = sorted((int(k), float(v)) for k, v in stats["tail_mass"].items())
+        assert _lines(ax_a)[label] == ([k for k, _ in tail], [v for _, v in tail])
+    assert [p.get_height() for p in ax_b.patches] == pytest.approx(
+        [100 * t["mismatch_rate"], 100 * s["mismatch_rate"]])
+    assert [x.get_text() for x in ax_b.get_xticklabels()] == ["teacher", "other"]
+
     rel = {"teacher": t["reliability"], "student": student.compute()["reliability"]}
-    assert_png(plot_reliability(rel, tmp_path / "rel.png"))
+    out = plot_reliability(rel, tmp_path / "rel.png")
+    assert_png(out)
+    lines = _lines(figures[str(out)].axes[0])
+    for label, r in rel.items():
+        kept = [i for i, n in enumerate(r["count"]) if n > 0]  # empty bins are not drawn
+        assert 0 < len(kept) < len(r["count"])
+        assert lines[label] == ([r["confidence"][i] for i in kept], [r["accuracy"][i] for i in kept])

@@ -35,6 +35,15 @@ def test_config_names_resolve_to_bundled_files(tmp_path):
     assert resolve_config_argv(["x", "--config", str(existing)])[2] == str(existing)
 
 
+def test_an_unknown_config_name_lists_the_bundled_ones(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        resolve_config_argv(["tad_distill", "--config", "no_such_config"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("--config: 'no_such_config' is neither a file nor a bundled config; "
+                          "bundled: [") and "'demo'" in err
+
+
 def test_an_optional_component_set_to_null_on_the_command_line_is_absent():
     """``tune run tad_distill ... validation_dataset=null lr_scheduler=null``: torchtune's CLI
     sets the nodes' ``_component_`` to null; the check then drops those components."""

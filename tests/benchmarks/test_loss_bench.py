@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.losses.test_fused import matmul_flops
+from tests.helpers.losses import matmul_flops
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 

@@ -2,15 +2,13 @@
 
 import json
 import pickle
-import warnings
 
 import pytest
 import torch
-from torchtune.data import padded_collate_sft
 
 from tad_torchtune.data import TextBlockDataset, text_block_dataset
 from tests.data.reference import blocks, encode_all, legacy_blocks
-from tests.data.toy_tokenizers import ByteTokenizer
+from tests.helpers.toy_tokenizers import ByteTokenizer
 
 DEMO = "pkg://demo/jargon.jsonl.gz"
 

@@ -11,7 +11,7 @@ from tad_torchtune.data import StoreError, build_store, expand_sources, prepare_
 from tad_torchtune.data.prepare import BatchEncoder, batch_encoder
 from tad_torchtune.data.store import MANIFEST, OFFSETS, TOKENS, TokenStore
 from tests.data.reference import encode_all
-from tests.data.toy_tokenizers import ByteTokenizer, hf_tokenizer
+from tests.helpers.toy_tokenizers import ByteTokenizer, hf_tokenizer
 
 
 def _flat(encoded):

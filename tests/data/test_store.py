@@ -1,11 +1,13 @@
-"""The store format: tokenizer fingerprints, atomic publication, and a reader that maps without
-reading."""
+"""The store format: tokenizer fingerprints, atomic publication, a reader that maps without
+reading, and a missing store built once by two processes under torchrun."""
 
+import gzip
 import json
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +17,10 @@ from tad_torchtune.data.store import (
     FORMAT, FORMAT_VERSION, MANIFEST, OFFSETS, TOKENS, content_fingerprint, store_key,
     tokenizer_fingerprint,
 )
-from tests.data.toy_tokenizers import ByteTokenizer, hf_tokenizer
+from tests.data.reference import DEMO_CORPUS
+from tests.helpers.toy_tokenizers import ByteTokenizer, hf_tokenizer
+
+SCRIPT = Path(__file__).parents[1] / "helpers" / "open_store_distributed.py"
 
 FINGERPRINT_SCRIPT = """
 from tad_torchtune.data import tokenizer_fingerprint
@@ -148,3 +153,26 @@ def test_opening_a_billion_token_store_reads_none_of_it(tmp_path, demo_tok):
     assert batch.tokens.shape == (8, 128) and batch.document_ids.max() <= 1
     assert opened < 1.0, opened
     assert growth < 64 * 2**20, growth
+
+
+@pytest.mark.slow
+def test_two_processes_build_the_store_once(tmp_path):
+    """Two processes under torchrun open a dataset whose store is missing: it is built once, by
+    rank 0, and both read the same blocks."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes(gzip.decompress(DEMO_CORPUS.read_bytes()) * 3)  # ~1.5M tokens
+    stores = tmp_path / "stores"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(SCRIPT), str(corpus), str(stores), str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)}
+    assert ranks[0]["built_by"] == ranks[0]["pid"] != ranks[1]["pid"]
+    assert proc.stderr.count("tad_torchtune: building the token store") == 1
+    for key in ("len", "fingerprint", "store", "first"):
+        assert ranks[0][key] == ranks[1][key], key
+    assert [p.name for p in stores.iterdir() if not p.name.startswith(".")] == [Path(ranks[0]["store"]).name]
+    assert list(stores.glob(".tmp-*")) == []

@@ -22,7 +22,7 @@ from tad_torchtune.losses.cached import (
 )
 from tad_torchtune.losses.fused import fused_head
 from tests.losses import reference as ref
-from tests.losses.test_divergences import (
+from tests.helpers.losses import (
     IGNORE,
     B,
     T,
@@ -143,7 +143,7 @@ def test_k_above_top_m_is_refused_naming_both():
 def test_fused_head_from_the_cache_equals_unfused(name):
     """The fused head reads the student's LSE and its logits at the cached ids only: no teacher
     projection; CE + cached divergence equal their unfused values and gradients."""
-    from tests.losses.test_fused import make_case
+    from tests.helpers.losses import make_case
 
     make_div, _ = CASES[name]
     h_s, w_s, h_t, w_t, labels = make_case(37, torch.float64)
@@ -175,7 +175,7 @@ def assert_fused_from_cache_equals_unfused(div, cache, h_s, w_s, labels):
 
 def test_a_step_from_the_cache_projects_no_teacher():
     """CE + cached TAD: the student's projection and its two gradient products, 3 x 2 N V D."""
-    from tests.losses.test_fused import D, make_case, matmul_flops
+    from tests.helpers.losses import D, make_case, matmul_flops
 
     h_s, w_s, h_t, w_t, labels = make_case(38)
     cache = teacher_top_m(h_t @ w_t.T, labels, 16)
@@ -322,7 +322,7 @@ def test_sampled_closed_form_gradient_equals_autograd(name, ce_weight):
 
 @pytest.mark.parametrize("name", sorted(SAMPLED))
 def test_fused_head_from_the_sampled_cache_equals_unfused(name):
-    from tests.losses.test_fused import make_case
+    from tests.helpers.losses import make_case
 
     h_s, w_s, h_t, w_t, labels = make_case(44, torch.float64)
     cache = teacher_sampled(h_t @ w_t.T, 10, 6, seed=5, blocks=torch.arange(h_t.shape[0]))

@@ -10,30 +10,32 @@ import pytest
 import torch
 
 from tad_torchtune.losses import DIVERGENCES as REGISTRY
-from tad_torchtune.losses import DRKLLoss, ForwardKLLoss, TADLoss
+from tad_torchtune.losses import ForwardKLLoss, TADLoss
 from tad_torchtune.losses.ce import chunked_cross_entropy
 from tad_torchtune.losses.engine import top_k_extras
 from tad_torchtune.losses.fused import default_chunk_size, fused_divergence, fused_head
 from tad_torchtune.losses.terms import teacher_top_k
+from tests.helpers.losses import DIVERGENCE_CASES as DIVERGENCES
+from tests.helpers.losses import (
+    IGNORE,
+    B,
+    D,
+    D_T,
+    T,
+    V,
+    assert_head_equals,
+    assert_same,
+    bf16_reference,
+    fused,
+    head,
+    make_case,
+    matmul_flops,
+    unfused,
+    unfused_head,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from loss_bench import peak_allocated_bytes  # noqa: E402  (the benchmark's memory accounting)
-
-B, T, D, D_T, V = 3, 47, 16, 24, 123  # deliberately odd: N = 141 tokens, prime-ish sizes
-IGNORE = -100
-
-# every registered divergence with its defaults (TAD: K=10, beta=2), plus variants
-DIVERGENCES = {
-    **REGISTRY,
-    "tad_k1": lambda **kw: TADLoss(k=1, beta=2.0, **kw),
-    "drkl_gamma2.5": lambda **kw: DRKLLoss(gamma=2.5, **kw),
-}
-
-# (dtype, atol, rtol) of fused vs unfused in the SAME dtype; atol is RELATIVE TO THE LARGEST
-# ENTRY of the expected tensor: float32 gradients of both paths carry ~1e-6 of that much
-# cancellation error on their small entries (each path is that far from float64, too).
-TOL = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-10, 1e-10)}
-
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -43,56 +45,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def make_case(seed, dtype=torch.float32, b=B, t=T, v=V, v_t=None, masked=True):
-    gen = torch.Generator().manual_seed(seed)
-    h_s = torch.randn(b, t, D, generator=gen).to(dtype)
-    w_s = (torch.randn(v, D, generator=gen) * 0.6).to(dtype)
-    h_t = torch.randn(b, t, D_T, generator=gen).to(dtype)
-    w_t = (torch.randn(v_t or v, D_T, generator=gen) * 0.6).to(dtype)
-    labels = torch.randint(0, v, (b, t), generator=gen)
-    if masked:
-        labels[0, :7] = IGNORE  # a masked prompt
-        labels[min(1, b - 1), -5:] = IGNORE  # masked padding
-    return h_s, w_s, h_t, w_t, labels
-
-
-def softcap(z, cap):
-    return z if cap is None else torch.tanh(z / cap) * cap
-
-
-def unfused(div, h_s, w_s, h_t, w_t, labels, s_cap=None, t_cap=None):
-    """Materialise the logits, as the recipe's unfused path does, and backprop."""
-    h_s = h_s.detach().clone().requires_grad_(True)
-    w_s = w_s.detach().clone().requires_grad_(True)
-    out = div.sum_and_count(softcap(h_s @ w_s.T, s_cap), softcap(h_t @ w_t.T, t_cap), labels)
-    out.total.backward()
-    return out, h_s.grad, w_s.grad
-
-
-def fused(div, h_s, w_s, h_t, w_t, labels, **kw):
-    h_s = h_s.detach().clone().requires_grad_(True)
-    w_s = w_s.detach().clone().requires_grad_(True)
-    out = fused_divergence(div, h_s, w_s, h_t, w_t, labels, **kw)
-    out.total.backward()
-    return out, h_s.grad, w_s.grad
-
-
-def assert_same(a, b, dtype):
-    (out_a, gh_a, gw_a), (out_b, gh_b, gw_b) = a, b
-    atol, rtol = TOL[dtype]
-
-    def close(x, y):
-        torch.testing.assert_close(x, y, atol=atol * float(y.detach().abs().max()), rtol=rtol)
-
-    close(out_a.total, out_b.total)
-    assert int(out_a.num_tokens) == int(out_b.num_tokens)
-    assert sorted(out_a.stats) == sorted(out_b.stats)
-    for k in out_a.stats:
-        close(out_a.stats[k], out_b.stats[k])
-    close(gh_a, gh_b)
-    close(gw_a, gw_b)
 
 
 # ----------------------------------------------------------------------------- equality
@@ -162,15 +114,6 @@ def test_ignored_tokens_do_not_count(name):
     b = fused(div, h_s2, w_s, h_t2, w_t, labels, chunk_size=16)
     assert_same(a, b, torch.float32)
     assert not a[1][ignored.squeeze(-1)].any()
-
-
-def bf16_reference(div, h_s, w_s, h_t, w_t, labels):
-    """float64 math on the SAME bf16 logits, chained to the hidden states and weight in float64:
-    ``(output, grad_h, grad_w)``."""
-    z = (h_s @ w_s.T).double().requires_grad_(True)  # the bf16 logits, exactly
-    ref = div.sum_and_count(z, (h_t @ w_t.T).double(), labels)
-    (g_z,) = torch.autograd.grad(ref.total, z)
-    return ref, g_z @ w_s.double(), g_z.reshape(-1, V).T @ h_s.double().reshape(-1, D)
 
 
 @pytest.mark.parametrize("name", ["forward_kl", "tad"])
@@ -428,20 +371,6 @@ def test_peak_memory_is_a_few_chunks(name, cache_chunks, limit, temperature, cap
     assert 1.0 < buffers <= limit, buffers
 
 
-def matmul_flops(fn) -> int:
-    """Flops of the matrix products ``fn()`` runs (torch's FlopCounterMode, taught the in-place
-    ``addmm_`` that accumulates the weight gradient)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    def addmm_inplace(self_shape, a_shape, b_shape, out_shape=None, **kwargs):
-        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
-
-    mapping = {torch.ops.aten.addmm_: addmm_inplace}
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 @pytest.mark.parametrize("name,cache_mib,teacher_projections", [
     ("forward_kl", 128, 1),
     ("tad", 128, 1),  # the whole teacher kept between TAD's passes: the cost of KL
@@ -454,51 +383,6 @@ def test_matmul_flops(name, cache_mib, teacher_projections):
     flops = matmul_flops(lambda: fused(DIVERGENCES[name](), h_s, w_s, h_t, w_t, labels,
                                        chunk_size=12, teacher_cache_mib=cache_mib))
     assert flops == 2 * B * T * V * (3 * D + teacher_projections * D_T)
-
-
-def head(div, h_s, w_s, h_t, w_t, labels, **kw):
-    """The fused head (CE + divergence from one student projection), backpropagated."""
-    h_s = h_s.detach().clone().requires_grad_(True)
-    w_s = w_s.detach().clone().requires_grad_(True)
-    out = fused_head(h_s, w_s, labels, divergence=div, teacher_hidden=h_t, teacher_weight=w_t,
-                     **kw)
-    out.objective.backward()
-    return out, h_s.grad, w_s.grad
-
-
-def unfused_head(div, h_s, w_s, h_t, w_t, labels, ce_weight, kd_weight, s_cap=None, t_cap=None):
-    """CE and the divergence on materialised logits (the reference), backpropagated."""
-    h_s = h_s.detach().clone().requires_grad_(True)
-    w_s = w_s.detach().clone().requires_grad_(True)
-    logits = softcap(h_s @ w_s.T, s_cap)
-    ce, n = chunked_cross_entropy(logits, labels, chunk_size=50)
-    objective = ce_weight * ce
-    kd = None
-    if div is not None:
-        kd = div.sum_and_count(logits, softcap(h_t @ w_t.T, t_cap), labels)
-        objective = objective + kd_weight * kd.total
-    objective.backward()
-    return objective, ce, kd, n, h_s.grad, w_s.grad
-
-
-def assert_head_equals(out, gh, gw, ref, dtype, stats=True):
-    """The fused head's result and gradients against ``unfused_head``'s ``ref``, each within
-    ``TOL[dtype]`` scaled by the reference's largest entry (and the diagnostics with ``stats``)."""
-    ref_obj, ref_ce, ref_kd, ref_n, ref_gh, ref_gw = ref
-    atol, rtol = TOL[dtype]
-
-    def close(x, y):
-        torch.testing.assert_close(x, y, atol=atol * float(y.detach().abs().max()), rtol=rtol)
-
-    close(out.objective, ref_obj.detach())
-    close(out.ce, ref_ce.detach())
-    assert int(out.num_tokens) == int(ref_n)
-    if ref_kd is not None:
-        close(out.kd.total, ref_kd.total.detach())
-        for k in ref_kd.stats if stats else ():
-            close(out.kd.stats[k], ref_kd.stats[k])
-    close(gh, ref_gh)
-    close(gw, ref_gw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -19,9 +19,9 @@ from tad_torchtune.models import (
     output_weight,
     resolve_teacher,
 )
-from tests.models.tiny import shrink_config as _tiny  # every width / 16, depths and heads kept
+from tests.helpers.configs import CONFIG_DIR, TEXT_BLOCKS, TRAINING_CONFIGS
+from tests.helpers.teachers import shrink_config as _tiny  # every width / 16, depths and heads kept
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 PAPER_CONFIGS = [
     "qwen1_5_1_8b_to_1_2b",
     "qwen1_5_1_8b_to_0_5b",
@@ -51,10 +51,6 @@ PAPER_SETUP = {
     "phi2_to_1b": (1e-4, 128, 1),
     "phi2_to_1b_fkl": (1e-4, 128, 1),
 }
-# Every shipped tad_distill config (the eval configs have no student_model).
-TRAINING_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")
-                          if "student_model" in OmegaConf.load(p))
-TEXT_BLOCKS = "tad_torchtune.data.text_block_dataset"
 # The one exception to the token store: supervised distillation on instruction data (prompt
 # masking, small data) through torchtune's instruct / chat builders. Both lists are explicit, so a
 # new config is classified deliberately: a pretraining config on any other builder fails below.

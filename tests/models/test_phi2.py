@@ -27,7 +27,7 @@ from tad_torchtune.models import (
     pruned_student,
     save_hf_checkpoint,
 )
-from tests.models.tiny import load_with_checkpointer, randomize_, save_teacher_hf
+from tests.helpers.teachers import load_with_checkpointer, randomize_, save_teacher_hf
 
 ATOL = 1e-4  # fp32
 VOCAB, SEQ = 96, 20
@@ -137,7 +137,7 @@ def test_hf_checkpointer_reads_phi2_and_every_other_family(hf_phi, tmp_path):
     assert all(torch.equal(state["model"][k], expected[k]) for k in expected)
 
     # another family: what torchtune's own checkpointer reads
-    from tests.models.tiny import build_teacher
+    from tests.helpers.teachers import build_teacher
 
     qwen_dir = save_teacher_hf("qwen2", build_teacher("qwen2"), tmp_path / "qwen")
     theirs = load_with_checkpointer("qwen2", qwen_dir, tmp_path / "out")
@@ -294,7 +294,7 @@ def test_hub_phi2_config_builds_phi2_2_7b():
 
 
 def test_output_bias_is_none_for_every_other_family():
-    from tests.models.tiny import CASES, build_teacher
+    from tests.helpers.teachers import CASES, build_teacher
 
     for case, (family, _, _) in CASES.items():
         bias = output_bias(build_teacher(case))

@@ -10,17 +10,17 @@ from pathlib import Path
 
 import torch
 
-from tests.recipes import tiny
+from tests.helpers import tune
 
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        assets = tiny.make_assets(root / "assets")
+        assets = tune.make_assets(root / "assets")
         out = root / "out"
-        cfg = tiny.base_config(assets, out, save_every_n_steps=2, eval_every_n_steps=5)
-        tiny.run_tune(["tad_distill", "--config", str(tiny.write_config(cfg, root / "c.yaml"))],
+        cfg = tune.base_config(assets, out, save_every_n_steps=2, eval_every_n_steps=5)
+        tune.run_tune(["tad_distill", "--config", str(tune.write_config(cfg, root / "c.yaml"))],
                       cwd=root)
-        losses = tiny.train_losses(out)
+        losses = tune.train_losses(out)
     target = Path(__file__).parents[1] / "assets" / "golden_loss_trace.json"
     target.write_text(json.dumps({"torch": torch.__version__, "loss": losses}, indent=1) + "\n")
     print(f"wrote {target}")

@@ -20,7 +20,7 @@ difference of the two configs, against ``ALLOWED_CHANGES``):
 
 - model sizes: the teacher's builder node becomes its family's component builder with every width
   divided by the largest factor that leaves each head two whole rotary pairs
-  (``tests.models.tiny.shrink_config``: Qwen2.5-3B -> 64 wide, 16 heads of 4), the vocabulary
+  (``tests.helpers.teachers.shrink_config``: Qwen2.5-3B -> 64 wide, 16 heads of 4), the vocabulary
   ``256 + V % 256`` (a larger teacher vocabulary stays larger); depths, head counts, layer choices
   and every other builder argument are kept (checked). A ``pruned_student`` keeps its node but its
   widths, divided by its teacher's factor; another student builder is shrunk like a teacher. The
@@ -67,10 +67,9 @@ from tad_torchtune.models import (
     vocab_size_of,
 )
 from tad_torchtune.models.loading import load_hf_folder
-from tests.models import tiny as tiny_models
-# every shipped tad_distill config, found on disk; the token store's dataset builder
-from tests.models.test_configs import CONFIG_DIR, TEXT_BLOCKS, TRAINING_CONFIGS
-from tests.models.tiny import PRUNED_STUDENT, WIDTHS, shrink_config
+from tests.helpers import teachers as tiny_models
+from tests.helpers.configs import CONFIG_DIR, TEXT_BLOCKS, TRAINING_CONFIGS
+from tests.helpers.teachers import PRUNED_STUDENT, WIDTHS, shrink_config
 
 CORPUS = Path(__file__).resolve().parents[1] / "assets" / "corpus.jsonl"
 DATASET_KEYS = ("dataset", "validation_dataset")

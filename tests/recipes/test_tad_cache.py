@@ -11,27 +11,40 @@ from pathlib import Path
 
 import pytest
 
-from tests.recipes import tiny
+from tests.helpers import tune
 
-V = tiny.VOCAB
+V = tune.VOCAB
+#: the first 202 training blocks of 32 tokens, not all 1658: in shards of 4, an odd number of
+#: shards (51) and a short last one (2 blocks), as the whole split has; 25 optimizer steps of 8
+SMALL = {"dataset.max_blocks": 202}
+
+
+def _config(assets, output_dir, **overrides) -> dict:
+    """The recipe tests' config on ``SMALL``'s blocks, for every run of this module (a cache
+    and the runs that read it must see the same blocks)."""
+    return tune.base_config(assets, output_dir, **{**SMALL, **overrides})
 
 
 @pytest.fixture(scope="module")
 def online(assets, tmp_path_factory):
     """The reference: 6 steps with the live teacher."""
     out = tmp_path_factory.mktemp("online") / "out"
-    cfg = tiny.base_config(assets, out, max_steps=6, eval_every_n_steps=3, export_hf=False)
-    tiny.run_tune(["tad_distill", "--config", str(tiny.write_config(cfg, out.parent / "c.yaml"))],
-                  cwd=out.parent)
+    tune.run_recipe("tad_distill", _config(assets, out, max_steps=6, eval_every_n_steps=3,
+                                           export_hf=False))
     return out
 
 
-def _cache(assets, tmp_path, name, nproc=1, **overrides):
+def _cache(assets, tmp_path, name, nproc=1, **overrides) -> Path:
+    """A teacher cache of the tiny config: in this process (``tune.run_recipe``), or through
+    ``tune run`` on ``nproc`` processes."""
     cache = tmp_path / name
-    cfg = tiny.base_config(assets, tmp_path / "unused", teacher_cache_dir=str(cache), **overrides)
-    proc = tiny.run_tune(["tad_cache", "--config", str(tiny.write_config(cfg, tmp_path / f"{name}.yaml"))],
-                         cwd=tmp_path, nproc=nproc)
-    return cache, proc
+    cfg = _config(assets, tmp_path / "unused", teacher_cache_dir=str(cache), **overrides)
+    if nproc == 1:
+        tune.run_recipe("tad_cache", cfg)
+    else:
+        tune.run_tune(["tad_cache", "--config", str(tune.write_config(cfg, tmp_path / f"{name}.yaml"))],
+                      cwd=tmp_path, nproc=nproc)
+    return cache
 
 
 def _same_shards(a: Path, b: Path) -> None:
@@ -55,19 +68,30 @@ def exact_cache(assets, tmp_path_factory, request):
     """A cache holding all but one id per position in float32: the bucket (the rest the draws
     come from) is one id, so the cached losses are the online ones."""
     tmp = tmp_path_factory.mktemp("exact")
-    cache, _ = _cache(assets, tmp, "cache", cache_top_m=V - 1, cache_logp_dtype="float32",
+    cache = _cache(assets, tmp, "cache", cache_top_m=V - 1, cache_logp_dtype="float32",
                       cache_shard_blocks=16, cache_mode=request.param, cache_samples=1)
     return cache
 
 
 def _run(assets, tmp_path, name, nproc=1, **overrides):
+    """A 6-step run: in this process, or through ``tune run`` on ``nproc`` processes."""
     out = tmp_path / name
     out.mkdir(parents=True, exist_ok=True)
-    cfg = tiny.base_config(assets, out, max_steps=6, eval_every_n_steps=3, export_hf=False,
-                           **overrides)
-    tiny.run_tune(["tad_distill", "--config", str(tiny.write_config(cfg, out / "c.yaml"))],
-                  cwd=tmp_path, nproc=nproc)
+    cfg = _config(assets, out, max_steps=6, eval_every_n_steps=3, export_hf=False, **overrides)
+    if nproc == 1:
+        tune.run_recipe("tad_distill", cfg)
+    else:
+        tune.run_tune(["tad_distill", "--config", str(tune.write_config(cfg, out / "c.yaml"))],
+                      cwd=tmp_path, nproc=nproc)
     return out
+
+
+@pytest.fixture(scope="module")
+def from_cache(assets, exact_cache, tmp_path_factory):
+    """The run from ``exact_cache`` on one process, unfused, batch 8: what the online run is
+    compared with, and the runs with accumulation or two processes."""
+    return _run(assets, tmp_path_factory.mktemp("from_cache"), "one",
+                teacher_cache_dir=str(exact_cache))
 
 
 def _same(a: dict, b: dict, rtol: float):
@@ -79,38 +103,39 @@ def _same(a: dict, b: dict, rtol: float):
 @pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True])
 def test_training_from_an_exact_cache_gives_the_online_losses(assets, online, exact_cache,
-                                                              tmp_path, fused):
-    out = _run(assets, tmp_path, "cached", teacher_cache_dir=str(exact_cache), fused=fused)
-    _same(tiny.train_losses(out), tiny.train_losses(online), rtol=1e-5)
+                                                              from_cache, tmp_path, fused):
+    out = from_cache if not fused else _run(assets, tmp_path, "cached", fused=True,
+                                            teacher_cache_dir=str(exact_cache))
+    _same(tune.train_losses(out), tune.train_losses(online), rtol=1e-5)
     # validation ran with the live teacher: the exact held-out KL, as online
-    val = {r["step"]: r["val_kl"] for r in tiny.read_metrics(out) if "val_kl" in r}
-    ref = {r["step"]: r["val_kl"] for r in tiny.read_metrics(online) if "val_kl" in r}
+    val = {r["step"]: r["val_kl"] for r in tune.read_metrics(out) if "val_kl" in r}
+    ref = {r["step"]: r["val_kl"] for r in tune.read_metrics(online) if "val_kl" in r}
     _same(val, ref, rtol=1e-5)
     manifest = json.loads((exact_cache / "manifest.json").read_text())
     assert manifest["top_m"] == V - 1 and manifest["splits"]["train"]["max_seq_len"] == 32
 
 
 @pytest.mark.slow
-def test_accumulation_and_two_processes_from_the_cache(assets, exact_cache, tmp_path):
-    one = _run(assets, tmp_path, "one", teacher_cache_dir=str(exact_cache))
+def test_accumulation_and_two_processes_from_the_cache(assets, exact_cache, from_cache, tmp_path):
+    one = from_cache
     accum = _run(assets, tmp_path, "accum", teacher_cache_dir=str(exact_cache), batch_size=2,
                  gradient_accumulation_steps=4)
     two = _run(assets, tmp_path, "two", nproc=2, teacher_cache_dir=str(exact_cache), batch_size=4)
-    _same(tiny.train_losses(accum), tiny.train_losses(one), rtol=1e-5)
-    _same(tiny.train_losses(two), tiny.train_losses(one), rtol=1e-5)
+    _same(tune.train_losses(accum), tune.train_losses(one), rtol=1e-5)
+    _same(tune.train_losses(two), tune.train_losses(one), rtol=1e-5)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_a_killed_tad_cache_resumes_to_the_same_bytes(assets, tmp_path, mode):
-    whole, _ = _cache(assets, tmp_path, "whole", cache_shard_blocks=4, batch_size=2,
+    whole = _cache(assets, tmp_path, "whole", cache_shard_blocks=4, batch_size=2,
                       **MODES[mode])
     cache = tmp_path / "killed"
-    cfg = tiny.base_config(assets, tmp_path / "unused", teacher_cache_dir=str(cache),
+    cfg = _config(assets, tmp_path / "unused", teacher_cache_dir=str(cache),
                            cache_shard_blocks=4, batch_size=2, **MODES[mode])
-    path = tiny.write_config(cfg, tmp_path / "killed.yaml")
+    path = tune.write_config(cfg, tmp_path / "killed.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([tiny.tune_bin(), "run", "tad_cache", "--config", str(path)],
+    proc = subprocess.Popen([tune.tune_bin(), "run", "tad_cache", "--config", str(path)],
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=env, start_new_session=True)
     deadline = time.time() + 300
@@ -122,7 +147,7 @@ def test_a_killed_tad_cache_resumes_to_the_same_bytes(assets, tmp_path, mode):
     done = sorted(p.name for p in (cache / "train").glob("shard_*"))
     total = sorted(p.name for p in (whole / "train").glob("shard_*"))
     assert 0 < len(done) < len(total), (done, total)
-    tiny.run_tune(["tad_cache", "--config", str(path)], cwd=tmp_path)
+    tune.run_recipe("tad_cache", cfg)  # the rest, in this process
     _same_shards(whole, cache)
     assert not list((cache / "train").glob(".*"))  # no temporary folder left
 
@@ -132,30 +157,33 @@ def test_a_killed_tad_cache_resumes_to_the_same_bytes(assets, tmp_path, mode):
 def test_tad_cache_on_two_processes_writes_the_same_bytes(assets, tmp_path, mode):
     """Each process takes its share of the shards (the teacher sharded with FSDP2): the cache
     is byte for byte the one a single process writes. The split has an odd number of shards
-    (1658 blocks / 4) and a short last one (2 blocks, 1 batch where the others have 2), so the
+    (202 blocks / 4) and a short last one (2 blocks, 1 batch where the others have 2), so the
     ranks run different shard and batch counts: each must still run as many teacher forwards
     as the other, or FSDP's all-gathers wait forever (the first version hung here)."""
-    one, _ = _cache(assets, tmp_path, "one", cache_shard_blocks=4, batch_size=2, **MODES[mode])
-    two, _ = _cache(assets, tmp_path, "two", nproc=2, cache_shard_blocks=4, batch_size=2,
+    one = _cache(assets, tmp_path, "one", cache_shard_blocks=4, batch_size=2, **MODES[mode])
+    two = _cache(assets, tmp_path, "two", nproc=2, cache_shard_blocks=4, batch_size=2,
                     **MODES[mode])
     _same_shards(one, two)
     assert json.loads((one / "manifest.json").read_text()) == json.loads(
         (two / "manifest.json").read_text())
 
 
-def test_cache_errors_name_the_keys(assets, tmp_path):
-    cache, proc = _cache(assets, tmp_path, "small", cache_top_m=4)
-    assert "bytes per token" in proc.stdout
+def test_cache_errors_name_the_keys(assets, tmp_path, monkeypatch, capsys):
+    """What tad_distill refuses of a cache, one line each (in this process, through the
+    recipe's entry point: ``tune.user_error``; the `tune run` path of such lines:
+    ``tests/recipes/test_tad_distill.py``)."""
+    cache = tmp_path / "small"
+    cfg = _config(assets, tmp_path / "unused", teacher_cache_dir=str(cache), cache_top_m=4)
+    capsys.readouterr()
+    tune.run_in_process("tad_cache", ["--config", str(tune.write_config(cfg, tmp_path / "small.yaml"))],
+                        monkeypatch)
+    assert "bytes per token" in capsys.readouterr().out
 
     def fails(**overrides):
-        cfg = tiny.base_config(assets, tmp_path / "o", teacher_cache_dir=str(cache), **overrides)
-        result = tiny.run_tune(["tad_distill", "--config",
-                                str(tiny.write_config(cfg, tmp_path / "bad.yaml"))],
-                               cwd=tmp_path, check=False)
-        assert result.returncode == 2, result.stderr
-        lines = [line for line in result.stderr.splitlines() if "error:" in line]
-        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-        return lines[0]
+        cfg = _config(assets, tmp_path / "o", **{"teacher_cache_dir": str(cache),
+                                                          **overrides})
+        return tune.user_error("tad_distill", ["--config", str(tune.write_config(
+            cfg, tmp_path / "bad.yaml"))], monkeypatch, capsys)
 
     line = fails()  # the tiny config's TAD has k=5 > 4
     assert line == (f"tad_distill: error: kd_loss.k: k=5 exceeds the teacher cache's top_m=4 "
@@ -172,7 +200,5 @@ def test_cache_errors_name_the_keys(assets, tmp_path):
                            "live teacher's hidden states")
     empty = tmp_path / "empty"
     empty.mkdir()
-    cfg = tiny.base_config(assets, tmp_path / "o", teacher_cache_dir=str(empty))
-    result = tiny.run_tune(["tad_distill", "--config", str(tiny.write_config(cfg, tmp_path / "e.yaml"))],
-                           cwd=tmp_path, check=False)
-    assert f"teacher_cache_dir: {str(empty)!r} holds no teacher cache (no manifest.json)" in result.stderr
+    line = fails(teacher_cache_dir=str(empty))
+    assert f"teacher_cache_dir: {str(empty)!r} holds no teacher cache (no manifest.json)" in line

@@ -1,17 +1,28 @@
-"""check_vocab_compat: sizes, and tokenizers that must agree id by id."""
+"""The vocabulary policy (``vocab.py``): ``align_teacher_vocab`` cuts a larger teacher to the
+student's vocabulary as a view; ``check_vocab_compat``: sizes, and tokenizers that must agree id by
+id."""
 
 import json
 
 import pytest
+import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from torchtune.models.llama2 import llama2_tokenizer
 from torchtune.models.phi3 import phi3_mini_tokenizer
 from torchtune.models.qwen2 import qwen2_tokenizer
 
-from tad_torchtune.models import check_vocab_compat
+from tad_torchtune.vocab import align_teacher_vocab, check_vocab_compat
 
 WORDS = [f"w{i}" for i in range(300)]
+
+
+def test_align_teacher_vocab_is_a_view():
+    t = torch.randn(2, 3, 152064)
+    out = align_teacher_vocab(t, 151936, "truncate_teacher")
+    assert out.shape[-1] == 151936 and out.data_ptr() == t.data_ptr()
+    with pytest.raises(ValueError, match="teacher has 152064 logits, student has 151936"):
+        align_teacher_vocab(t, 151936, "exact")
 
 
 def _wordlevel(words):

@@ -1,4 +1,6 @@
-"""Tiny teachers of every supported family, with the Hugging Face config.json each would ship with.
+"""Tiny teachers of every supported model family, with the Hugging Face config.json each would ship
+with, and their logits through torchtune and through transformers (``tests/models/``). (The
+assets of the recipe tests are ``tests/helpers/tune.py``.)
 
 The HF configs are written as on the Hub (``rope_theta``, ``rope_scaling``, ``torch_dtype``), so
 the export code meets the same fields it meets on real checkpoints.
@@ -147,6 +149,56 @@ def load_with_checkpointer(case: str, folder: Path, output_dir: Path) -> dict:
         model_type=model_type, output_dir=str(output_dir),
     )
     return ckpt.load_checkpoint()["model"]
+
+
+#: logits of a torchtune model and of transformers' loading of its export agree within (fp32)
+ATOL = 1e-4
+
+
+def logits_of(model, tokens):
+    """``[B, T, V]`` float32 logits of a torchtune model (the package's forward)."""
+    from tad_torchtune.models import forward_hidden, project_logits
+
+    with torch.no_grad():
+        return project_logits(model, forward_hidden(model, tokens)[0]).float()
+
+
+def hf_logits(folder, tokens):
+    """Logits of the Hugging Face folder loaded by ``transformers.AutoModelForCausalLM``."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager"
+    )
+    with torch.no_grad():
+        return hf.eval()(tokens).logits.float()
+
+
+def teacher_via_checkpointer(case, tmp_path):
+    """A teacher saved as on the Hub, reloaded into a fresh torchtune model as the recipe does."""
+    folder = save_teacher_hf(case, build_teacher(case), tmp_path / "teacher")
+    node = teacher_node(case)
+    teacher = correct_gemma2(_get_component_from_path(node.pop("_component_"))(**node))
+    teacher.load_state_dict(load_with_checkpointer(case, folder, tmp_path / "teacher_out"))
+    return teacher, folder
+
+
+def save_hf_llama(path: Path, seed: int, *, tied: bool = False, vocab: int = 2048) -> Path:
+    """A random 2-layer ``transformers.LlamaForCausalLM`` saved at ``path`` (the demo tokenizer's
+    2048 ids), its output larger than the default init so the metrics are not trivial."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        rope_theta=500000.0, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1,
+    )
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():  # larger logits than the default init, so the metrics are not trivial
+        model.lm_head.weight.normal_(0, 0.5) if not tied else model.model.embed_tokens.weight.normal_(0, 0.5)
+    model.save_pretrained(path)
+    return path
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""``tune run tad_eval`` end to end on tiny Hugging Face checkpoints written by the test."""
+"""``tune run tad_eval`` end to end on tiny Hugging Face checkpoints written by the test, and
+its errors."""
 
 import json
 import math
@@ -12,26 +13,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from tad_torchtune.data import TextBlockDataset, resolve_asset  # noqa: E402
+from tests.helpers import tune  # noqa: E402
+from tests.helpers.teachers import save_hf_llama  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TUNE = str(Path(sys.executable).parent / "tune")
 DEMO = Path(resolve_asset("pkg://demo"))
 WORDS = ("the hacker wrote a kludge to frob the bits of the daemon while the wizard "
          "grepped the source for a bug and found a feature in the core dump").split()
-
-
-def tiny_llama(path: Path, seed: int, *, tied: bool = False, vocab: int = 2048) -> Path:
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        rope_theta=500000.0, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1,
-    )
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():  # larger logits than the default init, so the metrics are not trivial
-        model.lm_head.weight.normal_(0, 0.5) if not tied else model.model.embed_tokens.weight.normal_(0, 0.5)
-    model.save_pretrained(path)
-    return path
 
 
 def write_corpus(path: Path) -> Path:
@@ -66,8 +55,8 @@ def run_tune(*args, timeout=300):
 
 @pytest.mark.skipif(not (DEMO / "tokenizer.json").is_file(), reason="demo tokenizer not built")
 def test_tad_eval_end_to_end(tmp_path):
-    teacher = tiny_llama(tmp_path / "teacher", seed=0)
-    other = tiny_llama(tmp_path / "other", seed=1, tied=True)
+    teacher = save_hf_llama(tmp_path / "teacher", seed=0)
+    other = save_hf_llama(tmp_path / "other", seed=1, tied=True)
     data = write_corpus(tmp_path / "held_out.jsonl")
     dataset = {"_component_": "tad_torchtune.data.text_block_dataset", "source": str(data),
                "max_seq_len": 32, "split": "validation", "validation_fraction": 0.5}
@@ -133,33 +122,13 @@ def test_bundled_config_by_name(tmp_path):
     assert 0.0 < report["teacher"]["mismatch_rate"] < 1.0
 
 
-def test_eleuther_config_components_load(tmp_path):
-    """The components of configs/eleuther_eval_student.yaml build and load an exported student
-    (the harness run itself: tests/test_harness.py)."""
-    from omegaconf import OmegaConf
-    from torchtune import config, training
-
-    student = tiny_llama(tmp_path / "student", seed=3, tied=True)
-    cfg = OmegaConf.load(Path(__file__).parents[1] / "configs" / "eleuther_eval_student.yaml")
-    cfg.student_dir, cfg.output_dir = str(student), str(tmp_path / "out")
-    model = config.instantiate(cfg.model)
-    model.load_state_dict(config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY])
-    tok = config.instantiate(cfg.tokenizer)
-    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_tokens, tok.max_seq_len) == (0, 1, 2, [1], 256)
-    ids = tok.encode("a kludge in the daemon", add_bos=True, add_eos=False)
-    assert tok.decode(ids[1:]) == "a kludge in the daemon"
-    hf = transformers.LlamaForCausalLM.from_pretrained(student).eval()
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), hf(x).logits, atol=1e-4, rtol=1e-4)
-
-
-def test_demo_method_overrides():
-    from tad_torchtune.demo import method_overrides
-
-    tad_cfg = {"_component_": "tad_torchtune.losses.TADLoss", "k": 5, "beta": 1.0, "temperature": 1.0}
-    assert method_overrides("clm", tad_cfg) == ["kd_weight=0"]
-    assert method_overrides("kd", tad_cfg) == [
-        "kd_loss._component_=tad_torchtune.losses.ForwardKLLoss", "~kd_loss.k", "~kd_loss.beta"]
-    assert method_overrides("tad", {"_component_": "tad_torchtune.losses.ForwardKLLoss"}) == [
-        "kd_loss._component_=tad_torchtune.losses.TADLoss", "kd_loss.k=10", "kd_loss.beta=2.0"]
+def test_tad_eval_errors_are_one_line(assets, tmp_path):
+    cfg = tune.base_config(assets, tmp_path)
+    eval_cfg = {"output_dir": str(tmp_path / "eval"), "tokenizer": cfg["tokenizer"],
+                "dataset": cfg["validation_dataset"],
+                "teacher": {"checkpoint_dir": str(assets["teacher"])},
+                "students": {"s": {"checkpoint_dir": str(tmp_path / "no_student")}}}
+    proc = tune.run_tune(["tad_eval", "--config", str(tune.write_config(eval_cfg, tmp_path / "e.yaml"))],
+                         cwd=tmp_path, check=False)
+    assert tune.one_error_line(proc) == (f"tad_eval: error: students.s.checkpoint_dir: "
+                               f"{str(tmp_path / 'no_student')!r} has no config.json")

@@ -1,4 +1,4 @@
-"""Started by test_distributed_store.py under torch.distributed.run: each rank opens the same
+"""Started by tests/data/test_store.py under torch.distributed.run: each rank opens the same
 dataset (whose store does not exist yet) and writes what it got to OUT/rank<r>.json."""
 
 import json

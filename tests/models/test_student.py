@@ -13,7 +13,7 @@ from tad_torchtune.models import (
     pruned_student,
     resolve_teacher,
 )
-from tests.models.tiny import CASES, SEQ, VOCAB, build_teacher, teacher_node
+from tests.helpers.teachers import CASES, SEQ, VOCAB, build_teacher, teacher_node
 
 ALL = list(CASES)
 

@@ -1,5 +1,7 @@
-"""Tiny assets for recipe tests, all made locally: a BPE tokenizer trained on the shipped corpus,
-a random llama3-family teacher written as a Hugging Face checkpoint, and a config."""
+"""What the recipe tests (``tests/recipes/``) run on, all made locally: a BPE tokenizer trained on
+the shipped corpus, a random llama3-family teacher written as a Hugging Face checkpoint, a config;
+and how they run a recipe (``tune run`` in a subprocess) and read its outputs. (The tiny teachers
+of every model family are ``tests/helpers/teachers.py``.)"""
 
 import json
 import os
@@ -174,3 +176,72 @@ def read_metrics(output_dir: Path) -> list[dict]:
 
 def train_losses(output_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(output_dir) if "loss" in r}
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one ``NAME: error: ...`` line of a command stopped by an error the user caused (exit 2,
+    no traceback)."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]
+
+
+def bundled_config_path(name: str) -> Path:
+    """The file of a config shipped with the package (``--config NAME`` of ``tune run``)."""
+    from tad_torchtune.schema import resolve_config_argv
+
+    return Path(resolve_config_argv(["", "--config", name])[2])
+
+
+def run_in_process(recipe: str, args: list[str], monkeypatch) -> None:
+    """``tune run RECIPE ARGS`` in this process: the recipe's ``recipe_main`` (torchtune's
+    ``config.parse`` of ``--config PATH key=value ...`` and ``reports_user_errors``) with
+    ``sys.argv`` as ``tune run`` sets it. Errors a user causes end in ``SystemExit(2)``."""
+    import importlib
+
+    from tad_torchtune.errors import TRACEBACK_ENV
+
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    monkeypatch.setattr(sys, "argv", [recipe, *args])
+    try:
+        importlib.import_module(recipe).recipe_main()
+    except SystemExit as stopped:  # config.parse ends a run that went well with sys.exit(None)
+        if stopped.code not in (None, 0):
+            raise
+
+
+def user_error(recipe: str, args: list[str], monkeypatch, capsys) -> str:
+    """The one ``RECIPE: error: ...`` line of ``run_in_process``, which must exit with 2 and no
+    traceback, as ``one_error_line`` checks a subprocess."""
+    import pytest
+
+    from tad_torchtune.errors import USER_ERROR_EXIT
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        run_in_process(recipe, args, monkeypatch)
+    err = capsys.readouterr().err
+    assert stopped.value.code == USER_ERROR_EXIT, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, err[-3000:]
+    return errors[0]
+
+
+def run_recipe(recipe: str, cfg: dict) -> None:
+    """A whole run of ``recipe`` (its ``run(cfg)``: check, set up, run, clean up) in this process,
+    single-threaded as ``run_tune`` runs it (``OMP_NUM_THREADS=1``): the run of ``tune run``
+    without the start of a new interpreter (the ``tune run`` path itself is tested once per
+    recipe)."""
+    import importlib
+
+    from omegaconf import OmegaConf
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        importlib.import_module(recipe).run(OmegaConf.create(cfg))
+    finally:
+        torch.set_num_threads(threads)

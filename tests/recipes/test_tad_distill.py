@@ -2,9 +2,9 @@
 
 import json
 import math
+import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.recipes import tiny
+from tests.helpers import tune
 
 GOLDEN = Path(__file__).parents[1] / "assets" / "golden_loss_trace.json"
 
@@ -21,18 +21,23 @@ GOLDEN = Path(__file__).parents[1] / "assets" / "golden_loss_trace.json"
 def baseline(assets, tmp_path_factory):
     """The reference run: 10 steps, fp32, batch 8, one process, a checkpoint every 2 steps."""
     out = tmp_path_factory.mktemp("baseline") / "out"
-    cfg = tiny.base_config(assets, out, save_every_n_steps=2, eval_every_n_steps=5)
-    tiny.run_tune(["tad_distill", "--config", str(tiny.write_config(cfg, out.parent / "c.yaml"))],
+    cfg = tune.base_config(assets, out, save_every_n_steps=2, eval_every_n_steps=5)
+    tune.run_tune(["tad_distill", "--config", str(tune.write_config(cfg, out.parent / "c.yaml"))],
                   cwd=out.parent)
     return out
 
 
 def _run(assets, tmp_path, name, nproc=1, **overrides) -> Path:
+    """A run of the tiny config: in this process (``tune.run_recipe``), or through ``tune run``
+    on ``nproc`` processes, or when it compiles (dynamo's state stays in its own process)."""
     out = tmp_path / name
     out.mkdir(parents=True, exist_ok=True)
-    cfg = tiny.base_config(assets, out, **overrides)
-    tiny.run_tune(["tad_distill", "--config", str(tiny.write_config(cfg, out / "c.yaml"))],
-                  cwd=tmp_path, nproc=nproc)
+    cfg = tune.base_config(assets, out, **overrides)
+    if nproc == 1 and not cfg.get("compile"):
+        tune.run_recipe("tad_distill", cfg)
+    else:
+        tune.run_tune(["tad_distill", "--config", str(tune.write_config(cfg, out / "c.yaml"))],
+                      cwd=tmp_path, nproc=nproc)
     return out
 
 
@@ -45,7 +50,7 @@ def _assert_same_losses(a: dict[int, float], b: dict[int, float], rtol: float, s
 
 def test_golden_loss_trace(baseline):
     """`tune run` from a folder outside the checkout; the fp32 trace equals the recorded one."""
-    losses = tiny.train_losses(baseline)
+    losses = tune.train_losses(baseline)
     assert sorted(losses) == list(range(1, 11))
     golden = {int(k): v for k, v in json.loads(GOLDEN.read_text())["loss"].items()}
     _assert_same_losses(losses, golden, rtol=1e-5)
@@ -54,7 +59,7 @@ def test_golden_loss_trace(baseline):
 
 
 def test_outputs_logged_and_exported(baseline):
-    records = tiny.read_metrics(baseline)
+    records = tune.read_metrics(baseline)
     train = [r for r in records if "loss" in r]
     for key in ("ce", "kd_loss", "lr", "grad_norm", "tokens_per_second", "kd/tail_mass",
                 "kd/abar", "kd/dkl1", "kd/dkl2", "peak_rss_gib"):
@@ -76,10 +81,11 @@ def test_outputs_logged_and_exported(baseline):
     assert (baseline / "checkpoints" / "latest").read_text() == "step_000010"
 
 
-def test_validation_metrics_equal_tad_eval_on_the_exported_student(assets, baseline, tmp_path):
+def test_validation_metrics_equal_tad_eval_on_the_exported_student(assets, baseline, tmp_path,
+                                                                   monkeypatch):
     """The recipe's validation and ``tad_eval`` share one metric implementation: val_kl / val_ce
     of the final step equal tad_eval's KL and CE for the exported student on the same text."""
-    cfg = tiny.base_config(assets, baseline)
+    cfg = tune.base_config(assets, baseline)
     out = tmp_path / "eval"
     eval_cfg = {
         "output_dir": str(out), "device": "cpu", "dtype": "fp32", "batch_size": 3,
@@ -87,10 +93,11 @@ def test_validation_metrics_equal_tad_eval_on_the_exported_student(assets, basel
         "teacher": {"checkpoint_dir": cfg["teacher_checkpointer"]["checkpoint_dir"]},
         "students": {"s": {"checkpoint_dir": str(baseline / "student")}},
     }
-    tiny.run_tune(["tad_eval", "--config", str(tiny.write_config(eval_cfg, tmp_path / "e.yaml"))],
-                  cwd=tmp_path)
+    # tad_eval in this process (its `tune run`: tests/recipes/test_tad_eval.py)
+    tune.run_in_process("tad_eval", ["--config", str(tune.write_config(eval_cfg, tmp_path / "e.yaml"))],
+                        monkeypatch)
     report = json.loads((out / "eval.json").read_text())["students"]["s"]
-    final = [r for r in tiny.read_metrics(baseline) if "val_kl" in r][-1]
+    final = [r for r in tune.read_metrics(baseline) if "val_kl" in r][-1]
     assert final["step"] == 10
     assert report["num_tokens"] == 8 * 31
     assert report["kl"] == pytest.approx(final["val_kl"], rel=1e-5)
@@ -101,15 +108,15 @@ def test_validation_metrics_equal_tad_eval_on_the_exported_student(assets, basel
 
 def test_gradient_accumulation_matches_large_batch(assets, tmp_path, baseline):
     out = _run(assets, tmp_path, "accum", batch_size=2, gradient_accumulation_steps=4)
-    _assert_same_losses(tiny.train_losses(out), tiny.train_losses(baseline), rtol=1e-5)
+    _assert_same_losses(tune.train_losses(out), tune.train_losses(baseline), rtol=1e-5)
 
 
 @pytest.mark.slow
 def test_two_processes_fsdp_match_one(assets, tmp_path, baseline):
     out = _run(assets, tmp_path, "fsdp", nproc=2, batch_size=4, eval_every_n_steps=5)
-    _assert_same_losses(tiny.train_losses(out), tiny.train_losses(baseline), rtol=1e-5)
-    val = {r["step"]: r["val_kl"] for r in tiny.read_metrics(out) if "val_kl" in r}
-    ref = {r["step"]: r["val_kl"] for r in tiny.read_metrics(baseline) if "val_kl" in r}
+    _assert_same_losses(tune.train_losses(out), tune.train_losses(baseline), rtol=1e-5)
+    val = {r["step"]: r["val_kl"] for r in tune.read_metrics(out) if "val_kl" in r}
+    ref = {r["step"]: r["val_kl"] for r in tune.read_metrics(baseline) if "val_kl" in r}
     _assert_same_losses(val, ref, rtol=1e-5)
 
 
@@ -119,9 +126,9 @@ def test_fused_head_on_two_processes_matches_one(assets, tmp_path, baseline):
     fused head reads the weight itself (and during evaluate), so 2 processes train as 1."""
     out = _run(assets, tmp_path, "fsdp_fused", nproc=2, batch_size=4, fused=True,
                eval_every_n_steps=5)
-    _assert_same_losses(tiny.train_losses(out), tiny.train_losses(baseline), rtol=1e-5)
-    val = {r["step"]: r["val_kl"] for r in tiny.read_metrics(out) if "val_kl" in r}
-    ref = {r["step"]: r["val_kl"] for r in tiny.read_metrics(baseline) if "val_kl" in r}
+    _assert_same_losses(tune.train_losses(out), tune.train_losses(baseline), rtol=1e-5)
+    val = {r["step"]: r["val_kl"] for r in tune.read_metrics(out) if "val_kl" in r}
+    ref = {r["step"]: r["val_kl"] for r in tune.read_metrics(baseline) if "val_kl" in r}
     _assert_same_losses(val, ref, rtol=1e-5)
 
 
@@ -150,17 +157,16 @@ def _kill_after_checkpoint(cmd: list[str], cwd: Path, out: Path, min_step: int) 
 def test_kill_and_resume_gives_the_same_losses(assets, tmp_path, baseline):
     out = tmp_path / "killed"
     out.mkdir()
-    cfg = tiny.base_config(assets, out, save_every_n_steps=2, eval_every_n_steps=5)
-    path = tiny.write_config(cfg, out / "c.yaml")
-    step = _kill_after_checkpoint([tiny.tune_bin(), "run", "tad_distill", "--config", str(path)],
+    cfg = tune.base_config(assets, out, save_every_n_steps=2, eval_every_n_steps=5)
+    path = tune.write_config(cfg, out / "c.yaml")
+    step = _kill_after_checkpoint([tune.tune_bin(), "run", "tad_distill", "--config", str(path)],
                                   tmp_path, out, min_step=4)
     assert step < 10, "the run finished before the kill"
-    tiny.run_tune(["tad_distill", "--config", str(path), "resume_from_checkpoint=True"],
-                  cwd=tmp_path)
-    resumed = tiny.train_losses(out)
+    tune.run_recipe("tad_distill", {**cfg, "resume_from_checkpoint": True})  # in this process
+    resumed = tune.train_losses(out)
     # Steps after the checkpoint were logged twice (before the kill and after the resume): the
     # last value of each is the resumed one.
-    _assert_same_losses(resumed, tiny.train_losses(baseline), rtol=1e-6,
+    _assert_same_losses(resumed, tune.train_losses(baseline), rtol=1e-6,
                         steps=list(range(step + 1, 11)))
 
 
@@ -168,13 +174,13 @@ def test_kill_and_resume_gives_the_same_losses(assets, tmp_path, baseline):
 def test_resume_on_two_processes_from_one_process_checkpoint(assets, tmp_path, baseline):
     out = tmp_path / "reshard"
     out.mkdir()
-    cfg = tiny.base_config(assets, out, save_every_n_steps=2, eval_every_n_steps=5)
-    path = tiny.write_config(cfg, out / "c.yaml")
-    step = _kill_after_checkpoint([tiny.tune_bin(), "run", "tad_distill", "--config", str(path)],
+    cfg = tune.base_config(assets, out, save_every_n_steps=2, eval_every_n_steps=5)
+    path = tune.write_config(cfg, out / "c.yaml")
+    step = _kill_after_checkpoint([tune.tune_bin(), "run", "tad_distill", "--config", str(path)],
                                   tmp_path, out, min_step=4)
-    tiny.run_tune(["tad_distill", "--config", str(path), "resume_from_checkpoint=True",
+    tune.run_tune(["tad_distill", "--config", str(path), "resume_from_checkpoint=True",
                    "batch_size=4"], cwd=tmp_path, nproc=2)
-    _assert_same_losses(tiny.train_losses(out), tiny.train_losses(baseline), rtol=1e-5,
+    _assert_same_losses(tune.train_losses(out), tune.train_losses(baseline), rtol=1e-5,
                         steps=list(range(step + 1, 11)))
 
 
@@ -182,11 +188,11 @@ def test_resume_on_two_processes_from_one_process_checkpoint(assets, tmp_path, b
 def test_compile_and_activation_checkpointing_match_eager(assets, tmp_path, baseline):
     ac = _run(assets, tmp_path, "ac", enable_activation_checkpointing=True)
     # Recomputation replays the same float operations: identical losses.
-    _assert_same_losses(tiny.train_losses(ac), tiny.train_losses(baseline), rtol=1e-7)
+    _assert_same_losses(tune.train_losses(ac), tune.train_losses(baseline), rtol=1e-7)
     both = _run(assets, tmp_path, "compiled", enable_activation_checkpointing=True, compile=True,
                 max_steps=10)
     # Inductor fuses and reorders float32 reductions: equal to eager within 1e-4 relative.
-    _assert_same_losses(tiny.train_losses(both), tiny.train_losses(baseline), rtol=1e-4)
+    _assert_same_losses(tune.train_losses(both), tune.train_losses(baseline), rtol=1e-4)
 
 
 # ------------------------------------------------------------------ in-process: NaN, export
@@ -218,7 +224,7 @@ def test_fused_options_reach_the_fused_path(assets, tmp_path, monkeypatch, flag)
 
     monkeypatch.setattr(head_module, "fused_head", spy)
     extra = {} if flag is None else {"fused_float32_weight_grad": flag}
-    cfg = tiny.base_config(assets, tmp_path / "out", fused=True, fused_teacher_cache_mib=3,
+    cfg = tune.base_config(assets, tmp_path / "out", fused=True, fused_teacher_cache_mib=3,
                            max_steps=1, export_hf=False, **extra)
     recipe = _recipe(cfg)
     recipe.train()
@@ -232,10 +238,10 @@ def test_mfu_and_per_device_throughput_are_logged(assets, tmp_path):
     from tad_torchtune.flops import step_flops_per_token
 
     out = tmp_path / "mfu"
-    recipe = _recipe(tiny.base_config(assets, out, max_steps=2, export_hf=False,
+    recipe = _recipe(tune.base_config(assets, out, max_steps=2, export_hf=False,
                                       peak_flops_per_device=1e12))
     recipe.train()
-    rows = [r for r in tiny.read_metrics(out) if "loss" in r]
+    rows = [r for r in tune.read_metrics(out) if "loss" in r]
     per_token = step_flops_per_token(recipe._student, recipe._teacher, 32)
     for r in rows:
         seconds = r["step_tokens"] / r["tokens_per_second"]
@@ -243,20 +249,20 @@ def test_mfu_and_per_device_throughput_are_logged(assets, tmp_path):
         assert r["tokens_per_second_per_device"] == r["tokens_per_second"]
     # no peak known (a CPU, no key): no mfu
     plain = tmp_path / "plain"
-    _recipe(tiny.base_config(assets, plain, max_steps=1, export_hf=False)).train()
-    assert "mfu" not in tiny.read_metrics(plain)[0]
+    _recipe(tune.base_config(assets, plain, max_steps=1, export_hf=False)).train()
+    assert "mfu" not in tune.read_metrics(plain)[0]
 
 
 def test_resume_on_another_token_store_is_refused_naming_both(assets, tmp_path):
     """The store's fingerprint is saved with each checkpoint; a resume on another store (here:
     another corpus) names both fingerprints and the key that forces it."""
     out = tmp_path / "data"
-    cfg = tiny.base_config(assets, out, max_steps=2, save_every_n_steps=2, export_hf=False)
+    cfg = tune.base_config(assets, out, max_steps=2, save_every_n_steps=2, export_hf=False)
     first = _recipe(cfg)
     first.train()
     saved = first._data_fingerprints["dataset"]
     other = tmp_path / "other.jsonl"
-    lines = tiny.CORPUS.read_text().splitlines()
+    lines = tune.CORPUS.read_text().splitlines()
     other.write_text("\n".join(reversed(lines)) + "\n")
     moved = {**cfg, "resume_from_checkpoint": True, "max_steps": 3,
              "dataset": {**cfg["dataset"], "source": str(other)},
@@ -277,7 +283,7 @@ def test_resume_on_another_token_store_is_refused_naming_both(assets, tmp_path):
 
 def test_document_mask_reaches_the_models(assets, tmp_path, monkeypatch):
     """document_mask: true gives every batch the mask and positions of its documents (the
-    models' side: tests/models/test_students.py), and TAD can normalise per document."""
+    models' side: tests/models/test_student.py), and TAD can normalise per document."""
     from tad_torchtune.data import batch as batch_module
 
     seen = []
@@ -291,14 +297,14 @@ def test_document_mask_reaches_the_models(assets, tmp_path, monkeypatch):
     # 64-token blocks of documents of ~580 tokens: one block in nine holds a boundary
     long_blocks = {"dataset.max_seq_len": 64, "validation_dataset.max_seq_len": 64}
     out = tmp_path / "docs"
-    cfg = tiny.base_config(assets, out, max_steps=10, export_hf=False, document_mask=True,
+    cfg = tune.base_config(assets, out, max_steps=10, export_hf=False, document_mask=True,
                            kd_loss={"_component_": "tad_torchtune.losses.TADLoss", "k": 5,
                                     "beta": 2.0, "abar_scope": "document"}, **long_blocks)
     _recipe(cfg).train()
     assert len(seen) >= 10 and any(int(d.max()) > 0 for d in seen)  # rows of several documents
     plain = tmp_path / "plain"
-    _recipe(tiny.base_config(assets, plain, max_steps=10, export_hf=False, **long_blocks)).train()
-    a, b = tiny.train_losses(out), tiny.train_losses(plain)
+    _recipe(tune.base_config(assets, plain, max_steps=10, export_hf=False, **long_blocks)).train()
+    a, b = tune.train_losses(out), tune.train_losses(plain)
     assert a[10] != pytest.approx(b[10], rel=1e-6)  # the masks changed the training
 
 
@@ -306,7 +312,7 @@ def test_nan_stops_before_the_update_and_the_checkpoint_survives(assets, tmp_pat
     import tad_distill
 
     out = tmp_path / "nan"
-    cfg = tiny.base_config(assets, out, max_steps=10, save_every_n_steps=2, export_hf=False)
+    cfg = tune.base_config(assets, out, max_steps=10, save_every_n_steps=2, export_hf=False)
     recipe = _recipe({**cfg, "max_steps": 10})
     recipe._total_steps = 4  # stop after 4 steps without changing the schedule
     recipe.train()
@@ -336,7 +342,7 @@ def test_exported_student_loads_back_with_identical_logits(assets, tmp_path):
     from tad_torchtune.models import forward_hidden, project_logits
 
     out = tmp_path / "export"
-    recipe = _recipe(tiny.base_config(assets, out, max_steps=3))
+    recipe = _recipe(tune.base_config(assets, out, max_steps=3))
     recipe.train()
     student_dir = out / "student"
     checkpointer = training.FullModelHFCheckpointer(
@@ -345,34 +351,15 @@ def test_exported_student_loads_back_with_identical_logits(assets, tmp_path):
     )
     config = json.loads((student_dir / "config.json").read_text())
     assert config["num_hidden_layers"] == 2 and config["intermediate_size"] == 48
-    kwargs = {k: v for k, v in tiny.TEACHER.items() if k != "_component_"}
-    loaded = _get_component_from_path(tiny.TEACHER["_component_"])(
+    kwargs = {k: v for k, v in tune.TEACHER.items() if k != "_component_"}
+    loaded = _get_component_from_path(tune.TEACHER["_component_"])(
         **{**kwargs, "num_layers": 2, "intermediate_dim": 48})
     loaded.load_state_dict(checkpointer.load_checkpoint()[training.MODEL_KEY])
-    tokens = torch.randint(0, tiny.VOCAB, (2, 17))
+    tokens = torch.randint(0, tune.VOCAB, (2, 17))
     with torch.no_grad():
         expected = project_logits(recipe._student, forward_hidden(recipe._student, tokens)[0])
         got = loaded(tokens)
     assert torch.equal(got, expected)
-
-
-# ------------------------------------------------------------------------- malformed configs
-
-
-def test_malformed_config_fails_through_tune_run_before_loading(assets, tmp_path):
-    cfg = tiny.base_config(assets, tmp_path / "out", dtype="fp16")
-    cfg["teacher_checkpointer"]["checkpoint_dir"] = str(tmp_path / "does_not_exist")
-    proc = tiny.run_tune(["tad_distill", "--config", str(tiny.write_config(cfg, tmp_path / "c.yaml"))],
-                         cwd=tmp_path, check=False)
-    assert proc.returncode != 0
-    assert "dtype: must be one of ('bf16', 'fp32'), got 'fp16'" in proc.stderr
-    assert not (tmp_path / "out").exists()  # nothing was built or written
-
-
-def test_unknown_config_name_lists_the_bundled_ones(tmp_path):
-    proc = tiny.run_tune(["tad_distill", "--config", "no_such_config"], cwd=tmp_path, check=False)
-    assert proc.returncode == 2
-    assert "neither a file nor a bundled config" in proc.stderr
 
 
 @pytest.mark.parametrize("kd,cache_mib", [("TADLoss", 128), ("TADLoss", 0), ("ReverseKLLoss", 128)])
@@ -382,20 +369,111 @@ def test_fused_path_matches_unfused(assets, tmp_path, baseline, kd, cache_mib):
     kd_loss = {"_component_": f"tad_torchtune.losses.{kd}"}
     if kd == "TADLoss":
         kd_loss.update(k=5, beta=2.0)
-        reference = tiny.train_losses(baseline)
+        reference = tune.train_losses(baseline)
     else:
-        reference = tiny.train_losses(_run(assets, tmp_path, "unfused", kd_loss=kd_loss, max_steps=4))
+        reference = tune.train_losses(_run(assets, tmp_path, "unfused", kd_loss=kd_loss, max_steps=4))
     out = _run(assets, tmp_path, "fused", fused=True, kd_loss=kd_loss, fused_teacher_cache_mib=cache_mib,
                max_steps=10 if kd == "TADLoss" else 4)
-    _assert_same_losses(tiny.train_losses(out), reference, rtol=1e-5)
+    _assert_same_losses(tune.train_losses(out), reference, rtol=1e-5)
 
 
 def test_bf16_run_tracks_fp32(assets, tmp_path, baseline):
     """bf16 parameters and activations, float32 loss accumulation: close to the fp32 trace."""
     out = _run(assets, tmp_path, "bf16", dtype="bf16", max_steps=3)
-    _assert_same_losses(tiny.train_losses(out), tiny.train_losses(baseline), rtol=3e-2,
+    _assert_same_losses(tune.train_losses(out), tune.train_losses(baseline), rtol=3e-2,
                         steps=[1, 2, 3])
     import safetensors.torch
 
     weights = safetensors.torch.load_file(str(out / "student" / "model.safetensors"))
     assert all(w.dtype == torch.bfloat16 for w in weights.values())
+
+
+# ------------------------------------------------------------------ errors a user can cause
+# They end as ONE line on stderr, naming the dotted key or the file, the value and what is
+# accepted, and exit 2; no traceback unless TAD_TORCHTUNE_TRACEBACK=1. Each way such an error
+# reaches the user runs once through `tune run` (a config value, a damaged file, the traceback
+# asked for); every other message is checked in this process through the recipe's own entry
+# point (`tune.user_error`: the same parse and report, without a new process).
+
+
+def _config(assets, tmp_path, **overrides) -> str:
+    cfg = tune.base_config(assets, tmp_path / "out", **overrides)
+    return str(tune.write_config(cfg, tmp_path / "c.yaml"))
+
+
+def _distill(assets, tmp_path, *overrides, cfg_overrides=None, env=None):
+    launch = [tune.tune_bin(), "run", "tad_distill", "--config",
+              _config(assets, tmp_path, **(cfg_overrides or {})), *overrides]
+    return subprocess.run(launch, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_a_config_error_through_tune_run_is_one_line_before_anything_loads(assets, tmp_path):
+    ckpt = {**tune.base_config(assets, tmp_path)["teacher_checkpointer"],
+            "checkpoint_dir": str(tmp_path / "does_not_exist")}
+    proc = _distill(assets, tmp_path, "dtype=fp16", cfg_overrides={"teacher_checkpointer": ckpt})
+    assert tune.one_error_line(proc) == ("tad_distill: error: dtype: must be one of ('bf16', "
+                                         "'fp32'), got 'fp16'")
+    assert not (tmp_path / "out").exists()  # nothing was built or written
+
+
+CASES = [
+    (["batch_size=0"], "batch_size: must be an integer >= 1, got 0"),
+    (["kd_loss.k=0"], "kd_loss.k: must be an integer >= 1 (and < vocabulary size), got 0"),
+    (["kd_loss.k=300"], "kd_loss.k: must be < the vocabulary size 256, got 300"),
+    (["kd_loss.kk=3"], "kd_loss.kk: not an argument of tad_torchtune.losses.TADLoss; accepted: k, "
+                        "beta, abar_scope, temperature, ignore_index"),
+    (["kd_loss.abar_scope=sentence"],
+     "kd_loss.abar_scope: must be one of ('row', 'document'), got 'sentence'"),
+    (["dtype=fp16"], "dtype: must be one of ('bf16', 'fp32'), got 'fp16'"),
+    (["kd_loss._component_=torch.nn.MSELoss"],
+     "kd_loss._component_: 'torch.nn.MSELoss' is not a divergence; accepted: "
+     "tad_torchtune.losses.DRKLLoss, tad_torchtune.losses.ForwardKLLoss, "
+     "tad_torchtune.losses.ReverseKLLoss, tad_torchtune.losses.TADLoss, or another subclass of "
+     "tad_torchtune.losses.Divergence"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", CASES, ids=[c[1].split(":")[0] for c in CASES])
+def test_config_errors_are_one_line(assets, tmp_path, overrides, message, monkeypatch, capsys):
+    line = tune.user_error("tad_distill", ["--config", _config(assets, tmp_path), *overrides],
+                           monkeypatch, capsys)
+    assert line == f"tad_distill: error: {message}"
+    assert not (tmp_path / "out" / "checkpoints").exists()  # nothing heavy was built
+
+
+def test_missing_and_truncated_checkpoint_files_are_named(assets, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(assets["teacher"], teacher)
+    weights = teacher / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(size - 1000)
+    ckpt = {**tune.base_config(assets, tmp_path)["teacher_checkpointer"],
+            "checkpoint_dir": str(teacher)}
+    line = tune.one_error_line(_distill(assets, tmp_path, cfg_overrides={"teacher_checkpointer": ckpt}))
+    assert line.startswith(f"tad_distill: error: teacher_checkpointer.checkpoint_files: "
+                           f"{str(weights)!r} is not a readable safetensors file: its tensors "
+                           f"need {size} bytes, the file has {size - 1000}: truncated")
+    weights.unlink()
+    line = tune.user_error("tad_distill", ["--config", _config(
+        assets, tmp_path, teacher_checkpointer=ckpt)], monkeypatch, capsys)
+    assert line == (f"tad_distill: error: teacher_checkpointer.checkpoint_files: "
+                    f"{str(weights)!r} does not exist")
+
+
+def test_a_missing_corpus_names_the_dataset_key(assets, tmp_path, monkeypatch, capsys):
+    missing = tmp_path / "nowhere.jsonl"
+    line = tune.user_error("tad_distill", ["--config", _config(assets, tmp_path),
+                                           f"validation_dataset.source={missing}"],
+                           monkeypatch, capsys)
+    assert line.startswith("tad_distill: error: validation_dataset.source: ")
+    assert str(missing) in line
+
+
+def test_the_traceback_when_asked_for(assets, tmp_path):
+    proc = _distill(assets, tmp_path, "batch_size=0", env={"TAD_TORCHTUNE_TRACEBACK": "1"})
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+    assert "ConfigError: batch_size: must be an integer >= 1, got 0" in proc.stderr

@@ -11,17 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.recipes import tiny
+from tests.helpers import tune
 
 pytestmark = pytest.mark.slow
 DEMO_CORPUS = Path(__file__).parents[2] / "tad_torchtune" / "assets" / "demo" / "jargon.jsonl.gz"
 
 
-def test_demo_config_builds_one_store_for_both_datasets_then_reports_it(tmp_path):
+def test_demo_config_builds_one_store_for_both_datasets_then_reports_it(tmp_path, monkeypatch,
+                                                                       capsys):
     env_dir = tmp_path / "stores"
     args = ["tad_prepare", "--config", "demo", f"dataset.store_dir={env_dir}",
             f"validation_dataset.store_dir={env_dir}"]
-    first = tiny.run_tune(args, cwd=tmp_path).stdout
+    first = tune.run_tune(args, cwd=tmp_path).stdout
     stores = [p for p in env_dir.iterdir() if not p.name.startswith(".")]
     assert len(stores) == 1
     manifest = json.loads((stores[0] / "manifest.json").read_text())
@@ -30,37 +31,40 @@ def test_demo_config_builds_one_store_for_both_datasets_then_reports_it(tmp_path
     assert f"  515,859 tokens, 2,497 documents, 1 file(s), uint16, fingerprint {manifest['fingerprint'][:16]}\n" in first
     assert "tokens/s (batch engine)" in first
     assert f"tad_prepare: validation_dataset: already built (the same store as dataset): {stores[0]}\n" in first
-    second = tiny.run_tune(args, cwd=tmp_path).stdout
+    capsys.readouterr()
+    tune.run_in_process("tad_prepare", ["--config", str(tune.bundled_config_path("demo")),
+                                        *args[3:]], monkeypatch)  # again, in this process
+    second = capsys.readouterr().out
     assert f"tad_prepare: dataset: already built: {stores[0]}\n" in second and ": built:" not in second
     assert json.loads((stores[0] / "manifest.json").read_text()) == manifest  # not rebuilt
 
 
-def test_config_errors(tmp_path):
-    cfg = tiny.write_config({"tokenizer": {"_component_": "tad_torchtune.demo.demo_tokenizer"},
+def test_config_errors(tmp_path, monkeypatch, capsys):
+    cfg = tune.write_config({"tokenizer": {"_component_": "tad_torchtune.demo.demo_tokenizer"},
                              "dataset": {"_component_": "torchtune.datasets.text_completion_dataset"}},
                             tmp_path / "c.yaml")
-    proc = tiny.run_tune(["tad_prepare", "--config", str(cfg)], cwd=tmp_path, check=False)
+    proc = tune.run_tune(["tad_prepare", "--config", str(cfg)], cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.splitlines()[-1] == (
         "tad_prepare: error: dataset._component_: tad_prepare builds the token stores of "
         "tad_torchtune.data.text_block_dataset, got 'torchtune.datasets.text_completion_dataset'")
-    proc = tiny.run_tune(["tad_prepare", "--config", "demo", "num_workers=0"], cwd=tmp_path, check=False)
-    assert proc.stderr.splitlines()[-1] == (
-        "tad_prepare: error: num_workers: must be an integer >= 1 or null, got 0")
+    line = tune.user_error("tad_prepare", ["--config", str(tune.bundled_config_path("demo")),
+                                           "num_workers=0"], monkeypatch, capsys)
+    assert line == "tad_prepare: error: num_workers: must be an integer >= 1 or null, got 0"
 
 
-def test_sigkill_midway_leaves_no_store_and_the_next_run_builds_it(tmp_path):
-    copies = 12  # ~6M tokens: a few seconds of tokenizing
+def test_sigkill_midway_leaves_no_store_and_the_next_run_builds_it(tmp_path, monkeypatch, capsys):
+    copies = 6  # ~3M tokens: seconds of tokenizing, the kill lands after the first batch
     demo = DEMO_CORPUS.read_bytes()
     corpus = tmp_path / "big.jsonl"
     corpus.write_bytes(gzip.decompress(demo) * copies)
     stores = tmp_path / "stores"
-    cfg = tiny.write_config({
+    cfg = tune.write_config({
         "tokenizer": {"_component_": "tad_torchtune.demo.demo_tokenizer"},
         "dataset": {"_component_": "tad_torchtune.data.text_block_dataset", "source": str(corpus),
                     "max_seq_len": 128, "store_dir": str(stores)},
     }, tmp_path / "c.yaml")
-    cmd = [tiny.tune_bin(), "run", "tad_prepare", "--config", str(cfg)]
+    cmd = [tune.tune_bin(), "run", "tad_prepare", "--config", str(cfg)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     deadline = time.monotonic() + 120
@@ -74,7 +78,9 @@ def test_sigkill_midway_leaves_no_store_and_the_next_run_builds_it(tmp_path):
     assert [p.name for p in stores.iterdir() if not p.name.startswith(".")] == []
     assert len(list(stores.glob(".tmp-*"))) == 1  # the killed build's leftovers, ignored
 
-    out = tiny.run_tune(["tad_prepare", "--config", str(cfg)], cwd=tmp_path).stdout
+    capsys.readouterr()
+    tune.run_in_process("tad_prepare", ["--config", str(cfg)], monkeypatch)  # in this process
+    out = capsys.readouterr().out
     built = [p for p in stores.iterdir() if not p.name.startswith(".")]
     assert len(built) == 1 and f"tad_prepare: dataset: built: {built[0]}" in out
     assert list(stores.glob(".tmp-*")) == []  # removed by the build that followed

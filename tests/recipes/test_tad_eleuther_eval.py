@@ -1,0 +1,66 @@
+"""``tune run tad_eleuther_eval``: the components of its config build and load an exported
+student, and its errors are one line (the harness run itself: ``tests/test_harness.py``)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from tad_torchtune.data import resolve_asset  # noqa: E402
+from tad_torchtune.harness import TASKS_DIR  # noqa: E402
+from tests.helpers import tune  # noqa: E402
+from tests.helpers.teachers import save_hf_llama  # noqa: E402
+
+DEMO = Path(resolve_asset("pkg://demo"))
+BIN = Path(sys.executable).parent
+# no Hub, no data set hub: everything below is local, and must stay so
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def test_eleuther_config_components_load(tmp_path):
+    """The components of configs/eleuther_eval_student.yaml build and load an exported student
+    ."""
+    from omegaconf import OmegaConf
+    from torchtune import config, training
+
+    student = save_hf_llama(tmp_path / "student", seed=3, tied=True)
+    cfg = OmegaConf.load(Path(__file__).parents[2] / "configs" / "eleuther_eval_student.yaml")
+    cfg.student_dir, cfg.output_dir = str(student), str(tmp_path / "out")
+    model = config.instantiate(cfg.model)
+    model.load_state_dict(config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY])
+    tok = config.instantiate(cfg.tokenizer)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_tokens, tok.max_seq_len) == (0, 1, 2, [1], 256)
+    ids = tok.encode("a kludge in the daemon", add_bos=True, add_eos=False)
+    assert tok.decode(ids[1:]) == "a kludge in the daemon"
+    hf = transformers.LlamaForCausalLM.from_pretrained(student).eval()
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_eleuther_recipe_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    """Through `tune run` once; the other message in this process (``tune.user_error``)."""
+    proc = subprocess.run(
+        [str(BIN / "tune"), "run", "tad_eleuther_eval", "--config", "eleuther_eval_student",
+         f"output_dir={tmp_path / 'out'}", f"student_dir={tmp_path / 'nowhere'}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=os.environ | OFFLINE)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1] == (
+        f"tad_eleuther_eval: error: checkpointer.checkpoint_dir: '{tmp_path / 'nowhere'}' is not a "
+        "folder; give the student tad_distill exported (student_dir=OUTPUT_DIR/student)")
+    assert "Traceback" not in proc.stderr
+    for key, value in OFFLINE.items():
+        monkeypatch.setenv(key, value)
+    line = tune.user_error("tad_eleuther_eval", [
+        "--config", str(tune.bundled_config_path("eleuther_eval_student")), f"output_dir={tmp_path / 'out'}", f"student_dir={DEMO / 'teacher'}",
+        "tasks=[jargon_heldoot]"], monkeypatch, capsys)
+    assert line == (
+        f"tad_eleuther_eval: error: tasks: 'jargon_heldoot' is neither a task, group or tag of "
+        f"lm_eval nor of include_path '{TASKS_DIR}', nor a task YAML file; e.g. jargon_heldout "
+        "(shipped) or hellaswag; `lm_eval ls tasks` lists them")

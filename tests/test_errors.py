@@ -1,0 +1,118 @@
+"""Errors a user can cause (``errors.py``): a command's one line and exit status 2, the dotted key
+put in front of a component's message, and checkpoint files checked before torchtune reads
+them. (The recipes' messages end to end: ``tests/recipes/``.)"""
+
+import json
+import struct
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from tad_torchtune.errors import (
+    TRACEBACK_ENV,
+    USER_ERROR_EXIT,
+    ConfigError,
+    check_checkpoint_files,
+    instantiate,
+    one_line,
+    reports_user_errors,
+)
+
+
+def widget(*, size: int = 1, source: str = "") -> dict:
+    """A component for ``instantiate`` (``tests.test_errors.widget``)."""
+    if size < 1:
+        raise ValueError(f"size must be an integer >= 1, got {size}")
+    if source == "nowhere":
+        raise ValueError("dataset.source: 'nowhere' does not exist")
+    if source == "odd":
+        raise ValueError("something else went wrong")
+    return {"size": size}
+
+
+def test_one_line_folds_a_message():
+    assert one_line(ValueError("first\n  second\n\nthird ")) == "first second third"
+    assert one_line(KeyError()) == "KeyError"
+
+
+def test_reports_user_errors(monkeypatch, capsys):
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+
+    @reports_user_errors("tad_x")
+    def main(error):
+        raise error
+
+    with pytest.raises(SystemExit) as stopped:
+        main(ConfigError("batch_size: must be an integer >= 1,\ngot 0"))
+    assert stopped.value.code == USER_ERROR_EXIT == 2
+    assert capsys.readouterr().err == "tad_x: error: batch_size: must be an integer >= 1, got 0\n"
+    with pytest.raises(SystemExit):
+        main(FileNotFoundError("no such file: 'a.yaml'"))
+    assert capsys.readouterr().err == "tad_x: error: no such file: 'a.yaml'\n"
+    with pytest.raises(RuntimeError, match="a bug"):  # not the user's: its traceback
+        main(RuntimeError("a bug"))
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv(TRACEBACK_ENV, "1")
+    with pytest.raises(ConfigError, match="batch_size"):  # asked for: the traceback
+        main(ConfigError("batch_size: must be an integer >= 1, got 0"))
+    monkeypatch.setenv(TRACEBACK_ENV, "0")
+    with pytest.raises(SystemExit):
+        main(ConfigError("x: y"))
+
+
+@pytest.mark.parametrize("node,message", [
+    ({"size": 0}, "part.size: must be an integer >= 1, got 0"),
+    ({"sise": 2}, "part.sise: not an argument of tests.test_errors.widget; accepted: size, "
+                  "source"),
+    ({"source": "nowhere"}, "part.source: 'nowhere' does not exist"),  # "dataset." dropped
+    ({"source": "odd"}, "part: something else went wrong"),
+])
+def test_instantiate_names_the_dotted_key(node, message):
+    component = {"_component_": "tests.test_errors.widget"}
+    assert instantiate(OmegaConf.create({**component, "size": 3}), "part") == {"size": 3}
+    with pytest.raises(ConfigError) as err:
+        instantiate(OmegaConf.create({**component, **node}), "part")
+    assert str(err.value) == message
+
+
+def _safetensors(path, n=64):
+    save_file({"w": torch.arange(n, dtype=torch.float32)}, str(path))
+    return path.stat().st_size
+
+
+def test_checkpoint_files_are_checked_before_loading(tmp_path):
+    key = "teacher_checkpointer"
+    good = tmp_path / "good.safetensors"
+    size = _safetensors(good)
+    check_checkpoint_files({"checkpoint_dir": str(tmp_path), "checkpoint_files": [good.name]}, key)
+    check_checkpoint_files({"checkpoint_dir": str(tmp_path),  # torchtune's own form: its check
+                            "checkpoint_files": {"filename_format": "x", "max_filename": "2"}}, key)
+
+    def problem(files, folder=tmp_path):
+        with pytest.raises(ConfigError) as err:
+            check_checkpoint_files({"checkpoint_dir": str(folder), "checkpoint_files": files}, key)
+        return str(err.value)
+
+    assert problem([], tmp_path / "none") == (f"{key}.checkpoint_dir: "
+                                              f"{str(tmp_path / 'none')!r} is not a folder")
+    assert problem(["gone.safetensors"]) == (f"{key}.checkpoint_files: "
+                                             f"{str(tmp_path / 'gone.safetensors')!r} does not exist")
+    data = good.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    cases = {
+        "tiny": (data[:5], "5 bytes, shorter than its 8-byte header length"),
+        "short_header": (data[:8 + header_len - 1], f"its header is {header_len} bytes but the "
+                                                    f"file has {8 + header_len - 1}: truncated"),
+        "not_json": (data[:8] + b"\xff" * header_len + data[8 + header_len:],
+                     "its header is not JSON"),
+        "short_data": (data[:-4], f"its tensors need {size} bytes, the file has {size - 4}: "
+                                  f"truncated"),
+    }
+    for name, (content, why) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(content)
+        assert problem([good.name, path.name]) == (
+            f"{key}.checkpoint_files: {str(path)!r} is not a readable safetensors file: {why}")
+    assert json.loads(data[8:8 + header_len])["w"]["data_offsets"] == [0, 256]

@@ -1,0 +1,72 @@
+"""The distributed set-up and ``parallelize`` (``parallel.py``) on one process: activation
+checkpointing recomputes a block in backward and changes neither its state-dict keys nor its
+outputs nor its gradients. (FSDP2 on two processes: ``tests/recipes/test_tad_distill.py`` and
+``tests/losses/test_fused.py``; compile: ``tests/recipes/test_tad_distill.py``.)"""
+
+import copy
+
+import torch
+
+from tad_torchtune.models import forward_hidden
+from tad_torchtune.parallel import checkpoint_block, init_distributed, parallelize
+from tests.helpers.teachers import SEQ, VOCAB, build_teacher
+
+
+def _loss_and_grads(model, tokens):
+    h, _ = forward_hidden(model, tokens)
+    loss = h.square().mean()
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()
+                           if p.grad is not None}  # the output projection is not used
+
+
+def _count_mlp_calls(model) -> list[int]:
+    calls = [0]
+
+    def hook(module, args):
+        calls[0] += 1
+
+    # a pre-hook: recomputation stops once the saved tensors are back (torch's early stop),
+    # possibly inside the MLP, where a forward hook would not fire
+    for layer in model.layers:
+        layer.mlp.register_forward_pre_hook(hook)
+    return calls
+
+
+def test_checkpoint_block_keeps_keys_outputs_and_gradients():
+    model = build_teacher("llama3")
+    wrapped = copy.deepcopy(model)
+    for block in wrapped.layers:
+        checkpoint_block(block)
+    assert list(wrapped.state_dict()) == list(model.state_dict())
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    calls = _count_mlp_calls(wrapped)
+    loss, grads = _loss_and_grads(model, tokens)
+    wrapped_loss, wrapped_grads = _loss_and_grads(wrapped, tokens)
+    # each block ran forward once, then again in backward (the recomputation)
+    assert calls[0] == 2 * len(wrapped.layers)
+    # recomputation replays the same float operations: equal bit for bit
+    assert torch.equal(wrapped_loss, loss)
+    assert sorted(wrapped_grads) == sorted(grads) and len(grads) > 2 * len(model.layers)
+    for k, g in grads.items():
+        assert torch.equal(wrapped_grads[k], g), k
+
+
+def test_parallelize_on_one_process_is_checkpointing_only_when_asked():
+    model = build_teacher("qwen2")
+    calls = _count_mlp_calls(model)
+    tokens = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(1))
+    assert parallelize(model) is model
+    _loss_and_grads(model, tokens)
+    assert calls[0] == len(model.layers)  # nothing applied: no recomputation
+    model.zero_grad()
+    calls[0] = 0
+    parallelize(model, activation_checkpointing=True)
+    _loss_and_grads(model, tokens)
+    assert calls[0] == 2 * len(model.layers)
+
+
+def test_init_distributed_without_torchrun_is_one_process(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_distributed("cpu") == (0, 1)
+    assert not torch.distributed.is_initialized()

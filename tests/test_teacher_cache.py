@@ -1,0 +1,210 @@
+"""The teacher cache on disk (``teacher_cache.py``): shards written and read back in both modes and
+every log-probability encoding, its size per position from the real files, the manifest that
+refuses another cache's settings, incomplete and stale shards, the samples of ``CachedBlocks``
+and what ``check`` refuses. (Writing one with ``tune run tad_cache``, resumed and on two
+processes: ``tests/recipes/test_tad_cache.py``.)"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tad_torchtune.errors import ConfigError
+from tad_torchtune.files import staging_dir
+from tad_torchtune.losses import CacheSpec
+from tad_torchtune.losses.cached import TeacherSampled, TeacherTopM, teacher_sampled, teacher_top_m
+from tad_torchtune.teacher_cache import (
+    BlockLayout,
+    CachedBlocks,
+    TeacherCache,
+    encode_round_trip,
+)
+
+L = 9  # positions per block
+SHARD = 2  # blocks per shard
+LAYOUT = BlockLayout(store_fingerprint="f" * 16, first_token=100, max_seq_len=L, num_blocks=5)
+TEACHER = {"model": {"_component_": "tiny"}, "dtype": "fp32"}
+
+
+def _logits(blocks: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(blocks, L, vocab, generator=gen) * 3
+
+
+def _entries(mode: str, logits: torch.Tensor, first_block: int = 0, top_m: int = 6,
+             samples: int = 4):
+    """The cache entries of blocks ``[B, L, V]`` as ``tad_cache`` computes them."""
+    if mode == "top_m":
+        labels = torch.randint(0, logits.shape[-1], logits.shape[:2],
+                               generator=torch.Generator().manual_seed(1))
+        labels[:, -1] = -100  # a block's last position has no next token
+        return teacher_top_m(logits, labels, top_m)
+    blocks = torch.arange(first_block, first_block + logits.shape[0])
+    return teacher_sampled(logits, top_m, samples, seed=3, blocks=blocks)
+
+
+def _create(root, mode="top_m", *, vocab=50, logp_dtype="float16", top_m=6, **overrides):
+    kwargs = dict(top_m=top_m, vocab_size=vocab, temperature=1.0, layouts={"train": LAYOUT},
+                  teacher=TEACHER, logp_dtype=logp_dtype, shard_blocks=SHARD, mode=mode)
+    if mode == "sampled":
+        kwargs.update(samples=4, seed=3)
+    return TeacherCache.create(root, **{**kwargs, **overrides})
+
+
+def _encoded(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``x`` rounded to the stored dtype and back to float32."""
+    return x.to(getattr(torch, dtype)).float()
+
+
+@pytest.mark.parametrize("logp_dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("mode", ["top_m", "sampled"])
+def test_shards_read_back_what_was_written(tmp_path, mode, logp_dtype):
+    cache = _create(tmp_path / "cache", mode, logp_dtype=logp_dtype)
+    logits = _logits(LAYOUT.num_blocks, 50)
+    written = {}
+    for shard in range(3):  # 5 blocks in shards of 2: the last shard holds one block
+        blocks = slice(shard * SHARD, min((shard + 1) * SHARD, LAYOUT.num_blocks))
+        entries = _entries(mode, logits[blocks], first_block=blocks.start)
+        cache.write_shard("train", shard, entries)
+        for i in range(blocks.start, blocks.stop):
+            written[i] = type(entries)(*(x[i - blocks.start] for x in entries.tensors()))
+    again = TeacherCache(tmp_path / "cache")  # opened from its manifest, as tad_distill does
+    assert again.mode == mode and again.missing_shards("train") == []
+    for i, want in written.items():
+        got = again.block("train", i)
+        assert type(got) is {"top_m": TeacherTopM, "sampled": TeacherSampled}[mode]
+        assert torch.equal(got.ids, want.ids) and got.ids.dtype == torch.int64
+        assert torch.equal(got.logp, _encoded(want.logp, logp_dtype))
+        assert got.logp.dtype == torch.float32
+        others = [f for f in ("log_rest", "label_logp", "log_tail", "entropy") if hasattr(want, f)]
+        for field in others:  # stored in float32: exact
+            assert torch.equal(getattr(got, field), getattr(want, field).float()), field
+        if mode == "sampled":
+            assert torch.equal(got.draws, want.draws)
+        # what a cached loss reads, without the files
+        assert torch.equal(encode_round_trip(want, logp_dtype).logp, got.logp)
+    if logp_dtype != "float32":  # the encoding is lossy, and the test can see it
+        assert not torch.equal(again.block("train", 0).logp, written[0].logp.float())
+
+
+@pytest.mark.parametrize("mode,vocab,per_position", [
+    ("top_m", 50, 4 * 6 + 8),  # the design's 4 M + 8 (uint16 ids, float16)
+    ("sampled", 50, 4 * 6 + 8 + 2 * 4),  # 4 K + 8 + 2 S
+    ("sampled", 70_000, 6 * 6 + 8 + 4 * 4),  # int32 ids past 65,536: 6 K + 8 + 4 S
+])
+def test_bytes_per_token_is_what_the_files_hold(tmp_path, mode, vocab, per_position):
+    cache = _create(tmp_path / "cache", mode, vocab=vocab)
+    cache.write_shard("train", 0, _entries(mode, _logits(SHARD, vocab)))
+    arrays = [np.load(p, mmap_mode="r") for p in (tmp_path / "cache" / "train" / "shard_000000")
+              .glob("*.npy")]
+    on_disk = sum(a.nbytes for a in arrays) / (SHARD * L)
+    assert cache.bytes_per_token() == on_disk == per_position
+
+
+def test_an_existing_cache_of_other_settings_is_refused_naming_them(tmp_path):
+    root = tmp_path / "cache"
+    _create(root)
+    _create(root)  # the same settings: a resumed tad_cache opens it
+    with pytest.raises(ConfigError) as err:
+        _create(root, top_m=8, logp_dtype="float32")
+    assert str(err.value) == (
+        f"teacher_cache_dir: {str(root)!r} holds a cache made with other settings (logp_dtype: "
+        f"'float16' there, 'float32' now, top_m: 6 there, 8 now); give another "
+        f"teacher_cache_dir or delete that one")
+    with pytest.raises(ConfigError, match=r"\(mode: None there, 'sampled' now, samples: None "
+                                          r"there, 4 now, seed: None there, 3 now\)"):
+        _create(root, "sampled")
+    with pytest.raises(ConfigError, match=r"cache_logp_dtype: must be one of \('float16', "
+                                          r"'bfloat16', 'float32'\), got 'int8'"):
+        _create(tmp_path / "other", logp_dtype="int8")
+
+
+def test_a_folder_without_a_cache_or_with_another_format_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"holds no teacher cache \(no manifest.json\); make one "
+                                          r"with tune run tad_cache"):
+        TeacherCache(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "something", "version": 1}))
+    with pytest.raises(ConfigError, match="is not a tad_torchtune.teacher_cache version 1 "
+                                          "manifest"):
+        TeacherCache(tmp_path)
+
+
+def test_missing_shards_and_stale_leftovers(tmp_path):
+    cache = _create(tmp_path / "cache")
+    assert cache.num_shards("train") == 3 and cache.missing_shards("train") == [0, 1, 2]
+    cache.write_shard("train", 1, _entries("top_m", _logits(SHARD, 50)))
+    assert cache.missing_shards("train") == [0, 2]
+    stale = staging_dir(tmp_path / "cache" / "train" / "shard_000002")  # a killed writer's
+    (stale / "ids.npy").write_bytes(b"half")
+    cache.remove_stale("train")
+    assert sorted(p.name for p in (tmp_path / "cache" / "train").iterdir()) == ["shard_000001"]
+    assert cache.missing_shards("train") == [0, 2]
+
+
+class Blocks:
+    """What ``CachedBlocks`` reads of a ``TextBlockDataset``: its layout and its samples."""
+
+    fingerprint = LAYOUT.store_fingerprint
+
+    def __init__(self, num_blocks=LAYOUT.num_blocks, max_seq_len=L, first_token=100):
+        self.n, self.len, self.first = num_blocks, max_seq_len, first_token
+
+    def __len__(self):
+        return self.n
+
+    def token_span(self, index):
+        start = self.first + index * self.len
+        return start, start + self.len
+
+    def __getitem__(self, index):
+        return {"tokens": torch.arange(self.len) + index, "labels": torch.arange(self.len)}
+
+
+def _complete(tmp_path, mode="top_m"):
+    cache = _create(tmp_path / "cache", mode)
+    logits = _logits(LAYOUT.num_blocks, 50)
+    for shard in range(3):
+        blocks = slice(shard * SHARD, min((shard + 1) * SHARD, LAYOUT.num_blocks))
+        cache.write_shard("train", shard, _entries(mode, logits[blocks], blocks.start))
+    return cache
+
+
+def test_cached_blocks_carry_their_blocks_statistics(tmp_path):
+    cache = _complete(tmp_path, "sampled")
+    data = CachedBlocks(Blocks(), cache, "train", vocab_size=50)
+    assert len(data) == LAYOUT.num_blocks and data.fingerprint == LAYOUT.store_fingerprint
+    for i in (0, 3, 4):
+        sample = data[i]
+        assert torch.equal(sample["tokens"], torch.arange(L) + i)
+        want = cache.block("train", i)
+        assert all(torch.equal(a, b) for a, b in zip(sample["teacher"].tensors(), want.tensors()))
+    assert BlockLayout.of(Blocks()) == LAYOUT
+    assert cache.spec() == CacheSpec(mode="sampled", top_m=6, temperature=1.0,
+                                     where=f"teacher_cache_dir={str(tmp_path / 'cache')!r}")
+
+
+def test_check_refuses_other_blocks_another_vocabulary_and_an_incomplete_cache(tmp_path):
+    cache = _complete(tmp_path)
+    root = repr(str(tmp_path / "cache"))
+    CachedBlocks(Blocks(), cache, "train", vocab_size=50)  # passes
+    with pytest.raises(ConfigError) as err:
+        CachedBlocks(Blocks(max_seq_len=L + 1), cache, "train", vocab_size=50)
+    assert str(err.value).startswith(f"teacher_cache_dir: {root} was made for other train blocks "
+                                     f"({{'store_fingerprint': 'ffffffffffffffff', 'first_token': "
+                                     f"100, 'max_seq_len': 9, 'num_blocks': 5}}) than the dataset "
+                                     f"gives ({{'store_fingerprint': 'ffffffffffffffff', "
+                                     f"'first_token': 100, 'max_seq_len': 10, 'num_blocks': 5}})")
+    with pytest.raises(ConfigError) as err:
+        CachedBlocks(Blocks(), cache, "train", vocab_size=60)
+    assert str(err.value) == (f"teacher_cache_dir: {root} holds ids of a 50-id vocabulary, the "
+                              f"student's has 60")
+    with pytest.raises(ConfigError, match=r"has no 'validation' split \(it has \['train'\]\)"):
+        cache.layout("validation")
+    half = _create(tmp_path / "half")
+    half.write_shard("train", 1, _entries("top_m", _logits(SHARD, 50)))
+    with pytest.raises(ConfigError) as err:
+        CachedBlocks(Blocks(), half, "train", vocab_size=50)
+    assert str(err.value) == (f"teacher_cache_dir: {str(tmp_path / 'half')!r} is incomplete: 2 of "
+                              f"3 train shards missing (first 0); run tune run tad_cache with the "
+                              f"same config to finish it")
