@@ -43,13 +43,15 @@ class Batch:
     num_tokens: int = 0
 
     def to(self, device: torch.device | str) -> "Batch":
-        """The batch on ``device`` (non-blocking copies)."""
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in moved.items():
-            if value is not None and hasattr(value, "to") and not isinstance(value, int):
-                moved[name] = value.to(device, non_blocking=True) if isinstance(value, Tensor) \
-                    else value.to(device)
-        return Batch(**moved)
+        """The batch on ``device`` (tensors copied without blocking; the mask and the cache's
+        entries through their own ``to``)."""
+        def move(x: Any) -> Any:
+            if isinstance(x, Tensor):
+                return x.to(device, non_blocking=True)
+            return None if x is None else x.to(device)
+
+        return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self)
+                                if f.name != "num_tokens"})
 
     def with_document_mask(self, *, flex: bool = False) -> "Batch":
         """The batch with attention stopping at its documents (``document_attention``); rows
