@@ -396,7 +396,10 @@ def sampled_terms(s: Tensor, ids: Tensor, logp: Tensor, log_tail: Tensor, entrop
     """
     zero = s.new_zeros(())
     top = ids[:, :k]
-    s_top = s.gather(-1, top)  # (n, k)
+    # one gather for the top ids, the cached ranks and the draws: backward then adds into one
+    # [n, V] buffer, not three
+    picked = s.gather(-1, torch.cat([ids, draws], dim=-1))  # (n, K + S)
+    s_top, s_ranks, s_drawn = picked[:, :k], picked[:, k : ids.shape[-1]], picked[:, ids.shape[-1]:]
     if grad:
         log_qt = s.scatter(-1, top, float("-inf"))  # (n, V), becomes the gradient
         lse_tail_s = log_qt.logsumexp(-1)
@@ -411,12 +414,10 @@ def sampled_terms(s: Tensor, ids: Tensor, logp: Tensor, log_tail: Tensor, entrop
     has_tail = torch.isfinite(log_alpha_t)
     norm_t, norm_s = safe_finite(log_alpha_t), safe_finite(lse_tail_s)
     log_pt_ranks = logp[:, k:] - norm_t.unsqueeze(-1)  # (n, K - k)
-    s_ranks = s.gather(-1, ids[:, k:])
     ranks = masked_xlogy_sum(log_pt_ranks.exp(), log_pt_ranks - (s_ranks - norm_s.unsqueeze(-1)))
     log_a = torch.where(has_tail, log_tail - norm_t, float("-inf"))
     a = log_a.exp()
-    drawn = s.gather(-1, draws).mean(-1)
-    rest = torch.where(a > 0, a * (safe_finite(log_a) - entropy + norm_s - drawn), zero)
+    rest = torch.where(a > 0, a * (safe_finite(log_a) - entropy + norm_s - s_drawn.mean(-1)), zero)
     dkl2 = torch.where(has_tail, ranks + rest, zero)
     w = torch.where(weight > 0, weight, zero)
     per_token = dkl1 + torch.where(w > 0, w * dkl2, zero)
