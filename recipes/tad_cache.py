@@ -11,7 +11,7 @@ divergence's temperature. For every block of the split it writes, per position, 
 top-``cache_top_m`` ids and log-probabilities and, by ``cache_mode``: the log-mass outside them
 and the log-probability of the next token (``top_m``, the bucket cache), or the log-mass and
 entropy outside them and ``cache_samples`` ids drawn from there (``sampled``, unbiased for TAD
-and forward KL), in shards of ``cache_shard_blocks`` blocks, each published atomically
+and forward KL; the default for those, ``top_m`` for the others), in shards of ``cache_shard_blocks`` blocks, each published atomically
 (``tad_torchtune/teacher_cache.py`` documents the format). A run that is interrupted leaves only
 complete shards: the next run with the same config writes the missing ones, and the cache is
 then byte for byte what an uninterrupted run writes (the draws come from a counter-based
@@ -38,11 +38,18 @@ from tad_torchtune.head import TeacherHead
 from tad_torchtune.losses.cached import teacher_sampled, teacher_top_m
 from tad_torchtune.models.loading import load_teacher, vocab_size_of
 from tad_torchtune.parallel import init_distributed, parallelize
-from tad_torchtune.schema import DISTILL, resolve_config_argv, resolve_package_paths, validate_config
+from tad_torchtune.schema import (
+    DISTILL,
+    component_class,
+    resolve_config_argv,
+    resolve_package_paths,
+    validate_config,
+)
 from tad_torchtune.teacher_cache import (
     DEFAULT_TOP_M,
     BlockLayout,
     TeacherCache,
+    cache_mode_for,
     teacher_identity,
 )
 
@@ -61,7 +68,9 @@ class TADCacheRecipe:
         if not get("teacher_cache_dir"):
             raise ConfigError("teacher_cache_dir: missing; give the folder to write the cache to")
         self._root = Path(str(get("teacher_cache_dir"))).expanduser()
-        self._mode = get("cache_mode")
+        kd = cfg.get("kd_loss") if get("kd_weight") > 0 else None
+        self._mode = get("cache_mode") or cache_mode_for(
+            None if kd is None else component_class(cfg, "kd_loss"))
         self._top_m = get("cache_top_m") or DEFAULT_TOP_M[self._mode]
         self._samples = get("cache_samples")
         self._seed = get("cache_seed")
@@ -74,7 +83,6 @@ class TADCacheRecipe:
         self._rank, self._world = init_distributed(self._device.type)
         if self._device.type == "cuda":
             self._device = torch.device("cuda", torch.cuda.current_device())
-        kd = cfg.get("kd_loss")
         self._temperature = float(kd.get("temperature", 1.0)) if kd is not None else 1.0
 
     def setup(self, cfg: DictConfig) -> None:

@@ -253,8 +253,10 @@ DISTILL = Schema("tad_distill", [
         "none on a CPU unless given)", None, _OPT_NUM, minimum=0, shown="known GPUs"),
     Key("teacher_cache_dir", "train from a teacher cache written by `tad_cache` instead of "
         "running the teacher", None, _OPT_STR),
-    Key("cache_mode", "`tad_cache`: `top_m` (the top ids plus one bucket) or `sampled` (the top "
-        "ids plus draws from the rest: unbiased)", "top_m", _STR, choices=("top_m", "sampled")),
+    Key("cache_mode", "`tad_cache`: `top_m` (the top ids plus one bucket: biased, serves every "
+        "divergence) or `sampled` (the top ids plus draws from the rest: unbiased, TAD and "
+        "forward KL); null: `sampled` when `kd_loss` can read it, else `top_m`", None, _OPT_STR,
+        choices=("top_m", "sampled")),
     Key("cache_top_m", "`tad_cache`: teacher ids kept exactly per position (null: 48 for "
         "`top_m`, 12 for `sampled`)", None, _OPT_INT, minimum=1),
     Key("cache_samples", "`tad_cache` `sampled`: ids drawn from the rest per position", 32, _INT,

@@ -73,6 +73,18 @@ MODES: dict[str, tuple[type[CacheEntries], dict[str, str]]] = {
 DEFAULT_TOP_M = {"top_m": 48, "sampled": 12}
 
 
+def cache_mode_for(divergence: type | None) -> str:
+    """The cache a config gets when it leaves ``cache_mode`` null: the sampled one (unbiased,
+    ``benchmarks/RESULTS.md``) for a divergence of the ``D_KL1 + w D_KL2`` form that it serves
+    (TAD, forward KL), the bucket for any other (reverse KL, DRKL) or none."""
+    from tad_torchtune.losses import Divergence
+
+    if isinstance(divergence, type) and issubclass(divergence, Divergence) and \
+            divergence.tail_weight is not Divergence.tail_weight:
+        return "sampled"
+    return "top_m"
+
+
 @dataclass(frozen=True)
 class BlockLayout:
     """Which blocks of which prepared store a split's cache covers."""

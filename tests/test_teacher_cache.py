@@ -208,3 +208,13 @@ def test_check_refuses_other_blocks_another_vocabulary_and_an_incomplete_cache(t
     assert str(err.value) == (f"teacher_cache_dir: {str(tmp_path / 'half')!r} is incomplete: 2 of "
                               f"3 train shards missing (first 0); run tune run tad_cache with the "
                               f"same config to finish it")
+
+
+def test_a_config_without_cache_mode_gets_the_cache_its_divergence_reads_best():
+    """``cache_mode: null``: the sampled cache (unbiased, benchmarks/RESULTS.md) for TAD and
+    forward KL, the bucket for reverse KL and DRKL (which draws cannot serve) and without one."""
+    from tad_torchtune.losses import DRKLLoss, ForwardKLLoss, ReverseKLLoss, TADLoss
+    from tad_torchtune.teacher_cache import cache_mode_for
+
+    assert [cache_mode_for(c) for c in (TADLoss, ForwardKLLoss, ReverseKLLoss, DRKLLoss, None)] \
+        == ["sampled", "sampled", "top_m", "top_m", "top_m"]

@@ -59,7 +59,7 @@ def _same_shards(a: Path, b: Path) -> None:
 
 
 #: the two cache kinds at tiny sizes: the bucket cache, and top-8 ids plus 5 draws
-MODES = {"top_m": {"cache_top_m": 8}, "sampled": {"cache_mode": "sampled", "cache_top_m": 8,
+MODES = {"top_m": {"cache_mode": "top_m", "cache_top_m": 8}, "sampled": {"cache_mode": "sampled", "cache_top_m": 8,
                                                   "cache_samples": 5, "cache_seed": 3}}
 
 
