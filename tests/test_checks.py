@@ -30,7 +30,7 @@ def test_check_int():
         assert str(err.value) == f"k must be an integer >= 1, got {bad!r}"
     with pytest.raises(ValueError) as err:
         check_int(-1, "max_steps", optional=True, detail=" (and < vocabulary size)")
-    assert str(err.value) == ("max_steps must be an integer >= 1 or None (and < vocabulary size), "
+    assert str(err.value) == ("max_steps must be an integer >= 1 or null (and < vocabulary size), "
                               "got -1")
 
 
