@@ -3,11 +3,13 @@ and the bytes they move over ``[chunk, V]``, and the same work run eagerly op by
 taken on a CPU that predicts the GPU, where this work is memory-bound (issue 19).
 
     python benchmarks/head_kernels.py [--chunk 1024] [--vocab 32000] [--hidden 64]
-        [--divergences tad forward_kl ce] [--json PATH]
+        [--dtype float32|bfloat16] [--divergences tad forward_kl ce] [--json PATH]
 
 For each divergence (``ce``: the cross-entropy alone), one chunk of ``fused_head`` as the recipe's
-head runs it: ``chunk`` tokens in one row, float32, CE + divergence, the recipe's defaults
-(``RECIPE_HEAD`` of ``loss_bench.py``), random hidden states and weights. Two runs:
+head runs it: ``chunk`` tokens in one row, CE + divergence, the recipe's defaults
+(``RECIPE_HEAD`` of ``loss_bench.py``), random hidden states and weights in ``--dtype``
+(``bfloat16``: the projections, and so the logits read and the gradient written, in bf16, as on
+a GPU; the element-wise work in float32). Two runs:
 
 - compiled (``compile_chunks=True``, the recipe's ``compile: true``): whatever ``fused_head``
   hands to ``torch.compile`` (today the chunk's element-wise function: CE, the divergence's value
@@ -27,7 +29,7 @@ head runs it: ``chunk`` tokens in one row, float32, CE + divergence, the recipe'
 
 Bytes are given in passes: units of one ``[chunk, V]`` float32 buffer. ``min passes`` is what
 any implementation must move: the student's and the teacher's chunk logits read once and the
-logits' gradient written once, 3 (2 for the CE alone). On a GPU, the element-wise time of a
+logits' gradient written once, 3 (2 for the CE alone); half that in bf16. On a GPU, the element-wise time of a
 chunk is about ``passes * chunk * V * 4 bytes / memory bandwidth`` (4.8 TB/s on an H200:
 1024 x 256000 x 4 bytes is 0.2 ms a pass), beside its three or four ``[chunk, V, D]`` matmuls.
 """
@@ -59,14 +61,15 @@ MIN_PASSES = {"ce": 2}
 MIN_PASSES_WITH_TEACHER = 3
 
 
-def head_inputs(chunk: int, vocab: int, hidden: int, seed: int = 0):
+def head_inputs(chunk: int, vocab: int, hidden: int, seed: int = 0,
+                dtype: torch.dtype = torch.float32):
     """One row of ``chunk`` tokens (its first 5% ignored, as loss_bench's rows): student hidden
     states and weight (requiring grad), teacher hidden states and weight, labels."""
     gen = torch.Generator().manual_seed(seed)
-    h_s = torch.randn(1, chunk, hidden, generator=gen).requires_grad_(True)
-    w_s = (torch.randn(vocab, hidden, generator=gen) * hidden**-0.5).requires_grad_(True)
-    h_t = torch.randn(1, chunk, hidden, generator=gen) * 1.5
-    w_t = torch.randn(vocab, hidden, generator=gen) * hidden**-0.5
+    h_s = torch.randn(1, chunk, hidden, generator=gen).to(dtype).requires_grad_(True)
+    w_s = (torch.randn(vocab, hidden, generator=gen) * hidden**-0.5).to(dtype).requires_grad_(True)
+    h_t = (torch.randn(1, chunk, hidden, generator=gen) * 1.5).to(dtype)
+    w_t = (torch.randn(vocab, hidden, generator=gen) * hidden**-0.5).to(dtype)
     labels = torch.randint(0, vocab, (1, chunk), generator=gen)
     labels[:, : chunk // 20] = -100
     return h_s, w_s, h_t, w_t, labels
@@ -204,11 +207,12 @@ def eager_counts(name: str, inputs) -> dict:
             "op_list": counter.ops}
 
 
-def measure(names: list[str], chunk: int, vocab: int, hidden: int) -> list[dict]:
+def measure(names: list[str], chunk: int, vocab: int, hidden: int,
+            dtype: torch.dtype = torch.float32) -> list[dict]:
     rows = []
     buffer = chunk * vocab * 4  # one [chunk, V] float32 buffer
     for name in names:
-        inputs = head_inputs(chunk, vocab, hidden)
+        inputs = head_inputs(chunk, vocab, hidden, dtype=dtype)
         with marking_compiled_functions():
             compiled = compiled_counts(name, inputs)
             eager = eager_counts(name, inputs)
@@ -219,13 +223,15 @@ def measure(names: list[str], chunk: int, vocab: int, hidden: int) -> list[dict]
                 f"was made before this measurement (run it in a fresh process)")
         rows.append({
             "divergence": name, "chunk": chunk, "vocab": vocab, "hidden": hidden,
+            "dtype": str(dtype).removeprefix("torch."),
             "compiled": {**compiled, "passes": compiled["bytes"] / buffer,
                          "loop_passes": compiled["loop_bytes"] / buffer},
             "eager": {**eager, **{f"{k}passes": eager[f"{k}bytes"] / buffer
                                   for k in ("", "compiled_fn_", "outside_")}},
             # the recipe's compiled head: inductor's loops, and the eager ops around them
             "compiled_head_passes": (compiled["loop_bytes"] + eager["outside_bytes"]) / buffer,
-            "min_passes": MIN_PASSES.get(name, MIN_PASSES_WITH_TEACHER),
+            "min_passes": MIN_PASSES.get(name, MIN_PASSES_WITH_TEACHER)
+            * torch.finfo(dtype).bits / 32,
         })
     return rows
 
@@ -235,13 +241,16 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--divergences", nargs="+", default=["tad", "forward_kl", "ce"],
                         choices=[*DIVERGENCES, "ce"])
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    rows = measure(args.divergences, args.chunk, args.vocab, args.hidden)
+    rows = measure(args.divergences, args.chunk, args.vocab, args.hidden,
+                   getattr(torch, args.dtype))
     print(f"one chunk of the recipe's fused head, CE + divergence, ({args.chunk}, {args.vocab}) "
-          f"float32, torch {torch.__version__}, CPU; passes: [chunk, V] float32 buffers moved")
+          f"{args.dtype}, torch {torch.__version__}, CPU; passes: [chunk, V] float32 buffers "
+          "moved")
     print("| divergence | compiled function: inductor kernels (external) | loops over V | "
           "passes | loop passes | eager ops around it | their passes | compiled head, passes "
           "(loops + around) | eager head: ops | passes | min passes |")
@@ -251,7 +260,7 @@ def main() -> int:
         print(f"| {r['divergence']} | {c['kernels']} ({c['external']}) | {c['loops']} | "
               f"{c['passes']:.1f} | {c['loop_passes']:.1f} | {e['outside_ops']} | "
               f"{e['outside_passes']:.1f} | {r['compiled_head_passes']:.1f} | {e['ops']} | "
-              f"{e['passes']:.1f} | {r['min_passes']} |")
+              f"{e['passes']:.1f} | {r['min_passes']:g} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1) + "\n")

@@ -147,15 +147,16 @@ def top_k_extras(divergence, tops: Sequence[TopK], valid: Tensor, lead: tuple[in
 
 
 def teacher_pass(
-    divergence, teacher_chunk: Callable[[int, slice], Tensor], slices: Sequence[slice],
+    divergence, chunk_top: Callable[[int, slice], TopK], slices: Sequence[slice],
     valid: Tensor, lead: tuple[int, int], groups: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """The first, teacher-only pass of a divergence with a ``top_k`` (none otherwise).
 
     Args:
         divergence: the ``Divergence``.
-        teacher_chunk: ``(i, slice) -> [n, V]`` scaled teacher logits of chunk ``i`` (as
-            ``scaled_chunk`` gives), from materialised logits or from projections.
+        chunk_top: ``(i, slice) -> TopK``, the teacher's top-K split of chunk ``i``
+            (``terms.teacher_top_k`` of its scaled logits, as ``scaled_chunk`` gives them), from
+            materialised logits or from projections.
         slices: the chunks (``chunk_slices``) of the ``N = rows * T`` tokens.
         valid, lead, groups: as ``top_k_extras``.
 
@@ -165,8 +166,7 @@ def teacher_pass(
     if divergence.top_k is None:
         return ()
     with torch.no_grad():
-        tops = [teacher_top_k(teacher_chunk(i, sl), divergence.top_k)
-                for i, sl in enumerate(slices)]
+        tops = [chunk_top(i, sl) for i, sl in enumerate(slices)]
         return top_k_extras(divergence, tops, valid, lead, groups)
 
 
@@ -179,10 +179,11 @@ def logits_teacher_pass(divergence, teacher_logits: Tensor, labels: Tensor,
     t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
     valid = (labels != divergence.ignore_index).reshape(-1)
 
-    def chunk(_: int, sl: slice) -> Tensor:
-        return scaled_chunk(t[sl], valid[sl].unsqueeze(-1), divergence.temperature, detach=True)
+    def chunk_top(_: int, sl: slice) -> TopK:
+        return teacher_top_k(scaled_chunk(t[sl], valid[sl].unsqueeze(-1), divergence.temperature,
+                                          detach=True), divergence.top_k)
 
-    return teacher_pass(divergence, chunk, chunk_slices(valid.shape[0], chunk_size), valid,
+    return teacher_pass(divergence, chunk_top, chunk_slices(valid.shape[0], chunk_size), valid,
                         row_layout(labels), None if document_ids is None else document_ids.reshape(-1))
 
 

@@ -27,13 +27,17 @@ second pass sees bit-identical values) and the rest are recomputed. A segment ho
 as the cache can hold entirely (at least one row), so a budget of one row's teacher logits
 removes every recomputation.
 
-``compile_chunks=True`` runs each chunk's element-wise work through ``torch.compile`` (inductor
-fuses its dozen passes over ``[chunk, V]`` into a few loops); the projections and the loop stay
-eager.
+``compile_chunks=True`` runs each chunk's element-wise work through ``torch.compile``: the
+teacher pass's split of a chunk (``_teacher_split``) and the chunk's terms and gradient
+(``_head_chunk``), from the raw projections. The closed forms' traced branches (``terms.in_ids``,
+``terms.add_at_``, TAD's ``_tad_chunk_grad_traced``) leave inductor no scatter and no ``[n, V]``
+intermediate, so a chunk of CE + TAD is about 11 passes over ``[chunk, V]`` instead of 48
+(``docs/design.md``, "The fused head on a GPU"); the projections and the loop stay eager.
 """
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -42,6 +46,7 @@ from tad_torchtune.checks import check_int, check_non_negative
 from tad_torchtune.common import IGNORE_INDEX, compute_dtype, full_tensor
 from tad_torchtune.losses.base import Divergence
 from tad_torchtune.losses.cached import CacheEntries
+from tad_torchtune.losses.terms import TopK, add_at_, teacher_top_k
 from tad_torchtune.losses.engine import (
     DivergenceOutput,
     chunk_slices,
@@ -88,7 +93,8 @@ class _Plan:
 
 def _capped(z: Tensor, cap: float | None, dtype: torch.dtype, keep: bool = False) -> Tensor:
     """Projection output ``z`` in ``dtype``, soft-capped (``cap * tanh(z / cap)``) unless None;
-    in place where ``z`` is already in ``dtype``, unless ``keep`` (a cached projection)."""
+    in place where ``z`` is already in ``dtype``, unless ``keep`` (a cached projection, or an
+    input of a compiled function: inductor would write it back)."""
     x = z.to(dtype)
     if cap is None:
         return x
@@ -122,22 +128,59 @@ def _autograd_chunk_grad(fn):
     return chunk_grad
 
 
+def _teacher_split(z: Tensor, rows: Tensor, ignored: bool, tau: float, cap: float | None,
+                   dtype: torch.dtype, k: int, keep: bool) -> TopK:
+    """The teacher pass's work on one chunk's projection ``z`` (``keep``: ``z`` is read again,
+    a cached projection, or is an input of a compiled function): soft-cap, mask, scale,
+    ``teacher_top_k``."""
+    t = _capped(z, cap, dtype, keep=keep)
+    return teacher_top_k(_masked_scaled(t, rows, ignored, tau, keep=keep and t is z), k)
+
+
+class _ChunkSettings(NamedTuple):
+    """What ``_head_chunk`` does with a chunk, the same for every chunk of a call (a tuple of
+    constants to ``torch.compile``, which guards on their values)."""
+
+    folds_ce: bool  # div_grad is a closed form taking ce_weight, and the temperature is 1
+    compute_ce: bool
+    ce_weight: float
+    kd_weight: float
+    tau: float
+    cap: float | None
+    teacher_cap: float | None
+    dtype: torch.dtype  # the element-wise work's (float32, float64 for float64 inputs)
+    stat_names: tuple[str, ...]
+    grad_dtype: torch.dtype  # the gradient's, as the gradient products take it
+    bias_grad: bool
+
+
 def _head_chunk(z: Tensor, t: Tensor | None, y: Tensor, rows: Tensor, extras: tuple,
-                div_grad, folds_ce: bool, ignored: bool, compute_ce: bool, ce_weight: float,
-                kd_weight: float, tau: float, cap: float | None):
+                div_grad, ignored: bool, settings: _ChunkSettings):
     """One chunk of the fused head, after the projections.
 
-    ``z`` ``[n, V]``: the student's soft-capped float32 logits (its own buffer: consumed). ``t``:
-    the teacher's chunk as the divergence sees it (scratch), or None without a divergence or
-    from a teacher cache (whose entries are among the ``extras``). ``folds_ce``: ``div_grad``
-    is a closed form that takes ``ce_weight`` (``Divergence.chunk_grad_fn``) and the
-    temperature is 1, so it computes the CE term too.
+    ``z`` ``[n, V]``: the student's projection (its own buffer: consumed). ``t``: the teacher's
+    (scratch), or None without a divergence or from a teacher cache (whose entries are among
+    the ``extras``). Both are soft-capped in ``settings.dtype`` here, the teacher's masked and
+    scaled as the divergence sees it. With ``settings.folds_ce``, ``div_grad`` (the divergence's
+    ``chunk_grad_fn``) computes the CE term too.
+
+    Under ``torch.compile`` the in-place steps act on copies of the inputs, which inductor does
+    not make: it fuses them into its loops, and writes no input back.
 
     Returns:
-        ``(ce [n] | None, kd [n] | None, stats, grad [n, V])``, ``grad`` the gradient of
-        ``ce_weight * CE + kd_weight * KD`` w.r.t. the logits BEFORE the soft-cap, 0 on ignored
-        rows.
+        ``(sums, grad, bias_grad)``: ``sums`` ``[2 + len(stat_names)]``, the chunk's sums over
+        valid rows of the CE, the divergence and its diagnostics (0 for a term not computed);
+        ``grad`` ``[n, V]`` in ``grad_dtype``, the gradient of ``ce_weight * CE + kd_weight *
+        KD`` w.r.t. the logits BEFORE the soft-cap, 0 on ignored rows; ``bias_grad`` ``[V]``,
+        its sum over the rows in ``dtype`` (None unless ``settings.bias_grad``).
     """
+    (folds_ce, compute_ce, ce_weight, kd_weight, tau, cap, teacher_cap, dtype, names,
+     grad_dtype, bias_grad) = settings
+    if torch.compiler.is_compiling():
+        z, t = z.clone(), None if t is None else t.clone()
+    z = _capped(z, cap, dtype)
+    if t is not None:
+        t = _masked_scaled(_capped(t, teacher_cap, dtype), rows, ignored, tau, keep=False)
     if ignored:
         z = z.masked_fill_(~rows, 0.0)
     want_ce = compute_ce or bool(ce_weight)
@@ -165,7 +208,7 @@ def _head_chunk(z: Tensor, t: Tensor | None, y: Tensor, rows: Tensor, extras: tu
             q = (s.mul(tau) if tau != 1.0 else s.clone()).sub_(lse.unsqueeze(-1)).exp_()
             grad = q.mul_(ce_weight) if grad is None else grad.add_(q, alpha=ce_weight)
             del q
-            grad.scatter_add_(-1, y.unsqueeze(-1), grad.new_full((y.shape[0], 1), -ce_weight))
+            grad = add_at_(grad, y, -ce_weight)
     if grad is None:  # nothing is differentiated (both weights 0)
         grad = torch.zeros_like(z)
     if ignored:
@@ -173,7 +216,11 @@ def _head_chunk(z: Tensor, t: Tensor | None, y: Tensor, rows: Tensor, extras: tu
     if cap is not None:
         # d(cap tanh(x / cap))/dx = 1 - tanh^2 = 1 - (z / cap)^2, built in s's buffer (z = s tau)
         grad = grad.mul_(s.mul_(tau / cap).square_().neg_().add_(1.0))
-    return ce, kd, stats, grad
+    zero = torch.zeros(rows.shape[0], dtype=dtype, device=rows.device)
+    per_token = torch.stack([zero if v is None else v.to(dtype)
+                             for v in (ce, kd, *(stats[k] for k in names))], dim=-1)
+    sums = torch.where(rows, per_token, 0.0).sum(0)  # one reduction
+    return sums, grad.to(grad_dtype), grad.sum(0) if bias_grad else None
 
 
 _COMPILED: dict = {}
@@ -217,7 +264,9 @@ class _ProjectedTeacher:
         self.cache = {}
         budget = self.plan.cache_bytes
 
-        def chunk(i: int, sl: slice) -> Tensor:
+        split = _compiled(_teacher_split) if self.plan.compile_chunks else _teacher_split
+
+        def chunk_top(i: int, sl: slice) -> TopK:
             nonlocal budget
             z = _project(self.h[seg][sl], self.w, self.b)
             size = z.numel() * z.element_size()
@@ -225,21 +274,18 @@ class _ProjectedTeacher:
             if keep:
                 self.cache[i] = z
                 budget -= size
-            t = _capped(z, self.plan.teacher_softcap, self.dtype, keep=keep)
-            return _masked_scaled(t, valid[sl].unsqueeze(-1), flags[i], self.tau,
-                                  keep=keep and t is z)
+            return split(z, valid[sl].unsqueeze(-1), flags[i], self.tau,
+                         self.plan.teacher_softcap, self.dtype, self.plan.divergence.top_k,
+                         keep or self.plan.compile_chunks)
 
         rows = (seg.stop - seg.start) // self.plan.lead[1]
-        return teacher_pass(self.plan.divergence, chunk, slices, valid, (rows, self.plan.lead[1]),
-                            groups)
+        return teacher_pass(self.plan.divergence, chunk_top, slices, valid,
+                            (rows, self.plan.lead[1]), groups)
 
     def chunk(self, i: int, sl: slice, rows: Tensor, ignored: bool) -> Tensor:
-        """The teacher chunk ``i`` of the current segment, scaled and masked, as scratch."""
+        """The teacher's projection of chunk ``i`` of the current segment, as scratch."""
         z = self.cache.pop(i, None)
-        if z is None:
-            z = _project(self.h[sl], self.w, self.b)
-        return _masked_scaled(_capped(z, self.plan.teacher_softcap, self.dtype), rows, ignored,
-                              self.tau, keep=False)
+        return _project(self.h[sl], self.w, self.b) if z is None else z
 
 
 class _CachedTeacher:
@@ -334,6 +380,10 @@ class _FusedHead(torch.autograd.Function):
         names = sorted(div.stat_names) if div is not None else []
         sums = torch.zeros(2 + len(names), dtype=dtype, device=h_s.device)  # ce, kd, *stats
         tau = div.temperature if div is not None else 1.0
+        # the gradient in the matmuls' dtype (bf16 products, float32 accumulation, as Liger)
+        settings = _ChunkSettings(folds_ce, plan.compute_ce, plan.ce_weight, plan.kd_weight, tau,
+                                  plan.student_softcap, plan.teacher_softcap, dtype, tuple(names),
+                                  h_s.dtype, need_b)
         row_len = plan.lead[1]
         seg_rows = teacher.segment_rows() if teacher is not None else plan.lead[0]
         for seg_start in range(0, n, max(1, seg_rows * row_len)):
@@ -347,22 +397,16 @@ class _FusedHead(torch.autograd.Function):
             for i, (local, ignored) in enumerate(zip(slices, flags)):
                 sl = slice(seg.start + local.start, seg.start + local.stop)
                 rows = valid[sl].unsqueeze(-1)  # (n, 1)
-                z = _capped(_project(h_s[sl], w_s, b_s), plan.student_softcap, dtype)
+                z = _project(h_s[sl], w_s, b_s)
                 t = teacher.chunk(i, sl, rows, ignored) if div is not None else None
-                ce, kd, stats, grad = step(
-                    z, t, y[sl], rows, tuple(e[local] for e in extras), div_grad, folds_ce,
-                    ignored, plan.compute_ce, plan.ce_weight, plan.kd_weight, tau,
-                    plan.student_softcap)
+                part, grad, bias_part = step(z, t, y[sl], rows, tuple(e[local] for e in extras),
+                                             div_grad, ignored, settings)
                 del z, t
-                zero = sums.new_zeros(())
-                parts = [zero if v is None else torch.where(valid[sl], v, zero).sum()
-                         for v in (ce, kd, *(stats[k] for k in names))]
-                sums += torch.stack(parts)
+                sums += part
                 if need_b:
-                    grad_b += grad.sum(0)
+                    grad_b += bias_part
                 if not (need_h or need_w):
                     continue
-                grad = grad.to(h_s.dtype)  # bf16 matmuls, float32 accumulation (as Liger)
                 if need_h:
                     grad_h[sl] = grad @ w_s
                 if need_w:

@@ -4,7 +4,7 @@ import torch
 from torch import Tensor
 
 from tad_torchtune.losses.base import Divergence, TailWeight
-from tad_torchtune.losses.terms import masked_xlogy_sum, masked_xlogy_terms_
+from tad_torchtune.losses.terms import add_at_, masked_xlogy_sum, masked_xlogy_terms_
 
 
 def forward_kl_chunk(s: Tensor, t: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -39,8 +39,7 @@ def forward_kl_chunk_grad(
     y = labels.unsqueeze(-1)
     ce = -log_q.gather(-1, y).squeeze(-1)
     grad = log_q.exp_().mul_(1.0 + ce_weight).sub_(p)
-    grad.scatter_add_(-1, y, grad.new_full(y.shape, -ce_weight))
-    return per_token, {}, grad, ce
+    return per_token, {}, add_at_(grad, labels, -ce_weight), ce
 
 
 def reverse_kl_chunk_grad(
@@ -66,8 +65,7 @@ def reverse_kl_chunk_grad(
     grad = term.sub_(q.mul_(scale.unsqueeze(-1)))
     if ce_weight is None:
         return per_token, {}, grad
-    grad.scatter_add_(-1, y, grad.new_full(y.shape, -ce_weight))
-    return per_token, {}, grad, ce
+    return per_token, {}, add_at_(grad, labels, -ce_weight), ce
 
 
 class ForwardKLLoss(Divergence):

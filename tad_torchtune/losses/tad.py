@@ -11,7 +11,8 @@ from tad_torchtune.errors import ConfigError
 from tad_torchtune.losses.base import Divergence, DivergenceUse, TailWeight
 from tad_torchtune.losses.terms import (
     TopK,
-    lse_outside,
+    add_at_,
+    in_ids,
     masked_xlogy_sum,
     masked_xlogy_terms_,
     safe_finite,
@@ -102,6 +103,19 @@ def tad_chunk(
     return per_token, stats
 
 
+def _top_k_terms(s: Tensor, t: Tensor, topk_idx: Tensor, lse_t: Tensor, lse_t_tail: Tensor,
+                 lse_s_tail: Tensor) -> tuple[Tensor, ...]:
+    """What the closed forms derive from the ``[n, K]`` logits at the teacher's top-K ids, given
+    the student's tail log-sum-exp: ``(lse_s, log_p_top, log_q_top, log_alphaS, D_KL1)``."""
+    s_top = s.gather(-1, topk_idx)  # (n, K)
+    lse_s = torch.logaddexp(lse_s_tail, s_top.logsumexp(-1))
+    log_p_top = t.gather(-1, topk_idx) - lse_t.unsqueeze(-1)
+    log_q_top = s_top - lse_s.unsqueeze(-1)
+    log_alpha_s = lse_s_tail - lse_s
+    dkl1 = split_kl(log_p_top, log_q_top, lse_t_tail - lse_t, log_alpha_s, differentiable=False)
+    return lse_s, log_p_top, log_q_top, log_alpha_s, dkl1
+
+
 def tad_chunk_grad(
     s: Tensor,
     t: Tensor,
@@ -128,22 +142,22 @@ def tad_chunk_grad(
     ``t`` is scratch: it is overwritten (the fused path's teacher chunk is its own). Besides ``s``
     and ``t`` the chunk allocates two ``[n, V]`` float buffers, one of which becomes ``grad``.
 
+    Traced by ``torch.compile`` (the fused head's ``compile: true``) it is
+    ``_tad_chunk_grad_traced``: the same terms, written for inductor.
+
     Returns:
         ``(per_token [n], stats, grad [n, V])``, and ``ce [n]`` with ``ce_weight``.
     """
+    if torch.compiler.is_compiling():
+        return _tad_chunk_grad_traced(s, t, labels, topk_idx, lse_t, lse_t_tail, tail_weight,
+                                      abar, ce_weight=ce_weight)
     neg_inf = float("-inf")
     zero = s.new_zeros(())
-    s_top = s.gather(-1, topk_idx)  # (n, K)
-    log_p_top = t.gather(-1, topk_idx) - lse_t.unsqueeze(-1)
     log_qt = s.scatter(-1, topk_idx, neg_inf)  # (n, V), top-K ids at -inf
     lse_s_tail = log_qt.logsumexp(-1)
-    lse_s = torch.logaddexp(lse_s_tail, s_top.logsumexp(-1))
-
-    log_q_top = s_top - lse_s.unsqueeze(-1)
-    log_alpha_t = lse_t_tail - lse_t
-    log_alpha_s = lse_s_tail - lse_s
-    alpha_t = log_alpha_t.exp()
-    dkl1 = split_kl(log_p_top, log_q_top, log_alpha_t, log_alpha_s, differentiable=False)
+    lse_s, log_p_top, log_q_top, log_alpha_s, dkl1 = _top_k_terms(
+        s, t, topk_idx, lse_t, lse_t_tail, lse_s_tail)
+    alpha_t = (lse_t_tail - lse_t).exp()
 
     # D_KL2 = sum_tail pt (log pt - log qt); 0 where the teacher has no tail mass.
     has_tail = torch.isfinite(lse_t_tail)
@@ -163,6 +177,60 @@ def tad_chunk_grad(
     y = labels.unsqueeze(-1)
     grad.scatter_add_(-1, y, grad.new_full(y.shape, -ce_weight))
     return per_token, stats, grad, lse_s - s.gather(-1, y).squeeze(-1)
+
+
+def _tad_chunk_grad_traced(
+    s: Tensor,
+    t: Tensor,
+    labels: Tensor,
+    topk_idx: Tensor,
+    lse_t: Tensor,
+    lse_t_tail: Tensor,
+    tail_weight: Tensor,
+    abar: Tensor,
+    *,
+    ce_weight: float | None = None,
+) -> tuple[Tensor, ...]:
+    """``tad_chunk_grad`` for ``torch.compile``: reductions over ``s`` and ``t`` and ONE
+    element-wise gradient, with no ``[n, V]`` intermediate and no scatter (``docs/design.md``,
+    "The fused head on a GPU").
+
+    The top-K set is a comparison with the column index (``in_ids``), fused into the loops. The
+    student's tail log-sum-exp and ``sum_tail pt (t - s)`` are reductions of the same loops over
+    the row (``lse_t_tail`` is known from the teacher pass), and ``D_KL2 = sum pt (log pt -
+    log qt)`` follows from them: ``sum_tail pt (t - s) + (LSE_S_tail - LSE_T_tail) sum_tail
+    pt``. The gradient is one element-wise expression of ``s``, ``t`` and per-row scalars:
+    ``(1 + c) q - p`` on the top-K, ``coef qt - w pt`` on the tail, ``-c`` at the label. Inductor
+    so makes about two reading loops and one writing loop over the row, where the eager
+    function's in-place steps become a dozen.
+    """
+    zero = s.new_zeros(())
+    in_top = in_ids(topk_idx, s.shape[-1])
+    lse_s_tail = s.masked_fill(in_top, float("-inf")).logsumexp(-1)
+    lse_s, _, _, log_alpha_s, dkl1 = _top_k_terms(s, t, topk_idx, lse_t, lse_t_tail, lse_s_tail)
+    alpha_t = (lse_t_tail - lse_t).exp()
+
+    has_tail = torch.isfinite(lse_t_tail)
+    shift_t, shift_s = safe_finite(lse_t_tail).unsqueeze(-1), safe_finite(lse_s_tail)
+    pt = torch.where(in_top, zero, (t - shift_t).exp())  # (n, V) as an expression only
+    # sum pt (log pt - log qt), log pt - log qt = (t - s) - shift_t + shift_s; 0 where pt is 0
+    pt_sum = pt.sum(-1)
+    cross = torch.where(pt > 0, pt * (t - s), zero).sum(-1)
+    dkl2 = cross + (shift_s - shift_t.squeeze(-1)) * pt_sum
+    dkl2 = torch.where(has_tail, dkl2, zero)
+    w = torch.where(tail_weight > 0, tail_weight, zero)
+    per_token = dkl1 + torch.where(w > 0, w * dkl2, zero)
+    stats = {"dkl1": dkl1, "dkl2": dkl2, "tail_mass": alpha_t, "abar": abar}
+
+    c = 0.0 if ce_weight is None else ce_weight
+    coef = (log_alpha_s.exp() * (1.0 + c) - alpha_t + w).unsqueeze(-1)
+    top = (s - lse_s.unsqueeze(-1)).exp() * (1.0 + c) - (t - lse_t.unsqueeze(-1)).exp()
+    tail = coef * (s - shift_s.unsqueeze(-1)).exp() - w.unsqueeze(-1) * pt
+    grad = torch.where(in_top, top, tail)
+    if ce_weight is None:
+        return per_token, stats, grad
+    return (per_token, stats, add_at_(grad, labels, -ce_weight),
+            lse_s - s.gather(-1, labels.unsqueeze(-1)).squeeze(-1))
 
 
 class TADLoss(Divergence):

@@ -11,7 +11,11 @@ divergences").
 - ``masked_xlogy_*``: ``sum p * log_ratio`` where ``p = 0`` terms are 0, also when
   ``log_ratio`` is ``-inf - -inf`` (an id masked in both models);
 - ``log1mexp`` and ``safe_finite``: the log of a complement, and a log-normaliser that may be
-  ``-inf``.
+  ``-inf``;
+- ``in_ids`` and ``add_at_``: a row's set of ids as a ``[n, V]`` mask, and a value added at one
+  id per row, each as a scatter when run eagerly and as a comparison with the column index when
+  ``torch.compile`` traces it (inductor then fuses it into the loops that read it: no ``[n, V]``
+  buffer, no scatter kernel).
 
 Everything is float32 (float64 stays float64) and in log space: a mass is the exponential of a
 difference of log-sum-exps, never ``1 - sum(...)``.
@@ -23,6 +27,10 @@ import torch
 from torch import Tensor
 
 
+
+#: ``in_ids`` under ``torch.compile``: up to this many ids as an OR of comparisons, more as a
+#: reduction over a ``[n, K, V]`` comparison
+IN_IDS_UNROLLED = 64
 
 #: ``top_k`` works by blocks of this many ids (a row's block maxima, then the best blocks)
 TOP_K_BLOCK = 64
@@ -70,6 +78,36 @@ class TopK(NamedTuple):
     lse_tail: Tensor
 
 
+def in_ids(ids: Tensor, vocab: int) -> Tensor:
+    """``[n, vocab]`` bool: whether a column is one of its row's ``ids`` (``[n, K]``).
+
+    Eagerly a scatter into a new mask. Traced by ``torch.compile``, the OR of K comparisons of
+    the column index with the row's ids: an element-wise expression inductor computes inside the
+    loops that read it, so the compiled chunk functions never write a ``[n, V]`` mask (or a
+    scatter's copy of a ``[n, V]`` buffer)."""
+    if not torch.compiler.is_compiling():
+        mask = torch.zeros(ids.shape[0], vocab, dtype=torch.bool, device=ids.device)
+        return mask.scatter_(-1, ids, True)
+    col = torch.arange(vocab, device=ids.device)
+    if ids.shape[-1] > IN_IDS_UNROLLED:
+        return (col == ids.unsqueeze(-1)).any(-2)
+    mask = col == ids[:, :1]
+    for j in range(1, ids.shape[-1]):
+        mask = mask | (col == ids[:, j : j + 1])
+    return mask
+
+
+def add_at_(x: Tensor, ids: Tensor, value: float) -> Tensor:
+    """``x[i, ids[i]] += value`` for ``x [n, V]`` and ``ids [n]`` (the label's ``-c`` of a CE
+    folded into a gradient): in place eagerly, as an element-wise sum under ``torch.compile``
+    (``in_ids``'s reason)."""
+    if not torch.compiler.is_compiling():
+        y = ids.unsqueeze(-1)
+        return x.scatter_add_(-1, y, x.new_full(y.shape, value))
+    col = torch.arange(x.shape[-1], device=x.device)
+    return x + torch.where(col == ids.unsqueeze(-1), x.new_full((), value), x.new_zeros(()))
+
+
 def safe_finite(x: Tensor) -> Tensor:
     """``x`` where finite, 0 elsewhere: used to subtract a log-normaliser that may be ``-inf``."""
     return torch.where(torch.isfinite(x), x, x.new_zeros(()))
@@ -84,8 +122,11 @@ def lse_outside(x: Tensor, ids: Tensor, *, outside_max: Tensor | None = None) ->
     does not backpropagate through it.
     """
     if outside_max is None:
-        return x.scatter(-1, ids, float("-inf")).logsumexp(-1)
+        return x.masked_fill(in_ids(ids, x.shape[-1]), float("-inf")).logsumexp(-1)
     shift = safe_finite(outside_max)
+    if torch.compiler.is_compiling():
+        e = (x - shift.unsqueeze(-1)).exp().masked_fill(in_ids(ids, x.shape[-1]), 0.0)
+        return e.sum(-1).log() + shift
     e = torch.sub(x, shift.unsqueeze(-1)).exp_().scatter_(-1, ids, 0.0)
     return e.sum(-1).log_().add_(shift)
 

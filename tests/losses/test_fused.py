@@ -134,16 +134,23 @@ def test_bf16_weight_grad_summed_in_bf16(name):
     assert err32 < err16
 
 
-@pytest.mark.parametrize("chunk", [16, 1])  # 1: the weight gradient by vocabulary blocks of 5
-@pytest.mark.parametrize("name", sorted(DIVERGENCES))
-def test_bf16_inputs_against_float64(name, chunk):
+BF16_CASES = [(name, chunk, False) for name in sorted(DIVERGENCES) for chunk in (16, 1)] + [
+    pytest.param("tad", 16, True, marks=pytest.mark.slow),
+    pytest.param("forward_kl", 16, True, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("name,chunk,compile_chunks", BF16_CASES)
+def test_bf16_inputs_against_float64(name, chunk, compile_chunks):
     """bf16 hidden states and weights: the logits are bf16 matmul outputs (as the model's), the
     math float32, the weight gradient accumulated in float32 over chunks. Reference: float64 math
     on the SAME bf16 logits, chained to the hidden states and weight in float64. The gradients
-    come back in bf16 (relative rounding 2**-8) after per-chunk bf16 matmuls."""
+    come back in bf16 (relative rounding 2**-8) after per-chunk bf16 matmuls (chunk 1: the
+    weight gradient by vocabulary blocks of 5). Compiled: inductor reads the bf16 projections
+    and writes the bf16 gradient itself."""
+    torch._dynamo.reset()
     div = DIVERGENCES[name]()
     case = make_case(6, torch.bfloat16)
-    out, g_h, g_w = fused(div, *case, chunk_size=chunk)
+    out, g_h, g_w = fused(div, *case, chunk_size=chunk, compile_chunks=compile_chunks)
     ref, r_h, r_w = bf16_reference(div, *case)
     assert out.total.dtype == torch.float32 and g_h.dtype == g_w.dtype == torch.bfloat16
     torch.testing.assert_close(out.total.double(), ref.total, atol=0, rtol=1e-5)
@@ -226,7 +233,22 @@ def chunk_inputs(kind, seed=9, n=29, v=V):
         s, t = s * 1e3, t * 1e3
     elif kind == "one_hot_teacher":
         t = torch.full_like(t, -1e4).scatter_(-1, y.unsqueeze(-1), 0.0)
+    elif kind == "ties":  # on a coarse grid, as bf16 logits are: ties at every top-K boundary
+        s, t = (s * 2).round() / 2, (t * 2).round() / 2
     return s, t, y
+
+
+KINDS = ["plain", "masked_vocab", "huge", "one_hot_teacher", "ties"]
+
+
+def grad_fn(div, mode):
+    """The divergence's ``chunk_grad_fn`` as run eagerly, or as ``torch.compile`` traces it
+    (the branches ``is_compiling()`` selects; AOTAutograd's graph run without code generation:
+    inductor's own output is compared in ``test_compile_chunks_*``)."""
+    if mode == "eager":
+        return div.chunk_grad_fn
+    torch._dynamo.reset()
+    return torch.compile(div.chunk_grad_fn, backend="aot_eager", fullgraph=True, dynamic=False)
 
 
 def chunk_extras(div, t, y):
@@ -238,9 +260,10 @@ def chunk_extras(div, t, y):
     return top_k_extras(div, [teacher_top_k(t, div.top_k)], valid, (1, len(y)))
 
 
-@pytest.mark.parametrize("kind", ["plain", "masked_vocab", "huge", "one_hot_teacher"])
+@pytest.mark.parametrize("mode", ["eager", "traced"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
-def test_chunk_grad_fn_equals_autograd(name, kind):
+def test_chunk_grad_fn_equals_autograd(name, kind, mode):
     div = DIVERGENCES[name]()
     s, t, y = chunk_inputs(kind)
     extras = chunk_extras(div, t, y)
@@ -248,7 +271,7 @@ def test_chunk_grad_fn_equals_autograd(name, kind):
     value, stats = div.chunk_fn(s_, t, y, *extras)
     (grad,) = torch.autograd.grad(value.sum(), s_)
     s_before = s.clone()
-    value2, stats2, grad2 = div.chunk_grad_fn(s, t, y, *extras)
+    value2, stats2, grad2 = grad_fn(div, mode)(s, t, y, *extras)
     assert torch.equal(s, s_before)  # s is read only (t is scratch, TAD writes to it)
     torch.testing.assert_close(value2, value.detach(), atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(grad2, grad, atol=1e-10, rtol=1e-8)
@@ -256,9 +279,40 @@ def test_chunk_grad_fn_equals_autograd(name, kind):
         torch.testing.assert_close(stats2[k], stats[k].detach(), atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("kind", ["plain", "masked_vocab", "huge", "one_hot_teacher"])
+@pytest.mark.parametrize("name", ["tad", "forward_kl", "reverse_kl"])
+def test_traced_chunk_grads_scatter_nothing(name):
+    """What ``torch.compile`` traces of the closed forms holds no scatter (each would be a kernel
+    of its own and a copy of a ``[n, V]`` buffer: ``docs/design.md``, "The fused head on a
+    GPU"); the eager functions do scatter, so the check sees the traced branch."""
+    div = DIVERGENCES[name]()
+    s, t, y = chunk_inputs("plain")
+    extras = chunk_extras(div, t, y)
+    seen = []
+
+    def recording(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(div.chunk_grad_fn, backend=recording, fullgraph=True)(s, t, y, *extras,
+                                                                        ce_weight=0.5)
+    assert seen and not [op for op in seen if "scatter" in op], seen
+    eager = []
+
+    class Recording(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            eager.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    with Recording():
+        div.chunk_grad_fn(s, t.clone(), y, *extras, ce_weight=0.5)
+    assert [op for op in eager if "scatter" in op], eager
+
+
+@pytest.mark.parametrize("mode", ["eager", "traced"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", sorted(n for n, d in DIVERGENCES.items() if d().chunk_grad_fn))
-def test_chunk_grad_fn_with_the_cross_entropy_folded_in(name, kind):
+def test_chunk_grad_fn_with_the_cross_entropy_folded_in(name, kind, mode):
     """``chunk_grad_fn(..., ce_weight=c)``: the divergence's value, the per-token CE and the
     gradient of ``divergence + c * CE``, against autograd of ``chunk_fn`` plus torch's CE."""
     div = DIVERGENCES[name]()
@@ -269,7 +323,7 @@ def test_chunk_grad_fn_with_the_cross_entropy_folded_in(name, kind):
     value, _ = div.chunk_fn(s_, t, y, *extras)
     ce = torch.nn.functional.cross_entropy(s_, y, reduction="none")
     (grad,) = torch.autograd.grad((value + c * ce).sum(), s_)
-    value2, _, grad2, ce2 = div.chunk_grad_fn(s, t.clone(), y, *extras, ce_weight=c)
+    value2, _, grad2, ce2 = grad_fn(div, mode)(s, t.clone(), y, *extras, ce_weight=c)
     torch.testing.assert_close(value2, value.detach(), atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(ce2, ce.detach(), atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(grad2, grad, atol=1e-10, rtol=1e-8)
@@ -487,6 +541,25 @@ def test_compile_chunks_matches_unfused(name):
     assert counters["stats"]["unique_graphs"] >= 1  # the chunk function did go through dynamo
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name,weights,temperature,caps,cache_mib", [
+    ("tad", (0.7, 1.3), 1.0, (None, None), 0),      # the CE folded into TAD's closed form
+    ("tad", (0.7, 1.3), 2.0, (3.0, 5.0), 128),      # CE apart; kept teacher projections
+])
+def test_compiled_head_matches_unfused(name, weights, temperature, caps, cache_mib):
+    """The recipe's compiled head (CE + divergence, ignored rows, soft-caps, temperature)
+    through inductor: what inductor generates from the traced branches equals CE + divergence
+    on materialised logits."""
+    torch._dynamo.reset()
+    div = DIVERGENCES[name](temperature=temperature)
+    case = make_case(15)
+    out, gh, gw = head(div, *case, ce_weight=weights[0], kd_weight=weights[1], chunk_size=64,
+                       student_softcap=caps[0], teacher_softcap=caps[1],
+                       teacher_cache_mib=cache_mib, compile_chunks=True)
+    ref = unfused_head(div, *case, *weights, s_cap=caps[0], t_cap=caps[1])
+    assert_head_equals(out, gh, gw, ref, torch.float32)
+
+
 # ----------------------------------------------------------------------------- FSDP2
 
 
@@ -566,10 +639,13 @@ def test_fused_tad_per_document_equals_unfused():
         assert_same(out, (ref, h_s.grad, w_s.grad), torch.float32)
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_output_biases_on_the_fused_path(name):
+@pytest.mark.parametrize("name,compile_chunks", [(name, False) for name in sorted(REGISTRY)]
+                         + [pytest.param("tad", True, marks=pytest.mark.slow)])
+def test_output_biases_on_the_fused_path(name, compile_chunks):
     """An output projection with a bias (Phi-2's): the fused head adds both biases and returns
-    the student bias's gradient, as autograd through the materialised logits does."""
+    the student bias's gradient, as autograd through the materialised logits does (compiled:
+    the bias's gradient summed inside inductor's function)."""
+    torch._dynamo.reset()
     div = REGISTRY[name]()
     h_s, w_s, h_t, w_t, labels = make_case(31, torch.float64)
     g = torch.Generator().manual_seed(3)
@@ -582,7 +658,7 @@ def test_output_biases_on_the_fused_path(name):
     hf, wf, bf = (x.detach().clone().requires_grad_(True) for x in (h_s, w_s, b_s))
     out = fused_head(hf, wf, labels, divergence=div, teacher_hidden=h_t, teacher_weight=w_t,
                      student_bias=bf, teacher_bias=b_t, ce_weight=0.4, kd_weight=1.5,
-                     chunk_size=13)
+                     chunk_size=13, compile_chunks=compile_chunks)
     out.objective.backward()
     torch.testing.assert_close(out.kd.total, kd.total.detach(), atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(out.ce, ce.detach(), atol=1e-10, rtol=1e-10)

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from tad_torchtune.losses.terms import (
+    IN_IDS_UNROLLED,
     TOP_K_BLOCK,
+    add_at_,
+    in_ids,
     log1mexp,
     lse_outside,
     split_kl,
@@ -112,3 +115,57 @@ def test_log1mexp():
     far = torch.tensor([-40.0, -50.0, -700.0], dtype=torch.float64)
     torch.testing.assert_close(log1mexp(far), -far.exp(), rtol=1e-12, atol=0)
     assert (log1mexp(torch.tensor([0.0, 1e-3])) == float("-inf")).all()
+
+
+# ------------------------------------------------ traced by torch.compile: comparisons, no scatter
+
+
+def traced(fn):
+    """``fn`` through Dynamo and AOTAutograd without code generation: the branch that
+    ``torch.compiler.is_compiling()`` selects, run as the same aten graph inductor receives."""
+    torch._dynamo.reset()
+    return torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False)
+
+
+@pytest.mark.parametrize("k", [1, 10, IN_IDS_UNROLLED + 3])
+def test_in_ids_and_add_at_traced_equal_the_scatters(k):
+    gen = torch.Generator().manual_seed(k)
+    ids = torch.randint(0, 300, (7, k), generator=gen)
+    ids[0, -1] = ids[0, 0]  # a repeated id
+    x = torch.randn(7, 300, generator=gen, dtype=torch.float64)
+    y = ids[:, 0]
+
+    def both(ids, x, y):
+        return in_ids(ids, x.shape[-1]), add_at_(x.clone(), y, -0.7)
+
+    mask, added = both(ids, x, y)
+    naive = torch.zeros(7, 300, dtype=torch.bool)
+    for r in range(7):
+        naive[r, ids[r]] = True
+    assert torch.equal(mask, naive)
+    expected = x.clone()
+    expected[torch.arange(7), y] -= 0.7
+    assert torch.equal(added, expected)
+    t_mask, t_added = traced(both)(ids, x, y)
+    assert torch.equal(t_mask, naive) and torch.equal(t_added, expected)
+
+
+def test_lse_outside_traced_equals_eager():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 500, generator=gen, dtype=torch.float64) * 3
+    x[1, 100:] = float("-inf")  # fewer finite entries outside the top ids
+    x[2] = float("-inf")
+    x[2, :4] = 1.0  # no mass outside them at all
+    values, ids = x.topk(5, dim=-1)
+    ids = ids[:, :4]
+
+    def both(x, ids, outside_max):
+        return lse_outside(x, ids), lse_outside(x, ids, outside_max=outside_max)
+
+    eager = both(x, ids, values[:, 4])
+    got = traced(both)(x, ids, values[:, 4])
+    naive = torch.stack([r[[j for j in range(500) if j not in set(row.tolist())]].logsumexp(-1)
+                         for r, row in zip(x, ids)])
+    for a, b in zip(eager, got):
+        torch.testing.assert_close(a, naive, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(b, naive, atol=1e-12, rtol=1e-12)
