@@ -541,6 +541,30 @@ def test_compile_chunks_matches_unfused(name):
     assert counters["stats"]["unique_graphs"] >= 1  # the chunk function did go through dynamo
 
 
+@pytest.mark.parametrize("name", ["tad", "forward_kl"])
+def test_compiled_chunks_compile_once(monkeypatch, name):
+    """Steps after the first compile nothing: the chunk functions' guards (chunk length, ignored
+    rows or not, the settings) hold from step to step, as a GPU run's throughput needs. Dynamo's
+    guards do not depend on the backend, so AOTAutograd without code generation stands in."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    from tad_torchtune.losses import fused as fused_module
+
+    monkeypatch.setattr(fused_module, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for step in range(3):
+        h_s, w_s, h_t, w_t, labels = make_case(30 + step)  # 141 tokens: chunks of 64, 64, 13
+        head(DIVERGENCES[name](), h_s, w_s, h_t, w_t, labels, chunk_size=64, ce_weight=0.5,
+             compile_chunks=True)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 2 and graphs[1] == graphs[2] == graphs[0], graphs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name,weights,temperature,caps,cache_mib", [
     ("tad", (0.7, 1.3), 1.0, (None, None), 0),      # the CE folded into TAD's closed form
