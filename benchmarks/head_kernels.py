@@ -3,7 +3,8 @@ and the bytes they move over ``[chunk, V]``, and the same work run eagerly op by
 taken on a CPU that predicts the GPU, where this work is memory-bound (issue 19).
 
     python benchmarks/head_kernels.py [--chunk 1024] [--vocab 32000] [--hidden 64]
-        [--dtype float32|bfloat16] [--divergences tad forward_kl ce] [--json PATH]
+        [--dtype float32|bfloat16] [--cache none|sampled|top_m]
+        [--divergences tad forward_kl ce] [--json PATH]
 
 For each divergence (``ce``: the cross-entropy alone), one chunk of ``fused_head`` as the recipe's
 head runs it: ``chunk`` tokens in one row, CE + divergence, the recipe's defaults
@@ -29,7 +30,7 @@ a GPU; the element-wise work in float32). Two runs:
 
 Bytes are given in passes: units of one ``[chunk, V]`` float32 buffer. ``min passes`` is what
 any implementation must move: the student's and the teacher's chunk logits read once and the
-logits' gradient written once, 3 (2 for the CE alone); half that in bf16. On a GPU, the element-wise time of a
+logits' gradient written once, 3 (2 for the CE alone or from a cache); half that in bf16. On a GPU, the element-wise time of a
 chunk is about ``passes * chunk * V * 4 bytes / memory bandwidth`` (4.8 TB/s on an H200:
 1024 x 256000 x 4 bytes is 0.2 ms a pass), beside its three or four ``[chunk, V, D]`` matmuls.
 """
@@ -50,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loss_bench  # noqa: E402  (the recipe's head settings)
 
 from tad_torchtune.losses import DIVERGENCES  # noqa: E402
+from tad_torchtune.losses.cached import teacher_sampled, teacher_top_m  # noqa: E402
 from tad_torchtune.losses.fused import fused_head  # noqa: E402
 
 #: the products of the head (projections, gradient products): not element-wise work
@@ -59,12 +61,15 @@ MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.at
 #: tensors read or written by every implementation of a chunk, in [chunk, V] float32 buffers
 MIN_PASSES = {"ce": 2}
 MIN_PASSES_WITH_TEACHER = 3
+#: the shipped cache defaults: (K, S) of the sampled cache, M of the bucket cache
+SAMPLED_CACHE, TOP_M_CACHE = (12, 32), 48
 
 
 def head_inputs(chunk: int, vocab: int, hidden: int, seed: int = 0,
-                dtype: torch.dtype = torch.float32):
+                dtype: torch.dtype = torch.float32, cache: str = "none"):
     """One row of ``chunk`` tokens (its first 5% ignored, as loss_bench's rows): student hidden
-    states and weight (requiring grad), teacher hidden states and weight, labels."""
+    states and weight (requiring grad), teacher hidden states and weight, labels, and the
+    teacher's cache entries (None with ``cache="none"``)."""
     gen = torch.Generator().manual_seed(seed)
     h_s = torch.randn(1, chunk, hidden, generator=gen).to(dtype).requires_grad_(True)
     w_s = (torch.randn(vocab, hidden, generator=gen) * hidden**-0.5).to(dtype).requires_grad_(True)
@@ -72,17 +77,24 @@ def head_inputs(chunk: int, vocab: int, hidden: int, seed: int = 0,
     w_t = (torch.randn(vocab, hidden, generator=gen) * hidden**-0.5).to(dtype)
     labels = torch.randint(0, vocab, (1, chunk), generator=gen)
     labels[:, : chunk // 20] = -100
-    return h_s, w_s, h_t, w_t, labels
+    entries = None
+    if cache != "none":
+        teacher = (h_t @ w_t.T).float()
+        entries = (teacher_sampled(teacher, *SAMPLED_CACHE, seed=0, blocks=torch.arange(1))
+                   if cache == "sampled" else teacher_top_m(teacher, labels, TOP_M_CACHE))
+    return h_s, w_s, h_t, w_t, labels, entries
 
 
 def run_head(name: str, inputs, compile_chunks: bool) -> None:
     """One forward (and, in it, backward) of the recipe's fused head on ``inputs``, one chunk."""
-    h_s, w_s, h_t, w_t, labels = inputs
+    h_s, w_s, h_t, w_t, labels, cache = inputs
     div = None if name == "ce" else DIVERGENCES[name]()
     options = {**loss_bench.RECIPE_HEAD, "compile_chunks": compile_chunks,
                "chunk_size": labels.numel()}
-    fused_head(h_s, w_s, labels, divergence=div, teacher_hidden=None if div is None else h_t,
-               teacher_weight=None if div is None else w_t, compute_ce=True, **options)
+    teacher = {} if div is None else (
+        {"teacher_cache": cache} if cache is not None else
+        {"teacher_hidden": h_t, "teacher_weight": w_t})
+    fused_head(h_s, w_s, labels, divergence=div, compute_ce=True, **teacher, **options)
 
 
 def _loops(node) -> list:
@@ -195,7 +207,7 @@ def eager_counts(name: str, inputs) -> dict:
     """Ops and bytes of the compiled head's element-wise work on one chunk run eagerly (under
     a dispatch mode Dynamo does not compile), split into the ops inside the compiled function
     and those around it (module docstring)."""
-    chunk, vocab = inputs[-1].numel(), inputs[1].shape[0]
+    chunk, vocab = inputs[4].numel(), inputs[1].shape[0]
     counter = _CountOps(chunk * vocab // 2)
     with counter:
         run_head(name, inputs, compile_chunks=True)
@@ -208,11 +220,11 @@ def eager_counts(name: str, inputs) -> dict:
 
 
 def measure(names: list[str], chunk: int, vocab: int, hidden: int,
-            dtype: torch.dtype = torch.float32) -> list[dict]:
+            dtype: torch.dtype = torch.float32, cache: str = "none") -> list[dict]:
     rows = []
     buffer = chunk * vocab * 4  # one [chunk, V] float32 buffer
     for name in names:
-        inputs = head_inputs(chunk, vocab, hidden, dtype=dtype)
+        inputs = head_inputs(chunk, vocab, hidden, dtype=dtype, cache=cache)
         with marking_compiled_functions():
             compiled = compiled_counts(name, inputs)
             eager = eager_counts(name, inputs)
@@ -223,14 +235,15 @@ def measure(names: list[str], chunk: int, vocab: int, hidden: int,
                 f"was made before this measurement (run it in a fresh process)")
         rows.append({
             "divergence": name, "chunk": chunk, "vocab": vocab, "hidden": hidden,
-            "dtype": str(dtype).removeprefix("torch."),
+            "dtype": str(dtype).removeprefix("torch."), "cache": cache,
             "compiled": {**compiled, "passes": compiled["bytes"] / buffer,
                          "loop_passes": compiled["loop_bytes"] / buffer},
             "eager": {**eager, **{f"{k}passes": eager[f"{k}bytes"] / buffer
                                   for k in ("", "compiled_fn_", "outside_")}},
             # the recipe's compiled head: inductor's loops, and the eager ops around them
             "compiled_head_passes": (compiled["loop_bytes"] + eager["outside_bytes"]) / buffer,
-            "min_passes": MIN_PASSES.get(name, MIN_PASSES_WITH_TEACHER)
+            "min_passes": (MIN_PASSES["ce"] if cache != "none" else
+                           MIN_PASSES.get(name, MIN_PASSES_WITH_TEACHER))
             * torch.finfo(dtype).bits / 32,
         })
     return rows
@@ -242,15 +255,19 @@ def main() -> int:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--cache", choices=["none", "sampled", "top_m"], default="none")
     parser.add_argument("--divergences", nargs="+", default=["tad", "forward_kl", "ce"],
                         choices=[*DIVERGENCES, "ce"])
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.cache != "none" and "ce" in args.divergences:
+        parser.error("--cache: the CE alone reads no teacher; name the divergences")
     rows = measure(args.divergences, args.chunk, args.vocab, args.hidden,
-                   getattr(torch, args.dtype))
-    print(f"one chunk of the recipe's fused head, CE + divergence, ({args.chunk}, {args.vocab}) "
-          f"{args.dtype}, torch {torch.__version__}, CPU; passes: [chunk, V] float32 buffers "
-          "moved")
+                   getattr(torch, args.dtype), args.cache)
+    source = "" if args.cache == "none" else f", from the {args.cache} teacher cache"
+    print(f"one chunk of the recipe's fused head, CE + divergence{source}, ({args.chunk}, "
+          f"{args.vocab}) {args.dtype}, torch {torch.__version__}, CPU; passes: [chunk, V] "
+          "float32 buffers moved")
     print("| divergence | compiled function: inductor kernels (external) | loops over V | "
           "passes | loop passes | eager ops around it | their passes | compiled head, passes "
           "(loops + around) | eager head: ops | passes | min passes |")

@@ -52,6 +52,7 @@ from tad_torchtune.losses.engine import (
 )
 from tad_torchtune.losses.terms import (
     TopK,
+    in_ids,
     log1mexp,
     lse_outside,
     masked_xlogy_sum,
@@ -396,11 +397,15 @@ def sampled_terms(s: Tensor, ids: Tensor, logp: Tensor, log_tail: Tensor, entrop
     """
     zero = s.new_zeros(())
     top = ids[:, :k]
+    traced = grad and torch.compiler.is_compiling()
     # one gather for the top ids, the cached ranks and the draws: backward then adds into one
     # [n, V] buffer, not three
     picked = s.gather(-1, torch.cat([ids, draws], dim=-1))  # (n, K + S)
     s_top, s_ranks, s_drawn = picked[:, :k], picked[:, k : ids.shape[-1]], picked[:, ids.shape[-1]:]
-    if grad:
+    if traced:  # a comparison inductor fuses into the reduction (terms.in_ids)
+        in_top = in_ids(top, s.shape[-1])
+        lse_tail_s = s.masked_fill(in_top, float("-inf")).logsumexp(-1)
+    elif grad:
         log_qt = s.scatter(-1, top, float("-inf"))  # (n, V), becomes the gradient
         lse_tail_s = log_qt.logsumexp(-1)
     else:
@@ -424,6 +429,10 @@ def sampled_terms(s: Tensor, ids: Tensor, logp: Tensor, log_tail: Tensor, entrop
     stats = {"dkl1": dkl1, "dkl2": dkl2, "tail_mass": log_alpha_t.exp()}
     if not grad:
         return per_token, stats
+    if traced:
+        return (per_token, stats, *_sampled_grad_traced(
+            s, labels, in_top, ids, draws, logp[:, :k].exp(), log_pt_ranks.exp(), a, lse, norm_s,
+            log_alpha_s.exp(), log_alpha_t.exp(), w, ce_weight))
     # the tail distribution's estimate: the cached ranks exactly, a / S at each draw
     pt = torch.zeros_like(s).scatter_(-1, ids[:, k:], log_pt_ranks.exp())
     pt.scatter_add_(-1, draws, (a / draws.shape[-1]).unsqueeze(-1).expand_as(draws).contiguous())
@@ -435,6 +444,33 @@ def sampled_terms(s: Tensor, ids: Tensor, logp: Tensor, log_tail: Tensor, entrop
     y = labels.unsqueeze(-1)
     g.scatter_add_(-1, y, g.new_full(y.shape, -ce_weight))
     return per_token, stats, g, lse - s.gather(-1, y).squeeze(-1)
+
+
+def _sampled_grad_traced(s: Tensor, labels: Tensor, in_top: Tensor, ids: Tensor, draws: Tensor,
+                         p_top: Tensor, pt_ranks: Tensor, a: Tensor, lse: Tensor, norm_s: Tensor,
+                         alpha_s: Tensor, alpha_t: Tensor, w: Tensor, ce_weight: float | None
+                         ) -> tuple[Tensor, ...]:
+    """``sampled_terms``' gradient (and CE) for ``torch.compile``: the dense part as one
+    element-wise expression, ``(1 + c) q`` on the top-K and ``(alphaS (1 + c) - alphaT + w) qt``
+    on the tail, then ONE ``scatter_add`` of the sparse rest: ``-p`` at the top-K, ``-w pt`` at
+    the cached ranks and ``-w a / S`` at each draw, ``-c`` at the label. (The eager form builds a
+    ``[n, V]`` estimate of ``pt`` by two scatters and edits the gradient in place: under inductor
+    each is a pass of its own.)"""
+    c = 0.0 if ce_weight is None else ce_weight
+    k = p_top.shape[-1]
+    coef = (alpha_s * (1.0 + c) - alpha_t + w).unsqueeze(-1)
+    dense = torch.where(in_top, (s - lse.unsqueeze(-1)).exp() * (1.0 + c),
+                        coef * (s - norm_s.unsqueeze(-1)).exp())
+    w_ = w.unsqueeze(-1)
+    at = [ids[:, :k], ids[:, k:], draws]
+    values = [-p_top, -w_ * pt_ranks, (-w_ * a.unsqueeze(-1) / draws.shape[-1]).expand_as(draws)]
+    if ce_weight is not None:
+        at.append(labels.unsqueeze(-1))
+        values.append(s.new_full((s.shape[0], 1), -c))
+    grad = dense.scatter_add(-1, torch.cat(at, dim=-1), torch.cat(values, dim=-1))
+    if ce_weight is None:
+        return (grad,)
+    return grad, lse - s.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
 # -- drawing from the teacher's tail, reproducibly: a counter-based generator keyed by

@@ -151,7 +151,7 @@ def test_fused_head_from_the_cache_equals_unfused(name):
                                            h_s, w_s, labels)
 
 
-def assert_fused_from_cache_equals_unfused(div, cache, h_s, w_s, labels):
+def assert_fused_from_cache_equals_unfused(div, cache, h_s, w_s, labels, **head_kwargs):
     """CE + the divergence from ``cache``: the fused head's values, diagnostics and gradients
     equal those of the unfused path on the materialised student logits."""
     from tad_torchtune.losses.ce import chunked_cross_entropy
@@ -163,7 +163,7 @@ def assert_fused_from_cache_equals_unfused(div, cache, h_s, w_s, labels):
     (0.5 * ce + 2.0 * kd.total).backward()
     hf, wf = (x.detach().clone().requires_grad_(True) for x in (h_s, w_s))
     out = fused_head(hf, wf, labels, divergence=div, teacher_cache=cache, ce_weight=0.5,
-                     kd_weight=2.0, chunk_size=13)
+                     kd_weight=2.0, chunk_size=13, **head_kwargs)
     out.objective.backward()
     torch.testing.assert_close(out.kd.total, kd.total.detach(), atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(out.ce, ce.detach(), atol=1e-10, rtol=1e-10)
@@ -298,9 +298,13 @@ def test_sampled_tad_exact_parts_equal_online(k):
                                        rtol=1e-11)
 
 
+@pytest.mark.parametrize("mode", ["eager", "traced"])
 @pytest.mark.parametrize("name", sorted(SAMPLED))
 @pytest.mark.parametrize("ce_weight", [None, 0.7])
-def test_sampled_closed_form_gradient_equals_autograd(name, ce_weight):
+def test_sampled_closed_form_gradient_equals_autograd(name, ce_weight, mode):
+    """The closed form against autograd of the cache's chunk function: as run eagerly, and as
+    ``torch.compile`` traces it (its branch without ``[n, V]`` scatters; AOTAutograd's graph
+    run without code generation)."""
     div = SAMPLED[name]()
     student, teacher, labels = sampled_case(43)
     cache = sampled_entries(teacher, 6, 5, seed=3)
@@ -313,20 +317,52 @@ def test_sampled_closed_form_gradient_equals_autograd(name, ce_weight):
     objective = value if ce_weight is None else value + ce_weight * torch.nn.functional.cross_entropy(
         s_, y, reduction="none")
     (grad,) = torch.autograd.grad(objective.sum(), s_)
-    out = cache.chunk_grad_fn(div)(s, y, *inputs, ce_weight=ce_weight)
+    fn = cache.chunk_grad_fn(div)
+    if mode == "traced":
+        torch._dynamo.reset()
+        fn = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False)
+    out = fn(s, y, *inputs, ce_weight=ce_weight)
     torch.testing.assert_close(out[0], value.detach(), atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(out[2], grad, atol=1e-12, rtol=1e-9)
+    if ce_weight is not None:
+        ce = torch.nn.functional.cross_entropy(s, y, reduction="none")
+        torch.testing.assert_close(out[3], ce, atol=1e-12, rtol=1e-10)
     for key in stats:
         torch.testing.assert_close(out[1][key], stats[key].detach(), atol=1e-12, rtol=1e-10)
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLED))
-def test_fused_head_from_the_sampled_cache_equals_unfused(name):
+def test_traced_sampled_gradient_scatters_once():
+    """What ``torch.compile`` traces of the sampled closed form holds one scatter (the sparse
+    rest, added into the dense gradient) where the eager form runs five."""
+    div = SAMPLED["tad_k3"]()
+    student, teacher, labels = sampled_case(43)
+    cache = sampled_entries(teacher, 6, 5, seed=3)
+    valid = (labels != IGNORE).reshape(-1)
+    inputs = cache.chunk_inputs(div, valid, (SB, ST))
+    y = torch.where(valid, labels.reshape(-1), 0)
+    seen = []
+
+    def recording(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(cache.chunk_grad_fn(div), backend=recording, fullgraph=True)(
+        student.reshape(-1, SV), y, *inputs, ce_weight=0.5)
+    assert [op for op in seen if "scatter" in op] == ["scatter_add"], seen
+
+
+@pytest.mark.parametrize("name,compile_chunks", [(name, False) for name in sorted(SAMPLED)]
+                         + [pytest.param("tad_k3", True, marks=pytest.mark.slow)])
+def test_fused_head_from_the_sampled_cache_equals_unfused(name, compile_chunks):
+    """Eagerly, and through inductor (``compile: true``: the traced closed form)."""
     from tests.helpers.losses import make_case
 
+    torch._dynamo.reset()
     h_s, w_s, h_t, w_t, labels = make_case(44, torch.float64)
     cache = teacher_sampled(h_t @ w_t.T, 10, 6, seed=5, blocks=torch.arange(h_t.shape[0]))
-    assert_fused_from_cache_equals_unfused(SAMPLED[name](), cache, h_s, w_s, labels)
+    assert_fused_from_cache_equals_unfused(SAMPLED[name](), cache, h_s, w_s, labels,
+                                           compile_chunks=compile_chunks)
 
 
 def test_sampled_cache_at_a_temperature_is_that_of_the_tempered_teacher():
