@@ -97,15 +97,16 @@ def in_ids(ids: Tensor, vocab: int) -> Tensor:
     return mask
 
 
-def add_at_(x: Tensor, ids: Tensor, value: float) -> Tensor:
-    """``x[i, ids[i]] += value`` for ``x [n, V]`` and ``ids [n]`` (the label's ``-c`` of a CE
-    folded into a gradient): in place eagerly, as an element-wise sum under ``torch.compile``
-    (``in_ids``'s reason)."""
+def add_at_(x: Tensor, ids: Tensor, value: float | Tensor) -> Tensor:
+    """``x[i, ids[i]] += value`` (a number, or ``value[i]`` of a ``[n]`` tensor) for ``x [n, V]``
+    and ``ids [n]`` (the label's ``-c`` of a CE folded into a gradient): in place eagerly, as an
+    element-wise sum under ``torch.compile`` (``in_ids``'s reason)."""
+    y = ids.unsqueeze(-1)
+    value = x.new_full(y.shape, value) if not isinstance(value, Tensor) else value.reshape(y.shape)
     if not torch.compiler.is_compiling():
-        y = ids.unsqueeze(-1)
-        return x.scatter_add_(-1, y, x.new_full(y.shape, value))
+        return x.scatter_add_(-1, y, value.to(x.dtype))
     col = torch.arange(x.shape[-1], device=x.device)
-    return x + torch.where(col == ids.unsqueeze(-1), x.new_full((), value), x.new_zeros(()))
+    return x + torch.where(col == y, value, x.new_zeros(()))
 
 
 def safe_finite(x: Tensor) -> Tensor:

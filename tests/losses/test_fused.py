@@ -279,7 +279,7 @@ def test_chunk_grad_fn_equals_autograd(name, kind, mode):
         torch.testing.assert_close(stats2[k], stats[k].detach(), atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["tad", "forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("name", ["tad", "forward_kl", "reverse_kl", "drkl"])
 def test_traced_chunk_grads_scatter_nothing(name):
     """What ``torch.compile`` traces of the closed forms holds no scatter (each would be a kernel
     of its own and a copy of a ``[n, V]`` buffer: ``docs/design.md``, "The fused head on a
