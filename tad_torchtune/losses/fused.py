@@ -282,7 +282,7 @@ class _ProjectedTeacher:
         return teacher_pass(self.plan.divergence, chunk_top, slices, valid,
                             (rows, self.plan.lead[1]), groups)
 
-    def chunk(self, i: int, sl: slice, rows: Tensor, ignored: bool) -> Tensor:
+    def chunk(self, i: int, sl: slice) -> Tensor:
         """The teacher's projection of chunk ``i`` of the current segment, as scratch."""
         z = self.cache.pop(i, None)
         return _project(self.h[sl], self.w, self.b) if z is None else z
@@ -302,7 +302,7 @@ class _CachedTeacher:
                groups: Tensor | None) -> tuple[Tensor, ...]:
         return self.cache.chunk_inputs(self.plan.divergence, valid, self.plan.lead, groups)
 
-    def chunk(self, i: int, sl: slice, rows: Tensor, ignored: bool) -> None:
+    def chunk(self, i: int, sl: slice) -> None:
         return None
 
 
@@ -380,10 +380,11 @@ class _FusedHead(torch.autograd.Function):
         names = sorted(div.stat_names) if div is not None else []
         sums = torch.zeros(2 + len(names), dtype=dtype, device=h_s.device)  # ce, kd, *stats
         tau = div.temperature if div is not None else 1.0
-        # the gradient in the matmuls' dtype (bf16 products, float32 accumulation, as Liger)
+        # the gradient in the matmuls' dtype (bf16 products, float32 accumulation, as Liger);
+        # with no product to feed (evaluation), left as it is
         settings = _ChunkSettings(folds_ce, plan.compute_ce, plan.ce_weight, plan.kd_weight, tau,
                                   plan.student_softcap, plan.teacher_softcap, dtype, tuple(names),
-                                  h_s.dtype, need_b)
+                                  h_s.dtype if need_h or need_w else dtype, need_b)
         row_len = plan.lead[1]
         seg_rows = teacher.segment_rows() if teacher is not None else plan.lead[0]
         for seg_start in range(0, n, max(1, seg_rows * row_len)):
@@ -398,7 +399,7 @@ class _FusedHead(torch.autograd.Function):
                 sl = slice(seg.start + local.start, seg.start + local.stop)
                 rows = valid[sl].unsqueeze(-1)  # (n, 1)
                 z = _project(h_s[sl], w_s, b_s)
-                t = teacher.chunk(i, sl, rows, ignored) if div is not None else None
+                t = teacher.chunk(i, sl) if div is not None else None
                 part, grad, bias_part = step(z, t, y[sl], rows, tuple(e[local] for e in extras),
                                              div_grad, ignored, settings)
                 del z, t
