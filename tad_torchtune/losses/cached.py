@@ -133,6 +133,7 @@ class CacheEntries:
 
 
 _BUCKET_CHUNKS: "WeakKeyDictionary[Any, Callable]" = WeakKeyDictionary()
+_BUCKET_GRADS: "WeakKeyDictionary[Any, Callable]" = WeakKeyDictionary()
 
 
 @dataclass
@@ -192,6 +193,29 @@ class TeacherTopM(CacheEntries):
             _BUCKET_CHUNKS[divergence] = bucket_chunk
         return _BUCKET_CHUNKS[divergence]
 
+    def chunk_grad_fn(self, divergence) -> Callable[..., tuple[Tensor, ...]]:
+        """``chunk_fn`` with its gradient w.r.t. ``s``: autograd of the divergence's own chunk
+        function on the ``[n, M + 1]`` outcomes only (small), then ``bucket_grad`` takes it to
+        the ``[n, V]`` logits in closed form; ``ce_weight`` as ``Divergence.chunk_grad_fn``."""
+        if divergence not in _BUCKET_GRADS:
+            with_label = divergence.reads_labels
+
+            def bucket_chunk_grad(s: Tensor, labels: Tensor, ids: Tensor, logp: Tensor,
+                                  log_rest: Tensor, label_logp: Tensor, *extras: Tensor,
+                                  ce_weight: float | None = None) -> tuple[Tensor, ...]:
+                sv, tv, y = bucket_outcomes(s, labels, ids, logp, log_rest, label_logp,
+                                            with_label=with_label)
+                # torch.func, not torch.autograd: Dynamo traces it (no graph break)
+                per_token, vjp, stats = torch.func.vjp(
+                    lambda v: divergence.chunk_fn(v, tv, y, *extras), sv, has_aux=True)
+                (g,) = vjp(torch.ones_like(per_token))
+                out = bucket_grad(s, labels, ids, sv, g, with_label=with_label,
+                                  ce_weight=ce_weight)
+                return per_token, stats, *out
+
+            _BUCKET_GRADS[divergence] = bucket_chunk_grad
+        return _BUCKET_GRADS[divergence]
+
 
 def bucket_outcomes(s: Tensor, labels: Tensor, ids: Tensor, logp: Tensor, log_rest: Tensor,
                     label_logp: Tensor, *, with_label: bool = False
@@ -229,6 +253,43 @@ def bucket_outcomes(s: Tensor, labels: Tensor, ids: Tensor, logp: Tensor, log_re
     teacher = torch.cat([logp, t_y.unsqueeze(-1), t_rest.unsqueeze(-1)], dim=-1)
     outcome = torch.where(y_in, in_m.long().argmax(-1), ids.shape[-1])
     return student, teacher, outcome
+
+
+def bucket_grad(s: Tensor, labels: Tensor, ids: Tensor, outcomes: Tensor, grad: Tensor, *,
+                with_label: bool = False, ce_weight: float | None = None) -> tuple[Tensor, ...]:
+    """The gradient w.r.t. the logits ``s [n, V]`` of a function of the bucket outcomes
+    (``bucket_outcomes``' student side ``outcomes``), given its gradient ``grad`` w.r.t. them.
+
+    An outcome at an id is that logit: its gradient goes to the id. The bucket is the
+    log-sum-exp of the logits outside the ids (and the label, with ``with_label``): an id ``i``
+    there gets ``grad_bucket * exp(s_i - bucket)``. The label's own outcome goes to the label
+    unless the label is among the ids (then it is a constant ``-inf``). With ``ce_weight`` c the
+    CE's ``c (softmax(s) - onehot(y))`` joins (the outcomes partition the vocabulary, so their
+    log-sum-exp is the full one) and the per-token CE is returned too. One element-wise
+    expression and one ``scatter_add``.
+
+    Returns:
+        ``(grad [n, V],)``, or ``(grad, ce [n])`` with ``ce_weight``.
+    """
+    m = ids.shape[-1]
+    y = labels.unsqueeze(-1)
+    outside = torch.cat([ids, y], dim=-1) if with_label else ids
+    bucket = safe_finite(outcomes[:, -1]).unsqueeze(-1)
+    dense = torch.where(in_ids(outside, s.shape[-1]), 0.0, grad[:, -1:] * (s - bucket).exp())
+    at, values = [ids], [grad[:, :m]]
+    if with_label:
+        label_in_ids = (ids == y).any(-1, keepdim=True)
+        at.append(y)
+        values.append(torch.where(label_in_ids, 0.0, grad[:, m : m + 1]))
+    ce = None
+    if ce_weight is not None:
+        lse = outcomes.logsumexp(-1)
+        dense = dense + ce_weight * (s - lse.unsqueeze(-1)).exp()
+        at.append(y)
+        values.append(s.new_full(y.shape, -ce_weight))
+        ce = lse - s.gather(-1, y).squeeze(-1)
+    dense = dense.scatter_add_(-1, torch.cat(at, dim=-1), torch.cat(values, dim=-1))
+    return (dense,) if ce is None else (dense, ce)
 
 
 @torch.no_grad()

@@ -139,16 +139,59 @@ def test_k_above_top_m_is_refused_naming_both():
         TADLoss(k=10).sum_and_count(student, teacher_top_m(teacher, labels, 8), labels)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_fused_head_from_the_cache_equals_unfused(name):
+@pytest.mark.parametrize("name,compile_chunks", [(name, False) for name in sorted(CASES)]
+                         + [pytest.param("drkl", True, marks=pytest.mark.slow)])
+def test_fused_head_from_the_cache_equals_unfused(name, compile_chunks):
     """The fused head reads the student's LSE and its logits at the cached ids only: no teacher
-    projection; CE + cached divergence equal their unfused values and gradients."""
+    projection; CE + cached divergence equal their unfused values and gradients (eagerly, and
+    through inductor)."""
     from tests.helpers.losses import make_case
 
+    torch._dynamo.reset()
     make_div, _ = CASES[name]
     h_s, w_s, h_t, w_t, labels = make_case(37, torch.float64)
     assert_fused_from_cache_equals_unfused(make_div(5), teacher_top_m(h_t @ w_t.T, labels, 20),
-                                           h_s, w_s, labels)
+                                           h_s, w_s, labels, compile_chunks=compile_chunks)
+
+
+@pytest.mark.parametrize("mode", ["eager", "traced"])
+@pytest.mark.parametrize("ce_weight", [None, 0.6])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bucket_gradient_equals_autograd(name, ce_weight, mode):
+    """The bucket adapter's gradient (autograd on the M + 1 outcomes, then ``bucket_grad``)
+    against autograd through its chunk function over the whole ``[n, V]`` logits, labels inside
+    and outside the cached ids; eagerly and as ``torch.compile`` traces it."""
+    make_div, _ = CASES[name]
+    div = make_div(4)
+    student, teacher, labels = sharp_inputs(47)
+    ids = teacher_top_m(teacher, labels, 12).ids
+    labels = labels.clone()
+    labels.view(-1)[::3] = torch.where(labels.view(-1)[::3] != IGNORE,
+                                       ids.reshape(-1, 12)[::3, 5], IGNORE)
+    cache = teacher_top_m(teacher, labels, 12)  # every third label among the cached ids
+    valid = (labels != IGNORE).reshape(-1)
+    y = torch.where(valid, labels.reshape(-1), 0)
+    inputs = cache.chunk_inputs(div, valid, (1, y.shape[0]))
+    among = (cache.ids.reshape(-1, 12) == y.unsqueeze(-1)).any(-1)[valid]
+    assert 0.2 < among.float().mean() < 0.8  # both kinds of label
+    s = student.reshape(y.shape[0], -1)
+    s_ = s.clone().requires_grad_(True)
+    value, stats = cache.chunk_fn(div)(s_, y, *inputs)
+    objective = value if ce_weight is None else value + ce_weight * torch.nn.functional.cross_entropy(
+        s_, y, reduction="none")
+    (grad,) = torch.autograd.grad(objective.sum(), s_)
+    fn = cache.chunk_grad_fn(div)
+    if mode == "traced":
+        torch._dynamo.reset()
+        fn = torch.compile(fn, backend="aot_eager", dynamic=False)
+    out = fn(s, y, *inputs, ce_weight=ce_weight)
+    torch.testing.assert_close(out[0], value.detach(), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(out[2], grad, atol=1e-12, rtol=1e-9)
+    for key in stats:
+        torch.testing.assert_close(out[1][key], stats[key].detach(), atol=1e-12, rtol=1e-10)
+    if ce_weight is not None:
+        ce = torch.nn.functional.cross_entropy(s, y, reduction="none")
+        torch.testing.assert_close(out[3], ce, atol=1e-12, rtol=1e-10)
 
 
 def assert_fused_from_cache_equals_unfused(div, cache, h_s, w_s, labels, **head_kwargs):
