@@ -122,10 +122,13 @@ def lse_outside(x: Tensor, ids: Tensor, *, outside_max: Tensor | None = None) ->
     it with the ids' entries zeroed, no ``[n, V]`` copy with ``-inf`` written in: for code that
     does not backpropagate through it.
     """
+    traced = torch.compiler.is_compiling()  # a comparison, fused by inductor (in_ids)
     if outside_max is None:
-        return x.masked_fill(in_ids(ids, x.shape[-1]), float("-inf")).logsumexp(-1)
+        if traced:
+            return x.masked_fill(in_ids(ids, x.shape[-1]), float("-inf")).logsumexp(-1)
+        return x.scatter(-1, ids, float("-inf")).logsumexp(-1)
     shift = safe_finite(outside_max)
-    if torch.compiler.is_compiling():
+    if traced:
         e = (x - shift.unsqueeze(-1)).exp().masked_fill(in_ids(ids, x.shape[-1]), 0.0)
         return e.sum(-1).log() + shift
     e = torch.sub(x, shift.unsqueeze(-1)).exp_().scatter_(-1, ids, 0.0)
