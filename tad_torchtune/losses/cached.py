@@ -281,15 +281,11 @@ def bucket_grad(s: Tensor, labels: Tensor, ids: Tensor, outcomes: Tensor, grad: 
         label_in_ids = (ids == y).any(-1, keepdim=True)
         at.append(y)
         values.append(torch.where(label_in_ids, 0.0, grad[:, m : m + 1]))
-    ce = None
+    lse = None
     if ce_weight is not None:
-        lse = outcomes.logsumexp(-1)
+        lse = outcomes.logsumexp(-1)  # the outcomes partition the vocabulary
         dense = dense + ce_weight * (s - lse.unsqueeze(-1)).exp()
-        at.append(y)
-        values.append(s.new_full(y.shape, -ce_weight))
-        ce = lse - s.gather(-1, y).squeeze(-1)
-    dense = dense.scatter_add_(-1, torch.cat(at, dim=-1), torch.cat(values, dim=-1))
-    return (dense,) if ce is None else (dense, ce)
+    return _add_sparse(dense, s, labels, at, values, lse, ce_weight)
 
 
 @torch.no_grad()
@@ -525,13 +521,23 @@ def _sampled_grad_traced(s: Tensor, labels: Tensor, in_top: Tensor, ids: Tensor,
     w_ = w.unsqueeze(-1)
     at = [ids[:, :k], ids[:, k:], draws]
     values = [-p_top, -w_ * pt_ranks, (-w_ * a.unsqueeze(-1) / draws.shape[-1]).expand_as(draws)]
+    return _add_sparse(dense, s, labels, at, values, lse, ce_weight)
+
+
+def _add_sparse(dense: Tensor, s: Tensor, labels: Tensor, at: list[Tensor],
+                values: list[Tensor], lse: Tensor, ce_weight: float | None) -> tuple[Tensor, ...]:
+    """The cache adapters' closed-form gradients, finished: ``dense`` (``[n, V]``, the CE's
+    ``c q`` already in it) plus ``values`` at the ids ``at`` and the CE's ``-c`` at the label, in
+    ONE ``scatter_add``; with ``ce_weight`` also the per-token CE ``lse - s_y``.
+
+    Returns:
+        ``(grad,)``, or ``(grad, ce)`` with ``ce_weight``.
+    """
+    y = labels.unsqueeze(-1)
     if ce_weight is not None:
-        at.append(labels.unsqueeze(-1))
-        values.append(s.new_full((s.shape[0], 1), -c))
-    grad = dense.scatter_add(-1, torch.cat(at, dim=-1), torch.cat(values, dim=-1))
-    if ce_weight is None:
-        return (grad,)
-    return grad, lse - s.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        at, values = [*at, y], [*values, s.new_full(y.shape, -ce_weight)]
+    grad = dense.scatter_add_(-1, torch.cat(at, dim=-1), torch.cat(values, dim=-1))
+    return (grad,) if ce_weight is None else (grad, lse - s.gather(-1, y).squeeze(-1))
 
 
 # -- drawing from the teacher's tail, reproducibly: a counter-based generator keyed by

@@ -179,18 +179,9 @@ def tad_chunk_grad(
     return per_token, stats, grad, lse_s - s.gather(-1, y).squeeze(-1)
 
 
-def _tad_chunk_grad_traced(
-    s: Tensor,
-    t: Tensor,
-    labels: Tensor,
-    topk_idx: Tensor,
-    lse_t: Tensor,
-    lse_t_tail: Tensor,
-    tail_weight: Tensor,
-    abar: Tensor,
-    *,
-    ce_weight: float | None = None,
-) -> tuple[Tensor, ...]:
+def _tad_chunk_grad_traced(s: Tensor, t: Tensor, labels: Tensor, topk_idx: Tensor,
+                           lse_t: Tensor, lse_t_tail: Tensor, tail_weight: Tensor, abar: Tensor,
+                           *, ce_weight: float | None = None) -> tuple[Tensor, ...]:
     """``tad_chunk_grad`` for ``torch.compile``: reductions over ``s`` and ``t`` and ONE
     element-wise gradient, with no ``[n, V]`` intermediate and no scatter (``docs/design.md``,
     "The fused head on a GPU").
