@@ -48,6 +48,7 @@ from tad_torchtune.checkpointing import TrainingCheckpointer, rng_state, set_rng
 from tad_torchtune.common import DTYPES, full_tensor
 from tad_torchtune.data import Batch, ResumableBatchSampler, TextBlockDataset, collate
 from tad_torchtune.errors import ConfigError, instantiate, reports_user_errors
+from tad_torchtune.files import atomic_write_text
 from tad_torchtune.flops import peak_flops, step_flops_per_token
 from tad_torchtune.hardware import warn_if_slow_bf16
 from tad_torchtune.head import StudentHead, TeacherHead
@@ -244,6 +245,8 @@ class TADDistillRecipe:
         )
         if self._resume:
             self._load_training_state()
+        if self._is_rank_zero:
+            self._trim_metrics()
 
     def _setup_data(self, cfg: DictConfig, key: str, *, train: bool):
         dataset = instantiate(cfg[key], key, self._tokenizer)
@@ -497,6 +500,22 @@ class TADDistillRecipe:
         if self._is_rank_zero:
             print(f"resumed from {path} at step {self.global_step}", file=sys.stderr)
 
+    def _trim_metrics(self) -> None:
+        """Drop the records of ``metrics.jsonl`` after this run's starting step: those an
+        interrupted run logged after its last checkpoint (the resume logs them again), or all of
+        an earlier run's in a run that starts from scratch; one file, one record per step."""
+        path = self._output_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.strip() and _record_step(line) <= self.global_step]
+        if len(kept) == len(lines):
+            return
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        print(f"metrics.jsonl: {len(lines) - len(kept)} record(s) after step {self.global_step} "
+              f"dropped from {str(path)!r} (this run logs from step {self.global_step + 1})",
+              file=sys.stderr)
+
     def _check_same_data(self, saved: dict[str, str | None], path: Path) -> None:
         """Refuse to resume on a token store other than the checkpoint's (other data or another
         tokenizer), unless ``resume_on_different_data``."""
@@ -530,6 +549,15 @@ class TADDistillRecipe:
             self._metric_logger.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _record_step(line: str) -> int:
+    """The ``step`` of one ``metrics.jsonl`` line; a line a kill cut short counts as after every
+    step (it is dropped)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return sys.maxsize
 
 
 def run(cfg: DictConfig) -> None:

@@ -49,7 +49,7 @@ def read_metrics(run: str | Path) -> list[dict[str, Any]]:
 
 def metric_curve(rows: list[dict[str, Any]], metric: str = "val_kl") -> tuple[list[float], list[float]]:
     """``(tokens, values)`` of the records that carry ``metric``, sorted by tokens; a token count
-    logged twice (a resumed run) keeps its last value."""
+    logged twice (files joined by hand) keeps its last value."""
     points: dict[float, float] = {}
     for row in rows:
         if metric in row and "tokens" in row and row[metric] is not None:

@@ -162,11 +162,17 @@ def test_kill_and_resume_gives_the_same_losses(assets, tmp_path, baseline):
     step = _kill_after_checkpoint([tune.tune_bin(), "run", "tad_distill", "--config", str(path)],
                                   tmp_path, out, min_step=4)
     assert step < 10, "the run finished before the kill"
+    logged = [r["step"] for r in tune.read_metrics(out) if "loss" in r]
+    assert logged and max(logged) >= step, logged
+    with open(out / "metrics.jsonl", "a") as f:  # a line the kill cut short
+        f.write('{"step": 9, "tokens": 1')
     tune.run_recipe("tad_distill", {**cfg, "resume_from_checkpoint": True})  # in this process
-    resumed = tune.train_losses(out)
-    # Steps after the checkpoint were logged twice (before the kill and after the resume): the
-    # last value of each is the resumed one.
-    _assert_same_losses(resumed, tune.train_losses(baseline), rtol=1e-6,
+    # The records the killed run logged after its checkpoint were dropped at the resume, which
+    # logged those steps again: one record per step, as the uninterrupted run's.
+    rows = tune.read_metrics(out)
+    assert [r["step"] for r in rows] == [r["step"] for r in tune.read_metrics(baseline)]
+    assert [sorted(r) for r in rows] == [sorted(r) for r in tune.read_metrics(baseline)]
+    _assert_same_losses(tune.train_losses(out), tune.train_losses(baseline), rtol=1e-6,
                         steps=list(range(step + 1, 11)))
 
 
