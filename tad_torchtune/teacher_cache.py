@@ -137,7 +137,7 @@ def _to_numpy(x: torch.Tensor, dtype: str) -> np.ndarray:
 
 
 def _from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(a))
+    t = torch.from_numpy(np.array(a))  # a copy: the shard is a read-only memory map
     if dtype == "bfloat16":
         return t.view(torch.int16).view(torch.bfloat16).float()
     return t.float() if t.is_floating_point() else t.long()
