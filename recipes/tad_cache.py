@@ -11,10 +11,12 @@ divergence's temperature. For every block of the split it writes, per position, 
 top-``cache_top_m`` ids and log-probabilities and, by ``cache_mode``: the log-mass outside them
 and the log-probability of the next token (``top_m``, the bucket cache), or the log-mass and
 entropy outside them and ``cache_samples`` ids drawn from there (``sampled``, unbiased for TAD
-and forward KL; the default for those, ``top_m`` for the others), in shards of ``cache_shard_blocks`` blocks, each published atomically
-(``tad_torchtune/teacher_cache.py`` documents the format). A run that is interrupted leaves only
-complete shards: the next run with the same config writes the missing ones, and the cache is
-then byte for byte what an uninterrupted run writes (the draws come from a counter-based
+and forward KL; the default for those, ``top_m`` for the others), in shards of
+``cache_shard_blocks`` blocks, each published atomically (``tad_torchtune/teacher_cache.py``
+documents the format). With ``document_mask`` the teacher attends within documents, as
+``tad_distill`` runs it, and the manifest says so (``tad_distill`` refuses a cache made otherwise
+than its ``document_mask``). A run that is interrupted leaves only complete shards: the next
+run with the same config writes the missing ones, and the cache is then byte for byte what an uninterrupted run writes (the draws come from a counter-based
 generator keyed by the seed, the block and the position). Under torchrun each process takes its
 share of the shards, the teacher sharded with FSDP2 as in ``tad_distill``.
 """
@@ -36,6 +38,7 @@ from tad_torchtune.errors import ConfigError, instantiate, reports_user_errors
 from tad_torchtune.hardware import warn_if_slow_bf16
 from tad_torchtune.head import TeacherHead
 from tad_torchtune.losses.cached import teacher_sampled, teacher_top_m
+from tad_torchtune.models import supports_flex_attention
 from tad_torchtune.models.loading import load_teacher, vocab_size_of
 from tad_torchtune.parallel import init_distributed, parallelize
 from tad_torchtune.schema import (
@@ -80,6 +83,7 @@ class TADCacheRecipe:
         self._device = torch.device(get("device"))
         self._dtype = DTYPES[get("dtype")]
         self._vocab_alignment = get("vocab_alignment")
+        self._document_mask = bool(get("document_mask"))
         self._rank, self._world = init_distributed(self._device.type)
         if self._device.type == "cuda":
             self._device = torch.device("cuda", torch.cuda.current_device())
@@ -100,6 +104,7 @@ class TADCacheRecipe:
         teacher = load_teacher(cfg.teacher_model, cfg.teacher_checkpointer, device=self._device,
                                dtype=self._dtype)
         parallelize(teacher, fsdp=self._world > 1)
+        self._flex_attention = supports_flex_attention(self._device, teacher)
         self._teacher = TeacherHead(teacher, vocab_size=self._vocab,
                                     vocab_alignment=self._vocab_alignment)
         self._cache = TeacherCache.create(
@@ -108,7 +113,8 @@ class TADCacheRecipe:
             teacher=teacher_identity(cfg), logp_dtype=self._logp_dtype,
             shard_blocks=self._shard_blocks, mode=self._mode,
             samples=self._samples if self._mode == "sampled" else None,
-            seed=self._seed if self._mode == "sampled" else None)
+            seed=self._seed if self._mode == "sampled" else None,
+            document_mask=self._document_mask)
 
     @torch.no_grad()
     def run(self) -> None:
@@ -168,6 +174,8 @@ class TADCacheRecipe:
         for n, start in enumerate(starts + [first] * (batches - len(starts))):
             batch = collate([dataset[i] for i in range(start, min(start + self._batch_size, last))]
                             ).to(self._device)
+            if self._document_mask:  # the teacher as tad_distill runs it
+                batch = batch.with_document_mask(flex=self._flex_attention)
             out = self._teacher(batch, logits=n < len(starts))
             if n >= len(starts):
                 continue

@@ -53,7 +53,11 @@ from tad_torchtune.flops import peak_flops, step_flops_per_token
 from tad_torchtune.hardware import warn_if_slow_bf16
 from tad_torchtune.head import StudentHead, TeacherHead
 from tad_torchtune.losses import DivergenceUse
-from tad_torchtune.models import output_weight, save_hf_checkpoint
+from tad_torchtune.models import (
+    output_weight,
+    save_hf_checkpoint,
+    supports_flex_attention,
+)
 from tad_torchtune.models.loading import (
     checkpoint_state,
     load_student,
@@ -215,6 +219,11 @@ class TADDistillRecipe:
                     compile=self._compile, fsdp=fsdp, cpu_offload=self._cpu_offload,
                     root=self._head)
 
+        # document_mask: a flex BlockMask where torchtune runs flex attention on every model
+        # (CUDA, no Gemma2), which skips the blocks no document reaches; else the dense mask
+        models = [m for m in (self._teacher, self._student) if m is not None]
+        self._flex_attention = (self._document_mask
+                                and supports_flex_attention(self._device, *models))
         trainable = [p for p in self._head.parameters() if p.requires_grad]
         self._optimizer = instantiate(cfg.optimizer, "optimizer", trainable)
         self._data_fingerprints: dict[str, str | None] = {}
@@ -257,7 +266,8 @@ class TADDistillRecipe:
                 raise ConfigError(f"{key}._component_: a teacher cache is aligned to the blocks of a"
                                   " prepared store: use tad_torchtune.data.text_block_dataset")
             dataset = CachedBlocks(dataset, self._teacher_cache, "train",
-                                   vocab_size=self._student_vocab)
+                                   vocab_size=self._student_vocab,
+                                   document_mask=self._document_mask)
         if train:
             sampler = ResumableBatchSampler(
                 len(dataset), batch_size=self._batch_size, rank=self._rank,
@@ -363,7 +373,9 @@ class TADDistillRecipe:
     def _prepare(self, batch: Batch) -> Batch:
         """A collated batch on the device, with document-masked attention when asked for."""
         batch = batch.to(self._device)
-        return batch.with_document_mask() if self._document_mask else batch
+        if not self._document_mask:
+            return batch
+        return batch.with_document_mask(flex=self._flex_attention)
 
     def _train_step(self, micro: list[Batch], local_tokens: int) -> dict[str, float]:
         global_tokens = local_tokens

@@ -246,7 +246,8 @@ DISTILL = Schema("tad_distill", [
     Key("metric_logger", "any torchtune metric logger (disk, TensorBoard, W&B)",
         shown="`DiskLogger` in `output_dir/logs`"),
     Key("document_mask", "attention stops at document boundaries and positions restart per "
-        "document (rows of the token store hold several documents)", False, _BOOL),
+        "document (rows of the token store hold several documents; flex attention on CUDA)",
+        False, _BOOL),
     Key("resume_on_different_data", "resume even when the checkpoint's token store differs from "
         "this run's", False, _BOOL),
     Key("peak_flops_per_device", "peak FLOP/s of one device, for `mfu` (known GPUs by default; "

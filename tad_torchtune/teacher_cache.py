@@ -173,7 +173,8 @@ class TeacherCache:
     def create(cls, root: str | os.PathLike, *, top_m: int, vocab_size: int, temperature: float,
                layouts: dict[str, BlockLayout], teacher: dict[str, Any],
                logp_dtype: str = "float16", shard_blocks: int = 256, mode: str = "top_m",
-               samples: int | None = None, seed: int | None = None) -> "TeacherCache":
+               samples: int | None = None, seed: int | None = None,
+               document_mask: bool = False) -> "TeacherCache":
         """Open the cache at ``root`` for writing, making its manifest if it has none. An
         existing manifest must describe the same cache (a resumed ``tad_cache``).
 
@@ -191,16 +192,21 @@ class TeacherCache:
         }
         if mode != "top_m":  # a bucket cache's manifest is that of the first version
             manifest.update(mode=mode, samples=int(samples), seed=int(seed))
+        if document_mask:  # the teacher attended within documents (absent: across them)
+            manifest.update(document_mask=True)
         root = Path(root).expanduser()
         path = root / "manifest.json"
         if path.is_file():
             old = json.loads(path.read_text())
-            diff = sorted(k for k in manifest if old.get(k) != manifest[k])
+            # every key of either manifest: one that only a cache of other settings writes
+            # (mode, document_mask) differs as much as one both write
+            keys = sorted(old.keys() | manifest.keys())
+            diff = [f"{k}: {old.get(k)!r} there, {manifest.get(k)!r} now" for k in keys
+                    if old.get(k) != manifest.get(k)]
             if diff:
                 raise ConfigError(
                     f"teacher_cache_dir: {str(root)!r} holds a cache made with other settings "
-                    f"({', '.join(f'{k}: {old.get(k)!r} there, {manifest[k]!r} now' for k in diff)});"
-                    f" give another teacher_cache_dir or delete that one")
+                    f"({', '.join(diff)}); give another teacher_cache_dir or delete that one")
         else:
             root.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -211,6 +217,11 @@ class TeacherCache:
     @property
     def mode(self) -> str:
         return self.manifest.get("mode", "top_m")
+
+    @property
+    def document_mask(self) -> bool:
+        """Whether the teacher ran with attention stopping at documents (``document_mask``)."""
+        return bool(self.manifest.get("document_mask", False))
 
     @property
     def top_m(self) -> int:
@@ -266,9 +277,18 @@ class TeacherCache:
         enc = self._fields()[field]
         return {"ids": self.manifest["ids_dtype"], "logp": self.manifest["logp_dtype"]}.get(enc, enc)
 
-    def check(self, split: str, layout: BlockLayout, *, vocab_size: int) -> None:
+    def check(self, split: str, layout: BlockLayout, *, vocab_size: int,
+              document_mask: bool = False) -> None:
         """Refuse a cache that does not cover ``layout``'s blocks or the student's vocabulary,
-        or that is incomplete, naming what differs."""
+        whose teacher attended otherwise than ``document_mask`` says, or that is incomplete,
+        naming what differs."""
+        if self.document_mask != document_mask:
+            raise ConfigError(
+                f"document_mask: {str(document_mask).lower()} here, but the teacher cache "
+                f"{str(self.root)!r} was made with document_mask: "
+                f"{str(self.document_mask).lower()} (its teacher attended "
+                f"{'within' if self.document_mask else 'across'} documents); run tad_cache "
+                f"with this config into another teacher_cache_dir")
         mine = self.layout(split)
         if mine != layout:
             raise ConfigError(
@@ -326,8 +346,10 @@ class CachedBlocks(torch.utils.data.Dataset):
     (``sample["teacher"]``, which ``tad_torchtune.data.collate`` stacks into ``Batch.teacher``),
     checked against the cache first (``TeacherCache.check``)."""
 
-    def __init__(self, dataset: Any, cache: TeacherCache, split: str, *, vocab_size: int) -> None:
-        cache.check(split, BlockLayout.of(dataset), vocab_size=vocab_size)
+    def __init__(self, dataset: Any, cache: TeacherCache, split: str, *, vocab_size: int,
+                 document_mask: bool = False) -> None:
+        cache.check(split, BlockLayout.of(dataset), vocab_size=vocab_size,
+                    document_mask=document_mask)
         self.dataset, self.cache, self.split = dataset, cache, split
 
     def __len__(self) -> int:

@@ -1,7 +1,8 @@
 """The CUDA path, on a GPU: the fused losses and the fused head equal the unfused ones in float32
 and bf16 for every registered divergence, Liger-Kernel's fused linear JSD is our forward KL at
-the beta ``benchmarks/loss_bench.py`` compares it at, and a 2-step ``tune run tad_distill`` in
-bf16 with ``compile: true`` and ``fused: true`` gives the losses of the eager run.
+the beta ``benchmarks/loss_bench.py`` compares it at, document masks run by flex attention equal
+the dense ones, and a 2-step ``tune run tad_distill`` in bf16 with ``compile: true`` and
+``fused: true`` gives the losses of the eager run.
 
 Every test here is marked ``cuda`` and skipped without a GPU, so CI (CPU) collects and skips them;
 ``benchmarks/gpu_check.sh`` runs them on a GPU (``pytest -m cuda tests/test_cuda.py``).
@@ -205,6 +206,46 @@ def test_liger_fused_jsd_is_forward_kl_at_the_benchmarked_beta():
                                    msg=lambda m: f"beta={beta} vs our {name}: {m}")
         for got, want in ((h_s.grad, r_h / n), (w_s.grad, r_w / n)):
             torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-5)
+
+
+# ------------------------------------------------------------------ document-masked attention
+
+
+def test_flex_document_mask_equals_the_dense_one():
+    """``document_mask`` on CUDA: the recipe hands Qwen2 (torchtune's MultiHeadAttention) a flex
+    ``BlockMask`` (``supports_flex_attention``), which torchtune runs with compiled flex
+    attention. Float32 (no TF32): its logits and parameter gradients equal those under the
+    dense mask (SDPA) within 1e-4 of the largest, on rows of documents crossing flex's
+    128-token blocks."""
+    from torchtune.models.qwen2 import qwen2
+
+    from tad_torchtune.data import document_attention
+    from tad_torchtune.models import forward_hidden, project_logits, supports_flex_attention
+    from tests.helpers.teachers import VOCAB, teacher_node
+
+    # the tiny Qwen2 of the CPU tests, 300 positions long, with heads of 32 (flex's kernels
+    # multiply blocks of at least 16)
+    torch.manual_seed(0)
+    node = {**teacher_node("qwen2"), "embed_dim": 128, "max_seq_len": 512}
+    del node["_component_"]
+    model = qwen2(**node).cuda()
+    assert supports_flex_attention("cuda", model)
+    lengths = [[40, 150, 110], [300], [1, 128, 171]]
+    docs = torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(row)])
+                        for row in lengths]).cuda()
+    tokens = torch.randint(0, VOCAB, docs.shape, generator=torch.Generator().manual_seed(0)).cuda()
+
+    def logits_and_grads(flex: bool):
+        mask, input_pos = document_attention(docs, flex=flex)
+        model.zero_grad(set_to_none=True)
+        logits = project_logits(model, forward_hidden(model, tokens, mask=mask,
+                                                      input_pos=input_pos)[0])
+        logits.square().mean().backward()
+        return [logits.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    for got, want in zip(logits_and_grads(True), logits_and_grads(False)):
+        scale = float(want.abs().max())
+        torch.testing.assert_close(got, want, atol=1e-4 * scale, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- the recipe

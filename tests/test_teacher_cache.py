@@ -120,6 +120,16 @@ def test_an_existing_cache_of_other_settings_is_refused_naming_them(tmp_path):
     with pytest.raises(ConfigError, match=r"\(mode: None there, 'sampled' now, samples: None "
                                           r"there, 4 now, seed: None there, 3 now\)"):
         _create(root, "sampled")
+    sampled = _create(tmp_path / "sampled", "sampled")  # keys a bucket cache does not write
+    with pytest.raises(ConfigError, match=r"\(mode: 'sampled' there, None now, samples: 4 "
+                                          r"there, None now, seed: 3 there, None now\)"):
+        _create(sampled.root)
+    masked = _create(tmp_path / "masked", document_mask=True)
+    with pytest.raises(ConfigError, match=r"\(document_mask: True there, None now\)"):
+        _create(masked.root)
+    with pytest.raises(ConfigError, match=r"\(document_mask: None there, True now\)"):
+        _create(root, document_mask=True)
+    assert masked.document_mask and not _create(root).document_mask
     with pytest.raises(ConfigError, match=r"cache_logp_dtype: must be one of \('float16', "
                                           r"'bfloat16', 'float32'\), got 'int8'"):
         _create(tmp_path / "other", logp_dtype="int8")

@@ -113,8 +113,10 @@ def document_attention(document_ids: Tensor, *, flex: bool = False) -> tuple[Any
 
     Args:
         document_ids: ``[B, T]`` the document of each token within its row (non-decreasing).
-        flex: build torchtune's ``BlockMask`` (flex attention, CUDA) from the documents' lengths
-            instead of a dense ``[B, T, T]`` boolean mask (every family, every device).
+        flex: a flex-attention ``BlockMask`` on ``document_ids``' device (torchtune's attention
+            runs it with flex attention on CUDA, skipping the blocks no document reaches;
+            ``models.supports_flex_attention`` says where) instead of the dense ``[B, T, T]``
+            boolean mask (every family, every device).
 
     Returns:
         ``(mask, input_pos)`` for ``forward_hidden``: token i attends to token j iff j <= i in
@@ -129,10 +131,14 @@ def document_attention(document_ids: Tensor, *, flex: bool = False) -> tuple[Any
     first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
     input_pos = pos - first
     if flex:
-        from torchtune.modules.attention_utils import packed_block_causal_mask
+        from torch.nn.attention.flex_attention import create_block_mask
 
-        seq_lens = [torch.bincount(row - row[0]) for row in document_ids]
-        return packed_block_causal_mask(seq_lens), input_pos
+        def same_document_causal(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            return (document_ids[b, q] == document_ids[b, kv]) & (kv <= q)
+
+        mask = create_block_mask(same_document_causal, rows, None, length, length,
+                                 device=document_ids.device)
+        return mask, input_pos
     same = document_ids.unsqueeze(-1) == document_ids.unsqueeze(-2)  # (B, T, T)
     causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril_()
     return same & causal, input_pos

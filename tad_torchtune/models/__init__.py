@@ -26,6 +26,7 @@ from tad_torchtune.models._forward import (
     output_bias,
     output_weight,
     project_logits,
+    supports_flex_attention,
 )
 from tad_torchtune.models._gemma2 import Gemma2HFLayer, correct_gemma2
 from tad_torchtune.models.loading import (
@@ -88,4 +89,5 @@ __all__ = [
     "register_family",
     "resolve_teacher",
     "save_hf_checkpoint",
+    "supports_flex_attention",
 ]

@@ -37,6 +37,20 @@ def logit_softcap(model: nn.Module) -> float | None:
     return getattr(model, "logit_softcap", None)
 
 
+def supports_flex_attention(device: torch.device | str, *models: nn.Module) -> bool:
+    """Whether these models run a flex ``BlockMask`` (``data.document_attention(flex=True)``) with
+    flex attention: on CUDA where torchtune dispatches a ``BlockMask`` to it
+    (``_SUPPORTS_FLEX_ATTENTION``), and every layer's attention torchtune's
+    ``MultiHeadAttention`` (Gemma2's refuses block masks: those models take the dense mask)."""
+    from torchtune.modules import MultiHeadAttention
+    from torchtune.utils._import_guard import _SUPPORTS_FLEX_ATTENTION
+
+    if torch.device(device).type != "cuda" or not _SUPPORTS_FLEX_ATTENTION:
+        return False
+    attentions = [m.attn for model in models for m in model.modules() if hasattr(m, "attn")]
+    return bool(attentions) and all(isinstance(a, MultiHeadAttention) for a in attentions)
+
+
 def forward_hidden(
     model: TransformerDecoder,
     tokens: Tensor,

@@ -89,3 +89,32 @@ def test_document_mask_and_ignoring_all():
     silent = batch.ignoring_all()
     assert (silent.labels == IGNORE_INDEX).all() and silent.num_tokens == 0
     assert torch.equal(silent.tokens, batch.tokens)
+
+
+def test_the_flex_block_mask_attends_as_the_dense_mask():
+    """document_attention(flex=True): flex attention under its BlockMask equals SDPA under the
+    dense mask, on rows of several documents spanning flex's 128-token blocks, and skips the
+    blocks no document reaches."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    lengths = [[50, 150, 60], [260], [1, 128, 131]]
+    docs = torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(row)])
+                        for row in lengths])
+    dense, pos = document_attention(docs)
+    block, flex_pos = document_attention(docs, flex=True)
+    assert torch.equal(pos, flex_pos)
+    q, k, v = torch.randn(3, 3, 2, 260, 16, generator=torch.Generator().manual_seed(0)).unbind(0)
+    with warnings.catch_warnings():  # eager flex attention (the reference implementation) warns
+        warnings.simplefilter("ignore")
+        got = flex_attention(q, k, v, block_mask=block)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense[:, None])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # [B, query blocks, key blocks]: 1 where any pair attends. Row 0's last block (tokens
+    # 256..259, in the document of 200..259) skips block 0, and so does row 2's (129..259);
+    # row 1, one document, keeps every causal block
+    blocks = block.to_dense()[:, 0]
+    assert blocks[0].tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+    assert blocks[1].tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    assert blocks[2].tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 1]]

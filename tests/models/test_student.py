@@ -248,17 +248,49 @@ def test_student_can_change_embedding_tying(teacher_case, tie):
         pruned_student(teacher=teacher_node("mistral"), num_layers=1, tie_word_embeddings=True)
 
 
-@pytest.mark.parametrize("case", ["llama3", "qwen2", "gemma2", "phi3", "phi2"])
-def test_document_attention_runs_each_document_as_if_alone(case):
+def _flex_dispatch(model):
+    """``model``'s MultiHeadAttentions dispatch a BlockMask to flex attention, as torchtune's
+    ``_sdpa_or_flex_attention`` does on CUDA (on a CPU it has only the SDPA branch); eager flex
+    attention, torch's reference implementation."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    from torchtune.modules import MultiHeadAttention
+
+    def attention_call(q, k, v, mask, dropout_p, is_causal):
+        if not isinstance(mask, BlockMask):  # torchtune's SDPA branch
+            mask = None if mask is None else mask[:, None, :, :]
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+        calls.append(q.shape)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return flex_attention(q, k, v, block_mask=mask)
+
+    calls = []
+
+    for m in model.modules():
+        if isinstance(m, MultiHeadAttention):
+            m._attention_call = attention_call
+    return calls
+
+
+@pytest.mark.parametrize("case,flex", [("llama3", False), ("qwen2", False), ("gemma2", False),
+                                       ("phi3", False), ("phi2", False), ("qwen2", True),
+                                       ("phi3", True), ("phi2", True)])
+def test_document_attention_runs_each_document_as_if_alone(case, flex):
     """document_mask: a row packed with three documents gives, on each document, the logits of
-    that document run on its own (positions restarting, no attention across the boundary)."""
+    that document run on its own (positions restarting, no attention across the boundary), with
+    the dense mask and with flex attention's BlockMask (the CUDA path of the families whose
+    attention is torchtune's MultiHeadAttention)."""
     from tad_torchtune.data import document_attention
 
     model = build_teacher(case)
+    flex_calls = _flex_dispatch(model) if flex else []
     lengths = [7, 5, 8]  # 20 tokens: past the tiny Gemma2's sliding window of 8
     docs = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).unsqueeze(0)
     tokens = torch.randint(0, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(4))
-    mask, input_pos = document_attention(docs)
+    mask, input_pos = document_attention(docs, flex=flex)
     assert input_pos.tolist() == [list(range(7)) + list(range(5)) + list(range(8))]
     with torch.no_grad():
         packed = project_logits(model, forward_hidden(model, tokens, mask=mask,
@@ -271,3 +303,21 @@ def test_document_attention_runs_each_document_as_if_alone(case):
         # without the mask the later documents see the earlier ones
         plain = project_logits(model, forward_hidden(model, tokens)[0])
         assert (plain[:, 7:12] - packed[:, 7:12]).abs().max() > 1e-3
+    assert len(flex_calls) == (len(model.layers) if flex else 0)  # the BlockMask reached them all
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_flex_attention_where_torchtune_runs_it_for_every_model(case, monkeypatch):
+    """supports_flex_attention: CUDA with torchtune's flex dispatch, and no model with an
+    attention other than MultiHeadAttention (Gemma2's refuses a BlockMask)."""
+    import torchtune.utils._import_guard as guard
+
+    from tad_torchtune.models import supports_flex_attention
+
+    model, qwen2 = build_teacher(case), build_teacher("qwen2")
+    monkeypatch.setattr(guard, "_SUPPORTS_FLEX_ATTENTION", True)
+    assert supports_flex_attention("cuda", model) == (case != "gemma2")
+    assert supports_flex_attention(torch.device("cuda", 1), qwen2, model) == (case != "gemma2")
+    assert not supports_flex_attention("cpu", model)
+    monkeypatch.setattr(guard, "_SUPPORTS_FLEX_ATTENTION", False)  # an older GPU
+    assert not supports_flex_attention("cuda", model)

@@ -116,6 +116,30 @@ def test_training_from_an_exact_cache_gives_the_online_losses(assets, online, ex
 
 
 @pytest.mark.slow
+def test_a_document_masked_cache_gives_the_online_document_masked_losses(assets, tmp_path):
+    """document_mask: tad_cache runs the teacher within documents, as tad_distill does live, so
+    training from an exact cache gives the online losses; a run whose document_mask differs
+    from the cache's is refused. 64-token blocks: one in nine holds a document boundary."""
+    masked = {"document_mask": True, "dataset.max_seq_len": 64,
+              "validation_dataset.max_seq_len": 64}
+    online = _run(assets, tmp_path, "online", **masked)
+    cache = _cache(assets, tmp_path, "cache", cache_top_m=V - 1, cache_logp_dtype="float32",
+                   cache_shard_blocks=16, cache_mode="top_m", **masked)
+    assert json.loads((cache / "manifest.json").read_text())["document_mask"] is True
+    cached = _run(assets, tmp_path, "cached", teacher_cache_dir=str(cache), **masked)
+    _same(tune.train_losses(cached), tune.train_losses(online), rtol=1e-5)
+    unmasked = _run(assets, tmp_path, "unmasked", **{**masked, "document_mask": False})
+    diff = max(abs(a - b) / b for a, b in zip(tune.train_losses(unmasked).values(),
+                                              tune.train_losses(online).values()))
+    assert diff > 1e-4  # the masks change these losses: the comparison above can see them
+    from tad_torchtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^document_mask: false here, but the teacher cache "):
+        _run(assets, tmp_path, "refused", teacher_cache_dir=str(cache),
+             **{**masked, "document_mask": False})
+
+
+@pytest.mark.slow
 def test_accumulation_and_two_processes_from_the_cache(assets, exact_cache, from_cache, tmp_path):
     one = from_cache
     accum = _run(assets, tmp_path, "accum", teacher_cache_dir=str(exact_cache), batch_size=2,

@@ -295,9 +295,12 @@ def test_document_mask_reaches_the_models(assets, tmp_path, monkeypatch):
     seen = []
     real = batch_module.document_attention
 
-    def spy(document_ids, **kwargs):
+    def spy(document_ids, flex=False):
         seen.append(document_ids.clone())
-        return real(document_ids, **kwargs)
+        flexes.append(flex)
+        return real(document_ids)  # dense: a CPU's torchtune runs no BlockMask
+
+    flexes = []
 
     monkeypatch.setattr(batch_module, "document_attention", spy)
     # 64-token blocks of documents of ~580 tokens: one block in nine holds a boundary
@@ -308,10 +311,23 @@ def test_document_mask_reaches_the_models(assets, tmp_path, monkeypatch):
                                     "beta": 2.0, "abar_scope": "document"}, **long_blocks)
     _recipe(cfg).train()
     assert len(seen) >= 10 and any(int(d.max()) > 0 for d in seen)  # rows of several documents
+    assert not any(flexes)  # on a CPU: the dense mask
     plain = tmp_path / "plain"
     _recipe(tune.base_config(assets, plain, max_steps=10, export_hf=False, **long_blocks)).train()
     a, b = tune.train_losses(out), tune.train_losses(plain)
     assert a[10] != pytest.approx(b[10], rel=1e-6)  # the masks changed the training
+
+    # where both models run flex attention (CUDA, no Gemma2) the recipe asks for a BlockMask
+    import tad_distill
+
+    asked = []
+    monkeypatch.setattr(tad_distill, "supports_flex_attention",
+                        lambda device, *models: asked.append(models) or True)
+    flexes.clear()
+    flex = _recipe(tune.base_config(assets, tmp_path / "flex", max_steps=1, export_hf=False,
+                                    document_mask=True, **long_blocks))
+    flex.train()
+    assert asked == [(flex._teacher, flex._student)] and flexes and all(flexes)
 
 
 def test_nan_stops_before_the_update_and_the_checkpoint_survives(assets, tmp_path):
