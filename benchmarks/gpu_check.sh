@@ -62,8 +62,11 @@
 # machine's Python 3.12 on manylinux x86_64. That machine has torch 2.11 + CUDA 13, triton 3.6,
 # transformers 5.17 (the peer loop's models), PyYAML, safetensors, tqdm, tokenizers, numpy,
 # pyarrow, pandas, fsspec, huggingface-hub, requests, pytest (the imports step prints the
-# versions it finds). Missing there, pinned to what `pip install -e .` resolves
-# beside the project's own pins: torchtune, torchao, torchdata; HF datasets with dill and
+# versions it finds), and what importing torchtune, datasets and kagglehub needs beyond them
+# (xxhash, protobuf, sentencepiece, tiktoken, blobfile, psutil, pillow: torchtune imported there
+# at 7525fee; a Python 3.12 rehearsal without them fails the imports step, RESULTS.md).
+# Missing there, pinned to what `pip install -e .` resolves beside the project's own pins:
+# torchtune, torchao, torchdata; HF datasets with dill and
 # multiprocess (`import torchtune` imports it; it wants pyarrow>=24, fsspec<=2026.9.0 and
 # huggingface-hub>=1.31, 1.33 there: the imports step prints the versions found); kagglehub
 # with kagglesdk (the `tune` command imports it); omegaconf 2.4.0 (needs only PyYAML; 2.3
