@@ -37,9 +37,10 @@ once its files are written, so a shard that exists is complete; the cache is com
 every shard of every split exists.
 
 ``manifest.json``: ``format`` ("tad_torchtune.teacher_cache"), ``version`` (1), ``mode`` (absent:
-"top_m"; "sampled" with ``samples`` and ``seed``), ``top_m``,
-``vocab_size``, ``temperature``, ``ids_dtype``, ``logp_dtype``, ``shard_blocks``, ``teacher``
-(what identifies it: model config, checkpoint files and sizes, dtype), and per split
+"top_m"; "sampled" with ``samples`` and ``seed``), ``document_mask`` (absent: false; true when
+the teacher attended within documents), ``top_m``, ``vocab_size``, ``temperature``,
+``ids_dtype``, ``logp_dtype``, ``shard_blocks``, ``teacher`` (what identifies it: model config,
+checkpoint files and sizes, dtype), and per split
 ``{store_fingerprint, first_token, max_seq_len, num_blocks}``: the blocks it covers are tokens
 ``first_token + [i * max_seq_len, (i + 1) * max_seq_len)`` of that store.
 """
