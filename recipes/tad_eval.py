@@ -19,6 +19,8 @@ Config (see ``configs/demo_eval.yaml``):
   ``instantiate(dataset, tokenizer)`` and yields ``{"tokens", "labels"}`` blocks of equal length.
   Position t predicts token t+1 (labels are shifted left, the last position ignored), as in
   ``tad_distill``'s validation, so its numbers match ``val_kl`` / ``val_ce`` in ``metrics.jsonl``.
+- ``document_mask``: attention stops at document boundaries, as ``tad_distill``'s; set it as the
+  run did, or the KL and CE are not its ``val_kl`` / ``val_ce``.
 - Strings starting with ``pkg://`` anywhere in the config name files shipped in
   ``tad_torchtune/assets`` (``pkg://demo/teacher``).
 """
@@ -38,7 +40,7 @@ from tad_torchtune.common import DTYPES
 from tad_torchtune.data import collate
 from tad_torchtune.errors import ConfigError, instantiate, reports_user_errors
 from tad_torchtune.metrics import StudentMetrics, TeacherMetrics
-from tad_torchtune.models import forward_hidden, project_logits
+from tad_torchtune.models import forward_hidden, project_logits, supports_flex_attention
 from tad_torchtune.models.loading import load_hf_folder
 from tad_torchtune.schema import EVAL, resolve_config_argv, resolve_package_paths
 
@@ -62,6 +64,7 @@ class TADEvalRecipe:
         self._num_bins = get("num_bins")
         self._tail_ks = tuple(int(k) for k in get("tail_ks"))
         self._vocab_alignment = get("vocab_alignment")
+        self._document_mask = bool(get("document_mask"))
         if len(cfg.students) == 0:
             raise ConfigError(
                 "students: must map at least one name to {checkpoint_dir: ...}, e.g. "
@@ -84,6 +87,8 @@ class TADEvalRecipe:
                                       dtype=self._dtype)
             for name, spec in cfg.students.items()
         }
+        self._flex_attention = supports_flex_attention(
+            self._device, self._teacher, *self._students.values())
         self._paths = {"teacher": str(cfg.teacher.checkpoint_dir)} | {
             f"students.{name}": str(spec.checkpoint_dir) for name, spec in cfg.students.items()
         }
@@ -91,8 +96,11 @@ class TADEvalRecipe:
     def _batches(self):
         n = len(self._dataset)
         for start in range(0, n, self._batch_size):
-            batch = collate([self._dataset[i] for i in range(start, min(n, start + self._batch_size))])
-            yield batch.to(self._device)
+            batch = collate([self._dataset[i] for i in range(start, min(n, start + self._batch_size))]
+                            ).to(self._device)
+            if self._document_mask:  # as tad_distill's validation runs the models
+                batch = batch.with_document_mask(flex=self._flex_attention)
+            yield batch
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -113,10 +121,12 @@ class TADEvalRecipe:
                 break
             # logits in the model dtype; the metrics upcast chunk by chunk
             tokens, labels = batch.tokens, batch.labels
-            teacher_logits = project_logits(self._teacher, forward_hidden(self._teacher, tokens)[0])
+            attention = {"mask": batch.mask, "input_pos": batch.input_pos}
+            teacher_logits = project_logits(
+                self._teacher, forward_hidden(self._teacher, tokens, **attention)[0])
             teacher_metrics.update(teacher_logits, labels)
             for name, student in self._students.items():
-                logits = project_logits(student, forward_hidden(student, tokens)[0])
+                logits = project_logits(student, forward_hidden(student, tokens, **attention)[0])
                 student_metrics[name].update(logits, teacher_logits, labels)
         return {
             "teacher": teacher_metrics.compute(),

@@ -343,6 +343,9 @@ EVAL = Schema("tad_eval", [
         (list,), shown=f"`{list(TAIL_KS)}`"),
     Key("vocab_alignment", "`truncate_teacher` for a teacher with a padded, larger vocabulary",
         "exact", _STR, choices=("exact", "truncate_teacher")),
+    Key("document_mask", "attention stops at document boundaries, as `tad_distill`'s "
+        "`document_mask` (set it as the run did: the KL and CE are then its `val_kl`, `val_ce`)",
+        False, _BOOL),
 ])
 
 

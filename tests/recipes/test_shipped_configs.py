@@ -578,6 +578,7 @@ def test_dress_rehearsal(name, tmp_path, token_store_dir, quiet_process):
     eval_cfg.teacher = {"checkpoint_dir": cfg.teacher_checkpointer.checkpoint_dir}
     eval_cfg.students = {"student": {"checkpoint_dir": str(student_dir)}}
     eval_cfg.vocab_alignment = cfg.get("vocab_alignment", "exact")
+    eval_cfg.document_mask = bool(cfg.get("document_mask", False))
     report = _run("tad_eval", eval_cfg)["students"]["student"]
     assert report["kl"] == pytest.approx(final["val_kl"], rel=1e-5)
     assert report["ce"] == pytest.approx(final["val_ce"], rel=1e-5)

@@ -109,6 +109,53 @@ def test_tad_eval_end_to_end(tmp_path):
         assert all(math.isfinite(s[k]) for k in ("kl", "ce", "ppl", "full_ece", "top1_agreement"))
 
 
+@pytest.mark.skipif(not (DEMO / "tokenizer.json").is_file(), reason="demo tokenizer not built")
+def test_document_mask_evaluates_each_document_alone(tmp_path):
+    """document_mask: true: every document of a block is scored as transformers scores it run
+    alone (the attention and positions of tad_distill's document_mask), and the KL differs from
+    the unmasked one (the held-out blocks hold document boundaries)."""
+    teacher = save_hf_llama(tmp_path / "teacher", seed=0)
+    other = save_hf_llama(tmp_path / "other", seed=1, tied=True)
+    data = write_corpus(tmp_path / "held_out.jsonl")
+    dataset = {"_component_": "tad_torchtune.data.text_block_dataset", "source": str(data),
+               "max_seq_len": 32, "split": "validation", "validation_fraction": 0.5}
+    reports = {}
+    for masked in (True, False):
+        out = tmp_path / f"out_{masked}"
+        cfg = write_config(
+            tmp_path / f"eval_{masked}.yaml", output_dir=str(out), tokenizer=tokenizer_cfg(),
+            dataset=dataset, teacher={"checkpoint_dir": str(teacher)},
+            students={"other": {"checkpoint_dir": str(other)}}, document_mask=masked)
+        run_tune("--config", str(cfg))
+        reports[masked] = json.loads((out / "eval.json").read_text())["students"]["other"]
+
+    from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer
+
+    tok = HuggingFaceBaseTokenizer(resolve_asset("pkg://demo/tokenizer.json"),
+                                   tokenizer_config_json_path=resolve_asset("pkg://demo/tokenizer_config.json"))
+    blocks = TextBlockDataset(tok, source=str(data), max_seq_len=32, split="validation",
+                              validation_fraction=0.5)
+    hf_t = transformers.LlamaForCausalLM.from_pretrained(teacher).eval()
+    hf_o = transformers.LlamaForCausalLM.from_pretrained(other).eval()
+
+    def alone(model, tokens, docs):  # each document's logits from a run of it alone
+        return torch.cat([model(tokens[docs == d][None]).logits[0] for d in docs.unique()])
+
+    kl, ce, crossing = [], [], 0
+    with torch.no_grad():
+        for i in range(len(blocks)):
+            x, docs = blocks[i]["tokens"], torch.as_tensor(blocks[i]["document_ids"])
+            crossing += int(docs.max()) > 0
+            lt, lo = alone(hf_t, x, docs)[:-1], alone(hf_o, x, docs)[:-1]
+            log_p, log_q = lt.log_softmax(-1), lo.log_softmax(-1)
+            kl.append((log_p.exp() * (log_p - log_q)).sum(-1))
+            ce.append(torch.nn.functional.cross_entropy(lo, x[1:], reduction="none"))
+    assert crossing >= 2  # blocks of several documents: the mask changes something
+    assert reports[True]["kl"] == pytest.approx(torch.cat(kl).mean().item(), rel=1e-4)
+    assert reports[True]["ce"] == pytest.approx(torch.cat(ce).mean().item(), rel=1e-4)
+    assert abs(reports[True]["kl"] - reports[False]["kl"]) > 1e-3 * reports[False]["kl"]
+
+
 @pytest.mark.skipif(not (DEMO / "teacher" / "model.safetensors").is_file(),
                     reason="demo teacher not built")
 def test_bundled_config_by_name(tmp_path):
