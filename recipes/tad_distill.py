@@ -219,11 +219,11 @@ class TADDistillRecipe:
                     compile=self._compile, fsdp=fsdp, cpu_offload=self._cpu_offload,
                     root=self._head)
 
-        # document_mask: a flex BlockMask where torchtune runs flex attention on every model
-        # (CUDA, no Gemma2), which skips the blocks no document reaches; else the dense mask
+        # document masks (document_mask, torchtune's packed rows): a flex BlockMask where
+        # torchtune runs flex attention on every model (CUDA, no Gemma2), which skips the
+        # blocks no document reaches; else the dense mask
         models = [m for m in (self._teacher, self._student) if m is not None]
-        self._flex_attention = (self._document_mask
-                                and supports_flex_attention(self._device, *models))
+        self._flex_attention = supports_flex_attention(self._device, *models)
         trainable = [p for p in self._head.parameters() if p.requires_grad]
         self._optimizer = instantiate(cfg.optimizer, "optimizer", trainable)
         self._data_fingerprints: dict[str, str | None] = {}
@@ -371,9 +371,10 @@ class TADDistillRecipe:
         return postfix
 
     def _prepare(self, batch: Batch) -> Batch:
-        """A collated batch on the device, with document-masked attention when asked for."""
+        """A collated batch on the device, with document-masked attention when asked for
+        (``document_mask``) or packed (torchtune's packed rows)."""
         batch = batch.to(self._device)
-        if not self._document_mask:
+        if not (self._document_mask or batch.packed):
             return batch
         return batch.with_document_mask(flex=self._flex_attention)
 

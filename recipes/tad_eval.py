@@ -98,7 +98,7 @@ class TADEvalRecipe:
         for start in range(0, n, self._batch_size):
             batch = collate([self._dataset[i] for i in range(start, min(n, start + self._batch_size))]
                             ).to(self._device)
-            if self._document_mask:  # as tad_distill's validation runs the models
+            if self._document_mask or batch.packed:  # as tad_distill's validation runs them
                 batch = batch.with_document_mask(flex=self._flex_attention)
             yield batch
 

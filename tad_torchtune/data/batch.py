@@ -32,6 +32,8 @@ class Batch:
         teacher: a teacher cache's entries of these positions (``[B, T, ...]``,
             ``tad_torchtune.losses.cached``), or None.
         num_tokens: valid positions (labels not ignored), counted on the host when collated.
+        packed: rows of torchtune's ``PackedDataset``, whose samples never attend to each other:
+            the models need ``with_document_mask()`` whatever ``document_mask`` says.
     """
 
     tokens: Tensor
@@ -41,6 +43,7 @@ class Batch:
     input_pos: Tensor | None = None
     teacher: Any = None
     num_tokens: int = 0
+    packed: bool = False
 
     def to(self, device: torch.device | str) -> "Batch":
         """The batch on ``device`` (tensors copied without blocking; the mask and the cache's
@@ -51,11 +54,11 @@ class Batch:
             return None if x is None else x.to(device)
 
         return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self)
-                                if f.name != "num_tokens"})
+                                if f.name not in ("num_tokens", "packed")})
 
     def with_document_mask(self, *, flex: bool = False) -> "Batch":
         """The batch with attention stopping at its documents (``document_attention``); rows
-        without document ids are left as they are."""
+        without document ids, or with a mask already, are left as they are."""
         if self.document_ids is None or self.mask is not None:
             return self
         mask, input_pos = document_attention(self.document_ids, flex=flex)
@@ -78,22 +81,22 @@ def collate(samples: list[dict[str, Any]], *, pad_id: int = 0,
         ignore_index: label of positions that do not count.
 
     Returns:
-        ``Batch``; packed rows get their ``document_ids`` from ``input_pos`` and torchtune's
-        block-causal ``mask``.
+        ``Batch``; packed rows get their ``document_ids`` from ``input_pos`` and ``packed``: the
+        mask is made on the models' device by ``with_document_mask`` (torchtune's collate would
+        make it here, a flex ``BlockMask`` on any CUDA machine, which Gemma2's attention
+        refuses).
     """
     first = samples[0]
-    if "input_pos" in first:  # torchtune's packed rows
-        from torchtune.data import padded_collate_packed
 
-        out = padded_collate_packed(samples)
-        input_pos = out["input_pos"]
-        batch = Batch(out["tokens"].long(), out["labels"].long(),
-                      document_ids=(input_pos == 0).long().cumsum(-1) - 1, mask=out.get("mask"),
-                      input_pos=input_pos)
+    def stacked(key: str) -> Tensor:
+        return torch.stack([torch.as_tensor(s[key]) for s in samples]).long()
+
+    if "input_pos" in first:  # torchtune's packed rows, each padded to the pack size
+        input_pos = stacked("input_pos")
+        batch = Batch(stacked("tokens"), stacked("labels"),
+                      document_ids=(input_pos == 0).long().cumsum(-1) - 1, input_pos=input_pos,
+                      packed=True)
     elif len({len(s["tokens"]) for s in samples}) == 1:  # equal lengths: blocks
-        def stacked(key: str) -> Tensor:
-            return torch.stack([torch.as_tensor(s[key]) for s in samples]).long()
-
         batch = Batch(stacked("tokens"), stacked("labels"),
                       document_ids=stacked("document_ids") if "document_ids" in first else None)
     else:

@@ -49,15 +49,27 @@ def test_sft_samples_of_several_lengths_are_padded():
 
 
 def test_packed_rows_get_documents_mask_and_positions():
-    """torchtune's packed samples: its block-causal mask and positions, and the documents the
-    positions restart at (TAD's per-document normaliser reads them)."""
-    samples = [{"tokens": torch.arange(6), "labels": torch.arange(6),
-                "input_pos": torch.tensor([0, 1, 2, 0, 1, 0]), "seq_lens": torch.tensor([3, 2, 1])}]
+    """torchtune's packed samples: its positions, the documents the positions restart at (TAD's
+    per-document normaliser reads them) and ``packed``; the mask comes on the models' device
+    from ``with_document_mask``: torchtune's block-causal mask, padding included (a pack is
+    padded to its size with positions that go on from its last sample's)."""
+    samples = [{"tokens": torch.arange(8), "labels": torch.arange(8),
+                "input_pos": torch.tensor([0, 1, 2, 0, 1, 0, 1, 2]),
+                "seq_lens": torch.tensor([3, 2, 1, 2])},  # the last 2: padding
+               {"tokens": torch.arange(8), "labels": torch.arange(8),
+                "input_pos": torch.tensor([0, 1, 2, 3, 4, 0, 1, 2]),
+                "seq_lens": torch.tensor([5, 3])}]
     batch = collate(samples)
     ref = padded_collate_packed(samples)
-    assert torch.equal(batch.input_pos, ref["input_pos"]) and torch.equal(batch.mask, ref["mask"])
-    assert batch.document_ids.tolist() == [[0, 0, 0, 1, 1, 2]]
-    assert batch.labels.tolist() == [[1, 2, 3, 4, 5, IGNORE_INDEX]]
+    assert batch.packed and batch.mask is None and torch.equal(batch.input_pos, ref["input_pos"])
+    assert batch.document_ids.tolist() == [[0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 0, 0, 0, 1, 1, 1]]
+    assert batch.labels[0].tolist() == [1, 2, 3, 4, 5, 6, 7, IGNORE_INDEX]
+    masked = batch.to("cpu").with_document_mask()
+    assert masked.packed and torch.equal(masked.input_pos, ref["input_pos"])
+    # the same attention as torchtune's for every real token (rows of the padding differ: it
+    # attends as part of the last sample, torchtune's as a sample of its own; nothing reads it)
+    real = torch.tensor([[1] * 6 + [0] * 2, [1] * 8], dtype=torch.bool)
+    assert torch.equal(masked.mask[real], ref["mask"][real])
 
 
 def test_teacher_cache_entries_travel_with_their_blocks():

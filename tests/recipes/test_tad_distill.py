@@ -330,6 +330,23 @@ def test_document_mask_reaches_the_models(assets, tmp_path, monkeypatch):
     assert asked == [(flex._teacher, flex._student)] and flexes and all(flexes)
 
 
+def test_packed_rows_are_document_masked_whatever_document_mask_says(assets, tmp_path):
+    """torchtune's packed rows (``Batch.packed``) reach the models with their block-causal mask
+    and positions with ``document_mask: false`` too; the token store's blocks only when asked."""
+    from tad_torchtune.data import collate
+
+    recipe = _recipe(tune.base_config(assets, tmp_path / "out", max_steps=1, export_hf=False))
+    packed = collate([{"tokens": torch.arange(6), "labels": torch.arange(6),
+                       "input_pos": torch.tensor([0, 1, 2, 0, 1, 0]),
+                       "seq_lens": torch.tensor([3, 2, 1])}])
+    prepared = recipe._prepare(packed)
+    assert prepared.mask is not None and not prepared.mask[0, 3, 2] and prepared.mask[0, 4, 3]
+    assert prepared.input_pos.tolist() == [[0, 1, 2, 0, 1, 0]]
+    blocks = collate([{"tokens": torch.arange(6), "labels": torch.arange(6),
+                       "document_ids": torch.tensor([0, 0, 0, 1, 1, 1])}])
+    assert recipe._prepare(blocks).mask is None  # document_mask: false
+
+
 def test_nan_stops_before_the_update_and_the_checkpoint_survives(assets, tmp_path):
     import tad_distill
 
