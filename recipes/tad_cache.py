@@ -16,9 +16,10 @@ and forward KL; the default for those, ``top_m`` for the others), in shards of
 documents the format). With ``document_mask`` the teacher attends within documents, as
 ``tad_distill`` runs it, and the manifest says so (``tad_distill`` refuses a cache made otherwise
 than its ``document_mask``). A run that is interrupted leaves only complete shards: the next
-run with the same config writes the missing ones, and the cache is then byte for byte what an uninterrupted run writes (the draws come from a counter-based
-generator keyed by the seed, the block and the position). Under torchrun each process takes its
-share of the shards, the teacher sharded with FSDP2 as in ``tad_distill``.
+run with the same config writes the missing ones, and the cache is then byte for byte what an
+uninterrupted run writes (the draws come from a counter-based generator keyed by the seed, the
+block and the position). Under torchrun each process takes its share of the shards, the
+teacher sharded with FSDP2 as in ``tad_distill``.
 """
 
 import sys
