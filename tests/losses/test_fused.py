@@ -565,6 +565,32 @@ def test_compiled_chunks_compile_once(monkeypatch, name):
     assert graphs[0] >= 2 and graphs[1] == graphs[2] == graphs[0], graphs
 
 
+@pytest.mark.parametrize("name", ["tad", "forward_kl"])
+def test_compiled_chunks_settle_on_batches_of_any_length(monkeypatch, name):
+    """Padded SFT batches change the last chunk's length from step to step: the second length
+    makes dynamo compile that dimension dynamic, and no later length compiles anything (a GPU
+    run pays two compiles, not one per batch length, and never hits the recompile limit)."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    from tad_torchtune.losses import fused as fused_module
+
+    monkeypatch.setattr(fused_module, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for step, n in enumerate([141, 141, 100, 103, 123, 131, 77]):  # last chunks 13, 36, ... 13
+        h_s, w_s, h_t, w_t, labels = make_case(30 + step)  # [3, 47]: one row of n tokens
+        h_s, h_t = (h.flatten(0, 1)[None, :n] for h in (h_s, h_t))
+        head(DIVERGENCES[name](), h_s, w_s, h_t, w_t, labels.flatten()[None, :n], chunk_size=64,
+             ce_weight=0.5, compile_chunks=True)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] == graphs[1] <= graphs[2], graphs  # 36 rows: the dynamic recompile
+    assert graphs[2:] == [graphs[2]] * 5, graphs  # nothing after
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name,weights,temperature,caps,cache_mib", [
     ("tad", (0.7, 1.3), 1.0, (None, None), 0),      # the CE folded into TAD's closed form
