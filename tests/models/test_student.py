@@ -250,12 +250,19 @@ def test_student_can_change_embedding_tying(teacher_case, tie):
 
 def _flex_dispatch(model):
     """``model``'s MultiHeadAttentions dispatch a BlockMask to flex attention, as torchtune's
-    ``_sdpa_or_flex_attention`` does on CUDA (on a CPU it has only the SDPA branch); eager flex
+    ``_sdpa_or_flex_attention`` does on CUDA (on a CPU it has only the SDPA branch), through a
+    function torch.compile does not trace, as its ``compile_friendly_flex_attention``; eager flex
     attention, torch's reference implementation."""
     import warnings
 
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
     from torchtune.modules import MultiHeadAttention
+
+    @torch.compiler.disable(recursive=False)
+    def friendly_flex_attention(q, k, v, block_mask):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return flex_attention(q, k, v, block_mask=block_mask)
 
     def attention_call(q, k, v, mask, dropout_p, is_causal):
         if not isinstance(mask, BlockMask):  # torchtune's SDPA branch
@@ -263,9 +270,7 @@ def _flex_dispatch(model):
             return torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
         calls.append(q.shape)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return flex_attention(q, k, v, block_mask=mask)
+        return friendly_flex_attention(q, k, v, block_mask=mask)
 
     calls = []
 
@@ -304,6 +309,33 @@ def test_document_attention_runs_each_document_as_if_alone(case, flex):
         plain = project_logits(model, forward_hidden(model, tokens)[0])
         assert (plain[:, 7:12] - packed[:, 7:12]).abs().max() > 1e-3
     assert len(flex_calls) == (len(model.layers) if flex else 0)  # the BlockMask reached them all
+
+
+def test_compiled_blocks_take_every_batch_s_block_mask_without_recompiling():
+    """compile: true with flex document masks (the CUDA path, its dispatch emulated): every
+    batch brings a new BlockMask of other documents, and the compiled blocks compile once."""
+    from torch._dynamo.utils import counters
+
+    from tad_torchtune.data import document_attention
+
+    model = build_teacher("qwen2")
+    flex_calls = _flex_dispatch(model)
+    for layer in model.layers:
+        layer.compile(backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    gen = torch.Generator().manual_seed(0)
+    graphs = []
+    with torch.no_grad():
+        for _ in range(5):
+            cuts = torch.randint(1, SEQ, (2,), generator=gen).sort().values.tolist()
+            docs = (torch.arange(SEQ)[None] >= torch.tensor(cuts)[:, None]).sum(0)
+            mask, input_pos = document_attention(docs.expand(2, -1), flex=True)
+            tokens = torch.randint(0, VOCAB, (2, SEQ), generator=gen)
+            forward_hidden(model, tokens, mask=mask, input_pos=input_pos)
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert len(flex_calls) == 5 * len(model.layers)
+    assert graphs[0] >= 1 and graphs == [graphs[0]] * 5, graphs
 
 
 @pytest.mark.parametrize("case", CASES)
