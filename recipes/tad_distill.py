@@ -32,6 +32,7 @@ import math
 import resource
 import sys
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
@@ -507,7 +508,10 @@ class TADDistillRecipe:
             self._lr_scheduler.load_state_dict(meta["lr_scheduler"])
             # the next step's rate from THIS run's schedule (a resume with a larger max_steps has
             # another one), not the rate the checkpoint's optimizer state carries
-            for group, lr in zip(self._optimizer.param_groups, self._lr_scheduler.get_lr()):
+            with warnings.catch_warnings():  # get_lr outside step(): the rate we want here
+                warnings.filterwarnings("ignore", message="To get the last learning rate")
+                rates = self._lr_scheduler.get_lr()
+            for group, lr in zip(self._optimizer.param_groups, rates):
                 group["lr"] = lr
         set_rng_state(meta["rng"])
         if self._is_rank_zero:

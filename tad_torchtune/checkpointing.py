@@ -12,6 +12,8 @@ tensors by name with their global shapes, so a checkpoint taken on N processes l
 """
 
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,17 @@ META = "meta.pt"
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextmanager
+def _one_process_quietly():
+    """Without a process group, torch's distributed checkpoint warns at every save and load
+    that it assumes one process: that is every one-process run; the warning says nothing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or "
+                                "uninitialized, assuming the intent is to (save|load) in a single "
+                                "process")
+        yield
 
 
 class TrainingCheckpointer:
@@ -72,7 +85,8 @@ class TrainingCheckpointer:
             "model": get_model_state_dict(model),
             "optim": get_optimizer_state_dict(model, optimizer),
         }
-        dcp.save(state, checkpoint_id=str(tmp))
+        with _one_process_quietly():
+            dcp.save(state, checkpoint_id=str(tmp))
         if self.rank == 0:
             torch.save(meta, tmp / META)
         _barrier()
@@ -89,7 +103,8 @@ class TrainingCheckpointer:
             "model": get_model_state_dict(model),
             "optim": get_optimizer_state_dict(model, optimizer),
         }
-        dcp.load(state, checkpoint_id=str(path))
+        with _one_process_quietly():
+            dcp.load(state, checkpoint_id=str(path))
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optim"])
         return torch.load(path / META, weights_only=False)

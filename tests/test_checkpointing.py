@@ -3,6 +3,8 @@ exactly (the next step equals the uninterrupted one), ``latest`` names the newes
 checkpoint and never a half-written one, and only the last ``keep_last`` are kept. (Resuming a
 whole run, on one or two processes: ``tests/recipes/test_tad_distill.py``.)"""
 
+import warnings
+
 import pytest
 import torch
 
@@ -42,7 +44,9 @@ def test_save_and_load_round_trip_and_the_next_step_is_the_same(tmp_path):
         _step(model, optimizer, i)
     ckpt = TrainingCheckpointer(tmp_path / "checkpoints")
     meta = {"step": 3, "epoch": 0, "samples": 24, "fingerprint": "abc"}
-    path = ckpt.save(3, model, optimizer, meta)
+    with warnings.catch_warnings():  # one process: no warning (torch's assumes-one-process one)
+        warnings.simplefilter("error")
+        path = ckpt.save(3, model, optimizer, meta)
     assert path == tmp_path / "checkpoints" / "step_000003" and (path / META).is_file()
     saved = _params(model)
     _step(model, optimizer, 3)  # the uninterrupted run's next step
@@ -50,7 +54,9 @@ def test_save_and_load_round_trip_and_the_next_step_is_the_same(tmp_path):
 
     fresh, fresh_opt = _model_and_optimizer(1)  # other weights, no optimizer state yet
     assert any(not torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
-    assert ckpt.load(ckpt.latest(), fresh, fresh_opt) == meta
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ckpt.load(ckpt.latest(), fresh, fresh_opt) == meta
     for k, v in saved.items():
         assert torch.equal(fresh.state_dict()[k], v), k
     state, fresh_state = optimizer.state_dict()["state"], fresh_opt.state_dict()["state"]
