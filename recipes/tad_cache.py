@@ -175,8 +175,8 @@ class TADCacheRecipe:
         for n, start in enumerate(starts + [first] * (batches - len(starts))):
             batch = collate([dataset[i] for i in range(start, min(start + self._batch_size, last))]
                             ).to(self._device)
-            if self._document_mask:  # the teacher as tad_distill runs it
-                batch = batch.with_document_mask(flex=self._flex_attention)
+            # the teacher's attention as tad_distill runs it
+            batch = batch.with_attention(self._document_mask, flex=self._flex_attention)
             out = self._teacher(batch, logits=n < len(starts))
             if n >= len(starts):
                 continue

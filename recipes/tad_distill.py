@@ -374,10 +374,8 @@ class TADDistillRecipe:
     def _prepare(self, batch: Batch) -> Batch:
         """A collated batch on the device, with document-masked attention when asked for
         (``document_mask``) or packed (torchtune's packed rows)."""
-        batch = batch.to(self._device)
-        if not (self._document_mask or batch.packed):
-            return batch
-        return batch.with_document_mask(flex=self._flex_attention)
+        return batch.to(self._device).with_attention(self._document_mask,
+                                                     flex=self._flex_attention)
 
     def _train_step(self, micro: list[Batch], local_tokens: int) -> dict[str, float]:
         global_tokens = local_tokens

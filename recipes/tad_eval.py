@@ -96,11 +96,10 @@ class TADEvalRecipe:
     def _batches(self):
         n = len(self._dataset)
         for start in range(0, n, self._batch_size):
-            batch = collate([self._dataset[i] for i in range(start, min(n, start + self._batch_size))]
-                            ).to(self._device)
-            if self._document_mask or batch.packed:  # as tad_distill's validation runs them
-                batch = batch.with_document_mask(flex=self._flex_attention)
-            yield batch
+            batch = collate([self._dataset[i] for i in range(start, min(n, start + self._batch_size))])
+            # the attention of tad_distill's validation
+            yield batch.to(self._device).with_attention(self._document_mask,
+                                                        flex=self._flex_attention)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ class Batch:
             ``tad_torchtune.losses.cached``), or None.
         num_tokens: valid positions (labels not ignored), counted on the host when collated.
         packed: rows of torchtune's ``PackedDataset``, whose samples never attend to each other:
-            the models need ``with_document_mask()`` whatever ``document_mask`` says.
+            ``with_attention`` masks them whatever ``document_mask`` says.
     """
 
     tokens: Tensor
@@ -55,6 +55,12 @@ class Batch:
 
         return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self)
                                 if f.name not in ("num_tokens", "packed")})
+
+    def with_attention(self, document_mask: bool, *, flex: bool = False) -> "Batch":
+        """The batch with the attention its models run: stopping at its documents where
+        ``document_mask`` (the recipes' key) asks for it or the rows are ``packed``
+        (``with_document_mask``), else as it is."""
+        return self.with_document_mask(flex=flex) if document_mask or self.packed else self
 
     def with_document_mask(self, *, flex: bool = False) -> "Batch":
         """The batch with attention stopping at its documents (``document_attention``); rows

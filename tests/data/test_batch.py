@@ -64,7 +64,7 @@ def test_packed_rows_get_documents_mask_and_positions():
     assert batch.packed and batch.mask is None and torch.equal(batch.input_pos, ref["input_pos"])
     assert batch.document_ids.tolist() == [[0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 0, 0, 0, 1, 1, 1]]
     assert batch.labels[0].tolist() == [1, 2, 3, 4, 5, 6, 7, IGNORE_INDEX]
-    masked = batch.to("cpu").with_document_mask()
+    masked = batch.to("cpu").with_attention(document_mask=False)  # packed: masked anyway
     assert masked.packed and torch.equal(masked.input_pos, ref["input_pos"])
     # the same attention as torchtune's for every real token (rows of the padding differ: it
     # attends as part of the last sample, torchtune's as a sample of its own; nothing reads it)
@@ -98,6 +98,9 @@ def test_document_mask_and_ignoring_all():
     assert pos.tolist() == [[0, 1, 0, 1, 2], [0, 1, 2, 3, 4]]
     assert not masked.mask[0, 3, 1] and masked.mask[0, 3, 2]  # no attention across documents
     assert masked.with_document_mask() is masked  # a mask is kept
+    # the recipes' document_mask: blocks are masked only when it asks
+    assert batch.with_attention(document_mask=False) is batch
+    assert torch.equal(batch.with_attention(document_mask=True).mask, mask)
     silent = batch.ignoring_all()
     assert (silent.labels == IGNORE_INDEX).all() and silent.num_tokens == 0
     assert torch.equal(silent.tokens, batch.tokens)
