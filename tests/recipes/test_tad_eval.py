@@ -46,6 +46,22 @@ def tokenizer_cfg():
     }
 
 
+def held_out_blocks(data: Path) -> TextBlockDataset:
+    """The held-out blocks ``held_out_dataset(data)`` gives tad_eval, built here for the
+    references."""
+    from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer
+
+    tok = HuggingFaceBaseTokenizer(resolve_asset("pkg://demo/tokenizer.json"),
+                                   tokenizer_config_json_path=resolve_asset("pkg://demo/tokenizer_config.json"))
+    return TextBlockDataset(tok, source=str(data), max_seq_len=32, split="validation",
+                            validation_fraction=0.5)
+
+
+def held_out_dataset(data: Path) -> dict:
+    return {"_component_": "tad_torchtune.data.text_block_dataset", "source": str(data),
+            "max_seq_len": 32, "split": "validation", "validation_fraction": 0.5}
+
+
 def run_tune(*args, timeout=300):
     proc = subprocess.run([TUNE, "run", "tad_eval", *args], capture_output=True, text=True,
                           timeout=timeout)
@@ -58,8 +74,7 @@ def test_tad_eval_end_to_end(tmp_path):
     teacher = save_hf_llama(tmp_path / "teacher", seed=0)
     other = save_hf_llama(tmp_path / "other", seed=1, tied=True)
     data = write_corpus(tmp_path / "held_out.jsonl")
-    dataset = {"_component_": "tad_torchtune.data.text_block_dataset", "source": str(data),
-               "max_seq_len": 32, "split": "validation", "validation_fraction": 0.5}
+    dataset = held_out_dataset(data)
     out = tmp_path / "out"
     cfg = write_config(
         tmp_path / "eval.yaml", output_dir=str(out), device="cpu", dtype="fp32",
@@ -74,12 +89,7 @@ def test_tad_eval_end_to_end(tmp_path):
     report = json.loads((out / "eval.json").read_text())
 
     # reference: transformers on the same held-out blocks, labels shifted left
-    from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer
-
-    tok = HuggingFaceBaseTokenizer(resolve_asset("pkg://demo/tokenizer.json"),
-                                   tokenizer_config_json_path=resolve_asset("pkg://demo/tokenizer_config.json"))
-    blocks = TextBlockDataset(tok, source=str(data), max_seq_len=32, split="validation",
-                              validation_fraction=0.5)
+    blocks = held_out_blocks(data)
     x = torch.stack([blocks[i]["tokens"] for i in range(len(blocks))])
     hf_t = transformers.LlamaForCausalLM.from_pretrained(teacher).eval()
     hf_o = transformers.LlamaForCausalLM.from_pretrained(other).eval()
@@ -117,8 +127,7 @@ def test_document_mask_evaluates_each_document_alone(tmp_path):
     teacher = save_hf_llama(tmp_path / "teacher", seed=0)
     other = save_hf_llama(tmp_path / "other", seed=1, tied=True)
     data = write_corpus(tmp_path / "held_out.jsonl")
-    dataset = {"_component_": "tad_torchtune.data.text_block_dataset", "source": str(data),
-               "max_seq_len": 32, "split": "validation", "validation_fraction": 0.5}
+    dataset = held_out_dataset(data)
     reports = {}
     for masked in (True, False):
         out = tmp_path / f"out_{masked}"
@@ -129,12 +138,7 @@ def test_document_mask_evaluates_each_document_alone(tmp_path):
         run_tune("--config", str(cfg))
         reports[masked] = json.loads((out / "eval.json").read_text())["students"]["other"]
 
-    from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer
-
-    tok = HuggingFaceBaseTokenizer(resolve_asset("pkg://demo/tokenizer.json"),
-                                   tokenizer_config_json_path=resolve_asset("pkg://demo/tokenizer_config.json"))
-    blocks = TextBlockDataset(tok, source=str(data), max_seq_len=32, split="validation",
-                              validation_fraction=0.5)
+    blocks = held_out_blocks(data)
     hf_t = transformers.LlamaForCausalLM.from_pretrained(teacher).eval()
     hf_o = transformers.LlamaForCausalLM.from_pretrained(other).eval()
 
