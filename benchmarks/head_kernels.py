@@ -3,7 +3,7 @@ and the bytes they move over ``[chunk, V]``, and the same work run eagerly op by
 taken on a CPU that predicts the GPU, where this work is memory-bound (issue 19).
 
     python benchmarks/head_kernels.py [--chunk 1024] [--vocab 32000] [--hidden 64]
-        [--dtype float32|bfloat16] [--cache none|sampled|top_m]
+        [--dtype float32|bfloat16] [--cache none|sampled|top_m] [--backend cpp|triton]
         [--divergences tad forward_kl ce] [--json PATH]
 
 For each divergence (``ce``: the cross-entropy alone), one chunk of ``fused_head`` as the recipe's
@@ -23,6 +23,13 @@ a GPU; the element-wise work in float32). Two runs:
   inductor's estimate of what the kernels read and write (each buffer once per kernel,
   ``num_bytes_accessed``); ``loop bytes``, the same per loop, the intermediates between the
   loops of an outer-loop fusion included, which a GPU's kernels read and write in memory.
+- with ``--backend triton``, "compiled" is the Triton code inductor generates for a GPU
+  instead, generated on this CPU (``triton_codegen``: the ``triton`` package is needed, no GPU,
+  nothing compiled) and read kernel by kernel (``kernel_traffic``): ``kernels``, its launches
+  (of which ``external`` library calls); ``loops``, its loops over a row (a reduction
+  kernel's loops, or a whole element-wise or one-row-at-a-time kernel, over at least half a
+  ``[chunk, V]`` buffer); ``bytes``, what each loop's loads and stores address, a loop reading
+  its inputs again: what a GPU moves, up to its caches.
 - eager (``compile_chunks=False``, the default): every aten op of the whole head (TAD's teacher
   pass, masks, casts and the chunk function; not the matmuls, not views) that reads or writes a
   tensor of at least half a ``[chunk, V]`` buffer: ``ops``, and ``bytes``, the sizes of those
@@ -37,8 +44,10 @@ chunk is about ``passes * chunk * V * 4 bytes / memory bandwidth`` (4.8 TB/s on 
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -111,7 +120,7 @@ def inductor_accounting():
     graph's scheduler nodes recorded after fusion: ``(kind, bytes, [bytes of each loop])``.
     Inductor sizes its kernels' reads and writes (``GraphLowering.count_bytes``) when its
     metrics log is enabled; the record is taken there, while the graph is current."""
-    from torch._inductor import compile_fx
+    from torch._inductor import compile_fx, ir, scheduler
     from torch._inductor import config as inductor_config
     from torch._inductor.graph import GraphLowering
 
@@ -219,14 +228,226 @@ def eager_counts(name: str, inputs) -> dict:
             "op_list": counter.ops}
 
 
+# --- Inductor's Triton backend, the code a CUDA GPU runs, generated on this CPU ---------------
+
+#: bytes per element of a Triton pointer type in a kernel's signature
+TRITON_BYTES = {"*fp64": 8, "*i64": 8, "*u64": 8, "*fp32": 4, "*i32": 4, "*u32": 4,
+                "*bf16": 2, "*fp16": 2, "*i16": 2, "*u16": 2, "*i8": 1, "*u8": 1, "*i1": 1,
+                "*fp8e4nv": 1, "*fp8e5": 1}
+#: iterations of an access above which its distinct addresses are not counted (it then counts
+#: one element per iteration: 1 GiB of int64 addresses at most)
+_EXACT_ELEMENTS = 1 << 27
+
+
+class _Generated(Exception):
+    """Raised by the code hook once a graph's wrapper code is recorded: nothing is compiled."""
+
+
+#: whether ``triton_codegen`` is generating code (inductor's rewrites then act as on a GPU)
+_EMULATING = [False]
+
+
+def _emulate_gpu_softmax_rewrite() -> None:
+    """Let inductor's online softmax rewrite, registered with a check that the device is a GPU,
+    apply to the graphs ``triton_codegen`` generates. Inductor registers its rewrites, and so
+    that check, once per process: this has to come first."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.fx_passes import post_grad
+
+    if getattr(post_grad.prepare_softmax_extra_check, "emulates_gpu", False):
+        return
+    if post_grad.lazy_init.cache_info().currsize:
+        raise RuntimeError("triton_codegen: inductor has compiled in this process already; "
+                           "measure the Triton code in a fresh process")
+    on_gpu_only = post_grad.prepare_softmax_extra_check
+
+    def check(match) -> bool:
+        return inductor_config.online_softmax if _EMULATING[0] else on_gpu_only(match)
+
+    check.emulates_gpu = True
+    post_grad.prepare_softmax_extra_check = check
+
+
+@contextlib.contextmanager
+def triton_codegen():
+    """``torch.compile`` from here on generates each graph's code with inductor's Triton
+    backend, as for a CUDA GPU, records it and runs the graph eagerly: yields the list of the
+    graphs' wrapper codes (their Triton kernels and the calls that launch them).
+
+    On a CPU inductor generates Triton code when ``cpu_backend="triton"``. It schedules and fuses
+    with the same ``SIMDScheduling`` it runs for CUDA; the code is recorded before anything
+    compiles it (no GPU, no Triton compiler needed, only the ``triton`` package). What inductor
+    decides by the device is decided as for a GPU: its online softmax rewrite (``amax`` and
+    ``sum(exp(x - amax))`` in one loop) applies; its store-or-recompute heuristics (which on a
+    CPU store every reused value computed with an ``exp`` or a ``log``, and allow larger
+    expressions) and its loop reordering in fusion take their GPU branches (``ir.is_cpu`` and
+    ``BaseSchedulerNode.is_cpu`` answer False); the backend hash, which asks a GPU driver, is a
+    constant. Left out: autotuned block sizes, split reductions sized by the GPU's
+    multiprocessor count, and the mixed-order reductions inductor skips on a CPU.
+    Needs a fresh process: inductor registers its pattern rewrites once per process, before this
+    can emulate the GPU's (``RuntimeError`` otherwise)."""
+    from torch._inductor import compile_fx, ir, scheduler
+    from torch._inductor import config as inductor_config
+    from torch._inductor.graph import GraphLowering
+
+    from tad_torchtune.losses import fused
+
+    _emulate_gpu_softmax_rewrite()
+    records: list[str] = []
+
+    def save(code: str) -> None:
+        records.append(code)
+        raise _Generated
+
+    def backend(gm, example_inputs, options=None):
+        count = len(records)
+        try:
+            with inductor_config.patch({**(options or {}), "cpu_backend": "triton",
+                                        "fx_graph_cache": False}):
+                compile_fx.compile_fx(gm, example_inputs)
+        except Exception:  # noqa: BLE001  (the hook's _Generated, wrapped by inductor)
+            if len(records) == count:
+                raise
+        return gm.forward
+
+    hash_ = torch.utils._triton.triton_hash_with_backend
+    compile_ = torch.compile
+    is_cpu, node_is_cpu = ir.is_cpu, scheduler.BaseSchedulerNode.is_cpu
+    _EMULATING[0] = True
+    ir.is_cpu = lambda node: False
+    scheduler.BaseSchedulerNode.is_cpu = lambda node: False
+    torch.utils._triton.triton_hash_with_backend = lambda: "triton-on-cpu-as-on-cuda"
+    GraphLowering.save_output_code = save
+    torch.compile = lambda fn, *args, options=None, **kwargs: compile_(
+        fn, backend=functools.partial(backend, options=options))
+    fused._COMPILED.clear()
+    torch._dynamo.reset()
+    try:
+        yield records
+    finally:
+        _EMULATING[0] = False
+        ir.is_cpu, scheduler.BaseSchedulerNode.is_cpu = is_cpu, node_is_cpu
+        torch.utils._triton.triton_hash_with_backend = hash_
+        GraphLowering.save_output_code = None
+        torch.compile = compile_
+        fused._COMPILED.clear()
+        torch._dynamo.reset()
+
+
+_KERNEL = re.compile(r"async_compile\.triton\('(\w+)', '''(.*?)''', device_str", re.S)
+_NUMEL = re.compile(r"^    (x|r0_)numel = (\d+)$", re.M)
+_DEFINE = re.compile(r"^\s+((?:x|r0_)\d+) = (.+)$")
+_ACCESS = re.compile(r"tl\.(load|store)\((\w+) \+ \((.*?)\), ")
+_SIGNATURE = re.compile(r"'signature': \{(.*?)\}")
+
+
+def _distinct(index: str, defs: dict[str, str], xnumel: int, rnumel: int) -> int | None:
+    """How many distinct elements ``index`` (an index expression of a Triton kernel, over its
+    index variables ``defs``) addresses over an ``xnumel x rnumel`` iteration space; None where
+    it is not a plain expression of them."""
+    import numpy as np
+
+    env = {"xindex": np.arange(xnumel, dtype=np.int64)[:, None],
+           "r0_index": np.arange(max(rnumel, 1), dtype=np.int64)[None, :]}
+    try:
+        for name, expr in defs.items():
+            env[name] = eval(expr, {"__builtins__": {}}, env)  # noqa: S307 (inductor's code)
+        address = np.asarray(eval(index, {"__builtins__": {}}, env)).ravel()  # noqa: S307
+    except Exception:  # noqa: BLE001  (a name or function of Triton's: not a plain expression)
+        return None
+    seen = np.zeros(int(address.max()) + 1, dtype=bool)
+    seen[address] = True
+    return int(seen.sum())
+
+
+def kernel_traffic(source: str) -> dict:
+    """What one generated Triton kernel moves: its iteration space, its loops over the
+    reduction dimension (``r0``), and per load and store, the distinct elements it addresses
+    times their size: bytes read and written, each loop reading its inputs again. An indirect
+    access (through a loaded value) counts one element per iteration that runs it."""
+    numels = {kind: int(n) for kind, n in _NUMEL.findall(source)}
+    xnumel, rnumel = numels.get("x", 1), numels.get("r0_", 0)
+    signature = dict(re.findall(r"'(\w+)': '([^']+)'", _SIGNATURE.search(source).group(1)))
+    defs: dict[str, str] = {}
+    accesses: set[tuple[int, str, str, str]] = set()
+    loop, loops, in_loop_indent = 0, 0, None
+    body = source[source.index("def triton_"):]
+    for line in body.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if in_loop_indent is not None and line.strip() and indent <= in_loop_indent:
+            in_loop_indent = None
+        if line.lstrip().startswith("for r0_offset in"):
+            loops += 1
+            loop, in_loop_indent = loops, indent
+        defined = _DEFINE.match(line)
+        if defined and not defined.group(2).startswith("tl."):
+            defs[defined.group(1)] = defined.group(2)
+        for kind, pointer, index in _ACCESS.findall(line):
+            accesses.add((loop if in_loop_indent is not None else 0, kind, pointer, index))
+    persistent = rnumel > 0 and loops == 0
+    moved = {"load": 0, "store": 0}
+    for where, kind, pointer, index in accesses:
+        iterations = xnumel * (rnumel if (where or persistent) and rnumel else 1)
+        exact = None
+        if "tmp" not in index and iterations <= _EXACT_ELEMENTS:
+            exact = _distinct(index, defs, xnumel, rnumel if (where or persistent) else 0)
+        moved[kind] += (iterations if exact is None else exact) * TRITON_BYTES[signature[pointer]]
+    return {"xnumel": xnumel, "rnumel": rnumel, "loops": loops, "persistent": persistent,
+            "read": moved["load"], "written": moved["store"]}
+
+
+_LAUNCH = re.compile(r"^\s+(\w+)\.run\(", re.M)
+_EXTERN = re.compile(r"^\s+(?:\w+ = )?((?:torch\.ops|aten|extern_kernels)\.[\w.]+)\(", re.M)
+
+
+def graph_traffic(code: str) -> list[dict]:
+    """The kernels one graph's wrapper code launches, in order: each generated Triton kernel
+    with ``kernel_traffic``, each library call (``extern``) by name only (in the head: ``topk``
+    over a chunk's ``[chunk, K * 64]`` block candidates, a cache's sparse ``scatter`` of
+    ``chunk x (K + S)`` entries)."""
+    sources = dict(_KERNEL.findall(code))
+    calls = code[code.index("def call("):]
+    launches = sorted([(m.start(), "triton", m.group(1)) for m in _LAUNCH.finditer(calls)] +
+                      [(m.start(), "extern", m.group(1)) for m in _EXTERN.finditer(calls)])
+    traffic = {name: kernel_traffic(src) for name, src in sources.items()}
+    return [{"kind": kind, "name": name, **traffic.get(name, {})}
+            for _, kind, name in launches]
+
+
+def triton_counts(name: str, inputs) -> dict:
+    """Kernels, loops over the row and bytes of the Triton code inductor generates for one chunk
+    as for a GPU (``triton_codegen``). ``loops``: each loop over the reduction dimension of a
+    kernel whose iteration space is at least half a ``[chunk, V]`` buffer, or the kernel itself
+    when it covers it in one go (element-wise, or a whole row at a time)."""
+    chunk, vocab = inputs[4].numel(), inputs[1].shape[0]
+    with triton_codegen() as records:
+        run_head(name, inputs, compile_chunks=True)
+    kernels = [k for code in records for k in graph_traffic(code)]
+    big = [k for k in kernels if k["kind"] == "triton"
+           and k["xnumel"] * max(k["rnumel"], 1) * 2 >= chunk * vocab]
+    return {
+        "graphs": len(records),
+        "kernels": len(kernels),
+        "external": sum(k["kind"] == "extern" for k in kernels),
+        "loops": sum(max(k["loops"], 1) for k in big),
+        "bytes": sum(k.get("read", 0) + k.get("written", 0) for k in kernels),
+        "loop_bytes": sum(k.get("read", 0) + k.get("written", 0) for k in kernels),
+        "kernel_list": kernels,
+    }
+
+
 def measure(names: list[str], chunk: int, vocab: int, hidden: int,
-            dtype: torch.dtype = torch.float32, cache: str = "none") -> list[dict]:
+            dtype: torch.dtype = torch.float32, cache: str = "none",
+            backend: str = "cpp") -> list[dict]:
+    """One row per divergence; ``backend``: the code inductor generates for this CPU
+    (``cpp``) or for a GPU (``triton``, ``triton_counts``)."""
+    counts = triton_counts if backend == "triton" else compiled_counts
     rows = []
     buffer = chunk * vocab * 4  # one [chunk, V] float32 buffer
     for name in names:
         inputs = head_inputs(chunk, vocab, hidden, dtype=dtype, cache=cache)
         with marking_compiled_functions():
-            compiled = compiled_counts(name, inputs)
+            compiled = counts(name, inputs)
             eager = eager_counts(name, inputs)
         if not compiled["kernels"] or not eager["compiled_fn_ops"]:  # our own invariant
             raise RuntimeError(
@@ -235,7 +456,7 @@ def measure(names: list[str], chunk: int, vocab: int, hidden: int,
                 f"was made before this measurement (run it in a fresh process)")
         rows.append({
             "divergence": name, "chunk": chunk, "vocab": vocab, "hidden": hidden,
-            "dtype": str(dtype).removeprefix("torch."), "cache": cache,
+            "dtype": str(dtype).removeprefix("torch."), "cache": cache, "backend": backend,
             "compiled": {**compiled, "passes": compiled["bytes"] / buffer,
                          "loop_passes": compiled["loop_bytes"] / buffer},
             "eager": {**eager, **{f"{k}passes": eager[f"{k}bytes"] / buffer
@@ -258,16 +479,20 @@ def main() -> int:
     parser.add_argument("--cache", choices=["none", "sampled", "top_m"], default="none")
     parser.add_argument("--divergences", nargs="+", default=["tad", "forward_kl", "ce"],
                         choices=[*DIVERGENCES, "ce"])
+    parser.add_argument("--backend", choices=["cpp", "triton"], default="cpp",
+                        help="the code inductor generates for this CPU, or for a GPU (Triton, "
+                             "generated on this CPU; needs the triton package)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.cache != "none" and "ce" in args.divergences:
         parser.error("--cache: the CE alone reads no teacher; name the divergences")
     rows = measure(args.divergences, args.chunk, args.vocab, args.hidden,
-                   getattr(torch, args.dtype), args.cache)
+                   getattr(torch, args.dtype), args.cache, args.backend)
     source = "" if args.cache == "none" else f", from the {args.cache} teacher cache"
     print(f"one chunk of the recipe's fused head, CE + divergence{source}, ({args.chunk}, "
-          f"{args.vocab}) {args.dtype}, torch {torch.__version__}, CPU; passes: [chunk, V] "
-          "float32 buffers moved")
+          f"{args.vocab}) {args.dtype}, torch {torch.__version__}, inductor's "
+          f"{'Triton code for a GPU' if args.backend == 'triton' else 'C++ code for this CPU'}; "
+          "passes: [chunk, V] float32 buffers moved")
     print("| divergence | compiled function: inductor kernels (external) | loops over V | "
           "passes | loop passes | eager ops around it | their passes | compiled head, passes "
           "(loops + around) | eager head: ops | passes | min passes |")

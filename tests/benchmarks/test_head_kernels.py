@@ -1,6 +1,8 @@
-"""benchmarks/head_kernels.py: its op counter on a known sequence, and its table at a tiny chunk
-against the bytes any implementation must move and the eager op-by-op bytes."""
+"""benchmarks/head_kernels.py: its op counter on a known sequence, its reading of Triton kernels
+on known ones, and its tables at a tiny chunk against the bytes any implementation must move and
+the eager op-by-op bytes."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -28,6 +30,101 @@ def test_op_counter_counts_the_big_tensors_of_each_op_and_skips_matmuls_and_view
     buffer = 8 * 100 * 4
     assert [(op, b / buffer) for op, b, _ in counter.ops] == [
         ("aten.exp.default", 2.0), ("aten.mul_.Tensor", 2.0), ("aten.sum.dim_IntList", 1.0)]
+
+
+#: two kernels in the form inductor writes them (``async_compile.triton`` in a graph's wrapper
+#: code): a reduction over rows of 100 bf16 logits in two loops, and an element-wise kernel
+TRITON_GRAPH = """
+triton_red_fused_0 = async_compile.triton('triton_red_fused_0', '''
+@triton_heuristics.reduction(
+    triton_meta={'signature': {'in_ptr0': '*bf16', 'in_ptr1': '*i64', 'out_ptr0': '*fp32', 'out_ptr1': '*fp32', 'xnumel': 'i32', 'r0_numel': 'i32', 'XBLOCK': 'constexpr', 'R0_BLOCK': 'constexpr'}, 'device': DeviceProperties(type='cpu')},
+)
+@triton.jit
+def triton_red_fused_0(in_ptr0, in_ptr1, out_ptr0, out_ptr1, xnumel, r0_numel, XBLOCK : tl.constexpr, R0_BLOCK : tl.constexpr):
+    xnumel = 4
+    r0_numel = 100
+    xindex = xoffset + tl.arange(0, XBLOCK)[:, None]
+    x0 = xindex
+    tmp0 = tl.load(in_ptr1 + (x0), xmask, eviction_policy='evict_last')
+    for r0_offset in tl.range(0, r0_numel, R0_BLOCK):
+        r0_index = r0_offset + r0_base
+        r0_1 = r0_index
+        tmp1 = tl.load(in_ptr0 + (r0_1 + 100*x0), r0_mask & xmask, other=0.0).to(tl.float32)
+    tmp2 = tl.sum(_tmp2, 1)[:, None]
+    for r0_offset in tl.range(0, r0_numel, R0_BLOCK):
+        r0_index = r0_offset + r0_base
+        r0_1 = r0_index
+        tmp3 = tl.load(in_ptr0 + (r0_1 + 100*x0), r0_mask & xmask, other=0.0).to(tl.float32)
+        tmp4 = tl.load(in_ptr0 + (tmp0 + 100*x0), r0_mask & xmask).to(tl.float32)
+        tl.store(out_ptr0 + (r0_1 + 100*x0), tmp5, r0_mask & xmask)
+    tl.store(out_ptr1 + (x0), tmp2, xmask)
+''', device_str='cpu')
+
+triton_poi_fused_1 = async_compile.triton('triton_poi_fused_1', '''
+@triton_heuristics.pointwise(
+    triton_meta={'signature': {'in_ptr0': '*fp32', 'in_ptr1': '*fp32', 'out_ptr0': '*bf16', 'xnumel': 'i32', 'XBLOCK': 'constexpr'}, 'device': DeviceProperties(type='cpu')},
+)
+@triton.jit
+def triton_poi_fused_1(in_ptr0, in_ptr1, out_ptr0, xnumel, XBLOCK : tl.constexpr):
+    xnumel = 400
+    xindex = xoffset + tl.arange(0, XBLOCK)[:]
+    x2 = xindex
+    x1 = xindex // 100
+    x0 = (xindex % 100)
+    tmp0 = tl.load(in_ptr0 + (x2), xmask)
+    tmp1 = tl.load(in_ptr1 + (x1), xmask, eviction_policy='evict_last')
+    tmp2 = tl.load(in_ptr1 + (x0), xmask, eviction_policy='evict_last')
+    tl.store(out_ptr0 + (x2), tmp3, xmask)
+''', device_str='cpu')
+
+class Runner:
+    def call(self, args):
+        triton_red_fused_0.run(arg0_1, arg1_1, buf0, buf1, 4, 100, stream=raw_stream0)
+        buf2 = torch.ops.aten.topk.default(buf1, 2, -1, True, True)
+        triton_poi_fused_1.run(buf0, buf1, buf3, 400, stream=raw_stream0)
+        aten.scatter_reduce_.two(buf3, -1, buf4, buf5, reduce='sum', include_self=True)
+"""
+
+
+def test_graph_traffic_reads_the_kernels_as_a_gpu_runs_them():
+    """Each loop reads its inputs again; an address repeated within a loop counts once (a row's
+    id read in every iteration, a ``[V]`` vector broadcast over rows); a load through a loaded
+    index counts once per iteration; the library calls are listed in launch order."""
+    kernels = head_kernels.graph_traffic(TRITON_GRAPH)
+    assert [(k["kind"], k["name"]) for k in kernels] == [
+        ("triton", "triton_red_fused_0"), ("extern", "torch.ops.aten.topk.default"),
+        ("triton", "triton_poi_fused_1"), ("extern", "aten.scatter_reduce_.two")]
+    red, poi = kernels[0], kernels[2]
+    assert (red["xnumel"], red["rnumel"], red["loops"], red["persistent"]) == (4, 100, 2, False)
+    # the row ids (4 x 8 bytes); the logits twice (2 x 400 x 2); the gather, 400 x 2
+    assert red["read"] == 4 * 8 + 2 * 400 * 2 + 400 * 2
+    assert red["written"] == 400 * 4 + 4 * 4
+    assert (poi["xnumel"], poi["rnumel"], poi["loops"]) == (400, 0, 0)
+    assert poi["read"] == 400 * 4 + 4 * 4 + 100 * 4 and poi["written"] == 400 * 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="the triton package generates the GPU's code (not in the test extras)")
+def test_triton_table_at_a_tiny_chunk(tmp_path):
+    """What inductor generates for a GPU, read on this CPU: the CE reads a row of logits twice
+    (its log-sum-exp in one loop, inductor's online softmax) and writes the gradient once; CE +
+    TAD in two loops over the student's logits after the two of the teacher's split (its two
+    ``topk`` library calls between them); every figure at least the minimum."""
+    out = tmp_path / "head_kernels.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "head_kernels.py"),
+                           "--backend", "triton", "--chunk", "16", "--vocab", "4096",
+                           "--hidden", "8", "--dtype", "bfloat16", "--divergences", "tad", "ce",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["divergence"]: r for r in json.loads(out.read_text())}
+    ce, tad = rows["ce"]["compiled"], rows["tad"]["compiled"]
+    assert ce["loops"] == 2 and 1.5 <= ce["passes"] < 1.55, ce
+    # the teacher's block maxima and tail, the student's tail log-sum-exp, the gradient
+    assert tad["external"] == 2 and tad["loops"] == 4 and 3.5 <= tad["passes"] < 4.0, tad
+    for r in rows.values():
+        assert r["backend"] == "triton" and r["compiled"]["passes"] >= r["min_passes"]
+    assert "Triton code for a GPU" in proc.stdout
 
 
 @pytest.mark.slow
