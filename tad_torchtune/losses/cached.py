@@ -54,6 +54,7 @@ from tad_torchtune.losses.terms import (
     TopK,
     in_ids,
     log1mexp,
+    logsumexp,
     lse_outside,
     masked_xlogy_sum,
     safe_finite,
@@ -461,7 +462,7 @@ def sampled_terms(s: Tensor, ids: Tensor, logp: Tensor, log_tail: Tensor, entrop
     s_top, s_ranks, s_drawn = picked[:, :k], picked[:, k : ids.shape[-1]], picked[:, ids.shape[-1]:]
     if traced:  # a comparison inductor fuses into the reduction (terms.in_ids)
         in_top = in_ids(top, s.shape[-1])
-        lse_tail_s = s.masked_fill(in_top, float("-inf")).logsumexp(-1)
+        lse_tail_s = logsumexp(s.masked_fill(in_top, float("-inf")))
     elif grad:
         log_qt = s.scatter(-1, top, float("-inf"))  # (n, V), becomes the gradient
         lse_tail_s = log_qt.logsumexp(-1)

@@ -13,6 +13,7 @@ from tad_torchtune.losses.base import Divergence
 from tad_torchtune.losses.terms import (
     add_at_,
     in_ids,
+    logsumexp,
     masked_xlogy_sum,
     masked_xlogy_terms_,
     safe_finite,
@@ -75,7 +76,7 @@ def make_drkl_chunk_grad(gamma: float):
         else:
             log_qh = s.scatter(-1, y, neg_inf)  # (n, V), target id at -inf
             log_ph = t.scatter_(-1, y, neg_inf)
-        lse_s_nt, lse_t_nt = log_qh.logsumexp(-1), log_ph.logsumexp(-1)
+        lse_s_nt, lse_t_nt = logsumexp(log_qh), logsumexp(log_ph)
         lse_s = torch.logaddexp(lse_s_nt, s_y)
         lse_t = torch.logaddexp(lse_t_nt, t_y)
         log_bq = torch.stack([s_y - lse_s, lse_s_nt - lse_s], -1)  # (n, 2)
@@ -84,21 +85,32 @@ def make_drkl_chunk_grad(gamma: float):
         zero = s.new_zeros(())
         r = torch.where(bq > 0, log_bq - log_bp, zero)  # (n, 2)
         kl_binary = torch.where(bq > 0, bq * r, zero).sum(-1)
-
-        log_qh.sub_(safe_finite(lse_s_nt).unsqueeze(-1))
-        log_ph.sub_(safe_finite(lse_t_nt).unsqueeze(-1))
-        qh = log_qh.exp()  # (n, V), 0 at the target id
-        term = masked_xlogy_terms_(qh, log_qh.sub_(log_ph))  # qh (log qh - log ph)
         has_nt = torch.isfinite(lse_s_nt)
-        kl_nontarget = torch.where(has_nt, term.sum(-1), zero)
-
         q_y = bq[:, 0]
-        q = torch.sub(s, lse_s.unsqueeze(-1), out=t).exp_()  # in t's buffer
         # the binary term's q_y (1[j=y] - q_j) (r_y - r_nt), and the CE's c (q_j - 1[j=y])
         c = 0.0 if ce_weight is None else ce_weight
         d_bin = (q_y * (r[:, 0] - r[:, 1]) - c).unsqueeze(-1)  # (n, 1)
-        grad = term.sub_(qh.mul_(kl_nontarget.unsqueeze(-1)))
-        grad = grad.masked_fill_(~has_nt.unsqueeze(-1), 0.0).mul_(gamma).sub_(q.mul_(d_bin))
+
+        if torch.compiler.is_compiling():
+            # the same terms as expressions, none written in place: inductor recomputes
+            # qh (log qh - log ph) in the gradient's loop where the in-place form stores it
+            log_qh = s - safe_finite(lse_s_nt).unsqueeze(-1)
+            qh = torch.where(is_y, zero, log_qh.exp())  # (n, V), 0 at the target id
+            log_ph = t - safe_finite(lse_t_nt).unsqueeze(-1)
+            term = torch.where(qh > 0, qh * (log_qh - log_ph), zero)
+            kl_nontarget = torch.where(has_nt, term.sum(-1), zero)
+            q = (s - lse_s.unsqueeze(-1)).exp()
+            grad = torch.where(has_nt.unsqueeze(-1), term - qh * kl_nontarget.unsqueeze(-1), zero)
+            grad = grad * gamma - q * d_bin
+        else:
+            log_qh.sub_(safe_finite(lse_s_nt).unsqueeze(-1))
+            log_ph.sub_(safe_finite(lse_t_nt).unsqueeze(-1))
+            qh = log_qh.exp()  # (n, V), 0 at the target id
+            term = masked_xlogy_terms_(qh, log_qh.sub_(log_ph))  # qh (log qh - log ph)
+            kl_nontarget = torch.where(has_nt, term.sum(-1), zero)
+            q = torch.sub(s, lse_s.unsqueeze(-1), out=t).exp_()  # in t's buffer
+            grad = term.sub_(qh.mul_(kl_nontarget.unsqueeze(-1)))
+            grad = grad.masked_fill_(~has_nt.unsqueeze(-1), 0.0).mul_(gamma).sub_(q.mul_(d_bin))
         grad = add_at_(grad, labels, d_bin)
         stats = {"kl_binary": kl_binary, "kl_nontarget": kl_nontarget, "q_target": q_y}
         if ce_weight is None:

@@ -35,6 +35,7 @@ intermediate, so a chunk of CE + TAD is about 11 passes over ``[chunk, V]`` inst
 (``docs/design.md``, "The fused head on a GPU"); the projections and the loop stay eager.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -46,7 +47,7 @@ from tad_torchtune.checks import check_int, check_non_negative
 from tad_torchtune.common import IGNORE_INDEX, compute_dtype, full_tensor
 from tad_torchtune.losses.base import Divergence
 from tad_torchtune.losses.cached import CacheEntries
-from tad_torchtune.losses.terms import TopK, add_at_, teacher_top_k
+from tad_torchtune.losses.terms import TopK, add_at_, logsumexp, teacher_top_k
 from tad_torchtune.losses.engine import (
     DivergenceOutput,
     chunk_slices,
@@ -196,7 +197,7 @@ def _head_chunk(z: Tensor, t: Tensor | None, y: Tensor, rows: Tensor, extras: tu
             grad = grad.mul_(kd_weight)
     else:
         if want_ce:
-            lse = z.logsumexp(-1)  # (n,)
+            lse = logsumexp(z)  # (n,)
             ce = lse - z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
         if div_grad is not None:
             s = z.div_(tau) if tau != 1.0 else z  # s is read only from here
@@ -225,12 +226,29 @@ def _head_chunk(z: Tensor, t: Tensor | None, y: Tensor, rows: Tensor, extras: tu
 
 _COMPILED: dict = {}
 
+#: inductor settings for the head's compiled functions: an element-wise value used twice (a
+#: closed form's per-entry term: in its row's sum and in the gradient) is recomputed where it
+#: reads up to 8 tensors (inductor's default, 4, stores it in a float32 ``[n, V]`` buffer and
+#: reads it back: reverse KL and DRKL's terms read the student's and teacher's logits, their
+#: log-normalisers and the rows' mask); ``docs/design.md``, "The fused head on a GPU"
+INDUCTOR_OPTIONS = {"realize_reads_threshold": 8}
+
 
 def _compiled(fn):
     """``torch.compile(fn)``, built once per function (recompiles for a new chunk length, then
-    with a dynamic token dimension)."""
+    with a dynamic token dimension), compiled under ``INDUCTOR_OPTIONS`` (a configuration patch
+    around each call: whatever backend ``torch.compile`` is given, as the tests' are)."""
     if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn)
+        from torch._inductor import config as inductor_config
+
+        compiled = torch.compile(fn)
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            with inductor_config.patch(INDUCTOR_OPTIONS):
+                return compiled(*args, **kwargs)
+
+        _COMPILED[fn] = run
     return _COMPILED[fn]
 
 

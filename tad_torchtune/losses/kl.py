@@ -4,7 +4,8 @@ import torch
 from torch import Tensor
 
 from tad_torchtune.losses.base import Divergence, TailWeight
-from tad_torchtune.losses.terms import add_at_, masked_xlogy_sum, masked_xlogy_terms_
+from tad_torchtune.losses.terms import (add_at_, logsumexp, masked_xlogy_sum,
+                                        masked_xlogy_terms_)
 
 
 def forward_kl_chunk(s: Tensor, t: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -31,7 +32,7 @@ def forward_kl_chunk_grad(
     and ``grad`` is that of ``KL + ce_weight * CE``, ``(1 + ce_weight) q - p - ce_weight
     onehot(y)``, at no extra pass over ``[n, V]``."""
     log_q = torch.log_softmax(s, dim=-1)
-    log_p = t.sub_(t.logsumexp(-1, keepdim=True))
+    log_p = t.sub_(logsumexp(t, keepdim=True))
     p = log_p.exp()
     per_token = masked_xlogy_terms_(p, log_p.sub_(log_q)).sum(-1)
     if ce_weight is None:
@@ -51,9 +52,12 @@ def reverse_kl_chunk_grad(
 
     With ``ce_weight`` (temperature 1) it also returns the per-token cross-entropy ``-log q_y``
     and ``grad`` is that of ``R + ce_weight * CE``: ``- q (R - ce_weight)`` in place of
-    ``- q R``, ``-ce_weight`` at the label."""
+    ``- q R``, ``-ce_weight`` at the label. Traced by ``torch.compile``:
+    ``_reverse_kl_chunk_grad_traced``."""
+    if torch.compiler.is_compiling():
+        return _reverse_kl_chunk_grad_traced(s, t, labels, ce_weight=ce_weight)
     log_q = torch.log_softmax(s, dim=-1)
-    log_p = t.sub_(t.logsumexp(-1, keepdim=True))
+    log_p = t.sub_(logsumexp(t, keepdim=True))
     q = log_q.exp()
     ce = None
     if ce_weight is not None:
@@ -65,6 +69,27 @@ def reverse_kl_chunk_grad(
     grad = term.sub_(q.mul_(scale.unsqueeze(-1)))
     if ce_weight is None:
         return per_token, {}, grad
+    return per_token, {}, add_at_(grad, labels, -ce_weight), ce
+
+
+def _reverse_kl_chunk_grad_traced(
+    s: Tensor, t: Tensor, labels: Tensor, *, ce_weight: float | None = None
+) -> tuple[Tensor, ...]:
+    """``reverse_kl_chunk_grad`` for ``torch.compile``: the same terms as expressions, no
+    buffer written in place. Inductor then makes three loops over the row (both log-sum-exps in
+    one, the sum of the terms, the gradient), recomputing ``q (log q - log p)`` in the last
+    where the in-place form stores it in a float32 ``[n, V]`` buffer and reads it back."""
+    zero = s.new_zeros(())
+    lse_s = logsumexp(s, keepdim=True)
+    log_q = s - lse_s
+    q = log_q.exp()
+    term = torch.where(q > 0, q * (log_q - (t - logsumexp(t, keepdim=True))), zero)
+    per_token = term.sum(-1)
+    scale = per_token if ce_weight is None else per_token - ce_weight
+    grad = term - q * scale.unsqueeze(-1)
+    if ce_weight is None:
+        return per_token, {}, grad
+    ce = lse_s.squeeze(-1) - s.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     return per_token, {}, add_at_(grad, labels, -ce_weight), ce
 
 

@@ -13,6 +13,7 @@ from tad_torchtune.losses.terms import (
     TopK,
     add_at_,
     in_ids,
+    logsumexp,
     masked_xlogy_sum,
     masked_xlogy_terms_,
     safe_finite,
@@ -187,27 +188,26 @@ def _tad_chunk_grad_traced(s: Tensor, t: Tensor, labels: Tensor, topk_idx: Tenso
     "The fused head on a GPU").
 
     The top-K set is a comparison with the column index (``in_ids``), fused into the loops. The
-    student's tail log-sum-exp and ``sum_tail pt (t - s)`` are reductions of the same loops over
-    the row (``lse_t_tail`` is known from the teacher pass), and ``D_KL2 = sum pt (log pt -
-    log qt)`` follows from them: ``sum_tail pt (t - s) + (LSE_S_tail - LSE_T_tail) sum_tail
-    pt``. The gradient is one element-wise expression of ``s``, ``t`` and per-row scalars:
-    ``(1 + c) q - p`` on the top-K, ``coef qt - w pt`` on the tail, ``-c`` at the label. Inductor
-    so makes about two reading loops and one writing loop over the row, where the eager
-    function's in-place steps become a dozen.
+    student's tail log-sum-exp is one loop over the row (``terms.logsumexp``: on a GPU
+    inductor's online softmax; ``lse_t_tail`` is known from the teacher pass). ``D_KL2 = sum
+    pt (log pt - log qt)`` needs it, so its sum joins the gradient's loop, where ``s`` and ``t``
+    are read anyway. The gradient is one element-wise expression of ``s``, ``t`` and per-row
+    scalars: ``(1 + c) q - p`` on the top-K, ``coef qt - w pt`` on the tail, ``-c`` at the
+    label. Inductor so makes two loops over the row, one reading ``s``, one reading ``s`` and
+    ``t`` and writing the gradient, where the eager function's in-place steps become a dozen.
     """
     zero = s.new_zeros(())
     in_top = in_ids(topk_idx, s.shape[-1])
-    lse_s_tail = s.masked_fill(in_top, float("-inf")).logsumexp(-1)
+    lse_s_tail = logsumexp(s.masked_fill(in_top, float("-inf")))
     lse_s, _, _, log_alpha_s, dkl1 = _top_k_terms(s, t, topk_idx, lse_t, lse_t_tail, lse_s_tail)
     alpha_t = (lse_t_tail - lse_t).exp()
 
     has_tail = torch.isfinite(lse_t_tail)
     shift_t, shift_s = safe_finite(lse_t_tail).unsqueeze(-1), safe_finite(lse_s_tail)
     pt = torch.where(in_top, zero, (t - shift_t).exp())  # (n, V) as an expression only
-    # sum pt (log pt - log qt), log pt - log qt = (t - s) - shift_t + shift_s; 0 where pt is 0
-    pt_sum = pt.sum(-1)
-    cross = torch.where(pt > 0, pt * (t - s), zero).sum(-1)
-    dkl2 = cross + (shift_s - shift_t.squeeze(-1)) * pt_sum
+    # sum pt (log pt - log qt), 0 where pt is 0
+    log_ratio = (t - shift_t) - (s - shift_s.unsqueeze(-1))
+    dkl2 = torch.where(pt > 0, pt * log_ratio, zero).sum(-1)
     dkl2 = torch.where(has_tail, dkl2, zero)
     w = torch.where(tail_weight > 0, tail_weight, zero)
     per_token = dkl1 + torch.where(w > 0, w * dkl2, zero)

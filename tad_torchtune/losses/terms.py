@@ -1,6 +1,8 @@
 """The log-space terms the divergences share, each written once (``docs/design.md``, "The
 divergences").
 
+- ``logsumexp``: a row's log-sum-exp, in ONE loop over the row where inductor compiles it for
+  a GPU (its online softmax);
 - ``lse_outside``: the log-sum-exp of a row over the ids OUTSIDE a set (TAD's tails, DRKL's
   non-target mass, a teacher cache's bucket, the metrics' tail masses);
 - ``top_k``: ``topk`` for k much smaller than V in about one pass (by blocks);
@@ -34,6 +36,24 @@ IN_IDS_UNROLLED = 64
 
 #: ``top_k`` works by blocks of this many ids (a row's block maxima, then the best blocks)
 TOP_K_BLOCK = 64
+
+
+def logsumexp(x: Tensor, keepdim: bool = False) -> Tensor:
+    """``x.logsumexp(-1)``, -inf for a row of -inf, written for inductor when traced.
+
+    ``Tensor.logsumexp`` guards its shift against an infinite maximum, and that guard keeps
+    inductor from rewriting the maximum and the sum of exponentials into one loop over the row
+    (its online softmax, applied on GPUs): the compiled code then reads the row twice. Traced,
+    this takes the maximum unguarded, as ``log_softmax`` does, and puts the -inf of an all -inf
+    row back afterwards (its NaN never reaches the result). For code that does not
+    backpropagate through it (the closed-form gradients); eagerly it is ``Tensor.logsumexp``.
+    """
+    if not torch.compiler.is_compiling():
+        return x.logsumexp(-1, keepdim=keepdim)
+    shift = x.amax(-1, keepdim=True)
+    lse = (x - shift).exp().sum(-1, keepdim=True).log() + shift
+    lse = torch.where(shift == float("-inf"), shift, lse)
+    return lse if keepdim else lse.squeeze(-1)
 
 
 def top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -125,7 +145,7 @@ def lse_outside(x: Tensor, ids: Tensor, *, outside_max: Tensor | None = None) ->
     traced = torch.compiler.is_compiling()  # a comparison, fused by inductor (in_ids)
     if outside_max is None:
         if traced:
-            return x.masked_fill(in_ids(ids, x.shape[-1]), float("-inf")).logsumexp(-1)
+            return logsumexp(x.masked_fill(in_ids(ids, x.shape[-1]), float("-inf")))
         return x.scatter(-1, ids, float("-inf")).logsumexp(-1)
     shift = safe_finite(outside_max)
     if traced:

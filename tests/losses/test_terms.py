@@ -2,6 +2,11 @@
 ``torch.topk``, the teacher's top-K split and the LSE outside a set against their definitions,
 ``D_KL1`` against a naive sum."""
 
+import functools
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,11 +16,14 @@ from tad_torchtune.losses.terms import (
     add_at_,
     in_ids,
     log1mexp,
+    logsumexp,
     lse_outside,
     split_kl,
     teacher_top_k,
     top_k,
 )
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.mark.parametrize("vocab,k", [(32000, 11), (32001, 10), (4 * TOP_K_BLOCK * 3 + 5, 3),
@@ -169,3 +177,63 @@ def test_lse_outside_traced_equals_eager():
     for a, b in zip(eager, got):
         torch.testing.assert_close(a, naive, atol=1e-12, rtol=1e-12)
         torch.testing.assert_close(b, naive, atol=1e-12, rtol=1e-12)
+
+
+def test_logsumexp_traced_equals_torch():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 700, generator=gen, dtype=torch.float64) * 4
+    x[1, 50:] = float("-inf")  # some entries masked
+    x[2] = float("-inf")  # all: -inf, not NaN
+    x[3] += 1e4  # large logits
+    for keepdim in (False, True):
+        expected = x.logsumexp(-1, keepdim=keepdim)
+        assert torch.equal(logsumexp(x, keepdim=keepdim), expected)  # eagerly torch's own
+        got = traced(functools.partial(logsumexp, keepdim=keepdim))(x)
+        assert got.shape == expected.shape and got[2].item() == float("-inf")
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+
+
+#: compiles ``terms.logsumexp`` and ``Tensor.logsumexp`` with inductor's GPU-only online softmax
+#: rewrite let loose on a CPU graph (``head_kernels._emulate_gpu_softmax_rewrite``), and prints
+#: which of the two graphs after inductor's rewrites hold its ``prepare_softmax_online``
+_ONLINE_SOFTMAX_PROBE = """
+import sys
+import torch
+from torch._inductor import config
+sys.path.insert(0, sys.argv[1])
+import head_kernels
+from tad_torchtune.losses.terms import logsumexp
+
+head_kernels._emulate_gpu_softmax_rewrite()
+head_kernels._EMULATING[0] = True
+
+class Seen(Exception):
+    pass
+
+def probe(fn):
+    found = []
+    def record(graph):
+        found.extend(str(node.target) for node in graph.nodes)
+        raise Seen  # the graph is all this needs: no code generation
+    torch._dynamo.reset()
+    with config.patch(post_grad_custom_post_pass=record, fx_graph_cache=False):
+        try:
+            torch.compile(fn)(torch.randn(4, 3000))
+        except Exception:
+            pass
+    assert found, "no graph reached inductor's post-grad passes"
+    return any("prepare_softmax_online" in op for op in found)
+
+print(probe(logsumexp), probe(lambda x: x.logsumexp(-1)))
+"""
+
+
+def test_traced_logsumexp_is_what_inductor_rewrites_into_one_loop_on_a_gpu():
+    """``Tensor.logsumexp``'s guard against an infinite maximum keeps inductor's online softmax
+    rewrite (maximum and sum of exponentials in one loop over the row) from matching it, so a
+    GPU reads the row twice for it; ``terms.logsumexp`` traced is the pattern the rewrite
+    matches. In a process of its own: the rewrite is registered once per process."""
+    proc = subprocess.run([sys.executable, "-c", _ONLINE_SOFTMAX_PROBE, str(BENCHMARKS)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "False"], proc.stdout
