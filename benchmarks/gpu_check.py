@@ -208,6 +208,42 @@ def loss_figures(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     } for shape, got in by_shape.items()}
 
 
+#: rows per chunk of the loss cases whose code ``head_code`` reads (the recipe's head's
+#: ``loss_chunk_size``, Liger's default chunk)
+CODE_CHUNK = 1024
+
+
+def head_code(folder: Path) -> dict[str, Any]:
+    """The code inductor generated for each loss case (``loss_bench.py --inductor-code``, files
+    ``NxVxD__IMPL__DIVERGENCE__K.py``), read by ``head_kernels.graph_traffic`` and summed per
+    shape and case as one chunk of ``CODE_CHUNK`` rows runs it (``head_kernels.kernel_totals``:
+    kernels, loops over a row, ``[chunk, V]`` passes; every graph of the case counted once): the
+    GPU's own figures for what ``head_kernels.py --backend triton`` predicts on a CPU. Not a
+    target: a file that cannot be read is named in ``errors``, the check goes on."""
+    from head_kernels import graph_traffic, kernel_totals
+
+    cases: dict[tuple[str, str], list] = {}
+    errors = []
+    for path in sorted(folder.glob("*.py")) if folder.is_dir() else ():
+        parts = path.stem.split("__")
+        try:
+            n, v, d = parts[0].split("x")
+            kernels = graph_traffic(path.read_text())
+        except Exception as err:  # noqa: BLE001  (a format this reading does not know)
+            errors.append(f"{path.name}: {type(err).__name__}: {err}"[:300])
+            continue
+        key = (f"{n},{v},{d}", "/".join(parts[1:3]))
+        cases.setdefault(key, [0, []])
+        cases[key][0] += 1
+        cases[key][1] += kernels
+    out: dict[str, Any] = {"chunk": CODE_CHUNK, "errors": errors, "shapes": {}}
+    for (shape, case), (graphs, kernels) in sorted(cases.items()):
+        vocab = int(shape.split(",")[1])
+        out["shapes"].setdefault(shape, {})[case] = {
+            "graphs": graphs, **kernel_totals(kernels, CODE_CHUNK, vocab)}
+    return out
+
+
 def target(name: str, value: float | None, limit: float, *, at_least: bool, unit: str,
            where: str, judged: bool, stand_in: bool = False, detail: str = "") -> dict[str, Any]:
     """One target: its figure against its limit; ``met`` is None when there is no figure, when
@@ -282,7 +318,8 @@ def summarize(out_dir: Path, steps: list[dict[str, Any]], loss_shapes: list[str]
         problems += [f"target {t['name']} measured on a stand-in" for t in targets
                      if t["stand_in"]]
     return {"dry_run": dry_run, "environment": environment(), "steps": steps, "tests": tests,
-            "loss": loss, "recipes": recipes, "targets": targets, "problems": problems,
+            "loss": loss, "head_code": head_code(out_dir / "inductor_code"),
+            "recipes": recipes, "targets": targets, "problems": problems,
             "complete": not problems}
 
 
@@ -324,6 +361,16 @@ def print_summary(s: dict[str, Any]) -> None:
         print(f"loss ({shape}): {cases}"
               + (f"; stand-ins: {', '.join(f['stand_in'])}" if f["stand_in"] else "")
               + "".join(f"; {c}: {n}" for c, n in f["notes"].items()))
+    code = s["head_code"]
+    for shape, cases in code["shapes"].items():
+        print(f"inductor's code per {code['chunk']}-row chunk ({shape}): " + ", ".join(
+            f"{c} {x['graphs']} graphs, {x['kernels']} kernels ({x['external']} library), "
+            f"{x['loops']} loops over a row, {x['passes']:.1f} passes" for c, x in cases.items()))
+    if not code["shapes"]:
+        print("inductor's code: none recorded" + (" (Dynamo's eager backend)" if s["dry_run"]
+                                                   else ""))
+    for err in code["errors"]:
+        print(f"inductor's code not read: {err}")
     for arch, row in s["recipes"].items():
         loops = ", ".join(f"{name} {x['tokens_per_second']:.0f} tokens/s"
                           + (f" MFU {x['mfu']:.1%}" if x["mfu"] is not None else "")

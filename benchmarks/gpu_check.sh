@@ -25,7 +25,9 @@
 #                       KL, the default eager head (fused_step/tad), the unchunked 4-matmul
 #                       floor, Liger's LigerFusedLinearJSDLoss as CE + forward KL; 3 paired
 #                       rounds after a warm-up; peak memory of one more step per case in the
-#                       same process (max_memory_allocated)        -> loss_bench.json
+#                       same process (max_memory_allocated)        -> loss_bench.json;
+#                       the code inductor generates for each case -> inductor_code/ (none in
+#                       the dry run), read by the summary as head_kernels.py reads its own
 #   recipe_qwen2_5_3b_half [120 s]  recipe_bench.py --archs qwen2_5_3b_half --variants
 #                       fused_compiled --loops minimal peer peer_eager (seq 2048, batch 4,
 #                       bf16, random weights; 2 warm-up + 6 rounds)
@@ -40,14 +42,14 @@
 #   pytest_recipe [100 s] its 2-step `tune run tad_distill`, bf16 + compile + fused against
 #                       eager                                  -> pytest_cuda_recipe.xml
 #   summary             gpu_check.py summary: targets met/missed     -> summary.json
-# Everything printed also goes to OUT_DIR/gpu_check.log (7 files in all). The caps are
-# estimates until a GPU run records each step's seconds (summary.json "steps"); the loss and
-# recipe steps' time is mostly inductor compiling (the recipe's blocks and head, the peer's
-# layers, Liger's chunk step), the steps themselves are seconds. Targets (gpu_check.py): the
-# recipe's head with TAD <= 1.15x Liger's CE + forward KL time and <= 1.0x its peak memory, with
-# forward KL <= 1.0x its time, <= 1.5x the unchunked floor, at both shapes; end to end the recipe
-# >= 1.10x the compiled transformers + Liger loop and MFU >= 50% at Qwen2.5-3B -> half, >= 1.05x
-# at Gemma2-9B -> a third.
+# Everything printed also goes to OUT_DIR/gpu_check.log (7 files and inductor_code/ in all).
+# The caps are estimates until a GPU run records each step's seconds (summary.json "steps");
+# the loss and recipe steps' time is mostly inductor compiling (the recipe's blocks and head,
+# the peer's layers, Liger's chunk step), the steps themselves are seconds. Targets
+# (gpu_check.py): the recipe's head with TAD <= 1.15x Liger's CE + forward KL time and <= 1.0x
+# its peak memory, with forward KL <= 1.0x its time, <= 1.5x the unchunked floor, at both
+# shapes; end to end the recipe >= 1.10x the compiled transformers + Liger loop and MFU >= 50% at
+# Qwen2.5-3B -> half, >= 1.05x at Gemma2-9B -> a third.
 # --dry-run: no install, --device cpu, the same steps, options and cases at stand-in sizes:
 # loss_bench at 256,1000,64,fp32 and 256,1536,96,fp32 (2 rounds, memory by the profiler's
 # allocations), recipe_bench at tiny_qwen2 and tiny_gemma2 (Qwen2 and Gemma2 pairs of width 64;
@@ -189,7 +191,7 @@ main() {
     run_step imports 45 "$py" benchmarks/gpu_check.py check-install "${require[@]}"
     run_step loss 130 "$py" benchmarks/loss_bench.py --device "$device" \
         --shapes "${loss_shapes[@]}" --cases "${loss_cases[@]}" "${loss_options[@]}" \
-        "${stand_in[@]}" --json "$out/loss_bench.json"
+        "${stand_in[@]}" --inductor-code "$out/inductor_code" --json "$out/loss_bench.json"
     local i loops
     for i in "${!recipe_archs[@]}"; do
         read -r -a loops <<<"${recipe_loops[$i]}"

@@ -414,26 +414,30 @@ def graph_traffic(code: str) -> list[dict]:
             for _, kind, name in launches]
 
 
+def kernel_totals(kernels: list[dict], chunk: int, vocab: int) -> dict:
+    """The launches of ``graph_traffic`` (of every graph a chunk runs) summed: ``kernels``, of
+    which ``external`` library calls; ``loops``, each loop over the reduction dimension of a
+    kernel whose iteration space is at least half a ``[chunk, V]`` buffer, or the kernel itself
+    when it covers it in one go (element-wise, or a whole row at a time); ``bytes`` read and
+    written, and ``passes``, those in ``[chunk, V]`` float32 buffers."""
+    big = [k for k in kernels if k["kind"] == "triton"
+           and k["xnumel"] * max(k["rnumel"], 1) * 2 >= chunk * vocab]
+    moved = sum(k.get("read", 0) + k.get("written", 0) for k in kernels)
+    return {"kernels": len(kernels), "external": sum(k["kind"] == "extern" for k in kernels),
+            "loops": sum(max(k["loops"], 1) for k in big), "bytes": moved,
+            "passes": moved / (chunk * vocab * 4)}
+
+
 def triton_counts(name: str, inputs) -> dict:
     """Kernels, loops over the row and bytes of the Triton code inductor generates for one chunk
-    as for a GPU (``triton_codegen``). ``loops``: each loop over the reduction dimension of a
-    kernel whose iteration space is at least half a ``[chunk, V]`` buffer, or the kernel itself
-    when it covers it in one go (element-wise, or a whole row at a time)."""
+    as for a GPU (``triton_codegen``, ``kernel_totals``)."""
     chunk, vocab = inputs[4].numel(), inputs[1].shape[0]
     with triton_codegen() as records:
         run_head(name, inputs, compile_chunks=True)
     kernels = [k for code in records for k in graph_traffic(code)]
-    big = [k for k in kernels if k["kind"] == "triton"
-           and k["xnumel"] * max(k["rnumel"], 1) * 2 >= chunk * vocab]
-    return {
-        "graphs": len(records),
-        "kernels": len(kernels),
-        "external": sum(k["kind"] == "extern" for k in kernels),
-        "loops": sum(max(k["loops"], 1) for k in big),
-        "bytes": sum(k.get("read", 0) + k.get("written", 0) for k in kernels),
-        "loop_bytes": sum(k.get("read", 0) + k.get("written", 0) for k in kernels),
-        "kernel_list": kernels,
-    }
+    totals = kernel_totals(kernels, chunk, vocab)
+    return {"graphs": len(records), **totals, "loop_bytes": totals["bytes"],
+            "kernel_list": kernels}
 
 
 def measure(names: list[str], chunk: int, vocab: int, hidden: int,

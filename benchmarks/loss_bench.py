@@ -148,6 +148,29 @@ def set_compile_backend(backend: str) -> None:
                      else functools.partial(_TORCH_COMPILE, backend=backend))
 
 
+#: the case whose step runs now (``time_round_robin``): names the code ``save_inductor_code``
+#: writes, ``NxVxD__IMPL__DIVERGENCE__K.py``
+_RUNNING = ["setup"]
+
+
+def save_inductor_code(folder: Path) -> None:
+    """From here on, write the code of every graph inductor compiles (its wrapper: on a GPU the
+    Triton kernels and their launches) into ``folder``, named after the case whose step compiled
+    it; ``head_kernels.graph_traffic`` reads it (``gpu_check.py``'s ``head_code``). Inductor's
+    graph cache is off, so that every graph is generated and written."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.graph import GraphLowering
+
+    folder.mkdir(parents=True, exist_ok=True)
+    count = iter(range(10**6))
+
+    def save(code: str) -> None:
+        (folder / f"{_RUNNING[0]}__{next(count):03d}.py").write_text(code)
+
+    inductor_config.fx_graph_cache = False
+    GraphLowering.save_output_code = save
+
+
 def parse_case(text: str) -> tuple[str, str]:
     """``IMPL/DIVERGENCE`` (``matmul_floor*/none``; ``torchtune_chunked*`` and ``liger_*`` take
     ``forward_kl`` only)."""
@@ -532,7 +555,7 @@ def step_memory(step, device: str, cpu_memory: str = "allocations") -> dict:
 
 
 def time_round_robin(steps: dict, inputs: tuple, device: str, warmup: int,
-                     repeats: int) -> tuple[dict, dict]:
+                     repeats: int, tag: str = "") -> tuple[dict, dict]:
     """Step times (ms) of every ``steps`` entry, the entries taking turns step by step (round
     robin) so that a change in the machine's load hits them all alike; ratios are then fair on a
     shared box. Gradients of the student inputs are dropped before each step.
@@ -549,6 +572,7 @@ def time_round_robin(steps: dict, inputs: tuple, device: str, warmup: int,
             if c in failed:
                 continue
             h_s.grad = w_s.grad = None
+            _RUNNING[0] = "__".join((tag, *c))
             _sync(device)
             start = time.perf_counter()
             try:
@@ -581,7 +605,7 @@ def measure_times(cases: list[tuple[str, str]], shape: tuple, device: str, warmu
                                  liger_stand_in=liger_stand_in)
         except Unavailable as why:
             unavailable[c] = str(why)
-    times, failed = time_round_robin(steps, inputs, device, warmup, repeats)
+    times, failed = time_round_robin(steps, inputs, device, warmup, repeats, f"{n}x{v}x{d}")
     failed.update(unavailable)
     peaks = {}
     for c, step in steps.items() if memory else ():
@@ -677,12 +701,17 @@ def main() -> int:
     parser.add_argument("--liger-stand-in", action="store_true",
                         help="without liger-kernel, run the Liger cases' loss by plain autograd "
                              "(LigerStandIn, rows marked) instead of reporting them unavailable")
+    parser.add_argument("--inductor-code", type=Path, metavar="DIR",
+                        help="write the code of every graph inductor compiles into DIR, named "
+                             "after the case (save_inductor_code)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--_task", help=argparse.SUPPRESS)  # internal: one subprocess's work
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     set_compile_backend(args.compile_backend)
+    if args.inductor_code:
+        save_inductor_code(args.inductor_code)
 
     if args._task:
         task = json.loads(args._task)

@@ -17,6 +17,7 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_check  # noqa: E402
+import head_kernels  # noqa: E402
 
 DRY_SHAPES = ["256,1000,64,fp32", "256,1536,96,fp32"]
 DRY_ARCHS = ["tiny_qwen2", "tiny_gemma2"]
@@ -55,8 +56,10 @@ def test_dry_run_writes_every_result(dry_run):
     proc, out, seconds = dry_run
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [
-        "gpu_check.log", "loss_bench.json", "pytest_cuda.xml", "pytest_cuda_recipe.xml",
-        "recipe_bench_tiny_gemma2.json", "recipe_bench_tiny_qwen2.json", "summary.json"]
+        "gpu_check.log", "inductor_code", "loss_bench.json", "pytest_cuda.xml",
+        "pytest_cuda_recipe.xml", "recipe_bench_tiny_gemma2.json", "recipe_bench_tiny_qwen2.json",
+        "summary.json"]
+    assert not list((out / "inductor_code").iterdir())  # Dynamo's eager backend: no code
     assert seconds < 150, seconds  # about 60-80 s on the 2-core development machine
     log = (out / "gpu_check.log").read_text()
     assert "check complete" in log and log.strip().endswith(proc.stdout.strip().splitlines()[-1])
@@ -99,6 +102,8 @@ def test_dry_run_writes_every_result(dry_run):
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] and summary["complete"] and summary["problems"] == []
+    assert summary["head_code"] == {"chunk": 1024, "errors": [], "shapes": {}}
+    assert "inductor's code: none recorded (Dynamo's eager backend)" in log
     assert [s["name"] for s in summary["steps"]] == STEPS
     assert all(s["ok"] for s in summary["steps"])
     assert summary["tests"] == tests
@@ -247,6 +252,31 @@ def test_summary_takes_one_measured_shape_and_arch_per_target(tmp_path):
                            "--loss-shapes", GPU_SHAPES[0], "--recipe-archs", "a", "b"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "--loss-shapes takes 2 shapes" in proc.stderr, proc.stderr
+
+
+def test_head_code_sums_each_case_s_graphs_per_chunk(tmp_path):
+    """The code a GPU run's loss step saves (``loss_bench.py --inductor-code``), summed per
+    shape and case over its graphs, in passes of a 1024-row chunk; a file in a form this does
+    not read is named, not fatal."""
+    from tests.helpers.triton_code import TRITON_GRAPH
+
+    folder = tmp_path / "inductor_code"
+    folder.mkdir()
+    for k in range(2):  # a case's two graphs (the teacher's split and the chunk, say)
+        (folder / f"8192x256x64__fused_step_recipe__tad__00{k}.py").write_text(TRITON_GRAPH)
+    (folder / "8192x256x64__liger_fused_jsd_ce__forward_kl__002.py").write_text(TRITON_GRAPH)
+    (folder / "8192x256x64__fused_step_recipe__forward_kl__003.py").write_text("not code")
+    code = gpu_check.head_code(folder)
+    moved = sum(k.get("read", 0) + k.get("written", 0)
+                for k in head_kernels.graph_traffic(TRITON_GRAPH))
+    tad = code["shapes"]["8192,256,64"]["fused_step_recipe/tad"]
+    liger = code["shapes"]["8192,256,64"]["liger_fused_jsd_ce/forward_kl"]
+    assert (tad["graphs"], tad["kernels"], tad["external"]) == (2, 8, 4)
+    assert tad["bytes"] == 2 * moved
+    assert tad["passes"] == pytest.approx(2 * moved / (1024 * 256 * 4))
+    assert (liger["graphs"], liger["bytes"]) == (1, moved)
+    assert len(code["errors"]) == 1 and "forward_kl__003" in code["errors"][0]
+    assert gpu_check.head_code(tmp_path / "absent") == {"chunk": 1024, "errors": [], "shapes": {}}
 
 
 def test_read_steps_marks_timeouts(tmp_path):
