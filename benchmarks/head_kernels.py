@@ -281,8 +281,8 @@ def triton_codegen():
     ``sum(exp(x - amax))`` in one loop) applies; its store-or-recompute heuristics (which on a
     CPU store every reused value computed with an ``exp`` or a ``log``, and allow larger
     expressions) and its loop reordering in fusion take their GPU branches (``ir.is_cpu`` and
-    ``BaseSchedulerNode.is_cpu`` answer False); the backend hash, which asks a GPU driver, is a
-    constant. Left out: autotuned block sizes, split reductions sized by the GPU's
+    ``BaseSchedulerNode.is_cpu`` answer False); the head's own settings for a GPU apply
+    (``fused.INDUCTOR_OPTIONS``); the backend hash, which asks a GPU driver, is a constant. Left out: autotuned block sizes, split reductions sized by the GPU's
     multiprocessor count, and the mixed-order reductions inductor skips on a CPU.
     Needs a fresh process: inductor registers its pattern rewrites once per process, before this
     can emulate the GPU's (``RuntimeError`` otherwise)."""
@@ -302,8 +302,8 @@ def triton_codegen():
     def backend(gm, example_inputs, options=None):
         count = len(records)
         try:
-            with inductor_config.patch({**(options or {}), "cpu_backend": "triton",
-                                        "fx_graph_cache": False}):
+            with inductor_config.patch({**fused.INDUCTOR_OPTIONS, **(options or {}),
+                                        "cpu_backend": "triton", "fx_graph_cache": False}):
                 compile_fx.compile_fx(gm, example_inputs)
         except Exception:  # noqa: BLE001  (the hook's _Generated, wrapped by inductor)
             if len(records) == count:
