@@ -234,9 +234,8 @@ def eager_counts(name: str, inputs) -> dict:
 TRITON_BYTES = {"*fp64": 8, "*i64": 8, "*u64": 8, "*fp32": 4, "*i32": 4, "*u32": 4,
                 "*bf16": 2, "*fp16": 2, "*i16": 2, "*u16": 2, "*i8": 1, "*u8": 1, "*i1": 1,
                 "*fp8e4nv": 1, "*fp8e5": 1}
-#: iterations of an access above which its distinct addresses are not counted (it then counts
-#: one element per iteration: 1 GiB of int64 addresses at most)
-_EXACT_ELEMENTS = 1 << 27
+#: addresses evaluated at a time when counting an access's distinct addresses (128 MiB)
+_BLOCK_ELEMENTS = 1 << 24
 
 
 class _Generated(Exception):
@@ -344,19 +343,25 @@ _SIGNATURE = re.compile(r"'signature': \{(.*?)\}")
 def _distinct(index: str, defs: dict[str, str], xnumel: int, rnumel: int) -> int | None:
     """How many distinct elements ``index`` (an index expression of a Triton kernel, over its
     index variables ``defs``) addresses over an ``xnumel x rnumel`` iteration space; None where
-    it is not a plain expression of them."""
+    it is not a plain expression of them. Evaluated a block of ``x`` at a time (at most
+    ``_BLOCK_ELEMENTS`` addresses), the addresses marked in a bitmap."""
     import numpy as np
 
-    env = {"xindex": np.arange(xnumel, dtype=np.int64)[:, None],
-           "r0_index": np.arange(max(rnumel, 1), dtype=np.int64)[None, :]}
-    try:
-        for name, expr in defs.items():
-            env[name] = eval(expr, {"__builtins__": {}}, env)  # noqa: S307 (inductor's code)
-        address = np.asarray(eval(index, {"__builtins__": {}}, env)).ravel()  # noqa: S307
-    except Exception:  # noqa: BLE001  (a name or function of Triton's: not a plain expression)
-        return None
-    seen = np.zeros(int(address.max()) + 1, dtype=bool)
-    seen[address] = True
+    r_index = np.arange(max(rnumel, 1), dtype=np.int64)[None, :]
+    block = max(1, _BLOCK_ELEMENTS // max(rnumel, 1))
+    seen = np.zeros(0, dtype=bool)
+    for start in range(0, xnumel, block):
+        env = {"xindex": np.arange(start, min(start + block, xnumel), dtype=np.int64)[:, None],
+               "r0_index": r_index}
+        try:
+            for name, expr in defs.items():
+                env[name] = eval(expr, {"__builtins__": {}}, env)  # noqa: S307 (inductor's)
+            address = np.asarray(eval(index, {"__builtins__": {}}, env)).ravel()  # noqa: S307
+        except Exception:  # noqa: BLE001  (a name or function of Triton's: not plain)
+            return None
+        if address.size and address.max() >= seen.size:
+            seen = np.concatenate([seen, np.zeros(int(address.max()) + 1 - seen.size, bool)])
+        seen[address] = True
     return int(seen.sum())
 
 
@@ -388,9 +393,8 @@ def kernel_traffic(source: str) -> dict:
     moved = {"load": 0, "store": 0}
     for where, kind, pointer, index in accesses:
         iterations = xnumel * (rnumel if (where or persistent) and rnumel else 1)
-        exact = None
-        if "tmp" not in index and iterations <= _EXACT_ELEMENTS:
-            exact = _distinct(index, defs, xnumel, rnumel if (where or persistent) else 0)
+        exact = None if "tmp" in index else _distinct(
+            index, defs, xnumel, rnumel if (where or persistent) else 0)
         moved[kind] += (iterations if exact is None else exact) * TRITON_BYTES[signature[pointer]]
     return {"xnumel": xnumel, "rnumel": rnumel, "loops": loops, "persistent": persistent,
             "read": moved["load"], "written": moved["store"]}
