@@ -92,8 +92,9 @@ def make_drkl_chunk_grad(gamma: float):
         d_bin = (q_y * (r[:, 0] - r[:, 1]) - c).unsqueeze(-1)  # (n, 1)
 
         if torch.compiler.is_compiling():
-            # the same terms as expressions, none written in place: inductor recomputes
-            # qh (log qh - log ph) in the gradient's loop where the in-place form stores it
+            # the same terms as expressions, none written in place: on a GPU inductor
+            # recomputes qh (log qh - log ph) in the gradient's loop (fused.INDUCTOR_OPTIONS)
+            # where the in-place form stores it
             log_qh = s - safe_finite(lse_s_nt).unsqueeze(-1)
             qh = torch.where(is_y, zero, log_qh.exp())  # (n, V), 0 at the target id
             log_ph = t - safe_finite(lse_t_nt).unsqueeze(-1)

@@ -76,9 +76,10 @@ def _reverse_kl_chunk_grad_traced(
     s: Tensor, t: Tensor, labels: Tensor, *, ce_weight: float | None = None
 ) -> tuple[Tensor, ...]:
     """``reverse_kl_chunk_grad`` for ``torch.compile``: the same terms as expressions, no
-    buffer written in place. Inductor then makes three loops over the row (both log-sum-exps in
-    one, the sum of the terms, the gradient), recomputing ``q (log q - log p)`` in the last
-    where the in-place form stores it in a float32 ``[n, V]`` buffer and reads it back."""
+    buffer written in place. On a GPU (``fused.INDUCTOR_OPTIONS``) inductor then makes three
+    loops over the row (both log-sum-exps in one, the sum of the terms, the gradient),
+    recomputing ``q (log q - log p)`` in the last where the in-place form stores it in a float32
+    ``[n, V]`` buffer and reads it back."""
     zero = s.new_zeros(())
     lse_s = logsumexp(s, keepdim=True)
     log_q = s - lse_s
