@@ -518,18 +518,23 @@ class TADDistillRecipe:
     def _trim_metrics(self) -> None:
         """Drop the records of ``metrics.jsonl`` after this run's starting step: those an
         interrupted run logged after its last checkpoint (the resume logs them again), or all of
-        an earlier run's in a run that starts from scratch; one file, one record per step."""
+        an earlier run's in a run that starts from scratch; one file, one record per step. Read
+        line by line (twice when some go): memory does not grow with the run's length."""
         path = self._output_dir / "metrics.jsonl"
         if not path.is_file():
             return
-        lines = path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if line.strip() and _record_step(line) <= self.global_step]
-        if len(kept) == len(lines):
+
+        def kept(line: str) -> bool:
+            return bool(line.strip()) and _record_step(line) <= self.global_step
+
+        with open(path, encoding="utf-8") as f:
+            dropped = sum(not kept(line) for line in f)
+        if not dropped:
             return
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
-        print(f"metrics.jsonl: {len(lines) - len(kept)} record(s) after step {self.global_step} "
-              f"dropped from {str(path)!r} (this run logs from step {self.global_step + 1})",
-              file=sys.stderr)
+        with open(path, encoding="utf-8") as f:
+            atomic_write_text(path, (line.rstrip("\n") + "\n" for line in f if kept(line)))
+        print(f"metrics.jsonl: {dropped} record(s) after step {self.global_step} dropped from "
+              f"{str(path)!r} (this run logs from step {self.global_step + 1})", file=sys.stderr)
 
     def _check_same_data(self, saved: dict[str, str | None], path: Path) -> None:
         """Refuse to resume on a token store other than the checkpoint's (other data or another

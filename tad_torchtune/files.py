@@ -7,6 +7,7 @@ import errno
 import os
 import secrets
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 #: prefix of the temporary names (``.tmp-<name>-<pid>-<random>``), so stale ones can be found
@@ -70,12 +71,14 @@ def publish_dir(tmp: Path, final: Path, *, replace: bool = False) -> bool:
     return True
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` by a temporary file and one ``os.replace``."""
+def atomic_write_text(path: Path, text: str | Iterable[str]) -> None:
+    """Write ``text`` (a string, or the strings of an iterable one after another: a file
+    rewritten line by line in constant memory) to ``path`` by a temporary file and one
+    ``os.replace``."""
     path = Path(path)
     tmp = temporary_path(path)
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+        f.writelines([text] if isinstance(text, str) else text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -138,10 +138,15 @@ def _to_numpy(x: torch.Tensor, dtype: str) -> np.ndarray:
 
 
 def _from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
-    t = torch.from_numpy(np.array(a))  # a copy: the shard is a read-only memory map
+    """A shard's field as a float32 (int64 for ids) tensor of its own, in ONE copy out of the
+    read-only memory map: the conversion's (bfloat16, stored as its 16 bits, widened by a shift
+    of its bits into float32's, exactly as ``Tensor.float`` does)."""
     if dtype == "bfloat16":
-        return t.view(torch.int16).view(torch.bfloat16).float()
-    return t.float() if t.is_floating_point() else t.long()
+        bits = a.view(np.uint16).astype(np.uint32)
+        bits <<= 16
+        return torch.from_numpy(bits.view(np.float32))
+    return torch.from_numpy(a.astype(np.float32 if np.issubdtype(a.dtype, np.floating)
+                                     else np.int64))
 
 
 class TeacherCache:

@@ -73,6 +73,17 @@ def test_atomic_write_text_replaces_and_leaves_no_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["latest"]
 
 
+def test_atomic_write_text_rewrites_a_file_from_its_own_lines(tmp_path):
+    """The lines of an iterable, read from the very file being replaced (a file trimmed line by
+    line in constant memory): the reader sees the old file to its end."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(f'{{"step": {i}}}\n' for i in range(1, 6)))
+    with open(path, encoding="utf-8") as f:
+        atomic_write_text(path, (line for line in f if '"step": 3' not in line))
+    assert path.read_text() == "".join(f'{{"step": {i}}}\n' for i in (1, 2, 4, 5))
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
 def test_a_write_killed_before_the_rename_leaves_the_old_text(tmp_path, monkeypatch):
     """The text is written to a temporary file first: a failure before ``os.replace`` leaves the
     previous content whole, and ``remove_stale`` clears the temporary the writer left."""
