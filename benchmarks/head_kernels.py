@@ -44,7 +44,6 @@ chunk is about ``passes * chunk * V * 4 bytes / memory bandwidth`` (4.8 TB/s on 
 
 import argparse
 import contextlib
-import functools
 import json
 import logging
 import re
@@ -298,11 +297,11 @@ def triton_codegen():
         records.append(code)
         raise _Generated
 
-    def backend(gm, example_inputs, options=None):
+    def backend(gm, example_inputs):
         count = len(records)
         try:
-            with inductor_config.patch({**fused.INDUCTOR_OPTIONS, **(options or {}),
-                                        "cpu_backend": "triton", "fx_graph_cache": False}):
+            with inductor_config.patch({**fused.INDUCTOR_OPTIONS, "cpu_backend": "triton",
+                                        "fx_graph_cache": False}):
                 compile_fx.compile_fx(gm, example_inputs)
         except Exception:  # noqa: BLE001  (the hook's _Generated, wrapped by inductor)
             if len(records) == count:
@@ -317,8 +316,7 @@ def triton_codegen():
     scheduler.BaseSchedulerNode.is_cpu = lambda node: False
     torch.utils._triton.triton_hash_with_backend = lambda: "triton-on-cpu-as-on-cuda"
     GraphLowering.save_output_code = save
-    torch.compile = lambda fn, *args, options=None, **kwargs: compile_(
-        fn, backend=functools.partial(backend, options=options))
+    torch.compile = lambda fn, *args, **kwargs: compile_(fn, backend=backend)
     fused._COMPILED.clear()
     torch._dynamo.reset()
     try:

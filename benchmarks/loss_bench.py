@@ -87,6 +87,7 @@ produce (for the fused path with bf16 inputs this still counts its float32 sums)
 import argparse
 import bisect
 import functools
+import itertools
 import json
 import os
 import statistics
@@ -162,7 +163,7 @@ def save_inductor_code(folder: Path) -> None:
     from torch._inductor.graph import GraphLowering
 
     folder.mkdir(parents=True, exist_ok=True)
-    count = iter(range(10**6))
+    count = itertools.count()
 
     def save(code: str) -> None:
         (folder / f"{_RUNNING[0]}__{next(count):03d}.py").write_text(code)
