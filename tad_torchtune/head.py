@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from tad_torchtune.common import full_tensor
 from tad_torchtune.data.batch import Batch
@@ -113,6 +114,14 @@ class TrainTerms:
     hidden: Tensor | None
     stats: dict[str, Tensor]
     num_tokens: Tensor
+
+
+# StudentHead is the student's FSDP2 root and returns TrainTerms. FSDP2 gathers the root's
+# parameters again for backward from hooks on the forward's outputs, which torch 2.11 finds with
+# pytree's ``tree_flatten`` (2.13 also looks into dataclasses): unregistered, the objective was a
+# hidden leaf, no hook fired, and backward read a freed output weight ("setStorage ... out of
+# bounds for storage of size 0") on every run of 2 processes or more.
+pytree.register_dataclass(TrainTerms)
 
 
 class StudentHead(nn.Module):
