@@ -50,6 +50,10 @@ LOSS_TARGETS = (
     ("CE + forward KL vs Liger time", HEAD_FKL, LIGER, "ms", 1.0),
     ("unchunked floor", HEAD_TAD, FLOOR, "ms", 1.5),
 )
+#: the recipe head's variants whose figures choose the GPU configs' defaults (issue 19, item 5;
+#: not targets): TAD with every teacher projection kept between its passes, and with the
+#: weight gradient summed in bf16; each read against the recipe's head and against Liger
+HEAD_VARIANTS = ("fused_step_recipe_rowcache/tad", "fused_step_recipe_bf16_wgrad/tad")
 #: per target architecture, (name, figure of its recipe_bench row, at least): the recipe's speed
 #: over the compiled transformers + Liger loop's (paired rounds), and its MFU
 RECIPE_TARGETS = {
@@ -205,6 +209,11 @@ def loss_figures(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         "stand_in": sorted(c for c, r in got.items() if r.get("stand_in")),
         "ratios": {name: ratio(got, case, against, what)
                    for name, case, against, what, _ in LOSS_TARGETS},
+        "variants": {case: {"time_vs_recipe": ratio(got, case, HEAD_TAD, "ms"),
+                            "memory_vs_recipe": ratio(got, case, HEAD_TAD, "peak_mib"),
+                            "time_vs_liger": ratio(got, case, LIGER, "ms"),
+                            "memory_vs_liger": ratio(got, case, LIGER, "peak_mib")}
+                     for case in HEAD_VARIANTS if case in got},
     } for shape, got in by_shape.items()}
 
 
@@ -361,6 +370,14 @@ def print_summary(s: dict[str, Any]) -> None:
         print(f"loss ({shape}): {cases}"
               + (f"; stand-ins: {', '.join(f['stand_in'])}" if f["stand_in"] else "")
               + "".join(f"; {c}: {n}" for c, n in f["notes"].items()))
+    for shape, f in s["loss"].items():
+        if f.get("variants"):
+            print(f"recipe head variants ({shape}; the GPU configs' defaults, not targets): "
+                  + "; ".join(f"{c}: time {fmt(x['time_vs_recipe'], '.2f')}x, peak memory "
+                              f"{fmt(x['memory_vs_recipe'], '.2f')}x the recipe head's, "
+                              f"{fmt(x['time_vs_liger'], '.2f')}x and "
+                              f"{fmt(x['memory_vs_liger'], '.2f')}x Liger's"
+                              for c, x in f["variants"].items()))
     code = s["head_code"]
     for shape, cases in code["shapes"].items():
         print(f"inductor's code per {code['chunk']}-row chunk ({shape}): " + ", ".join(

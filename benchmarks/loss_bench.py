@@ -32,7 +32,14 @@ Implementations:
 - ``fused_step_recipe``: ``fused_head`` as the recipe runs it by default: chunks of
   ``loss_chunk_size`` tokens (the recipe's schema default, 1024) through inductor
   (``compile_chunks=True``, the recipe's ``compile: true``), its default teacher cache and
-  float32 weight-gradient sum (``RECIPE_HEAD``; ``--fused-chunk`` does not apply).
+  float32 weight-gradient sum (``RECIPE_HEAD``; ``--fused-chunk`` does not apply). Two variants
+  of it, the choices of the GPU configs' defaults (issue 19, item 5), whose compiled functions
+  are the recipe head's (no compilation of their own): ``fused_step_recipe_rowcache`` keeps
+  every teacher projection between TAD's passes (``teacher_cache_mib=None``: one row's, the
+  recipe's ``fused_teacher_cache_mib: null``; the default budget holds no 1024-token chunk of a
+  151936- or 256000-token bf16 vocabulary, so TAD projects the teacher twice there), and
+  ``fused_step_recipe_bf16_wgrad`` sums the weight gradient in bf16
+  (``fused_float32_weight_grad: false``).
 - ``two_pass``: the recipe's head before it, a checkpointed CE pass, then the fused divergence.
 - ``liger_fused_jsd`` (forward KL only): Liger-Kernel's
   ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss``, the fused linear distillation loss users
@@ -112,7 +119,8 @@ from tad_torchtune.losses.fused import (  # noqa: E402
 IMPLS = ("naive", "torchtune_chunked", "torchtune_chunked_compiled", "unfused", "fused",
          "fused_nocache", "fused_compiled", "matmul_floor", "matmul_floor_unchunked",
          "fused_step", "fused_step_compiled", "fused_step_bf16_wgrad", "fused_step_recipe",
-         "two_pass", "liger_fused_jsd", "liger_fused_jsd_ce")
+         "fused_step_recipe_rowcache", "fused_step_recipe_bf16_wgrad", "two_pass",
+         "liger_fused_jsd", "liger_fused_jsd_ce")
 #: the fused head as the recipe runs it with its schema's defaults and ``compile: true``
 RECIPE_HEAD = {"chunk_size": DISTILL["loss_chunk_size"].default, "compile_chunks": True,
                "teacher_cache_mib": DISTILL["fused_teacher_cache_mib"].default,
@@ -121,7 +129,10 @@ FUSED_OPTIONS = {"fused": {}, "fused_nocache": {"teacher_cache_mib": 0},
                  "fused_compiled": {"compile_chunks": True}, "fused_step": {},
                  "fused_step_compiled": {"compile_chunks": True},
                  "fused_step_bf16_wgrad": {"float32_weight_grad": False},
-                 "fused_step_recipe": RECIPE_HEAD, "two_pass": {}}
+                 "fused_step_recipe": RECIPE_HEAD,
+                 "fused_step_recipe_rowcache": {**RECIPE_HEAD, "teacher_cache_mib": None},
+                 "fused_step_recipe_bf16_wgrad": {**RECIPE_HEAD, "float32_weight_grad": False},
+                 "two_pass": {}}
 #: implementations of one divergence only (the others have every registered divergence)
 ONLY_DIVERGENCE = {"torchtune_chunked": "forward_kl", "torchtune_chunked_compiled": "forward_kl",
                    "liger_fused_jsd": "forward_kl", "liger_fused_jsd_ce": "forward_kl",
@@ -528,7 +539,7 @@ def measure_memory(impl: str, name: str, shape: tuple, device: str,
         base = _vm_kib("VmRSS") * 1024
         step()
         return {"peak_mib": (_vm_kib("VmHWM") * 1024 - base) / 2**20}
-    if "compiled" in impl or impl == "fused_step_recipe" or impl.startswith("liger"):
+    if "compiled" in impl or impl.startswith(("fused_step_recipe", "liger")):
         step()  # compiles
         inputs[0].grad = inputs[1].grad = None
     return step_memory(step, device, cpu_memory)
@@ -780,7 +791,7 @@ def main() -> int:
           f"peak extra MiB ({mem_how}) | beyond the gradients MiB | note |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        chunk = (RECIPE_HEAD["chunk_size"] if r["impl"] == "fused_step_recipe"
+        chunk = (RECIPE_HEAD["chunk_size"] if r["impl"].startswith("fused_step_recipe")
                  else "" if not r["impl"].startswith(("fused", "matmul_floor"))
                  or r["impl"] == "matmul_floor_unchunked"
                  else args.fused_chunk or default_chunk_size(r["N"], r["V"], r["D"], args.device))
@@ -821,7 +832,8 @@ def main() -> int:
                   f"{fmt(beyond_gradients(got[tad]), '.0f')}")
         liger_ce = ("liger_fused_jsd_ce", "forward_kl")
         for mode in ("fused_step", "fused_step_compiled", "fused_step_bf16_wgrad",
-                     "fused_step_recipe"):
+                     "fused_step_recipe", "fused_step_recipe_rowcache",
+                     "fused_step_recipe_bf16_wgrad"):
             for name in args.divergences:
                 head = (mode, name)
                 if head not in got:

@@ -307,8 +307,9 @@ class MinimalLoop:
         self.kd = config.instantiate(cfg.kd_loss)
         self.fused = bool(_setting(cfg, "fused"))
         self.chunk = int(_setting(cfg, "loss_chunk_size"))
+        cache_mib = _setting(cfg, "fused_teacher_cache_mib")
         self.fused_options = {
-            "teacher_cache_mib": float(_setting(cfg, "fused_teacher_cache_mib")),
+            "teacher_cache_mib": None if cache_mib is None else float(cache_mib),
             "float32_weight_grad": bool(_setting(cfg, "fused_float32_weight_grad")),
             "compile_chunks": compile}
         # as the recipe's head: the unfused divergence compiled whole

@@ -158,7 +158,7 @@ class StudentHead(nn.Module):
         hidden_layers: tuple[int, ...] = (),
         fused: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
-        teacher_cache_mib: float = DEFAULT_TEACHER_CACHE_MIB,
+        teacher_cache_mib: float | None = DEFAULT_TEACHER_CACHE_MIB,
         float32_weight_grad: bool = True,
         compile: bool = False,
         from_cache: bool = False,
@@ -171,7 +171,8 @@ class StudentHead(nn.Module):
         self.hidden_layers = tuple(hidden_layers) if self.hidden_loss is not None else ()
         self.fused = bool(fused)
         self.chunk_size = int(chunk_size)
-        self.fused_options = {"teacher_cache_mib": float(teacher_cache_mib),
+        self.fused_options = {"teacher_cache_mib": None if teacher_cache_mib is None
+                              else float(teacher_cache_mib),
                               "float32_weight_grad": bool(float32_weight_grad),
                               "compile_chunks": bool(compile)}
         self.from_cache = bool(from_cache)

@@ -217,7 +217,8 @@ DISTILL = Schema("tad_distill", [
     Key("fused", "the fused head: CE + divergence from hidden states and output weights, one "
         "student projection per chunk, no `[B, T, V]` logits", False, _BOOL),
     Key("fused_teacher_cache_mib", "fused TAD: MiB of teacher chunk projections kept between its "
-        "two passes (0: recompute)", 128, _NUM, minimum=0),
+        "two passes (0: recompute; null: every one, a row's `T x V` at a time)", 128, _OPT_NUM,
+        minimum=0),
     Key("fused_float32_weight_grad", "fused: sum the output-weight gradient over chunks in "
         "float32; false sums it in the weight's dtype (bf16: saves a float32 `[V, D]`)", True,
         _BOOL),

@@ -78,7 +78,7 @@ BAD = [
     ({"hidden_layers": [[1]]}, "hidden_layers: must be a list of [student_layer, teacher_layer]"),
     ({"fused": "yes"}, "fused: must be bool, got 'yes'"),
     ({"fused_teacher_cache_mib": -1}, "fused_teacher_cache_mib: must be >= 0"),
-    ({"fused_teacher_cache_mib": "all"}, "fused_teacher_cache_mib: must be int or float, got 'all'"),
+    ({"fused_teacher_cache_mib": "all"}, "fused_teacher_cache_mib: must be int or float or null, got 'all'"),
     ({"fused_float32_weight_grad": "no"}, "fused_float32_weight_grad: must be bool, got 'no'"),
     ({"peak_flops_per_device": -1.0}, "peak_flops_per_device: must be >= 0 or null, got -1.0"),
 ]

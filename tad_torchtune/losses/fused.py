@@ -25,7 +25,7 @@ row statistics. The teacher's projection of a chunk is needed by both passes; up
 ``teacher_cache_mib`` of them are kept from the first pass (in the projection's own dtype, so the
 second pass sees bit-identical values) and the rest are recomputed. A segment holds as many rows
 as the cache can hold entirely (at least one row), so a budget of one row's teacher logits
-removes every recomputation.
+removes every recomputation: ``teacher_cache_mib=None`` is that budget, whatever the shapes.
 
 ``compile_chunks=True`` runs each chunk's element-wise work through ``torch.compile``: the
 teacher pass's split of a chunk (``_teacher_split``) and the chunk's terms and gradient
@@ -501,7 +501,7 @@ def fused_head(
     document_ids: Tensor | None = None,
     ignore_index: int | None = None,
     chunk_size: int | None = None,
-    teacher_cache_mib: float = DEFAULT_TEACHER_CACHE_MIB,
+    teacher_cache_mib: float | None = DEFAULT_TEACHER_CACHE_MIB,
     compile_chunks: bool = False,
     float32_weight_grad: bool = True,
 ) -> HeadOutput:
@@ -538,7 +538,9 @@ def fused_head(
             that on CPU).
         teacher_cache_mib: memory (MiB) for teacher chunk projections kept from the first pass
             of a divergence with a ``top_k`` (TAD) to the second, instead of recomputing them;
-            0 recomputes every one. Ignored by the other divergences.
+            0 recomputes every one; None keeps every one, a row of the batch at a time (the
+            memory of one row's teacher logits, ``T x V`` in the teacher's dtype: 1 GiB for
+            2048 tokens of a 256000-token bf16 vocabulary). Ignored by the other divergences.
         compile_chunks: run each chunk's element-wise work through ``torch.compile``.
         float32_weight_grad: sum the output-weight gradient over chunks in float32 (default).
             False sums it in the weight's dtype, as autograd does for a chunked output layer
@@ -581,7 +583,8 @@ def fused_head(
             )
         if b is not None and tuple(b.shape) != (w.shape[0],):
             raise ValueError(f"{name}_bias must be [V] = [{w.shape[0]}], got {tuple(b.shape)}")
-    check_non_negative(teacher_cache_mib, "teacher_cache_mib")
+    if teacher_cache_mib is not None:
+        check_non_negative(teacher_cache_mib, "teacher_cache_mib")
     check_int(chunk_size, "chunk_size", optional=True)
     w_s = full_tensor(student_weight, differentiable=True)
     b_s = None if student_bias is None else full_tensor(student_bias, differentiable=True)
@@ -592,6 +595,12 @@ def fused_head(
         h_s, w_s = h_s.detach(), w_s.detach()
         b_s = None if b_s is None else b_s.detach()
     n = y.shape[0]
+    lead = row_layout(labels)
+    if teacher_cache_mib is None:  # one row of teacher projections: every one kept
+        cache_bytes = 0 if len(sides) == 1 else lead[1] * teacher_weight.shape[0] * (
+            sides[1][1].element_size())
+    else:
+        cache_bytes = int(teacher_cache_mib * 2**20)
     plan = _Plan(
         divergence, float(ce_weight), float(kd_weight) if divergence is not None else 0.0,
         bool(ce_weight > 0 if compute_ce is None else compute_ce),
@@ -599,7 +608,7 @@ def fused_head(
         (IGNORE_INDEX if ignore_index is None else int(ignore_index)),
         student_softcap, teacher_softcap,
         chunk_size or default_chunk_size(n, w_s.shape[0], hidden, h_s.device),
-        row_layout(labels), cache_bytes=int(teacher_cache_mib * 2**20),
+        lead, cache_bytes=cache_bytes,
         compile_chunks=bool(compile_chunks), float32_weight_grad=bool(float32_weight_grad))
     teacher = None
     if divergence is not None and teacher_cache is not None:

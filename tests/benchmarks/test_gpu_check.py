@@ -23,6 +23,7 @@ DRY_SHAPES = ["256,1000,64,fp32", "256,1536,96,fp32"]
 DRY_ARCHS = ["tiny_qwen2", "tiny_gemma2"]
 GPU_SHAPES = ["8192,151936,2048,bf16", "8192,256000,3584,bf16"]
 CASES = {("fused_step_recipe", "tad"), ("fused_step_recipe", "forward_kl"), ("fused_step", "tad"),
+         ("fused_step_recipe_rowcache", "tad"), ("fused_step_recipe_bf16_wgrad", "tad"),
          ("matmul_floor_unchunked", "none"), ("liger_fused_jsd_ce", "forward_kl")}
 #: the targets of issue 19, by name: the summary must name exactly these, dry or not
 TARGET_NAMES = {f"{name} ({shape})" for shape in GPU_SHAPES for name in (
@@ -123,6 +124,14 @@ def test_dry_run_writes_every_result(dry_run):
             paired(got["fused_step_recipe/forward_kl"]["times_ms"], liger["times_ms"]))
         assert targets[f"unchunked floor ({gpu_shape})"]["value"] == pytest.approx(
             paired(head["times_ms"], got["matmul_floor_unchunked/none"]["times_ms"]))
+        variants = summary["loss"][shape]["variants"]  # the configs' defaults: not targets
+        assert sorted(variants) == sorted(gpu_check.HEAD_VARIANTS)
+        for case, x in variants.items():
+            assert x["time_vs_recipe"] == pytest.approx(paired(got[case]["times_ms"],
+                                                               head["times_ms"]))
+            assert x["memory_vs_liger"] == pytest.approx(got[case]["peak_mib"]
+                                                         / liger["peak_mib"])
+        assert f"recipe head variants ({shape}; " in log
     qwen, gemma = recipes["tiny_qwen2"], recipes["tiny_gemma2"]
     assert targets["vs transformers + Liger (qwen2_5_3b_half)"]["value"] == qwen[
         "recipe_over_peer"]

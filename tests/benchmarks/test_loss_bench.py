@@ -210,3 +210,43 @@ def test_liger_on_cpu_is_its_stand_in(ce):
     torch.testing.assert_close(loss.double(), want_loss, rtol=1e-6, atol=0)
     for got, want in zip(grads, want_grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+
+
+def test_recipe_head_variants_change_one_setting_each():
+    """The candidates for the GPU configs' defaults are the recipe's head with one setting
+    changed: every teacher projection kept between TAD's passes (``teacher_cache_mib=None``),
+    or the weight gradient summed in the weight's dtype; the row-cache variant projects the
+    teacher once per chunk where a budget of 0 projects it twice."""
+    head = loss_bench.RECIPE_HEAD
+    assert loss_bench.FUSED_OPTIONS["fused_step_recipe_rowcache"] == {
+        **head, "teacher_cache_mib": None}
+    assert loss_bench.FUSED_OPTIONS["fused_step_recipe_bf16_wgrad"] == {
+        **head, "float32_weight_grad": False}
+    loss_bench.set_compile_backend("eager")
+    try:
+        n = 2 * head["chunk_size"]  # two rows of 1024 tokens, a chunk each
+        inputs = loss_bench.make_inputs(n, 40, 8, torch.float32, "cpu")
+        w_t = inputs[3]
+        for options, projections in (({"teacher_cache_mib": None}, n), ({"teacher_cache_mib": 0},
+                                                                        2 * n)):
+            rows = []
+            linear = torch.nn.functional.linear
+
+            def counting(x, w, *args):
+                if w.data_ptr() == w_t.data_ptr():
+                    rows.append(x.shape[0])
+                return linear(x, w, *args)
+
+            loss_bench.FUSED_OPTIONS["fused_step_probe"] = {**head, **options}
+            try:
+                torch.nn.functional.linear = counting
+                loss_bench.make_step("fused_step_probe", "tad", *inputs)()
+            finally:
+                torch.nn.functional.linear = linear
+                del loss_bench.FUSED_OPTIONS["fused_step_probe"]
+            assert sum(rows) == projections, (options, rows)
+        step = loss_bench.make_step("fused_step_recipe_rowcache", "tad", *inputs)
+        step()
+        assert inputs[1].grad is not None
+    finally:
+        loss_bench.set_compile_backend("inductor")

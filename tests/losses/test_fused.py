@@ -358,6 +358,7 @@ def count_teacher_projections(monkeypatch, w_t):
     (ROW_BYTES, 141),                 # one row per segment, all of it kept
     (2 * ROW_BYTES + 1, 141),         # 2 rows, then 1
     (10 * ROW_BYTES, 141),            # the whole batch in one segment
+    (None, 141),                      # None: one row per segment, all of it kept
 ])
 def test_teacher_cache_budgets(monkeypatch, cache_bytes, projections, temperature, caps):
     """TAD's two passes share cached teacher projections up to the budget: same values as the
@@ -367,7 +368,7 @@ def test_teacher_cache_budgets(monkeypatch, cache_bytes, projections, temperatur
     expected = unfused(div, *case, s_cap=caps[0], t_cap=caps[1])
     calls = count_teacher_projections(monkeypatch, case[3])
     got = fused(div, *case, chunk_size=12, student_softcap=caps[0], teacher_softcap=caps[1],
-                teacher_cache_mib=cache_bytes / 2**20)
+                teacher_cache_mib=None if cache_bytes is None else cache_bytes / 2**20)
     assert_same(got, expected, torch.float32)
     assert sum(calls) == projections
 
@@ -400,6 +401,8 @@ CHUNK_BYTES = MEM_CHUNK * MEM_V * 4  # one [chunk, V] float32 buffer; [N, V] is 
     # [N, K] / [N] statistics; the code before this bound held 7.2 and 8.4 buffers
     ("tad", 4, 5.0),
     ("tad", 0, 6.0),
+    ("tad", None, 5.0),  # teacher_cache_mib=None: one row of the teacher's chunks kept
+
     # the other divergences have no teacher pass; far below the 32 buffers of [N, V] (their
     # chunk functions before this bound held 9, 8 and 13.3)
     ("forward_kl", 0, 6.0),
@@ -414,11 +417,12 @@ def test_peak_memory_is_a_few_chunks(name, cache_chunks, limit, temperature, cap
     h_s, w_s = (x.requires_grad_(True) for x in case[:2])
     div = DIVERGENCES[name](temperature=temperature)
     grads = (w_s.numel() + h_s.numel()) * 4
-    cache = cache_chunks * CHUNK_BYTES
+    cache = (MEM_T // MEM_CHUNK if cache_chunks is None else cache_chunks) * CHUNK_BYTES
 
     def forward():
         fused_divergence(div, h_s, w_s, *case[2:], chunk_size=MEM_CHUNK, student_softcap=caps[0],
-                         teacher_softcap=caps[1], teacher_cache_mib=cache / 2**20)
+                         teacher_softcap=caps[1],
+                         teacher_cache_mib=None if cache_chunks is None else cache / 2**20)
 
     forward()  # first calls allocate caches of their own (e.g. the CPU allocator's)
     buffers = (peak_allocated_bytes(forward) - grads - cache) / CHUNK_BYTES

@@ -221,10 +221,11 @@ def _recipe(cfg: dict):
     return recipe
 
 
-@pytest.mark.parametrize("flag", [None, False])
-def test_fused_options_reach_the_fused_path(assets, tmp_path, monkeypatch, flag):
-    """fused_teacher_cache_mib and fused_float32_weight_grad (default true) are what the recipe
-    hands the fused head (values only bf16 changes: tests/losses/test_fused.py)."""
+@pytest.mark.parametrize("flag,cache_mib", [(None, 3), (False, None)])
+def test_fused_options_reach_the_fused_path(assets, tmp_path, monkeypatch, flag, cache_mib):
+    """fused_teacher_cache_mib (null: a row's teacher projections) and fused_float32_weight_grad
+    (default true) are what the recipe hands the fused head (values only bf16 changes:
+    tests/losses/test_fused.py)."""
     import tad_torchtune.head as head_module
 
     calls = []
@@ -236,11 +237,12 @@ def test_fused_options_reach_the_fused_path(assets, tmp_path, monkeypatch, flag)
 
     monkeypatch.setattr(head_module, "fused_head", spy)
     extra = {} if flag is None else {"fused_float32_weight_grad": flag}
-    cfg = tune.base_config(assets, tmp_path / "out", fused=True, fused_teacher_cache_mib=3,
+    cfg = tune.base_config(assets, tmp_path / "out", fused=True, fused_teacher_cache_mib=cache_mib,
                            max_steps=1, export_hf=False, **extra)
     recipe = _recipe(cfg)
     recipe.train()
-    assert calls and all(c["teacher_cache_mib"] == 3.0 for c in calls)
+    want = None if cache_mib is None else float(cache_mib)
+    assert calls and all(c["teacher_cache_mib"] == want for c in calls)
     assert all(c["float32_weight_grad"] is (flag is None) for c in calls)
 
 
