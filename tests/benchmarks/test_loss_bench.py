@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.losses import matmul_flops
+from tests.helpers.losses import count_teacher_projections, matmul_flops
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
@@ -212,7 +212,7 @@ def test_liger_on_cpu_is_its_stand_in(ce):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
 
 
-def test_recipe_head_variants_change_one_setting_each():
+def test_recipe_head_variants_change_one_setting_each(monkeypatch):
     """The candidates for the GPU configs' defaults are the recipe's head with one setting
     changed: every teacher projection kept between TAD's passes (``teacher_cache_mib=None``),
     or the weight gradient summed in the weight's dtype; the row-cache variant projects the
@@ -226,25 +226,13 @@ def test_recipe_head_variants_change_one_setting_each():
     try:
         n = 2 * head["chunk_size"]  # two rows of 1024 tokens, a chunk each
         inputs = loss_bench.make_inputs(n, 40, 8, torch.float32, "cpu")
-        w_t = inputs[3]
-        for options, projections in (({"teacher_cache_mib": None}, n), ({"teacher_cache_mib": 0},
-                                                                        2 * n)):
-            rows = []
-            linear = torch.nn.functional.linear
-
-            def counting(x, w, *args):
-                if w.data_ptr() == w_t.data_ptr():
-                    rows.append(x.shape[0])
-                return linear(x, w, *args)
-
-            loss_bench.FUSED_OPTIONS["fused_step_probe"] = {**head, **options}
-            try:
-                torch.nn.functional.linear = counting
+        for cache_mib, projections in ((None, n), (0, 2 * n)):
+            with monkeypatch.context() as patch:
+                rows = count_teacher_projections(patch, inputs[3])
+                patch.setitem(loss_bench.FUSED_OPTIONS, "fused_step_probe",
+                              {**head, "teacher_cache_mib": cache_mib})
                 loss_bench.make_step("fused_step_probe", "tad", *inputs)()
-            finally:
-                torch.nn.functional.linear = linear
-                del loss_bench.FUSED_OPTIONS["fused_step_probe"]
-            assert sum(rows) == projections, (options, rows)
+            assert sum(rows) == projections, (cache_mib, rows)
         step = loss_bench.make_step("fused_step_recipe_rowcache", "tad", *inputs)
         step()
         assert inputs[1].grad is not None

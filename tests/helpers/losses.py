@@ -239,3 +239,17 @@ def matmul_flops(fn) -> int:
         fn()
     return counter.get_total_flops()
 
+
+def count_teacher_projections(monkeypatch, w_t: torch.Tensor) -> list[int]:
+    """Patch F.linear to count the projections through the teacher weight ``w_t``: the rows of
+    each, appended to the returned list."""
+    calls = []
+    linear = torch.nn.functional.linear
+
+    def counting(x, w, *args):
+        if w.data_ptr() == w_t.data_ptr():
+            calls.append(x.shape[0])
+        return linear(x, w, *args)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    return calls

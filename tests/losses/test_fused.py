@@ -25,6 +25,7 @@ from tests.helpers.losses import (
     V,
     assert_head_equals,
     assert_same,
+    count_teacher_projections,
     bf16_reference,
     fused,
     head,
@@ -332,20 +333,6 @@ def test_chunk_grad_fn_with_the_cross_entropy_folded_in(name, kind, mode):
 # ----------------------------------------------------------------------------- teacher cache
 
 ROW_BYTES = T * V * 4  # one row of float32 teacher logits
-
-
-def count_teacher_projections(monkeypatch, w_t):
-    """Patch F.linear to count the projections through the teacher weight ``w_t``."""
-    calls = []
-    linear = torch.nn.functional.linear
-
-    def counting(x, w, *args):
-        if w.data_ptr() == w_t.data_ptr():
-            calls.append(x.shape[0])
-        return linear(x, w, *args)
-
-    monkeypatch.setattr(torch.nn.functional, "linear", counting)
-    return calls
 
 
 @pytest.mark.parametrize("temperature,caps", [(1.0, (None, None)), (2.0, (None, None)),
