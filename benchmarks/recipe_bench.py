@@ -9,7 +9,9 @@ memory and where a recipe step's time goes.
 
 Per architecture (``ARCHS``: tiny ones for the CPU, the shipped configs' real teacher/student
 pairs for a GPU) and variant (``VARIANTS``: fused or unfused head, compile, activation
-checkpointing), on random weights and synthetic token blocks (no download), up to four loops
+checkpointing; the fused head's chunk, teacher cache and weight-gradient sum are those of the
+pair's shipped config, ``HEAD_KEYS``, and the tiny Qwen2 and Gemma2 pairs take those of the GPU
+pairs they stand in for), on random weights and synthetic token blocks (no download), up to four loops
 over the same batches take turns step by step (recipe, minimal, peer, peer_eager, recipe, ...),
 so that all of them see the same machine:
 
@@ -124,15 +126,16 @@ ARCHS: dict[str, dict[str, Any]] = {
                   student=dict(num_layers=3, intermediate_dim=768), seq=256, batch=4,
                   chunk=1024),
     # the GPU pairs' families at a CPU's size (the GPU check's dry run): Qwen2 with tied
-    # embeddings; Gemma2 with its soft-caps and a sliding window shorter than the sequence
+    # embeddings; Gemma2 with its soft-caps and a sliding window shorter than the sequence; each
+    # with the fused head's settings of the GPU pair's config (head_of)
     "tiny_qwen2": dict(teacher={"_component_": _QWEN2, **_TINY, "norm_eps": 1e-6,
                                 "rope_base": 1e6, "tie_word_embeddings": True},
                        student=dict(num_layers=2, intermediate_dim=96), seq=64, batch=2,
-                       chunk=None),
+                       chunk=None, head_of="qwen2_5_3b_to_half"),
     "tiny_gemma2": dict(teacher={"_component_": _GEMMA2, **_TINY, "head_dim": 16,
                                  "sliding_window_size": 32},
                         student=dict(num_layers=2, intermediate_dim=96), seq=64, batch=2,
-                        chunk=None),
+                        chunk=None, head_of="gemma2_9b_to_third"),
     # the shipped configs' teacher/student pairs (GPU)
     "qwen2_5_3b_half": dict(config="qwen2_5_3b_to_half", seq=2048, batch=4, chunk=None),
     "qwen1_5_1_8b_to_1_2b": dict(config="qwen1_5_1_8b_to_1_2b", seq=2048, batch=4, chunk=None),
@@ -232,6 +235,22 @@ def arch_nodes(name: str) -> tuple[dict, dict, dict]:
     return teacher, student, arch
 
 
+#: the fused head's settings a shipped config chooses for its pair; the recipe runs with them
+HEAD_KEYS = ("loss_chunk_size", "fused_teacher_cache_mib", "fused_float32_weight_grad")
+
+
+def config_head_settings(name: str) -> dict[str, Any]:
+    """The ``HEAD_KEYS`` that the shipped config of an architecture (its ``config``, or the
+    ``head_of`` a stand-in takes them from) sets; none for the others."""
+    arch = ARCHS[name]
+    if "config" not in arch and "head_of" not in arch:
+        return {}
+    from tad_torchtune.demo import bundled_config
+
+    cfg = bundled_config(arch.get("config") or arch["head_of"])
+    return {key: cfg[key] for key in HEAD_KEYS if key in cfg}
+
+
 def recipe_config(arch_name: str, variant: str, device: str, out: Path, *, num_blocks: int,
                   seq: int | None, batch: int | None, peak: float | None) -> dict:
     teacher, student, arch = arch_nodes(arch_name)
@@ -262,6 +281,7 @@ def recipe_config(arch_name: str, variant: str, device: str, out: Path, *, num_b
         "metric_logger": {"_component_": "torchtune.training.metric_logging.DiskLogger",
                           "log_dir": str(out / "logs")},
         "peak_flops_per_device": peak,
+        **config_head_settings(arch_name),  # the head as the shipped config runs it
         **VARIANTS[variant],
     }
     if arch.get("chunk"):

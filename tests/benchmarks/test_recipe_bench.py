@@ -62,3 +62,22 @@ def test_random_checkpointer_is_a_seeded_torchtune_teacher():
     assert all(torch.equal(got[k], again[k]) for k in got)
     assert not torch.equal(got["layers.0.attn.q_proj.weight"],
                            other["layers.0.attn.q_proj.weight"])
+
+
+@pytest.mark.parametrize("arch", [a for a, x in recipe_bench.ARCHS.items()
+                                  if "config" in x or "head_of" in x])
+def test_the_head_runs_as_the_shipped_config_sets_it(arch, tmp_path):
+    """The GPU pairs, and the dry run's stand-ins for them, run the fused head with their shipped
+    config's chunk, teacher cache and weight-gradient sum (TAD's configs keep a row of teacher
+    projections: ``fused_teacher_cache_mib: null``), and the recipe's schema accepts them."""
+    from tad_torchtune.demo import bundled_config
+    from tad_torchtune.schema import validate_config
+
+    spec = recipe_bench.ARCHS[arch]
+    shipped = bundled_config(spec.get("config") or spec["head_of"])
+    cfg = recipe_bench.recipe_config(arch, "fused_compiled", "cpu", tmp_path, num_blocks=2,
+                                     seq=None, batch=None, peak=None)
+    for key in recipe_bench.HEAD_KEYS:
+        assert cfg[key] == shipped[key], key
+    assert cfg["fused_teacher_cache_mib"] is None
+    validate_config(OmegaConf.create(cfg))
