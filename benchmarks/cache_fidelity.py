@@ -24,6 +24,7 @@ position, both kinds) and prints the table.
 """
 
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -33,7 +34,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the installed project where there is one (the GPU check installs its wheel: the checkout's
+# tad_torchtune/ has no configs/ subpackage, which only an install maps), else this checkout
+if importlib.util.find_spec("tad_torchtune") is None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tad_torchtune.data import collate, text_block_dataset  # noqa: E402
 from tad_torchtune.demo import bundled_config, demo_tokenizer, tune_command  # noqa: E402

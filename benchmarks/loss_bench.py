@@ -94,6 +94,7 @@ produce (for the fused path with bf16 inputs this still counts its float32 sums)
 import argparse
 import bisect
 import functools
+import importlib.util
 import itertools
 import json
 import os
@@ -106,7 +107,10 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the installed project where there is one (the GPU check installs its wheel: the checkout's
+# tad_torchtune/ has no configs/ subpackage, which only an install maps), else this checkout
+if importlib.util.find_spec("tad_torchtune") is None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tad_torchtune.schema import DISTILL  # noqa: E402  (the recipe's defaults)
 from tad_torchtune.losses import DIVERGENCES  # noqa: E402  (every registered divergence)

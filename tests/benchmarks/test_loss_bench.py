@@ -1,6 +1,7 @@
 """The benchmark's own arithmetic: paired time ratios, the matmul floors, memory in the timing
 process; Liger's loss and its stand-in against our fused head."""
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -238,3 +239,18 @@ def test_recipe_head_variants_change_one_setting_each(monkeypatch):
         assert inputs[1].grad is not None
     finally:
         loss_bench.set_compile_backend("inductor")
+
+
+@pytest.mark.parametrize("module", ["loss_bench", "recipe_bench", "cache_fidelity"])
+def test_benchmarks_import_the_installed_project(module):
+    """Where the project is installed (the GPU check installs its wheel; CI, editable), a
+    benchmark imports it, not the checkout: the checkout's ``tad_torchtune/`` has no
+    ``configs`` subpackage (only an install maps ``configs/`` there), so the recipe benchmark's
+    GPU pairs, which read their shipped configs, failed with the checkout first on the path."""
+    root = Path(__file__).resolve().parents[2]
+    code = (f"import sys; sys.path.insert(0, {str(root / 'benchmarks')!r}); import {module}; "
+            f"assert {str(root)!r} not in sys.path, sys.path; "
+            "from tad_torchtune.cli import shipped_configs; assert shipped_configs()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd="/", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
