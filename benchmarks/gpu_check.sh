@@ -21,11 +21,12 @@
 #                       installed project is this checkout (a stale wheel fails here)
 #   loss        [130 s] loss_bench.py at 8192,151936,2048,bf16 then 8192,256000,3584,bf16, one
 #                       process (inductor recompiles each shape afresh): the recipe's head
-#                       (fused_step_recipe: chunks of 1024, compiled) with TAD and with forward
-#                       KL, with TAD its two variants that choose the GPU configs' defaults
-#                       (every teacher projection kept between TAD's passes; the weight
-#                       gradient summed in bf16: the compiled code is the recipe head's, no
-#                       compile of their own), the default eager head (fused_step/tad), the
+#                       (fused_step_recipe: the GPU configs' head settings, chunks of 1024,
+#                       compiled, TAD's teacher projections kept, the weight gradient summed in
+#                       bf16) with TAD and with forward KL, with TAD its two variants that check
+#                       those settings (the schema's default teacher cache; the float32 sum: the
+#                       compiled code is the recipe head's, no compile of their own), the
+#                       default eager head (fused_step/tad), the
 #                       unchunked 4-matmul floor, Liger's LigerFusedLinearJSDLoss as CE +
 #                       forward KL; 3 paired
 #                       rounds after a warm-up; peak memory of one more step per case in the
@@ -148,9 +149,9 @@ recipe_loops=("minimal peer peer_eager" "peer")
 recipe_caps=(120 140)
 recipe_names=(qwen2_5_3b_half gemma2_9b_third_short)
 # Liger last in each round: its torch.compile is the slowest warm-up
-loss_cases=(fused_step_recipe/tad fused_step_recipe/forward_kl fused_step_recipe_rowcache/tad
-            fused_step_recipe_bf16_wgrad/tad fused_step/tad matmul_floor_unchunked/none
-            liger_fused_jsd_ce/forward_kl)
+loss_cases=(fused_step_recipe/tad fused_step_recipe/forward_kl
+            fused_step_recipe_default_cache/tad fused_step_recipe_fp32_wgrad/tad fused_step/tad
+            matmul_floor_unchunked/none liger_fused_jsd_ce/forward_kl)
 
 failed=0
 deadline=$((SECONDS + budget))

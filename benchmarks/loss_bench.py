@@ -29,17 +29,17 @@ Implementations:
   (``fused_step_compiled``: with ``compile_chunks=True``; ``fused_step_bf16_wgrad``: with
   ``float32_weight_grad=False``, the weight gradient summed in the weight's dtype, the recipe's
   ``fused_float32_weight_grad: false``).
-- ``fused_step_recipe``: ``fused_head`` as the recipe runs it by default: chunks of
-  ``loss_chunk_size`` tokens (the recipe's schema default, 1024) through inductor
-  (``compile_chunks=True``, the recipe's ``compile: true``), its default teacher cache and
-  float32 weight-gradient sum (``RECIPE_HEAD``; ``--fused-chunk`` does not apply). Two variants
-  of it, the choices of the GPU configs' defaults (issue 19, item 5), whose compiled functions
-  are the recipe head's (no compilation of their own): ``fused_step_recipe_rowcache`` keeps
-  every teacher projection between TAD's passes (``teacher_cache_mib=None``: one row's, the
-  recipe's ``fused_teacher_cache_mib: null``; the default budget holds no 1024-token chunk of a
-  151936- or 256000-token bf16 vocabulary, so TAD projects the teacher twice there), and
-  ``fused_step_recipe_bf16_wgrad`` sums the weight gradient in bf16
-  (``fused_float32_weight_grad: false``).
+- ``fused_step_recipe``: ``fused_head`` as the recipe runs it with the GPU configs' head
+  settings (``RECIPE_HEAD``, read from ``RECIPE_CONFIG``, ``configs/qwen2_5_3b_to_half.yaml``;
+  the Gemma2 config's are the same, a test holds them): chunks of ``loss_chunk_size`` tokens
+  (1024) through inductor (``compile_chunks=True``, the recipe's ``compile: true``), every
+  teacher projection kept between TAD's passes (``fused_teacher_cache_mib: null``) and the
+  weight gradient summed in bf16 (``fused_float32_weight_grad: false``); ``--fused-chunk`` does
+  not apply. Two variants of it, the alternatives to those two settings (issue 19, item 5),
+  whose compiled functions are the recipe head's (no compilation of their own):
+  ``fused_step_recipe_default_cache`` with the schema's default teacher cache (128 MiB, which
+  holds no 1024-token chunk of a 151936- or 256000-token bf16 vocabulary: TAD projects the
+  teacher twice there), ``fused_step_recipe_fp32_wgrad`` with the float32 weight-gradient sum.
 - ``two_pass``: the recipe's head before it, a checkpointed CE pass, then the fused divergence.
 - ``liger_fused_jsd`` (forward KL only): Liger-Kernel's
   ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss``, the fused linear distillation loss users
@@ -112,6 +112,7 @@ import torch
 if importlib.util.find_spec("tad_torchtune") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tad_torchtune.demo import bundled_config  # noqa: E402
 from tad_torchtune.schema import DISTILL  # noqa: E402  (the recipe's defaults)
 from tad_torchtune.losses import DIVERGENCES  # noqa: E402  (every registered divergence)
 from tad_torchtune.losses.fused import (  # noqa: E402
@@ -123,19 +124,35 @@ from tad_torchtune.losses.fused import (  # noqa: E402
 IMPLS = ("naive", "torchtune_chunked", "torchtune_chunked_compiled", "unfused", "fused",
          "fused_nocache", "fused_compiled", "matmul_floor", "matmul_floor_unchunked",
          "fused_step", "fused_step_compiled", "fused_step_bf16_wgrad", "fused_step_recipe",
-         "fused_step_recipe_rowcache", "fused_step_recipe_bf16_wgrad", "two_pass",
+         "fused_step_recipe_default_cache", "fused_step_recipe_fp32_wgrad", "two_pass",
          "liger_fused_jsd", "liger_fused_jsd_ce")
-#: the fused head as the recipe runs it with its schema's defaults and ``compile: true``
-RECIPE_HEAD = {"chunk_size": DISTILL["loss_chunk_size"].default, "compile_chunks": True,
-               "teacher_cache_mib": DISTILL["fused_teacher_cache_mib"].default,
-               "float32_weight_grad": DISTILL["fused_float32_weight_grad"].default}
+#: the shipped GPU config whose fused-head settings the recipe's head takes (read from the
+#: checkout's ``configs/``, which an installed project's wheel also holds)
+RECIPE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "qwen2_5_3b_to_half.yaml"
+
+
+def recipe_head(config: Path = RECIPE_CONFIG) -> dict:
+    """``fused_head``'s options as the recipe runs them with ``config`` and ``compile: true``
+    (a key the config leaves out: the schema's default)."""
+    cfg = bundled_config(str(config))
+
+    def setting(key):
+        return cfg[key] if key in cfg else DISTILL[key].default
+
+    return {"chunk_size": setting("loss_chunk_size"), "compile_chunks": True,
+            "teacher_cache_mib": setting("fused_teacher_cache_mib"),
+            "float32_weight_grad": setting("fused_float32_weight_grad")}
+
+
+RECIPE_HEAD = recipe_head()
 FUSED_OPTIONS = {"fused": {}, "fused_nocache": {"teacher_cache_mib": 0},
                  "fused_compiled": {"compile_chunks": True}, "fused_step": {},
                  "fused_step_compiled": {"compile_chunks": True},
                  "fused_step_bf16_wgrad": {"float32_weight_grad": False},
                  "fused_step_recipe": RECIPE_HEAD,
-                 "fused_step_recipe_rowcache": {**RECIPE_HEAD, "teacher_cache_mib": None},
-                 "fused_step_recipe_bf16_wgrad": {**RECIPE_HEAD, "float32_weight_grad": False},
+                 "fused_step_recipe_default_cache": {
+                     **RECIPE_HEAD, "teacher_cache_mib": DISTILL["fused_teacher_cache_mib"].default},
+                 "fused_step_recipe_fp32_wgrad": {**RECIPE_HEAD, "float32_weight_grad": True},
                  "two_pass": {}}
 #: implementations of one divergence only (the others have every registered divergence)
 ONLY_DIVERGENCE = {"torchtune_chunked": "forward_kl", "torchtune_chunked_compiled": "forward_kl",
@@ -836,8 +853,8 @@ def main() -> int:
                   f"{fmt(beyond_gradients(got[tad]), '.0f')}")
         liger_ce = ("liger_fused_jsd_ce", "forward_kl")
         for mode in ("fused_step", "fused_step_compiled", "fused_step_bf16_wgrad",
-                     "fused_step_recipe", "fused_step_recipe_rowcache",
-                     "fused_step_recipe_bf16_wgrad"):
+                     "fused_step_recipe", "fused_step_recipe_default_cache",
+                     "fused_step_recipe_fp32_wgrad"):
             for name in args.divergences:
                 head = (mode, name)
                 if head not in got:

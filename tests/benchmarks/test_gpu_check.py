@@ -23,7 +23,7 @@ DRY_SHAPES = ["256,1000,64,fp32", "256,1536,96,fp32"]
 DRY_ARCHS = ["tiny_qwen2", "tiny_gemma2"]
 GPU_SHAPES = ["8192,151936,2048,bf16", "8192,256000,3584,bf16"]
 CASES = {("fused_step_recipe", "tad"), ("fused_step_recipe", "forward_kl"), ("fused_step", "tad"),
-         ("fused_step_recipe_rowcache", "tad"), ("fused_step_recipe_bf16_wgrad", "tad"),
+         ("fused_step_recipe_default_cache", "tad"), ("fused_step_recipe_fp32_wgrad", "tad"),
          ("matmul_floor_unchunked", "none"), ("liger_fused_jsd_ce", "forward_kl")}
 #: the targets of issue 19, by name: the summary must name exactly these, dry or not
 TARGET_NAMES = {f"{name} ({shape})" for shape in GPU_SHAPES for name in (

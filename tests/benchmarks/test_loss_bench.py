@@ -106,16 +106,24 @@ def test_cases_parse_and_name_what_is_accepted():
         loss_bench.parse_case("fused")
 
 
-def test_recipe_head_case_runs_the_recipe_defaults():
-    """``fused_step_recipe`` is the head at the recipe schema's defaults, compiled, whatever
-    ``--fused-chunk`` says: one chunk of ``loss_chunk_size`` here (two student projections of
-    N rows for the forward and one gradient product; no second chunk)."""
+def test_recipe_head_case_runs_the_gpu_configs_settings():
+    """``fused_step_recipe`` is the head with the GPU configs' settings (Qwen2.5's and Gemma2's
+    alike), compiled, whatever ``--fused-chunk`` says: one chunk of ``loss_chunk_size`` here
+    (two student projections of N rows for the forward and one gradient product; no second
+    chunk)."""
+    import yaml
+
     from tad_torchtune.schema import DISTILL
 
-    assert loss_bench.RECIPE_HEAD == {
-        "chunk_size": DISTILL["loss_chunk_size"].default, "compile_chunks": True,
-        "teacher_cache_mib": DISTILL["fused_teacher_cache_mib"].default,
-        "float32_weight_grad": DISTILL["fused_float32_weight_grad"].default}
+    root = Path(__file__).resolve().parents[2] / "configs"
+    qwen, gemma = (yaml.safe_load((root / f"{name}.yaml").read_text())
+                   for name in ("qwen2_5_3b_to_half", "gemma2_9b_to_third"))
+    keys = ("loss_chunk_size", "fused_teacher_cache_mib", "fused_float32_weight_grad")
+    assert {k: qwen[k] for k in keys} == {k: gemma[k] for k in keys} == {
+        "loss_chunk_size": 1024, "fused_teacher_cache_mib": None,
+        "fused_float32_weight_grad": False}
+    assert loss_bench.RECIPE_HEAD == {"chunk_size": 1024, "compile_chunks": True,
+                                      "teacher_cache_mib": None, "float32_weight_grad": False}
     loss_bench.set_compile_backend("eager")
     try:
         n = DISTILL["loss_chunk_size"].default
@@ -214,29 +222,28 @@ def test_liger_on_cpu_is_its_stand_in(ce):
 
 
 def test_recipe_head_variants_change_one_setting_each(monkeypatch):
-    """The candidates for the GPU configs' defaults are the recipe's head with one setting
-    changed: every teacher projection kept between TAD's passes (``teacher_cache_mib=None``),
-    or the weight gradient summed in the weight's dtype; the row-cache variant projects the
-    teacher once per chunk where a budget of 0 projects it twice."""
+    """The variants that check the GPU configs' head settings change one each: the schema's
+    default teacher cache, the float32 weight-gradient sum. The recipe's head projects the
+    teacher once per chunk, where a cache too small for a chunk projects it twice."""
+    from tad_torchtune.schema import DISTILL
+
     head = loss_bench.RECIPE_HEAD
-    assert loss_bench.FUSED_OPTIONS["fused_step_recipe_rowcache"] == {
-        **head, "teacher_cache_mib": None}
-    assert loss_bench.FUSED_OPTIONS["fused_step_recipe_bf16_wgrad"] == {
-        **head, "float32_weight_grad": False}
+    assert loss_bench.FUSED_OPTIONS["fused_step_recipe_default_cache"] == {
+        **head, "teacher_cache_mib": DISTILL["fused_teacher_cache_mib"].default}
+    assert loss_bench.FUSED_OPTIONS["fused_step_recipe_fp32_wgrad"] == {
+        **head, "float32_weight_grad": True}
     loss_bench.set_compile_backend("eager")
     try:
         n = 2 * head["chunk_size"]  # two rows of 1024 tokens, a chunk each
         inputs = loss_bench.make_inputs(n, 40, 8, torch.float32, "cpu")
-        for cache_mib, projections in ((None, n), (0, 2 * n)):
+        for case, cache_mib, projections in (("fused_step_recipe", None, n),
+                                             ("fused_step_probe", 0, 2 * n)):
             with monkeypatch.context() as patch:
                 rows = count_teacher_projections(patch, inputs[3])
                 patch.setitem(loss_bench.FUSED_OPTIONS, "fused_step_probe",
                               {**head, "teacher_cache_mib": cache_mib})
-                loss_bench.make_step("fused_step_probe", "tad", *inputs)()
-            assert sum(rows) == projections, (cache_mib, rows)
-        step = loss_bench.make_step("fused_step_recipe_rowcache", "tad", *inputs)
-        step()
-        assert inputs[1].grad is not None
+                loss_bench.make_step(case, "tad", *inputs)()
+            assert sum(rows) == projections, (case, rows)
     finally:
         loss_bench.set_compile_backend("inductor")
 
