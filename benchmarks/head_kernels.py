@@ -7,7 +7,7 @@ taken on a CPU that predicts the GPU, where this work is memory-bound (issue 19)
         [--divergences tad forward_kl ce] [--json PATH]
 
 For each divergence (``ce``: the cross-entropy alone), one chunk of ``fused_head`` as the recipe's
-head runs it: ``chunk`` tokens in one row, CE + divergence, the recipe's defaults
+head runs it: ``chunk`` tokens in one row, CE + divergence, the GPU configs' head settings
 (``RECIPE_HEAD`` of ``loss_bench.py``), random hidden states and weights in ``--dtype``
 (``bfloat16``: the projections, and so the logits read and the gradient written, in bf16, as on
 a GPU; the element-wise work in float32). Two runs:
