@@ -141,8 +141,10 @@ ARCHS: dict[str, dict[str, Any]] = {
     "qwen1_5_1_8b_to_1_2b": dict(config="qwen1_5_1_8b_to_1_2b", seq=2048, batch=4, chunk=None),
     # Gemma2-9B -> a third (gemma2_9b_to_third: 42 -> 14 layers, the paper's flagship) on ONE
     # GPU with sequences of 1024 ("short"; the config's are 2048): the recipe's and the peer's
-    # teacher and student (about 30 GB each, with gradients and optimizer state) and their
-    # activations fit one H200
+    # teacher and student, with the student's gradients and AdamW state, 27.5 GiB per pair (a
+    # 9.24B teacher, a 2.07B student of which 1.16B trainable; counted on the meta device), 55.1
+    # GiB for both, plus one loop's activations and loss head at a time: expected within an
+    # H100's 78 GiB (not yet run there), well within an H200's
     "gemma2_9b_third_short": dict(config="gemma2_9b_to_third", seq=1024, batch=2, chunk=None),
 }
 VARIANTS = {
