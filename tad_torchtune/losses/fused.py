@@ -596,9 +596,9 @@ def fused_head(
         b_s = None if b_s is None else b_s.detach()
     n = y.shape[0]
     lead = row_layout(labels)
-    if teacher_cache_mib is None:  # one row of teacher projections: every one kept
+    if teacher_cache_mib is None:  # one row of teacher projections (their dtype): all kept
         cache_bytes = 0 if len(sides) == 1 else lead[1] * teacher_weight.shape[0] * (
-            sides[1][1].element_size())
+            torch.promote_types(teacher_hidden.dtype, teacher_weight.dtype).itemsize)
     else:
         cache_bytes = int(teacher_cache_mib * 2**20)
     plan = _Plan(
