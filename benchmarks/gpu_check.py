@@ -327,7 +327,10 @@ def summarize(out_dir: Path, steps: list[dict[str, Any]], loss_shapes: list[str]
     if not dry_run:
         problems += [f"target {t['name']} measured on a stand-in" for t in targets
                      if t["stand_in"]]
+    from loss_bench import RECIPE_CONFIG, RECIPE_HEAD
+
     return {"dry_run": dry_run, "environment": environment(), "steps": steps, "tests": tests,
+            "recipe_head": {"config": RECIPE_CONFIG.stem, "options": RECIPE_HEAD},
             "loss": loss, "head_code": head_code(out_dir / "inductor_code"),
             "recipes": recipes, "targets": targets, "problems": problems,
             "complete": not problems}
@@ -361,6 +364,9 @@ def print_summary(s: dict[str, Any]) -> None:
           f"{env['versions']['transformers'] or 'not installed'}")
     print("steps: " + " | ".join(f"{st['name']} {step_state(st)} {st['seconds']} s"
                                  for st in s["steps"]))
+    head = s["recipe_head"]
+    print(f"the recipe's head (fused_step_recipe): {head['config']}'s settings, "
+          + ", ".join(f"{k} {v}" for k, v in head["options"].items()))
     t = s["tests"]
     print("CUDA tests: " + ("no junit file" if t is None else
                             f"{t['passed']} passed, {t['failures']} failed, {t['errors']} errors, "

@@ -103,6 +103,10 @@ def test_dry_run_writes_every_result(dry_run):
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] and summary["complete"] and summary["problems"] == []
+    assert summary["recipe_head"] == {"config": "qwen2_5_3b_to_half", "options": {
+        "chunk_size": 1024, "compile_chunks": True, "teacher_cache_mib": None,
+        "float32_weight_grad": False}}
+    assert "the recipe's head (fused_step_recipe): qwen2_5_3b_to_half's settings, " in log
     assert summary["head_code"] == {"chunk": 1024, "errors": [], "shapes": {}}
     assert "inductor's code: none recorded (Dynamo's eager backend)" in log
     assert [s["name"] for s in summary["steps"]] == STEPS
