@@ -87,7 +87,7 @@ class _Plan:
     teacher_softcap: float | None
     chunk_size: int
     lead: tuple[int, int]  # (rows, tokens per row): TAD's abar is a mean over a row
-    cache_bytes: int = 0  # teacher chunk projections kept between the two passes
+    cache_bytes: int | None = 0  # teacher chunk projections kept between the passes; None: a row
     compile_chunks: bool = False
     float32_weight_grad: bool = True
 
@@ -270,22 +270,25 @@ class _ProjectedTeacher:
         self.h, self.w, self.b, self.plan, self.dtype = h, w, b, plan, dtype
         self.tau = plan.divergence.temperature
         self.cache: dict[int, Tensor] = {}
+        # one row of the batch's teacher projections, in their dtype; the cache's budget
+        # (``teacher_cache_mib``'s, or that row's)
+        self.row_bytes = plan.lead[1] * w.shape[0] * torch.promote_types(h.dtype, w.dtype).itemsize
+        self.budget = self.row_bytes if plan.cache_bytes is None else plan.cache_bytes
 
     def segment_rows(self) -> int:
         """Rows of the batch per segment: every row at once when no teacher pass is needed or no
         cache is allowed, else as many rows as the cache holds whole, at least one."""
-        rows, tokens = self.plan.lead
-        if self.plan.divergence.top_k is None or self.plan.cache_bytes <= 0:
+        rows = self.plan.lead[0]
+        if self.plan.divergence.top_k is None or self.budget <= 0:
             return rows
-        row_bytes = tokens * self.w.shape[0] * self.h.element_size()
-        return min(rows, max(1, self.plan.cache_bytes // max(1, row_bytes)))
+        return min(rows, max(1, self.budget // max(1, self.row_bytes)))
 
     def extras(self, seg: slice, slices: list[slice], flags: list[bool], valid: Tensor,
                groups: Tensor | None) -> tuple[Tensor, ...]:
         """The divergence's per-token extras of one segment: its teacher pass, if it needs one,
         keeping projections within the budget."""
         self.cache = {}
-        budget = self.plan.cache_bytes
+        budget = self.budget
 
         split = _compiled(_teacher_split) if self.plan.compile_chunks else _teacher_split
 
@@ -595,12 +598,6 @@ def fused_head(
         h_s, w_s = h_s.detach(), w_s.detach()
         b_s = None if b_s is None else b_s.detach()
     n = y.shape[0]
-    lead = row_layout(labels)
-    if teacher_cache_mib is None:  # one row of teacher projections (their dtype): all kept
-        cache_bytes = 0 if len(sides) == 1 else lead[1] * teacher_weight.shape[0] * (
-            torch.promote_types(teacher_hidden.dtype, teacher_weight.dtype).itemsize)
-    else:
-        cache_bytes = int(teacher_cache_mib * 2**20)
     plan = _Plan(
         divergence, float(ce_weight), float(kd_weight) if divergence is not None else 0.0,
         bool(ce_weight > 0 if compute_ce is None else compute_ce),
@@ -608,7 +605,8 @@ def fused_head(
         (IGNORE_INDEX if ignore_index is None else int(ignore_index)),
         student_softcap, teacher_softcap,
         chunk_size or default_chunk_size(n, w_s.shape[0], hidden, h_s.device),
-        lead, cache_bytes=cache_bytes,
+        row_layout(labels),
+        cache_bytes=None if teacher_cache_mib is None else int(teacher_cache_mib * 2**20),
         compile_chunks=bool(compile_chunks), float32_weight_grad=bool(float32_weight_grad))
     teacher = None
     if divergence is not None and teacher_cache is not None:
