@@ -131,27 +131,29 @@ IMPLS = ("naive", "torchtune_chunked", "torchtune_chunked_compiled", "unfused", 
 RECIPE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "qwen2_5_3b_to_half.yaml"
 
 
-def recipe_head(config: Path = RECIPE_CONFIG) -> dict:
-    """``fused_head``'s options as the recipe runs them with ``config`` and ``compile: true``
-    (a key the config leaves out: the schema's default)."""
+#: the recipe's keys that set its fused head, and the ``fused_head`` option each one is
+HEAD_KEYS = {"loss_chunk_size": "chunk_size", "fused_teacher_cache_mib": "teacher_cache_mib",
+             "fused_float32_weight_grad": "float32_weight_grad"}
+
+
+def config_head_settings(config: str | Path) -> dict:
+    """``HEAD_KEYS`` as the shipped config ``config`` (a name or a file) sets them, the
+    schema's default where it does not."""
     cfg = bundled_config(str(config))
-
-    def setting(key):
-        return cfg[key] if key in cfg else DISTILL[key].default
-
-    return {"chunk_size": setting("loss_chunk_size"), "compile_chunks": True,
-            "teacher_cache_mib": setting("fused_teacher_cache_mib"),
-            "float32_weight_grad": setting("fused_float32_weight_grad")}
+    return {key: cfg[key] if key in cfg else DISTILL[key].default for key in HEAD_KEYS}
 
 
-RECIPE_HEAD = recipe_head()
+#: ``fused_head``'s options as the recipe runs them with ``RECIPE_CONFIG`` and ``compile: true``
+RECIPE_HEAD = {"compile_chunks": True, **{HEAD_KEYS[key]: value for key, value
+                                          in config_head_settings(RECIPE_CONFIG).items()}}
 FUSED_OPTIONS = {"fused": {}, "fused_nocache": {"teacher_cache_mib": 0},
                  "fused_compiled": {"compile_chunks": True}, "fused_step": {},
                  "fused_step_compiled": {"compile_chunks": True},
                  "fused_step_bf16_wgrad": {"float32_weight_grad": False},
                  "fused_step_recipe": RECIPE_HEAD,
                  "fused_step_recipe_default_cache": {
-                     **RECIPE_HEAD, "teacher_cache_mib": DISTILL["fused_teacher_cache_mib"].default},
+                     **RECIPE_HEAD,
+                     "teacher_cache_mib": DISTILL["fused_teacher_cache_mib"].default},
                  "fused_step_recipe_fp32_wgrad": {**RECIPE_HEAD, "float32_weight_grad": True},
                  "two_pass": {}}
 #: implementations of one divergence only (the others have every registered divergence)

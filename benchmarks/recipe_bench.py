@@ -10,10 +10,10 @@ memory and where a recipe step's time goes.
 Per architecture (``ARCHS``: tiny ones for the CPU, the shipped configs' real teacher/student
 pairs for a GPU) and variant (``VARIANTS``: fused or unfused head, compile, activation
 checkpointing; the fused head's chunk, teacher cache and weight-gradient sum are those of the
-pair's shipped config, ``HEAD_KEYS``, and the tiny Qwen2 and Gemma2 pairs take those of the GPU
-pairs they stand in for), on random weights and synthetic token blocks (no download), up to four loops
-over the same batches take turns step by step (recipe, minimal, peer, peer_eager, recipe, ...),
-so that all of them see the same machine:
+pair's shipped config, ``loss_bench.HEAD_KEYS``, and the tiny Qwen2 and Gemma2 pairs take
+those of the GPU pairs they stand in for), on random weights and synthetic token blocks (no
+download), up to four loops over the same batches take turns step by step (recipe, minimal,
+peer, peer_eager, recipe, ...), so that all of them see the same machine:
 
 - ``recipe``: ``TADDistillRecipe`` set up from a config (``setup``) and stepped by its own
   ``train_step`` (preparation, the teacher and student heads, the step's one host
@@ -237,20 +237,14 @@ def arch_nodes(name: str) -> tuple[dict, dict, dict]:
     return teacher, student, arch
 
 
-#: the fused head's settings a shipped config chooses for its pair; the recipe runs with them
-HEAD_KEYS = ("loss_chunk_size", "fused_teacher_cache_mib", "fused_float32_weight_grad")
-
-
 def config_head_settings(name: str) -> dict[str, Any]:
-    """The ``HEAD_KEYS`` that the shipped config of an architecture (its ``config``, or the
-    ``head_of`` a stand-in takes them from) sets; none for the others."""
+    """The fused head's settings (``loss_bench.HEAD_KEYS``) of the shipped config of an
+    architecture (its ``config``, or the ``head_of`` a stand-in takes them from); none for the
+    others."""
     arch = ARCHS[name]
     if "config" not in arch and "head_of" not in arch:
         return {}
-    from tad_torchtune.demo import bundled_config
-
-    cfg = bundled_config(arch.get("config") or arch["head_of"])
-    return {key: cfg[key] for key in HEAD_KEYS if key in cfg}
+    return loss_bench.config_head_settings(arch.get("config") or arch["head_of"])
 
 
 def recipe_config(arch_name: str, variant: str, device: str, out: Path, *, num_blocks: int,
@@ -329,9 +323,8 @@ class MinimalLoop:
         self.kd = config.instantiate(cfg.kd_loss)
         self.fused = bool(_setting(cfg, "fused"))
         self.chunk = int(_setting(cfg, "loss_chunk_size"))
-        cache_mib = _setting(cfg, "fused_teacher_cache_mib")
         self.fused_options = {
-            "teacher_cache_mib": None if cache_mib is None else float(cache_mib),
+            "teacher_cache_mib": _setting(cfg, "fused_teacher_cache_mib"),
             "float32_weight_grad": bool(_setting(cfg, "fused_float32_weight_grad")),
             "compile_chunks": compile}
         # as the recipe's head: the unfused divergence compiled whole

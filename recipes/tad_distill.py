@@ -107,8 +107,7 @@ class TADDistillRecipe:
         self._student_hidden_layers = tuple(int(p[0]) for p in pairs)
         self._teacher_hidden_layers = tuple(int(p[1]) for p in pairs)
         self._fused = bool(get("fused"))
-        cache_mib = get("fused_teacher_cache_mib")
-        self._teacher_cache_mib = None if cache_mib is None else float(cache_mib)
+        self._teacher_cache_mib = get("fused_teacher_cache_mib")  # a number, or None: a row
         self._float32_weight_grad = bool(get("fused_float32_weight_grad"))
         self._loss_chunk_size = int(get("loss_chunk_size"))
         self._vocab_alignment = get("vocab_alignment")

@@ -77,7 +77,7 @@ def test_the_head_runs_as_the_shipped_config_sets_it(arch, tmp_path):
     shipped = bundled_config(spec.get("config") or spec["head_of"])
     cfg = recipe_bench.recipe_config(arch, "fused_compiled", "cpu", tmp_path, num_blocks=2,
                                      seq=None, batch=None, peak=None)
-    for key in recipe_bench.HEAD_KEYS:
+    for key in recipe_bench.loss_bench.HEAD_KEYS:
         assert cfg[key] == shipped[key], key
     assert cfg["fused_teacher_cache_mib"] is None
     validate_config(OmegaConf.create(cfg))
