@@ -280,8 +280,9 @@ def triton_codegen():
     CPU store every reused value computed with an ``exp`` or a ``log``, and allow larger
     expressions) and its loop reordering in fusion take their GPU branches (``ir.is_cpu`` and
     ``BaseSchedulerNode.is_cpu`` answer False); the head's own settings for a GPU apply
-    (``fused.INDUCTOR_OPTIONS``); the backend hash, which asks a GPU driver, is a constant. Left out: autotuned block sizes, split reductions sized by the GPU's
-    multiprocessor count, and the mixed-order reductions inductor skips on a CPU.
+    (``fused.INDUCTOR_OPTIONS``); the backend hash, which asks a GPU driver, is a constant.
+    Left out: autotuned block sizes, split reductions sized by the GPU's multiprocessor count,
+    and the mixed-order reductions inductor skips on a CPU.
     Needs a fresh process: inductor registers its pattern rewrites once per process, before this
     can emulate the GPU's (``RuntimeError`` otherwise)."""
     from torch._inductor import compile_fx, ir, scheduler

@@ -28,11 +28,12 @@ get a gradient from many tokens, most from few), teacher logits the student's pl
 chunk's gradient ``(softmax(z) - onehot(y)) + (softmax(z) - softmax(z_t))``, cast to bf16 as the
 head casts it.
 
-Reported per way, and for the exact gradient rounded to bf16 once (the floor): the relative error of the step's gradient (Frobenius norm of the difference
-over that of the exact gradient) and the median relative error of its entries among the 10% of
-largest magnitude, where AdamW's update follows the gradient most closely. The figures depend on
-the number of roundings (``--chunks`` per micro-batch, ``--micro-batches``) and on the gradient's
-structure, not on the device: the CPU measures what the GPU will do.
+Reported per way, and for the exact gradient rounded to bf16 once (the floor): the relative
+error of the step's gradient (Frobenius norm of the difference over that of the exact gradient)
+and the median relative error of its entries among the 10% of largest magnitude, where AdamW's
+update follows the gradient most closely. The figures depend on the number of roundings
+(``--chunks`` per micro-batch, ``--micro-batches``) and on the gradient's structure, not on the
+device: the CPU measures what the GPU will do.
 """
 
 import argparse
@@ -71,9 +72,10 @@ def step_errors(vocab: int, hidden: int, chunk: int, chunks: int, micro_batches:
     zipf = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64)
     scale = 1.0 / (chunk * chunks * micro_batches)  # the objective's gradient: 1 / tokens
     exact = torch.zeros(vocab, hidden, dtype=torch.float64)
-    grads = {way: None for way in WAYS}  # the parameter's bf16 .grad
+    grads = {way: torch.zeros(vocab, hidden).bfloat16() for way in WAYS}  # the bf16 .grad
     for _ in range(micro_batches):
-        sums = {"float32": torch.zeros(vocab, hidden), "bf16": torch.zeros(vocab, hidden).bfloat16()}
+        sums = {"float32": torch.zeros(vocab, hidden),
+                "bf16": torch.zeros(vocab, hidden).bfloat16()}
         for _ in range(chunks):
             g, h = make_chunk(gen, w, chunk, logit_std, zipf)
             exact += g.double().T @ h.double()
@@ -84,8 +86,7 @@ def step_errors(vocab: int, hidden: int, chunk: int, chunks: int, micro_batches:
             # the head's backward: the sum times 1 / tokens (in its own dtype), then bf16
             part = sums[way].mul_(scale).bfloat16()
             # autograd's accumulation into a bf16 .grad: float32 arithmetic, rounded
-            grads[way] = part if grads[way] is None else (grads[way].float() + part.float()
-                                                          ).bfloat16()
+            grads[way] = (grads[way].float() + part.float()).bfloat16()
     exact *= scale
     top = exact.abs() >= exact.abs().flatten().kthvalue(int(0.9 * exact.numel())).values
     grads["exact, rounded to bf16 once"] = exact.bfloat16()  # the floor of a bf16 .grad
@@ -113,9 +114,9 @@ def main() -> None:
     args = parser.parse_args()
     got = step_errors(args.vocab, args.hidden, args.chunk, args.chunks, args.micro_batches,
                       args.logit_std, args.seed)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}; V {args.vocab}, "
-          f"D {args.hidden}, chunk {args.chunk}, {args.chunks} chunks x {args.micro_batches} "
-          f"micro-batches, logit std {args.logit_std}, seed {args.seed}")
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}; "
+          f"V {args.vocab}, D {args.hidden}, chunk {args.chunk}, {args.chunks} chunks x "
+          f"{args.micro_batches} micro-batches, logit std {args.logit_std}, seed {args.seed}")
     print("| weight-gradient sum over chunks | relative error of the step's gradient | "
           "median relative error, largest 10% |")
     print("|---|---|---|")
