@@ -52,9 +52,11 @@ LOSS_TARGETS = (
 )
 #: the recipe head's variants that check the GPU configs' head settings (issue 19, item 5; not
 #: targets): TAD with the schema's default teacher cache (which projects the teacher twice at
-#: these vocabularies), and with the float32 weight-gradient sum; each read against the
-#: recipe's head (the configs' settings) and against Liger
-HEAD_VARIANTS = ("fused_step_recipe_default_cache/tad", "fused_step_recipe_fp32_wgrad/tad")
+#: these vocabularies), with the float32 weight-gradient sum (both in the loss step), and at
+#: twice loss_chunk_size (the optional loss_chunk step, beside a recipe head of its own); each
+#: read against the recipe's head (the configs' settings) and against Liger
+HEAD_VARIANTS = ("fused_step_recipe_default_cache/tad", "fused_step_recipe_fp32_wgrad/tad",
+                 "fused_step_recipe_double_chunk/tad")
 #: per target architecture, (name, figure of its recipe_bench row, at least): the recipe's speed
 #: over the compiled transformers + Liger loop's (paired rounds), and its MFU
 RECIPE_TARGETS = {
@@ -146,16 +148,27 @@ def check_install(require_cuda: bool, extra: list[str]) -> int:
 
 
 def read_steps(path: Path) -> list[dict[str, Any]]:
-    """``gpu_check.sh``'s step records: name, exit code, seconds, time limit (tab-separated);
-    exit code 124 or 137 is ``timeout``'s (the step ran out of time), 200 the script's for a step
-    it did not start (the time budget was spent)."""
+    """``gpu_check.sh``'s step records: name, exit code, seconds, time limit and whether the
+    step is optional (1: measured in the time left, not for a target; tab-separated); exit
+    code 124 or 137 is ``timeout``'s (the step ran out of time), 200 the script's for a step it
+    did not start (the time budget was spent)."""
     steps = []
     for line in path.read_text().splitlines() if path.is_file() else []:
-        name, rc, seconds, limit = line.split("\t")
+        name, rc, seconds, limit, optional = line.split("\t")
         steps.append({"name": name, "rc": int(rc), "seconds": int(seconds),
                       "timeout_s": int(limit), "timed_out": int(rc) in (124, 137),
-                      "not_run": int(rc) == NOT_RUN, "ok": int(rc) == 0})
+                      "not_run": int(rc) == NOT_RUN, "ok": int(rc) == 0,
+                      "optional": optional == "1"})
     return steps
+
+
+def step_problem(step: dict[str, Any]) -> bool:
+    """Whether a step's record makes the check incomplete: any step that did not succeed,
+    except an optional one that was not run or ran out of the time left (a failure of its
+    own still counts)."""
+    if step["ok"]:
+        return False
+    return not (step["optional"] and (step["not_run"] or step["timed_out"]))
 
 
 def step_state(step: dict[str, Any]) -> str:
@@ -309,13 +322,17 @@ def summarize(out_dir: Path, steps: list[dict[str, Any]], loss_shapes: list[str]
     for path in sorted(out_dir.glob("loss_bench*.json")):
         rows += json.loads(path.read_text())
     loss = loss_figures(rows)
+    chunk_file = out_dir / "loss_chunk.json"
+    chunk = {shape: f["variants"] for shape, f in
+             loss_figures(json.loads(chunk_file.read_text()) if chunk_file.is_file()
+                          else []).items()}
     recipes = {}
     for path in sorted(out_dir.glob("recipe_bench*.json")):
         for row in json.loads(path.read_text())["rows"]:
             recipes[row["arch"]] = row
     targets = targets_of(loss, recipes, loss_shapes, recipe_archs, dry_run)
     tests = read_junit(sorted(out_dir.glob("pytest_cuda*.xml")))
-    problems = [f"step {s['name']} {step_state(s)}" for s in steps if not s["ok"]]
+    problems = [f"step {s['name']} {step_state(s)}" for s in steps if step_problem(s)]
     if tests is None:
         problems.append("no pytest_cuda*.xml")
     else:
@@ -331,7 +348,7 @@ def summarize(out_dir: Path, steps: list[dict[str, Any]], loss_shapes: list[str]
 
     return {"dry_run": dry_run, "environment": environment(), "steps": steps, "tests": tests,
             "recipe_head": {"config": RECIPE_CONFIG.stem, "options": RECIPE_HEAD},
-            "loss": loss, "head_code": head_code(out_dir / "inductor_code"),
+            "loss": loss, "chunk": chunk, "head_code": head_code(out_dir / "inductor_code"),
             "recipes": recipes, "targets": targets, "problems": problems,
             "complete": not problems}
 
@@ -385,6 +402,13 @@ def print_summary(s: dict[str, Any]) -> None:
                               f"{fmt(x['time_vs_liger'], '.2f')}x and "
                               f"{fmt(x['memory_vs_liger'], '.2f')}x Liger's"
                               for c, x in f["variants"].items()))
+    for shape, variants in s["chunk"].items():
+        for c, x in variants.items():
+            print(f"recipe head at twice loss_chunk_size ({shape}; {c}, step loss_chunk, not a "
+                  f"target): time {fmt(x['time_vs_recipe'], '.2f')}x, peak memory "
+                  f"{fmt(x['memory_vs_recipe'], '.2f')}x the recipe head's in the same process")
+    if not s["chunk"]:
+        print("recipe head at twice loss_chunk_size: not measured (step loss_chunk)")
     code = s["head_code"]
     for shape, cases in code["shapes"].items():
         print(f"inductor's code per {code['chunk']}-row chunk ({shape}): " + ", ".join(

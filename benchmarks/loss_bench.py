@@ -40,6 +40,11 @@ Implementations:
   ``fused_step_recipe_default_cache`` with the schema's default teacher cache (128 MiB, which
   holds no 1024-token chunk of a 151936- or 256000-token bf16 vocabulary: TAD projects the
   teacher twice there), ``fused_step_recipe_fp32_wgrad`` with the float32 weight-gradient sum.
+  A third, ``fused_step_recipe_double_chunk``, the recipe head at twice ``loss_chunk_size``
+  (2048 rows, the other chunk size Liger's kernels run): its chunks have shapes of their own,
+  so it compiles its own functions (the GPU check measures it in a step of its own, after the
+  targets). No chunk crosses a row of kept teacher projections, so it needs rows of at least
+  2048 tokens (``--row-tokens 2048``, the Qwen2.5 pair's sequence length).
 - ``two_pass``: the recipe's head before it, a checkpointed CE pass, then the fused divergence.
 - ``liger_fused_jsd`` (forward KL only): Liger-Kernel's
   ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss``, the fused linear distillation loss users
@@ -124,7 +129,8 @@ from tad_torchtune.losses.fused import (  # noqa: E402
 IMPLS = ("naive", "torchtune_chunked", "torchtune_chunked_compiled", "unfused", "fused",
          "fused_nocache", "fused_compiled", "matmul_floor", "matmul_floor_unchunked",
          "fused_step", "fused_step_compiled", "fused_step_bf16_wgrad", "fused_step_recipe",
-         "fused_step_recipe_default_cache", "fused_step_recipe_fp32_wgrad", "two_pass",
+         "fused_step_recipe_default_cache", "fused_step_recipe_fp32_wgrad",
+         "fused_step_recipe_double_chunk", "two_pass",
          "liger_fused_jsd", "liger_fused_jsd_ce")
 #: the shipped GPU config whose fused-head settings the recipe's head takes (read from the
 #: checkout's ``configs/``, which an installed project's wheel also holds)
@@ -155,6 +161,8 @@ FUSED_OPTIONS = {"fused": {}, "fused_nocache": {"teacher_cache_mib": 0},
                      **RECIPE_HEAD,
                      "teacher_cache_mib": DISTILL["fused_teacher_cache_mib"].default},
                  "fused_step_recipe_fp32_wgrad": {**RECIPE_HEAD, "float32_weight_grad": True},
+                 "fused_step_recipe_double_chunk": {**RECIPE_HEAD,
+                                                    "chunk_size": 2 * RECIPE_HEAD["chunk_size"]},
                  "two_pass": {}}
 #: implementations of one divergence only (the others have every registered divergence)
 ONLY_DIVERGENCE = {"torchtune_chunked": "forward_kl", "torchtune_chunked_compiled": "forward_kl",
@@ -165,6 +173,8 @@ DEFAULT_SHAPES = {
     "cpu": ["2048,32000,512,fp32"],
     "cuda": ["2048,32000,512,bf16", "8192,151936,2048,bf16", "8192,256000,3584,bf16"],
 }
+#: tokens per row of the batch (``--row-tokens``): the teacher projections the recipe's head
+#: keeps (``fused_teacher_cache_mib: null``) are one row's, and no chunk crosses them
 ROW_TOKENS = 1024
 _TORCH_COMPILE = torch.compile
 
@@ -690,7 +700,8 @@ def _subprocess(args, task: dict) -> dict:
         cmd += ["--threads", str(args.threads)]
     if args.teacher_cache_mib is not None:
         cmd += ["--teacher-cache-mib", str(args.teacher_cache_mib)]
-    cmd += ["--cpu-memory", args.cpu_memory, "--compile-backend", args.compile_backend]
+    cmd += ["--cpu-memory", args.cpu_memory, "--compile-backend", args.compile_backend,
+            "--row-tokens", str(args.row_tokens)]
     if args.liger_stand_in:
         cmd += ["--liger-stand-in"]
     env = dict(os.environ)
@@ -709,6 +720,7 @@ def _subprocess(args, task: dict) -> dict:
 def main() -> int:
     """Exit code 1 when a measurement's subprocess failed (its row says how); an OOM or an
     unavailable case is a result, not a failure."""
+    global ROW_TOKENS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
@@ -726,6 +738,8 @@ def main() -> int:
     parser.add_argument("--teacher-cache-mib", type=float, default=None,
                         help="teacher_cache_mib of the fused and fused_compiled cases "
                              "(default: fused_divergence's)")
+    parser.add_argument("--row-tokens", type=int, default=ROW_TOKENS,
+                        help="tokens per row of the batch (default %(default)s); N a multiple")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--cpu-memory", choices=("rss", "allocations"), default="rss",
                         help="CPU peak memory: peak RSS of a subprocess per case (default), or "
@@ -742,6 +756,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--_task", help=argparse.SUPPRESS)  # internal: one subprocess's work
     args = parser.parse_args()
+    ROW_TOKENS = args.row_tokens  # make_inputs' rows
     if args.threads:
         torch.set_num_threads(args.threads)
     set_compile_backend(args.compile_backend)
@@ -809,12 +824,14 @@ def main() -> int:
                else "peak of live torch allocations, profiler" if in_process
                else "peak RSS (VmHWM) of a subprocess per case")
     print(f"\ndevice={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"warmup={args.warmup} repeats={args.repeats} (timed round robin in one process)\n")
+          f"warmup={args.warmup} repeats={args.repeats} row_tokens={ROW_TOKENS} "
+          f"(timed round robin in one process)\n")
     print(f"| impl | divergence | N | V | D | dtype | fused chunk | fwd+bwd ms (median) | "
           f"peak extra MiB ({mem_how}) | beyond the gradients MiB | note |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        chunk = (RECIPE_HEAD["chunk_size"] if r["impl"].startswith("fused_step_recipe")
+        chunk = (FUSED_OPTIONS[r["impl"]]["chunk_size"]
+                 if r["impl"].startswith("fused_step_recipe")
                  else "" if not r["impl"].startswith(("fused", "matmul_floor"))
                  or r["impl"] == "matmul_floor_unchunked"
                  else args.fused_chunk or default_chunk_size(r["N"], r["V"], r["D"], args.device))
@@ -856,7 +873,7 @@ def main() -> int:
         liger_ce = ("liger_fused_jsd_ce", "forward_kl")
         for mode in ("fused_step", "fused_step_compiled", "fused_step_bf16_wgrad",
                      "fused_step_recipe", "fused_step_recipe_default_cache",
-                     "fused_step_recipe_fp32_wgrad"):
+                     "fused_step_recipe_fp32_wgrad", "fused_step_recipe_double_chunk"):
             for name in args.divergences:
                 head = (mode, name)
                 if head not in got:

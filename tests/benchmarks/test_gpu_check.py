@@ -31,7 +31,9 @@ TARGET_NAMES = {f"{name} ({shape})" for shape in GPU_SHAPES for name in (
     "vs transformers + Liger (qwen2_5_3b_half)", "MFU (qwen2_5_3b_half)",
     "vs transformers + Liger (gemma2_9b_third_short)"}
 STEPS = ["imports", "loss", "recipe_qwen2_5_3b_half", "recipe_gemma2_9b_third_short", "pytest",
-         "pytest_recipe"]
+         "pytest_recipe", "loss_chunk"]
+#: the optional step's cases: the recipe's head at loss_chunk_size and at twice it
+CHUNK_CASES = {("fused_step_recipe", "tad"), ("fused_step_recipe_double_chunk", "tad")}
 LIGER_INSTALLED = importlib.util.find_spec("liger_kernel") is not None
 
 
@@ -57,7 +59,7 @@ def test_dry_run_writes_every_result(dry_run):
     proc, out, seconds = dry_run
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [
-        "gpu_check.log", "inductor_code", "loss_bench.json", "pytest_cuda.xml",
+        "gpu_check.log", "inductor_code", "loss_bench.json", "loss_chunk.json", "pytest_cuda.xml",
         "pytest_cuda_recipe.xml", "recipe_bench_tiny_gemma2.json", "recipe_bench_tiny_qwen2.json",
         "summary.json"]
     assert not list((out / "inductor_code").iterdir())  # Dynamo's eager backend: no code
@@ -129,13 +131,27 @@ def test_dry_run_writes_every_result(dry_run):
         assert targets[f"unchunked floor ({gpu_shape})"]["value"] == pytest.approx(
             paired(head["times_ms"], got["matmul_floor_unchunked/none"]["times_ms"]))
         variants = summary["loss"][shape]["variants"]  # the configs' defaults: not targets
-        assert sorted(variants) == sorted(gpu_check.HEAD_VARIANTS)
+        assert sorted(variants) == sorted(gpu_check.HEAD_VARIANTS[:2])
         for case, x in variants.items():
             assert x["time_vs_recipe"] == pytest.approx(paired(got[case]["times_ms"],
                                                                head["times_ms"]))
             assert x["memory_vs_liger"] == pytest.approx(got[case]["peak_mib"]
                                                          / liger["peak_mib"])
         assert f"recipe head variants ({shape}; " in log
+        # the optional step: the head at twice the chunk, against the head in its own process
+        chunk_rows = {f"{r['impl']}/{r['divergence']}": r for r in json.loads(
+            (out / "loss_chunk.json").read_text()) if
+            f"{r['N']},{r['V']},{r['D']},{r['dtype']}" == shape}
+        assert {tuple(c.split("/")) for c in chunk_rows} == CHUNK_CASES
+        assert all(len(r["times_ms"]) == 2 and r["peak_mib"] > 0 for r in chunk_rows.values())
+        (double,) = summary["chunk"][shape].values()
+        assert double["time_vs_recipe"] == pytest.approx(paired(
+            chunk_rows["fused_step_recipe_double_chunk/tad"]["times_ms"],
+            chunk_rows["fused_step_recipe/tad"]["times_ms"]))
+        assert double["memory_vs_recipe"] == pytest.approx(
+            chunk_rows["fused_step_recipe_double_chunk/tad"]["peak_mib"]
+            / chunk_rows["fused_step_recipe/tad"]["peak_mib"])
+        assert f"recipe head at twice loss_chunk_size ({shape}; " in log
     qwen, gemma = recipes["tiny_qwen2"], recipes["tiny_gemma2"]
     assert targets["vs transformers + Liger (qwen2_5_3b_half)"]["value"] == qwen[
         "recipe_over_peer"]
@@ -153,7 +169,10 @@ def test_steps_without_time_are_recorded_and_fail_the_check(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert [(s["name"], s["rc"], s["ok"]) for s in summary["steps"]] == [
         (name, 200, False) for name in STEPS]
+    assert [s["name"] for s in summary["steps"] if s["optional"]] == ["loss_chunk"]
     assert not summary["complete"]
+    assert "step loss_chunk not run (time budget spent)" not in summary["problems"]
+    assert "step loss not run (time budget spent)" in summary["problems"]
     assert "no pytest_cuda*.xml" in summary["problems"]
     assert {p for p in summary["problems"] if p.startswith("no figure")} == {
         f"no figure for target: {name}" for name in TARGET_NAMES}
@@ -201,7 +220,7 @@ def write_run(out: Path, *, head: float, head_fkl: float, memory: float, peer: f
         f'<testsuites><testsuite name="pytest" tests="10" failures="0" errors="0" '
         f'skipped="{skipped}"/></testsuites>')
     steps = out / "steps.tsv"
-    steps.write_text("loss\t0\t90\t130\nrecipe_qwen2_5_3b_half\t0\t100\t120\n")
+    steps.write_text("loss\t0\t90\t130\t0\nrecipe_qwen2_5_3b_half\t0\t100\t120\t0\n")
     return gpu_check.read_steps(steps)
 
 
@@ -259,6 +278,31 @@ def test_a_skipped_cuda_test_makes_a_gpu_run_incomplete(tmp_path):
     assert summarize(tmp_path / "run", steps, dry_run=True)["complete"]
 
 
+def test_the_chunk_step_out_of_time_leaves_the_check_complete(tmp_path, capsys):
+    """The optional loss_chunk step timed out: no loss_chunk.json, nothing measured at twice
+    the chunk, said so, and the check complete; a chunk file read against its own recipe head
+    (not the loss step's: its rounds are not paired with them)."""
+    out = tmp_path / "run"
+    write_run(out, head=1.0, head_fkl=1.0, memory=1.0, peer=1.2, mfu=0.6)
+    (out / "steps.tsv").write_text("loss\t0\t90\t130\t0\nloss_chunk\t124\t20\t20\t1\n")
+    s = summarize(out, gpu_check.read_steps(out / "steps.tsv"))
+    assert s["complete"] and s["chunk"] == {}, s["problems"]
+    gpu_check.print_summary(s)
+    assert "recipe head at twice loss_chunk_size: not measured" in capsys.readouterr().out
+
+    shape = GPU_SHAPES[1]
+    (out / "loss_chunk.json").write_text(json.dumps([
+        loss_row(shape, "fused_step_recipe/tad", [10.0, 30.0, 10.0], 800.0),
+        loss_row(shape, "fused_step_recipe_double_chunk/tad", [9.0, 33.0, 9.5], 1200.0)]))
+    s = summarize(out, gpu_check.read_steps(out / "steps.tsv"))
+    assert list(s["chunk"]) == [shape]
+    double = s["chunk"][shape]["fused_step_recipe_double_chunk/tad"]
+    assert double["time_vs_recipe"] == pytest.approx(0.95)  # median of 0.9, 1.1, 0.95
+    assert double["memory_vs_recipe"] == pytest.approx(1.5)
+    assert "fused_step_recipe_double_chunk/tad" not in s["loss"][shape]["variants"]
+    assert s["loss"][shape]["ms"]["fused_step_recipe/tad"] == 100.0  # the loss step's row
+
+
 def test_summary_takes_one_measured_shape_and_arch_per_target(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "summary",
                            str(tmp_path), "--steps", str(tmp_path / "none.tsv"),
@@ -292,11 +336,19 @@ def test_head_code_sums_each_case_s_graphs_per_chunk(tmp_path):
     assert gpu_check.head_code(tmp_path / "absent") == {"chunk": 1024, "errors": [], "shapes": {}}
 
 
-def test_read_steps_marks_timeouts(tmp_path):
+def test_read_steps_marks_timeouts_and_optional_steps(tmp_path):
     path = tmp_path / "steps.tsv"
-    path.write_text("a\t0\t3\t60\nb\t124\t60\t60\nc\t137\t70\t60\nd\t1\t2\t60\n")
-    assert [(s["ok"], s["timed_out"]) for s in gpu_check.read_steps(path)] == [
-        (True, False), (False, True), (False, True), (False, False)]
+    path.write_text("a\t0\t3\t60\t0\nb\t124\t60\t60\t0\nc\t137\t70\t60\t0\n"
+                    "d\t1\t2\t60\t0\ne\t124\t30\t30\t1\nf\t200\t0\t0\t1\ng\t1\t5\t90\t1\n"
+                    "h\t0\t5\t90\t1\n")
+    steps = gpu_check.read_steps(path)
+    assert [(s["ok"], s["timed_out"], s["optional"]) for s in steps] == [
+        (True, False, False), (False, True, False), (False, True, False), (False, False, False),
+        (False, True, True), (False, False, True), (False, False, True), (True, False, True)]
+    # an optional step out of time or not run does not make the check incomplete; its own
+    # failure does
+    assert [gpu_check.step_problem(s) for s in steps] == [
+        False, True, True, True, False, False, True, False]
 
 
 def test_installed_project_is_this_checkout():

@@ -223,8 +223,10 @@ def test_liger_on_cpu_is_its_stand_in(ce):
 
 def test_recipe_head_variants_change_one_setting_each(monkeypatch):
     """The variants that check the GPU configs' head settings change one each: the schema's
-    default teacher cache, the float32 weight-gradient sum. The recipe's head projects the
-    teacher once per chunk, where a cache too small for a chunk projects it twice."""
+    default teacher cache, the float32 weight-gradient sum, twice the chunk. The recipe's head
+    projects the teacher once per chunk of 1024 rows, where a cache too small for a chunk
+    projects it twice, and the double chunk once per 2048 rows where a row of the batch (the
+    teacher projections kept) holds 2048 tokens (no chunk crosses a row)."""
     from tad_torchtune.schema import DISTILL
 
     head = loss_bench.RECIPE_HEAD
@@ -232,18 +234,25 @@ def test_recipe_head_variants_change_one_setting_each(monkeypatch):
         **head, "teacher_cache_mib": DISTILL["fused_teacher_cache_mib"].default}
     assert loss_bench.FUSED_OPTIONS["fused_step_recipe_fp32_wgrad"] == {
         **head, "float32_weight_grad": True}
+    assert loss_bench.FUSED_OPTIONS["fused_step_recipe_double_chunk"] == {
+        **head, "chunk_size": 2048}
     loss_bench.set_compile_backend("eager")
     try:
         n = 2 * head["chunk_size"]  # two rows of 1024 tokens, a chunk each
         inputs = loss_bench.make_inputs(n, 40, 8, torch.float32, "cpu")
-        for case, cache_mib, projections in (("fused_step_recipe", None, n),
-                                             ("fused_step_probe", 0, 2 * n)):
+        for case, cache_mib, projections in (("fused_step_recipe", None, [1024, 1024]),
+                                             ("fused_step_probe", 0, [1024] * 4),
+                                             ("fused_step_recipe_double_chunk", None, [2048])):
+            if case.endswith("double_chunk"):
+                monkeypatch.setattr(loss_bench, "ROW_TOKENS", 2048)  # one row of 2048
+                inputs = loss_bench.make_inputs(n, 40, 8, torch.float32, "cpu")
+                assert inputs[0].shape[:2] == (1, 2048)
             with monkeypatch.context() as patch:
                 rows = count_teacher_projections(patch, inputs[3])
                 patch.setitem(loss_bench.FUSED_OPTIONS, "fused_step_probe",
                               {**head, "teacher_cache_mib": cache_mib})
                 loss_bench.make_step(case, "tad", *inputs)()
-            assert sum(rows) == projections, (case, rows)
+            assert rows == projections, (case, rows)
     finally:
         loss_bench.set_compile_backend("inductor")
 
