@@ -51,8 +51,10 @@ from tad_torchtune.losses.engine import (
     top_k_extras,
 )
 from tad_torchtune.losses.terms import (
+    SparseGrad,
     TopK,
     in_ids,
+    is_in,
     log1mexp,
     logsumexp,
     lse_outside,
@@ -107,7 +109,9 @@ class CacheEntries:
 
     def chunk_grad_fn(self, divergence) -> Callable[..., tuple[Tensor, ...]] | None:
         """The same value and its gradient w.r.t. ``s`` in closed form, with ``ce_weight`` as
-        ``Divergence.chunk_grad_fn``; None: the fused head differentiates ``chunk_fn``."""
+        ``Divergence.chunk_grad_fn``, the gradient a ``[n, V]`` tensor or a ``SparseGrad``
+        (the head finishes it in its gradient's dtype; ``terms.finished``: as a tensor); None:
+        the fused head differentiates ``chunk_fn``."""
         return None
 
     def sum_and_count(self, divergence, student_logits: Tensor, labels: Tensor, *,
@@ -267,26 +271,29 @@ def bucket_grad(s: Tensor, labels: Tensor, ids: Tensor, outcomes: Tensor, grad: 
     unless the label is among the ids (then it is a constant ``-inf``). With ``ce_weight`` c the
     CE's ``c (softmax(s) - onehot(y))`` joins (the outcomes partition the vocabulary, so their
     log-sum-exp is the full one) and the per-token CE is returned too. One element-wise
-    expression and one ``scatter_add``.
+    expression and one ``scatter`` (``SparseGrad``).
 
     Returns:
-        ``(grad [n, V],)``, or ``(grad, ce [n])`` with ``ce_weight``.
+        ``(grad,)``, or ``(grad, ce [n])`` with ``ce_weight``: ``grad`` a ``SparseGrad`` for
+        the ``[n, V]`` logits.
     """
     m = ids.shape[-1]
     y = labels.unsqueeze(-1)
     outside = torch.cat([ids, y], dim=-1) if with_label else ids
     bucket = safe_finite(outcomes[:, -1]).unsqueeze(-1)
-    dense = torch.where(in_ids(outside, s.shape[-1]), 0.0, grad[:, -1:] * (s - bucket).exp())
+    g_bucket = grad[:, -1:]
+    lse = None if ce_weight is None else outcomes.logsumexp(-1).unsqueeze(-1)  # a partition
+
+    def part(cols: Tensor | None, sv: Tensor) -> Tensor:
+        g = torch.where(is_in(outside, cols, s.shape[-1]), 0.0, g_bucket * (sv - bucket).exp())
+        return g if lse is None else g + ce_weight * (sv - lse).exp()
+
     at, values = [ids], [grad[:, :m]]
     if with_label:
         label_in_ids = (ids == y).any(-1, keepdim=True)
         at.append(y)
         values.append(torch.where(label_in_ids, 0.0, grad[:, m : m + 1]))
-    lse = None
-    if ce_weight is not None:
-        lse = outcomes.logsumexp(-1)  # the outcomes partition the vocabulary
-        dense = dense + ce_weight * (s - lse.unsqueeze(-1)).exp()
-    return _add_sparse(dense, s, labels, at, values, lse, ce_weight)
+    return _sparse_grad(part, s, labels, at, values, lse, ce_weight)
 
 
 @torch.no_grad()
@@ -451,7 +458,8 @@ def sampled_terms(s: Tensor, ids: Tensor, logp: Tensor, log_tail: Tensor, entrop
 
     Returns:
         ``(per_token [n], stats)`` (``dkl1``, ``dkl2`` estimated, ``tail_mass``), and with
-        ``grad`` also ``grad [n, V]`` and, with ``ce_weight``, ``ce [n]``.
+        ``grad`` also ``grad`` (``[n, V]``; traced, a ``SparseGrad``) and, with
+        ``ce_weight``, ``ce [n]``.
     """
     zero = s.new_zeros(())
     top = ids[:, :k]
@@ -507,29 +515,37 @@ def sampled_terms(s: Tensor, ids: Tensor, logp: Tensor, log_tail: Tensor, entrop
 def _sampled_grad_traced(s: Tensor, labels: Tensor, in_top: Tensor, ids: Tensor, draws: Tensor,
                          p_top: Tensor, pt_ranks: Tensor, a: Tensor, lse: Tensor, norm_s: Tensor,
                          alpha_s: Tensor, alpha_t: Tensor, w: Tensor, ce_weight: float | None
-                         ) -> tuple[Tensor, ...]:
-    """``sampled_terms``' gradient (and CE) for ``torch.compile``: the dense part as one
-    element-wise expression, ``(1 + c) q`` on the top-K and ``(alphaS (1 + c) - alphaT + w) qt``
-    on the tail, then ONE ``scatter_add`` of the sparse rest: ``-p`` at the top-K, ``-w pt`` at
-    the cached ranks and ``-w a / S`` at each draw, ``-c`` at the label. (The eager form builds a
-    ``[n, V]`` estimate of ``pt`` by two scatters and edits the gradient in place: under inductor
-    each is a pass of its own.)"""
+                         ) -> tuple[SparseGrad | Tensor, ...]:
+    """``sampled_terms``' gradient (and CE) for ``torch.compile``, a ``SparseGrad``: the dense
+    part one element-wise expression, ``(1 + c) q`` on the top-K and ``(alphaS (1 + c) - alphaT
+    + w) qt`` on the tail, and the sparse rest in ONE ``scatter``: ``-p`` at the top-K, ``-w pt``
+    at the cached ranks and ``-w a / S`` at each draw, ``-c`` at the label. (The eager form
+    builds a ``[n, V]`` estimate of ``pt`` by two scatters and edits the gradient in place:
+    under inductor each is a pass of its own.)"""
     c = 0.0 if ce_weight is None else ce_weight
     k = p_top.shape[-1]
     coef = (alpha_s * (1.0 + c) - alpha_t + w).unsqueeze(-1)
-    dense = torch.where(in_top, (s - lse.unsqueeze(-1)).exp() * (1.0 + c),
-                        coef * (s - norm_s.unsqueeze(-1)).exp())
+    lse_, norm_s_ = lse.unsqueeze(-1), norm_s.unsqueeze(-1)
+    top = ids[:, :k]
+
+    def part(cols: Tensor | None, sv: Tensor) -> Tensor:
+        top_here = in_top if cols is None else is_in(top, cols, s.shape[-1])
+        return torch.where(top_here, (sv - lse_).exp() * (1.0 + c), coef * (sv - norm_s_).exp())
+
     w_ = w.unsqueeze(-1)
-    at = [ids[:, :k], ids[:, k:], draws]
+    at = [top, ids[:, k:], draws]
     values = [-p_top, -w_ * pt_ranks, (-w_ * a.unsqueeze(-1) / draws.shape[-1]).expand_as(draws)]
-    return _add_sparse(dense, s, labels, at, values, lse, ce_weight)
+    return _sparse_grad(part, s, labels, at, values, lse, ce_weight)
 
 
-def _add_sparse(dense: Tensor, s: Tensor, labels: Tensor, at: list[Tensor],
-                values: list[Tensor], lse: Tensor, ce_weight: float | None) -> tuple[Tensor, ...]:
-    """The cache adapters' closed-form gradients, finished: ``dense`` (``[n, V]``, the CE's
-    ``c q`` already in it) plus ``values`` at the ids ``at`` and the CE's ``-c`` at the label, in
-    ONE ``scatter_add``; with ``ce_weight`` also the per-token CE ``lse - s_y``.
+def _sparse_grad(part: Callable[[Tensor | None, Tensor], Tensor], s: Tensor, labels: Tensor,
+                 at: list[Tensor], values: list[Tensor], lse: Tensor | None,
+                 ce_weight: float | None) -> tuple[SparseGrad | Tensor, ...]:
+    """The cache adapters' closed-form gradients: the element-wise ``part`` (the CE's ``c q``
+    already in it) plus ``values`` at the ids ``at`` and the CE's ``-c`` at the label, as a
+    ``SparseGrad`` the fused head finishes in its gradient's dtype (one rounding per entry, one
+    ``scatter``); with ``ce_weight`` also the per-token CE ``lse - s_y`` (``lse`` ``[n]`` or
+    ``[n, 1]``).
 
     Returns:
         ``(grad,)``, or ``(grad, ce)`` with ``ce_weight``.
@@ -537,8 +553,10 @@ def _add_sparse(dense: Tensor, s: Tensor, labels: Tensor, at: list[Tensor],
     y = labels.unsqueeze(-1)
     if ce_weight is not None:
         at, values = [*at, y], [*values, s.new_full(y.shape, -ce_weight)]
-    grad = dense.scatter_add_(-1, torch.cat(at, dim=-1), torch.cat(values, dim=-1))
-    return (grad,) if ce_weight is None else (grad, lse - s.gather(-1, y).squeeze(-1))
+    grad = SparseGrad(part, s, torch.cat(at, dim=-1), torch.cat(values, dim=-1))
+    if ce_weight is None:
+        return (grad,)
+    return grad, lse.reshape(-1) - s.gather(-1, y).squeeze(-1)
 
 
 # -- drawing from the teacher's tail, reproducibly: a counter-based generator keyed by

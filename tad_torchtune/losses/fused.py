@@ -47,7 +47,14 @@ from tad_torchtune.checks import check_int, check_non_negative
 from tad_torchtune.common import IGNORE_INDEX, compute_dtype, full_tensor
 from tad_torchtune.losses.base import Divergence
 from tad_torchtune.losses.cached import CacheEntries
-from tad_torchtune.losses.terms import TopK, add_at_, logsumexp, teacher_top_k
+from tad_torchtune.losses.terms import (
+    SparseGrad,
+    TopK,
+    add_at_,
+    finished,
+    logsumexp,
+    teacher_top_k,
+)
 from tad_torchtune.losses.engine import (
     DivergenceOutput,
     chunk_slices,
@@ -188,13 +195,26 @@ def _head_chunk(z: Tensor, t: Tensor | None, y: Tensor, rows: Tensor, extras: tu
     ce = lse = None
     kd, stats, grad = None, {}, None
     s = z
+    scale = 1.0  # the divergence's gradient's weight, applied by ``finish``
+
+    def finish(g: Tensor, s_at: Tensor) -> Tensor:
+        """The rest of the gradient, element-wise, given the logits ``s`` at the same entries
+        (written): the weight, ignored rows, the soft-cap's derivative."""
+        if scale != 1.0:
+            g = g.mul_(scale)
+        if ignored:
+            g = g.masked_fill_(~rows, 0.0)
+        if cap is not None:
+            # d(cap tanh(x / cap))/dx = 1 - tanh^2 = 1 - (z / cap)^2, in s's buffer (z = s tau)
+            g = g.mul_(s_at.mul_(tau / cap).square_().neg_().add_(1.0))
+        return g
+
     if div_grad is not None and folds_ce and want_ce and kd_weight:
         # the divergence's closed form folds the CE in: grad of KD + (ce_weight / kd_weight) CE
         args = (s, y, *extras) if t is None else (s, t, y, *extras)
         kd, stats, grad, ce = div_grad(*args, ce_weight=ce_weight / kd_weight)
         del t
-        if kd_weight != 1.0:
-            grad = grad.mul_(kd_weight)
+        scale = kd_weight
     else:
         if want_ce:
             lse = logsumexp(z)  # (n,)
@@ -203,20 +223,23 @@ def _head_chunk(z: Tensor, t: Tensor | None, y: Tensor, rows: Tensor, extras: tu
             s = z.div_(tau) if tau != 1.0 else z  # s is read only from here
             kd, stats, grad = div_grad(s, y, *extras) if t is None else div_grad(s, t, y, *extras)
             del t
-            if kd_weight / tau != 1.0:
-                grad = grad.mul_(kd_weight / tau)
+            scale = kd_weight / tau
         if ce_weight:  # + ce_weight * (softmax(z) - onehot(y)), z = s * tau
+            grad = finished(grad)
+            if grad is not None and scale != 1.0:
+                grad = grad.mul_(scale)
+            scale = 1.0
             q = (s.mul(tau) if tau != 1.0 else s.clone()).sub_(lse.unsqueeze(-1)).exp_()
             grad = q.mul_(ce_weight) if grad is None else grad.add_(q, alpha=ce_weight)
             del q
             grad = add_at_(grad, y, -ce_weight)
     if grad is None:  # nothing is differentiated (both weights 0)
         grad = torch.zeros_like(z)
-    if ignored:
-        grad = grad.masked_fill_(~rows, 0.0)
-    if cap is not None:
-        # d(cap tanh(x / cap))/dx = 1 - tanh^2 = 1 - (z / cap)^2, built in s's buffer (z = s tau)
-        grad = grad.mul_(s.mul_(tau / cap).square_().neg_().add_(1.0))
+    if isinstance(grad, SparseGrad) and not bias_grad:
+        # a teacher cache's closed form: written once, in the gradient's dtype
+        grad = grad.finish(grad_dtype, finish)
+    else:
+        grad = finish(finished(grad), s)
     zero = torch.zeros(rows.shape[0], dtype=dtype, device=rows.device)
     per_token = torch.stack([zero if v is None else v.to(dtype)
                              for v in (ce, kd, *(stats[k] for k in names))], dim=-1)

@@ -17,13 +17,16 @@ divergences").
 - ``in_ids`` and ``add_at_``: a row's set of ids as a ``[n, V]`` mask, and a value added at one
   id per row, each as a scatter when run eagerly and as a comparison with the column index when
   ``torch.compile`` traces it (inductor then fuses it into the loops that read it: no ``[n, V]``
-  buffer, no scatter kernel).
+  buffer, no scatter kernel); ``is_in``, the same membership at given columns;
+- ``SparseGrad``: a gradient w.r.t. ``[n, V]`` logits as an element-wise part plus values at a
+  few ids per row (the teacher caches' closed forms), finished by the fused head into one
+  buffer in the gradient's dtype, every entry rounded once.
 
 Everything is float32 (float64 stays float64) and in log space: a mass is the exponential of a
 difference of log-sum-exps, never ``1 - sum(...)``.
 """
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -115,6 +118,55 @@ def in_ids(ids: Tensor, vocab: int) -> Tensor:
     for j in range(1, ids.shape[-1]):
         mask = mask | (col == ids[:, j : j + 1])
     return mask
+
+
+def is_in(ids: Tensor, cols: Tensor | None, vocab: int) -> Tensor:
+    """Whether each column is one of its row's ``ids`` (``[n, K]``): ``in_ids(ids, vocab)``
+    over the whole row when ``cols`` is None, else at the columns ``cols`` (``[n, J]``, a
+    ``[n, J]`` result)."""
+    if cols is None:
+        return in_ids(ids, vocab)
+    return (cols.unsqueeze(-1) == ids.unsqueeze(-2)).any(-1)
+
+
+class SparseGrad(NamedTuple):
+    """A gradient w.r.t. logits ``s [n, V]``: the element-wise ``part(cols, s_at)`` everywhere
+    plus ``values [n, J]`` at the ids ``at [n, J]`` (an id may repeat: its values add up).
+
+    ``part`` gives the element-wise part at columns ``cols`` (``[n, J]``) from the logits there
+    ``s_at``, or over the whole row from ``s`` itself when ``cols`` is None, so that it is
+    evaluated at the ids without reading a ``[n, V]`` buffer. ``finish`` makes it one tensor.
+    """
+
+    part: Callable[[Tensor | None, Tensor], Tensor]
+    s: Tensor
+    at: Tensor
+    values: Tensor
+
+    def finish(self, dtype: torch.dtype | None = None,
+               post: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
+        """The ``[n, V]`` gradient in ``dtype`` (default: the part's), each entry rounded to it
+        once: the element-wise part written over the row, then each id's total (the part there
+        plus its values, repeats summed) written at it, in one ``scatter`` whose repeated ids
+        carry equal totals. ``post(g, s_at)`` (element-wise, given the logits at the same
+        entries) is applied to both before the cast: the head's weight, row mask and
+        soft-cap derivative. Under ``torch.compile`` the part, ``post`` and the cast are one
+        loop writing the row once in ``dtype`` (no float32 ``[n, V]`` buffer, no cast pass).
+        ``post`` may write ``s`` (read last)."""
+        s_at = self.s.gather(-1, self.at)
+        same = self.at.unsqueeze(-1) == self.at.unsqueeze(-2)  # (n, J, J)
+        total = self.part(self.at, s_at) + torch.where(
+            same, self.values.unsqueeze(-2), self.values.new_zeros(())).sum(-1)
+        dense = self.part(None, self.s)
+        if post is not None:
+            dense, total = post(dense, self.s), post(total, s_at)
+        dtype = dtype or dense.dtype
+        return dense.to(dtype).scatter_(-1, self.at, total.to(dtype))
+
+
+def finished(grad: "Tensor | SparseGrad") -> Tensor:
+    """A closed form's gradient as one tensor: a ``SparseGrad`` finished in its part's dtype."""
+    return grad.finish() if isinstance(grad, SparseGrad) else grad
 
 
 def add_at_(x: Tensor, ids: Tensor, value: float | Tensor) -> Tensor:

@@ -21,6 +21,7 @@ from tad_torchtune.losses.cached import (
     teacher_top_m,
 )
 from tad_torchtune.losses.fused import fused_head
+from tad_torchtune.losses.terms import finished
 from tests.losses import reference as ref
 from tests.helpers.losses import (
     IGNORE,
@@ -154,6 +155,24 @@ def test_fused_head_from_the_cache_equals_unfused(name, compile_chunks):
                                            h_s, w_s, labels, compile_chunks=compile_chunks)
 
 
+@pytest.mark.parametrize("kind,compile_chunks", [
+    ("top_m", False), ("sampled", False), pytest.param("sampled", True, marks=pytest.mark.slow)])
+def test_fused_head_from_a_cache_with_a_student_softcap(kind, compile_chunks):
+    """A soft-capped student (Gemma2's) from either cache, CE + TAD at kd_weight 2 with ignored
+    positions: the cap's derivative, the weight and the row mask reach the gradient at the
+    cached ids as everywhere else (the closed forms write those entries apart: ``SparseGrad``)."""
+    from tests.helpers.losses import make_case
+
+    torch._dynamo.reset()
+    h_s, w_s, h_t, w_t, labels = make_case(41, torch.float64)
+    logits = h_t @ w_t.T
+    cache = (teacher_top_m(logits, labels, 20) if kind == "top_m" else
+             teacher_sampled(logits, 10, 6, seed=2, blocks=torch.arange(h_t.shape[0])))
+    assert (labels == IGNORE).any()
+    assert_fused_from_cache_equals_unfused(TADLoss(k=5), cache, h_s, w_s * 4, labels,
+                                           student_softcap=3.0, compile_chunks=compile_chunks)
+
+
 @pytest.mark.parametrize("mode", ["eager", "traced"])
 @pytest.mark.parametrize("ce_weight", [None, 0.6])
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -178,6 +197,18 @@ def test_bucket_gradient_equals_autograd(name, ce_weight, mode):
                                       ce_weight, mode)
 
 
+def with_finished_grad(fn):
+    """A cache adapter's ``chunk_grad_fn`` whose gradient is one tensor (``terms.finished``), as
+    the fused head's compiled chunk function returns it (a ``SparseGrad`` holds a function:
+    ``torch.compile`` cannot return one)."""
+
+    def grad_fn(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        return (*out[:2], finished(out[2]), *out[3:])
+
+    return grad_fn
+
+
 def assert_chunk_grad_equals_autograd(cache, div, s, y, inputs, ce_weight, mode):
     """The cache adapter's ``chunk_grad_fn`` (eagerly, or as ``torch.compile`` traces it:
     AOTAutograd's graph of the whole function, run without code generation) against autograd
@@ -187,7 +218,7 @@ def assert_chunk_grad_equals_autograd(cache, div, s, y, inputs, ce_weight, mode)
     objective = value if ce_weight is None else value + ce_weight * torch.nn.functional.cross_entropy(
         s_, y, reduction="none")
     (grad,) = torch.autograd.grad(objective.sum(), s_)
-    fn = cache.chunk_grad_fn(div)
+    fn = with_finished_grad(cache.chunk_grad_fn(div))
     if mode == "traced":
         torch._dynamo.reset()
         fn = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False)
@@ -203,11 +234,15 @@ def assert_chunk_grad_equals_autograd(cache, div, s, y, inputs, ce_weight, mode)
 
 def assert_fused_from_cache_equals_unfused(div, cache, h_s, w_s, labels, **head_kwargs):
     """CE + the divergence from ``cache``: the fused head's values, diagnostics and gradients
-    equal those of the unfused path on the materialised student logits."""
+    equal those of the unfused path on the materialised student logits (soft-capped with
+    ``student_softcap``)."""
     from tad_torchtune.losses.ce import chunked_cross_entropy
 
     hs, ws = (x.detach().clone().requires_grad_(True) for x in (h_s, w_s))
     logits = hs @ ws.T
+    cap = head_kwargs.get("student_softcap")
+    if cap is not None:
+        logits = cap * torch.tanh(logits / cap)
     ce, _ = chunked_cross_entropy(logits, labels)
     kd = div.sum_and_count(logits, cache, labels)
     (0.5 * ce + 2.0 * kd.total).backward()
@@ -366,8 +401,8 @@ def test_sampled_closed_form_gradient_equals_autograd(name, ce_weight, mode):
 
 
 def test_traced_sampled_gradient_scatters_once():
-    """What ``torch.compile`` traces of the sampled closed form holds one scatter (the sparse
-    rest, added into the dense gradient) where the eager form runs five."""
+    """What ``torch.compile`` traces of the sampled closed form, finished, holds one scatter
+    (each sparse id's total written over the dense gradient) where the eager form runs five."""
     div = SAMPLED["tad_k3"]()
     student, teacher, labels = sampled_case(43)
     cache = sampled_entries(teacher, 6, 5, seed=3)
@@ -381,9 +416,9 @@ def test_traced_sampled_gradient_scatters_once():
         return gm.forward
 
     torch._dynamo.reset()
-    torch.compile(cache.chunk_grad_fn(div), backend=recording, fullgraph=True)(
-        student.reshape(-1, SV), y, *inputs, ce_weight=0.5)
-    assert [op for op in seen if "scatter" in op] == ["scatter_add_"], seen
+    torch.compile(with_finished_grad(cache.chunk_grad_fn(div)), backend=recording,
+                  fullgraph=True)(student.reshape(-1, SV), y, *inputs, ce_weight=0.5)
+    assert [op for op in seen if "scatter" in op] == ["scatter_"], seen
 
 
 @pytest.mark.parametrize("name,compile_chunks", [(name, False) for name in sorted(SAMPLED)]

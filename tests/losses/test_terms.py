@@ -13,8 +13,10 @@ import torch
 from tad_torchtune.losses.terms import (
     IN_IDS_UNROLLED,
     TOP_K_BLOCK,
+    SparseGrad,
     add_at_,
     in_ids,
+    is_in,
     log1mexp,
     logsumexp,
     lse_outside,
@@ -156,6 +158,47 @@ def test_in_ids_and_add_at_traced_equal_the_scatters(k):
     assert torch.equal(added, expected)
     t_mask, t_added = traced(both)(ids, x, y)
     assert torch.equal(t_mask, naive) and torch.equal(t_added, expected)
+
+
+@pytest.mark.parametrize("mode", ["eager", "traced"])
+def test_sparse_grad_finishes_each_entry_rounded_once(mode):
+    """``SparseGrad.finish`` in bf16 is the float64 sum (the part, plus the values at the ids,
+    repeats added up, then ``post``) rounded ONCE: every entry equal to the reference's cast.
+    Rounding the part to bf16 first and adding the values there (a bf16 ``scatter_add``)
+    differs at ids; the sum in a buffer of the part's dtype, cast afterwards, does not, but
+    costs that ``[n, V]`` buffer and a pass to cast it."""
+    gen = torch.Generator().manual_seed(5)
+    n, v = 16, 300
+    s = torch.randn(n, v, generator=gen, dtype=torch.float64) * 2
+    top = torch.randint(0, v, (n, 4), generator=gen)
+    at = torch.cat([top, torch.randint(0, v, (n, 9), generator=gen)], dim=-1)
+    at[:, -1] = at[:, 0]  # a repeated id, and one more in some rows
+    at[::3, -2] = at[::3, -3]
+    values = torch.randn(n, at.shape[-1], generator=gen, dtype=torch.float64) / 5
+    rows = torch.arange(n).remainder(5).ne(0).unsqueeze(-1)  # every fifth row ignored
+
+    def part(cols, sv):
+        return torch.where(is_in(top, cols, v), (sv - 1).exp() * 1.5, (sv - 2).exp() * 0.25)
+
+    def post(g, s_at):  # a weight, ignored rows, a soft-cap's derivative: what the head applies
+        return g.mul_(0.7).masked_fill_(~rows, 0.0).mul_(s_at.mul_(0.2).square_().neg_().add_(1))
+
+    def finish(s, top, at, values, rows):
+        return SparseGrad(part, s, at, values).finish(torch.bfloat16, post)
+
+    cap = 1 - (s * 0.2) ** 2
+    want = (part(None, s).scatter_add(-1, at, values) * 0.7 * rows * cap)
+    fn = traced(finish) if mode == "traced" else finish
+    got = fn(s.clone(), top, at, values, rows)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want.to(torch.bfloat16))
+    twice = (part(None, s) * 0.7 * rows * cap).to(torch.bfloat16).scatter_add(
+        -1, at, (values * 0.7 * rows * cap.gather(-1, at)).to(torch.bfloat16))
+    assert not torch.equal(twice, want.to(torch.bfloat16))  # the test can tell them apart
+    plain = SparseGrad(part, s, at, values).finish()  # no post: in the part's dtype
+    assert plain.dtype == torch.float64
+    torch.testing.assert_close(plain, part(None, s).scatter_add(-1, at, values), rtol=1e-15,
+                               atol=1e-15)
 
 
 def test_lse_outside_traced_equals_eager():
