@@ -323,7 +323,7 @@ def summarize(out_dir: Path, steps: list[dict[str, Any]], loss_shapes: list[str]
         rows += json.loads(path.read_text())
     loss = loss_figures(rows)
     chunk_file = out_dir / "loss_chunk.json"
-    chunk = {shape: f["variants"] for shape, f in
+    chunk = {shape: {k: f[k] for k in ("ms", "peak_mib", "notes", "variants")} for shape, f in
              loss_figures(json.loads(chunk_file.read_text()) if chunk_file.is_file()
                           else []).items()}
     recipes = {}
@@ -402,8 +402,12 @@ def print_summary(s: dict[str, Any]) -> None:
                               f"{fmt(x['time_vs_liger'], '.2f')}x and "
                               f"{fmt(x['memory_vs_liger'], '.2f')}x Liger's"
                               for c, x in f["variants"].items()))
-    for shape, variants in s["chunk"].items():
-        for c, x in variants.items():
+    for shape, f in s["chunk"].items():
+        cases = ", ".join(f"{c} {fmt(ms, '.1f')} ms {fmt(f['peak_mib'][c], '.0f')} MiB"
+                          for c, ms in f["ms"].items())
+        print(f"loss_chunk ({shape}, rows of 2048 tokens): {cases}"
+              + "".join(f"; {c}: {n}" for c, n in f["notes"].items()))
+        for c, x in f["variants"].items():
             print(f"recipe head at twice loss_chunk_size ({shape}; {c}, step loss_chunk, not a "
                   f"target): time {fmt(x['time_vs_recipe'], '.2f')}x, peak memory "
                   f"{fmt(x['memory_vs_recipe'], '.2f')}x the recipe head's in the same process")

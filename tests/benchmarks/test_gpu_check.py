@@ -144,7 +144,10 @@ def test_dry_run_writes_every_result(dry_run):
             f"{r['N']},{r['V']},{r['D']},{r['dtype']}" == shape}
         assert {tuple(c.split("/")) for c in chunk_rows} == CHUNK_CASES
         assert all(len(r["times_ms"]) == 2 and r["peak_mib"] > 0 for r in chunk_rows.values())
-        (double,) = summary["chunk"][shape].values()
+        (double,) = summary["chunk"][shape]["variants"].values()
+        assert summary["chunk"][shape]["peak_mib"] == {
+            c: r["peak_mib"] for c, r in chunk_rows.items()}
+        assert f"loss_chunk ({shape}, rows of 2048 tokens): fused_step_recipe/tad " in log
         assert double["time_vs_recipe"] == pytest.approx(paired(
             chunk_rows["fused_step_recipe_double_chunk/tad"]["times_ms"],
             chunk_rows["fused_step_recipe/tad"]["times_ms"]))
@@ -296,7 +299,7 @@ def test_the_chunk_step_out_of_time_leaves_the_check_complete(tmp_path, capsys):
         loss_row(shape, "fused_step_recipe_double_chunk/tad", [9.0, 33.0, 9.5], 1200.0)]))
     s = summarize(out, gpu_check.read_steps(out / "steps.tsv"))
     assert list(s["chunk"]) == [shape]
-    double = s["chunk"][shape]["fused_step_recipe_double_chunk/tad"]
+    double = s["chunk"][shape]["variants"]["fused_step_recipe_double_chunk/tad"]
     assert double["time_vs_recipe"] == pytest.approx(0.95)  # median of 0.9, 1.1, 0.95
     assert double["memory_vs_recipe"] == pytest.approx(1.5)
     assert "fused_step_recipe_double_chunk/tad" not in s["loss"][shape]["variants"]
