@@ -173,6 +173,20 @@ def test_fused_head_from_a_cache_with_a_student_softcap(kind, compile_chunks):
                                            student_softcap=3.0, compile_chunks=compile_chunks)
 
 
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5])
+def test_fused_head_from_the_cache_at_a_temperature(ce_weight):
+    """At temperature 2 the CE is not folded into the closed form: the divergence's gradient
+    (a ``SparseGrad``) is finished at ``kd_weight / tau`` alone, or first, for the CE to be
+    added to it; with a soft-capped student, both equal the unfused path."""
+    from tests.helpers.losses import make_case
+
+    h_s, w_s, h_t, w_t, labels = make_case(42, torch.float64)
+    div = TADLoss(k=5, temperature=2.0)
+    cache = teacher_top_m(h_t @ w_t.T, labels, 20, temperature=2.0)
+    assert_fused_from_cache_equals_unfused(div, cache, h_s, w_s * 4, labels, ce_weight=ce_weight,
+                                           kd_weight=3.0, student_softcap=3.0)
+
+
 @pytest.mark.parametrize("mode", ["eager", "traced"])
 @pytest.mark.parametrize("ce_weight", [None, 0.6])
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -232,7 +246,8 @@ def assert_chunk_grad_equals_autograd(cache, div, s, y, inputs, ce_weight, mode)
         torch.testing.assert_close(out[3], ce, atol=1e-12, rtol=1e-10)
 
 
-def assert_fused_from_cache_equals_unfused(div, cache, h_s, w_s, labels, **head_kwargs):
+def assert_fused_from_cache_equals_unfused(div, cache, h_s, w_s, labels, ce_weight=0.5,
+                                           kd_weight=2.0, **head_kwargs):
     """CE + the divergence from ``cache``: the fused head's values, diagnostics and gradients
     equal those of the unfused path on the materialised student logits (soft-capped with
     ``student_softcap``)."""
@@ -245,10 +260,10 @@ def assert_fused_from_cache_equals_unfused(div, cache, h_s, w_s, labels, **head_
         logits = cap * torch.tanh(logits / cap)
     ce, _ = chunked_cross_entropy(logits, labels)
     kd = div.sum_and_count(logits, cache, labels)
-    (0.5 * ce + 2.0 * kd.total).backward()
+    (ce_weight * ce + kd_weight * kd.total).backward()
     hf, wf = (x.detach().clone().requires_grad_(True) for x in (h_s, w_s))
-    out = fused_head(hf, wf, labels, divergence=div, teacher_cache=cache, ce_weight=0.5,
-                     kd_weight=2.0, chunk_size=13, **head_kwargs)
+    out = fused_head(hf, wf, labels, divergence=div, teacher_cache=cache, ce_weight=ce_weight,
+                     kd_weight=kd_weight, chunk_size=13, compute_ce=True, **head_kwargs)
     out.objective.backward()
     torch.testing.assert_close(out.kd.total, kd.total.detach(), atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(out.ce, ce.detach(), atol=1e-10, rtol=1e-10)
