@@ -52,11 +52,12 @@ LOSS_TARGETS = (
 )
 #: the recipe head's variants that check the GPU configs' head settings (issue 19, item 5; not
 #: targets): TAD with the schema's default teacher cache (which projects the teacher twice at
-#: these vocabularies), with the float32 weight-gradient sum (both in the loss step), and at
+#: these vocabularies), with a cache of one chunk's projections (half of a 2048-token row
+#: projected twice), with the float32 weight-gradient sum (these in the loss step), and at
 #: twice loss_chunk_size (the optional loss_chunk step, beside a recipe head of its own); each
 #: read against the recipe's head (the configs' settings) and against Liger
-HEAD_VARIANTS = ("fused_step_recipe_default_cache/tad", "fused_step_recipe_fp32_wgrad/tad",
-                 "fused_step_recipe_double_chunk/tad")
+HEAD_VARIANTS = ("fused_step_recipe_default_cache/tad", "fused_step_recipe_chunk_cache/tad",
+                 "fused_step_recipe_fp32_wgrad/tad", "fused_step_recipe_double_chunk/tad")
 #: per target architecture, (name, figure of its recipe_bench row, at least): the recipe's speed
 #: over the compiled transformers + Liger loop's (paired rounds), and its MFU
 RECIPE_TARGETS = {
@@ -217,6 +218,7 @@ def loss_figures(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         return x[what] / y[what]
 
     return {shape: {
+        "row_tokens": sorted({r.get("row_tokens") for r in got.values()} - {None}),
         "ms": {c: r["ms"] for c, r in got.items()},
         "peak_mib": {c: r["peak_mib"] for c, r in got.items()},
         "notes": {c: r["note"] for c, r in got.items() if r.get("note")},
@@ -323,9 +325,14 @@ def summarize(out_dir: Path, steps: list[dict[str, Any]], loss_shapes: list[str]
         rows += json.loads(path.read_text())
     loss = loss_figures(rows)
     chunk_file = out_dir / "loss_chunk.json"
-    chunk = {shape: {k: f[k] for k in ("ms", "peak_mib", "notes", "variants")} for shape, f in
+    chunk = {shape: {k: f[k] for k in ("row_tokens", "ms", "peak_mib", "notes", "variants")}
+             for shape, f in
              loss_figures(json.loads(chunk_file.read_text()) if chunk_file.is_file()
                           else []).items()}
+    for shape, f in chunk.items():  # Liger's memory has no rows: the loss step's, same N, V, D
+        liger = loss.get(shape, {}).get("peak_mib", {}).get(LIGER)
+        f["memory_vs_liger"] = {c: m / liger if m is not None and liger else None
+                                for c, m in f["peak_mib"].items()}
     recipes = {}
     for path in sorted(out_dir.glob("recipe_bench*.json")):
         for row in json.loads(path.read_text())["rows"]:
@@ -391,7 +398,8 @@ def print_summary(s: dict[str, Any]) -> None:
     for shape, f in s["loss"].items():
         cases = ", ".join(f"{c} {fmt(ms, '.1f')} ms {fmt(f['peak_mib'][c], '.0f')} MiB"
                           for c, ms in f["ms"].items())
-        print(f"loss ({shape}): {cases}"
+        rows = "/".join(map(str, f["row_tokens"])) or "?"
+        print(f"loss ({shape}, rows of {rows} tokens): {cases}"
               + (f"; stand-ins: {', '.join(f['stand_in'])}" if f["stand_in"] else "")
               + "".join(f"; {c}: {n}" for c, n in f["notes"].items()))
     for shape, f in s["loss"].items():
@@ -405,7 +413,10 @@ def print_summary(s: dict[str, Any]) -> None:
     for shape, f in s["chunk"].items():
         cases = ", ".join(f"{c} {fmt(ms, '.1f')} ms {fmt(f['peak_mib'][c], '.0f')} MiB"
                           for c, ms in f["ms"].items())
-        print(f"loss_chunk ({shape}, rows of 2048 tokens): {cases}"
+        rows = "/".join(map(str, f["row_tokens"])) or "?"
+        print(f"loss_chunk ({shape}, rows of {rows} tokens): {cases}; peak memory against "
+              f"Liger's (the loss step's): " + ", ".join(
+                  f"{c} {fmt(x, '.2f')}x" for c, x in f["memory_vs_liger"].items())
               + "".join(f"; {c}: {n}" for c, n in f["notes"].items()))
         for c, x in f["variants"].items():
             print(f"recipe head at twice loss_chunk_size ({shape}; {c}, step loss_chunk, not a "

@@ -20,13 +20,15 @@
 #                       (transformers, liger_kernel.chunked_loss, triton), and that the
 #                       installed project is this checkout (a stale wheel fails here)
 #   loss        [130 s] loss_bench.py at 8192,151936,2048,bf16 then 8192,256000,3584,bf16, one
-#                       process (inductor recompiles each shape afresh): the recipe's head
+#                       process (inductor recompiles each shape afresh), rows of 2048 tokens
+#                       (the GPU configs' max_seq_len: the teacher projections the head keeps
+#                       are a row's): the recipe's head
 #                       (fused_step_recipe: the GPU configs' head settings, chunks of 1024,
 #                       compiled, TAD's teacher projections kept, the weight gradient summed in
-#                       bf16) with TAD and with forward KL, with TAD its two variants that check
-#                       those settings (the schema's default teacher cache; the float32 sum: the
-#                       compiled code is the recipe head's, no compile of their own), the
-#                       default eager head (fused_step/tad), the
+#                       bf16) with TAD and with forward KL, with TAD its three variants that
+#                       check those settings (the schema's default teacher cache; a cache of one
+#                       chunk; the float32 sum: the compiled code is the recipe head's, no
+#                       compile of their own), the default eager head (fused_step/tad), the
 #                       unchunked 4-matmul floor, Liger's LigerFusedLinearJSDLoss as CE +
 #                       forward KL; 3 paired
 #                       rounds after a warm-up; peak memory of one more step per case in the
@@ -50,7 +52,7 @@
 #                       the check still complete): loss_bench.py at the same two shapes,
 #                       fused_step_recipe/tad against fused_step_recipe_double_chunk/tad (the
 #                       recipe's head at twice loss_chunk_size, 2048 rows: its own compile) on
-#                       rows of 2048 tokens (the Qwen2.5 pair's; no chunk crosses a row of kept
+#                       rows of 2048 tokens, as the loss step (no chunk crosses a row of kept
 #                       teacher projections), 3 paired rounds, peak memory (issue 19, item 5)
 #                                                   -> loss_chunk.json
 #   summary             gpu_check.py summary: targets met/missed     -> summary.json
@@ -157,8 +159,11 @@ recipe_caps=(120 140)
 recipe_names=(qwen2_5_3b_half gemma2_9b_third_short)
 # Liger last in each round: its torch.compile is the slowest warm-up
 loss_cases=(fused_step_recipe/tad fused_step_recipe/forward_kl
-            fused_step_recipe_default_cache/tad fused_step_recipe_fp32_wgrad/tad fused_step/tad
+            fused_step_recipe_default_cache/tad fused_step_recipe_chunk_cache/tad
+            fused_step_recipe_fp32_wgrad/tad fused_step/tad
             matmul_floor_unchunked/none liger_fused_jsd_ce/forward_kl)
+# tokens per row of the loss steps' batches: the GPU configs' max_seq_len
+row_tokens=2048
 # the loss_chunk step's: the recipe's head at loss_chunk_size and at twice it
 chunk_cases=(fused_step_recipe/tad fused_step_recipe_double_chunk/tad)
 # steps measured in the time left: one not run or out of time does not fail the check
@@ -209,8 +214,8 @@ main() {
     fi
     run_step imports 45 "$py" benchmarks/gpu_check.py check-install "${require[@]}"
     run_step loss 130 "$py" benchmarks/loss_bench.py --device "$device" \
-        --shapes "${loss_shapes[@]}" --cases "${loss_cases[@]}" "${loss_options[@]}" \
-        "${stand_in[@]}" --inductor-code "$out/inductor_code" --json "$out/loss_bench.json"
+        --shapes "${loss_shapes[@]}" --cases "${loss_cases[@]}" --row-tokens "$row_tokens" \
+        "${loss_options[@]}" "${stand_in[@]}" --inductor-code "$out/inductor_code" --json "$out/loss_bench.json"
     local i loops
     for i in "${!recipe_archs[@]}"; do
         read -r -a loops <<<"${recipe_loops[$i]}"
@@ -226,7 +231,7 @@ main() {
     run_step pytest_recipe 100 "$py" -m pytest -m cuda -q -rs -p no:cacheprovider \
         --junitxml="$out/pytest_cuda_recipe.xml" "$recipe_test"
     run_step loss_chunk 90 "$py" benchmarks/loss_bench.py --device "$device" \
-        --shapes "${loss_shapes[@]}" --cases "${chunk_cases[@]}" --row-tokens 2048 \
+        --shapes "${loss_shapes[@]}" --cases "${chunk_cases[@]}" --row-tokens "$row_tokens" \
         "${loss_options[@]}" "${stand_in[@]}" --json "$out/loss_chunk.json"
     local rc=0
     echo "== summary"

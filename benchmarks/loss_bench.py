@@ -39,7 +39,10 @@ Implementations:
   whose compiled functions are the recipe head's (no compilation of their own):
   ``fused_step_recipe_default_cache`` with the schema's default teacher cache (128 MiB, which
   holds no 1024-token chunk of a 151936- or 256000-token bf16 vocabulary: TAD projects the
-  teacher twice there), ``fused_step_recipe_fp32_wgrad`` with the float32 weight-gradient sum.
+  teacher twice there), ``fused_step_recipe_fp32_wgrad`` with the float32 weight-gradient sum,
+  ``fused_step_recipe_chunk_cache`` with a teacher cache of one chunk's projections
+  (``ONE_CHUNK``: on rows of two chunks or more, the rest of a row projected again in TAD's
+  second pass; less memory than keeping the row, more matmuls).
   A third, ``fused_step_recipe_double_chunk``, the recipe head at twice ``loss_chunk_size``
   (2048 rows, the other chunk size Liger's kernels run): its chunks have shapes of their own,
   so it compiles its own functions (the GPU check measures it in a step of its own, after the
@@ -130,7 +133,7 @@ IMPLS = ("naive", "torchtune_chunked", "torchtune_chunked_compiled", "unfused", 
          "fused_nocache", "fused_compiled", "matmul_floor", "matmul_floor_unchunked",
          "fused_step", "fused_step_compiled", "fused_step_bf16_wgrad", "fused_step_recipe",
          "fused_step_recipe_default_cache", "fused_step_recipe_fp32_wgrad",
-         "fused_step_recipe_double_chunk", "two_pass",
+         "fused_step_recipe_chunk_cache", "fused_step_recipe_double_chunk", "two_pass",
          "liger_fused_jsd", "liger_fused_jsd_ce")
 #: the shipped GPU config whose fused-head settings the recipe's head takes (read from the
 #: checkout's ``configs/``, which an installed project's wheel also holds)
@@ -152,6 +155,8 @@ def config_head_settings(config: str | Path) -> dict:
 #: ``fused_head``'s options as the recipe runs them with ``RECIPE_CONFIG`` and ``compile: true``
 RECIPE_HEAD = {"compile_chunks": True, **{HEAD_KEYS[key]: value for key, value
                                           in config_head_settings(RECIPE_CONFIG).items()}}
+#: ``teacher_cache_mib`` of a case whose cache holds one chunk's teacher projections
+ONE_CHUNK = "chunk"
 FUSED_OPTIONS = {"fused": {}, "fused_nocache": {"teacher_cache_mib": 0},
                  "fused_compiled": {"compile_chunks": True}, "fused_step": {},
                  "fused_step_compiled": {"compile_chunks": True},
@@ -161,6 +166,7 @@ FUSED_OPTIONS = {"fused": {}, "fused_nocache": {"teacher_cache_mib": 0},
                      **RECIPE_HEAD,
                      "teacher_cache_mib": DISTILL["fused_teacher_cache_mib"].default},
                  "fused_step_recipe_fp32_wgrad": {**RECIPE_HEAD, "float32_weight_grad": True},
+                 "fused_step_recipe_chunk_cache": {**RECIPE_HEAD, "teacher_cache_mib": ONE_CHUNK},
                  "fused_step_recipe_double_chunk": {**RECIPE_HEAD,
                                                     "chunk_size": 2 * RECIPE_HEAD["chunk_size"]},
                  "two_pass": {}}
@@ -236,10 +242,15 @@ def parse_shape(text: str) -> tuple[int, int, int, str]:
     return n, v, d, parts[3] if len(parts) == 4 else "fp32"
 
 
+def row_length(n: int) -> int:
+    """Tokens per row of ``make_inputs``' batch of ``n`` tokens: ``ROW_TOKENS``, or all ``n``
+    in one row where they are fewer."""
+    return n // max(1, n // ROW_TOKENS)
+
+
 def make_inputs(n: int, v: int, d: int, dtype: torch.dtype, device: str):
     gen = torch.Generator(device=device).manual_seed(0)
-    rows = max(1, n // ROW_TOKENS)
-    shape = (rows, n // rows, d)
+    shape = (n // row_length(n), row_length(n), d)
 
     def randn(*size, scale=1.0):
         return (torch.randn(*size, generator=gen, device=device) * scale).to(dtype)
@@ -401,6 +412,9 @@ def make_step(impl: str, name: str, h_s, w_s, h_t, w_t, labels, fused_chunk: int
         options["teacher_cache_mib"] = teacher_cache_mib
     if impl.startswith("fused_step"):  # CE + divergence from one projection (the recipe's head)
         chunk = options.pop("chunk_size", fused_chunk)
+        if options.get("teacher_cache_mib") == ONE_CHUNK:  # one chunk of teacher projections
+            size = torch.promote_types(h_t.dtype, w_t.dtype).itemsize
+            options["teacher_cache_mib"] = chunk * w_t.shape[0] * size / 2**20
 
         def step():
             fused_head(h_s, w_s, labels, divergence=div, teacher_hidden=h_t, teacher_weight=w_t,
@@ -813,6 +827,7 @@ def main() -> int:
             note = " ".join(dict.fromkeys(x for x in (t.get("note"), memory.get("note"),
                                                       memory.get("error", "")[-200:]) if x))
             rows.append(dict(impl=impl, divergence=name, N=n, V=v, D=d, dtype=dtype_name,
+                             row_tokens=row_length(n),
                              ms=t["ms"], times_ms=t.get("times_ms"),
                              peak_mib=memory.get("peak_mib"), note=note,
                              stand_in=bool(t.get("stand_in"))))
@@ -873,7 +888,8 @@ def main() -> int:
         liger_ce = ("liger_fused_jsd_ce", "forward_kl")
         for mode in ("fused_step", "fused_step_compiled", "fused_step_bf16_wgrad",
                      "fused_step_recipe", "fused_step_recipe_default_cache",
-                     "fused_step_recipe_fp32_wgrad", "fused_step_recipe_double_chunk"):
+                     "fused_step_recipe_fp32_wgrad", "fused_step_recipe_chunk_cache",
+                     "fused_step_recipe_double_chunk"):
             for name in args.divergences:
                 head = (mode, name)
                 if head not in got:

@@ -24,6 +24,7 @@ DRY_ARCHS = ["tiny_qwen2", "tiny_gemma2"]
 GPU_SHAPES = ["8192,151936,2048,bf16", "8192,256000,3584,bf16"]
 CASES = {("fused_step_recipe", "tad"), ("fused_step_recipe", "forward_kl"), ("fused_step", "tad"),
          ("fused_step_recipe_default_cache", "tad"), ("fused_step_recipe_fp32_wgrad", "tad"),
+         ("fused_step_recipe_chunk_cache", "tad"),
          ("matmul_floor_unchunked", "none"), ("liger_fused_jsd_ce", "forward_kl")}
 #: the targets of issue 19, by name: the summary must name exactly these, dry or not
 TARGET_NAMES = {f"{name} ({shape})" for shape in GPU_SHAPES for name in (
@@ -70,6 +71,10 @@ def test_dry_run_writes_every_result(dry_run):
     rows = json.loads((out / "loss_bench.json").read_text())
     assert sorted((r["impl"], r["divergence"], f"{r['N']},{r['V']},{r['D']},{r['dtype']}")
                   for r in rows) == sorted((*c, s) for c in CASES for s in DRY_SHAPES)
+    assert {r["row_tokens"] for r in rows} == {256}  # rows of 2048 tokens, all 256 in one
+    for step in ("loss", "loss_chunk"):  # on a GPU: rows of the configs' max_seq_len
+        (line,) = [ln for ln in log.splitlines() if ln.startswith(f"== {step} (at most")]
+        assert " --row-tokens 2048 " in line, line
     for r in rows:  # every case ran, Liger's too (a stand-in where it is not installed)
         assert r["ms"] > 0 and len(r["times_ms"]) == 2 and r["peak_mib"] > 0, r
         stand_in = r["impl"] == "liger_fused_jsd_ce" and not LIGER_INSTALLED
@@ -131,7 +136,7 @@ def test_dry_run_writes_every_result(dry_run):
         assert targets[f"unchunked floor ({gpu_shape})"]["value"] == pytest.approx(
             paired(head["times_ms"], got["matmul_floor_unchunked/none"]["times_ms"]))
         variants = summary["loss"][shape]["variants"]  # the configs' defaults: not targets
-        assert sorted(variants) == sorted(gpu_check.HEAD_VARIANTS[:2])
+        assert sorted(variants) == sorted(gpu_check.HEAD_VARIANTS[:3])
         for case, x in variants.items():
             assert x["time_vs_recipe"] == pytest.approx(paired(got[case]["times_ms"],
                                                                head["times_ms"]))
@@ -147,7 +152,9 @@ def test_dry_run_writes_every_result(dry_run):
         (double,) = summary["chunk"][shape]["variants"].values()
         assert summary["chunk"][shape]["peak_mib"] == {
             c: r["peak_mib"] for c, r in chunk_rows.items()}
-        assert f"loss_chunk ({shape}, rows of 2048 tokens): fused_step_recipe/tad " in log
+        assert f"loss_chunk ({shape}, rows of 256 tokens): fused_step_recipe/tad " in log
+        assert summary["chunk"][shape]["memory_vs_liger"] == pytest.approx({
+            c: r["peak_mib"] / liger["peak_mib"] for c, r in chunk_rows.items()})
         assert double["time_vs_recipe"] == pytest.approx(paired(
             chunk_rows["fused_step_recipe_double_chunk/tad"]["times_ms"],
             chunk_rows["fused_step_recipe/tad"]["times_ms"]))
@@ -302,6 +309,8 @@ def test_the_chunk_step_out_of_time_leaves_the_check_complete(tmp_path, capsys):
     double = s["chunk"][shape]["variants"]["fused_step_recipe_double_chunk/tad"]
     assert double["time_vs_recipe"] == pytest.approx(0.95)  # median of 0.9, 1.1, 0.95
     assert double["memory_vs_recipe"] == pytest.approx(1.5)
+    assert s["chunk"][shape]["memory_vs_liger"] == pytest.approx(  # Liger's: 1000 MiB
+        {"fused_step_recipe/tad": 0.8, "fused_step_recipe_double_chunk/tad": 1.2})
     assert "fused_step_recipe_double_chunk/tad" not in s["loss"][shape]["variants"]
     assert s["loss"][shape]["ms"]["fused_step_recipe/tad"] == 100.0  # the loss step's row
 

@@ -226,7 +226,9 @@ def test_recipe_head_variants_change_one_setting_each(monkeypatch):
     default teacher cache, the float32 weight-gradient sum, twice the chunk. The recipe's head
     projects the teacher once per chunk of 1024 rows, where a cache too small for a chunk
     projects it twice, and the double chunk once per 2048 rows where a row of the batch (the
-    teacher projections kept) holds 2048 tokens (no chunk crosses a row)."""
+    teacher projections kept) holds 2048 tokens (no chunk crosses a row). On such a row the
+    recipe's head projects each chunk once, and a cache of one chunk's projections one of the
+    two again."""
     from tad_torchtune.schema import DISTILL
 
     head = loss_bench.RECIPE_HEAD
@@ -236,15 +238,19 @@ def test_recipe_head_variants_change_one_setting_each(monkeypatch):
         **head, "float32_weight_grad": True}
     assert loss_bench.FUSED_OPTIONS["fused_step_recipe_double_chunk"] == {
         **head, "chunk_size": 2048}
+    assert loss_bench.FUSED_OPTIONS["fused_step_recipe_chunk_cache"] == {
+        **head, "teacher_cache_mib": loss_bench.ONE_CHUNK}
     loss_bench.set_compile_backend("eager")
     try:
         n = 2 * head["chunk_size"]  # two rows of 1024 tokens, a chunk each
         inputs = loss_bench.make_inputs(n, 40, 8, torch.float32, "cpu")
-        for case, cache_mib, projections in (("fused_step_recipe", None, [1024, 1024]),
-                                             ("fused_step_probe", 0, [1024] * 4),
-                                             ("fused_step_recipe_double_chunk", None, [2048])):
-            if case.endswith("double_chunk"):
-                monkeypatch.setattr(loss_bench, "ROW_TOKENS", 2048)  # one row of 2048
+        for case, cache_mib, projections in (
+                ("fused_step_recipe", None, [1024, 1024]), ("fused_step_probe", 0, [1024] * 4),
+                ("fused_step_recipe_double_chunk", None, [2048]),
+                ("fused_step_recipe", None, [1024, 1024]),
+                ("fused_step_recipe_chunk_cache", None, [1024, 1024, 1024])):
+            if case.endswith("double_chunk"):  # from here on, one row of 2048 tokens
+                monkeypatch.setattr(loss_bench, "ROW_TOKENS", 2048)
                 inputs = loss_bench.make_inputs(n, 40, 8, torch.float32, "cpu")
                 assert inputs[0].shape[:2] == (1, 2048)
             with monkeypatch.context() as patch:
