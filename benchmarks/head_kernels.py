@@ -280,7 +280,7 @@ def triton_codegen():
     CPU store every reused value computed with an ``exp`` or a ``log``, and allow larger
     expressions) and its loop reordering in fusion take their GPU branches (``ir.is_cpu`` and
     ``BaseSchedulerNode.is_cpu`` answer False); the head's own settings for a GPU apply
-    (``fused.INDUCTOR_OPTIONS``, ``fused._gpu_choices``); the backend hash, which asks a GPU driver, is a constant.
+    (``fused.INDUCTOR_OPTIONS``); the backend hash, which asks a GPU driver, is a constant.
     Left out: autotuned block sizes, split reductions sized by the GPU's multiprocessor count,
     and the mixed-order reductions inductor skips on a CPU.
     Needs a fresh process: inductor registers its pattern rewrites once per process, before this
@@ -312,9 +312,7 @@ def triton_codegen():
     hash_ = torch.utils._triton.triton_hash_with_backend
     compile_ = torch.compile
     is_cpu, node_is_cpu = ir.is_cpu, scheduler.BaseSchedulerNode.is_cpu
-    gpu_choices = fused._gpu_choices
     _EMULATING[0] = True
-    fused._gpu_choices = lambda x: True
     ir.is_cpu = lambda node: False
     scheduler.BaseSchedulerNode.is_cpu = lambda node: False
     torch.utils._triton.triton_hash_with_backend = lambda: "triton-on-cpu-as-on-cuda"
@@ -326,7 +324,6 @@ def triton_codegen():
         yield records
     finally:
         _EMULATING[0] = False
-        fused._gpu_choices = gpu_choices
         ir.is_cpu, scheduler.BaseSchedulerNode.is_cpu = is_cpu, node_is_cpu
         torch.utils._triton.triton_hash_with_backend = hash_
         GraphLowering.save_output_code = None

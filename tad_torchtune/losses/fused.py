@@ -160,21 +160,13 @@ class _ChunkSettings(NamedTuple):
     stat_names: tuple[str, ...]
     grad_dtype: torch.dtype  # the gradient's, as the gradient products take it
     bias_grad: bool
-    # compiled on a GPU, the gradient written into the student projection's buffer (TAD from
-    # a teacher: its gradient is a loop of its own, and the row of kept teacher projections
-    # makes memory the binding limit; a divergence whose gradient shares a loop with its sums
-    # would pay a loop more, inductor refusing to fuse a write into a buffer the loop reads,
-    # and so does the CPU's code, which stores the gradient first and copies it)
-    grad_into_projection: bool
 
 
 def _head_chunk(z: Tensor, t: Tensor | None, y: Tensor, rows: Tensor, extras: tuple,
                 div_grad, ignored: bool, settings: _ChunkSettings):
     """One chunk of the fused head, after the projections.
 
-    ``z`` ``[n, V]``: the student's projection (its own buffer: consumed; compiled, with
-    ``settings.grad_into_projection``, the gradient is written into it where their dtypes
-    agree). ``t``: the teacher's
+    ``z`` ``[n, V]``: the student's projection (its own buffer: consumed). ``t``: the teacher's
     (scratch), or None without a divergence or from a teacher cache (whose entries are among
     the ``extras``). Both are soft-capped in ``settings.dtype`` here, the teacher's masked and
     scaled as the divergence sees it. With ``settings.folds_ce``, ``div_grad`` (the divergence's
@@ -191,8 +183,7 @@ def _head_chunk(z: Tensor, t: Tensor | None, y: Tensor, rows: Tensor, extras: tu
         its sum over the rows in ``dtype`` (None unless ``settings.bias_grad``).
     """
     (folds_ce, compute_ce, ce_weight, kd_weight, tau, cap, teacher_cap, dtype, names,
-     grad_dtype, bias_grad, grad_into_projection) = settings
-    projection = z
+     grad_dtype, bias_grad) = settings
     if torch.compiler.is_compiling():
         z, t = z.clone(), None if t is None else t.clone()
     z = _capped(z, cap, dtype)
@@ -253,13 +244,7 @@ def _head_chunk(z: Tensor, t: Tensor | None, y: Tensor, rows: Tensor, extras: tu
     per_token = torch.stack([zero if v is None else v.to(dtype)
                              for v in (ce, kd, *(stats[k] for k in names))], dim=-1)
     sums = torch.where(rows, per_token, 0.0).sum(0)  # one reduction
-    bias = grad.sum(0) if bias_grad else None
-    grad = grad.to(grad_dtype)
-    if grad_into_projection and torch.compiler.is_compiling() and projection.dtype == grad_dtype:
-        # into the projection's buffer (consumed): inductor's gradient loop stores it there,
-        # so a chunk needs no [n, V] buffer of its own for it
-        grad = projection.copy_(grad)
-    return sums, grad, bias
+    return sums, grad.to(grad_dtype), grad.sum(0) if bias_grad else None
 
 
 _COMPILED: dict = {}
@@ -274,13 +259,6 @@ _COMPILED: dict = {}
 INDUCTOR_OPTIONS = {"realize_reads_threshold": 8}
 
 
-def _gpu_choices(x: Tensor) -> bool:
-    """Whether the head makes its GPU choices for a chunk whose logits are ``x``: inductor under
-    ``INDUCTOR_OPTIONS``, TAD's gradient written into the student projection's buffer. On
-    CUDA; ``benchmarks/head_kernels.py`` answers True to read the GPU's code on a CPU."""
-    return x.is_cuda
-
-
 def _compiled(fn):
     """``torch.compile(fn)``, built once per function (recompiles for a new chunk length, then
     with a dynamic token dimension; a new device compiles anew), on a GPU under
@@ -293,7 +271,7 @@ def _compiled(fn):
 
         @functools.wraps(fn)
         def run(*args, **kwargs):
-            if not _gpu_choices(args[0]):  # the chunk's logits
+            if not args[0].is_cuda:  # the chunk's logits
                 return compiled(*args, **kwargs)
             with inductor_config.patch(INDUCTOR_OPTIONS):
                 return compiled(*args, **kwargs)
@@ -455,9 +433,7 @@ class _FusedHead(torch.autograd.Function):
         # with no product to feed (evaluation), left as it is
         settings = _ChunkSettings(folds_ce, plan.compute_ce, plan.ce_weight, plan.kd_weight, tau,
                                   plan.student_softcap, plan.teacher_softcap, dtype, tuple(names),
-                                  h_s.dtype if need_h or need_w else dtype, need_b,
-                                  isinstance(teacher, _ProjectedTeacher)
-                                  and div.top_k is not None and _gpu_choices(h_s))
+                                  h_s.dtype if need_h or need_w else dtype, need_b)
         row_len = plan.lead[1]
         seg_rows = teacher.segment_rows() if teacher is not None else plan.lead[0]
         for seg_start in range(0, n, max(1, seg_rows * row_len)):

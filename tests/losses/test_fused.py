@@ -601,48 +601,6 @@ def test_compiled_head_matches_unfused(name, weights, temperature, caps, cache_m
     assert_head_equals(out, gh, gw, ref, torch.float32)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["tad", "forward_kl"])
-def test_compiled_head_with_the_gpu_choices(monkeypatch, name):
-    """The compiled head as it runs on a GPU (``fused._gpu_choices``), here on a CPU: CE + TAD
-    writes each chunk's gradient into the student projection's buffer (no [n, V] buffer of its
-    own: the products read the projection's storage) and equals CE + TAD on materialised
-    logits; forward KL, whose gradient shares a loop with its sums, keeps a buffer of its own."""
-    from tad_torchtune.losses import fused as fused_module
-
-    torch._dynamo.reset()
-    fused_module._COMPILED.clear()
-    monkeypatch.setattr(fused_module, "_gpu_choices", lambda x: True)
-    projections, grads = [], []
-    project, accumulate = fused_module._project, fused_module._accumulate_weight_grad
-
-    def recording_project(h, w, b):
-        z = project(h, w, b)
-        if w.shape[-1] == D:  # the student's (the teacher's width is D_T)
-            projections.append(z.untyped_storage().data_ptr())
-        return z
-
-    def recording_accumulate(grad_w, grad, h):
-        grads.append(grad.untyped_storage().data_ptr())
-        return accumulate(grad_w, grad, h)
-
-    monkeypatch.setattr(fused_module, "_project", recording_project)
-    monkeypatch.setattr(fused_module, "_accumulate_weight_grad", recording_accumulate)
-    try:
-        div = DIVERGENCES[name]()
-        case = make_case(16)
-        out, gh, gw = head(div, *case, ce_weight=0.7, kd_weight=1.3, chunk_size=64,
-                           student_softcap=3.0, compile_chunks=True)
-        assert_head_equals(out, gh, gw, unfused_head(div, *case, 0.7, 1.3, s_cap=3.0),
-                           torch.float32)
-        student = projections[-len(grads):]  # TAD projects the student in its pass only
-        assert len(grads) > 1
-        assert (grads == student) == (name == "tad"), (grads, student)
-    finally:
-        fused_module._COMPILED.clear()
-        torch._dynamo.reset()
-
-
 # ----------------------------------------------------------------------------- FSDP2
 
 
