@@ -161,9 +161,15 @@ def compiled_counts(name: str, inputs) -> dict:
     }
 
 
+#: ops that read their first argument only at the addresses of an index: what they move is
+#: their index and output, not their source
+GATHERS = (torch.ops.aten.gather.default,)
+
+
 class _CountOps(TorchDispatchMode):
     """Aten ops (not matmuls, not views) touching a tensor of at least ``big`` elements, each
-    marked as run inside a function ``fused_head`` compiled (``_INSIDE``) or around it."""
+    marked as run inside a function ``fused_head`` compiled (``_INSIDE``) or around it; a
+    gather counts what it reads at its index, not its whole source."""
 
     def __init__(self, big: int) -> None:
         super().__init__()
@@ -175,7 +181,13 @@ class _CountOps(TorchDispatchMode):
         if func in MATMULS or func.is_view:
             return out
         tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
-        moved = sum(t.numel() * t.element_size() for t in tensors if t.numel() >= self.big)
+        if func in GATHERS:  # the output's elements read, the index read, the output written
+            tensors = tensors[1:]
+            big = [t for t in tensors if t.numel() >= self.big]
+            moved = sum(t.numel() * t.element_size() for t in big) + (
+                out.numel() * out.element_size() if out.numel() >= self.big else 0)
+        else:
+            moved = sum(t.numel() * t.element_size() for t in tensors if t.numel() >= self.big)
         if moved:
             self.ops.append((str(func), moved, _INSIDE[0]))
         return out

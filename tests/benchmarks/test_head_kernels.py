@@ -22,6 +22,7 @@ from tests.helpers.triton_code import TRITON_GRAPH  # noqa: E402
 def test_op_counter_counts_the_big_tensors_of_each_op_and_skips_matmuls_and_views():
     x = torch.randn(8, 100)
     w = torch.randn(100, 100)
+    few, every = (torch.zeros(8, k, dtype=torch.long) for k in (3, 100))
     counter = head_kernels._CountOps(big=400)
     with counter:
         y = x.exp()  # reads x, writes y: 2 buffers
@@ -29,9 +30,12 @@ def test_op_counter_counts_the_big_tensors_of_each_op_and_skips_matmuls_and_view
         y @ w  # a matmul: not element-wise work
         y.mul_(2.0)  # reads and writes y
         y.sum(-1)  # reads y; its (8,) output is small
+        y.gather(-1, few)  # 24 entries of y: small
+        y.gather(-1, every)  # the index, the entries read, the output
     buffer = 8 * 100 * 4
     assert [(op, b / buffer) for op, b, _ in counter.ops] == [
-        ("aten.exp.default", 2.0), ("aten.mul_.Tensor", 2.0), ("aten.sum.dim_IntList", 1.0)]
+        ("aten.exp.default", 2.0), ("aten.mul_.Tensor", 2.0), ("aten.sum.dim_IntList", 1.0),
+        ("aten.gather.default", 4.0)]  # the int64 index 2 buffers, the values read and written
 
 
 def test_graph_traffic_reads_the_kernels_as_a_gpu_runs_them():
