@@ -215,7 +215,8 @@ main() {
     run_step imports 45 "$py" benchmarks/gpu_check.py check-install "${require[@]}"
     run_step loss 130 "$py" benchmarks/loss_bench.py --device "$device" \
         --shapes "${loss_shapes[@]}" --cases "${loss_cases[@]}" --row-tokens "$row_tokens" \
-        "${loss_options[@]}" "${stand_in[@]}" --inductor-code "$out/inductor_code" --json "$out/loss_bench.json"
+        "${loss_options[@]}" "${stand_in[@]}" --inductor-code "$out/inductor_code" \
+        --json "$out/loss_bench.json"
     local i loops
     for i in "${!recipe_archs[@]}"; do
         read -r -a loops <<<"${recipe_loops[$i]}"

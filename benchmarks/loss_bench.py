@@ -35,7 +35,7 @@ Implementations:
   (1024) through inductor (``compile_chunks=True``, the recipe's ``compile: true``), every
   teacher projection kept between TAD's passes (``fused_teacher_cache_mib: null``) and the
   weight gradient summed in bf16 (``fused_float32_weight_grad: false``); ``--fused-chunk`` does
-  not apply. Two variants of it, the alternatives to those two settings (issue 19, item 5),
+  not apply. Three variants of it, the alternatives to those settings (issue 19, item 5),
   whose compiled functions are the recipe head's (no compilation of their own):
   ``fused_step_recipe_default_cache`` with the schema's default teacher cache (128 MiB, which
   holds no 1024-token chunk of a 151936- or 256000-token bf16 vocabulary: TAD projects the
@@ -43,7 +43,7 @@ Implementations:
   ``fused_step_recipe_chunk_cache`` with a teacher cache of one chunk's projections
   (``ONE_CHUNK``: on rows of two chunks or more, the rest of a row projected again in TAD's
   second pass; less memory than keeping the row, more matmuls).
-  A third, ``fused_step_recipe_double_chunk``, the recipe head at twice ``loss_chunk_size``
+  A fourth, ``fused_step_recipe_double_chunk``, the recipe head at twice ``loss_chunk_size``
   (2048 rows, the other chunk size Liger's kernels run): its chunks have shapes of their own,
   so it compiles its own functions (the GPU check measures it in a step of its own, after the
   targets). No chunk crosses a row of kept teacher projections, so it needs rows of at least
@@ -127,6 +127,7 @@ from tad_torchtune.losses.fused import (  # noqa: E402
     default_chunk_size,
     fused_divergence,
     fused_head,
+    teacher_projection_bytes,
 )
 
 IMPLS = ("naive", "torchtune_chunked", "torchtune_chunked_compiled", "unfused", "fused",
@@ -413,8 +414,7 @@ def make_step(impl: str, name: str, h_s, w_s, h_t, w_t, labels, fused_chunk: int
     if impl.startswith("fused_step"):  # CE + divergence from one projection (the recipe's head)
         chunk = options.pop("chunk_size", fused_chunk)
         if options.get("teacher_cache_mib") == ONE_CHUNK:  # one chunk of teacher projections
-            size = torch.promote_types(h_t.dtype, w_t.dtype).itemsize
-            options["teacher_cache_mib"] = chunk * w_t.shape[0] * size / 2**20
+            options["teacher_cache_mib"] = teacher_projection_bytes(chunk, h_t, w_t) / 2**20
 
         def step():
             fused_head(h_s, w_s, labels, divergence=div, teacher_hidden=h_t, teacher_weight=w_t,
@@ -886,10 +886,7 @@ def main() -> int:
                   f"{fmt(got[tad]['peak_mib'], '.0f')}, beyond the gradients "
                   f"{fmt(beyond_gradients(got[tad]), '.0f')}")
         liger_ce = ("liger_fused_jsd_ce", "forward_kl")
-        for mode in ("fused_step", "fused_step_compiled", "fused_step_bf16_wgrad",
-                     "fused_step_recipe", "fused_step_recipe_default_cache",
-                     "fused_step_recipe_fp32_wgrad", "fused_step_recipe_chunk_cache",
-                     "fused_step_recipe_double_chunk"):
+        for mode in (impl for impl in IMPLS if impl.startswith("fused_step")):
             for name in args.divergences:
                 head = (mode, name)
                 if head not in got:

@@ -282,11 +282,11 @@ def bucket_grad(s: Tensor, labels: Tensor, ids: Tensor, outcomes: Tensor, grad: 
     outside = torch.cat([ids, y], dim=-1) if with_label else ids
     bucket = safe_finite(outcomes[:, -1]).unsqueeze(-1)
     g_bucket = grad[:, -1:]
-    lse = None if ce_weight is None else outcomes.logsumexp(-1).unsqueeze(-1)  # a partition
+    lse = None if ce_weight is None else outcomes.logsumexp(-1)  # the outcomes: a partition
 
     def part(cols: Tensor | None, sv: Tensor) -> Tensor:
         g = torch.where(is_in(outside, cols, s.shape[-1]), 0.0, g_bucket * (sv - bucket).exp())
-        return g if lse is None else g + ce_weight * (sv - lse).exp()
+        return g if lse is None else g + ce_weight * (sv - lse.unsqueeze(-1)).exp()
 
     at, values = [ids], [grad[:, :m]]
     if with_label:
@@ -544,8 +544,7 @@ def _sparse_grad(part: Callable[[Tensor | None, Tensor], Tensor], s: Tensor, lab
     """The cache adapters' closed-form gradients: the element-wise ``part`` (the CE's ``c q``
     already in it) plus ``values`` at the ids ``at`` and the CE's ``-c`` at the label, as a
     ``SparseGrad`` the fused head finishes in its gradient's dtype (one rounding per entry, one
-    ``scatter``); with ``ce_weight`` also the per-token CE ``lse - s_y`` (``lse`` ``[n]`` or
-    ``[n, 1]``).
+    ``scatter``); with ``ce_weight`` also the per-token CE ``lse - s_y`` (``lse`` ``[n]``).
 
     Returns:
         ``(grad,)``, or ``(grad, ce)`` with ``ce_weight``.
@@ -556,7 +555,7 @@ def _sparse_grad(part: Callable[[Tensor | None, Tensor], Tensor], s: Tensor, lab
     grad = SparseGrad(part, s, torch.cat(at, dim=-1), torch.cat(values, dim=-1))
     if ce_weight is None:
         return (grad,)
-    return grad, lse.reshape(-1) - s.gather(-1, y).squeeze(-1)
+    return grad, lse - s.gather(-1, y).squeeze(-1)
 
 
 # -- drawing from the teacher's tail, reproducibly: a counter-based generator keyed by

@@ -68,6 +68,12 @@ from tad_torchtune.losses.engine import (
 DEFAULT_TEACHER_CACHE_MIB = 128
 
 
+def teacher_projection_bytes(tokens: int, hidden: Tensor, weight: Tensor) -> int:
+    """Bytes of ``tokens`` teacher projections of ``hidden`` by the ``[V, D]`` ``weight``, as
+    the fused head keeps them between TAD's two passes (``teacher_cache_mib``'s unit)."""
+    return tokens * weight.shape[0] * torch.promote_types(hidden.dtype, weight.dtype).itemsize
+
+
 def default_chunk_size(
     num_tokens: int, vocab_size: int, hidden_size: int, device: torch.device | str = "cuda"
 ) -> int:
@@ -295,7 +301,7 @@ class _ProjectedTeacher:
         self.cache: dict[int, Tensor] = {}
         # one row of the batch's teacher projections, in their dtype; the cache's budget
         # (``teacher_cache_mib``'s, or that row's)
-        self.row_bytes = plan.lead[1] * w.shape[0] * torch.promote_types(h.dtype, w.dtype).itemsize
+        self.row_bytes = teacher_projection_bytes(plan.lead[1], h, w)
         self.budget = self.row_bytes if plan.cache_bytes is None else plan.cache_bytes
 
     def segment_rows(self) -> int:
