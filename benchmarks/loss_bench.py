@@ -770,6 +770,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--_task", help=argparse.SUPPRESS)  # internal: one subprocess's work
     args = parser.parse_args()
+    if args.row_tokens < 1:
+        parser.error(f"argument --row-tokens: must be >= 1, got {args.row_tokens}")
     ROW_TOKENS = args.row_tokens  # make_inputs' rows
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -276,3 +276,11 @@ def test_benchmarks_import_the_installed_project(module):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd="/", timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_row_length_below_one_is_refused_in_one_line():
+    proc = subprocess.run([sys.executable, str(Path(loss_bench.__file__)), "--row-tokens", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "loss_bench.py: error: argument --row-tokens: must be >= 1, got 0")
