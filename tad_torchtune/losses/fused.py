@@ -26,6 +26,8 @@ row statistics. The teacher's projection of a chunk is needed by both passes; up
 second pass sees bit-identical values) and the rest are recomputed. A segment holds as many rows
 as the cache can hold entirely (at least one row), so a budget of one row's teacher logits
 removes every recomputation: ``teacher_cache_mib=None`` is that budget, whatever the shapes.
+While kept projections are still to come, a chunk's student side runs in two halves
+(``_ProjectedTeacher.halves``): the peak is then the kept chunks plus one, not plus two.
 
 ``compile_chunks=True`` runs each chunk's element-wise work through ``torch.compile``: the
 teacher pass's split of a chunk (``_teacher_split``) and the chunk's terms and gradient
@@ -286,6 +288,23 @@ def _compiled(fn):
     return _COMPILED[fn]
 
 
+def _dynamic_rows(z: Tensor, t: Tensor, *per_token) -> tuple:
+    """A compiled chunk's arguments (the logits ``z`` and ``t``, then the per-token ones: a
+    tensor or a tuple of them) with their token dimension marked dynamic, so that a head whose
+    chunks come in two lengths (halves and whole chunks) compiles ONE graph for both instead of
+    a static one and then a dynamic one (``_compiled``). A dynamic tensor's storage offset is
+    symbolic too, and guarded: the per-token slices (``[n]``, ``[n, K]``: nothing beside the
+    ``[n, V]`` logits) are copied to offset 0, else the first equal offsets add an equality
+    guard that the next segment breaks, one more compile."""
+    def mark(x: Tensor, copy: bool = True) -> Tensor:
+        x = x.clone() if copy else x
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+        return x
+
+    return (mark(z, copy=False), mark(t, copy=False),
+            *(tuple(map(mark, x)) if isinstance(x, tuple) else mark(x) for x in per_token))
+
+
 def _project(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return torch.nn.functional.linear(h, w, b)
 
@@ -299,6 +318,7 @@ class _ProjectedTeacher:
         self.h, self.w, self.b, self.plan, self.dtype = h, w, b, plan, dtype
         self.tau = plan.divergence.temperature
         self.cache: dict[int, Tensor] = {}
+        self.kept = 0  # projections kept by the current segment's teacher pass
         # one row of the batch's teacher projections, in their dtype; the cache's budget
         # (``teacher_cache_mib``'s, or that row's)
         self.row_bytes = teacher_projection_bytes(plan.lead[1], h, w)
@@ -334,13 +354,24 @@ class _ProjectedTeacher:
                          keep or self.plan.compile_chunks)
 
         rows = (seg.stop - seg.start) // self.plan.lead[1]
-        return teacher_pass(self.plan.divergence, chunk_top, slices, valid,
-                            (rows, self.plan.lead[1]), groups)
+        extras = teacher_pass(self.plan.divergence, chunk_top, slices, valid,
+                              (rows, self.plan.lead[1]), groups)
+        self.kept = len(self.cache)
+        return extras
 
     def chunk(self, i: int, sl: slice) -> Tensor:
         """The teacher's projection of chunk ``i`` of the current segment, as scratch."""
         z = self.cache.pop(i, None)
         return _project(self.h[sl], self.w, self.b) if z is None else z
+
+    def halves(self) -> bool:
+        """Whether the chunk just taken runs in two halves. Its projection and the segment's
+        kept ones still to come are alive while it runs; with the student's logits and their
+        gradient in whole chunks the peak would be ``kept + 2`` chunks (at the segment's first
+        chunk), in halves it is ``kept + 1``, as at the next chunk: every chunk taken while at
+        least ``kept - 1`` (and one) kept projections are still to come, only the first with
+        the whole cache kept (``docs/design.md``, "The fused head on a GPU")."""
+        return len(self.cache) >= max(self.kept - 1, 1)
 
 
 class _CachedTeacher:
@@ -359,6 +390,9 @@ class _CachedTeacher:
 
     def chunk(self, i: int, sl: slice) -> None:
         return None
+
+    def halves(self) -> bool:
+        return False
 
 
 _MIXED_MM: dict[tuple[str, torch.dtype], bool] = {}
@@ -440,6 +474,7 @@ class _FusedHead(torch.autograd.Function):
         settings = _ChunkSettings(folds_ce, plan.compute_ce, plan.ce_weight, plan.kd_weight, tau,
                                   plan.student_softcap, plan.teacher_softcap, dtype, tuple(names),
                                   h_s.dtype if need_h or need_w else dtype, need_b)
+        dynamic = False  # the compiled chunks' token dimension marked dynamic (halves)
         row_len = plan.lead[1]
         seg_rows = teacher.segment_rows() if teacher is not None else plan.lead[0]
         for seg_start in range(0, n, max(1, seg_rows * row_len)):
@@ -452,22 +487,32 @@ class _FusedHead(torch.autograd.Function):
                                         None if groups is None else groups[seg])
             for i, (local, ignored) in enumerate(zip(slices, flags)):
                 sl = slice(seg.start + local.start, seg.start + local.stop)
-                rows = valid[sl].unsqueeze(-1)  # (n, 1)
-                z = _project(h_s[sl], w_s, b_s)
-                t = teacher.chunk(i, sl) if div is not None else None
-                part, grad, bias_part = step(z, t, y[sl], rows, tuple(e[local] for e in extras),
-                                             div_grad, ignored, settings)
-                del z, t
-                sums += part
-                if need_b:
-                    grad_b += bias_part
-                if not (need_h or need_w):
-                    continue
-                if need_h:
-                    grad_h[sl] = grad @ w_s
-                if need_w:
-                    _accumulate_weight_grad(grad_w, grad, h_s[sl])
-                del grad
+                t_chunk = teacher.chunk(i, sl) if div is not None else None
+                pieces = [(local, t_chunk)]
+                if t_chunk is not None and teacher.halves() and local.stop - local.start > 1:
+                    mid = (local.stop - local.start + 1) // 2
+                    pieces = [(slice(local.start, local.start + mid), t_chunk[:mid]),
+                              (slice(local.start + mid, local.stop), t_chunk[mid:])]
+                    dynamic = plan.compile_chunks  # one graph for halves and chunks
+                del t_chunk  # freed with its last piece
+                while pieces:
+                    piece, t = pieces.pop(0)
+                    sl = slice(seg.start + piece.start, seg.start + piece.stop)
+                    rows = valid[sl].unsqueeze(-1)  # (n, 1)
+                    z = _project(h_s[sl], w_s, b_s)
+                    args = (z, t, y[sl], rows, tuple(e[piece] for e in extras))
+                    if dynamic:
+                        args = _dynamic_rows(*args)
+                    part, grad, bias_part = step(*args, div_grad, ignored, settings)
+                    del z, t, args
+                    sums += part
+                    if need_b:
+                        grad_b += bias_part
+                    if need_h:
+                        grad_h[sl] = grad @ w_s
+                    if need_w:
+                        _accumulate_weight_grad(grad_w, grad, h_s[sl])
+                    del grad
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
         ctx.done = False

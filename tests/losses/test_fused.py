@@ -360,6 +360,38 @@ def test_teacher_cache_budgets(monkeypatch, cache_bytes, projections, temperatur
     assert sum(calls) == projections
 
 
+@pytest.mark.parametrize("cache_bytes,pieces", [
+    (0, [12] * 11 + [9]),                  # nothing kept: one segment, whole chunks
+    # the first and the last chunk of each row kept: every chunk in halves while the last is
+    # still to come (its projection and one recomputed or kept are alive with the student's)
+    (ROW_BYTES // 2, [6, 6, 6, 6, 6, 6, 11] * 3),
+    (ROW_BYTES, [6, 6, 12, 12, 11] * 3),   # a row kept: its first chunk in halves
+    (None, [6, 6, 12, 12, 11] * 3),
+    # segments of 2 rows (94 tokens: chunks of 12 across rows, the last 10), then 1
+    (2 * ROW_BYTES + 1, [6, 6] + [12] * 6 + [10] + [6, 6, 12, 12, 11]),
+    (10 * ROW_BYTES, [6, 6] + [12] * 10 + [9]),  # one segment of 141 tokens
+])
+def test_kept_segments_run_their_first_chunks_in_halves(monkeypatch, cache_bytes, pieces):
+    """The student's side of TAD's second pass (its projection, its gradient) runs in halves of
+    a chunk while the kept teacher projections still to come would make a whole chunk the
+    peak: the rows the student is projected on, chunk by chunk, with the same values."""
+    div = TADLoss(k=10, beta=2.0)
+    case = make_case(12)
+    calls = []
+    linear = torch.nn.functional.linear
+
+    def counting(x, w, *args):  # the student's projections (its width D; the teacher's D_T)
+        if w.shape[1] == D:
+            calls.append(x.shape[0])
+        return linear(x, w, *args)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    got = fused(div, *case, chunk_size=12,
+                teacher_cache_mib=None if cache_bytes is None else cache_bytes / 2**20)
+    assert calls == pieces
+    assert_same(got, unfused(div, *case), torch.float32)
+
+
 def test_teacher_cache_unused_without_teacher_pass(monkeypatch):
     """Divergences without a teacher pass project the teacher once per chunk, whatever the budget."""
     case = make_case(13)
@@ -385,10 +417,11 @@ CHUNK_BYTES = MEM_CHUNK * MEM_V * 4  # one [chunk, V] float32 buffer; [N, V] is 
 @pytest.mark.parametrize("name,cache_chunks,limit", [
     # beyond the gradients and the cached teacher chunks: the student chunk, the teacher chunk
     # (scratch for TAD's chunk gradient), TAD's two working buffers, a bool mask and the
-    # [N, K] / [N] statistics; the code before this bound held 7.2 and 8.4 buffers
-    ("tad", 4, 5.0),
+    # [N, K] / [N] statistics; the code before this bound held 7.2 and 8.4 buffers. With
+    # teacher chunks kept, the first chunk runs in halves (2.5 here, 3.5 before them)
+    ("tad", 4, 3.0),
     ("tad", 0, 6.0),
-    ("tad", None, 5.0),  # teacher_cache_mib=None: one row of the teacher's chunks kept
+    ("tad", None, 3.0),  # teacher_cache_mib=None: one row of the teacher's chunks kept
 
     # the other divergences have no teacher pass; far below the 32 buffers of [N, V] (their
     # chunk functions before this bound held 9, 8 and 13.3)
@@ -414,6 +447,29 @@ def test_peak_memory_is_a_few_chunks(name, cache_chunks, limit, temperature, cap
     forward()  # first calls allocate caches of their own (e.g. the CPU allocator's)
     buffers = (peak_allocated_bytes(forward) - grads - cache) / CHUNK_BYTES
     assert 1.0 < buffers <= limit, buffers
+
+
+@pytest.mark.parametrize("cache_chunks", [4, None])
+def test_halves_save_a_chunk_of_peak_memory(monkeypatch, cache_chunks):
+    """Running the first chunk of a segment with kept teacher projections in halves takes one
+    ``[chunk, V]`` buffer off the peak (half the student's logits, half their gradient)."""
+    from tad_torchtune.losses import fused as fused_module
+
+    case = make_case(21, b=MEM_ROWS, t=MEM_T, v=MEM_V)
+    h_s, w_s = (x.requires_grad_(True) for x in case[:2])
+    cache = None if cache_chunks is None else cache_chunks * CHUNK_BYTES / 2**20
+
+    def peak():
+        def forward():
+            fused_divergence(TADLoss(), h_s, w_s, *case[2:], chunk_size=MEM_CHUNK,
+                             teacher_cache_mib=cache)
+        forward()
+        return peak_allocated_bytes(forward)
+
+    halves = peak()
+    monkeypatch.setattr(fused_module._ProjectedTeacher, "halves", lambda self: False)
+    whole = peak()
+    assert whole - halves >= 0.9 * CHUNK_BYTES, (whole - halves) / CHUNK_BYTES
 
 
 @pytest.mark.parametrize("name,cache_mib,teacher_projections", [
@@ -580,6 +636,34 @@ def test_compiled_chunks_settle_on_batches_of_any_length(monkeypatch, name):
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] == graphs[1] <= graphs[2], graphs  # 36 rows: the dynamic recompile
     assert graphs[2:] == [graphs[2]] * 5, graphs  # nothing after
+
+
+def test_halves_and_whole_chunks_share_their_graphs(monkeypatch):
+    """Rows of two chunks kept whole: each row's first chunk in halves, its second whole, each
+    row's per-token slices at other offsets. The chunk function compiles once per setting of
+    its ``ignored`` flag (a masked prompt in row 0's first chunk, padding in row 1's last), its
+    token dimension dynamic from the first call, as the teacher's split; a second batch
+    compiles nothing; the values are the unfused ones. (Without the per-token slices copied to
+    offset 0, the graph first compiled at row 0's second half, whose slices share an offset,
+    would compile again at row 1.)"""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    from tad_torchtune.losses import fused as fused_module
+
+    monkeypatch.setattr(fused_module, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for seed in (41, 42):
+        case = make_case(seed, b=4, t=48)
+        got = head(TADLoss(), *case, chunk_size=24, ce_weight=0.5, teacher_cache_mib=None,
+                   compile_chunks=True)
+        graphs.append(counters["stats"]["unique_graphs"])
+        assert_head_equals(*got, unfused_head(TADLoss(), *case, 0.5, 1.0), torch.float32)
+    assert graphs == [4, 4], graphs
 
 
 @pytest.mark.slow
