@@ -351,18 +351,21 @@ _ACCESS = re.compile(r"tl\.(load|store)\((\w+) \+ \((.*?)\), ")
 _SIGNATURE = re.compile(r"'signature': \{(.*?)\}")
 
 
-def _distinct(index: str, defs: dict[str, str], xnumel: int, rnumel: int) -> int | None:
+def _distinct(index: str, defs: dict[str, str], xnumel: int, rnumel: int,
+              sizes: dict[str, int] | None = None) -> int | None:
     """How many distinct elements ``index`` (an index expression of a Triton kernel, over its
-    index variables ``defs``) addresses over an ``xnumel x rnumel`` iteration space; None where
-    it is not a plain expression of them. Evaluated a block of ``x`` at a time (at most
-    ``_BLOCK_ELEMENTS`` addresses), the addresses marked in a bitmap."""
+    index variables ``defs`` and its integer arguments ``sizes``, e.g. a dynamic size ``ks0``)
+    addresses over an ``xnumel x rnumel`` iteration space; None where it is not a plain
+    expression of them. Evaluated a block of ``x`` at a time (at most ``_BLOCK_ELEMENTS``
+    addresses), the addresses marked in a bitmap."""
     import numpy as np
 
     r_index = np.arange(max(rnumel, 1), dtype=np.int64)[None, :]
     block = max(1, _BLOCK_ELEMENTS // max(rnumel, 1))
     seen = np.zeros(0, dtype=bool)
     for start in range(0, xnumel, block):
-        env = {"xindex": np.arange(start, min(start + block, xnumel), dtype=np.int64)[:, None],
+        env = {**(sizes or {}),
+               "xindex": np.arange(start, min(start + block, xnumel), dtype=np.int64)[:, None],
                "r0_index": r_index}
         try:
             for name, expr in defs.items():
@@ -376,13 +379,20 @@ def _distinct(index: str, defs: dict[str, str], xnumel: int, rnumel: int) -> int
     return int(seen.sum())
 
 
-def kernel_traffic(source: str) -> dict:
+def kernel_traffic(source: str, sizes: dict[str, int] | None = None) -> dict:
     """What one generated Triton kernel moves: its iteration space, its loops over the
     reduction dimension (``r0``), and per load and store, the distinct elements it addresses
     times their size: bytes read and written, each loop reading its inputs again. An indirect
-    access (through a loaded value) counts one element per iteration that runs it."""
+    access (through a loaded value) counts one element per iteration that runs it. ``sizes``:
+    the integer arguments of its launch (``xnumel``, ``r0_numel``, ``ks0``...), which a kernel
+    of a dynamic dimension takes where a static one has them written in."""
+    sizes = sizes or {}
     numels = {kind: int(n) for kind, n in _NUMEL.findall(source)}
-    xnumel, rnumel = numels.get("x", 1), numels.get("r0_", 0)
+    xnumel = numels.get("x", sizes.get("xnumel"))
+    rnumel = numels.get("r0_", sizes.get("r0_numel", 0))
+    if xnumel is None:
+        raise ValueError("a kernel of a dynamic size launched with no value for it (the "
+                         "graph's rows)")
     signature = dict(re.findall(r"'(\w+)': '([^']+)'", _SIGNATURE.search(source).group(1)))
     defs: dict[str, str] = {}
     accesses: set[tuple[int, str, str, str]] = set()
@@ -405,28 +415,85 @@ def kernel_traffic(source: str) -> dict:
     for where, kind, pointer, index in accesses:
         iterations = xnumel * (rnumel if (where or persistent) and rnumel else 1)
         exact = None if "tmp" in index else _distinct(
-            index, defs, xnumel, rnumel if (where or persistent) else 0)
+            index, defs, xnumel, rnumel if (where or persistent) else 0, sizes)
         moved[kind] += (iterations if exact is None else exact) * TRITON_BYTES[signature[pointer]]
     return {"xnumel": xnumel, "rnumel": rnumel, "loops": loops, "persistent": persistent,
             "read": moved["load"], "written": moved["store"]}
 
 
-_LAUNCH = re.compile(r"^\s+(\w+)\.run\(", re.M)
+_LAUNCH = re.compile(r"^\s+(\w+)\.run\((.*)\)\s*$", re.M)
 _EXTERN = re.compile(r"^\s+(?:\w+ = )?((?:torch\.ops|aten|extern_kernels)\.[\w.]+)\(", re.M)
+_ASSIGN = re.compile(r"^\s+(\w+) = ([^;#\n]+)$", re.M)
 
 
-def graph_traffic(code: str) -> list[dict]:
+def _call_sizes(calls: str, rows: int | None) -> dict[str, int]:
+    """The integers a graph's ``call`` computes: its symbolic sizes (``s10 = arg3_1``; the
+    head's graphs have one, the chunk's tokens, under many names) bound to ``rows``, and what
+    it computes from them (``..._r0_numel = (1 + s10) // 2``)."""
+    env: dict[str, int] = {}
+    for name, expr in _ASSIGN.findall(calls):
+        expr = expr.strip()
+        if re.fullmatch(r"s\d+", name) and re.fullmatch(r"arg\d+_\d+", expr):
+            if rows is not None:
+                env[name] = rows
+            continue
+        try:
+            value = eval(expr, {"__builtins__": {}}, dict(env))  # noqa: S307 (inductor's)
+        except Exception:  # noqa: BLE001  (a buffer, a call: not an integer of the sizes)
+            continue
+        if isinstance(value, int) and not isinstance(value, bool):
+            env[name] = value
+    return env
+
+
+def _arguments(text: str) -> list[str]:
+    """A launch's positional arguments (``a, (b + 1) // 2, 4, stream=s`` -> the first three)."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            out.append(text[start:i].strip())
+            start = i + 1
+    return [a for a in out if a and not re.match(r"\w+=(?!=)", a)]
+
+
+def _launch_sizes(source: str, arguments: list[str], env: dict[str, int]) -> dict[str, int]:
+    """A kernel's integer parameters as one launch passes them: its signature's parameters
+    (not the ``constexpr`` ones) in order, each argument evaluated in ``env``."""
+    signature = re.findall(r"'(\w+)': '([^']+)'", _SIGNATURE.search(source).group(1))
+    params = [name for name, kind in signature if kind != "constexpr"]
+    sizes = {}
+    for name, arg in zip(params, arguments):
+        try:
+            value = eval(arg, {"__builtins__": {}}, dict(env))  # noqa: S307 (inductor's)
+        except Exception:  # noqa: BLE001  (a buffer)
+            continue
+        if isinstance(value, int) and not isinstance(value, bool):
+            sizes[name] = value
+    return sizes
+
+
+def graph_traffic(code: str, rows: int | None = None) -> list[dict]:
     """The kernels one graph's wrapper code launches, in order: each generated Triton kernel
     with ``kernel_traffic``, each library call (``extern``) by name only (in the head: ``topk``
     over a chunk's ``[chunk, K * 64]`` block candidates, a cache's sparse ``scatter`` of
-    ``chunk x (K + S)`` entries)."""
+    ``chunk x (K + S)`` entries). A graph of a dynamic token dimension (the fused head's, once
+    it runs chunks of two lengths) is read as a chunk of ``rows`` tokens runs it."""
     sources = dict(_KERNEL.findall(code))
     calls = code[code.index("def call("):]
-    launches = sorted([(m.start(), "triton", m.group(1)) for m in _LAUNCH.finditer(calls)] +
-                      [(m.start(), "extern", m.group(1)) for m in _EXTERN.finditer(calls)])
-    traffic = {name: kernel_traffic(src) for name, src in sources.items()}
-    return [{"kind": kind, "name": name, **traffic.get(name, {})}
-            for _, kind, name in launches]
+    env = _call_sizes(calls, rows)
+    launches = sorted([(m.start(), "triton", m.group(1), m.group(2))
+                       for m in _LAUNCH.finditer(calls)] +
+                      [(m.start(), "extern", m.group(1), "") for m in _EXTERN.finditer(calls)])
+    out = []
+    for _, kind, name, arguments in launches:
+        row = {"kind": kind, "name": name}
+        if kind == "triton" and name in sources:
+            sizes = _launch_sizes(sources[name], _arguments(arguments), env)
+            row.update(kernel_traffic(sources[name], sizes))
+        out.append(row)
+    return out
 
 
 def kernel_totals(kernels: list[dict], chunk: int, vocab: int) -> dict:
@@ -449,7 +516,7 @@ def triton_counts(name: str, inputs) -> dict:
     chunk, vocab = inputs[4].numel(), inputs[1].shape[0]
     with triton_codegen() as records:
         run_head(name, inputs, compile_chunks=True)
-    kernels = [k for code in records for k in graph_traffic(code)]
+    kernels = [k for code in records for k in graph_traffic(code, chunk)]
     totals = kernel_totals(kernels, chunk, vocab)
     return {"graphs": len(records), **totals, "loop_bytes": totals["bytes"],
             "kernel_list": kernels}

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import head_kernels  # noqa: E402
 
-from tests.helpers.triton_code import TRITON_GRAPH  # noqa: E402
+from tests.helpers.triton_code import TRITON_GRAPH, TRITON_GRAPH_DYNAMIC  # noqa: E402
 
 
 def test_op_counter_counts_the_big_tensors_of_each_op_and_skips_matmuls_and_views():
@@ -53,6 +53,21 @@ def test_graph_traffic_reads_the_kernels_as_a_gpu_runs_them():
     assert red["written"] == 400 * 4 + 4 * 4
     assert (poi["xnumel"], poi["rnumel"], poi["loops"]) == (400, 0, 0)
     assert poi["read"] == 400 * 4 + 4 * 4 + 100 * 4 and poi["written"] == 400 * 2
+
+
+def test_graph_traffic_reads_a_dynamic_graph_at_the_rows_given():
+    """A graph of a dynamic row count, read for 4 rows, moves what the static graph of 4 rows
+    moves; its sizes come from the launches and the ``call`` (a split sum over 2 parts of
+    ``(1 + 4) // 2`` rows); without the rows it cannot be read."""
+    static = head_kernels.graph_traffic(TRITON_GRAPH)
+    dynamic = head_kernels.graph_traffic(TRITON_GRAPH_DYNAMIC, rows=4)
+    assert dynamic[:4] == static
+    split = dynamic[4]
+    assert (split["name"], split["xnumel"], split["rnumel"], split["loops"]) == (
+        "triton_red_fused_sum_2", 2, 2, 1)
+    assert split["read"] == 4 * 4 and split["written"] == 2 * 4
+    with pytest.raises(ValueError, match="dynamic size"):
+        head_kernels.graph_traffic(TRITON_GRAPH_DYNAMIC)
 
 
 @pytest.mark.slow
