@@ -54,10 +54,14 @@ LOSS_TARGETS = (
 #: targets): TAD with the schema's default teacher cache (which projects the teacher twice at
 #: these vocabularies), with a cache of one chunk's projections (half of a 2048-token row
 #: projected twice), with the float32 weight-gradient sum (these in the loss step), and at
-#: twice loss_chunk_size (the optional loss_chunk step, beside a recipe head of its own); each
-#: read against the recipe's head (the configs' settings) and against Liger
+#: half and twice loss_chunk_size (the optional loss_chunk step, beside a recipe head of its
+#: own); each read against the recipe's head (the configs' settings) and against Liger
 HEAD_VARIANTS = ("fused_step_recipe_default_cache/tad", "fused_step_recipe_chunk_cache/tad",
-                 "fused_step_recipe_fp32_wgrad/tad", "fused_step_recipe_double_chunk/tad")
+                 "fused_step_recipe_fp32_wgrad/tad", "fused_step_recipe_half_chunk/tad",
+                 "fused_step_recipe_double_chunk/tad")
+#: the loss_chunk step's variants, as the summary names them
+CHUNK_VARIANTS = {"fused_step_recipe_half_chunk/tad": "half loss_chunk_size",
+                  "fused_step_recipe_double_chunk/tad": "twice loss_chunk_size"}
 #: per target architecture, (name, figure of its recipe_bench row, at least): the recipe's speed
 #: over the compiled transformers + Liger loop's (paired rounds), and its MFU
 RECIPE_TARGETS = {
@@ -253,7 +257,7 @@ def head_code(folder: Path) -> dict[str, Any]:
         parts = path.stem.split("__")
         try:
             n, v, d = parts[0].split("x")
-            kernels = graph_traffic(path.read_text())
+            kernels = graph_traffic(path.read_text(), CODE_CHUNK)
         except Exception as err:  # noqa: BLE001  (a format this reading does not know)
             errors.append(f"{path.name}: {type(err).__name__}: {err}"[:300])
             continue
@@ -419,11 +423,11 @@ def print_summary(s: dict[str, Any]) -> None:
                   f"{c} {fmt(x, '.2f')}x" for c, x in f["memory_vs_liger"].items())
               + "".join(f"; {c}: {n}" for c, n in f["notes"].items()))
         for c, x in f["variants"].items():
-            print(f"recipe head at twice loss_chunk_size ({shape}; {c}, step loss_chunk, not a "
-                  f"target): time {fmt(x['time_vs_recipe'], '.2f')}x, peak memory "
+            print(f"recipe head at {CHUNK_VARIANTS.get(c, c)} ({shape}; {c}, step loss_chunk, "
+                  f"not a target): time {fmt(x['time_vs_recipe'], '.2f')}x, peak memory "
                   f"{fmt(x['memory_vs_recipe'], '.2f')}x the recipe head's in the same process")
     if not s["chunk"]:
-        print("recipe head at twice loss_chunk_size: not measured (step loss_chunk)")
+        print("recipe head at half and twice loss_chunk_size: not measured (step loss_chunk)")
     code = s["head_code"]
     for shape, cases in code["shapes"].items():
         print(f"inductor's code per {code['chunk']}-row chunk ({shape}): " + ", ".join(

@@ -43,11 +43,14 @@ Implementations:
   ``fused_step_recipe_chunk_cache`` with a teacher cache of one chunk's projections
   (``ONE_CHUNK``: on rows of two chunks or more, the rest of a row projected again in TAD's
   second pass; less memory than keeping the row, more matmuls).
-  A fourth, ``fused_step_recipe_double_chunk``, the recipe head at twice ``loss_chunk_size``
-  (2048 rows, the other chunk size Liger's kernels run): its chunks have shapes of their own,
-  so it compiles its own functions (the GPU check measures it in a step of its own, after the
-  targets). No chunk crosses a row of kept teacher projections, so it needs rows of at least
-  2048 tokens (``--row-tokens 2048``, the Qwen2.5 pair's sequence length).
+  Two more, ``fused_step_recipe_half_chunk`` and ``fused_step_recipe_double_chunk``, the
+  recipe head at half and twice ``loss_chunk_size`` (512 and 2048 rows, the latter the other
+  chunk size Liger's kernels run): chunks of other lengths, which the recipe head's compiled
+  graph takes when its token dimension is dynamic (it is from the first call where the head
+  runs chunks in halves, as on rows of two chunks or more; else they compile anew). The GPU
+  check measures them in a step of its own, after the targets. No chunk crosses a row of kept
+  teacher projections, so the double chunk needs rows of at least 2048 tokens
+  (``--row-tokens 2048``, the Qwen2.5 pair's sequence length).
 - ``two_pass``: the recipe's head before it, a checkpointed CE pass, then the fused divergence.
 - ``liger_fused_jsd`` (forward KL only): Liger-Kernel's
   ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss``, the fused linear distillation loss users
@@ -134,7 +137,8 @@ IMPLS = ("naive", "torchtune_chunked", "torchtune_chunked_compiled", "unfused", 
          "fused_nocache", "fused_compiled", "matmul_floor", "matmul_floor_unchunked",
          "fused_step", "fused_step_compiled", "fused_step_bf16_wgrad", "fused_step_recipe",
          "fused_step_recipe_default_cache", "fused_step_recipe_fp32_wgrad",
-         "fused_step_recipe_chunk_cache", "fused_step_recipe_double_chunk", "two_pass",
+         "fused_step_recipe_chunk_cache", "fused_step_recipe_half_chunk",
+         "fused_step_recipe_double_chunk", "two_pass",
          "liger_fused_jsd", "liger_fused_jsd_ce")
 #: the shipped GPU config whose fused-head settings the recipe's head takes (read from the
 #: checkout's ``configs/``, which an installed project's wheel also holds)
@@ -168,6 +172,8 @@ FUSED_OPTIONS = {"fused": {}, "fused_nocache": {"teacher_cache_mib": 0},
                      "teacher_cache_mib": DISTILL["fused_teacher_cache_mib"].default},
                  "fused_step_recipe_fp32_wgrad": {**RECIPE_HEAD, "float32_weight_grad": True},
                  "fused_step_recipe_chunk_cache": {**RECIPE_HEAD, "teacher_cache_mib": ONE_CHUNK},
+                 "fused_step_recipe_half_chunk": {**RECIPE_HEAD,
+                                                  "chunk_size": RECIPE_HEAD["chunk_size"] // 2},
                  "fused_step_recipe_double_chunk": {**RECIPE_HEAD,
                                                     "chunk_size": 2 * RECIPE_HEAD["chunk_size"]},
                  "two_pass": {}}

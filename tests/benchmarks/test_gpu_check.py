@@ -34,7 +34,8 @@ TARGET_NAMES = {f"{name} ({shape})" for shape in GPU_SHAPES for name in (
 STEPS = ["imports", "loss", "recipe_qwen2_5_3b_half", "recipe_gemma2_9b_third_short", "pytest",
          "pytest_recipe", "loss_chunk"]
 #: the optional step's cases: the recipe's head at loss_chunk_size and at twice it
-CHUNK_CASES = {("fused_step_recipe", "tad"), ("fused_step_recipe_double_chunk", "tad")}
+CHUNK_CASES = {("fused_step_recipe", "tad"), ("fused_step_recipe_half_chunk", "tad"),
+               ("fused_step_recipe_double_chunk", "tad")}
 LIGER_INSTALLED = importlib.util.find_spec("liger_kernel") is not None
 
 
@@ -149,18 +150,19 @@ def test_dry_run_writes_every_result(dry_run):
             f"{r['N']},{r['V']},{r['D']},{r['dtype']}" == shape}
         assert {tuple(c.split("/")) for c in chunk_rows} == CHUNK_CASES
         assert all(len(r["times_ms"]) == 2 and r["peak_mib"] > 0 for r in chunk_rows.values())
-        (double,) = summary["chunk"][shape]["variants"].values()
+        variants = summary["chunk"][shape]["variants"]
+        assert sorted(variants) == sorted(gpu_check.CHUNK_VARIANTS)
         assert summary["chunk"][shape]["peak_mib"] == {
             c: r["peak_mib"] for c, r in chunk_rows.items()}
         assert f"loss_chunk ({shape}, rows of 256 tokens): fused_step_recipe/tad " in log
         assert summary["chunk"][shape]["memory_vs_liger"] == pytest.approx({
             c: r["peak_mib"] / liger["peak_mib"] for c, r in chunk_rows.items()})
-        assert double["time_vs_recipe"] == pytest.approx(paired(
-            chunk_rows["fused_step_recipe_double_chunk/tad"]["times_ms"],
-            chunk_rows["fused_step_recipe/tad"]["times_ms"]))
-        assert double["memory_vs_recipe"] == pytest.approx(
-            chunk_rows["fused_step_recipe_double_chunk/tad"]["peak_mib"]
-            / chunk_rows["fused_step_recipe/tad"]["peak_mib"])
+        for case, x in variants.items():
+            assert x["time_vs_recipe"] == pytest.approx(paired(
+                chunk_rows[case]["times_ms"], chunk_rows["fused_step_recipe/tad"]["times_ms"]))
+            assert x["memory_vs_recipe"] == pytest.approx(
+                chunk_rows[case]["peak_mib"] / chunk_rows["fused_step_recipe/tad"]["peak_mib"])
+        assert f"recipe head at half loss_chunk_size ({shape}; " in log
         assert f"recipe head at twice loss_chunk_size ({shape}; " in log
     qwen, gemma = recipes["tiny_qwen2"], recipes["tiny_gemma2"]
     assert targets["vs transformers + Liger (qwen2_5_3b_half)"]["value"] == qwen[
@@ -298,7 +300,8 @@ def test_the_chunk_step_out_of_time_leaves_the_check_complete(tmp_path, capsys):
     s = summarize(out, gpu_check.read_steps(out / "steps.tsv"))
     assert s["complete"] and s["chunk"] == {}, s["problems"]
     gpu_check.print_summary(s)
-    assert "recipe head at twice loss_chunk_size: not measured" in capsys.readouterr().out
+    assert ("recipe head at half and twice loss_chunk_size: not measured"
+            in capsys.readouterr().out)
 
     shape = GPU_SHAPES[1]
     (out / "loss_chunk.json").write_text(json.dumps([

@@ -223,7 +223,8 @@ def test_liger_on_cpu_is_its_stand_in(ce):
 
 def test_recipe_head_variants_change_one_setting_each(monkeypatch):
     """The variants that check the GPU configs' head settings change one each: the schema's
-    default teacher cache, the float32 weight-gradient sum, twice the chunk. The recipe's head
+    default teacher cache, the float32 weight-gradient sum, half and twice the chunk. The
+    recipe's head
     projects the teacher once per chunk of 1024 rows, where a cache too small for a chunk
     projects it twice, and the double chunk once per 2048 rows where a row of the batch (the
     teacher projections kept) holds 2048 tokens (no chunk crosses a row). On such a row the
@@ -236,6 +237,8 @@ def test_recipe_head_variants_change_one_setting_each(monkeypatch):
         **head, "teacher_cache_mib": DISTILL["fused_teacher_cache_mib"].default}
     assert loss_bench.FUSED_OPTIONS["fused_step_recipe_fp32_wgrad"] == {
         **head, "float32_weight_grad": True}
+    assert loss_bench.FUSED_OPTIONS["fused_step_recipe_half_chunk"] == {
+        **head, "chunk_size": 512}
     assert loss_bench.FUSED_OPTIONS["fused_step_recipe_double_chunk"] == {
         **head, "chunk_size": 2048}
     assert loss_bench.FUSED_OPTIONS["fused_step_recipe_chunk_cache"] == {
@@ -246,6 +249,7 @@ def test_recipe_head_variants_change_one_setting_each(monkeypatch):
         inputs = loss_bench.make_inputs(n, 40, 8, torch.float32, "cpu")
         for case, cache_mib, projections in (
                 ("fused_step_recipe", None, [1024, 1024]), ("fused_step_probe", 0, [1024] * 4),
+                ("fused_step_recipe_half_chunk", None, [512] * 4),
                 ("fused_step_recipe_double_chunk", None, [2048]),
                 ("fused_step_recipe", None, [1024, 1024]),
                 ("fused_step_recipe_chunk_cache", None, [1024, 1024, 1024])):
