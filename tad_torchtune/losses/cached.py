@@ -469,8 +469,7 @@ def sampled_terms(s: Tensor, ids: Tensor, logp: Tensor, log_tail: Tensor, entrop
     picked = s.gather(-1, torch.cat([ids, draws], dim=-1))  # (n, K + S)
     s_top, s_ranks, s_drawn = picked[:, :k], picked[:, k : ids.shape[-1]], picked[:, ids.shape[-1]:]
     if traced:  # a comparison inductor fuses into the reduction (terms.in_ids)
-        in_top = in_ids(top, s.shape[-1])
-        lse_tail_s = logsumexp(s.masked_fill(in_top, float("-inf")))
+        lse_tail_s = logsumexp(s.masked_fill(in_ids(top, s.shape[-1]), float("-inf")))
     elif grad:
         log_qt = s.scatter(-1, top, float("-inf"))  # (n, V), becomes the gradient
         lse_tail_s = log_qt.logsumexp(-1)
@@ -497,7 +496,7 @@ def sampled_terms(s: Tensor, ids: Tensor, logp: Tensor, log_tail: Tensor, entrop
         return per_token, stats
     if traced:
         return (per_token, stats, *_sampled_grad_traced(
-            s, labels, in_top, ids, draws, logp[:, :k].exp(), log_pt_ranks.exp(), a, lse, norm_s,
+            s, labels, ids, draws, logp[:, :k].exp(), log_pt_ranks.exp(), a, lse, norm_s,
             log_alpha_s.exp(), log_alpha_t.exp(), w, ce_weight))
     # the tail distribution's estimate: the cached ranks exactly, a / S at each draw
     pt = torch.zeros_like(s).scatter_(-1, ids[:, k:], log_pt_ranks.exp())
@@ -512,7 +511,7 @@ def sampled_terms(s: Tensor, ids: Tensor, logp: Tensor, log_tail: Tensor, entrop
     return per_token, stats, g, lse - s.gather(-1, y).squeeze(-1)
 
 
-def _sampled_grad_traced(s: Tensor, labels: Tensor, in_top: Tensor, ids: Tensor, draws: Tensor,
+def _sampled_grad_traced(s: Tensor, labels: Tensor, ids: Tensor, draws: Tensor,
                          p_top: Tensor, pt_ranks: Tensor, a: Tensor, lse: Tensor, norm_s: Tensor,
                          alpha_s: Tensor, alpha_t: Tensor, w: Tensor, ce_weight: float | None
                          ) -> tuple[SparseGrad | Tensor, ...]:
@@ -529,7 +528,7 @@ def _sampled_grad_traced(s: Tensor, labels: Tensor, in_top: Tensor, ids: Tensor,
     top = ids[:, :k]
 
     def part(cols: Tensor | None, sv: Tensor) -> Tensor:
-        top_here = in_top if cols is None else is_in(top, cols, s.shape[-1])
+        top_here = is_in(top, cols, s.shape[-1])  # the gradient loop's own (``in_ids``)
         return torch.where(top_here, (sv - lse_).exp() * (1.0 + c), coef * (sv - norm_s_).exp())
 
     w_ = w.unsqueeze(-1)

@@ -187,7 +187,8 @@ def _tad_chunk_grad_traced(s: Tensor, t: Tensor, labels: Tensor, topk_idx: Tenso
     element-wise gradient, with no ``[n, V]`` intermediate and no scatter (``docs/design.md``,
     "The fused head on a GPU").
 
-    The top-K set is a comparison with the column index (``in_ids``), fused into the loops. The
+    The top-K set is a comparison with the column index (``in_ids``), fused into the loops,
+    each loop its own (one shared by both would be stored as a ``[n, V]`` mask). The
     student's tail log-sum-exp is one loop over the row (``terms.logsumexp``: on a GPU
     inductor's online softmax; ``lse_t_tail`` is known from the teacher pass). ``D_KL2 = sum
     pt (log pt - log qt)`` needs it, so its sum joins the gradient's loop, where ``s`` and ``t``
@@ -197,13 +198,13 @@ def _tad_chunk_grad_traced(s: Tensor, t: Tensor, labels: Tensor, topk_idx: Tenso
     ``t`` and writing the gradient, where the eager function's in-place steps become a dozen.
     """
     zero = s.new_zeros(())
-    in_top = in_ids(topk_idx, s.shape[-1])
-    lse_s_tail = logsumexp(s.masked_fill(in_top, float("-inf")))
+    lse_s_tail = logsumexp(s.masked_fill(in_ids(topk_idx, s.shape[-1]), float("-inf")))
     lse_s, _, _, log_alpha_s, dkl1 = _top_k_terms(s, t, topk_idx, lse_t, lse_t_tail, lse_s_tail)
     alpha_t = (lse_t_tail - lse_t).exp()
 
     has_tail = torch.isfinite(lse_t_tail)
     shift_t, shift_s = safe_finite(lse_t_tail).unsqueeze(-1), safe_finite(lse_s_tail)
+    in_top = in_ids(topk_idx, s.shape[-1])  # the gradient loop's own (``in_ids``)
     pt = torch.where(in_top, zero, (t - shift_t).exp())  # (n, V) as an expression only
     # sum pt (log pt - log qt), 0 where pt is 0
     log_ratio = (t - shift_t) - (s - shift_s.unsqueeze(-1))

@@ -106,8 +106,11 @@ def in_ids(ids: Tensor, vocab: int) -> Tensor:
 
     Eagerly a scatter into a new mask. Traced by ``torch.compile``, the OR of K comparisons of
     the column index with the row's ids: an element-wise expression inductor computes inside the
-    loops that read it, so the compiled chunk functions never write a ``[n, V]`` mask (or a
-    scatter's copy of a ``[n, V]`` buffer)."""
+    loop that reads it, so the compiled chunk functions never write a ``[n, V]`` mask (or a
+    scatter's copy of a ``[n, V]`` buffer). One traced mask that two loops (two kernels) read is
+    stored, though: written in the first, read in the second, 2 bytes per entry in bf16 where
+    the K comparisons cost none; so each loop calls this for its own (a separate call is a node
+    of its own in the traced graph)."""
     if not torch.compiler.is_compiling():
         mask = torch.zeros(ids.shape[0], vocab, dtype=torch.bool, device=ids.device)
         return mask.scatter_(-1, ids, True)

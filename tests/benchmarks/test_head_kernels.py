@@ -87,8 +87,9 @@ def test_triton_table_at_a_tiny_chunk(tmp_path):
     rows = {r["divergence"]: r for r in json.loads(out.read_text())}
     ce, tad = rows["ce"]["compiled"], rows["tad"]["compiled"]
     assert ce["loops"] == 2 and 1.5 <= ce["passes"] < 1.55, ce
-    # the teacher's block maxima and tail, the student's tail log-sum-exp, the gradient
-    assert tad["external"] == 2 and tad["loops"] == 4 and 3.5 <= tad["passes"] < 4.0, tad
+    # the teacher's block maxima and tail, the student's tail log-sum-exp, the gradient; the
+    # top-K set computed in each loop that reads it (3.8 passes with it stored as a bool mask)
+    assert tad["external"] == 2 and tad["loops"] == 4 and 3.0 <= tad["passes"] < 3.5, tad
     for r in rows.values():
         assert r["backend"] == "triton" and r["compiled"]["passes"] >= r["min_passes"]
     assert "Triton code for a GPU" in proc.stdout
