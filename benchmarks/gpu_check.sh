@@ -67,7 +67,7 @@
 # shapes; end to end the recipe >= 1.10x the compiled transformers + Liger loop and MFU >= 50% at
 # Qwen2.5-3B -> half, >= 1.05x at Gemma2-9B -> a third.
 # --dry-run: no install, --device cpu, the same steps, options and cases at stand-in sizes:
-# loss_bench at 256,1000,64,fp32 and 256,1536,96,fp32 (2 rounds, memory by the profiler's
+# loss_bench at 2048,1000,64,fp32 and 2048,1536,96,fp32 (2 rounds, memory by the profiler's
 # allocations), recipe_bench at tiny_qwen2 and tiny_gemma2 (Qwen2 and Gemma2 pairs of width 64;
 # seq 64, batch 2, 1 warm-up + 2 rounds), every torch.compile through Dynamo with the eager
 # backend (inductor's C++ code generation would take minutes on 2 cores), and where liger-kernel
@@ -141,7 +141,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # no netwo
 # and RECIPE_TARGETS; each architecture's loops beside the recipe
 if [[ $dry == 1 ]]; then
     device=cpu
-    loss_shapes=(256,1000,64,fp32 256,1536,96,fp32)
+    loss_shapes=(2048,1000,64,fp32 2048,1536,96,fp32)
     loss_options=(--warmup 1 --repeats 2 --cpu-memory allocations)
     recipe_archs=(tiny_qwen2 tiny_gemma2)
     recipe_options=(--steps 2 --warmup 1)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
 import head_kernels  # noqa: E402
 
-DRY_SHAPES = ["256,1000,64,fp32", "256,1536,96,fp32"]
+DRY_SHAPES = ["2048,1000,64,fp32", "2048,1536,96,fp32"]
 DRY_ARCHS = ["tiny_qwen2", "tiny_gemma2"]
 GPU_SHAPES = ["8192,151936,2048,bf16", "8192,256000,3584,bf16"]
 CASES = {("fused_step_recipe", "tad"), ("fused_step_recipe", "forward_kl"), ("fused_step", "tad"),
@@ -72,7 +72,9 @@ def test_dry_run_writes_every_result(dry_run):
     rows = json.loads((out / "loss_bench.json").read_text())
     assert sorted((r["impl"], r["divergence"], f"{r['N']},{r['V']},{r['D']},{r['dtype']}")
                   for r in rows) == sorted((*c, s) for c in CASES for s in DRY_SHAPES)
-    assert {r["row_tokens"] for r in rows} == {256}  # rows of 2048 tokens, all 256 in one
+    # one row of 2048 tokens at each stand-in shape: the recipe head runs its first chunk (1024)
+    # in halves while the second is kept, as on the GPU's rows
+    assert {r["row_tokens"] for r in rows} == {2048}
     for step in ("loss", "loss_chunk"):  # on a GPU: rows of the configs' max_seq_len
         (line,) = [ln for ln in log.splitlines() if ln.startswith(f"== {step} (at most")]
         assert " --row-tokens 2048 " in line, line
@@ -154,7 +156,7 @@ def test_dry_run_writes_every_result(dry_run):
         assert sorted(variants) == sorted(gpu_check.CHUNK_VARIANTS)
         assert summary["chunk"][shape]["peak_mib"] == {
             c: r["peak_mib"] for c, r in chunk_rows.items()}
-        assert f"loss_chunk ({shape}, rows of 256 tokens): fused_step_recipe/tad " in log
+        assert f"loss_chunk ({shape}, rows of 2048 tokens): fused_step_recipe/tad " in log
         assert summary["chunk"][shape]["memory_vs_liger"] == pytest.approx({
             c: r["peak_mib"] / liger["peak_mib"] for c, r in chunk_rows.items()})
         for case, x in variants.items():
