@@ -52,8 +52,9 @@
 #                       the check still complete): loss_bench.py at the same two shapes,
 #                       fused_step_recipe/tad against fused_step_recipe_half_chunk/tad and
 #                       fused_step_recipe_double_chunk/tad (the recipe's head at half and
-#                       twice loss_chunk_size, 512 and 2048 rows: the head's compiled graph
-#                       has a dynamic token dimension, no compile of their own) on rows of
+#                       twice loss_chunk_size, 512 and 2048 rows: the head's chunk function
+#                       has a dynamic token dimension, only the teacher's split compiles
+#                       anew) on rows of
 #                       2048 tokens, as the loss step (no chunk crosses a row of kept
 #                       teacher projections), 3 paired rounds, peak memory (issue 19, item 5)
 #                                                   -> loss_chunk.json
