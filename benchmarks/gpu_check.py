@@ -62,6 +62,8 @@ HEAD_VARIANTS = ("fused_step_recipe_default_cache/tad", "fused_step_recipe_chunk
 #: the loss_chunk step's variants, as the summary names them
 CHUNK_VARIANTS = {"fused_step_recipe_half_chunk/tad": "half loss_chunk_size",
                   "fused_step_recipe_double_chunk/tad": "twice loss_chunk_size"}
+#: bytes per element of the loss shapes' dtypes (a teacher projection kept in it)
+DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 #: per target architecture, (name, figure of its recipe_bench row, at least): the recipe's speed
 #: over the compiled transformers + Liger loop's (paired rounds), and its MFU
 RECIPE_TARGETS = {
@@ -273,6 +275,49 @@ def head_code(folder: Path) -> dict[str, Any]:
     return out
 
 
+def case_settings(case: str, shape: str) -> dict[str, Any]:
+    """The GPU configs' keys a recipe head case sets otherwise than the configs (``{}`` for the
+    recipe's head itself), from ``loss_bench.FUSED_OPTIONS``: a cache of one chunk as its MiB at
+    ``shape`` (``N,V,D,dtype``)."""
+    from loss_bench import FUSED_OPTIONS, HEAD_KEYS, ONE_CHUNK, RECIPE_HEAD
+
+    options = FUSED_OPTIONS.get(case.split("/")[0], {})
+    keys = {option: key for key, option in HEAD_KEYS.items()}
+    out = {}
+    for option, value in options.items():
+        if option in keys and value != RECIPE_HEAD.get(option):
+            if value == ONE_CHUNK:
+                _, vocab, _, dtype = shape.split(",")
+                value = options["chunk_size"] * int(vocab) * DTYPE_BYTES[dtype] / 2**20
+            out[keys[option]] = value
+    return out
+
+
+def head_choice(loss: dict[str, dict], chunk: dict[str, dict]) -> dict[str, Any]:
+    """Issue 19, item 5, per loss shape: among the recipe's head (CE + TAD at the GPU configs'
+    settings) and its variants (the loss step's and the loss_chunk step's), the fastest whose
+    peak memory is within Liger's (time: paired against the recipe's head in the step that ran
+    the variant; memory: against Liger's in the loss step), with the configs' keys it sets; None
+    where no case has both figures within Liger's memory. Not a target: what the configs'
+    defaults should be."""
+    out: dict[str, Any] = {}
+    for shape, f in loss.items():
+        figures = {HEAD_TAD: (1.0 if f["ms"].get(HEAD_TAD) is not None else None,
+                              f["ratios"].get("vs Liger memory"))}
+        for case, x in f.get("variants", {}).items():
+            figures[case] = (x["time_vs_recipe"], x["memory_vs_liger"])
+        c = chunk.get(shape, {})
+        for case, x in c.get("variants", {}).items():
+            figures[case] = (x["time_vs_recipe"], c["memory_vs_liger"].get(case))
+        within = {case: x for case, x in figures.items()
+                  if None not in x and x[1] <= 1.0}
+        best = min(within, key=lambda case: within[case][0]) if within else None
+        out[shape] = None if best is None else {
+            "case": best, "settings": case_settings(best, shape),
+            "time_vs_recipe": within[best][0], "memory_vs_liger": within[best][1]}
+    return out
+
+
 def target(name: str, value: float | None, limit: float, *, at_least: bool, unit: str,
            where: str, judged: bool, stand_in: bool = False, detail: str = "") -> dict[str, Any]:
     """One target: its figure against its limit; ``met`` is None when there is no figure, when
@@ -359,7 +404,8 @@ def summarize(out_dir: Path, steps: list[dict[str, Any]], loss_shapes: list[str]
 
     return {"dry_run": dry_run, "environment": environment(), "steps": steps, "tests": tests,
             "recipe_head": {"config": RECIPE_CONFIG.stem, "options": RECIPE_HEAD},
-            "loss": loss, "chunk": chunk, "head_code": head_code(out_dir / "inductor_code"),
+            "loss": loss, "chunk": chunk, "head_choice": head_choice(loss, chunk),
+            "head_code": head_code(out_dir / "inductor_code"),
             "recipes": recipes, "targets": targets, "problems": problems,
             "complete": not problems}
 
@@ -428,6 +474,15 @@ def print_summary(s: dict[str, Any]) -> None:
                   f"{fmt(x['memory_vs_recipe'], '.2f')}x the recipe head's in the same process")
     if not s["chunk"]:
         print("recipe head at half and twice loss_chunk_size: not measured (step loss_chunk)")
+    for shape, x in s["head_choice"].items():
+        print(f"item 5 ({shape}; not a target): " + (
+            "no CE + TAD head measured within Liger's memory" if x is None else
+            f"the fastest CE + TAD head within Liger's memory is {x['case']}, time "
+            f"{x['time_vs_recipe']:.2f}x the recipe head's, memory {x['memory_vs_liger']:.2f}x "
+            f"Liger's; the GPU configs' "
+            + ("settings as they are" if not x["settings"] else "settings with " + ", ".join(
+                f"{k}: {v:.0f}" if isinstance(v, float) else f"{k}: {v}"
+                for k, v in x["settings"].items()))))
     code = s["head_code"]
     for shape, cases in code["shapes"].items():
         print(f"inductor's code per {code['chunk']}-row chunk ({shape}): " + ", ".join(

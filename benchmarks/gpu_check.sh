@@ -58,7 +58,10 @@
 #                       2048 tokens, as the loss step (no chunk crosses a row of kept
 #                       teacher projections), 3 paired rounds, peak memory (issue 19, item 5)
 #                                                   -> loss_chunk.json
-#   summary             gpu_check.py summary: targets met/missed     -> summary.json
+#   summary             gpu_check.py summary: targets met/missed, and per shape (item 5,
+#                       not a target) the fastest CE + TAD head within Liger's memory among
+#                       the recipe's and its variants, with the config keys it changes
+#                                                                    -> summary.json
 # Everything printed also goes to OUT_DIR/gpu_check.log (8 files and inductor_code/ in all).
 # The caps are estimates until a GPU run records each step's seconds (summary.json "steps");
 # the loss and recipe steps' time is mostly inductor compiling (the recipe's blocks and head,

@@ -166,6 +166,7 @@ def test_dry_run_writes_every_result(dry_run):
                 chunk_rows[case]["peak_mib"] / chunk_rows["fused_step_recipe/tad"]["peak_mib"])
         assert f"recipe head at half loss_chunk_size ({shape}; " in log
         assert f"recipe head at twice loss_chunk_size ({shape}; " in log
+        assert f"item 5 ({shape}; not a target): " in log
     qwen, gemma = recipes["tiny_qwen2"], recipes["tiny_gemma2"]
     assert targets["vs transformers + Liger (qwen2_5_3b_half)"]["value"] == qwen[
         "recipe_over_peer"]
@@ -386,3 +387,49 @@ def test_a_checkout_that_differs_from_the_installed_project_is_named(tmp_path):
     (tmp_path / "tad_torchtune" / "losses" / "new.py").write_text("")
     assert sorted(gpu_check.installed_differences(tmp_path)) == [
         "recipes/tad_distill.py: differs", "tad_torchtune/losses/new.py: missing"]
+
+
+def test_item_5_names_the_fastest_head_within_liger_memory(tmp_path, capsys):
+    """Among the recipe's head and its variants (the loss step's, the loss_chunk step's: time
+    paired against the recipe head of their own step), the fastest whose peak is within Liger's
+    (1000 MiB here), with the configs' keys it changes; none where nothing fits."""
+    out = tmp_path / "run"
+    write_run(out, head=1.0, head_fkl=1.0, memory=1.1, peer=1.2, mfu=0.6)  # head: 1100 MiB
+    slow = [1.0, 2.0, 1.0]
+    qwen, gemma = GPU_SHAPES
+    rows = json.loads((out / "loss_bench.json").read_text())
+    for shape in GPU_SHAPES:
+        rows += [loss_row(shape, "fused_step_recipe_chunk_cache/tad",
+                          [105 * x for x in slow], 950.0),
+                 loss_row(shape, "fused_step_recipe_default_cache/tad",
+                          [120 * x for x in slow], 900.0),
+                 loss_row(shape, "fused_step_recipe_fp32_wgrad/tad",
+                          [95 * x for x in slow], 1200.0)]  # faster, over Liger's memory
+    (out / "loss_bench.json").write_text(json.dumps(rows))
+    (out / "loss_chunk.json").write_text(json.dumps([  # Qwen's shape only: the half chunk fits
+        loss_row(qwen, "fused_step_recipe/tad", [50 * x for x in slow], 1100.0),
+        loss_row(qwen, "fused_step_recipe_half_chunk/tad", [51 * x for x in slow], 900.0),
+        loss_row(qwen, "fused_step_recipe_double_chunk/tad", [45 * x for x in slow], 1400.0)]))
+    s = summarize(out, gpu_check.read_steps(out / "steps.tsv"))
+    choice = s["head_choice"]
+    assert choice[qwen]["case"] == "fused_step_recipe_half_chunk/tad"
+    assert choice[qwen]["settings"] == {"loss_chunk_size": 512}
+    assert choice[qwen]["time_vs_recipe"] == pytest.approx(1.02)
+    assert choice[qwen]["memory_vs_liger"] == pytest.approx(0.9)
+    assert choice[gemma]["case"] == "fused_step_recipe_chunk_cache/tad"
+    # one chunk of 1024 Gemma2 teacher projections in bf16: 1024 x 256000 x 2 bytes
+    assert choice[gemma]["settings"] == {"fused_teacher_cache_mib": pytest.approx(500.0)}
+    gpu_check.print_summary(s)
+    log = capsys.readouterr().out
+    assert (f"item 5 ({gemma}; not a target): the fastest CE + TAD head within Liger's memory "
+            "is fused_step_recipe_chunk_cache/tad, time 1.05x the recipe head's, memory 0.95x "
+            "Liger's; the GPU configs' settings with fused_teacher_cache_mib: 500") in log
+
+    write_run(tmp_path / "none", head=1.0, head_fkl=1.0, memory=1.1, peer=1.2, mfu=0.6)
+    s = summarize(tmp_path / "none", gpu_check.read_steps(tmp_path / "none" / "steps.tsv"))
+    assert s["head_choice"] == {qwen: None, gemma: None}
+    write_run(tmp_path / "fits", head=1.0, head_fkl=1.0, memory=0.9, peer=1.2, mfu=0.6)
+    s = summarize(tmp_path / "fits", gpu_check.read_steps(tmp_path / "fits" / "steps.tsv"))
+    assert s["head_choice"][qwen] == {"case": "fused_step_recipe/tad", "settings": {},
+                                      "time_vs_recipe": 1.0,
+                                      "memory_vs_liger": pytest.approx(0.9)}
