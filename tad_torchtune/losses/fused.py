@@ -288,21 +288,17 @@ def _compiled(fn):
     return _COMPILED[fn]
 
 
-def _dynamic_rows(z: Tensor, t: Tensor, *per_token) -> tuple:
-    """A compiled chunk's arguments (the logits ``z`` and ``t``, then the per-token ones: a
-    tensor or a tuple of them) with their token dimension marked dynamic, so that a head whose
-    chunks come in two lengths (halves and whole chunks) compiles ONE graph for both instead of
-    a static one and then a dynamic one (``_compiled``). A dynamic tensor's storage offset is
-    symbolic too, and guarded: the per-token slices (``[n]``, ``[n, K]``: nothing beside the
-    ``[n, V]`` logits) are copied to offset 0, else the first equal offsets add an equality
-    guard that the next segment breaks, one more compile."""
-    def mark(x: Tensor, copy: bool = True) -> Tensor:
-        x = x.clone() if copy else x
-        torch._dynamo.maybe_mark_dynamic(x, 0)
-        return x
-
-    return (mark(z, copy=False), mark(t, copy=False),
-            *(tuple(map(mark, x)) if isinstance(x, tuple) else mark(x) for x in per_token))
+def _dynamic_rows(*args) -> None:
+    """Marks the token dimension of a compiled chunk's tensors (a tensor or a tuple of them
+    each) dynamic, so that a head whose chunks come in two lengths (halves and whole chunks)
+    compiles ONE graph for both instead of a static one and then a dynamic one
+    (``_compiled``). A dynamic tensor's storage offset is symbolic and guarded too: the graph
+    is compiled at the first call, where every slice starts at offset 0 (no flag per chunk
+    makes a later first call; ``docs/design.md``)."""
+    for x in args:
+        for y in x if isinstance(x, tuple) else (x,):
+            if isinstance(y, Tensor) and y.dim():
+                torch._dynamo.maybe_mark_dynamic(y, 0)
 
 
 def _project(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -480,7 +476,11 @@ class _FusedHead(torch.autograd.Function):
         for seg_start in range(0, n, max(1, seg_rows * row_len)):
             seg = slice(seg_start, min(seg_start + seg_rows * row_len, n))
             slices = chunk_slices(seg.stop - seg.start, plan.chunk_size)  # never cross a segment
-            flags = chunks_with_ignored(valid[seg], slices)
+            # compiled, every chunk masks its ignored rows: the mask is fused into the loops
+            # (no pass of its own), and one graph per function serves every chunk, where a
+            # flag per chunk compiles two (and asks the device for the flags)
+            flags = ([True] * len(slices) if plan.compile_chunks
+                     else chunks_with_ignored(valid[seg], slices))
             extras: tuple[Tensor, ...] = ()
             if div is not None:
                 extras = teacher.extras(seg, slices, flags, valid[seg],
@@ -502,7 +502,7 @@ class _FusedHead(torch.autograd.Function):
                     z = _project(h_s[sl], w_s, b_s)
                     args = (z, t, y[sl], rows, tuple(e[piece] for e in extras))
                     if dynamic:
-                        args = _dynamic_rows(*args)
+                        _dynamic_rows(*args)
                     part, grad, bias_part = step(*args, div_grad, ignored, settings)
                     del z, t, args
                     sums += part
