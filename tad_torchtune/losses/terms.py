@@ -108,8 +108,8 @@ def in_ids(ids: Tensor, vocab: int) -> Tensor:
     the column index with the row's ids: an element-wise expression inductor computes inside the
     loop that reads it, so the compiled chunk functions never write a ``[n, V]`` mask (or a
     scatter's copy of a ``[n, V]`` buffer). One traced mask that two loops (two kernels) read is
-    stored, though: written in the first, read in the second, 2 bytes per entry in bf16 where
-    the K comparisons cost none; so each loop calls this for its own (a separate call is a node
+    stored, though: written in the first, read in the second, 2 bytes per entry where
+    the K comparisons move none; so each loop calls this for its own (a separate call is a node
     of its own in the traced graph)."""
     if not torch.compiler.is_compiling():
         mask = torch.zeros(ids.shape[0], vocab, dtype=torch.bool, device=ids.device)
