@@ -62,8 +62,6 @@ HEAD_VARIANTS = ("fused_step_recipe_default_cache/tad", "fused_step_recipe_chunk
 #: the loss_chunk step's variants, as the summary names them
 CHUNK_VARIANTS = {"fused_step_recipe_half_chunk/tad": "half loss_chunk_size",
                   "fused_step_recipe_double_chunk/tad": "twice loss_chunk_size"}
-#: bytes per element of the loss shapes' dtypes (a teacher projection kept in it)
-DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 #: per target architecture, (name, figure of its recipe_bench row, at least): the recipe's speed
 #: over the compiled transformers + Liger loop's (paired rounds), and its MFU
 RECIPE_TARGETS = {
@@ -278,8 +276,12 @@ def head_code(folder: Path) -> dict[str, Any]:
 def case_settings(case: str, shape: str) -> dict[str, Any]:
     """The GPU configs' keys a recipe head case sets otherwise than the configs (``{}`` for the
     recipe's head itself), from ``loss_bench.FUSED_OPTIONS``: a cache of one chunk as its MiB at
-    ``shape`` (``N,V,D,dtype``)."""
-    from loss_bench import FUSED_OPTIONS, HEAD_KEYS, ONE_CHUNK, RECIPE_HEAD
+    ``shape`` (``N,V,D,dtype``; ``fused.teacher_projection_bytes``, as ``loss_bench`` sizes
+    that case)."""
+    import torch
+    from loss_bench import DTYPES, FUSED_OPTIONS, HEAD_KEYS, ONE_CHUNK, RECIPE_HEAD, parse_shape
+
+    from tad_torchtune.losses.fused import teacher_projection_bytes
 
     options = FUSED_OPTIONS.get(case.split("/")[0], {})
     keys = {option: key for key, option in HEAD_KEYS.items()}
@@ -287,8 +289,9 @@ def case_settings(case: str, shape: str) -> dict[str, Any]:
     for option, value in options.items():
         if option in keys and value != RECIPE_HEAD.get(option):
             if value == ONE_CHUNK:
-                _, vocab, _, dtype = shape.split(",")
-                value = options["chunk_size"] * int(vocab) * DTYPE_BYTES[dtype] / 2**20
+                _, vocab, _, dtype = parse_shape(shape)
+                meta = torch.empty(vocab, 0, dtype=DTYPES[dtype], device="meta")
+                value = teacher_projection_bytes(options["chunk_size"], meta, meta) / 2**20
             out[keys[option]] = value
     return out
 

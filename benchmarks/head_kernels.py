@@ -393,7 +393,7 @@ def kernel_traffic(source: str, sizes: dict[str, int] | None = None) -> dict:
     if xnumel is None:
         raise ValueError("a kernel of a dynamic size launched with no value for it (the "
                          "graph's rows)")
-    signature = dict(re.findall(r"'(\w+)': '([^']+)'", _SIGNATURE.search(source).group(1)))
+    signature = dict(_signature(source))
     defs: dict[str, str] = {}
     accesses: set[tuple[int, str, str, str]] = set()
     loop, loops, in_loop_indent = 0, 0, None
@@ -426,6 +426,21 @@ _EXTERN = re.compile(r"^\s+(?:\w+ = )?((?:torch\.ops|aten|extern_kernels)\.[\w.]
 _ASSIGN = re.compile(r"^\s+(\w+) = ([^;#\n]+)$", re.M)
 
 
+def _signature(source: str) -> list[tuple[str, str]]:
+    """A generated kernel's parameters with their Triton types, in order."""
+    return re.findall(r"'(\w+)': '([^']+)'", _SIGNATURE.search(source).group(1))
+
+
+def _int_value(expr: str, env: dict[str, int]) -> int | None:
+    """``expr`` (of a graph's ``call``) evaluated over the integers ``env``; None where it is
+    not an integer of them (a buffer, a call)."""
+    try:
+        value = eval(expr, {"__builtins__": {}}, dict(env))  # noqa: S307 (inductor's code)
+    except Exception:  # noqa: BLE001
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _call_sizes(calls: str, rows: int | None) -> dict[str, int]:
     """The integers a graph's ``call`` computes: its symbolic sizes (``s10 = arg3_1``; the
     head's graphs have one, the chunk's tokens, under many names) bound to ``rows``, and what
@@ -437,11 +452,8 @@ def _call_sizes(calls: str, rows: int | None) -> dict[str, int]:
             if rows is not None:
                 env[name] = rows
             continue
-        try:
-            value = eval(expr, {"__builtins__": {}}, dict(env))  # noqa: S307 (inductor's)
-        except Exception:  # noqa: BLE001  (a buffer, a call: not an integer of the sizes)
-            continue
-        if isinstance(value, int) and not isinstance(value, bool):
+        value = _int_value(expr, env)
+        if value is not None:
             env[name] = value
     return env
 
@@ -461,17 +473,9 @@ def _arguments(text: str) -> list[str]:
 def _launch_sizes(source: str, arguments: list[str], env: dict[str, int]) -> dict[str, int]:
     """A kernel's integer parameters as one launch passes them: its signature's parameters
     (not the ``constexpr`` ones) in order, each argument evaluated in ``env``."""
-    signature = re.findall(r"'(\w+)': '([^']+)'", _SIGNATURE.search(source).group(1))
-    params = [name for name, kind in signature if kind != "constexpr"]
-    sizes = {}
-    for name, arg in zip(params, arguments):
-        try:
-            value = eval(arg, {"__builtins__": {}}, dict(env))  # noqa: S307 (inductor's)
-        except Exception:  # noqa: BLE001  (a buffer)
-            continue
-        if isinstance(value, int) and not isinstance(value, bool):
-            sizes[name] = value
-    return sizes
+    params = [name for name, kind in _signature(source) if kind != "constexpr"]
+    values = {name: _int_value(arg, env) for name, arg in zip(params, arguments)}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def graph_traffic(code: str, rows: int | None = None) -> list[dict]:

@@ -387,9 +387,6 @@ class _CachedTeacher:
     def chunk(self, i: int, sl: slice) -> None:
         return None
 
-    def halves(self) -> bool:
-        return False
-
 
 _MIXED_MM: dict[tuple[str, torch.dtype], bool] = {}
 

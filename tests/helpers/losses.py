@@ -240,16 +240,21 @@ def matmul_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def count_teacher_projections(monkeypatch, w_t: torch.Tensor) -> list[int]:
-    """Patch F.linear to count the projections through the teacher weight ``w_t``: the rows of
-    each, appended to the returned list."""
+def count_projections(monkeypatch, through) -> list[int]:
+    """Patch F.linear to count the projections through a weight ``w`` where ``through(w)``: the
+    rows of each, appended to the returned list."""
     calls = []
     linear = torch.nn.functional.linear
 
     def counting(x, w, *args):
-        if w.data_ptr() == w_t.data_ptr():
+        if through(w):
             calls.append(x.shape[0])
         return linear(x, w, *args)
 
     monkeypatch.setattr(torch.nn.functional, "linear", counting)
     return calls
+
+
+def count_teacher_projections(monkeypatch, w_t: torch.Tensor) -> list[int]:
+    """``count_projections`` through the teacher weight ``w_t`` itself."""
+    return count_projections(monkeypatch, lambda w: w.data_ptr() == w_t.data_ptr())

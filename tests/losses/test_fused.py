@@ -25,6 +25,7 @@ from tests.helpers.losses import (
     V,
     assert_head_equals,
     assert_same,
+    count_projections,
     count_teacher_projections,
     bf16_reference,
     fused,
@@ -377,15 +378,8 @@ def test_kept_segments_run_their_first_chunks_in_halves(monkeypatch, cache_bytes
     peak: the rows the student is projected on, chunk by chunk, with the same values."""
     div = TADLoss(k=10, beta=2.0)
     case = make_case(12)
-    calls = []
-    linear = torch.nn.functional.linear
-
-    def counting(x, w, *args):  # the student's projections (its width D; the teacher's D_T)
-        if w.shape[1] == D:
-            calls.append(x.shape[0])
-        return linear(x, w, *args)
-
-    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    # the student's projections: its width D (the teacher's is D_T); ``fused`` copies w_s
+    calls = count_projections(monkeypatch, lambda w: w.shape[1] == D)
     got = fused(div, *case, chunk_size=12,
                 teacher_cache_mib=None if cache_bytes is None else cache_bytes / 2**20)
     assert calls == pieces
