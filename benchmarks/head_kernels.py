@@ -351,39 +351,83 @@ _ACCESS = re.compile(r"tl\.(load|store)\((\w+) \+ \((.*?)\), ")
 _SIGNATURE = re.compile(r"'signature': \{(.*?)\}")
 
 
-def _distinct(index: str, defs: dict[str, str], xnumel: int, rnumel: int,
+def _distinct(index: str | list[str], defs: dict[str, str], xnumel: int, rnumel: int,
               sizes: dict[str, int] | None = None) -> int | None:
     """How many distinct elements ``index`` (an index expression of a Triton kernel, over its
     index variables ``defs`` and its integer arguments ``sizes``, e.g. a dynamic size ``ks0``)
-    addresses over an ``xnumel x rnumel`` iteration space; None where it is not a plain
-    expression of them. Evaluated a block of ``x`` at a time (at most ``_BLOCK_ELEMENTS``
-    addresses), the addresses marked in a bitmap."""
+    addresses over an ``xnumel x rnumel`` iteration space; for a list of expressions, how many
+    distinct tuples of their values; None where one is not a plain expression of them (or the
+    tuples are too many to mark). Evaluated a block of ``x`` at a time (at most
+    ``_BLOCK_ELEMENTS`` addresses), the addresses marked in a bitmap."""
     import numpy as np
 
+    indexes = [index] if isinstance(index, str) else list(index)
+    if not indexes:
+        return 1
     r_index = np.arange(max(rnumel, 1), dtype=np.int64)[None, :]
     block = max(1, _BLOCK_ELEMENTS // max(rnumel, 1))
-    seen = np.zeros(0, dtype=bool)
-    for start in range(0, xnumel, block):
-        env = {**(sizes or {}),
-               "xindex": np.arange(start, min(start + block, xnumel), dtype=np.int64)[:, None],
-               "r0_index": r_index}
-        try:
+
+    def blocks():
+        for start in range(0, xnumel, block):
+            env = {**(sizes or {}),
+                   "xindex": np.arange(start, min(start + block, xnumel), dtype=np.int64)[:, None],
+                   "r0_index": r_index}
             for name, expr in defs.items():
                 env[name] = eval(expr, {"__builtins__": {}}, env)  # noqa: S307 (inductor's)
-            address = np.asarray(eval(index, {"__builtins__": {}}, env)).ravel()  # noqa: S307
-        except Exception:  # noqa: BLE001  (a name or function of Triton's: not plain)
-            return None
-        if address.size and address.max() >= seen.size:
-            seen = np.concatenate([seen, np.zeros(int(address.max()) + 1 - seen.size, bool)])
-        seen[address] = True
+            shape = np.broadcast_shapes(env["xindex"].shape, r_index.shape if rnumel else (1,))
+            yield [np.broadcast_to(np.asarray(eval(i, {"__builtins__": {}}, env)),  # noqa: S307
+                                   shape).ravel() for i in indexes]
+
+    try:
+        strides = [1]
+        if len(indexes) > 1:  # a tuple as one mixed-radix number: each value's range first
+            tops = [0] * len(indexes)
+            for values in blocks():
+                if any(v.size and v.min() < 0 for v in values):
+                    return None
+                tops = [max(t, int(v.max()) + 1 if v.size else 0) for t, v in zip(tops, values)]
+            for top in tops[:-1]:
+                strides.append(strides[-1] * max(top, 1))
+            if strides[-1] * max(tops[-1], 1) > 1 << 32:
+                return None
+        seen = np.zeros(0, dtype=bool)
+        for values in blocks():
+            address = sum(v * stride for v, stride in zip(values, strides))
+            if address.size and address.max() >= seen.size:
+                seen = np.concatenate([seen, np.zeros(int(address.max()) + 1 - seen.size, bool)])
+            seen[address] = True
+    except Exception:  # noqa: BLE001  (a name or function of Triton's: not plain)
+        return None
     return int(seen.sum())
+
+
+_TMP = re.compile(r"^\s+(tmp\d+) = (.+)$")
+_NAME = re.compile(r"(?<![\w.])(tmp\d+|xindex|r0_index|(?:x|r0_)\d+)\b")
+_LOAD = re.compile(r"tl\.load\(\w+ \+ \((.*?)\), ")
+
+
+def _index_variables(expr: str, tmps: dict[str, frozenset | None]) -> frozenset | None:
+    """The index variables (``x0``, ``r0_1``...) that the value of ``expr`` is a function of,
+    through the loaded values (``tmp``) it reads; None where it reads one that is not such a
+    function (an accumulator, a reduction's result)."""
+    out: set[str] = set()
+    for name in _NAME.findall(expr):
+        if name.startswith("tmp"):
+            if tmps.get(name) is None:
+                return None
+            out |= tmps[name]
+        else:
+            out.add(name)
+    return frozenset(out)
 
 
 def kernel_traffic(source: str, sizes: dict[str, int] | None = None) -> dict:
     """What one generated Triton kernel moves: its iteration space, its loops over the
     reduction dimension (``r0``), and per load and store, the distinct elements it addresses
     times their size: bytes read and written, each loop reading its inputs again. An indirect
-    access (through a loaded value) counts one element per iteration that runs it. ``sizes``:
+    access (through a loaded value) counts one element per distinct value of the index variables
+    its address is a function of (a row's label read through its id: one per row), or per
+    iteration that runs it where that is not known (an index computed by a reduction). ``sizes``:
     the integer arguments of its launch (``xnumel``, ``r0_numel``, ``ks0``...), which a kernel
     of a dynamic dimension takes where a static one has them written in."""
     sizes = sizes or {}
@@ -396,6 +440,7 @@ def kernel_traffic(source: str, sizes: dict[str, int] | None = None) -> dict:
     signature = dict(_signature(source))
     defs: dict[str, str] = {}
     accesses: set[tuple[int, str, str, str]] = set()
+    tmps: dict[str, frozenset | None] = {}  # a loaded or computed value's index variables
     loop, loops, in_loop_indent = 0, 0, None
     body = source[source.index("def triton_"):]
     for line in body.splitlines():
@@ -408,14 +453,25 @@ def kernel_traffic(source: str, sizes: dict[str, int] | None = None) -> dict:
         defined = _DEFINE.match(line)
         if defined and not defined.group(2).startswith("tl."):
             defs[defined.group(1)] = defined.group(2)
+        value = _TMP.match(line)
+        if value:
+            expr = value.group(2)
+            load = _LOAD.search(expr)
+            tmps[value.group(1)] = (
+                None if "_tmp" in expr or re.search(r"\btl\.(sum|max|min|reduce|argm)", expr)
+                else _index_variables(load.group(1) if load else expr, tmps))
         for kind, pointer, index in _ACCESS.findall(line):
             accesses.add((loop if in_loop_indent is not None else 0, kind, pointer, index))
     persistent = rnumel > 0 and loops == 0
     moved = {"load": 0, "store": 0}
     for where, kind, pointer, index in accesses:
         iterations = xnumel * (rnumel if (where or persistent) and rnumel else 1)
-        exact = None if "tmp" in index else _distinct(
-            index, defs, xnumel, rnumel if (where or persistent) else 0, sizes)
+        space = (xnumel, rnumel if (where or persistent) else 0)
+        if "tmp" in index:  # indirect: the distinct values of what the address depends on
+            names = _index_variables(index, tmps)
+            exact = None if names is None else _distinct(sorted(names), defs, *space, sizes)
+        else:
+            exact = _distinct(index, defs, *space, sizes)
         moved[kind] += (iterations if exact is None else exact) * TRITON_BYTES[signature[pointer]]
     return {"xnumel": xnumel, "rnumel": rnumel, "loops": loops, "persistent": persistent,
             "read": moved["load"], "written": moved["store"]}

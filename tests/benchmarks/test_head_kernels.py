@@ -41,18 +41,53 @@ def test_op_counter_counts_the_big_tensors_of_each_op_and_skips_matmuls_and_view
 def test_graph_traffic_reads_the_kernels_as_a_gpu_runs_them():
     """Each loop reads its inputs again; an address repeated within a loop counts once (a row's
     id read in every iteration, a ``[V]`` vector broadcast over rows); a load through a loaded
-    index counts once per iteration; the library calls are listed in launch order."""
+    index counts once per distinct value of what it depends on (the row's id: once per row);
+    the library calls are listed in launch order."""
     kernels = head_kernels.graph_traffic(TRITON_GRAPH)
     assert [(k["kind"], k["name"]) for k in kernels] == [
         ("triton", "triton_red_fused_0"), ("extern", "torch.ops.aten.topk.default"),
         ("triton", "triton_poi_fused_1"), ("extern", "aten.scatter_reduce_.two")]
     red, poi = kernels[0], kernels[2]
     assert (red["xnumel"], red["rnumel"], red["loops"], red["persistent"]) == (4, 100, 2, False)
-    # the row ids (4 x 8 bytes); the logits twice (2 x 400 x 2); the gather, 400 x 2
-    assert red["read"] == 4 * 8 + 2 * 400 * 2 + 400 * 2
+    # the row ids (4 x 8 bytes); the logits twice (2 x 400 x 2); the gather at the ids, 4 x 2
+    assert red["read"] == 4 * 8 + 2 * 400 * 2 + 4 * 2
     assert red["written"] == 400 * 4 + 4 * 4
     assert (poi["xnumel"], poi["rnumel"], poi["loops"]) == (400, 0, 0)
     assert poi["read"] == 400 * 4 + 4 * 4 + 100 * 4 and poi["written"] == 400 * 2
+
+
+INDIRECT_KERNEL = """
+    triton_meta={'signature': {'in_ptr0': '*fp32', 'in_ptr1': '*i64', 'in_ptr2': '*i64', \
+'out_ptr0': '*fp32', 'xnumel': 'i32', 'XBLOCK': 'constexpr'}, 'device': 'cuda'},
+@triton.jit
+def triton_poi_fused_0(in_ptr0, in_ptr1, in_ptr2, out_ptr0, xnumel, XBLOCK : tl.constexpr):
+    xnumel = 600
+    xoffset = tl.program_id(0) * XBLOCK
+    xindex = xoffset + tl.arange(0, XBLOCK)[:]
+    xmask = xindex < xnumel
+    x1 = xindex // 100
+    x2 = xindex
+    tmp0 = tl.load(in_ptr1 + (x1), xmask, eviction_policy='evict_last')
+    tmp1 = tl.full([1], 100, tl.int64)
+    tmp2 = tmp0 + tmp1
+    tmp3 = tl.where(tmp0 < 0, tmp2, tmp0)
+    tmp4 = tl.load(in_ptr0 + (tmp3 + 100*x1), xmask, eviction_policy='evict_last')
+    tmp5 = tl.load(in_ptr2 + (x2), xmask)
+    tmp6 = tl.load(in_ptr0 + (tmp5), xmask)
+    tmp7 = tl.sum(tmp4, 0)
+    tmp8 = tl.load(in_ptr0 + (tmp7 + x1), xmask)
+    tl.store(out_ptr0 + (x2), tmp4 + tmp6 + tmp8, xmask)
+"""
+
+
+def test_kernel_traffic_counts_an_indirect_access_by_what_its_address_depends_on():
+    """Through a row's id (wrapped as inductor wraps negative ids): once per row, 6 x 4 bytes;
+    through an id per element: once per element, 600 x 4; through a reduction's result: not
+    known, once per element."""
+    traffic = head_kernels.kernel_traffic(INDIRECT_KERNEL)
+    ids = 6 * 8 + 600 * 8  # the row ids, the element ids
+    assert traffic["read"] == ids + 6 * 4 + 600 * 4 + 600 * 4
+    assert traffic["written"] == 600 * 4
 
 
 def test_graph_traffic_reads_a_dynamic_graph_at_the_rows_given():
