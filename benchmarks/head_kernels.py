@@ -292,7 +292,8 @@ def triton_codegen():
     CPU store every reused value computed with an ``exp`` or a ``log``, and allow larger
     expressions) and its loop reordering in fusion take their GPU branches (``ir.is_cpu`` and
     ``BaseSchedulerNode.is_cpu`` answer False); the head's own settings for a GPU apply
-    (``fused.INDUCTOR_OPTIONS``); the backend hash, which asks a GPU driver, is a constant.
+    (``fused.INDUCTOR_OPTIONS`` and a divergence's ``gpu_inductor_options``, as
+    ``fused._gpu_settings`` answers True); the backend hash, which asks a GPU driver, is a constant.
     Left out: autotuned block sizes, split reductions sized by the GPU's multiprocessor count,
     and the mixed-order reductions inductor skips on a CPU.
     Needs a fresh process: inductor registers its pattern rewrites once per process, before this
@@ -313,8 +314,7 @@ def triton_codegen():
     def backend(gm, example_inputs):
         count = len(records)
         try:
-            with inductor_config.patch({**fused.INDUCTOR_OPTIONS, "cpu_backend": "triton",
-                                        "fx_graph_cache": False}):
+            with inductor_config.patch({"cpu_backend": "triton", "fx_graph_cache": False}):
                 compile_fx.compile_fx(gm, example_inputs)
         except Exception:  # noqa: BLE001  (the hook's _Generated, wrapped by inductor)
             if len(records) == count:
@@ -324,7 +324,9 @@ def triton_codegen():
     hash_ = torch.utils._triton.triton_hash_with_backend
     compile_ = torch.compile
     is_cpu, node_is_cpu = ir.is_cpu, scheduler.BaseSchedulerNode.is_cpu
+    gpu_settings = fused._gpu_settings
     _EMULATING[0] = True
+    fused._gpu_settings = lambda z: True
     ir.is_cpu = lambda node: False
     scheduler.BaseSchedulerNode.is_cpu = lambda node: False
     torch.utils._triton.triton_hash_with_backend = lambda: "triton-on-cpu-as-on-cuda"
@@ -336,6 +338,7 @@ def triton_codegen():
         yield records
     finally:
         _EMULATING[0] = False
+        fused._gpu_settings = gpu_settings
         ir.is_cpu, scheduler.BaseSchedulerNode.is_cpu = is_cpu, node_is_cpu
         torch.utils._triton.triton_hash_with_backend = hash_
         GraphLowering.save_output_code = None

@@ -106,7 +106,8 @@ class Divergence(nn.Module):
       divergence cannot serve ``use`` (the vocabulary, the cache, the fused head).
 
     ``reads_labels``: the per-chunk math reads the label (DRKL), so a cache adapter keeps the
-    label as an outcome of its own. A new divergence is one subclass with a ``name`` (it joins
+    label as an outcome of its own. ``gpu_inductor_options``: inductor settings for the fused
+    head's compiled chunk on a GPU beside ``fused.INDUCTOR_OPTIONS`` (DRKL's). A new divergence is one subclass with a ``name`` (it joins
     ``DIVERGENCES``) that sets ``chunk_fn``; see ``docs/design.md``.
 
     Args:
@@ -119,6 +120,7 @@ class Divergence(nn.Module):
     #: names of the per-token diagnostics in ``DivergenceOutput.stats``
     stat_names: ClassVar[tuple[str, ...]] = ()
     reads_labels: ClassVar[bool] = False
+    gpu_inductor_options: ClassVar[dict] = {}
     top_k: int | None = None
     chunk_fn = None
     chunk_grad_fn = None

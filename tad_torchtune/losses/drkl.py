@@ -93,8 +93,8 @@ def make_drkl_chunk_grad(gamma: float):
 
         if torch.compiler.is_compiling():
             # the same terms as expressions, none written in place: on a GPU inductor
-            # recomputes qh (log qh - log ph) in the gradient's loop (fused.INDUCTOR_OPTIONS)
-            # where the in-place form stores it
+            # recomputes qh (log qh - log ph) in the gradient's loop (fused.INDUCTOR_OPTIONS,
+            # DRKLLoss.gpu_inductor_options) where the in-place form stores it
             log_qh = s - safe_finite(lse_s_nt).unsqueeze(-1)
             qh = torch.where(is_y, zero, log_qh.exp())  # (n, V), 0 at the target id
             log_ph = t - safe_finite(lse_t_nt).unsqueeze(-1)
@@ -153,6 +153,12 @@ class DRKLLoss(Divergence):
     name = "drkl"
     stat_names = ("kl_binary", "kl_nontarget", "q_target")
     reads_labels = True
+    #: the non-target log ratio, read by its sum's loop and the gradient's, is an expression of
+    #: over 30 ops (the two log-normalisers' guards inlined): at inductor's default opcount
+    #: threshold it is stored in a float32 ``[n, V]`` buffer and read back (5.0 passes per chunk
+    #: in bf16; recomputed 3.5, reverse KL's; ``benchmarks/RESULTS.md``). Not for every
+    #: divergence: at 64 TAD's top-K set is stored again.
+    gpu_inductor_options = {"realize_opcount_threshold": 64}
 
     def __init__(self, *, gamma: float = 1.0, temperature: float = 1.0,
                  ignore_index: int = -100) -> None:

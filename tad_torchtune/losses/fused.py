@@ -267,25 +267,33 @@ _COMPILED: dict = {}
 INDUCTOR_OPTIONS = {"realize_reads_threshold": 8}
 
 
-def _compiled(fn):
-    """``torch.compile(fn)``, built once per function (recompiles for a new chunk length, then
-    with a dynamic token dimension; a new device compiles anew), on a GPU under
-    ``INDUCTOR_OPTIONS`` (a configuration patch around each call: whatever backend
-    ``torch.compile`` is given, as the tests' are)."""
-    if fn not in _COMPILED:
+def _compiled(fn, options: dict | None = None):
+    """``torch.compile(fn)``, built once per function and ``options`` (recompiles for a new
+    chunk length, then with a dynamic token dimension; a new device compiles anew), on a GPU
+    under ``INDUCTOR_OPTIONS`` and ``options`` (a configuration patch around each call: whatever
+    backend ``torch.compile`` is given, as the tests' are)."""
+    key = (fn, tuple(sorted((options or {}).items())))
+    if key not in _COMPILED:
         from torch._inductor import config as inductor_config
 
         compiled = torch.compile(fn)
+        settings = {**INDUCTOR_OPTIONS, **(options or {})}
 
         @functools.wraps(fn)
         def run(*args, **kwargs):
-            if not args[0].is_cuda:  # the chunk's logits
+            if not _gpu_settings(args[0]):  # the chunk's logits
                 return compiled(*args, **kwargs)
-            with inductor_config.patch(INDUCTOR_OPTIONS):
+            with inductor_config.patch(settings):
                 return compiled(*args, **kwargs)
 
-        _COMPILED[fn] = run
-    return _COMPILED[fn]
+        _COMPILED[key] = run
+    return _COMPILED[key]
+
+
+def _gpu_settings(z: Tensor) -> bool:
+    """Whether a compiled chunk on ``z``'s device takes the GPU's inductor settings
+    (``benchmarks/head_kernels.py`` answers True where it generates a GPU's code on a CPU)."""
+    return z.is_cuda
 
 
 def _dynamic_rows(*args) -> None:
@@ -450,7 +458,8 @@ class _FusedHead(torch.autograd.Function):
                 closed, fn = teacher.cache.chunk_grad_fn(div), teacher.cache.chunk_fn(div)
             div_grad = closed or _autograd_chunk_grad(fn)
             folds_ce = closed is not None and div.temperature == 1.0
-        step = _compiled(_head_chunk) if plan.compile_chunks else _head_chunk
+        step = (_compiled(_head_chunk, div.gpu_inductor_options if div is not None else None)
+                if plan.compile_chunks else _head_chunk)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = b_s is not None and ctx.needs_input_grad[2]
         # float32 even for bf16 inputs: the weight gradient is a sum over all chunks (unless

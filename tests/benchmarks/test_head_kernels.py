@@ -112,11 +112,14 @@ def test_triton_table_at_a_tiny_chunk(tmp_path):
     """What inductor generates for a GPU, read on this CPU: the CE reads a row of logits twice
     (its log-sum-exp in one loop, inductor's online softmax) and writes the gradient once; CE +
     TAD in two loops over the student's logits after the two of the teacher's split (its two
-    ``topk`` library calls between them); every figure at least the minimum."""
+    ``topk`` library calls between them); CE + DRKL moves what CE + reverse KL moves (its
+    non-target log ratio recomputed, not stored: ``gpu_inductor_options``); every figure at
+    least the minimum."""
     out = tmp_path / "head_kernels.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "head_kernels.py"),
                            "--backend", "triton", "--chunk", "16", "--vocab", "4096",
                            "--hidden", "8", "--dtype", "bfloat16", "--divergences", "tad", "ce",
+                           "drkl", "reverse_kl",
                            "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["divergence"]: r for r in json.loads(out.read_text())}
@@ -125,6 +128,9 @@ def test_triton_table_at_a_tiny_chunk(tmp_path):
     # the teacher's block maxima and tail, the student's tail log-sum-exp, the gradient; the
     # top-K set computed in each loop that reads it (3.8 passes with it stored as a bool mask)
     assert tad["external"] == 2 and tad["loops"] == 4 and 3.0 <= tad["passes"] < 3.5, tad
+    drkl, rkl = rows["drkl"]["compiled"], rows["reverse_kl"]["compiled"]
+    assert drkl["loops"] == rkl["loops"] == 3, (drkl, rkl)
+    assert 3.5 <= rkl["passes"] < 3.55 and drkl["passes"] < rkl["passes"] + 0.05, (drkl, rkl)
     for r in rows.values():
         assert r["backend"] == "triton" and r["compiled"]["passes"] >= r["min_passes"]
     assert "Triton code for a GPU" in proc.stdout

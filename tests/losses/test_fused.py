@@ -1,6 +1,7 @@
 """The fused path (hidden states + output weights in, loss and gradients out) against the unfused
 divergences on materialised logits, and the closed-form chunk gradients against autograd."""
 
+import functools
 import os
 import socket
 import sys
@@ -587,7 +588,6 @@ def test_compiled_chunks_compile_once(monkeypatch, name):
     """Steps after the first compile nothing: the chunk functions' guards (chunk length, ignored
     rows or not, the settings) hold from step to step, as a GPU run's throughput needs. Dynamo's
     guards do not depend on the backend, so AOTAutograd without code generation stands in."""
-    import functools
 
     from torch._dynamo.utils import counters
 
@@ -611,7 +611,6 @@ def test_compiled_chunks_settle_on_batches_of_any_length(monkeypatch, name):
     """Padded SFT batches change the last chunk's length from step to step: the second length
     makes dynamo compile that dimension dynamic, and no later length compiles anything (a GPU
     run pays two compiles, not one per batch length, and never hits the recompile limit)."""
-    import functools
 
     from torch._dynamo.utils import counters
 
@@ -632,6 +631,41 @@ def test_compiled_chunks_settle_on_batches_of_any_length(monkeypatch, name):
     assert graphs[2:] == [graphs[2]] * 5, graphs  # nothing after
 
 
+@pytest.mark.parametrize("gpu", [True, False])
+def test_compiled_chunks_take_the_gpu_settings_of_their_divergence(monkeypatch, gpu):
+    """On a GPU the chunk function compiles under ``INDUCTOR_OPTIONS`` and its divergence's
+    ``gpu_inductor_options`` (DRKL's opcount threshold, no other's); on a CPU under inductor's
+    own defaults."""
+    from torch._inductor import config as inductor_config
+
+    from tad_torchtune.losses import fused as fused_module
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append((inductor_config.realize_reads_threshold,
+                     inductor_config.realize_opcount_threshold))
+        return gm.forward
+
+    defaults = (inductor_config.realize_reads_threshold,
+                inductor_config.realize_opcount_threshold)
+    monkeypatch.setattr(fused_module, "_COMPILED", {})
+    monkeypatch.setattr(fused_module, "_gpu_settings", lambda z: gpu)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
+    torch._dynamo.reset()
+    settings = {}
+    for name in ("drkl", "reverse_kl"):
+        seen.clear()
+        head(DIVERGENCES[name](), *make_case(3), chunk_size=64, ce_weight=0.5,
+             compile_chunks=True)
+        assert seen and len(set(seen)) == 1, seen
+        settings[name] = seen[0]
+    reads = fused_module.INDUCTOR_OPTIONS["realize_reads_threshold"]
+    assert settings == ({"drkl": (reads, 64), "reverse_kl": (reads, defaults[1])} if gpu else
+                        {"drkl": defaults, "reverse_kl": defaults})
+    assert defaults[1] != 64 and defaults[0] != reads  # the settings do change something
+
+
 def test_halves_and_whole_chunks_share_their_graphs(monkeypatch):
     """Rows of two chunks kept whole: each row's first chunk in halves, its second whole, each
     row's per-token slices at other offsets, ignored rows in some chunks (a masked prompt in row
@@ -640,7 +674,6 @@ def test_halves_and_whole_chunks_share_their_graphs(monkeypatch):
     split once; a second batch compiles nothing; the values are the unfused ones. (With a flag
     per chunk: a graph per flag, and the one first compiled at row 0's second half, whose
     slices share an offset, again at row 1: 5 graphs.)"""
-    import functools
 
     from torch._dynamo.utils import counters
 
