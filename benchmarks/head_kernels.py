@@ -37,9 +37,10 @@ a GPU; the element-wise work in float32). Two runs:
 
 Bytes are given in passes: units of one ``[chunk, V]`` float32 buffer. ``min passes`` is what
 any implementation must move: the student's and the teacher's chunk logits read once and the
-logits' gradient written once, 3 (2 for the CE alone or from a cache); half that in bf16. On a GPU, the element-wise time of a
-chunk is about ``passes * chunk * V * 4 bytes / memory bandwidth`` (4.8 TB/s on an H200:
-1024 x 256000 x 4 bytes is 0.2 ms a pass), beside its three or four ``[chunk, V, D]`` matmuls.
+logits' gradient written once, 3 (2 for the CE alone or from a cache); half that in bf16. On
+a GPU, the element-wise time of a chunk is about ``passes * chunk * V * 4 bytes / memory
+bandwidth`` (4.8 TB/s on an H200: 1024 x 256000 x 4 bytes is 0.2 ms a pass), beside its three
+or four ``[chunk, V, D]`` matmuls.
 """
 
 import argparse

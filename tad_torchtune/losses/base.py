@@ -107,8 +107,9 @@ class Divergence(nn.Module):
 
     ``reads_labels``: the per-chunk math reads the label (DRKL), so a cache adapter keeps the
     label as an outcome of its own. ``gpu_inductor_options``: inductor settings for the fused
-    head's compiled chunk on a GPU beside ``fused.INDUCTOR_OPTIONS`` (DRKL's). A new divergence is one subclass with a ``name`` (it joins
-    ``DIVERGENCES``) that sets ``chunk_fn``; see ``docs/design.md``.
+    head's compiled chunk on a GPU beside ``fused.INDUCTOR_OPTIONS`` (DRKL's). A new divergence
+    is one subclass with a ``name`` (it joins ``DIVERGENCES``) that sets ``chunk_fn``; see
+    ``docs/design.md``.
 
     Args:
         temperature: both logits are divided by it before the softmax; no ``tau**2`` scaling.
