@@ -1,7 +1,7 @@
 """The CUDA path, on a GPU: the fused losses and the fused head equal the unfused ones in float32
-and bf16 for every registered divergence, Liger-Kernel's fused linear JSD is our forward KL at
-the beta ``benchmarks/loss_bench.py`` compares it at, document masks run by flex attention equal
-the dense ones, and a 2-step ``tune run tad_distill`` in bf16 with ``compile: true`` and
+and bf16 for every registered divergence, eager and (the head in bf16) through inductor,
+Liger-Kernel's fused linear JSD is our forward KL at the beta ``benchmarks/loss_bench.py``
+compares it at, document masks run by flex attention equal the dense ones, and a 2-step ``tune run tad_distill`` in bf16 with ``compile: true`` and
 ``fused: true`` gives the losses of the eager run.
 
 Every test here is marked ``cuda`` and skipped without a GPU, so CI (CPU) collects and skips them;
@@ -174,6 +174,29 @@ def test_fused_head_bf16(name, float32_weight_grad):
     case = exact_bf16_case(32)
     out, gh, gw = head(div, *case, ce_weight=0.7, kd_weight=1.3, chunk_size=16,
                        compute_ce=True, float32_weight_grad=float32_weight_grad)
+    ref_obj, ref_ce, r_h, r_w = bf16_head_reference(div, *case, 0.7, 1.3)
+    torch.testing.assert_close(out.objective.double(), ref_obj, atol=0, rtol=1e-5)
+    torch.testing.assert_close(out.ce.double(), ref_ce, atol=0, rtol=1e-5)
+    for got, want in ((gh, r_h), (gw, r_w)):
+        assert got.dtype == torch.bfloat16
+        scale = float(want.abs().max())
+        torch.testing.assert_close(got.double(), want, atol=2e-2 * scale, rtol=2e-2)
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES) + ["ce_only"])
+def test_compiled_fused_head_bf16(name):
+    """The head as the GPU configs run it: bf16, its chunks through inductor (the Triton code,
+    under the head's GPU settings: ``fused.INDUCTOR_OPTIONS`` and the divergence's
+    ``gpu_inductor_options``), a row's teacher projections kept (its first chunk in halves),
+    the weight gradient summed in bf16: the objective and CE within 1e-5 of float64 math on the
+    exact bf16 logits, the gradients within bf16 rounding of float64, as the eager head's
+    (``test_fused_head_bf16``)."""
+    torch._dynamo.reset()
+    div = None if name == "ce_only" else DIVERGENCES[name]()
+    case = exact_bf16_case(33)
+    out, gh, gw = head(div, *case, ce_weight=0.7, kd_weight=1.3, chunk_size=16,
+                       compute_ce=True, float32_weight_grad=False, teacher_cache_mib=None,
+                       compile_chunks=True)
     ref_obj, ref_ce, r_h, r_w = bf16_head_reference(div, *case, 0.7, 1.3)
     torch.testing.assert_close(out.objective.double(), ref_obj, atol=0, rtol=1e-5)
     torch.testing.assert_close(out.ce.double(), ref_ce, atol=0, rtol=1e-5)
