@@ -43,11 +43,12 @@
 #                       layers, -> 14; seq 1024, batch 2), --loops peer
 #                                                   -> recipe_bench_gemma2_9b_third_short.json
 #   pytest      [120 s] pytest -m cuda tests/test_cuda.py: fused == unfused in float32 and bf16
-#                       for every divergence and the fused head, the head in bf16 also through
-#                       inductor (its GPU code and settings; compiles each divergence's chunk,
-#                       about 5 s each on 2 CPU cores), Liger's JSD at the benchmarked beta ==
-#                       our forward KL, document masks by flex attention == the dense ones
-#                       (compiles flex attention's kernels)            -> pytest_cuda.xml
+#                       for every divergence and the fused head, the head in bf16 and from
+#                       each teacher cache also through inductor (its GPU code and settings;
+#                       9 compiles of a chunk, 5-15 s each on 2 CPU cores), Liger's JSD at
+#                       the benchmarked beta == our forward KL, document masks by flex
+#                       attention == the dense ones (compiles flex attention's kernels)
+#                                                                  -> pytest_cuda.xml
 #   pytest_recipe [100 s] its 2-step `tune run tad_distill`, bf16 + compile + fused against
 #                       eager                                  -> pytest_cuda_recipe.xml
 #   loss_chunk  [90 s]  not a target, in the budget left (not run or out of time: reported,

@@ -1,8 +1,9 @@
 """The CUDA path, on a GPU: the fused losses and the fused head equal the unfused ones in float32
-and bf16 for every registered divergence, eager and (the head in bf16) through inductor,
-Liger-Kernel's fused linear JSD is our forward KL at the beta ``benchmarks/loss_bench.py``
-compares it at, document masks run by flex attention equal the dense ones, and a 2-step ``tune run tad_distill`` in bf16 with ``compile: true`` and
-``fused: true`` gives the losses of the eager run.
+and bf16 for every registered divergence, eager and (the head in bf16, and from each teacher
+cache) through inductor, Liger-Kernel's fused linear JSD is our forward KL at the beta
+``benchmarks/loss_bench.py`` compares it at, document masks run by flex attention equal the
+dense ones, and a 2-step ``tune run tad_distill`` in bf16 with ``compile: true`` and ``fused:
+true`` gives the losses of the eager run.
 
 Every test here is marked ``cuda`` and skipped without a GPU, so CI (CPU) collects and skips them;
 ``benchmarks/gpu_check.sh`` runs them on a GPU (``pytest -m cuda tests/test_cuda.py``).
@@ -204,6 +205,28 @@ def test_compiled_fused_head_bf16(name):
         assert got.dtype == torch.bfloat16
         scale = float(want.abs().max())
         torch.testing.assert_close(got.double(), want, atol=2e-2 * scale, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kind,name", [("top_m", "drkl"), ("sampled", "tad")])
+def test_compiled_fused_head_from_a_cache(kind, name):
+    """A teacher cache's closed forms through inductor on the GPU (the bucket cache's DRKL: its
+    autograd on the M + 1 outcomes, its scatters; the sampled cache's TAD), float64, Gemma2's
+    student soft-cap, ignored positions: the values, diagnostics and gradients of the unfused
+    path on the materialised logits (``tests/losses/test_cached.py``)."""
+    from tad_torchtune.losses import DRKLLoss, TADLoss
+    from tad_torchtune.losses.cached import teacher_sampled, teacher_top_m
+    from tests.losses.test_cached import assert_fused_from_cache_equals_unfused
+
+    torch._dynamo.reset()
+    h_s, w_s, h_t, w_t, labels = make_case(41, torch.float64)
+    logits = h_t @ w_t.T
+    cache = (teacher_top_m(logits, labels, 20) if kind == "top_m" else
+             teacher_sampled(logits, 10, 6, seed=2, blocks=torch.arange(h_t.shape[0])))
+    div = DRKLLoss() if name == "drkl" else TADLoss(k=5)
+    h_s, w_s, labels = on_cuda((h_s, w_s * 4, labels))
+    assert (labels == IGNORE).any()
+    assert_fused_from_cache_equals_unfused(div, cache.to(h_s.device), h_s, w_s, labels,
+                                           student_softcap=3.0, compile_chunks=True)
 
 
 # ----------------------------------------------------------------------------- Liger-Kernel
