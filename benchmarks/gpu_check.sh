@@ -79,7 +79,8 @@
 # seq 64, batch 2, 1 warm-up + 2 rounds), every torch.compile through Dynamo with the eager
 # backend (inductor's C++ code generation would take minutes on 2 cores), and where liger-kernel
 # is not installed (CI: its wheel requires triton) loss_bench.LigerStandIn in Liger's place,
-# marked in every row and target it touches; the CUDA tests are collected and skipped.
+# marked in every row and target it touches; the CUDA tests are collected and skipped (CI runs
+# the bodies of those that need no GPU kernel on the CPU: tests/test_cuda_on_cpu.py).
 # tests/benchmarks/test_gpu_check.py runs it in CI. GPU_CHECK_ONLY="pytest loss" runs only
 # the steps named (install and imports always run), e.g. to retry one step.
 #

@@ -6,7 +6,9 @@ dense ones, and a 2-step ``tune run tad_distill`` in bf16 with ``compile: true``
 true`` gives the losses of the eager run.
 
 Every test here is marked ``cuda`` and skipped without a GPU, so CI (CPU) collects and skips them;
-``benchmarks/gpu_check.sh`` runs them on a GPU (``pytest -m cuda tests/test_cuda.py``).
+``benchmarks/gpu_check.sh`` runs them on a GPU (``pytest -m cuda tests/test_cuda.py``). Those
+that need no GPU kernel of their own also run on the CPU, in CI (``tests/test_cuda_on_cpu.py``:
+a new test here joins its list or its GPU-only list).
 
 bf16 inputs: a cuBLAS product of a chunk and one of the whole batch may round a logit
 differently (another kernel, another summation order), which would make fused and unfused differ

@@ -1,0 +1,63 @@
+"""The bodies of ``tests/test_cuda.py`` that do not need a GPU's own kernels, run on the CPU.
+
+A GPU comes to this project rarely, and the GPU check (``benchmarks/gpu_check.sh``) runs the CUDA
+tests there once: a test that breaks for a reason of its own (a helper's signature, a case's
+shape, a tolerance the CPU's math already misses) must break here first, not spend that run.
+Each test below calls one of ``test_cuda.py``'s, with each of its parametrizations, with the
+cases left on the CPU (``on_cuda``) and ``torch.compile`` through AOTAutograd without code
+generation (the compiled heads' graphs and their guards; inductor's GPU code is the GPU's to
+test). Not here: Liger-Kernel's Triton kernels, flex attention's, cuBLAS's float32 sum of bf16
+products and the recipe run on the GPU.
+"""
+
+import functools
+import itertools
+
+import pytest
+import torch
+
+from tad_torchtune.losses import fused as fused_module
+from tests import test_cuda
+
+#: the CUDA tests whose bodies run on a CPU
+ON_CPU = ("test_exact_bf16_case_has_exact_logits", "test_fused_equals_unfused_float32",
+          "test_fused_equals_unfused_bf16", "test_fused_head_equals_unfused_float32",
+          "test_fused_head_bf16", "test_compiled_fused_head_bf16",
+          "test_compiled_fused_head_from_a_cache")
+
+
+def _parametrizations(fn) -> list[dict]:
+    """The keyword arguments of every case ``fn``'s ``parametrize`` marks make (their product)."""
+    axes = []
+    for mark in getattr(fn, "pytestmark", []):
+        if mark.name != "parametrize":
+            continue
+        names, values = mark.args[0], mark.args[1]
+        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+        axes.append([dict(zip(names, v if len(names) > 1 else (v,))) for v in values])
+    return [functools.reduce(lambda a, b: {**a, **b}, combo, {})
+            for combo in itertools.product(*axes)]
+
+
+CASES = [pytest.param(name, kwargs, id=f"{name}[{'-'.join(map(str, kwargs.values()))}]")
+         for name in ON_CPU for kwargs in _parametrizations(getattr(test_cuda, name))]
+
+
+@pytest.mark.parametrize("name,kwargs", CASES)
+def test_cuda_test_body_on_cpu(monkeypatch, name, kwargs):
+    monkeypatch.setattr(test_cuda, "on_cuda", lambda case: tuple(case))
+    monkeypatch.setattr(fused_module, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    getattr(test_cuda, name)(**kwargs)
+
+
+def test_every_cuda_test_is_run_on_cpu_or_named_as_gpu_only():
+    """A new CUDA test joins ``ON_CPU`` or the GPU-only list here: never neither."""
+    gpu_only = {"test_liger_fused_jsd_is_forward_kl_at_the_benchmarked_beta",
+                "test_flex_document_mask_equals_the_dense_one",
+                "test_compiled_bf16_recipe_matches_eager",
+                "test_the_bf16_weight_gradient_accumulates_inside_the_matmul"}
+    tests = {n for n in dir(test_cuda) if n.startswith("test_")}
+    assert tests == set(ON_CPU) | gpu_only, tests ^ (set(ON_CPU) | gpu_only)
+    assert all(_parametrizations(getattr(test_cuda, n)) for n in ON_CPU)
