@@ -243,7 +243,7 @@ def test_liger_fused_jsd_is_forward_kl_at_the_benchmarked_beta():
     case = on_cuda(make_case(51))
     for beta, name in ((loss_bench.LIGER_FORWARD_KL_BETA, "forward_kl"),
                        (1.0 - loss_bench.LIGER_FORWARD_KL_BETA, "reverse_kl")):
-        loss_fn = loss_bench.liger_jsd_loss("cuda", beta=beta, compiled=False)
+        loss_fn = loss_bench.liger_jsd_loss(case[0].device.type, beta=beta, compiled=False)
         h_s, w_s = (x.detach().clone().requires_grad_(True) for x in case[:2])
         h_t, w_t, labels = case[2:]
         loss = loss_fn(h_s.view(-1, D), w_s, h_t.view(-1, D_T), w_t, labels.view(-1))
