@@ -37,7 +37,9 @@ def _parametrizations(fn) -> list[dict]:
             continue
         names, values = mark.args[0], mark.args[1]
         names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
-        axes.append([dict(zip(names, v if len(names) > 1 else (v,))) for v in values])
+        rows = [v.values if hasattr(v, "marks") else v if len(names) > 1 else (v,)
+                for v in values]  # a pytest.param's values, a tuple, or one value
+        axes.append([dict(zip(names, row)) for row in rows])
     return [functools.reduce(lambda a, b: {**a, **b}, combo, {})
             for combo in itertools.product(*axes)]
 
@@ -63,3 +65,14 @@ def test_every_cuda_test_is_run_on_cpu_or_named_as_gpu_only():
     tests = {n for n in dir(test_cuda) if n.startswith("test_")}
     assert tests == set(ON_CPU) | gpu_only, tests ^ (set(ON_CPU) | gpu_only)
     assert all(_parametrizations(getattr(test_cuda, n)) for n in ON_CPU)
+
+
+@pytest.mark.parametrize("a", [1, pytest.param(2, id="two")])
+@pytest.mark.parametrize("b,c", [(3, 4), pytest.param(5, 6)])
+def _parametrized(a, b, c):
+    pass
+
+
+def test_parametrizations_are_the_product_of_the_marks():
+    assert sorted(map(sorted, (p.items() for p in _parametrizations(_parametrized)))) == sorted(
+        sorted({"a": a, "b": b, "c": c}.items()) for a in (1, 2) for b, c in ((3, 4), (5, 6)))
