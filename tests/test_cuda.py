@@ -167,16 +167,12 @@ def bf16_head_reference(div, h_s, w_s, h_t, w_t, labels, ce_weight, kd_weight):
     return objective, ce, g_z @ w_s.double(), g_z.reshape(-1, V).T @ h_s.double().reshape(-1, D)
 
 
-@pytest.mark.parametrize("float32_weight_grad", [True, False])
-@pytest.mark.parametrize("name", sorted(DIVERGENCES) + ["ce_only"])
-def test_fused_head_bf16(name, float32_weight_grad):
-    """bf16: the fused head's objective and CE are float64 math on the bf16 logits within 1e-5,
-    its gradients within bf16 rounding of float64, whether the weight gradient is summed in
-    float32 or (``fused_float32_weight_grad: false``) in bf16 over the 9 chunks."""
-    div = None if name == "ce_only" else DIVERGENCES[name]()
-    case = exact_bf16_case(32)
+def assert_bf16_head_is_float64_math(div, case, **head_kwargs):
+    """The fused head (CE 0.7 + divergence 1.3, chunks of 16, ``head_kwargs``) on an exact bf16
+    case: objective and CE within 1e-5 of float64 math on its logits, the bf16 gradients within
+    bf16 rounding (2e-2 of the largest entry) of float64."""
     out, gh, gw = head(div, *case, ce_weight=0.7, kd_weight=1.3, chunk_size=16,
-                       compute_ce=True, float32_weight_grad=float32_weight_grad)
+                       compute_ce=True, **head_kwargs)
     ref_obj, ref_ce, r_h, r_w = bf16_head_reference(div, *case, 0.7, 1.3)
     torch.testing.assert_close(out.objective.double(), ref_obj, atol=0, rtol=1e-5)
     torch.testing.assert_close(out.ce.double(), ref_ce, atol=0, rtol=1e-5)
@@ -184,6 +180,17 @@ def test_fused_head_bf16(name, float32_weight_grad):
         assert got.dtype == torch.bfloat16
         scale = float(want.abs().max())
         torch.testing.assert_close(got.double(), want, atol=2e-2 * scale, rtol=2e-2)
+
+
+@pytest.mark.parametrize("float32_weight_grad", [True, False])
+@pytest.mark.parametrize("name", sorted(DIVERGENCES) + ["ce_only"])
+def test_fused_head_bf16(name, float32_weight_grad):
+    """bf16: the fused head's objective and CE are float64 math on the bf16 logits within 1e-5,
+    its gradients within bf16 rounding of float64, whether the weight gradient is summed in
+    float32 or (``fused_float32_weight_grad: false``) in bf16 over the 9 chunks."""
+    div = None if name == "ce_only" else DIVERGENCES[name]()
+    assert_bf16_head_is_float64_math(div, exact_bf16_case(32),
+                                     float32_weight_grad=float32_weight_grad)
 
 
 @pytest.mark.parametrize("name", sorted(DIVERGENCES) + ["ce_only"])
@@ -196,17 +203,8 @@ def test_compiled_fused_head_bf16(name):
     (``test_fused_head_bf16``)."""
     torch._dynamo.reset()
     div = None if name == "ce_only" else DIVERGENCES[name]()
-    case = exact_bf16_case(33)
-    out, gh, gw = head(div, *case, ce_weight=0.7, kd_weight=1.3, chunk_size=16,
-                       compute_ce=True, float32_weight_grad=False, teacher_cache_mib=None,
-                       compile_chunks=True)
-    ref_obj, ref_ce, r_h, r_w = bf16_head_reference(div, *case, 0.7, 1.3)
-    torch.testing.assert_close(out.objective.double(), ref_obj, atol=0, rtol=1e-5)
-    torch.testing.assert_close(out.ce.double(), ref_ce, atol=0, rtol=1e-5)
-    for got, want in ((gh, r_h), (gw, r_w)):
-        assert got.dtype == torch.bfloat16
-        scale = float(want.abs().max())
-        torch.testing.assert_close(got.double(), want, atol=2e-2 * scale, rtol=2e-2)
+    assert_bf16_head_is_float64_math(div, exact_bf16_case(33), float32_weight_grad=False,
+                                     teacher_cache_mib=None, compile_chunks=True)
 
 
 @pytest.mark.parametrize("kind,name", [("top_m", "drkl"), ("sampled", "tad")])

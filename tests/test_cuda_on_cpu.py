@@ -64,7 +64,6 @@ def test_every_cuda_test_is_run_on_cpu_or_named_as_gpu_only():
                 "test_the_bf16_weight_gradient_accumulates_inside_the_matmul"}
     tests = {n for n in dir(test_cuda) if n.startswith("test_")}
     assert tests == set(ON_CPU) | gpu_only, tests ^ (set(ON_CPU) | gpu_only)
-    assert all(_parametrizations(getattr(test_cuda, n)) for n in ON_CPU)
 
 
 @pytest.mark.parametrize("a", [1, pytest.param(2, id="two")])

@@ -272,12 +272,13 @@ def _compiled(fn, options: dict | None = None):
     chunk length, then with a dynamic token dimension; a new device compiles anew), on a GPU
     under ``INDUCTOR_OPTIONS`` and ``options`` (a configuration patch around each call: whatever
     backend ``torch.compile`` is given, as the tests' are)."""
-    key = (fn, tuple(sorted((options or {}).items())))
+    options = options or {}
+    key = (fn, tuple(sorted(options.items())))
     if key not in _COMPILED:
         from torch._inductor import config as inductor_config
 
         compiled = torch.compile(fn)
-        settings = {**INDUCTOR_OPTIONS, **(options or {})}
+        settings = {**INDUCTOR_OPTIONS, **options}
 
         @functools.wraps(fn)
         def run(*args, **kwargs):
