@@ -227,6 +227,7 @@ def loss_figures(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         "peak_mib": {c: r["peak_mib"] for c, r in got.items()},
         "notes": {c: r["note"] for c, r in got.items() if r.get("note")},
         "stand_in": sorted(c for c, r in got.items() if r.get("stand_in")),
+        "profiles": {c: r["profile"] for c, r in got.items() if "profile" in r},
         "ratios": {name: ratio(got, case, against, what)
                    for name, case, against, what, _ in LOSS_TARGETS},
         "variants": {case: {"time_vs_recipe": ratio(got, case, HEAD_TAD, "ms"),
@@ -434,6 +435,8 @@ def fmt(x: float | None, spec: str) -> str:
 
 
 def print_summary(s: dict[str, Any]) -> None:
+    from step_profile import describe
+
     env = s["environment"]
     dry = " (DRY RUN: CPU, tiny shapes, targets not judged)" if s["dry_run"] else ""
     print(f"\nGPU check summary{dry}: {env['gpu'] or 'no GPU'}, torch {env['versions']['torch']}, "
@@ -496,12 +499,18 @@ def print_summary(s: dict[str, Any]) -> None:
                                                    else ""))
     for err in code["errors"]:
         print(f"inductor's code not read: {err}")
+    for shape, f in s["loss"].items():
+        for c, profile in f.get("profiles", {}).items():
+            print(f"profile loss ({shape}) {c}: {describe(profile, f['ms'].get(c))}")
     for arch, row in s["recipes"].items():
         loops = ", ".join(f"{name} {x['tokens_per_second']:.0f} tokens/s"
                           + (f" MFU {x['mfu']:.1%}" if x["mfu"] is not None else "")
                           + f" {x['peak_memory_gib']:.1f} GiB" for name, x in row["loops"].items())
         print(f"recipe_bench {arch} {row['variant']} (seq {row['seq']}, batch {row['batch']}): "
               f"{loops}")
+        for name, profile in row.get("profiles", {}).items():
+            step_ms = 1e3 * row["loops"].get(name, {}).get("step_seconds", 0) or None
+            print(f"profile recipe_bench {arch} {name}: {describe(profile, step_ms)}")
     for tg in s["targets"]:
         verdict = {True: "met", False: "MISSED",
                    None: "not judged" if s["dry_run"] else "no figure"}[tg["met"]]

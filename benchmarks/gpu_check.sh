@@ -34,11 +34,14 @@
 #                       rounds after a warm-up; peak memory of one more step per case in the
 #                       same process (max_memory_allocated)        -> loss_bench.json;
 #                       the code inductor generates for each case -> inductor_code/ (none in
-#                       the dry run), read by the summary as head_kernels.py reads its own
+#                       the dry run), read by the summary as head_kernels.py reads its own;
+#                       then one step of each target's case under torch.profiler
+#                       (step_profile.py: device busy time, kernel time by kind, the top
+#                       kernels), written into its row once the rows are saved
 #   recipe_qwen2_5_3b_half [120 s]  recipe_bench.py --archs qwen2_5_3b_half --variants
 #                       fused_compiled --loops minimal peer peer_eager (seq 2048, batch 4,
-#                       bf16, random weights; 2 warm-up + 6 rounds)
-#                                                   -> recipe_bench_qwen2_5_3b_half.json
+#                       bf16, random weights; 2 warm-up + 6 rounds), then one profiled step
+#                       of each loop (--profile)    -> recipe_bench_qwen2_5_3b_half.json
 #   recipe_gemma2_9b_third_short [140 s]  the same at gemma2_9b_third_short (Gemma2-9B, 42
 #                       layers, -> 14; seq 1024, batch 2), --loops peer
 #                                                   -> recipe_bench_gemma2_9b_third_short.json
@@ -172,6 +175,9 @@ loss_cases=(fused_step_recipe/tad fused_step_recipe/forward_kl
             fused_step_recipe_default_cache/tad fused_step_recipe_chunk_cache/tad
             fused_step_recipe_fp32_wgrad/tad fused_step/tad
             matmul_floor_unchunked/none liger_fused_jsd_ce/forward_kl)
+# the loss cases also profiled (one step each, after the timed ones): the targets' cases
+profile_cases=(fused_step_recipe/tad fused_step_recipe/forward_kl matmul_floor_unchunked/none
+               liger_fused_jsd_ce/forward_kl)
 # tokens per row of the loss steps' batches: the GPU configs' max_seq_len
 row_tokens=2048
 # the loss_chunk step's: the recipe's head at loss_chunk_size and at twice it
@@ -227,14 +233,14 @@ main() {
     run_step loss 130 "$py" benchmarks/loss_bench.py --device "$device" \
         --shapes "${loss_shapes[@]}" --cases "${loss_cases[@]}" --row-tokens "$row_tokens" \
         "${loss_options[@]}" "${stand_in[@]}" --inductor-code "$out/inductor_code" \
-        --json "$out/loss_bench.json"
+        --profile "${profile_cases[@]}" --json "$out/loss_bench.json"
     local i loops
     for i in "${!recipe_archs[@]}"; do
         read -r -a loops <<<"${recipe_loops[$i]}"
         run_step "recipe_${recipe_names[$i]}" "${recipe_caps[$i]}" "$py" \
             benchmarks/recipe_bench.py --device "$device" --archs "${recipe_archs[$i]}" \
             --variants fused_compiled --loops "${loops[@]}" "${recipe_options[@]}" \
-            "${stand_in[@]}" --json "$out/recipe_bench_${recipe_archs[$i]}.json"
+            "${stand_in[@]}" --profile --json "$out/recipe_bench_${recipe_archs[$i]}.json"
     done
     # two runs, so that the recipe's compile running out of time keeps the other results
     local recipe_test=tests/test_cuda.py::test_compiled_bf16_recipe_matches_eager

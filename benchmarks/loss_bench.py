@@ -73,6 +73,10 @@ Implementations:
   against 88.7 ms unchunked), so ratios against it understate a head's gap; the GPU target is
   the recipe's head within 1.5x of this one.
 
+``--profile [IMPL/DIVERGENCE ...]`` (the GPU check) adds to those cases' rows, under
+``profile``, one more step under ``torch.profiler`` (``step_profile.profile_step``): the time the
+device was busy against the step's, its kernels' time by kind and the kernels that took the most.
+
 ``--cases IMPL/DIVERGENCE ...`` picks cases instead of every ``--impls`` x ``--divergences``
 pair; ``--json`` is rewritten after every row, so a run stopped part-way keeps the rows it
 finished. ``--compile-backend eager`` makes every ``torch.compile`` of the process (ours,
@@ -115,6 +119,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable, Iterable
 
 import torch
 
@@ -123,6 +128,7 @@ import torch
 if importlib.util.find_spec("tad_torchtune") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from step_profile import describe, profile_step  # noqa: E402
 from tad_torchtune.demo import bundled_config  # noqa: E402
 from tad_torchtune.schema import DISTILL  # noqa: E402  (the recipe's defaults)
 from tad_torchtune.losses import DIVERGENCES  # noqa: E402  (every registered divergence)
@@ -656,10 +662,15 @@ def time_round_robin(steps: dict, inputs: tuple, device: str, warmup: int,
 def measure_times(cases: list[tuple[str, str]], shape: tuple, device: str, warmup: int,
                   repeats: int, fused_chunk: int | None = None,
                   teacher_cache_mib: float | None = None, *, memory: bool = False,
-                  cpu_memory: str = "allocations", liger_stand_in: bool = False) -> dict:
+                  cpu_memory: str = "allocations", liger_stand_in: bool = False,
+                  profile: Iterable[tuple[str, str]] = (),
+                  before_profile: Callable[[dict], None] | None = None) -> dict:
     """Median step time of each case, timed by ``time_round_robin``; with ``memory``, then the
     peak extra memory of one more step of each case (``step_memory``), case after case, in this
-    process (the warm-up steps compiled the compiled cases)."""
+    process (the warm-up steps compiled the compiled cases). Then, for each case of ``profile``
+    that ran, one more step under the profiler (``step_profile.profile_step``: where its device
+    time goes), after ``before_profile`` was handed the results so far (a caller that saves
+    them keeps them if the profiling is stopped)."""
     n, v, d, dtype_name = shape
     inputs = make_inputs(n, v, d, DTYPES[dtype_name], device)
     steps, unavailable = {}, {}
@@ -688,6 +699,12 @@ def measure_times(cases: list[tuple[str, str]], shape: tuple, device: str, warmu
             **({"unavailable": True} if c in unavailable else {}),
             **({"stand_in": True} if hasattr(steps.get(c), "note") else {}),
         }
+    profile = [c for c in profile if c in steps and c not in failed]
+    if profile and before_profile is not None:
+        before_profile(out)
+    for c in profile:
+        inputs[0].grad = inputs[1].grad = None
+        out["/".join(c)]["profile"] = profile_step(steps[c], device)
     return out
 
 
@@ -773,6 +790,11 @@ def main() -> int:
     parser.add_argument("--inductor-code", type=Path, metavar="DIR",
                         help="write the code of every graph inductor compiles into DIR, named "
                              "after the case (save_inductor_code)")
+    parser.add_argument("--profile", nargs="*", metavar="IMPL/DIVERGENCE",
+                        help="after the timed and memory steps, profile one more step of these "
+                             "cases (none named: every case) and add where its device time "
+                             "goes to its row (step_profile.py; on a CPU: with --cpu-memory "
+                             "allocations)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--_task", help=argparse.SUPPRESS)  # internal: one subprocess's work
     args = parser.parse_args()
@@ -808,22 +830,28 @@ def main() -> int:
         cases = [(impl, name) for name in args.divergences for impl in args.impls
                  if ONLY_DIVERGENCE.get(impl, name) == name]
         cases += [(impl, "none") for impl in args.impls if ONLY_DIVERGENCE.get(impl) == "none"]
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
     # CUDA, or CPU allocations: everything in this process (memory after the timed steps);
     # CPU peak RSS: a fresh process for the times and one per case for the memory
     in_process = args.device == "cuda" or args.cpu_memory == "allocations"
+    profiled = []
+    if args.profile is not None:
+        if not in_process:
+            parser.error("argument --profile: on a CPU it needs --cpu-memory allocations (the "
+                         "profile is taken in the timing process)")
+        try:
+            profiled = [parse_case(c) for c in args.profile] or cases
+        except ValueError as err:
+            parser.error(str(err))
+        if set(profiled) - set(cases):
+            parser.error(f"argument --profile: {', '.join(map('/'.join, profiled))} must be "
+                         f"among the measured cases: {', '.join(map('/'.join, cases))}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
     rows, failed = [], False
-    for shape in shapes:
+
+    def add_rows(shape: tuple, timing: dict) -> None:
+        nonlocal failed
         n, v, d, dtype_name = shape
-        if in_process:
-            torch._dynamo.reset()  # every shape compiles afresh, static, as in a process of its own
-            timing = measure_times(cases, shape, args.device, args.warmup, args.repeats,
-                                   args.fused_chunk, args.teacher_cache_mib, memory=True,
-                                   cpu_memory=args.cpu_memory, liger_stand_in=args.liger_stand_in)
-        else:
-            timing = _subprocess(args, dict(kind="time", shape=shape, cases=cases,
-                                            warmup=args.warmup, repeats=args.repeats))
         print(f"# times {shape}: {timing}", file=sys.stderr, flush=True)
         for impl, name in cases:
             t = timing.get(f"{impl}/{name}", {"ms": None, "note": timing.get("error", "")})
@@ -842,6 +870,30 @@ def main() -> int:
             print(f"# {rows[-1]}", file=sys.stderr, flush=True)
             if args.json:  # after every row: a run stopped part-way keeps what it measured
                 args.json.write_text(json.dumps(rows, indent=1))
+
+    for shape in shapes:
+        if not in_process:
+            add_rows(shape, _subprocess(args, dict(kind="time", shape=shape, cases=cases,
+                                                   warmup=args.warmup, repeats=args.repeats)))
+            continue
+        torch._dynamo.reset()  # every shape compiles afresh, static, as in a process of its own
+        first = len(rows)
+        timing = measure_times(cases, shape, args.device, args.warmup, args.repeats,
+                               args.fused_chunk, args.teacher_cache_mib, memory=True,
+                               cpu_memory=args.cpu_memory, liger_stand_in=args.liger_stand_in,
+                               profile=profiled,
+                               before_profile=functools.partial(add_rows, shape))
+        if len(rows) == first:  # nothing was profiled
+            add_rows(shape, timing)
+            continue
+        for row in rows[first:]:
+            got = timing[f"{row['impl']}/{row['divergence']}"].get("profile")
+            if got is not None:
+                row["profile"] = got
+                print(f"# profile {row['impl']}/{row['divergence']} {shape}: "
+                      f"{describe(got, row['ms'])}", file=sys.stderr, flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
 
     mem_how = ("torch.cuda.max_memory_allocated" if args.device == "cuda"
                else "peak of live torch allocations, profiler" if in_process

@@ -53,7 +53,10 @@ together. Ratios, paired per round: ``recipe_over_LOOP`` is the median of the lo
 over the recipe's step time of the same round (> 1: the recipe is faster). The time split of a
 recipe step into teacher forward, student forward + losses, backward, optimizer and the rest is
 measured in a separate pass with synchronised timers (``TeacherHead``, ``StudentHead``,
-``Tensor.backward``, torch.optim's global step hooks).
+``Tensor.backward``, torch.optim's global step hooks). With ``--profile`` (the GPU check), one
+more step of each loop runs under ``torch.profiler`` (``step_profile.profile_step``): the time
+the device was busy, its kernels' time by kind (matmul, attention, inductor's kernels, the
+optimizer, copies, ...) and the kernels that took the most, per loop in the row's ``profiles``.
 """
 
 import argparse
@@ -84,6 +87,7 @@ if importlib.util.find_spec("tad_distill") is None:
     sys.path.insert(0, str(ROOT / "recipes"))
 
 import loss_bench  # noqa: E402  (Liger's loss as the loss benchmark builds it; the compile backend)
+from step_profile import describe, profile_step  # noqa: E402
 import tad_distill  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from torchtune import config, training  # noqa: E402
@@ -554,7 +558,8 @@ def time_split(recipe, batches, device: torch.device) -> dict[str, float]:
 
 def bench(arch: str, variant: str, device: str, *, loops: list[str], steps: int, warmup: int,
           seq: int | None, batch: int | None, peak: float | None, attention: str | None = None,
-          stand_in: bool = False, compile_scope: str = "layers") -> dict[str, Any]:
+          stand_in: bool = False, compile_scope: str = "layers",
+          profile: bool = False) -> dict[str, Any]:
     split_steps = max(1, steps // 3)
     rows_per_batch = batch or ARCHS[arch]["batch"]
     num_blocks = rows_per_batch * (warmup + steps + split_steps)
@@ -602,6 +607,10 @@ def bench(arch: str, variant: str, device: str, *, loops: list[str], steps: int,
                            if dev.type == "cuda" else "peak RSS of the process, all loops")
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             split = time_split(recipe, batches[warmup + steps:], dev)
+            # one more step of each loop under the profiler: where its device time goes
+            profiles = {loop.name: profile_step(
+                lambda loop=loop: loop.step(batches[warmup + steps]), device)
+                for loop in todo} if profile else None
         finally:
             recipe.cleanup()
     _, _, meta_teacher, meta_student = peer_configs(*arch_nodes(arch)[:2])
@@ -613,6 +622,7 @@ def bench(arch: str, variant: str, device: str, *, loops: list[str], steps: int,
         "arch": arch, "variant": variant, "device": str(dev), "batch": rows, "seq": length,
         "flops_per_step": flops, "peak_flops": peak, "memory_kind": memory_kind,
         "loops": {}, "split_seconds": split,
+        **({"profiles": profiles} if profiles is not None else {}),
     }
     for loop in todo:
         seconds = statistics.median(loop.times)
@@ -659,6 +669,9 @@ def main() -> int:
                         help="backend of every torch.compile (eager: Dynamo only, the dry run)")
     parser.add_argument("--liger-stand-in", action="store_true",
                         help="without liger-kernel, give the peer loss_bench.LigerStandIn")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed steps, one more step of each loop under the "
+                             "profiler: where its device time goes (step_profile.py)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     loss_bench.set_compile_backend(args.compile_backend)
@@ -673,7 +686,7 @@ def main() -> int:
             row = bench(arch, variant, args.device, loops=args.loops, steps=args.steps,
                         warmup=args.warmup, seq=args.seq, batch=args.batch, peak=peak,
                         attention=args.peer_attention, stand_in=args.liger_stand_in,
-                        compile_scope=args.peer_compile)
+                        compile_scope=args.peer_compile, profile=args.profile)
             rows.append(row)
             loops = "  ".join(
                 f"{name} {x['tokens_per_second']:.0f} tok/s"
@@ -682,6 +695,9 @@ def main() -> int:
                 + f" {x['peak_memory_gib']:.2f} GiB" for name, x in row["loops"].items())
             split = " ".join(f"{k}={v * 1e3:.1f}ms" for k, v in row["split_seconds"].items())
             print(f"{arch:<22}{variant:<18} {loops}  | {split}", flush=True)
+            for name, got in row.get("profiles", {}).items():
+                print(f"  profile {name}: "
+                      f"{describe(got, 1e3 * row['loops'][name]['step_seconds'])}", flush=True)
             if args.json:  # after every row: a run stopped part-way keeps what it measured
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps({"peak_flops": peak, "rows": rows}, indent=2)

@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_check  # noqa: E402
 import head_kernels  # noqa: E402
+import step_profile  # noqa: E402
 
 DRY_SHAPES = ["2048,1000,64,fp32", "2048,1536,96,fp32"]
 DRY_ARCHS = ["tiny_qwen2", "tiny_gemma2"]
@@ -33,6 +34,9 @@ TARGET_NAMES = {f"{name} ({shape})" for shape in GPU_SHAPES for name in (
     "vs transformers + Liger (gemma2_9b_third_short)"}
 STEPS = ["imports", "loss", "recipe_qwen2_5_3b_half", "recipe_gemma2_9b_third_short", "pytest",
          "pytest_recipe", "loss_chunk"]
+#: the loss cases profiled (one step each): the targets' cases
+PROFILED = {("fused_step_recipe", "tad"), ("fused_step_recipe", "forward_kl"),
+            ("matmul_floor_unchunked", "none"), ("liger_fused_jsd_ce", "forward_kl")}
 #: the optional step's cases: the recipe's head at loss_chunk_size and at twice it
 CHUNK_CASES = {("fused_step_recipe", "tad"), ("fused_step_recipe_half_chunk", "tad"),
                ("fused_step_recipe_double_chunk", "tad")}
@@ -82,6 +86,14 @@ def test_dry_run_writes_every_result(dry_run):
         assert r["ms"] > 0 and len(r["times_ms"]) == 2 and r["peak_mib"] > 0, r
         stand_in = r["impl"] == "liger_fused_jsd_ce" and not LIGER_INSTALLED
         assert r["stand_in"] == stand_in and ("stand-in" in r["note"]) == stand_in, r
+        # the targets' cases profiled once more, after the timed steps
+        assert ("profile" in r) == ((r["impl"], r["divergence"]) in PROFILED), r["impl"]
+        if "profile" in r:
+            p = r["profile"]
+            assert p["device"] == "cpu" and p["kernels"] > 0 and p["busy_ms"] > 0, p
+            assert set(p["kinds_ms"]) == {k for k, _ in step_profile.KINDS} | {"other"}
+        if r["impl"] == "matmul_floor_unchunked":  # four products and nothing else
+            assert r["profile"]["kinds_ms"]["matmul"] > 0.9 * r["profile"]["busy_ms"], r
 
     recipes = {}
     for arch, loops in zip(DRY_ARCHS, (["recipe", "minimal", "peer", "peer_eager"],
@@ -101,6 +113,10 @@ def test_dry_run_writes_every_result(dry_run):
                 assert row[f"recipe_over_{name}"] == pytest.approx(
                     paired(loop["step_times"], recipe_times))
         assert row["peer"]["attention"] == ("eager" if arch == "tiny_gemma2" else "sdpa")
+        assert list(row["profiles"]) == loops  # one profiled step of each loop
+        for name, p in row["profiles"].items():
+            assert p["kernels"] > 0 and p["kinds_ms"]["matmul"] > 0, (name, p)
+            assert f"profile recipe_bench {arch} {name}: device busy " in log
         assert ("LigerStandIn" in row["peer"]["loss"]) == (not LIGER_INSTALLED)
 
     # collected and skipped on a CPU: every test of tests/test_cuda.py, none run; the recipe's
@@ -167,6 +183,10 @@ def test_dry_run_writes_every_result(dry_run):
         assert f"recipe head at half loss_chunk_size ({shape}; " in log
         assert f"recipe head at twice loss_chunk_size ({shape}; " in log
         assert f"item 5 ({shape}; not a target): " in log
+        assert summary["loss"][shape]["profiles"] == {
+            c: r["profile"] for c, r in got.items() if "profile" in r}
+        for case in sorted(map("/".join, PROFILED)):
+            assert f"profile loss ({shape}) {case}: device busy " in log
     qwen, gemma = recipes["tiny_qwen2"], recipes["tiny_gemma2"]
     assert targets["vs transformers + Liger (qwen2_5_3b_half)"]["value"] == qwen[
         "recipe_over_peer"]

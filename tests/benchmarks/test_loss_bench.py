@@ -1,6 +1,7 @@
 """The benchmark's own arithmetic: paired time ratios, the matmul floors, memory in the timing
 process; Liger's loss and its stand-in against our fused head."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -288,3 +289,38 @@ def test_a_row_length_below_one_is_refused_in_one_line():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         "loss_bench.py: error: argument --row-tokens: must be >= 1, got 0")
+
+
+def test_profile_needs_the_timing_process_and_measured_cases():
+    """``--profile`` is refused in one line where the times come from a subprocess (CPU peak
+    RSS) and for a case that is not measured."""
+    script = str(Path(loss_bench.__file__))
+    for extra, message in (
+            ([], "argument --profile: on a CPU it needs --cpu-memory allocations (the profile "
+                 "is taken in the timing process)"),
+            (["--cpu-memory", "allocations", "--profile", "fused/tad"],
+             "argument --profile: fused/tad must be among the measured cases: "
+             "matmul_floor/none")):
+        proc = subprocess.run(
+            [sys.executable, script, "--device", "cpu", "--cases", "matmul_floor/none",
+             *(extra or ["--profile"])], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1] == f"loss_bench.py: error: {message}"
+
+
+def test_profiled_rows_carry_where_their_step_s_time_goes(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = subprocess.run(
+        [sys.executable, str(Path(loss_bench.__file__)), "--device", "cpu", "--shapes",
+         "512,300,32,fp32", "--cases", "matmul_floor/none", "fused_step/forward_kl",
+         "--row-tokens", "256", "--warmup", "1", "--repeats", "1", "--cpu-memory",
+         "allocations", "--profile", "matmul_floor/none", "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["impl"]: r for r in json.loads(out.read_text())}
+    assert "profile" not in rows["fused_step"]
+    profile = rows["matmul_floor"]["profile"]
+    # the chunked floor: four products per chunk of default_chunk_size tokens, nothing else
+    chunks = -(-512 // loss_bench.default_chunk_size(512, 300, 32, "cpu"))
+    matmuls = sum(x["calls"] for x in profile["top"] if x["kind"] == "matmul")
+    assert matmuls == 4 * chunks, profile["top"]
