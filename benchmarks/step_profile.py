@@ -11,103 +11,26 @@ the device waiting for the host (``busy_ms`` well below the step's time: launch-
 check (``loss_bench.py --profile``, ``recipe_bench.py --profile``) records it beside the times;
 not a target.
 
-On CUDA the intervals are the device's own activities (kernels, copies, fills), from CUPTI. On a
-CPU (the GPU check's dry run) the outermost ``aten::`` operators stand in for kernels: the same
-reading of intervals, kinds and names, on what a CPU runs. A profiler that cannot start (no
+The reading of the kernels (kinds, busy time, names) is the library's,
+``tad_torchtune.profiling``, which ``tad_distill``'s ``profiler`` key logs the same way: on CUDA
+the device's own activities (kernels, copies, fills, from CUPTI); on a CPU (the GPU check's dry
+run) the outermost ``aten::`` operators stand in for kernels. A profiler that cannot start (no
 CUPTI) gives ``{"error": ...}``, never an exception: the measurement it sits beside goes on.
 """
 
-import re
+import importlib.util
+import sys
 import time
-from typing import Any, Callable, Iterable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
-#: kind of a kernel by its name, the first pattern that matches (case-insensitive): attention
-#: before matmul (memory-efficient attention's kernels are CUTLASS's), inductor's generated
-#: kernels (``triton_poi_`` / ``triton_red_`` / ``triton_per_`` / ``triton_tem_``) before the
-#: operators whose names they contain
-KINDS: tuple[tuple[str, str], ...] = (
-    ("inductor", r"^triton_|^cpp_fused"),
-    ("attention", r"flash|fmha|attention|sdpa|_scaled_dot_product"),
-    ("matmul", r"gemm|nvjet|cutlass|cublas|xmma|wgmma|s16816|"
-               r"^aten::(mm|addmm_?|bmm|baddbmm_?|addbmm_?|matmul|linear|_addmm_activation)$"),
-    ("topk/sort", r"topk|sort|radix|bitonic"),
-    ("optimizer", r"multi_tensor|adam|_foreach_|^aten::_fused_"),
-    ("copy/fill", r"memcpy|memset|copy|fill|zero_|catarray|"
-                  r"^aten::(cat|clone|contiguous|to|_to_copy|empty_like|new_zeros)$"),
-    ("nccl", r"nccl"),
-)
-_KINDS = tuple((kind, re.compile(pattern, re.IGNORECASE)) for kind, pattern in KINDS)
-#: what no pattern matches: eager element-wise and reduction kernels, mostly
-OTHER = "other"
-#: characters of a kernel's name kept in ``top`` (CUDA kernels' template arguments run to
-#: thousands)
-NAME_CHARS = 120
+# the installed project where there is one (the GPU check installs its wheel), else this checkout
+if importlib.util.find_spec("tad_torchtune") is None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def kind_of(name: str) -> str:
-    """The kind (``KINDS``) of a kernel or operator called ``name``."""
-    for kind, pattern in _KINDS:
-        if pattern.search(name):
-            return kind
-    return OTHER
-
-
-def busy_us(intervals: Iterable[tuple[float, float]]) -> float:
-    """Length of the union of ``(start, end)`` intervals: the time at least one ran."""
-    total, end = 0.0, float("-inf")
-    for s, e in sorted(intervals):
-        if e <= end:
-            continue
-        total += e - max(s, end)
-        end = e
-    return total
-
-
-def breakdown(kernels: list[tuple[str, float, float]], top: int = 12) -> dict[str, Any]:
-    """``kernels``: ``(name, start_us, end_us)`` of each kernel a step ran. Returns the busy time
-    (``busy_ms``, the union), the kernels' count, their time summed per kind (``kinds_ms``, every
-    kind of ``KINDS`` and ``OTHER``; more than ``busy_ms`` where kernels overlapped) and the
-    ``top`` names by time with their calls."""
-    kinds = dict.fromkeys([k for k, _ in KINDS] + [OTHER], 0.0)
-    by_name: dict[str, list[float]] = {}
-    for name, start, end in kernels:
-        kinds[kind_of(name)] += (end - start) / 1e3
-        total = by_name.setdefault(name, [0.0, 0])
-        total[0] += (end - start) / 1e3
-        total[1] += 1
-    ranked = sorted(by_name.items(), key=lambda x: -x[1][0])[:top]
-    return {
-        "busy_ms": busy_us((s, e) for _, s, e in kernels) / 1e3,
-        "kernels": len(kernels),
-        "kinds_ms": kinds,
-        "top": [{"name": name if len(name) <= NAME_CHARS else name[:NAME_CHARS - 3] + "...",
-                 "kind": kind_of(name), "ms": ms, "calls": calls}
-                for name, (ms, calls) in ranked],
-    }
-
-
-def device_kernels(events: Iterable[Any], device: str) -> list[tuple[str, float, float]]:
-    """``(name, start_us, end_us)`` of the kernels among a profile's events (``FunctionEvent``s,
-    ``prof.events()``): on CUDA the device's activities; on a CPU the ``aten::`` operators no
-    other ``aten::`` operator called (their children's time is theirs)."""
-    if device == "cuda":
-        picked = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    else:
-        picked = [e for e in events
-                  if e.device_type == torch.autograd.DeviceType.CPU
-                  and e.name.startswith("aten::") and not _under_aten(e)]
-    return [(e.name, e.time_range.start, e.time_range.end) for e in picked]
-
-
-def _under_aten(event: Any) -> bool:
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name.startswith("aten::"):
-            return True
-        parent = parent.cpu_parent
-    return False
+from tad_torchtune.profiling import breakdown, device_kernels  # noqa: E402
 
 
 def _sync(device: str) -> None:

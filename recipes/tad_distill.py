@@ -66,6 +66,7 @@ from tad_torchtune.models.loading import (
     state_vocab_size,
 )
 from tad_torchtune.parallel import init_distributed, parallelize
+from tad_torchtune.profiling import StepProfiler, describe
 from tad_torchtune.schema import (
     DISTILL,
     resolve_config_argv,
@@ -136,6 +137,7 @@ class TADDistillRecipe:
         self._peak_flops = get("peak_flops_per_device") or peak_flops(self._device, self._dtype)
         self._flops_per_token: dict[int, int] = {}
 
+        self._profiler: StepProfiler | None = None  # set up last
         self.global_step = 0
         self.epoch = 0
         self.step_in_epoch = 0
@@ -257,6 +259,9 @@ class TADDistillRecipe:
             self._load_training_state()
         if self._is_rank_zero:
             self._trim_metrics()
+        # last: a profiler started by set-up would record it
+        self._profiler = StepProfiler(cfg.get("profiler"), output_dir=self._output_dir,
+                                      device=self._device.type)
 
     def _setup_data(self, cfg: DictConfig, key: str, *, train: bool):
         dataset = instantiate(cfg[key], key, self._tokenizer)
@@ -302,6 +307,7 @@ class TADDistillRecipe:
         self._optimizer.zero_grad(set_to_none=True)
         progress = tqdm(total=self._total_steps, initial=self.global_step,
                         disable=not self._is_rank_zero, desc="tad_distill", dynamic_ncols=True)
+        self._profiler.start()
         while self.epoch < self._epochs and self.global_step < self._total_steps:
             self._train_sampler.set_position(
                 self.epoch, self.step_in_epoch * self._grad_accum * self._train_sampler.global_batch
@@ -309,6 +315,11 @@ class TADDistillRecipe:
             batches = iter(self._train_loader)
             while self.step_in_epoch < self._steps_per_epoch and self.global_step < self._total_steps:
                 self.train_step(batches, progress)
+                profiled = self._profiler.step()  # a cycle's summary on the step that ends it
+                if profiled is not None:
+                    self._log(profiled)
+                    if self._is_rank_zero:
+                        tqdm.write(f"tad_distill: step {self.global_step} {describe(profiled)}")
                 if self._eval_every and self.global_step % self._eval_every == 0:
                     self._log(self.evaluate())
                 if self._save_every and self.global_step % self._save_every == 0:
@@ -317,6 +328,7 @@ class TADDistillRecipe:
                 self.epoch += 1
                 self.step_in_epoch = 0
         progress.close()
+        self._profiler.stop()
         if self._val_loader is not None and not (
             self._eval_every and self.global_step % self._eval_every == 0
         ):
@@ -563,6 +575,8 @@ class TADDistillRecipe:
         self._metrics_file.write(json.dumps(record) + "\n")
 
     def cleanup(self) -> None:
+        if self._profiler is not None:
+            self._profiler.stop()
         if self._metrics_file is not None:
             self._metrics_file.close()
         if self._metric_logger is not None:

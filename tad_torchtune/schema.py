@@ -251,6 +251,10 @@ DISTILL = Schema("tad_distill", [
         False, _BOOL),
     Key("resume_on_different_data", "resume even when the checkpoint's token store differs from "
         "this run's", False, _BOOL),
+    Key("profiler", "torchtune's profiler (`torchtune.training.setup_torch_profiler`: "
+        "`profiler.enabled=true`, its schedule): traces in `output_dir/profiling_outputs`, and "
+        "per profiled cycle the device's busy time and kernel time by kind as `profile_*` "
+        "metrics", shown="off"),
     Key("peak_flops_per_device", "peak FLOP/s of one device, for `mfu` (known GPUs by default; "
         "none on a CPU unless given)", None, _OPT_NUM, minimum=0, shown="known GPUs"),
     Key("teacher_cache_dir", "train from a teacher cache written by `tad_cache` instead of "
@@ -278,7 +282,13 @@ def validate_config(cfg: DictConfig) -> None:
         ConfigError: naming the first offending key, its value and what is accepted.
     """
     from tad_torchtune.losses import DIVERGENCES, Divergence
+    from tad_torchtune.profiling import validate_profiler
 
+    profiler = cfg.get("profiler")
+    if profiler is not None and not (isinstance(profiler, DictConfig)
+                                     and "_component_" in profiler
+                                     and profiler._component_ is None):
+        validate_profiler(profiler)  # first: it gives the node torchtune's default component
     DISTILL.validate(cfg)
     weights = {k: DISTILL.get(cfg, k) for k in ("clm_weight", "kd_weight", "hidden_weight")}
     if not any(w > 0 for w in weights.values()):

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from tad_torchtune import profiling
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_check  # noqa: E402
 import head_kernels  # noqa: E402
-import step_profile  # noqa: E402
 
 DRY_SHAPES = ["2048,1000,64,fp32", "2048,1536,96,fp32"]
 DRY_ARCHS = ["tiny_qwen2", "tiny_gemma2"]
@@ -91,7 +92,7 @@ def test_dry_run_writes_every_result(dry_run):
         if "profile" in r:
             p = r["profile"]
             assert p["device"] == "cpu" and p["kernels"] > 0 and p["busy_ms"] > 0, p
-            assert set(p["kinds_ms"]) == {k for k, _ in step_profile.KINDS} | {"other"}
+            assert set(p["kinds_ms"]) == {k for k, _ in profiling.KINDS} | {"other"}
         if r["impl"] == "matmul_floor_unchunked":  # four products and nothing else
             assert r["profile"]["kinds_ms"]["matmul"] > 0.9 * r["profile"]["busy_ms"], r
 

@@ -80,6 +80,9 @@ def test_outputs_logged_and_exported(baseline):
     ckpts = sorted(p.name for p in (baseline / "checkpoints").glob("step_*"))
     assert ckpts == ["step_000008", "step_000010"]  # keep_last_n_checkpoints: 2
     assert (baseline / "checkpoints" / "latest").read_text() == "step_000010"
+    # the profiler is off unless asked for: no trace, no profile metric
+    assert not (baseline / "profiling_outputs").exists()
+    assert not any(k.startswith("profile_") for r in records for k in r)
 
 
 def test_validation_metrics_equal_tad_eval_on_the_exported_student(assets, baseline, tmp_path,
@@ -265,6 +268,31 @@ def test_mfu_and_per_device_throughput_are_logged(assets, tmp_path):
     plain = tmp_path / "plain"
     _recipe(tune.base_config(assets, plain, max_steps=1, export_hf=False)).train()
     assert "mfu" not in tune.read_metrics(plain)[0]
+
+
+def test_the_profiler_key_profiles_a_cycle_as_torchtune_does(assets, tmp_path, capsys):
+    """``profiler`` is torchtune's key (no ``_component_`` needed): the cycle's trace and key
+    averages where torchtune writes them, and on the step that ends the cycle its metrics, per
+    active step. On a CPU the kernels are the outermost aten ops of one thread: they lie within
+    the steps and do not overlap, so their kinds add up to the busy time."""
+    out = _run(assets, tmp_path, "prof", max_steps=5, export_hf=False,
+               profiler={"enabled": True, "wait_steps": 1, "warmup_steps": 1,
+                         "active_steps": 2, "num_cycles": 1})
+    cycle = out / "profiling_outputs" / "iteration_4"
+    assert (cycle / "rank0_key_averages.txt").is_file()
+    assert len(list(cycle.glob("*.pt.trace.json.gz"))) == 1
+    profiled = [r for r in tune.read_metrics(out) if "profile_step_ms" in r]
+    assert [r["step"] for r in profiled] == [4]  # wait 1 + warmup 1 + active 2
+    (m,) = profiled
+    assert 0 < m["profile_busy_ms"] <= m["profile_step_ms"]
+    assert m["profile_busy_share"] == pytest.approx(m["profile_busy_ms"] / m["profile_step_ms"])
+    kinds = {k: v for k, v in m.items() if k.endswith("_ms") and k not in (
+        "profile_step_ms", "profile_busy_ms")}
+    assert sum(kinds.values()) == pytest.approx(m["profile_busy_ms"], rel=1e-6)
+    assert kinds["profile_matmul_ms"] > 0 and kinds["profile_attention_ms"] > 0
+    # the 8 x 32 tokens' step: fewer kernels than a hundred would be a cycle of nothing
+    assert m["profile_kernels"] > 100
+    assert "tad_distill: step 4 profiled: " in capsys.readouterr().out
 
 
 def test_resume_on_another_token_store_is_refused_naming_both(assets, tmp_path):
@@ -473,6 +501,8 @@ CASES = [
     (["kd_loss.abar_scope=sentence"],
      "kd_loss.abar_scope: must be one of ('row', 'document'), got 'sentence'"),
     (["dtype=fp16"], "dtype: must be one of ('bf16', 'fp32'), got 'fp16'"),
+    (["profiler.enabled=true", "profiler.active_steps=0"],
+     "profiler.active_steps: must be an integer >= 1 or null, got 0"),
     (["kd_loss._component_=torch.nn.MSELoss"],
      "kd_loss._component_: 'torch.nn.MSELoss' is not a divergence; accepted: "
      "tad_torchtune.losses.DRKLLoss, tad_torchtune.losses.ForwardKLLoss, "
