@@ -238,6 +238,35 @@ def loss_figures(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     } for shape, got in by_shape.items()}
 
 
+def profile_gaps(loss: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per loss shape, where the recipe's heads' time differs from Liger's, from the profiled
+    steps (``loss_bench.py --profile``): for each of ``HEAD_TAD`` and ``HEAD_FKL`` against
+    ``LIGER``, the difference of their median step times (``step_ms``), of the device's idle
+    time in a step (``idle_ms``: the median step time less the profiled busy time) and of each
+    kind's kernel time (``kinds_ms``); and the head's matmul time against the unchunked floor's
+    (``matmul_vs_floor``: what chunking and the head's layout cost the products). Not a target:
+    the reading of a missed time target. Shapes or cases without a profile are left out."""
+    out: dict[str, dict[str, Any]] = {}
+    for shape, f in loss.items():
+        profiles, ms = f.get("profiles", {}), f["ms"]
+        liger = profiles.get(LIGER)
+        floor_matmul = (profiles.get(FLOOR) or {}).get("kinds_ms", {}).get("matmul")
+        for head in (HEAD_TAD, HEAD_FKL):
+            mine = profiles.get(head)
+            if not mine or "error" in mine or ms.get(head) is None:
+                continue
+            got: dict[str, Any] = {"matmul_vs_floor": mine["kinds_ms"]["matmul"] / floor_matmul
+                                   if floor_matmul else None}
+            if liger and "error" not in liger and ms.get(LIGER) is not None:
+                got.update(
+                    against=LIGER, step_ms=ms[head] - ms[LIGER],
+                    idle_ms=(ms[head] - mine["busy_ms"]) - (ms[LIGER] - liger["busy_ms"]),
+                    kinds_ms={k: v - liger["kinds_ms"].get(k, 0.0)
+                              for k, v in mine["kinds_ms"].items()})
+            out.setdefault(shape, {})[head] = got
+    return out
+
+
 #: rows per chunk of the loss cases whose code ``head_code`` reads (the recipe's head's
 #: ``loss_chunk_size``, Liger's default chunk)
 CODE_CHUNK = 1024
@@ -409,6 +438,7 @@ def summarize(out_dir: Path, steps: list[dict[str, Any]], loss_shapes: list[str]
     return {"dry_run": dry_run, "environment": environment(), "steps": steps, "tests": tests,
             "recipe_head": {"config": RECIPE_CONFIG.stem, "options": RECIPE_HEAD},
             "loss": loss, "chunk": chunk, "head_choice": head_choice(loss, chunk),
+            "profile_gaps": profile_gaps(loss),
             "head_code": head_code(out_dir / "inductor_code"),
             "recipes": recipes, "targets": targets, "problems": problems,
             "complete": not problems}
@@ -502,6 +532,16 @@ def print_summary(s: dict[str, Any]) -> None:
     for shape, f in s["loss"].items():
         for c, profile in f.get("profiles", {}).items():
             print(f"profile loss ({shape}) {c}: {describe(profile, f['ms'].get(c))}")
+    for shape, heads in s["profile_gaps"].items():
+        for head, x in heads.items():
+            line = (f"profiled gap ({shape}) {head}: matmul time "
+                    f"{fmt(x['matmul_vs_floor'], '.2f')}x the unchunked floor's")
+            if "against" in x:
+                kinds = ", ".join(f"{k} {v:+.1f}" for k, v in sorted(
+                    x["kinds_ms"].items(), key=lambda kv: -abs(kv[1])) if abs(v) >= 0.05)
+                line += (f"; against Liger, step {x['step_ms']:+.1f} ms: device idle "
+                         f"{x['idle_ms']:+.1f}, kernels by kind {kinds or 'the same'}")
+            print(line)
     for arch, row in s["recipes"].items():
         loops = ", ".join(f"{name} {x['tokens_per_second']:.0f} tokens/s"
                           + (f" MFU {x['mfu']:.1%}" if x["mfu"] is not None else "")

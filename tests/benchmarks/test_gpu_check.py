@@ -188,6 +188,13 @@ def test_dry_run_writes_every_result(dry_run):
             c: r["profile"] for c, r in got.items() if "profile" in r}
         for case in sorted(map("/".join, PROFILED)):
             assert f"profile loss ({shape}) {case}: device busy " in log
+        for head in ("fused_step_recipe/tad", "fused_step_recipe/forward_kl"):
+            gap = summary["profile_gaps"][shape][head]
+            assert gap["step_ms"] == pytest.approx(got[head]["ms"] - liger["ms"])
+            assert gap["matmul_vs_floor"] == pytest.approx(
+                got[head]["profile"]["kinds_ms"]["matmul"]
+                / got["matmul_floor_unchunked/none"]["profile"]["kinds_ms"]["matmul"])
+            assert f"profiled gap ({shape}) {head}: matmul time " in log
     qwen, gemma = recipes["tiny_qwen2"], recipes["tiny_gemma2"]
     assert targets["vs transformers + Liger (qwen2_5_3b_half)"]["value"] == qwen[
         "recipe_over_peer"]
@@ -348,6 +355,28 @@ def test_summary_takes_one_measured_shape_and_arch_per_target(tmp_path):
                            "--loss-shapes", GPU_SHAPES[0], "--recipe-archs", "a", "b"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "--loss-shapes takes 2 shapes" in proc.stderr, proc.stderr
+
+
+def test_profile_gaps_split_the_time_against_liger_by_kind():
+    tad, fkl, liger, floor = gpu_check.HEAD_TAD, gpu_check.HEAD_FKL, gpu_check.LIGER, \
+        gpu_check.FLOOR
+    loss = {
+        "a": {"ms": {tad: 50.0, fkl: 40.0, liger: 45.0, floor: 30.0}, "profiles": {
+            tad: {"busy_ms": 48.0, "kinds_ms": {"matmul": 33.0, "inductor": 10.0, "other": 5.0}},
+            liger: {"busy_ms": 44.0, "kinds_ms": {"matmul": 35.0, "inductor": 9.0, "other": 0.0}},
+            floor: {"busy_ms": 30.0, "kinds_ms": {"matmul": 30.0}}}},
+        "b": {"ms": {tad: 50.0, liger: 45.0}, "profiles": {}},  # nothing profiled
+        "c": {"ms": {tad: 50.0, liger: 45.0}, "profiles": {  # the head alone, Liger's failed
+            tad: {"busy_ms": 48.0, "kinds_ms": {"matmul": 33.0}},
+            liger: {"error": "RuntimeError: no CUPTI"}}},
+    }
+    got = gpu_check.profile_gaps(loss)
+    assert got == {
+        "a": {tad: {"matmul_vs_floor": pytest.approx(1.1), "against": liger, "step_ms": 5.0,
+                    "idle_ms": 1.0,  # (50 - 48) - (45 - 44)
+                    "kinds_ms": {"matmul": -2.0, "inductor": 1.0, "other": 5.0}}},
+        "c": {tad: {"matmul_vs_floor": None}},
+    }
 
 
 def test_head_code_sums_each_case_s_graphs_per_chunk(tmp_path):
