@@ -388,7 +388,8 @@ def test_kept_segments_run_their_first_chunks_in_halves(monkeypatch, cache_bytes
 
 
 def test_teacher_cache_unused_without_teacher_pass(monkeypatch):
-    """Divergences without a teacher pass project the teacher once per chunk, whatever the budget."""
+    """Divergences without a teacher pass project the teacher once per chunk, whatever the
+    budget."""
     case = make_case(13)
     calls = count_teacher_projections(monkeypatch, case[3])
     fused(ForwardKLLoss(), *case, chunk_size=12, teacher_cache_mib=0)
