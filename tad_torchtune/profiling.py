@@ -12,7 +12,8 @@ without a trace viewer whether it is bound by its matmuls, its element-wise kern
 The benchmarks read their steps the same way (``benchmarks/step_profile.py``).
 
 Kernels: on CUDA the device's own activities (kernels, copies, fills, from CUPTI); on a CPU the
-``aten::`` operators no other ``aten::`` operator called, which stand in for kernels.
+``aten::`` operators no other ``aten::`` operator called, which stand in for kernels, and the
+rest of each compiled graph's call (its C++ kernels, which a CPU's profile does not record).
 """
 
 import re
@@ -92,17 +93,35 @@ def breakdown(kernels: list[tuple[str, float, float]], top: int = 12) -> dict[st
     }
 
 
+#: the name given to a compiled graph's own time on a CPU (``device_kernels``)
+CPU_COMPILED = "cpp_fused kernels of a compiled graph"
+
+
 def device_kernels(events: Iterable[Any], device: str) -> list[tuple[str, float, float]]:
     """``(name, start_us, end_us)`` of the kernels among a profile's events (``FunctionEvent``s,
     ``prof.events()``): on CUDA the device's activities; elsewhere the ``aten::`` operators no
-    other ``aten::`` operator called (their children's time is theirs)."""
+    other ``aten::`` operator called (their children's time is theirs), and, inside each call of
+    a graph inductor compiled, the time none of them covers, named ``CPU_COMPILED``: its C++
+    kernels, which the profiler does not record on a CPU."""
+    events = list(events)
     if device == "cuda":
-        picked = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    else:
-        picked = [e for e in events
-                  if e.device_type == torch.autograd.DeviceType.CPU
-                  and e.name.startswith("aten::") and not _under_aten(e)]
-    return [(e.name, e.time_range.start, e.time_range.end) for e in picked]
+        return [(e.name, e.time_range.start, e.time_range.end) for e in events
+                if e.device_type == torch.autograd.DeviceType.CUDA]
+    cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    ops = [(e.name, e.time_range.start, e.time_range.end) for e in cpu
+           if e.name.startswith("aten::") and not _under_aten(e)]
+    compiled = []
+    for graph in cpu:
+        if graph.name.startswith("## Call CompiledFxGraph"):
+            start, end = graph.time_range.start, graph.time_range.end
+            inside = [op for op in ops if start <= op[1] and op[2] <= end]
+            for _, s, e in sorted(inside, key=lambda op: op[1]):
+                if s > start:
+                    compiled.append((CPU_COMPILED, start, s))
+                start = max(start, e)
+            if end > start:
+                compiled.append((CPU_COMPILED, start, end))
+    return ops + compiled
 
 
 def _under_aten(event: Any) -> bool:

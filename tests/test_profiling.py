@@ -124,6 +124,22 @@ def test_device_kernels_take_the_gpu_s_activities_or_the_cpu_s_outermost_operato
     assert device_kernels(events, "cpu") == [("aten::linear", 0, 10), ("aten::mm", 21, 39)]
 
 
+def test_a_cpu_s_compiled_graph_call_counts_what_its_operators_leave():
+    cpu = torch.autograd.DeviceType.CPU
+    graph = event("## Call CompiledFxGraph abc ##", 100, 200, cpu)
+    mm = event("aten::mm", 120, 150, cpu, parent=graph)
+    inner = event("aten::empty", 121, 122, cpu, parent=mm)
+    addmm = event("aten::addmm", 150, 180, cpu, parent=graph)
+    outside = event("aten::exp", 300, 310, cpu)
+    got = device_kernels([graph, mm, inner, addmm, outside], "cpu")
+    compiled = profiling.CPU_COMPILED
+    assert sorted(got, key=lambda k: k[1]) == [
+        (compiled, 100, 120), ("aten::mm", 120, 150), ("aten::addmm", 150, 180),
+        (compiled, 180, 200), ("aten::exp", 300, 310)]
+    assert kind_of(compiled) == "inductor"
+    assert breakdown(got)["busy_ms"] == pytest.approx(0.11)  # the call and the exp
+
+
 def test_a_cycle_s_metrics_are_per_active_step():
     cpu = torch.autograd.DeviceType.CPU
     events = [event("ProfilerStep*", 0, 10_000, cpu), event("ProfilerStep*", 10_000, 30_000, cpu),

@@ -205,9 +205,15 @@ def test_compile_and_activation_checkpointing_match_eager(assets, tmp_path, base
     # Recomputation replays the same float operations: identical losses.
     _assert_same_losses(tune.train_losses(ac), tune.train_losses(baseline), rtol=1e-7)
     both = _run(assets, tmp_path, "compiled", enable_activation_checkpointing=True, compile=True,
-                max_steps=10)
+                max_steps=10, profiler={"enabled": True, "wait_steps": 6, "warmup_steps": 1,
+                                        "active_steps": 1, "num_cycles": 1})
     # Inductor fuses and reorders float32 reductions: equal to eager within 1e-4 relative.
     _assert_same_losses(tune.train_losses(both), tune.train_losses(baseline), rtol=1e-4)
+    # the profiled step (the 8th) reads the compiled graphs' C++ kernels, which a CPU's profile
+    # does not record, from the calls of the graphs (profiling.CPU_COMPILED)
+    (m,) = [r for r in tune.read_metrics(both) if "profile_step_ms" in r]
+    assert m["step"] == 8 and m["profile_inductor_ms"] > 0, m
+    assert 0 < m["profile_busy_ms"] <= m["profile_step_ms"]
 
 
 # ------------------------------------------------------------------ in-process: NaN, export
