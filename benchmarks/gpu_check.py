@@ -267,6 +267,27 @@ def profile_gaps(loss: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def recipe_gaps(recipes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per recipe_bench architecture, where the recipe's step time differs from the compiled
+    peer's (transformers + Liger), from their profiled steps (``recipe_bench.py --profile``):
+    the difference of their median step times, of the device's idle time in a step and of each
+    kind's kernel time, as ``profile_gaps`` reads the heads. Not a target: the reading of the
+    end-to-end ratio. Architectures without both profiles are left out."""
+    out = {}
+    for arch, row in recipes.items():
+        profiles, loops = row.get("profiles", {}), row["loops"]
+        mine, peer = profiles.get("recipe"), profiles.get("peer")
+        if not mine or not peer or "error" in mine or "error" in peer or "peer" not in loops:
+            continue
+        ms = {name: 1e3 * loops[name]["step_seconds"] for name in ("recipe", "peer")}
+        out[arch] = {"against": "peer", "step_ms": ms["recipe"] - ms["peer"],
+                     "idle_ms": (ms["recipe"] - mine["busy_ms"]) - (ms["peer"] - peer["busy_ms"]),
+                     "kernels": mine["kernels"] - peer["kernels"],
+                     "kinds_ms": {k: v - peer["kinds_ms"].get(k, 0.0)
+                                  for k, v in mine["kinds_ms"].items()}}
+    return out
+
+
 #: rows per chunk of the loss cases whose code ``head_code`` reads (the recipe's head's
 #: ``loss_chunk_size``, Liger's default chunk)
 CODE_CHUNK = 1024
@@ -438,7 +459,7 @@ def summarize(out_dir: Path, steps: list[dict[str, Any]], loss_shapes: list[str]
     return {"dry_run": dry_run, "environment": environment(), "steps": steps, "tests": tests,
             "recipe_head": {"config": RECIPE_CONFIG.stem, "options": RECIPE_HEAD},
             "loss": loss, "chunk": chunk, "head_choice": head_choice(loss, chunk),
-            "profile_gaps": profile_gaps(loss),
+            "profile_gaps": profile_gaps(loss), "recipe_gaps": recipe_gaps(recipes),
             "head_code": head_code(out_dir / "inductor_code"),
             "recipes": recipes, "targets": targets, "problems": problems,
             "complete": not problems}
@@ -551,6 +572,13 @@ def print_summary(s: dict[str, Any]) -> None:
         for name, profile in row.get("profiles", {}).items():
             step_ms = 1e3 * row["loops"].get(name, {}).get("step_seconds", 0) or None
             print(f"profile recipe_bench {arch} {name}: {describe(profile, step_ms)}")
+        gap = s["recipe_gaps"].get(arch)
+        if gap is not None:
+            kinds = ", ".join(f"{k} {v:+.1f}" for k, v in sorted(
+                gap["kinds_ms"].items(), key=lambda kv: -abs(kv[1])) if abs(v) >= 0.05)
+            print(f"profiled gap recipe_bench {arch}: recipe against the compiled peer, step "
+                  f"{gap['step_ms']:+.1f} ms: device idle {gap['idle_ms']:+.1f}, kernels "
+                  f"{gap['kernels']:+d}, by kind {kinds or 'the same'}")
     for tg in s["targets"]:
         verdict = {True: "met", False: "MISSED",
                    None: "not judged" if s["dry_run"] else "no figure"}[tg["met"]]

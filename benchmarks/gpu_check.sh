@@ -67,8 +67,9 @@
 #   summary             gpu_check.py summary: targets met/missed, and per shape (item 5,
 #                       not a target) the fastest CE + TAD head within Liger's memory among
 #                       the recipe's and its variants, with the config keys it changes; the
-#                       profiled steps, and the recipe heads' time against Liger's split by
-#                       kind (profile_gaps)
+#                       profiled steps, the recipe heads' time against Liger's and the
+#                       recipe's step against the compiled peer's split by kind
+#                       (profile_gaps, recipe_gaps)
 #                                                                    -> summary.json
 # Everything printed also goes to OUT_DIR/gpu_check.log (8 files and inductor_code/ in all).
 # The caps are estimates until a GPU run records each step's seconds (summary.json "steps");

@@ -118,6 +118,16 @@ def test_dry_run_writes_every_result(dry_run):
         for name, p in row["profiles"].items():
             assert p["kernels"] > 0 and p["kinds_ms"]["matmul"] > 0, (name, p)
             assert f"profile recipe_bench {arch} {name}: device busy " in log
+        gap = json.loads((out / "summary.json").read_text())["recipe_gaps"][arch]
+        ms = {n: 1e3 * row["loops"][n]["step_seconds"] for n in ("recipe", "peer")}
+        assert gap["step_ms"] == pytest.approx(ms["recipe"] - ms["peer"])
+        assert gap["idle_ms"] == pytest.approx(
+            (ms["recipe"] - row["profiles"]["recipe"]["busy_ms"])
+            - (ms["peer"] - row["profiles"]["peer"]["busy_ms"]))
+        assert gap["kinds_ms"] == pytest.approx({
+            k: v - row["profiles"]["peer"]["kinds_ms"][k]
+            for k, v in row["profiles"]["recipe"]["kinds_ms"].items()})
+        assert f"profiled gap recipe_bench {arch}: recipe against the compiled peer" in log
         assert ("LigerStandIn" in row["peer"]["loss"]) == (not LIGER_INSTALLED)
 
     # collected and skipped on a CPU: every test of tests/test_cuda.py, none run; the recipe's
