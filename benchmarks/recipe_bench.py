@@ -69,7 +69,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.optim.optimizer import (
@@ -558,8 +558,11 @@ def time_split(recipe, batches, device: torch.device) -> dict[str, float]:
 
 def bench(arch: str, variant: str, device: str, *, loops: list[str], steps: int, warmup: int,
           seq: int | None, batch: int | None, peak: float | None, attention: str | None = None,
-          stand_in: bool = False, compile_scope: str = "layers",
-          profile: bool = False) -> dict[str, Any]:
+          stand_in: bool = False, compile_scope: str = "layers", profile: bool = False,
+          before_profile: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """One architecture and variant: the loops' rounds, the recipe's time split, and with
+    ``profile`` one profiled step of each loop, after ``before_profile`` was handed the row
+    (a caller that saves it keeps the figures if the profiling is stopped)."""
     split_steps = max(1, steps // 3)
     rows_per_batch = batch or ARCHS[arch]["batch"]
     num_blocks = rows_per_batch * (warmup + steps + split_steps)
@@ -607,12 +610,23 @@ def bench(arch: str, variant: str, device: str, *, loops: list[str], steps: int,
                            if dev.type == "cuda" else "peak RSS of the process, all loops")
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             split = time_split(recipe, batches[warmup + steps:], dev)
-            # one more step of each loop under the profiler: where its device time goes
-            profiles = {loop.name: profile_step(
-                lambda loop=loop: loop.step(batches[warmup + steps]), device)
-                for loop in todo} if profile else None
+            out = _row(arch, variant, cfg, dev, todo, kept, rss, memory_kind, split, peak, peer,
+                       compile_scope)
+            if profile:  # one more step of each loop under the profiler, the figures saved
+                if before_profile is not None:
+                    before_profile(out)
+                out["profiles"] = {loop.name: profile_step(
+                    lambda loop=loop: loop.step(batches[warmup + steps]), device)
+                    for loop in todo}
         finally:
             recipe.cleanup()
+    return out
+
+
+def _row(arch: str, variant: str, cfg: DictConfig, dev: torch.device, todo: list[Loop],
+         kept: dict[str, int], rss: int, memory_kind: str, split: dict[str, float],
+         peak: float | None, peer: "PeerModels | None", compile_scope: str) -> dict[str, Any]:
+    """``bench``'s row: per loop tokens/s, MFU, memory; the recipe over each loop, paired."""
     _, _, meta_teacher, meta_student = peer_configs(*arch_nodes(arch)[:2])
     rows, length = cfg.batch_size, cfg.dataset.max_seq_len
     tokens = rows * (length - 1)  # valid (predicted) tokens of a batch
@@ -622,7 +636,6 @@ def bench(arch: str, variant: str, device: str, *, loops: list[str], steps: int,
         "arch": arch, "variant": variant, "device": str(dev), "batch": rows, "seq": length,
         "flops_per_step": flops, "peak_flops": peak, "memory_kind": memory_kind,
         "loops": {}, "split_seconds": split,
-        **({"profiles": profiles} if profiles is not None else {}),
     }
     for loop in todo:
         seconds = statistics.median(loop.times)
@@ -681,12 +694,19 @@ def main() -> int:
     if args.device == "cpu":
         peak = cpu_matmul_peak()
     rows = []
+
+    def save(done: list[dict]) -> None:  # after every row: a run stopped part-way keeps them
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"peak_flops": peak, "rows": done}, indent=2) + "\n")
+
     for arch in archs:
         for variant in args.variants:
             row = bench(arch, variant, args.device, loops=args.loops, steps=args.steps,
                         warmup=args.warmup, seq=args.seq, batch=args.batch, peak=peak,
                         attention=args.peer_attention, stand_in=args.liger_stand_in,
-                        compile_scope=args.peer_compile, profile=args.profile)
+                        compile_scope=args.peer_compile, profile=args.profile,
+                        before_profile=lambda got: save([*rows, got]))
             rows.append(row)
             loops = "  ".join(
                 f"{name} {x['tokens_per_second']:.0f} tok/s"
@@ -698,10 +718,7 @@ def main() -> int:
             for name, got in row.get("profiles", {}).items():
                 print(f"  profile {name}: "
                       f"{describe(got, 1e3 * row['loops'][name]['step_seconds'])}", flush=True)
-            if args.json:  # after every row: a run stopped part-way keeps what it measured
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps({"peak_flops": peak, "rows": rows}, indent=2)
-                                     + "\n")
+            save(rows)
     return 0
 
 
