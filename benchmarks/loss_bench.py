@@ -842,8 +842,9 @@ def main() -> int:
             profiled = [parse_case(c) for c in args.profile] or cases
         except ValueError as err:
             parser.error(str(err))
-        if set(profiled) - set(cases):
-            parser.error(f"argument --profile: {', '.join(map('/'.join, profiled))} must be "
+        missing = [c for c in profiled if c not in cases]
+        if missing:
+            parser.error(f"argument --profile: {', '.join(map('/'.join, missing))} must be "
                          f"among the measured cases: {', '.join(map('/'.join, cases))}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -298,7 +298,7 @@ def test_profile_needs_the_timing_process_and_measured_cases():
     for extra, message in (
             ([], "argument --profile: on a CPU it needs --cpu-memory allocations (the profile "
                  "is taken in the timing process)"),
-            (["--cpu-memory", "allocations", "--profile", "fused/tad"],
+            (["--cpu-memory", "allocations", "--profile", "matmul_floor/none", "fused/tad"],
              "argument --profile: fused/tad must be among the measured cases: "
              "matmul_floor/none")):
         proc = subprocess.run(
