@@ -19,6 +19,7 @@ CUPTI) gives ``{"error": ...}``, never an exception: the measurement it sits bes
 """
 
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,12 +39,23 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+#: environment variable: the time (seconds since the epoch) after which ``profile_step`` profiles
+#: nothing; the GPU check sets it for each step, some seconds before the step's cap, so that a
+#: profile (a diagnostic) never makes a step that measured its targets run out of time
+DEADLINE_ENV = "GPU_CHECK_STEP_DEADLINE"
+
+
 def profile_step(step: Callable[[], Any], device: str, top: int = 12) -> dict[str, Any]:
     """Run ``step()`` once under ``torch.profiler`` and return ``breakdown`` of its kernels plus
     ``wall_ms``, the step's time under the profiler (synchronised; the profiler's own overhead
     included, so compare ``busy_ms`` with an unprofiled time), and ``device``. The step should
-    be warm (compiled): a first call's compile would be profiled with it."""
+    be warm (compiled): a first call's compile would be profiled with it. After the time in
+    ``DEADLINE_ENV``, it does not run the step and says so (``{"error": ...}``)."""
     from torch.profiler import ProfilerActivity, profile
+
+    deadline = os.environ.get(DEADLINE_ENV)
+    if deadline and time.time() > float(deadline):
+        return {"error": f"not run: past {DEADLINE_ENV}, the step's cap is near"}
 
     activities = [ProfilerActivity.CPU]
     if device == "cuda":

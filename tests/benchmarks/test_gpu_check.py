@@ -232,6 +232,25 @@ def test_steps_without_time_are_recorded_and_fail_the_check(tmp_path):
     assert "CHECK INCOMPLETE" in proc.stdout
 
 
+def test_profiles_stop_before_a_step_s_cap(tmp_path):
+    """The loss step alone, its profiles told to stop 1000 s before its cap: the rows are
+    measured and saved, each profile says it did not run (the deadline the script gives each
+    step reaches the benchmark), and the step is ok."""
+    out = tmp_path / "out"
+    proc = run_script(["--dry-run", str(out)], GPU_CHECK_ONLY="loss",
+                      GPU_CHECK_PROFILE_MARGIN_S="1000")
+    steps = {s["name"]: s for s in json.loads((out / "summary.json").read_text())["steps"]}
+    assert steps["loss"]["ok"], proc.stdout[-4000:] + proc.stderr[-2000:]
+    rows = json.loads((out / "loss_bench.json").read_text())
+    profiled = [r for r in rows if "profile" in r]
+    assert len(profiled) == len(PROFILED) * len(DRY_SHAPES)
+    assert all(r["ms"] > 0 for r in rows)
+    assert {r["profile"].get("error") for r in profiled} == {
+        "not run: past GPU_CHECK_STEP_DEADLINE, the step's cap is near"}
+    assert "profile loss (2048,1000,64,fp32) fused_step_recipe/tad: not profiled (not run: " \
+        in proc.stdout
+
+
 # ----------------------------------------------------------------------------- the verdicts
 
 

@@ -2,6 +2,7 @@
 tests/test_profiling.py)."""
 
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -37,3 +38,13 @@ def test_a_failing_step_gives_its_error_not_an_exception():
     got = profile_step(step, "cpu")
     assert got == {"error": "RuntimeError: no CUPTI"}
     assert step_profile.describe(got) == "not profiled (RuntimeError: no CUPTI)"
+
+
+def test_past_the_deadline_nothing_is_profiled_or_run(monkeypatch):
+    ran = []
+    monkeypatch.setenv(step_profile.DEADLINE_ENV, str(time.time() - 1))
+    got = profile_step(lambda: ran.append(1), "cpu")
+    assert ran == [] and got == {
+        "error": "not run: past GPU_CHECK_STEP_DEADLINE, the step's cap is near"}
+    monkeypatch.setenv(step_profile.DEADLINE_ENV, str(time.time() + 600))
+    assert profile_step(lambda: ran.append(1), "cpu")["kernels"] == 0 and ran == [1]
