@@ -315,11 +315,7 @@ class TADDistillRecipe:
             batches = iter(self._train_loader)
             while self.step_in_epoch < self._steps_per_epoch and self.global_step < self._total_steps:
                 self.train_step(batches, progress)
-                profiled = self._profiler.step()  # a cycle's summary on the step that ends it
-                if profiled is not None:
-                    self._log(profiled)
-                    if self._is_rank_zero:
-                        tqdm.write(f"tad_distill: step {self.global_step} {describe(profiled)}")
+                self._log_profile(self._profiler.step())  # on the step that ends a cycle
                 if self._eval_every and self.global_step % self._eval_every == 0:
                     self._log(self.evaluate())
                 if self._save_every and self.global_step % self._save_every == 0:
@@ -328,7 +324,7 @@ class TADDistillRecipe:
                 self.epoch += 1
                 self.step_in_epoch = 0
         progress.close()
-        self._profiler.stop()
+        self._log_profile(self._profiler.stop())  # a cycle the end cut short
         if self._val_loader is not None and not (
             self._eval_every and self.global_step % self._eval_every == 0
         ):
@@ -559,6 +555,14 @@ class TADDistillRecipe:
                 f"{key}: the checkpoint {str(path)!r} was trained on the token store "
                 f"{then} and this run's is {now} (other data or another tokenizer); "
                 f"resume_on_different_data=true resumes anyway")
+
+    def _log_profile(self, profiled: dict[str, float] | None) -> None:
+        """A profiled cycle's metrics (``tad_torchtune.profiling``), logged and printed."""
+        if profiled is None:
+            return
+        self._log(profiled)
+        if self._is_rank_zero:
+            tqdm.write(f"tad_distill: step {self.global_step} {describe(profiled)}")
 
     def _log(self, values: dict[str, float]) -> None:
         if not values or not self._is_rank_zero:

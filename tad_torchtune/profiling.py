@@ -16,6 +16,7 @@ Kernels: on CUDA the device's own activities (kernels, copies, fills, from CUPTI
 rest of each compiled graph's call (its C++ kernels, which a CPU's profile does not record).
 """
 
+import bisect
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -137,10 +138,17 @@ def step_metrics(events: list[Any], device: str) -> dict[str, float]:
     """Metrics of one profiled cycle, per active step: ``profile_step_ms`` (the host's time of a
     step, the range of its ``ProfilerStep#N``), ``profile_busy_ms`` and ``profile_busy_share``
     (the device busy against it; the rest it waited for the host), ``profile_kernels`` and
-    ``profile_<kind>_ms`` for every kind that took time (``/`` in a kind's name as ``_``)."""
-    steps = [e for e in events if e.name.startswith("ProfilerStep")]  # "ProfilerStep*"
+    ``profile_<kind>_ms`` for every kind that took time (``/`` in a kind's name as ``_``). A
+    step is a ``ProfilerStep`` range in which a kernel started: a cycle the run's end cut short
+    ends with an empty one (the next step's, opened by the last ``step()``, closed by
+    ``stop()``)."""
+    kernels = device_kernels(events, device)
+    starts = sorted(start for _, start, _ in kernels)
+    steps = [e for e in events if e.name.startswith("ProfilerStep")  # "ProfilerStep*"
+             and bisect.bisect_left(starts, e.time_range.start)
+             < bisect.bisect_left(starts, e.time_range.end)]
     count = max(len(steps), 1)
-    got = breakdown(device_kernels(events, device))
+    got = breakdown(kernels)
     step_ms = sum(e.time_range.end - e.time_range.start for e in steps) / 1e3 / count
     out = {"profile_step_ms": step_ms, "profile_busy_ms": got["busy_ms"] / count,
            "profile_busy_share": got["busy_ms"] / count / step_ms if step_ms else 0.0,
@@ -244,7 +252,11 @@ class StepProfiler:
         ready, self._ready = self._ready, None
         return ready
 
-    def stop(self) -> None:
-        if self._profiler is not None:
-            self._profiler.stop()
-            self._profiler = None
+    def stop(self) -> dict[str, float] | None:
+        """Stop profiling; returns the metrics of a cycle the run's end cut short (else None)."""
+        if self._profiler is None:
+            return None
+        self._profiler.stop()
+        self._profiler = None
+        ready, self._ready = self._ready, None
+        return ready

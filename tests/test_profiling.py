@@ -144,7 +144,9 @@ def test_a_cycle_s_metrics_are_per_active_step():
     cpu = torch.autograd.DeviceType.CPU
     events = [event("ProfilerStep*", 0, 10_000, cpu), event("ProfilerStep*", 10_000, 30_000, cpu),
               event("aten::mm", 1_000, 5_000, cpu), event("aten::exp", 5_000, 6_000, cpu),
-              event("aten::mm", 12_000, 20_000, cpu), event("aten::copy_", 25_000, 26_000, cpu)]
+              event("aten::mm", 12_000, 20_000, cpu), event("aten::copy_", 25_000, 26_000, cpu),
+              # the range a run's end leaves open after its last step: no kernel, not a step
+              event("ProfilerStep*", 30_000, 30_050, cpu)]
     got = step_metrics(events, "cpu")
     assert got == pytest.approx({
         "profile_step_ms": 15.0, "profile_busy_ms": 7.0, "profile_busy_share": 7 / 15,

@@ -299,6 +299,13 @@ def test_the_profiler_key_profiles_a_cycle_as_torchtune_does(assets, tmp_path, c
     # the 8 x 32 tokens' step: fewer kernels than a hundred would be a cycle of nothing
     assert m["profile_kernels"] > 100
     assert "tad_distill: step 4 profiled: " in capsys.readouterr().out
+    # a cycle the run's end cuts short (active steps 3-5 of a 4-step run) is read at the end,
+    # per step it recorded: as many kernels a step as the whole cycle above
+    cut = _run(assets, tmp_path, "cut", max_steps=4, export_hf=False,
+               profiler={"enabled": True, "wait_steps": 1, "warmup_steps": 1,
+                         "active_steps": 3, "num_cycles": 1})
+    (c,) = [r for r in tune.read_metrics(cut) if "profile_step_ms" in r]
+    assert c["step"] == 4 and c["profile_kernels"] == m["profile_kernels"]
 
 
 def test_resume_on_another_token_store_is_refused_naming_both(assets, tmp_path):
