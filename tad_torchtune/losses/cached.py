@@ -461,6 +461,9 @@ def sampled_terms(s: Tensor, ids: Tensor, logp: Tensor, log_tail: Tensor, entrop
         ``grad`` also ``grad`` (``[n, V]``; traced, a ``SparseGrad``) and, with
         ``ce_weight``, ``ce [n]``.
     """
+    # the cache's values in the logits' dtype (float32 for a float16 cache; float64 logits, as
+    # references run, take them to float64: no op where they agree)
+    logp, log_tail, entropy, weight = (t.to(s.dtype) for t in (logp, log_tail, entropy, weight))
     zero = s.new_zeros(())
     top = ids[:, :k]
     traced = grad and torch.compiler.is_compiling()

@@ -504,3 +504,29 @@ def test_what_a_sampled_cache_cannot_serve_is_refused_in_one_line(div, message):
         div.validate(use)
     ForwardKLLoss().validate(use)
     TADLoss(k=10).validate(use)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLED))
+def test_a_float32_sampled_cache_serves_float64_logits(name):
+    """The cache's values (float32 here, float16 on disk) read in the logits' dtype: a float64
+    student (as references run) gets what the same cache's values in float64 give, within the
+    float32 precision of the tail weight, computed in the cache's dtype either way."""
+    import dataclasses
+
+    from tests.helpers.losses import make_case
+
+    h_s, w_s, h_t, w_t, labels = make_case(46, torch.float64)
+    cache32 = teacher_sampled((h_t @ w_t.T).float(), 10, 6, seed=5,
+                              blocks=torch.arange(h_t.shape[0]))
+    cache64 = dataclasses.replace(cache32, **{
+        f: getattr(cache32, f).double() for f in ("logp", "log_tail", "entropy")})
+    assert cache32.logp.dtype == torch.float32
+    outs = []
+    for cache in (cache32, cache64):
+        h = h_s.detach().requires_grad_(True)
+        out = fused_head(h, w_s, labels, divergence=SAMPLED[name](), teacher_cache=cache,
+                         compute_ce=True)
+        out.objective.backward()
+        outs.append((out.objective.detach(), h.grad))
+    for a, b in zip(*outs):  # the tail weight is the cache's float32 math either way
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
