@@ -49,6 +49,7 @@ import json
 import logging
 import re
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -280,32 +281,58 @@ def _emulate_gpu_softmax_rewrite() -> None:
 
 
 @contextlib.contextmanager
+def gpu_emulation():
+    """Inductor, from here on, decides what it decides by the device as for a GPU, on this CPU:
+    its online softmax rewrite (``amax`` and ``sum(exp(x - amax))`` in one loop) applies; its
+    store-or-recompute heuristics (which on a CPU store every reused value computed with an
+    ``exp`` or a ``log``, and allow larger expressions) and its loop reordering in fusion take
+    their GPU branches (``ir.is_cpu`` and ``BaseSchedulerNode.is_cpu`` answer False); the head's
+    own settings for a GPU apply (``fused.INDUCTOR_OPTIONS`` and a divergence's
+    ``gpu_inductor_options``, as ``fused._gpu_settings`` answers True); the Triton backend's
+    hash, which asks a GPU driver, is a constant. What ``triton_codegen`` and
+    ``triton_interpreted`` share. Needs a fresh process: inductor registers its pattern
+    rewrites once per process, before this can emulate the GPU's (``RuntimeError`` otherwise)."""
+    from torch._inductor import ir, scheduler
+
+    from tad_torchtune.losses import fused
+
+    _emulate_gpu_softmax_rewrite()
+    hash_ = torch.utils._triton.triton_hash_with_backend
+    is_cpu, node_is_cpu = ir.is_cpu, scheduler.BaseSchedulerNode.is_cpu
+    gpu_settings = fused._gpu_settings
+    _EMULATING[0] = True
+    fused._gpu_settings = lambda z: True
+    ir.is_cpu = lambda node: False
+    scheduler.BaseSchedulerNode.is_cpu = lambda node: False
+    torch.utils._triton.triton_hash_with_backend = lambda: "triton-on-cpu-as-on-cuda"
+    fused._COMPILED.clear()
+    torch._dynamo.reset()
+    try:
+        yield
+    finally:
+        _EMULATING[0] = False
+        fused._gpu_settings = gpu_settings
+        ir.is_cpu, scheduler.BaseSchedulerNode.is_cpu = is_cpu, node_is_cpu
+        torch.utils._triton.triton_hash_with_backend = hash_
+        fused._COMPILED.clear()
+        torch._dynamo.reset()
+
+
+@contextlib.contextmanager
 def triton_codegen():
     """``torch.compile`` from here on generates each graph's code with inductor's Triton
     backend, as for a CUDA GPU, records it and runs the graph eagerly: yields the list of the
     graphs' wrapper codes (their Triton kernels and the calls that launch them).
 
     On a CPU inductor generates Triton code when ``cpu_backend="triton"``. It schedules and fuses
-    with the same ``SIMDScheduling`` it runs for CUDA; the code is recorded before anything
-    compiles it (no GPU, no Triton compiler needed, only the ``triton`` package). What inductor
-    decides by the device is decided as for a GPU: its online softmax rewrite (``amax`` and
-    ``sum(exp(x - amax))`` in one loop) applies; its store-or-recompute heuristics (which on a
-    CPU store every reused value computed with an ``exp`` or a ``log``, and allow larger
-    expressions) and its loop reordering in fusion take their GPU branches (``ir.is_cpu`` and
-    ``BaseSchedulerNode.is_cpu`` answer False); the head's own settings for a GPU apply
-    (``fused.INDUCTOR_OPTIONS`` and a divergence's ``gpu_inductor_options``, as
-    ``fused._gpu_settings`` answers True); the backend hash, which asks a GPU driver, is a constant.
-    Left out: autotuned block sizes, split reductions sized by the GPU's multiprocessor count,
-    and the mixed-order reductions inductor skips on a CPU.
-    Needs a fresh process: inductor registers its pattern rewrites once per process, before this
-    can emulate the GPU's (``RuntimeError`` otherwise)."""
-    from torch._inductor import compile_fx, ir, scheduler
+    with the same ``SIMDScheduling`` it runs for CUDA, under ``gpu_emulation``; the code is
+    recorded before anything compiles it (no GPU, no Triton compiler needed, only the
+    ``triton`` package). Left out: autotuned block sizes, split reductions sized by the GPU's
+    multiprocessor count, and the mixed-order reductions inductor skips on a CPU."""
+    from torch._inductor import compile_fx
     from torch._inductor import config as inductor_config
     from torch._inductor.graph import GraphLowering
 
-    from tad_torchtune.losses import fused
-
-    _emulate_gpu_softmax_rewrite()
     records: list[str] = []
 
     def save(code: str) -> None:
@@ -322,30 +349,101 @@ def triton_codegen():
                 raise
         return gm.forward
 
-    hash_ = torch.utils._triton.triton_hash_with_backend
     compile_ = torch.compile
-    is_cpu, node_is_cpu = ir.is_cpu, scheduler.BaseSchedulerNode.is_cpu
-    gpu_settings = fused._gpu_settings
-    _EMULATING[0] = True
-    fused._gpu_settings = lambda z: True
-    ir.is_cpu = lambda node: False
-    scheduler.BaseSchedulerNode.is_cpu = lambda node: False
-    torch.utils._triton.triton_hash_with_backend = lambda: "triton-on-cpu-as-on-cuda"
-    GraphLowering.save_output_code = save
-    torch.compile = lambda fn, *args, **kwargs: compile_(fn, backend=backend)
-    fused._COMPILED.clear()
-    torch._dynamo.reset()
+    with gpu_emulation():
+        GraphLowering.save_output_code = save
+        torch.compile = lambda fn, *args, **kwargs: compile_(fn, backend=backend)
+        try:
+            yield records
+        finally:
+            GraphLowering.save_output_code = None
+            torch.compile = compile_
+
+
+#: the interpreter's own cast, which ``_cast_rounding_to_nearest`` calls for the other casts
+_INTERPRETER_CAST: list = []
+
+
+class _InterpretedLibdevice(types.ModuleType):
+    """The ``libdevice`` inductor's Triton kernels call, for Triton's interpreter, which runs
+    ``triton.language.math`` but not the GPU's device library: its functions, and those of the
+    device library the head's code calls beyond them, in float32 with their accuracy (Kahan's
+    forms: no cancellation for tiny arguments)."""
+
+    def __getattr__(self, name: str):
+        import triton.language as tl
+
+        return getattr(tl.math, name)
+
+    @staticmethod
+    def log1p(x):
+        import triton.language as tl
+
+        u = 1.0 + x
+        return tl.where(u == 1.0, x, tl.log(u) * x / (u - 1.0))
+
+    @staticmethod
+    def expm1(x):
+        import triton.language as tl
+
+        u = tl.exp(x)
+        return tl.where(u == 1.0, x, tl.where(u == 0.0, -1.0, (u - 1.0) * x / tl.log(u)))
+
+    @staticmethod
+    def tanh(x):  # the soft-caps' (Gemma2)
+        import triton.language as tl
+
+        e = _InterpretedLibdevice.expm1(-2.0 * tl.abs(x))
+        t = -e / (2.0 + e)
+        return tl.where(x < 0, -t, t)
+
+
+@contextlib.contextmanager
+def triton_interpreted():
+    """``torch.compile`` from here on runs each graph as the Triton code inductor generates
+    for a GPU (``gpu_emulation``), executed on this CPU by Triton's interpreter (the kernels run
+    block by block on NumPy): the GPU code's numerics without a GPU. Slow, tiny shapes only.
+    Needs the ``triton`` package, a fresh process and ``TRITON_INTERPRET=1`` in the environment
+    before inductor's runtime is imported (its helper kernels are decorated then): set it at the
+    process's start.
+
+    Raises:
+        RuntimeError: inductor's helper kernels were not made for the interpreter.
+    """
+    from torch._inductor import config as inductor_config
+    from torch._inductor.runtime import triton_helpers
+    from triton.runtime.interpreter import InterpretedFunction, InterpreterBuilder
+
+    _INTERPRETER_CAST[:] = [InterpreterBuilder.cast_impl]
+
+    if not isinstance(triton_helpers.max2, InterpretedFunction):
+        raise RuntimeError("triton_interpreted: set TRITON_INTERPRET=1 at the process's start, "
+                           "before torch's inductor runtime is imported")
+    libdevice = triton_helpers.libdevice
+    triton_helpers.libdevice = _InterpretedLibdevice("libdevice")
+    builder = InterpreterBuilder.cast_impl
+    InterpreterBuilder.cast_impl = _cast_rounding_to_nearest
     try:
-        yield records
+        with gpu_emulation(), inductor_config.patch({"cpu_backend": "triton",
+                                                     "fx_graph_cache": False}):
+            yield
     finally:
-        _EMULATING[0] = False
-        fused._gpu_settings = gpu_settings
-        ir.is_cpu, scheduler.BaseSchedulerNode.is_cpu = is_cpu, node_is_cpu
-        torch.utils._triton.triton_hash_with_backend = hash_
-        GraphLowering.save_output_code = None
-        torch.compile = compile_
-        fused._COMPILED.clear()
-        torch._dynamo.reset()
+        triton_helpers.libdevice = libdevice
+        InterpreterBuilder.cast_impl = builder
+
+
+def _cast_rounding_to_nearest(self, src, dst_type):
+    """Triton's interpreter's casts, with float32 -> bf16 rounded to nearest even, as a GPU
+    rounds a store or ``.to`` of float32 into bf16 (the interpreter truncates: a gradient
+    written in bf16 would then carry up to a whole unit of error where a GPU's carries half)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime.interpreter import TensorHandle
+
+    if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+        rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
+        return TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), dst_type.scalar)
+    return _INTERPRETER_CAST[0](self, src, dst_type)
 
 
 _KERNEL = re.compile(r"async_compile\.triton\('(\w+)', '''(.*?)''', device_str", re.S)
