@@ -419,17 +419,28 @@ def triton_interpreted():
     if not isinstance(triton_helpers.max2, InterpretedFunction):
         raise RuntimeError("triton_interpreted: set TRITON_INTERPRET=1 at the process's start, "
                            "before torch's inductor runtime is imported")
-    libdevice = triton_helpers.libdevice
+    saved = (triton_helpers.libdevice, triton_helpers.max2, triton_helpers.min2,
+             InterpreterBuilder.cast_impl)
     triton_helpers.libdevice = _InterpretedLibdevice("libdevice")
-    builder = InterpreterBuilder.cast_impl
+    # inductor's max2 and min2 reduce by tl.reduce with a combine function, which the
+    # interpreter applies pair by pair in Python (a minute a case); its tl.max and tl.min are
+    # NumPy's, which propagate NaN as the combine functions do
+    triton_helpers.max2 = lambda a, dim: _tl().max(a, dim)
+    triton_helpers.min2 = lambda a, dim: _tl().min(a, dim)
     InterpreterBuilder.cast_impl = _cast_rounding_to_nearest
     try:
         with gpu_emulation(), inductor_config.patch({"cpu_backend": "triton",
                                                      "fx_graph_cache": False}):
             yield
     finally:
-        triton_helpers.libdevice = libdevice
-        InterpreterBuilder.cast_impl = builder
+        (triton_helpers.libdevice, triton_helpers.max2, triton_helpers.min2,
+         InterpreterBuilder.cast_impl) = saved
+
+
+def _tl():
+    import triton.language as tl
+
+    return tl
 
 
 def _cast_rounding_to_nearest(self, src, dst_type):

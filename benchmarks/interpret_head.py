@@ -20,10 +20,9 @@ gradient summed in the weight's dtype). Reported: ``|compiled - eager| / max |ea
 objective, the hidden states' and the weight's gradients, within a float32 rounding
 (``FLOAT32_LIMIT``); in bf16, where each head rounds its gradients to bf16 in its own order,
 the objective so and each gradient's error against the float64 eager head at most
-``BF16_FACTOR`` times the bf16 eager head's. Exit 1 when a case is past them. Slow (the
-interpreter runs each kernel block by block on NumPy): 30 s to 2 minutes a case on two cores,
-20 minutes for the default cases. Needs the ``triton`` package (not in the test extras) and a
-fresh process.
+``BF16_FACTOR`` times the bf16 eager head's. Exit 1 when a case is past them. The interpreter
+runs each kernel block by block on NumPy: 31 s for the default cases on two cores. Needs the
+``triton`` package (in the test extras) and a fresh process.
 """
 
 import argparse

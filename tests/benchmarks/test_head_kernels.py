@@ -107,7 +107,7 @@ def test_graph_traffic_reads_a_dynamic_graph_at_the_rows_given():
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                    reason="the triton package generates the GPU's code (not in the test extras)")
+                    reason="the triton package generates the GPU's code (the test extras')")
 def test_triton_table_at_a_tiny_chunk(tmp_path):
     """What inductor generates for a GPU, read on this CPU: the CE reads a row of logits twice
     (its log-sum-exp in one loop, inductor's online softmax) and writes the gradient once; CE +
