@@ -238,12 +238,25 @@ def loss_figures(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     } for shape, got in by_shape.items()}
 
 
+def _profiled(profile: dict[str, Any] | None) -> bool:
+    return bool(profile) and "error" not in profile
+
+
+def _gap(mine: dict[str, Any], mine_ms: float, theirs: dict[str, Any],
+         theirs_ms: float) -> dict[str, Any]:
+    """One profiled step against another: the difference of their median step times
+    (``step_ms``), of the device's idle time in a step (``idle_ms``: the median step time less
+    the profiled busy time) and of each kind's kernel time (``kinds_ms``)."""
+    return {"step_ms": mine_ms - theirs_ms,
+            "idle_ms": (mine_ms - mine["busy_ms"]) - (theirs_ms - theirs["busy_ms"]),
+            "kinds_ms": {k: v - theirs["kinds_ms"].get(k, 0.0)
+                         for k, v in mine["kinds_ms"].items()}}
+
+
 def profile_gaps(loss: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per loss shape, where the recipe's heads' time differs from Liger's, from the profiled
-    steps (``loss_bench.py --profile``): for each of ``HEAD_TAD`` and ``HEAD_FKL`` against
-    ``LIGER``, the difference of their median step times (``step_ms``), of the device's idle
-    time in a step (``idle_ms``: the median step time less the profiled busy time) and of each
-    kind's kernel time (``kinds_ms``); and the head's matmul time against the unchunked floor's
+    steps (``loss_bench.py --profile``): for each of ``HEAD_TAD`` and ``HEAD_FKL``, ``_gap``
+    against ``LIGER``, and the head's matmul time against the unchunked floor's
     (``matmul_vs_floor``: what chunking and the head's layout cost the products). Not a target:
     the reading of a missed time target. Shapes or cases without a profile are left out."""
     out: dict[str, dict[str, Any]] = {}
@@ -253,16 +266,12 @@ def profile_gaps(loss: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         floor_matmul = (profiles.get(FLOOR) or {}).get("kinds_ms", {}).get("matmul")
         for head in (HEAD_TAD, HEAD_FKL):
             mine = profiles.get(head)
-            if not mine or "error" in mine or ms.get(head) is None:
+            if not _profiled(mine) or ms.get(head) is None:
                 continue
             got: dict[str, Any] = {"matmul_vs_floor": mine["kinds_ms"]["matmul"] / floor_matmul
                                    if floor_matmul else None}
-            if liger and "error" not in liger and ms.get(LIGER) is not None:
-                got.update(
-                    against=LIGER, step_ms=ms[head] - ms[LIGER],
-                    idle_ms=(ms[head] - mine["busy_ms"]) - (ms[LIGER] - liger["busy_ms"]),
-                    kinds_ms={k: v - liger["kinds_ms"].get(k, 0.0)
-                              for k, v in mine["kinds_ms"].items()})
+            if _profiled(liger) and ms.get(LIGER) is not None:
+                got.update(against=LIGER, **_gap(mine, ms[head], liger, ms[LIGER]))
             out.setdefault(shape, {})[head] = got
     return out
 
@@ -270,22 +279,24 @@ def profile_gaps(loss: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def recipe_gaps(recipes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per recipe_bench architecture, where the recipe's step time differs from the compiled
     peer's (transformers + Liger), from their profiled steps (``recipe_bench.py --profile``):
-    the difference of their median step times, of the device's idle time in a step and of each
-    kind's kernel time, as ``profile_gaps`` reads the heads. Not a target: the reading of the
+    ``_gap``, and the difference of their kernel counts. Not a target: the reading of the
     end-to-end ratio. Architectures without both profiles are left out."""
     out = {}
     for arch, row in recipes.items():
         profiles, loops = row.get("profiles", {}), row["loops"]
         mine, peer = profiles.get("recipe"), profiles.get("peer")
-        if not mine or not peer or "error" in mine or "error" in peer or "peer" not in loops:
+        if not _profiled(mine) or not _profiled(peer) or "peer" not in loops:
             continue
         ms = {name: 1e3 * loops[name]["step_seconds"] for name in ("recipe", "peer")}
-        out[arch] = {"against": "peer", "step_ms": ms["recipe"] - ms["peer"],
-                     "idle_ms": (ms["recipe"] - mine["busy_ms"]) - (ms["peer"] - peer["busy_ms"]),
-                     "kernels": mine["kernels"] - peer["kernels"],
-                     "kinds_ms": {k: v - peer["kinds_ms"].get(k, 0.0)
-                                  for k, v in mine["kinds_ms"].items()}}
+        out[arch] = {"against": "peer", "kernels": mine["kernels"] - peer["kernels"],
+                     **_gap(mine, ms["recipe"], peer, ms["peer"])}
     return out
+
+
+def _signed_kinds(kinds_ms: dict[str, float]) -> str:
+    """A ``_gap``'s kinds, the largest difference first, those under 0.05 ms left out."""
+    ranked = sorted(kinds_ms.items(), key=lambda kv: -abs(kv[1]))
+    return ", ".join(f"{k} {v:+.1f}" for k, v in ranked if abs(v) >= 0.05) or "the same"
 
 
 #: rows per chunk of the loss cases whose code ``head_code`` reads (the recipe's head's
@@ -558,10 +569,8 @@ def print_summary(s: dict[str, Any]) -> None:
             line = (f"profiled gap ({shape}) {head}: matmul time "
                     f"{fmt(x['matmul_vs_floor'], '.2f')}x the unchunked floor's")
             if "against" in x:
-                kinds = ", ".join(f"{k} {v:+.1f}" for k, v in sorted(
-                    x["kinds_ms"].items(), key=lambda kv: -abs(kv[1])) if abs(v) >= 0.05)
                 line += (f"; against Liger, step {x['step_ms']:+.1f} ms: device idle "
-                         f"{x['idle_ms']:+.1f}, kernels by kind {kinds or 'the same'}")
+                         f"{x['idle_ms']:+.1f}, kernels by kind {_signed_kinds(x['kinds_ms'])}")
             print(line)
     for arch, row in s["recipes"].items():
         loops = ", ".join(f"{name} {x['tokens_per_second']:.0f} tokens/s"
@@ -574,11 +583,9 @@ def print_summary(s: dict[str, Any]) -> None:
             print(f"profile recipe_bench {arch} {name}: {describe(profile, step_ms)}")
         gap = s["recipe_gaps"].get(arch)
         if gap is not None:
-            kinds = ", ".join(f"{k} {v:+.1f}" for k, v in sorted(
-                gap["kinds_ms"].items(), key=lambda kv: -abs(kv[1])) if abs(v) >= 0.05)
             print(f"profiled gap recipe_bench {arch}: recipe against the compiled peer, step "
                   f"{gap['step_ms']:+.1f} ms: device idle {gap['idle_ms']:+.1f}, kernels "
-                  f"{gap['kernels']:+d}, by kind {kinds or 'the same'}")
+                  f"{gap['kernels']:+d}, by kind {_signed_kinds(gap['kinds_ms'])}")
     for tg in s["targets"]:
         verdict = {True: "met", False: "MISSED",
                    None: "not judged" if s["dry_run"] else "no figure"}[tg["met"]]

@@ -360,10 +360,6 @@ def triton_codegen():
             torch.compile = compile_
 
 
-#: the interpreter's own cast, which ``_cast_rounding_to_nearest`` calls for the other casts
-_INTERPRETER_CAST: list = []
-
-
 class _InterpretedLibdevice(types.ModuleType):
     """The ``libdevice`` inductor's Triton kernels call, for Triton's interpreter, which runs
     ``triton.language.math`` but not the GPU's device library: its functions, and those of the
@@ -410,24 +406,36 @@ def triton_interpreted():
     Raises:
         RuntimeError: inductor's helper kernels were not made for the interpreter.
     """
+    import numpy as np
+    import triton.language as tl
     from torch._inductor import config as inductor_config
     from torch._inductor.runtime import triton_helpers
-    from triton.runtime.interpreter import InterpretedFunction, InterpreterBuilder
-
-    _INTERPRETER_CAST[:] = [InterpreterBuilder.cast_impl]
+    from triton.runtime.interpreter import InterpretedFunction, InterpreterBuilder, TensorHandle
 
     if not isinstance(triton_helpers.max2, InterpretedFunction):
         raise RuntimeError("triton_interpreted: set TRITON_INTERPRET=1 at the process's start, "
                            "before torch's inductor runtime is imported")
     saved = (triton_helpers.libdevice, triton_helpers.max2, triton_helpers.min2,
              InterpreterBuilder.cast_impl)
+    cast = saved[3]
+
+    def cast_rounding_to_nearest(self, src, dst_type):
+        # float32 -> bf16 rounded to nearest even, as a GPU rounds a store or ``.to`` of float32
+        # into bf16 (the interpreter truncates: a gradient written in bf16 would then carry up
+        # to a whole unit of error where a GPU's carries half)
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
+            return TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16),
+                                dst_type.scalar)
+        return cast(self, src, dst_type)
+
     triton_helpers.libdevice = _InterpretedLibdevice("libdevice")
     # inductor's max2 and min2 reduce by tl.reduce with a combine function, which the
     # interpreter applies pair by pair in Python (a minute a case); its tl.max and tl.min are
     # NumPy's, which propagate NaN as the combine functions do
-    triton_helpers.max2 = lambda a, dim: _tl().max(a, dim)
-    triton_helpers.min2 = lambda a, dim: _tl().min(a, dim)
-    InterpreterBuilder.cast_impl = _cast_rounding_to_nearest
+    triton_helpers.max2 = lambda a, dim: tl.max(a, dim)
+    triton_helpers.min2 = lambda a, dim: tl.min(a, dim)
+    InterpreterBuilder.cast_impl = cast_rounding_to_nearest
     try:
         with gpu_emulation(), inductor_config.patch({"cpu_backend": "triton",
                                                      "fx_graph_cache": False}):
@@ -435,26 +443,6 @@ def triton_interpreted():
     finally:
         (triton_helpers.libdevice, triton_helpers.max2, triton_helpers.min2,
          InterpreterBuilder.cast_impl) = saved
-
-
-def _tl():
-    import triton.language as tl
-
-    return tl
-
-
-def _cast_rounding_to_nearest(self, src, dst_type):
-    """Triton's interpreter's casts, with float32 -> bf16 rounded to nearest even, as a GPU
-    rounds a store or ``.to`` of float32 into bf16 (the interpreter truncates: a gradient
-    written in bf16 would then carry up to a whole unit of error where a GPU's carries half)."""
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime.interpreter import TensorHandle
-
-    if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-        rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
-        return TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), dst_type.scalar)
-    return _INTERPRETER_CAST[0](self, src, dst_type)
 
 
 _KERNEL = re.compile(r"async_compile\.triton\('(\w+)', '''(.*?)''', device_str", re.S)

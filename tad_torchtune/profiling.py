@@ -179,7 +179,8 @@ def validate_profiler(node: Any) -> None:
     if node._component_ != TORCHTUNE_PROFILER:
         raise ConfigError(f"profiler._component_: must be {TORCHTUNE_PROFILER}, got "
                           f"{node._component_!r}")
-    accepted = list(inspect.signature(setup_torch_profiler).parameters)
+    parameters = inspect.signature(setup_torch_profiler).parameters
+    accepted = list(parameters)
     for key in node:
         if key != "_component_" and key not in accepted:
             raise ConfigError(f"profiler.{key}: not an argument of {TORCHTUNE_PROFILER}; "
@@ -190,8 +191,7 @@ def validate_profiler(node: Any) -> None:
                                   or value < minimum):
             raise ConfigError(f"profiler.{key}: must be an integer >= {minimum} or null, got "
                               f"{value!r}")
-    for key in ("enabled", "cpu", "cuda", "xpu", "profile_memory", "with_stack",
-                "record_shapes", "with_flops"):
+    for key in (name for name, parameter in parameters.items() if parameter.annotation is bool):
         if key in node and not isinstance(node[key], bool):
             raise ConfigError(f"profiler.{key}: must be bool, got {node[key]!r}")
 
@@ -249,8 +249,7 @@ class StepProfiler:
         if self._profiler is None:
             return None
         self._profiler.step()
-        ready, self._ready = self._ready, None
-        return ready
+        return self._take()
 
     def stop(self) -> dict[str, float] | None:
         """Stop profiling; returns the metrics of a cycle the run's end cut short (else None)."""
@@ -258,5 +257,9 @@ class StepProfiler:
             return None
         self._profiler.stop()
         self._profiler = None
+        return self._take()
+
+    def _take(self) -> dict[str, float] | None:
+        """The metrics ``on_trace_ready`` left, once."""
         ready, self._ready = self._ready, None
         return ready

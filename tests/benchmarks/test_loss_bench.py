@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.benchmarks import main_stopped_while_profiling
 from tests.helpers.losses import count_teacher_projections, matmul_flops
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -329,20 +330,11 @@ def test_profiled_rows_carry_where_their_step_s_time_goes(tmp_path):
 def test_rows_are_saved_before_their_cases_are_profiled(tmp_path, monkeypatch):
     """A run stopped while profiling (the GPU check's step cap) keeps the rows it measured."""
     out = tmp_path / "rows.json"
-
-    def stopped(step, device):
-        raise KeyboardInterrupt  # what a kill leaves undone
-
-    monkeypatch.setattr(loss_bench, "profile_step", stopped)
-    # main() sets these for the process: restored after the test
-    monkeypatch.setattr(torch, "compile", torch.compile)
-    monkeypatch.setattr(loss_bench, "ROW_TOKENS", loss_bench.ROW_TOKENS)
-    monkeypatch.setattr(sys, "argv", [
+    main_stopped_while_profiling(loss_bench, [
         "loss_bench.py", "--device", "cpu", "--shapes", "256,100,16,fp32", "--cases",
         "matmul_floor/none", "fused_step/forward_kl", "--row-tokens", "128", "--warmup", "0",
-        "--repeats", "1", "--cpu-memory", "allocations", "--profile", "--json", str(out)])
-    with pytest.raises(KeyboardInterrupt):
-        loss_bench.main()
+        "--repeats", "1", "--cpu-memory", "allocations", "--profile", "--json", str(out)],
+        monkeypatch)
     rows = json.loads(out.read_text())
     assert [(r["impl"], r["ms"] > 0, "profile" in r) for r in rows] == [
         ("matmul_floor", True, False), ("fused_step", True, False)]

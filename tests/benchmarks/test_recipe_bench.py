@@ -13,10 +13,10 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import loss_bench  # noqa: E402
 import recipe_bench  # noqa: E402
 
 from tad_torchtune.models import build_model  # noqa: E402
+from tests.helpers.benchmarks import main_stopped_while_profiling  # noqa: E402
 
 
 def numel(params) -> int:
@@ -88,20 +88,10 @@ def test_the_head_runs_as_the_shipped_config_sets_it(arch, tmp_path):
 def test_a_row_is_saved_before_its_loops_are_profiled(tmp_path, monkeypatch):
     """A run stopped while profiling (the GPU check's step cap) keeps the row it measured."""
     out = tmp_path / "rows.json"
-
-    def stopped(step, device):
-        raise KeyboardInterrupt  # what a kill leaves undone
-
-    monkeypatch.setattr(recipe_bench, "profile_step", stopped)
-    # main() sets these for the process: restored after the test
-    monkeypatch.setattr(torch, "compile", torch.compile)
-    monkeypatch.setattr(loss_bench, "ROW_TOKENS", loss_bench.ROW_TOKENS)
-    monkeypatch.setattr(sys, "argv", [
+    main_stopped_while_profiling(recipe_bench, [
         "recipe_bench.py", "--device", "cpu", "--archs", "demo", "--variants", "fused",
         "--loops", "--steps", "1", "--warmup", "0", "--batch", "2", "--seq", "32", "--profile",
-        "--json", str(out)])
-    with pytest.raises(KeyboardInterrupt):
-        recipe_bench.main()
+        "--json", str(out)], monkeypatch)
     (row,) = json.loads(out.read_text())["rows"]
     assert row["arch"] == "demo" and list(row["loops"]) == ["recipe"] and "profiles" not in row
     assert row["loops"]["recipe"]["tokens_per_second"] > 0
