@@ -19,7 +19,10 @@ than its ``document_mask``). A run that is interrupted leaves only complete shar
 run with the same config writes the missing ones, and the cache is then byte for byte what an
 uninterrupted run writes (the draws come from a counter-based generator keyed by the seed, the
 block and the position). Under torchrun each process takes its share of the shards, the
-teacher sharded with FSDP2 as in ``tad_distill``.
+teacher sharded with FSDP2 as in ``tad_distill``. Its ``profiler`` block is ``tad_distill``'s,
+a step being one batch's teacher forward and statistics: traces in
+``output_dir/profiling_outputs``, and after each profiled cycle one line of where a batch's
+device time went.
 """
 
 import sys
@@ -42,6 +45,7 @@ from tad_torchtune.losses.cached import teacher_sampled, teacher_top_m
 from tad_torchtune.models import supports_flex_attention
 from tad_torchtune.models.loading import load_teacher, vocab_size_of
 from tad_torchtune.parallel import init_distributed, parallelize
+from tad_torchtune.profiling import StepProfiler, describe
 from tad_torchtune.schema import (
     DISTILL,
     component_class,
@@ -89,6 +93,9 @@ class TADCacheRecipe:
         if self._device.type == "cuda":
             self._device = torch.device("cuda", torch.cuda.current_device())
         self._temperature = float(kd.get("temperature", 1.0)) if kd is not None else 1.0
+        self._output_dir = Path(str(get("output_dir"))).expanduser()
+        self._profiler: StepProfiler | None = None  # set up last
+        self._batches = 0  # teacher forwards run, the profiler's steps
 
     def setup(self, cfg: DictConfig) -> None:
         """Data first (cheap, and it says which blocks there are), then the student's vocabulary
@@ -116,6 +123,9 @@ class TADCacheRecipe:
             samples=self._samples if self._mode == "sampled" else None,
             seed=self._seed if self._mode == "sampled" else None,
             document_mask=self._document_mask)
+        # last: a profiler started by set-up would record it
+        self._profiler = StepProfiler(cfg.get("profiler"), output_dir=self._output_dir,
+                                      device=self._device.type)
 
     @torch.no_grad()
     def run(self) -> None:
@@ -126,6 +136,7 @@ class TADCacheRecipe:
         todo = {split: self._cache.missing_shards(split) for split in self._datasets}
         if self._world > 1:
             dist.barrier()
+        self._profiler.start()
         for split, dataset in self._datasets.items():
             missing = todo[split]
             mine = missing[self._rank :: self._world]
@@ -152,6 +163,7 @@ class TADCacheRecipe:
                 print(f"tad_cache: {split}: {len(missing)} of {self._cache.num_shards(split)} "
                       f"shards written ({blocks * length} tokens on this process, "
                       f"{blocks * length / max(seconds, 1e-9):.0f} tokens/s)", file=sys.stderr)
+        self._report_profile(self._profiler.stop())  # a cycle the end cut short
         if self._world > 1:
             dist.barrier()
         if self._rank == 0:
@@ -178,23 +190,31 @@ class TADCacheRecipe:
             # the teacher's attention as tad_distill runs it
             batch = batch.with_attention(self._document_mask, flex=self._flex_attention)
             out = self._teacher(batch, logits=n < len(starts))
-            if n >= len(starts):
-                continue
-            if self._mode == "sampled":
-                blocks = torch.arange(start, start + batch.tokens.shape[0])
-                parts.append(teacher_sampled(out.logits, self._top_m, self._samples,
-                                             seed=self._seed, blocks=blocks,
-                                             temperature=self._temperature))
-            else:
-                parts.append(teacher_top_m(out.logits, batch.labels, self._top_m,
-                                           temperature=self._temperature))
-            if progress is not None:
-                progress.update(batch.tokens.numel())
+            if n < len(starts):
+                if self._mode == "sampled":
+                    blocks = torch.arange(start, start + batch.tokens.shape[0])
+                    parts.append(teacher_sampled(out.logits, self._top_m, self._samples,
+                                                 seed=self._seed, blocks=blocks,
+                                                 temperature=self._temperature))
+                else:
+                    parts.append(teacher_top_m(out.logits, batch.labels, self._top_m,
+                                               temperature=self._temperature))
+                if progress is not None:
+                    progress.update(batch.tokens.numel())
+            self._batches += 1
+            self._report_profile(self._profiler.step())  # on the batch that ends a cycle
         if not keep:
             return None
         return type(parts[0])(*(torch.cat(p).cpu() for p in zip(*(x.tensors() for x in parts))))
 
+    def _report_profile(self, profiled: dict[str, float] | None) -> None:
+        """A profiled cycle's reading (``tad_torchtune.profiling``), per batch, printed."""
+        if profiled is not None and self._rank == 0:
+            tqdm.write(f"tad_cache: batch {self._batches} {describe(profiled)}", file=sys.stderr)
+
     def cleanup(self) -> None:
+        if self._profiler is not None:
+            self._profiler.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
 

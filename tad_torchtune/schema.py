@@ -254,7 +254,7 @@ DISTILL = Schema("tad_distill", [
     Key("profiler", "torchtune's profiler (`torchtune.training.setup_torch_profiler`: "
         "`profiler.enabled=true`, its schedule): traces in `output_dir/profiling_outputs`, and "
         "per profiled cycle the device's busy time and kernel time by kind as `profile_*` "
-        "metrics", shown="off"),
+        "metrics (`tad_cache`: a line per cycle, a step being a batch)", shown="off"),
     Key("peak_flops_per_device", "peak FLOP/s of one device, for `mfu` (known GPUs by default; "
         "none on a CPU unless given)", None, _OPT_NUM, minimum=0, shown="known GPUs"),
     Key("teacher_cache_dir", "train from a teacher cache written by `tad_cache` instead of "

@@ -4,6 +4,7 @@ import filecmp
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -190,6 +191,24 @@ def test_tad_cache_on_two_processes_writes_the_same_bytes(assets, tmp_path, mode
     _same_shards(one, two)
     assert json.loads((one / "manifest.json").read_text()) == json.loads(
         (two / "manifest.json").read_text())
+
+
+def test_the_profiler_key_profiles_the_teacher_s_batches(assets, tmp_path, capsys):
+    """``tad_cache`` reads ``tad_distill``'s ``profiler`` block, a step being one batch's
+    teacher forward and statistics: torchtune's trace where it writes them, one line of the
+    cycle's reading on the batch that ends it, and the same cache as without the profiler."""
+    plain = _cache(assets, tmp_path, "plain")
+    profiled = _cache(assets, tmp_path, "profiled",
+                      profiler={"enabled": True, "wait_steps": 1, "warmup_steps": 1,
+                                "active_steps": 2, "num_cycles": 1})
+    _same_shards(plain, profiled)
+    cycle = tmp_path / "unused" / "profiling_outputs" / "iteration_4"
+    assert (cycle / "rank0_key_averages.txt").is_file()
+    assert len(list(cycle.glob("*.pt.trace.json.gz"))) == 1
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "profiled:" in x]
+    assert line.startswith("tad_cache: batch 4 profiled: "), line
+    # the teacher's batch is its projections and attention: both took time
+    assert re.search(r"ms by kind: .*matmul [0-9.]+", line) and "attention" in line, line
 
 
 def test_cache_errors_name_the_keys(assets, tmp_path, monkeypatch, capsys):
