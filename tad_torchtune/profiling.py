@@ -106,8 +106,12 @@ def device_kernels(events: Iterable[Any], device: str) -> list[tuple[str, float,
     kernels, which the profiler does not record on a CPU."""
     events = list(events)
     if device == "cuda":
+        # not the ranges user-scope annotations (``ProfilerStep#N``, ``Optimizer.step``, a
+        # compiled graph's call with ``record_shapes``) leave on the GPU's timeline: CUPTI
+        # records them as CUDA events spanning their kernels (torch's device totals skip them)
         return [(e.name, e.time_range.start, e.time_range.end) for e in events
-                if e.device_type == torch.autograd.DeviceType.CUDA]
+                if e.device_type == torch.autograd.DeviceType.CUDA
+                and not getattr(e, "is_user_annotation", False)]
     cpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
     ops = [(e.name, e.time_range.start, e.time_range.end) for e in cpu
            if e.name.startswith("aten::") and not _under_aten(e)]
@@ -145,6 +149,7 @@ def step_metrics(events: list[Any], device: str) -> dict[str, float]:
     kernels = device_kernels(events, device)
     starts = sorted(start for _, start, _ in kernels)
     steps = [e for e in events if e.name.startswith("ProfilerStep")  # "ProfilerStep*"
+             and e.device_type == torch.autograd.DeviceType.CPU  # not its range on the GPU
              and bisect.bisect_left(starts, e.time_range.start)
              < bisect.bisect_left(starts, e.time_range.end)]
     count = max(len(steps), 1)

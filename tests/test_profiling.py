@@ -106,9 +106,10 @@ def test_breakdown_sums_each_kernel_once_per_kind_and_ranks_names():
     assert len(long) == profiling.NAME_CHARS and long.endswith("...")
 
 
-def event(name, start, end, device_type, parent=None):
+def event(name, start, end, device_type, parent=None, annotation=False):
     return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end),
-                           device_type=device_type, cpu_parent=parent)
+                           device_type=device_type, cpu_parent=parent,
+                           is_user_annotation=annotation)
 
 
 def test_device_kernels_take_the_gpu_s_activities_or_the_cpu_s_outermost_operators():
@@ -155,6 +156,30 @@ def test_a_cycle_s_metrics_are_per_active_step():
     assert profiling.describe(got) == (
         "profiled: 15.0 ms a step, the device busy 7.0 ms (47%), 2 kernels; ms by kind: "
         "matmul 6.0, copy_fill 0.5, other 0.5")
+
+
+def test_a_gpu_s_annotation_ranges_are_neither_kernels_nor_steps():
+    """On CUDA a user-scope range (``record_function``: the schedule's ``ProfilerStep#N``, the
+    optimizer's ``Optimizer.step#AdamW.step``) is recorded twice: on the host, and as a CUDA
+    event spanning its kernels on the GPU's timeline (``is_user_annotation``). Neither is a
+    kernel; the steps are the host's ranges."""
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    events = []
+    for step, start in enumerate((0, 10_000)):  # two steps, each: a matmul, a gap, Adam
+        events += [event(f"ProfilerStep#{step}", start, start + 10_000, cpu, annotation=True),
+                   event(f"ProfilerStep#{step}", start + 500, start + 9_000, cuda,
+                         annotation=True),
+                   event("Optimizer.step#AdamW.step", start + 7_000, start + 9_500, cpu,
+                         annotation=True),
+                   event("Optimizer.step#AdamW.step", start + 7_500, start + 9_000, cuda,
+                         annotation=True),
+                   event("nvjet_tst_128x128", start + 500, start + 4_500, cuda),
+                   event("multi_tensor_apply_kernel", start + 7_500, start + 9_000, cuda)]
+    assert [k[0] for k in device_kernels(events, "cuda")] == [
+        "nvjet_tst_128x128", "multi_tensor_apply_kernel"] * 2
+    assert step_metrics(events, "cuda") == pytest.approx({
+        "profile_step_ms": 10.0, "profile_busy_ms": 5.5, "profile_busy_share": 0.55,
+        "profile_kernels": 2.0, "profile_matmul_ms": 4.0, "profile_optimizer_ms": 1.5})
 
 
 PROFILER_ERRORS = [
