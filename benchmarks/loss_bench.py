@@ -128,7 +128,7 @@ import torch
 if importlib.util.find_spec("tad_torchtune") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from step_profile import describe, profile_step  # noqa: E402
+from step_profile import describe, profile_step, sync  # noqa: E402
 from tad_torchtune.demo import bundled_config  # noqa: E402
 from tad_torchtune.schema import DISTILL  # noqa: E402  (the recipe's defaults)
 from tad_torchtune.losses import DIVERGENCES  # noqa: E402  (every registered divergence)
@@ -570,11 +570,6 @@ def peak_allocated_bytes(fn) -> int:
     return peak
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure_memory(impl: str, name: str, shape: tuple, device: str,
                    fused_chunk: int | None = None, teacher_cache_mib: float | None = None,
                    cpu_memory: str = "rss", liger_stand_in: bool = False) -> dict:
@@ -644,11 +639,11 @@ def time_round_robin(steps: dict, inputs: tuple, device: str, warmup: int,
                 continue
             h_s.grad = w_s.grad = None
             _RUNNING[0] = "__".join((tag, *c))
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             try:
                 step()
-                _sync(device)
+                sync(device)
             except torch.OutOfMemoryError:
                 failed[c] = "OOM"
                 if device == "cuda":

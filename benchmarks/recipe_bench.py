@@ -87,7 +87,7 @@ if importlib.util.find_spec("tad_distill") is None:
     sys.path.insert(0, str(ROOT / "recipes"))
 
 import loss_bench  # noqa: E402  (Liger's loss as the loss benchmark builds it; the compile backend)
-from step_profile import describe, profile_step  # noqa: E402
+from step_profile import describe, profile_step, sync  # noqa: E402
 import tad_distill  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from torchtune import config, training  # noqa: E402
@@ -297,11 +297,6 @@ def _setting(cfg: DictConfig, key: str) -> Any:
 # ------------------------------------------------------------------------------------ loops
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 class MinimalLoop:
     """The recipe's work as a hand-written loop over the library, on models of its own built
     as the recipe builds them (see the module docstring)."""
@@ -491,13 +486,13 @@ def run_rounds(loops: list[Loop], batches: list[dict], device: torch.device, war
     first step of a loop leaves allocated (optimizer state) is added to ``kept[owner]``."""
     for i in range(warmup + steps):
         for loop in loops:
-            _sync(device)
+            sync(device)
             before = _allocated(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             loop.step(batches[i])
-            _sync(device)
+            sync(device)
             seconds = time.perf_counter() - t0
             if device.type == "cuda":
                 loop.step_peak = max(loop.step_peak, torch.cuda.max_memory_allocated() - before)
@@ -516,10 +511,10 @@ def time_split(recipe, batches, device: torch.device) -> dict[str, float]:
 
     def timed(name, fn):
         def run(*args, **kwargs):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
-            _sync(device)
+            sync(device)
             parts[name] += time.perf_counter() - t0
             return out
 
@@ -528,11 +523,11 @@ def time_split(recipe, batches, device: torch.device) -> dict[str, float]:
     started = []
 
     def before_step(optimizer, args, kwargs):
-        _sync(device)
+        sync(device)
         started.append(time.perf_counter())
 
     def after_step(optimizer, args, kwargs):
-        _sync(device)
+        sync(device)
         parts["optimizer"] += time.perf_counter() - started.pop()
 
     saved = (TeacherHead.__call__, StudentHead.forward, torch.Tensor.backward)
@@ -545,7 +540,7 @@ def time_split(recipe, batches, device: torch.device) -> dict[str, float]:
         t0 = time.perf_counter()
         for batch in batches:
             recipe.train_step(iter([batch]))
-        _sync(device)
+        sync(device)
         total = time.perf_counter() - t0
     finally:
         TeacherHead.__call__, StudentHead.forward, torch.Tensor.backward = saved
@@ -579,10 +574,10 @@ def bench(arch: str, variant: str, device: str, *, loops: list[str], steps: int,
         kept: dict[str, int] = {}
 
         def setup(owner: str, build):
-            _sync(dev)
+            sync(dev)
             before = _allocated(dev)
             out = build()
-            _sync(dev)
+            sync(dev)
             kept[owner] = _allocated(dev) - before
             return out
 

@@ -34,8 +34,10 @@ if importlib.util.find_spec("tad_torchtune") is None:
 from tad_torchtune.profiling import breakdown, device_kernels  # noqa: E402
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
+def sync(device: "str | torch.device") -> None:
+    """Wait for the device's queued work (CUDA); nothing elsewhere. The benchmarks' timers stop
+    after it."""
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
@@ -61,11 +63,11 @@ def profile_step(step: Callable[[], Any], device: str, top: int = 12) -> dict[st
     if device == "cuda":
         activities.append(ProfilerActivity.CUDA)
     try:
-        _sync(device)
+        sync(device)
         with profile(activities=activities) as prof:
             start = time.perf_counter()
             step()
-            _sync(device)
+            sync(device)
             wall = time.perf_counter() - start
         kernels = device_kernels(prof.events(), device)
     except Exception as err:  # noqa: BLE001  (a diagnostic: the measurement beside it goes on)
