@@ -405,6 +405,9 @@ class TADDistillRecipe:
                                 zero if terms.hidden is None else terms.hidden,
                                 *(terms.stats[k] for k in names)]).double()
             sums = part if sums is None else sums + part
+            # the teacher's output (unfused: its [B, T, V] logits) is freed before the next
+            # micro-batch's teacher forward and the optimizer step, not after
+            del teacher, terms
         sums = self._all_reduce(sums) / max(global_tokens, 1)
 
         max_norm = self._clip_grad_norm if self._clip_grad_norm is not None else float("inf")

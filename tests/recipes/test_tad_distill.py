@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 import warnings
+import weakref
 from pathlib import Path
 
 import pytest
@@ -253,6 +254,39 @@ def test_fused_options_reach_the_fused_path(assets, tmp_path, monkeypatch, flag,
     want = None if cache_mib is None else float(cache_mib)
     assert calls and all(c["teacher_cache_mib"] == want for c in calls)
     assert all(c["float32_weight_grad"] is (flag is None) for c in calls)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_micro_batch_s_teacher_output_is_freed_before_the_next_teacher_forward(
+        assets, tmp_path, fused):
+    """The teacher's output of one micro-batch (its hidden states; unfused, its whole
+    ``[B, T, V]`` logits) is gone when the next micro-batch's teacher forward starts and when
+    the optimizer steps: no step holds two of them at its peak."""
+    cfg = tune.base_config(assets, tmp_path / "out", fused=fused, max_steps=2,
+                           gradient_accumulation_steps=3, export_hf=False)
+    recipe = _recipe(cfg)
+    alive, checked = [], []
+
+    def freed(where):
+        assert all(ref() is None for ref in alive), f"a teacher output is alive at {where}"
+        checked.append(where)
+
+    real_teacher, real_step = recipe._teacher_head, recipe._optimizer.step
+
+    def teacher(*args, **kwargs):
+        freed("a teacher forward")
+        out = real_teacher(*args, **kwargs)
+        alive.extend(weakref.ref(t) for t in (out.hidden, out.logits) if t is not None)
+        return out
+
+    def step(*args, **kwargs):
+        freed("the optimizer step")
+        return real_step(*args, **kwargs)
+
+    recipe._teacher_head, recipe._optimizer.step = teacher, step
+    recipe.train()
+    assert checked.count("a teacher forward") >= 6 and "the optimizer step" in checked
+    assert len(alive) >= (6 if fused else 12)  # hidden states, and logits when unfused
 
 
 def test_mfu_and_per_device_throughput_are_logged(assets, tmp_path):
