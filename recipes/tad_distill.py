@@ -94,7 +94,8 @@ class TADDistillRecipe:
 
         self._device = torch.device(get("device"))
         self._dtype = DTYPES[get("dtype")]
-        self._rank, self._world_size = init_distributed(self._device.type)
+        self._rank, self._world_size = init_distributed(self._device.type,
+                                                        bool(get("fsdp_cpu_offload")))
         self._is_rank_zero = self._rank == 0
         if self._device.type == "cuda":
             self._device = torch.device("cuda", torch.cuda.current_device())

@@ -11,14 +11,19 @@ from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard, register_fsdp_
 from torch.utils.checkpoint import checkpoint
 
 
-def init_distributed(device_type: str) -> tuple[int, int]:
+def init_distributed(device_type: str, cpu_offload: bool = False) -> tuple[int, int]:
     """Initialise the default process group when launched by torchrun; returns (rank, world).
 
     CUDA uses NCCL, CPU uses gloo (so the distributed path runs, and is tested, without a GPU).
+    With ``cpu_offload`` (FSDP2's ``CPUOffloadPolicy``) on CUDA, gloo serves the CPU tensors
+    too: the sharded gradients live on the CPU, and the gradient norm's all-reduce and the
+    export's gathers run on them (NCCL alone has no CPU backend), as torchtune's recipes do.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda" and cpu_offload:
+            backend = "cuda:nccl,cpu:gloo"
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)

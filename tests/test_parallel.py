@@ -5,6 +5,7 @@ outputs nor its gradients. (FSDP2 on two processes: ``tests/recipes/test_tad_dis
 
 import copy
 
+import pytest
 import torch
 
 from tad_torchtune.models import forward_hidden
@@ -70,3 +71,23 @@ def test_init_distributed_without_torchrun_is_one_process(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert init_distributed("cpu") == (0, 1)
     assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("device,cpu_offload,backend", [
+    ("cpu", False, "gloo"), ("cpu", True, "gloo"), ("cuda", False, "nccl"),
+    # FSDP2's CPU offload keeps the sharded gradients on the CPU: the norm's all-reduce and the
+    # export's gathers need a CPU backend beside NCCL (torchtune's get_distributed_backend)
+    ("cuda", True, "cuda:nccl,cpu:gloo")])
+def test_init_distributed_picks_the_backend(monkeypatch, device, cpu_offload, backend):
+    calls = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: "backend" in calls)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend: calls.update(backend=backend))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.update(device=i))
+    assert init_distributed(device, cpu_offload) == (1, 2)
+    assert calls == {"backend": backend, **({"device": 1} if device == "cuda" else {})}
+    torch.distributed.Backend(backend)  # a backend string torch parses
