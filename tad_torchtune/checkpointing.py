@@ -117,13 +117,25 @@ class TrainingCheckpointer:
 
 
 def rng_state() -> dict[str, Any]:
+    """The CPU generator's state and, where this process has used CUDA, its own device's (not
+    every visible GPU's: ``get_rng_state_all`` would create a context on each, and a resume
+    that sees fewer GPUs could not put them back)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Put back what ``rng_state`` saved: the CUDA state on this process's current device (of a
+    checkpoint holding one per visible GPU, that device's, where it has one)."""
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    device = torch.cuda.current_device()
+    if isinstance(cuda, (list, tuple)):  # one state per visible GPU (checkpoints before)
+        if device >= len(cuda):
+            return
+        cuda = cuda[device]
+    torch.cuda.set_rng_state(cuda, device)

@@ -120,3 +120,26 @@ def test_rng_state_round_trip():
     torch.manual_seed(123)
     set_rng_state(state)
     assert torch.equal(torch.rand(5), a)
+
+
+@pytest.mark.parametrize("saved,put", [
+    ("dev1", ("dev1", 1)),  # this process's device's state
+    (["dev0", "dev1", "dev2"], ("dev1", 1)),  # a checkpoint of one state per visible GPU
+    (["dev0"], None),  # ... saved where fewer GPUs were visible: nothing for this device
+    (None, None)])
+def test_the_cuda_rng_state_is_this_process_s_device_s(monkeypatch, saved, put):
+    """Saved: the current device's CUDA state alone (``get_rng_state_all`` would create a
+    context on every visible GPU); restored on the current device, also from a checkpoint of
+    one state per GPU, where it holds one for this device. Faked CUDA: the CPU runs it."""
+    done = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: "dev1")
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: done.append(
+        (state, device)))
+    assert rng_state()["cuda"] == "dev1"
+    state = {"torch": torch.get_rng_state(), **({} if saved is None else {"cuda": saved})}
+    set_rng_state(state)
+    assert done == ([] if put is None else [put])
