@@ -27,12 +27,30 @@ from torch import nn
 
 from tad_torchtune.models import output_weight
 
-#: dense bf16 peak FLOP/s of known accelerators (fp32 runs use ``_FP32_PEAK``), by a substring of
-#: ``torch.cuda.get_device_name()``; a config key overrides it
-_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-              "L4": 121e12, "4090": 165e12}
-_FP32_PEAK = {"H200": 67e12, "H100": 67e12, "A100": 19.5e12, "L40S": 91.6e12, "A10G": 31.2e12,
-              "L4": 30.3e12, "4090": 82.6e12}
+#: dense peak FLOP/s of known accelerators, ``(name, bf16, fp32)``, matched as a substring of
+#: ``torch.cuda.get_device_name()`` in this order, so that a variant's name ("NVIDIA H100
+#: PCIe", "NVIDIA L40") is met before the name it contains ("H100", "L4"); NVIDIA's figures
+#: without sparsity. A config key (``peak_flops_per_device``) overrides them.
+PEAK_FLOPS: tuple[tuple[str, float, float], ...] = (
+    ("H100 PCIe", 756e12, 51.2e12),
+    ("H100 NVL", 835e12, 60e12),
+    ("H200 NVL", 835e12, 60e12),
+    ("H200", 989e12, 67e12),
+    ("H100", 989e12, 67e12),
+    ("A100", 312e12, 19.5e12),
+    ("L40S", 362e12, 91.6e12),
+    ("L40", 181e12, 90.5e12),
+    ("A10G", 125e12, 31.2e12),
+    ("L4", 121e12, 30.3e12),
+    ("4090", 165e12, 82.6e12),
+)
+
+
+def peak_flops_of(name: str, dtype: torch.dtype) -> float | None:
+    """Dense peak FLOP/s of the device called ``name`` for ``dtype`` matmuls (``PEAK_FLOPS``),
+    or None for a device the table does not know."""
+    column = 2 if dtype == torch.float32 else 1
+    return next((row[column] for row in PEAK_FLOPS if row[0] in name), None)
 
 
 @dataclass(frozen=True)
@@ -91,6 +109,4 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     """Dense peak FLOP/s of one device for ``dtype`` matmuls when it is a known GPU, else None."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(device)
-    table = _FP32_PEAK if dtype == torch.float32 else _BF16_PEAK
-    return next((v for k, v in table.items() if k in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(device), dtype)

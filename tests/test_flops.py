@@ -65,3 +65,18 @@ def test_flops_without_a_teacher_are_the_students_alone():
     student = pruned_student(teacher=NODE, num_layers=2, intermediate_dim=96)
     f = model_flops(student, 32)
     assert step_flops_per_token(student, None, 32) == f.forward + f.backward
+
+
+@pytest.mark.parametrize("name,bf16,fp32", [
+    ("NVIDIA H100 80GB HBM3", 989e12, 67e12), ("NVIDIA H100 PCIe", 756e12, 51.2e12),
+    ("NVIDIA H100 NVL", 835e12, 60e12), ("NVIDIA H200", 989e12, 67e12),
+    ("NVIDIA H200 NVL", 835e12, 60e12), ("NVIDIA L40S", 362e12, 91.6e12),
+    ("NVIDIA L40", 181e12, 90.5e12), ("NVIDIA L4", 121e12, 30.3e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12, 19.5e12), ("Tesla T4", None, None)])
+def test_a_gpu_s_peak_is_its_own_not_a_name_it_contains(name, bf16, fp32):
+    """By the name ``torch.cuda.get_device_name`` gives: a variant ("H100 PCIe", "L40") is not
+    read as the GPU whose name it contains ("H100", "L4"); NVIDIA's dense figures."""
+    from tad_torchtune.flops import peak_flops_of
+
+    assert peak_flops_of(name, torch.bfloat16) == bf16
+    assert peak_flops_of(name, torch.float32) == fp32
