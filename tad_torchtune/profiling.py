@@ -28,12 +28,14 @@ from tad_torchtune.errors import ConfigError, instantiate
 
 #: kind of a kernel by its name, the first pattern that matches (case-insensitive): inductor's
 #: generated kernels (``triton_poi_`` / ``triton_red_`` / ``triton_per_`` / ``triton_tem_``; the
-#: CPU's ``cpp_fused``) before the operators whose names they contain, attention before matmul
+#: CPU's ``cpp_fused``) before the operators whose names they contain, except its templates of
+#: attention and matmuls (flex attention's ``triton_tem_fused_flex_attention_0``, a tuned
+#: ``triton_tem_fused_mm_1``: attention and matmul), attention before matmul
 #: (memory-efficient attention's kernels are CUTLASS's)
 KINDS: tuple[tuple[str, str], ...] = (
-    ("inductor", r"^triton_|^cpp_fused"),
+    ("inductor", r"^(?!triton_tem_\w*(attention|flex|mm_\d+$))triton_|^cpp_fused"),
     ("attention", r"flash|fmha|attention|sdpa|_scaled_dot_product"),
-    ("matmul", r"gemm|nvjet|cutlass|cublas|xmma|wgmma|s16816|"
+    ("matmul", r"gemm|nvjet|cutlass|cublas|xmma|wgmma|s16816|^triton_tem_\w*mm_\d+$|"
                r"^aten::(mm|addmm_?|bmm|baddbmm_?|addbmm_?|matmul|linear|_addmm_activation)$"),
     ("topk/sort", r"topk|sort|radix|bitonic"),
     ("optimizer", r"multi_tensor|adam|_foreach_|^aten::_fused_"),

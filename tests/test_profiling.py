@@ -40,6 +40,12 @@ NAMES = {
     "triton_red_fused__log_softmax_exp_sub_sum_0": "inductor",
     "triton_poi_fused__to_copy_add_mul_1": "inductor",
     "triton_per_fused_topk_2": "inductor",
+    "triton_tem_fused_mm_3": "matmul",  # matmul templates (max-autotune)
+    "triton_tem_fused_addmm_4": "matmul",
+    "triton_tem_fused_addmm_relu_5": "inductor",  # with an epilogue: inductor's own
+    # flex attention's template kernels (inductor names them after the fused nodes)
+    "triton_tem_fused_flex_attention_0": "attention",
+    "triton_tem_fused_flex_attention_backward_1": "attention",
     "void at::native::sbtopk::gatherTopK<c10::BFloat16, unsigned int, 2, false>(...)": "topk/sort",
     "void at::native::(anonymous namespace)::radixSortKVInPlace<-2, -1, 32, 4, float, long, "
     "unsigned int>(...)": "topk/sort",
