@@ -285,10 +285,11 @@ class TADDistillRecipe:
             own = list(range(self._rank, len(dataset), self._world_size))
             sampler = [own[i : i + self._batch_size] for i in range(0, len(own), self._batch_size)]
             # Every rank runs as many batches as the first (FSDP gathers in each forward): the
-            # others repeat their first batch with no token counted.
+            # others repeat their first batch with no token counted, a rank with no block of
+            # its own (fewer blocks than processes) block 0's.
             self._val_batches = len(sampler)
             most = -(-(-(-len(dataset) // self._world_size)) // self._batch_size)
-            sampler += sampler[:1] * (most - len(sampler))
+            sampler += (sampler[:1] or [[0]]) * (most - len(sampler))
         pad_id = getattr(self._tokenizer, "pad_id", None)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=0,
                             collate_fn=partial(collate, pad_id=pad_id or 0))
@@ -414,8 +415,9 @@ class TADDistillRecipe:
         max_norm = self._clip_grad_norm if self._clip_grad_norm is not None else float("inf")
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(
             [p for p in self._head.parameters() if p.requires_grad], max_norm))
-        # the step's one host synchronisation (besides the token count of several processes)
-        values = torch.cat([sums, grad_norm.double().reshape(1)]).tolist()
+        # the step's one host synchronisation (besides the token count of several processes);
+        # the norm is on the gradients' device: the CPU under FSDP2's CPU offload
+        values = torch.cat([sums, grad_norm.double().reshape(1).to(sums.device)]).tolist()
         (ce, kd_mean, hidden_mean), stats, grad_norm = values[:3], values[3:-1], values[-1]
         loss_value = (self._clm_weight * ce + self._kd_weight * kd_mean
                       + self._hidden_weight * hidden_mean)

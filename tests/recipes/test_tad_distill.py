@@ -126,6 +126,24 @@ def test_two_processes_fsdp_match_one(assets, tmp_path, baseline):
 
 
 @pytest.mark.slow
+def test_a_validation_set_smaller_than_the_processes(assets, tmp_path):
+    """One held-out block on two processes: the rank without a block of its own runs the
+    other's FSDP steps on a padding batch that counts nothing (before, it ran none, and the
+    ranks' collectives no longer matched), so the held-out figures are one process's."""
+    one_block = {"validation_dataset.max_blocks": 1, "max_steps": 1, "export_hf": False}
+    one = _run(assets, tmp_path, "one", **one_block)
+    out = tmp_path / "two"
+    out.mkdir()
+    cfg = tune.base_config(assets, out, **one_block)
+    tune.run_tune(["tad_distill", "--config", str(tune.write_config(cfg, out / "c.yaml"))],
+                  cwd=tmp_path, nproc=2, timeout=180)
+    (ref,) = [r for r in tune.read_metrics(one) if "val_kl" in r]
+    (got,) = [r for r in tune.read_metrics(out) if "val_kl" in r]
+    for key in ("val_kl", "val_ce"):
+        assert got[key] == pytest.approx(ref[key], rel=1e-5), (key, got, ref)
+
+
+@pytest.mark.slow
 def test_fused_head_on_two_processes_matches_one(assets, tmp_path, baseline):
     """The StudentHead is the FSDP2 root of the student: its output weight is gathered while the
     fused head reads the weight itself (and during evaluate), so 2 processes train as 1."""
