@@ -42,6 +42,7 @@ from tad_torchtune.errors import ConfigError, instantiate, reports_user_errors
 from tad_torchtune.metrics import StudentMetrics, TeacherMetrics
 from tad_torchtune.models import forward_hidden, project_logits, supports_flex_attention
 from tad_torchtune.models.loading import load_hf_folder
+from tad_torchtune.parallel import require_one_process
 from tad_torchtune.schema import EVAL, resolve_config_argv, resolve_package_paths
 
 
@@ -169,6 +170,7 @@ def summary_table(report: dict[str, Any]) -> str:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """``tune run tad_eval`` on a parsed config, in this process; returns the report."""
+    require_one_process("tad_eval")
     resolve_package_paths(cfg)
     recipe = TADEvalRecipe(cfg)
     recipe.setup(cfg)

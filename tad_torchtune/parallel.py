@@ -32,6 +32,21 @@ def init_distributed(device_type: str, cpu_offload: bool = False) -> tuple[int, 
     return 0, 1
 
 
+def require_one_process(prog: str) -> None:
+    """Refuse a launch on several processes (``--nproc_per_node``) of a command that runs in
+    one: each process would run the whole of it and write the same files.
+
+    Raises:
+        ConfigError: naming the launch, the number of processes and what is accepted.
+    """
+    from tad_torchtune.errors import ConfigError
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise ConfigError(f"--nproc_per_node: {prog} runs in one process, got {world} "
+                          f"(WORLD_SIZE={world}); run it without --nproc_per_node")
+
+
 def checkpoint_block(block: nn.Module) -> None:
     """Make ``block`` recompute its activations in backward, in place.
 

@@ -183,3 +183,20 @@ def test_tad_eval_errors_are_one_line(assets, tmp_path):
                          cwd=tmp_path, check=False)
     assert tune.one_error_line(proc) == (f"tad_eval: error: students.s.checkpoint_dir: "
                                f"{str(tmp_path / 'no_student')!r} has no config.json")
+
+
+def test_tad_eval_on_several_processes_is_refused_in_one_line(assets, tmp_path, monkeypatch,
+                                                               capsys):
+    """Launched with --nproc_per_node, every process would evaluate everything and write the
+    same files: refused before anything loads."""
+    cfg = tune.base_config(assets, tmp_path)
+    eval_cfg = {"output_dir": str(tmp_path / "eval"), "tokenizer": cfg["tokenizer"],
+                "dataset": cfg["validation_dataset"],
+                "teacher": {"checkpoint_dir": str(assets["teacher"])},
+                "students": {"s": {"checkpoint_dir": str(assets["teacher"])}}}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    line = tune.user_error("tad_eval", ["--config", str(tune.write_config(
+        eval_cfg, tmp_path / "e.yaml"))], monkeypatch, capsys)
+    assert line == ("tad_eval: error: --nproc_per_node: tad_eval runs in one process, got 2 "
+                    "(WORLD_SIZE=2); run it without --nproc_per_node")
+    assert not (tmp_path / "eval").exists()
