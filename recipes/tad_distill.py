@@ -23,14 +23,20 @@ Single process, or FSDP2 under torchrun (NCCL on CUDA, gloo on CPU). Training st
 with ``torch.distributed.checkpoint`` atomically every ``save_every_n_steps``, with the token
 store's fingerprint; with ``resume_from_checkpoint: true`` a run continues from its newest
 complete checkpoint, on the same or another number of processes, and logs the same losses it
-would have logged uninterrupted. Errors a user can cause end the run with one line naming the
-config key (``tad_torchtune.errors``).
+would have logged uninterrupted. A run sent SIGTERM (a scheduler's preemption, ``scancel``) saves
+a checkpoint at the end of the step it is in, on every process at the same step, and exits with
+status 143, as SIGTERM's default would (under torchrun, whose agent passes the signal on, the
+agent's own status follows): ``resume_from_checkpoint: true`` continues from there.
+Errors a user can cause end the run with one line naming the config key
+(``tad_torchtune.errors``).
 """
 
 import json
 import math
 import resource
+import signal
 import sys
+import threading
 import time
 import warnings
 from functools import partial
@@ -79,6 +85,22 @@ from tad_torchtune.vocab import check_vocab_compat
 
 class NonFiniteError(RuntimeError):
     """A loss or gradient norm that is not finite: the optimizer step was not taken."""
+
+
+class Stopped(Exception):
+    """The run was sent SIGTERM: it saved its state after the step it was in.
+
+    Attributes:
+        step: the step saved.
+        checkpoint: the checkpoint's folder.
+    """
+
+    #: exit status of a stopped run: SIGTERM's default (128 + 15)
+    EXIT = 128 + signal.SIGTERM
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        super().__init__(step, checkpoint)
+        self.step, self.checkpoint = step, checkpoint
 
 
 class TADDistillRecipe:
@@ -139,6 +161,8 @@ class TADDistillRecipe:
         self._flops_per_token: dict[int, int] = {}
 
         self._profiler: StepProfiler | None = None  # set up last
+        # SIGTERM's request (``train``), and the step's all-reduced answer: stop after this step
+        self._stop_requested = self._stopping = False
         self.global_step = 0
         self.epoch = 0
         self.step_in_epoch = 0
@@ -310,6 +334,40 @@ class TADDistillRecipe:
         progress = tqdm(total=self._total_steps, initial=self.global_step,
                         disable=not self._is_rank_zero, desc="tad_distill", dynamic_ncols=True)
         self._profiler.start()
+        previous = self._catch_sigterm()
+        try:
+            self._train_loop(progress)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        progress.close()
+        self._log_profile(self._profiler.stop())  # a cycle the end cut short
+        saved = self._save_every and self.global_step % self._save_every == 0
+        if self._stopping:
+            if not saved:
+                self.save(export=False)
+            raise Stopped(self.global_step, self._checkpointer.latest())
+        if self._val_loader is not None and not (
+            self._eval_every and self.global_step % self._eval_every == 0
+        ):
+            self._log(self.evaluate())
+        if not saved:
+            self.save(export=False)  # the final export follows
+        self.export(self._output_dir / "student")
+
+    def _catch_sigterm(self) -> Any:
+        """From now on SIGTERM asks the run to stop after its step (``Stopped``); returns the
+        handler it replaces (None where signals cannot be caught: not the main thread)."""
+        self._stop_requested = self._stopping = False
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def request_stop(signum, frame) -> None:
+            self._stop_requested = True
+
+        return signal.signal(signal.SIGTERM, request_stop)
+
+    def _train_loop(self, progress: tqdm) -> None:
         while self.epoch < self._epochs and self.global_step < self._total_steps:
             self._train_sampler.set_position(
                 self.epoch, self.step_in_epoch * self._grad_accum * self._train_sampler.global_batch
@@ -322,18 +380,11 @@ class TADDistillRecipe:
                     self._log(self.evaluate())
                 if self._save_every and self.global_step % self._save_every == 0:
                     self.save()
+                if self._stopping:
+                    return
             if self.step_in_epoch >= self._steps_per_epoch:
                 self.epoch += 1
                 self.step_in_epoch = 0
-        progress.close()
-        self._log_profile(self._profiler.stop())  # a cycle the end cut short
-        if self._val_loader is not None and not (
-            self._eval_every and self.global_step % self._eval_every == 0
-        ):
-            self._log(self.evaluate())
-        if not (self._save_every and self.global_step % self._save_every == 0):
-            self.save(export=False)  # the final export follows
-        self.export(self._output_dir / "student")
 
     def train_step(self, batches: Iterator[Batch], progress: tqdm | None = None
                    ) -> dict[str, float]:
@@ -410,15 +461,19 @@ class TADDistillRecipe:
             # the teacher's output (unfused: its [B, T, V] logits) is freed before the next
             # micro-batch's teacher forward and the optimizer step, not after
             del teacher, terms
-        sums = self._all_reduce(sums) / max(global_tokens, 1)
+        # the stop request travels with the sums: every process stops after the same step
+        stop = sums.new_full((1,), float(self._stop_requested))
+        reduced = self._all_reduce(torch.cat([sums, stop]))
+        sums, stop = reduced[:-1] / max(global_tokens, 1), reduced[-1:]
 
         max_norm = self._clip_grad_norm if self._clip_grad_norm is not None else float("inf")
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(
             [p for p in self._head.parameters() if p.requires_grad], max_norm))
         # the step's one host synchronisation (besides the token count of several processes);
         # the norm is on the gradients' device: the CPU under FSDP2's CPU offload
-        values = torch.cat([sums, grad_norm.double().reshape(1).to(sums.device)]).tolist()
-        (ce, kd_mean, hidden_mean), stats, grad_norm = values[:3], values[3:-1], values[-1]
+        values = torch.cat([sums, stop, grad_norm.double().reshape(1).to(sums.device)]).tolist()
+        (ce, kd_mean, hidden_mean), stats, grad_norm = values[:3], values[3:-2], values[-1]
+        self._stopping = values[-2] > 0
         loss_value = (self._clm_weight * ce + self._kd_weight * kd_mean
                       + self._hidden_weight * hidden_mean)
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
@@ -612,7 +667,14 @@ def run(cfg: DictConfig) -> None:
     recipe = TADDistillRecipe(cfg)
     try:
         recipe.setup(cfg)
-        recipe.train()
+        try:
+            recipe.train()
+        except Stopped as stopped:
+            if recipe._is_rank_zero:
+                print(f"tad_distill: SIGTERM: stopped after step {stopped.step}, its state saved "
+                      f"in {stopped.checkpoint}; resume_from_checkpoint=true continues from it",
+                      file=sys.stderr)
+            raise SystemExit(Stopped.EXIT) from None
         if recipe._is_rank_zero:
             print(f"tad_distill: done; outputs in {recipe._output_dir} (student: "
                   f"{recipe._output_dir / 'student'}, metrics: "

@@ -205,6 +205,57 @@ def test_kill_and_resume_gives_the_same_losses(assets, tmp_path, baseline):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_saves_the_step_and_the_resume_continues(assets, tmp_path, baseline, nproc):
+    """SIGTERM (a scheduler's preemption) mid-run: the run saves its state after the step it is
+    in (every process after the same step: the request travels in the step's all-reduce; under
+    torchrun the agent passes the signal on), exits 143, and the resume logs the losses the
+    uninterrupted run logged. No periodic checkpoint falls in between (save_every 50)."""
+    out = tmp_path / "stopped"
+    out.mkdir()
+    # the baseline's global batch of 8 on either number of processes; resumed on one
+    cfg = tune.base_config(assets, out, save_every_n_steps=50, eval_every_n_steps=5,
+                           batch_size=8 // nproc)
+    launch = [tune.tune_bin(), "run", *(["--nproc_per_node", "2"] if nproc > 1 else []),
+              "tad_distill", "--config", str(tune.write_config(cfg, out / "c.yaml"))]
+    proc = subprocess.Popen(launch, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(
+            "loss" in r and r["step"] >= 2 for r in _metrics_so_far(out)):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    # one process: 143, as SIGTERM's default; torchrun's agent ends with its own status and
+    # traceback (SignalException) once its workers have stopped
+    assert proc.returncode == 143 if nproc == 1 else proc.returncode != 0, err[-3000:]
+    pointer = out / "checkpoints" / "latest"
+    step = int(pointer.read_text().split("_")[1])
+    assert 2 <= step < 10, (step, err[-3000:])
+    assert (f"tad_distill: SIGTERM: stopped after step {step}, its state saved in "
+            f"{out / 'checkpoints' / pointer.read_text()}") in err, err[-3000:]
+    assert nproc > 1 or "Traceback" not in err, err[-3000:]
+    assert not (out / "student").exists()  # no export of a stopped run
+    tune.run_recipe("tad_distill", {**cfg, "resume_from_checkpoint": True, "batch_size": 8})
+    _assert_same_losses(tune.train_losses(out), tune.train_losses(baseline), rtol=1e-5,
+                        steps=list(range(step + 1, 11)))
+
+
+def _metrics_so_far(out: Path) -> list[dict]:
+    """The records of a running run's metrics file (a line it is writing is left out)."""
+    path = out / "metrics.jsonl"
+    rows = []
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+    return rows
+
+
+@pytest.mark.slow
 def test_resume_on_two_processes_from_one_process_checkpoint(assets, tmp_path, baseline):
     out = tmp_path / "reshard"
     out.mkdir()
