@@ -342,23 +342,24 @@ class TADDistillRecipe:
                 signal.signal(signal.SIGTERM, previous)
         progress.close()
         self._log_profile(self._profiler.stop())  # a cycle the end cut short
-        saved = self._save_every and self.global_step % self._save_every == 0
+        saved = self._due(self._save_every)
         if self._stopping:
             if not saved:
                 self.save(export=False)
             raise Stopped(self.global_step, self._checkpointer.latest())
-        if self._val_loader is not None and not (
-            self._eval_every and self.global_step % self._eval_every == 0
-        ):
+        if self._val_loader is not None and not self._due(self._eval_every):
             self._log(self.evaluate())
         if not saved:
             self.save(export=False)  # the final export follows
         self.export(self._output_dir / "student")
 
+    def _due(self, every: int | None) -> bool:
+        """Whether the step just taken is one of every ``every`` (evaluation, checkpoints)."""
+        return bool(every) and self.global_step % every == 0
+
     def _catch_sigterm(self) -> Any:
         """From now on SIGTERM asks the run to stop after its step (``Stopped``); returns the
         handler it replaces (None where signals cannot be caught: not the main thread)."""
-        self._stop_requested = self._stopping = False
         if threading.current_thread() is not threading.main_thread():
             return None
 
@@ -376,9 +377,9 @@ class TADDistillRecipe:
             while self.step_in_epoch < self._steps_per_epoch and self.global_step < self._total_steps:
                 self.train_step(batches, progress)
                 self._log_profile(self._profiler.step())  # on the step that ends a cycle
-                if self._eval_every and self.global_step % self._eval_every == 0:
+                if self._due(self._eval_every):
                     self._log(self.evaluate())
-                if self._save_every and self.global_step % self._save_every == 0:
+                if self._due(self._save_every):
                     self.save()
                 if self._stopping:
                     return

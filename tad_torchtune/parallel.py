@@ -11,6 +11,11 @@ from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard, register_fsdp_
 from torch.utils.checkpoint import checkpoint
 
 
+def launched_processes() -> int:
+    """How many processes torchrun launched (``WORLD_SIZE``); 1 without torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device_type: str, cpu_offload: bool = False) -> tuple[int, int]:
     """Initialise the default process group when launched by torchrun; returns (rank, world).
 
@@ -19,8 +24,7 @@ def init_distributed(device_type: str, cpu_offload: bool = False) -> tuple[int, 
     too: the sharded gradients live on the CPU, and the gradient norm's all-reduce and the
     export's gathers run on them (NCCL alone has no CPU backend), as torchtune's recipes do.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    if launched_processes() > 1 and not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda" and cpu_offload:
             backend = "cuda:nccl,cpu:gloo"
@@ -41,7 +45,7 @@ def require_one_process(prog: str) -> None:
     """
     from tad_torchtune.errors import ConfigError
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_processes()
     if world > 1:
         raise ConfigError(f"--nproc_per_node: {prog} runs in one process, got {world} "
                           f"(WORLD_SIZE={world}); run it without --nproc_per_node")
