@@ -27,6 +27,7 @@ device time went.
 
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +110,10 @@ class TADCacheRecipe:
                               "prepared store: use tad_torchtune.data.text_block_dataset")
         self._datasets = {"train": dataset}
         self._vocab = vocab_size_of(cfg.student_model)
+        # built on the meta device and sharded there: a rank loads only its shards
         teacher = load_teacher(cfg.teacher_model, cfg.teacher_checkpointer, device=self._device,
-                               dtype=self._dtype)
-        parallelize(teacher, fsdp=self._world > 1)
+                               dtype=self._dtype,
+                               prepare=partial(parallelize, fsdp=self._world > 1))
         self._flex_attention = supports_flex_attention(self._device, teacher)
         self._teacher = TeacherHead(teacher, vocab_size=self._vocab,
                                     vocab_alignment=self._vocab_alignment)

@@ -46,7 +46,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchtune import config, training
 from tqdm import tqdm
@@ -60,16 +60,13 @@ from tad_torchtune.flops import peak_flops, step_flops_per_token
 from tad_torchtune.hardware import warn_if_slow_bf16
 from tad_torchtune.head import StudentHead, TeacherHead
 from tad_torchtune.losses import DivergenceUse
-from tad_torchtune.models import (
-    output_weight,
-    save_hf_checkpoint,
-    supports_flex_attention,
-)
+from tad_torchtune.models import save_hf_checkpoint, supports_flex_attention
 from tad_torchtune.models.loading import (
     checkpoint_state,
     load_student,
     load_teacher,
     state_vocab_size,
+    vocab_size_of,
 )
 from tad_torchtune.parallel import init_distributed, parallelize
 from tad_torchtune.profiling import StepProfiler, describe
@@ -172,9 +169,10 @@ class TADDistillRecipe:
 
     def setup(self, cfg: DictConfig) -> None:
         """Build everything in dependency order: logging first (so set-up is visible), then the
-        teacher (the student is initialised from its weights), the vocabulary checks and the
-        divergence's own (before any compute is spent), parallelism (after weights are loaded,
-        so sharding splits real tensors), losses, optimizer (over the sharded trainable
+        vocabulary checks and the divergence's own (from the checkpoint's shapes and the
+        student's config, before any weight is placed), the teacher, then the student (initialised
+        from the teacher's weights), each built on the meta device, parallelised there and then
+        loaded (a rank receives only its FSDP shards), the optimizer (over the sharded trainable
         parameters), data, and last the resume, which overwrites model, optimizer, scheduler and
         data position."""
         self._metric_logger = None
@@ -199,23 +197,11 @@ class TADDistillRecipe:
         self._teacher_cache = (TeacherCache(self._teacher_cache_dir)
                                if self._teacher_cache_dir else None)
         teacher_state = checkpoint_state(cfg.teacher_checkpointer, "teacher_checkpointer")
-        teacher_vocab = state_vocab_size(teacher_state)
-        self._teacher = None
-        if self._teacher_cache is None or cfg.get("validation_dataset") is not None:
-            self._teacher = load_teacher(cfg.teacher_model, cfg.teacher_checkpointer,
-                                         device=self._device, dtype=self._dtype,
-                                         state=teacher_state)
-        self._student, self._hf_source_dir, self._hf_model_type = load_student(
-            cfg.student_model, teacher_state=teacher_state,
-            teacher_checkpointer=cfg.teacher_checkpointer,
-            student_checkpointer=cfg.get("student_checkpointer"), device=self._device,
-            dtype=self._dtype, seed=self._seed)
-        del teacher_state
-        self._hf_base_config = json.loads((self._hf_source_dir / "config.json").read_text())
-        self._student_vocab = output_weight(self._student).shape[0]
+        self._student_vocab = vocab_size_of(cfg.student_model)
         check_vocab_compat(
-            teacher_vocab_size=teacher_vocab, student_vocab_size=self._student_vocab,
-            vocab_alignment=self._vocab_alignment, teacher_tokenizer=teacher_tokenizer,
+            teacher_vocab_size=state_vocab_size(teacher_state),
+            student_vocab_size=self._student_vocab, vocab_alignment=self._vocab_alignment,
+            teacher_tokenizer=teacher_tokenizer,
             student_tokenizer=self._tokenizer if teacher_tokenizer is not None else None,
         )
         fsdp = self._world_size > 1
@@ -227,25 +213,43 @@ class TADDistillRecipe:
                 vocab_size=self._student_vocab, fused=self._fused,
                 cache=None if self._teacher_cache is None else self._teacher_cache.spec(),
                 packed_rows=bool(cfg.dataset.get("packed", False))))
-        self._head = StudentHead(
-            self._student, kd_loss=kd_loss, hidden_loss=hidden_loss,
-            clm_weight=self._clm_weight, kd_weight=self._kd_weight,
-            hidden_weight=self._hidden_weight, hidden_layers=self._student_hidden_layers,
-            fused=self._fused, chunk_size=self._loss_chunk_size,
-            teacher_cache_mib=self._teacher_cache_mib,
-            float32_weight_grad=self._float32_weight_grad, compile=self._compile,
-            from_cache=self._teacher_cache is not None,
-        )
-        self._teacher_head = None
-        if self._teacher is not None:
+
+        # The models are built on the meta device and sharded there; each rank then loads only
+        # its shards (models/loading.py). FSDP's CPU offload keeps the shards on the host.
+        shard_device = torch.device("cpu") if fsdp and self._cpu_offload else None
+        self._teacher = self._teacher_head = None
+        if self._teacher_cache is None or cfg.get("validation_dataset") is not None:
+            self._teacher = load_teacher(
+                cfg.teacher_model, cfg.teacher_checkpointer, device=self._device,
+                dtype=self._dtype, state=teacher_state, shard_device=shard_device,
+                prepare=partial(parallelize, compile=self._compile, fsdp=fsdp,
+                                cpu_offload=self._cpu_offload))
             self._teacher_head = TeacherHead(
                 self._teacher, vocab_size=self._student_vocab,
                 vocab_alignment=self._vocab_alignment, hidden_layers=self._teacher_hidden_layers)
-            parallelize(self._teacher, compile=self._compile, fsdp=fsdp,
-                        cpu_offload=self._cpu_offload)
-        parallelize(self._student, activation_checkpointing=self._activation_checkpointing,
-                    compile=self._compile, fsdp=fsdp, cpu_offload=self._cpu_offload,
-                    root=self._head)
+
+        def shard_student(student: nn.Module) -> None:
+            # the StudentHead is the student's FSDP root: the fused head reads the output weight
+            self._head = StudentHead(
+                student, kd_loss=kd_loss, hidden_loss=hidden_loss,
+                clm_weight=self._clm_weight, kd_weight=self._kd_weight,
+                hidden_weight=self._hidden_weight, hidden_layers=self._student_hidden_layers,
+                fused=self._fused, chunk_size=self._loss_chunk_size,
+                teacher_cache_mib=self._teacher_cache_mib,
+                float32_weight_grad=self._float32_weight_grad, compile=self._compile,
+                from_cache=self._teacher_cache is not None,
+            )
+            parallelize(student, activation_checkpointing=self._activation_checkpointing,
+                        compile=self._compile, fsdp=fsdp, cpu_offload=self._cpu_offload,
+                        root=self._head)
+
+        self._student, self._hf_source_dir, self._hf_model_type = load_student(
+            cfg.student_model, teacher_state=teacher_state,
+            teacher_checkpointer=cfg.teacher_checkpointer,
+            student_checkpointer=cfg.get("student_checkpointer"), device=self._device,
+            dtype=self._dtype, seed=self._seed, prepare=shard_student, shard_device=shard_device)
+        del teacher_state
+        self._hf_base_config = json.loads((self._hf_source_dir / "config.json").read_text())
 
         # document masks (document_mask, torchtune's packed rows): a flex BlockMask where
         # torchtune runs flex attention on every model (CUDA, no Gemma2), which skips the

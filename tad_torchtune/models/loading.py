@@ -9,18 +9,25 @@
 - ``load_hf_folder`` / ``hf_decoder``: any Hugging Face folder of a registered family (an
   exported student, a teacher), built from its ``config.json`` alone.
 - ``vocab_size_of``: the output vocabulary of a model node, built on the meta device.
+
+Every model is built on the meta device and its weights loaded after (``load_weights``): no random
+initialisation of weights a checkpoint replaces (20 s for a 3B teacher on a 2-core CPU), and no
+copy of the whole model on the device before FSDP shards it. ``prepare`` (``parallel.parallelize``)
+runs on the empty model, so a rank then receives only its shards (``docs/design.md``, "Loading").
 """
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from itertools import chain
+from typing import Any, Callable, Mapping
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from tad_torchtune.errors import check_checkpoint_files, instantiate
-from tad_torchtune.models._export import load_hf_checkpoint
+from tad_torchtune.models._export import read_hf_checkpoint
 from tad_torchtune.models._families import build_model, model_from_hf_config
 from tad_torchtune.models._forward import output_weight
 from tad_torchtune.models._student import init_student_from_teacher
@@ -30,6 +37,72 @@ def _dtype_context(dtype: torch.dtype):
     from torchtune import training
 
     return training.set_default_dtype(dtype)
+
+
+#: what ``load_teacher`` / ``load_student`` run on the model while it is still on the meta device
+Prepare = Callable[[nn.Module], object]
+
+
+def _local_shard(full: Tensor, like: DTensor, device: torch.device) -> DTensor:
+    """This rank's part of ``full`` as a DTensor placed like ``like`` (a parameter sharded by
+    ``fully_shard``), cut on the host: only the shard reaches ``device``."""
+    mesh, placements = like.device_mesh, tuple(like.placements)
+    if mesh.ndim != 1 or placements != (Shard(0),):
+        return distribute_tensor(full.to(device), mesh, placements, src_data_rank=None)
+    # Shard(0)'s own split: torch.chunk, and an empty part for ranks past the last chunk
+    parts = torch.chunk(full, mesh.size(), dim=0)
+    rank = mesh.get_local_rank()
+    local = parts[rank] if rank < len(parts) else full.new_empty((0, *full.shape[1:]))
+    return DTensor.from_local(local.to(device, copy=True), mesh, placements, run_check=False,
+                              shape=full.shape, stride=full.stride())
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, state: Mapping[str, Tensor], *, device: torch.device,
+                 dtype: torch.dtype, shard_device: torch.device | None = None) -> nn.Module:
+    """Load a whole (torchtune-format) state dict into a model built on the meta device, strictly.
+
+    Each parameter becomes the checkpoint's tensor in the meta parameter's dtype, on ``device``;
+    a parameter ``fully_shard`` has sharded receives only this rank's shard, on
+    ``shard_device`` (default ``device``). The buffers a state dict lacks (RoPE caches) are then built on ``device``
+    by their modules' ``rope_init``, under ``dtype`` as the default dtype, as a build on the
+    device would have. The result equals building the model on the device and loading ``state``
+    into it, bit for bit, without the random initialisation or the whole model on any device.
+
+    Args:
+        model: parameters and buffers on the meta device (built under ``torch.device("meta")``),
+            possibly sharded by ``fully_shard`` (the meta shards give each parameter's placement).
+        state: the full state dict; host tensors, of any floating dtype.
+        device: where the parameters go and the buffers are built.
+        dtype: the default dtype of the model's build.
+        shard_device: where sharded parameters go instead (the host, for FSDP's CPU offload).
+
+    Raises:
+        RuntimeError: as ``load_state_dict(strict=True)``, for missing, unexpected or misshapen
+            weights; or naming what is still on the meta device after the load.
+    """
+    shards_on = torch.device(shard_device if shard_device is not None else device)
+    targets = model.state_dict()
+    placed = {}
+    for name, value in state.items():
+        target = targets.get(name)
+        if target is not None and value.is_floating_point():
+            value = value.to(target.dtype)
+        if isinstance(target, DTensor):
+            placed[name] = _local_shard(value, target, shards_on)
+        else:
+            placed[name] = value.to(device)
+    model.load_state_dict(placed, strict=True, assign=True)
+    with _dtype_context(dtype), torch.device(device):
+        for module in model.modules():
+            if hasattr(module, "rope_init"):
+                module.rope_init()
+    empty = [name for name, t in chain(model.named_parameters(), model.named_buffers())
+             if t.is_meta]
+    if empty:
+        raise RuntimeError(f"still on the meta device after loading the weights: {empty[:4]} "
+                           "(a buffer its module cannot rebuild with rope_init)")
+    return model
 
 
 def hf_config_of(checkpointer: Mapping[str, Any] | DictConfig) -> dict[str, Any] | None:
@@ -57,7 +130,8 @@ def state_vocab_size(state: Mapping[str, Tensor]) -> int:
 
 def load_teacher(model: DictConfig, checkpointer: DictConfig, *, device: torch.device,
                  dtype: torch.dtype, state: dict[str, Tensor] | None = None,
-                 key: str = "teacher_checkpointer") -> nn.Module:
+                 key: str = "teacher_checkpointer", prepare: Prepare | None = None,
+                 shard_device: torch.device | None = None) -> nn.Module:
     """A frozen teacher (eval mode, no gradients) on ``device`` in ``dtype``.
 
     Args:
@@ -65,41 +139,62 @@ def load_teacher(model: DictConfig, checkpointer: DictConfig, *, device: torch.d
         checkpointer: its checkpointer node; its folder's ``config.json`` feeds the fix-up.
         state: the state dict, when the caller has loaded it already (``checkpoint_state``).
         key: the checkpointer's config key, named by errors.
+        prepare: run on the teacher while it is on the meta device, before its weights load
+            (``parallel.parallelize``: each rank then loads only its FSDP shards).
+        shard_device: where FSDP's shards go instead of ``device`` (``load_weights``).
     """
     state = checkpoint_state(checkpointer, key) if state is None else state
-    with _dtype_context(dtype):
+    with _dtype_context(dtype), torch.device("meta"):
         teacher, _ = build_model(model, hf_config_of(checkpointer))
-    teacher.load_state_dict(state)
-    teacher.to(device).eval()
     teacher.requires_grad_(False)
-    return teacher
+    if prepare is not None:
+        prepare(teacher)
+    load_weights(teacher, state, device=device, dtype=dtype, shard_device=shard_device)
+    return teacher.eval()
 
 
 def load_student(model: DictConfig, *, teacher_state: dict[str, Tensor],
                  teacher_checkpointer: DictConfig, student_checkpointer: DictConfig | None,
-                 device: torch.device, dtype: torch.dtype, seed: int
+                 device: torch.device, dtype: torch.dtype, seed: int,
+                 prepare: Prepare | None = None, shard_device: torch.device | None = None
                  ) -> tuple[nn.Module, Path, str]:
     """The student in training mode: a ``pruned_student`` initialised from its teacher's
     weights (``init_student_from_teacher``), or any builder loaded from its own checkpointer.
 
-    Fresh weights come from ``torch.manual_seed(seed)``: the same on every rank, because FSDP
-    shards each rank's local copy (torchtune's ``set_seed`` gives each rank seed + rank).
+    A student with a checkpoint of its own is built on the meta device and loaded like the
+    teacher (``load_weights``). Otherwise it has fresh weights (a ``pruned_student``'s fresh
+    MLPs, a builder's own initialisation): it is built on the host after
+    ``torch.manual_seed(seed)``, the same on every rank (torchtune's ``set_seed`` gives each rank
+    seed + rank), initialised from the teacher, emptied to the meta device and loaded from
+    that host copy, so each rank receives its shards of the same weights.
+
+    Args:
+        prepare: run on the student while it is on the meta device, before its weights load
+            (``parallel.parallelize``).
+        shard_device: where FSDP's shards go instead of ``device`` (``load_weights``).
 
     Returns:
         ``(student, hf_dir, model_type)``: the Hugging Face folder (config.json, tokenizer files)
         and checkpointer model type its export derives from.
     """
-    torch.manual_seed(seed)
     source = student_checkpointer or teacher_checkpointer
-    with _dtype_context(dtype):
+    with _dtype_context(dtype), torch.device("meta"):
         student, _ = build_model(model, hf_config_of(source))
-    if getattr(student, "distill_spec", None) is not None:
-        source = teacher_checkpointer
-        init_student_from_teacher(student, teacher_state)
-    elif student_checkpointer is not None:
-        student.load_state_dict(checkpoint_state(student_checkpointer, "student_checkpointer"))
-    student.to(device).train()
-    return student, Path(str(source.checkpoint_dir)), str(source.model_type)
+    if student_checkpointer is not None and getattr(student, "distill_spec", None) is None:
+        state = checkpoint_state(student_checkpointer, "student_checkpointer")
+    else:  # fresh weights, on the host: a pruned student's fresh MLPs, a builder's own init
+        torch.manual_seed(seed)
+        with _dtype_context(dtype):
+            student, _ = build_model(model, hf_config_of(source))
+        if getattr(student, "distill_spec", None) is not None:
+            source = teacher_checkpointer
+            init_student_from_teacher(student, teacher_state)
+        state = student.state_dict()  # host tensors, kept while the module is emptied
+        student.to_empty(device="meta")
+    if prepare is not None:
+        prepare(student)
+    load_weights(student, state, device=device, dtype=dtype, shard_device=shard_device)
+    return student.train(), Path(str(source.checkpoint_dir)), str(source.model_type)
 
 
 def vocab_size_of(model: DictConfig) -> int:
@@ -153,16 +248,21 @@ def load_hf_folder(spec: Mapping[str, Any] | DictConfig | str | Path, *, where: 
         raise ValueError(f"{where}.checkpoint_dir: no *.safetensors file in {str(folder)!r}")
     check_checkpoint_files({"checkpoint_dir": str(folder), "checkpoint_files": files}, where)
     if spec.get("model") is None:
-        model, family = model_from_hf_config(hf, where=f"{where}.checkpoint_dir")
-        load_hf_checkpoint(model, folder, files=files, family=family)
+        with _dtype_context(dtype), torch.device("meta"):
+            model, family = model_from_hf_config(hf, where=f"{where}.checkpoint_dir")
+        state = read_hf_checkpoint(folder, family, files)
     else:
         if spec.get("model_type") is None:
             raise ValueError(f"{where}.model_type: required when {where}.model is given "
                              "(e.g. LLAMA3)")
         node = spec["model"]
-        model, _ = build_model(node if isinstance(node, DictConfig) else OmegaConf.create(node), hf)
-        model.load_state_dict(_torchtune_hf_state(folder, files, str(spec["model_type"])))
-    return model.to(device=device, dtype=dtype).eval()
+        with _dtype_context(dtype), torch.device("meta"):
+            model, _ = build_model(
+                node if isinstance(node, DictConfig) else OmegaConf.create(node), hf)
+        state = _torchtune_hf_state(folder, files, str(spec["model_type"]))
+    # buffers as a float32 build converted to ``dtype`` (what this function always returned)
+    load_weights(model, state, device=device, dtype=torch.float32)
+    return model.to(dtype=dtype).eval()
 
 
 def _torchtune_hf_state(folder: Path, files: list[str], model_type: str) -> dict[str, Tensor]:

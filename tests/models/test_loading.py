@@ -9,6 +9,7 @@ from tests.helpers.teachers import (
     CASES,
     SEQ,
     VOCAB,
+    build_teacher,
     logits_of,
     teacher_node,
     teacher_via_checkpointer,
@@ -35,3 +36,89 @@ def test_tad_eval_builds_every_family_from_config_json_alone(case, tmp_path):
     ours, rebuilt = logits_of(student, tokens), logits_of(model, tokens)
     assert ours.abs().max() > 1.0
     torch.testing.assert_close(rebuilt, ours, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_load_teacher_builds_nothing_random_and_equals_a_build_then_load(case, dtype, tmp_path):
+    """``load_teacher`` builds on the meta device and loads after (``load_weights``): the same
+    parameters, buffers (RoPE caches rebuilt by ``rope_init``), dtypes and logits, bit for bit,
+    as building the model in ``dtype`` and loading the checkpoint into it; and no random numbers
+    drawn (a build on the host would initialise every weight from the global generator)."""
+    from omegaconf import OmegaConf
+    from torchtune import training
+
+    from tad_torchtune.models import build_model
+    from tad_torchtune.models.loading import load_teacher
+
+    state = build_teacher(case, seed=1).state_dict()
+    node = OmegaConf.create(teacher_node(case))
+    ckpt = OmegaConf.create({"checkpoint_dir": str(tmp_path)})  # no config.json: no fix-up input
+    with training.set_default_dtype(dtype):
+        reference, _ = build_model(node)
+    reference.load_state_dict(state)
+    reference.eval()
+    torch.manual_seed(0)
+    rng = torch.get_rng_state()
+    teacher = load_teacher(node, ckpt, device=torch.device("cpu"), dtype=dtype, state=state)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    ours = dict(teacher.state_dict(keep_vars=True), **dict(teacher.named_buffers()))
+    theirs = dict(reference.state_dict(keep_vars=True), **dict(reference.named_buffers()))
+    assert sorted(ours) == sorted(theirs)
+    for name, t in theirs.items():
+        assert ours[name].dtype == t.dtype and torch.equal(ours[name], t), name
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(teacher(tokens), reference(tokens))
+
+
+def test_load_weights_reports_what_does_not_fit():
+    """Strict as ``load_state_dict``: a missing, an unexpected and a misshapen weight are each
+    named."""
+    from omegaconf import OmegaConf
+
+    from tad_torchtune.models import build_model
+    from tad_torchtune.models.loading import load_weights
+
+    state = build_teacher("llama3").state_dict()
+
+    def load(sd):
+        with torch.device("meta"):
+            model, _ = build_model(OmegaConf.create(teacher_node("llama3")))
+        load_weights(model, sd, device=torch.device("cpu"), dtype=torch.float32)
+
+    missing = {k: v for k, v in state.items() if k != "norm.scale"}
+    with pytest.raises(RuntimeError, match="Missing key.*norm.scale"):
+        load(missing)
+    with pytest.raises(RuntimeError, match="Unexpected key.*extra.weight"):
+        load({**state, "extra.weight": torch.zeros(2)})
+    with pytest.raises(RuntimeError, match="size mismatch for output.weight"):
+        load({**state, "output.weight": state["output.weight"][:-1]})
+
+
+@pytest.mark.slow
+def test_two_ranks_receive_only_their_shards(tmp_path):
+    """On two processes the teacher is sharded on the meta device and each rank then receives
+    its slice of every sharded weight (the one ``distribute_tensor`` cuts, uneven splits
+    included), half the weights in all, and computes the unsharded model's logits."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "helpers" / "load_sharded.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script), "qwen2", str(tmp_path), str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for got in ranks:
+        assert not got["drew_random_numbers"] and not got["requires_grad"]
+        assert got["shards"] and all(got["shards"].values()), got["shards"]
+        assert got["uneven"] == {"1": True, "3": True}
+        assert got["logits_max_diff"] < 1e-5
+    assert ranks[0]["whole"] == ranks[1]["whole"] == 2 * ranks[0]["local"] == 2 * ranks[1]["local"]

@@ -1,0 +1,61 @@
+"""Started by tests/models/test_loading.py under torch.distributed.run (gloo, CPU): each rank
+loads a tiny teacher built on the meta device and sharded there (``load_teacher`` with
+``parallelize(fsdp=True)`` as ``prepare``), and writes to OUT/rank<r>.json what it received:
+per sharded parameter, whether its local part is that rank's slice of the checkpoint tensor (as
+``distribute_tensor`` cuts it); the logits against the unsharded model's; and ``_local_shard``
+on tensors of 1 and 3 rows, which two ranks share unevenly."""
+
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from tad_torchtune.models.loading import _local_shard, load_teacher
+from tad_torchtune.parallel import parallelize
+from tests.helpers.teachers import SEQ, VOCAB, build_teacher, teacher_node
+
+if __name__ == "__main__":
+    case, folder, out = sys.argv[1:4]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    reference = build_teacher(case).eval()  # the same seed on both ranks
+    state = reference.state_dict()
+    rng = torch.get_rng_state()
+    teacher = load_teacher(OmegaConf.create(teacher_node(case)),
+                           OmegaConf.create({"checkpoint_dir": folder}),
+                           device=torch.device("cpu"), dtype=torch.float32, state=dict(state),
+                           prepare=partial(parallelize, fsdp=True))
+    drew = not torch.equal(rng, torch.get_rng_state())
+    shards, local, whole = {}, 0, 0
+    for name, p in teacher.named_parameters():
+        if not isinstance(p, DTensor):
+            continue
+        cut = distribute_tensor(state[name], p.device_mesh, p.placements, src_data_rank=None)
+        shards[name] = torch.equal(p.to_local(), cut.to_local())
+        local += p.to_local().numel()
+        whole += p.numel()
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        diff = (teacher(tokens) - reference(tokens)).abs().max().item()
+    mesh = init_device_mesh("cpu", (2,))
+    uneven = {}
+    for rows in (1, 3):
+        full = torch.arange(rows * 4.0).reshape(rows, 4)
+        like = distribute_tensor(torch.empty(rows, 4, device="meta"), mesh, [Shard(0)])
+        ours = _local_shard(full, like, torch.device("cpu"))
+        theirs = distribute_tensor(full, mesh, [Shard(0)], src_data_rank=None)
+        uneven[rows] = (torch.equal(ours.to_local(), theirs.to_local())
+                        and ours.shape == theirs.shape and ours.stride() == theirs.stride()
+                        and torch.equal(ours.full_tensor(), full))
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps({
+        "drew_random_numbers": drew, "shards": shards, "local": local, "whole": whole,
+        "logits_max_diff": diff, "requires_grad": any(p.requires_grad for p in teacher.parameters()),
+        "uneven": uneven,
+    }))
+    dist.destroy_process_group()
