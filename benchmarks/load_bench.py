@@ -1,0 +1,114 @@
+"""Loading a teacher: the project's way (``models.loading.load_teacher``: built on the meta device,
+the checkpoint's tensors assigned, RoPE caches rebuilt) against building the model on the device
+and loading the checkpoint into it (what ``load_teacher`` did before, and torchtune's
+single-device recipes do). Seconds and peak resident memory, each way in a fresh process, and a
+hash of the loaded model's weights and buffers, which must be the same for both.
+
+    python benchmarks/load_bench.py [--model torchtune.models.qwen2_5.qwen2_5_3b]
+        [--dtype bf16] [--json PATH]
+
+``--model``: a builder's dotted path, or a model node as JSON (``{"_component_": ..., ...}``).
+
+The checkpoint is random (seeded) and already in memory, as ``checkpoint_state`` hands it to the
+recipes: reading the files costs both ways the same and is not timed.
+"""
+
+import argparse
+import hashlib
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WAYS = ("meta", "build_then_load")
+
+
+def checkpoint(node, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A random torchtune-format state dict of ``node``'s model, in ``dtype``."""
+    from tad_torchtune.models import build_model
+
+    with torch.device("meta"):
+        model, _ = build_model(node)
+    gen = torch.Generator().manual_seed(0)
+    return {name: torch.randn(t.shape, generator=gen).to(dtype)
+            for name, t in model.state_dict().items()}
+
+
+def digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted({**model.state_dict(), **dict(model.named_buffers())}.items()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def one(way: str, component: str, dtype_name: str) -> dict:
+    from omegaconf import OmegaConf
+    from torchtune import training
+
+    from tad_torchtune.common import DTYPES
+    from tad_torchtune.models import build_model
+    from tad_torchtune.models.loading import load_teacher
+
+    dtype = DTYPES[dtype_name]
+    node = OmegaConf.create(json.loads(component) if component.lstrip().startswith("{")
+                            else {"_component_": component})
+    state = checkpoint(node, dtype)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    if way == "meta":
+        model = load_teacher(node, OmegaConf.create({"checkpoint_dir": str(ROOT / "nonexistent")}),
+                             device=torch.device("cpu"), dtype=dtype, state=state)
+    else:
+        with training.set_default_dtype(dtype):
+            model, _ = build_model(node)
+        model.load_state_dict(state)
+        model.eval().requires_grad_(False)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"way": way, "seconds": round(seconds, 3), "peak_rss_gib": round(peak / 2**20, 2),
+            "added_rss_gib": round((peak - before) / 2**20, 2),
+            "params": sum(p.numel() for p in model.parameters()), "digest": digest(model)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="torchtune.models.qwen2_5.qwen2_5_3b")
+    parser.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--way", choices=WAYS, help="one way, in this process")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.way:
+        row = one(args.way, args.model, args.dtype)
+        print(json.dumps(row))
+        return row
+    rows = {}
+    for way in WAYS:
+        out = subprocess.run([sys.executable, __file__, "--model", args.model, "--dtype",
+                              args.dtype, "--way", way], capture_output=True, text=True,
+                             check=True)
+        rows[way] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{way:16s} {rows[way]['seconds']:8.2f} s  peak RSS {rows[way]['peak_rss_gib']:6.2f}"
+              f" GiB (+{rows[way]['added_rss_gib']:.2f} loading)", flush=True)
+    result = {"model": args.model, "dtype": args.dtype, "torch": torch.__version__,
+              "machine": platform.machine(), "ways": rows,
+              "same_weights": len({r["digest"] for r in rows.values()}) == 1,
+              "speedup": round(rows["build_then_load"]["seconds"] / rows["meta"]["seconds"], 1)}
+    print(f"same weights: {result['same_weights']}; build_then_load / meta: "
+          f"{result['speedup']}x")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
