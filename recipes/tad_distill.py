@@ -175,6 +175,7 @@ class TADDistillRecipe:
         loaded (a rank receives only its FSDP shards), the optimizer (over the sharded trainable
         parameters), data, and last the resume, which overwrites model, optimizer, scheduler and
         data position."""
+        started = time.perf_counter()
         self._metric_logger = None
         self._metrics_file = None
         if self._is_rank_zero:
@@ -291,6 +292,31 @@ class TADDistillRecipe:
         # last: a profiler started by set-up would record it
         self._profiler = StepProfiler(cfg.get("profiler"), output_dir=self._output_dir,
                                       device=self._device.type)
+        if self._is_rank_zero:
+            print(self._setup_line(time.perf_counter() - started), file=sys.stderr, flush=True)
+
+    def _setup_line(self, seconds: float) -> str:
+        """One line of what set-up built: its time, the models' sizes, the run's length, and
+        rank 0's memory (on a GPU what the models and optimizer hold there; FSDP's shards)."""
+        def count(params) -> str:  # the whole models' sizes (a DTensor's numel is global)
+            n = sum(p.numel() for p in params)
+            return next(f"{n / unit:.3g}{name}" for unit, name in
+                        ((1e9, "B"), (1e6, "M"), (1e3, "K"), (1, "")) if n >= unit or unit == 1)
+
+        student = list(self._head.parameters())
+        teacher = ("teacher " + count(self._teacher.parameters()) if self._teacher is not None
+                   else "teacher cache " + str(self._teacher_cache_dir))
+        if self._device.type == "cuda":
+            memory = f"{torch.cuda.memory_allocated(self._device) / 2**30:.2f} GiB on {self._device}"
+        else:
+            memory = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+        where = (f"{self._world_size} x {self._device.type} (FSDP2)" if self._world_size > 1
+                 else str(self._device))
+        return (f"tad_distill: set up in {seconds:.1f} s on {where}: {teacher}, student "
+                f"{count(student)} ({count(p for p in student if p.requires_grad)} trainable), "
+                f"{str(self._dtype).removeprefix('torch.')}; {self._total_steps} steps of "
+                f"{self._batch_size * self._grad_accum * self._world_size} sequences from step "
+                f"{self.global_step}; rank 0: {memory}")
 
     def _setup_data(self, cfg: DictConfig, key: str, *, train: bool):
         dataset = instantiate(cfg[key], key, self._tokenizer)

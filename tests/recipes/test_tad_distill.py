@@ -667,3 +667,34 @@ def test_the_traceback_when_asked_for(assets, tmp_path):
     proc = _distill(assets, tmp_path, "batch_size=0", env={"TAD_TORCHTUNE_TRACEBACK": "1"})
     assert proc.returncode != 0 and "Traceback" in proc.stderr
     assert "ConfigError: batch_size: must be an integer >= 1, got 0" in proc.stderr
+
+
+def test_setup_reports_its_time_the_models_and_the_run_in_one_line(assets, tmp_path, capsys):
+    """After set-up, rank 0 prints one line: its seconds, the teacher's and student's sizes
+    (the student's trainable part: without its frozen embedding and output), the run's length
+    and memory, the sizes equal to the config's models counted on the meta device."""
+    import re
+
+    from tad_torchtune.models import build_model
+
+    out = tmp_path / "run"
+    cfg = tune.base_config(assets, out, max_steps=2, export_hf=False, validation_dataset=None)
+    tune.run_recipe("tad_distill", cfg)
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if "set up in" in ln]
+    got = re.fullmatch(r"tad_distill: set up in [\d.]+ s on cpu: teacher (\S+), student (\S+) "
+                       r"\((\S+) trainable\), float32; 2 steps of 8 sequences from step 0; "
+                       r"rank 0: peak RSS [\d.]+ GiB", line)
+    assert got, line
+
+    def value(text: str) -> float:
+        return float(text.rstrip("KMB")) * {"K": 1e3, "M": 1e6, "B": 1e9}.get(text[-1], 1)
+
+    resolved = OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
+    with torch.device("meta"):
+        teacher, _ = build_model(resolved["teacher_model"])
+        student, _ = build_model(resolved["student_model"])
+    total = sum(p.numel() for p in student.parameters())
+    frozen = student.tok_embeddings.weight.numel() + student.output.weight.numel()
+    for text, expected in zip(got.groups(), (sum(p.numel() for p in teacher.parameters()),
+                                             total, total - frozen)):
+        assert value(text) == pytest.approx(expected, rel=5e-3), (text, expected)
