@@ -330,6 +330,10 @@ def validate_config(cfg: DictConfig) -> None:
         if not torch.cuda.is_available():
             raise ConfigError("device: 'cuda' requested but torch.cuda.is_available() is False; "
                               "use 'cpu'")
+    elif DISTILL.get(cfg, "fsdp_cpu_offload"):
+        # FSDP2 pins the offloaded shards in page-locked memory, which needs a GPU
+        raise ConfigError(f"fsdp_cpu_offload: true offloads a GPU's shards to the host; with "
+                          f"device={DISTILL.get(cfg, 'device')!r} set it to false")
 
 
 #: ``tad_eval``'s keys

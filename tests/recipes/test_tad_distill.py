@@ -614,6 +614,8 @@ CASES = [
     (["kd_loss.abar_scope=sentence"],
      "kd_loss.abar_scope: must be one of ('row', 'document'), got 'sentence'"),
     (["dtype=fp16"], "dtype: must be one of ('bf16', 'fp32'), got 'fp16'"),
+    (["fsdp_cpu_offload=true"], "fsdp_cpu_offload: true offloads a GPU's shards to the host; with "
+                                "device='cpu' set it to false"),
     (["profiler.enabled=true", "profiler.active_steps=0"],
      "profiler.active_steps: must be an integer >= 1 or null, got 0"),
     (["kd_loss._component_=torch.nn.MSELoss"],
