@@ -53,8 +53,11 @@ def _local_shard(full: Tensor, like: DTensor, device: torch.device) -> DTensor:
     parts = torch.chunk(full, mesh.size(), dim=0)
     rank = mesh.get_local_rank()
     local = parts[rank] if rank < len(parts) else full.new_empty((0, *full.shape[1:]))
-    return DTensor.from_local(local.to(device, copy=True), mesh, placements, run_check=False,
-                              shape=full.shape, stride=full.stride())
+    # a contiguous copy of its own (never a view keeping the whole host tensor alive)
+    local = torch.empty(local.shape, dtype=local.dtype, device=device).copy_(local)
+    whole = torch.empty(full.shape, device="meta")  # the strides of a contiguous whole
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=whole.shape,
+                              stride=whole.stride())
 
 
 @torch.no_grad()

@@ -45,13 +45,15 @@ if __name__ == "__main__":
         diff = (teacher(tokens) - reference(tokens)).abs().max().item()
     mesh = init_device_mesh("cpu", (2,))
     uneven = {}
-    for rows in (1, 3):
-        full = torch.arange(rows * 4.0).reshape(rows, 4)
-        like = distribute_tensor(torch.empty(rows, 4, device="meta"), mesh, [Shard(0)])
+    for name, full in (("1", torch.arange(4.0).reshape(1, 4)),
+                       ("3", torch.arange(12.0).reshape(3, 4)),
+                       ("3t", torch.arange(12.0).reshape(4, 3).t())):  # non-contiguous
+        like = distribute_tensor(torch.empty(full.shape, device="meta"), mesh, [Shard(0)])
         ours = _local_shard(full, like, torch.device("cpu"))
         theirs = distribute_tensor(full, mesh, [Shard(0)], src_data_rank=None)
-        uneven[rows] = (torch.equal(ours.to_local(), theirs.to_local())
-                        and ours.shape == theirs.shape and ours.stride() == theirs.stride()
+        uneven[name] = (torch.equal(ours.to_local(), theirs.to_local())
+                        and ours.to_local().is_contiguous()
+                        and ours.shape == like.shape and ours.stride() == like.stride()
                         and torch.equal(ours.full_tensor(), full))
     (Path(out) / f"rank{rank}.json").write_text(json.dumps({
         "drew_random_numbers": drew, "shards": shards, "local": local, "whole": whole,
