@@ -51,8 +51,9 @@
 #                       15 graphs, counted by Dynamo on a CPU: 2 a case, TAD's 3; 20 when the
 #                       two constant variants compiled too), Liger's JSD at
 #                       the benchmarked beta == our forward KL, document masks by flex
-#                       attention == the dense ones (compiles flex attention's kernels)
-#                                                                  -> pytest_cuda.xml
+#                       attention == the dense ones (compiles flex attention's kernels), a
+#                       model loaded into FSDP2's shards on one rank, on the GPU and with CPU
+#                       offload (NCCL)                             -> pytest_cuda.xml
 #   pytest_recipe [100 s] its 2-step `tune run tad_distill`, bf16 + compile + fused against
 #                       eager                                  -> pytest_cuda_recipe.xml
 #   loss_chunk  [90 s]  not a target, in the budget left (not run or out of time: reported,

@@ -304,6 +304,18 @@ def test_flex_document_mask_equals_the_dense_one():
 # ----------------------------------------------------------------------------- the recipe
 
 
+@pytest.mark.parametrize("cpu_offload", [False, True])
+def test_fsdp_loads_its_shards_on_the_gpu_or_the_host(cpu_offload, tmp_path, monkeypatch):
+    """The sharded loading on the GPU, as the recipe's process group sets it up (NCCL; with
+    ``fsdp_cpu_offload`` NCCL and gloo): with CPU offload every shard is a DTensor on the host
+    (FSDP refuses one whose device is the GPU's at its first forward), without it on the GPU;
+    the teacher's logits equal the unsharded model's; the student trains a step."""
+    from tests.helpers.teachers import check_sharded_loading
+
+    check_sharded_loading("cuda", "cuda:nccl,cpu:gloo" if cpu_offload else "nccl", cpu_offload,
+                          tmp_path, monkeypatch)
+
+
 def test_compiled_bf16_recipe_matches_eager(tmp_path):
     """``tune run tad_distill`` on the GPU, bf16, the fused head, 2 steps at a constant learning
     rate, with ``compile: true`` (every block and the per-chunk loss functions through inductor)

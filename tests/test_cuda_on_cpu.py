@@ -6,8 +6,8 @@ shape, a tolerance the CPU's math already misses) must break here first, not spe
 Each test below calls one of ``test_cuda.py``'s, with each of its parametrizations, with the
 cases left on the CPU (``on_cuda``) and ``torch.compile`` through AOTAutograd without code
 generation (the compiled heads' graphs and their guards; inductor's GPU code is the GPU's to
-test). Not here: flex attention's kernels, cuBLAS's float32 sum of bf16 products and the recipe
-run on the GPU.
+test). Not here: flex attention's kernels, cuBLAS's float32 sum of bf16 products, the recipe
+run on the GPU and FSDP2's CPU offload.
 """
 
 import functools
@@ -61,7 +61,10 @@ def test_every_cuda_test_is_run_on_cpu_or_named_as_gpu_only():
     """A new CUDA test joins ``ON_CPU`` or the GPU-only list here: never neither."""
     gpu_only = {"test_flex_document_mask_equals_the_dense_one",
                 "test_compiled_bf16_recipe_matches_eager",
-                "test_the_bf16_weight_gradient_accumulates_inside_the_matmul"}
+                "test_the_bf16_weight_gradient_accumulates_inside_the_matmul",
+                # its body on a CPU without offload (which needs a GPU):
+                # tests/models/test_loading.py::test_one_rank_loads_its_shards_and_trains
+                "test_fsdp_loads_its_shards_on_the_gpu_or_the_host"}
     tests = {n for n in dir(test_cuda) if n.startswith("test_")}
     assert tests == set(ON_CPU) | gpu_only, tests ^ (set(ON_CPU) | gpu_only)
 

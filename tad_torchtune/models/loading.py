@@ -45,19 +45,26 @@ Prepare = Callable[[nn.Module], object]
 
 def _local_shard(full: Tensor, like: DTensor, device: torch.device) -> DTensor:
     """This rank's part of ``full`` as a DTensor placed like ``like`` (a parameter sharded by
-    ``fully_shard``), cut on the host: only the shard reaches ``device``."""
+    ``fully_shard``), on ``device``: cut on the host, so only the shard reaches the mesh's
+    device (the whole tensor does only for placements other than FSDP's ``Shard(0)``)."""
     mesh, placements = like.device_mesh, tuple(like.placements)
+    on_mesh = torch.device(mesh.device_type)
     if mesh.ndim != 1 or placements != (Shard(0),):
-        return distribute_tensor(full.to(device), mesh, placements, src_data_rank=None)
-    # Shard(0)'s own split: torch.chunk, and an empty part for ranks past the last chunk
-    parts = torch.chunk(full, mesh.size(), dim=0)
-    rank = mesh.get_local_rank()
-    local = parts[rank] if rank < len(parts) else full.new_empty((0, *full.shape[1:]))
-    # a contiguous copy of its own (never a view keeping the whole host tensor alive)
-    local = torch.empty(local.shape, dtype=local.dtype, device=device).copy_(local)
-    whole = torch.empty(full.shape, device="meta")  # the strides of a contiguous whole
-    return DTensor.from_local(local, mesh, placements, run_check=False, shape=whole.shape,
-                              stride=whole.stride())
+        shard = distribute_tensor(full.to(on_mesh), mesh, placements, src_data_rank=None)
+    else:
+        # Shard(0)'s own split: torch.chunk, and an empty part for ranks past the last chunk
+        parts = torch.chunk(full, mesh.size(), dim=0)
+        rank = mesh.get_local_rank()
+        local = parts[rank] if rank < len(parts) else full.new_empty((0, *full.shape[1:]))
+        # a contiguous copy of its own (never a view keeping the whole host tensor alive), on
+        # the mesh's device, where from_local would move it anyway
+        local = torch.empty(local.shape, dtype=local.dtype, device=on_mesh).copy_(local)
+        whole = torch.empty(full.shape, device="meta")  # the strides of a contiguous whole
+        shard = DTensor.from_local(local, mesh, placements, run_check=False, shape=whole.shape,
+                                   stride=whole.stride())
+    # FSDP's CPU offload: a host shard of a GPU mesh, moved as a DTensor (its device is then the
+    # host's, which FSDP checks at its first forward)
+    return shard if shard.device.type == torch.device(device).type else shard.to(device)
 
 
 @torch.no_grad()

@@ -291,3 +291,59 @@ def shrink_config(cfg, shrink: int | None = SHRINK):
         s_shrink = shrink or largest_shrink(resolve_teacher(student)[1])
         cfg.student_model = shrink_node(student, s_shrink)
     return cfg
+
+
+def check_sharded_loading(device: str, backend: str, cpu_offload: bool, tmp_path: Path,
+                          monkeypatch) -> None:
+    """One process as FSDP2's only rank (``backend``: the recipe's process group): a teacher
+    and a pruned student of the tiny Qwen2 built on the meta device, sharded there (with
+    ``cpu_offload``: FSDP2's CPU offload, the shards on the host) and loaded by ``load_teacher``
+    / ``load_student``; each sharded weight is a DTensor on the shards' device, equal to the
+    checkpoint's; the teacher's logits equal the unsharded model's; the student takes one
+    forward, backward and optimizer step (its gradients on the shards' device)."""
+    from functools import partial
+
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+    from torch.distributed.tensor import DTensor
+
+    from tad_torchtune.models.loading import load_student, load_teacher
+    from tad_torchtune.parallel import parallelize
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.setenv(key, "1" if key == "WORLD_SIZE" else "0")
+    dist.init_process_group(backend, rank=0, world_size=1, store=dist.HashStore())
+    try:
+        dev = torch.device(device)
+        shards_on = torch.device("cpu") if cpu_offload else dev
+        reference = build_teacher("qwen2").to(dev).eval()
+        state = {k: v.cpu() for k, v in reference.state_dict().items()}
+        ckpt = OmegaConf.create({"checkpoint_dir": str(tmp_path), "model_type": "QWEN2"})
+        node = OmegaConf.create(teacher_node("qwen2"))
+        teacher = load_teacher(node, ckpt, device=dev, dtype=torch.float32, state=dict(state),
+                               shard_device=shards_on,
+                               prepare=partial(parallelize, fsdp=True, cpu_offload=cpu_offload))
+        sharded = {n: p for n, p in teacher.named_parameters() if isinstance(p, DTensor)}
+        assert sharded and all(p.device.type == shards_on.type for p in sharded.values())
+        for name, p in sharded.items():
+            assert torch.equal(p.to_local().cpu(), state[name]), name
+        tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            got, want = teacher(tokens.to(dev)), reference(tokens.to(dev))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+        student_node = OmegaConf.create({"_component_": "tad_torchtune.models.pruned_student",
+                                         "teacher": teacher_node("qwen2"), "num_layers": 2})
+        student, _, _ = load_student(
+            student_node, teacher_state=state, teacher_checkpointer=ckpt,
+            student_checkpointer=None, device=dev, dtype=torch.float32, seed=0,
+            shard_device=shards_on,
+            prepare=lambda s: parallelize(s, fsdp=True, cpu_offload=cpu_offload, root=s))
+        trainable = [p for p in student.parameters() if p.requires_grad]
+        assert trainable and all(p.device.type == shards_on.type for p in trainable)
+        optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+        student(tokens.to(dev)).float().pow(2).mean().backward()
+        assert all(p.grad is not None and p.grad.device.type == shards_on.type for p in trainable)
+        optimizer.step()
+    finally:
+        dist.destroy_process_group()

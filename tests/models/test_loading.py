@@ -122,3 +122,10 @@ def test_two_ranks_receive_only_their_shards(tmp_path):
         assert got["uneven"] == {"1": True, "3": True, "3t": True}
         assert got["logits_max_diff"] < 1e-5
     assert ranks[0]["whole"] == ranks[1]["whole"] == 2 * ranks[0]["local"] == 2 * ranks[1]["local"]
+
+
+def test_one_rank_loads_its_shards_and_trains(tmp_path, monkeypatch):
+    """The sharded loading on the CPU (gloo; CPU offload needs a GPU: tests/test_cuda.py)."""
+    from tests.helpers.teachers import check_sharded_loading
+
+    check_sharded_loading("cpu", "gloo", False, tmp_path, monkeypatch)
