@@ -100,8 +100,8 @@ def load_weights(model: nn.Module, state: Mapping[str, Tensor], *, device: torch
             value = value.to(target.dtype)
         if isinstance(target, DTensor):
             placed[name] = _local_shard(value, target, shards_on)
-        else:
-            placed[name] = value.to(device)
+        else:  # contiguous, as a parameter built by the model (a converted view may not be)
+            placed[name] = value.to(device).contiguous()
     model.load_state_dict(placed, strict=True, assign=True)
     with _dtype_context(dtype), torch.device(device):
         for module in model.modules():

@@ -75,7 +75,7 @@ def test_load_teacher_builds_nothing_random_and_equals_a_build_then_load(case, d
 
 def test_load_weights_reports_what_does_not_fit():
     """Strict as ``load_state_dict``: a missing, an unexpected and a misshapen weight are each
-    named."""
+    named; a weight that fits is loaded contiguous whatever the checkpoint tensor's layout."""
     from omegaconf import OmegaConf
 
     from tad_torchtune.models import build_model
@@ -87,6 +87,17 @@ def test_load_weights_reports_what_does_not_fit():
         with torch.device("meta"):
             model, _ = build_model(OmegaConf.create(teacher_node("llama3")))
         load_weights(model, sd, device=torch.device("cpu"), dtype=torch.float32)
+
+    # a non-contiguous checkpoint tensor (a converted view) becomes a contiguous parameter
+    square = state["layers.0.attn.q_proj.weight"]
+    with torch.device("meta"):
+        model, _ = build_model(OmegaConf.create(teacher_node("llama3")))
+    view = square.t().contiguous().t()
+    assert not view.is_contiguous()
+    load_weights(model, {**state, "layers.0.attn.q_proj.weight": view},
+                 device=torch.device("cpu"), dtype=torch.float32)
+    loaded = model.layers[0].attn.q_proj.weight
+    assert loaded.is_contiguous() and torch.equal(loaded, square)
 
     missing = {k: v for k, v in state.items() if k != "norm.scale"}
     with pytest.raises(RuntimeError, match="Missing key.*norm.scale"):
