@@ -44,8 +44,8 @@ from tad_torchtune.hardware import warn_if_slow_bf16
 from tad_torchtune.head import TeacherHead
 from tad_torchtune.losses.cached import teacher_sampled, teacher_top_m
 from tad_torchtune.models import supports_flex_attention
-from tad_torchtune.models.loading import load_teacher, vocab_size_of
-from tad_torchtune.parallel import init_distributed, parallelize
+from tad_torchtune.models.loading import checkpoint_state, load_teacher, vocab_size_of
+from tad_torchtune.parallel import init_distributed, on_rank0, parallelize
 from tad_torchtune.profiling import StepProfiler, describe
 from tad_torchtune.schema import (
     DISTILL,
@@ -110,10 +110,14 @@ class TADCacheRecipe:
                               "prepared store: use tad_torchtune.data.text_block_dataset")
         self._datasets = {"train": dataset}
         self._vocab = vocab_size_of(cfg.student_model)
-        # built on the meta device and sharded there: a rank loads only its shards
+        # built on the meta device and sharded there: a rank loads only its shards, which
+        # rank 0, alone reading the checkpoint, broadcasts on several processes
+        state, _ = on_rank0(partial(checkpoint_state, cfg.teacher_checkpointer,
+                                    "teacher_checkpointer"))
         teacher = load_teacher(cfg.teacher_model, cfg.teacher_checkpointer, device=self._device,
-                               dtype=self._dtype,
+                               dtype=self._dtype, state=state, from_rank0=self._world > 1,
                                prepare=partial(parallelize, fsdp=self._world > 1))
+        del state
         self._flex_attention = supports_flex_attention(self._device, teacher)
         self._teacher = TeacherHead(teacher, vocab_size=self._vocab,
                                     vocab_alignment=self._vocab_alignment)

@@ -68,7 +68,7 @@ from tad_torchtune.models.loading import (
     state_vocab_size,
     vocab_size_of,
 )
-from tad_torchtune.parallel import init_distributed, parallelize
+from tad_torchtune.parallel import init_distributed, on_rank0, parallelize
 from tad_torchtune.profiling import StepProfiler, describe
 from tad_torchtune.schema import (
     DISTILL,
@@ -197,15 +197,19 @@ class TADDistillRecipe:
         # exact); its weights still initialise a pruned student.
         self._teacher_cache = (TeacherCache(self._teacher_cache_dir)
                                if self._teacher_cache_dir else None)
-        teacher_state = checkpoint_state(cfg.teacher_checkpointer, "teacher_checkpointer")
+        # On several processes rank 0 alone reads the teacher's checkpoint (and builds the
+        # student's fresh weights) and broadcasts them: one host copy per machine, not per rank.
+        fsdp = self._world_size > 1
+        teacher_state, teacher_vocab = on_rank0(
+            partial(checkpoint_state, cfg.teacher_checkpointer, "teacher_checkpointer"),
+            state_vocab_size)
         self._student_vocab = vocab_size_of(cfg.student_model)
         check_vocab_compat(
-            teacher_vocab_size=state_vocab_size(teacher_state),
+            teacher_vocab_size=teacher_vocab,
             student_vocab_size=self._student_vocab, vocab_alignment=self._vocab_alignment,
             teacher_tokenizer=teacher_tokenizer,
             student_tokenizer=self._tokenizer if teacher_tokenizer is not None else None,
         )
-        fsdp = self._world_size > 1
         kd_loss = instantiate(cfg.kd_loss, "kd_loss") if self._kd_weight > 0 else None
         hidden_loss = (instantiate(cfg.hidden_loss, "hidden_loss") if self._hidden_weight > 0
                        else None)
@@ -223,8 +227,8 @@ class TADDistillRecipe:
             self._teacher = load_teacher(
                 cfg.teacher_model, cfg.teacher_checkpointer, device=self._device,
                 dtype=self._dtype, state=teacher_state, shard_device=shard_device,
-                prepare=partial(parallelize, compile=self._compile, fsdp=fsdp,
-                                cpu_offload=self._cpu_offload))
+                from_rank0=fsdp, prepare=partial(parallelize, compile=self._compile, fsdp=fsdp,
+                                                 cpu_offload=self._cpu_offload))
             self._teacher_head = TeacherHead(
                 self._teacher, vocab_size=self._student_vocab,
                 vocab_alignment=self._vocab_alignment, hidden_layers=self._teacher_hidden_layers)
@@ -248,7 +252,8 @@ class TADDistillRecipe:
             cfg.student_model, teacher_state=teacher_state,
             teacher_checkpointer=cfg.teacher_checkpointer,
             student_checkpointer=cfg.get("student_checkpointer"), device=self._device,
-            dtype=self._dtype, seed=self._seed, prepare=shard_student, shard_device=shard_device)
+            dtype=self._dtype, seed=self._seed, prepare=shard_student, shard_device=shard_device,
+            from_rank0=fsdp)
         del teacher_state
         self._hf_base_config = json.loads((self._hf_source_dir / "config.json").read_text())
 

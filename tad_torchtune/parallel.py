@@ -3,6 +3,7 @@ applied to a model."""
 
 import functools
 import os
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,46 @@ def init_distributed(device_type: str, cpu_offload: bool = False) -> tuple[int, 
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+T = TypeVar("T")
+
+
+def on_rank0(fn: Callable[[], T], share: Callable[[T], Any] = lambda _: None
+             ) -> tuple[T | None, Any]:
+    """Run ``fn`` on rank 0 only (a checkpoint read once, not once per process) and give every
+    rank ``share`` of its result (e.g. the checkpoint's vocabulary size).
+
+    An error ``fn`` raises reaches every rank, so none waits for a collective rank 0 never
+    joins: rank 0 raises its own; the others raise a ``ConfigError`` with the same message for
+    an error a user can cause (``errors.reports_user_errors`` prints it in one line), else a
+    ``RuntimeError`` naming rank 0's. Without a process group, ``fn`` runs here.
+
+    Returns:
+        ``(result, shared)``: ``result`` is ``None`` on every rank but 0.
+    """
+    from tad_torchtune.errors import ConfigError, _user_error_types
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        result = fn()
+        return result, share(result)
+    result, error, payload = None, None, [None]
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+            payload = [(None, share(result))]
+        except BaseException as err:  # noqa: B902 (every rank must hear of it)
+            error = err
+            payload = [((isinstance(err, _user_error_types()), f"{type(err).__name__}: {err}"
+                         if not isinstance(err, _user_error_types()) else str(err)), None)]
+    dist.broadcast_object_list(payload, src=0)
+    failed, shared = payload[0]
+    if error is not None:
+        raise error
+    if failed is not None:
+        user, message = failed
+        raise ConfigError(message) if user else RuntimeError(f"rank 0 failed: {message}")
+    return result, shared
 
 
 def require_one_process(prog: str) -> None:

@@ -13,15 +13,17 @@
 Every model is built on the meta device and its weights loaded after (``load_weights``): no random
 initialisation of weights a checkpoint replaces (20 s for a 3B teacher on a 2-core CPU), and no
 copy of the whole model on the device before FSDP shards it. ``prepare`` (``parallel.parallelize``)
-runs on the empty model, so a rank then receives only its shards (``docs/design.md``, "Loading").
+runs on the empty model, so a rank then receives only its shards; with ``from_rank0`` rank 0
+alone holds the checkpoint and broadcasts it (``docs/design.md``, "Loading").
 """
 
 import json
-from pathlib import Path
 from itertools import chain
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
@@ -31,6 +33,7 @@ from tad_torchtune.models._export import read_hf_checkpoint
 from tad_torchtune.models._families import build_model, model_from_hf_config
 from tad_torchtune.models._forward import output_weight
 from tad_torchtune.models._student import init_student_from_teacher
+from tad_torchtune.parallel import on_rank0
 
 
 def _dtype_context(dtype: torch.dtype):
@@ -67,34 +70,64 @@ def _local_shard(full: Tensor, like: DTensor, device: torch.device) -> DTensor:
     return shard if shard.device.type == torch.device(device).type else shard.to(device)
 
 
+def _from_rank0(state: Mapping[str, Tensor] | None, targets: Mapping[str, Tensor],
+                device: torch.device):
+    """``state``'s items, read by rank 0 and broadcast one tensor at a time on ``device``: every
+    rank gets rank 0's names in rank 0's order (so the same collectives run everywhere), each
+    whole tensor in its target's dtype, held only while its shard is cut."""
+    names = [None]
+    if dist.get_rank() == 0:
+        names = [[(name, tuple(v.shape), v.dtype) for name, v in state.items()]]
+    dist.broadcast_object_list(names, src=0)
+    for name, shape, dtype in names[0]:
+        target = targets.get(name)
+        if target is not None and dtype.is_floating_point:
+            dtype = target.dtype
+        if dist.get_rank() == 0:
+            full = state[name].to(device=device, dtype=dtype)
+        else:
+            full = torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(full, src=0)
+        yield name, full
+
+
 @torch.no_grad()
-def load_weights(model: nn.Module, state: Mapping[str, Tensor], *, device: torch.device,
-                 dtype: torch.dtype, shard_device: torch.device | None = None) -> nn.Module:
+def load_weights(model: nn.Module, state: Mapping[str, Tensor] | None, *, device: torch.device,
+                 dtype: torch.dtype, shard_device: torch.device | None = None,
+                 from_rank0: bool = False) -> nn.Module:
     """Load a whole (torchtune-format) state dict into a model built on the meta device, strictly.
 
     Each parameter becomes the checkpoint's tensor in the meta parameter's dtype, on ``device``;
     a parameter ``fully_shard`` has sharded receives only this rank's shard, on
-    ``shard_device`` (default ``device``). The buffers a state dict lacks (RoPE caches) are then built on ``device``
-    by their modules' ``rope_init``, under ``dtype`` as the default dtype, as a build on the
-    device would have. The result equals building the model on the device and loading ``state``
-    into it, bit for bit, without the random initialisation or the whole model on any device.
+    ``shard_device`` (default ``device``). The buffers a state dict lacks (RoPE caches) are then
+    built on ``device`` by their modules' ``rope_init``, under ``dtype`` as the default dtype, as
+    a build on the device would have. The result equals building the model on the device and
+    loading ``state`` into it, bit for bit, without the random initialisation or the whole model
+    on any device.
 
     Args:
         model: parameters and buffers on the meta device (built under ``torch.device("meta")``),
             possibly sharded by ``fully_shard`` (the meta shards give each parameter's placement).
-        state: the full state dict; host tensors, of any floating dtype.
+        state: the full state dict; host tensors, of any floating dtype. With ``from_rank0``,
+            rank 0's (the other ranks' is not read: ``None``).
         device: where the parameters go and the buffers are built.
         dtype: the default dtype of the model's build.
         shard_device: where sharded parameters go instead (the host, for FSDP's CPU offload).
+        from_rank0: rank 0 alone holds ``state`` and broadcasts it tensor by tensor on
+            ``device``; every rank keeps its shards (host memory: one checkpoint per machine,
+            not one per process).
 
     Raises:
         RuntimeError: as ``load_state_dict(strict=True)``, for missing, unexpected or misshapen
-            weights; or naming what is still on the meta device after the load.
+            weights (on every rank alike); or naming what is still on the meta device after the
+            load.
     """
     shards_on = torch.device(shard_device if shard_device is not None else device)
     targets = model.state_dict()
     placed = {}
-    for name, value in state.items():
+    items = (_from_rank0(state, targets, torch.device(device)) if from_rank0
+             else state.items())
+    for name, value in items:
         target = targets.get(name)
         if target is not None and value.is_floating_point():
             value = value.to(target.dtype)
@@ -141,7 +174,8 @@ def state_vocab_size(state: Mapping[str, Tensor]) -> int:
 def load_teacher(model: DictConfig, checkpointer: DictConfig, *, device: torch.device,
                  dtype: torch.dtype, state: dict[str, Tensor] | None = None,
                  key: str = "teacher_checkpointer", prepare: Prepare | None = None,
-                 shard_device: torch.device | None = None) -> nn.Module:
+                 shard_device: torch.device | None = None, from_rank0: bool = False
+                 ) -> nn.Module:
     """A frozen teacher (eval mode, no gradients) on ``device`` in ``dtype``.
 
     Args:
@@ -152,36 +186,45 @@ def load_teacher(model: DictConfig, checkpointer: DictConfig, *, device: torch.d
         prepare: run on the teacher while it is on the meta device, before its weights load
             (``parallel.parallelize``: each rank then loads only its FSDP shards).
         shard_device: where FSDP's shards go instead of ``device`` (``load_weights``).
+        from_rank0: rank 0 alone holds ``state`` (the caller reads it there:
+            ``parallel.on_rank0``; the other ranks pass None) and broadcasts it
+            (``load_weights``); every rank calls this.
     """
-    state = checkpoint_state(checkpointer, key) if state is None else state
+    if state is None and not from_rank0:
+        state = checkpoint_state(checkpointer, key)
     with _dtype_context(dtype), torch.device("meta"):
         teacher, _ = build_model(model, hf_config_of(checkpointer))
     teacher.requires_grad_(False)
     if prepare is not None:
         prepare(teacher)
-    load_weights(teacher, state, device=device, dtype=dtype, shard_device=shard_device)
+    load_weights(teacher, state, device=device, dtype=dtype, shard_device=shard_device,
+                 from_rank0=from_rank0)
     return teacher.eval()
 
 
-def load_student(model: DictConfig, *, teacher_state: dict[str, Tensor],
+def load_student(model: DictConfig, *, teacher_state: dict[str, Tensor] | None,
                  teacher_checkpointer: DictConfig, student_checkpointer: DictConfig | None,
                  device: torch.device, dtype: torch.dtype, seed: int,
-                 prepare: Prepare | None = None, shard_device: torch.device | None = None
-                 ) -> tuple[nn.Module, Path, str]:
+                 prepare: Prepare | None = None, shard_device: torch.device | None = None,
+                 from_rank0: bool = False) -> tuple[nn.Module, Path, str]:
     """The student in training mode: a ``pruned_student`` initialised from its teacher's
     weights (``init_student_from_teacher``), or any builder loaded from its own checkpointer.
 
-    A student with a checkpoint of its own is built on the meta device and loaded like the
-    teacher (``load_weights``). Otherwise it has fresh weights (a ``pruned_student``'s fresh
-    MLPs, a builder's own initialisation): it is built on the host after
-    ``torch.manual_seed(seed)``, the same on every rank (torchtune's ``set_seed`` gives each rank
-    seed + rank), initialised from the teacher, emptied to the meta device and loaded from
-    that host copy, so each rank receives its shards of the same weights.
+    The student is built on the meta device, given to ``prepare`` and loaded like the teacher
+    (``load_weights``), from its own checkpoint, or from fresh weights (a ``pruned_student``'s
+    fresh MLPs, a builder's own initialisation): those are made by a build on the host after
+    ``torch.manual_seed(seed)`` (torchtune's ``set_seed`` gives each rank seed + rank),
+    initialised from the teacher, by every rank alike, or with ``from_rank0`` by rank 0 alone,
+    which then broadcasts them; either way each rank receives its shards of the same weights.
+    The host build's frozen parameters (a pruned student's embeddings) are frozen in the meta
+    model before ``prepare``.
 
     Args:
+        teacher_state: the teacher's state dict (with ``from_rank0``, rank 0's; others None).
         prepare: run on the student while it is on the meta device, before its weights load
             (``parallel.parallelize``).
         shard_device: where FSDP's shards go instead of ``device`` (``load_weights``).
+        from_rank0: rank 0 alone reads or builds the weights and broadcasts them.
 
     Returns:
         ``(student, hf_dir, model_type)``: the Hugging Face folder (config.json, tokenizer files)
@@ -190,20 +233,33 @@ def load_student(model: DictConfig, *, teacher_state: dict[str, Tensor],
     source = student_checkpointer or teacher_checkpointer
     with _dtype_context(dtype), torch.device("meta"):
         student, _ = build_model(model, hf_config_of(source))
-    if student_checkpointer is not None and getattr(student, "distill_spec", None) is None:
-        state = checkpoint_state(student_checkpointer, "student_checkpointer")
-    else:  # fresh weights, on the host: a pruned student's fresh MLPs, a builder's own init
-        torch.manual_seed(seed)
+    pruned = getattr(student, "distill_spec", None) is not None
+
+    def weights() -> tuple[dict[str, Tensor], set[str]]:
+        """The student's weights and the names of its frozen parameters."""
+        if student_checkpointer is not None and not pruned:
+            return checkpoint_state(student_checkpointer, "student_checkpointer"), set()
+        torch.manual_seed(seed)  # fresh weights, built on the host
         with _dtype_context(dtype):
-            student, _ = build_model(model, hf_config_of(source))
-        if getattr(student, "distill_spec", None) is not None:
-            source = teacher_checkpointer
-            init_student_from_teacher(student, teacher_state)
-        state = student.state_dict()  # host tensors, kept while the module is emptied
-        student.to_empty(device="meta")
+            built, _ = build_model(model, hf_config_of(source))
+        if pruned:
+            init_student_from_teacher(built, teacher_state)
+        return built.state_dict(), {n for n, p in built.named_parameters() if not p.requires_grad}
+
+    if from_rank0:
+        got, frozen_names = on_rank0(weights, lambda got: got[1])
+        state = got[0] if got is not None else None
+    else:
+        state, frozen_names = weights()
+    for name, param in student.named_parameters():
+        if name in frozen_names:
+            param.requires_grad_(False)
+    if pruned:
+        source = teacher_checkpointer
     if prepare is not None:
         prepare(student)
-    load_weights(student, state, device=device, dtype=dtype, shard_device=shard_device)
+    load_weights(student, state, device=device, dtype=dtype, shard_device=shard_device,
+                 from_rank0=from_rank0)
     return student.train(), Path(str(source.checkpoint_dir)), str(source.model_type)
 
 

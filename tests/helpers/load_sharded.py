@@ -1,6 +1,9 @@
 """Started by tests/models/test_loading.py under torch.distributed.run (gloo, CPU): each rank
 loads a tiny teacher built on the meta device and sharded there (``load_teacher`` with
-``parallelize(fsdp=True)`` as ``prepare``), and writes to OUT/rank<r>.json what it received:
+``parallelize(fsdp=True)`` as ``prepare``; MODE ``from_rank0``: only rank 0 holds the
+checkpoint, broadcast tensor by tensor, ``every``: every rank holds it), runs
+``parallel.on_rank0`` (a result, a shared value, rank 0's errors), and writes to
+OUT/rank<r>.json what it received:
 per sharded parameter, whether its local part is that rank's slice of the checkpoint tensor (as
 ``distribute_tensor`` cuts it); the logits against the unsharded model's; and ``_local_shard``
 on tensors of 1 and 3 rows, which two ranks share unevenly."""
@@ -17,20 +20,22 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from tad_torchtune.models.loading import _local_shard, load_teacher
-from tad_torchtune.parallel import parallelize
+from tad_torchtune.parallel import on_rank0, parallelize
 from tests.helpers.teachers import SEQ, VOCAB, build_teacher, teacher_node
 
 if __name__ == "__main__":
-    case, folder, out = sys.argv[1:4]
+    case, folder, out, mode = sys.argv[1:5]
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     reference = build_teacher(case).eval()  # the same seed on both ranks
     state = reference.state_dict()
     rng = torch.get_rng_state()
+    from_rank0 = mode == "from_rank0"  # rank 0 alone holds the checkpoint and broadcasts it
     teacher = load_teacher(OmegaConf.create(teacher_node(case)),
                            OmegaConf.create({"checkpoint_dir": folder}),
-                           device=torch.device("cpu"), dtype=torch.float32, state=dict(state),
-                           prepare=partial(parallelize, fsdp=True))
+                           device=torch.device("cpu"), dtype=torch.float32,
+                           state=dict(state) if rank == 0 or not from_rank0 else None,
+                           prepare=partial(parallelize, fsdp=True), from_rank0=from_rank0)
     drew = not torch.equal(rng, torch.get_rng_state())
     shards, local, whole = {}, 0, 0
     for name, p in teacher.named_parameters():
@@ -55,7 +60,20 @@ if __name__ == "__main__":
                         and ours.to_local().is_contiguous()
                         and ours.shape == like.shape and ours.stride() == like.stride()
                         and torch.equal(ours.full_tensor(), full))
+    # on_rank0: the result on rank 0 only, what it shares everywhere, its errors everywhere
+    errors = {}
+    for kind, fail in (("user", ValueError("teacher_checkpointer.checkpoint_files: truncated")),
+                       ("other", KeyError("x"))):
+        def boom(fail=fail):
+            if dist.get_rank() == 0:
+                raise fail
+        try:
+            on_rank0(boom)
+        except Exception as err:  # noqa: BLE001
+            errors[kind] = f"{type(err).__name__}: {err}"
+    result, shared = on_rank0(lambda: {"rank": rank}, lambda r: r["rank"] + 10)
     (Path(out) / f"rank{rank}.json").write_text(json.dumps({
+        "on_rank0": {"errors": errors, "result": result, "shared": shared},
         "drew_random_numbers": drew, "shards": shards, "local": local, "whole": whole,
         "logits_max_diff": diff, "requires_grad": any(p.requires_grad for p in teacher.parameters()),
         "uneven": uneven,

@@ -109,10 +109,14 @@ def test_load_weights_reports_what_does_not_fit():
 
 
 @pytest.mark.slow
-def test_two_ranks_receive_only_their_shards(tmp_path):
+@pytest.mark.parametrize("mode", ["every", "from_rank0"])
+def test_two_ranks_receive_only_their_shards(tmp_path, mode):
     """On two processes the teacher is sharded on the meta device and each rank then receives
     its slice of every sharded weight (the one ``distribute_tensor`` cuts, uneven splits
-    included), half the weights in all, and computes the unsharded model's logits."""
+    included), half the weights in all, and computes the unsharded model's logits: from a
+    checkpoint every rank holds, or (``from_rank0``) one rank 0 alone holds and broadcasts.
+    ``on_rank0`` gives rank 0 its result, every rank the shared value, and raises rank 0's
+    error on every rank: a user's as a ``ConfigError`` with its message, any other named."""
     import json
     import os
     import subprocess
@@ -123,15 +127,22 @@ def test_two_ranks_receive_only_their_shards(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script), "qwen2", str(tmp_path), str(tmp_path)],
+         str(script), "qwen2", str(tmp_path), str(tmp_path), mode],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    for got in ranks:
+    for rank, got in enumerate(ranks):
         assert not got["drew_random_numbers"] and not got["requires_grad"]
         assert got["shards"] and all(got["shards"].values()), got["shards"]
         assert got["uneven"] == {"1": True, "3": True, "3t": True}
         assert got["logits_max_diff"] < 1e-5
+        assert got["on_rank0"] == {
+            "result": {"rank": 0} if rank == 0 else None, "shared": 10,
+            "errors": {
+                "user": ("ValueError" if rank == 0 else "ConfigError")
+                + ": teacher_checkpointer.checkpoint_files: truncated",
+                "other": "KeyError: 'x'" if rank == 0 else "RuntimeError: rank 0 failed: "
+                                                          "KeyError: 'x'"}}
     assert ranks[0]["whole"] == ranks[1]["whole"] == 2 * ranks[0]["local"] == 2 * ranks[1]["local"]
 
 

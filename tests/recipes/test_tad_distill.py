@@ -700,3 +700,30 @@ def test_setup_reports_its_time_the_models_and_the_run_in_one_line(assets, tmp_p
     for text, expected in zip(got.groups(), (sum(p.numel() for p in teacher.parameters()),
                                              total, total - frozen)):
         assert value(text) == pytest.approx(expected, rel=5e-3), (text, expected)
+
+
+@pytest.mark.slow
+def test_a_bad_checkpoint_stops_every_process(assets, tmp_path):
+    """On two processes rank 0 alone reads the teacher's checkpoint (``parallel.on_rank0``):
+    a truncated file stops both ranks at once with the error's one line, instead of leaving
+    rank 1 waiting for weights rank 0 never sends."""
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(assets["teacher"], teacher)
+    weights = teacher / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size - 1000)
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = tune.base_config(assets, out, batch_size=4)
+    cfg["teacher_checkpointer"]["checkpoint_dir"] = str(teacher)
+    start = time.time()
+    proc = tune.run_tune(["tad_distill", "--config", str(tune.write_config(cfg, out / "c.yaml"))],
+                         cwd=tmp_path, nproc=2, check=False, timeout=120)
+    assert proc.returncode != 0 and time.time() - start < 100
+    # one line from each rank (two processes' lines may share a line of the captured stream)
+    message = (f"tad_distill: error: teacher_checkpointer.checkpoint_files: {str(weights)!r} is "
+               "not a readable safetensors file")
+    assert proc.stderr.count("tad_distill: error: ") == proc.stderr.count(message) == 2, \
+        proc.stderr[-3000:]
