@@ -21,3 +21,15 @@ def test_both_ways_load_the_same_weights(tmp_path):
     assert result["same_weights"], result
     assert all(r["params"] == result["ways"]["meta"]["params"] > 0
                for r in result["ways"].values())
+
+
+def test_two_processes_load_the_same_weights_either_way(tmp_path):
+    """``--nproc 2``: every rank holding the checkpoint, or rank 0 alone broadcasting it, give
+    the same gathered weights; each rank holds half of them."""
+    result = load_bench.main(["--nproc", "2", "--model", json.dumps(teacher_node("qwen2")),
+                              "--dtype", "fp32"])
+    assert set(result["ways"]) == {"fsdp_every", "fsdp_rank0"}
+    assert result["same_weights"], result
+    for rows in result["ways"].values():
+        assert [r["rank"] for r in rows] == [0, 1]
+        assert rows[0]["local_params"] == rows[1]["local_params"] > 0
