@@ -138,12 +138,15 @@ def run_sharded(args) -> dict:
     rows = {}
     for way in SHARDED_WAYS:
         with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run(
+            proc = subprocess.run(
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                  str(args.nproc), __file__, "--model", args.model, "--dtype", args.dtype,
                  "--way", way, "--out", tmp],
-                check=True, capture_output=True, text=True,
+                capture_output=True, text=True,
                 env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+            if proc.returncode != 0:
+                raise SystemExit(f"load_bench: {way} failed ({proc.returncode}):\n"
+                                 f"{proc.stderr[-4000:]}")
             rows[way] = [json.loads((Path(tmp) / f"rank{r}.json").read_text())
                          for r in range(args.nproc)]
         print(f"{way:11s} " + "  ".join(
