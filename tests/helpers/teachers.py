@@ -298,7 +298,8 @@ def check_sharded_loading(device: str, backend: str, cpu_offload: bool, tmp_path
     """One process as FSDP2's only rank (``backend``: the recipe's process group): a teacher
     and a pruned student of the tiny Qwen2 built on the meta device, sharded there (with
     ``cpu_offload``: FSDP2's CPU offload, the shards on the host) and loaded by ``load_teacher``
-    / ``load_student``; each sharded weight is a DTensor on the shards' device, equal to the
+    / ``load_student`` as the recipes load them on several processes (``from_rank0``: the
+    weights broadcast by rank 0 on the device); each sharded weight is a DTensor on the shards' device, equal to the
     checkpoint's; the teacher's logits equal the unsharded model's; the student takes one
     forward, backward and optimizer step (its gradients on the shards' device)."""
     from functools import partial
@@ -321,7 +322,7 @@ def check_sharded_loading(device: str, backend: str, cpu_offload: bool, tmp_path
         ckpt = OmegaConf.create({"checkpoint_dir": str(tmp_path), "model_type": "QWEN2"})
         node = OmegaConf.create(teacher_node("qwen2"))
         teacher = load_teacher(node, ckpt, device=dev, dtype=torch.float32, state=dict(state),
-                               shard_device=shards_on,
+                               shard_device=shards_on, from_rank0=True,
                                prepare=partial(parallelize, fsdp=True, cpu_offload=cpu_offload))
         sharded = {n: p for n, p in teacher.named_parameters() if isinstance(p, DTensor)}
         assert sharded and all(p.device.type == shards_on.type for p in sharded.values())
@@ -337,7 +338,7 @@ def check_sharded_loading(device: str, backend: str, cpu_offload: bool, tmp_path
         student, _, _ = load_student(
             student_node, teacher_state=state, teacher_checkpointer=ckpt,
             student_checkpointer=None, device=dev, dtype=torch.float32, seed=0,
-            shard_device=shards_on,
+            shard_device=shards_on, from_rank0=True,
             prepare=lambda s: parallelize(s, fsdp=True, cpu_offload=cpu_offload, root=s))
         trainable = [p for p in student.parameters() if p.requires_grad]
         assert trainable and all(p.device.type == shards_on.type for p in trainable)
