@@ -48,8 +48,9 @@ Prepare = Callable[[nn.Module], object]
 
 def _local_shard(full: Tensor, like: DTensor, device: torch.device) -> DTensor:
     """This rank's part of ``full`` as a DTensor placed like ``like`` (a parameter sharded by
-    ``fully_shard``), on ``device``: cut on the host, so only the shard reaches the mesh's
-    device (the whole tensor does only for placements other than FSDP's ``Shard(0)``)."""
+    ``fully_shard``), on ``device``: cut where ``full`` is (the host; the device, where rank 0
+    broadcast it), so from the host only the shard reaches the mesh's device (the whole tensor
+    does only for placements other than FSDP's ``Shard(0)``)."""
     mesh, placements = like.device_mesh, tuple(like.placements)
     on_mesh = torch.device(mesh.device_type)
     if mesh.ndim != 1 or placements != (Shard(0),):
