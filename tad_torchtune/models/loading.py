@@ -84,8 +84,8 @@ def _from_rank0(state: Mapping[str, Tensor] | None, targets: Mapping[str, Tensor
         target = targets.get(name)
         if target is not None and dtype.is_floating_point:
             dtype = target.dtype
-        if dist.get_rank() == 0:
-            full = state[name].to(device=device, dtype=dtype)
+        if dist.get_rank() == 0:  # contiguous: a collective refuses a converted view
+            full = state[name].to(device=device, dtype=dtype).contiguous()
         else:
             full = torch.empty(shape, dtype=dtype, device=device)
         dist.broadcast(full, src=0)

@@ -29,6 +29,9 @@ if __name__ == "__main__":
     rank = dist.get_rank()
     reference = build_teacher(case).eval()  # the same seed on both ranks
     state = reference.state_dict()
+    # one tensor as a weight conversion may hand it over: a non-contiguous view
+    square = state["layers.0.attn.q_proj.weight"]
+    state["layers.0.attn.q_proj.weight"] = square.t().contiguous().t()
     rng = torch.get_rng_state()
     from_rank0 = mode == "from_rank0"  # rank 0 alone holds the checkpoint and broadcasts it
     teacher = load_teacher(OmegaConf.create(teacher_node(case)),
