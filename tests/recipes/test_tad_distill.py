@@ -705,8 +705,9 @@ def test_setup_reports_its_time_the_models_and_the_run_in_one_line(assets, tmp_p
 @pytest.mark.slow
 def test_a_bad_checkpoint_stops_every_process(assets, tmp_path):
     """On two processes rank 0 alone reads the teacher's checkpoint (``parallel.on_rank0``):
-    a truncated file stops both ranks at once with the error's one line, instead of leaving
-    rank 1 waiting for weights rank 0 never sends."""
+    a truncated file stops both ranks at once, each with the error's one line; rank 1, which
+    never reads the file, raises rank 0's error instead of waiting for weights rank 0 never
+    sends (torchrun would stop it after rank 0's exit; a launcher without its agent might not)."""
     import shutil
 
     teacher = tmp_path / "teacher"
