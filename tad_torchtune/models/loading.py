@@ -90,6 +90,7 @@ def _from_rank0(state: Mapping[str, Tensor] | None, targets: Mapping[str, Tensor
             full = torch.empty(shape, dtype=dtype, device=device)
         dist.broadcast(full, src=0)
         yield name, full
+        del full  # before the next one is allocated (the caller drops its own reference)
 
 
 @torch.no_grad()
@@ -136,6 +137,7 @@ def load_weights(model: nn.Module, state: Mapping[str, Tensor] | None, *, device
             placed[name] = _local_shard(value, target, shards_on)
         else:  # contiguous, as a parameter built by the model (a converted view may not be)
             placed[name] = value.to(device).contiguous()
+        del value  # a broadcast whole tensor: one on the device at a time
     model.load_state_dict(placed, strict=True, assign=True)
     with _dtype_context(dtype), torch.device(device):
         for module in model.modules():

@@ -151,3 +151,45 @@ def test_one_rank_loads_its_shards_and_trains(tmp_path, monkeypatch):
     from tests.helpers.teachers import check_sharded_loading
 
     check_sharded_loading("cpu", "gloo", False, tmp_path, monkeypatch)
+
+
+def test_a_broadcast_holds_one_whole_tensor_at_a_time(tmp_path, monkeypatch):
+    """``load_weights(from_rank0=True)`` keeps no broadcast whole tensor of a sharded weight
+    alive once its shard is cut: when the next is broadcast, the previous one is gone (a
+    float32 256K-vocabulary embedding is 3.7 GB on a GPU); only those that become a weight FSDP
+    does not shard (the frozen teacher's embedding) stay. One gloo rank; the float32 checkpoint
+    converted to bf16 on the way, so each whole tensor is the loader's own."""
+    import gc
+    import weakref
+    from functools import partial
+
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+    from torch.distributed.tensor import DTensor
+
+    from tad_torchtune.models.loading import load_teacher
+    from tad_torchtune.parallel import parallelize
+
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(key, value)
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        sent, alive = [], set()
+        broadcast = dist.broadcast
+
+        def spy(tensor, src):
+            gc.collect()
+            alive.update(t.data_ptr() for t in (ref() for ref in sent) if t is not None)
+            sent.append(weakref.ref(tensor))
+            return broadcast(tensor, src)
+
+        monkeypatch.setattr(dist, "broadcast", spy)
+        teacher = load_teacher(OmegaConf.create(teacher_node("qwen2")),
+                               OmegaConf.create({"checkpoint_dir": str(tmp_path)}),
+                               device=torch.device("cpu"), dtype=torch.bfloat16,
+                               state=build_teacher("qwen2").state_dict(), from_rank0=True,
+                               prepare=partial(parallelize, fsdp=True))
+        whole = {p.data_ptr() for p in teacher.parameters() if not isinstance(p, DTensor)}
+        assert len(sent) > 10 and whole and alive <= whole, (len(alive), len(whole))
+    finally:
+        dist.destroy_process_group()
