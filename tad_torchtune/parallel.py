@@ -65,8 +65,8 @@ def on_rank0(fn: Callable[[], T], share: Callable[[T], Any] = lambda _: None
             payload = [(None, share(result))]
         except BaseException as err:  # noqa: B902 (every rank must hear of it)
             error = err
-            payload = [((isinstance(err, _user_error_types()), f"{type(err).__name__}: {err}"
-                         if not isinstance(err, _user_error_types()) else str(err)), None)]
+            user = isinstance(err, _user_error_types())
+            payload = [((user, str(err) if user else f"{type(err).__name__}: {err}"), None)]
     dist.broadcast_object_list(payload, src=0)
     failed, shared = payload[0]
     if error is not None:
