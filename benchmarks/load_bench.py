@@ -51,9 +51,22 @@ def checkpoint(node, dtype: torch.dtype) -> dict[str, torch.Tensor]:
             for name, t in model.state_dict().items()}
 
 
-def digest(model: torch.nn.Module) -> str:
+def model_node(component: str):
+    """``--model`` as a config node: a builder's dotted path, or a node as JSON."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(json.loads(component) if component.lstrip().startswith("{")
+                            else {"_component_": component})
+
+
+#: the checkpointer node ``load_teacher`` is given: no folder, so no config.json fix-up input
+NO_FOLDER = {"checkpoint_dir": str(ROOT / "nonexistent")}
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A hash of every byte of ``tensors``, with their names and dtypes."""
     h = hashlib.sha256()
-    for name, t in sorted({**model.state_dict(), **dict(model.named_buffers())}.items()):
+    for name, t in sorted(tensors.items()):
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -69,14 +82,13 @@ def one(way: str, component: str, dtype_name: str) -> dict:
     from tad_torchtune.models.loading import load_teacher
 
     dtype = DTYPES[dtype_name]
-    node = OmegaConf.create(json.loads(component) if component.lstrip().startswith("{")
-                            else {"_component_": component})
+    node = model_node(component)
     state = checkpoint(node, dtype)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     if way == "meta":
-        model = load_teacher(node, OmegaConf.create({"checkpoint_dir": str(ROOT / "nonexistent")}),
-                             device=torch.device("cpu"), dtype=dtype, state=state)
+        model = load_teacher(node, OmegaConf.create(NO_FOLDER), device=torch.device("cpu"),
+                             dtype=dtype, state=state)
     else:
         with training.set_default_dtype(dtype):
             model, _ = build_model(node)
@@ -86,7 +98,8 @@ def one(way: str, component: str, dtype_name: str) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"way": way, "seconds": round(seconds, 3), "peak_rss_gib": round(peak / 2**20, 2),
             "added_rss_gib": round((peak - before) / 2**20, 2),
-            "params": sum(p.numel() for p in model.parameters()), "digest": digest(model)}
+            "params": sum(p.numel() for p in model.parameters()),
+            "digest": digest({**model.state_dict(), **dict(model.named_buffers())})}
 
 
 def sharded(way: str, component: str, dtype_name: str, out: Path) -> None:
@@ -104,29 +117,26 @@ def sharded(way: str, component: str, dtype_name: str, out: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     dtype = DTYPES[dtype_name]
-    node = OmegaConf.create(json.loads(component) if component.lstrip().startswith("{")
-                            else {"_component_": component})
+    node = model_node(component)
     from_rank0 = way == "fsdp_rank0"
     state = checkpoint(node, dtype) if rank == 0 or not from_rank0 else None
     dist.barrier()
     start = time.perf_counter()
-    model = load_teacher(node, OmegaConf.create({"checkpoint_dir": str(ROOT / "nonexistent")}),
-                         device=torch.device("cpu"), dtype=dtype, state=state,
-                         prepare=partial(parallelize, fsdp=True), from_rank0=from_rank0)
+    model = load_teacher(node, OmegaConf.create(NO_FOLDER), device=torch.device("cpu"),
+                         dtype=dtype, state=state, prepare=partial(parallelize, fsdp=True),
+                         from_rank0=from_rank0)
     del state
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel()
                 for p in model.parameters())
-    whole = torch.nn.Module()  # the gathered weights, hashed on rank 0
+    # the gathered weights (a collective: every rank), hashed on rank 0
     gathered = {n: (t.full_tensor() if isinstance(t, DTensor) else t)
                 for n, t in model.state_dict().items()}
     row = {"way": way, "rank": rank, "seconds": round(seconds, 3),
            "peak_rss_gib": round(peak / 2**20, 2), "local_params": local}
     if rank == 0:
-        for name, t in gathered.items():
-            whole.register_buffer(name.replace(".", "__"), t)
-        row["digest"] = digest(whole)
+        row["digest"] = digest(gathered)
     (out / f"rank{rank}.json").write_text(json.dumps(row))
     dist.destroy_process_group()
 
