@@ -6,6 +6,7 @@ The HF configs are written as on the Hub (``rope_theta``, ``rope_scaling``, ``to
 the export code meets the same fields it meets on real checkpoints.
 """
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -293,28 +294,40 @@ def shrink_config(cfg, shrink: int | None = SHRINK):
     return cfg
 
 
+@contextlib.contextmanager
+def one_rank_process_group(backend: str, monkeypatch):
+    """This process as the only rank of a default process group of ``backend`` (torchrun's
+    environment variables set for it), destroyed on exit."""
+    import torch.distributed as dist
+
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(key, value)
+    dist.init_process_group(backend, rank=0, world_size=1, store=dist.HashStore())
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def check_sharded_loading(device: str, backend: str, cpu_offload: bool, tmp_path: Path,
                           monkeypatch) -> None:
     """One process as FSDP2's only rank (``backend``: the recipe's process group): a teacher
     and a pruned student of the tiny Qwen2 built on the meta device, sharded there (with
     ``cpu_offload``: FSDP2's CPU offload, the shards on the host) and loaded by ``load_teacher``
     / ``load_student`` as the recipes load them on several processes (``from_rank0``: the
-    weights broadcast by rank 0 on the device); each sharded weight is a DTensor on the shards' device, equal to the
-    checkpoint's; the teacher's logits equal the unsharded model's; the student takes one
-    forward, backward and optimizer step (its gradients on the shards' device)."""
+    weights broadcast by rank 0 on the device); each sharded weight is a DTensor on the shards'
+    device, equal to the checkpoint's; the teacher's logits equal the unsharded model's; the
+    student takes one forward, backward and optimizer step (its gradients on the shards'
+    device)."""
     from functools import partial
 
-    import torch.distributed as dist
     from omegaconf import OmegaConf
     from torch.distributed.tensor import DTensor
 
     from tad_torchtune.models.loading import load_student, load_teacher
     from tad_torchtune.parallel import parallelize
 
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.setenv(key, "1" if key == "WORLD_SIZE" else "0")
-    dist.init_process_group(backend, rank=0, world_size=1, store=dist.HashStore())
-    try:
+    with one_rank_process_group(backend, monkeypatch):
         dev = torch.device(device)
         shards_on = torch.device("cpu") if cpu_offload else dev
         reference = build_teacher("qwen2").to(dev).eval()
@@ -346,5 +359,3 @@ def check_sharded_loading(device: str, backend: str, cpu_offload: bool, tmp_path
         student(tokens.to(dev)).float().pow(2).mean().backward()
         assert all(p.grad is not None and p.grad.device.type == shards_on.type for p in trainable)
         optimizer.step()
-    finally:
-        dist.destroy_process_group()

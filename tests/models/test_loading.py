@@ -11,6 +11,7 @@ from tests.helpers.teachers import (
     VOCAB,
     build_teacher,
     logits_of,
+    one_rank_process_group,
     teacher_node,
     teacher_via_checkpointer,
 )
@@ -170,10 +171,7 @@ def test_a_broadcast_holds_one_whole_tensor_at_a_time(tmp_path, monkeypatch):
     from tad_torchtune.models.loading import load_teacher
     from tad_torchtune.parallel import parallelize
 
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-        monkeypatch.setenv(key, value)
-    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
-    try:
+    with one_rank_process_group("gloo", monkeypatch):
         sent, alive = [], set()
         broadcast = dist.broadcast
 
@@ -191,5 +189,3 @@ def test_a_broadcast_holds_one_whole_tensor_at_a_time(tmp_path, monkeypatch):
                                prepare=partial(parallelize, fsdp=True))
         whole = {p.data_ptr() for p in teacher.parameters() if not isinstance(p, DTensor)}
         assert len(sent) > 10 and whole and alive <= whole, (len(alive), len(whole))
-    finally:
-        dist.destroy_process_group()
