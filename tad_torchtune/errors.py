@@ -1,15 +1,21 @@
 """Errors a user can cause, and how every command of the package reports them: one line on
 stderr naming the dotted config key or the file, the value and what is accepted, and a non-zero
 exit, with no traceback unless ``TAD_TORCHTUNE_TRACEBACK=1`` is set. The package's own
-invariants stay ``assert``s, with their tracebacks."""
+invariants stay ``assert``s, with their tracebacks.
+
+Under torchrun every process runs the same command and usually meets the same error; the line is
+printed once, by rank 0 (``reports_user_errors``)."""
 
 import functools
 import inspect
 import json
 import os
 import re
+import signal
 import struct
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +24,9 @@ from typing import Any
 TRACEBACK_ENV = "TAD_TORCHTUNE_TRACEBACK"
 #: exit status of a command stopped by such an error
 USER_ERROR_EXIT = 2
+#: how long a rank other than 0 waits, after an error a user caused, for torchrun to stop it
+#: (which it does once rank 0 exits); a rank still running then prints its own line
+OTHER_RANK_GRACE_S = 20.0
 
 
 class ConfigError(ValueError):
@@ -40,7 +49,16 @@ def one_line(err: BaseException) -> str:
 
 def reports_user_errors(prog: str) -> Callable:
     """Decorate a command's entry point: an error the user caused becomes ``prog: error: ...``
-    (one line) and exit status 2; anything else propagates with its traceback."""
+    (one line) and exit status 2; anything else propagates with its traceback.
+
+    Launched by torchrun on several processes, each process meets the error, mostly the same
+    one: the config is the same everywhere, and an error rank 0 meets in ``parallel.on_rank0``
+    is raised on every rank. Rank 0 prints its line and exits; torchrun's agent then stops the
+    other processes. So a rank other than 0 first waits (``OTHER_RANK_GRACE_S``) to be stopped,
+    silent; if it is not, rank 0 did not fail (the error is this rank's alone: a file missing
+    on its node), and it prints ``prog: error: rank R: ...`` and exits. One line, not one per
+    process, and no error is lost.
+    """
 
     def wrap(main: Callable) -> Callable:
         @functools.wraps(main)
@@ -50,12 +68,32 @@ def reports_user_errors(prog: str) -> Callable:
             except _user_error_types() as err:
                 if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
                     raise
-                print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+                rank = _launched_rank()
+                if rank:
+                    _wait_to_be_stopped(OTHER_RANK_GRACE_S)
+                where = f"rank {rank}: " if rank else ""
+                print(f"{prog}: error: {where}{one_line(err)}", file=sys.stderr)
                 raise SystemExit(USER_ERROR_EXIT) from None
 
         return run
 
     return wrap
+
+
+def _launched_rank() -> int:
+    """This process's rank in a torchrun launch of several processes (``RANK``); 0 otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    return int(os.environ.get("RANK", "0"))
+
+
+def _wait_to_be_stopped(seconds: float) -> None:
+    """Sleep up to ``seconds``, dying at once of the SIGTERM torchrun's agent sends when another
+    process fails (a recipe's own SIGTERM handler, which finishes a training step first, is set
+    aside)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(seconds)
 
 
 _ARG_MESSAGE = re.compile(

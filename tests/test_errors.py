@@ -3,13 +3,20 @@ put in front of a component's message, and checkpoint files checked before torch
 them. (The recipes' messages end to end: ``tests/recipes/``.)"""
 
 import json
+import os
+import signal
 import struct
+import subprocess
+import sys
+import textwrap
+import time
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from tad_torchtune import errors
 from tad_torchtune.errors import (
     TRACEBACK_ENV,
     USER_ERROR_EXIT,
@@ -60,6 +67,68 @@ def test_reports_user_errors(monkeypatch, capsys):
     monkeypatch.setenv(TRACEBACK_ENV, "0")
     with pytest.raises(SystemExit):
         main(ConfigError("x: y"))
+
+
+def test_under_torchrun_rank_0_prints_and_another_rank_waits_to_be_stopped(monkeypatch, capsys):
+    """Every process of a torchrun launch meets the same error: rank 0 prints the line at once;
+    another rank first waits to be stopped (torchrun's agent does so when rank 0 exits), and
+    prints its own line, naming its rank, only if it was not."""
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    monkeypatch.setattr(errors, "OTHER_RANK_GRACE_S", 0.3)
+
+    @reports_user_errors("tad_x")
+    def main():
+        raise ConfigError("batch_size: must be an integer >= 1, got 0")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, where, wait in (("0", "", 0.0), ("1", "rank 1: ", 0.3)):
+        monkeypatch.setenv("RANK", rank)
+        start = time.perf_counter()
+        with pytest.raises(SystemExit) as stopped:
+            main()
+        assert stopped.value.code == USER_ERROR_EXIT
+        assert time.perf_counter() - start >= wait
+        assert capsys.readouterr().err == f"tad_x: error: {where}batch_size: must be an integer " \
+                                          ">= 1, got 0\n"
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: RANK means nothing
+    with pytest.raises(SystemExit):
+        main()
+    assert capsys.readouterr().err.startswith("tad_x: error: batch_size")
+
+
+def test_a_waiting_rank_dies_of_sigterm_at_once_and_silently(tmp_path):
+    """torchrun's agent stops the other processes with SIGTERM: a waiting rank dies of it at
+    once, without a line, even where the recipe had made SIGTERM finish the step first."""
+    script = tmp_path / "rank1.py"
+    script.write_text(textwrap.dedent("""
+        import signal, time, types
+        from tad_torchtune import errors
+        from tad_torchtune.errors import ConfigError, reports_user_errors
+        signal.signal(signal.SIGTERM, lambda *_: None)  # as tad_distill's preemption handler
+
+        def sleep(seconds):
+            print("waiting", flush=True)
+            time.sleep(seconds)
+
+        errors.time = types.SimpleNamespace(sleep=sleep)
+
+        @reports_user_errors("tad_x")
+        def main():
+            raise ConfigError("batch_size: must be an integer >= 1, got 0")
+
+        main()
+    """))
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1"}
+    env.pop(TRACEBACK_ENV, None)
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "waiting\n"
+    start = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM
+    assert time.perf_counter() - start < errors.OTHER_RANK_GRACE_S / 2
+    assert "error" not in err, err
 
 
 @pytest.mark.parametrize("node,message", [

@@ -705,9 +705,10 @@ def test_setup_reports_its_time_the_models_and_the_run_in_one_line(assets, tmp_p
 @pytest.mark.slow
 def test_a_bad_checkpoint_stops_every_process(assets, tmp_path):
     """On two processes rank 0 alone reads the teacher's checkpoint (``parallel.on_rank0``):
-    a truncated file stops both ranks at once, each with the error's one line; rank 1, which
-    never reads the file, raises rank 0's error instead of waiting for weights rank 0 never
-    sends (torchrun would stop it after rank 0's exit; a launcher without its agent might not)."""
+    a truncated file stops both ranks at once, with the error's one line, printed by rank 0;
+    rank 1, which never reads the file, raises rank 0's error instead of waiting for weights
+    rank 0 never sends (torchrun would stop it after rank 0's exit; a launcher without its
+    agent might not), and is stopped by torchrun before it prints it too."""
     import shutil
 
     teacher = tmp_path / "teacher"
@@ -723,8 +724,7 @@ def test_a_bad_checkpoint_stops_every_process(assets, tmp_path):
     proc = tune.run_tune(["tad_distill", "--config", str(tune.write_config(cfg, out / "c.yaml"))],
                          cwd=tmp_path, nproc=2, check=False, timeout=120)
     assert proc.returncode != 0 and time.time() - start < 100
-    # one line from each rank (two processes' lines may share a line of the captured stream)
     message = (f"tad_distill: error: teacher_checkpointer.checkpoint_files: {str(weights)!r} is "
                "not a readable safetensors file")
-    assert proc.stderr.count("tad_distill: error: ") == proc.stderr.count(message) == 2, \
+    assert proc.stderr.count("tad_distill: error: ") == proc.stderr.count(message) == 1, \
         proc.stderr[-3000:]
