@@ -45,7 +45,7 @@ from tad_torchtune.head import TeacherHead
 from tad_torchtune.losses.cached import teacher_sampled, teacher_top_m
 from tad_torchtune.models import supports_flex_attention
 from tad_torchtune.models.loading import checkpoint_state, load_teacher, vocab_size_of
-from tad_torchtune.parallel import init_distributed, on_rank0, parallelize
+from tad_torchtune.parallel import barrier, init_distributed, on_rank0, parallelize
 from tad_torchtune.profiling import StepProfiler, describe
 from tad_torchtune.schema import (
     DISTILL,
@@ -140,8 +140,7 @@ class TADCacheRecipe:
             for split in self._datasets:
                 self._cache.remove_stale(split)
         todo = {split: self._cache.missing_shards(split) for split in self._datasets}
-        if self._world > 1:
-            dist.barrier()
+        barrier()
         self._profiler.start()
         for split, dataset in self._datasets.items():
             missing = todo[split]
@@ -170,8 +169,7 @@ class TADCacheRecipe:
                       f"shards written ({blocks * length} tokens on this process, "
                       f"{blocks * length / max(seconds, 1e-9):.0f} tokens/s)", file=sys.stderr)
         self._report_profile(self._profiler.stop())  # a cycle the end cut short
-        if self._world > 1:
-            dist.barrier()
+        barrier()
         if self._rank == 0:
             samples = f", samples={self._samples}" if self._mode == "sampled" else ""
             print(f"tad_cache: done; cache in {self._root} (mode={self._mode}, "

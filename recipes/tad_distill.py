@@ -68,7 +68,7 @@ from tad_torchtune.models.loading import (
     state_vocab_size,
     vocab_size_of,
 )
-from tad_torchtune.parallel import init_distributed, on_rank0, parallelize
+from tad_torchtune.parallel import barrier, init_distributed, on_rank0, parallelize
 from tad_torchtune.profiling import StepProfiler, describe
 from tad_torchtune.schema import (
     DISTILL,
@@ -584,8 +584,7 @@ class TADDistillRecipe:
                 model_type=self._hf_model_type, state_dict=state,
                 copy_files_from=self._hf_source_dir,
             )
-        if self._world_size > 1:
-            dist.barrier()
+        barrier()
 
     def _load_training_state(self) -> None:
         path = self._checkpointer.latest()

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -29,14 +28,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from tad_torchtune.files import atomic_write_text, publish_dir
+from tad_torchtune.parallel import barrier
 
 LATEST = "latest"
 META = "meta.pt"
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 @contextmanager
@@ -80,7 +75,7 @@ class TrainingCheckpointer:
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
-        _barrier()
+        barrier()
         state = {
             "model": get_model_state_dict(model),
             "optim": get_optimizer_state_dict(model, optimizer),
@@ -89,12 +84,12 @@ class TrainingCheckpointer:
             dcp.save(state, checkpoint_id=str(tmp))
         if self.rank == 0:
             torch.save(meta, tmp / META)
-        _barrier()
+        barrier()
         if self.rank == 0:
             publish_dir(tmp, final, replace=True)
             atomic_write_text(self.root / LATEST, final.name)
             self._prune(keep=final)
-        _barrier()
+        barrier()
         return final
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -3,6 +3,7 @@ applied to a model."""
 
 import functools
 import os
+from datetime import timedelta
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -37,6 +38,33 @@ def init_distributed(device_type: str, cpu_offload: bool = False) -> tuple[int, 
     return 0, 1
 
 
+#: how long a rank waits for the others' work outside collectives (rank 0 reading a checkpoint,
+#: writing an export, deleting old checkpoints), far beyond NCCL's 10-minute watchdog, which
+#: would otherwise stop a run whose rank 0 writes a 9B student to slow storage
+LONG_WAIT = timedelta(hours=2)
+
+_waiting: tuple[Any, Any] | None = None  # (the default group, its gloo group timing out at LONG_WAIT)
+
+
+def waiting_group() -> Any:
+    """A gloo group of every rank whose collectives time out after ``LONG_WAIT``, for waiting
+    on another rank's file work: it carries no tensors, and on a GPU it runs outside NCCL's
+    watchdog. Made on first use (a collective: every rank asks for it at the same point), again
+    after the default group is replaced."""
+    global _waiting
+    world = dist.group.WORLD
+    if _waiting is None or _waiting[0] is not world:
+        _waiting = (world, dist.new_group(backend="gloo", timeout=LONG_WAIT))
+    return _waiting[1]
+
+
+def barrier() -> None:
+    """Every rank waits here for the others, however long their file work takes (up to
+    ``LONG_WAIT``); nothing without a process group of several ranks."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier(group=waiting_group())
+
+
 T = TypeVar("T")
 
 
@@ -67,7 +95,8 @@ def on_rank0(fn: Callable[[], T], share: Callable[[T], Any] = lambda _: None
             error = err
             user = isinstance(err, _user_error_types())
             payload = [((user, str(err) if user else f"{type(err).__name__}: {err}"), None)]
-    dist.broadcast_object_list(payload, src=0)
+    # the other ranks wait as long as rank 0 reads, e.g. a 37 GB checkpoint from slow storage
+    dist.broadcast_object_list(payload, src=0, group=waiting_group())
     failed, shared = payload[0]
     if error is not None:
         raise error

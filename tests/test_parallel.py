@@ -91,3 +91,31 @@ def test_init_distributed_picks_the_backend(monkeypatch, device, cpu_offload, ba
     assert init_distributed(device, cpu_offload) == (1, 2)
     assert calls == {"backend": backend, **({"device": 1} if device == "cuda" else {})}
     torch.distributed.Backend(backend)  # a backend string torch parses
+
+
+def test_the_other_ranks_outwait_rank_0s_file_work(tmp_path):
+    """Rank 0 alone reads a checkpoint (``on_rank0``) and writes exports and checkpoints before
+    a ``barrier``; the others wait on a gloo group of their own (``LONG_WAIT``), not on the
+    default group, whose timeout (NCCL's 10-minute watchdog on a GPU) would stop them. Shown
+    with a default group timing out after 2 s and 5 s of rank 0's work: the project's waits
+    outlast it, a plain barrier of the default group does not."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tad_torchtune.parallel import LONG_WAIT
+
+    assert LONG_WAIT.total_seconds() >= 3600
+    script = Path(__file__).parent / "helpers" / "rank0_waits.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script), str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["shared"] for r in ranks] == [42, 42]
+    assert ranks[1]["barrier_waited_s"] > 4  # it waited for rank 0's 5 s, past the 2 s timeout
+    assert ranks[1]["default_barrier"] == "timed out", ranks

@@ -318,7 +318,7 @@ def check_sharded_loading(device: str, backend: str, cpu_offload: bool, tmp_path
     weights broadcast by rank 0 on the device); each sharded weight is a DTensor on the shards'
     device, equal to the checkpoint's; the teacher's logits equal the unsharded model's; the
     student takes one forward, backward and optimizer step (its gradients on the shards'
-    device)."""
+    device); the ranks' waiting group (gloo, beside it) broadcasts and waits."""
     from functools import partial
 
     from omegaconf import OmegaConf
@@ -359,3 +359,13 @@ def check_sharded_loading(device: str, backend: str, cpu_offload: bool, tmp_path
         student(tokens.to(dev)).float().pow(2).mean().backward()
         assert all(p.grad is not None and p.grad.device.type == shards_on.type for p in trainable)
         optimizer.step()
+
+        # the gloo group the ranks wait on beside the recipe's group (NCCL's on a GPU)
+        import torch.distributed as dist
+
+        from tad_torchtune.parallel import waiting_group
+
+        payload = [{"vocab": VOCAB}] if dist.get_rank() == 0 else [None]
+        dist.broadcast_object_list(payload, src=0, group=waiting_group())
+        dist.barrier(group=waiting_group())
+        assert payload == [{"vocab": VOCAB}] and waiting_group() is waiting_group()
