@@ -33,12 +33,28 @@ class ConfigError(ValueError):
     """An error in what the user gave: a config value, a file, a command-line argument."""
 
 
+class ReportedElsewhere(Exception):
+    """Another process's error, which that process reports: rank 0's, raised on the other ranks
+    by ``parallel.on_rank0``, or another rank's stop, seen by a rank waiting for it
+    (``parallel.barrier``). ``reports_user_errors`` waits to be stopped, then exits with
+    ``status``, printing nothing.
+
+    Args:
+        message: what happened, for a traceback (``TAD_TORCHTUNE_TRACEBACK=1``).
+        status: the exit status.
+    """
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from torchtune.config._errors import ConfigError as TorchtuneConfigError
     from torchtune.config._errors import InstantiationError
 
-    return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError, InstantiationError, TorchtuneConfigError)
+    return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            IsADirectoryError, PermissionError, InstantiationError, TorchtuneConfigError)
 
 
 def one_line(err: BaseException) -> str:
@@ -51,22 +67,30 @@ def reports_user_errors(prog: str) -> Callable:
     """Decorate a command's entry point: an error the user caused becomes ``prog: error: ...``
     (one line) and exit status 2; anything else propagates with its traceback.
 
-    Launched by torchrun on several processes, each process meets the error, mostly the same
-    one: the config is the same everywhere, and an error rank 0 meets in ``parallel.on_rank0``
-    is raised on every rank. Rank 0 prints its line and exits; torchrun's agent then stops the
-    other processes. So a rank other than 0 first waits (``OTHER_RANK_GRACE_S``) to be stopped,
-    silent; if it is not, rank 0 did not fail (the error is this rank's alone: a file missing
-    on its node), and it prints ``prog: error: rank R: ...`` and exits. One line, not one per
-    process, and no error is lost.
+    Launched by torchrun on several processes, the user sees one line, not one per process.
+    Every process meets the same error when it comes from the config, and an error rank 0 meets
+    in ``parallel.on_rank0`` reaches the others as ``ReportedElsewhere``. Rank 0 prints its line
+    and exits; torchrun's agent then stops the other processes on its node with SIGTERM. So
+    another rank first waits (``OTHER_RANK_GRACE_S``) to be stopped, silent; if it was not,
+    it prints ``prog: error: rank R: ...`` itself: an error of its own (a file missing on its
+    node), or one rank 0 took longer to report, or a rank on another node, which its own agent
+    does not stop. A ``ReportedElsewhere`` is never printed: its process prints it. While rank
+    0's line is printed, a different error another rank met at the same time is not.
     """
 
     def wrap(main: Callable) -> Callable:
         @functools.wraps(main)
         def run(*args: Any, **kwargs: Any) -> Any:
+            traceback = os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
             try:
                 return main(*args, **kwargs)
+            except ReportedElsewhere as err:
+                if traceback:
+                    raise
+                _wait_to_be_stopped(OTHER_RANK_GRACE_S)
+                raise SystemExit(err.status) from None
             except _user_error_types() as err:
-                if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+                if traceback:
                     raise
                 rank = _launched_rank()
                 if rank:

@@ -1,6 +1,7 @@
 """Distributed set-up and the one place where activation checkpointing, compile and FSDP2 are
 applied to a model."""
 
+import contextlib
 import functools
 import os
 from datetime import timedelta
@@ -43,26 +44,50 @@ def init_distributed(device_type: str, cpu_offload: bool = False) -> tuple[int, 
 #: would otherwise stop a run whose rank 0 writes a 9B student to slow storage
 LONG_WAIT = timedelta(hours=2)
 
-_waiting: tuple[Any, Any] | None = None  # (the default group, its gloo group timing out at LONG_WAIT)
+_waits: tuple[Any, Any] | None = None  # (the default group, its gloo group timing out at LONG_WAIT)
 
 
 def waiting_group() -> Any:
     """A gloo group of every rank whose collectives time out after ``LONG_WAIT``, for waiting
     on another rank's file work: it carries no tensors, and on a GPU it runs outside NCCL's
     watchdog. Made on first use (a collective: every rank asks for it at the same point), again
-    after the default group is replaced."""
-    global _waiting
+    after the default group is replaced; None without a process group."""
+    global _waits
+    if not dist.is_initialized():
+        return None
     world = dist.group.WORLD
-    if _waiting is None or _waiting[0] is not world:
-        _waiting = (world, dist.new_group(backend="gloo", timeout=LONG_WAIT))
-    return _waiting[1]
+    if _waits is None or _waits[0] is not world:
+        _waits = (world, dist.new_group(backend="gloo", timeout=LONG_WAIT))
+    return _waits[1]
 
 
 def barrier() -> None:
     """Every rank waits here for the others, however long their file work takes (up to
-    ``LONG_WAIT``); nothing without a process group of several ranks."""
+    ``LONG_WAIT``); nothing without a process group of several ranks.
+
+    Raises:
+        ReportedElsewhere: another rank stopped meanwhile (it reports why).
+        RuntimeError: ``LONG_WAIT`` passed.
+    """
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier(group=waiting_group())
+        with _waiting("the other ranks' file work"):
+            dist.barrier(group=waiting_group())
+
+
+@contextlib.contextmanager
+def _waiting(what: str):
+    """Around a collective of ``waiting_group``: gloo raises as soon as another rank's process
+    has gone (unlike NCCL, which hangs until torchrun stops the rank). That rank reports its
+    own error, so this one raises ``ReportedElsewhere``; a timeout stays an error of its own."""
+    from tad_torchtune.errors import ReportedElsewhere, one_line
+
+    try:
+        yield
+    except RuntimeError as err:
+        if "timed out" in str(err).lower():
+            raise RuntimeError(f"waited {LONG_WAIT} for {what}: {one_line(err)}") from err
+        raise ReportedElsewhere(f"another rank stopped while this one waited for {what}: "
+                                f"{one_line(err)}", status=1) from err
 
 
 T = TypeVar("T")
@@ -74,14 +99,14 @@ def on_rank0(fn: Callable[[], T], share: Callable[[T], Any] = lambda _: None
     rank ``share`` of its result (e.g. the checkpoint's vocabulary size).
 
     An error ``fn`` raises reaches every rank, so none waits for a collective rank 0 never
-    joins: rank 0 raises its own; the others raise a ``ConfigError`` with the same message for
-    an error a user can cause (``errors.reports_user_errors`` prints it in one line), else a
-    ``RuntimeError`` naming rank 0's. Without a process group, ``fn`` runs here.
+    joins: rank 0 raises its own (``errors.reports_user_errors`` prints a user's in one line);
+    the others raise ``ReportedElsewhere`` with its message, exit status 2 for a user's error,
+    1 for any other, and print nothing. Without a process group, ``fn`` runs here.
 
     Returns:
         ``(result, shared)``: ``result`` is ``None`` on every rank but 0.
     """
-    from tad_torchtune.errors import ConfigError, _user_error_types
+    from tad_torchtune.errors import USER_ERROR_EXIT, ReportedElsewhere, _user_error_types
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         result = fn()
@@ -96,13 +121,15 @@ def on_rank0(fn: Callable[[], T], share: Callable[[T], Any] = lambda _: None
             user = isinstance(err, _user_error_types())
             payload = [((user, str(err) if user else f"{type(err).__name__}: {err}"), None)]
     # the other ranks wait as long as rank 0 reads, e.g. a 37 GB checkpoint from slow storage
-    dist.broadcast_object_list(payload, src=0, group=waiting_group())
+    with _waiting("rank 0"):
+        dist.broadcast_object_list(payload, src=0, group=waiting_group())
     failed, shared = payload[0]
     if error is not None:
         raise error
     if failed is not None:
         user, message = failed
-        raise ConfigError(message) if user else RuntimeError(f"rank 0 failed: {message}")
+        raise ReportedElsewhere(f"rank 0 failed: {message}", status=USER_ERROR_EXIT if user
+                                else 1)
     return result, shared
 
 

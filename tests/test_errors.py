@@ -21,6 +21,7 @@ from tad_torchtune.errors import (
     TRACEBACK_ENV,
     USER_ERROR_EXIT,
     ConfigError,
+    ReportedElsewhere,
     check_checkpoint_files,
     instantiate,
     one_line,
@@ -71,34 +72,54 @@ def test_reports_user_errors(monkeypatch, capsys):
 
 def test_under_torchrun_rank_0_prints_and_another_rank_waits_to_be_stopped(monkeypatch, capsys):
     """Every process of a torchrun launch meets the same error: rank 0 prints the line at once;
-    another rank first waits to be stopped (torchrun's agent does so when rank 0 exits), and
-    prints its own line, naming its rank, only if it was not."""
+    another rank first waits to be stopped (torchrun's agent does so when rank 0 exits), with
+    SIGTERM's default action, and prints its own line, naming its rank, only if it was not. An
+    error another process reports (``ReportedElsewhere``) is never printed, on any rank."""
     monkeypatch.delenv(TRACEBACK_ENV, raising=False)
     monkeypatch.setattr(errors, "OTHER_RANK_GRACE_S", 0.3)
+    handlers = []
+    monkeypatch.setattr(errors.signal, "signal", lambda *a: handlers.append(a))
 
     @reports_user_errors("tad_x")
-    def main():
-        raise ConfigError("batch_size: must be an integer >= 1, got 0")
+    def main(error):
+        raise error
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    for rank, where, wait in (("0", "", 0.0), ("1", "rank 1: ", 0.3)):
+    def stop(error, rank):
         monkeypatch.setenv("RANK", rank)
+        handlers.clear()
         start = time.perf_counter()
         with pytest.raises(SystemExit) as stopped:
-            main()
-        assert stopped.value.code == USER_ERROR_EXIT
-        assert time.perf_counter() - start >= wait
-        assert capsys.readouterr().err == f"tad_x: error: {where}batch_size: must be an integer " \
-                                          ">= 1, got 0\n"
+            main(error)
+        return stopped.value.code, time.perf_counter() - start, capsys.readouterr().err
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    user = ConfigError("batch_size: must be an integer >= 1, got 0")
+    code, seconds, err = stop(user, "0")
+    assert (code, err, handlers) == (USER_ERROR_EXIT, "tad_x: error: batch_size: must be an "
+                                     "integer >= 1, got 0\n", [])
+    assert seconds < 0.3
+    code, seconds, err = stop(user, "1")
+    assert (code, err) == (USER_ERROR_EXIT, "tad_x: error: rank 1: batch_size: must be an "
+                           "integer >= 1, got 0\n")
+    assert seconds >= 0.3 and handlers == [(signal.SIGTERM, signal.SIG_DFL)]
+    for rank in ("0", "1"):
+        code, seconds, err = stop(ReportedElsewhere("rank 0 failed: x", status=3), rank)
+        assert (code, err, handlers) == (3, "", [(signal.SIGTERM, signal.SIG_DFL)])
+        assert seconds >= 0.3
+    monkeypatch.setenv(TRACEBACK_ENV, "1")
+    with pytest.raises(ReportedElsewhere, match="rank 0 failed"):
+        main(ReportedElsewhere("rank 0 failed: x", status=3))
+    monkeypatch.delenv(TRACEBACK_ENV)
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: RANK means nothing
-    with pytest.raises(SystemExit):
-        main()
-    assert capsys.readouterr().err.startswith("tad_x: error: batch_size")
+    code, seconds, err = stop(user, "1")
+    assert err.startswith("tad_x: error: batch_size") and seconds < 0.3
 
 
 def test_a_waiting_rank_dies_of_sigterm_at_once_and_silently(tmp_path):
     """torchrun's agent stops the other processes with SIGTERM: a waiting rank dies of it at
     once, without a line, even where the recipe had made SIGTERM finish the step first."""
+    import select
+
     script = tmp_path / "rank1.py"
     script.write_text(textwrap.dedent("""
         import signal, time, types
@@ -122,10 +143,14 @@ def test_a_waiting_rank_dies_of_sigterm_at_once_and_silently(tmp_path):
     env.pop(TRACEBACK_ENV, None)
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    assert proc.stdout.readline() == "waiting\n"
-    start = time.perf_counter()
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready and proc.stdout.readline() == "waiting\n"
+        start = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
     assert proc.returncode == -signal.SIGTERM
     assert time.perf_counter() - start < errors.OTHER_RANK_GRACE_S / 2
     assert "error" not in err, err

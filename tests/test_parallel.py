@@ -98,7 +98,9 @@ def test_the_other_ranks_outwait_rank_0s_file_work(tmp_path):
     a ``barrier``; the others wait on a gloo group of their own (``LONG_WAIT``), not on the
     default group, whose timeout (NCCL's 10-minute watchdog on a GPU) would stop them. Shown
     with a default group timing out after 2 s and 5 s of rank 0's work: the project's waits
-    outlast it, a plain barrier of the default group does not."""
+    outlast it, a plain barrier of the default group does not. When rank 0's process ends
+    meanwhile (it reports its own error), the waiting rank raises ``ReportedElsewhere``, which
+    ``reports_user_errors`` does not print."""
     import json
     import os
     import subprocess
@@ -119,3 +121,6 @@ def test_the_other_ranks_outwait_rank_0s_file_work(tmp_path):
     assert [r["shared"] for r in ranks] == [42, 42]
     assert ranks[1]["barrier_waited_s"] > 4  # it waited for rank 0's 5 s, past the 2 s timeout
     assert ranks[1]["default_barrier"] == "timed out", ranks
+    # rank 0 gone while rank 1 waits: not an error of rank 1's own, and known at once
+    assert ranks[1]["rank_0_gone"] == "ReportedElsewhere (status 1)"
+    assert ranks[1]["rank_0_gone_s"] < 30

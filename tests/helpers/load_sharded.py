@@ -73,7 +73,8 @@ if __name__ == "__main__":
         try:
             on_rank0(boom)
         except Exception as err:  # noqa: BLE001
-            errors[kind] = f"{type(err).__name__}: {err}"
+            errors[kind] = f"{type(err).__name__}: {err}" + (
+                f" (status {err.status})" if hasattr(err, "status") else "")
     result, shared = on_rank0(lambda: {"rank": rank}, lambda r: r["rank"] + 10)
     (Path(out) / f"rank{rank}.json").write_text(json.dumps({
         "on_rank0": {"errors": errors, "result": result, "shared": shared},

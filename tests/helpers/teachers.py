@@ -365,7 +365,11 @@ def check_sharded_loading(device: str, backend: str, cpu_offload: bool, tmp_path
 
         from tad_torchtune.parallel import waiting_group
 
+        from torch.distributed.distributed_c10d import _get_object_coll_device
+
+        group = waiting_group()
+        assert dist.get_backend(group) == "gloo" and _get_object_coll_device(group) == "cpu"
         payload = [{"vocab": VOCAB}] if dist.get_rank() == 0 else [None]
-        dist.broadcast_object_list(payload, src=0, group=waiting_group())
-        dist.barrier(group=waiting_group())
-        assert payload == [{"vocab": VOCAB}] and waiting_group() is waiting_group()
+        dist.broadcast_object_list(payload, src=0, group=group)
+        dist.barrier(group=group)
+        assert payload == [{"vocab": VOCAB}] and waiting_group() is group

@@ -117,7 +117,8 @@ def test_two_ranks_receive_only_their_shards(tmp_path, mode):
     included), half the weights in all, and computes the unsharded model's logits: from a
     checkpoint every rank holds, or (``from_rank0``) one rank 0 alone holds and broadcasts.
     ``on_rank0`` gives rank 0 its result, every rank the shared value, and raises rank 0's
-    error on every rank: a user's as a ``ConfigError`` with its message, any other named."""
+    error on every rank: on rank 0 itself, elsewhere as ``ReportedElsewhere`` (printed by rank
+    0 alone) with its message and the exit status of a user's error (2) or another (1)."""
     import json
     import os
     import subprocess
@@ -139,11 +140,12 @@ def test_two_ranks_receive_only_their_shards(tmp_path, mode):
         assert got["logits_max_diff"] < 1e-5
         assert got["on_rank0"] == {
             "result": {"rank": 0} if rank == 0 else None, "shared": 10,
-            "errors": {
-                "user": ("ValueError" if rank == 0 else "ConfigError")
-                + ": teacher_checkpointer.checkpoint_files: truncated",
-                "other": "KeyError: 'x'" if rank == 0 else "RuntimeError: rank 0 failed: "
-                                                          "KeyError: 'x'"}}
+            "errors": {  # rank 0's own; elsewhere, exit statuses of a user's error and a bug
+                "user": "ValueError: teacher_checkpointer.checkpoint_files: truncated"
+                if rank == 0 else "ReportedElsewhere: rank 0 failed: "
+                                  "teacher_checkpointer.checkpoint_files: truncated (status 2)",
+                "other": "KeyError: 'x'" if rank == 0 else "ReportedElsewhere: rank 0 failed: "
+                                                          "KeyError: 'x' (status 1)"}}
     assert ranks[0]["whole"] == ranks[1]["whole"] == 2 * ranks[0]["local"] == 2 * ranks[1]["local"]
 
 
