@@ -179,6 +179,11 @@ class TADDistillRecipe:
         self._metric_logger = None
         self._metrics_file = None
         if self._is_rank_zero:
+            for folder, what in ((self._output_dir, "a folder"),  # now, not after training
+                                 (self._output_dir / "student", "the student's export folder")):
+                if folder.exists() and not folder.is_dir():
+                    raise ConfigError(f"output_dir: {str(folder)!r} is a file; it must be "
+                                      f"{what} or not exist")
             self._output_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, self._output_dir / "config.yaml")
             logger_cfg = cfg.get("metric_logger") or OmegaConf.create({

@@ -728,3 +728,25 @@ def test_a_bad_checkpoint_stops_every_process(assets, tmp_path):
                "not a readable safetensors file")
     assert proc.stderr.count("tad_distill: error: ") == proc.stderr.count(message) == 1, \
         proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_an_error_of_rank_0_alone_is_one_line(assets, tmp_path):
+    """Rank 0 alone prepares the output folder; a file in the way of the student's export
+    stops it there, at set-up (not after training), with one line naming output_dir. Rank 1,
+    waiting for rank 0's checkpoint in ``on_rank0``, learns that rank 0 has gone
+    (``ReportedElsewhere``) or is stopped by torchrun: either way it adds no line and no
+    traceback."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "student").write_text("in the way")
+    cfg = tune.base_config(assets, out, batch_size=4)
+    start = time.time()
+    proc = tune.run_tune(["tad_distill", "--config", str(tune.write_config(cfg, out / "c.yaml"))],
+                         cwd=tmp_path, nproc=2, check=False, timeout=120)
+    assert proc.returncode != 0 and time.time() - start < 100
+    message = (f"tad_distill: error: output_dir: {str(out / 'student')!r} is a file; it must be "
+               "the student's export folder or not exist")
+    assert proc.stderr.count("tad_distill: error: ") == proc.stderr.count(message) == 1, \
+        proc.stderr[-3000:]
+    assert "[rank1]" not in proc.stderr and "[rank0]" not in proc.stderr, proc.stderr[-3000:]
