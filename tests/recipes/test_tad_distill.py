@@ -706,9 +706,9 @@ def test_setup_reports_its_time_the_models_and_the_run_in_one_line(assets, tmp_p
 def test_a_bad_checkpoint_stops_every_process(assets, tmp_path):
     """On two processes rank 0 alone reads the teacher's checkpoint (``parallel.on_rank0``):
     a truncated file stops both ranks at once, with the error's one line, printed by rank 0;
-    rank 1, which never reads the file, raises rank 0's error instead of waiting for weights
-    rank 0 never sends (torchrun would stop it after rank 0's exit; a launcher without its
-    agent might not), and is stopped by torchrun before it prints it too."""
+    rank 1, which never reads the file, raises rank 0's error (``ReportedElsewhere``, never
+    printed) instead of waiting for weights rank 0 never sends (torchrun would stop it after
+    rank 0's exit; a launcher without its agent might not)."""
     import shutil
 
     teacher = tmp_path / "teacher"
