@@ -168,13 +168,14 @@ class TADDistillRecipe:
     # ------------------------------------------------------------------------------------ setup
 
     def setup(self, cfg: DictConfig) -> None:
-        """Build everything in dependency order: logging first (so set-up is visible), then the
-        vocabulary checks and the divergence's own (from the checkpoint's shapes and the
-        student's config, before any weight is placed), the teacher, then the student (initialised
-        from the teacher's weights), each built on the meta device, parallelised there and then
-        loaded (a rank receives only its FSDP shards), the optimizer (over the sharded trainable
-        parameters), data, and last the resume, which overwrites model, optimizer, scheduler and
-        data position."""
+        """Build everything in dependency order, the cheap checks first: logging (so set-up is
+        visible), the divergence's checks (from the student's config), the data (a wrong dataset
+        stops the run before any checkpoint is read), the vocabulary checks (from the teacher
+        checkpoint's shapes, before any weight is placed), the teacher, then the student
+        (initialised from the teacher's weights), each built on the meta device, parallelised
+        there and then loaded (a rank receives only its FSDP shards), the optimizer (over the
+        sharded trainable parameters), and last the resume, which overwrites model, optimizer,
+        scheduler and data position."""
         started = time.perf_counter()
         self._metric_logger = None
         self._metrics_file = None
@@ -202,19 +203,7 @@ class TADDistillRecipe:
         # exact); its weights still initialise a pruned student.
         self._teacher_cache = (TeacherCache(self._teacher_cache_dir)
                                if self._teacher_cache_dir else None)
-        # On several processes rank 0 alone reads the teacher's checkpoint (and builds the
-        # student's fresh weights) and broadcasts them: one host copy per machine, not per rank.
-        fsdp = self._world_size > 1
-        teacher_state, teacher_vocab = on_rank0(
-            partial(checkpoint_state, cfg.teacher_checkpointer, "teacher_checkpointer"),
-            state_vocab_size)
         self._student_vocab = vocab_size_of(cfg.student_model)
-        check_vocab_compat(
-            teacher_vocab_size=teacher_vocab,
-            student_vocab_size=self._student_vocab, vocab_alignment=self._vocab_alignment,
-            teacher_tokenizer=teacher_tokenizer,
-            student_tokenizer=self._tokenizer if teacher_tokenizer is not None else None,
-        )
         kd_loss = instantiate(cfg.kd_loss, "kd_loss") if self._kd_weight > 0 else None
         hidden_loss = (instantiate(cfg.hidden_loss, "hidden_loss") if self._hidden_weight > 0
                        else None)
@@ -223,6 +212,38 @@ class TADDistillRecipe:
                 vocab_size=self._student_vocab, fused=self._fused,
                 cache=None if self._teacher_cache is None else self._teacher_cache.spec(),
                 packed_rows=bool(cfg.dataset.get("packed", False))))
+
+        # The data before the checkpoints: a wrong dataset stops the run before one is read
+        self._data_fingerprints: dict[str, str | None] = {}
+        self._train_loader, self._train_sampler = self._setup_data(cfg, "dataset", train=True)
+        self._val_loader = None
+        if cfg.get("validation_dataset") is not None:
+            self._val_loader, _ = self._setup_data(cfg, "validation_dataset", train=False)
+        self._steps_per_epoch = len(self._train_sampler) // self._grad_accum
+        if self._max_steps_per_epoch is not None:
+            self._steps_per_epoch = min(self._steps_per_epoch, self._max_steps_per_epoch)
+        if self._steps_per_epoch < 1:
+            raise ValueError(
+                f"dataset: {self._train_sampler.num_samples} samples make no optimizer step of "
+                f"batch_size {self._batch_size} x gradient_accumulation_steps {self._grad_accum} "
+                f"x {self._world_size} processes"
+            )
+        self._total_steps = self._epochs * self._steps_per_epoch
+        if self._max_steps is not None:
+            self._total_steps = min(self._total_steps, self._max_steps)
+
+        # On several processes rank 0 alone reads the teacher's checkpoint (and builds the
+        # student's fresh weights) and broadcasts them: one host copy per machine, not per rank.
+        fsdp = self._world_size > 1
+        teacher_state, teacher_vocab = on_rank0(
+            partial(checkpoint_state, cfg.teacher_checkpointer, "teacher_checkpointer"),
+            state_vocab_size)
+        check_vocab_compat(
+            teacher_vocab_size=teacher_vocab,
+            student_vocab_size=self._student_vocab, vocab_alignment=self._vocab_alignment,
+            teacher_tokenizer=teacher_tokenizer,
+            student_tokenizer=self._tokenizer if teacher_tokenizer is not None else None,
+        )
 
         # The models are built on the meta device and sharded there; each rank then loads only
         # its shards (models/loading.py). FSDP's CPU offload keeps the shards on the host.
@@ -269,23 +290,6 @@ class TADDistillRecipe:
         self._flex_attention = supports_flex_attention(self._device, *models)
         trainable = [p for p in self._head.parameters() if p.requires_grad]
         self._optimizer = instantiate(cfg.optimizer, "optimizer", trainable)
-        self._data_fingerprints: dict[str, str | None] = {}
-        self._train_loader, self._train_sampler = self._setup_data(cfg, "dataset", train=True)
-        self._val_loader = None
-        if cfg.get("validation_dataset") is not None:
-            self._val_loader, _ = self._setup_data(cfg, "validation_dataset", train=False)
-        self._steps_per_epoch = len(self._train_sampler) // self._grad_accum
-        if self._max_steps_per_epoch is not None:
-            self._steps_per_epoch = min(self._steps_per_epoch, self._max_steps_per_epoch)
-        if self._steps_per_epoch < 1:
-            raise ValueError(
-                f"dataset: {self._train_sampler.num_samples} samples make no optimizer step of "
-                f"batch_size {self._batch_size} x gradient_accumulation_steps {self._grad_accum} "
-                f"x {self._world_size} processes"
-            )
-        self._total_steps = self._epochs * self._steps_per_epoch
-        if self._max_steps is not None:
-            self._total_steps = min(self._total_steps, self._max_steps)
         self._lr_scheduler = None
         if cfg.get("lr_scheduler") is not None:
             self._lr_scheduler = instantiate(

@@ -657,8 +657,14 @@ def test_missing_and_truncated_checkpoint_files_are_named(assets, tmp_path, monk
 
 
 def test_a_missing_corpus_names_the_dataset_key(assets, tmp_path, monkeypatch, capsys):
+    """Named by its key, and found before any checkpoint is read (here a missing teacher
+    checkpoint, which would be reported first otherwise): a dataset's error costs no model
+    load."""
     missing = tmp_path / "nowhere.jsonl"
-    line = tune.user_error("tad_distill", ["--config", _config(assets, tmp_path),
+    ckpt = {**tune.base_config(assets, tmp_path)["teacher_checkpointer"],
+            "checkpoint_files": ["missing.safetensors"]}
+    line = tune.user_error("tad_distill", ["--config", _config(assets, tmp_path,
+                                                               teacher_checkpointer=ckpt),
                                            f"validation_dataset.source={missing}"],
                            monkeypatch, capsys)
     assert line.startswith("tad_distill: error: validation_dataset.source: ")
