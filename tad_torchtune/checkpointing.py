@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from tad_torchtune.files import atomic_write_text, publish_dir
-from tad_torchtune.parallel import barrier, waiting_group
+from tad_torchtune.parallel import barrier, waiting, waiting_group
 
 LATEST = "latest"
 META = "meta.pt"
@@ -80,9 +80,11 @@ class TrainingCheckpointer:
             "model": get_model_state_dict(model),
             "optim": get_optimizer_state_dict(model, optimizer),
         }
-        with _one_process_quietly():  # its plans exchanged on the waiting group: no rank's
-            # slower writes can time the others out (NCCL's 10-minute watchdog)
-            dcp.save(state, checkpoint_id=str(tmp), process_group=waiting_group())
+        # its plans exchanged on the waiting group: no rank's slower writes can time the others
+        # out (NCCL's 10-minute watchdog)
+        group = waiting_group()
+        with _one_process_quietly(), waiting("the other ranks' checkpoint writes"):
+            dcp.save(state, checkpoint_id=str(tmp), process_group=group)
         if self.rank == 0:
             torch.save(meta, tmp / META)
         barrier()
@@ -99,8 +101,9 @@ class TrainingCheckpointer:
             "model": get_model_state_dict(model),
             "optim": get_optimizer_state_dict(model, optimizer),
         }
-        with _one_process_quietly():
-            dcp.load(state, checkpoint_id=str(path), process_group=waiting_group())
+        group = waiting_group()
+        with _one_process_quietly(), waiting("the other ranks' checkpoint reads"):
+            dcp.load(state, checkpoint_id=str(path), process_group=group)
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optim"])
         return torch.load(path / META, weights_only=False)

@@ -74,8 +74,9 @@ def reports_user_errors(prog: str) -> Callable:
     another rank first waits (``OTHER_RANK_GRACE_S``) to be stopped, silent; if it was not,
     it prints ``prog: error: rank R: ...`` itself: an error of its own (a file missing on its
     node), or one rank 0 took longer to report, or a rank on another node, which its own agent
-    does not stop. A ``ReportedElsewhere`` is never printed: its process prints it. While rank
-    0's line is printed, a different error another rank met at the same time is not.
+    does not stop. A ``ReportedElsewhere`` is not printed: the process it came from reports
+    its own error (or torchrun's summary names the signal that ended it). While rank 0's line
+    is printed, a different error another rank met at the same time is not.
     """
 
     def wrap(main: Callable) -> Callable:

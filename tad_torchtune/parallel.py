@@ -66,28 +66,37 @@ def barrier() -> None:
     ``LONG_WAIT``); nothing without a process group of several ranks.
 
     Raises:
-        ReportedElsewhere: another rank stopped meanwhile (it reports why).
+        ReportedElsewhere: another rank's process ended meanwhile (it reports why).
         RuntimeError: ``LONG_WAIT`` passed.
     """
     if dist.is_initialized() and dist.get_world_size() > 1:
-        with _waiting("the other ranks' file work"):
-            dist.barrier(group=waiting_group())
+        group = waiting_group()
+        with waiting("the other ranks' file work"):
+            dist.barrier(group=group)
+
+
+#: how gloo says that the process at the other end of a connection has gone
+PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe")
 
 
 @contextlib.contextmanager
-def _waiting(what: str):
-    """Around a collective of ``waiting_group``: gloo raises as soon as another rank's process
-    has gone (unlike NCCL, which hangs until torchrun stops the rank). That rank reports its
-    own error, so this one raises ``ReportedElsewhere``; a timeout stays an error of its own."""
+def waiting(what: str):
+    """Around collectives of ``waiting_group`` (made before, outside this): gloo raises as soon
+    as another rank's process has ended (unlike NCCL, which hangs until torchrun stops the
+    rank). That process reports its own error, so this one raises ``ReportedElsewhere``; a
+    timeout is an error of this wait's own, and anything else propagates as it is."""
     from tad_torchtune.errors import ReportedElsewhere, one_line
 
     try:
         yield
     except RuntimeError as err:
-        if "timed out" in str(err).lower():
+        text = str(err).lower()
+        if "timed out" in text:
             raise RuntimeError(f"waited {LONG_WAIT} for {what}: {one_line(err)}") from err
-        raise ReportedElsewhere(f"another rank stopped while this one waited for {what}: "
-                                f"{one_line(err)}", status=1) from err
+        if any(gone in text for gone in PEER_GONE):
+            raise ReportedElsewhere(f"another rank stopped while this one waited for {what}: "
+                                    f"{one_line(err)}", status=1) from err
+        raise
 
 
 T = TypeVar("T")
@@ -121,8 +130,14 @@ def on_rank0(fn: Callable[[], T], share: Callable[[T], Any] = lambda _: None
             user = isinstance(err, _user_error_types())
             payload = [((user, str(err) if user else f"{type(err).__name__}: {err}"), None)]
     # the other ranks wait as long as rank 0 reads, e.g. a 37 GB checkpoint from slow storage
-    with _waiting("rank 0"):
-        dist.broadcast_object_list(payload, src=0, group=waiting_group())
+    group = waiting_group()
+    try:
+        with waiting("rank 0"):
+            dist.broadcast_object_list(payload, src=0, group=group)
+    except BaseException:
+        if error is not None:
+            raise error from None  # rank 0's own comes first, whatever the others did
+        raise
     failed, shared = payload[0]
     if error is not None:
         raise error

@@ -124,3 +124,59 @@ def test_the_other_ranks_outwait_rank_0s_file_work(tmp_path):
     # rank 0 gone while rank 1 waits: not an error of rank 1's own, and known at once
     assert ranks[1]["rank_0_gone"] == "ReportedElsewhere (status 1)"
     assert ranks[1]["rank_0_gone_s"] < 30
+
+
+@pytest.mark.parametrize("message,raised", [
+    ("[pair.cc:553] Connection closed by peer [127.0.0.1]:3105", "elsewhere"),
+    ("[pair.cc:589] Read error [10.0.0.2]:4321: Connection reset by peer", "elsewhere"),
+    ("[pair.cc:620] Write error: Broken pipe", "elsewhere"),
+    ("[unbound_buffer.cc:81] Timed out waiting 2000ms for recv operation to complete", "timeout"),
+    ("Gloo connectFullMesh failed with [tcp/pair.cc:144] no error", "as it is"),
+    ("[enforce fail at pair.cc:488] op.preamble.length <= op.nbytes. 8 vs 4", "as it is"),
+])
+def test_waiting_says_who_reports_a_failed_wait(message, raised):
+    """A wait whose other end has gone is that process's to report (``ReportedElsewhere``,
+    which ``reports_user_errors`` does not print); a timeout says how long it waited; any other
+    failure (a group that cannot connect, a desynchronised collective: a bug) propagates as it
+    is, with its traceback."""
+    from tad_torchtune.errors import ReportedElsewhere
+    from tad_torchtune.parallel import LONG_WAIT, waiting
+
+    error = RuntimeError(message)
+    with pytest.raises(BaseException) as got:
+        with waiting("rank 0"):
+            raise error
+    if raised == "elsewhere":
+        assert isinstance(got.value, ReportedElsewhere) and got.value.status == 1
+        assert str(got.value) == f"another rank stopped while this one waited for rank 0: {message}"
+    elif raised == "timeout":
+        assert type(got.value) is RuntimeError
+        assert str(got.value) == f"waited {LONG_WAIT} for rank 0: {message}"
+    else:
+        assert got.value is error
+
+
+def test_rank_0s_own_error_outranks_a_failed_broadcast(monkeypatch):
+    """Rank 0's ``fn`` failed, and sharing that with the others failed too (one of them had
+    gone): rank 0 raises its own error, which it prints; the other process reports its own."""
+    import torch.distributed as dist
+
+    from tad_torchtune import parallel
+
+    def broadcast(*args, **kwargs):
+        raise RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:3105")
+
+    for name, value in (("is_initialized", lambda: True), ("get_world_size", lambda: 2),
+                        ("get_rank", lambda: 0), ("broadcast_object_list", broadcast)):
+        monkeypatch.setattr(dist, name, value)
+    monkeypatch.setattr(parallel, "waiting_group", lambda: "group")
+
+    def fn():
+        raise ValueError("teacher_checkpointer.checkpoint_files: truncated")
+
+    with pytest.raises(ValueError, match="truncated"):
+        parallel.on_rank0(fn)
+    from tad_torchtune.errors import ReportedElsewhere
+
+    with pytest.raises(ReportedElsewhere):  # without an error of its own: the broadcast's
+        parallel.on_rank0(lambda: 1)
