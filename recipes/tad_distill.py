@@ -26,7 +26,9 @@ complete checkpoint, on the same or another number of processes, and logs the sa
 would have logged uninterrupted. A run sent SIGTERM (a scheduler's preemption, ``scancel``) saves
 a checkpoint at the end of the step it is in, on every process at the same step, and exits with
 status 143, as SIGTERM's default would (under torchrun, whose agent passes the signal on, the
-agent's own status follows): ``resume_from_checkpoint: true`` continues from there.
+agent's own status follows): ``resume_from_checkpoint: true`` continues from there. torchrun
+kills the processes 30 s after it passes the signal on (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` where
+torch reads it); rank 0 says once when a checkpoint takes longer.
 Errors a user can cause end the run with one line naming the config key
 (``tad_torchtune.errors``).
 """
@@ -68,7 +70,14 @@ from tad_torchtune.models.loading import (
     state_vocab_size,
     vocab_size_of,
 )
-from tad_torchtune.parallel import barrier, init_distributed, on_rank0, parallelize
+from tad_torchtune.parallel import (
+    barrier,
+    init_distributed,
+    on_rank0,
+    parallelize,
+    preemption_grace_s,
+    shutdown_timeout_settable,
+)
 from tad_torchtune.profiling import StepProfiler, describe
 from tad_torchtune.schema import (
     DISTILL,
@@ -160,6 +169,7 @@ class TADDistillRecipe:
         self._profiler: StepProfiler | None = None  # set up last
         # SIGTERM's request (``train``), and the step's all-reduced answer: stop after this step
         self._stop_requested = self._stopping = False
+        self._warned_slow_save = False
         self.global_step = 0
         self.epoch = 0
         self.step_in_epoch = 0
@@ -575,9 +585,26 @@ class TADDistillRecipe:
             "rng": rng_state(), "world_size": self._world_size,
             "data": self._data_fingerprints,
         }
+        start = time.perf_counter()
         path = self._checkpointer.save(self.global_step, self._head, self._optimizer, meta)
+        self._warn_if_preemption_cannot_save(time.perf_counter() - start)
         if export and self._export_hf:
             self.export(path / "hf")
+
+    def _warn_if_preemption_cannot_save(self, seconds: float) -> None:
+        """Once, on rank 0: a checkpoint took longer than torchrun waits after passing a
+        SIGTERM on, so a preempted run would be killed while saving it and resume from the one
+        before (nothing corrupt: a checkpoint is published whole or not at all)."""
+        grace = preemption_grace_s()
+        if not self._is_rank_zero or self._warned_slow_save or grace is None or seconds <= grace:
+            return
+        self._warned_slow_save = True
+        remedy = (f"set TORCH_ELASTIC_SHUTDOWN_TIMEOUT to {math.ceil(2 * seconds)} or more"
+                  if shutdown_timeout_settable() else "this torch's torchrun cannot wait longer")
+        tqdm.write(f"tad_distill: warning: the checkpoint of step {self.global_step} took "
+                   f"{seconds:.0f} s; torchrun kills the processes {grace} s after it passes a "
+                   f"SIGTERM on, so a preempted run would resume from the checkpoint before; "
+                   f"{remedy}", file=sys.stderr)  # above the progress bar
 
     def export(self, out_dir: Path) -> None:
         """The student as a Hugging Face checkpoint (safetensors + its own config.json)."""

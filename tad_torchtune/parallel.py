@@ -19,6 +19,26 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def preemption_grace_s() -> int | None:
+    """Seconds torchrun's agent waits, after passing a SIGTERM on to the processes, before it
+    kills them: ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` where this torch reads it (2.13; torchrun's
+    ``--shutdown-timeout`` sets it for the agent alone, unseen here), else 30. None without
+    torchrun."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    if not shutdown_timeout_settable():
+        return 30
+    return int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
+
+
+def shutdown_timeout_settable() -> bool:
+    """Whether torchrun's agent takes its shutdown timeout from its environment (torch 2.13;
+    2.11's is 30 s, fixed)."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    return "shutdown_timeout" in getattr(LaunchConfig, "__dataclass_fields__", {})
+
+
 def init_distributed(device_type: str, cpu_offload: bool = False) -> tuple[int, int]:
     """Initialise the default process group when launched by torchrun; returns (rank, world).
 

@@ -180,3 +180,22 @@ def test_rank_0s_own_error_outranks_a_failed_broadcast(monkeypatch):
 
     with pytest.raises(ReportedElsewhere):  # without an error of its own: the broadcast's
         parallel.on_rank0(lambda: 1)
+
+
+def test_preemption_grace_is_torchruns_shutdown_timeout(monkeypatch):
+    """How long torchrun waits after passing a SIGTERM on: none without torchrun; its
+    environment variable where this torch's agent reads it, else 30 s."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    from tad_torchtune.parallel import preemption_grace_s, shutdown_timeout_settable
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "120")
+    assert preemption_grace_s() is None
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    settable = shutdown_timeout_settable()
+    assert settable == hasattr(LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=1),
+                               "shutdown_timeout")
+    assert preemption_grace_s() == (120 if settable else 30)
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+    assert preemption_grace_s() == 30

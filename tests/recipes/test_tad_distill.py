@@ -143,6 +143,50 @@ def test_a_validation_set_smaller_than_the_processes(assets, tmp_path):
         assert got[key] == pytest.approx(ref[key], rel=1e-5), (key, got, ref)
 
 
+def test_a_checkpoint_slower_than_torchruns_grace_is_told_once(monkeypatch, capsys):
+    """torchrun kills the processes some seconds after it passes a SIGTERM on: a checkpoint
+    slower than that is told once, by rank 0, with the remedy this torch has."""
+    from types import SimpleNamespace
+
+    import tad_distill
+
+    warn = tad_distill.TADDistillRecipe._warn_if_preemption_cannot_save
+    for settable, remedy in ((True, "set TORCH_ELASTIC_SHUTDOWN_TIMEOUT to 91 or more"),
+                             (False, "this torch's torchrun cannot wait longer")):
+        monkeypatch.setattr(tad_distill, "preemption_grace_s", lambda: 30)
+        monkeypatch.setattr(tad_distill, "shutdown_timeout_settable", lambda: settable)
+        rank0 = SimpleNamespace(_is_rank_zero=True, _warned_slow_save=False, global_step=7)
+        for seconds in (29.0, 45.2, 50.0):  # the first is within the grace
+            warn(rank0, seconds)
+        warn(SimpleNamespace(_is_rank_zero=False, _warned_slow_save=False, global_step=7), 45.2)
+        assert capsys.readouterr().err == (
+            "tad_distill: warning: the checkpoint of step 7 took 45 s; torchrun kills the "
+            "processes 30 s after it passes a SIGTERM on, so a preempted run would resume from "
+            f"the checkpoint before; {remedy}\n")
+    monkeypatch.setattr(tad_distill, "preemption_grace_s", lambda: None)  # no torchrun
+    warn(SimpleNamespace(_is_rank_zero=True, _warned_slow_save=False, global_step=7), 1e6)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.slow
+def test_torchruns_grace_reaches_the_processes(assets, tmp_path):
+    """Under torchrun the processes read the grace from TORCH_ELASTIC_SHUTDOWN_TIMEOUT (here
+    0: every checkpoint is slower) where this torch's agent takes it, and say so once in two
+    checkpoints; elsewhere the grace is torchrun's fixed 30 s, which these do not reach."""
+    from tad_torchtune.parallel import shutdown_timeout_settable
+
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = tune.base_config(assets, out, batch_size=4, max_steps=2, save_every_n_steps=1,
+                           export_hf=False, validation_dataset=None)
+    proc = tune.run_tune(["tad_distill", "--config", str(tune.write_config(cfg, out / "c.yaml"))],
+                         cwd=tmp_path, nproc=2, env={"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "0"})
+    warnings = [line for line in proc.stderr.splitlines() if "tad_distill: warning:" in line]
+    assert len(warnings) == int(shutdown_timeout_settable()), proc.stderr[-3000:]
+    assert all(w.startswith("tad_distill: warning: the checkpoint of step 1 took ") and
+               "torchrun kills the processes 0 s after" in w for w in warnings), warnings
+
+
 @pytest.mark.slow
 def test_fused_head_on_two_processes_matches_one(assets, tmp_path, baseline):
     """The StudentHead is the FSDP2 root of the student: its output weight is gathered while the
