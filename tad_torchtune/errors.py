@@ -3,8 +3,8 @@ stderr naming the dotted config key or the file, the value and what is accepted,
 exit, with no traceback unless ``TAD_TORCHTUNE_TRACEBACK=1`` is set. The package's own
 invariants stay ``assert``s, with their tracebacks.
 
-Under torchrun every process runs the same command and usually meets the same error; the line is
-printed once, by rank 0 (``reports_user_errors``)."""
+Under torchrun every process runs the same command and usually meets the same error; on one
+node the line is printed once, by rank 0 (``reports_user_errors``)."""
 
 import functools
 import inspect
