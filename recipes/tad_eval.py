@@ -41,7 +41,7 @@ from tad_torchtune.data import collate
 from tad_torchtune.errors import ConfigError, instantiate, reports_user_errors
 from tad_torchtune.metrics import StudentMetrics, TeacherMetrics
 from tad_torchtune.models import forward_hidden, project_logits, supports_flex_attention
-from tad_torchtune.models.loading import load_hf_folder
+from tad_torchtune.models.loading import check_hf_folder, load_hf_folder
 from tad_torchtune.parallel import require_one_process
 from tad_torchtune.schema import EVAL, resolve_config_argv, resolve_package_paths
 
@@ -81,6 +81,10 @@ class TADEvalRecipe:
             raise ValueError("dataset: the held-out set is empty")
         self._dataset = dataset
         self._data_desc = {k: v for k, v in OmegaConf.to_container(cfg.dataset).items()}
+        # every folder checked before any model loads: a wrong last student costs no loading
+        check_hf_folder(cfg.teacher, where="teacher")
+        for name, spec in cfg.students.items():
+            check_hf_folder(spec, where=f"students.{name}")
         self._teacher = load_hf_folder(cfg.teacher, where="teacher", device=self._device,
                                        dtype=self._dtype)
         self._students = {

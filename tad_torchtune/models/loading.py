@@ -290,6 +290,28 @@ def hf_decoder(checkpoint_dir: str) -> nn.Module:
     return model_from_hf_config(hf, where="model.checkpoint_dir")[0]
 
 
+def check_hf_folder(spec: Mapping[str, Any] | DictConfig | str | Path, *, where: str
+                    ) -> tuple[Path, dict[str, Any], list[str]]:
+    """What ``load_hf_folder`` checks before it builds anything (cheap: the folder, its
+    ``config.json``, its weight files whole), so that a command loading several folders can
+    check them all first. Returns ``(folder, config.json, weight file names)``.
+
+    Raises:
+        ValueError: naming ``where``, as ``load_hf_folder``.
+    """
+    if isinstance(spec, (str, Path)):
+        spec = {"checkpoint_dir": str(spec)}
+    if spec is None or spec.get("checkpoint_dir") is None:
+        raise ValueError(f"{where}.checkpoint_dir: required (a Hugging Face checkpoint folder)")
+    folder, hf = _folder(spec["checkpoint_dir"], where)
+    files = spec.get("checkpoint_files")
+    files = list(files) if files is not None else sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{where}.checkpoint_dir: no *.safetensors file in {str(folder)!r}")
+    check_checkpoint_files({"checkpoint_dir": str(folder), "checkpoint_files": files}, where)
+    return folder, hf, files
+
+
 def load_hf_folder(spec: Mapping[str, Any] | DictConfig | str | Path, *, where: str,
                    device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The model of a Hugging Face folder, in eval mode on ``device`` in ``dtype``.
@@ -308,14 +330,7 @@ def load_hf_folder(spec: Mapping[str, Any] | DictConfig | str | Path, *, where: 
     """
     if isinstance(spec, (str, Path)):
         spec = {"checkpoint_dir": str(spec)}
-    if spec is None or spec.get("checkpoint_dir") is None:
-        raise ValueError(f"{where}.checkpoint_dir: required (a Hugging Face checkpoint folder)")
-    folder, hf = _folder(spec["checkpoint_dir"], where)
-    files = spec.get("checkpoint_files")
-    files = list(files) if files is not None else sorted(p.name for p in folder.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{where}.checkpoint_dir: no *.safetensors file in {str(folder)!r}")
-    check_checkpoint_files({"checkpoint_dir": str(folder), "checkpoint_files": files}, where)
+    folder, hf, files = check_hf_folder(spec, where=where)
     if spec.get("model") is None:
         with _dtype_context(dtype), torch.device("meta"):
             model, family = model_from_hf_config(hf, where=f"{where}.checkpoint_dir")

@@ -200,3 +200,29 @@ def test_tad_eval_on_several_processes_is_refused_in_one_line(assets, tmp_path, 
     assert line == ("tad_eval: error: --nproc_per_node: tad_eval runs in one process, got 2 "
                     "(WORLD_SIZE=2); run it without --nproc_per_node")
     assert not (tmp_path / "eval").exists()
+
+
+def test_every_folder_is_checked_before_a_model_loads(assets, tmp_path, monkeypatch, capsys):
+    """A student folder without config.json is reported before the teacher loads: here the
+    teacher's config names a model no family builds, an error only its loading finds, which
+    came first before."""
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(assets["teacher"], teacher)
+    hf = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**hf, "model_type": "no_such_family"}))
+    cfg = tune.base_config(assets, tmp_path)
+    eval_cfg = {"output_dir": str(tmp_path / "eval"), "tokenizer": cfg["tokenizer"],
+                "dataset": cfg["validation_dataset"], "teacher": {"checkpoint_dir": str(teacher)},
+                "students": {"s": {"checkpoint_dir": str(assets["teacher"])},
+                             "t": {"checkpoint_dir": str(tmp_path / "no_student")}}}
+    args = ["--config", str(tune.write_config(eval_cfg, tmp_path / "e.yaml"))]
+    line = tune.user_error("tad_eval", args, monkeypatch, capsys)
+    assert line == (f"tad_eval: error: students.t.checkpoint_dir: "
+                    f"{str(tmp_path / 'no_student')!r} has no config.json")
+    (tmp_path / "no_student").mkdir()  # the teacher's own error, once the students are right
+    shutil.copy(assets["teacher"] / "config.json", tmp_path / "no_student")
+    shutil.copy(assets["teacher"] / "model.safetensors", tmp_path / "no_student")
+    line = tune.user_error("tad_eval", args, monkeypatch, capsys)
+    assert line.startswith("tad_eval: error: teacher.checkpoint_dir: ") and "no_such_family" in line
