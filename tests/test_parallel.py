@@ -101,23 +101,14 @@ def test_the_other_ranks_outwait_rank_0s_file_work(tmp_path):
     outlast it, a plain barrier of the default group does not. When rank 0's process ends
     meanwhile (it reports its own error), the waiting rank raises ``ReportedElsewhere``, which
     ``reports_user_errors`` does not print."""
-    import json
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     from tad_torchtune.parallel import LONG_WAIT
+    from tests.helpers.tune import two_ranks
 
     assert LONG_WAIT.total_seconds() >= 3600
-    script = Path(__file__).parent / "helpers" / "rank0_waits.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script), str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    _, ranks = two_ranks(Path(__file__).parent / "helpers" / "rank0_waits.py", [tmp_path],
+                         cwd=tmp_path, timeout=120)
     assert [r["shared"] for r in ranks] == [42, 42]
     assert ranks[1]["barrier_waited_s"] > 4  # it waited for rank 0's 5 s, past the 2 s timeout
     assert ranks[1]["default_barrier"] == "timed out", ranks

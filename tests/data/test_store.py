@@ -19,6 +19,7 @@ from tad_torchtune.data.store import (
 )
 from tests.data.reference import DEMO_CORPUS
 from tests.helpers.toy_tokenizers import ByteTokenizer, hf_tokenizer
+from tests.helpers.tune import two_ranks
 
 SCRIPT = Path(__file__).parents[1] / "helpers" / "open_store_distributed.py"
 
@@ -162,14 +163,7 @@ def test_two_processes_build_the_store_once(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_bytes(gzip.decompress(DEMO_CORPUS.read_bytes()) * 3)  # ~1.5M tokens
     stores = tmp_path / "stores"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(SCRIPT), str(corpus), str(stores), str(tmp_path)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)}
+    proc, ranks = two_ranks(SCRIPT, [corpus, stores, tmp_path], cwd=tmp_path)
     assert ranks[0]["built_by"] == ranks[0]["pid"] != ranks[1]["pid"]
     assert proc.stderr.count("tad_torchtune: building the token store") == 1
     for key in ("len", "fingerprint", "store", "first"):

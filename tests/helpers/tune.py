@@ -169,6 +169,20 @@ def run_tune(args: list[str], cwd: Path, timeout: int = 600, check: bool = True,
     return proc
 
 
+def two_ranks(script: Path, args: list[str], cwd: Path, timeout: int = 300
+              ) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """``script ARGS`` on two CPU processes under ``torch.distributed.run`` (from ``cwd``, the
+    checkout on ``PYTHONPATH``), which must succeed; with what each rank wrote to
+    ``cwd/rank<r>.json``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script), *map(str, args)],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, [json.loads((Path(cwd) / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
 def read_metrics(output_dir: Path) -> list[dict]:
     path = output_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

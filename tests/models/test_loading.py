@@ -119,20 +119,12 @@ def test_two_ranks_receive_only_their_shards(tmp_path, mode):
     ``on_rank0`` gives rank 0 its result, every rank the shared value, and raises rank 0's
     error on every rank: on rank 0 itself, elsewhere as ``ReportedElsewhere`` (printed by rank
     0 alone) with its message and the exit status of a user's error (2) or another (1)."""
-    import json
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
-    script = Path(__file__).parents[1] / "helpers" / "load_sharded.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script), "qwen2", str(tmp_path), str(tmp_path), mode],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    from tests.helpers.tune import two_ranks
+
+    _, ranks = two_ranks(Path(__file__).parents[1] / "helpers" / "load_sharded.py",
+                         ["qwen2", tmp_path, tmp_path, mode], cwd=tmp_path)
     for rank, got in enumerate(ranks):
         assert not got["drew_random_numbers"] and not got["requires_grad"]
         assert got["shards"] and all(got["shards"].values()), got["shards"]
