@@ -321,11 +321,13 @@ def check_sharded_loading(device: str, backend: str, cpu_offload: bool, tmp_path
     device); the ranks' waiting group (gloo, beside it) broadcasts and waits."""
     from functools import partial
 
+    import torch.distributed as dist
     from omegaconf import OmegaConf
+    from torch.distributed.distributed_c10d import _get_object_coll_device
     from torch.distributed.tensor import DTensor
 
     from tad_torchtune.models.loading import load_student, load_teacher
-    from tad_torchtune.parallel import parallelize
+    from tad_torchtune.parallel import parallelize, waiting_group
 
     with one_rank_process_group(backend, monkeypatch):
         dev = torch.device(device)
@@ -361,12 +363,6 @@ def check_sharded_loading(device: str, backend: str, cpu_offload: bool, tmp_path
         optimizer.step()
 
         # the gloo group the ranks wait on beside the recipe's group (NCCL's on a GPU)
-        import torch.distributed as dist
-
-        from tad_torchtune.parallel import waiting_group
-
-        from torch.distributed.distributed_c10d import _get_object_coll_device
-
         group = waiting_group()
         assert dist.get_backend(group) == "gloo" and _get_object_coll_device(group) == "cpu"
         payload = [{"vocab": VOCAB}] if dist.get_rank() == 0 else [None]
