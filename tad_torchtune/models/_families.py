@@ -44,6 +44,21 @@ def _rope_theta(hf: Mapping[str, Any]) -> float | None:
     return hf.get("rope_theta") or params.get("rope_theta")
 
 
+def rope_scaling(hf: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A ``config.json``'s RoPE scaling, or None for plain RoPE, in either layout: the Hub's
+    (transformers 4: ``rope_scaling``, ``"type"`` in older files) or what transformers 5 writes
+    (``rope_parameters``: ``rope_theta`` and ``rope_type``, ``"default"`` for plain RoPE, with the
+    scaling's fields beside them). The result has ``rope_type`` and the scaling's fields only."""
+    scaling = hf.get("rope_scaling")
+    if not scaling:
+        scaling = {k: v for k, v in (hf.get("rope_parameters") or {}).items()
+                   if k not in ("rope_theta", "partial_rotary_factor")}
+    scaling = dict(scaling)
+    if "type" in scaling:
+        scaling.setdefault("rope_type", scaling.pop("type"))
+    return None if scaling.get("rope_type", "default") == "default" else scaling
+
+
 def hf_common_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
     """The component-builder kwargs that every family reads the same way from a Hugging Face
     ``config.json`` (torchtune name <- HF name); a family keeps those its builder accepts."""
@@ -156,8 +171,8 @@ class ModelFamily:
 
 def _no_rope_scaling(name: str):
     def kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
-        if hf.get("rope_scaling"):
-            raise NotThisFamily(f"{name}: no RoPE scaling, got rope_scaling={hf['rope_scaling']!r}")
+        if rope_scaling(hf):
+            raise NotThisFamily(f"{name}: no RoPE scaling, got {rope_scaling(hf)!r}")
         return {}
 
     return kwargs
@@ -169,12 +184,12 @@ def _llama3_scaled_rope(name: str, *, unscaled: bool = False):
              "original_max_position_embeddings": 8192}
 
     def kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
-        scaling = hf.get("rope_scaling") or {}
+        scaling = rope_scaling(hf) or {}
         if unscaled and not scaling:  # scale factor 1 is plain RoPE (a tied unscaled Llama)
             return {"scale_factor": 1}
         if any(scaling.get(k) != v for k, v in fixed.items()):
             raise NotThisFamily(f"{name}: needs rope_scaling {fixed} and a factor, got "
-                                f"rope_scaling={hf.get('rope_scaling')!r}")
+                                f"{scaling or None!r}")
         return {"scale_factor": scaling["factor"]}
 
     return kwargs
@@ -192,8 +207,10 @@ def _qwen2_convert(to_hf: bool):
 
 
 def _qwen2_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
-    if hf.get("use_sliding_window") or hf.get("rope_scaling"):
-        raise NotThisFamily("qwen2: no sliding window or RoPE scaling in torchtune's qwen2")
+    if hf.get("use_sliding_window") or rope_scaling(hf):
+        raise NotThisFamily(f"qwen2: no sliding window or RoPE scaling in torchtune's qwen2, got "
+                            f"use_sliding_window={hf.get('use_sliding_window')!r}, RoPE scaling "
+                            f"{rope_scaling(hf)!r}")
     return {"tie_word_embeddings": bool(hf.get("tie_word_embeddings", False))}
 
 
@@ -209,6 +226,9 @@ def _gemma2_convert(to_hf: bool):
 
 
 def _gemma2_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
+    if rope_scaling(hf):
+        raise NotThisFamily(f"gemma2: no RoPE scaling in torchtune's gemma2, got "
+                            f"{rope_scaling(hf)!r}")
     out = {"sliding_window_size": hf.get("sliding_window", 4096)}
     if hf.get("query_pre_attn_scalar") is not None:
         out["query_pre_attn_scalar"] = hf["query_pre_attn_scalar"]
@@ -251,14 +271,18 @@ def _phi3_convert(to_hf: bool):
 
 
 def _phi3_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
-    if hf.get("rope_scaling") or hf.get("sliding_window"):
-        raise NotThisFamily("phi3: no RoPE scaling or sliding window in torchtune's phi3")
+    if rope_scaling(hf) or hf.get("sliding_window"):
+        raise NotThisFamily(f"phi3: no RoPE scaling or sliding window in torchtune's phi3, got "
+                            f"RoPE scaling {rope_scaling(hf)!r}, "
+                            f"sliding_window={hf.get('sliding_window')!r}")
     return {}
 
 
 def _mistral_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
-    if hf.get("sliding_window") or hf.get("rope_scaling"):
-        raise NotThisFamily("mistral: no sliding window or RoPE scaling in torchtune's mistral")
+    if hf.get("sliding_window") or rope_scaling(hf):
+        raise NotThisFamily(f"mistral: no sliding window or RoPE scaling in torchtune's mistral, "
+                            f"got sliding_window={hf.get('sliding_window')!r}, RoPE scaling "
+                            f"{rope_scaling(hf)!r}")
     return {}
 
 

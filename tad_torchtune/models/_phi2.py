@@ -32,7 +32,12 @@ from torchtune.modules import (
     TransformerSelfAttentionLayer,
 )
 
-from tad_torchtune.models._families import ModelFamily, NotThisFamily, register_family
+from tad_torchtune.models._families import (
+    ModelFamily,
+    NotThisFamily,
+    register_family,
+    rope_scaling,
+)
 
 StateDict = dict[str, Tensor]
 
@@ -229,9 +234,8 @@ def hf_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
     rope = hf.get("rope_parameters") or {}
     if hf.get("qk_layernorm"):
         raise NotThisFamily("phi2: no qk_layernorm (Phi-2 has none), got qk_layernorm=true")
-    if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-        raise NotThisFamily(f"phi2: no RoPE scaling, got rope_scaling={hf.get('rope_scaling')!r}, "
-                            f"rope_parameters={hf.get('rope_parameters')!r}")
+    if rope_scaling(hf):
+        raise NotThisFamily(f"phi2: no RoPE scaling, got {rope_scaling(hf)!r}")
     act = hf.get("hidden_act", "gelu_new")
     if act not in TANH_GELUS:
         raise NotThisFamily(f"phi2: the MLP is GELU with the tanh approximation {TANH_GELUS}, "

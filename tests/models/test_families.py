@@ -1,11 +1,22 @@
 """Model families (``models/_families.py``): one ``register_family`` call is all a new family
 needs, and a config.json no family can build is named."""
 
+import json
+
 import pytest
 import torch
 
 from tad_torchtune.models import init_student_from_teacher, pruned_student, save_hf_checkpoint
-from tests.helpers.teachers import ATOL, SEQ, VOCAB, hf_config, hf_logits, logits_of, randomize_
+from tests.helpers.teachers import (
+    ATOL,
+    CASES,
+    SEQ,
+    VOCAB,
+    hf_config,
+    hf_logits,
+    logits_of,
+    randomize_,
+)
 
 
 def test_register_family_is_all_a_new_family_needs(tmp_path):
@@ -50,3 +61,51 @@ def test_model_from_hf_config_names_what_no_family_can_build():
         model_from_hf_config(cfg, where="students.x")
     with pytest.raises(ValueError, match=r"model_type='gpt2' \(registered model types: "):
         model_from_hf_config({"model_type": "gpt2"}, where="students.x")
+
+
+def _transformers5_layout(cfg: dict) -> dict:
+    """``cfg`` as transformers 5 writes a config.json: ``rope_theta``, the RoPE scaling and Phi's
+    ``partial_rotary_factor`` inside ``rope_parameters``, whose ``rope_type`` is ``"default"``
+    for plain RoPE; no ``rope_theta`` or ``rope_scaling`` at the top level."""
+    out = dict(cfg)
+    params = {"rope_theta": out.pop("rope_theta"), **(out.pop("rope_scaling", None)
+                                                       or {"rope_type": "default"})}
+    if "partial_rotary_factor" in out:
+        params["partial_rotary_factor"] = out.pop("partial_rotary_factor")
+    return {**out, "rope_parameters": params}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_config_json_written_by_transformers_5_builds_the_same_model(case, tmp_path):
+    """transformers 5 moves the RoPE settings into ``rope_parameters``; a teacher saved by it
+    (and every student exported from such a teacher) must build the model its Hub config.json
+    builds: Llama 3.1/3.2's scaled RoPE was read as plain RoPE there before, with no error."""
+    from transformers import AutoConfig
+
+    from tad_torchtune.models import model_from_hf_config
+
+    hub = hf_config(case)
+    layouts = {"hub": hub, "transformers 5": _transformers5_layout(hub)}
+    AutoConfig.for_model(**hub).save_pretrained(tmp_path)  # the installed transformers' own
+    layouts["installed transformers"] = json.loads((tmp_path / "config.json").read_text())
+    built = {}
+    for name, cfg in layouts.items():
+        with torch.device("meta"):
+            _, family = model_from_hf_config(cfg)
+        built[name] = family.name, family.kwargs_from_hf_config(cfg)
+    assert built["transformers 5"] == built["hub"]
+    assert built["installed transformers"] == built["hub"]
+    if case in ("llama3_1", "llama3_2"):
+        assert built["hub"][0] == CASES[case][0]
+        assert built["hub"][1]["scale_factor"] == hub["rope_scaling"]["factor"]
+
+
+@pytest.mark.parametrize("case", ["llama3_2", "qwen2", "mistral", "phi3", "gemma2", "phi2"])
+def test_a_rope_scaling_no_builder_has_is_refused_in_either_layout(case):
+    from tad_torchtune.models import model_from_hf_config
+
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    hub = {**hf_config(case), "rope_scaling": yarn}
+    for cfg in (hub, _transformers5_layout(hub)):
+        with pytest.raises(ValueError, match=r"no registered model family builds .*'yarn'"):
+            model_from_hf_config(cfg)
