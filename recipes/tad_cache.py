@@ -44,7 +44,12 @@ from tad_torchtune.hardware import warn_if_slow_bf16
 from tad_torchtune.head import TeacherHead
 from tad_torchtune.losses.cached import teacher_sampled, teacher_top_m
 from tad_torchtune.models import supports_flex_attention
-from tad_torchtune.models.loading import checkpoint_state, load_teacher, vocab_size_of
+from tad_torchtune.models.loading import (
+    check_model_fits_checkpoint,
+    checkpoint_state,
+    load_teacher,
+    vocab_size_of,
+)
 from tad_torchtune.parallel import barrier, init_distributed, on_rank0, parallelize
 from tad_torchtune.profiling import StepProfiler, describe
 from tad_torchtune.schema import (
@@ -110,6 +115,9 @@ class TADCacheRecipe:
                               "prepared store: use tad_torchtune.data.text_block_dataset")
         self._datasets = {"train": dataset}
         self._vocab = vocab_size_of(cfg.student_model)
+        check_model_fits_checkpoint(cfg.teacher_model, cfg.teacher_checkpointer,
+                                    model_key="teacher_model",
+                                    checkpointer_key="teacher_checkpointer")
         # built on the meta device and sharded there: a rank loads only its shards, which
         # rank 0, alone reading the checkpoint, broadcasts on several processes
         state, _ = on_rank0(partial(checkpoint_state, cfg.teacher_checkpointer,

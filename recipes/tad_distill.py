@@ -62,13 +62,14 @@ from tad_torchtune.flops import peak_flops, step_flops_per_token
 from tad_torchtune.hardware import warn_if_slow_bf16
 from tad_torchtune.head import StudentHead, TeacherHead
 from tad_torchtune.losses import DivergenceUse
-from tad_torchtune.models import save_hf_checkpoint, supports_flex_attention
+from tad_torchtune.models import resolve_teacher, save_hf_checkpoint, supports_flex_attention
 from tad_torchtune.models.loading import (
+    check_model_fits_checkpoint,
     checkpoint_state,
     load_student,
     load_teacher,
+    sizes_of,
     state_vocab_size,
-    vocab_size_of,
 )
 from tad_torchtune.parallel import (
     barrier,
@@ -81,6 +82,7 @@ from tad_torchtune.parallel import (
 from tad_torchtune.profiling import StepProfiler, describe
 from tad_torchtune.schema import (
     DISTILL,
+    check_hidden_layers,
     resolve_config_argv,
     resolve_package_paths,
     validate_config,
@@ -213,7 +215,20 @@ class TADDistillRecipe:
         # exact); its weights still initialise a pruned student.
         self._teacher_cache = (TeacherCache(self._teacher_cache_dir)
                                if self._teacher_cache_dir else None)
-        self._student_vocab = vocab_size_of(cfg.student_model)
+        # the models against their checkpoints' config.json, before any weight is read
+        check_model_fits_checkpoint(cfg.teacher_model, cfg.teacher_checkpointer,
+                                    model_key="teacher_model",
+                                    checkpointer_key="teacher_checkpointer")
+        self._student_vocab, student_layers = sizes_of(cfg.student_model)
+        if self._hidden_weight > 0:
+            check_hidden_layers(
+                self._student_hidden_layers, self._teacher_hidden_layers,
+                student_layers=student_layers,
+                teacher_layers=resolve_teacher(cfg.teacher_model)[1]["num_layers"])
+        if cfg.get("student_checkpointer") is not None:
+            check_model_fits_checkpoint(cfg.student_model, cfg.student_checkpointer,
+                                        model_key="student_model",
+                                        checkpointer_key="student_checkpointer")
         kd_loss = instantiate(cfg.kd_loss, "kd_loss") if self._kd_weight > 0 else None
         hidden_loss = (instantiate(cfg.hidden_loss, "hidden_loss") if self._hidden_weight > 0
                        else None)

@@ -174,6 +174,9 @@ def _prefixed(message: str, key: str, node: Any) -> str:
     match = _ARG_MESSAGE.match(head)
     if match and match["name"] in names:
         return f"{key}.{match['name']}: {match['rest']}"
+    dotted = re.match(r"(\w+)\.\w", head)  # an argument's own key: teacher.scale_factor: ...
+    if dotted and dotted[1] in names:
+        return f"{key}.{head}"
     return f"{key}: {message}"
 
 
@@ -189,7 +192,11 @@ def check_checkpoint_files(node: Any, key: str) -> None:
     if not folder.is_dir():
         raise ConfigError(f"{key}.checkpoint_dir: {str(folder)!r} is not a folder")
     files = node.get("checkpoint_files") or []
-    if isinstance(files, str) or hasattr(files, "keys"):
+    if isinstance(files, str):
+        raise ConfigError(f"{key}.checkpoint_files: a list of file names (or torchtune's "
+                          f"{{filename_format, max_filename}}), got the string {files!r}; "
+                          f"write [{files}]")
+    if hasattr(files, "keys"):
         return  # torchtune's {filename_format, max_filename} form: left to torchtune
     for name in list(files):
         path = folder / str(name)

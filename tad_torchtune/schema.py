@@ -414,3 +414,21 @@ def resolve_config_argv(argv: list[str]) -> list[str]:
 if __name__ == "__main__":  # the README's key tables
     for schema in (DISTILL, EVAL, PREPARE):
         print(f"### `{schema.recipe}`\n\n{schema.markdown()}\n")
+
+
+def check_hidden_layers(student: tuple[int, ...], teacher: tuple[int, ...], *,
+                        student_layers: int, teacher_layers: int) -> None:
+    """Check that ``hidden_layers``' pairs name layers the two models have: ``-1`` or an index
+    ``0..layers`` (``layers``: the final normed hidden state), once their sizes are known.
+
+    Raises:
+        ConfigError: naming ``hidden_layers``, the pair and the model's number of layers.
+    """
+    for s_i, t_i in zip(student, teacher):
+        for index, layers, model in ((s_i, student_layers, "student_model"),
+                                     (t_i, teacher_layers, "teacher_model")):
+            if not -1 <= index <= layers:
+                raise ConfigError(
+                    f"hidden_layers: the pair {[s_i, t_i]} names layer {index} of {model}, which "
+                    f"has {layers} layers; accepted: 0 to {layers} (the input of that layer; "
+                    f"{layers}: the final normed hidden state) or -1 (the same)")

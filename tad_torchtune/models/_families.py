@@ -270,18 +270,20 @@ def _phi3_convert(to_hf: bool):
     return convert
 
 
+# Phi-3's config.json (sliding_window 2047) and Mistral-7B-v0.1's (4096) name a sliding window
+# that torchtune's phi3 and mistral builders do not have: they attend over the whole row, which
+# is the same for rows up to the window, as torchtune's own checkpointer reads them.
+
+
 def _phi3_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
-    if rope_scaling(hf) or hf.get("sliding_window"):
-        raise NotThisFamily(f"phi3: no RoPE scaling or sliding window in torchtune's phi3, got "
-                            f"RoPE scaling {rope_scaling(hf)!r}, "
-                            f"sliding_window={hf.get('sliding_window')!r}")
+    if rope_scaling(hf):
+        raise NotThisFamily(f"phi3: no RoPE scaling in torchtune's phi3, got {rope_scaling(hf)!r}")
     return {}
 
 
 def _mistral_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
-    if hf.get("sliding_window") or rope_scaling(hf):
-        raise NotThisFamily(f"mistral: no sliding window or RoPE scaling in torchtune's mistral, "
-                            f"got sliding_window={hf.get('sliding_window')!r}, RoPE scaling "
+    if rope_scaling(hf):
+        raise NotThisFamily(f"mistral: no RoPE scaling in torchtune's mistral, got "
                             f"{rope_scaling(hf)!r}")
     return {}
 
@@ -357,7 +359,8 @@ def model_from_hf_config(hf: Mapping[str, Any], *, where: str = "config.json"
 
 
 def build_model(node: Mapping[str, Any] | DictConfig,
-                hf_config: Mapping[str, Any] | None = None) -> tuple[nn.Module, ModelFamily]:
+                hf_config: Mapping[str, Any] | None = None, *, key: str = "model"
+                ) -> tuple[nn.Module, ModelFamily]:
     """Instantiate a model config node and apply its family's fix-up (Gemma2's correction).
 
     The family is the one of a ``pruned_student`` (its ``distill_spec``) or of the registered
@@ -367,15 +370,26 @@ def build_model(node: Mapping[str, Any] | DictConfig,
         node: a ``_component_`` config node (a mapping or an OmegaConf node).
         hf_config: the Hugging Face ``config.json`` of the checkpoint that will be loaded into
             it, when there is one (Gemma2 reads its soft-caps from it).
+        key: the node's config key, named by errors (``student_model``).
 
     Returns:
         ``(model, family)``.
-    """
-    from torchtune import config
 
-    model = config.instantiate(node if isinstance(node, DictConfig) else OmegaConf.create(dict(node)))
+    Raises:
+        ConfigError: naming ``key``: an argument the builder does not take, or one it refuses.
+    """
+    from tad_torchtune.errors import ConfigError, instantiate
+
+    node = node if isinstance(node, DictConfig) else OmegaConf.create(dict(node))
+    model = instantiate(node, key)
     spec = getattr(model, "distill_spec", None)
-    family = get_family(spec.family) if spec is not None else resolve_teacher(node)[0]
+    if spec is not None:
+        family = get_family(spec.family)
+    else:
+        try:
+            family = resolve_teacher(node, key=key)[0]
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     return family.prepare(model, hf_config), family
 
 
@@ -387,9 +401,25 @@ class _Captured(Exception):
 
 
 def _bind(builder: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    bound = inspect.signature(builder).bind(*args, **kwargs)
+    signature = inspect.signature(builder)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as err:
+        raise _not_arguments(builder, kwargs, err) from None
     bound.apply_defaults()
     return dict(bound.arguments)
+
+
+def _not_arguments(builder: Callable[..., Any], kwargs: Mapping[str, Any],
+                   err: TypeError) -> ValueError:
+    """A ``name: not an argument of builder; accepted: ...`` error for a call that failed."""
+    params = inspect.signature(builder).parameters
+    unknown = [k for k in kwargs if k not in params]
+    name = f"{builder.__module__}.{builder.__qualname__}"
+    if not unknown:
+        return ValueError(f"_component_: {name} cannot be called so: {err}")
+    return ValueError(f"{unknown[0]}: not an argument of {name}; accepted: "
+                      f"{', '.join(params) or 'none'}")
 
 
 def _plain(node: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
@@ -398,7 +428,8 @@ def _plain(node: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
     return dict(node)
 
 
-def resolve_teacher(teacher: Mapping[str, Any] | DictConfig) -> tuple[ModelFamily, dict[str, Any]]:
+def resolve_teacher(teacher: Mapping[str, Any] | DictConfig, *, key: str = "teacher"
+                    ) -> tuple[ModelFamily, dict[str, Any]]:
     """The family and full component-builder kwargs of a teacher, without building it.
 
     Args:
@@ -406,22 +437,39 @@ def resolve_teacher(teacher: Mapping[str, Any] | DictConfig) -> tuple[ModelFamil
             a family's component builder (``{"_component_": "torchtune.models.qwen2.qwen2",
             "vocab_size": 64, ...}``) or a model builder that calls one
             (``{"_component_": "torchtune.models.qwen2_5.qwen2_5_3b"}``).
+        key: the node's name in errors (``teacher_model``; ``teacher``, the argument of
+            ``pruned_student``).
 
     Returns:
         ``(family, kwargs)`` where ``kwargs`` holds every argument of the component builder
         (defaults filled in).
 
     Raises:
-        ValueError: if ``_component_`` is missing, or the builder is not (and does not call)
-            a registered family's component builder.
+        ValueError: naming ``key``, if ``_component_`` is missing, the builder is not (and does
+            not call) a registered family's component builder, or an argument is not the
+            builder's.
     """
     node = _plain(teacher)
     path = node.pop("_component_", None)
     if not isinstance(path, str):
         raise ValueError(
-            f"teacher must be a config node with a '_component_' dotpath, got {teacher!r}"
+            f"{key}: must be a config node with a '_component_' dotpath, got {teacher!r}"
         )
-    builder = _get_component_from_path(path)
+    try:
+        builder = _get_component_from_path(path)
+    except Exception as err:  # torchtune's InstantiationError, an import error
+        raise ValueError(f"{key}._component_: {path!r} cannot be imported: "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                         ) from None
+    try:
+        return _resolve(builder, node, path)
+    except ValueError as err:
+        raise ValueError(f"{key}.{err}") from None
+
+
+def _resolve(builder: Callable[..., Any], node: dict[str, Any], path: str
+             ) -> tuple[ModelFamily, dict[str, Any]]:
+    """``resolve_teacher``'s work; its errors start with the argument they concern."""
     for family in FAMILIES.values():
         if builder is family.builder():
             return family, _bind(builder, (), node)
@@ -446,11 +494,13 @@ def resolve_teacher(teacher: Mapping[str, Any] | DictConfig) -> tuple[ModelFamil
             builder(**node)
     except _Captured as captured:
         return captured.family, captured.kwargs
+    except TypeError as err:  # an argument the model builder does not take
+        raise _not_arguments(builder, node, err) from None
     finally:
         for name, value in patched:
             module_globals[name] = value
     raise ValueError(
-        f"teacher _component_ {path!r} is neither a registered family's component builder nor a "
+        f"_component_: {path!r} is neither a registered family's component builder nor a "
         f"model builder that calls one; registered families: "
         f"{ {f.name: f.component for f in FAMILIES.values()} } (add one with register_family)"
     )

@@ -18,6 +18,7 @@ teacher's weights into it:
   truncated to ``intermediate_dim`` (``mlp_init="copy"``).
 """
 
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,7 +160,7 @@ def pruned_student(
     if tie_word_embeddings is not None:
         if "tie_word_embeddings" not in accepts:
             raise ValueError(
-                f"tie_word_embeddings={tie_word_embeddings} is not supported for family "
+                f"tie_word_embeddings: {tie_word_embeddings} is not supported for family "
                 f"{family.name!r}: its builder {family.component} has a fixed output projection"
             )
         s_kwargs["tie_word_embeddings"] = bool(tie_word_embeddings)
@@ -168,22 +169,25 @@ def pruned_student(
             s_kwargs["head_dim"] = head_dim
         elif head_dim != s_kwargs["embed_dim"] // s_kwargs["num_heads"]:
             raise ValueError(
-                f"head_dim={head_dim} is not supported for family {family.name!r}: its builder "
+                f"head_dim: {head_dim} is not supported for family {family.name!r}: its builder "
                 f"{family.component} uses embed_dim // num_heads = "
                 f"{s_kwargs['embed_dim'] // s_kwargs['num_heads']}; leave head_dim unset"
             )
 
+    if s_kwargs.get("head_dim") is None and s_kwargs["embed_dim"] % s_kwargs["num_heads"]:
+        raise ValueError(f"num_heads: {s_kwargs['num_heads']} does not divide the student's "
+                         f"embed_dim {s_kwargs['embed_dim']} (its head_dim is their quotient)")
     t_width = _width(t_kwargs)
     s_width = _width(s_kwargs)
     for name, t, s in zip(("embed_dim", "num_heads", "num_kv_heads", "head_dim"), t_width, s_width):
         if s > t:
             raise ValueError(
-                f"student {name}={s} exceeds the teacher's {t}: a student can only be as wide "
-                f"as its teacher or narrower"
+                f"{name}: the student's {s} exceeds the teacher's {t}: a student can only be as "
+                f"wide as its teacher or narrower"
             )
     if s_width[1] % s_width[2] != 0:
         raise ValueError(
-            f"num_heads={s_width[1]} must be divisible by num_kv_heads={s_width[2]}"
+            f"num_kv_heads: {s_width[2]} must divide num_heads {s_width[1]}"
         )
     # With one partial_rotary_factor, a smaller head has at most the teacher's rotated and
     # unrotated dimensions each (int(f * h) grows by at most 1 when h does), so both fit.
@@ -196,19 +200,23 @@ def pruned_student(
         s_inter, t_inter = s_kwargs.get("intermediate_dim"), t_kwargs.get("intermediate_dim")
         if s_inter is not None and t_inter is not None and s_inter > t_inter:
             raise ValueError(
-                f"mlp_init='copy' needs intermediate_dim <= the teacher's {t_inter}, got "
-                f"{s_inter}; use mlp_init='fresh' for a wider MLP"
+                f"intermediate_dim: {s_inter} exceeds the teacher's {t_inter}, which "
+                f"mlp_init='copy' needs at most; use mlp_init='fresh' for a wider MLP"
             )
 
     if teacher_layers is None:
         if num_layers > t_layers:
             raise ValueError(
-                f"num_layers={num_layers} exceeds the teacher's {t_layers} layers; pass "
+                f"num_layers: {num_layers} exceeds the teacher's {t_layers} layers; pass "
                 f"teacher_layers explicitly (repeats allowed) to build a deeper student"
             )
         chosen = evenly_spaced_layers(t_layers, num_layers)
     else:
-        chosen = [int(i) for i in teacher_layers]
+        try:
+            chosen = [operator.index(i) for i in teacher_layers]
+        except TypeError:
+            raise ValueError(f"teacher_layers must list integers, got {teacher_layers!r}"
+                             ) from None
         if len(chosen) != num_layers or any(not 0 <= i < t_layers for i in chosen):
             raise ValueError(
                 f"teacher_layers must list num_layers={num_layers} indices in [0, {t_layers}), "

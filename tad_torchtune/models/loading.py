@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from tad_torchtune.errors import check_checkpoint_files, instantiate
+from tad_torchtune.errors import ConfigError, check_checkpoint_files, instantiate
 from tad_torchtune.models._export import read_hf_checkpoint
 from tad_torchtune.models._families import build_model, model_from_hf_config
 from tad_torchtune.models._forward import output_weight
@@ -71,15 +71,42 @@ def _local_shard(full: Tensor, like: DTensor, device: torch.device) -> DTensor:
     return shard if shard.device.type == torch.device(device).type else shard.to(device)
 
 
+def check_fits(entries: Mapping[str, tuple[int, ...]], targets: Mapping[str, Tensor],
+               where: str) -> None:
+    """Check that a state dict of these ``{name: shape}`` loads strictly into a model of
+    ``targets`` (its ``state_dict()``; a DTensor's shape is the whole tensor's).
+
+    Raises:
+        ConfigError: naming ``where`` and up to three weights of each kind that do not fit:
+            missing, unexpected, or of another shape.
+    """
+    problems = []
+    missing = [n for n in targets if n not in entries]
+    unexpected = [n for n in entries if n not in targets]
+    shapes = [f"{n} {tuple(entries[n])} in the checkpoint, {tuple(t.shape)} in the model"
+              for n, t in targets.items() if n in entries and tuple(entries[n]) != tuple(t.shape)]
+    for what, names in (("missing", missing), ("unexpected", unexpected), ("shapes", shapes)):
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            problems.append(f"{len(names)} {what if what != 'shapes' else 'of another shape'}: "
+                            f"{', '.join(names[:3])}{more}")
+    if problems:
+        raise ConfigError(f"{where}: the checkpoint does not fit the model built for it ("
+                          f"{'; '.join(problems)}); the model's arguments must be those of the "
+                          f"checkpoint's config.json")
+
+
 def _from_rank0(state: Mapping[str, Tensor] | None, targets: Mapping[str, Tensor],
-                device: torch.device):
+                device: torch.device, where: str):
     """``state``'s items, read by rank 0 and broadcast one tensor at a time on ``device``: every
     rank gets rank 0's names in rank 0's order (so the same collectives run everywhere), each
-    whole tensor in its target's dtype, held only while its shard is cut."""
+    whole tensor in its target's dtype, held only while its shard is cut; first the names and
+    shapes, which every rank checks (``check_fits``)."""
     names = [None]
     if dist.get_rank() == 0:
         names = [[(name, tuple(v.shape), v.dtype) for name, v in state.items()]]
     dist.broadcast_object_list(names, src=0)
+    check_fits({name: shape for name, shape, _ in names[0]}, targets, where)
     for name, shape, dtype in names[0]:
         target = targets.get(name)
         if target is not None and dtype.is_floating_point:
@@ -96,7 +123,7 @@ def _from_rank0(state: Mapping[str, Tensor] | None, targets: Mapping[str, Tensor
 @torch.no_grad()
 def load_weights(model: nn.Module, state: Mapping[str, Tensor] | None, *, device: torch.device,
                  dtype: torch.dtype, shard_device: torch.device | None = None,
-                 from_rank0: bool = False) -> nn.Module:
+                 from_rank0: bool = False, where: str = "state dict") -> nn.Module:
     """Load a whole (torchtune-format) state dict into a model built on the meta device, strictly.
 
     Each parameter becomes the checkpoint's tensor in the meta parameter's dtype, on ``device``;
@@ -118,16 +145,19 @@ def load_weights(model: nn.Module, state: Mapping[str, Tensor] | None, *, device
         from_rank0: rank 0 alone holds ``state`` and broadcasts it tensor by tensor on
             ``device``; every rank keeps its shards (host memory: one checkpoint per machine,
             not one per process).
+        where: the config key of the checkpoint, named by errors.
 
     Raises:
-        RuntimeError: as ``load_state_dict(strict=True)``, for missing, unexpected or misshapen
-            weights (on every rank alike); or naming what is still on the meta device after the
-            load.
+        ConfigError: naming ``where``, for missing, unexpected or misshapen weights (on every
+            rank alike), before any weight is placed (``check_fits``).
+        RuntimeError: naming what is still on the meta device after the load.
     """
     shards_on = torch.device(shard_device if shard_device is not None else device)
     targets = model.state_dict()
     placed = {}
-    items = (_from_rank0(state, targets, torch.device(device)) if from_rank0
+    if not from_rank0:
+        check_fits({name: tuple(v.shape) for name, v in state.items()}, targets, where)
+    items = (_from_rank0(state, targets, torch.device(device), where) if from_rank0
              else state.items())
     for name, value in items:
         target = targets.get(name)
@@ -155,6 +185,88 @@ def hf_config_of(checkpointer: Mapping[str, Any] | DictConfig) -> dict[str, Any]
     """The ``config.json`` of a Hugging Face checkpointer node's folder, if it has one."""
     path = Path(str(checkpointer.get("checkpoint_dir", ""))).expanduser() / "config.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+#: component-builder arguments a model must share with the config.json of the checkpoint loaded
+#: into it: the weights' shapes, and what changes their function without changing a shape (the
+#: norms' epsilon, RoPE's base and Llama 3's scaling); max_seq_len may differ
+MUST_MATCH_CHECKPOINT = ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim",
+                         "intermediate_dim", "head_dim", "tie_word_embeddings", "norm_eps",
+                         "rope_base", "scale_factor")
+
+
+def check_model_fits_checkpoint(model: Mapping[str, Any] | DictConfig,
+                                checkpointer: Mapping[str, Any] | DictConfig, *,
+                                model_key: str, checkpointer_key: str) -> None:
+    """Check, before anything is read or built, that a checkpointer node's ``model_type`` and
+    model node describe the Hugging Face checkpoint in its folder (its ``config.json``): a
+    wrong one would otherwise load (a ``model_type`` that converts another family's weights
+    reorders them; a wrong RoPE base or norm epsilon changes no shape) and train on a different
+    model than the checkpoint's. A ``pruned_student`` node (whose arguments are its teacher's)
+    and a folder without ``config.json`` are left to the load.
+
+    Raises:
+        ConfigError: naming the checkpointer's ``model_type`` or the model node's key, the value
+            and the checkpoint's.
+    """
+    from torchtune.training import ModelType
+
+    from tad_torchtune.models._families import FAMILIES, NotThisFamily, resolve_teacher
+
+    pruned = str(model.get("_component_", "")).endswith("pruned_student")
+    if not pruned:
+        try:
+            family, kwargs = resolve_teacher(model, key=model_key)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    hf = hf_config_of(checkpointer)
+    if hf is None:
+        return
+    where = str(Path(str(checkpointer.get("checkpoint_dir"))).expanduser() / "config.json")
+    kind = hf.get("model_type")
+    fitting = sorted({f.checkpointer_model_type for f in FAMILIES.values()
+                      if f.hf_model_type == kind})
+    model_type = checkpointer.get("model_type")
+    if model_type is not None:
+        known = {m.name for m in ModelType} | {f.checkpointer_model_type for f in FAMILIES.values()}
+        if str(model_type) not in known and str(model_type).upper() not in known:
+            raise ConfigError(f"{checkpointer_key}.model_type: {model_type!r} is not a "
+                              f"checkpointer model type; accepted: {sorted(known)}")
+        converts = {f.hf_model_type for f in FAMILIES.values()
+                    if f.checkpointer_model_type == str(model_type).upper()}
+        if converts and kind not in converts:
+            raise ConfigError(
+                f"{checkpointer_key}.model_type: {model_type} converts the weights of Hugging "
+                f"Face model_type {' or '.join(map(repr, sorted(converts)))}, but {where} says "
+                f"{kind!r}; accepted for it: {fitting or 'no registered family'}")
+    if pruned:
+        return
+    component = model.get("_component_")
+    if family.hf_model_type != kind:
+        raise ConfigError(f"{model_key}._component_: {component} builds a {family.name} model "
+                          f"(Hugging Face model_type {family.hf_model_type!r}), but {where} says "
+                          f"{kind!r}")
+    try:
+        expected = family.kwargs_from_hf_config(hf)
+    except NotThisFamily as err:
+        raise ConfigError(f"{model_key}._component_: {component} cannot build the model of "
+                          f"{where}: {err}") from None
+    for name in ("head_dim",):  # None: embed_dim // num_heads, on either side
+        for side in (kwargs, expected):
+            if name in side and side[name] is None and side.get("num_heads"):
+                side[name] = side["embed_dim"] // side["num_heads"]
+    for name in MUST_MATCH_CHECKPOINT:
+        if name not in kwargs or name not in expected:
+            continue
+        ours, theirs = kwargs[name], expected[name]
+        if ours is None or theirs is None:  # the builder's own rule (llama2's MLP width)
+            continue
+        same = (ours == theirs if isinstance(ours, (bool, str))
+                else abs(float(ours) - float(theirs)) <= 1e-6 * abs(float(theirs)))
+        if not same:
+            key = f"{model_key}.{name}" if name in model else f"{model_key}._component_"
+            raise ConfigError(f"{key}: {component} builds {name}={ours!r}, but {where} gives "
+                              f"{theirs!r}: the model must be the checkpoint's")
 
 
 def checkpoint_state(checkpointer: DictConfig, key: str) -> dict[str, Tensor]:
@@ -193,15 +305,16 @@ def load_teacher(model: DictConfig, checkpointer: DictConfig, *, device: torch.d
             ``parallel.on_rank0``; the other ranks pass None) and broadcasts it
             (``load_weights``); every rank calls this.
     """
+    model_key = key.removesuffix("_checkpointer") + "_model"  # teacher_model
     if state is None and not from_rank0:
         state = checkpoint_state(checkpointer, key)
     with _dtype_context(dtype), torch.device("meta"):
-        teacher, _ = build_model(model, hf_config_of(checkpointer))
+        teacher, _ = build_model(model, hf_config_of(checkpointer), key=model_key)
     teacher.requires_grad_(False)
     if prepare is not None:
         prepare(teacher)
     load_weights(teacher, state, device=device, dtype=dtype, shard_device=shard_device,
-                 from_rank0=from_rank0)
+                 from_rank0=from_rank0, where=key)
     return teacher.eval()
 
 
@@ -235,7 +348,7 @@ def load_student(model: DictConfig, *, teacher_state: dict[str, Tensor] | None,
     """
     source = student_checkpointer or teacher_checkpointer
     with _dtype_context(dtype), torch.device("meta"):
-        student, _ = build_model(model, hf_config_of(source))
+        student, _ = build_model(model, hf_config_of(source), key="student_model")
     pruned = getattr(student, "distill_spec", None) is not None
 
     def weights() -> tuple[dict[str, Tensor], set[str]]:
@@ -244,7 +357,7 @@ def load_student(model: DictConfig, *, teacher_state: dict[str, Tensor] | None,
             return checkpoint_state(student_checkpointer, "student_checkpointer"), set()
         torch.manual_seed(seed)  # fresh weights, built on the host
         with _dtype_context(dtype):
-            built, _ = build_model(model, hf_config_of(source))
+            built, _ = build_model(model, hf_config_of(source), key="student_model")
         if pruned:
             init_student_from_teacher(built, teacher_state)
         return built.state_dict(), {n for n, p in built.named_parameters() if not p.requires_grad}
@@ -262,15 +375,24 @@ def load_student(model: DictConfig, *, teacher_state: dict[str, Tensor] | None,
     if prepare is not None:
         prepare(student)
     load_weights(student, state, device=device, dtype=dtype, shard_device=shard_device,
-                 from_rank0=from_rank0)
+                 from_rank0=from_rank0,
+                 where="student_checkpointer" if student_checkpointer is not None and not pruned
+                 else "student_model")
     return student.train(), Path(str(source.checkpoint_dir)), str(source.model_type)
 
 
-def vocab_size_of(model: DictConfig) -> int:
-    """The output vocabulary of a model node, built on the meta device (nothing allocated)."""
+def vocab_size_of(model: DictConfig, key: str = "student_model") -> int:
+    """The output vocabulary of a model node (config key ``key``), built on the meta device
+    (nothing allocated)."""
+    return sizes_of(model, key)[0]
+
+
+def sizes_of(model: DictConfig, key: str = "student_model") -> tuple[int, int]:
+    """``(output vocabulary, layers)`` of a model node (config key ``key``), built on the meta
+    device (nothing allocated)."""
     with torch.device("meta"):
-        built, _ = build_model(model)
-    return output_weight(built).shape[0]
+        built, _ = build_model(model, key=key)
+    return output_weight(built).shape[0], len(built.layers)
 
 
 def _folder(checkpoint_dir: str | Path, where: str) -> tuple[Path, dict[str, Any]]:
@@ -305,6 +427,9 @@ def check_hf_folder(spec: Mapping[str, Any] | DictConfig | str | Path, *, where:
         raise ValueError(f"{where}.checkpoint_dir: required (a Hugging Face checkpoint folder)")
     folder, hf = _folder(spec["checkpoint_dir"], where)
     files = spec.get("checkpoint_files")
+    if isinstance(files, str):
+        raise ValueError(f"{where}.checkpoint_files: a list of file names, got the string "
+                         f"{files!r}; write [{files}]")
     files = list(files) if files is not None else sorted(p.name for p in folder.glob("*.safetensors"))
     if not files:
         raise ValueError(f"{where}.checkpoint_dir: no *.safetensors file in {str(folder)!r}")
@@ -342,10 +467,12 @@ def load_hf_folder(spec: Mapping[str, Any] | DictConfig | str | Path, *, where: 
         node = spec["model"]
         with _dtype_context(dtype), torch.device("meta"):
             model, _ = build_model(
-                node if isinstance(node, DictConfig) else OmegaConf.create(node), hf)
+                node if isinstance(node, DictConfig) else OmegaConf.create(node), hf,
+                key=f"{where}.model")
+        check_model_fits_checkpoint(node, spec, model_key=f"{where}.model", checkpointer_key=where)
         state = _torchtune_hf_state(folder, files, str(spec["model_type"]))
     # buffers as a float32 build converted to ``dtype`` (what this function always returned)
-    load_weights(model, state, device=device, dtype=torch.float32)
+    load_weights(model, state, device=device, dtype=torch.float32, where=where)
     return model.to(dtype=dtype).eval()
 
 

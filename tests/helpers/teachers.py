@@ -66,11 +66,13 @@ CASES = {
     "phi3": ("phi3", dict(_COMMON, intermediate_dim=48, norm_eps=1e-5, rope_base=10000),
              dict(model_type="phi3", architectures=["Phi3ForCausalLM"], rope_theta=10000.0,
                   rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=64,
-                  original_max_position_embeddings=64, sliding_window=None, rope_scaling=None)),
+                  original_max_position_embeddings=64, rope_scaling=None,
+                  sliding_window=2047)),  # the Hub's Phi-3-mini-4k: no effect below 2047 tokens
     "mistral": ("mistral", dict(_COMMON, intermediate_dim=48, norm_eps=1e-5, rope_base=10000),
                 dict(model_type="mistral", architectures=["MistralForCausalLM"],
                      rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                     max_position_embeddings=64, sliding_window=None)),
+                     max_position_embeddings=64,
+                     sliding_window=4096)),  # Mistral-7B-v0.1's: no effect below 4096 tokens
     # the project's own Phi-2 builder: parallel blocks, 4 of 8 head dims rotated, biases
     # everywhere, LayerNorms, an output bias (tests/models/test_phi2.py: Phi-2's 0.4)
     "phi2": ("phi2", dict(_COMMON, intermediate_dim=48, norm_eps=1e-5, rope_base=10000.0,

@@ -12,6 +12,7 @@ from tests.helpers.teachers import (
     build_teacher,
     logits_of,
     one_rank_process_group,
+    save_teacher_hf,
     teacher_node,
     teacher_via_checkpointer,
 )
@@ -87,7 +88,8 @@ def test_load_weights_reports_what_does_not_fit():
     def load(sd):
         with torch.device("meta"):
             model, _ = build_model(OmegaConf.create(teacher_node("llama3")))
-        load_weights(model, sd, device=torch.device("cpu"), dtype=torch.float32)
+        load_weights(model, sd, device=torch.device("cpu"), dtype=torch.float32,
+                     where="teacher_checkpointer")
 
     # a non-contiguous checkpoint tensor (a converted view) becomes a contiguous parameter
     square = state["layers.0.attn.q_proj.weight"]
@@ -100,13 +102,56 @@ def test_load_weights_reports_what_does_not_fit():
     loaded = model.layers[0].attn.q_proj.weight
     assert loaded.is_contiguous() and torch.equal(loaded, square)
 
+    # one line naming the checkpoint's key and what does not fit, before any weight is placed
+    from tad_torchtune.errors import ConfigError
+
+    start = "teacher_checkpointer: the checkpoint does not fit the model built for it ("
+    end = "); the model's arguments must be those of the checkpoint's config.json"
     missing = {k: v for k, v in state.items() if k != "norm.scale"}
-    with pytest.raises(RuntimeError, match="Missing key.*norm.scale"):
+    with pytest.raises(ConfigError) as err:
         load(missing)
-    with pytest.raises(RuntimeError, match="Unexpected key.*extra.weight"):
-        load({**state, "extra.weight": torch.zeros(2)})
-    with pytest.raises(RuntimeError, match="size mismatch for output.weight"):
+    assert str(err.value) == f"{start}1 missing: norm.scale{end}"
+    with pytest.raises(ConfigError) as err:
+        load({**state, **{f"extra{i}.weight": torch.zeros(2) for i in range(5)}})
+    assert str(err.value) == (f"{start}5 unexpected: extra0.weight, extra1.weight, extra2.weight "
+                              f"and 2 more{end}")
+    with pytest.raises(ConfigError) as err:
         load({**state, "output.weight": state["output.weight"][:-1]})
+    assert str(err.value) == (f"{start}1 of another shape: output.weight ({VOCAB - 1}, 32) in "
+                              f"the checkpoint, ({VOCAB}, 32) in the model{end}")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_familys_builder_fits_its_own_checkpoint_and_a_changed_one_does_not(case, tmp_path):
+    """``check_model_fits_checkpoint`` passes every family's teacher node against its own Hub
+    folder with its family's checkpointer model type, and names a changed RoPE base, a changed
+    head count and another family's model type, each before anything is read."""
+    from omegaconf import OmegaConf
+
+    from tad_torchtune.errors import ConfigError
+    from tad_torchtune.models import FAMILIES
+    from tad_torchtune.models.loading import check_model_fits_checkpoint
+
+    family = FAMILIES[CASES[case][0]]
+    folder = save_teacher_hf(case, build_teacher(case), tmp_path / "teacher")
+    ckpt = {"checkpoint_dir": str(folder), "model_type": family.checkpointer_model_type}
+
+    def check(node=None, **changes):
+        check_model_fits_checkpoint(OmegaConf.create(node or teacher_node(case)),
+                                    OmegaConf.create({**ckpt, **changes}),
+                                    model_key="teacher_model", checkpointer_key="teacher_ckpt")
+
+    check()
+    with pytest.raises(ConfigError, match=r"^teacher_model.rope_base: .* builds rope_base=1234.0, "
+                                          r"but .*config.json gives "):
+        check({**teacher_node(case), "rope_base": 1234.0})
+    with pytest.raises(ConfigError, match=r"^teacher_model.num_heads: .* builds num_heads=2, but "
+                                          r".*config.json gives 4: the model must be the "):
+        check({**teacher_node(case), "num_heads": 2, "num_kv_heads": 2})
+    other = "QWEN2" if family.hf_model_type != "qwen2" else "GEMMA2"
+    with pytest.raises(ConfigError, match=rf"^teacher_ckpt.model_type: {other} converts the "
+                                          rf"weights of Hugging Face model_type "):
+        check(model_type=other)
 
 
 @pytest.mark.slow

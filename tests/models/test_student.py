@@ -1,5 +1,7 @@
 """Students built from tiny teachers of every family: shapes, copied weights, freezing."""
 
+import re
+
 import pytest
 import torch
 from torchtune.modules.tied_linear import TiedLinear
@@ -187,23 +189,51 @@ def test_narrow_student_truncates_per_head(case, widths, dims):
     assert torch.isfinite(project_logits(student, forward_hidden(student, tokens)[0])).all()
 
 
-@pytest.mark.parametrize(
-    "kwargs,field",
-    [
-        (dict(num_layers=5), "num_layers=5 exceeds"),
-        (dict(num_layers=2, teacher_layers=[0, 4]), "teacher_layers"),
-        (dict(num_layers=2, teacher_layers=[0]), "teacher_layers"),
-        (dict(num_layers=2, embed_dim=64), "embed_dim=64"),
-        (dict(num_layers=2, num_heads=8), "num_heads=8"),
-        (dict(num_layers=2, embed_dim=24, num_heads=3, num_kv_heads=2), "divisible"),
-        (dict(num_layers=2, mlp_init="random"), "mlp_init"),
-        (dict(num_layers=2, mlp_init="copy", intermediate_dim=64), "intermediate_dim"),
-        (dict(num_layers=2, head_dim=4), "head_dim=4"),
-    ],
-)
-def test_invalid_student_sizes_name_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=field):
+INVALID_STUDENTS = [  # (pruned_student's arguments, the start of its error: the argument's name)
+    (dict(num_layers=5), "num_layers: 5 exceeds the teacher's 4 layers"),
+    (dict(num_layers=2, teacher_layers=[0, 4]), "teacher_layers must list num_layers=2 indices"),
+    (dict(num_layers=2, teacher_layers=[0]), "teacher_layers must list num_layers=2 indices"),
+    (dict(num_layers=2, teacher_layers=[0, "a"]), "teacher_layers must list integers"),
+    (dict(num_layers=2, embed_dim=64), "embed_dim: the student's 64 exceeds the teacher's 32"),
+    (dict(num_layers=2, num_heads=8), "num_heads: the student's 8 exceeds the teacher's 4"),
+    (dict(num_layers=2, num_heads=3), "num_heads: 3 does not divide the student's embed_dim 32"),
+    (dict(num_layers=2, embed_dim=24, num_heads=3, num_kv_heads=2),
+     "num_kv_heads: 2 must divide num_heads 3"),
+    (dict(num_layers=2, mlp_init="random"), "mlp_init must be one of"),
+    (dict(num_layers=2, mlp_init="copy", intermediate_dim=64),
+     "intermediate_dim: 64 exceeds the teacher's 48"),
+    (dict(num_layers=2, head_dim=4), "head_dim: 4 is not supported"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", INVALID_STUDENTS)
+def test_invalid_student_sizes_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
         pruned_student(teacher=teacher_node("qwen2"), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(num_layers=5), "student_model.num_layers: 5 exceeds the teacher's 4 layers"),
+    (dict(num_layers=2, teacher_layers=[0, 4]), "student_model.teacher_layers: must list "),
+    (dict(num_layers=2, num_heads=3), "student_model.num_heads: 3 does not divide"),
+    (dict(num_layers=2, num_layer=2), "student_model.num_layer: not an argument of "
+                                      "tad_torchtune.models.pruned_student; accepted: teacher, "),
+    (dict(num_layers=2, teacher=dict(teacher_node("qwen2"), scale_factor=8)),
+     "student_model.teacher.scale_factor: not an argument of "
+     "torchtune.models.qwen2._component_builders.qwen2; accepted: vocab_size, "),
+    (dict(num_layers=2, teacher={"_component_": "torch.nn.Linear"}),
+     "student_model.teacher._component_: 'torch.nn.Linear' is neither a registered family's "),
+])
+def test_a_config_names_the_student_models_key(kwargs, message):
+    """Built from a config (``build_model``, as the recipes do), the error is one line naming
+    the dotted key, an argument of the teacher's node included."""
+    from tad_torchtune.errors import ConfigError
+    from tad_torchtune.models import build_model
+
+    node = {"_component_": "tad_torchtune.models.pruned_student",
+            "teacher": teacher_node("qwen2"), **kwargs}
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        build_model(node, key="student_model")
 
 
 def test_unknown_teacher_component_is_refused():
@@ -244,7 +274,7 @@ def test_student_can_change_embedding_tying(teacher_case, tie):
     if not tie:  # output projection starts from the tied teacher's embeddings, and is frozen
         assert torch.equal(student.output.weight, teacher.tok_embeddings.weight)
         assert not student.output.weight.requires_grad
-    with pytest.raises(ValueError, match="tie_word_embeddings=True is not supported"):
+    with pytest.raises(ValueError, match="^tie_word_embeddings: True is not supported"):
         pruned_student(teacher=teacher_node("mistral"), num_layers=1, tie_word_embeddings=True)
 
 

@@ -678,6 +678,54 @@ def test_config_errors_are_one_line(assets, tmp_path, overrides, message, monkey
     assert not (tmp_path / "out" / "checkpoints").exists()  # nothing heavy was built
 
 
+# Models that do not describe their checkpoint: each would load, some without a shape error (a
+# wrong RoPE base, a model_type converting another family's weights), and train a different model
+MISFITS = [
+    (["teacher_checkpointer.model_type=QWEN2"],
+     "teacher_checkpointer.model_type: QWEN2 converts the weights of Hugging Face model_type "
+     "'qwen2', but {config} says 'llama'; accepted for it: ['LLAMA2', 'LLAMA3', 'LLAMA3_2']"),
+    (["teacher_checkpointer.model_type=LLAMA32"],
+     "teacher_checkpointer.model_type: 'LLAMA32' is not a checkpointer model type; accepted: "
+     "['CLIP_TEXT', 'GEMMA', 'GEMMA2', 'LLAMA2', 'LLAMA3', 'LLAMA3_2', 'LLAMA3_VISION', "
+     "'MISTRAL', 'PHI2', 'PHI3_MINI', 'PHI4', 'QWEN2', 'REWARD', 'T5_ENCODER']"),
+    (["teacher_model.rope_base=10000"],
+     "teacher_model.rope_base: torchtune.models.llama3.llama3 builds rope_base=10000, but "
+     "{config} gives 500000.0: the model must be the checkpoint's"),
+    (["teacher_model.norm_eps=1e-6"],
+     "teacher_model.norm_eps: torchtune.models.llama3.llama3 builds norm_eps=1e-06, but "
+     "{config} gives 1e-05: the model must be the checkpoint's"),
+    (["teacher_model.num_kv_heads=4"],
+     "teacher_model.num_kv_heads: torchtune.models.llama3.llama3 builds num_kv_heads=4, but "
+     "{config} gives 2: the model must be the checkpoint's"),
+    (["teacher_model._component_=torchtune.models.qwen2.qwen2"],
+     "teacher_model._component_: torchtune.models.qwen2.qwen2 builds a qwen2 model (Hugging Face "
+     "model_type 'qwen2'), but {config} says 'llama'"),
+    (["teacher_model.scale_factor=8"],
+     "teacher_model.scale_factor: not an argument of "
+     "torchtune.models.llama3._component_builders.llama3; accepted: vocab_size, num_layers, "),
+    (["teacher_checkpointer.checkpoint_files=model.safetensors"],
+     "teacher_checkpointer.checkpoint_files: a list of file names (or torchtune's "
+     "{{filename_format, max_filename}}), got the string 'model.safetensors'; write "
+     "[model.safetensors]"),
+    (["hidden_weight=1", "hidden_loss._component_=tad_torchtune.losses.HiddenCosineLoss",
+      "hidden_layers=[[1,9]]"],
+     "hidden_layers: the pair [1, 9] names layer 9 of teacher_model, which has 4 layers; "
+     "accepted: 0 to 4 (the input of that layer; 4: the final normed hidden state) or -1 "
+     "(the same)"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", MISFITS,
+                         ids=[" ".join(o)[:40] for o, _ in MISFITS])
+def test_a_model_that_is_not_its_checkpoints_is_refused_at_set_up(
+        assets, tmp_path, overrides, message, monkeypatch, capsys):
+    line = tune.user_error("tad_distill", ["--config", _config(assets, tmp_path), *overrides],
+                           monkeypatch, capsys)
+    config = str(assets["teacher"] / "config.json")
+    assert line.startswith(f"tad_distill: error: {message.format(config=config)}"), line
+    assert not (tmp_path / "out" / "checkpoints").exists()  # nothing heavy was built
+
+
 def test_missing_and_truncated_checkpoint_files_are_named(assets, tmp_path, monkeypatch, capsys):
     import shutil
 
