@@ -1,7 +1,10 @@
-"""Corpus files, read as a stream of documents: never a whole file in memory.
+"""Corpus files, read as a stream of documents: never more than one document in memory (a
+``.txt`` file is one document, read whole: a large corpus belongs in JSON Lines or parquet).
 
-A source is a file, a folder (its files, sorted), a glob, or a list of them. The format follows
-the file name:
+A source is a file, a folder (its files, sorted; names starting with ``.`` or ``_`` left out:
+hidden files and the markers and checksums Spark and Hadoop write beside their parts, such as
+``_SUCCESS`` and ``.part-0.parquet.crc``), a glob, or a list of them. The format follows the
+file name:
 
 - ``.jsonl`` / ``.json``: one JSON object per line, the document in field ``column``; blank lines
   are skipped;
@@ -101,7 +104,8 @@ def expand_sources(source: str | os.PathLike | Sequence[str], *, where: str = "d
     for item in items:
         p = Path(resolve_asset(str(item))).expanduser()
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file())
+            found = sorted(q for q in p.iterdir()
+                           if q.is_file() and not q.name.startswith((".", "_")))
             if not found:
                 raise CorpusError(f"{where}.source: the folder {str(item)!r} holds no file; "
                                   f"accepted: a folder of {ACCEPTED_FORMATS} files")

@@ -53,6 +53,21 @@ def test_expand_sources_order_folder_glob_list(tmp_path):
     assert expand_sources("pkg://demo/jargon.jsonl.gz")[0].path == DEMO_CORPUS.resolve()
 
 
+def test_a_folder_leaves_out_hidden_files_and_sparks_markers(tmp_path):
+    """A folder written by Spark or Hadoop holds ``_SUCCESS`` and ``.crc`` checksums beside its
+    parts (refused as unsupported files before); they are not documents."""
+    for name in ("part-00000.jsonl", "part-00001.jsonl", "_SUCCESS", ".part-00000.jsonl.crc",
+                 "_metadata"):
+        (tmp_path / name).write_text('{"text": "x"}\n')
+    assert [f.path.name for f in expand_sources(str(tmp_path))] == ["part-00000.jsonl",
+                                                                    "part-00001.jsonl"]
+    only_markers = tmp_path / "markers"
+    only_markers.mkdir()
+    (only_markers / "_SUCCESS").write_text("")
+    with pytest.raises(CorpusError, match="holds no file"):
+        expand_sources(str(only_markers))
+
+
 def test_errors_name_the_key_the_file_the_line_and_what_is_accepted(tmp_path):
     def error(path, **kw):
         with pytest.raises(CorpusError) as info:
