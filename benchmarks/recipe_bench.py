@@ -258,7 +258,9 @@ def recipe_config(arch_name: str, variant: str, device: str, out: Path, *, num_b
     family, kwargs = resolve_teacher(teacher)
     hf = out / "teacher_hf"
     hf.mkdir(parents=True, exist_ok=True)
-    (hf / "config.json").write_text(json.dumps({"model_type": family.hf_model_type}))
+    # the teacher's config.json, as a checkpoint's would be (the recipe checks the model node
+    # against it)
+    (hf / "config.json").write_text(json.dumps(peer_configs(teacher, student)[0]))
     dtype = "bf16" if device == "cuda" else "fp32"
     cfg = {
         "output_dir": str(out / "run"), "seed": 0, "device": device, "dtype": dtype,

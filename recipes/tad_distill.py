@@ -56,6 +56,13 @@ from tqdm import tqdm
 from tad_torchtune.checkpointing import TrainingCheckpointer, rng_state, set_rng_state
 from tad_torchtune.common import DTYPES, full_tensor
 from tad_torchtune.data import Batch, ResumableBatchSampler, TextBlockDataset, collate
+from tad_torchtune.data.checks import (
+    build_dataset,
+    check_batch,
+    check_held_out,
+    check_row_length,
+    data_cut,
+)
 from tad_torchtune.errors import ConfigError, instantiate, reports_user_errors
 from tad_torchtune.files import atomic_write_text
 from tad_torchtune.flops import peak_flops, step_flops_per_token
@@ -219,12 +226,15 @@ class TADDistillRecipe:
         check_model_fits_checkpoint(cfg.teacher_model, cfg.teacher_checkpointer,
                                     model_key="teacher_model",
                                     checkpointer_key="teacher_checkpointer")
-        self._student_vocab, student_layers = sizes_of(cfg.student_model)
+        self._student_vocab, student_layers, student_len = sizes_of(cfg.student_model)
+        teacher_kwargs = resolve_teacher(cfg.teacher_model, key="teacher_model")[1]
+        # rows longer than either model's RoPE tables cannot run (checked per batch too)
+        self._max_seq_len = min(n for n in (student_len, teacher_kwargs.get("max_seq_len"))
+                                if n is not None)
         if self._hidden_weight > 0:
             check_hidden_layers(
                 self._student_hidden_layers, self._teacher_hidden_layers,
-                student_layers=student_layers,
-                teacher_layers=resolve_teacher(cfg.teacher_model)[1]["num_layers"])
+                student_layers=student_layers, teacher_layers=teacher_kwargs["num_layers"])
         if cfg.get("student_checkpointer") is not None:
             check_model_fits_checkpoint(cfg.student_model, cfg.student_checkpointer,
                                         model_key="student_model",
@@ -240,10 +250,12 @@ class TADDistillRecipe:
 
         # The data before the checkpoints: a wrong dataset stops the run before one is read
         self._data_fingerprints: dict[str, str | None] = {}
+        self._data_cut: dict[str, Any] = {}
         self._train_loader, self._train_sampler = self._setup_data(cfg, "dataset", train=True)
         self._val_loader = None
         if cfg.get("validation_dataset") is not None:
             self._val_loader, _ = self._setup_data(cfg, "validation_dataset", train=False)
+            check_held_out(self._train_loader.dataset, self._val_loader.dataset)
         self._steps_per_epoch = len(self._train_sampler) // self._grad_accum
         if self._max_steps_per_epoch is not None:
             self._steps_per_epoch = min(self._steps_per_epoch, self._max_steps_per_epoch)
@@ -353,14 +365,17 @@ class TADDistillRecipe:
                  else str(self._device))
         return (f"tad_distill: set up in {seconds:.1f} s on {where}: {teacher}, student "
                 f"{count(student)} ({count(p for p in student if p.requires_grad)} trainable), "
-                f"{str(self._dtype).removeprefix('torch.')}; {self._total_steps} steps of "
+                f"{str(self._dtype).removeprefix('torch.')}; {self._total_steps} "
+                f"step{'s' if self._total_steps != 1 else ''} of "
                 f"{self._batch_size * self._grad_accum * self._world_size} sequences from step "
                 f"{self.global_step}; rank 0: {memory}")
 
     def _setup_data(self, cfg: DictConfig, key: str, *, train: bool):
-        dataset = instantiate(cfg[key], key, self._tokenizer)
+        dataset = build_dataset(cfg[key], key, self._tokenizer)
+        check_row_length(dataset, key, self._tokenizer, self._max_seq_len)
         blocks = isinstance(dataset, TextBlockDataset)
         self._data_fingerprints[key] = dataset.fingerprint if blocks else None
+        self._data_cut[key] = data_cut(dataset)
         if train and self._teacher_cache is not None:
             if not blocks:
                 raise ConfigError(f"{key}._component_: a teacher cache is aligned to the blocks of a"
@@ -409,7 +424,7 @@ class TADDistillRecipe:
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-        progress.close()
+            progress.close()  # an error's line then starts a line of its own
         self._log_profile(self._profiler.stop())  # a cycle the end cut short
         saved = self._due(self._save_every)
         if self._stopping:
@@ -504,7 +519,9 @@ class TADDistillRecipe:
 
     def _prepare(self, batch: Batch) -> Batch:
         """A collated batch on the device, with document-masked attention when asked for
-        (``document_mask``) or packed (torchtune's packed rows)."""
+        (``document_mask``) or packed (torchtune's packed rows); checked on the host first
+        (``check_batch``: its rows fit the models, its ids their vocabulary)."""
+        check_batch(batch, max_seq_len=self._max_seq_len, vocab_size=self._student_vocab)
         return batch.to(self._device).with_attention(self._document_mask,
                                                      flex=self._flex_attention)
 
@@ -598,7 +615,7 @@ class TADDistillRecipe:
             "samples_in_epoch": self.step_in_epoch * self._grad_accum * self._train_sampler.global_batch,
             "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler else None,
             "rng": rng_state(), "world_size": self._world_size,
-            "data": self._data_fingerprints,
+            "data": self._data_fingerprints, "data_cut": self._data_cut,
         }
         start = time.perf_counter()
         path = self._checkpointer.save(self.global_step, self._head, self._optimizer, meta)
@@ -645,7 +662,7 @@ class TADDistillRecipe:
                       "starting from scratch", file=sys.stderr)
             return
         meta = self._checkpointer.load(path, self._head, self._optimizer)
-        self._check_same_data(meta.get("data") or {}, path)
+        self._check_same_data(meta.get("data") or {}, meta.get("data_cut") or {}, path)
         self.global_step, self.epoch = meta["global_step"], meta["epoch"]
         self.tokens_seen = meta["tokens_seen"]
         per_step = self._grad_accum * self._train_sampler.global_batch
@@ -691,17 +708,29 @@ class TADDistillRecipe:
         print(f"metrics.jsonl: {dropped} record(s) after step {self.global_step} dropped from "
               f"{str(path)!r} (this run logs from step {self.global_step + 1})", file=sys.stderr)
 
-    def _check_same_data(self, saved: dict[str, str | None], path: Path) -> None:
+    def _check_same_data(self, saved: dict[str, str | None], saved_cut: dict[str, Any],
+                         path: Path) -> None:
         """Refuse to resume on a token store other than the checkpoint's (other data or another
-        tokenizer), unless ``resume_on_different_data``."""
+        tokenizer), or on other training samples of it (another number of samples, block
+        length or token range: the data position would index other samples), unless
+        ``resume_on_different_data``."""
+        if self._resume_on_different_data:
+            return
         for key, now in self._data_fingerprints.items():
             then = saved.get(key)
-            if then is None or now is None or then == now or self._resume_on_different_data:
+            if then is None or now is None or then == now:
                 continue
             raise ConfigError(
                 f"{key}: the checkpoint {str(path)!r} was trained on the token store "
                 f"{then} and this run's is {now} (other data or another tokenizer); "
                 f"resume_on_different_data=true resumes anyway")
+        then, now = saved_cut.get("dataset"), self._data_cut.get("dataset")
+        if then is not None and now is not None and then != now:
+            raise ConfigError(
+                f"dataset: the checkpoint {str(path)!r} was trained on {then} and this run "
+                f"cuts {now} (another max_seq_len, validation_fraction or split): its data "
+                f"position would index other samples; resume_on_different_data=true resumes "
+                f"anyway")
 
     def _log_profile(self, profiled: dict[str, float] | None) -> None:
         """A profiled cycle's metrics (``tad_torchtune.profiling``), logged and printed."""

@@ -49,7 +49,7 @@ class ReportedElsewhere(Exception):
         self.status = status
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
+def user_error_types() -> tuple[type[BaseException], ...]:
     from torchtune.config._errors import ConfigError as TorchtuneConfigError
     from torchtune.config._errors import InstantiationError
 
@@ -90,7 +90,7 @@ def reports_user_errors(prog: str) -> Callable:
                     raise
                 _wait_to_be_stopped(OTHER_RANK_GRACE_S)
                 raise SystemExit(err.status) from None
-            except _user_error_types() as err:
+            except user_error_types() as err:
                 if traceback:
                     raise
                 rank = _launched_rank()
@@ -147,7 +147,7 @@ def instantiate(node: Any, key: str, *args: Any, **kwargs: Any) -> Any:
         accepted = _accepted_arguments(component)
         raise ConfigError(f"{key}.{match['name']}: not an argument of {component}; accepted: "
                           f"{', '.join(accepted)}") from None
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:  # a component's own check, a missing file
         raise ConfigError(_prefixed(one_line(err), key, node)) from None
 
 

@@ -135,7 +135,7 @@ def on_rank0(fn: Callable[[], T], share: Callable[[T], Any] = lambda _: None
     Returns:
         ``(result, shared)``: ``result`` is ``None`` on every rank but 0.
     """
-    from tad_torchtune.errors import USER_ERROR_EXIT, ReportedElsewhere, _user_error_types
+    from tad_torchtune.errors import USER_ERROR_EXIT, ReportedElsewhere, user_error_types
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         result = fn()
@@ -147,7 +147,7 @@ def on_rank0(fn: Callable[[], T], share: Callable[[T], Any] = lambda _: None
             payload = [(None, share(result))]
         except BaseException as err:  # noqa: B902 (every rank must hear of it)
             error = err
-            user = isinstance(err, _user_error_types())
+            user = isinstance(err, user_error_types())
             payload = [((user, str(err) if user else f"{type(err).__name__}: {err}"), None)]
     # the other ranks wait as long as rank 0 reads, e.g. a 37 GB checkpoint from slow storage
     group = waiting_group()

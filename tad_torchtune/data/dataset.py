@@ -114,7 +114,9 @@ class TextBlockDataset(Dataset):
             raise ValueError(
                 f"dataset: the {split} split of {source!r} is empty ({docs[1] - docs[0]} documents, "
                 f"{end - self._begin} tokens, less than one block of {max_seq_len} tokens; "
-                f"validation_fraction={validation_fraction})"
+                f"validation_fraction={validation_fraction}); accepted: a split of at least "
+                f"max_seq_len tokens (a smaller max_seq_len, another validation_fraction, more "
+                f"text)"
             )
         self._len = n_blocks
         self._seq_len = max_seq_len
@@ -134,6 +136,16 @@ class TextBlockDataset(Dataset):
     @property
     def store(self) -> TokenStore:
         return self._store
+
+    @property
+    def max_seq_len(self) -> int:
+        """Tokens per block."""
+        return self._seq_len
+
+    @property
+    def tokens(self) -> tuple[int, int]:
+        """``(start, stop)`` of this split's blocks in the store's token stream."""
+        return self._begin, self._begin + self._len * self._seq_len
 
     @property
     def num_documents(self) -> int:

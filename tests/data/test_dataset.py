@@ -102,7 +102,8 @@ def test_split_errors(tmp_path):
         TextBlockDataset(tok, source=two, max_seq_len=32, split="validation")
     assert str(info.value) == (
         f"dataset: the validation split of '{two}' is empty (1 documents, 12 tokens, less than one "
-        "block of 32 tokens; validation_fraction=0.05)")
+        "block of 32 tokens; validation_fraction=0.05); accepted: a split of at least max_seq_len "
+        "tokens (a smaller max_seq_len, another validation_fraction, more text)")
     assert len(TextBlockDataset(tok, source=two, max_seq_len=32)) == 3
 
 

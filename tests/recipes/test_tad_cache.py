@@ -245,3 +245,10 @@ def test_cache_errors_name_the_keys(assets, tmp_path, monkeypatch, capsys):
     empty.mkdir()
     line = fails(teacher_cache_dir=str(empty))
     assert f"teacher_cache_dir: {str(empty)!r} holds no teacher cache (no manifest.json)" in line
+    # tad_cache's own: blocks longer than the teacher takes, before the checkpoint is read
+    cfg = _config(assets, tmp_path / "long", teacher_cache_dir=str(tmp_path / "long_cache"))
+    cfg["dataset"]["max_seq_len"] = 100
+    line = tune.user_error("tad_cache", ["--config", str(tune.write_config(
+        cfg, tmp_path / "long.yaml"))], monkeypatch, capsys)
+    assert line == ("tad_cache: error: dataset.max_seq_len: rows of 100 tokens, but the models "
+                    "take at most 64 (their max_seq_len); accepted: at most 64")

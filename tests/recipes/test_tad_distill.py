@@ -726,6 +726,81 @@ def test_a_model_that_is_not_its_checkpoints_is_refused_at_set_up(
     assert not (tmp_path / "out" / "checkpoints").exists()  # nothing heavy was built
 
 
+ROWS = "tests.helpers.data_rows.rows"
+# Data the models cannot take, each caught in one line: at set-up where the config says the row
+# length, else at the first batch (before, a RoPE shape error, an embedding IndexError (a device
+# assert on a GPU) or a dataset's traceback at the first step)
+DATA_MISFITS = [
+    (["dataset.max_seq_len=100"],
+     "dataset.max_seq_len: rows of 100 tokens, but the models take at most 64 (their "
+     "max_seq_len); accepted: at most 64"),
+    ([f"dataset._component_={ROWS}", "dataset.length=80", "validation_dataset=null"],
+     "tokenizer.max_seq_len: a batch has rows of 80 tokens, but the models take at most 64 "
+     "(their max_seq_len); accepted: a tokenizer.max_seq_len (or the dataset's max_seq_len) of "
+     "at most 64"),
+    ([f"dataset._component_={ROWS}", "dataset.length=32", "dataset.top_id=300",
+      "validation_dataset=null"],
+     "tokenizer: the data holds token id 300, but student_model's vocabulary has 256 ids; "
+     "accepted: the models' tokenizer"),
+    ([f"dataset._component_={ROWS}", "dataset.length=32", "dataset.fail=true"],
+     f"dataset: {ROWS} cannot make its first sample: KeyError: 'prompt'"),
+    (["validation_dataset._component_=tests.helpers.data_rows.unreadable"],
+     "validation_dataset: tests.helpers.data_rows.unreadable cannot be built from this config: "
+     "RuntimeError: An error occurred while generating the dataset: line 1 is not JSON"),
+    (["validation_dataset.validation_fraction=0.2"],
+     "validation_dataset: its blocks, tokens [{v0}, {v1}) of the store {store!r}, overlap the "
+     "training blocks [0, {t1}): val_kl would be measured on trained text; give dataset and "
+     "validation_dataset the same source and validation_fraction, with "
+     "validation_dataset.split: validation"),
+    (["validation_dataset.split=train"],
+     "validation_dataset: its blocks, tokens [0, 256) of the store {store!r}, overlap the "
+     "training blocks [0, {t1}): val_kl would"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", DATA_MISFITS,
+                         ids=[" ".join(o)[-40:] for o, _ in DATA_MISFITS])
+def test_data_the_models_cannot_take_is_one_line(assets, tmp_path, overrides, message,
+                                                 monkeypatch, capsys):
+    from torchtune import config
+
+    from tad_torchtune.data import TextBlockDataset
+
+    line = tune.user_error("tad_distill", ["--config", _config(assets, tmp_path), *overrides],
+                           monkeypatch, capsys)
+    cfg = tune.base_config(assets, tmp_path)
+    tokenizer = config.instantiate(OmegaConf.create(cfg["tokenizer"]))
+    train = TextBlockDataset(tokenizer, **{k: v for k, v in cfg["dataset"].items()
+                                           if k != "_component_"})
+    held = TextBlockDataset(tokenizer, **{**{k: v for k, v in cfg["dataset"].items()
+                                             if k != "_component_"},
+                                          "split": "validation", "validation_fraction": 0.2,
+                                          "max_blocks": 8})
+    expected = message.format(store=str(train.store_path), t1=train.tokens[1],
+                              v0=held.tokens[0], v1=held.tokens[1])
+    assert line.startswith(f"tad_distill: error: {expected}"), line
+
+
+def test_a_resume_on_other_blocks_of_the_same_store_is_refused(assets, tmp_path):
+    """Another block length (or validation_fraction) cuts other blocks from the same store: the
+    checkpoint's data position would index other samples."""
+    from tad_torchtune.errors import ConfigError
+
+    out = tmp_path / "cut"
+    cfg = tune.base_config(assets, out, max_steps=2, save_every_n_steps=2, export_hf=False)
+    _recipe(cfg).train()
+    moved = {**cfg, "resume_from_checkpoint": True, "max_steps": 3,
+             "dataset": {**cfg["dataset"], "max_seq_len": 16}}
+    with pytest.raises(ConfigError) as err:
+        _recipe(moved)
+    assert str(err.value).startswith(
+        f"dataset: the checkpoint {str(out / 'checkpoints' / 'step_000002')!r} was trained on "
+        f"{{'samples': ")
+    assert "'max_seq_len': 32" in str(err.value) and "'max_seq_len': 16" in str(err.value)
+    assert _recipe({**moved, "resume_on_different_data": True}).global_step == 2
+    assert _recipe({**cfg, "resume_from_checkpoint": True, "max_steps": 3}).global_step == 2
+
+
 def test_missing_and_truncated_checkpoint_files_are_named(assets, tmp_path, monkeypatch, capsys):
     import shutil
 
