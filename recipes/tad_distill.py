@@ -334,8 +334,14 @@ class TADDistillRecipe:
                 num_training_steps=self._total_steps)
 
         self._checkpointer = TrainingCheckpointer(
-            self._output_dir / "checkpoints", rank=self._rank, keep_last=self._keep_last
-        )
+            self._output_dir / "checkpoints", rank=self._rank, keep_last=self._keep_last,
+            replace_earlier=not self._resume)
+        earlier = self._checkpointer.latest()
+        if earlier is not None and not self._resume and self._is_rank_zero:
+            print(f"tad_distill: warning: output_dir {str(self._output_dir)!r} holds an earlier "
+                  f"run's checkpoints (the newest: {earlier.name}); this run starts from step 0 "
+                  f"and deletes them at its first checkpoint; resume_from_checkpoint=true "
+                  f"continues that run", file=sys.stderr, flush=True)
         if self._resume:
             self._load_training_state()
         if self._is_rank_zero:

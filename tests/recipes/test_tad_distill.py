@@ -480,6 +480,22 @@ def test_resume_on_another_token_store_is_refused_naming_both(assets, tmp_path):
     assert forced.global_step == 2
 
 
+def test_a_run_from_scratch_in_an_earlier_runs_folder_says_it_replaces_it(assets, tmp_path,
+                                                                           capsys):
+    out = tmp_path / "again"
+    cfg = tune.base_config(assets, out, max_steps=3, save_every_n_steps=1, export_hf=False,
+                           keep_last_n_checkpoints=5)
+    _recipe(cfg).train()
+    capsys.readouterr()
+    again = _recipe({**cfg, "max_steps": 1})
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"tad_distill: warning: output_dir {str(out)!r} holds an earlier run's checkpoints (the "
+        f"newest: step_000003); this run starts from step 0 and deletes them at its first "
+        f"checkpoint; resume_from_checkpoint=true continues that run")
+    again.train()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000001"]
+
+
 def test_document_mask_reaches_the_models(assets, tmp_path, monkeypatch):
     """document_mask: true gives every batch the mask and positions of its documents (the
     models' side: tests/models/test_student.py), and TAD can normalise per document."""
