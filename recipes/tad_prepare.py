@@ -94,6 +94,10 @@ class TADPrepareRecipe:
                 b = m["build"]
                 line += (f"\n  {b['seconds']:.1f} s, {b['tokens_per_second']:,} tokens/s "
                          f"({b['engine']} engine)")
+                if b["engine"] == "batch" and self._num_workers is not None:
+                    line += (f"; num_workers={self._num_workers} not used: the Hugging Face "
+                             f"tokenizer encodes on every core itself (RAYON_NUM_THREADS "
+                             f"limits it)")
             print(line, flush=True)
             reports.append({"key": key, "path": str(store.path), "built": built,
                             "num_tokens": store.num_tokens, "num_documents": store.num_documents,
