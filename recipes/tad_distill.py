@@ -204,6 +204,12 @@ class TADDistillRecipe:
                 if folder.exists() and not folder.is_dir():
                     raise ConfigError(f"output_dir: {str(folder)!r} is a file; it must be "
                                       f"{what} or not exist")
+            earlier = TrainingCheckpointer(self._output_dir / "checkpoints").latest()
+            if earlier is not None and not self._resume:  # a restart that forgot to resume
+                raise ConfigError(
+                    f"output_dir: {str(self._output_dir)!r} holds an earlier run's checkpoints "
+                    f"(the newest: {earlier.name}); resume_from_checkpoint=true continues it; "
+                    f"to start over, delete {str(earlier.parent)!r} or choose another output_dir")
             self._output_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, self._output_dir / "config.yaml")
             logger_cfg = cfg.get("metric_logger") or OmegaConf.create({
@@ -334,14 +340,7 @@ class TADDistillRecipe:
                 num_training_steps=self._total_steps)
 
         self._checkpointer = TrainingCheckpointer(
-            self._output_dir / "checkpoints", rank=self._rank, keep_last=self._keep_last,
-            replace_earlier=not self._resume)
-        earlier = self._checkpointer.latest()
-        if earlier is not None and not self._resume and self._is_rank_zero:
-            print(f"tad_distill: warning: output_dir {str(self._output_dir)!r} holds an earlier "
-                  f"run's checkpoints (the newest: {earlier.name}); this run starts from step 0 "
-                  f"and deletes them at its first checkpoint; resume_from_checkpoint=true "
-                  f"continues that run", file=sys.stderr, flush=True)
+            self._output_dir / "checkpoints", rank=self._rank, keep_last=self._keep_last)
         if self._resume:
             self._load_training_state()
         if self._is_rank_zero:

@@ -52,17 +52,12 @@ class TrainingCheckpointer:
         root: folder holding the checkpoints.
         rank: this process's rank (rank 0 renames folders and writes ``latest``).
         keep_last: number of complete checkpoints kept; older ones are deleted.
-        replace_earlier: a run from scratch: the checkpoints already in ``root`` are an earlier
-            run's, deleted at this run's first save (kept by step number, an earlier run's
-            later steps would outlive this run's own).
     """
 
-    def __init__(self, root: str | Path, *, rank: int = 0, keep_last: int = 2,
-                 replace_earlier: bool = False) -> None:
+    def __init__(self, root: str | Path, *, rank: int = 0, keep_last: int = 2) -> None:
         self.root = Path(root)
         self.rank = rank
         self.keep_last = keep_last
-        self._earlier = set(self._complete()) if replace_earlier else set()
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint folder, or None."""
@@ -113,16 +108,11 @@ class TrainingCheckpointer:
         set_optimizer_state_dict(model, optimizer, state["optim"])
         return torch.load(path / META, weights_only=False)
 
-    def _complete(self) -> list[Path]:
-        return sorted(p for p in self.root.glob("step_*") if (p / META).is_file())
-
     def _prune(self, keep: Path) -> None:
-        earlier = [p for p in self._earlier if p != keep]
-        done = [p for p in self._complete() if p not in self._earlier or p == keep]
-        for old in earlier + done[: max(0, len(done) - self.keep_last)]:
+        done = sorted(p for p in self.root.glob("step_*") if (p / META).is_file())
+        for old in done[: max(0, len(done) - self.keep_last)]:
             if old != keep:
                 shutil.rmtree(old, ignore_errors=True)
-        self._earlier.clear()
 
 
 def rng_state() -> dict[str, Any]:

@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.skip_existing and (run_dir / "student" / "config.json").is_file():
                 print(f"demo: {name}: student exists, skipped")
                 continue
+            # every run starts afresh: a run of an earlier demo in this folder goes first
+            # (tad_distill refuses to start from scratch over another run's checkpoints)
+            shutil.rmtree(run_dir, ignore_errors=True)
             cmd = [*tune, "run", "tad_distill", "--config", args.config,
                    f"output_dir={run_dir}", f"seed={seed}", "export_hf=true",
                    *method_overrides(method, kd_loss_cfg), *args.overrides]

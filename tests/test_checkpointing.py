@@ -82,27 +82,6 @@ def test_latest_names_the_newest_and_keep_last_prunes(tmp_path):
     assert one.load(one.latest(), model, optimizer) == {"step": 8}
 
 
-def test_a_run_from_scratch_replaces_an_earlier_runs_checkpoints(tmp_path):
-    """A fresh run in a folder holding an earlier run's steps 4 and 6 keeps its own newest
-    (before, pruned by step number, its steps 2 and 4 went and the earlier 4 and 6 stayed);
-    a resumed run keeps the steps it continues from."""
-    model, optimizer = _model_and_optimizer(0)
-    earlier = TrainingCheckpointer(tmp_path, keep_last=2)
-    for step in (4, 6):
-        earlier.save(step, model, optimizer, {"run": "earlier"})
-    fresh = TrainingCheckpointer(tmp_path, keep_last=2, replace_earlier=True)
-    fresh.save(2, model, optimizer, {"run": "fresh"})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000002"]
-    fresh.save(4, model, optimizer, {"run": "fresh"})  # the earlier run's step 4 replaced
-    fresh.save(5, model, optimizer, {"run": "fresh"})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000004", "step_000005"]
-    assert fresh.load(tmp_path / "step_000004", model, optimizer) == {"run": "fresh"}
-    resumed = TrainingCheckpointer(tmp_path, keep_last=3)
-    resumed.save(6, model, optimizer, {"run": "resumed"})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000004", "step_000005",
-                                                          "step_000006"]
-
-
 def test_a_save_killed_before_publication_is_never_latest(tmp_path, monkeypatch):
     """A process killed while writing leaves ``.step_N.incomplete``: ``latest`` still names the
     previous checkpoint, which loads, and saving step N again starts over."""

@@ -480,20 +480,24 @@ def test_resume_on_another_token_store_is_refused_naming_both(assets, tmp_path):
     assert forced.global_step == 2
 
 
-def test_a_run_from_scratch_in_an_earlier_runs_folder_says_it_replaces_it(assets, tmp_path,
-                                                                           capsys):
+def test_a_run_from_scratch_in_an_earlier_runs_folder_is_refused(assets, tmp_path, capsys):
+    """A restart that forgot resume_from_checkpoint would delete the earlier run's checkpoints
+    and metrics; it is refused before anything is written, naming the way on."""
+    from tad_torchtune.errors import ConfigError
+
     out = tmp_path / "again"
-    cfg = tune.base_config(assets, out, max_steps=3, save_every_n_steps=1, export_hf=False,
-                           keep_last_n_checkpoints=5)
+    cfg = tune.base_config(assets, out, max_steps=3, save_every_n_steps=1, export_hf=False)
     _recipe(cfg).train()
-    capsys.readouterr()
-    again = _recipe({**cfg, "max_steps": 1})
-    assert capsys.readouterr().err.splitlines()[0] == (
-        f"tad_distill: warning: output_dir {str(out)!r} holds an earlier run's checkpoints (the "
-        f"newest: step_000003); this run starts from step 0 and deletes them at its first "
-        f"checkpoint; resume_from_checkpoint=true continues that run")
-    again.train()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000001"]
+    metrics = (out / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError) as err:
+        _recipe({**cfg, "max_steps": 1})
+    assert str(err.value) == (
+        f"output_dir: {str(out)!r} holds an earlier run's checkpoints (the newest: step_000003); "
+        f"resume_from_checkpoint=true continues it; to start over, delete "
+        f"{str(out / 'checkpoints')!r} or choose another output_dir")
+    assert (out / "metrics.jsonl").read_text() == metrics
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "latest", "step_000002", "step_000003"]
 
 
 def test_document_mask_reaches_the_models(assets, tmp_path, monkeypatch):
