@@ -90,6 +90,7 @@ from tad_torchtune.profiling import StepProfiler, describe
 from tad_torchtune.schema import (
     DISTILL,
     check_hidden_layers,
+    divergence_node,
     resolve_config_argv,
     resolve_package_paths,
     validate_config,
@@ -245,7 +246,14 @@ class TADDistillRecipe:
             check_model_fits_checkpoint(cfg.student_model, cfg.student_checkpointer,
                                         model_key="student_model",
                                         checkpointer_key="student_checkpointer")
-        kd_loss = instantiate(cfg.kd_loss, "kd_loss") if self._kd_weight > 0 else None
+        kd_loss = None
+        if self._kd_weight > 0:
+            node, dropped = divergence_node(cfg)
+            if dropped and self._is_rank_zero:
+                print(f"tad_distill: warning: kd_loss: {', '.join(dropped)} left out: "
+                      f"{node._component_} takes no such argument (another divergence's, left "
+                      f"by swapping the loss)", file=sys.stderr, flush=True)
+            kd_loss = instantiate(node, "kd_loss")
         hidden_loss = (instantiate(cfg.hidden_loss, "hidden_loss") if self._hidden_weight > 0
                        else None)
         if kd_loss is not None:

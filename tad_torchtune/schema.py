@@ -432,3 +432,27 @@ def check_hidden_layers(student: tuple[int, ...], teacher: tuple[int, ...], *,
                     f"hidden_layers: the pair {[s_i, t_i]} names layer {index} of {model}, which "
                     f"has {layers} layers; accepted: 0 to {layers} (the input of that layer; "
                     f"{layers}: the final normed hidden state) or -1 (the same)")
+
+
+def divergence_node(cfg: DictConfig, key: str = "kd_loss") -> tuple[DictConfig, list[str]]:
+    """The divergence node ``key`` without the keys that another registered divergence takes and
+    its own does not: a loss swapped on the command line (``kd_loss._component_=...ForwardKLLoss``
+    on a TAD config) leaves the config file's ``k``, ``beta`` and ``abar_scope`` beside it. A key
+    no divergence takes (a typo) stays, for the builder to refuse.
+
+    Returns:
+        ``(node, the keys left out)``.
+    """
+    import inspect
+
+    from tad_torchtune.losses import DIVERGENCES
+
+    def arguments(cls: Any) -> set[str]:
+        return set(inspect.signature(cls).parameters)
+
+    own = arguments(component_class(cfg, key))
+    others = set().union(*(arguments(cls) for cls in DIVERGENCES.values()))
+    node = cfg[key]
+    dropped = [k for k in node if k != "_component_" and k not in own and k in others]
+    kept = OmegaConf.create({k: v for k, v in node.items() if k not in dropped})
+    return kept, dropped

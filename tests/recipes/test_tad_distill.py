@@ -500,6 +500,28 @@ def test_a_run_from_scratch_in_an_earlier_runs_folder_is_refused(assets, tmp_pat
         "latest", "step_000002", "step_000003"]
 
 
+def test_swapping_the_loss_in_one_argument_leaves_out_the_old_losss_keys(assets, tmp_path,
+                                                                          capsys):
+    """The README's swap (``kd_loss._component_=...ForwardKLLoss`` on a TAD config) keeps the
+    config file's k and beta, which ForwardKLLoss does not take: they are left out with a
+    warning (before, the run stopped on 'kd_loss.k: not an argument'); a typo still stops it."""
+    from tad_torchtune.errors import ConfigError
+    from tad_torchtune.losses import ForwardKLLoss
+
+    cfg = tune.base_config(assets, tmp_path / "swap", max_steps=1)
+    cfg["kd_loss"] = {**cfg["kd_loss"], "_component_": "tad_torchtune.losses.ForwardKLLoss"}
+    capsys.readouterr()
+    recipe = _recipe(cfg)
+    assert type(recipe._head.kd_loss) is ForwardKLLoss
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "tad_distill: warning: kd_loss: k, beta left out: tad_torchtune.losses.ForwardKLLoss "
+        "takes no such argument (another divergence's, left by swapping the loss)")
+    cfg["kd_loss"]["kk"] = 3
+    with pytest.raises(ConfigError, match="^kd_loss.kk: not an argument of "
+                                          "tad_torchtune.losses.ForwardKLLoss"):
+        _recipe({**cfg, "output_dir": str(tmp_path / "typo")})
+
+
 def test_document_mask_reaches_the_models(assets, tmp_path, monkeypatch):
     """document_mask: true gives every batch the mask and positions of its documents (the
     models' side: tests/models/test_student.py), and TAD can normalise per document."""
