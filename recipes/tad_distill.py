@@ -119,6 +119,31 @@ class Stopped(Exception):
         self.step, self.checkpoint = step, checkpoint
 
 
+def changed_settings(then: dict[str, Any], now: dict[str, Any], step: int) -> list[str]:
+    """What a resume at ``step`` does with settings that differ from the checkpoint's run, one
+    line each: the optimizer's state (its learning rate and hyperparameters) and the scheduler's
+    are the checkpoint's; the schedule follows this run's length; the loss is this run's."""
+    lines = []
+    if "optimizer" in then and then["optimizer"] != now["optimizer"]:
+        lines.append(f"optimizer: {now['optimizer']} differs from the checkpoint's run "
+                     f"{then['optimizer']}; its optimizer state is restored, its learning rate "
+                     f"and hyperparameters included: this run's optimizer settings do not apply")
+    if "lr_scheduler" in then and then["lr_scheduler"] != now["lr_scheduler"]:
+        lines.append(f"lr_scheduler: {now['lr_scheduler']} differs from the checkpoint's run "
+                     f"{then['lr_scheduler']}; the checkpoint's scheduler state is loaded into "
+                     f"this run's scheduler")
+    if (now.get("lr_scheduler") is not None and "total_steps" in then
+            and then["total_steps"] != now["total_steps"]):
+        lines.append(f"max_steps: this run is {now['total_steps']} steps, the checkpoint's "
+                     f"{then['total_steps']}: the schedule is this run's, so the learning rate "
+                     f"changes at step {step + 1} (not where the checkpoint's run would have had it)")
+    if "kd_loss" in then and then["kd_loss"] != now["kd_loss"]:
+        lines.append(f"kd_loss: {now['kd_loss']} differs from the checkpoint's run "
+                     f"{then['kd_loss']}: the loss (and its curve in metrics.jsonl) changes at "
+                     f"step {step + 1}")
+    return lines
+
+
 class TADDistillRecipe:
     """Distils ``teacher_model`` into ``student_model``; see the module docstring.
 
@@ -282,6 +307,11 @@ class TADDistillRecipe:
         self._total_steps = self._epochs * self._steps_per_epoch
         if self._max_steps is not None:
             self._total_steps = min(self._total_steps, self._max_steps)
+        # what a resume restores from the checkpoint or recomputes: its changes are told
+        self._settings = {key: OmegaConf.to_container(cfg[key], resolve=True)
+                          if isinstance(cfg.get(key), DictConfig) else cfg.get(key)
+                          for key in ("optimizer", "lr_scheduler", "kd_loss")}
+        self._settings["total_steps"] = self._total_steps
 
         # On several processes rank 0 alone reads the teacher's checkpoint (and builds the
         # student's fresh weights) and broadcasts them: one host copy per machine, not per rank.
@@ -629,6 +659,7 @@ class TADDistillRecipe:
             "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler else None,
             "rng": rng_state(), "world_size": self._world_size,
             "data": self._data_fingerprints, "data_cut": self._data_cut,
+            "settings": self._settings,
         }
         start = time.perf_counter()
         path = self._checkpointer.save(self.global_step, self._head, self._optimizer, meta)
@@ -676,6 +707,10 @@ class TADDistillRecipe:
             return
         meta = self._checkpointer.load(path, self._head, self._optimizer)
         self._check_same_data(meta.get("data") or {}, meta.get("data_cut") or {}, path)
+        if self._is_rank_zero:
+            for line in changed_settings(meta.get("settings") or {}, self._settings,
+                                         meta["global_step"]):
+                print(f"tad_distill: warning: {line}", file=sys.stderr, flush=True)
         self.global_step, self.epoch = meta["global_step"], meta["epoch"]
         self.tokens_seen = meta["tokens_seen"]
         per_step = self._grad_accum * self._train_sampler.global_batch

@@ -522,6 +522,37 @@ def test_swapping_the_loss_in_one_argument_leaves_out_the_old_losss_keys(assets,
         _recipe({**cfg, "output_dir": str(tmp_path / "typo")})
 
 
+def test_a_resume_with_other_settings_says_what_it_does_with_them(assets, tmp_path, capsys):
+    """The optimizer's and scheduler's states are the checkpoint's (another lr does not apply),
+    the schedule follows this run's length and the loss is this run's: each change is one
+    warning line (before, none was told, and config.yaml recorded the new lr)."""
+    out = tmp_path / "changed"
+    cfg = tune.base_config(assets, out, max_steps=2, save_every_n_steps=2, export_hf=False)
+    _recipe(cfg).train()
+    capsys.readouterr()
+    _recipe({**cfg, "resume_from_checkpoint": True})  # the same settings: nothing to tell
+    assert "warning" not in capsys.readouterr().err
+    changed = {**cfg, "resume_from_checkpoint": True, "max_steps": 4,
+               "optimizer": {**cfg["optimizer"], "lr": 1e-4},
+               "kd_loss": {**cfg["kd_loss"], "beta": 1.0}}
+    recipe = _recipe(changed)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [
+        "tad_distill: warning: optimizer: {'_component_': 'torch.optim.AdamW', 'lr': 0.0001, "
+        "'weight_decay': 0.0} differs from the checkpoint's run {'_component_': "
+        "'torch.optim.AdamW', 'lr': 0.003, 'weight_decay': 0.0}; its optimizer state is "
+        "restored, its learning rate and hyperparameters included: this run's optimizer "
+        "settings do not apply",
+        "tad_distill: warning: max_steps: this run is 4 steps, the checkpoint's 2: the schedule "
+        "is this run's, so the learning rate changes at step 3 (not where the checkpoint's run "
+        "would have had it)",
+        "tad_distill: warning: kd_loss: {'_component_': 'tad_torchtune.losses.TADLoss', 'k': 5, "
+        "'beta': 1.0} differs from the checkpoint's run {'_component_': "
+        "'tad_torchtune.losses.TADLoss', 'k': 5, 'beta': 2.0}: the loss (and its curve in "
+        "metrics.jsonl) changes at step 3"]
+    assert recipe._lr_scheduler.base_lrs == [3e-3]  # what the warning says: the checkpoint's
+
+
 def test_document_mask_reaches_the_models(assets, tmp_path, monkeypatch):
     """document_mask: true gives every batch the mask and positions of its documents (the
     models' side: tests/models/test_student.py), and TAD can normalise per document."""
