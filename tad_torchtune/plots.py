@@ -28,6 +28,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from tad_torchtune.errors import reports_user_errors  # noqa: E402
+
 _SEED_SUFFIX = re.compile(r"[_-]seed\d+$")
 
 
@@ -37,7 +39,8 @@ def read_metrics(run: str | Path) -> list[dict[str, Any]]:
     if path.is_dir():
         path = path / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"no metrics.jsonl at {str(path)!r}")
+        raise FileNotFoundError(f"runs: no metrics.jsonl at {str(path)!r}; accepted: a "
+                                f"tad_distill output_dir or its metrics.jsonl")
     rows = []
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -78,12 +81,17 @@ def group_curves(
     """
     items = runs.items() if isinstance(runs, dict) else [(run_label(r), r) for r in runs]
     grouped: dict[str, list[dict[float, float]]] = defaultdict(list)
+    fields: set[str] = set()
     for label, run in items:
-        xs, ys = metric_curve(read_metrics(run), metric)
+        records = read_metrics(run)
+        fields.update(k for r in records for k in r if k not in ("step", "tokens"))
+        xs, ys = metric_curve(records, metric)
         if xs:
             grouped[label].append(dict(zip(xs, ys)))
     if not grouped:
-        raise ValueError(f"no record with {metric!r} and 'tokens' in any of {list(runs)}")
+        raise ValueError(f"--metric: no record with {metric!r} and 'tokens' in any of "
+                         f"{[str(r) for r in (runs.values() if isinstance(runs, dict) else runs)]}"
+                         f"; accepted: a field they log: {sorted(fields)}")
     out = {}
     for label, curves in grouped.items():
         xs = sorted(set.intersection(*(set(c) for c in curves)))
@@ -195,6 +203,7 @@ def _save(fig, out_path: str | Path) -> Path:
     return out
 
 
+@reports_user_errors("python -m tad_torchtune.plots")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tad_torchtune.plots",

@@ -91,6 +91,26 @@ def test_figure1_cli_writes_png(tmp_path):
     assert_png(out)
 
 
+def test_the_plot_commands_mistakes_are_one_line(tmp_path, capsys):
+    from tad_torchtune.plots import main
+
+    run = write_run(tmp_path / "tad_seed0", [1.0, 0.8])
+    for argv, line in [
+        ([str(tmp_path / "nope"), "-o", str(tmp_path / "x.png")],
+         f"python -m tad_torchtune.plots: error: runs: no metrics.jsonl at "
+         f"{str(tmp_path / 'nope')!r}; accepted: a tad_distill output_dir or "
+         f"its metrics.jsonl"),
+        ([str(run), "--metric", "val_klx", "-o", str(tmp_path / "x.png")],
+         f"python -m tad_torchtune.plots: error: --metric: no record with 'val_klx' and 'tokens' "
+         f"in any of [{str(run)!r}]; accepted: a field they log: ['loss', 'lr', 'val_ce', 'val_kl', 'val_ppl']"),
+    ]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err.strip() == line
+
+
 def test_figure1_plots_the_mean_of_the_seeds_and_their_range(tmp_path, figures):
     runs = [write_run(tmp_path / "tad_seed0", [1.0, 0.8, 0.6]),
             write_run(tmp_path / "tad_seed1", [1.2, 1.0, 0.8, 0.7]),
