@@ -38,12 +38,19 @@ from tqdm import tqdm
 
 from tad_torchtune.common import DTYPES
 from tad_torchtune.data import collate
+from tad_torchtune.data.checks import build_dataset, check_batch, check_row_length
 from tad_torchtune.errors import ConfigError, instantiate, reports_user_errors
 from tad_torchtune.metrics import StudentMetrics, TeacherMetrics
-from tad_torchtune.models import forward_hidden, project_logits, supports_flex_attention
+from tad_torchtune.models import (
+    forward_hidden,
+    output_weight,
+    project_logits,
+    supports_flex_attention,
+)
 from tad_torchtune.models.loading import check_hf_folder, load_hf_folder
 from tad_torchtune.parallel import require_one_process
 from tad_torchtune.schema import EVAL, resolve_config_argv, resolve_package_paths
+from tad_torchtune.vocab import check_vocab_compat
 
 
 class TADEvalRecipe:
@@ -74,17 +81,23 @@ class TADEvalRecipe:
 
     def setup(self, cfg: DictConfig) -> None:
         # Tokenizer before the dataset (which tokenizes with it); models last, the heaviest part.
+        if self._output_dir.exists() and not self._output_dir.is_dir():  # now, not after it all
+            raise ConfigError(f"output_dir: {str(self._output_dir)!r} is a file; it must be a "
+                              f"folder or not exist")
         torch.manual_seed(int(EVAL.get(cfg, "seed")))
         tokenizer = instantiate(cfg.tokenizer, "tokenizer")
-        dataset = instantiate(cfg.dataset, "dataset", tokenizer)
+        dataset = build_dataset(cfg.dataset, "dataset", tokenizer)
         if len(dataset) == 0:
             raise ValueError("dataset: the held-out set is empty")
         self._dataset = dataset
         self._data_desc = {k: v for k, v in OmegaConf.to_container(cfg.dataset).items()}
-        # every folder checked before any model loads: a wrong last student costs no loading
-        check_hf_folder(cfg.teacher, where="teacher")
-        for name, spec in cfg.students.items():
-            check_hf_folder(spec, where=f"students.{name}")
+        # every folder checked before any model loads: a wrong last student costs no loading;
+        # rows longer than a model built from its config.json takes, too
+        folders = {"teacher": cfg.teacher} | {f"students.{n}": s for n, s in cfg.students.items()}
+        for where, spec in folders.items():
+            _, hf, _ = check_hf_folder(spec, where=where)
+            if spec.get("model") is None and hf.get("max_position_embeddings"):
+                check_row_length(dataset, "dataset", tokenizer, hf["max_position_embeddings"])
         self._teacher = load_hf_folder(cfg.teacher, where="teacher", device=self._device,
                                        dtype=self._dtype)
         self._students = {
@@ -92,6 +105,16 @@ class TADEvalRecipe:
                                       dtype=self._dtype)
             for name, spec in cfg.students.items()
         }
+        teacher_vocab = output_weight(self._teacher).shape[0]
+        for name, student in self._students.items():
+            try:
+                check_vocab_compat(teacher_vocab, output_weight(student).shape[0],
+                                   self._vocab_alignment)
+            except ValueError as err:
+                raise ConfigError(f"students.{name}: {err}") from None
+        models = [self._teacher, *self._students.values()]
+        self._max_seq_len = min(m.max_seq_len for m in models)
+        self._vocab_size = min(output_weight(m).shape[0] for m in models)
         self._flex_attention = supports_flex_attention(
             self._device, self._teacher, *self._students.values())
         self._paths = {"teacher": str(cfg.teacher.checkpoint_dir)} | {
@@ -102,6 +125,8 @@ class TADEvalRecipe:
         n = len(self._dataset)
         for start in range(0, n, self._batch_size):
             batch = collate([self._dataset[i] for i in range(start, min(n, start + self._batch_size))])
+            check_batch(batch, max_seq_len=self._max_seq_len, vocab_size=self._vocab_size,
+                        vocab_of="the smallest model")
             # the attention of tad_distill's validation
             yield batch.to(self._device).with_attention(self._document_mask,
                                                         flex=self._flex_attention)
@@ -120,7 +145,23 @@ class TADEvalRecipe:
         if self._max_batches is not None:
             n_batches = min(n_batches, int(self._max_batches))
         start = time.time()
-        for i, batch in enumerate(tqdm(self._batches(), total=n_batches, desc="tad_eval")):
+        progress = tqdm(self._batches(), total=n_batches, desc="tad_eval")
+        try:
+            self._evaluate(progress, n_batches, teacher_metrics, student_metrics)
+        finally:
+            progress.close()  # an error's line then starts a line of its own
+        return {
+            "teacher": teacher_metrics.compute(),
+            "students": {name: m.compute() for name, m in student_metrics.items()},
+            "checkpoints": self._paths,
+            "dataset": self._data_desc,
+            "num_batches": n_batches,
+            "seconds": round(time.time() - start, 2),
+        }
+
+    def _evaluate(self, batches, n_batches: int, teacher_metrics: TeacherMetrics,
+                  student_metrics: dict[str, StudentMetrics]) -> None:
+        for i, batch in enumerate(batches):
             if i >= n_batches:
                 break
             # logits in the model dtype; the metrics upcast chunk by chunk
@@ -132,14 +173,6 @@ class TADEvalRecipe:
             for name, student in self._students.items():
                 logits = project_logits(student, forward_hidden(student, tokens, **attention)[0])
                 student_metrics[name].update(logits, teacher_logits, labels)
-        return {
-            "teacher": teacher_metrics.compute(),
-            "students": {name: m.compute() for name, m in student_metrics.items()},
-            "checkpoints": self._paths,
-            "dataset": self._data_desc,
-            "num_batches": n_batches,
-            "seconds": round(time.time() - start, 2),
-        }
 
     def save(self, report: dict[str, Any]) -> dict[str, Path]:
         from tad_torchtune.plots import plot_reliability, plot_teacher_stats

@@ -90,11 +90,15 @@ def data_cut(dataset: Any) -> dict[str, Any]:
     return cut
 
 
-def check_batch(batch: Batch, *, max_seq_len: int, vocab_size: int) -> None:
+def check_batch(batch: Batch, *, max_seq_len: int, vocab_size: int,
+                vocab_of: str = "student_model") -> None:
     """Check a collated batch on the host: rows no longer than the models' ``max_seq_len`` (a
     dataset whose rows are not cut to a known length: an unbounded tokenizer) and ids below the
     student's vocabulary (a tokenizer's size says too little: a byte-level BPE has ids for bytes
     that text never holds, so only the ids the data holds are checked).
+
+    Args:
+        vocab_of: the model whose vocabulary ``vocab_size`` is, named by the error.
 
     Raises:
         ConfigError: naming what sets the length (``tokenizer.max_seq_len``) or ``tokenizer``.
@@ -107,5 +111,5 @@ def check_batch(batch: Batch, *, max_seq_len: int, vocab_size: int) -> None:
                           f"{max_seq_len}")
     top = int(batch.tokens.max()) if batch.tokens.numel() else -1
     if top >= vocab_size:
-        raise ConfigError(f"tokenizer: the data holds token id {top}, but student_model's "
+        raise ConfigError(f"tokenizer: the data holds token id {top}, but {vocab_of}'s "
                           f"vocabulary has {vocab_size} ids; accepted: the models' tokenizer")

@@ -399,6 +399,9 @@ def _folder(checkpoint_dir: str | Path, where: str) -> tuple[Path, dict[str, Any
     from tad_torchtune.data import resolve_asset
 
     folder = Path(resolve_asset(str(checkpoint_dir))).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"{where}.checkpoint_dir: {str(folder)!r} is not a folder; accepted: "
+                         f"a Hugging Face checkpoint folder")
     if not (folder / "config.json").is_file():
         raise ValueError(f"{where}.checkpoint_dir: {str(folder)!r} has no config.json")
     return folder, json.loads((folder / "config.json").read_text())
@@ -410,6 +413,10 @@ def hf_decoder(checkpoint_dir: str) -> nn.Module:
     recipes (``tad_eleuther_eval``) that load the weights with a checkpointer themselves."""
     _, hf = _folder(checkpoint_dir, "model")
     return model_from_hf_config(hf, where="model.checkpoint_dir")[0]
+
+
+#: the keys of a checkpoint folder's entry (``tad_eval``'s ``teacher`` and ``students.NAME``)
+FOLDER_KEYS = ("checkpoint_dir", "checkpoint_files", "model", "model_type")
 
 
 def check_hf_folder(spec: Mapping[str, Any] | DictConfig | str | Path, *, where: str
@@ -425,6 +432,10 @@ def check_hf_folder(spec: Mapping[str, Any] | DictConfig | str | Path, *, where:
         spec = {"checkpoint_dir": str(spec)}
     if spec is None or spec.get("checkpoint_dir") is None:
         raise ValueError(f"{where}.checkpoint_dir: required (a Hugging Face checkpoint folder)")
+    unknown = [k for k in spec if k not in FOLDER_KEYS]
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: not a key of a checkpoint folder's entry; "
+                         f"accepted: {', '.join(FOLDER_KEYS)}")
     folder, hf = _folder(spec["checkpoint_dir"], where)
     files = spec.get("checkpoint_files")
     if isinstance(files, str):

@@ -182,7 +182,8 @@ def test_tad_eval_errors_are_one_line(assets, tmp_path):
     proc = tune.run_tune(["tad_eval", "--config", str(tune.write_config(eval_cfg, tmp_path / "e.yaml"))],
                          cwd=tmp_path, check=False)
     assert tune.one_error_line(proc) == (f"tad_eval: error: students.s.checkpoint_dir: "
-                               f"{str(tmp_path / 'no_student')!r} has no config.json")
+                               f"{str(tmp_path / 'no_student')!r} is not a folder; accepted: a "
+                               f"Hugging Face checkpoint folder")
 
 
 def test_tad_eval_on_several_processes_is_refused_in_one_line(assets, tmp_path, monkeypatch,
@@ -220,9 +221,44 @@ def test_every_folder_is_checked_before_a_model_loads(assets, tmp_path, monkeypa
     args = ["--config", str(tune.write_config(eval_cfg, tmp_path / "e.yaml"))]
     line = tune.user_error("tad_eval", args, monkeypatch, capsys)
     assert line == (f"tad_eval: error: students.t.checkpoint_dir: "
-                    f"{str(tmp_path / 'no_student')!r} has no config.json")
+                    f"{str(tmp_path / 'no_student')!r} is not a folder; accepted: a Hugging "
+                    f"Face checkpoint folder")
     (tmp_path / "no_student").mkdir()  # the teacher's own error, once the students are right
     shutil.copy(assets["teacher"] / "config.json", tmp_path / "no_student")
     shutil.copy(assets["teacher"] / "model.safetensors", tmp_path / "no_student")
     line = tune.user_error("tad_eval", args, monkeypatch, capsys)
     assert line.startswith("tad_eval: error: teacher.checkpoint_dir: ") and "no_such_family" in line
+
+
+def test_what_the_models_cannot_take_is_one_line_before_they_load(assets, tmp_path, monkeypatch,
+                                                                   capsys):
+    """An output_dir that is a file (found after the whole evaluation before), a typo in a
+    folder's entry (ignored before), rows longer than the models take and a student of another
+    vocabulary (tracebacks before, or a line naming no key)."""
+    cfg = tune.base_config(assets, tmp_path)
+    base = {"output_dir": str(tmp_path / "eval"), "tokenizer": cfg["tokenizer"],
+            "dataset": cfg["validation_dataset"],
+            "teacher": {"checkpoint_dir": str(assets["teacher"])},
+            "students": {"s": {"checkpoint_dir": str(assets["teacher"])}}}
+    (tmp_path / "a_file").write_text("")
+    small = save_hf_llama(tmp_path / "small_vocab", seed=0, vocab=128)
+
+    def line(**changes):
+        eval_cfg = {**base, **changes}
+        return tune.user_error("tad_eval", ["--config", str(tune.write_config(
+            eval_cfg, tmp_path / "e.yaml"))], monkeypatch, capsys)
+
+    assert line(output_dir=str(tmp_path / "a_file")) == (
+        f"tad_eval: error: output_dir: {str(tmp_path / 'a_file')!r} is a file; it must be a "
+        f"folder or not exist")
+    assert line(students={"s": {"checkpoint_dir": str(assets["teacher"]),
+                                "checkpoint_dirr": "/x"}}) == (
+        "tad_eval: error: students.s.checkpoint_dirr: not a key of a checkpoint folder's entry; "
+        "accepted: checkpoint_dir, checkpoint_files, model, model_type")
+    assert line(dataset={**base["dataset"], "max_seq_len": 100}) == (
+        "tad_eval: error: dataset.max_seq_len: rows of 100 tokens, but the models take at most "
+        "64 (their max_seq_len); accepted: at most 64")
+    assert line(students={"small": {"checkpoint_dir": str(small)}}).startswith(
+        "tad_eval: error: students.small: vocabulary size mismatch: teacher has 256 ids, student "
+        "has 128")
+    assert not (tmp_path / "eval").exists()
