@@ -295,6 +295,10 @@ class TADDistillRecipe:
         if cfg.get("validation_dataset") is not None:
             self._val_loader, _ = self._setup_data(cfg, "validation_dataset", train=False)
             check_held_out(self._train_loader.dataset, self._val_loader.dataset)
+        elif self._eval_every and self._is_rank_zero:
+            print(f"tad_distill: warning: eval_every_n_steps={self._eval_every} with no "
+                  f"validation_dataset: no validation runs (give a validation_dataset for "
+                  f"val_kl)", file=sys.stderr, flush=True)
         self._steps_per_epoch = len(self._train_sampler) // self._grad_accum
         if self._max_steps_per_epoch is not None:
             self._steps_per_epoch = min(self._steps_per_epoch, self._max_steps_per_epoch)

@@ -553,6 +553,16 @@ def test_a_resume_with_other_settings_says_what_it_does_with_them(assets, tmp_pa
     assert recipe._lr_scheduler.base_lrs == [3e-3]  # what the warning says: the checkpoint's
 
 
+def test_a_validation_period_without_validation_data_is_told(assets, tmp_path, capsys):
+    cfg = tune.base_config(assets, tmp_path / "noval", max_steps=1, validation_dataset=None,
+                           eval_every_n_steps=1)
+    capsys.readouterr()
+    _recipe(cfg)
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "tad_distill: warning: eval_every_n_steps=1 with no validation_dataset: no validation "
+        "runs (give a validation_dataset for val_kl)")
+
+
 def test_document_mask_reaches_the_models(assets, tmp_path, monkeypatch):
     """document_mask: true gives every batch the mask and positions of its documents (the
     models' side: tests/models/test_student.py), and TAD can normalise per document."""
