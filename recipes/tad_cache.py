@@ -116,6 +116,9 @@ class TADCacheRecipe:
                               "prepared store: use tad_torchtune.data.text_block_dataset")
         self._datasets = {"train": dataset}
         self._vocab = vocab_size_of(cfg.student_model)
+        if not 1 <= self._top_m < self._vocab:  # before the cache's manifest is written
+            raise ConfigError(f"cache_top_m: {self._top_m} ids kept of a vocabulary of "
+                              f"{self._vocab}; accepted: 1 to {self._vocab - 1}")
         check_model_fits_checkpoint(cfg.teacher_model, cfg.teacher_checkpointer,
                                     model_key="teacher_model",
                                     checkpointer_key="teacher_checkpointer")

@@ -258,7 +258,8 @@ class TADDistillRecipe:
         check_model_fits_checkpoint(cfg.teacher_model, cfg.teacher_checkpointer,
                                     model_key="teacher_model",
                                     checkpointer_key="teacher_checkpointer")
-        self._student_vocab, student_layers, student_len = sizes_of(cfg.student_model)
+        self._student_vocab, student_layers, student_len, student_width = sizes_of(
+            cfg.student_model)
         teacher_kwargs = resolve_teacher(cfg.teacher_model, key="teacher_model")[1]
         # rows longer than either model's RoPE tables cannot run (checked per batch too)
         self._max_seq_len = min(n for n in (student_len, teacher_kwargs.get("max_seq_len"))
@@ -267,6 +268,11 @@ class TADDistillRecipe:
             check_hidden_layers(
                 self._student_hidden_layers, self._teacher_hidden_layers,
                 student_layers=student_layers, teacher_layers=teacher_kwargs["num_layers"])
+            if student_width != teacher_kwargs["embed_dim"]:
+                raise ConfigError(
+                    f"hidden_loss: it compares hidden states of one width, but student_model's "
+                    f"are {student_width} wide and teacher_model's {teacher_kwargs['embed_dim']}; "
+                    f"accepted: a student of the teacher's embed_dim, or hidden_weight: 0")
         if cfg.get("student_checkpointer") is not None:
             check_model_fits_checkpoint(cfg.student_model, cfg.student_checkpointer,
                                         model_key="student_model",

@@ -311,6 +311,13 @@ def validate_config(cfg: DictConfig) -> None:
     if weights["hidden_weight"] > 0 and cfg.get("hidden_loss") is None:
         raise ConfigError("hidden_loss: missing while hidden_weight > 0; give e.g. "
                           "tad_torchtune.losses.HiddenCosineLoss or set hidden_weight: 0")
+    if weights["hidden_weight"] > 0:
+        hidden_cls = component_class(cfg, "hidden_loss")
+        if isinstance(hidden_cls, type) and issubclass(hidden_cls, Divergence):
+            raise ConfigError(
+                f"hidden_loss._component_: {cfg.hidden_loss._component_!r} is a divergence of "
+                f"logits, not a loss of hidden states; accepted: "
+                f"tad_torchtune.losses.HiddenCosineLoss (a divergence goes in kd_loss)")
     layers = DISTILL.get(cfg, "hidden_layers")
     if layers is not None:
         for pair in layers:

@@ -207,7 +207,12 @@ class TeacherCache:
             # every key of either manifest: one that only a cache of other settings writes
             # (mode, document_mask) differs as much as one both write
             keys = sorted(old.keys() | manifest.keys())
-            diff = [f"{k}: {old.get(k)!r} there, {manifest.get(k)!r} now" for k in keys
+            implied = {"mode": "top_m"}  # what a manifest without the key means
+
+            def shown(m: dict, k: str) -> Any:
+                return m.get(k, implied.get(k))
+
+            diff = [f"{k}: {shown(old, k)!r} there, {shown(manifest, k)!r} now" for k in keys
                     if old.get(k) != manifest.get(k)]
             if diff:
                 raise ConfigError(

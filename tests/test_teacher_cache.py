@@ -117,11 +117,11 @@ def test_an_existing_cache_of_other_settings_is_refused_naming_them(tmp_path):
         f"teacher_cache_dir: {str(root)!r} holds a cache made with other settings (logp_dtype: "
         f"'float16' there, 'float32' now, top_m: 6 there, 8 now); give another "
         f"teacher_cache_dir or delete that one")
-    with pytest.raises(ConfigError, match=r"\(mode: None there, 'sampled' now, samples: None "
+    with pytest.raises(ConfigError, match=r"\(mode: 'top_m' there, 'sampled' now, samples: None "
                                           r"there, 4 now, seed: None there, 3 now\)"):
         _create(root, "sampled")
     sampled = _create(tmp_path / "sampled", "sampled")  # keys a bucket cache does not write
-    with pytest.raises(ConfigError, match=r"\(mode: 'sampled' there, None now, samples: 4 "
+    with pytest.raises(ConfigError, match=r"\(mode: 'sampled' there, 'top_m' now, samples: 4 "
                                           r"there, None now, seed: 3 there, None now\)"):
         _create(sampled.root)
     masked = _create(tmp_path / "masked", document_mask=True)

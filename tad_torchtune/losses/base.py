@@ -157,6 +157,11 @@ class Divergence(nn.Module):
         log-probability at ids the student would choose, which draws from the teacher cannot
         estimate without bias).
         """
+        if self.chunk_fn is None:  # a subclass written without its per-chunk math
+            raise ConfigError(
+                f"{use.key}._component_: {type(self).__module__}.{type(self).__name__} sets no "
+                f"chunk_fn; accepted: a Divergence subclass that sets chunk_fn (docs/design.md, "
+                f"'The divergence contract')")
         cache = use.cache
         if cache is None:
             return

@@ -387,12 +387,13 @@ def vocab_size_of(model: DictConfig, key: str = "student_model") -> int:
     return sizes_of(model, key)[0]
 
 
-def sizes_of(model: DictConfig, key: str = "student_model") -> tuple[int, int, int]:
-    """``(output vocabulary, layers, max_seq_len)`` of a model node (config key ``key``), built
-    on the meta device (nothing allocated)."""
+def sizes_of(model: DictConfig, key: str = "student_model") -> tuple[int, int, int, int]:
+    """``(output vocabulary, layers, max_seq_len, embed_dim)`` of a model node (config key
+    ``key``), built on the meta device (nothing allocated)."""
     with torch.device("meta"):
         built, _ = build_model(model, key=key)
-    return output_weight(built).shape[0], len(built.layers), built.max_seq_len
+    return (output_weight(built).shape[0], len(built.layers), built.max_seq_len,
+            built.tok_embeddings.embedding_dim)
 
 
 def _folder(checkpoint_dir: str | Path, where: str) -> tuple[Path, dict[str, Any]]:

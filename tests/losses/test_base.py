@@ -174,3 +174,21 @@ def test_compile_matches_eager(name, backend, chunk_size):
     v, g = loss_and_grad(compiled, student, teacher, labels)
     torch.testing.assert_close(v, eager_v, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(g, eager_g, atol=1e-8, rtol=1e-5)
+
+
+def test_a_divergence_without_its_chunk_math_is_refused_at_set_up():
+    """A user's subclass that forgot ``chunk_fn`` died at the first step with 'NoneType object
+    is not callable'; ``validate`` (run at set-up) names it."""
+    from tad_torchtune.errors import ConfigError
+    from tad_torchtune.losses import Divergence, DivergenceUse
+
+    class Unfinished(Divergence):
+        pass
+
+    with pytest.raises(ConfigError) as err:
+        Unfinished().validate(DivergenceUse(vocab_size=10))
+    assert str(err.value) == (
+        f"kd_loss._component_: {__name__}.Unfinished sets no chunk_fn; accepted: a Divergence "
+        f"subclass that sets chunk_fn (docs/design.md, 'The divergence contract')")
+    for cls in DIVERGENCES.values():  # the shipped ones all set it
+        cls().validate(DivergenceUse(vocab_size=100))

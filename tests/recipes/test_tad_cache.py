@@ -252,3 +252,10 @@ def test_cache_errors_name_the_keys(assets, tmp_path, monkeypatch, capsys):
         cfg, tmp_path / "long.yaml"))], monkeypatch, capsys)
     assert line == ("tad_cache: error: dataset.max_seq_len: rows of 100 tokens, but the models "
                     "take at most 64 (their max_seq_len); accepted: at most 64")
+    cfg = _config(assets, tmp_path / "wide", teacher_cache_dir=str(tmp_path / "wide_cache"),
+                  cache_top_m=300)
+    line = tune.user_error("tad_cache", ["--config", str(tune.write_config(
+        cfg, tmp_path / "wide.yaml"))], monkeypatch, capsys)
+    assert line == ("tad_cache: error: cache_top_m: 300 ids kept of a vocabulary of 256; "
+                    "accepted: 1 to 255")
+    assert not (tmp_path / "wide_cache").exists()  # no manifest a corrected run would refuse

@@ -791,6 +791,14 @@ MISFITS = [
      "{{filename_format, max_filename}}), got the string 'model.safetensors'; write "
      "[model.safetensors]"),
     (["hidden_weight=1", "hidden_loss._component_=tad_torchtune.losses.HiddenCosineLoss",
+      "student_model.embed_dim=16", "student_model.num_heads=2", "student_model.num_kv_heads=1"],
+     "hidden_loss: it compares hidden states of one width, but student_model's are 16 wide and "
+     "teacher_model's 32; accepted: a student of the teacher's embed_dim, or hidden_weight: 0"),
+    (["hidden_weight=1", "hidden_loss._component_=tad_torchtune.losses.TADLoss"],
+     "hidden_loss._component_: 'tad_torchtune.losses.TADLoss' is a divergence of logits, not a "
+     "loss of hidden states; accepted: tad_torchtune.losses.HiddenCosineLoss (a divergence goes "
+     "in kd_loss)"),
+    (["hidden_weight=1", "hidden_loss._component_=tad_torchtune.losses.HiddenCosineLoss",
       "hidden_layers=[[1,9]]"],
      "hidden_layers: the pair [1, 9] names layer 9 of teacher_model, which has 4 layers; "
      "accepted: 0 to 4 (the input of that layer; 4: the final normed hidden state) or -1 "
