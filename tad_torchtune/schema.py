@@ -209,7 +209,8 @@ DISTILL = Schema("tad_distill", [
     Key("hidden_loss", "`tad_torchtune.losses.HiddenCosineLoss`",
         shown="required if `hidden_weight > 0`"),
     Key("hidden_layers", "`[student_layer, teacher_layer]` pairs for the hidden loss (input of "
-        "that layer; -1 = final normed hidden state)", None, (list, type(None)),
+        "that layer; -1 = final normed hidden state), summed over the pairs", None,
+        (list, type(None)),
         shown="`[[-1, -1]]`"),
     Key("clm_weight", "weight of the student's cross-entropy (paper: 1)", 1.0, _NUM, minimum=0),
     Key("kd_weight", "weight of `kd_loss` (paper: 1)", 1.0, _NUM, minimum=0),
