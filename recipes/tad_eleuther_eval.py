@@ -36,7 +36,7 @@ from packaging.version import Version
 from torchtune import config, training, utils
 
 from tad_torchtune.schema import resolve_config_argv, resolve_package_paths
-from tad_torchtune.errors import reports_user_errors
+from tad_torchtune.errors import ConfigError, reports_user_errors
 
 MIN_LM_EVAL = "0.4.5"  # torchtune 0.6.1's own minimum
 
@@ -91,6 +91,16 @@ class StudentEvalWrapper(eleuther_eval._LLMEvalWrapper):
         self._model, self._tokenizer = model, tokenizer
         self._max_seq_length, self._batch_size = max_seq_length, batch_size
         self._dtype, self._enable_kv_cache = dtype, enable_kv_cache
+
+    def _model_call(self, inps, *args, **kwargs):
+        """torchtune's, after checking the ids against the student's vocabulary (an id past it
+        is an index error deep in the embedding, a device-side assert on a GPU)."""
+        top = int(inps.max()) if inps.numel() else -1
+        if top >= self.vocab_size:
+            raise ConfigError(f"tokenizer: the task's text holds token id {top}, but the "
+                              f"student's vocabulary has {self.vocab_size} ids; accepted: the "
+                              f"student's tokenizer")
+        return super()._model_call(inps, *args, **kwargs)
 
 
 class TADEleutherEvalRecipe(eleuther_eval.EleutherEvalRecipe):

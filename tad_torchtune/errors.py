@@ -97,12 +97,22 @@ def reports_user_errors(prog: str) -> Callable:
                 if rank:
                     _wait_to_be_stopped(OTHER_RANK_GRACE_S)
                 where = f"rank {rank}: " if rank else ""
+                _close_progress_bars()
                 print(f"{prog}: error: {where}{one_line(err)}", file=sys.stderr)
                 raise SystemExit(USER_ERROR_EXIT) from None
 
         return run
 
     return wrap
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars still open (a harness's, a loop's the error left), so that the
+    error's line starts a line of its own instead of following a bar's carriage return."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _launched_rank() -> int:

@@ -64,3 +64,11 @@ def test_eleuther_recipe_errors_are_one_line(tmp_path, monkeypatch, capsys):
         f"tad_eleuther_eval: error: tasks: 'jargon_heldoot' is neither a task, group or tag of "
         f"lm_eval nor of include_path '{TASKS_DIR}', nor a task YAML file; e.g. jargon_heldout "
         "(shipped) or hellaswag; `lm_eval ls tasks` lists them")
+    # a student whose vocabulary the tokenizer's ids pass (an IndexError before)
+    small = save_hf_llama(tmp_path / "small_vocab", seed=0, vocab=1024)
+    line = tune.user_error("tad_eleuther_eval", [
+        "--config", str(tune.bundled_config_path("eleuther_eval_student")),
+        f"output_dir={tmp_path / 'out'}", f"student_dir={small}", "limit=2"], monkeypatch, capsys)
+    assert line.startswith("tad_eleuther_eval: error: tokenizer: the task's text holds token id ")
+    assert line.endswith(", but the student's vocabulary has 1024 ids; accepted: the student's "
+                         "tokenizer")
