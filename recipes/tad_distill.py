@@ -136,7 +136,8 @@ def changed_settings(then: dict[str, Any], now: dict[str, Any], step: int) -> li
             and then["total_steps"] != now["total_steps"]):
         lines.append(f"max_steps: this run is {now['total_steps']} steps, the checkpoint's "
                      f"{then['total_steps']}: the schedule is this run's, so the learning rate "
-                     f"changes at step {step + 1} (not where the checkpoint's run would have had it)")
+                     f"changes at step {step + 1} (not where the checkpoint's run would have "
+                     f"had it)")
     if "kd_loss" in then and then["kd_loss"] != now["kd_loss"]:
         lines.append(f"kd_loss: {now['kd_loss']} differs from the checkpoint's run "
                      f"{then['kd_loss']}: the loss (and its curve in metrics.jsonl) changes at "
