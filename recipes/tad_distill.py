@@ -134,10 +134,10 @@ def changed_settings(then: dict[str, Any], now: dict[str, Any], step: int) -> li
                      f"this run's scheduler")
     if (now.get("lr_scheduler") is not None and "total_steps" in then
             and then["total_steps"] != now["total_steps"]):
-        lines.append(f"max_steps: this run is {now['total_steps']} steps, the checkpoint's "
-                     f"{then['total_steps']}: the schedule is this run's, so the learning rate "
-                     f"changes at step {step + 1} (not where the checkpoint's run would have "
-                     f"had it)")
+        lines.append(f"max_steps, epochs: this run is {now['total_steps']} steps, the "
+                     f"checkpoint's {then['total_steps']}: the schedule is this run's, so the "
+                     f"learning rate changes at step {step + 1} (not where the checkpoint's run "
+                     f"would have had it)")
     if "kd_loss" in then and then["kd_loss"] != now["kd_loss"]:
         lines.append(f"kd_loss: {now['kd_loss']} differs from the checkpoint's run "
                      f"{then['kd_loss']}: the loss (and its curve in metrics.jsonl) changes at "

@@ -456,7 +456,19 @@ def divergence_node(cfg: DictConfig, key: str = "kd_loss") -> tuple[DictConfig, 
     from tad_torchtune.losses import DIVERGENCES
 
     def arguments(cls: Any) -> set[str]:
-        return set(inspect.signature(cls).parameters)
+        """The keyword arguments ``cls`` takes, those it passes on with ``**kwargs`` to the
+        classes it derives from included."""
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            params = inspect.signature(init).parameters.values()
+            names.update(p.name for p in params
+                         if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self")
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                break
+        return names
 
     own = arguments(component_class(cfg, key))
     others = set().union(*(arguments(cls) for cls in DIVERGENCES.values()))

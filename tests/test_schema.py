@@ -100,3 +100,33 @@ def test_the_documented_key_tables_are_the_schemas(schema, doc):
     changed in one place only fails here until the table is regenerated."""
     text = (Path(__file__).parents[1] / doc).read_text()
     assert schema.markdown() in text, f"{doc}: regenerate the {schema.recipe} key table"
+
+
+
+def test_divergence_node_leaves_out_only_what_no_base_takes():
+    """A swapped loss's leftovers go; a subclass passing ``**kwargs`` on to TADLoss keeps k and
+    beta (they were dropped, and the run trained with TADLoss's defaults)."""
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from tad_torchtune.losses import TADLoss
+    from tad_torchtune.schema import divergence_node
+
+    class MyTAD(TADLoss):
+        def __init__(self, *, extra: int = 1, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.extra = extra
+
+    module = sys.modules[__name__]
+    module.MyTAD = MyTAD
+    mine = OmegaConf.create({"kd_loss": {"_component_": f"{__name__}.MyTAD", "k": 50,
+                                         "beta": 3.0, "extra": 2}})
+    node, dropped = divergence_node(mine)
+    assert dropped == [] and dict(node) == dict(mine.kd_loss)
+    swapped = OmegaConf.create({"kd_loss": {"_component_": "tad_torchtune.losses.ForwardKLLoss",
+                                            "k": 5, "beta": 2.0, "temperature": 2.0, "kk": 1}})
+    node, dropped = divergence_node(swapped)
+    assert dropped == ["k", "beta"]
+    assert dict(node) == {"_component_": "tad_torchtune.losses.ForwardKLLoss",
+                          "temperature": 2.0, "kk": 1}

@@ -22,6 +22,7 @@ works, because any model builder that calls a registered component builder is re
 """
 
 import inspect
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -463,8 +464,9 @@ def resolve_teacher(teacher: Mapping[str, Any] | DictConfig, *, key: str = "teac
                          ) from None
     try:
         return _resolve(builder, node, path)
-    except ValueError as err:
-        raise ValueError(f"{key}.{err}") from None
+    except ValueError as err:  # "name: ..." of an argument becomes "key.name: ..."
+        named = re.match(r"\w+:", str(err))
+        raise ValueError(f"{key}.{err}" if named else f"{key}: {err}") from None
 
 
 def _resolve(builder: Callable[..., Any], node: dict[str, Any], path: str

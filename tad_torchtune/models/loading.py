@@ -418,6 +418,10 @@ def hf_decoder(checkpoint_dir: str) -> nn.Module:
 
 #: the keys of a checkpoint folder's entry (``tad_eval``'s ``teacher`` and ``students.NAME``)
 FOLDER_KEYS = ("checkpoint_dir", "checkpoint_files", "model", "model_type")
+#: a torchtune checkpointer node's other keys, accepted and unused in such an entry (a training
+#: config's ``${teacher_checkpointer}``)
+CHECKPOINTER_KEYS = ("_component_", "output_dir", "adapter_checkpoint", "recipe_checkpoint",
+                     "resume_from_checkpoint", "safe_serialization", "should_load_recipe_state")
 
 
 def check_hf_folder(spec: Mapping[str, Any] | DictConfig | str | Path, *, where: str
@@ -433,7 +437,7 @@ def check_hf_folder(spec: Mapping[str, Any] | DictConfig | str | Path, *, where:
         spec = {"checkpoint_dir": str(spec)}
     if spec is None or spec.get("checkpoint_dir") is None:
         raise ValueError(f"{where}.checkpoint_dir: required (a Hugging Face checkpoint folder)")
-    unknown = [k for k in spec if k not in FOLDER_KEYS]
+    unknown = [k for k in spec if k not in FOLDER_KEYS and k not in CHECKPOINTER_KEYS]
     if unknown:
         raise ValueError(f"{where}.{unknown[0]}: not a key of a checkpoint folder's entry; "
                          f"accepted: {', '.join(FOLDER_KEYS)}")

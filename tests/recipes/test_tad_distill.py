@@ -543,9 +543,9 @@ def test_a_resume_with_other_settings_says_what_it_does_with_them(assets, tmp_pa
         "'torch.optim.AdamW', 'lr': 0.003, 'weight_decay': 0.0}; its optimizer state is "
         "restored, its learning rate and hyperparameters included: this run's optimizer "
         "settings do not apply",
-        "tad_distill: warning: max_steps: this run is 4 steps, the checkpoint's 2: the schedule "
-        "is this run's, so the learning rate changes at step 3 (not where the checkpoint's run "
-        "would have had it)",
+        "tad_distill: warning: max_steps, epochs: this run is 4 steps, the checkpoint's 2: the "
+        "schedule is this run's, so the learning rate changes at step 3 (not where the "
+        "checkpoint's run would have had it)",
         "tad_distill: warning: kd_loss: {'_component_': 'tad_torchtune.losses.TADLoss', 'k': 5, "
         "'beta': 1.0} differs from the checkpoint's run {'_component_': "
         "'tad_torchtune.losses.TADLoss', 'k': 5, 'beta': 2.0}: the loss (and its curve in "

@@ -255,6 +255,11 @@ def test_what_the_models_cannot_take_is_one_line_before_they_load(assets, tmp_pa
                                 "checkpoint_dirr": "/x"}}) == (
         "tad_eval: error: students.s.checkpoint_dirr: not a key of a checkpoint folder's entry; "
         "accepted: checkpoint_dir, checkpoint_files, model, model_type")
+    # a training config's checkpointer node as a folder's entry: its own keys are not typos
+    checkpointer = {**cfg["teacher_checkpointer"], "checkpoint_dirr": "/x"}
+    assert line(teacher=checkpointer) == (
+        "tad_eval: error: teacher.checkpoint_dirr: not a key of a checkpoint folder's entry; "
+        "accepted: checkpoint_dir, checkpoint_files, model, model_type")
     assert line(dataset={**base["dataset"], "max_seq_len": 100}) == (
         "tad_eval: error: dataset.max_seq_len: rows of 100 tokens, but the models take at most "
         "64 (their max_seq_len); accepted: at most 64")
