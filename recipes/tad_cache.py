@@ -44,7 +44,7 @@ from tad_torchtune.errors import ConfigError, instantiate, reports_user_errors
 from tad_torchtune.hardware import warn_if_slow_bf16
 from tad_torchtune.head import TeacherHead
 from tad_torchtune.losses.cached import teacher_sampled, teacher_top_m
-from tad_torchtune.models import resolve_teacher, supports_flex_attention
+from tad_torchtune.models import supports_flex_attention
 from tad_torchtune.models.loading import (
     check_model_fits_checkpoint,
     checkpoint_state,
@@ -119,10 +119,9 @@ class TADCacheRecipe:
         if not 1 <= self._top_m < self._vocab:  # before the cache's manifest is written
             raise ConfigError(f"cache_top_m: {self._top_m} ids kept of a vocabulary of "
                               f"{self._vocab}; accepted: 1 to {self._vocab - 1}")
-        check_model_fits_checkpoint(cfg.teacher_model, cfg.teacher_checkpointer,
-                                    model_key="teacher_model",
-                                    checkpointer_key="teacher_checkpointer")
-        teacher_len = resolve_teacher(cfg.teacher_model, key="teacher_model")[1].get("max_seq_len")
+        teacher_len = check_model_fits_checkpoint(
+            cfg.teacher_model, cfg.teacher_checkpointer, model_key="teacher_model",
+            checkpointer_key="teacher_checkpointer").get("max_seq_len")
         if teacher_len is not None:
             check_row_length(dataset, "dataset", tokenizer, teacher_len)
         # built on the meta device and sharded there: a rank loads only its shards, which

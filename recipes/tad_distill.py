@@ -69,7 +69,7 @@ from tad_torchtune.flops import peak_flops, step_flops_per_token
 from tad_torchtune.hardware import warn_if_slow_bf16
 from tad_torchtune.head import StudentHead, TeacherHead
 from tad_torchtune.losses import DivergenceUse
-from tad_torchtune.models import resolve_teacher, save_hf_checkpoint, supports_flex_attention
+from tad_torchtune.models import save_hf_checkpoint, supports_flex_attention
 from tad_torchtune.models.loading import (
     check_model_fits_checkpoint,
     checkpoint_state,
@@ -256,12 +256,11 @@ class TADDistillRecipe:
         self._teacher_cache = (TeacherCache(self._teacher_cache_dir)
                                if self._teacher_cache_dir else None)
         # the models against their checkpoints' config.json, before any weight is read
-        check_model_fits_checkpoint(cfg.teacher_model, cfg.teacher_checkpointer,
-                                    model_key="teacher_model",
-                                    checkpointer_key="teacher_checkpointer")
+        teacher_kwargs = check_model_fits_checkpoint(
+            cfg.teacher_model, cfg.teacher_checkpointer, model_key="teacher_model",
+            checkpointer_key="teacher_checkpointer")
         self._student_vocab, student_layers, student_len, student_width = sizes_of(
             cfg.student_model)
-        teacher_kwargs = resolve_teacher(cfg.teacher_model, key="teacher_model")[1]
         # rows longer than either model's RoPE tables cannot run (checked per batch too)
         self._max_seq_len = min(n for n in (student_len, teacher_kwargs.get("max_seq_len"))
                                 if n is not None)
@@ -478,7 +477,7 @@ class TADDistillRecipe:
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-            progress.close()  # an error's line then starts a line of its own
+        progress.close()
         self._log_profile(self._profiler.stop())  # a cycle the end cut short
         saved = self._due(self._save_every)
         if self._stopping:

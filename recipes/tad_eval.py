@@ -145,23 +145,7 @@ class TADEvalRecipe:
         if self._max_batches is not None:
             n_batches = min(n_batches, int(self._max_batches))
         start = time.time()
-        progress = tqdm(self._batches(), total=n_batches, desc="tad_eval")
-        try:
-            self._evaluate(progress, n_batches, teacher_metrics, student_metrics)
-        finally:
-            progress.close()  # an error's line then starts a line of its own
-        return {
-            "teacher": teacher_metrics.compute(),
-            "students": {name: m.compute() for name, m in student_metrics.items()},
-            "checkpoints": self._paths,
-            "dataset": self._data_desc,
-            "num_batches": n_batches,
-            "seconds": round(time.time() - start, 2),
-        }
-
-    def _evaluate(self, batches, n_batches: int, teacher_metrics: TeacherMetrics,
-                  student_metrics: dict[str, StudentMetrics]) -> None:
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(tqdm(self._batches(), total=n_batches, desc="tad_eval")):
             if i >= n_batches:
                 break
             # logits in the model dtype; the metrics upcast chunk by chunk
@@ -173,6 +157,14 @@ class TADEvalRecipe:
             for name, student in self._students.items():
                 logits = project_logits(student, forward_hidden(student, tokens, **attention)[0])
                 student_metrics[name].update(logits, teacher_logits, labels)
+        return {
+            "teacher": teacher_metrics.compute(),
+            "students": {name: m.compute() for name, m in student_metrics.items()},
+            "checkpoints": self._paths,
+            "dataset": self._data_desc,
+            "num_batches": n_batches,
+            "seconds": round(time.time() - start, 2),
+        }
 
     def save(self, report: dict[str, Any]) -> dict[str, Path]:
         from tad_torchtune.plots import plot_reliability, plot_teacher_stats

@@ -60,6 +60,14 @@ def rope_scaling(hf: Mapping[str, Any]) -> dict[str, Any] | None:
     return None if scaling.get("rope_type", "default") == "default" else scaling
 
 
+def refuse_rope_scaling(hf: Mapping[str, Any], refusal: str) -> None:
+    """Raise ``NotThisFamily("{refusal}, got {the scaling}")`` when ``config.json`` asks for a
+    RoPE scaling (``rope_scaling``), for a family whose builder has none."""
+    scaling = rope_scaling(hf)
+    if scaling:
+        raise NotThisFamily(f"{refusal}, got {scaling!r}")
+
+
 def hf_common_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
     """The component-builder kwargs that every family reads the same way from a Hugging Face
     ``config.json`` (torchtune name <- HF name); a family keeps those its builder accepts."""
@@ -172,8 +180,7 @@ class ModelFamily:
 
 def _no_rope_scaling(name: str):
     def kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
-        if rope_scaling(hf):
-            raise NotThisFamily(f"{name}: no RoPE scaling, got {rope_scaling(hf)!r}")
+        refuse_rope_scaling(hf, f"{name}: no RoPE scaling")
         return {}
 
     return kwargs
@@ -227,9 +234,7 @@ def _gemma2_convert(to_hf: bool):
 
 
 def _gemma2_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
-    if rope_scaling(hf):
-        raise NotThisFamily(f"gemma2: no RoPE scaling in torchtune's gemma2, got "
-                            f"{rope_scaling(hf)!r}")
+    refuse_rope_scaling(hf, "gemma2: no RoPE scaling in torchtune's gemma2")
     out = {"sliding_window_size": hf.get("sliding_window", 4096)}
     if hf.get("query_pre_attn_scalar") is not None:
         out["query_pre_attn_scalar"] = hf["query_pre_attn_scalar"]
@@ -277,15 +282,12 @@ def _phi3_convert(to_hf: bool):
 
 
 def _phi3_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
-    if rope_scaling(hf):
-        raise NotThisFamily(f"phi3: no RoPE scaling in torchtune's phi3, got {rope_scaling(hf)!r}")
+    refuse_rope_scaling(hf, "phi3: no RoPE scaling in torchtune's phi3")
     return {}
 
 
 def _mistral_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
-    if rope_scaling(hf):
-        raise NotThisFamily(f"mistral: no RoPE scaling in torchtune's mistral, got "
-                            f"{rope_scaling(hf)!r}")
+    refuse_rope_scaling(hf, "mistral: no RoPE scaling in torchtune's mistral")
     return {}
 
 

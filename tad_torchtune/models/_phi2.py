@@ -35,8 +35,8 @@ from torchtune.modules import (
 from tad_torchtune.models._families import (
     ModelFamily,
     NotThisFamily,
+    refuse_rope_scaling,
     register_family,
-    rope_scaling,
 )
 
 StateDict = dict[str, Tensor]
@@ -234,8 +234,7 @@ def hf_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
     rope = hf.get("rope_parameters") or {}
     if hf.get("qk_layernorm"):
         raise NotThisFamily("phi2: no qk_layernorm (Phi-2 has none), got qk_layernorm=true")
-    if rope_scaling(hf):
-        raise NotThisFamily(f"phi2: no RoPE scaling, got {rope_scaling(hf)!r}")
+    refuse_rope_scaling(hf, "phi2: no RoPE scaling")
     act = hf.get("hidden_act", "gelu_new")
     if act not in TANH_GELUS:
         raise NotThisFamily(f"phi2: the MLP is GELU with the tanh approximation {TANH_GELUS}, "

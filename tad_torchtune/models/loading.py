@@ -85,11 +85,11 @@ def check_fits(entries: Mapping[str, tuple[int, ...]], targets: Mapping[str, Ten
     unexpected = [n for n in entries if n not in targets]
     shapes = [f"{n} {tuple(entries[n])} in the checkpoint, {tuple(t.shape)} in the model"
               for n, t in targets.items() if n in entries and tuple(entries[n]) != tuple(t.shape)]
-    for what, names in (("missing", missing), ("unexpected", unexpected), ("shapes", shapes)):
+    for what, names in (("missing", missing), ("unexpected", unexpected),
+                        ("of another shape", shapes)):
         if names:
             more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-            problems.append(f"{len(names)} {what if what != 'shapes' else 'of another shape'}: "
-                            f"{', '.join(names[:3])}{more}")
+            problems.append(f"{len(names)} {what}: {', '.join(names[:3])}{more}")
     if problems:
         raise ConfigError(f"{where}: the checkpoint does not fit the model built for it ("
                           f"{'; '.join(problems)}); the model's arguments must be those of the "
@@ -197,13 +197,18 @@ MUST_MATCH_CHECKPOINT = ("vocab_size", "num_layers", "num_heads", "num_kv_heads"
 
 def check_model_fits_checkpoint(model: Mapping[str, Any] | DictConfig,
                                 checkpointer: Mapping[str, Any] | DictConfig, *,
-                                model_key: str, checkpointer_key: str) -> None:
+                                model_key: str, checkpointer_key: str
+                                ) -> dict[str, Any] | None:
     """Check, before anything is read or built, that a checkpointer node's ``model_type`` and
     model node describe the Hugging Face checkpoint in its folder (its ``config.json``): a
     wrong one would otherwise load (a ``model_type`` that converts another family's weights
     reorders them; a wrong RoPE base or norm epsilon changes no shape) and train on a different
     model than the checkpoint's. A ``pruned_student`` node (whose arguments are its teacher's)
     and a folder without ``config.json`` are left to the load.
+
+    Returns:
+        The model node's component-builder arguments (``resolve_teacher``; None for a
+        ``pruned_student``), for the caller's other checks.
 
     Raises:
         ConfigError: naming the checkpointer's ``model_type`` or the model node's key, the value
@@ -214,6 +219,7 @@ def check_model_fits_checkpoint(model: Mapping[str, Any] | DictConfig,
     from tad_torchtune.models._families import FAMILIES, NotThisFamily, resolve_teacher
 
     pruned = str(model.get("_component_", "")).endswith("pruned_student")
+    family, kwargs = None, None
     if not pruned:
         try:
             family, kwargs = resolve_teacher(model, key=model_key)
@@ -221,7 +227,7 @@ def check_model_fits_checkpoint(model: Mapping[str, Any] | DictConfig,
             raise ConfigError(str(err)) from None
     hf = hf_config_of(checkpointer)
     if hf is None:
-        return
+        return kwargs
     where = str(Path(str(checkpointer.get("checkpoint_dir"))).expanduser() / "config.json")
     kind = hf.get("model_type")
     fitting = sorted({f.checkpointer_model_type for f in FAMILIES.values()
@@ -240,7 +246,7 @@ def check_model_fits_checkpoint(model: Mapping[str, Any] | DictConfig,
                 f"Face model_type {' or '.join(map(repr, sorted(converts)))}, but {where} says "
                 f"{kind!r}; accepted for it: {fitting or 'no registered family'}")
     if pruned:
-        return
+        return None
     component = model.get("_component_")
     if family.hf_model_type != kind:
         raise ConfigError(f"{model_key}._component_: {component} builds a {family.name} model "
@@ -251,14 +257,14 @@ def check_model_fits_checkpoint(model: Mapping[str, Any] | DictConfig,
     except NotThisFamily as err:
         raise ConfigError(f"{model_key}._component_: {component} cannot build the model of "
                           f"{where}: {err}") from None
-    for name in ("head_dim",):  # None: embed_dim // num_heads, on either side
-        for side in (kwargs, expected):
-            if name in side and side[name] is None and side.get("num_heads"):
-                side[name] = side["embed_dim"] // side["num_heads"]
+    built = dict(kwargs)
+    for side in (built, expected):  # a head_dim of None: embed_dim // num_heads
+        if "head_dim" in side and side["head_dim"] is None and side.get("num_heads"):
+            side["head_dim"] = side["embed_dim"] // side["num_heads"]
     for name in MUST_MATCH_CHECKPOINT:
-        if name not in kwargs or name not in expected:
+        if name not in built or name not in expected:
             continue
-        ours, theirs = kwargs[name], expected[name]
+        ours, theirs = built[name], expected[name]
         if ours is None or theirs is None:  # the builder's own rule (llama2's MLP width)
             continue
         same = (ours == theirs if isinstance(ours, (bool, str))
@@ -267,6 +273,7 @@ def check_model_fits_checkpoint(model: Mapping[str, Any] | DictConfig,
             key = f"{model_key}.{name}" if name in model else f"{model_key}._component_"
             raise ConfigError(f"{key}: {component} builds {name}={ours!r}, but {where} gives "
                               f"{theirs!r}: the model must be the checkpoint's")
+    return kwargs
 
 
 def checkpoint_state(checkpointer: DictConfig, key: str) -> dict[str, Tensor]:
