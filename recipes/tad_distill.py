@@ -210,6 +210,7 @@ class TADDistillRecipe:
         self.epoch = 0
         self.step_in_epoch = 0
         self.tokens_seen = 0
+        self.train_seconds = 0.0  # the optimizer steps' own time, summed over resumes
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -536,6 +537,7 @@ class TADDistillRecipe:
         self.global_step += 1
         self.step_in_epoch += 1
         self.tokens_seen += int(log["step_tokens"])
+        self.train_seconds += seconds
         log.update(self._speed(micro, log["step_tokens"], seconds))
         if progress is not None:
             progress.update(1)
@@ -665,6 +667,7 @@ class TADDistillRecipe:
         meta = {
             "global_step": self.global_step, "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch, "tokens_seen": self.tokens_seen,
+            "train_seconds": self.train_seconds,
             "samples_in_epoch": self.step_in_epoch * self._grad_accum * self._train_sampler.global_batch,
             "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler else None,
             "rng": rng_state(), "world_size": self._world_size,
@@ -723,6 +726,7 @@ class TADDistillRecipe:
                 print(f"tad_distill: warning: {line}", file=sys.stderr, flush=True)
         self.global_step, self.epoch = meta["global_step"], meta["epoch"]
         self.tokens_seen = meta["tokens_seen"]
+        self.train_seconds = float(meta.get("train_seconds", 0.0))  # earlier versions saved none
         per_step = self._grad_accum * self._train_sampler.global_batch
         if meta["samples_in_epoch"] % per_step:
             raise ValueError(
@@ -799,6 +803,10 @@ class TADDistillRecipe:
             tqdm.write(f"tad_distill: step {self.global_step} {describe(profiled)}")
 
     def _log(self, values: dict[str, float]) -> None:
+        """One record of ``metrics.jsonl`` (and of ``metric_logger``): ``step``, ``tokens`` (valid
+        tokens trained on), ``train_seconds`` (the optimizer steps' own time, without evaluation
+        and checkpoints, summed over resumes: the x axis that compares methods of different
+        cost), ``time`` (Unix time of the record) and ``values``."""
         if not values or not self._is_rank_zero:
             return
         if self._log_peak_memory:
@@ -807,7 +815,9 @@ class TADDistillRecipe:
             else:
                 values["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         self._metric_logger.log_dict(values, step=self.global_step)
-        record = {"step": self.global_step, "tokens": self.tokens_seen, **values}
+        record = {"step": self.global_step, "tokens": self.tokens_seen,
+                  "train_seconds": round(self.train_seconds, 3), "time": round(time.time(), 3),
+                  **values}
         if self._metrics_file is None:  # opened once, appended to; a line is flushed at once
             self._metrics_file = open(self._output_dir / "metrics.jsonl", "a", buffering=1)
         self._metrics_file.write(json.dumps(record) + "\n")

@@ -8,10 +8,14 @@
 
 Command line (Figure 1 from the ``metrics.jsonl`` of ``tad_distill`` runs)::
 
-    python -m tad_torchtune.plots RUN_DIR [RUN_DIR ...] -o fig1.png [--metric val_kl] [--logy]
+    python -m tad_torchtune.plots RUN_DIR [RUN_DIR ...] -o fig1.png [--metric val_kl] [--logy] \
+        [--x tokens|train_seconds]
 
-A run's ``<output_dir>/metrics.jsonl`` holds one JSON object per line; validation lines carry
-``tokens`` and ``val_kl`` (and ``val_ce``, ``val_ppl``), training lines ``tokens`` and ``loss``.
+A run's ``<output_dir>/metrics.jsonl`` holds one JSON object per line; every line carries
+``step``, ``tokens`` (valid tokens trained on) and ``train_seconds`` (the optimizer steps' own
+time, summed over resumes), validation lines ``val_kl`` (and ``val_ce``, ``val_ppl``), training
+lines ``loss``. ``--x train_seconds`` compares methods of different cost (a teacher cache
+against the live teacher) at equal training time rather than equal tokens.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ from tad_torchtune.errors import reports_user_errors  # noqa: E402
 
 _SEED_SUFFIX = re.compile(r"[_-]seed\d+$")
 
+#: the record fields a curve can be drawn against, with their axis labels
+X_AXES: dict[str, str] = {"tokens": "training tokens",
+                          "train_seconds": "training time (s, evaluation and checkpoints excluded)"}
+
 
 def read_metrics(run: str | Path) -> list[dict[str, Any]]:
     """The records of ``<run>/metrics.jsonl`` (or of ``run`` itself when it is the file)."""
@@ -50,13 +58,14 @@ def read_metrics(run: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def metric_curve(rows: list[dict[str, Any]], metric: str = "val_kl") -> tuple[list[float], list[float]]:
-    """``(tokens, values)`` of the records that carry ``metric``, sorted by tokens; a token count
-    logged twice (files joined by hand) keeps its last value."""
+def metric_curve(rows: list[dict[str, Any]], metric: str = "val_kl",
+                 x: str = "tokens") -> tuple[list[float], list[float]]:
+    """``(xs, values)`` of the records that carry ``metric`` and ``x`` (a field of ``X_AXES``),
+    sorted by ``x``; an ``x`` logged twice (files joined by hand) keeps its last value."""
     points: dict[float, float] = {}
     for row in rows:
-        if metric in row and "tokens" in row and row[metric] is not None:
-            points[float(row["tokens"])] = float(row[metric])
+        if metric in row and x in row and row[metric] is not None:
+            points[float(row[x])] = float(row[metric])
     xs = sorted(points)
     return xs, [points[x] for x in xs]
 
@@ -69,27 +78,31 @@ def run_label(run: str | Path) -> str:
 
 
 def group_curves(
-    runs: list[str | Path] | dict[str, str | Path], metric: str = "val_kl"
+    runs: list[str | Path] | dict[str, str | Path], metric: str = "val_kl", x: str = "tokens"
 ) -> dict[str, tuple[list[float], list[float], list[float], list[float], int]]:
-    """Label -> ``(tokens, mean, min, max, number of runs)`` of ``metric``.
+    """Label -> ``(xs, mean, min, max, number of runs)`` of ``metric`` against ``x``.
 
     A list of runs is labelled by ``run_label``, a dict by its keys. Runs sharing a label are
-    combined over the token counts that all of them logged.
+    combined over the ``x`` values that all of them logged (token counts are shared by runs of
+    one configuration; times are not, so ``train_seconds`` is for one run per label).
 
     Raises:
-        ValueError: if no run has any record with ``metric``.
+        ValueError: if ``x`` is not a field of ``X_AXES``, or no run has any record with
+            ``metric`` and ``x``.
     """
+    if x not in X_AXES:
+        raise ValueError(f"--x: {x!r}; accepted: {', '.join(X_AXES)}")
     items = runs.items() if isinstance(runs, dict) else [(run_label(r), r) for r in runs]
     grouped: dict[str, list[dict[float, float]]] = defaultdict(list)
     fields: set[str] = set()
     for label, run in items:
         records = read_metrics(run)
-        fields.update(k for r in records for k in r if k not in ("step", "tokens"))
-        xs, ys = metric_curve(records, metric)
+        fields.update(k for r in records for k in r if k not in ("step", "time", *X_AXES))
+        xs, ys = metric_curve(records, metric, x)
         if xs:
             grouped[label].append(dict(zip(xs, ys)))
     if not grouped:
-        raise ValueError(f"--metric: no record with {metric!r} and 'tokens' in any of "
+        raise ValueError(f"--metric: no record with {metric!r} and {x!r} in any of "
                          f"{[str(r) for r in (runs.values() if isinstance(runs, dict) else runs)]}"
                          f"; accepted: a field they log: {sorted(fields)}")
     out = {}
@@ -108,8 +121,10 @@ def plot_kl_vs_tokens(
     metric: str = "val_kl",
     logy: bool = False,
     title: str | None = None,
+    x: str = "tokens",
 ) -> Path:
-    """Figure 1: ``metric`` (default held-out KL) against training tokens, one line per method.
+    """Figure 1: ``metric`` (default held-out KL) against training tokens (or ``x``), one line
+    per method.
 
     Args:
         runs: run folders (or ``metrics.jsonl`` files); a list is labelled by folder name with any
@@ -119,27 +134,28 @@ def plot_kl_vs_tokens(
         metric: the record field on the y axis.
         logy: logarithmic y axis.
         title: figure title.
+        x: the record field on the x axis (``X_AXES``): ``tokens`` or ``train_seconds``.
 
     Returns:
         ``out_path`` as a ``Path``.
 
     Raises:
-        ValueError: if no run has any record with ``metric``.
+        ValueError: as ``group_curves``.
     """
-    curves = group_curves(runs, metric)
+    curves = group_curves(runs, metric, x)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, (xs, mean, lo, hi, n_runs) in curves.items():
         name = label if n_runs == 1 else f"{label} (mean of {n_runs})"
         (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=name)
         if n_runs > 1:
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set_xlabel("training tokens")
+    ax.set_xlabel(X_AXES[x])
     ax.set_ylabel("held-out KL(teacher || student)" if metric == "val_kl" else metric)
     if logy:
         ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    ax.set_title(title or f"{metric} vs training tokens")
+    ax.set_title(title or f"{metric} vs {X_AXES[x].split(' (')[0]}")
     return _save(fig, out_path)
 
 
@@ -215,8 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metric", default="val_kl", help="field on the y axis (val_kl, val_ce, ...)")
     parser.add_argument("--logy", action="store_true", help="logarithmic y axis")
     parser.add_argument("--title", default=None)
+    parser.add_argument("--x", default="tokens", choices=list(X_AXES),
+                        help="field on the x axis: tokens, or train_seconds to compare methods "
+                        "of different cost at equal training time")
     args = parser.parse_args(argv)
-    out = plot_kl_vs_tokens(args.runs, args.output, metric=args.metric, logy=args.logy, title=args.title)
+    out = plot_kl_vs_tokens(args.runs, args.output, metric=args.metric, logy=args.logy,
+                            title=args.title, x=args.x)
     print(f"wrote {out}")
     return 0
 

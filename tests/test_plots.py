@@ -132,6 +132,28 @@ def test_figure1_plots_the_mean_of_the_seeds_and_their_range(tmp_path, figures):
     assert ax.get_yscale() == "log" and ax.get_xlabel() == "training tokens"
 
 
+def test_figure1_against_training_time(tmp_path, figures):
+    """``--x train_seconds``: each run's curve at the training times it logged (a cached run
+    reaching a KL sooner than a live-teacher run shows it)."""
+    runs = {}
+    for name, per_step in (("live", 2.0), ("cached", 0.5)):
+        folder = write_run(tmp_path / name, [1.0, 0.8])
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
+        for row in rows:
+            row["train_seconds"] = per_step * row["step"]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs[name] = folder
+    assert group_curves(runs, "val_kl", x="train_seconds")["cached"][:2] == ([5.0, 10.0], [1.0, 0.8])
+    out = plot_kl_vs_tokens(runs, tmp_path / "fig.png", x="train_seconds")
+    ax = figures[str(out)].axes[0]
+    assert _lines(ax) == {"live": ([20.0, 40.0], [1.0, 0.8]), "cached": ([5.0, 10.0], [1.0, 0.8])}
+    assert ax.get_xlabel().startswith("training time")
+    with pytest.raises(ValueError, match="--x: 'seconds'; accepted: tokens, train_seconds"):
+        group_curves(runs, x="seconds")
+    with pytest.raises(ValueError, match="no record with 'val_kl' and 'train_seconds'"):
+        group_curves([write_run(tmp_path / "old", [1.0])], x="train_seconds")
+
+
 def test_figure2_and_reliability_plot_the_metrics(tmp_path, figures):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 9, 80, generator=g) * 3

@@ -244,6 +244,9 @@ def test_kill_and_resume_gives_the_same_losses(assets, tmp_path, baseline):
     rows = tune.read_metrics(out)
     assert [r["step"] for r in rows] == [r["step"] for r in tune.read_metrics(baseline)]
     assert [sorted(r) for r in rows] == [sorted(r) for r in tune.read_metrics(baseline)]
+    # the training time goes on from the checkpoint's: it grows step after step over the resume
+    seconds = [r["train_seconds"] for r in rows if "loss" in r]
+    assert all(a < b for a, b in zip(seconds, seconds[1:])), seconds
     _assert_same_losses(tune.train_losses(out), tune.train_losses(baseline), rtol=1e-6,
                         steps=list(range(step + 1, 11)))
 
