@@ -2,6 +2,7 @@
 starts with the argument's name (``k must be an integer >= 1, got 0``), which
 ``tad_torchtune.errors`` turns into the one-line ``kd_loss.k: must be ...`` of a config key."""
 
+import math
 from typing import Any
 
 
@@ -32,13 +33,14 @@ def check_int(value: Any, name: str, *, minimum: int = 1, optional: bool = False
 
 
 def check_positive(value: Any, name: str) -> float:
-    """``float(value)`` if it is a number > 0.
+    """``float(value)`` if it is a finite number > 0 (a temperature, TAD's beta, DRKL's gamma:
+    infinity would make the loss infinite or NaN).
 
     Raises:
-        ValueError: ``"{name} must be a number > 0, got {value!r}"``.
+        ValueError: ``"{name} must be a finite number > 0, got {value!r}"``.
     """
-    if not is_number(value) or not value > 0:
-        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    if not is_number(value) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
 

@@ -37,10 +37,10 @@ def test_check_int():
 def test_check_positive_and_non_negative():
     assert check_positive(2, "beta") == 2.0 and type(check_positive(2, "beta")) is float
     assert check_non_negative(0, "w") == 0.0
-    for bad in (0, -1.0, math.nan, True, "1"):
+    for bad in (0, -1.0, math.nan, math.inf, True, "1"):
         with pytest.raises(ValueError) as err:
             check_positive(bad, "beta")
-        assert str(err.value) == f"beta must be a number > 0, got {bad!r}"
+        assert str(err.value) == f"beta must be a finite number > 0, got {bad!r}"
     for bad in (-1e-9, math.nan, False, None):
         with pytest.raises(ValueError) as err:
             check_non_negative(bad, "w")

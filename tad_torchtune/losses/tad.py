@@ -38,7 +38,7 @@ def tad_tail_weights(
     Args:
         log_alpha: ``[B, T]`` log tail mass of the teacher.
         valid: ``[B, T]`` bool.
-        beta: TAD's beta.
+        beta: TAD's beta, > 0.
         groups: ``[B, T]`` integer ids in ``[0, T)`` of the sequences within each row, or None.
 
     Returns:
@@ -261,7 +261,7 @@ class TADLoss(Divergence):
 
     Args:
         k: size of the teacher's top-K set, ``1 <= k < V`` (paper: 10).
-        beta: tail amplification, > 0 (paper: 2).
+        beta: tail amplification, finite and > 0 (paper: 2).
         abar_scope: ``"row"`` or ``"document"``: what ``abar`` averages over.
         temperature, ignore_index: see ``Divergence``.
     """

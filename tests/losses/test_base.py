@@ -123,8 +123,8 @@ def test_zero_when_student_equals_teacher(loss_fn, dtype):
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda: ForwardKLLoss(temperature=0), "temperature must be a number > 0"),
-        (lambda: ReverseKLLoss(temperature=-2.0), "temperature must be a number > 0"),
+        (lambda: ForwardKLLoss(temperature=0), "temperature must be a finite number > 0"),
+        (lambda: ReverseKLLoss(temperature=-2.0), "temperature must be a finite number > 0"),
     ],
 )
 def test_bad_temperature(make, match):

@@ -27,5 +27,5 @@ def test_rkl_decomposition():
 
 
 def test_bad_gamma():
-    with pytest.raises(ValueError, match="gamma must be a number > 0"):
+    with pytest.raises(ValueError, match="gamma must be a finite number > 0"):
         DRKLLoss(gamma=0)

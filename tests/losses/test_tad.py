@@ -128,8 +128,11 @@ def test_tad_student_with_all_mass_on_teacher_top_k(dtype):
     [
         (lambda: TADLoss(k=0), "k must be an integer >= 1"),
         (lambda: TADLoss(k=2.5), "k must be an integer >= 1"),
-        (lambda: TADLoss(beta=0.0), "beta must be a number > 0"),
-        (lambda: TADLoss(beta=-1), "beta must be a number > 0"),
+        (lambda: TADLoss(beta=0.0), "beta must be a finite number > 0, got 0.0"),
+        (lambda: TADLoss(beta=-1), "beta must be a finite number > 0, got -1"),
+        (lambda: TADLoss(beta=float("inf")), "beta must be a finite number > 0, got inf"),
+        (lambda: TADLoss(beta=float("nan")), "beta must be a finite number > 0, got nan"),
+        (lambda: TADLoss(beta="2"), "beta must be a finite number > 0, got '2'"),
     ],
 )
 def test_bad_constructor_arguments(make, match):
