@@ -92,6 +92,8 @@ class TADCacheRecipe:
         self._logp_dtype = str(get("cache_logp_dtype"))
         self._shard_blocks = int(get("cache_shard_blocks"))
         self._batch_size = int(get("batch_size"))
+        self._max_steps = get("max_steps")
+        self._per_step = int(get("gradient_accumulation_steps")) * self._batch_size
         self._device = torch.device(get("device"))
         self._dtype = DTYPES[get("dtype")]
         self._vocab_alignment = get("vocab_alignment")
@@ -115,6 +117,7 @@ class TADCacheRecipe:
             raise ConfigError("dataset._component_: the teacher cache is aligned to the blocks of a "
                               "prepared store: use tad_torchtune.data.text_block_dataset")
         self._datasets = {"train": dataset}
+        self._note_a_shorter_run(len(dataset))
         self._vocab = vocab_size_of(cfg.student_model)
         if not 1 <= self._top_m < self._vocab:  # before the cache's manifest is written
             raise ConfigError(f"cache_top_m: {self._top_m} ids kept of a vocabulary of "
@@ -146,6 +149,20 @@ class TADCacheRecipe:
         # last: a profiler started by set-up would record it
         self._profiler = StepProfiler(cfg.get("profiler"), output_dir=self._output_dir,
                                       device=self._device.type)
+
+    def _note_a_shorter_run(self, blocks: int) -> None:
+        """One line on rank 0 when the config's ``max_steps`` trains on fewer blocks than the
+        training split this caches (every block of it is cached, whatever the run reads)."""
+        if self._max_steps is None or self._rank != 0:
+            return
+        processes = f" x {self._world} processes" if self._world > 1 else ""
+        read = self._max_steps * self._per_step * self._world
+        if read < blocks:
+            print(f"tad_cache: note: max_steps={self._max_steps} trains on {read} of the {blocks} "
+                  f"training blocks cached here (max_steps x batch_size x "
+                  f"gradient_accumulation_steps{processes}); "
+                  f"dataset.max_blocks={read} caches, and trains on, the first {read} only",
+                  file=sys.stderr)
 
     @torch.no_grad()
     def run(self) -> None:

@@ -211,6 +211,20 @@ def test_the_profiler_key_profiles_the_teacher_s_batches(assets, tmp_path, capsy
     assert re.search(r"ms by kind: .*matmul [0-9.]+", line) and "attention" in line, line
 
 
+def test_a_run_shorter_than_the_split_is_noted(assets, tmp_path, capsys):
+    """The whole training split is cached whatever ``max_steps`` reads of it: one line says how
+    many blocks the run reads and how to cache only those; none when the run reads them all."""
+    _cache(assets, tmp_path, "short", max_steps=1, gradient_accumulation_steps=2,
+           **{"dataset.max_blocks": 24})
+    notes = [x for x in capsys.readouterr().err.splitlines() if "note:" in x]
+    assert notes == [
+        "tad_cache: note: max_steps=1 trains on 16 of the 24 training blocks cached here "
+        "(max_steps x batch_size x gradient_accumulation_steps); dataset.max_blocks=16 caches, "
+        "and trains on, the first 16 only"]
+    _cache(assets, tmp_path, "whole", max_steps=3, **{"dataset.max_blocks": 24})
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_cache_errors_name_the_keys(assets, tmp_path, monkeypatch, capsys):
     """What tad_distill refuses of a cache, one line each (in this process, through the
     recipe's entry point: ``tune.user_error``; the `tune run` path of such lines:
