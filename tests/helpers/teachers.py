@@ -204,6 +204,45 @@ def save_hf_llama(path: Path, seed: int, *, tied: bool = False, vocab: int = 204
     return path
 
 
+#: the torchtune component kwargs of ``save_hf_windowed``'s models
+WINDOWED = dict(vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+                intermediate_dim=96, max_seq_len=64, norm_eps=1e-5, rope_base=10000)
+
+
+def save_hf_windowed(path: Path, family: str, *, window: int | None, seed: int = 0) -> Path:
+    """A random 2-layer ``transformers.MistralForCausalLM`` or ``Phi3ForCausalLM`` (``family``:
+    ``"mistral"``, ``"phi3"``; the widths of ``WINDOWED``) whose attention is limited to the
+    ``window`` latest positions (config.json's ``sliding_window``), saved at ``path``; its
+    weights as large as ``randomize_``'s, so that every position changes the logits."""
+    import transformers
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+                  sliding_window=window, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**common))
+    else:
+        model = transformers.Phi3ForCausalLM(
+            transformers.Phi3Config(**common, original_max_position_embeddings=64))
+    randomize_(model, seed)
+    model.save_pretrained(path)
+    return path
+
+
+def windowed_node(family: str) -> dict:
+    """The YAML model node of ``save_hf_windowed``'s model: its family's component builder."""
+    return {"_component_": FAMILIES[family].component, **WINDOWED}
+
+
+def windowed_checkpointer(family: str, folder: Path, output_dir: Path) -> dict:
+    """The recipe's checkpointer node of a ``save_hf_windowed`` folder (torchtune's own)."""
+    return {"_component_": "torchtune.training.FullModelHFCheckpointer",
+            "checkpoint_dir": str(folder), "checkpoint_files": ["model.safetensors"],
+            "model_type": FAMILIES[family].checkpointer_model_type,
+            "output_dir": str(output_dir)}
+
+
 # --------------------------------------------------------------------------------------------
 # Shipped configs at tiny size: the model nodes of configs/*.yaml rewritten as their family's
 # component builder with every width divided by a factor (depths and head counts kept), used by
