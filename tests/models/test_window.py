@@ -57,15 +57,20 @@ def _hf_logits(hf, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _loaded(family: str, folder, tmp_path) -> dict:
-    """The folder's model as each path loads it: ``tad_eval`` (its config.json alone) and a
-    recipe's teacher (a builder node, the folder read by torchtune's checkpointer)."""
+    """The folder's model as each path loads it: ``tad_eval`` (from its config.json alone, or
+    a builder node with torchtune's conversion) and a recipe's teacher (a builder node, the
+    folder read by torchtune's checkpointer)."""
     from tad_torchtune.models.loading import load_teacher
 
     ckpt = OmegaConf.create(windowed_checkpointer(family, folder, tmp_path / "tune_out"))
+    entry = {"checkpoint_dir": str(folder), "model": windowed_node(family),
+             "model_type": FAMILIES[family].checkpointer_model_type}
     return {"config.json": load_hf_folder(folder, where="students.s", device=CPU,
                                           dtype=torch.float32),
-            "builder node": load_teacher(OmegaConf.create(windowed_node(family)), ckpt,
-                                         device=CPU, dtype=torch.float32)}
+            "tad_eval's builder node": load_hf_folder(entry, where="students.s", device=CPU,
+                                                      dtype=torch.float32),
+            "recipe's builder node": load_teacher(OmegaConf.create(windowed_node(family)),
+                                                  ckpt, device=CPU, dtype=torch.float32)}
 
 
 def _documents(lengths: list[list[int]]) -> torch.Tensor:
