@@ -301,6 +301,53 @@ def test_flex_document_mask_equals_the_dense_one():
         torch.testing.assert_close(got, want, atol=1e-4 * scale, rtol=1e-4)
 
 
+def test_flex_sliding_window_equals_the_dense_one():
+    """A Mistral whose config.json has a sliding window (50 positions here) under
+    ``document_mask`` on CUDA: the window added to the flex ``BlockMask`` (its ``mask_mod``,
+    ``models/_window.py``), run by torchtune's compiled flex attention, gives the logits and
+    gradients of the dense windowed mask (SDPA) within 1e-4 of the largest, on rows of 300
+    positions, and of plain rows (no mask: the dense band) equal to a row that is one
+    document under the BlockMask."""
+    from tad_torchtune.data import document_attention
+    from tad_torchtune.models import (
+        forward_hidden,
+        model_from_hf_config,
+        project_logits,
+        sliding_window,
+        supports_flex_attention,
+    )
+    from tests.helpers.teachers import VOCAB
+
+    torch.manual_seed(0)
+    model = model_from_hf_config(dict(
+        model_type="mistral", vocab_size=VOCAB, hidden_size=128, intermediate_size=48,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
+        tie_word_embeddings=False, sliding_window=50))[0].cuda()
+    assert supports_flex_attention("cuda", model) and sliding_window(model) == 50
+    lengths = [[40, 150, 110], [300], [1, 128, 171]]
+    docs = torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(row)])
+                        for row in lengths]).cuda()
+    tokens = torch.randint(0, VOCAB, docs.shape, generator=torch.Generator().manual_seed(0)).cuda()
+
+    def logits_and_grads(mask, input_pos):
+        model.zero_grad(set_to_none=True)
+        logits = project_logits(model, forward_hidden(model, tokens, mask=mask,
+                                                      input_pos=input_pos)[0])
+        logits.square().mean().backward()
+        return [logits.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    checks = [(logits_and_grads(*document_attention(docs, flex=True)),
+               logits_and_grads(*document_attention(docs)))]
+    one = torch.zeros_like(docs)
+    checks.append((logits_and_grads(*document_attention(one, flex=True)),
+                   logits_and_grads(None, None)))
+    for flex, dense in checks:
+        for got, want in zip(flex, dense):
+            scale = float(want.abs().max())
+            torch.testing.assert_close(got, want, atol=1e-4 * scale, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------- the recipe
 
 

@@ -60,6 +60,8 @@ def test_cuda_test_body_on_cpu(monkeypatch, name, kwargs):
 def test_every_cuda_test_is_run_on_cpu_or_named_as_gpu_only():
     """A new CUDA test joins ``ON_CPU`` or the GPU-only list here: never neither."""
     gpu_only = {"test_flex_document_mask_equals_the_dense_one",
+                # its CPU counterparts: tests/models/test_window.py (flex attention uncompiled)
+                "test_flex_sliding_window_equals_the_dense_one",
                 "test_compiled_bf16_recipe_matches_eager",
                 "test_the_bf16_weight_gradient_accumulates_inside_the_matmul",
                 # its body on a CPU without offload (which needs a GPU):

@@ -29,6 +29,7 @@ from tad_torchtune.models._forward import (
     supports_flex_attention,
 )
 from tad_torchtune.models._gemma2 import Gemma2HFLayer, correct_gemma2
+from tad_torchtune.models._window import sliding_window
 from tad_torchtune.models.loading import (
     checkpoint_state,
     hf_decoder,
@@ -89,5 +90,6 @@ __all__ = [
     "register_family",
     "resolve_teacher",
     "save_hf_checkpoint",
+    "sliding_window",
     "supports_flex_attention",
 ]

@@ -3,9 +3,10 @@
 A *family* is one torchtune component builder (``torchtune.models.qwen2.qwen2``, ...) plus what
 the package needs to know about it: which torchtune checkpointer ``model_type`` converts its
 weights and how, which Hugging Face ``model_type`` that produces, how a ``config.json`` maps onto
-the builder's arguments, any fix-up of torchtune's model (Gemma2's), and how its rotary embedding
-pairs the dimensions of a head (needed to truncate heads without splitting rotary pairs). Export,
-evaluation and the recipes dispatch through it.
+the builder's arguments, any fix-up of torchtune's model (Gemma2's corrections, Phi-3's and
+Mistral's sliding window), and how its rotary embedding pairs the dimensions of a head (needed
+to truncate heads without splitting rotary pairs). Export, evaluation and the recipes dispatch
+through it.
 
 Adding a family is one call (or one entry in ``_BUILTIN_FAMILIES``)::
 
@@ -119,9 +120,11 @@ class ModelFamily:
         hf_kwargs: ``hf_config -> component kwargs`` beyond ``hf_common_kwargs`` (default:
             none); raises ``NotThisFamily`` for a config this family cannot express.
         fixup: ``(model, hf_config | None) -> model``, applied to every model of the family
-            right after it is built (Gemma2: ``correct_gemma2``).
+            right after it is built, with the ``config.json`` it is built from or loaded from
+            when there is one (Gemma2: ``correct_gemma2``; Phi-3, Mistral: the sliding window).
         hf_config_extras: ``(model, hf_config) -> None``, writing the family's own fields into a
-            student's exported ``config.json`` (Gemma2: soft-caps, sliding layers).
+            student's exported ``config.json`` (Gemma2: soft-caps, sliding layers; Phi-3,
+            Mistral: the model's sliding window).
     """
 
     name: str
@@ -276,19 +279,52 @@ def _phi3_convert(to_hf: bool):
     return convert
 
 
-# Phi-3's config.json (sliding_window 2047) and Mistral-7B-v0.1's (4096) name a sliding window
-# that torchtune's phi3 and mistral builders do not have: they attend over the whole row, which
-# is the same for rows up to the window, as torchtune's own checkpointer reads them.
+# Phi-3's config.json (sliding_window 2047) and Mistral-7B-v0.1's (4096) limit each position's
+# attention to the W latest positions, which torchtune's phi3 and mistral builders do not: they
+# attend over the whole row. The window is not a builder argument but the fix-up's: a model
+# gets the window of the config.json it is built from (model_from_hf_config) or of the folder
+# loaded into it (build_model: a YAML builder, a pruned student from its teacher's folder), and
+# the export writes the model's own (models/_window.py; docs/design.md, "Model families").
+# Without a config.json a model attends over the whole row, as torchtune's builder does.
 
 
-def _phi3_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
-    refuse_rope_scaling(hf, "phi3: no RoPE scaling in torchtune's phi3")
-    return {}
+def _hf_sliding_window(name: str, default: int | None):
+    """``config.json -> window`` of a family whose Hugging Face config has ``sliding_window``
+    (``default`` where the key is absent: transformers' ``MistralConfig`` has 4096, Phi-3 none).
+    Raises ``NotThisFamily`` naming the value and what is accepted."""
+
+    def window(hf: Mapping[str, Any]) -> int | None:
+        value = hf.get("sliding_window", default)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise NotThisFamily(f"{name}: sliding_window must be a positive integer or null, "
+                                f"got {value!r}")
+        return value
+
+    return window
 
 
-def _mistral_kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
-    refuse_rope_scaling(hf, "mistral: no RoPE scaling in torchtune's mistral")
-    return {}
+def _windowed_family(name: str, default: int | None):
+    """The ``hf_kwargs``, ``fixup`` and ``hf_config_extras`` of a torchtune builder that lacks
+    its Hugging Face model's sliding window (Phi-3, Mistral)."""
+    window = _hf_sliding_window(name, default)
+
+    def kwargs(hf: Mapping[str, Any]) -> dict[str, Any]:
+        refuse_rope_scaling(hf, f"{name}: no RoPE scaling in torchtune's {name}")
+        window(hf)  # refused here, where the config.json is named (check_model_fits_checkpoint)
+        return {}
+
+    def fixup(model: nn.Module, hf: Mapping[str, Any] | None) -> nn.Module:
+        from tad_torchtune.models._window import set_sliding_window
+
+        return set_sliding_window(model, None if hf is None else window(hf))
+
+    def config_extras(model: nn.Module, cfg: dict[str, Any]) -> None:
+        from tad_torchtune.models._window import sliding_window
+
+        cfg["sliding_window"] = sliding_window(model)  # null, not absent: Mistral's is 4096
+
+    return dict(hf_kwargs=kwargs, fixup=fixup, hf_config_extras=config_extras)
 
 
 _BUILTIN_FAMILIES = (
@@ -308,9 +344,10 @@ _BUILTIN_FAMILIES = (
                 hf_kwargs=_gemma2_kwargs, fixup=_gemma2_fixup,
                 hf_config_extras=_gemma2_config_extras),
     ModelFamily("phi3", "torchtune.models.phi3.phi3", "PHI3_MINI", "phi3", rope_layout="half",
-                to_hf=_phi3_convert(True), from_hf=_phi3_convert(False), hf_kwargs=_phi3_kwargs),
+                to_hf=_phi3_convert(True), from_hf=_phi3_convert(False),
+                **_windowed_family("phi3", None)),
     ModelFamily("mistral", "torchtune.models.mistral.mistral", "MISTRAL", "mistral",
-                hf_kwargs=_mistral_kwargs),
+                **_windowed_family("mistral", 4096)),
 )
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in _BUILTIN_FAMILIES}
@@ -372,7 +409,8 @@ def build_model(node: Mapping[str, Any] | DictConfig,
     Args:
         node: a ``_component_`` config node (a mapping or an OmegaConf node).
         hf_config: the Hugging Face ``config.json`` of the checkpoint that will be loaded into
-            it, when there is one (Gemma2 reads its soft-caps from it).
+            it, when there is one (Gemma2 reads its soft-caps from it, Phi-3 and Mistral their
+            sliding window).
         key: the node's config key, named by errors (``student_model``).
 
     Returns:

@@ -6,7 +6,9 @@ projects in the model's dtype, so the divergences can upcast chunk by chunk (or,
 path, never materialise the logits at all).
 
 A model may carry ``logit_softcap`` (float): its logits are ``cap * tanh(logits / cap)``, as in
-Hugging Face's Gemma2 (final_logit_softcapping=30.0).
+Hugging Face's Gemma2 (final_logit_softcapping=30.0), and ``sliding_window`` (int): each position
+attends to that many latest positions, itself included, as Hugging Face's Phi-3 and Mistral
+(``models/_window.py``).
 """
 
 import torch
@@ -15,6 +17,7 @@ from torchtune.modules import TransformerDecoder
 from torchtune.modules.tied_linear import TiedLinear
 
 from tad_torchtune.common import apply_softcap
+from tad_torchtune.models._window import model_mask
 
 
 def output_weight(model: TransformerDecoder) -> Tensor:
@@ -64,7 +67,9 @@ def forward_hidden(
     Args:
         model: a torchtune ``TransformerDecoder``.
         tokens: ``[B, T]``.
-        mask: optional attention mask (packed batches), as ``TransformerDecoder.forward``.
+        mask: optional attention mask (packed batches), as ``TransformerDecoder.forward``;
+            a model with a sliding window (Phi-3, Mistral: ``models/_window.py``) adds it to
+            this mask for rows longer than the window.
         input_pos: optional ``[B, T]`` positions (packed batches).
         hidden_layers: indices of layers whose INPUT hidden state is also returned; ``-1`` or
             ``len(layers)`` means the final normed hidden state.
@@ -74,6 +79,7 @@ def forward_hidden(
     """
     n_layers = len(model.layers)
     wanted = {n_layers if i == -1 else i for i in hidden_layers}
+    mask = model_mask(model, tokens, mask=mask, input_pos=input_pos)
     h = model.tok_embeddings(tokens)  # (B, T, D)
     hidden = {}
     for i, layer in enumerate(model.layers):

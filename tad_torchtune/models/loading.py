@@ -488,11 +488,13 @@ def load_hf_folder(spec: Mapping[str, Any] | DictConfig | str | Path, *, where: 
             raise ValueError(f"{where}.model_type: required when {where}.model is given "
                              "(e.g. LLAMA3)")
         node = spec["model"]
+        # before the build, whose fix-up reads config.json too (a bad sliding_window is named
+        # with its file here)
+        check_model_fits_checkpoint(node, spec, model_key=f"{where}.model", checkpointer_key=where)
         with _dtype_context(dtype), torch.device("meta"):
             model, _ = build_model(
                 node if isinstance(node, DictConfig) else OmegaConf.create(node), hf,
                 key=f"{where}.model")
-        check_model_fits_checkpoint(node, spec, model_key=f"{where}.model", checkpointer_key=where)
         state = _torchtune_hf_state(folder, files, str(spec["model_type"]))
     # buffers as a float32 build converted to ``dtype`` (what this function always returned)
     load_weights(model, state, device=device, dtype=torch.float32, where=where)

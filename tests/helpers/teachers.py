@@ -19,7 +19,7 @@ from torchtune.training import FullModelHFCheckpointer, ModelType
 from tad_torchtune.models import FAMILIES, HFCheckpointer, correct_gemma2, resolve_teacher
 
 VOCAB = 96
-SEQ = 20  # > the Gemma2 sliding window below, so sliding layers are exercised
+SEQ = 20  # > the sliding windows below (Gemma2, Phi-3, Mistral), so they are exercised
 
 _COMMON = dict(vocab_size=VOCAB, num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=32,
                max_seq_len=64)
@@ -67,12 +67,12 @@ CASES = {
              dict(model_type="phi3", architectures=["Phi3ForCausalLM"], rope_theta=10000.0,
                   rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=64,
                   original_max_position_embeddings=64, rope_scaling=None,
-                  sliding_window=2047)),  # the Hub's Phi-3-mini-4k: no effect below 2047 tokens
+                  sliding_window=8)),  # the Hub's Phi-3-mini-4k has 2047; SEQ rows exceed 8
     "mistral": ("mistral", dict(_COMMON, intermediate_dim=48, norm_eps=1e-5, rope_base=10000),
                 dict(model_type="mistral", architectures=["MistralForCausalLM"],
                      rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
                      max_position_embeddings=64,
-                     sliding_window=4096)),  # Mistral-7B-v0.1's: no effect below 4096 tokens
+                     sliding_window=8)),  # Mistral-7B-v0.1's is 4096; SEQ rows exceed 8
     # the project's own Phi-2 builder: parallel blocks, 4 of 8 head dims rotated, biases
     # everywhere, LayerNorms, an output bias (tests/models/test_phi2.py: Phi-2's 0.4)
     "phi2": ("phi2", dict(_COMMON, intermediate_dim=48, norm_eps=1e-5, rope_base=10000.0,
@@ -202,6 +202,45 @@ def save_hf_llama(path: Path, seed: int, *, tied: bool = False, vocab: int = 204
         model.lm_head.weight.normal_(0, 0.5) if not tied else model.model.embed_tokens.weight.normal_(0, 0.5)
     model.save_pretrained(path)
     return path
+
+
+#: the torchtune component kwargs of ``save_hf_windowed``'s models
+WINDOWED = dict(vocab_size=128, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+                intermediate_dim=96, max_seq_len=64, norm_eps=1e-5, rope_base=10000)
+
+
+def save_hf_windowed(path: Path, family: str, *, window: int | None, seed: int = 0) -> Path:
+    """A random 2-layer ``transformers.MistralForCausalLM`` or ``Phi3ForCausalLM`` (``family``:
+    ``"mistral"``, ``"phi3"``; the widths of ``WINDOWED``) whose attention is limited to the
+    ``window`` latest positions (config.json's ``sliding_window``), saved at ``path``; its
+    weights as large as ``randomize_``'s, so that every position changes the logits."""
+    import transformers
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+                  sliding_window=window, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**common))
+    else:
+        model = transformers.Phi3ForCausalLM(
+            transformers.Phi3Config(**common, original_max_position_embeddings=64))
+    randomize_(model, seed)
+    model.save_pretrained(path)
+    return path
+
+
+def windowed_node(family: str) -> dict:
+    """The YAML model node of ``save_hf_windowed``'s model: its family's component builder."""
+    return {"_component_": FAMILIES[family].component, **WINDOWED}
+
+
+def windowed_checkpointer(family: str, folder: Path, output_dir: Path) -> dict:
+    """The recipe's checkpointer node of a ``save_hf_windowed`` folder (torchtune's own)."""
+    return {"_component_": "torchtune.training.FullModelHFCheckpointer",
+            "checkpoint_dir": str(folder), "checkpoint_files": ["model.safetensors"],
+            "model_type": FAMILIES[family].checkpointer_model_type,
+            "output_dir": str(output_dir)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -63,6 +63,48 @@ def test_exported_student_matches_transformers(case, tmp_path):
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.parametrize("family", ["mistral", "phi3"])
+def test_a_students_export_carries_the_window_it_was_trained_with(family, tmp_path):
+    """A pruned student of a Phi-3 or Mistral teacher whose config.json has a sliding window,
+    loaded as the recipe loads it (``load_student``: built with the teacher's folder), attends
+    within that window; its export says so (``sliding_window``), and transformers computes the
+    student's logits from it on rows longer than the window. A model built without a
+    config.json attends over the whole row, and its export says null (a Mistral config.json
+    without the key would mean transformers' 4096)."""
+    from omegaconf import OmegaConf
+
+    from tad_torchtune.models import hf_config_for
+    from tad_torchtune.models.loading import checkpoint_state, load_student
+    from tests.helpers.teachers import (
+        WINDOWED,
+        save_hf_windowed,
+        windowed_checkpointer,
+        windowed_node,
+    )
+
+    window, length = 6, 28
+    teacher_dir = save_hf_windowed(tmp_path / "teacher", family, window=window)
+    teacher = windowed_node(family)
+    ckpt = OmegaConf.create(windowed_checkpointer(family, teacher_dir, tmp_path / "tune_out"))
+    node = OmegaConf.create({"_component_": "tad_torchtune.models.pruned_student",
+                             "teacher": teacher, "num_layers": 1, "mlp_init": "copy"})
+    student, hf_dir, model_type = load_student(
+        node, teacher_state=checkpoint_state(ckpt, "teacher_checkpointer"),
+        teacher_checkpointer=ckpt, student_checkpointer=None, device=torch.device("cpu"),
+        dtype=torch.float32, seed=0)
+    out = save_hf_checkpoint(student, tmp_path / "student", base_config=hf_dir,
+                             model_type=model_type)
+    assert json.loads((out / "config.json").read_text())["sliding_window"] == window
+    tokens = torch.randint(0, WINDOWED["vocab_size"], (2, length),
+                           generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(hf_logits(out, tokens), logits_of(student, tokens), atol=ATOL,
+                               rtol=0)
+
+    plain = pruned_student(teacher=teacher, num_layers=1)
+    assert hf_config_for(plain, json.loads((out / "config.json").read_text()))[
+        "sliding_window"] is None
+
+
 def test_export_narrow_student_and_fsdp_style_state_dict(tmp_path):
     """A narrower Qwen student (head_dim 8 -> 4), saved from a plain gathered state dict in bf16."""
     case = "qwen2"

@@ -349,10 +349,10 @@ def write_checkpoint(model_node: DictConfig, checkpointer: DictConfig, seed: int
     index a sharded Hub folder has)."""
     import tempfile
 
-    model, family = build_model(model_node)
-    tiny_models.randomize_(model, seed, norm_center=0.0 if family.name == "gemma2" else 1.0)
-    kwargs = resolve_teacher(model_node)[1]
+    family, kwargs = resolve_teacher(model_node)
     base = tiny_models.hf_config(family.name)  # a Hub config of the family, at tiny_models' size
+    model, _ = build_model(model_node, base)  # its fix-up's settings (a sliding window) are base's
+    tiny_models.randomize_(model, seed, norm_center=0.0 if family.name == "gemma2" else 1.0)
     base.update(rope_theta=kwargs["rope_base"], max_position_embeddings=kwargs["max_seq_len"])
     for eps in ("rms_norm_eps", "layer_norm_eps"):
         if eps in base:
