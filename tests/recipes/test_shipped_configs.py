@@ -492,7 +492,8 @@ def _interrupted_copy(out: Path, step: int, dest: Path) -> Path:
 
 
 # the same in a resumed run: everything but the clock
-TIMING = {"tokens_per_second", "tokens_per_second_per_device", "mfu", "peak_rss_gib"}
+TIMING = {"tokens_per_second", "tokens_per_second_per_device", "mfu", "peak_rss_gib",
+          "train_seconds", "time"}
 # the demo also trains from a teacher cache: tad_cache, then tad_distill teacher_cache_dir=DIR
 CACHED = {"demo": "sampled"}
 

@@ -413,10 +413,13 @@ def test_mfu_and_per_device_throughput_are_logged(assets, tmp_path):
     recipe.train()
     rows = [r for r in tune.read_metrics(out) if "loss" in r]
     per_token = step_flops_per_token(recipe._student, recipe._teacher, 32)
+    total = 0.0
     for r in rows:
         seconds = r["step_tokens"] / r["tokens_per_second"]
         assert r["mfu"] == pytest.approx(per_token * 8 * 32 / seconds / 1e12, rel=1e-9)
         assert r["tokens_per_second_per_device"] == r["tokens_per_second"]
+        total += seconds  # train_seconds: the steps' seconds so far (to the ms)
+        assert r["train_seconds"] == pytest.approx(total, abs=1e-3)
     # no peak known (a CPU, no key): no mfu
     plain = tmp_path / "plain"
     _recipe(tune.base_config(assets, plain, max_steps=1, export_hf=False)).train()
