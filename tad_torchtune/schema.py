@@ -401,11 +401,12 @@ def resolve_package_paths(node: DictConfig | ListConfig) -> None:
 
 def resolve_config_argv(argv: list[str]) -> list[str]:
     """Map ``--config NAME`` to a config shipped in ``tad_torchtune.configs`` when NAME is not a
-    file, so ``tune run tad_distill --config demo`` works from any folder."""
+    file, so ``tune run tad_distill --config demo`` works from any folder (a FOLDER named
+    ``demo`` there included: the demo's ``--out demo`` makes one)."""
     argv = list(argv)
     if "--config" in argv:
         i = argv.index("--config") + 1
-        if i < len(argv) and not Path(argv[i]).exists():
+        if i < len(argv) and not Path(argv[i]).is_file():
             from tad_torchtune.cli import shipped_configs
 
             name = argv[i][:-5] if argv[i].endswith(".yaml") else argv[i]

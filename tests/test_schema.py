@@ -35,6 +35,14 @@ def test_config_names_resolve_to_bundled_files(tmp_path):
     assert resolve_config_argv(["x", "--config", str(existing)])[2] == str(existing)
 
 
+def test_a_folder_named_as_a_bundled_config_does_not_hide_it(tmp_path, monkeypatch):
+    """``python -m tad_torchtune.demo --out demo`` makes ./demo, then runs ``--config demo``."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    argv = resolve_config_argv(["tad_distill", "--config", "demo"])
+    assert Path(argv[2]).is_file() and argv[2].endswith("demo.yaml")
+
+
 def test_an_unknown_config_name_lists_the_bundled_ones(capsys):
     with pytest.raises(SystemExit) as stopped:
         resolve_config_argv(["tad_distill", "--config", "no_such_config"])
