@@ -147,6 +147,7 @@ def instantiate(node: Any, key: str, *args: Any, **kwargs: Any) -> Any:
     """
     from torchtune import config
 
+    _check_input_files(node, key)
     try:
         return config.instantiate(node, *args, **kwargs)
     except TypeError as err:
@@ -157,8 +158,42 @@ def instantiate(node: Any, key: str, *args: Any, **kwargs: Any) -> Any:
         accepted = _accepted_arguments(component)
         raise ConfigError(f"{key}.{match['name']}: not an argument of {component}; accepted: "
                           f"{', '.join(accepted)}") from None
-    except (ValueError, FileNotFoundError) as err:  # a component's own check, a missing file
-        raise ConfigError(_prefixed(one_line(err), key, node)) from None
+    except Exception as err:  # noqa: BLE001
+        # A tokenizer is built from the user's files alone, so what fails there is one of them
+        # (a truncated download, a file of another kind: sentencepiece's RuntimeError,
+        # tokenizers' Exception, a UnicodeDecodeError); TAD_TORCHTUNE_TRACEBACK=1 shows where
+        if key.endswith("tokenizer") and (isinstance(err, UnicodeError)
+                                          or not isinstance(err, (ValueError, OSError))):
+            raise ConfigError(f"{key}: {node.get('_component_')} cannot be built from "
+                              f"{_input_files(node) or 'its arguments'}: {one_line(err)}"
+                              ) from None
+        if isinstance(err, (ValueError, FileNotFoundError)):  # its own check, a missing file
+            raise ConfigError(_prefixed(one_line(err), key, node)) from None
+        raise
+
+
+#: a component argument that names a file to read: ``path``, ``tokenizer_json_path``,
+#: ``merges_file``, ...
+_FILE_ARGUMENT = re.compile(r"(^|_)(path|file)$")
+
+
+def _input_files(node: Any) -> dict[str, str]:
+    """The node's file arguments (``_FILE_ARGUMENT``) that are set to a path."""
+    if not hasattr(node, "items"):
+        return {}
+    return {name: value for name, value in node.items()
+            if isinstance(name, str) and _FILE_ARGUMENT.search(name) and isinstance(value, str)
+            and value}
+
+
+def _check_input_files(node: Any, key: str) -> None:
+    """Refuse, in one line, a file argument whose file is missing (a tokenizer's ``path`` when
+    the checkpoint's download went elsewhere): sentencepiece and tokenizers would raise their
+    own errors, with no key."""
+    for name, value in _input_files(node).items():
+        if not Path(value).expanduser().exists():
+            raise ConfigError(f"{key}.{name}: no file at {value!r}; accepted: the path of an "
+                              f"existing file")
 
 
 def _accepted_arguments(component: str | None) -> list[str]:

@@ -37,6 +37,8 @@ def widget(*, size: int = 1, source: str = "") -> dict:
         raise ValueError("dataset.source: 'nowhere' does not exist")
     if source == "odd":
         raise ValueError("something else went wrong")
+    if source == "boom":
+        raise RuntimeError("a bug")
     return {"size": size}
 
 
@@ -169,6 +171,45 @@ def test_instantiate_names_the_dotted_key(node, message):
     with pytest.raises(ConfigError) as err:
         instantiate(OmegaConf.create({**component, **node}), "part")
     assert str(err.value) == message
+
+
+TOKENIZERS = {  # component, its file arguments
+    "torchtune.models.gemma.gemma_tokenizer": ("path",),  # sentencepiece
+    "torchtune.models.qwen2_5.qwen2_5_tokenizer": ("path", "merges_file"),
+    "torchtune.modules.transforms.tokenizers.HuggingFaceBaseTokenizer":  # tokenizers
+        ("tokenizer_json_path", "tokenizer_config_json_path"),
+}
+
+
+@pytest.mark.parametrize("component", sorted(TOKENIZERS))
+def test_a_tokenizer_s_missing_or_unreadable_file_is_one_line(component, tmp_path):
+    """A tokenizer's file that is not there (a download elsewhere) is named with its key before
+    the tokenizer is built; one its library cannot read (truncated, of another kind) is named
+    with the tokenizer's key, not sentencepiece's or tokenizers' traceback."""
+    files = {name: str(tmp_path / f"{name}.bin") for name in TOKENIZERS[component]}
+    node = OmegaConf.create({"_component_": component, **files})
+    first = TOKENIZERS[component][0]
+    with pytest.raises(ConfigError) as err:
+        instantiate(node, "teacher_tokenizer")
+    assert str(err.value) == (f"teacher_tokenizer.{first}: no file at {files[first]!r}; "
+                              f"accepted: the path of an existing file")
+    for path in files.values():
+        with open(path, "wb") as f:
+            f.write(b"\x00not a tokenizer\xff" * 8)
+    with pytest.raises(ConfigError) as err:
+        instantiate(node, "teacher_tokenizer")
+    message = str(err.value)
+    assert message.startswith(f"teacher_tokenizer: {component} cannot be built from {files}: ")
+    assert "\n" not in message and len(message) < 400, message
+
+
+def test_a_component_s_unexpected_error_keeps_its_traceback_outside_tokenizers():
+    node = OmegaConf.create({"_component_": "tests.test_errors.widget", "source": "boom"})
+    with pytest.raises(RuntimeError, match="a bug"):
+        instantiate(node, "part")
+    with pytest.raises(ConfigError, match="^tokenizer: tests.test_errors.widget cannot be built "
+                                          "from its arguments: a bug$"):
+        instantiate(node, "tokenizer")
 
 
 def _safetensors(path, n=64):
