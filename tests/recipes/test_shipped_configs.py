@@ -61,6 +61,7 @@ from safetensors.torch import load_file, save_file
 from tad_torchtune.models import (
     build_model,
     forward_hidden,
+    output_weight,
     project_logits,
     resolve_teacher,
     save_hf_checkpoint,
@@ -568,6 +569,11 @@ def test_dress_rehearsal(name, tmp_path, token_store_dir, quiet_process):
         student.layers[0].mlp.w1.out_features, vocab_size_of(cfg.student_model))
     if pruned:  # the shipped depth
         assert exported["num_hidden_layers"] == shipped.student_model.num_layers
+    # the header's word on fused_float32_weight_grad: no effect where the output weight is frozen
+    frozen = not output_weight(student).requires_grad
+    header = (CONFIG_DIR / f"{name}.yaml").read_text()
+    assert ("fused_float32_weight_grad has no effect here" in header) == \
+        (frozen and bool(cfg.get("fused"))), (frozen, cfg.get("fused"))
 
     # tad_eval (demo_eval's config on the teacher and the export) reads the held-out text as
     # the training run's validation did: the KL and CE of its final val_kl / val_ce
