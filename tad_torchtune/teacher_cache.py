@@ -102,6 +102,15 @@ class BlockLayout:
         return cls(dataset.fingerprint, int(start), int(stop - start), len(dataset))
 
 
+#: what changes each field of a ``BlockLayout``, as a refusal names it
+_LAYOUT_CAUSES = {
+    "store_fingerprint": "other data or another tokenizer",
+    "first_token": "another dataset.validation_fraction or split",
+    "max_seq_len": "another dataset.max_seq_len",
+    "num_blocks": "another dataset.max_blocks, validation_fraction or split",
+}
+
+
 def teacher_identity(cfg: Any) -> dict[str, Any]:
     """What identifies the teacher a cache was made with, from a ``tad_distill`` config: its
     model config, its checkpoint files (names and sizes), the dtype and the vocabulary
@@ -302,10 +311,12 @@ class TeacherCache:
                 f"with this config into another teacher_cache_dir")
         mine = self.layout(split)
         if mine != layout:
+            then, now = asdict(mine), asdict(layout)
+            differ = "; ".join(f"{k} {then[k]!r} there, {now[k]!r} here ({_LAYOUT_CAUSES[k]})"
+                               for k in then if then[k] != now[k])
             raise ConfigError(
-                f"teacher_cache_dir: {str(self.root)!r} was made for other {split} blocks "
-                f"({asdict(mine)}) than the dataset gives ({asdict(layout)}): the store "
-                f"fingerprint, max_seq_len or validation split changed; run tad_cache again")
+                f"teacher_cache_dir: {str(self.root)!r} was made for other {split} blocks: "
+                f"{differ}; run tad_cache again with this config")
         if self.vocab_size != vocab_size:
             raise ConfigError(f"teacher_cache_dir: {str(self.root)!r} holds ids of a {self.vocab_size}"
                               f"-id vocabulary, the student's has {vocab_size}")

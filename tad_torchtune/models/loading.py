@@ -442,12 +442,13 @@ def check_hf_folder(spec: Mapping[str, Any] | DictConfig | str | Path, *, where:
     """
     if isinstance(spec, (str, Path)):
         spec = {"checkpoint_dir": str(spec)}
-    if spec is None or spec.get("checkpoint_dir") is None:
-        raise ValueError(f"{where}.checkpoint_dir: required (a Hugging Face checkpoint folder)")
-    unknown = [k for k in spec if k not in FOLDER_KEYS and k not in CHECKPOINTER_KEYS]
+    # a misspelt key first: it is why checkpoint_dir is missing (students.x.chekpoint_dir)
+    unknown = [k for k in spec or {} if k not in FOLDER_KEYS and k not in CHECKPOINTER_KEYS]
     if unknown:
         raise ValueError(f"{where}.{unknown[0]}: not a key of a checkpoint folder's entry; "
                          f"accepted: {', '.join(FOLDER_KEYS)}")
+    if spec is None or spec.get("checkpoint_dir") is None:
+        raise ValueError(f"{where}.checkpoint_dir: required (a Hugging Face checkpoint folder)")
     folder, hf = _folder(spec["checkpoint_dir"], where)
     files = spec.get("checkpoint_files")
     if isinstance(files, str):

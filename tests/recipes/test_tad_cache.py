@@ -251,6 +251,10 @@ def test_cache_errors_name_the_keys(assets, tmp_path, monkeypatch, capsys):
                            "teacher cache's 1.0")
     line = fails(**{"dataset.max_seq_len": 16, "kd_loss.k": 2})
     assert "teacher_cache_dir: " in line and "was made for other train blocks" in line
+    line = fails(**{"dataset.max_blocks": 100, "kd_loss.k": 2})  # the cache has 202
+    assert line.endswith("was made for other train blocks: num_blocks 202 there, 100 here "
+                         "(another dataset.max_blocks, validation_fraction or split); run "
+                         "tad_cache again with this config"), line
     line = fails(hidden_weight=1.0, hidden_loss={
         "_component_": "tad_torchtune.losses.HiddenCosineLoss"})
     assert line.startswith("tad_distill: error: hidden_weight: the hidden-state loss needs the "

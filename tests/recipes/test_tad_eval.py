@@ -251,6 +251,9 @@ def test_what_the_models_cannot_take_is_one_line_before_they_load(assets, tmp_pa
     assert line(output_dir=str(tmp_path / "a_file")) == (
         f"tad_eval: error: output_dir: {str(tmp_path / 'a_file')!r} is a file; it must be a "
         f"folder or not exist")
+    assert line(students={"s": {"chekpoint_dir": str(assets["teacher"])}}) == (  # misspelt
+        "tad_eval: error: students.s.chekpoint_dir: not a key of a checkpoint folder's entry; "
+        "accepted: checkpoint_dir, checkpoint_files, model, model_type")
     assert line(students={"s": {"checkpoint_dir": str(assets["teacher"]),
                                 "checkpoint_dirr": "/x"}}) == (
         "tad_eval: error: students.s.checkpoint_dirr: not a key of a checkpoint folder's entry; "
