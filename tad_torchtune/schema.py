@@ -243,7 +243,8 @@ DISTILL = Schema("tad_distill", [
     Key("max_eval_batches", "cap on validation batches per process", None, _OPT_INT, minimum=1),
     Key("log_every_n_steps", "metric logging period", 1, _INT, minimum=1),
     Key("resume_from_checkpoint", "continue from `output_dir/checkpoints/latest`", False, _BOOL),
-    Key("export_hf", "export the student with each checkpoint (always at the end)", True, _BOOL),
+    Key("export_hf", "export the student with each checkpoint, to `checkpoints/step_N/hf` "
+        "(always at the end, to `output_dir/student`)", True, _BOOL),
     Key("log_peak_memory_stats", "log peak GPU memory (peak RSS on CPU)", True, _BOOL),
     Key("metric_logger", "any torchtune metric logger (disk, TensorBoard, W&B)",
         shown="`DiskLogger` in `output_dir/logs`"),

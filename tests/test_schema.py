@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 import tad_torchtune
 from tad_torchtune.demo import bundled_config
-from tad_torchtune.schema import DISTILL, EVAL, resolve_config_argv, resolve_package_paths, validate_config
+from tad_torchtune.schema import DISTILL, EVAL, PREPARE, resolve_config_argv, resolve_package_paths, validate_config
 
 
 def test_pkg_paths_resolve_inside_the_package_and_interpolations_follow():
@@ -100,8 +100,9 @@ def test_malformed_config_is_rejected_naming_the_field(override, message):
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("schema,doc", [(DISTILL, "README.md"), (EVAL, "docs/design.md")],
-                         ids=["tad_distill", "tad_eval"])
+@pytest.mark.parametrize("schema,doc", [(DISTILL, "README.md"), (EVAL, "docs/design.md"),
+                                        (PREPARE, "docs/design.md")],
+                         ids=["tad_distill", "tad_eval", "tad_prepare"])
 def test_the_documented_key_tables_are_the_schemas(schema, doc):
     """The README's table of ``tad_distill``'s keys (and design.md's of ``tad_eval``'s) is
     generated from the schema (``python -m tad_torchtune.schema``), so a key, default or doc
