@@ -68,7 +68,9 @@ class Batch:
         if self.document_ids is None or self.mask is not None:
             return self
         mask, input_pos = document_attention(self.document_ids, flex=flex)
-        return replace(self, mask=mask, input_pos=input_pos)
+        # packed rows keep torchtune's positions (those of a split sample's rest go on)
+        return replace(self, mask=mask, input_pos=input_pos if self.input_pos is None
+                       else self.input_pos)
 
     def ignoring_all(self) -> "Batch":
         """The same inputs with no position counted (a rank's padding batch in evaluation)."""
@@ -99,8 +101,13 @@ def collate(samples: list[dict[str, Any]], *, pad_id: int = 0,
 
     if "input_pos" in first:  # torchtune's packed rows, each padded to the pack size
         input_pos = stacked("input_pos")
+        # a document starts where its positions restart, and at a row's start: with
+        # split_across_pack (text_completion_dataset's default) a row may begin with the rest
+        # of a sample the row before holds the start of, its positions going on from there
+        starts = input_pos == 0
+        starts[:, 0] = True
         batch = Batch(stacked("tokens"), stacked("labels"),
-                      document_ids=(input_pos == 0).long().cumsum(-1) - 1, input_pos=input_pos,
+                      document_ids=starts.long().cumsum(-1) - 1, input_pos=input_pos,
                       packed=True)
     elif len({len(s["tokens"]) for s in samples}) == 1:  # equal lengths: blocks
         batch = Batch(stacked("tokens"), stacked("labels"),

@@ -72,6 +72,37 @@ def test_packed_rows_get_documents_mask_and_positions():
     assert torch.equal(masked.mask[real], ref["mask"][real])
 
 
+def test_a_packed_row_that_starts_with_the_rest_of_a_split_sample():
+    """torchtune's ``split_across_pack`` (``text_completion_dataset``'s default): a row may start
+    with the rest of a sample, at positions that go on from the row before. It is the row's first
+    document (ids from 0: TAD's per-document normaliser indexes by them), attends as torchtune's
+    mask says, keeps torchtune's positions, and TAD with ``abar_scope: document`` on it equals
+    the naive per-document reference."""
+    from tad_torchtune.losses import TADLoss
+    from tests.losses import reference as ref
+
+    samples = [{"tokens": torch.arange(8), "labels": torch.arange(8),
+                "input_pos": torch.tensor([5, 6, 7, 0, 1, 2, 0, 1]),
+                "seq_lens": torch.tensor([3, 3, 2])},
+               {"tokens": torch.arange(8), "labels": torch.arange(8),
+                "input_pos": torch.tensor([2, 3, 0, 1, 2, 3, 4, 5]),
+                "seq_lens": torch.tensor([2, 6])}]
+    batch = collate(samples)
+    assert batch.document_ids.tolist() == [[0, 0, 0, 1, 1, 1, 2, 2], [0, 0, 1, 1, 1, 1, 1, 1]]
+    masked = batch.with_attention(document_mask=False)
+    ref_batch = padded_collate_packed(samples)
+    assert torch.equal(masked.mask, ref_batch["mask"])
+    assert torch.equal(masked.input_pos, torch.stack([s["input_pos"] for s in samples]))
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 8, 11, generator=gen, dtype=torch.float64)
+    teacher = torch.randn(2, 8, 11, generator=gen, dtype=torch.float64) * 3
+    labels = torch.randint(0, 11, (2, 8), generator=gen)
+    loss = TADLoss(k=2, abar_scope="document")
+    value = loss.sum_and_count(student, teacher, labels, document_ids=batch.document_ids).mean()
+    expected = ref.tad_per_document(student, teacher, labels, batch.document_ids, 2, 2.0)
+    torch.testing.assert_close(value, expected, atol=1e-10, rtol=1e-10)
+
+
 def test_teacher_cache_entries_travel_with_their_blocks():
     def entries(seed):
         g = torch.Generator().manual_seed(seed)
