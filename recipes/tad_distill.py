@@ -206,6 +206,7 @@ class TADDistillRecipe:
         # SIGTERM's request (``train``), and the step's all-reduced answer: stop after this step
         self._stop_requested = self._stopping = False
         self._warned_slow_save = False
+        self._warned_no_position: set[str] = set()  # "train", "validation": warned once each
         self.global_step = 0
         self.epoch = 0
         self.step_in_epoch = 0
@@ -538,6 +539,8 @@ class TADDistillRecipe:
         self.step_in_epoch += 1
         self.tokens_seen += int(log["step_tokens"])
         self.train_seconds += seconds
+        if not log["step_tokens"]:
+            self._warn_no_position("train", f"step {self.global_step} trained on")
         log.update(self._speed(micro, log["step_tokens"], seconds))
         if progress is not None:
             progress.update(1)
@@ -657,6 +660,10 @@ class TADDistillRecipe:
             self._head.evaluate(batch, self._teacher_head(batch, logits=not self._fused), metrics)
         self._student.train()
         out = metrics.all_reduce().compute()
+        if not out["num_tokens"]:  # no val_* record: its means would be NaN
+            self._warn_no_position("validation", f"the validation at step {self.global_step} "
+                                   "scored")
+            return {}
         return {"val_kl": out["kl"], "val_ce": out["ce"], "val_ppl": out["ppl"],
                 "val_top1_agreement": out["top1_agreement"]}
 
@@ -679,6 +686,18 @@ class TADDistillRecipe:
         self._warn_if_preemption_cannot_save(time.perf_counter() - start)
         if export and self._export_hf:
             self.export(path / "hf")
+
+    def _warn_no_position(self, split: str, what: str) -> None:
+        """Once per split, on rank 0: a step or a validation without a single label to learn
+        or score (its metrics would be 0 or NaN, silently)."""
+        if not self._is_rank_zero or split in self._warned_no_position:
+            return
+        self._warned_no_position.add(split)
+        key = "dataset" if split == "train" else "validation_dataset"
+        tqdm.write(f"tad_distill: warning: {what} no position: every label of its {key} rows "
+                   f"is ignored (a prompt that fills tokenizer.max_seq_len with "
+                   f"train_on_input: false leaves no answer token to learn; told once)",
+                   file=sys.stderr)
 
     def _warn_if_preemption_cannot_save(self, seconds: float) -> None:
         """Once, on rank 0: a checkpoint took longer than torchrun waits after passing a

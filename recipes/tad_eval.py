@@ -157,8 +157,14 @@ class TADEvalRecipe:
             for name, student in self._students.items():
                 logits = project_logits(student, forward_hidden(student, tokens, **attention)[0])
                 student_metrics[name].update(logits, teacher_logits, labels)
+        teacher = teacher_metrics.compute()
+        if not teacher["num_tokens"]:
+            raise ConfigError(
+                f"dataset: no position to score in {n_batches} batch(es): every label is "
+                f"ignored (a prompt that fills tokenizer.max_seq_len with train_on_input: false "
+                f"leaves no answer token)")
         return {
-            "teacher": teacher_metrics.compute(),
+            "teacher": teacher,
             "students": {name: m.compute() for name, m in student_metrics.items()},
             "checkpoints": self._paths,
             "dataset": self._data_desc,

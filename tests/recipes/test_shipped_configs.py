@@ -673,3 +673,42 @@ def test_resume_with_more_steps_takes_the_new_schedule_from_its_first_step(
         scheduler.step()
     assert expected[3] > 0
     assert logged == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_rows_whose_answers_are_cut_away_are_told_not_trained_on_silently(
+        tmp_path, token_store_dir, quiet_process, capsys):
+    """The SFT config with rows cut to fewer tokens than their prompts (train_on_input: false):
+    no label is left to learn or score. Each split says so once, and no val_* record of NaN
+    means is logged; tad_eval on such rows refuses in one line."""
+    cfg = _with(rehearsal_config(load_shipped("phi3_mini_to_tinyllama_sft"), tmp_path),
+                max_steps=2, eval_every_n_steps=1, save_every_n_steps=None)
+    write_inputs(cfg)
+    cut = _with(cfg, **{"tokenizer.max_seq_len": 8})  # every prompt is longer
+    _run("tad_distill", cut)
+    warnings = [x for x in capsys.readouterr().err.splitlines() if "no position" in x]
+    assert warnings == [
+        "tad_distill: warning: step 1 trained on no position: every label of its dataset rows "
+        "is ignored (a prompt that fills tokenizer.max_seq_len with train_on_input: false "
+        "leaves no answer token to learn; told once)",
+        "tad_distill: warning: the validation at step 1 scored no position: every label of its "
+        "validation_dataset rows is ignored (a prompt that fills tokenizer.max_seq_len with "
+        "train_on_input: false leaves no answer token to learn; told once)"]
+    rows = _metrics(Path(cut.output_dir))
+    assert [r["step"] for r in rows] == [1, 2] and all(r["step_tokens"] == 0 for r in rows)
+    assert not any("val_kl" in r for r in rows)
+    eval_cfg = load_shipped("demo_eval")
+    eval_cfg.output_dir = str(tmp_path / "eval")
+    eval_cfg.tokenizer = cut.tokenizer
+    eval_cfg.dataset = cut.validation_dataset
+    eval_cfg.teacher = {"checkpoint_dir": cut.teacher_checkpointer.checkpoint_dir}
+    eval_cfg.students = {"student": {"checkpoint_dir": str(Path(cut.output_dir) / "student")}}
+    eval_cfg.vocab_alignment = cut.vocab_alignment
+    with pytest.raises(ValueError, match=r"^dataset: no position to score in \d+ batch\(es\): "
+                                         r"every label is ignored"):
+        _run("tad_eval", eval_cfg)
+    # the same rows at their length train and validate
+    whole = _with(cfg, output_dir=str(tmp_path / "whole"))
+    _run("tad_distill", whole)
+    assert "no position" not in capsys.readouterr().err
+    assert any("val_kl" in r for r in _metrics(tmp_path / "whole"))
