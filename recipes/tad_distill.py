@@ -96,7 +96,7 @@ from tad_torchtune.schema import (
     validate_config,
 )
 from tad_torchtune.teacher_cache import CachedBlocks, TeacherCache
-from tad_torchtune.vocab import check_vocab_compat
+from tad_torchtune.vocab import check_vocab_compat, tokenizer_warnings
 
 
 class NonFiniteError(RuntimeError):
@@ -337,6 +337,10 @@ class TADDistillRecipe:
             teacher_tokenizer=teacher_tokenizer,
             student_tokenizer=self._tokenizer if teacher_tokenizer is not None else None,
         )
+        if teacher_tokenizer is not None and self._is_rank_zero:
+            for line in tokenizer_warnings(teacher_tokenizer, self._tokenizer,
+                                           self._student_vocab, self._vocab_alignment):
+                print(f"tad_distill: warning: {line}", file=sys.stderr, flush=True)
 
         # The models are built on the meta device and sharded there; each rank then loads only
         # its shards (models/loading.py). FSDP's CPU offload keeps the shards on the host.

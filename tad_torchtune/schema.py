@@ -191,7 +191,7 @@ DISTILL = Schema("tad_distill", [
         choices=("bf16", "fp32")),
     Key("tokenizer", "the student's torchtune tokenizer component", REQUIRED),
     Key("teacher_tokenizer", "the teacher's, when it differs: ids of the shared vocabulary are "
-        "checked to agree"),
+        "checked to agree (the teacher reads the student's ids)"),
     Key("dataset", "dataset component called with the tokenizer "
         "(`tad_torchtune.data.text_block_dataset`, or a torchtune dataset builder)", REQUIRED),
     Key("validation_dataset", "held-out set for `val_kl`, `val_ce`, `val_ppl`"),

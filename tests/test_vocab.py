@@ -126,3 +126,42 @@ def test_torchtune_sentencepiece_tokenizers_phi3_teacher_llama2_student(tmp_path
     both = "teacher tokenizer .Phi3MiniTokenizer. and student tokenizer .Llama2Tokenizer."
     with pytest.raises(ValueError, match=both):
         check_vocab_compat(62, 60, "truncate_teacher", teacher, llama2_tokenizer(other), sample=-1)
+
+
+class _Splitter:
+    """A torchtune-like tokenizer: ids of the characters of a text, in pairs when ``pairs``."""
+
+    def __init__(self, eos_id: int, pairs: bool = False):
+        self.eos_id, self.pairs = eos_id, pairs
+
+    def encode(self, text, add_bos=True, add_eos=True):
+        if self.pairs:
+            return [ord(text[i]) * 2 + 1 for i in range(0, len(text), 2)]
+        return [ord(c) for c in text]
+
+
+def test_tokenizer_warnings_name_other_splits_and_a_cut_end_of_text():
+    from tad_torchtune.vocab import tokenizer_warnings
+
+    assert tokenizer_warnings(_Splitter(2), _Splitter(2), 300, "exact") == []
+    (split,) = tokenizer_warnings(_Splitter(2, pairs=True), _Splitter(2), 300, "exact")
+    assert split.startswith("teacher_tokenizer: splits text otherwise than tokenizer (a probe "
+                            "sentence: 87 ids against 173, the first difference at position 0: ")
+    assert split.endswith("the teacher reads the student's ids, split as it was not trained on")
+    # Phi-3 -> Llama-2: the teacher's end-of-text (32000) is past the student's 32000 ids
+    (eos,) = tokenizer_warnings(_Splitter(32000), _Splitter(2), 32000, "truncate_teacher")
+    assert eos.startswith("teacher_tokenizer: the teacher's end-of-text id 32000 is past the "
+                          "student's 32000 ids, which truncate_teacher keeps: where a label is "
+                          "the student's end-of-text (2) the teacher's end-of-text mass is cut")
+    assert tokenizer_warnings(_Splitter(5), _Splitter(2), 32000, "truncate_teacher") == []
+
+
+def test_the_phi3_teacher_and_llama2_student_tokenizers_split_alike(tmp_path):
+    """The shipped Phi-3 -> TinyLlama pairing shares its SentencePiece model: no split warning,
+    and the teacher's end-of-text past the student's ids is named."""
+    from tad_torchtune.vocab import tokenizer_warnings
+
+    shared = _spm_model(tmp_path, "shared", "the quick brown fox jumps over the lazy dog\n" * 50)
+    teacher, student = phi3_mini_tokenizer(shared), llama2_tokenizer(shared)
+    warnings = tokenizer_warnings(teacher, student, 60, "truncate_teacher")
+    assert [w.split(":")[1].strip()[:11] for w in warnings] == ["the teacher"], warnings
