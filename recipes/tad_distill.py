@@ -142,6 +142,10 @@ def changed_settings(then: dict[str, Any], now: dict[str, Any], step: int) -> li
         lines.append(f"kd_loss: {now['kd_loss']} differs from the checkpoint's run "
                      f"{then['kd_loss']}: the loss (and its curve in metrics.jsonl) changes at "
                      f"step {step + 1}")
+    for key in ("dataset", "tokenizer"):  # a token store's data is checked by its fingerprint
+        if key in then and then[key] != now[key]:
+            lines.append(f"{key}: {now[key]} differs from the checkpoint's run {then[key]}: "
+                         f"the data position goes on over this run's samples")
     return lines
 
 
@@ -322,7 +326,8 @@ class TADDistillRecipe:
         # what a resume restores from the checkpoint or recomputes: its changes are told
         self._settings = {key: OmegaConf.to_container(cfg[key], resolve=True)
                           if isinstance(cfg.get(key), DictConfig) else cfg.get(key)
-                          for key in ("optimizer", "lr_scheduler", "kd_loss")}
+                          for key in ("optimizer", "lr_scheduler", "kd_loss", "dataset",
+                                      "tokenizer")}
         self._settings["total_steps"] = self._total_steps
 
         # On several processes rank 0 alone reads the teacher's checkpoint (and builds the
@@ -811,11 +816,12 @@ class TADDistillRecipe:
                 f"resume_on_different_data=true resumes anyway")
         then, now = saved_cut.get("dataset"), self._data_cut.get("dataset")
         if then is not None and now is not None and then != now:
+            why = ("another max_seq_len, validation_fraction or split" if "max_seq_len" in now
+                   else "other data files or another dataset or tokenizer setting")
             raise ConfigError(
                 f"dataset: the checkpoint {str(path)!r} was trained on {then} and this run "
-                f"cuts {now} (another max_seq_len, validation_fraction or split): its data "
-                f"position would index other samples; resume_on_different_data=true resumes "
-                f"anyway")
+                f"cuts {now} ({why}): its data position would index other samples; "
+                f"resume_on_different_data=true resumes anyway")
 
     def _log_profile(self, profiled: dict[str, float] | None) -> None:
         """A profiled cycle's metrics (``tad_torchtune.profiling``), logged and printed."""

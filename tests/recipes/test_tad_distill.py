@@ -558,6 +558,16 @@ def test_a_resume_with_other_settings_says_what_it_does_with_them(assets, tmp_pa
         "'tad_torchtune.losses.TADLoss', 'k': 5, 'beta': 2.0}: the loss (and its curve in "
         "metrics.jsonl) changes at step 3"]
     assert recipe._lr_scheduler.base_lrs == [3e-3]  # what the warning says: the checkpoint's
+    # a dataset node written otherwise (the same store here; other SFT files would not be seen)
+    import os
+
+    moved = {**cfg, "resume_from_checkpoint": True,
+             "dataset": {**cfg["dataset"], "store_dir": os.environ["TAD_TORCHTUNE_STORE_DIR"]}}
+    _recipe(moved)
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
+    assert line.startswith("tad_distill: warning: dataset: {") and line.endswith(
+        "}: the data position goes on over this run's samples"), line
+    assert "store_dir" in line.split("differs")[0] and "store_dir" not in line.split("differs")[1]
 
 
 def test_a_validation_period_without_validation_data_is_told(assets, tmp_path, capsys):
