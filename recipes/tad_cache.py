@@ -115,7 +115,8 @@ class TADCacheRecipe:
         dataset = instantiate(cfg.dataset, "dataset", tokenizer)
         if not isinstance(dataset, TextBlockDataset):
             raise ConfigError("dataset._component_: the teacher cache is aligned to the blocks of a "
-                              "prepared store: use tad_torchtune.data.text_block_dataset")
+                              "prepared store (tad_torchtune.data.text_block_dataset); instruct "
+                              "and chat datasets train with the live teacher")
         self._datasets = {"train": dataset}
         self._note_a_shorter_run(len(dataset))
         self._vocab = vocab_size_of(cfg.student_model)

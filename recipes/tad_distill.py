@@ -443,7 +443,8 @@ class TADDistillRecipe:
         if train and self._teacher_cache is not None:
             if not blocks:
                 raise ConfigError(f"{key}._component_: a teacher cache is aligned to the blocks of a"
-                                  " prepared store: use tad_torchtune.data.text_block_dataset")
+                                  " prepared store (tad_torchtune.data.text_block_dataset); "
+                                  "instruct and chat datasets train with the live teacher")
             dataset = CachedBlocks(dataset, self._teacher_cache, "train",
                                    vocab_size=self._student_vocab,
                                    document_mask=self._document_mask)

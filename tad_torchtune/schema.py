@@ -353,7 +353,8 @@ EVAL = Schema("tad_eval", [
         choices=("bf16", "fp32", "fp16")),
     Key("seed", "random state", 0, _INT),
     Key("tokenizer", "the tokenizer component the dataset is built with", REQUIRED),
-    Key("dataset", "held-out blocks of equal length (`tad_torchtune.data.text_block_dataset`)",
+    Key("dataset", "held-out rows: a `tad_torchtune.data.text_block_dataset`, or a torchtune "
+        "dataset builder (instruct, chat, packed)",
         REQUIRED),
     Key("teacher", "`{checkpoint_dir, checkpoint_files?, model?, model_type?}`: a Hugging Face "
         "folder", REQUIRED, (dict,)),

@@ -197,7 +197,7 @@ def save_hf_checkpoint(
             warnings.warn(
                 f"save_hf_checkpoint: {str(copy_files_from)!r} holds none of {VOCABULARY_FILES}, "
                 f"so {str(out)!r} will not open with transformers.AutoTokenizer; put the "
-                "teacher's tokenizer files next to its weights", stacklevel=2)
+                f"tokenizer's files in {str(copy_files_from)!r}", stacklevel=2)
     return out
 
 

@@ -277,3 +277,14 @@ def test_cache_errors_name_the_keys(assets, tmp_path, monkeypatch, capsys):
     assert line == ("tad_cache: error: cache_top_m: 300 ids kept of a vocabulary of 256; "
                     "accepted: 1 to 255")
     assert not (tmp_path / "wide_cache").exists()  # no manifest a corrected run would refuse
+    # instruct rows (prompt-masked, of any length) have no blocks to align a cache to
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"input": "a question", "output": "an answer"}\n' * 4)
+    cfg = _config(assets, tmp_path / "sft", teacher_cache_dir=str(tmp_path / "sft_cache"))
+    cfg["dataset"] = {"_component_": "torchtune.datasets.instruct_dataset", "source": "json",
+                      "data_files": str(rows), "split": "train"}
+    line = tune.user_error("tad_cache", ["--config", str(tune.write_config(
+        cfg, tmp_path / "sft.yaml"))], monkeypatch, capsys)
+    assert line == ("tad_cache: error: dataset._component_: the teacher cache is aligned to the "
+                    "blocks of a prepared store (tad_torchtune.data.text_block_dataset); "
+                    "instruct and chat datasets train with the live teacher")
