@@ -638,7 +638,8 @@ class TADDistillRecipe:
                 f"not finite; the optimizer step was not taken and the last checkpoint "
                 f"({self._checkpointer.latest()}) is intact"
             )
-        self._optimizer.step()
+        if global_tokens:  # a step with nothing to learn leaves the weights and moments be
+            self._optimizer.step()  # (AdamW would decay the weights and the moments)
         self._optimizer.zero_grad(set_to_none=True)
         lr = self._optimizer.param_groups[0]["lr"]
         if self._lr_scheduler is not None:

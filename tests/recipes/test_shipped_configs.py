@@ -696,6 +696,14 @@ def test_rows_whose_answers_are_cut_away_are_told_not_trained_on_silently(
         "train_on_input: false leaves no answer token to learn; told once)"]
     rows = _metrics(Path(cut.output_dir))
     assert [r["step"] for r in rows] == [1, 2] and all(r["step_tokens"] == 0 for r in rows)
+    # steps with nothing to learn take no optimizer step: the student keeps the weights it
+    # started from (AdamW's weight decay alone would have moved them)
+    assert cut.optimizer.weight_decay > 0
+    start = {}
+    for name in _checkpoint_files(cut.student_checkpointer):
+        start.update(load_file(str(Path(cut.student_checkpointer.checkpoint_dir) / name)))
+    end = load_file(str(Path(cut.output_dir) / "student" / "model.safetensors"))
+    assert start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in start)
     assert not any("val_kl" in r for r in rows)
     eval_cfg = load_shipped("demo_eval")
     eval_cfg.output_dir = str(tmp_path / "eval")
