@@ -47,6 +47,7 @@ checkpoint files and sizes, dtype), and per split
 
 import json
 import os
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,10 @@ class BlockLayout:
         start, stop = dataset.token_span(0)
         return cls(dataset.fingerprint, int(start), int(stop - start), len(dataset))
 
+
+#: shards a reader keeps memory-mapped (5 file descriptors each, 4 for the bucket cache): far
+#: below the common limit of 1024 open files whatever the cache's size
+OPEN_SHARDS = 32
 
 #: what changes each field of a ``BlockLayout``, as a refusal names it
 _LAYOUT_CAUSES = {
@@ -182,7 +187,9 @@ class TeacherCache:
             raise ConfigError(f"teacher_cache_dir: {str(path)!r} is not a {FORMAT} version "
                               f"{VERSION} manifest")
         self.manifest = manifest
-        self._open: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+        # the shards read last, memory-mapped: each map holds a file descriptor, so a run over
+        # thousands of shards (a 2B-token cache has 3.8K) keeps OPEN_SHARDS, not all of them
+        self._open: OrderedDict[tuple[str, int], dict[str, np.ndarray]] = OrderedDict()
 
     @classmethod
     def create(cls, root: str | os.PathLike, *, top_m: int, vocab_size: int, temperature: float,
@@ -341,10 +348,14 @@ class TeacherCache:
 
     def _shard(self, split: str, index: int) -> dict[str, np.ndarray]:
         key = (split, index)
-        if key not in self._open:
+        if key in self._open:
+            self._open.move_to_end(key)
+        else:
             folder = _shard_dir(self.root, split, index)
             self._open[key] = {f: np.load(folder / f"{f}.npy", mmap_mode="r")
                                for f in self._fields()}
+            if len(self._open) > OPEN_SHARDS:  # its maps close when nothing reads them
+                self._open.popitem(last=False)
         return self._open[key]
 
     def block(self, split: str, index: int) -> CacheEntries:

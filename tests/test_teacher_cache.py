@@ -231,3 +231,35 @@ def test_a_config_without_cache_mode_gets_the_cache_its_divergence_reads_best():
 
     assert [cache_mode_for(c) for c in (TADLoss, ForwardKLLoss, ReverseKLLoss, DRKLLoss, None)] \
         == ["sampled", "sampled", "top_m", "top_m", "top_m"]
+
+
+def test_a_reader_keeps_a_bounded_number_of_shards_open(tmp_path, monkeypatch):
+    """Reading blocks of more shards than ``OPEN_SHARDS`` in a shuffled order keeps that many
+    memory-mapped (each map a file descriptor: a 2B-token cache has thousands of shards, and
+    the common limit is 1024 open files), and every block reads what was written."""
+    import os
+    import random
+
+    from tad_torchtune import teacher_cache
+
+    monkeypatch.setattr(teacher_cache, "OPEN_SHARDS", 4)
+    blocks = 40  # 20 shards of 2 blocks
+    layout = BlockLayout(store_fingerprint="f" * 16, first_token=0, max_seq_len=L,
+                         num_blocks=blocks)
+    cache = _create(tmp_path / "cache", layouts={"train": layout})
+    logits = _logits(blocks, 50)
+    written = _entries("top_m", logits)
+    for shard in range(blocks // SHARD):
+        rows = slice(shard * SHARD, (shard + 1) * SHARD)
+        cache.write_shard("train", shard, type(written)(*(t[rows] for t in written.tensors())))
+    reader = TeacherCache(tmp_path / "cache")
+    fds = len(os.listdir("/proc/self/fd"))
+    order = list(range(blocks)) * 2
+    random.Random(0).shuffle(order)
+    most = 0
+    for i in order:
+        got = reader.block("train", i)
+        assert torch.equal(got.ids, written.ids[i].long())
+        most = max(most, len(os.listdir("/proc/self/fd")) - fds)
+    assert len(reader._open) == 4
+    assert most <= 4 * len(reader._fields()) + 2, most  # 20 shards read: 5x more before
