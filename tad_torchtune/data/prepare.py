@@ -34,6 +34,7 @@ from tad_torchtune.data.store import (
     MANIFEST, StoreError, StoreWriter, TokenStore, remove_stale_tmp, store_key, token_dtype_for,
     tokenizer_fingerprint, tokenizer_vocab_size,
 )
+from tad_torchtune.files import TMP_PREFIX
 
 STORE_DIR_ENV = "TAD_TORCHTUNE_STORE_DIR"
 WAIT_ENV = "TAD_TORCHTUNE_STORE_WAIT_S"
@@ -349,6 +350,28 @@ def _build_lock(store_dir: Path, key: str) -> Iterator[None]:
         yield
 
 
+def _remove_abandoned_builds(store_dir: Path, key: str) -> None:
+    """Remove the temporary folders of killed builds of OTHER stores in ``store_dir`` (a corpus
+    touched after a killed build gets another key, so that build's folder would stay for
+    good): those whose store's lock nobody holds. Without file locks nothing is removed."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    others = {tmp.name[len(TMP_PREFIX):].rsplit("-", 2)[0]
+              for tmp in store_dir.glob(f"{TMP_PREFIX}*") if tmp.name.count("-") >= 3}
+    for other in sorted(others - {key}):
+        lock = store_dir / f".{other}.lock"
+        if not lock.is_file():
+            continue
+        with open(lock, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # being built now (or no locks here): left alone
+                continue
+            remove_stale_tmp(store_dir, other)
+
+
 def _check_writable(root: Path, where: str) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -419,6 +442,7 @@ def prepare_store(source: str | Sequence[str], tokenizer: Any, *, column: str = 
             with _build_lock(root, key):
                 if not (path / MANIFEST).is_file():
                     remove_stale_tmp(root, key)
+                    _remove_abandoned_builds(root, key)
                     total = sum(f.size for f in files)
                     print(f"tad_torchtune: building the token store of {len(files)} file(s) "
                           f"({total / 2**20:.1f} MiB) at {path}", file=sys.stderr, flush=True)

@@ -242,7 +242,7 @@ def _parquet_documents(path: Path, column: str, where: str, digest: Any) -> Iter
         while chunk := f.read(_READ_SIZE):
             digest.update(chunk)
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path, pre_buffer=False)  # by default it buffers the whole file
     except (pa.ArrowException, OSError) as e:
         raise CorpusError(f"{where}.source: {str(path)!r} is not a parquet file ({e}); "
                           "accepted: a parquet file with a string column") from None

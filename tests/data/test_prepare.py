@@ -204,3 +204,30 @@ def test_a_sentencepiece_tokenizer_goes_through_workers(tmp_path, demo_docs):
     assert _comparable(a) == _comparable(b)
     assert TokenStore.open(a).tokens.tolist() == _flat(encode_all(tok, docs))[0]
     assert json.loads((a / MANIFEST).read_text())["build"]["engine"] == "workers"
+
+
+def test_a_build_removes_what_killed_builds_of_other_stores_left(tmp_path, demo_tok, demo_docs):
+    """A build killed midway leaves its temporary folder; the corpus is then touched, so the
+    next build is of another store (another key): it removes the abandoned folder, but not the
+    folder of a build that holds its store's lock (one running now)."""
+    import fcntl
+    import os
+
+    from tad_torchtune.files import temporary_path
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in demo_docs[:20]))
+    stores = tmp_path / "stores"
+    stores.mkdir()
+    abandoned = temporary_path(stores / "c.jsonl-0123456789abcdef")  # a killed build's
+    running = temporary_path(stores / "d.jsonl-fedcba9876543210")  # a build going on
+    for folder in (abandoned, running):
+        folder.mkdir()
+        (folder / "tokens.bin").write_bytes(b"\0" * 64)
+        (stores / f".{folder.name[5:].rsplit('-', 2)[0]}.lock").touch()
+    with open(stores / ".d.jsonl-fedcba9876543210.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        os.utime(corpus, (1e9, 1e9))  # touched: another key
+        store, _ = prepare_store(str(corpus), demo_tok, store_dir=stores, progress=False)
+    assert not abandoned.exists() and running.exists()
+    assert [p.name for p in stores.iterdir() if not p.name.startswith(".")] == [store.path.name]
