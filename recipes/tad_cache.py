@@ -25,6 +25,7 @@ a step being one batch's teacher forward and statistics: traces in
 device time went.
 """
 
+import shutil
 import sys
 import time
 from functools import partial
@@ -172,6 +173,8 @@ class TADCacheRecipe:
             for split in self._datasets:
                 self._cache.remove_stale(split)
         todo = {split: self._cache.missing_shards(split) for split in self._datasets}
+        if self._rank == 0:
+            self._report_size(todo)
         barrier()
         self._profiler.start()
         for split, dataset in self._datasets.items():
@@ -207,6 +210,24 @@ class TADCacheRecipe:
             print(f"tad_cache: done; cache in {self._root} (mode={self._mode}, "
                   f"top_m={self._top_m}{samples}, {self._cache.bytes_per_token():.0f} bytes per "
                   f"token)")
+
+    def _report_size(self, todo: dict[str, list[int]]) -> None:
+        """One line: what the cache will hold on disk, what is left to write; a warning when
+        the disk has less room than that left."""
+        per_token = self._cache.bytes_per_token()
+        left = total = 0
+        for split, dataset in self._datasets.items():
+            length = BlockLayout.of(dataset).max_seq_len
+            total += len(dataset) * length
+            left += sum(self._shard_size(dataset, i) for i in todo[split]) * length
+        print(f"tad_cache: {total} tokens at {per_token:.0f} bytes each: "
+              f"{_size(total * per_token)} in {str(self._root)!r}, {_size(left * per_token)} of "
+              f"it left to write", file=sys.stderr)
+        free = shutil.disk_usage(self._root).free
+        if free < left * per_token:
+            print(f"tad_cache: warning: {str(self._root)!r} has {_size(free)} free, less than "
+                  f"the {_size(left * per_token)} left to write; a cache of fewer blocks: "
+                  f"dataset.max_blocks", file=sys.stderr)
 
     def _shard_size(self, dataset, index: int) -> int:
         """Number of blocks in shard ``index`` (the last one may be short)."""
@@ -253,6 +274,10 @@ class TADCacheRecipe:
             self._profiler.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def run(cfg: DictConfig) -> None:

@@ -222,7 +222,19 @@ def test_a_run_shorter_than_the_split_is_noted(assets, tmp_path, capsys):
         "(max_steps x batch_size x gradient_accumulation_steps); dataset.max_blocks=16 caches, "
         "and trains on, the first 16 only"]
     _cache(assets, tmp_path, "whole", max_steps=3, **{"dataset.max_blocks": 24})
-    assert "note:" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "note:" not in err
+    # the size line: what the files hold (24 blocks of 32 tokens), all of it left to write
+    (size,) = [x for x in err.splitlines() if "bytes each" in x]
+    from tad_torchtune.teacher_cache import TeacherCache
+
+    cache = TeacherCache(tmp_path / "whole")
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "whole").rglob("*.npy"))
+    per_token = cache.bytes_per_token()
+    assert on_disk == pytest.approx(24 * 32 * per_token, rel=0.05)  # beside the .npy headers
+    assert size == (f"tad_cache: 768 tokens at {per_token:.0f} bytes each: "
+                    f"{768 * per_token / 1e6:.1f} MB in {str(tmp_path / 'whole')!r}, "
+                    f"{768 * per_token / 1e6:.1f} MB of it left to write")
 
 
 def test_cache_errors_name_the_keys(assets, tmp_path, monkeypatch, capsys):
