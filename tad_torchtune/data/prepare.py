@@ -29,7 +29,9 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from tad_torchtune.data.sources import SourceFile, expand_sources, iter_documents
+from tad_torchtune.data.sources import (
+    SourceFile, document_format, expand_sources, iter_documents,
+)
 from tad_torchtune.data.store import (
     MANIFEST, StoreError, StoreWriter, TokenStore, remove_stale_tmp, store_key, token_dtype_for,
     tokenizer_fingerprint, tokenizer_vocab_size,
@@ -350,6 +352,23 @@ def _build_lock(store_dir: Path, key: str) -> Iterator[None]:
         yield
 
 
+#: a .txt file is one document, tokenized whole: its size above which that is said
+LARGE_TEXT_FILE = 64 * 2**20
+
+
+def _warn_of_large_text_files(files: Sequence[SourceFile], where: str) -> None:
+    """One warning line per large ``.txt`` file: a document tokenized whole takes about 120x
+    its size in memory (the Hugging Face tokenizer's encoding holds ~300 bytes per token)."""
+    for f in files:
+        if f.size > LARGE_TEXT_FILE and document_format(f.path, where=where)[0] == "text":
+            gz = " (compressed: more)" if f.path.name.lower().endswith(".gz") else ""
+            print(f"tad_torchtune: warning: {where}.source: {str(f.path)!r} is one document of "
+                  f"{f.size / 2**20:.0f} MiB{gz}, tokenized whole: about "
+                  f"{120 * f.size / 2**30:.1f} GiB of memory; JSON Lines or parquet with a "
+                  f"document per row are tokenized in bounded memory", file=sys.stderr,
+                  flush=True)
+
+
 def _remove_abandoned_builds(store_dir: Path, key: str) -> None:
     """Remove the temporary folders of killed builds of OTHER stores in ``store_dir`` (a corpus
     touched after a killed build gets another key, so that build's folder would stay for
@@ -446,6 +465,7 @@ def prepare_store(source: str | Sequence[str], tokenizer: Any, *, column: str = 
                     total = sum(f.size for f in files)
                     print(f"tad_torchtune: building the token store of {len(files)} file(s) "
                           f"({total / 2**20:.1f} MiB) at {path}", file=sys.stderr, flush=True)
+                    _warn_of_large_text_files(files, where)
                     build_store(path, files, tokenizer, column=column, token_dtype=dtype,
                                 tokenizer_fp=fp, num_workers=num_workers, where=where,
                                 progress=progress)

@@ -231,3 +231,21 @@ def test_a_build_removes_what_killed_builds_of_other_stores_left(tmp_path, demo_
         store, _ = prepare_store(str(corpus), demo_tok, store_dir=stores, progress=False)
     assert not abandoned.exists() and running.exists()
     assert [p.name for p in stores.iterdir() if not p.name.startswith(".")] == [store.path.name]
+
+
+def test_a_large_text_file_is_told_to_take_memory(tmp_path, monkeypatch, capsys):
+    """A .txt file is one document, tokenized whole (about 120x its size in memory): above
+    LARGE_TEXT_FILE a build says so, naming the file; JSON Lines of the same size do not."""
+    from tad_torchtune.data import prepare
+
+    monkeypatch.setattr(prepare, "LARGE_TEXT_FILE", 1000)
+    big, rows = tmp_path / "book.txt", tmp_path / "rows.jsonl"
+    big.write_text("some words of a book. " * 100)
+    rows.write_text('{"text": "some words of a book."}\n' * 100)
+    prepare_store(str(big), ByteTokenizer(), store_dir=tmp_path / "s", progress=False)
+    prepare_store(str(rows), ByteTokenizer(), store_dir=tmp_path / "s", progress=False)
+    warnings = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
+    assert warnings == [
+        f"tad_torchtune: warning: dataset.source: {str(big)!r} is one document of 0 MiB, "
+        f"tokenized whole: about 0.0 GiB of memory; JSON Lines or parquet with a document per "
+        f"row are tokenized in bounded memory"]
