@@ -662,13 +662,20 @@ class TADDistillRecipe:
             return {}
         self._student.eval()
         metrics = self._head.new_metrics(calibration=False)
-        for i, batch in enumerate(self._val_loader):
+        total = len(self._val_loader)
+        if self._max_eval_batches is not None:
+            total = min(total, self._max_eval_batches)
+        # its own bar under the training's, gone when done (a whole split can take minutes)
+        bar = tqdm(self._val_loader, total=total, desc="validation", leave=False,
+                   disable=not self._is_rank_zero, dynamic_ncols=True)
+        for i, batch in enumerate(bar):
             if self._max_eval_batches is not None and i >= self._max_eval_batches:
                 break
             batch = self._prepare(batch)
             if i >= self._val_batches:  # a rank with fewer batches runs the others' FSDP steps
                 batch = batch.ignoring_all()
             self._head.evaluate(batch, self._teacher_head(batch, logits=not self._fused), metrics)
+        bar.close()
         self._student.train()
         out = metrics.all_reduce().compute()
         if not out["num_tokens"]:  # no val_* record: its means would be NaN
