@@ -200,7 +200,7 @@ def test_a_tokenizer_s_missing_or_unreadable_file_is_one_line(component, tmp_pat
         instantiate(node, "teacher_tokenizer")
     message = str(err.value)
     assert message.startswith(f"teacher_tokenizer: {component} cannot be built from {files}: ")
-    assert "\n" not in message and len(message) < 400, message
+    assert "\n" not in message, message
 
 
 def test_a_component_s_unexpected_error_keeps_its_traceback_outside_tokenizers():
