@@ -38,8 +38,9 @@ class TextBlockDataset(Dataset):
     The corpus is tokenized once into a token store (``tad_torchtune.data.store``; each document
     ``tokenizer.encode(doc, add_bos=True, add_eos=True)``) and memory-mapped at every later start,
     so start-up time and memory do not grow with the corpus. The store is found by a key computed
-    from the files' paths, sizes and modification times and the tokenizer's fingerprint; a missing
-    one is built on the spot (``tad_torchtune.data.prepare.prepare_store``: under torchrun by local
+    from the files' paths, sizes and modification times and the tokenizer's fingerprint (files
+    touched or copied since are hashed and the store of their contents linked, not rebuilt); a
+    missing one is built on the spot (``tad_torchtune.data.prepare.prepare_store``: under torchrun by local
     rank 0, the others waiting) or beforehand by ``tune run tad_prepare --config CONFIG``.
 
     Splits are whole documents: the validation split is the smallest run of documents at the

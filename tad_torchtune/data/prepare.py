@@ -15,8 +15,11 @@ A few batches per worker are in flight at any time, so memory is bounded by the 
 """
 
 import contextlib
+import hashlib
+import json
 import os
 import platform
+import shutil
 import sys
 import time
 from collections import deque
@@ -33,10 +36,11 @@ from tad_torchtune.data.sources import (
     SourceFile, document_format, expand_sources, iter_documents,
 )
 from tad_torchtune.data.store import (
-    MANIFEST, StoreError, StoreWriter, TokenStore, remove_stale_tmp, store_key, token_dtype_for,
+    FORMAT_VERSION, MANIFEST, OFFSETS, TOKENS, StoreError, StoreWriter, TokenStore,
+    remove_stale_tmp, store_key, token_dtype_for,
     tokenizer_fingerprint, tokenizer_vocab_size,
 )
-from tad_torchtune.files import TMP_PREFIX
+from tad_torchtune.files import TMP_PREFIX, publish_dir, staging_dir
 
 STORE_DIR_ENV = "TAD_TORCHTUNE_STORE_DIR"
 WAIT_ENV = "TAD_TORCHTUNE_STORE_WAIT_S"
@@ -352,6 +356,59 @@ def _build_lock(store_dir: Path, key: str) -> Iterator[None]:
         yield
 
 
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _link_a_store_of_these_contents(root: Path, path: Path, files: Sequence[SourceFile], *,
+                                    tokenizer_fp: str, column: str,
+                                    token_dtype: str) -> Path | None:
+    """Publish at ``path`` the store of ``files`` from a store in ``root`` built from files of
+    the same contents (their SHA-256, which its manifest records, in the same order; the same
+    tokenizer, column and dtype): a corpus touched, or copied with its times, elsewhere has
+    another key (the key is ``stat``-based, so start-up reads nothing) but needs no second
+    tokenization. Its binary files are hard-linked (copied where links fail), its manifest
+    names these files. Only files of the sizes a store records are hashed.
+
+    Returns:
+        The folder of the store linked, or None when no store has these contents.
+    """
+    sizes = [f.size for f in files]
+    hashes: dict[int, str] = {}
+    for manifest_path in sorted(root.glob(f"*/{MANIFEST}")):
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            sources = manifest["sources"]
+            if (manifest["format_version"] != FORMAT_VERSION
+                    or manifest["tokenizer"]["fingerprint"] != tokenizer_fp
+                    or manifest["column"] != column or manifest["token_dtype"] != token_dtype
+                    or [s["size"] for s in sources] != sizes):
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not all(hashes.setdefault(i, _file_sha256(f.path)) == s.get("sha256")
+                   for i, (f, s) in enumerate(zip(files, sources))):
+            continue
+        folder = manifest_path.parent
+        tmp = staging_dir(path)
+        for name in (TOKENS, OFFSETS):
+            try:
+                os.link(folder / name, tmp / name)
+            except OSError:
+                shutil.copyfile(folder / name, tmp / name)
+        manifest["sources"] = [{**s, "path": str(f.path), "mtime_ns": f.mtime_ns}
+                               for f, s in zip(files, sources)]
+        manifest["build"] = {**manifest.get("build", {}), "linked_from": str(folder)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        publish_dir(tmp, path)
+        return folder
+    return None
+
+
 #: a .txt file is one document, tokenized whole: its size above which that is said
 LARGE_TEXT_FILE = 64 * 2**20
 
@@ -454,7 +511,7 @@ def prepare_store(source: str | Sequence[str], tokenizer: Any, *, column: str = 
     root = Path(store_dir).expanduser() if store_dir is not None else default_store_dir()
     key = store_key(files, tokenizer_fp=fp, column=column, token_dtype=dtype)
     path = root / key
-    built = False
+    built, same = False, None
     if not (path / MANIFEST).is_file():
         if _builds_here():
             _check_writable(root, where)
@@ -462,6 +519,9 @@ def prepare_store(source: str | Sequence[str], tokenizer: Any, *, column: str = 
                 if not (path / MANIFEST).is_file():
                     remove_stale_tmp(root, key)
                     _remove_abandoned_builds(root, key)
+                    same = _link_a_store_of_these_contents(root, path, files, tokenizer_fp=fp,
+                                                           column=column, token_dtype=dtype)
+                if not (path / MANIFEST).is_file():
                     total = sum(f.size for f in files)
                     print(f"tad_torchtune: building the token store of {len(files)} file(s) "
                           f"({total / 2**20:.1f} MiB) at {path}", file=sys.stderr, flush=True)
@@ -474,6 +534,10 @@ def prepare_store(source: str | Sequence[str], tokenizer: Any, *, column: str = 
             _wait_for(path, where)
     store = TokenStore.open(path, where=where)
     store.check(tokenizer_fp=fp, files=files, where=where)
+    if same is not None:
+        print(f"tad_torchtune: the token store {str(path)!r} is that of {str(same)!r} (its "
+              f"files' SHA-256 are these files'; moved or touched since): linked, not tokenized "
+              f"again", file=sys.stderr, flush=True)
     if built:
         b = store.manifest["build"]
         print(f"tad_torchtune: built {path}: {store.num_tokens:,} tokens, "

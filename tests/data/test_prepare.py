@@ -249,3 +249,43 @@ def test_a_large_text_file_is_told_to_take_memory(tmp_path, monkeypatch, capsys)
         f"tad_torchtune: warning: dataset.source: {str(big)!r} is one document of 0 MiB, "
         f"tokenized whole: about 0.0 GiB of memory; JSON Lines or parquet with a document per "
         f"row are tokenized in bounded memory"]
+
+
+def test_a_touched_or_copied_corpus_links_the_store_of_its_contents(tmp_path, demo_tok,
+                                                                     demo_docs, capsys):
+    """The key is stat-based (start-up reads nothing), so a corpus touched, or copied with its
+    times to another folder, has another key. Its files' SHA-256 are those a store records: the
+    store is linked under the new key (the same tokens, no second tokenization, no second copy
+    on disk), the content fingerprint unchanged; a file of the same size but other bytes is
+    tokenized anew."""
+    import os
+    import shutil
+
+    corpus = tmp_path / "a" / "c.jsonl"
+    corpus.parent.mkdir()
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in demo_docs[:30]))
+    stores = tmp_path / "stores"
+    first, built = prepare_store(str(corpus), demo_tok, store_dir=stores, progress=False)
+    assert built
+    capsys.readouterr()
+    os.utime(corpus, (1e9, 1e9))  # touched
+    copy = tmp_path / "b" / "c.jsonl"
+    copy.parent.mkdir()
+    shutil.copy2(corpus, copy)  # copied with its times, elsewhere
+    for path in (corpus, copy):
+        store, built = prepare_store(str(path), demo_tok, store_dir=stores, progress=False)
+        err = capsys.readouterr().err
+        assert not built and "building" not in err and "linked, not tokenized again" in err
+        assert store.path != first.path and store.fingerprint == first.fingerprint
+        assert np.array_equal(np.asarray(store.tokens), np.asarray(first.tokens))
+        assert os.stat(store.path / TOKENS).st_ino == os.stat(first.path / TOKENS).st_ino
+        assert store.manifest["sources"][0]["path"] == str(path)
+    # found by its key from now on: nothing hashed, nothing said
+    prepare_store(str(copy), demo_tok, store_dir=stores, progress=False)
+    assert capsys.readouterr().err == ""
+    # same size, other bytes: a build
+    text = corpus.read_text()
+    at = text.index("e", 20)  # inside the first document's text
+    corpus.write_text(text[:at] + "o" + text[at + 1:])
+    _, built = prepare_store(str(corpus), demo_tok, store_dir=stores, progress=False)
+    assert built and "linked" not in capsys.readouterr().err
