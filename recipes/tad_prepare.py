@@ -6,7 +6,8 @@
 Reads the same config as ``tad_distill`` (or ``tad_eval``): its ``tokenizer``, and the
 ``source``, ``column``, ``store_dir`` and ``token_dtype`` of ``dataset`` and
 ``validation_dataset`` when they are ``tad_torchtune.data.text_block_dataset``. Builds the store
-of each (the two share one when they name the same files), or reports it already built, so that
+of each (the two share one when they name the same files), links the store of the same
+contents (files touched or copied since), or reports it already built, so that
 training then starts by memory-mapping it. Blocks and splits are not stored: they are cut when
 the dataset opens the store, so ``max_seq_len``, ``split`` and ``validation_fraction`` can
 change without a new prepare.
@@ -84,6 +85,8 @@ class TADPrepareRecipe:
             )
             m = store.manifest
             status = "built" if built else (
+                f"linked (the store of the same contents, {store.linked_from})"
+                if store.linked_from is not None else
                 f"already built (the same store as {done[str(store.path)]})"
                 if str(store.path) in done else "already built")
             done.setdefault(str(store.path), key)
@@ -100,6 +103,7 @@ class TADPrepareRecipe:
                              f"limits it)")
             print(line, flush=True)
             reports.append({"key": key, "path": str(store.path), "built": built,
+                            "linked": store.linked_from is not None,
                             "num_tokens": store.num_tokens, "num_documents": store.num_documents,
                             "fingerprint": store.fingerprint})
         return reports

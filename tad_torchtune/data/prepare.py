@@ -535,6 +535,7 @@ def prepare_store(source: str | Sequence[str], tokenizer: Any, *, column: str = 
     store = TokenStore.open(path, where=where)
     store.check(tokenizer_fp=fp, files=files, where=where)
     if same is not None:
+        store.linked_from = same
         print(f"tad_torchtune: the token store {str(path)!r} is that of {str(same)!r} (its "
               f"files' SHA-256 are these files'; moved or touched since): linked, not tokenized "
               f"again", file=sys.stderr, flush=True)

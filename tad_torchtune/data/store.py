@@ -321,6 +321,8 @@ class TokenStore:
         manifest: the parsed ``manifest.json``.
         tokens: [num_tokens] uint16 or uint32, read-only, memory-mapped.
         offsets: [num_documents + 1] int64, read-only, memory-mapped.
+        linked_from: the store of the same contents this one was just linked from
+            (``prepare.prepare_store``: a corpus touched or copied), else None.
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], tokens: np.ndarray, offsets: np.ndarray) -> None:
@@ -328,6 +330,7 @@ class TokenStore:
         self.manifest = manifest
         self.tokens = tokens
         self.offsets = offsets
+        self.linked_from: Path | None = None
 
     @property
     def num_tokens(self) -> int:
