@@ -62,6 +62,7 @@ from tad_torchtune.data.checks import (
     check_held_out,
     check_row_length,
     data_cut,
+    same_rows,
 )
 from tad_torchtune.errors import ConfigError, instantiate, reports_user_errors
 from tad_torchtune.files import atomic_write_text
@@ -307,6 +308,9 @@ class TADDistillRecipe:
         if cfg.get("validation_dataset") is not None:
             self._val_loader, _ = self._setup_data(cfg, "validation_dataset", train=False)
             check_held_out(self._train_loader.dataset, self._val_loader.dataset)
+            warning = same_rows(cfg.dataset, cfg.validation_dataset)
+            if warning and self._is_rank_zero:
+                print(f"tad_distill: warning: {warning}", file=sys.stderr, flush=True)
         elif self._eval_every and self._is_rank_zero:
             print(f"tad_distill: warning: eval_every_n_steps={self._eval_every} with no "
                   f"validation_dataset: no validation runs (give a validation_dataset for "

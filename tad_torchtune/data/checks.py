@@ -80,6 +80,27 @@ def check_held_out(train: Any, validation: Any) -> None:
             f"source and validation_fraction, with validation_dataset.split: validation")
 
 
+#: what names the rows a torchtune dataset builder reads (Hugging Face ``load_dataset``'s)
+ROW_KEYS = ("_component_", "source", "data_files", "data_dir", "name", "split")
+
+
+def same_rows(train_node: Any, validation_node: Any) -> str | None:
+    """A warning line when a dataset builder other than a token store's is given the same
+    rows for validation as for training (the same source, files and split: ``val_kl`` then
+    measured on trained text), else None. Token stores are checked by their blocks
+    (``check_held_out``)."""
+    def rows(node: Any) -> tuple:
+        return tuple(str(node.get(k)) for k in ROW_KEYS)
+
+    if train_node.get("_component_") == "tad_torchtune.data.text_block_dataset":
+        return None
+    if rows(train_node) != rows(validation_node):
+        return None
+    return (f"validation_dataset: the same source, data_files and split as dataset "
+            f"({validation_node.get('data_files') or validation_node.get('source')!s}, split "
+            f"{validation_node.get('split')!s}): val_kl is measured on the training rows")
+
+
 def data_cut(dataset: Any) -> dict[str, Any]:
     """What a resume needs unchanged besides the store: the number of samples the sampler
     orders, and for a token store the blocks' length and token range (another

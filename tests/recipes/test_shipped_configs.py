@@ -720,5 +720,22 @@ def test_rows_whose_answers_are_cut_away_are_told_not_trained_on_silently(
     # the same rows at their length train and validate
     whole = _with(cfg, output_dir=str(tmp_path / "whole"))
     _run("tad_distill", whole)
-    assert "no position" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no position" not in err and "the training rows" not in err
     assert any("val_kl" in r for r in _metrics(tmp_path / "whole"))
+
+
+@pytest.mark.slow
+def test_validating_on_the_training_rows_is_told(tmp_path, token_store_dir, quiet_process,
+                                                 capsys):
+    """An SFT config whose validation_dataset reads the training file's training split: one
+    warning line (a token store's overlapping blocks are refused: check_held_out)."""
+    cfg = rehearsal_config(load_shipped("phi3_mini_to_tinyllama_sft"), tmp_path)
+    write_inputs(cfg)
+    same = _with(cfg, max_steps=1, save_every_n_steps=None, eval_every_n_steps=None)
+    same.validation_dataset = same.dataset
+    _run("tad_distill", same)
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "the training rows" in x]
+    assert line == (f"tad_distill: warning: validation_dataset: the same source, data_files and "
+                    f"split as dataset ({cfg.dataset.data_files}, split train): val_kl is "
+                    f"measured on the training rows")
