@@ -174,16 +174,19 @@ def check_vocab_compat(
         ids = [*range(64), *sorted(middle), *range(shared - 64, shared)]
     kind, t_lookup, s_lookup = _common_lookup(teacher_tokenizer, student_tokenizer)
     mismatches = []
+    compared = 0
     for i in ids:
         t, s = _safe(t_lookup, i), _safe(s_lookup, i)
+        compared += t is not None or s is not None  # an id neither knows is not compared
         if t != s:
             mismatches.append(f"id {i}: teacher {t!r} vs student {s!r}")
     if mismatches:
         shown = "; ".join(mismatches[:5])
         raise ValueError(
             f"teacher tokenizer ({type(teacher_tokenizer).__name__}) and student tokenizer "
-            f"({type(student_tokenizer).__name__}) disagree on {len(mismatches)} of {len(ids)} "
-            f"sampled shared ids (compared by {kind}): {shown}. Distillation compares logits id "
+            f"({type(student_tokenizer).__name__}) disagree on {len(mismatches)} of the "
+            f"{compared} {'sampled ' if len(ids) < shared else ''}shared ids either knows "
+            f"(compared by {kind}): {shown}. Distillation compares logits id "
             f"by id, so both models must use the same vocabulary for the shared ids"
         )
 
