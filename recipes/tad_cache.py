@@ -39,7 +39,7 @@ from torchtune import config
 from tqdm import tqdm
 
 from tad_torchtune.common import DTYPES
-from tad_torchtune.data import TextBlockDataset, collate
+from tad_torchtune.data import collate
 from tad_torchtune.data.checks import check_row_length
 from tad_torchtune.errors import ConfigError, instantiate, reports_user_errors
 from tad_torchtune.hardware import warn_if_slow_bf16
@@ -66,6 +66,7 @@ from tad_torchtune.teacher_cache import (
     BlockLayout,
     TeacherCache,
     cache_mode_for,
+    check_blocks,
     teacher_identity,
 )
 
@@ -114,10 +115,7 @@ class TADCacheRecipe:
             warn_if_slow_bf16(self._device, self._dtype)
         tokenizer = instantiate(cfg.tokenizer, "tokenizer")
         dataset = instantiate(cfg.dataset, "dataset", tokenizer)
-        if not isinstance(dataset, TextBlockDataset):
-            raise ConfigError("dataset._component_: the teacher cache is aligned to the blocks of a "
-                              "prepared store (tad_torchtune.data.text_block_dataset); instruct "
-                              "and chat datasets train with the live teacher")
+        check_blocks(dataset, "dataset")
         self._datasets = {"train": dataset}
         self._note_a_shorter_run(len(dataset))
         self._vocab = vocab_size_of(cfg.student_model)

@@ -96,7 +96,7 @@ from tad_torchtune.schema import (
     resolve_package_paths,
     validate_config,
 )
-from tad_torchtune.teacher_cache import CachedBlocks, TeacherCache
+from tad_torchtune.teacher_cache import CachedBlocks, TeacherCache, check_blocks
 from tad_torchtune.vocab import check_vocab_compat, tokenizer_warnings
 
 
@@ -445,10 +445,7 @@ class TADDistillRecipe:
         self._data_fingerprints[key] = dataset.fingerprint if blocks else None
         self._data_cut[key] = data_cut(dataset)
         if train and self._teacher_cache is not None:
-            if not blocks:
-                raise ConfigError(f"{key}._component_: a teacher cache is aligned to the blocks of a"
-                                  " prepared store (tad_torchtune.data.text_block_dataset); "
-                                  "instruct and chat datasets train with the live teacher")
+            check_blocks(dataset, key)
             dataset = CachedBlocks(dataset, self._teacher_cache, "train",
                                    vocab_size=self._student_vocab,
                                    document_mask=self._document_mask)

@@ -33,6 +33,14 @@ def temporary_path(final: Path) -> Path:
     return final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
+def temporary_target(name: str) -> str | None:
+    """The name of what the temporary file or folder ``name`` (``temporary_path``'s) was
+    written for, or None for another name."""
+    if not name.startswith(TMP_PREFIX) or name.count("-") < 3:
+        return None
+    return name[len(TMP_PREFIX):].rsplit("-", 2)[0]
+
+
 def staging_dir(final: Path) -> Path:
     """A new empty folder beside ``final`` to write its content into (``publish_dir`` then
     renames it). ``mkdir`` rather than ``mkdtemp``: the umask's permissions, so a shared folder

@@ -116,6 +116,17 @@ _LAYOUT_CAUSES = {
 }
 
 
+def check_blocks(dataset: Any, key: str) -> None:
+    """Refuse a dataset other than a prepared store's blocks for a teacher cache (``key``: its
+    config key), which is aligned to them."""
+    from tad_torchtune.data import TextBlockDataset
+
+    if not isinstance(dataset, TextBlockDataset):
+        raise ConfigError(f"{key}._component_: the teacher cache is aligned to the blocks of a "
+                          f"prepared store (tad_torchtune.data.text_block_dataset); instruct and "
+                          f"chat datasets train with the live teacher")
+
+
 def teacher_identity(cfg: Any) -> dict[str, Any]:
     """What identifies the teacher a cache was made with, from a ``tad_distill`` config: its
     model config, its checkpoint files (names and sizes), the dtype and the vocabulary

@@ -15,7 +15,6 @@ A few batches per worker are in flight at any time, so memory is bounded by the 
 """
 
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -33,14 +32,14 @@ import numpy as np
 from tqdm import tqdm
 
 from tad_torchtune.data.sources import (
-    SourceFile, document_format, expand_sources, iter_documents,
+    SourceFile, document_format, expand_sources, hash_file, iter_documents,
 )
 from tad_torchtune.data.store import (
     FORMAT_VERSION, MANIFEST, OFFSETS, TOKENS, StoreError, StoreWriter, TokenStore,
-    remove_stale_tmp, store_key, token_dtype_for,
+    remove_stale_tmp, store_key, token_dtype_for, write_manifest,
     tokenizer_fingerprint, tokenizer_vocab_size,
 )
-from tad_torchtune.files import TMP_PREFIX, publish_dir, staging_dir
+from tad_torchtune.files import TMP_PREFIX, publish_dir, staging_dir, temporary_target
 
 STORE_DIR_ENV = "TAD_TORCHTUNE_STORE_DIR"
 WAIT_ENV = "TAD_TORCHTUNE_STORE_WAIT_S"
@@ -335,6 +334,11 @@ def _builds_here() -> bool:
     return os.environ.get("LOCAL_RANK", "0") == "0"
 
 
+def _lock_path(store_dir: Path, key: str) -> Path:
+    """The file whose lock a build of store ``key`` holds (``_build_lock``)."""
+    return store_dir / f".{key}.lock"
+
+
 @contextlib.contextmanager
 def _build_lock(store_dir: Path, key: str) -> Iterator[None]:
     """An exclusive lock per store (released by the kernel if its holder is killed); where the
@@ -344,7 +348,7 @@ def _build_lock(store_dir: Path, key: str) -> Iterator[None]:
     except ImportError:
         yield
         return
-    with open(store_dir / f".{key}.lock", "a") as f:
+    with open(_lock_path(store_dir, key), "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -354,14 +358,6 @@ def _build_lock(store_dir: Path, key: str) -> Iterator[None]:
         except OSError:
             pass
         yield
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _link_a_store_of_these_contents(root: Path, path: Path, files: Sequence[SourceFile], *,
@@ -390,7 +386,7 @@ def _link_a_store_of_these_contents(root: Path, path: Path, files: Sequence[Sour
                 continue
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if not all(hashes.setdefault(i, _file_sha256(f.path)) == s.get("sha256")
+        if not all(hashes.setdefault(i, hash_file(f.path).hexdigest()) == s.get("sha256")
                    for i, (f, s) in enumerate(zip(files, sources))):
             continue
         folder = manifest_path.parent
@@ -403,7 +399,7 @@ def _link_a_store_of_these_contents(root: Path, path: Path, files: Sequence[Sour
         manifest["sources"] = [{**s, "path": str(f.path), "mtime_ns": f.mtime_ns}
                                for f, s in zip(files, sources)]
         manifest["build"] = {**manifest.get("build", {}), "linked_from": str(folder)}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        write_manifest(tmp, manifest)
         publish_dir(tmp, path)
         return folder
     return None
@@ -434,10 +430,9 @@ def _remove_abandoned_builds(store_dir: Path, key: str) -> None:
         import fcntl
     except ImportError:
         return
-    others = {tmp.name[len(TMP_PREFIX):].rsplit("-", 2)[0]
-              for tmp in store_dir.glob(f"{TMP_PREFIX}*") if tmp.name.count("-") >= 3}
-    for other in sorted(others - {key}):
-        lock = store_dir / f".{other}.lock"
+    others = {temporary_target(tmp.name) for tmp in store_dir.glob(f"{TMP_PREFIX}*")}
+    for other in sorted(others - {key, None}):
+        lock = _lock_path(store_dir, other)
         if not lock.is_file():
             continue
         with open(lock, "a") as f:

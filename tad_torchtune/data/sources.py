@@ -234,13 +234,21 @@ def _text_document(data: bytes, path: Path, where: str) -> str:
                           "accepted: UTF-8 text") from None
 
 
+def hash_file(path: Path, digest: Any = None) -> Any:
+    """``digest`` (default: a new SHA-256) fed with every byte of ``path``, in a pass of its own
+    and constant memory."""
+    digest = digest if digest is not None else hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_READ_SIZE):
+            digest.update(chunk)
+    return digest
+
+
 def _parquet_documents(path: Path, column: str, where: str, digest: Any) -> Iterator[str]:
     import pyarrow as pa  # installed with torchtune's `datasets` dependency
     import pyarrow.parquet as pq
 
-    with open(path, "rb") as f:  # parquet is read by seeking: hash it in a pass of its own
-        while chunk := f.read(_READ_SIZE):
-            digest.update(chunk)
+    hash_file(path, digest)  # parquet is read by seeking: hashed in a pass of its own
     try:
         pf = pq.ParquetFile(path, pre_buffer=False)  # by default it buffers the whole file
     except (pa.ArrowException, OSError) as e:

@@ -184,6 +184,15 @@ def store_key(files: Sequence[SourceFile], *, tokenizer_fp: str, column: str, to
     return f"{name}{more}-{digest}"
 
 
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """``folder``'s ``manifest.json``, flushed to disk (the folder is published after it)."""
+    with open(folder / MANIFEST, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def content_fingerprint(manifest: dict[str, Any]) -> str:
     """SHA-256 of what the store holds: format version, dtype, counts, tokenizer fingerprint and
     the hashes of both binary files; the same for two builds of the same data wherever it lies."""
@@ -275,11 +284,7 @@ class StoreWriter:
         manifest["fingerprint"] = content_fingerprint(manifest)
         manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         manifest["build"] = build or {}
-        with open(self.tmp / MANIFEST, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        write_manifest(self.tmp, manifest)
         try:
             published = publish_dir(self.tmp, self.path)
         except OSError as e:
