@@ -100,6 +100,8 @@ def test_the_plot_commands_mistakes_are_one_line(tmp_path, capsys):
          f"python -m tad_torchtune.plots: error: runs: no metrics.jsonl at "
          f"{str(tmp_path / 'nope')!r}; accepted: a tad_distill output_dir or "
          f"its metrics.jsonl"),
+        ([str(run), "--x", "seconds", "-o", str(tmp_path / "x.png")],
+         "python -m tad_torchtune.plots: error: --x: 'seconds'; accepted: tokens, train_seconds"),
         ([str(run), "--metric", "val_klx", "-o", str(tmp_path / "x.png")],
          f"python -m tad_torchtune.plots: error: --metric: no record with 'val_klx' and 'tokens' "
          f"in any of [{str(run)!r}]; accepted: a field they log: ['loss', 'lr', 'val_ce', 'val_kl', 'val_ppl']"),
