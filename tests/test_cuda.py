@@ -306,8 +306,8 @@ def test_flex_sliding_window_equals_the_dense_one():
     ``document_mask`` on CUDA: the window added to the flex ``BlockMask`` (its ``mask_mod``,
     ``models/_window.py``), run by torchtune's compiled flex attention, gives the logits and
     gradients of the dense windowed mask (SDPA) within 1e-4 of the largest, on rows of 300
-    positions, and of plain rows (no mask: the dense band) equal to a row that is one
-    document under the BlockMask."""
+    positions; plain rows (no mask) run the model's own flex band, which equals SDPA under the
+    dense band."""
     from tad_torchtune.data import document_attention
     from tad_torchtune.models import (
         forward_hidden,
@@ -339,9 +339,14 @@ def test_flex_sliding_window_equals_the_dense_one():
 
     checks = [(logits_and_grads(*document_attention(docs, flex=True)),
                logits_and_grads(*document_attention(docs)))]
-    one = torch.zeros_like(docs)
-    checks.append((logits_and_grads(*document_attention(one, flex=True)),
-                   logits_and_grads(None, None)))
+    # plain rows: the flex band the model makes itself (model_mask), against SDPA's dense band
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from tad_torchtune.models._window import model_mask, windowed_mask
+
+    assert isinstance(model_mask(model, tokens, mask=None), BlockMask)
+    dense_band = windowed_mask(None, 50, kv_len=tokens.shape[1], device=tokens.device)
+    checks.append((logits_and_grads(None, None), logits_and_grads(dense_band, None)))
     for flex, dense in checks:
         for got, want in zip(flex, dense):
             scale = float(want.abs().max())

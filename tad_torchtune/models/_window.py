@@ -12,9 +12,11 @@ forward: in ``forward_hidden`` (the recipes' forward) and, through a forward pre
 
 Only rows longer than the window change: up to W positions every key is in the window, so the
 mask stays what it was (None: torchtune's causal SDPA, as fast as without a window). Longer
-rows get a dense ``[1, T, T]`` band (no mask given), the document mask ANDed with the band, or
-a flex ``BlockMask`` whose ``mask_mod`` adds the window to the given one (its blocks out of
-the window then skipped). Positions in the window are row positions (``i - j``): a document of
+rows without a mask get the causal band: a flex ``BlockMask`` where the model runs flex
+attention (CUDA, ``supports_flex_attention``: the blocks out of the band are skipped, and the
+kernel stays a flash one, which SDPA with a dense mask is not), else a dense ``[1, T, T]`` bool
+band. A given mask gets the band ANDed in: the dense document mask as a bool, a flex
+``BlockMask`` through a ``mask_mod`` that adds the window to the given one. Positions in the window are row positions (``i - j``): a document of
 a packed row sees the same window as when it runs alone.
 """
 
@@ -62,11 +64,29 @@ def model_mask(model: nn.Module, tokens: Tensor, *, mask: Any,
         if mask is None or input_pos is None:  # torchtune's own error follows
             return mask
         return windowed_mask(mask, window, kv_len=mask.shape[-1], q_pos=input_pos)
-    return windowed_mask(mask, window, kv_len=tokens.shape[1], device=tokens.device)
+    length = tokens.shape[1]
+    if mask is None and length > window:
+        from tad_torchtune.models._forward import supports_flex_attention
+
+        if supports_flex_attention(tokens.device, model):
+            return _flex_band(model, window, length, tokens.device)
+    return windowed_mask(mask, window, kv_len=length, device=tokens.device)
+
+
+def _flex_band(model: nn.Module, window: int, length: int, device: torch.device) -> Any:
+    """The causal band of ``window`` over rows of ``length`` as a flex ``BlockMask`` (one for
+    every row and head), made once per (length, device) and kept on the model: the teacher's
+    and the student's forward of every step reuse it."""
+    key = (window, length, str(device))
+    kept = getattr(model, "_window_flex_band", None)
+    if kept is None or kept[0] != key:
+        kept = (key, windowed_mask(None, window, kv_len=length, device=device, flex=True))
+        model._window_flex_band = kept
+    return kept[1]
 
 
 def windowed_mask(mask: Any, window: int, *, kv_len: int, q_pos: Tensor | None = None,
-                  device: torch.device | str | None = None) -> Any:
+                  device: torch.device | str | None = None, flex: bool = False) -> Any:
     """``mask`` with the keys more than ``window - 1`` positions before each query removed.
 
     Args:
@@ -77,18 +97,25 @@ def windowed_mask(mask: Any, window: int, *, kv_len: int, q_pos: Tensor | None =
         q_pos: ``[B, Tq]`` the queries' positions (KV-cached decoding); None: the keys' own
             (a row attending to itself, ``Tq = Tkv``).
         device: where the band of a None ``mask`` is made (default: the host).
+        flex: the band of a None ``mask`` as a flex ``BlockMask`` (batch and heads of 1,
+            broadcast) instead of a bool tensor; only without ``q_pos``.
 
     Returns:
         ``mask`` itself (the same object) when no key can be out of the window (``Tkv <= W``);
-        else a ``[1, T, T]`` causal band for None, the bool mask ANDed with the band, or a new
-        ``BlockMask`` of the same block size whose ``mask_mod`` adds the window.
+        else a ``[1, T, T]`` causal band for None (a ``BlockMask`` with ``flex``), the bool
+        mask ANDed with the band, or a new ``BlockMask`` of the same block size whose
+        ``mask_mod`` adds the window.
     """
     if kv_len <= window:
         return mask
-    from torch.nn.attention.flex_attention import BlockMask
+    from torch.nn.attention.flex_attention import BlockMask, and_masks, create_block_mask
 
     if isinstance(mask, BlockMask):
         return _windowed_block_mask(mask, window)
+    if mask is None and flex:
+        assert q_pos is None, "a flex band is for a row attending to itself"
+        return create_block_mask(and_masks(_causal, window_mod(window)), None, None, kv_len,
+                                 kv_len, device=device if device is not None else "cpu")
     device = mask.device if mask is not None else device
     kv = torch.arange(kv_len, device=device)
     q = kv if q_pos is None else q_pos.to(device)
@@ -106,6 +133,10 @@ def window_mod(window: int):
         return q - kv < window
 
     return near
+
+
+def _causal(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+    return kv <= q
 
 
 def _windowed_block_mask(mask, window: int):

@@ -159,6 +159,34 @@ def test_a_flex_block_mask_computes_each_document_as_transformers_alone(tmp_path
 
 
 @pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+def test_plain_rows_run_a_flex_band_where_flex_attention_runs(tmp_path, monkeypatch):
+    """Plain rows longer than the window on a machine where the model runs flex attention
+    (CUDA: ``supports_flex_attention``, made true here): the layers receive the band as one flex
+    ``BlockMask`` (not SDPA's dense mask, which loses the flash kernel), reused by later
+    forwards of the same length, and torchtune's attention runs it with flex attention
+    (uncompiled, on the CPU) into transformers' logits. Rows up to the window keep no mask."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from tad_torchtune.models import _forward
+    from tad_torchtune.models._window import model_mask
+
+    folder = save_hf_windowed(tmp_path / "phi3", "phi3", window=WINDOW)
+    tokens = _tokens(rows=3)
+    want = _hf_logits(_hf(folder), tokens)
+    model = load_hf_folder(folder, where="s", device=CPU, dtype=torch.float32)
+    for layer in model.layers:
+        layer.attn._attention_call = _flex_attention_call(layer.attn._attention_call)
+    assert model_mask(model, tokens, mask=None) is not None  # the dense band, flex or not
+    monkeypatch.setattr(_forward, "supports_flex_attention", lambda device, *models: True)
+    band = model_mask(model, tokens, mask=None)
+    assert isinstance(band, BlockMask) and model_mask(model, tokens, mask=None) is band
+    assert model_mask(model, tokens[:, :WINDOW], mask=None) is None
+    with torch.no_grad():
+        got = project_logits(model, forward_hidden(model, tokens)[0])
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
 def test_every_mask_kind_gets_the_naive_window():
     """``windowed_mask`` on rows of 300 positions (flex's blocks are 128), a window of 50:
     no mask, the dense document mask and the flex ``BlockMask`` (its ``mask_mod`` evaluated at
@@ -176,6 +204,9 @@ def test_every_mask_kind_gets_the_naive_window():
     naive = near & (docs[:, :, None] == docs[:, None, :])  # (B, T, T)
 
     assert torch.equal(windowed_mask(None, window, kv_len=length), near[None])
+    band = windowed_mask(None, window, kv_len=length, flex=True)  # batch and heads broadcast
+    assert band.shape == (1, 1, length, length)
+    assert torch.equal(create_mask(band.mask_mod, 1, 1, length, length)[0, 0], near)
     dense, _ = document_attention(docs)
     assert torch.equal(windowed_mask(dense, window, kv_len=length), naive)
     block, _ = document_attention(docs, flex=True)
@@ -186,6 +217,9 @@ def test_every_mask_kind_gets_the_naive_window():
     torch.testing.assert_close(flex_attention(q, k, v, block_mask=windowed),
                                F.scaled_dot_product_attention(q, k, v, attn_mask=naive[:, None]),
                                atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=band),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=near),
+                               atol=1e-5, rtol=1e-5)
     # fewer blocks visited (partial and full) than under the document mask: those wholly out
     # of the window are skipped
 
@@ -193,6 +227,8 @@ def test_every_mask_kind_gets_the_naive_window():
         return int(mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum())
 
     assert visited(windowed) < visited(block)
+    blocks = -(-length // 128)
+    assert visited(band) < blocks * (blocks + 1) // 2  # fewer than the causal mask's
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
