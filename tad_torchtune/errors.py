@@ -134,6 +134,8 @@ def _wait_to_be_stopped(seconds: float) -> None:
 _ARG_MESSAGE = re.compile(
     r"^(?P<name>[A-Za-z_]\w*)(?::\s*|\s+(?=(?:must|is|should|has|exceeds)\b))(?P<rest>.*)$", re.S)
 _UNEXPECTED = re.compile(r"unexpected keyword argument '(?P<name>\w+)'")
+#: Python's "f() missing 2 required keyword-only arguments: 'a' and 'b'"
+_MISSING = re.compile(r"missing \d+ required (?:positional |keyword-only )?arguments?: (?P<names>.*)$")
 
 
 def instantiate(node: Any, key: str, *args: Any, **kwargs: Any) -> Any:
@@ -151,13 +153,17 @@ def instantiate(node: Any, key: str, *args: Any, **kwargs: Any) -> Any:
     try:
         return config.instantiate(node, *args, **kwargs)
     except TypeError as err:
-        match = _UNEXPECTED.search(str(err))
-        if match is None:
-            raise
         component = node.get("_component_")
         accepted = _accepted_arguments(component)
-        raise ConfigError(f"{key}.{match['name']}: not an argument of {component}; accepted: "
-                          f"{', '.join(accepted)}") from None
+        match = _UNEXPECTED.search(str(err))
+        if match is not None:
+            raise ConfigError(f"{key}.{match['name']}: not an argument of {component}; "
+                              f"accepted: {', '.join(accepted)}") from None
+        missing = _missing_arguments(str(err), component)
+        if not missing:
+            raise
+        raise ConfigError(f"{', '.join(f'{key}.{name}' for name in missing)}: required by "
+                          f"{component}, not set; accepted: {', '.join(accepted)}") from None
     except Exception as err:  # noqa: BLE001
         # A tokenizer is built from the user's files alone, so what fails there is one of them
         # (a truncated download, a file of another kind: sentencepiece's RuntimeError,
@@ -205,6 +211,23 @@ def _accepted_arguments(component: str | None) -> list[str]:
         return []
     return [n for n, p in params.items()
             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n != "self"]
+
+
+def _missing_arguments(message: str, component: str | None) -> list[str]:
+    """The arguments a ``TypeError``'s "missing N required ... argument(s)" names, when they are
+    the component's own arguments without a default (not those of a call deeper inside it)."""
+    match = _MISSING.search(message)
+    if match is None:
+        return []
+    names = re.findall(r"'(\w+)'", match["names"])
+    try:
+        from torchtune.config._utils import _get_component_from_path
+
+        params = inspect.signature(_get_component_from_path(component)).parameters
+    except Exception:  # the component cannot be imported
+        return []
+    own = all(n in params and params[n].default is inspect.Parameter.empty for n in names)
+    return names if names and own else []
 
 
 def _prefixed(message: str, key: str, node: Any) -> str:

@@ -123,6 +123,6 @@ class RollingWindowDataset(Dataset):
         return self.samples[index]
 
 
-def rolling_window_dataset(tokenizer: Any, **kwargs: Any) -> RollingWindowDataset:
-    """Builder for YAML: ``_component_: tad_torchtune.harness.rolling_window_dataset``."""
-    return RollingWindowDataset(tokenizer, **kwargs)
+#: Builder for YAML: ``_component_: tad_torchtune.harness.rolling_window_dataset``; the class
+#: itself, so that a missing or unknown argument is named against its signature
+rolling_window_dataset = RollingWindowDataset

@@ -31,6 +31,11 @@ from tad_torchtune.errors import (
 
 def widget(*, size: int = 1, source: str = "") -> dict:
     """A component for ``instantiate`` (``tests.test_errors.widget``)."""
+    if source == "deeper":  # a call inside the component misses an argument
+        def inner(needed):
+            return needed
+
+        inner()
     if size < 1:
         raise ValueError(f"size must be an integer >= 1, got {size}")
     if source == "nowhere":
@@ -171,6 +176,28 @@ def test_instantiate_names_the_dotted_key(node, message):
     with pytest.raises(ConfigError) as err:
         instantiate(OmegaConf.create({**component, **node}), "part")
     assert str(err.value) == message
+
+
+def gadget(name: str, source: str, *, size: int = 1) -> dict:
+    """A component with required arguments (``tests.test_errors.gadget``)."""
+    return {"name": name, "source": source, "size": size}
+
+
+def test_a_missing_required_argument_is_one_line():
+    """A component's required argument left out of its node (``~dataset.source``) is named with
+    its dotted key, one or several; a TypeError of a call inside the component stays one."""
+    component = {"_component_": "tests.test_errors.gadget"}
+    assert instantiate(OmegaConf.create({**component, "name": "a", "source": "b"}), "part") == {
+        "name": "a", "source": "b", "size": 1}
+    for node, missing in (({"name": "a"}, "part.source"),
+                          ({"size": 2}, "part.name, part.source")):
+        with pytest.raises(ConfigError) as err:
+            instantiate(OmegaConf.create({**component, **node}), "part")
+        assert str(err.value) == (f"{missing}: required by tests.test_errors.gadget, not set; "
+                                  "accepted: name, source, size")
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 'needed'"):
+        instantiate(OmegaConf.create({"_component_": "tests.test_errors.widget",
+                                      "source": "deeper"}), "part")
 
 
 TOKENIZERS = {  # component, its file arguments

@@ -182,6 +182,6 @@ class TextBlockDataset(Dataset):
         return np.cumsum(ids, out=ids)
 
 
-def text_block_dataset(tokenizer: Any, **kwargs: Any) -> TextBlockDataset:
-    """Builder for YAML: ``_component_: tad_torchtune.data.text_block_dataset``."""
-    return TextBlockDataset(tokenizer, **kwargs)
+#: Builder for YAML: ``_component_: tad_torchtune.data.text_block_dataset``; the class itself, so
+#: that a missing or unknown argument is named against its signature (``errors.instantiate``)
+text_block_dataset = TextBlockDataset
