@@ -135,6 +135,7 @@ class TADEleutherEvalRecipe(eleuther_eval.EleutherEvalRecipe):
         if folder is not None and not Path(str(folder)).expanduser().is_dir():
             raise ValueError(f"checkpointer.checkpoint_dir: {str(folder)!r} is not a folder; give "
                              "the student tad_distill exported (student_dir=OUTPUT_DIR/student)")
+        self._fit_model_type(cfg.checkpointer)
         if self.include_path is not None and not Path(str(self.include_path)).is_dir():
             raise ValueError(f"include_path: {str(self.include_path)!r} is not a folder of "
                              "lm_eval task YAML files (pkg://lm_eval: the shipped tasks)")
@@ -153,6 +154,26 @@ class TADEleutherEvalRecipe(eleuther_eval.EleutherEvalRecipe):
         # torchtune's setup picks the text-model wrapper by this module-level name
         eleuther_eval._LLMEvalWrapper = StudentEvalWrapper
         super().setup(cfg)
+
+    @staticmethod
+    def _fit_model_type(checkpointer: DictConfig) -> None:
+        """The checkpointer's ``model_type`` against the folder's config.json, which the model
+        (``hf_decoder``) is built from: a null one becomes the family's, a set one must convert
+        that model type's weights (another family's conversion fails on a key, or loads Llama's
+        q/k weights unpermuted, silently)."""
+        from tad_torchtune.models import model_from_hf_config
+        from tad_torchtune.models.loading import check_checkpointer_model_type, hf_config_of
+
+        hf = hf_config_of(checkpointer)
+        if hf is None:
+            return
+        if checkpointer.get("model_type") is None:
+            where = str(Path(str(checkpointer.checkpoint_dir)).expanduser() / "config.json")
+            with torch.device("meta"):
+                _, family = model_from_hf_config(hf, where=where)
+            checkpointer.model_type = family.checkpointer_model_type
+        else:
+            check_checkpointer_model_type(checkpointer, hf, checkpointer_key="checkpointer")
 
     def evaluate(self) -> dict:
         """torchtune's ``evaluate``, also writing the results to ``output_dir``."""

@@ -251,7 +251,7 @@ def _head_dims(spec: DistillSpec, rope_layout: str) -> Tensor:
     """Indices of the dimensions of a teacher head that a narrower student head keeps: whole
     rotary pairs of the teacher's rotated part (the first ``rotary_dim`` dimensions; all of
     them unless the builder rotates a share, Phi-2), then the first unrotated dimensions."""
-    t_hd, s_hd = spec.teacher_width[3], spec.student_width[3]
+    s_hd = spec.student_width[3]
     t_rot, s_rot = _rotary_dim(spec.teacher_kwargs), _rotary_dim(spec.student_kwargs)
     if rope_layout == "half":  # rotary pairs (i, i + rotary_dim / 2): keep whole pairs
         first = torch.arange(s_rot // 2)

@@ -195,6 +195,40 @@ MUST_MATCH_CHECKPOINT = ("vocab_size", "num_layers", "num_heads", "num_kv_heads"
                          "rope_base", "scale_factor")
 
 
+def check_checkpointer_model_type(checkpointer: Mapping[str, Any] | DictConfig,
+                                  hf: Mapping[str, Any], *, checkpointer_key: str) -> None:
+    """Check that a checkpointer node's ``model_type`` (when set) converts the weights of the
+    Hugging Face ``model_type`` of its folder's config.json ``hf``: another family's conversion
+    fails on a key, or loads silently reordered weights (Llama's q/k permutation under QWEN2).
+
+    Raises:
+        ConfigError: naming ``checkpointer_key.model_type``, its value, config.json's and the
+            model types accepted for it.
+    """
+    from torchtune.training import ModelType
+
+    from tad_torchtune.models._families import FAMILIES
+
+    model_type = checkpointer.get("model_type")
+    if model_type is None:
+        return
+    where = str(Path(str(checkpointer.get("checkpoint_dir"))).expanduser() / "config.json")
+    kind = hf.get("model_type")
+    fitting = sorted({f.checkpointer_model_type for f in FAMILIES.values()
+                      if f.hf_model_type == kind})
+    known = {m.name for m in ModelType} | {f.checkpointer_model_type for f in FAMILIES.values()}
+    if str(model_type) not in known and str(model_type).upper() not in known:
+        raise ConfigError(f"{checkpointer_key}.model_type: {model_type!r} is not a "
+                          f"checkpointer model type; accepted: {sorted(known)}")
+    converts = {f.hf_model_type for f in FAMILIES.values()
+                if f.checkpointer_model_type == str(model_type).upper()}
+    if converts and kind not in converts:
+        raise ConfigError(
+            f"{checkpointer_key}.model_type: {model_type} converts the weights of Hugging "
+            f"Face model_type {' or '.join(map(repr, sorted(converts)))}, but {where} says "
+            f"{kind!r}; accepted for it: {fitting or 'no registered family'}")
+
+
 def check_model_fits_checkpoint(model: Mapping[str, Any] | DictConfig,
                                 checkpointer: Mapping[str, Any] | DictConfig, *,
                                 model_key: str, checkpointer_key: str
@@ -214,9 +248,7 @@ def check_model_fits_checkpoint(model: Mapping[str, Any] | DictConfig,
         ConfigError: naming the checkpointer's ``model_type`` or the model node's key, the value
             and the checkpoint's.
     """
-    from torchtune.training import ModelType
-
-    from tad_torchtune.models._families import FAMILIES, NotThisFamily, resolve_teacher
+    from tad_torchtune.models._families import NotThisFamily, resolve_teacher
 
     pruned = str(model.get("_component_", "")).endswith("pruned_student")
     family, kwargs = None, None
@@ -230,21 +262,7 @@ def check_model_fits_checkpoint(model: Mapping[str, Any] | DictConfig,
         return kwargs
     where = str(Path(str(checkpointer.get("checkpoint_dir"))).expanduser() / "config.json")
     kind = hf.get("model_type")
-    fitting = sorted({f.checkpointer_model_type for f in FAMILIES.values()
-                      if f.hf_model_type == kind})
-    model_type = checkpointer.get("model_type")
-    if model_type is not None:
-        known = {m.name for m in ModelType} | {f.checkpointer_model_type for f in FAMILIES.values()}
-        if str(model_type) not in known and str(model_type).upper() not in known:
-            raise ConfigError(f"{checkpointer_key}.model_type: {model_type!r} is not a "
-                              f"checkpointer model type; accepted: {sorted(known)}")
-        converts = {f.hf_model_type for f in FAMILIES.values()
-                    if f.checkpointer_model_type == str(model_type).upper()}
-        if converts and kind not in converts:
-            raise ConfigError(
-                f"{checkpointer_key}.model_type: {model_type} converts the weights of Hugging "
-                f"Face model_type {' or '.join(map(repr, sorted(converts)))}, but {where} says "
-                f"{kind!r}; accepted for it: {fitting or 'no registered family'}")
+    check_checkpointer_model_type(checkpointer, hf, checkpointer_key=checkpointer_key)
     if pruned:
         return None
     component = model.get("_component_")

@@ -24,13 +24,18 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFL
 
 def test_eleuther_config_components_load(tmp_path):
     """The components of configs/eleuther_eval_student.yaml build and load an exported student
-    ."""
+    (its checkpointer's null ``model_type`` made the family's of config.json, as the recipe's
+    setup does)."""
     from omegaconf import OmegaConf
+    from tad_eleuther_eval import TADEleutherEvalRecipe
     from torchtune import config, training
 
     student = save_hf_llama(tmp_path / "student", seed=3, tied=True)
     cfg = OmegaConf.load(Path(__file__).parents[2] / "configs" / "eleuther_eval_student.yaml")
     cfg.student_dir, cfg.output_dir = str(student), str(tmp_path / "out")
+    assert cfg.checkpointer.model_type is None
+    TADEleutherEvalRecipe._fit_model_type(cfg.checkpointer)
+    assert cfg.checkpointer.model_type == "LLAMA3_2"  # the tied Llama family
     model = config.instantiate(cfg.model)
     model.load_state_dict(config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY])
     tok = config.instantiate(cfg.tokenizer)
@@ -72,3 +77,37 @@ def test_eleuther_recipe_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert line.startswith("tad_eleuther_eval: error: tokenizer: the task's text holds token id ")
     assert line.endswith(", but the student's vocabulary has 1024 ids; accepted: the student's "
                          "tokenizer")
+
+
+def test_the_checkpointer_s_model_type_is_config_json_s(tmp_path):
+    """The model is built from config.json (``hf_decoder``); the checkpointer's ``model_type``
+    converts the weights: a null one becomes config.json's family's, so a Mistral student's
+    logits are transformers' (Llama's q/k permutation, which Qwen2's conversion leaves out);
+    one that converts another family's weights is one line (it failed on a key, or loaded
+    unpermuted q/k weights silently)."""
+    from omegaconf import OmegaConf
+    from tad_eleuther_eval import TADEleutherEvalRecipe
+    from torchtune import config, training
+
+    from tad_torchtune.errors import ConfigError
+    from tests.helpers.teachers import save_hf_windowed
+
+    student = save_hf_windowed(tmp_path / "student", "mistral", window=None, seed=2)
+    cfg = OmegaConf.load(Path(__file__).parents[2] / "configs" / "eleuther_eval_student.yaml")
+    cfg.student_dir, cfg.output_dir = str(student), str(tmp_path / "out")
+    TADEleutherEvalRecipe._fit_model_type(cfg.checkpointer)
+    assert cfg.checkpointer.model_type == "MISTRAL"
+    model = config.instantiate(cfg.model)
+    model.load_state_dict(config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
+    x = torch.randint(0, hf.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, atol=1e-4, rtol=1e-4)
+    for wrong in ("QWEN2", "LLAMA3"):
+        cfg.checkpointer.model_type = wrong
+        with pytest.raises(ConfigError) as err:
+            TADEleutherEvalRecipe._fit_model_type(cfg.checkpointer)
+        assert str(err.value).startswith(f"checkpointer.model_type: {wrong} converts the weights "
+                                          "of Hugging Face model_type ")
+        assert str(err.value).endswith(f"config.json says 'mistral'; accepted for it: "
+                                       "['MISTRAL']")
