@@ -64,7 +64,7 @@ from tad_torchtune.data.checks import (
     data_cut,
     same_rows,
 )
-from tad_torchtune.errors import ConfigError, instantiate, reports_user_errors
+from tad_torchtune.errors import ConfigError, input_files, instantiate, reports_user_errors
 from tad_torchtune.files import atomic_write_text
 from tad_torchtune.flops import peak_flops, step_flops_per_token
 from tad_torchtune.hardware import warn_if_slow_bf16
@@ -388,6 +388,10 @@ class TADDistillRecipe:
             from_rank0=fsdp)
         del teacher_state
         self._hf_base_config = json.loads((self._hf_source_dir / "config.json").read_text())
+        # the export's tokenizer files: the student's source folder's, else those of the folder
+        # of the tokenizer the data was encoded with
+        self._tokenizer_sources = [self._hf_source_dir, *dict.fromkeys(
+            Path(path).expanduser().parent for path in input_files(cfg.tokenizer).values())]
 
         # document masks (document_mask, torchtune's packed rows): a flex BlockMask where
         # torchtune runs flex attention on every model (CUDA, no Gemma2), which skips the
@@ -745,7 +749,7 @@ class TADDistillRecipe:
             save_hf_checkpoint(
                 self._student, out_dir, base_config=self._hf_base_config,
                 model_type=self._hf_model_type, state_dict=state,
-                copy_files_from=self._hf_source_dir,
+                copy_files_from=self._tokenizer_sources,
             )
         barrier()
 

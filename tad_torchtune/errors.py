@@ -149,7 +149,7 @@ def instantiate(node: Any, key: str, *args: Any, **kwargs: Any) -> Any:
     """
     from torchtune import config
 
-    _check_input_files(node, key)
+    _checkinput_files(node, key)
     try:
         return config.instantiate(node, *args, **kwargs)
     except TypeError as err:
@@ -171,7 +171,7 @@ def instantiate(node: Any, key: str, *args: Any, **kwargs: Any) -> Any:
         if key.endswith("tokenizer") and (isinstance(err, UnicodeError)
                                           or not isinstance(err, (ValueError, OSError))):
             raise ConfigError(f"{key}: {node.get('_component_')} cannot be built from "
-                              f"{_input_files(node) or 'its arguments'}: {one_line(err)}"
+                              f"{input_files(node) or 'its arguments'}: {one_line(err)}"
                               ) from None
         if isinstance(err, (ValueError, FileNotFoundError)):  # its own check, a missing file
             raise ConfigError(_prefixed(one_line(err), key, node)) from None
@@ -183,8 +183,8 @@ def instantiate(node: Any, key: str, *args: Any, **kwargs: Any) -> Any:
 _FILE_ARGUMENT = re.compile(r"(^|_)(path|file)$")
 
 
-def _input_files(node: Any) -> dict[str, str]:
-    """The node's file arguments (``_FILE_ARGUMENT``) that are set to a path."""
+def input_files(node: Any) -> dict[str, str]:
+    """A component node's file arguments (``_FILE_ARGUMENT``) that are set to a path."""
     if not hasattr(node, "items"):
         return {}
     return {name: value for name, value in node.items()
@@ -192,11 +192,11 @@ def _input_files(node: Any) -> dict[str, str]:
             and value}
 
 
-def _check_input_files(node: Any, key: str) -> None:
+def _checkinput_files(node: Any, key: str) -> None:
     """Refuse, in one line, a file argument whose file is missing (a tokenizer's ``path`` when
     the checkpoint's download went elsewhere): sentencepiece and tokenizers would raise their
     own errors, with no key."""
-    for name, value in _input_files(node).items():
+    for name, value in input_files(node).items():
         if not Path(value).expanduser().exists():
             raise ConfigError(f"{key}.{name}: no file at {value!r}; accepted: the path of an "
                               f"existing file")

@@ -125,7 +125,7 @@ def save_hf_checkpoint(
     model_type: str | None = None,
     state_dict: Mapping[str, Tensor] | None = None,
     dtype: torch.dtype | str | None = None,
-    copy_files_from: str | Path | None = None,
+    copy_files_from: str | Path | Sequence[str | Path] | None = None,
 ) -> Path:
     """Write ``model.safetensors`` and ``config.json`` for ``model`` in Hugging Face format.
 
@@ -145,9 +145,10 @@ def save_hf_checkpoint(
             collective that every rank must then enter.
         dtype: cast floating tensors to this (``torch.bfloat16`` or ``"bf16"``/``"fp32"``);
             None keeps their dtype.
-        copy_files_from: folder whose tokenizer files (``TOKENIZER_FILES``) are copied alongside,
-            so that the export opens with ``AutoTokenizer`` too; a warning when it has no
-            vocabulary file (``VOCABULARY_FILES``).
+        copy_files_from: folder, or folders in order of preference, whose tokenizer files
+            (``TOKENIZER_FILES``) are copied alongside, so that the export opens with
+            ``AutoTokenizer`` too: those of the first folder holding a vocabulary file
+            (``VOCABULARY_FILES``); a warning when none does.
 
     Returns:
         ``output_dir`` as a ``Path``.
@@ -187,17 +188,21 @@ def save_hf_checkpoint(
     save_file(hf_sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if copy_files_from is not None:
-        copied = []
-        for name in TOKENIZER_FILES:
-            src = Path(copy_files_from) / name
-            if src.is_file():
-                shutil.copyfile(src, out / name)
-                copied.append(name)
-        if not set(copied) & set(VOCABULARY_FILES):
+        folders = ([copy_files_from] if isinstance(copy_files_from, (str, Path))
+                   else list(copy_files_from))
+        # one tokenizer's files, never some of one and some of another
+        source = next((Path(f) for f in folders
+                       if any((Path(f) / name).is_file() for name in VOCABULARY_FILES)), None)
+        if source is None:
+            named = " nor ".join(repr(str(f)) for f in folders)
             warnings.warn(
-                f"save_hf_checkpoint: {str(copy_files_from)!r} holds none of {VOCABULARY_FILES}, "
-                f"so {str(out)!r} will not open with transformers.AutoTokenizer; put the "
-                f"tokenizer's files in {str(copy_files_from)!r}", stacklevel=2)
+                f"save_hf_checkpoint: {named} holds none of {VOCABULARY_FILES}, so {str(out)!r} "
+                f"will not open with transformers.AutoTokenizer; put the tokenizer's files in "
+                f"{str(folders[0])!r}", stacklevel=2)
+        else:
+            for name in TOKENIZER_FILES:
+                if (source / name).is_file():
+                    shutil.copyfile(source / name, out / name)
     return out
 
 

@@ -207,3 +207,18 @@ def test_exported_demo_student_is_self_contained(tmp_path):
     with pytest.warns(UserWarning, match=r"bare_teacher' holds none of \('tokenizer.json', "
                                          r"'tokenizer.model', 'vocab.json'\), so .* will not open"):
         save_hf_checkpoint(student, tmp_path / "bare", base_config=bare, copy_files_from=bare)
+    # with the folder of the tokenizer the data was encoded with after it (the recipe's): the
+    # files of that folder alone, which open as that tokenizer
+    tokenizer_dir = tmp_path / "tokenizer_dir"
+    tokenizer_dir.mkdir()
+    shutil.copyfile(Path(teacher_dir) / "tokenizer.json", tokenizer_dir / "tokenizer.json")
+    shutil.copyfile(Path(teacher_dir) / "generation_config.json",
+                    tokenizer_dir / "tokenizer_config.json")  # not a tokenizer's: must not be
+    (bare / "tokenizer_config.json").write_text("{}")  # the bare folder's is not copied either
+    save_hf_checkpoint(student, tmp_path / "second", base_config=bare,
+                       copy_files_from=[bare, tokenizer_dir])
+    assert sorted(p.name for p in (tmp_path / "second").iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert ((tmp_path / "second" / "tokenizer_config.json").read_text()
+            == (tokenizer_dir / "tokenizer_config.json").read_text())
+    assert AutoTokenizer.from_pretrained(tmp_path / "second")(text)["input_ids"] == ids
