@@ -44,6 +44,7 @@ from tad_torchtune.data.checks import check_row_length
 from tad_torchtune.errors import ConfigError, instantiate, reports_user_errors
 from tad_torchtune.hardware import warn_if_slow_bf16
 from tad_torchtune.head import TeacherHead
+from tad_torchtune.losses import CacheSpec, DivergenceUse
 from tad_torchtune.losses.cached import teacher_sampled, teacher_top_m
 from tad_torchtune.models import supports_flex_attention
 from tad_torchtune.models.loading import (
@@ -57,6 +58,7 @@ from tad_torchtune.profiling import StepProfiler, describe
 from tad_torchtune.schema import (
     DISTILL,
     component_class,
+    instantiate_loss,
     resolve_config_argv,
     resolve_package_paths,
     validate_config,
@@ -122,6 +124,13 @@ class TADCacheRecipe:
         if not 1 <= self._top_m < self._vocab:  # before the cache's manifest is written
             raise ConfigError(f"cache_top_m: {self._top_m} ids kept of a vocabulary of "
                               f"{self._vocab}; accepted: 1 to {self._vocab - 1}")
+        if cfg.get("kd_loss") is not None and DISTILL.get(cfg, "kd_weight") > 0:
+            # the config's divergence must be able to read this cache, before the teacher pass
+            spec = CacheSpec(mode=self._mode, top_m=self._top_m, temperature=self._temperature,
+                             where=f"the cache this makes: cache_mode={self._mode}, "
+                                   f"cache_top_m={self._top_m}")
+            instantiate_loss(cfg, "kd_loss", "tad_cache", warn=False).validate(DivergenceUse(
+                vocab_size=self._vocab, cache=spec, prog="tad_cache"))
         teacher_len = check_model_fits_checkpoint(
             cfg.teacher_model, cfg.teacher_checkpointer, model_key="teacher_model",
             checkpointer_key="teacher_checkpointer").get("max_seq_len")

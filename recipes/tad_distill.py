@@ -92,6 +92,7 @@ from tad_torchtune.schema import (
     DISTILL,
     check_hidden_layers,
     divergence_node,
+    instantiate_loss,
     resolve_config_argv,
     resolve_package_paths,
     validate_config,
@@ -175,6 +176,12 @@ class TADDistillRecipe:
         self._kd_weight = float(get("kd_weight"))
         self._hidden_weight = float(get("hidden_weight"))
         pairs = get("hidden_layers") or ([[-1, -1]] if self._hidden_weight > 0 else [])
+        if self._hidden_weight == 0 and pairs:
+            if self._is_rank_zero:
+                print(f"tad_distill: warning: hidden_layers: {pairs} "
+                      f"unused: hidden_weight is 0 (no hidden loss); hidden_weight > 0 compares "
+                      f"them", file=sys.stderr, flush=True)
+            pairs = []
         self._student_hidden_layers = tuple(int(p[0]) for p in pairs)
         self._teacher_hidden_layers = tuple(int(p[1]) for p in pairs)
         self._fused = bool(get("fused"))
@@ -284,16 +291,10 @@ class TADDistillRecipe:
             check_model_fits_checkpoint(cfg.student_model, cfg.student_checkpointer,
                                         model_key="student_model",
                                         checkpointer_key="student_checkpointer")
-        kd_loss = None
-        if self._kd_weight > 0:
-            node, dropped = divergence_node(cfg)
-            if dropped and self._is_rank_zero:
-                print(f"tad_distill: warning: kd_loss: {', '.join(dropped)} left out: "
-                      f"{node._component_} takes no such argument (another divergence's, left "
-                      f"by swapping the loss)", file=sys.stderr, flush=True)
-            kd_loss = instantiate(node, "kd_loss")
-        hidden_loss = (instantiate(cfg.hidden_loss, "hidden_loss") if self._hidden_weight > 0
-                       else None)
+        kd_loss = (instantiate_loss(cfg, "kd_loss", "tad_distill", warn=self._is_rank_zero)
+                   if self._kd_weight > 0 else None)
+        hidden_loss = (instantiate_loss(cfg, "hidden_loss", "tad_distill")
+                       if self._hidden_weight > 0 else None)
         if kd_loss is not None:
             kd_loss.validate(DivergenceUse(
                 vocab_size=self._student_vocab, fused=self._fused,
@@ -332,6 +333,9 @@ class TADDistillRecipe:
                           if isinstance(cfg.get(key), DictConfig) else cfg.get(key)
                           for key in ("optimizer", "lr_scheduler", "kd_loss", "dataset",
                                       "tokenizer")}
+        if self._kd_weight > 0:  # the divergence as built: without another one's keys
+            self._settings["kd_loss"] = OmegaConf.to_container(divergence_node(cfg)[0],
+                                                               resolve=True)
         self._settings["total_steps"] = self._total_steps
 
         # On several processes rank 0 alone reads the teacher's checkpoint (and builds the

@@ -479,3 +479,32 @@ def divergence_node(cfg: DictConfig, key: str = "kd_loss") -> tuple[DictConfig, 
     dropped = [k for k in node if k != "_component_" and k not in own and k in others]
     kept = OmegaConf.create({k: v for k, v in node.items() if k not in dropped})
     return kept, dropped
+
+
+def instantiate_loss(cfg: DictConfig, key: str, prog: str, *, warn: bool = True) -> Any:
+    """The loss of ``key`` (``kd_loss``, ``hidden_loss``) as the recipes build it: ``kd_loss``
+    without the keys of another divergence (``divergence_node``, with one warning line when
+    ``warn``), its ``ignore_index`` that of the recipe's labels.
+
+    Raises:
+        ConfigError: naming ``key``: an argument its component refuses, or another
+            ``ignore_index`` (the recipes mark the positions that do not count with
+            ``IGNORE_INDEX``, so another value would count them, or index with it).
+    """
+    from tad_torchtune.common import IGNORE_INDEX
+    from tad_torchtune.errors import instantiate
+
+    node = cfg[key]
+    if key == "kd_loss":
+        node, dropped = divergence_node(cfg, key)
+        if dropped and warn:
+            print(f"{prog}: warning: {key}: {', '.join(dropped)} left out: {node._component_} "
+                  f"takes no such argument (another divergence's, left by swapping the loss)",
+                  file=sys.stderr, flush=True)
+    loss = instantiate(node, key)
+    ignore_index = getattr(loss, "ignore_index", IGNORE_INDEX)
+    if ignore_index != IGNORE_INDEX:
+        raise ConfigError(f"{key}.ignore_index: {ignore_index} differs from the labels' "
+                          f"{IGNORE_INDEX}, which mark the positions that do not count; "
+                          f"accepted: {IGNORE_INDEX}")
+    return loss

@@ -55,6 +55,7 @@ class DivergenceUse:
         packed_rows: the rows of a batch hold several sequences packed together (torchtune's
             ``packed: true`` datasets), so a row statistic spans documents.
         key: the dotted config key of the divergence, named by the messages.
+        prog: the command whose warnings these are (their lines start with it).
     """
 
     vocab_size: int
@@ -62,6 +63,7 @@ class DivergenceUse:
     fused: bool = False
     packed_rows: bool = False
     key: str = "kd_loss"
+    prog: str = "tad_distill"
 
 
 class TailWeight(NamedTuple):

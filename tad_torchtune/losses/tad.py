@@ -296,7 +296,7 @@ class TADLoss(Divergence):
                 f"({use.cache.where}): TAD from a cache needs its top-K among the cached ids "
                 f"(k <= top_m); make the cache with cache_top_m >= {self.k}")
         if use.packed_rows and self.abar_scope == "row":
-            print(f"warning: {use.key}.abar_scope: row with packed rows: abar is the mean tail "
+            print(f"{use.prog}: warning: {use.key}.abar_scope: row with packed rows: abar is the mean tail "
                   f"mass over each packed row; {use.key}.abar_scope: document makes it per "
                   "document", file=sys.stderr)
         super().validate(use)

@@ -242,7 +242,18 @@ def test_cache_errors_name_the_keys(assets, tmp_path, monkeypatch, capsys):
     recipe's entry point: ``tune.user_error``; the `tune run` path of such lines:
     ``tests/recipes/test_tad_distill.py``)."""
     cache = tmp_path / "small"
+    # tad_cache refuses first a cache its config's loss could not read (TAD's k=5 > 4), before
+    # the teacher's pass over the corpus
     cfg = _config(assets, tmp_path / "unused", teacher_cache_dir=str(cache), cache_top_m=4)
+    line = tune.user_error("tad_cache", ["--config", str(tune.write_config(
+        cfg, tmp_path / "small.yaml"))], monkeypatch, capsys)
+    assert line == ("tad_cache: error: kd_loss.k: k=5 exceeds the teacher cache's top_m=4 (the "
+                    "cache this makes: cache_mode=sampled, cache_top_m=4): TAD from a cache "
+                    "needs its top-K among the cached ids (k <= top_m); make the cache with "
+                    "cache_top_m >= 5")
+    assert not cache.exists()
+    cfg = _config(assets, tmp_path / "unused", teacher_cache_dir=str(cache), cache_top_m=4,
+                  **{"kd_loss.k": 4})
     capsys.readouterr()
     tune.run_in_process("tad_cache", ["--config", str(tune.write_config(cfg, tmp_path / "small.yaml"))],
                         monkeypatch)

@@ -529,6 +529,52 @@ def test_swapping_the_loss_in_one_argument_leaves_out_the_old_losss_keys(assets,
         _recipe({**cfg, "output_dir": str(tmp_path / "typo")})
 
 
+def test_a_swapped_loss_resumed_is_the_same_loss(assets, tmp_path, capsys):
+    """A run of the swapped loss (the config file's k and beta left out) resumed with the same
+    divergence written without them: the checkpoint records the divergence as built, so no
+    'kd_loss differs' warning (before, one, naming the k and beta that were never used)."""
+    out = tmp_path / "swapped"
+    cfg = tune.base_config(assets, out, max_steps=1, save_every_n_steps=1, export_hf=False)
+    cfg["kd_loss"] = {**cfg["kd_loss"], "_component_": "tad_torchtune.losses.ForwardKLLoss"}
+    _recipe(cfg).train()
+    capsys.readouterr()
+    _recipe({**cfg, "resume_from_checkpoint": True, "max_steps": 2,
+             "kd_loss": {"_component_": "tad_torchtune.losses.ForwardKLLoss"}})
+    assert "kd_loss" not in capsys.readouterr().err
+
+
+def test_a_loss_s_other_ignore_index_is_refused(assets, tmp_path):
+    """The labels mark the positions that do not count with -100: a loss told another
+    ``ignore_index`` counted them (TAD's value +0.5%, silently) or indexed with -100 (the fused
+    head, DRKL: a traceback); now one line."""
+    from tad_torchtune.errors import ConfigError
+
+    cfg = tune.base_config(assets, tmp_path / "ignore", max_steps=1)
+    for key, extra in (("kd_loss", {}), ("hidden_loss", {"hidden_weight": 0.5})):
+        bad = {**cfg, **extra, key: {**cfg.get(key, {"_component_":
+                                                     "tad_torchtune.losses.HiddenCosineLoss"}),
+                                     "ignore_index": -1}}
+        with pytest.raises(ConfigError) as err:
+            _recipe(bad)
+        assert str(err.value) == (f"{key}.ignore_index: -1 differs from the labels' -100, which "
+                                  "mark the positions that do not count; accepted: -100")
+
+
+def test_hidden_layers_without_a_hidden_loss_are_unused_and_said(assets, tmp_path, capsys):
+    """``hidden_layers`` with ``hidden_weight: 0``: one warning line, and the teacher keeps no
+    hidden state (before, a pair naming a layer the models lack stopped the first step with a
+    KeyError traceback)."""
+    cfg = tune.base_config(assets, tmp_path / "hidden", max_steps=1, export_hf=False,
+                           hidden_weight=0.0, hidden_layers=[[7, 9]])
+    capsys.readouterr()
+    recipe = _recipe(cfg)
+    assert ("tad_distill: warning: hidden_layers: [[7, 9]] unused: hidden_weight is 0 (no "
+            "hidden loss); hidden_weight > 0 compares them") in capsys.readouterr().err.splitlines()
+    assert recipe._teacher_hidden_layers == recipe._student_hidden_layers == ()
+    recipe.train()
+    assert recipe.global_step == 1
+
+
 def test_a_resume_with_other_settings_says_what_it_does_with_them(assets, tmp_path, capsys):
     """The optimizer's and scheduler's states are the checkpoint's (another lr does not apply),
     the schedule follows this run's length and the loss is this run's: each change is one
