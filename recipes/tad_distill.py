@@ -238,8 +238,9 @@ class TADDistillRecipe:
                 if folder.exists() and not folder.is_dir():
                     raise ConfigError(f"output_dir: {str(folder)!r} is a file; it must be "
                                       f"{what} or not exist")
-            earlier = TrainingCheckpointer(self._output_dir / "checkpoints").latest()
-            if earlier is not None and not self._resume:  # a restart that forgot to resume
+            earlier = (TrainingCheckpointer(self._output_dir / "checkpoints").latest()
+                       if not self._resume else None)
+            if earlier is not None:  # a restart that forgot to resume
                 raise ConfigError(
                     f"output_dir: {str(self._output_dir)!r} holds an earlier run's checkpoints "
                     f"(the newest: {earlier.name}); resume_from_checkpoint=true continues it; "
@@ -750,7 +751,12 @@ class TADDistillRecipe:
         barrier()
 
     def _load_training_state(self) -> None:
-        path = self._checkpointer.latest()
+        # rank 0 alone reads the folder and every rank gets its choice: all load the same
+        # checkpoint, whatever each would have seen of it
+        _, (path, skipped) = on_rank0(self._checkpointer.newest, lambda found: found)
+        if self._is_rank_zero:
+            for line in skipped:
+                print(f"tad_distill: warning: {line}", file=sys.stderr, flush=True)
         if path is None:
             if self._is_rank_zero:
                 print(f"resume_from_checkpoint: no checkpoint in {self._checkpointer.root}; "

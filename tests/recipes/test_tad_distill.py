@@ -486,6 +486,36 @@ def test_resume_on_another_token_store_is_refused_naming_both(assets, tmp_path):
     assert forced.global_step == 2
 
 
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_resume_past_a_damaged_newest_checkpoint_keeps_the_metrics_before_it(
+        assets, tmp_path, capsys, damage):
+    """The newest checkpoint gone or cut short: the resume takes the one before, says in one
+    line which it passed over and why, and keeps the records up to it (before: a folder gone
+    started the run from scratch, dropping every record; a file cut short, a traceback)."""
+    import shutil
+
+    out = tmp_path / damage
+    cfg = tune.base_config(assets, out, max_steps=4, save_every_n_steps=2, export_hf=False,
+                           validation_dataset=None)
+    _recipe(cfg).train()
+    newest = out / "checkpoints" / "step_000004"
+    if damage == "deleted":
+        shutil.rmtree(newest)
+        why = "latest names it, but it does not exist"
+    else:
+        size = (newest / "__0_0.distcp").stat().st_size
+        with open(newest / "__0_0.distcp", "r+b") as f:
+            f.truncate(1000)
+        why = f"its __0_0.distcp has 1000 bytes, its tensors need {size} (truncated)"
+    capsys.readouterr()
+    assert _recipe({**cfg, "resume_from_checkpoint": True}).global_step == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "warning" in line] == [
+        f"tad_distill: warning: resume_from_checkpoint: skipped {str(newest)!r}: {why}"]
+    assert f"resumed from {out / 'checkpoints' / 'step_000002'} at step 2" in err
+    assert [r["step"] for r in tune.read_metrics(out)] == [1, 2]
+
+
 def test_a_run_from_scratch_in_an_earlier_runs_folder_is_refused(assets, tmp_path, capsys):
     """A restart that forgot resume_from_checkpoint would delete the earlier run's checkpoints
     and metrics; it is refused before anything is written, naming the way on."""
