@@ -25,6 +25,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -143,11 +145,16 @@ class TrainingCheckpointer:
         return final
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Restore model and optimizer in place from ``path``; returns the recipe ``meta``."""
+        """Restore model and optimizer in place from ``path``; returns the recipe ``meta``.
+
+        Raises:
+            ConfigError: the model or the optimizer is not the checkpoint's (``check_fits``).
+        """
         state = {
             "model": get_model_state_dict(model),
             "optim": get_optimizer_state_dict(model, optimizer),
         }
+        check_fits(path, state, FileSystemReader(str(path)).read_metadata())
         group = waiting_group()
         with _one_process_quietly(), waiting("the other ranks' checkpoint reads"):
             dcp.load(state, checkpoint_id=str(path), process_group=group)
@@ -189,6 +196,43 @@ def checkpoint_damage(path: Path) -> str | None:
         if (have := (path / name).stat().st_size) < size:
             return f"its {name} has {have} bytes, its tensors need {size} (truncated)"
     return None
+
+
+def check_fits(path: Path, state: dict[str, Any], metadata: Metadata) -> None:
+    """Refuse to load into ``state`` ({"model": ..., "optim": ...}) a checkpoint of another
+    student or optimizer, before ``dcp.load`` stops on the first mismatch with a traceback
+    (or, for a key the checkpoint has and the model not, loads without a word): every key
+    and tensor's global shape of each part against the checkpoint's ``metadata``.
+
+    Raises:
+        ConfigError: naming the part's config key, the first difference and the count of the
+            others.
+    """
+    saved = metadata.state_dict_metadata
+    ours, _ = flatten_state_dict(state)  # the keys dcp.load looks up
+
+    def shape(value: Any) -> str:  # a tensor's global shape (DCP's metadata: its size)
+        size = value.shape if torch.is_tensor(value) else getattr(value, "size", None)
+        return "not a tensor" if size is None else str(list(size))
+
+    for part, key in (("model", "student_model"), ("optim", "optimizer")):
+        diffs = []
+        for name, value in ours.items():
+            if not name.startswith(f"{part}."):
+                continue
+            if name not in saved:
+                diffs.append(f"{path.name} has no {name}, which this run's {key} has")
+            elif shape(saved[name]) != shape(value):
+                diffs.append(f"{path.name}'s {name} is {shape(saved[name])}, this run's "
+                             f"{shape(value)}")
+        diffs += [f"{path.name}'s {name} is not in this run's {key}" for name in saved
+                  if name.startswith(f"{part}.") and name not in ours]
+        if diffs:
+            others = len(diffs) - 1
+            more = f" (and {others} other difference{'s' * (others > 1)})" if others else ""
+            raise ConfigError(
+                f"resume_from_checkpoint: {diffs[0]}{more}: {key} differs from the checkpoint's "
+                f"run; resume with its {key}, or start over in another output_dir")
 
 
 def rng_state() -> dict[str, Any]:

@@ -229,6 +229,46 @@ def test_no_checkpoint_that_loads_is_one_line_naming_the_folder(tmp_path):
         f"start over, or choose another output_dir")
 
 
+def _linears(*widths):
+    layers = [torch.nn.Linear(a, b) for a, b in zip(widths, widths[1:])]
+    return torch.nn.Sequential(*(m for layer in layers for m in (layer, torch.nn.Tanh())))
+
+
+MISMATCHES = {  # this run's model and optimizer -> the error's start
+    "a wider layer": (
+        lambda: _linears(5, 9, 3), torch.optim.AdamW,
+        "step_000002's model.0.weight is [7, 5], this run's [9, 5] (and 2 other differences): "
+        "student_model"),
+    "a layer more": (
+        lambda: _linears(5, 7, 3, 3), torch.optim.AdamW,
+        "step_000002 has no model.4.weight, which this run's student_model has (and 1 other "
+        "difference): student_model"),
+    "another optimizer": (
+        lambda: _linears(5, 7, 3), lambda params: torch.optim.SGD(params, lr=0.1),
+        "step_000002 has no optim.param_groups.0.momentum, which this run's optimizer has (and "
+        "19 other differences): optimizer"),
+}
+
+
+@pytest.mark.parametrize("case", MISMATCHES)
+def test_a_checkpoint_of_another_model_or_optimizer_is_one_line_naming_the_difference(
+        tmp_path, case):
+    """Checked against the checkpoint's names and global shapes before anything is loaded
+    (before: a traceback from ``dcp.load``, or, for a model with fewer weights than the
+    checkpoint's, a load without a word): the first difference, how many others, and the
+    config key that changed."""
+    build, optim, message = MISMATCHES[case]
+    model = _linears(5, 7, 3)
+    ckpt = TrainingCheckpointer(tmp_path)
+    ckpt.save(2, model, torch.optim.AdamW(model.parameters()), {"step": 2})
+    other = build()
+    with pytest.raises(ConfigError) as err:
+        ckpt.load(ckpt.latest(), other, optim(other.parameters()))
+    key = message.rsplit(" ", 1)[1]
+    assert str(err.value) == (f"resume_from_checkpoint: {message} differs from the checkpoint's "
+                              f"run; resume with its {key}, or start over in another output_dir")
+
+
 def test_rng_state_round_trip():
     state = rng_state()
     a = torch.rand(5)

@@ -516,6 +516,37 @@ def test_a_resume_past_a_damaged_newest_checkpoint_keeps_the_metrics_before_it(
     assert [r["step"] for r in tune.read_metrics(out)] == [1, 2]
 
 
+CHANGED = [  # resumed with another student or optimizer -> the first difference, the key
+    ("student_model.intermediate_dim=40",
+     "step_000001's model.student.layers.0.mlp.w1.weight is [48, 32], this run's [40, 32] "
+     "(and 5 other differences): student_model"),
+    ("student_model.num_layers=3",
+     "step_000001 has no model.student.layers.2.attn.q_proj.weight, which this run's "
+     "student_model has (and 8 other differences): student_model"),
+    ("optimizer._component_=torch.optim.SGD",
+     "step_000001 has no optim.param_groups.0.momentum, which this run's optimizer has (and "
+     "64 other differences): optimizer"),
+]
+
+
+@pytest.mark.parametrize("override,message", CHANGED, ids=[c[0].split("=")[0] for c in CHANGED])
+def test_a_resume_with_another_student_or_optimizer_is_one_line(assets, tmp_path, override,
+                                                                message, monkeypatch, capsys):
+    """Refused before anything is loaded, naming the first difference and the key (before: a
+    traceback from dcp.load), and not by falling back to an older checkpoint: it is the
+    config that differs, not the files."""
+    cfg = tune.base_config(assets, tmp_path / "out", max_steps=1, save_every_n_steps=1,
+                           export_hf=False, validation_dataset=None)
+    _recipe(cfg).train()
+    line = tune.user_error("tad_distill", [
+        "--config", str(tune.write_config(cfg, tmp_path / "c.yaml")),
+        "resume_from_checkpoint=true", override], monkeypatch, capsys)
+    key = message.rsplit(" ", 1)[1]
+    assert line == (f"tad_distill: error: resume_from_checkpoint: {message} differs from the "
+                    f"checkpoint's run; resume with its {key}, or start over in another "
+                    f"output_dir")
+
+
 def test_a_run_from_scratch_in_an_earlier_runs_folder_is_refused(assets, tmp_path, capsys):
     """A restart that forgot resume_from_checkpoint would delete the earlier run's checkpoints
     and metrics; it is refused before anything is written, naming the way on."""
