@@ -407,8 +407,10 @@ class TADDistillRecipe:
             self._output_dir / "checkpoints", rank=self._rank, keep_last=self._keep_last)
         if self._resume:
             self._load_training_state()
-        if self._is_rank_zero:
-            self._trim_metrics()
+        # rank 0 reads metrics.jsonl; every rank learns whether it holds this step's validation
+        # (the end-of-run validation, a collective, runs on every rank or on none)
+        _, validated = on_rank0(self._trim_metrics, lambda validated: validated)
+        self._validated_step = self.global_step if validated else None
         # last: a profiler started by set-up would record it
         self._profiler = StepProfiler(cfg.get("profiler"), output_dir=self._output_dir,
                                       device=self._device.type)
@@ -498,7 +500,8 @@ class TADDistillRecipe:
             if not saved:
                 self.save(export=False)
             raise Stopped(self.global_step, self._checkpointer.latest())
-        if self._val_loader is not None and not self._due(self._eval_every):
+        if (self._val_loader is not None and not self._due(self._eval_every)
+                and self.global_step != self._validated_step):  # a resume of a finished run
             self._log(self.evaluate())
         if not saved:
             self.save(export=False)  # the final export follows
@@ -793,26 +796,37 @@ class TADDistillRecipe:
         if self._is_rank_zero:
             print(f"resumed from {path} at step {self.global_step}", file=sys.stderr)
 
-    def _trim_metrics(self) -> None:
+    def _trim_metrics(self) -> bool:
         """Drop the records of ``metrics.jsonl`` after this run's starting step: those an
         interrupted run logged after its last checkpoint (the resume logs them again), or all of
         an earlier run's in a run that starts from scratch; one file, one record per step. Read
-        line by line (twice when some go): memory does not grow with the run's length."""
+        line by line (twice when some go): memory does not grow with the run's length.
+
+        Returns:
+            Whether a kept record is the validation of the starting step (a finished run's,
+            logged after its last checkpoint: ``train`` does not log it again).
+        """
         path = self._output_dir / "metrics.jsonl"
         if not path.is_file():
-            return
+            return False
 
         def kept(line: str) -> bool:
             return bool(line.strip()) and _record_step(line) <= self.global_step
 
+        dropped, validated = 0, False
         with open(path, encoding="utf-8") as f:
-            dropped = sum(not kept(line) for line in f)
+            for line in f:
+                if not kept(line):
+                    dropped += 1
+                elif _record_step(line) == self.global_step:
+                    validated |= "val_kl" in json.loads(line)
         if not dropped:
-            return
+            return validated
         with open(path, encoding="utf-8") as f:
             atomic_write_text(path, (line.rstrip("\n") + "\n" for line in f if kept(line)))
         print(f"metrics.jsonl: {dropped} record(s) after step {self.global_step} dropped from "
               f"{str(path)!r} (this run logs from step {self.global_step + 1})", file=sys.stderr)
+        return validated
 
     def _check_same_data(self, saved: dict[str, str | None], saved_cut: dict[str, Any],
                          path: Path) -> None:

@@ -547,6 +547,20 @@ def test_a_resume_with_another_student_or_optimizer_is_one_line(assets, tmp_path
                     f"output_dir")
 
 
+def test_a_finished_run_resumed_logs_its_last_validation_once(assets, tmp_path):
+    """A last step off the validation period is validated after the training, here after its
+    checkpoint: a resume from that checkpoint (a finished run resumed again, or one killed in
+    its export) kept the record and logged the validation again; one record per step."""
+    out = tmp_path / "again"
+    cfg = tune.base_config(assets, out, max_steps=3, eval_every_n_steps=2,
+                           save_every_n_steps=3, export_hf=False)
+    _recipe(cfg).train()
+    records = tune.read_metrics(out)
+    assert [r["step"] for r in records if "val_kl" in r] == [2, 3]
+    _recipe({**cfg, "resume_from_checkpoint": True}).train()
+    assert tune.read_metrics(out) == records
+
+
 def test_a_run_from_scratch_in_an_earlier_runs_folder_is_refused(assets, tmp_path, capsys):
     """A restart that forgot resume_from_checkpoint would delete the earlier run's checkpoints
     and metrics; it is refused before anything is written, naming the way on."""
