@@ -123,7 +123,8 @@ class Stopped(Exception):
 def changed_settings(then: dict[str, Any], now: dict[str, Any], step: int) -> list[str]:
     """What a resume at ``step`` does with settings that differ from the checkpoint's run, one
     line each: the optimizer's state (its learning rate and hyperparameters) and the scheduler's
-    are the checkpoint's; the schedule follows this run's length; the loss is this run's."""
+    are the checkpoint's; the schedule follows this run's length, and a length that ends at or
+    before ``step`` trains nothing; the loss is this run's."""
     lines = []
     if "optimizer" in then and then["optimizer"] != now["optimizer"]:
         lines.append(f"optimizer: {now['optimizer']} differs from the checkpoint's run "
@@ -133,7 +134,11 @@ def changed_settings(then: dict[str, Any], now: dict[str, Any], step: int) -> li
         lines.append(f"lr_scheduler: {now['lr_scheduler']} differs from the checkpoint's run "
                      f"{then['lr_scheduler']}; the checkpoint's scheduler state is loaded into "
                      f"this run's scheduler")
-    if (now.get("lr_scheduler") is not None and "total_steps" in then
+    if now["total_steps"] <= step:  # no schedule's change is ever reached
+        lines.append(f"max_steps, epochs: this run ends at step {now['total_steps']}, at or "
+                     f"before the checkpoint's step {step}: nothing trains, and the "
+                     f"checkpoint's student is exported")
+    elif (now.get("lr_scheduler") is not None and "total_steps" in then
             and then["total_steps"] != now["total_steps"]):
         lines.append(f"max_steps, epochs: this run is {now['total_steps']} steps, the "
                      f"checkpoint's {then['total_steps']}: the schedule is this run's, so the "

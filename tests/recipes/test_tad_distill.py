@@ -612,8 +612,11 @@ def test_a_resume_with_other_settings_says_what_it_does_with_them(assets, tmp_pa
     cfg = tune.base_config(assets, out, max_steps=2, save_every_n_steps=2, export_hf=False)
     _recipe(cfg).train()
     capsys.readouterr()
-    _recipe({**cfg, "resume_from_checkpoint": True})  # the same settings: nothing to tell
-    assert "warning" not in capsys.readouterr().err
+    # the same settings: nothing to tell but that the run has ended
+    _recipe({**cfg, "resume_from_checkpoint": True})
+    assert [line for line in capsys.readouterr().err.splitlines() if "warning" in line] == [
+        "tad_distill: warning: max_steps, epochs: this run ends at step 2, at or before the "
+        "checkpoint's step 2: nothing trains, and the checkpoint's student is exported"]
     changed = {**cfg, "resume_from_checkpoint": True, "max_steps": 4,
                "optimizer": {**cfg["optimizer"], "lr": 1e-4},
                "kd_loss": {**cfg["kd_loss"], "beta": 1.0}}
@@ -639,10 +642,36 @@ def test_a_resume_with_other_settings_says_what_it_does_with_them(assets, tmp_pa
     moved = {**cfg, "resume_from_checkpoint": True,
              "dataset": {**cfg["dataset"], "store_dir": os.environ["TAD_TORCHTUNE_STORE_DIR"]}}
     _recipe(moved)
-    (line,) = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "warning: dataset" in x]
     assert line.startswith("tad_distill: warning: dataset: {") and line.endswith(
         "}: the data position goes on over this run's samples"), line
     assert "store_dir" in line.split("differs")[0] and "store_dir" not in line.split("differs")[1]
+
+
+def test_a_resume_at_or_past_the_runs_end_says_that_nothing_trains(assets, tmp_path, capsys):
+    """A checkpoint of step 2 resumed with max_steps 1: one line saying that nothing trains
+    and the checkpoint's student is exported (before: only the schedule's 'the learning rate
+    changes at step 3', a step that never comes), and that student is exported."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "past"
+    cfg = tune.base_config(assets, out, max_steps=2, save_every_n_steps=2, export_hf=False,
+                           validation_dataset=None)
+    _recipe(cfg).train()
+    trained = load_file(out / "student" / "model.safetensors")
+    shutil.rmtree(out / "student")
+    capsys.readouterr()
+    resumed = _recipe({**cfg, "resume_from_checkpoint": True, "max_steps": 1})
+    assert [line for line in capsys.readouterr().err.splitlines() if "warning" in line] == [
+        "tad_distill: warning: max_steps, epochs: this run ends at step 1, at or before the "
+        "checkpoint's step 2: nothing trains, and the checkpoint's student is exported"]
+    resumed.train()
+    exported = load_file(out / "student" / "model.safetensors")
+    assert exported.keys() == trained.keys()
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+    assert [r["step"] for r in tune.read_metrics(out)] == [1, 2]
 
 
 def test_a_validation_period_without_validation_data_is_told(assets, tmp_path, capsys):
