@@ -77,7 +77,8 @@ class TrainingCheckpointer:
     def newest(self) -> tuple[Path | None, list[str]]:
         """The checkpoint a resume loads: the one ``latest`` names, or where that one is
         missing or damaged (``checkpoint_damage``), or ``latest`` itself is, the newest by step
-        number that loads; with one line for each passed over, saying why.
+        number that loads; with one line for each passed over, saying why (``docs/design.md``,
+        "One step").
 
         Returns:
             ``(folder, lines)``; ``folder`` is None when no complete checkpoint exists (the run
