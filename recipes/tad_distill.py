@@ -124,7 +124,8 @@ class Stopped(Exception):
 def changed_settings(then: dict[str, Any], now: dict[str, Any], step: int) -> list[str]:
     """What a resume at ``step`` does with settings that differ from the checkpoint's run, one
     line each: the optimizer's state (its learning rate and hyperparameters) and the scheduler's
-    are the checkpoint's; the schedule follows this run's length; the loss is this run's."""
+    are the checkpoint's; the schedule follows this run's length, and a length that ends at or
+    before ``step`` trains nothing; the loss is this run's."""
     lines = []
     if "optimizer" in then and then["optimizer"] != now["optimizer"]:
         lines.append(f"optimizer: {now['optimizer']} differs from the checkpoint's run "
@@ -134,7 +135,11 @@ def changed_settings(then: dict[str, Any], now: dict[str, Any], step: int) -> li
         lines.append(f"lr_scheduler: {now['lr_scheduler']} differs from the checkpoint's run "
                      f"{then['lr_scheduler']}; the checkpoint's scheduler state is loaded into "
                      f"this run's scheduler")
-    if (now.get("lr_scheduler") is not None and "total_steps" in then
+    if now["total_steps"] <= step:  # no schedule's change is ever reached
+        lines.append(f"max_steps, epochs: this run ends at step {now['total_steps']}, at or "
+                     f"before the checkpoint's step {step}: nothing trains, and the "
+                     f"checkpoint's student is exported")
+    elif (now.get("lr_scheduler") is not None and "total_steps" in then
             and then["total_steps"] != now["total_steps"]):
         lines.append(f"max_steps, epochs: this run is {now['total_steps']} steps, the "
                      f"checkpoint's {then['total_steps']}: the schedule is this run's, so the "
@@ -245,8 +250,9 @@ class TADDistillRecipe:
                 if folder.exists() and not folder.is_dir():
                     raise ConfigError(f"output_dir: {str(folder)!r} is a file; it must be "
                                       f"{what} or not exist")
-            earlier = TrainingCheckpointer(self._output_dir / "checkpoints").latest()
-            if earlier is not None and not self._resume:  # a restart that forgot to resume
+            earlier = (TrainingCheckpointer(self._output_dir / "checkpoints").latest()
+                       if not self._resume else None)
+            if earlier is not None:  # a restart that forgot to resume
                 raise ConfigError(
                     f"output_dir: {str(self._output_dir)!r} holds an earlier run's checkpoints "
                     f"(the newest: {earlier.name}); resume_from_checkpoint=true continues it; "
@@ -414,8 +420,10 @@ class TADDistillRecipe:
             self._output_dir / "checkpoints", rank=self._rank, keep_last=self._keep_last)
         if self._resume:
             self._load_training_state()
-        if self._is_rank_zero:
-            self._trim_metrics()
+        # rank 0 reads metrics.jsonl; every rank learns whether it holds this step's validation
+        # (the end-of-run validation, a collective, runs on every rank or on none)
+        _, validated = on_rank0(self._trim_metrics, lambda validated: validated)
+        self._validated_step = self.global_step if validated else None
         # last: a profiler started by set-up would record it
         self._profiler = StepProfiler(cfg.get("profiler"), output_dir=self._output_dir,
                                       device=self._device.type)
@@ -505,7 +513,8 @@ class TADDistillRecipe:
             if not saved:
                 self.save(export=False)
             raise Stopped(self.global_step, self._checkpointer.latest())
-        if self._val_loader is not None and not self._due(self._eval_every):
+        if (self._val_loader is not None and not self._due(self._eval_every)
+                and self.global_step != self._validated_step):  # a resume of a finished run
             self._log(self.evaluate())
         if not saved:
             self.save(export=False)  # the final export follows
@@ -758,7 +767,12 @@ class TADDistillRecipe:
         barrier()
 
     def _load_training_state(self) -> None:
-        path = self._checkpointer.latest()
+        # rank 0 alone reads the folder and every rank gets its choice: all load the same
+        # checkpoint, whatever each would have seen of it
+        _, (path, skipped) = on_rank0(self._checkpointer.newest, lambda found: found)
+        if self._is_rank_zero:
+            for line in skipped:
+                print(f"tad_distill: warning: {line}", file=sys.stderr, flush=True)
         if path is None:
             if self._is_rank_zero:
                 print(f"resume_from_checkpoint: no checkpoint in {self._checkpointer.root}; "
@@ -795,26 +809,37 @@ class TADDistillRecipe:
         if self._is_rank_zero:
             print(f"resumed from {path} at step {self.global_step}", file=sys.stderr)
 
-    def _trim_metrics(self) -> None:
+    def _trim_metrics(self) -> bool:
         """Drop the records of ``metrics.jsonl`` after this run's starting step: those an
         interrupted run logged after its last checkpoint (the resume logs them again), or all of
         an earlier run's in a run that starts from scratch; one file, one record per step. Read
-        line by line (twice when some go): memory does not grow with the run's length."""
+        line by line (twice when some go): memory does not grow with the run's length.
+
+        Returns:
+            Whether a kept record is the validation of the starting step (a finished run's,
+            logged after its last checkpoint: ``train`` does not log it again).
+        """
         path = self._output_dir / "metrics.jsonl"
         if not path.is_file():
-            return
+            return False
 
         def kept(line: str) -> bool:
             return bool(line.strip()) and _record_step(line) <= self.global_step
 
+        dropped, validated = 0, False
         with open(path, encoding="utf-8") as f:
-            dropped = sum(not kept(line) for line in f)
+            for line in f:
+                if not kept(line):
+                    dropped += 1
+                elif _record_step(line) == self.global_step:
+                    validated |= "val_kl" in json.loads(line)
         if not dropped:
-            return
+            return validated
         with open(path, encoding="utf-8") as f:
             atomic_write_text(path, (line.rstrip("\n") + "\n" for line in f if kept(line)))
         print(f"metrics.jsonl: {dropped} record(s) after step {self.global_step} dropped from "
               f"{str(path)!r} (this run logs from step {self.global_step + 1})", file=sys.stderr)
+        return validated
 
     def _check_same_data(self, saved: dict[str, str | None], saved_cut: dict[str, Any],
                          path: Path) -> None:

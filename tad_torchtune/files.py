@@ -55,27 +55,36 @@ def publish_dir(tmp: Path, final: Path, *, replace: bool = False) -> bool:
     """Rename the written folder ``tmp`` into place as ``final``, after flushing it.
 
     Args:
-        replace: remove an existing ``final`` first (a checkpoint rewritten); otherwise an
-            existing ``final`` wins (another writer published the same content first) and
-            ``tmp`` is removed.
+        replace: replace an existing ``final`` (a checkpoint rewritten): it is renamed aside
+            (``temporary_path``'s name, which ``remove_stale`` clears), ``tmp`` renamed in, and
+            only then the old one deleted, so ``final`` is missing for the instant between two
+            renames, not while a whole folder is deleted. Otherwise an existing ``final`` wins
+            (another writer published the same content first) and ``tmp`` is removed.
 
     Returns:
         True when ``tmp`` became ``final``, False when an existing one was kept.
 
     Raises:
-        OSError: the rename failed for another reason (``tmp`` is left for the caller).
+        OSError: the rename failed for another reason (``tmp`` is left for the caller, and a
+            replaced ``final`` is put back).
     """
     fsync_dir(tmp)
+    aside = None
     if replace and final.exists():
-        shutil.rmtree(final)
+        aside = temporary_path(final)
+        os.rename(final, aside)
     try:
         os.rename(tmp, final)
     except OSError as e:
+        if aside is not None:
+            os.rename(aside, final)
         if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and not replace:
             shutil.rmtree(tmp, ignore_errors=True)
             return False
         raise
     fsync_dir(final.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
     return True
 
 

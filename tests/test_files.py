@@ -58,6 +58,45 @@ def test_publish_dir_replaces_when_asked(tmp_path):
     assert (final / "data.txt").read_text() == "new"
 
 
+def test_publish_dir_replaces_by_two_renames_and_deletes_the_old_folder_last(tmp_path,
+                                                                             monkeypatch):
+    """The old folder is renamed aside, the new one renamed in, and only then is the old one
+    deleted: ``final`` is missing for the instant between two renames, not for as long as a
+    checkpoint takes to delete. A writer killed between the renames leaves the old folder
+    under a temporary name, which ``remove_stale`` clears."""
+    final = tmp_path / "step_000002"
+    publish_dir(_written(final, "old"), final)
+    deleted = []
+    real_rmtree = files.shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        deleted.append(((path / "data.txt").read_text(), (final / "data.txt").read_text()))
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(files.shutil, "rmtree", rmtree)
+    publish_dir(_written(final, "new"), final, replace=True)
+    assert deleted == [("old", "new")]  # the old one deleted while the new one is in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000002"]
+    monkeypatch.undo()
+
+    real_rename = os.rename
+
+    def killed(src, dst):
+        if dst == final:  # the new folder's rename: the old one is already aside
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+
+    new = _written(final, "newer")
+    monkeypatch.setattr(files.os, "rename", killed)
+    with pytest.raises(KeyboardInterrupt):
+        publish_dir(new, final, replace=True)
+    monkeypatch.undo()
+    (aside,) = [p for p in tmp_path.iterdir() if p not in (final, new)]
+    assert (aside / "data.txt").read_text() == "new" and not final.exists()
+    remove_stale(tmp_path, "step_*")  # both leftovers of the killed writer
+    assert not any(tmp_path.iterdir())
+
+
 def test_publish_dir_raises_other_failures_and_leaves_the_folder(tmp_path):
     tmp = _written(tmp_path / "x", "data")
     with pytest.raises(OSError):

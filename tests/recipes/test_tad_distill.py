@@ -486,6 +486,81 @@ def test_resume_on_another_token_store_is_refused_naming_both(assets, tmp_path):
     assert forced.global_step == 2
 
 
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_resume_past_a_damaged_newest_checkpoint_keeps_the_metrics_before_it(
+        assets, tmp_path, capsys, damage):
+    """The newest checkpoint gone or cut short: the resume takes the one before, says in one
+    line which it passed over and why, and keeps the records up to it (before: a folder gone
+    started the run from scratch, dropping every record; a file cut short, a traceback)."""
+    import shutil
+
+    out = tmp_path / damage
+    cfg = tune.base_config(assets, out, max_steps=4, save_every_n_steps=2, export_hf=False,
+                           validation_dataset=None)
+    _recipe(cfg).train()
+    newest = out / "checkpoints" / "step_000004"
+    if damage == "deleted":
+        shutil.rmtree(newest)
+        why = "latest names it, but it does not exist"
+    else:
+        size = (newest / "__0_0.distcp").stat().st_size
+        with open(newest / "__0_0.distcp", "r+b") as f:
+            f.truncate(1000)
+        why = f"its __0_0.distcp has 1000 bytes, its tensors need {size} (truncated)"
+    capsys.readouterr()
+    assert _recipe({**cfg, "resume_from_checkpoint": True}).global_step == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "warning" in line] == [
+        f"tad_distill: warning: resume_from_checkpoint: skipped {str(newest)!r}: {why}"]
+    assert f"resumed from {out / 'checkpoints' / 'step_000002'} at step 2" in err
+    assert [r["step"] for r in tune.read_metrics(out)] == [1, 2]
+
+
+CHANGED = [  # resumed with another student or optimizer -> the first difference, the key
+    ("student_model.intermediate_dim=40",
+     "step_000001's model.student.layers.0.mlp.w1.weight is [48, 32], this run's [40, 32] "
+     "(and 5 other differences): student_model"),
+    ("student_model.num_layers=3",
+     "step_000001 has no model.student.layers.2.attn.q_proj.weight, which this run's "
+     "student_model has (and 8 other differences): student_model"),
+    ("optimizer._component_=torch.optim.SGD",
+     "step_000001 has no optim.param_groups.0.momentum, which this run's optimizer has (and "
+     "64 other differences): optimizer"),
+]
+
+
+@pytest.mark.parametrize("override,message", CHANGED, ids=[c[0].split("=")[0] for c in CHANGED])
+def test_a_resume_with_another_student_or_optimizer_is_one_line(assets, tmp_path, override,
+                                                                message, monkeypatch, capsys):
+    """Refused before anything is loaded, naming the first difference and the key (before: a
+    traceback from dcp.load), and not by falling back to an older checkpoint: it is the
+    config that differs, not the files."""
+    cfg = tune.base_config(assets, tmp_path / "out", max_steps=1, save_every_n_steps=1,
+                           export_hf=False, validation_dataset=None)
+    _recipe(cfg).train()
+    line = tune.user_error("tad_distill", [
+        "--config", str(tune.write_config(cfg, tmp_path / "c.yaml")),
+        "resume_from_checkpoint=true", override], monkeypatch, capsys)
+    key = message.rsplit(" ", 1)[1]
+    assert line == (f"tad_distill: error: resume_from_checkpoint: {message} differs from the "
+                    f"checkpoint's run; resume with its {key}, or start over in another "
+                    f"output_dir")
+
+
+def test_a_finished_run_resumed_logs_its_last_validation_once(assets, tmp_path):
+    """A last step off the validation period is validated after the training, here after its
+    checkpoint: a resume from that checkpoint (a finished run resumed again, or one killed in
+    its export) kept the record and logged the validation again; one record per step."""
+    out = tmp_path / "again"
+    cfg = tune.base_config(assets, out, max_steps=3, eval_every_n_steps=2,
+                           save_every_n_steps=3, export_hf=False)
+    _recipe(cfg).train()
+    records = tune.read_metrics(out)
+    assert [r["step"] for r in records if "val_kl" in r] == [2, 3]
+    _recipe({**cfg, "resume_from_checkpoint": True}).train()
+    assert tune.read_metrics(out) == records
+
+
 def test_a_run_from_scratch_in_an_earlier_runs_folder_is_refused(assets, tmp_path, capsys):
     """A restart that forgot resume_from_checkpoint would delete the earlier run's checkpoints
     and metrics; it is refused before anything is written, naming the way on."""
@@ -583,8 +658,11 @@ def test_a_resume_with_other_settings_says_what_it_does_with_them(assets, tmp_pa
     cfg = tune.base_config(assets, out, max_steps=2, save_every_n_steps=2, export_hf=False)
     _recipe(cfg).train()
     capsys.readouterr()
-    _recipe({**cfg, "resume_from_checkpoint": True})  # the same settings: nothing to tell
-    assert "warning" not in capsys.readouterr().err
+    # the same settings: nothing to tell but that the run has ended
+    _recipe({**cfg, "resume_from_checkpoint": True})
+    assert [line for line in capsys.readouterr().err.splitlines() if "warning" in line] == [
+        "tad_distill: warning: max_steps, epochs: this run ends at step 2, at or before the "
+        "checkpoint's step 2: nothing trains, and the checkpoint's student is exported"]
     changed = {**cfg, "resume_from_checkpoint": True, "max_steps": 4,
                "optimizer": {**cfg["optimizer"], "lr": 1e-4},
                "kd_loss": {**cfg["kd_loss"], "beta": 1.0}}
@@ -610,10 +688,36 @@ def test_a_resume_with_other_settings_says_what_it_does_with_them(assets, tmp_pa
     moved = {**cfg, "resume_from_checkpoint": True,
              "dataset": {**cfg["dataset"], "store_dir": os.environ["TAD_TORCHTUNE_STORE_DIR"]}}
     _recipe(moved)
-    (line,) = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "warning: dataset" in x]
     assert line.startswith("tad_distill: warning: dataset: {") and line.endswith(
         "}: the data position goes on over this run's samples"), line
     assert "store_dir" in line.split("differs")[0] and "store_dir" not in line.split("differs")[1]
+
+
+def test_a_resume_at_or_past_the_runs_end_says_that_nothing_trains(assets, tmp_path, capsys):
+    """A checkpoint of step 2 resumed with max_steps 1: one line saying that nothing trains
+    and the checkpoint's student is exported (before: only the schedule's 'the learning rate
+    changes at step 3', a step that never comes), and that student is exported."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "past"
+    cfg = tune.base_config(assets, out, max_steps=2, save_every_n_steps=2, export_hf=False,
+                           validation_dataset=None)
+    _recipe(cfg).train()
+    trained = load_file(out / "student" / "model.safetensors")
+    shutil.rmtree(out / "student")
+    capsys.readouterr()
+    resumed = _recipe({**cfg, "resume_from_checkpoint": True, "max_steps": 1})
+    assert [line for line in capsys.readouterr().err.splitlines() if "warning" in line] == [
+        "tad_distill: warning: max_steps, epochs: this run ends at step 1, at or before the "
+        "checkpoint's step 2: nothing trains, and the checkpoint's student is exported"]
+    resumed.train()
+    exported = load_file(out / "student" / "model.safetensors")
+    assert exported.keys() == trained.keys()
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+    assert [r["step"] for r in tune.read_metrics(out)] == [1, 2]
 
 
 def test_a_validation_period_without_validation_data_is_told(assets, tmp_path, capsys):
