@@ -418,6 +418,7 @@ class TADDistillRecipe:
 
         self._checkpointer = TrainingCheckpointer(
             self._output_dir / "checkpoints", rank=self._rank, keep_last=self._keep_last)
+        self._loaded_step = None  # the step of the checkpoint resumed from
         if self._resume:
             self._load_training_state()
         # rank 0 reads metrics.jsonl; every rank learns whether it holds this step's validation
@@ -508,7 +509,9 @@ class TADDistillRecipe:
                 signal.signal(signal.SIGTERM, previous)
         progress.close()
         self._log_profile(self._profiler.stop())  # a cycle the end cut short
-        saved = self._due(self._save_every)
+        # the step resumed from and nothing trained since (a finished run resumed): its
+        # checkpoint is there; rewriting it would only open a window for a kill
+        saved = self._due(self._save_every) or self.global_step == self._loaded_step
         if self._stopping:
             if not saved:
                 self.save(export=False)
@@ -785,6 +788,7 @@ class TADDistillRecipe:
                                          meta["global_step"]):
                 print(f"tad_distill: warning: {line}", file=sys.stderr, flush=True)
         self.global_step, self.epoch = meta["global_step"], meta["epoch"]
+        self._loaded_step = self.global_step
         self.tokens_seen = meta["tokens_seen"]
         self.train_seconds = float(meta.get("train_seconds", 0.0))  # earlier versions saved none
         per_step = self._grad_accum * self._train_sampler.global_batch

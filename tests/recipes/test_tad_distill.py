@@ -561,6 +561,21 @@ def test_a_finished_run_resumed_logs_its_last_validation_once(assets, tmp_path):
     assert tune.read_metrics(out) == records
 
 
+def test_a_finished_run_resumed_does_not_rewrite_its_last_checkpoint(assets, tmp_path):
+    """A last step off the save period is saved at the end; a resume from it trains nothing
+    and leaves that checkpoint as it is (before, it wrote it again, replacing the folder: a
+    kill then could leave latest naming a folder being replaced)."""
+    out = tmp_path / "again"
+    cfg = tune.base_config(assets, out, max_steps=3, save_every_n_steps=2, export_hf=False)
+    _recipe(cfg).train()
+    last = out / "checkpoints" / "step_000003"
+    before = (last.stat().st_ino, (last / ".metadata").stat().st_mtime_ns)
+    recipe = _recipe({**cfg, "resume_from_checkpoint": True})
+    recipe.train()
+    assert recipe.global_step == 3
+    assert (last.stat().st_ino, (last / ".metadata").stat().st_mtime_ns) == before
+
+
 def test_a_run_from_scratch_in_an_earlier_runs_folder_is_refused(assets, tmp_path, capsys):
     """A restart that forgot resume_from_checkpoint would delete the earlier run's checkpoints
     and metrics; it is refused before anything is written, naming the way on."""
