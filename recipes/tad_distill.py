@@ -97,7 +97,7 @@ from tad_torchtune.schema import (
     resolve_package_paths,
     validate_config,
 )
-from tad_torchtune.teacher_cache import CachedBlocks, TeacherCache, check_blocks
+from tad_torchtune.teacher_cache import CACHE_KEYS, CachedBlocks, TeacherCache, check_blocks
 from tad_torchtune.vocab import check_vocab_compat, tokenizer_warnings
 
 
@@ -275,6 +275,13 @@ class TADDistillRecipe:
         # exact); its weights still initialise a pruned student.
         self._teacher_cache = (TeacherCache(self._teacher_cache_dir)
                                if self._teacher_cache_dir else None)
+        if self._teacher_cache is not None and self._is_rank_zero:
+            differ = self._teacher_cache.differences(
+                {key: cfg.get(key) for key in CACHE_KEYS})  # those the config sets
+            if differ:
+                print(f"tad_distill: warning: {', '.join(differ)}: tad_cache's keys shape a cache "
+                      f"as it is made; this run reads the one in "
+                      f"{str(self._teacher_cache.root)!r} as it is", file=sys.stderr, flush=True)
         # the models against their checkpoints' config.json, before any weight is read
         teacher_kwargs = check_model_fits_checkpoint(
             cfg.teacher_model, cfg.teacher_checkpointer, model_key="teacher_model",

@@ -73,6 +73,8 @@ MODES: dict[str, tuple[type[CacheEntries], dict[str, str]]] = {
 }
 #: ``cache_top_m`` when the config leaves it null, per mode
 DEFAULT_TOP_M = {"top_m": 48, "sampled": 12}
+#: the config keys of ``tad_cache`` that shape a cache as it is made
+CACHE_KEYS = ("cache_mode", "cache_top_m", "cache_samples", "cache_seed", "cache_logp_dtype")
 
 
 def cache_mode_for(divergence: type | None) -> str:
@@ -276,6 +278,17 @@ class TeacherCache:
     @property
     def shard_blocks(self) -> int:
         return self.manifest["shard_blocks"]
+
+    def differences(self, settings: dict[str, Any]) -> list[str]:
+        """The ``tad_cache`` keys among ``settings`` (``cache_mode``, ``cache_top_m``, ...; None:
+        not set) whose value is not this cache's, as ``key=value (the cache's: value)``: a
+        ``tad_distill`` run reads the cache as it was made, whatever they say."""
+        made = {"cache_mode": self.mode, "cache_top_m": self.top_m,
+                "cache_logp_dtype": self.manifest["logp_dtype"]}
+        if self.mode != "top_m":
+            made.update(cache_samples=self.manifest["samples"], cache_seed=self.manifest["seed"])
+        return [f"{key}={settings[key]} (the cache's: {value})" for key, value in made.items()
+                if settings.get(key) is not None and str(settings[key]) != str(value)]
 
     def spec(self) -> CacheSpec:
         """What this cache offers a divergence (its ``validate`` hook reads it)."""

@@ -241,6 +241,8 @@ def test_cache_errors_name_the_keys(assets, tmp_path, monkeypatch, capsys):
     """What tad_distill refuses of a cache, one line each (in this process, through the
     recipe's entry point: ``tune.user_error``; the `tune run` path of such lines:
     ``tests/recipes/test_tad_distill.py``)."""
+    from tad_torchtune.teacher_cache import TeacherCache
+
     cache = tmp_path / "small"
     # tad_cache refuses first a cache its config's loss could not read (TAD's k=5 > 4), before
     # the teacher's pass over the corpus
@@ -269,6 +271,18 @@ def test_cache_errors_name_the_keys(assets, tmp_path, monkeypatch, capsys):
     assert line == (f"tad_distill: error: kd_loss.k: k=5 exceeds the teacher cache's top_m=4 "
                     f"(teacher_cache_dir={str(cache)!r}): TAD from a cache needs its top-K among "
                     f"the cached ids (k <= top_m); make the cache with cache_top_m >= 5")
+    # tad_cache's keys set otherwise than the cache was made: read as it is, and said
+    assert TeacherCache(cache).differences({"cache_mode": "sampled", "cache_top_m": 8,
+                                             "cache_samples": None, "cache_seed": 3}) == [
+        "cache_top_m=8 (the cache's: 4)", "cache_seed=3 (the cache's: 0)"]
+    capsys.readouterr()
+    cfg = _config(assets, tmp_path / "read", teacher_cache_dir=str(cache), cache_top_m=8,
+                  max_steps=1, export_hf=False, **{"kd_loss.k": 4})
+    tune.run_in_process("tad_distill", ["--config", str(tune.write_config(
+        cfg, tmp_path / "read.yaml"))], monkeypatch)
+    assert (f"tad_distill: warning: cache_top_m=8 (the cache's: 4): tad_cache's keys shape a "
+            f"cache as it is made; this run reads the one in {str(cache)!r} as it is"
+            ) in capsys.readouterr().err.splitlines()
     line = fails(**{"kd_loss.k": 2, "kd_loss.temperature": 2.0})
     assert line.startswith("tad_distill: error: kd_loss.temperature: 2.0 differs from the "
                            "teacher cache's 1.0")
