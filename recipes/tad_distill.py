@@ -35,6 +35,7 @@ Errors a user can cause end the run with one line naming the config key
 
 import json
 import math
+import os
 import resource
 import signal
 import sys
@@ -65,7 +66,7 @@ from tad_torchtune.data.checks import (
     same_rows,
 )
 from tad_torchtune.errors import ConfigError, input_files, instantiate, reports_user_errors
-from tad_torchtune.files import atomic_write_text
+from tad_torchtune.files import atomic_write_text, hold_lock, lock_holder
 from tad_torchtune.flops import peak_flops, step_flops_per_token
 from tad_torchtune.hardware import warn_if_slow_bf16
 from tad_torchtune.head import StudentHead, TeacherHead
@@ -99,6 +100,10 @@ from tad_torchtune.schema import (
 )
 from tad_torchtune.teacher_cache import CACHE_KEYS, CachedBlocks, TeacherCache, check_blocks
 from tad_torchtune.vocab import check_vocab_compat, tokenizer_warnings
+
+
+#: the file in ``output_dir`` whose lock a run holds (``_lock_output_dir``)
+RUN_LOCK = ".tad_distill.lock"
 
 
 class NonFiniteError(RuntimeError):
@@ -222,6 +227,10 @@ class TADDistillRecipe:
         self._profiler: StepProfiler | None = None  # set up last
         # SIGTERM's request (``train``), and the step's all-reduced answer: stop after this step
         self._stop_requested = self._stopping = False
+        # under torchrun (its agent is this process's parent): the launcher whose death stops
+        # the run (``_launcher_gone``); a process started otherwise has no such parent
+        self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+        self._run_lock = None  # rank 0's lock of output_dir (``_lock_output_dir``)
         self._warned_slow_save = False
         self._warned_no_position: set[str] = set()  # "train", "validation": warned once each
         self.global_step = 0
@@ -250,6 +259,8 @@ class TADDistillRecipe:
                 if folder.exists() and not folder.is_dir():
                     raise ConfigError(f"output_dir: {str(folder)!r} is a file; it must be "
                                       f"{what} or not exist")
+            self._output_dir.mkdir(parents=True, exist_ok=True)
+            self._run_lock = self._lock_output_dir()
             earlier = (TrainingCheckpointer(self._output_dir / "checkpoints").latest()
                        if not self._resume else None)
             if earlier is not None:  # a restart that forgot to resume
@@ -257,7 +268,6 @@ class TADDistillRecipe:
                     f"output_dir: {str(self._output_dir)!r} holds an earlier run's checkpoints "
                     f"(the newest: {earlier.name}); resume_from_checkpoint=true continues it; "
                     f"to start over, delete {str(earlier.parent)!r} or choose another output_dir")
-            self._output_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, self._output_dir / "config.yaml")
             logger_cfg = cfg.get("metric_logger") or OmegaConf.create({
                 "_component_": "torchtune.training.metric_logging.DiskLogger",
@@ -530,6 +540,25 @@ class TADDistillRecipe:
             self.save(export=False)  # the final export follows
         self.export(self._output_dir / "student")
 
+    def _lock_output_dir(self) -> Any:
+        """Hold ``output_dir``'s lock for this run (rank 0): a second run in the same folder at
+        once (a resume started while an earlier run's processes still train, orphaned by a
+        killed launcher) would write the same checkpoints and metrics; refused in one line."""
+        path = self._output_dir / RUN_LOCK
+        try:
+            return hold_lock(path)
+        except BlockingIOError:
+            raise ConfigError(
+                f"output_dir: {str(self._output_dir)!r} is in use by another tad_distill run "
+                f"(process {lock_holder(path)}); wait for it to end or stop it (SIGTERM saves "
+                f"its state), or choose another output_dir") from None
+
+    def _launcher_gone(self) -> bool:
+        """Whether the torchrun launcher that started this process has died (its processes are
+        in sessions of their own, so a SIGKILL of it leaves them training, orphaned): such a
+        run stops after its step with its state saved, as on SIGTERM."""
+        return self._launcher is not None and os.getppid() != self._launcher
+
     def _due(self, every: int | None) -> bool:
         """Whether the step just taken is one of every ``every`` (evaluation, checkpoints)."""
         return bool(every) and self.global_step % every == 0
@@ -645,6 +674,11 @@ class TADDistillRecipe:
             # micro-batch's teacher forward and the optimizer step, not after
             del teacher, terms
         # the stop request travels with the sums: every process stops after the same step
+        if not self._stop_requested and self._launcher_gone():
+            self._stop_requested = True
+            tqdm.write(f"tad_distill: rank {self._rank}: the launcher (process "
+                       f"{self._launcher}) is gone: stopping after this step, its state saved",
+                       file=sys.stderr)
         stop = sums.new_full((1,), float(self._stop_requested))
         reduced = self._all_reduce(torch.cat([sums, stop]))
         sums, stop = reduced[:-1] / max(global_tokens, 1), reduced[-1:]
@@ -906,6 +940,8 @@ class TADDistillRecipe:
         self._metrics_file.write(json.dumps(record) + "\n")
 
     def cleanup(self) -> None:
+        if self._run_lock is not None:
+            self._run_lock.close()
         if self._profiler is not None:
             self._profiler.stop()
         if self._metrics_file is not None:

@@ -9,6 +9,7 @@ import secrets
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import IO
 
 #: prefix of the temporary names (``.tmp-<name>-<pid>-<random>``), so stale ones can be found
 TMP_PREFIX = ".tmp-"
@@ -109,3 +110,39 @@ def remove_stale(folder: Path, name: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+
+
+def hold_lock(path: Path) -> "IO[str] | None":
+    """Take the exclusive lock of the file ``path`` for this process, without waiting, and
+    write this process's id in it: held while the returned file stays open, released by the
+    kernel when the process dies (a POSIX record lock: another process conflicts, this one
+    does not). None where the file system has no locks.
+
+    Raises:
+        BlockingIOError: another process holds it; its id is ``lock_holder(path)``.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    f = open(path, "a+")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise
+    except OSError:  # no locks here (some network file systems)
+        f.close()
+        return None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def lock_holder(path: Path) -> str:
+    """The process id ``hold_lock`` wrote in ``path`` ("?" if none can be read)."""
+    try:
+        return path.read_text().strip() or "?"
+    except OSError:
+        return "?"

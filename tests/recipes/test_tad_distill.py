@@ -576,6 +576,60 @@ def test_a_finished_run_resumed_does_not_rewrite_its_last_checkpoint(assets, tmp
     assert (last.stat().st_ino, (last / ".metadata").stat().st_mtime_ns) == before
 
 
+def test_a_second_run_in_a_folder_in_use_is_refused(assets, tmp_path):
+    """A run in an ``output_dir`` another process's run holds (a resume started while an
+    earlier run's processes, orphaned by a killed launcher, still train) is one line naming
+    the holder; once that process is gone the run goes ahead. Before, both trained in the folder
+    and one deleted the other's checkpoint in the writing."""
+    import subprocess
+    import sys
+
+    from tad_torchtune.errors import ConfigError
+
+    out = tmp_path / "shared"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from tad_torchtune.files import hold_lock; "
+         f"f = hold_lock(Path({str(out / '.tad_distill.lock')!r})); print('held', flush=True); "
+         "time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        cfg = tune.base_config(assets, out, max_steps=1, export_hf=False)
+        with pytest.raises(ConfigError) as err:
+            _recipe(cfg)
+        assert str(err.value) == (
+            f"output_dir: {str(out)!r} is in use by another tad_distill run (process "
+            f"{holder.pid}); wait for it to end or stop it (SIGTERM saves its state), or choose "
+            f"another output_dir")
+        assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    recipe = _recipe(cfg)
+    recipe.train()
+    recipe.cleanup()
+    _recipe({**cfg, "resume_from_checkpoint": True})  # the same process: not a conflict
+
+
+def test_a_run_whose_launcher_died_stops_with_its_state_saved(assets, tmp_path, capsys):
+    """Under torchrun a killed launcher leaves its processes training, orphaned (sessions of
+    their own): a process whose launcher is gone stops after its step and saves, as on
+    SIGTERM, instead of training on beside a resume."""
+    import tad_distill
+
+    out = tmp_path / "orphan"
+    recipe = _recipe(tune.base_config(assets, out, max_steps=4, save_every_n_steps=4,
+                                      export_hf=False))
+    recipe._launcher = -1  # not this process's parent: the launcher is gone
+    with pytest.raises(tad_distill.Stopped) as stopped:
+        recipe.train()
+    assert stopped.value.step == 1 and stopped.value.checkpoint == out / "checkpoints" / (
+        "step_000001")
+    assert ("tad_distill: rank 0: the launcher (process -1) is gone: stopping after this step, "
+            "its state saved") in capsys.readouterr().err.splitlines()
+
+
 def test_a_run_from_scratch_in_an_earlier_runs_folder_is_refused(assets, tmp_path, capsys):
     """A restart that forgot resume_from_checkpoint would delete the earlier run's checkpoints
     and metrics; it is refused before anything is written, naming the way on."""
