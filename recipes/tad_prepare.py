@@ -17,6 +17,7 @@ not a torchtune ``HuggingFaceBaseTokenizer``; that one is batch-encoded on the H
 library's own threads (``RAYON_NUM_THREADS`` limits them). Interrupted, it leaves no store.
 """
 
+import os
 import sys
 from typing import Any
 
@@ -101,7 +102,8 @@ class TADPrepareRecipe:
                     line += (f"; num_workers={self._num_workers} not used: the Hugging Face "
                              f"tokenizer encodes on every core itself (RAYON_NUM_THREADS "
                              f"limits it)")
-            print(line, flush=True)
+            if int(os.environ.get("RANK", "0")) == 0:  # one report under torchrun, not one each
+                print(line, flush=True)
             reports.append({"key": key, "path": str(store.path), "built": built,
                             "linked": store.linked_from is not None,
                             "num_tokens": store.num_tokens, "num_documents": store.num_documents,

@@ -38,6 +38,11 @@ def test_demo_config_builds_one_store_for_both_datasets_then_reports_it(tmp_path
     second = capsys.readouterr().out
     assert f"tad_prepare: dataset: already built: {stores[0]}\n" in second and ": built:" not in second
     assert json.loads((stores[0] / "manifest.json").read_text()) == manifest  # not rebuilt
+    # under torchrun the other ranks find the store rank 0's node built and report nothing
+    monkeypatch.setenv("RANK", "1")
+    tune.run_in_process("tad_prepare", ["--config", str(tune.bundled_config_path(
+        "demo")), *args[3:]], monkeypatch)
+    assert capsys.readouterr().out == ""
 
 
 def test_config_errors(tmp_path, monkeypatch, capsys):
