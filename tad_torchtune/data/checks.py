@@ -60,8 +60,8 @@ def check_row_length(dataset: Any, key: str, tokenizer: Any, max_seq_len: int) -
 
 
 def check_held_out(train: Any, validation: Any) -> None:
-    """Check that the validation blocks are not training blocks: two splits of one token store
-    whose token ranges meet (a different ``validation_fraction`` or ``split`` in the two
+    """Check that the validation blocks are not training blocks: two splits of one token store,
+    or of two stores of the same tokens (a copy of the corpus), whose token ranges meet (a different ``validation_fraction`` or ``split`` in the two
     blocks of the config) would measure ``val_kl`` on trained text.
 
     Raises:
@@ -69,15 +69,20 @@ def check_held_out(train: Any, validation: Any) -> None:
     """
     if not (isinstance(train, TextBlockDataset) and isinstance(validation, TextBlockDataset)):
         return
-    if train.store_path != validation.store_path:
+    # one store, or two of the same tokens (a copy of the corpus: the same fingerprint)
+    if (train.store_path != validation.store_path
+            and train.fingerprint != validation.fingerprint):
         return
     (a, b), (c, d) = train.tokens, validation.tokens
     if a < d and c < b:
+        same = ("" if train.store_path == validation.store_path else
+                f" (of the store {str(train.store_path)!r}, whose tokens are the same)")
         raise ConfigError(
             f"validation_dataset: its blocks, tokens [{c}, {d}) of the store "
-            f"{str(train.store_path)!r}, overlap the training blocks [{a}, {b}): val_kl would "
-            f"be measured on trained text; give dataset and validation_dataset the same "
-            f"source and validation_fraction, with validation_dataset.split: validation")
+            f"{str(validation.store_path)!r}, overlap the training blocks [{a}, {b}){same}: "
+            f"val_kl would be measured on trained text; give dataset and validation_dataset "
+            f"the same source and validation_fraction, with validation_dataset.split: "
+            f"validation")
 
 
 #: what names the rows a torchtune dataset builder reads (Hugging Face ``load_dataset``'s)

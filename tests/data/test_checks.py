@@ -20,3 +20,41 @@ def test_the_same_rows_for_validation_as_for_training_are_told():
     blocks = OmegaConf.create({"_component_": "tad_torchtune.data.text_block_dataset",
                                "source": "/data/c.jsonl", "split": "train"})
     assert same_rows(blocks, blocks) is None
+
+
+def test_validation_on_a_copy_of_the_training_corpus_is_refused(demo_tok, tmp_path):
+    """A byte-identical copy of the training corpus under another name makes another store of
+    the same tokens (the same fingerprint): its overlapping blocks are refused as those of the
+    same store are (before, val_kl was measured on 75% trained text, silently); a corpus of
+    other text is not."""
+    import json
+    import shutil
+
+    import pytest
+
+    from tad_torchtune.data import text_block_dataset
+    from tad_torchtune.data.checks import check_held_out
+    from tad_torchtune.errors import ConfigError
+
+    corpus = tmp_path / "a.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i}: " + "the daemon frobs. " * 20})
+                              + "\n" for i in range(40)))
+    shutil.copyfile(corpus, tmp_path / "copy.jsonl")
+    other = tmp_path / "other.jsonl"
+    other.write_text(corpus.read_text().replace("daemon", "wizard"))
+
+    def blocks(path, **kw):
+        return text_block_dataset(demo_tok, source=str(path), max_seq_len=32,
+                                  **{"validation_fraction": 0.05, **kw})
+
+    train = blocks(corpus)
+    copy = blocks(tmp_path / "copy.jsonl", split="validation", validation_fraction=0.2)
+    assert copy.store_path != train.store_path and copy.fingerprint == train.fingerprint
+    with pytest.raises(ConfigError) as err:
+        check_held_out(train, copy)
+    assert str(err.value).startswith(
+        f"validation_dataset: its blocks, tokens [{copy.tokens[0]}, {copy.tokens[1]}) of the "
+        f"store {str(copy.store_path)!r}, overlap the training blocks [0, {train.tokens[1]}) "
+        f"(of the store {str(train.store_path)!r}, whose tokens are the same): val_kl would")
+    check_held_out(train, blocks(tmp_path / "copy.jsonl", split="validation"))  # disjoint
+    check_held_out(train, blocks(other, split="validation", validation_fraction=0.2))
