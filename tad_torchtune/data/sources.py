@@ -216,6 +216,14 @@ def _json_documents(lines: Any, path: Path, column: str, where: str) -> Iterator
             raise CorpusError(f"{where}.column: {str(path)!r} line {lineno}: field {column!r} is "
                               f"a JSON {_JSON_TYPES.get(type(text), type(text).__name__)}, not a "
                               "string; accepted: a field holding the document's text")
+        if not text.isascii():
+            try:  # a lone surrogate ("\ud800") is valid JSON, but no text a tokenizer takes
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise CorpusError(
+                    f"{where}.source: {str(path)!r} line {lineno}: field {column!r} holds "
+                    f"{text[e.start:e.end]!r}, not Unicode text ({e.reason}); accepted: text "
+                    f"that encodes as UTF-8") from None
         n_docs += 1
         yield text
     if n_docs == 0:

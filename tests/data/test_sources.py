@@ -91,6 +91,10 @@ def test_errors_name_the_key_the_file_the_line_and_what_is_accepted(tmp_path):
     bad.write_bytes(b'{"text": "caf\xe9"}\n')
     assert error(bad) == ("dataset.source: 'T/bad.jsonl' line 1 is not UTF-8 (byte 14 of the line); "
                           "accepted: UTF-8 JSON lines")
+    bad.write_text('{"text": "ok"}\n{"text": "bad \\ud800 surrogate"}\n')  # JSON, not text
+    assert error(bad) == ("dataset.source: 'T/bad.jsonl' line 2: field 'text' holds '\\ud800', "
+                          "not Unicode text (surrogates not allowed); accepted: text that "
+                          "encodes as UTF-8")
     bad.write_text("\n \n")
     assert error(bad) == ("dataset.source: 'T/bad.jsonl' holds no document (only blank lines); "
                           "accepted: a file with at least one document")
