@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from tad_torchtune.errors import reports_user_errors  # noqa: E402
 _SEED_SUFFIX = re.compile(r"[_-]seed\d+$")
 
 #: the record fields a curve can be drawn against, with their axis labels
+PROG = "python -m tad_torchtune.plots"
 X_AXES: dict[str, str] = {"tokens": "training tokens",
                           "train_seconds": "training time (s, evaluation and checkpoints excluded)"}
 
@@ -51,10 +53,15 @@ def read_metrics(run: str | Path) -> list[dict[str, Any]]:
                                 f"tad_distill output_dir or its metrics.jsonl")
     rows = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                rows.append(json.loads(line))
+        lines = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
+    for i, (n, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:  # the last line a kill cut short: tad_distill drops it too
+                break
+            raise ValueError(f"runs: {str(path)!r} line {n} is not JSON ({e.msg}); accepted: "
+                             f"the metrics.jsonl tad_distill writes") from None
     return rows
 
 
@@ -93,22 +100,36 @@ def group_curves(
     if x not in X_AXES:
         raise ValueError(f"--x: {x!r}; accepted: {', '.join(X_AXES)}")
     items = runs.items() if isinstance(runs, dict) else [(run_label(r), r) for r in runs]
-    grouped: dict[str, list[dict[float, float]]] = defaultdict(list)
+    grouped: dict[str, list[tuple[str, dict[float, float]]]] = defaultdict(list)
     fields: set[str] = set()
+    skipped = []
     for label, run in items:
         records = read_metrics(run)
         fields.update(k for r in records for k in r if k not in ("step", "time", *X_AXES))
         xs, ys = metric_curve(records, metric, x)
         if xs:
-            grouped[label].append(dict(zip(xs, ys)))
+            grouped[label].append((str(run), dict(zip(xs, ys))))
+        else:
+            skipped.append(str(run))
     if not grouped:
         raise ValueError(f"--metric: no record with {metric!r} and {x!r} in any of "
                          f"{[str(r) for r in (runs.values() if isinstance(runs, dict) else runs)]}"
                          f"; accepted: a field they log: {sorted(fields)}")
+    for run in skipped:
+        print(f"{PROG}: warning: {run!r} left out: no record with {metric!r} and {x!r}",
+              file=sys.stderr)
     out = {}
     for label, curves in grouped.items():
-        xs = sorted(set.intersection(*(set(c) for c in curves)))
-        cols = [[c[x] for c in curves] for x in xs]
+        xs = sorted(set.intersection(*(set(c) for _, c in curves)))
+        if not xs:  # runs of other token counts, or times (never shared): a line each
+            print(f"{PROG}: warning: the {len(curves)} runs labelled {label!r} share no {x} "
+                  f"value: drawn one line each, not their mean", file=sys.stderr)
+            for run, curve in curves:
+                own = sorted(curve)
+                ys = [curve[v] for v in own]
+                out[f"{label} ({Path(run).name})"] = (own, ys, ys, ys, 1)
+            continue
+        cols = [[c[x] for _, c in curves] for x in xs]
         out[label] = ([*xs], [sum(v) / len(v) for v in cols], [min(v) for v in cols],
                       [max(v) for v in cols], len(curves))
     return out
@@ -219,10 +240,10 @@ def _save(fig, out_path: str | Path) -> Path:
     return out
 
 
-@reports_user_errors("python -m tad_torchtune.plots")
+@reports_user_errors(PROG)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tad_torchtune.plots",
+        prog=PROG,
         description="Figure 1 of the TAD paper: held-out KL against training tokens for several "
         "tad_distill runs (folders holding metrics.jsonl).",
     )

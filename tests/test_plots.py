@@ -134,6 +134,34 @@ def test_figure1_plots_the_mean_of_the_seeds_and_their_range(tmp_path, figures):
     assert ax.get_yscale() == "log" and ax.get_xlabel() == "training tokens"
 
 
+def test_runs_that_cannot_share_a_line_are_said(tmp_path, capsys):
+    """Runs of one label with no x value in common (times, which two runs never share, or other
+    token counts) are drawn one line each with a warning (before, a legend entry with no point,
+    silently); a run with no record of the metric is left out with a warning (before, without
+    one); a line a kill cut short ends the file read (as tad_distill reads it), while a bad line
+    before the last is named with its file and line."""
+    a = write_run(tmp_path / "tad_seed0", [1.0, 0.8])
+    b = write_run(tmp_path / "tad_seed1", [1.2, 1.0], tokens_per_step=1000)
+    empty = write_run(tmp_path / "noval", [])
+    capsys.readouterr()
+    curves = group_curves([a, b, empty])
+    assert sorted(curves) == ["tad (tad_seed0)", "tad (tad_seed1)"]
+    assert curves["tad (tad_seed1)"][:2] == ([10000.0, 20000.0], [1.2, 1.0])
+    assert capsys.readouterr().err.splitlines() == [
+        f"python -m tad_torchtune.plots: warning: {str(empty)!r} left out: no record with "
+        f"'val_kl' and 'tokens'",
+        "python -m tad_torchtune.plots: warning: the 2 runs labelled 'tad' share no tokens "
+        "value: drawn one line each, not their mean"]
+    cut = a / "metrics.jsonl"
+    cut.write_text(cut.read_text().rstrip("\n") + '\n{"step": 30, "tok')
+    assert read_metrics(a) == [json.loads(x) for x in cut.read_text().splitlines()[:4]]
+    cut.write_text('{"step": 1, "tok\n' + cut.read_text())
+    with pytest.raises(ValueError) as err:
+        read_metrics(a)
+    assert str(err.value) == (f"runs: {str(cut)!r} line 1 is not JSON (Unterminated string "
+                              f"starting at); accepted: the metrics.jsonl tad_distill writes")
+
+
 def test_figure1_against_training_time(tmp_path, figures):
     """``--x train_seconds``: each run's curve at the training times it logged (a cached run
     reaching a KL sooner than a live-teacher run shows it)."""
