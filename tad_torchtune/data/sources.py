@@ -1,9 +1,11 @@
 """Corpus files, read as a stream of documents: never more than one document in memory (a
 ``.txt`` file is one document, read whole: a large corpus belongs in JSON Lines or parquet).
 
-A source is a file, a folder (its files, sorted; names starting with ``.`` or ``_`` left out:
-hidden files and the markers and checksums Spark and Hadoop write beside their parts, such as
-``_SUCCESS`` and ``.part-0.parquet.crc``), a glob, or a list of them. The format follows the
+A source is a file, a folder (its files and its subfolders' (Spark's partitions), sorted by
+path; a path with a part starting with ``.`` or ``_`` left out: hidden files and the markers,
+checksums and work folders Spark and Hadoop write beside their parts, such as ``_SUCCESS``,
+``.part-0.parquet.crc`` and ``_temporary/``; a Hugging Face ``datasets`` folder is refused,
+its Arrow files being ``datasets``' own), a glob, or a list of them. The format follows the
 file name:
 
 - ``.jsonl`` / ``.json``: one JSON object per line, the document in field ``column``; blank lines
@@ -87,7 +89,8 @@ def expand_sources(source: str | os.PathLike | Sequence[str], *, where: str = "d
     """The files named by ``source``, in order, with ``pkg://`` resolved and paths made absolute.
 
     Args:
-        source: a file, a folder (its files, sorted by name), a glob, or a list of them.
+        source: a file, a folder (its files and its subfolders', sorted by path), a glob, or a
+            list of them.
         where: the config key of the dataset, for error messages.
 
     Returns:
@@ -104,8 +107,12 @@ def expand_sources(source: str | os.PathLike | Sequence[str], *, where: str = "d
     for item in items:
         p = Path(resolve_asset(str(item))).expanduser()
         if p.is_dir():
-            found = sorted(q for q in p.iterdir()
-                           if q.is_file() and not q.name.startswith((".", "_")))
+            if any((p / name).is_file() for name in DATASETS_FOLDER_FILES):
+                raise CorpusError(
+                    f"{where}.source: {str(item)!r} is a Hugging Face datasets folder "
+                    f"(save_to_disk), which is not read; accepted: its rows written as files, "
+                    f"e.g. Dataset.to_parquet or Dataset.to_json (JSON lines)")
+            found = _folder_files(p)
             if not found:
                 raise CorpusError(f"{where}.source: the folder {str(item)!r} holds no file; "
                                   f"accepted: a folder of {ACCEPTED_FORMATS} files")
@@ -122,6 +129,18 @@ def expand_sources(source: str | os.PathLike | Sequence[str], *, where: str = "d
     for f in files:
         document_format(f.path, where=where)
     return files
+
+
+#: files that mark a Hugging Face ``datasets`` folder (``save_to_disk``: Arrow files of its own)
+DATASETS_FOLDER_FILES = ("dataset_dict.json", "state.json")
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """The files of ``folder`` and of its subfolders (Spark's partitions, ``year=2024/``),
+    sorted by their path within it; those whose path has a part starting with "." or "_"
+    (``_SUCCESS``, ``_temporary/``, ``.crc`` files) left out."""
+    return sorted(q for q in folder.rglob("*") if q.is_file() and not any(
+        part.startswith((".", "_")) for part in q.relative_to(folder).parts))
 
 
 class _HashingReader(io.RawIOBase):

@@ -61,6 +61,23 @@ def test_a_folder_leaves_out_hidden_files_and_sparks_markers(tmp_path):
         (tmp_path / name).write_text('{"text": "x"}\n')
     assert [f.path.name for f in expand_sources(str(tmp_path))] == ["part-00000.jsonl",
                                                                     "part-00001.jsonl"]
+    # subfolders (Spark's partitions) are read, by path; Spark's work folders are not
+    for sub in ("year=2024", "year=2025", "_temporary/0"):
+        (tmp_path / sub).mkdir(parents=True)
+        (tmp_path / sub / "part-00000.jsonl").write_text('{"text": "x"}\n')
+    assert [str(f.path.relative_to(tmp_path.resolve())) for f in expand_sources(str(tmp_path))
+            ] == ["part-00000.jsonl", "part-00001.jsonl", "year=2024/part-00000.jsonl",
+                  "year=2025/part-00000.jsonl"]
+    # a Hugging Face datasets folder (save_to_disk) is named as such, not read as files
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    with pytest.raises(CorpusError) as err:
+        expand_sources(str(saved))
+    assert str(err.value) == (
+        f"dataset.source: {str(saved)!r} is a Hugging Face datasets folder (save_to_disk), "
+        "which is not read; accepted: its rows written as files, e.g. Dataset.to_parquet or "
+        "Dataset.to_json (JSON lines)")
     only_markers = tmp_path / "markers"
     only_markers.mkdir()
     (only_markers / "_SUCCESS").write_text("")
