@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tad_torchtune.data.sources import (
-    SourceFile, document_format, expand_sources, hash_file, iter_documents,
+    NoDocument, SourceFile, document_format, expand_sources, hash_file, iter_documents,
 )
 from tad_torchtune.data.store import (
     FORMAT_VERSION, MANIFEST, OFFSETS, TOKENS, StoreError, StoreWriter, TokenStore,
@@ -182,16 +182,26 @@ def _batches(files: Sequence[SourceFile], *, column: str, where: str,
              batch_chars: int) -> Iterator[_Batch | _FileEnd]:
     import hashlib
 
+    total = 0
     for i, f in enumerate(files):
         digest = hashlib.sha256()
         batch, chars, n = _Batch(i, 0), 0, 0
-        for doc in iter_documents(f, column=column, where=where, digest=digest):
-            batch.docs.append(doc)
-            chars += len(doc)
-            n += 1
-            if chars >= batch_chars:
-                yield batch
-                batch, chars = _Batch(i, n), 0
+        try:
+            for doc in iter_documents(f, column=column, where=where, digest=digest):
+                batch.docs.append(doc)
+                chars += len(doc)
+                n += 1
+                if chars >= batch_chars:
+                    yield batch
+                    batch, chars = _Batch(i, n), 0
+        except NoDocument as e:
+            # one empty part of several (Spark writes one per empty partition): a note; a
+            # source of one file, or of files that all hold none, is an error
+            if len(files) == 1 or (total == 0 and i == len(files) - 1):
+                raise
+            print(f"tad_torchtune: {str(e).split('; accepted')[0]}: left out", file=sys.stderr,
+                  flush=True)
+        total += n
         if batch.docs:
             yield batch
         now = SourceFile.stat(f.path)

@@ -5,8 +5,9 @@ A source is a file, a folder (its files and its subfolders' (Spark's partitions)
 path; a path with a part starting with ``.`` or ``_`` left out: hidden files and the markers,
 checksums and work folders Spark and Hadoop write beside their parts, such as ``_SUCCESS``,
 ``.part-0.parquet.crc`` and ``_temporary/``; a Hugging Face ``datasets`` folder is refused,
-its Arrow files being ``datasets``' own), a glob, or a list of them. The format follows the
-file name:
+its Arrow files being ``datasets``' own), a glob, or a list of them; among several files, one
+that holds no document (Spark's part of an empty partition) is left out with a note. The format
+follows the file name:
 
 - ``.jsonl`` / ``.json``: one JSON object per line, the document in field ``column``; blank lines
   are skipped;
@@ -42,6 +43,10 @@ _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", floa
 
 class CorpusError(ValueError):
     """A corpus file that cannot be read as documents (names the key, file and what is accepted)."""
+
+
+class NoDocument(CorpusError):
+    """A corpus file that holds no document (empty, blank lines, no row, no text)."""
 
 
 def resolve_asset(path: str) -> str:
@@ -181,7 +186,7 @@ def iter_documents(file: SourceFile, *, column: str = "text", where: str = "data
     """
     path = file.path
     if file.size == 0:
-        raise CorpusError(f"{where}.source: {str(path)!r} is empty (0 bytes); accepted: a file "
+        raise NoDocument(f"{where}.source: {str(path)!r} is empty (0 bytes); accepted: a file "
                           "with at least one document")
     kind, gz = document_format(path, where=where)
     digest = digest if digest is not None else hashlib.sha256()
@@ -246,13 +251,13 @@ def _json_documents(lines: Any, path: Path, column: str, where: str) -> Iterator
         n_docs += 1
         yield text
     if n_docs == 0:
-        raise CorpusError(f"{where}.source: {str(path)!r} holds no document (only blank lines); "
+        raise NoDocument(f"{where}.source: {str(path)!r} holds no document (only blank lines); "
                           "accepted: a file with at least one document")
 
 
 def _text_document(data: bytes, path: Path, where: str) -> str:
     if not data:
-        raise CorpusError(f"{where}.source: {str(path)!r} holds no text; accepted: a file with "
+        raise NoDocument(f"{where}.source: {str(path)!r} holds no text; accepted: a file with "
                           "at least one document")
     try:
         return data.decode("utf-8")
@@ -301,5 +306,5 @@ def _parquet_documents(path: Path, column: str, where: str, digest: Any) -> Iter
             row += len(values)
             yield from values.to_pylist()
         if row == 0:
-            raise CorpusError(f"{where}.source: {str(path)!r} holds no document (0 rows); "
+            raise NoDocument(f"{where}.source: {str(path)!r} holds no document (0 rows); "
                               "accepted: a file with at least one document")

@@ -289,3 +289,42 @@ def test_a_touched_or_copied_corpus_links_the_store_of_its_contents(tmp_path, de
     corpus.write_text(text[:at] + "o" + text[at + 1:])
     _, built = prepare_store(str(corpus), demo_tok, store_dir=stores, progress=False)
     assert built and "linked" not in capsys.readouterr().err
+
+
+def test_empty_parts_of_a_folder_are_left_out_with_a_note(tmp_path, capsys):
+    """Spark writes a part per partition, an empty one for an empty partition (0 bytes in JSON
+    lines, 0 rows in parquet): among several files they are left out with a note line, and the
+    store holds the other files' tokens (before, the build stopped at the first, after
+    tokenizing the files before it); one empty file alone, or only empty files, stay an error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tad_torchtune.data import CorpusError
+
+    docs = ["first document", "second one", "a third"]
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    (folder / "part-00000.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    (folder / "part-00001.jsonl").write_text("")
+    (folder / "part-00002.jsonl").write_text("\n\n")
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), folder / "part-00003.parquet")
+    store, built = prepare_store(str(folder), ByteTokenizer(), store_dir=tmp_path / "s",
+                                 progress=False)
+    assert built and store.num_documents == 3
+    alone, _ = prepare_store(str(folder / "part-00000.jsonl"), ByteTokenizer(),
+                             store_dir=tmp_path / "s", progress=False)
+    assert store.tokens.tolist() == alone.tokens.tolist()
+    notes = [line for line in capsys.readouterr().err.splitlines() if "left out" in line]
+    assert notes == [
+        f"tad_torchtune: dataset.source: {str(folder / 'part-00001.jsonl')!r} is empty (0 bytes): "
+        "left out",
+        f"tad_torchtune: dataset.source: {str(folder / 'part-00002.jsonl')!r} holds no document "
+        "(only blank lines): left out",
+        f"tad_torchtune: dataset.source: {str(folder / 'part-00003.parquet')!r} holds no "
+        "document (0 rows): left out"]
+    (folder / "part-00000.jsonl").unlink()
+    with pytest.raises(CorpusError, match=r"part-00003.parquet' holds no document \(0 rows\)"):
+        prepare_store(str(folder), ByteTokenizer(), store_dir=tmp_path / "s", progress=False)
+    with pytest.raises(CorpusError, match=r"part-00001.jsonl' is empty \(0 bytes\)"):
+        prepare_store(str(folder / "part-00001.jsonl"), ByteTokenizer(),
+                      store_dir=tmp_path / "s", progress=False)
