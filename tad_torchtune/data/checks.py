@@ -35,8 +35,14 @@ def build_dataset(node: Mapping[str, Any], key: str, tokenizer: Any) -> Any:
         try:
             dataset[0]
         except Exception as err:
+            # torchtune's SFT datasets call a model tokenizer on messages
+            hint = ("" if hasattr(tokenizer, "tokenize_messages")
+                    or not isinstance(err, (TypeError, AttributeError)) else
+                    f"; accepted: a tokenizer that formats messages (a torchtune model "
+                    f"tokenizer, e.g. torchtune.models.qwen2_5.qwen2_5_tokenizer), which "
+                    f"{type(tokenizer).__name__} is not")
             raise ConfigError(f"{key}: {component} cannot make its first sample: "
-                              f"{type(err).__name__}: {one_line(err)}") from err
+                              f"{type(err).__name__}: {one_line(err)}{hint}") from err
     return dataset
 
 

@@ -58,3 +58,27 @@ def test_validation_on_a_copy_of_the_training_corpus_is_refused(demo_tok, tmp_pa
         f"(of the store {str(train.store_path)!r}, whose tokens are the same): val_kl would")
     check_held_out(train, blocks(tmp_path / "copy.jsonl", split="validation"))  # disjoint
     check_held_out(train, blocks(other, split="validation", validation_fraction=0.2))
+
+
+def test_an_sft_dataset_with_a_plain_text_tokenizer_names_what_it_needs(demo_tok, tmp_path):
+    """torchtune's SFT datasets format messages with a model tokenizer; with a plain-text one
+    (the demo's) the first sample fails with "object is not callable", which now says what is
+    accepted."""
+    import json
+
+    import pytest
+
+    from tad_torchtune.data.checks import build_dataset
+    from tad_torchtune.errors import ConfigError
+
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps([{"input": "a question", "output": "an answer"}] * 4))
+    node = {"_component_": "torchtune.datasets.instruct_dataset", "source": "json",
+            "data_files": str(rows), "split": "train"}
+    with pytest.raises(ConfigError) as err:
+        build_dataset(OmegaConf.create(node), "dataset", demo_tok)
+    assert str(err.value) == (
+        "dataset: torchtune.datasets.instruct_dataset cannot make its first sample: TypeError: "
+        "'HuggingFaceBaseTokenizer' object is not callable; accepted: a tokenizer that formats "
+        "messages (a torchtune model tokenizer, e.g. torchtune.models.qwen2_5.qwen2_5_tokenizer), "
+        "which HuggingFaceBaseTokenizer is not")
