@@ -190,6 +190,9 @@ def iter_documents(file: SourceFile, *, column: str = "text", where: str = "data
                           "with at least one document")
     kind, gz = document_format(path, where=where)
     digest = digest if digest is not None else hashlib.sha256()
+    if not os.access(path, os.R_OK):  # before any read: its error would name no key
+        raise CorpusError(f"{where}.source: {str(path)!r} cannot be read (no read permission "
+                          f"for this user); accepted: a readable file")
     if kind == "parquet":
         yield from _parquet_documents(path, column, where, digest)
         return

@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -161,3 +162,24 @@ def test_expand_errors(tmp_path):
         "(optionally .gz, except parquet)")
     assert error([]) == ("dataset.source: an empty list; accepted: a file, a folder, a glob, or "
                          "a list of them")
+
+
+def test_a_file_this_user_cannot_read_is_one_line_naming_the_key(tmp_path, monkeypatch):
+    """A source file without read permission (a shared corpus of another user) named with its
+    key, before any read (before: Python's "[Errno 13] Permission denied", naming no key). The
+    permission is simulated: the tests may run as root, whom every file lets read."""
+    import os
+
+    for name in ("c.jsonl", "c.parquet"):
+        path = tmp_path / name
+        if name.endswith(".jsonl"):
+            path.write_text('{"text": "x"}\n')
+        else:
+            pq.write_table(pa.table({"text": ["x"]}), path)
+        monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != path)
+        with pytest.raises(CorpusError) as err:
+            list(iter_documents(SourceFile.stat(path), where="validation_dataset"))
+        assert str(err.value) == (f"validation_dataset.source: {str(path)!r} cannot be read (no "
+                                  "read permission for this user); accepted: a readable file")
+        monkeypatch.undo()
+        assert list(iter_documents(SourceFile.stat(path))) == ["x"]
