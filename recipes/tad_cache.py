@@ -193,8 +193,9 @@ class TADCacheRecipe:
             rounds = -(-len(missing) // self._world)
             blocks = sum(self._shard_size(dataset, i) for i in mine)
             length = BlockLayout.of(dataset).max_seq_len
+            share = " (rank 0's share)" if self._world > 1 else ""
             progress = tqdm(total=blocks * length, unit="tok", unit_scale=True,
-                            disable=self._rank != 0, desc=f"tad_cache {split}")
+                            disable=self._rank != 0, desc=f"tad_cache {split}{share}")
             start = time.perf_counter()
             for r in range(rounds):
                 batches = max(-(-self._shard_size(dataset, i) // self._batch_size)
@@ -206,10 +207,14 @@ class TADCacheRecipe:
                     self._shard(dataset, missing[0], batches, None, keep=False)
             progress.close()
             if self._rank == 0:
-                seconds = time.perf_counter() - start
+                seconds = max(time.perf_counter() - start, 1e-9)
+                # the processes step together (their rounds of FSDP forwards): all of them
+                # wrote every missing shard in this time
+                tokens = sum(self._shard_size(dataset, i) for i in missing) * length
                 print(f"tad_cache: {split}: {len(missing)} of {self._cache.num_shards(split)} "
-                      f"shards written ({blocks * length} tokens on this process, "
-                      f"{blocks * length / max(seconds, 1e-9):.0f} tokens/s)", file=sys.stderr)
+                      f"shards written ({tokens} tokens, {tokens / seconds:.0f} tokens/s"
+                      + (f"; {blocks * length} of them on this process" if self._world > 1
+                         else "") + ")", file=sys.stderr)
         self._report_profile(self._profiler.stop())  # a cycle the end cut short
         barrier()
         if self._rank == 0:

@@ -185,10 +185,21 @@ def test_tad_cache_on_two_processes_writes_the_same_bytes(assets, tmp_path, mode
     (202 blocks / 4) and a short last one (2 blocks, 1 batch where the others have 2), so the
     ranks run different shard and batch counts: each must still run as many teacher forwards
     as the other, or FSDP's all-gathers wait forever (the first version hung here)."""
+    import re
+
     one = _cache(assets, tmp_path, "one", cache_shard_blocks=4, batch_size=2, **MODES[mode])
-    two = _cache(assets, tmp_path, "two", nproc=2, cache_shard_blocks=4, batch_size=2,
-                    **MODES[mode])
+    two = tmp_path / "two"
+    cfg = _config(assets, tmp_path / "unused", teacher_cache_dir=str(two), cache_shard_blocks=4,
+                  batch_size=2, **MODES[mode])
+    proc = tune.run_tune(["tad_cache", "--config", str(tune.write_config(cfg, tmp_path / "two.yaml"))],
+                         cwd=tmp_path, nproc=2)
     _same_shards(one, two)
+    # the summary counts every process's tokens, rank 0's share beside them: 26 of the 51
+    # shards, the last of 2 blocks
+    (line,) = [x for x in proc.stderr.splitlines() if "shards written" in x]
+    length = cfg["dataset"]["max_seq_len"]
+    assert re.fullmatch(rf"tad_cache: train: 51 of 51 shards written \({202 * length} tokens, "
+                        rf"\d+ tokens/s; {102 * length} of them on this process\)", line), line
     assert json.loads((one / "manifest.json").read_text()) == json.loads(
         (two / "manifest.json").read_text())
 
