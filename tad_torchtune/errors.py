@@ -149,7 +149,7 @@ def instantiate(node: Any, key: str, *args: Any, **kwargs: Any) -> Any:
     """
     from torchtune import config
 
-    _checkinput_files(node, key)
+    _check_input_files(node, key)
     try:
         return config.instantiate(node, *args, **kwargs)
     except TypeError as err:
@@ -192,7 +192,7 @@ def input_files(node: Any) -> dict[str, str]:
             and value}
 
 
-def _checkinput_files(node: Any, key: str) -> None:
+def _check_input_files(node: Any, key: str) -> None:
     """Refuse, in one line, a file argument whose file is missing (a tokenizer's ``path`` when
     the checkpoint's download went elsewhere): sentencepiece and tokenizers would raise their
     own errors, with no key."""
@@ -202,14 +202,19 @@ def _checkinput_files(node: Any, key: str) -> None:
                               f"existing file")
 
 
-def _accepted_arguments(component: str | None) -> list[str]:
+def _parameters(component: str | None) -> dict[str, inspect.Parameter]:
+    """The parameters of the component a ``_component_`` dotpath names; none when it cannot
+    be imported (its own error says more)."""
     try:
         from torchtune.config._utils import _get_component_from_path
 
-        params = inspect.signature(_get_component_from_path(component)).parameters
+        return dict(inspect.signature(_get_component_from_path(component)).parameters)
     except Exception:  # the component cannot be imported: say nothing more
-        return []
-    return [n for n, p in params.items()
+        return {}
+
+
+def _accepted_arguments(component: str | None) -> list[str]:
+    return [n for n, p in _parameters(component).items()
             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n != "self"]
 
 
@@ -220,12 +225,7 @@ def _missing_arguments(message: str, component: str | None) -> list[str]:
     if match is None:
         return []
     names = re.findall(r"'(\w+)'", match["names"])
-    try:
-        from torchtune.config._utils import _get_component_from_path
-
-        params = inspect.signature(_get_component_from_path(component)).parameters
-    except Exception:  # the component cannot be imported
-        return []
+    params = _parameters(component)
     own = all(n in params and params[n].default is inspect.Parameter.empty for n in names)
     return names if names and own else []
 

@@ -67,8 +67,9 @@ def check_row_length(dataset: Any, key: str, tokenizer: Any, max_seq_len: int) -
 
 def check_held_out(train: Any, validation: Any) -> None:
     """Check that the validation blocks are not training blocks: two splits of one token store,
-    or of two stores of the same tokens (a copy of the corpus), whose token ranges meet (a different ``validation_fraction`` or ``split`` in the two
-    blocks of the config) would measure ``val_kl`` on trained text.
+    or of two stores of the same tokens (a copy of the corpus), whose token ranges meet (a
+    different ``validation_fraction`` or ``split`` in the two blocks of the config) would
+    measure ``val_kl`` on trained text.
 
     Raises:
         ConfigError: naming ``validation_dataset``, both ranges and the store.
