@@ -66,22 +66,25 @@ def model_mask(model: nn.Module, tokens: Tensor, *, mask: Any,
         return windowed_mask(mask, window, kv_len=mask.shape[-1], q_pos=input_pos)
     length = tokens.shape[1]
     if mask is None and length > window:
-        from tad_torchtune.models._forward import supports_flex_attention
-
-        if supports_flex_attention(tokens.device, model):
-            return _flex_band(model, window, length, tokens.device)
+        band = _flex_band(model, window, length, tokens.device)
+        if band is not None:
+            return band
     return windowed_mask(mask, window, kv_len=length, device=tokens.device)
 
 
 def _flex_band(model: nn.Module, window: int, length: int, device: torch.device) -> Any:
     """The causal band of ``window`` over rows of ``length`` as a flex ``BlockMask`` (one for
-    every row and head), made once per (length, device) and kept on the model: the teacher's
-    and the student's forward of every step reuse it."""
+    every row and head) where the model runs flex attention (``supports_flex_attention``), else
+    None; decided and made once per (length, device) and kept on the model: the forwards of
+    every step reuse it, without walking the model's modules again."""
     key = (window, length, str(device))
     kept = getattr(model, "_window_flex_band", None)
     if kept is None or kept[0] != key:
-        kept = (key, windowed_mask(None, window, kv_len=length, device=device, flex=True))
-        model._window_flex_band = kept
+        from tad_torchtune.models._forward import supports_flex_attention
+
+        band = (windowed_mask(None, window, kv_len=length, device=device, flex=True)
+                if supports_flex_attention(device, model) else None)
+        kept = model._window_flex_band = (key, band)
     return kept[1]
 
 

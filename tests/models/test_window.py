@@ -176,7 +176,8 @@ def test_plain_rows_run_a_flex_band_where_flex_attention_runs(tmp_path, monkeypa
     model = load_hf_folder(folder, where="s", device=CPU, dtype=torch.float32)
     for layer in model.layers:
         layer.attn._attention_call = _flex_attention_call(layer.attn._attention_call)
-    assert model_mask(model, tokens, mask=None) is not None  # the dense band, flex or not
+    plain = load_hf_folder(folder, where="s", device=CPU, dtype=torch.float32)
+    assert model_mask(plain, tokens, mask=None) is not None  # the dense band, flex or not
     monkeypatch.setattr(_forward, "supports_flex_attention", lambda device, *models: True)
     band = model_mask(model, tokens, mask=None)
     assert isinstance(band, BlockMask) and model_mask(model, tokens, mask=None) is band
