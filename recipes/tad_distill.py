@@ -187,14 +187,17 @@ class TADDistillRecipe:
         self._hidden_weight = float(get("hidden_weight"))
         pairs = get("hidden_layers") or ([[-1, -1]] if self._hidden_weight > 0 else [])
         if self._hidden_weight == 0 and pairs:
-            if self._is_rank_zero:
-                print(f"tad_distill: warning: hidden_layers: {pairs} "
-                      f"unused: hidden_weight is 0 (no hidden loss); hidden_weight > 0 compares "
-                      f"them", file=sys.stderr, flush=True)
+            self._warn(f"hidden_layers: {pairs} unused: hidden_weight is 0 (no hidden loss); "
+                       f"hidden_weight > 0 compares them")
             pairs = []
         self._student_hidden_layers = tuple(int(p[0]) for p in pairs)
         self._teacher_hidden_layers = tuple(int(p[1]) for p in pairs)
         self._fused = bool(get("fused"))
+        fused_only = [key for key in ("fused_teacher_cache_mib", "fused_float32_weight_grad")
+                      if key in cfg]
+        if fused_only and not self._fused:
+            self._warn(f"{', '.join(fused_only)}: unused: fused is false (they set the fused "
+                       f"head, which fused: true runs)")
         self._teacher_cache_mib = get("fused_teacher_cache_mib")  # a number, or None: a row
         self._float32_weight_grad = bool(get("fused_float32_weight_grad"))
         self._loss_chunk_size = int(get("loss_chunk_size"))
@@ -285,13 +288,12 @@ class TADDistillRecipe:
         # exact); its weights still initialise a pruned student.
         self._teacher_cache = (TeacherCache(self._teacher_cache_dir)
                                if self._teacher_cache_dir else None)
-        if self._teacher_cache is not None and self._is_rank_zero:
+        if self._teacher_cache is not None:
             differ = self._teacher_cache.differences(
                 {key: cfg.get(key) for key in CACHE_KEYS})  # those the config sets
             if differ:
-                print(f"tad_distill: warning: {', '.join(differ)}: tad_cache's keys shape a cache "
-                      f"as it is made; this run reads the one in "
-                      f"{str(self._teacher_cache.root)!r} as it is", file=sys.stderr, flush=True)
+                self._warn(f"{', '.join(differ)}: tad_cache's keys shape a cache as it is made; "
+                           f"this run reads the one in {str(self._teacher_cache.root)!r} as it is")
         # the models against their checkpoints' config.json, before any weight is read
         teacher_kwargs = check_model_fits_checkpoint(
             cfg.teacher_model, cfg.teacher_checkpointer, model_key="teacher_model",
@@ -333,12 +335,11 @@ class TADDistillRecipe:
             self._val_loader, _ = self._setup_data(cfg, "validation_dataset", train=False)
             check_held_out(self._train_loader.dataset, self._val_loader.dataset)
             warning = same_rows(cfg.dataset, cfg.validation_dataset)
-            if warning and self._is_rank_zero:
-                print(f"tad_distill: warning: {warning}", file=sys.stderr, flush=True)
-        elif self._eval_every and self._is_rank_zero:
-            print(f"tad_distill: warning: eval_every_n_steps={self._eval_every} with no "
-                  f"validation_dataset: no validation runs (give a validation_dataset for "
-                  f"val_kl)", file=sys.stderr, flush=True)
+            if warning:
+                self._warn(warning)
+        elif self._eval_every:
+            self._warn(f"eval_every_n_steps={self._eval_every} with no validation_dataset: no "
+                       f"validation runs (give a validation_dataset for val_kl)")
         self._steps_per_epoch = len(self._train_sampler) // self._grad_accum
         if self._max_steps_per_epoch is not None:
             self._steps_per_epoch = min(self._steps_per_epoch, self._max_steps_per_epoch)
@@ -373,10 +374,10 @@ class TADDistillRecipe:
             teacher_tokenizer=teacher_tokenizer,
             student_tokenizer=self._tokenizer if teacher_tokenizer is not None else None,
         )
-        if teacher_tokenizer is not None and self._is_rank_zero:
+        if teacher_tokenizer is not None:
             for line in tokenizer_warnings(teacher_tokenizer, self._tokenizer,
                                            self._student_vocab, self._vocab_alignment):
-                print(f"tad_distill: warning: {line}", file=sys.stderr, flush=True)
+                self._warn(line)
 
         # The models are built on the meta device and sharded there; each rank then loads only
         # its shards (models/loading.py). FSDP's CPU offload keeps the shards on the host.
@@ -767,32 +768,35 @@ class TADDistillRecipe:
         if export and self._export_hf:
             self.export(path / "hf")
 
+    def _warn(self, message: str) -> None:
+        """One warning line on rank 0's stderr, above the progress bar while there is one."""
+        if self._is_rank_zero:
+            tqdm.write(f"tad_distill: warning: {message}", file=sys.stderr)
+
     def _warn_no_position(self, split: str, what: str) -> None:
         """Once per split, on rank 0: a step or a validation without a single label to learn
         or score (its metrics would be 0 or NaN, silently)."""
-        if not self._is_rank_zero or split in self._warned_no_position:
+        if split in self._warned_no_position:
             return
         self._warned_no_position.add(split)
         key = "dataset" if split == "train" else "validation_dataset"
-        tqdm.write(f"tad_distill: warning: {what} no position: every label of its {key} rows "
-                   f"is ignored (a prompt that fills tokenizer.max_seq_len with "
-                   f"train_on_input: false leaves no answer token to learn; told once)",
-                   file=sys.stderr)
+        self._warn(f"{what} no position: every label of its {key} rows is ignored (a prompt "
+                   f"that fills tokenizer.max_seq_len with train_on_input: false leaves no "
+                   f"answer token to learn; told once)")
 
     def _warn_if_preemption_cannot_save(self, seconds: float) -> None:
         """Once, on rank 0: a checkpoint took longer than torchrun waits after passing a
         SIGTERM on, so a preempted run would be killed while saving it and resume from the one
         before (nothing corrupt: a checkpoint is published whole or not at all)."""
         grace = preemption_grace_s()
-        if not self._is_rank_zero or self._warned_slow_save or grace is None or seconds <= grace:
+        if self._warned_slow_save or grace is None or seconds <= grace:
             return
         self._warned_slow_save = True
         remedy = (f"set TORCH_ELASTIC_SHUTDOWN_TIMEOUT to {math.ceil(2 * seconds)} or more"
                   if shutdown_timeout_settable() else "this torch's torchrun cannot wait longer")
-        tqdm.write(f"tad_distill: warning: the checkpoint of step {self.global_step} took "
-                   f"{seconds:.0f} s; torchrun kills the processes {grace} s after it passes a "
-                   f"SIGTERM on, so a preempted run would resume from the checkpoint before; "
-                   f"{remedy}", file=sys.stderr)  # above the progress bar
+        self._warn(f"the checkpoint of step {self.global_step} took {seconds:.0f} s; torchrun "
+                   f"kills the processes {grace} s after it passes a SIGTERM on, so a preempted "
+                   f"run would resume from the checkpoint before; {remedy}")
 
     def export(self, out_dir: Path) -> None:
         """The student as a Hugging Face checkpoint (safetensors + its own config.json)."""
@@ -814,9 +818,8 @@ class TADDistillRecipe:
         # rank 0 alone reads the folder and every rank gets its choice: all load the same
         # checkpoint, whatever each would have seen of it
         _, (path, skipped) = on_rank0(self._checkpointer.newest, lambda found: found)
-        if self._is_rank_zero:
-            for line in skipped:
-                print(f"tad_distill: warning: {line}", file=sys.stderr, flush=True)
+        for line in skipped:
+            self._warn(line)
         if path is None:
             if self._is_rank_zero:
                 print(f"resume_from_checkpoint: no checkpoint in {self._checkpointer.root}; "
@@ -824,10 +827,9 @@ class TADDistillRecipe:
             return
         meta = self._checkpointer.load(path, self._head, self._optimizer)
         self._check_same_data(meta.get("data") or {}, meta.get("data_cut") or {}, path)
-        if self._is_rank_zero:
-            for line in changed_settings(meta.get("settings") or {}, self._settings,
-                                         meta["global_step"]):
-                print(f"tad_distill: warning: {line}", file=sys.stderr, flush=True)
+        for line in changed_settings(meta.get("settings") or {}, self._settings,
+                                     meta["global_step"]):
+            self._warn(line)
         self.global_step, self.epoch = meta["global_step"], meta["epoch"]
         self._loaded_step = self.global_step
         self.tokens_seen = meta["tokens_seen"]

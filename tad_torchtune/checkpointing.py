@@ -123,7 +123,9 @@ class TrainingCheckpointer:
         tmp = self.root / f".step_{step:06d}.incomplete"
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+            # a killed save's folder, of this step or another (this run holds output_dir)
+            for unfinished in self.root.glob(".step_*.incomplete"):
+                shutil.rmtree(unfinished, ignore_errors=True)
             remove_stale(self.root, "step_*")  # a replaced one a kill left aside (publish_dir)
         barrier()
         state = {

@@ -87,7 +87,8 @@ def test_latest_names_the_newest_and_keep_last_prunes(tmp_path):
 
 def test_a_save_killed_before_publication_is_never_latest(tmp_path, monkeypatch):
     """A process killed while writing leaves ``.step_N.incomplete``: ``latest`` still names the
-    previous checkpoint, which loads, and saving step N again starts over."""
+    previous checkpoint, which loads, and saving step N again starts over. The next save of any
+    step removes it (a resumed run saving at other steps left a checkpoint's size behind)."""
     model, optimizer = _model_and_optimizer(0)
     ckpt = TrainingCheckpointer(tmp_path)
     ckpt.save(2, model, optimizer, {"step": 2})
@@ -109,6 +110,13 @@ def test_a_save_killed_before_publication_is_never_latest(tmp_path, monkeypatch)
     ckpt.save(4, model, optimizer, {"step": 4})
     assert ckpt.latest() == tmp_path / "step_000004"
     assert not (tmp_path / ".step_000004.incomplete").exists()
+
+    monkeypatch.setattr(checkpointing, "publish_dir", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(6, model, optimizer, {"step": 6})
+    monkeypatch.undo()
+    ckpt.save(5, model, optimizer, {"step": 5})  # a resume that saves at other steps
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000004", "step_000005"]
 
 
 def test_latest_refuses_a_pointer_to_an_unfinished_folder(tmp_path):
@@ -180,8 +188,7 @@ def test_a_kill_between_the_renames_of_a_rewritten_checkpoint_resumes_from_the_o
     _kill_between_the_renames(ckpt, model, optimizer, monkeypatch)
     assert ckpt.latest() == tmp_path / "step_000002"
     ckpt.save(6, model, optimizer, {"step": 6})
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        ".step_000004.incomplete", "latest", "step_000002", "step_000006"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000002", "step_000006"]
 
 
 def _truncate(path, size):

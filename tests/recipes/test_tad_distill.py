@@ -146,11 +146,14 @@ def test_a_validation_set_smaller_than_the_processes(assets, tmp_path):
 def test_a_checkpoint_slower_than_torchruns_grace_is_told_once(monkeypatch, capsys):
     """torchrun kills the processes some seconds after it passes a SIGTERM on: a checkpoint
     slower than that is told once, by rank 0, with the remedy this torch has."""
-    from types import SimpleNamespace
+    import types
 
     import tad_distill
 
     warn = tad_distill.TADDistillRecipe._warn_if_preemption_cannot_save
+
+    class SimpleNamespace(types.SimpleNamespace):  # a recipe's state, with its _warn
+        _warn = tad_distill.TADDistillRecipe._warn
     for settable, remedy in ((True, "set TORCH_ELASTIC_SHUTDOWN_TIMEOUT to 91 or more"),
                              (False, "this torch's torchrun cannot wait longer")):
         monkeypatch.setattr(tad_distill, "preemption_grace_s", lambda: 30)
@@ -717,6 +720,23 @@ def test_hidden_layers_without_a_hidden_loss_are_unused_and_said(assets, tmp_pat
     assert recipe._teacher_hidden_layers == recipe._student_hidden_layers == ()
     recipe.train()
     assert recipe.global_step == 1
+
+
+def test_fused_head_keys_without_the_fused_head_are_unused_and_said(assets, tmp_path, capsys):
+    """``fused_*`` keys set with ``fused: false`` (a shipped GPU config run unfused for an A/B)
+    change nothing: one warning line names them; the keys left at their defaults say nothing."""
+    cfg = tune.base_config(assets, tmp_path / "unfused", max_steps=1, export_hf=False,
+                           fused=False, fused_float32_weight_grad=False,
+                           fused_teacher_cache_mib=None)
+    capsys.readouterr()
+    _recipe(cfg)
+    assert ("tad_distill: warning: fused_teacher_cache_mib, fused_float32_weight_grad: unused: "
+            "fused is false (they set the fused head, which fused: true runs)"
+            ) in capsys.readouterr().err.splitlines()
+    for fused, extra in ((True, {"fused_float32_weight_grad": False}), (False, {})):
+        _recipe(tune.base_config(assets, tmp_path / f"quiet_{fused}", max_steps=1,
+                                 export_hf=False, fused=fused, **extra))
+        assert "fused is false" not in capsys.readouterr().err
 
 
 def test_a_resume_with_other_settings_says_what_it_does_with_them(assets, tmp_path, capsys):
