@@ -328,3 +328,51 @@ def test_empty_parts_of_a_folder_are_left_out_with_a_note(tmp_path, capsys):
     with pytest.raises(CorpusError, match=r"part-00001.jsonl' is empty \(0 bytes\)"):
         prepare_store(str(folder / "part-00001.jsonl"), ByteTokenizer(),
                       store_dir=tmp_path / "s", progress=False)
+
+
+def test_a_corpus_is_hashed_once_however_many_stores_have_its_sizes(tmp_path, demo_tok,
+                                                                     demo_docs, monkeypatch):
+    """Looking for a store of the same contents hashes each file once, whatever the number of
+    stores of the same sizes (before: once per such store, so a start-up read the corpus again
+    for every store kept of an earlier version of it)."""
+    from tad_torchtune.data import prepare
+
+    corpus = tmp_path / "c.jsonl"
+    text = "".join(json.dumps({"text": d}) + "\n" for d in demo_docs[:20])
+    stores = tmp_path / "stores"
+    at = text.index("e", 20)  # inside the first document's text
+    for letter in "abcd":  # four versions of one size, each built
+        corpus.write_text(text[:at] + letter + text[at + 1:])
+        assert prepare_store(str(corpus), demo_tok, store_dir=stores, progress=False)[1]
+    hashed = []
+    real = prepare.hash_file
+    monkeypatch.setattr(prepare, "hash_file", lambda path: hashed.append(path) or real(path))
+    corpus.write_text(text[:at] + "f" + text[at + 1:])  # a fifth: no store has its contents
+    assert prepare_store(str(corpus), demo_tok, store_dir=stores, progress=False)[1]
+    assert hashed == [corpus]
+
+
+def test_the_progress_bar_counts_the_sources_bytes_to_the_end(tmp_path, demo_tok, demo_docs,
+                                                              monkeypatch, capsys):
+    """The bar's total is the source files' bytes (so it shows a share and the time left),
+    each batch moves it to the bytes read so far, and it ends at every byte with the tokens
+    written and their rate (before: a count of tokens with no total)."""
+    from tqdm import tqdm
+
+    from tad_torchtune.data import prepare, sources
+
+    files = _two_files(tmp_path / "corpus", demo_docs)
+    total = sum(f.size for f in files)
+    monkeypatch.setitem(prepare.BATCH_CHARS, "batch", 2000)
+    monkeypatch.setattr(sources, "_READ_SIZE", 4096)  # files are read 1 MiB at a time
+    batches = [b for b in prepare._batches(files, column="text", where="dataset",
+                                           batch_chars=2000) if isinstance(b, prepare._Batch)]
+    read = [b.bytes_read for b in batches]
+    assert len(read) > 4 and read == sorted(read) and read[-1] == total
+    assert read[0] < files[0].size < read[-2]  # moved within the files, not file by file
+    path = build_store(tmp_path / "store", files, demo_tok, progress=True)
+    last = capsys.readouterr().err.split("\r")[-1]
+    tokens = TokenStore.open(path).num_tokens
+    assert "100%" in last and f"{prepare._count(tokens)} tokens" in last, last
+    size = tqdm.format_sizeof(total, divisor=1024)
+    assert "tokens/s, file 2/2" in last and f"| {size}/{size} [" in last, last
