@@ -98,7 +98,13 @@ from tad_torchtune.schema import (
     resolve_package_paths,
     validate_config,
 )
-from tad_torchtune.teacher_cache import CACHE_KEYS, CachedBlocks, TeacherCache, check_blocks
+from tad_torchtune.teacher_cache import (
+    CACHE_KEYS,
+    CachedBlocks,
+    TeacherCache,
+    check_blocks,
+    teacher_identity,
+)
 from tad_torchtune.vocab import check_vocab_compat, tokenizer_warnings
 
 
@@ -294,6 +300,7 @@ class TADDistillRecipe:
             if differ:
                 self._warn(f"{', '.join(differ)}: tad_cache's keys shape a cache as it is made; "
                            f"this run reads the one in {str(self._teacher_cache.root)!r} as it is")
+            self._teacher_cache.check_teacher(teacher_identity(cfg))
         # the models against their checkpoints' config.json, before any weight is read
         teacher_kwargs = check_model_fits_checkpoint(
             cfg.teacher_model, cfg.teacher_checkpointer, model_key="teacher_model",

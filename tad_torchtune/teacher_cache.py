@@ -40,7 +40,7 @@ every shard of every split exists.
 "top_m"; "sampled" with ``samples`` and ``seed``), ``document_mask`` (absent: false; true when
 the teacher attended within documents), ``top_m``, ``vocab_size``, ``temperature``,
 ``ids_dtype``, ``logp_dtype``, ``shard_blocks``, ``teacher`` (what identifies it: model config,
-checkpoint files and sizes, dtype), and per split
+checkpoint files with their sizes and sampled digests, dtype; ``teacher_identity``), and per split
 ``{store_fingerprint, first_token, max_seq_len, num_blocks}``: the blocks it covers are tokens
 ``first_token + [i * max_seq_len, (i + 1) * max_seq_len)`` of that store.
 """
@@ -129,25 +129,85 @@ def check_blocks(dataset: Any, key: str) -> None:
                           f"chat datasets train with the live teacher")
 
 
+#: a teacher checkpoint file's content digest reads this many blocks of this many bytes, spread
+#: evenly from its start to its end (``sampled_digest``)
+DIGEST_BLOCKS, DIGEST_BLOCK_BYTES = 16, 1 << 16
+
+
+def sampled_digest(path: Path) -> str:
+    """SHA-256 of the size of the file ``path`` and of ``DIGEST_BLOCKS`` blocks spread evenly
+    over it, its first and last included: weights of the same shapes written over a checkpoint
+    (a fine-tune saved in place, another seed) differ here, whatever the file's size (1 MiB is
+    read) and whatever its path or modification time (a copied or moved teacher is the same)."""
+    import hashlib
+
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    block = min(DIGEST_BLOCK_BYTES, size)
+    last = size - block
+    with open(path, "rb") as f:
+        for i in range(DIGEST_BLOCKS):
+            f.seek(last * i // (DIGEST_BLOCKS - 1))
+            digest.update(f.read(block))
+    return digest.hexdigest()
+
+
 def teacher_identity(cfg: Any) -> dict[str, Any]:
     """What identifies the teacher a cache was made with, from a ``tad_distill`` config: its
-    model config, its checkpoint files (names and sizes), the dtype and the vocabulary
-    alignment."""
+    model config, its checkpoint files (name -> size and ``sampled_digest``), the dtype and the
+    vocabulary alignment; ``checkpoint_dir`` is recorded, not compared (``teacher_differences``)."""
     from omegaconf import OmegaConf
 
+    from tad_torchtune.models import checkpoint_file_names
     from tad_torchtune.schema import DISTILL
 
     ckpt = cfg.teacher_checkpointer
-    folder = Path(str(ckpt.checkpoint_dir))
-    files = ckpt.get("checkpoint_files") or []
+    folder = Path(str(ckpt.checkpoint_dir)).expanduser()
+    files = {}
+    for name in checkpoint_file_names(ckpt.get("checkpoint_files")):
+        if (folder / name).is_file():
+            files[name] = {"size": (folder / name).stat().st_size,
+                           "sampled_sha256": sampled_digest(folder / name)}
     return {
         "model": OmegaConf.to_container(cfg.teacher_model, resolve=True),
         "checkpoint_dir": str(folder.resolve()),
-        "checkpoint_files": {str(f): (folder / str(f)).stat().st_size for f in files
-                             if (folder / str(f)).is_file()},
+        "checkpoint_files": files,
         "dtype": DISTILL.get(cfg, "dtype"),
         "vocab_alignment": DISTILL.get(cfg, "vocab_alignment"),
     }
+
+
+#: what ``teacher_differences`` compares: of the teacher itself, and of how it ran
+TEACHER_ITSELF, TEACHER_RUN = ("model", "checkpoint_files"), ("dtype", "vocab_alignment")
+_TEACHER_KEYS = {"model": "teacher_model", "checkpoint_files": "teacher_checkpointer.checkpoint_files",
+                 "dtype": "dtype", "vocab_alignment": "vocab_alignment"}
+
+
+def teacher_differences(then: dict[str, Any], now: dict[str, Any],
+                        compared: tuple[str, ...] = TEACHER_ITSELF + TEACHER_RUN) -> list[str]:
+    """How the teacher ``now`` (``teacher_identity``) differs from ``then``, a cache's, in the
+    fields ``compared``: one phrase per difference, naming the config key. A file's size and
+    digest are compared where both record them (a cache of an earlier version recorded the
+    size alone)."""
+    out = []
+    for field in compared:
+        key, old, new = _TEACHER_KEYS[field], then.get(field), now.get(field)
+        if field != "checkpoint_files":
+            if old != new:
+                out.append(f"{key}: {new!r}, the cache's teacher {old!r}")
+            continue
+        old, new = old or {}, new or {}
+        if list(old) != list(new):
+            out.append(f"{key}: {list(new)}, the cache's teacher {list(old)}")
+            continue
+        for name in new:
+            a = old[name] if isinstance(old[name], dict) else {"size": old[name]}
+            b = new[name]
+            if any(k in a and a[k] != b[k] for k in b):
+                out.append(f"{key}: {name!r} holds other weights than the cache's teacher's "
+                           f"(size {b['size']}, the cache's {a['size']}"
+                           f"{'' if a['size'] != b['size'] else '; another content digest'})")
+    return out
 
 
 def ids_dtype(vocab_size: int) -> str:
@@ -242,7 +302,12 @@ class TeacherCache:
                 return m.get(k, implied.get(k))
 
             diff = [f"{k}: {shown(old, k)!r} there, {shown(manifest, k)!r} now" for k in keys
-                    if old.get(k) != manifest.get(k)]
+                    if k != "teacher" and old.get(k) != manifest.get(k)]
+            if old.get("teacher") is None or manifest.get("teacher") is None:
+                if old.get("teacher") != manifest.get("teacher"):
+                    diff.append("teacher: recorded by one, not the other")
+            else:  # named by the config key; a moved teacher is the same
+                diff += teacher_differences(old["teacher"], manifest["teacher"])
             if diff:
                 raise ConfigError(
                     f"teacher_cache_dir: {str(root)!r} holds a cache made with other settings "
@@ -289,6 +354,18 @@ class TeacherCache:
             made.update(cache_samples=self.manifest["samples"], cache_seed=self.manifest["seed"])
         return [f"{key}={settings[key]} (the cache's: {value})" for key, value in made.items()
                 if settings.get(key) is not None and str(settings[key]) != str(value)]
+
+    def check_teacher(self, teacher: dict[str, Any]) -> None:
+        """Refuse a cache made by another teacher than ``teacher`` (``teacher_identity`` of the
+        run): another model config, other checkpoint files or other weights in them. The dtype
+        and vocabulary alignment it ran with are the cache's, whatever the run's."""
+        then = self.manifest.get("teacher")
+        differ = teacher_differences(then, teacher, TEACHER_ITSELF) if then else []
+        if differ:
+            raise ConfigError(
+                f"{'; '.join(differ)}: the teacher cache {str(self.root)!r} was made by another "
+                f"teacher (from {then.get('checkpoint_dir')!r}); accepted: the cache's teacher, "
+                f"or a cache of this one (tune run tad_cache into another teacher_cache_dir)")
 
     def spec(self) -> CacheSpec:
         """What this cache offers a divergence (its ``validate`` hook reads it)."""

@@ -135,6 +135,84 @@ def test_an_existing_cache_of_other_settings_is_refused_naming_them(tmp_path):
         _create(tmp_path / "other", logp_dtype="int8")
 
 
+def _teacher_files(folder, seed, size=300_000):
+    """A teacher's identity (``teacher_identity``'s form) with one checkpoint file of ``size``
+    random bytes of ``seed`` in ``folder``."""
+    from tad_torchtune.teacher_cache import sampled_digest
+
+    folder.mkdir(exist_ok=True)
+    path = folder / "model.safetensors"
+    path.write_bytes(np.random.default_rng(seed).bytes(size))
+    return {**TEACHER, "checkpoint_dir": str(folder), "checkpoint_files": {
+        "model.safetensors": {"size": size, "sampled_sha256": sampled_digest(path)}}}
+
+
+def test_a_teacher_is_its_model_and_its_weights_wherever_they_are(tmp_path):
+    """The cache's teacher is compared by model config and checkpoint contents (size and a
+    digest of blocks spread over each file): moved or copied it is the same, other weights of
+    the same size are another teacher; a cache of an earlier version (sizes only) compares
+    sizes."""
+    import os
+    import shutil
+
+    from tad_torchtune.teacher_cache import (
+        DIGEST_BLOCK_BYTES,
+        TEACHER_ITSELF,
+        sampled_digest,
+        teacher_differences,
+    )
+
+    made = _teacher_files(tmp_path / "a", 0)
+    moved = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", moved)
+    os.utime(moved / "model.safetensors", (1e9, 1e9))
+    assert teacher_differences(made, {**made, "checkpoint_dir": str(moved)}) == []
+    assert sampled_digest(moved / "model.safetensors") == sampled_digest(
+        tmp_path / "a" / "model.safetensors")
+    other = _teacher_files(tmp_path / "c", 1)  # another seed, the same size
+    assert teacher_differences(made, other) == [
+        "teacher_checkpointer.checkpoint_files: 'model.safetensors' holds other weights than "
+        "the cache's teacher's (size 300000, the cache's 300000; another content digest)"]
+    # the digest reads blocks from the start to the end: a change in the last one is seen
+    data = bytearray((moved / "model.safetensors").read_bytes())
+    data[-DIGEST_BLOCK_BYTES // 2] ^= 1
+    (moved / "model.safetensors").write_bytes(bytes(data))
+    assert sampled_digest(moved / "model.safetensors") != made["checkpoint_files"][
+        "model.safetensors"]["sampled_sha256"]
+    old = {**made, "checkpoint_files": {"model.safetensors": 300000}}  # an earlier cache's
+    assert teacher_differences(old, other) == []
+    assert teacher_differences({**old, "checkpoint_files": {"model.safetensors": 7}}, other)
+    assert teacher_differences(made, {**made, "model": {"_component_": "big"}, "dtype": "bf16"},
+                               TEACHER_ITSELF) == [
+        "teacher_model: {'_component_': 'big'}, the cache's teacher {'_component_': 'tiny'}"]
+    assert teacher_differences(made, {**made, "checkpoint_files": {}}) == [
+        "teacher_checkpointer.checkpoint_files: [], the cache's teacher ['model.safetensors']"]
+
+
+def test_a_cache_of_another_teacher_is_refused_on_resume_and_for_training(tmp_path):
+    """tad_cache resuming into a cache that another teacher began (weights written over the
+    checkpoint in place), and tad_distill reading a cache of another teacher: one line naming
+    the key (before, the cache mixed two teachers' shards, and training read it silently)."""
+    made = _teacher_files(tmp_path / "t", 0)
+    cache = _create(tmp_path / "cache", teacher=made)
+    _create(tmp_path / "cache", teacher={**made, "checkpoint_dir": "/moved"})  # the same one
+    cache.check_teacher({**made, "checkpoint_dir": "/moved", "dtype": "bf16"})
+    other = _teacher_files(tmp_path / "t", 1)
+    why = ("teacher_checkpointer.checkpoint_files: 'model.safetensors' holds other weights than "
+           "the cache's teacher's (size 300000, the cache's 300000; another content digest)")
+    with pytest.raises(ConfigError) as err:
+        _create(tmp_path / "cache", teacher=other)
+    assert str(err.value) == (
+        f"teacher_cache_dir: {str(tmp_path / 'cache')!r} holds a cache made with other settings "
+        f"({why}); give another teacher_cache_dir or delete that one")
+    with pytest.raises(ConfigError) as err:
+        cache.check_teacher(other)
+    assert str(err.value) == (
+        f"{why}: the teacher cache {str(tmp_path / 'cache')!r} was made by another teacher "
+        f"(from {str(tmp_path / 't')!r}); accepted: the cache's teacher, or a cache of this one "
+        f"(tune run tad_cache into another teacher_cache_dir)")
+
+
 def test_a_folder_without_a_cache_or_with_another_format_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"holds no teacher cache \(no manifest.json\); make one "
                                           r"with tune run tad_cache"):

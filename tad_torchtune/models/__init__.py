@@ -1,7 +1,7 @@
 """Students built from teachers, model families, loading checkpoints into models, forward
 helpers and Hugging Face export."""
 
-from tad_torchtune.models._checkpointer import HFCheckpointer
+from tad_torchtune.models._checkpointer import HFCheckpointer, checkpoint_file_names
 from tad_torchtune.models._export import (
     hf_config_for,
     load_hf_checkpoint,
@@ -69,6 +69,7 @@ __all__ = [
     "family_for_model_type",
     "forward_hidden",
     "get_family",
+    "checkpoint_file_names",
     "checkpoint_state",
     "hf_decoder",
     "load_hf_folder",

@@ -51,6 +51,14 @@ def _family(folder: Path, model_type: str | None) -> ModelFamily:
     return family
 
 
+def checkpoint_file_names(files: Sequence[str] | Mapping[str, str] | None) -> list[str]:
+    """A checkpointer's ``checkpoint_files``, a list or torchtune's ``{filename_format,
+    max_filename}`` form, as the names of the files it reads."""
+    if isinstance(files, Mapping):
+        files = FormattedCheckpointFiles.from_dict(dict(files)).build_checkpoint_filenames()
+    return [str(f) for f in files or []]
+
+
 class HFCheckpointer:
     """Read a Hugging Face checkpoint folder into torchtune's keys, for any registered family.
 
@@ -95,10 +103,7 @@ class HFCheckpointer:
                 raise ValueError(f"{name}: HFCheckpointer reads model weights only, got {value!r}; "
                                  f"use torchtune's FullModelHFCheckpointer to resume its runs")
         self._folder = Path(checkpoint_dir).expanduser()
-        if isinstance(checkpoint_files, Mapping):
-            checkpoint_files = FormattedCheckpointFiles.from_dict(
-                dict(checkpoint_files)).build_checkpoint_filenames()
-        self._files = [str(f) for f in checkpoint_files]
+        self._files = checkpoint_file_names(checkpoint_files)
         self.family = _family(self._folder, model_type)
 
     def load_checkpoint(self) -> dict[str, dict[str, Tensor]]:

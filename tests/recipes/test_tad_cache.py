@@ -307,6 +307,25 @@ def test_cache_errors_name_the_keys(assets, tmp_path, monkeypatch, capsys):
         "_component_": "tad_torchtune.losses.HiddenCosineLoss"})
     assert line.startswith("tad_distill: error: hidden_weight: the hidden-state loss needs the "
                            "live teacher's hidden states")
+    # another teacher of the same shapes and file size (the lowest mantissa bit of every float32
+    # weight flipped, as a fine-tune saved in place would differ): the cache is not its
+    import shutil
+    import struct
+
+    other = tmp_path / "other_teacher"
+    shutil.copytree(assets["teacher"], other)
+    data = bytearray((other / "model.safetensors").read_bytes())
+    start = 8 + struct.unpack("<Q", data[:8])[0]  # past the header: the weights, float32
+    data[start::4] = bytes(b ^ 1 for b in data[start::4])
+    (other / "model.safetensors").write_bytes(bytes(data))
+    line = fails(**{"kd_loss.k": 2, "teacher_checkpointer.checkpoint_dir": str(other)})
+    size = (other / "model.safetensors").stat().st_size
+    assert line == (
+        f"tad_distill: error: teacher_checkpointer.checkpoint_files: 'model.safetensors' holds "
+        f"other weights than the cache's teacher's (size {size}, the cache's {size}; another "
+        f"content digest): the teacher cache {str(cache)!r} was made by another teacher (from "
+        f"{str(Path(assets['teacher']).resolve())!r}); accepted: the cache's teacher, or a "
+        f"cache of this one (tune run tad_cache into another teacher_cache_dir)")
     empty = tmp_path / "empty"
     empty.mkdir()
     line = fails(teacher_cache_dir=str(empty))
