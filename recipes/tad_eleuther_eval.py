@@ -31,11 +31,12 @@ from pathlib import Path
 
 import torch
 import torchtune
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from packaging.version import Version
 from torchtune import config, training, utils
 
 from tad_torchtune.schema import resolve_config_argv, resolve_package_paths
+from tad_torchtune.common import provenance
 from tad_torchtune.errors import ConfigError, reports_user_errors
 
 MIN_LM_EVAL = "0.4.5"  # torchtune 0.6.1's own minimum
@@ -126,6 +127,16 @@ class TADEleutherEvalRecipe(eleuther_eval.EleutherEvalRecipe):
         self.enable_kv_cache = cfg.get("enable_kv_cache", True)
         self.include_path = cfg.get("include_path", None)
         self.output_dir = Path(str(cfg.output_dir)).expanduser()
+        # what eleuther_results.json records of how its figures were made
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        self._record = {
+            "student": {key: plain["checkpointer"].get(key)
+                        for key in ("checkpoint_dir", "checkpoint_files", "model_type")},
+            "settings": {key: plain.get(key) for key in (
+                "tasks", "limit", "max_seq_length", "batch_size", "dtype", "device", "seed",
+                "include_path", "enable_kv_cache")},
+            "provenance": {**provenance(), "lm_eval": installed},
+        }
 
     def setup(self, cfg: DictConfig) -> None:
         from lm_eval.tasks import TaskManager
@@ -136,6 +147,8 @@ class TADEleutherEvalRecipe(eleuther_eval.EleutherEvalRecipe):
             raise ValueError(f"checkpointer.checkpoint_dir: {str(folder)!r} is not a folder; give "
                              "the student tad_distill exported (student_dir=OUTPUT_DIR/student)")
         self._fit_model_type(cfg.checkpointer)
+        self._record["student"]["model_type"] = cfg.checkpointer.get("model_type")
+        self._check_length(cfg)
         if self.include_path is not None and not Path(str(self.include_path)).is_dir():
             raise ValueError(f"include_path: {str(self.include_path)!r} is not a folder of "
                              "lm_eval task YAML files (pkg://lm_eval: the shipped tasks)")
@@ -162,10 +175,17 @@ class TADEleutherEvalRecipe(eleuther_eval.EleutherEvalRecipe):
         that model type's weights (another family's conversion fails on a key, or loads Llama's
         q/k weights unpermuted, silently)."""
         from tad_torchtune.models import model_from_hf_config
-        from tad_torchtune.models.loading import check_checkpointer_model_type, hf_config_of
+        from tad_torchtune.models.loading import (
+            check_checkpointer_model_type,
+            hf_config_of,
+            no_config_json,
+        )
 
         hf = hf_config_of(checkpointer)
         if hf is None:
+            folder = Path(str(checkpointer.checkpoint_dir)).expanduser()
+            if folder.is_dir():  # a missing folder: torchtune's checkpointer says it
+                raise ConfigError(no_config_json(folder, "checkpointer.checkpoint_dir"))
             return
         if checkpointer.get("model_type") is None:
             where = str(Path(str(checkpointer.checkpoint_dir)).expanduser() / "config.json")
@@ -174,6 +194,21 @@ class TADEleutherEvalRecipe(eleuther_eval.EleutherEvalRecipe):
             checkpointer.model_type = family.checkpointer_model_type
         else:
             check_checkpointer_model_type(checkpointer, hf, checkpointer_key="checkpointer")
+
+    @staticmethod
+    def _check_length(cfg: DictConfig) -> None:
+        """``max_seq_length`` (lm_eval's rolling windows) within the student's ``max_seq_len``,
+        before the model loads (else its first request fails with torchtune's message)."""
+        from tad_torchtune.models.loading import hf_config_of
+
+        length = cfg.get("max_seq_length")
+        model = cfg.get("model") or {}
+        limit = model.get("max_seq_len")
+        if limit is None and str(model.get("_component_", "")).endswith(".hf_decoder"):
+            limit = (hf_config_of(model) or {}).get("max_position_embeddings")
+        if length is not None and limit is not None and int(length) > int(limit):
+            raise ConfigError(f"max_seq_length: {length} exceeds the student's max_seq_len "
+                              f"{limit}; accepted: at most {limit}")
 
     def evaluate(self) -> dict:
         """torchtune's ``evaluate``, also writing the results to ``output_dir``."""
@@ -189,7 +224,9 @@ class TADEleutherEvalRecipe(eleuther_eval.EleutherEvalRecipe):
         self.logger.info(f"\n\n{make_table(output)}\n")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / "eleuther_results.json"
-        report = {"results": output["results"], "n-samples": output.get("n-samples")}
+        report = {"results": output["results"], "n-samples": output.get("n-samples"),
+                  **{key: output[key] for key in ("versions", "n-shot", "configs") if key in output},
+                  **self._record}
         path.write_text(json.dumps(report, indent=2, default=str) + "\n")
         self.logger.info(f"tad_eleuther_eval: results in {path}")
         return output

@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 from tqdm import tqdm
 
-from tad_torchtune.common import DTYPES
+from tad_torchtune.common import DTYPES, provenance
 from tad_torchtune.data import collate
 from tad_torchtune.data.checks import build_dataset, check_batch, check_row_length
 from tad_torchtune.errors import ConfigError, instantiate, reports_user_errors
@@ -50,7 +50,21 @@ from tad_torchtune.models import (
 from tad_torchtune.models.loading import check_hf_folder, load_hf_folder
 from tad_torchtune.parallel import require_one_process
 from tad_torchtune.schema import EVAL, resolve_config_argv, resolve_package_paths
-from tad_torchtune.vocab import check_vocab_compat
+from tad_torchtune.vocab import align_teacher_vocab, check_vocab_compat
+
+#: the keys ``eval.json`` records under ``settings``: those that change its figures
+_SETTINGS = ("dtype", "device", "document_mask", "vocab_alignment", "batch_size", "max_batches",
+             "chunk_size", "num_bins", "tail_ks", "seed")
+
+
+def _tail_ks(value: Any) -> tuple[int, ...]:
+    """``tail_ks``, sorted: integers >= 1 (not 2.5 read as 2, nor true as 1), one line naming
+    the key otherwise."""
+    bad = next((k for k in value if isinstance(k, bool) or not isinstance(k, int) or k < 1), None)
+    if not value or bad is not None:
+        raise ConfigError(f"tail_ks: {list(value)!r}{f' holds {bad!r}' if value else ' is empty'}; "
+                          f"accepted: a list of integers from 1 to the vocabulary size - 1")
+    return tuple(sorted(set(value)))
 
 
 class TADEvalRecipe:
@@ -70,7 +84,7 @@ class TADEvalRecipe:
         self._max_batches = get("max_batches")
         self._chunk_size = get("chunk_size")
         self._num_bins = get("num_bins")
-        self._tail_ks = tuple(int(k) for k in get("tail_ks"))
+        self._tail_ks = _tail_ks(get("tail_ks"))
         self._vocab_alignment = get("vocab_alignment")
         self._document_mask = bool(get("document_mask"))
         if len(cfg.students) == 0:
@@ -114,9 +128,17 @@ class TADEvalRecipe:
                 raise ConfigError(f"students.{name}: {err}") from None
         models = [self._teacher, *self._students.values()]
         self._max_seq_len = min(m.max_seq_len for m in models)
+        # the students' vocabulary: that of the teacher's distribution (truncate_teacher cuts
+        # its logits to it before any softmax, for its own metrics too)
         self._vocab_size = min(output_weight(m).shape[0] for m in models)
+        if self._tail_ks[-1] >= self._vocab_size:
+            raise ConfigError(f"tail_ks: {self._tail_ks[-1]} is not below the vocabulary of "
+                              f"{self._vocab_size} ids; accepted: integers from 1 to "
+                              f"{self._vocab_size - 1}")
         self._flex_attention = supports_flex_attention(
             self._device, self._teacher, *self._students.values())
+        self._settings = {key: EVAL.get(cfg, key) for key in _SETTINGS} | {
+            "tail_ks": list(self._tail_ks)}
         self._paths = {"teacher": str(cfg.teacher.checkpoint_dir)} | {
             f"students.{name}": str(spec.checkpoint_dir) for name, spec in cfg.students.items()
         }
@@ -153,7 +175,9 @@ class TADEvalRecipe:
             attention = {"mask": batch.mask, "input_pos": batch.input_pos}
             teacher_logits = project_logits(
                 self._teacher, forward_hidden(self._teacher, tokens, **attention)[0])
-            teacher_metrics.update(teacher_logits, labels)
+            teacher_metrics.update(
+                align_teacher_vocab(teacher_logits, self._vocab_size, self._vocab_alignment),
+                labels)
             for name, student in self._students.items():
                 logits = project_logits(student, forward_hidden(student, tokens, **attention)[0])
                 student_metrics[name].update(logits, teacher_logits, labels)
@@ -168,8 +192,11 @@ class TADEvalRecipe:
             "students": {name: m.compute() for name, m in student_metrics.items()},
             "checkpoints": self._paths,
             "dataset": self._data_desc,
+            "dataset_fingerprint": getattr(self._dataset, "fingerprint", None),
             "num_batches": n_batches,
             "seconds": round(time.time() - start, 2),
+            "settings": self._settings,
+            "provenance": provenance(),
         }
 
     def save(self, report: dict[str, Any]) -> dict[str, Path]:
@@ -192,12 +219,19 @@ class TADEvalRecipe:
 
 
 def summary_table(report: dict[str, Any]) -> str:
-    rows = [f"{'model':<16}{'KL':>9}{'CE':>9}{'ppl':>10}{'Full-ECE':>10}{'top1 agr':>10}"]
+    """The report's table, a column per metric, each value after at least one space (a
+    perplexity of a million does not run into the CE before it)."""
+
+    def row(name: str, *cells: str) -> str:
+        return f"{name:<16}" + "".join(f" {c:>{w}}" for c, w in zip(cells, (8, 8, 9, 9, 9)))
+
+    rows = [row("model", "KL", "CE", "ppl", "Full-ECE", "top1 agr")]
     t = report["teacher"]
-    rows.append(f"{'teacher':<16}{'':>9}{t['ce']:>9.4f}{t['ppl']:>10.2f}{t['full_ece']:>10.4f}{'':>10}")
+    rows.append(row("teacher", "", f"{t['ce']:.4f}", f"{t['ppl']:.2f}", f"{t['full_ece']:.4f}",
+                    ""))
     for name, s in report["students"].items():
-        rows.append(f"{name:<16}{s['kl']:>9.4f}{s['ce']:>9.4f}{s['ppl']:>10.2f}"
-                    f"{s['full_ece']:>10.4f}{s['top1_agreement']:>10.4f}")
+        rows.append(row(name, f"{s['kl']:.4f}", f"{s['ce']:.4f}", f"{s['ppl']:.2f}",
+                        f"{s['full_ece']:.4f}", f"{s['top1_agreement']:.4f}"))
     tails = ", ".join(f"K={k}: {v:.3f}" for k, v in t["tail_mass"].items())
     rows.append(f"teacher tail mass {tails}; top-1 != next token: {t['mismatch_rate']:.1%}")
     return "\n".join(rows)

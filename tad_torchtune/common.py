@@ -47,3 +47,23 @@ def full_tensor(t: Tensor, *, differentiable: bool = False) -> Tensor:
     if differentiable:
         return t.full_tensor(grad_placements=[Partial("avg")] * len(t.placements))
     return t.full_tensor()
+
+
+def provenance() -> dict[str, str]:
+    """What a report records of how it was made: the versions of this package, torch and
+    torchtune, the host and the time."""
+    import platform
+    import time
+    from importlib.metadata import PackageNotFoundError, version
+
+    import tad_torchtune
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {"tad_torchtune": tad_torchtune.__version__, "torch": torch.__version__,
+            "torchtune": installed("torchtune"), "host": platform.node(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import zlib
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -198,6 +199,14 @@ def test_demo_student_perplexity_agrees_across_harness_paths(tmp_path):
         ll = -res["bits_per_byte,none"] * math.log(2) * n_bytes  # lm_eval: -LL / bytes / ln 2
         assert ll == pytest.approx(ll_tad, rel=1e-6)
         assert math.log(res["byte_perplexity,none"]) * n_bytes == pytest.approx(-ll, rel=1e-9)
+    # what made tad_eleuther_eval's figures: the student, the settings, the versions
+    assert tune_results["student"] == {"checkpoint_dir": str(student),
+                                       "checkpoint_files": ["model.safetensors"],
+                                       "model_type": "LLAMA2"}  # config.json's family
+    assert {k: tune_results["settings"][k] for k in ("tasks", "limit", "max_seq_length")} == {
+        "tasks": ["jargon_heldout"], "limit": DOCS, "max_seq_length": L}
+    assert tune_results["provenance"]["lm_eval"] == version("lm-eval")
+    assert "jargon_heldout" in tune_results["versions"]
     # token perplexity, as tad_eval reports it, from the harness's numbers
     assert math.exp(-ll / n_tokens) == pytest.approx(report["ppl"], rel=1e-5)
     assert 0 < report["ce"] < math.log(2048) + 1  # a real, if barely trained, model

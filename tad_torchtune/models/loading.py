@@ -429,8 +429,22 @@ def _folder(checkpoint_dir: str | Path, where: str) -> tuple[Path, dict[str, Any
         raise ValueError(f"{where}.checkpoint_dir: {str(folder)!r} is not a folder; accepted: "
                          f"a Hugging Face checkpoint folder")
     if not (folder / "config.json").is_file():
-        raise ValueError(f"{where}.checkpoint_dir: {str(folder)!r} has no config.json")
+        raise ValueError(no_config_json(folder, f"{where}.checkpoint_dir"))
     return folder, json.loads((folder / "config.json").read_text())
+
+
+def no_config_json(folder: Path, key: str) -> str:
+    """The error line of ``key`` naming a ``folder`` without ``config.json``: a tad_distill
+    training checkpoint (``step_N``, weights in torch.distributed.checkpoint's format) is
+    pointed to its Hugging Face exports."""
+    from tad_torchtune.checkpointing import META
+
+    accepted = "accepted: a Hugging Face checkpoint folder"
+    if (folder / META).is_file():
+        accepted = (f"it is a tad_distill training checkpoint (for resuming); accepted: its "
+                    f"Hugging Face export {str(folder / 'hf')!r} (written when export_hf: true), "
+                    f"or the run's output_dir/student")
+    return f"{key}: {str(folder)!r} has no config.json; {accepted}"
 
 
 def hf_decoder(checkpoint_dir: str) -> nn.Module:
@@ -468,6 +482,9 @@ def check_hf_folder(spec: Mapping[str, Any] | DictConfig | str | Path, *, where:
     if spec is None or spec.get("checkpoint_dir") is None:
         raise ValueError(f"{where}.checkpoint_dir: required (a Hugging Face checkpoint folder)")
     folder, hf = _folder(spec["checkpoint_dir"], where)
+    # the conversion a model_type names must be of config.json's family, with a model or not
+    check_checkpointer_model_type({**spec, "checkpoint_dir": str(folder)}, hf,
+                                  checkpointer_key=where)
     files = spec.get("checkpoint_files")
     if isinstance(files, str):
         raise ValueError(f"{where}.checkpoint_files: a list of file names, got the string "

@@ -73,7 +73,8 @@ def test_eleuther_recipe_errors_are_one_line(tmp_path, monkeypatch, capsys):
     small = save_hf_llama(tmp_path / "small_vocab", seed=0, vocab=1024)
     line = tune.user_error("tad_eleuther_eval", [
         "--config", str(tune.bundled_config_path("eleuther_eval_student")),
-        f"output_dir={tmp_path / 'out'}", f"student_dir={small}", "limit=2"], monkeypatch, capsys)
+        f"output_dir={tmp_path / 'out'}", f"student_dir={small}", "limit=2",
+        "max_seq_length=64"], monkeypatch, capsys)
     assert line.startswith("tad_eleuther_eval: error: tokenizer: the task's text holds token id ")
     assert line.endswith(", but the student's vocabulary has 1024 ids; accepted: the student's "
                          "tokenizer")
@@ -109,5 +110,36 @@ def test_the_checkpointer_s_model_type_is_config_json_s(tmp_path):
             TADEleutherEvalRecipe._fit_model_type(cfg.checkpointer)
         assert str(err.value).startswith(f"checkpointer.model_type: {wrong} converts the weights "
                                           "of Hugging Face model_type ")
-        assert str(err.value).endswith(f"config.json says 'mistral'; accepted for it: "
+        assert str(err.value).endswith("config.json says 'mistral'; accepted for it: "
                                        "['MISTRAL']")
+
+
+def test_a_training_checkpoint_and_a_window_too_long_are_refused_before_loading(tmp_path):
+    """A tad_distill training checkpoint (``step_N``: no config.json) is pointed to its exports
+    (before: torchtune's checkpointer stopped with ``KeyError: None``); a ``max_seq_length``
+    above the student's ``max_seq_len`` is one line naming it (before: torchtune's message at
+    the first request, after loading)."""
+    from omegaconf import OmegaConf
+    from tad_eleuther_eval import TADEleutherEvalRecipe
+
+    from tad_torchtune.errors import ConfigError
+
+    step = tmp_path / "out" / "checkpoints" / "step_000006"
+    step.mkdir(parents=True)
+    (step / "meta.pt").write_bytes(b"")
+    cfg = OmegaConf.load(Path(__file__).parents[2] / "configs" / "eleuther_eval_student.yaml")
+    cfg.student_dir, cfg.output_dir = str(step), str(tmp_path / "eval")
+    with pytest.raises(ConfigError) as err:
+        TADEleutherEvalRecipe._fit_model_type(cfg.checkpointer)
+    assert str(err.value) == (
+        f"checkpointer.checkpoint_dir: {str(step)!r} has no config.json; it is a tad_distill "
+        f"training checkpoint (for resuming); accepted: its Hugging Face export "
+        f"{str(step / 'hf')!r} (written when export_hf: true), or the run's output_dir/student")
+    cfg.student_dir = str(save_hf_llama(tmp_path / "student", seed=3))  # max_seq_len 64
+    cfg.max_seq_length = 64
+    TADEleutherEvalRecipe._check_length(cfg)
+    cfg.max_seq_length = 65
+    with pytest.raises(ConfigError) as err:
+        TADEleutherEvalRecipe._check_length(cfg)
+    assert str(err.value) == ("max_seq_length: 65 exceeds the student's max_seq_len 64; "
+                              "accepted: at most 64")

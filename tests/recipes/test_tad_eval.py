@@ -117,6 +117,14 @@ def test_tad_eval_end_to_end(tmp_path):
     assert t["mismatch_rate"] == pytest.approx(1 - t["top1_accuracy"])
     for s in (same, oth):
         assert all(math.isfinite(s[k]) for k in ("kl", "ce", "ppl", "full_ece", "top1_agreement"))
+    # what made it: the settings that change the figures, the data's fingerprint, versions
+    assert report["settings"] == {
+        "dtype": "fp32", "device": "cpu", "document_mask": False, "vocab_alignment": "exact",
+        "batch_size": 3, "max_batches": None, "chunk_size": 1024, "num_bins": 10,
+        "tail_ks": [1, 2, 5, 10, 20, 50], "seed": 0}
+    assert report["dataset_fingerprint"] == blocks.fingerprint
+    assert report["provenance"]["torch"] == torch.__version__
+    assert set(report["provenance"]) == {"tad_torchtune", "torch", "torchtune", "host", "created"}
 
 
 @pytest.mark.skipif(not (DEMO / "tokenizer.json").is_file(), reason="demo tokenizer not built")
@@ -269,4 +277,77 @@ def test_what_the_models_cannot_take_is_one_line_before_they_load(assets, tmp_pa
     assert line(students={"small": {"checkpoint_dir": str(small)}}).startswith(
         "tad_eval: error: students.small: vocabulary size mismatch: teacher has 256 ids, student "
         "has 128")
+    # tail_ks that are not integers >= 1 (2.5 was read as 2, true as 1), or not below the
+    # vocabulary (found at the first batch, naming ks)
+    for bad, shown in (([1, 2.5], "[1, 2.5] holds 2.5"), ([True], "[True] holds True"),
+                       (["a"], "['a'] holds 'a'"), ([0, 2], "[0, 2] holds 0"), ([], "[] is empty")):
+        assert line(tail_ks=bad) == (f"tad_eval: error: tail_ks: {shown}; accepted: a list of "
+                                     f"integers from 1 to the vocabulary size - 1")
+    assert line(tail_ks=[1, 5, 256]) == ("tad_eval: error: tail_ks: 256 is not below the "
+                                         "vocabulary of 256 ids; accepted: integers from 1 to 255")
+    # a model_type without a model: checked against config.json (ignored before)
+    assert line(teacher={"checkpoint_dir": str(assets["teacher"]), "model_type": "QWEN2"}
+                ).startswith("tad_eval: error: teacher.model_type: QWEN2 converts the weights of "
+                             "Hugging Face model_type 'qwen2', but ")
+    # a tad_distill training checkpoint: pointed to its exports
+    step = tmp_path / "run" / "checkpoints" / "step_000006"
+    step.mkdir(parents=True)
+    (step / "meta.pt").write_bytes(b"")
+    assert line(students={"s": {"checkpoint_dir": str(step)}}) == (
+        f"tad_eval: error: students.s.checkpoint_dir: {str(step)!r} has no config.json; it is a "
+        f"tad_distill training checkpoint (for resuming); accepted: its Hugging Face export "
+        f"{str(step / 'hf')!r} (written when export_hf: true), or the run's output_dir/student")
     assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.skipif(not (DEMO / "tokenizer.json").is_file(), reason="demo tokenizer not built")
+def test_a_truncated_teacher_s_own_metrics_are_of_the_truncated_distribution(tmp_path,
+                                                                             monkeypatch):
+    """With truncate_teacher the teacher's logits are cut to the students' vocabulary before
+    any softmax: its CE, Full-ECE and tail masses are those of the teacher without the padded
+    ids, of which the students' KL is measured (before, its own row used the whole softmax)."""
+    from safetensors.torch import load_file, save_file
+
+    small = save_hf_llama(tmp_path / "teacher", seed=0)  # 2048 ids
+    padded = tmp_path / "padded"
+    padded.mkdir()
+    weights = load_file(small / "model.safetensors")
+    g = torch.Generator().manual_seed(1)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):  # 64 ids more, of some mass
+        weights[key] = torch.cat([weights[key], torch.randn(64, 32, generator=g)])
+    save_file(weights, padded / "model.safetensors", metadata={"format": "pt"})
+    hf = json.loads((small / "config.json").read_text())
+    (padded / "config.json").write_text(json.dumps({**hf, "vocab_size": 2112}))
+    student = save_hf_llama(tmp_path / "student", seed=2)
+    data = write_corpus(tmp_path / "held_out.jsonl")
+    reports = {}
+    for name, teacher, alignment in (("small", small, "exact"),
+                                     ("padded", padded, "truncate_teacher")):
+        cfg = write_config(
+            tmp_path / f"{name}.yaml", output_dir=str(tmp_path / name), tokenizer=tokenizer_cfg(),
+            dataset=held_out_dataset(data), teacher={"checkpoint_dir": str(teacher)},
+            students={"s": {"checkpoint_dir": str(student)}}, vocab_alignment=alignment)
+        tune.run_in_process("tad_eval", ["--config", str(cfg)], monkeypatch)
+        reports[name] = json.loads((tmp_path / name / "eval.json").read_text())
+    small, padded = reports["small"], reports["padded"]
+    for key in ("ce", "full_ece", "mismatch_rate"):
+        assert padded["teacher"][key] == pytest.approx(small["teacher"][key], rel=1e-5), key
+    for k, v in small["teacher"]["tail_mass"].items():
+        assert padded["teacher"]["tail_mass"][k] == pytest.approx(v, rel=1e-5), k
+    assert padded["students"]["s"]["kl"] == pytest.approx(small["students"]["s"]["kl"], rel=1e-5)
+
+
+def test_the_summary_table_keeps_its_columns_apart():
+    """A perplexity of millions (random models) ran into the CE before it: every value now
+    follows a space."""
+    from tad_eval import summary_table
+
+    metrics = {"ce": 14.7565, "ppl": 2562585.79, "full_ece": 0.5, "kl": 12.5,
+               "top1_agreement": 0.01}
+    report = {"teacher": {**metrics, "tail_mass": {"1": 0.5}, "mismatch_rate": 0.9},
+              "students": {"s": metrics}}
+    rows = summary_table(report).splitlines()
+    assert rows[0].split() == ["model", "KL", "CE", "ppl", "Full-ECE", "top1", "agr"]
+    assert rows[1].split() == ["teacher", "14.7565", "2562585.79", "0.5000"]
+    assert rows[2].split() == ["s", "12.5000", "14.7565", "2562585.79", "0.5000", "0.0100"]
+    assert len(rows[0]) == 16 + 9 + 9 + 10 + 10 + 10  # the widths of before, for usual values
