@@ -186,7 +186,7 @@ class TADDistillRecipe:
         if self._device.type == "cuda":
             self._device = torch.device("cuda", torch.cuda.current_device())
         self._output_dir = Path(cfg.output_dir)
-        self._seed = training.set_seed(get("seed"))
+        self._seed = int(get("seed"))  # set in setup, after the config's checks
 
         self._clm_weight = float(get("clm_weight"))
         self._kd_weight = float(get("kd_weight"))
@@ -251,14 +251,37 @@ class TADDistillRecipe:
     # ------------------------------------------------------------------------------------ setup
 
     def setup(self, cfg: DictConfig) -> None:
-        """Build everything in dependency order, the cheap checks first: logging (so set-up is
-        visible), the divergence's checks (from the student's config), the data (a wrong dataset
+        """Build everything in dependency order, the cheap checks first: the output folder, the
+        components and checkpoints the config names and the divergence's checks (from the
+        student's config), then logging (a config refused writes nothing: an output folder this
+        run made is removed again), the data (a wrong dataset
         stops the run before any checkpoint is read), the vocabulary checks (from the teacher
         checkpoint's shapes, before any weight is placed), the teacher, then the student
         (initialised from the teacher's weights), each built on the meta device, parallelised
         there and then loaded (a rank receives only its FSDP shards), the optimizer (over the
         sharded trainable parameters), and last the resume, which overwrites model, optimizer,
         scheduler and data position."""
+        made = self._is_rank_zero and not self._output_dir.exists()
+        try:
+            self._setup(cfg)
+        except BaseException:
+            if made:
+                self._remove_output_dir_if_unused()
+            raise
+
+    def _remove_output_dir_if_unused(self) -> None:
+        """``output_dir``, made by this run, removed when nothing but its lock is in it."""
+        if self._run_lock is not None:
+            self._run_lock.close()
+            self._run_lock = None
+        try:
+            if {p.name for p in self._output_dir.iterdir()} <= {RUN_LOCK}:
+                (self._output_dir / RUN_LOCK).unlink(missing_ok=True)
+                self._output_dir.rmdir()
+        except OSError:
+            pass
+
+    def _setup(self, cfg: DictConfig) -> None:
         started = time.perf_counter()
         self._metric_logger = None
         self._metrics_file = None
@@ -277,14 +300,6 @@ class TADDistillRecipe:
                     f"output_dir: {str(self._output_dir)!r} holds an earlier run's checkpoints "
                     f"(the newest: {earlier.name}); resume_from_checkpoint=true continues it; "
                     f"to start over, delete {str(earlier.parent)!r} or choose another output_dir")
-            OmegaConf.save(cfg, self._output_dir / "config.yaml")
-            logger_cfg = cfg.get("metric_logger") or OmegaConf.create({
-                "_component_": "torchtune.training.metric_logging.DiskLogger",
-                "log_dir": str(self._output_dir / "logs"),
-            })
-            self._metric_logger = instantiate(logger_cfg, "metric_logger")
-            self._metric_logger.log_config(cfg)
-            warn_if_slow_bf16(self._device, self._dtype)
 
         self._tokenizer = instantiate(cfg.tokenizer, "tokenizer")
         teacher_tokenizer = (instantiate(cfg.teacher_tokenizer, "teacher_tokenizer")
@@ -332,6 +347,18 @@ class TADDistillRecipe:
                 vocab_size=self._student_vocab, fused=self._fused,
                 cache=None if self._teacher_cache is None else self._teacher_cache.spec(),
                 packed_rows=bool(cfg.dataset.get("packed", False))))
+
+        # the config checked: the run's record and logs
+        if self._is_rank_zero:
+            logger_cfg = cfg.get("metric_logger") or OmegaConf.create({
+                "_component_": "torchtune.training.metric_logging.DiskLogger",
+                "log_dir": str(self._output_dir / "logs"),
+            })
+            self._metric_logger = instantiate(logger_cfg, "metric_logger")
+            OmegaConf.save(cfg, self._output_dir / "config.yaml")
+            self._metric_logger.log_config(cfg)
+            warn_if_slow_bf16(self._device, self._dtype)
+        training.set_seed(self._seed)
 
         # The data before the checkpoints: a wrong dataset stops the run before one is read
         self._data_fingerprints: dict[str, str | None] = {}

@@ -7,6 +7,7 @@ Under torchrun every process runs the same command and usually meets the same er
 node the line is printed once, by rank 0 (``reports_user_errors``)."""
 
 import functools
+import gc
 import inspect
 import json
 import os
@@ -150,8 +151,15 @@ def instantiate(node: Any, key: str, *args: Any, **kwargs: Any) -> Any:
     from torchtune import config
 
     _check_input_files(node, key)
+    missing_package = None
     try:
         return config.instantiate(node, *args, **kwargs)
+    except ImportError as err:  # what the component imports when built (wandb, tensorboard)
+        missing_package = one_line(err)
+        # the half-built object goes with the exception, at the end of this clause: its
+        # __del__ may fail on what was never set (torchtune's TensorBoardLogger), a second
+        # message after the one line, which this hook, until the collection below, drops
+        unraisable, sys.unraisablehook = sys.unraisablehook, lambda _: None
     except TypeError as err:
         component = node.get("_component_")
         accepted = _accepted_arguments(component)
@@ -176,6 +184,13 @@ def instantiate(node: Any, key: str, *args: Any, **kwargs: Any) -> Any:
         if isinstance(err, (ValueError, FileNotFoundError)):  # its own check, a missing file
             raise ConfigError(_prefixed(one_line(err), key, node)) from None
         raise
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = unraisable
+    raise ConfigError(f"{key}._component_: {node.get('_component_')} cannot be built here: "
+                      f"{missing_package}; accepted: a component whose packages are installed "
+                      f"(pip install what it names)")
 
 
 #: a component argument that names a file to read: ``path``, ``tokenizer_json_path``,

@@ -239,6 +239,36 @@ def test_a_component_s_unexpected_error_keeps_its_traceback_outside_tokenizers()
         instantiate(node, "tokenizer")
 
 
+class LoggerOfAMissingPackage:
+    """A component that imports an uninstalled package when built, and whose ``__del__`` then
+    fails, as torchtune's TensorBoardLogger without tensorboard does."""
+
+    def __init__(self, log_dir: str = "") -> None:
+        import tad_torchtune_no_such_package  # noqa: F401
+
+    def __del__(self) -> None:
+        self._writer.close()
+
+
+def test_a_component_missing_a_package_is_one_line_and_nothing_after(monkeypatch):
+    """Built without a package it imports (W&B's or TensorBoard's logger without wandb or
+    tensorboard): one line naming the key (a traceback before, and the half-built object's
+    failing ``__del__`` printed a second one)."""
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    node = OmegaConf.create({"_component_": "tests.test_errors.LoggerOfAMissingPackage"})
+    with pytest.raises(ConfigError) as err:
+        instantiate(node, "metric_logger")
+    assert str(err.value) == (
+        "metric_logger._component_: tests.test_errors.LoggerOfAMissingPackage cannot be built "
+        "here: No module named 'tad_torchtune_no_such_package'; accepted: a component whose "
+        "packages are installed (pip install what it names)")
+    import gc
+
+    gc.collect()
+    assert unraisable == [] and sys.unraisablehook == unraisable.append
+
+
 def _safetensors(path, n=64):
     save_file({"w": torch.arange(n, dtype=torch.float32)}, str(path))
     return path.stat().st_size

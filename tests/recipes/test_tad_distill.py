@@ -722,6 +722,29 @@ def test_hidden_layers_without_a_hidden_loss_are_unused_and_said(assets, tmp_pat
     assert recipe.global_step == 1
 
 
+def test_a_refused_config_writes_nothing_and_says_one_line(assets, tmp_path, monkeypatch,
+                                                           capsys):
+    """A config refused by set-up's checks (a loss argument, a missing tokenizer file, a logger
+    whose package is missing) leaves no output folder and prints only its line (before:
+    config.yaml, logs/, "Writing logs to ..." and the seed's line came first)."""
+    out = tmp_path / "new" / "out"
+    cfg = tune.base_config(assets, out, max_steps=1)
+    for change in ({"kd_loss": {**cfg["kd_loss"], "abar_scope": "doc"}},
+                   {"tokenizer": {**cfg["tokenizer"],
+                                  "tokenizer_json_path": str(tmp_path / "none.json")}},
+                   {"metric_logger": {"_component_": "tests.test_errors.LoggerOfAMissingPackage",
+                                      "log_dir": str(out / "logs")}}):
+        path = tune.write_config({**cfg, **change}, tmp_path / "c.yaml")
+        line = tune.user_error("tad_distill", ["--config", str(path)], monkeypatch, capsys)
+        assert line.startswith(f"tad_distill: error: {next(iter(change))}"), line
+        assert not out.exists() and (tmp_path / "new").is_dir()
+    # an output folder that was there stays, with what it held
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    tune.user_error("tad_distill", ["--config", str(path)], monkeypatch, capsys)
+    assert sorted(p.name for p in out.iterdir()) == [".tad_distill.lock", "notes.txt"]
+
+
 def test_fused_head_keys_without_the_fused_head_are_unused_and_said(assets, tmp_path, capsys):
     """``fused_*`` keys set with ``fused: false`` (a shipped GPU config run unfused for an A/B)
     change nothing: one warning line names them; the keys left at their defaults say nothing."""
