@@ -55,14 +55,14 @@ class ResumableBatchSampler(Sampler[list[int]]):
         return (self.num_samples // self.global_batch) - self.start_sample // self.global_batch
 
     def __iter__(self) -> Iterator[list[int]]:
-        # a tensor, not a list: 8 bytes per sample instead of ~36 (280 MiB for 1B tokens in
-        # 128-token blocks)
+        # shuffled: a tensor, not a list, 8 bytes per sample instead of ~36 (62 MiB for 1B
+        # tokens in 128-token blocks); in order: nothing held
+        order = None
         if self.shuffle:
             gen = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.num_samples, generator=gen)
-        else:
-            order = torch.arange(self.num_samples)
         n_global = self.num_samples // self.global_batch
         for b in range(self.start_sample // self.global_batch, n_global):
             begin = b * self.global_batch + self.rank * self.batch_size
-            yield order[begin : begin + self.batch_size].tolist()
+            yield (list(range(begin, begin + self.batch_size)) if order is None
+                   else order[begin : begin + self.batch_size].tolist())
