@@ -129,7 +129,7 @@ class TADCacheRecipe:
             spec = CacheSpec(mode=self._mode, top_m=self._top_m, temperature=self._temperature,
                              where=f"the cache this makes: cache_mode={self._mode}, "
                                    f"cache_top_m={self._top_m}")
-            instantiate_loss(cfg, "kd_loss", "tad_cache", warn=False).validate(DivergenceUse(
+            instantiate_loss(cfg, "kd_loss", "tad_cache", warn=False).check(DivergenceUse(
                 vocab_size=self._vocab, cache=spec, prog="tad_cache"))
         teacher_len = check_model_fits_checkpoint(
             cfg.teacher_model, cfg.teacher_checkpointer, model_key="teacher_model",

@@ -343,7 +343,7 @@ class TADDistillRecipe:
         hidden_loss = (instantiate_loss(cfg, "hidden_loss", "tad_distill")
                        if self._hidden_weight > 0 else None)
         if kd_loss is not None:
-            kd_loss.validate(DivergenceUse(
+            kd_loss.check(DivergenceUse(
                 vocab_size=self._student_vocab, fused=self._fused,
                 cache=None if self._teacher_cache is None else self._teacher_cache.spec(),
                 packed_rows=bool(cfg.dataset.get("packed", False))))

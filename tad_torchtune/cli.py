@@ -138,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ls":
             print("\n".join(ls_lines()))
         else:
-            print(f"Copied {copy_shipped(args.name, args.dest, force=args.force)}")
+            copied = copy_shipped(args.name, args.dest, force=args.force)
+            print(f"Copied {copied}")
+            if copied.suffix == ".py":  # a recipe: tune run takes its file name, from its folder
+                print(f"run it with: cd {copied.resolve().parent} && tune run {copied.name} "
+                      f"--config ...")
     except CLIError as err:
         print(err, file=sys.stderr)
         return 1

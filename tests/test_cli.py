@@ -73,6 +73,16 @@ def test_cp_config_to_a_file_and_into_a_folder(tmp_path):
     assert (tmp_path / "tad_eval.py").read_bytes() == (REPO / "recipes" / "tad_eval.py").read_bytes()
 
 
+def test_cp_of_a_recipe_says_how_to_run_the_copy(tmp_path):
+    """``tune run`` takes a recipe file by its name from the folder it is in (a path, relative
+    or absolute, ends in torchtune's 'Relative module names not supported')."""
+    proc = run_cli("cp", "tad_distill", "mine.py", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == (f"Copied mine.py\nrun it with: cd {tmp_path.resolve()} && tune run "
+                           f"mine.py --config ...\n")
+    assert (tmp_path / "mine.py").read_bytes() == (REPO / "recipes" / "tad_distill.py").read_bytes()
+
+
 def test_cp_refuses_to_overwrite_without_force(tmp_path):
     dest = tmp_path / "demo.yaml"
     dest.write_text("mine\n")

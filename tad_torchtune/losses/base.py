@@ -131,6 +131,12 @@ class Divergence(nn.Module):
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("name"):
+            known = DIVERGENCES.get(cls.name)
+            if known is not None and (known.__module__, known.__qualname__) != (
+                    cls.__module__, cls.__qualname__):  # not the same class imported again
+                raise ValueError(f"{cls.__module__}.{cls.__qualname__}: the divergence name "
+                                 f"{cls.name!r} is {known.__module__}.{known.__qualname__}'s; "
+                                 f"accepted: a name of its own")
             DIVERGENCES[cls.name] = cls
 
     def __init__(self, *, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX) -> None:
@@ -177,6 +183,65 @@ class Divergence(nn.Module):
                 f"teacher cache (cache_mode=sampled, {cache.where}): it needs the teacher's "
                 f"log-probabilities at ids the student picks; use TADLoss or ForwardKLLoss, or a "
                 f"cache made with cache_mode=top_m")
+
+    def check(self, use: DivergenceUse) -> None:
+        """``validate(use)``, then the contract itself on a tiny chunk of random logits, once, at
+        a recipe's set-up (a divergence written outside this package is held to it here, not
+        by a traceback or a wrong number in training): one value per position, the declared
+        diagnostics, ``reads_labels`` set when the value reads the labels, and from a bucket
+        cache (whose teacher outcomes are log-probabilities) a value unchanged when a
+        constant is added to a position's teacher logits.
+
+        Raises:
+            ConfigError: naming ``use.key``.
+        """
+        import torch
+
+        from tad_torchtune.errors import one_line
+
+        self.validate(use)
+        name = f"{type(self).__module__}.{type(self).__name__}"
+        where = "docs/design.md, 'The divergence contract'"
+        vocab = (self.top_k or 0) + 6
+        g = torch.Generator().manual_seed(0)
+        s, t = (torch.randn(1, 5, vocab, generator=g, dtype=torch.float64) for _ in range(2))
+        labels = torch.randint(0, vocab, (1, 5), generator=g)
+
+        def value(teacher: Tensor, labels: Tensor) -> float:
+            return float(self.sum_and_count(s, teacher, labels, chunk_size=None).total)
+
+        try:
+            base = value(t, labels)
+            other_labels = value(t, (labels + 1) % vocab)
+            shifted = value(t + torch.randn(1, 5, 1, generator=g, dtype=torch.float64), labels)
+        except (ValueError, TypeError, KeyError, AssertionError, RuntimeError, IndexError) as err:
+            raise ConfigError(f"{use.key}._component_: {name} breaks the divergence contract on "
+                              f"a chunk of random logits: {one_line(err)} ({where})") from None
+
+        def differ(a: float, b: float) -> bool:
+            return abs(a - b) > 1e-9 * (1 + abs(a))
+
+        if not self.reads_labels and differ(base, other_labels):
+            raise ConfigError(f"{use.key}._component_: {name}'s value changes with the labels, "
+                              f"but it does not set reads_labels = True (a teacher cache would "
+                              f"give it no label: a wrong value, silently); accepted: a divergence "
+                              f"that declares what it reads ({where})")
+        if use.cache is not None and use.cache.mode == "sampled":
+            weight = self.tail_weight(torch.full((1, 5), -1.0, dtype=torch.float64),
+                                      torch.ones(1, 5, dtype=torch.bool))
+            served = {"dkl1", "dkl2", "tail_mass", *(weight.stats if weight else ())}
+            unserved = sorted(set(self.stat_names) - served)
+            if unserved:
+                raise ConfigError(
+                    f"{use.key}._component_: {name}'s diagnostics {unserved} cannot be computed "
+                    f"from a sampled teacher cache ({use.cache.where}), which serves "
+                    f"{sorted(served)}; accepted: a cache made with cache_mode=top_m, or the "
+                    f"live teacher")
+        if use.cache is not None and use.cache.mode == "top_m" and differ(base, shifted):
+            raise ConfigError(f"{use.key}._component_: {name}'s value changes when a constant is "
+                              f"added to a position's teacher logits, and a bucket teacher cache "
+                              f"({use.cache.where}) holds log-probabilities; accepted: a "
+                              f"divergence of the two distributions, or the live teacher")
 
     def sum_and_count(
         self, student_logits: Tensor, teacher, labels: Tensor, *,

@@ -187,12 +187,19 @@ def logits_teacher_pass(divergence, teacher_logits: Tensor, labels: Tensor,
                         row_layout(labels), None if document_ids is None else document_ids.reshape(-1))
 
 
-def _reduce_chunk(fn: ChunkFn, temperature: float, detach: tuple[bool, ...], labels: Tensor,
-                  valid: Tensor, num_logits: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+def _reduce_chunk(fn: ChunkFn, temperature: float, detach: tuple[bool, ...], names: tuple[str, ...],
+                  labels: Tensor, valid: Tensor, num_logits: int, *tensors: Tensor
+                  ) -> tuple[Tensor, ...]:
     rows = valid.unsqueeze(-1)
     logits = [scaled_chunk(x, rows, temperature, detach=d)
               for x, d in zip(tensors[:num_logits], detach)]
     per_token, stats = fn(*logits, torch.where(valid, labels, 0), *tensors[num_logits:])
+    if per_token.shape != valid.shape:  # a scalar would be broadcast: n times the value
+        raise ValueError(f"chunk_fn returned a per-token value of shape {tuple(per_token.shape)} "
+                         f"for a chunk of {valid.shape[0]} rows; accepted: one value per row")
+    if tuple(sorted(stats)) != names:
+        raise ValueError(f"chunk_fn returned the diagnostics {sorted(stats)} where its "
+                         f"stat_names declare {list(names)}; accepted: exactly the declared ones")
     zero = per_token.new_zeros(())
     total = torch.where(valid, per_token, zero).sum()
     sums = [torch.where(valid, stats[k].to(per_token.dtype), zero).sum() for k in sorted(stats)]
@@ -240,7 +247,7 @@ def reduce_chunks(
     use_checkpoint = torch.is_grad_enabled() and flat[0].requires_grad and len(slices) > 1
     acc: list[Tensor] | None = None
     for sl in slices:
-        args = (fn, temperature, detach, y[sl], valid[sl], len(flat),
+        args = (fn, temperature, detach, tuple(sorted(stat_names)), y[sl], valid[sl], len(flat),
                 *(x[sl] for x in flat), *(e[sl] for e in extras))
         out = (checkpoint(_reduce_chunk, *args, use_reentrant=False, preserve_rng_state=False)
                if use_checkpoint else _reduce_chunk(*args))

@@ -7,7 +7,14 @@ torch.compile."""
 import pytest
 import torch
 
-from tad_torchtune.losses import DIVERGENCES, DRKLLoss, ForwardKLLoss, ReverseKLLoss, TADLoss
+from tad_torchtune.losses import (
+    DIVERGENCES,
+    Divergence,
+    DRKLLoss,
+    ForwardKLLoss,
+    ReverseKLLoss,
+    TADLoss,
+)
 from tests.helpers.losses import (
     IGNORE,
     B,
@@ -192,3 +199,107 @@ def test_a_divergence_without_its_chunk_math_is_refused_at_set_up():
         f"subclass that sets chunk_fn (docs/design.md, 'The divergence contract')")
     for cls in DIVERGENCES.values():  # the shipped ones all set it
         cls().validate(DivergenceUse(vocab_size=100))
+
+
+def _mse(s, t, labels):  # a common distillation loss that is not a divergence of distributions
+    return ((s - t) ** 2).mean(-1), {}
+
+
+class _Scalar(ForwardKLLoss):  # one value for the whole chunk
+    chunk_fn = staticmethod(lambda s, t, labels: (((s - t) ** 2).mean(), {}))
+
+
+class _Undeclared(ForwardKLLoss):  # a diagnostic its stat_names do not name
+    chunk_fn = staticmethod(lambda s, t, labels: ((s - t).pow(2).mean(-1), {"gap": s[:, 0]}))
+
+
+class _Unreturned(ForwardKLLoss):  # a declared diagnostic never returned
+    stat_names = ("gap",)
+    chunk_fn = staticmethod(_mse)
+
+
+class _NotStatic(ForwardKLLoss):  # chunk_fn = fn, without staticmethod: a bound method
+    chunk_fn = _mse
+
+
+class _ReadsLabels(ForwardKLLoss):  # reads the label without reads_labels = True
+    chunk_fn = staticmethod(
+        lambda s, t, labels: (-s.log_softmax(-1).gather(-1, labels[:, None])[:, 0], {}))
+
+
+class _LogitMSE(ForwardKLLoss):
+    chunk_fn = staticmethod(_mse)
+
+
+class _TailStat(ForwardKLLoss):  # D_KL1 + w D_KL2 (forward KL's), with a diagnostic of its own
+    stat_names = ("top1",)
+
+    @staticmethod
+    def chunk_fn(s, t, labels):
+        from tad_torchtune.losses.kl import forward_kl_chunk
+
+        value, _ = forward_kl_chunk(s, t, labels)
+        return value, {"top1": t.softmax(-1).amax(-1)}
+
+
+def test_the_contract_is_checked_at_set_up_on_random_logits():
+    """What a divergence written outside this package can get wrong is one line at set-up
+    (``check``): before, a traceback at the first step (an AssertionError, a KeyError, a
+    TypeError), or silently wrong numbers (a scalar per chunk counted n times; the label read
+    from a cache, which has none; logits compared where a bucket cache holds log-probabilities)."""
+    from tad_torchtune.errors import ConfigError
+    from tad_torchtune.losses import CacheSpec, DivergenceUse
+
+    online = DivergenceUse(vocab_size=100)
+    bucket = DivergenceUse(vocab_size=100, cache=CacheSpec("top_m", 8, 1.0, "teacher_cache_dir='c'"))
+    sampled = DivergenceUse(vocab_size=100, cache=CacheSpec("sampled", 8, 1.0, "teacher_cache_dir='c'"))
+    contract = "(docs/design.md, 'The divergence contract')"
+
+    def refused(cls, use):
+        with pytest.raises(ConfigError) as err:
+            cls().check(use)
+        return str(err.value)
+
+    head = "kd_loss._component_: tests.losses.test_base."
+    assert refused(_Scalar, online) == (
+        f"{head}_Scalar breaks the divergence contract on a chunk of random logits: chunk_fn "
+        f"returned a per-token value of shape () for a chunk of 5 rows; accepted: one value per "
+        f"row {contract}")
+    assert refused(_Undeclared, online) == (
+        f"{head}_Undeclared breaks the divergence contract on a chunk of random logits: chunk_fn "
+        f"returned the diagnostics ['gap'] where its stat_names declare []; accepted: exactly the "
+        f"declared ones {contract}")
+    assert "chunk_fn returned the diagnostics [] where its stat_names declare ['gap']" in (
+        refused(_Unreturned, online))
+    assert refused(_NotStatic, online).startswith(
+        f"{head}_NotStatic breaks the divergence contract on a chunk of random logits: ")
+    assert refused(_ReadsLabels, online) == (
+        f"{head}_ReadsLabels's value changes with the labels, but it does not set reads_labels "
+        f"= True (a teacher cache would give it no label: a wrong value, silently); accepted: a "
+        f"divergence that declares what it reads {contract}")
+    _LogitMSE().check(online)  # the live teacher: its logits, any loss of them
+    assert refused(_LogitMSE, bucket) == (
+        f"{head}_LogitMSE's value changes when a constant is added to a position's teacher "
+        f"logits, and a bucket teacher cache (teacher_cache_dir='c') holds log-probabilities; "
+        f"accepted: a divergence of the two distributions, or the live teacher")
+    _TailStat().check(bucket)
+    assert refused(_TailStat, sampled) == (
+        f"{head}_TailStat's diagnostics ['top1'] cannot be computed from a sampled teacher cache "
+        f"(teacher_cache_dir='c'), which serves ['dkl1', 'dkl2', 'tail_mass']; accepted: a cache "
+        f"made with cache_mode=top_m, or the live teacher")
+    for name, cls in DIVERGENCES.items():  # every shipped one keeps it, wherever it serves
+        for use in (online, bucket, sampled):
+            if use is not sampled or cls.tail_weight is not Divergence.tail_weight:
+                cls(**_SMALL.get(name, {})).check(use)
+
+
+def test_a_divergence_name_is_one_class_s():
+    """A user's class named as a shipped divergence replaced it in the registry, silently."""
+    with pytest.raises(ValueError) as err:
+        class Clash(ForwardKLLoss):
+            name = "forward_kl"
+
+    assert str(err.value) == (
+        f"{__name__}.test_a_divergence_name_is_one_class_s.<locals>.Clash: the divergence name "
+        f"'forward_kl' is tad_torchtune.losses.kl.ForwardKLLoss's; accepted: a name of its own")
+    assert DIVERGENCES["forward_kl"] is ForwardKLLoss
