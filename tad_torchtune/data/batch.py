@@ -23,7 +23,8 @@ class Batch:
     Attributes:
         tokens: ``[B, T]`` int64 input ids.
         labels: ``[B, T]`` int64, SHIFTED: position t predicts ``labels[t]``, ``IGNORE_INDEX``
-            where nothing counts (padding, a prompt, each row's last position).
+            where nothing counts (padding, a prompt, each row's last position, and in packed
+            rows each sample's last, which alone in a row would predict nothing).
         document_ids: ``[B, T]`` the document of each token within its row (0 for the row's
             first), or None when a row is one sequence.
         mask: attention mask of packed rows (``[B, T, T]`` bool or a flex ``BlockMask``), or
@@ -120,6 +121,10 @@ def collate(samples: list[dict[str, Any]], *, pad_id: int = 0,
     if first.get("teacher") is not None:
         batch.teacher = type(first["teacher"]).stack([s["teacher"] for s in samples])
     batch.labels = shift_labels(batch.labels, ignore_index)
+    if batch.packed:  # a sample's last position would predict the next sample's first token,
+        # which no unpacked row trains (its end is its row's): ignored, as each sample alone
+        ends = batch.document_ids[:, 1:] != batch.document_ids[:, :-1]
+        batch.labels[:, :-1].masked_fill_(ends, ignore_index)
     batch.num_tokens = int((batch.labels != ignore_index).sum())
     return batch
 

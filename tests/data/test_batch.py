@@ -63,7 +63,11 @@ def test_packed_rows_get_documents_mask_and_positions():
     ref = padded_collate_packed(samples)
     assert batch.packed and batch.mask is None and torch.equal(batch.input_pos, ref["input_pos"])
     assert batch.document_ids.tolist() == [[0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 0, 0, 0, 1, 1, 1]]
-    assert batch.labels[0].tolist() == [1, 2, 3, 4, 5, 6, 7, IGNORE_INDEX]
+    # a sample's last position predicts nothing, as in a row of its own (before, the next
+    # sample's first token: packed and unpacked rows trained other positions)
+    assert batch.labels[0].tolist() == [1, 2, IGNORE_INDEX, 4, IGNORE_INDEX, 6, 7, IGNORE_INDEX]
+    assert batch.labels[1].tolist() == [1, 2, 3, 4, IGNORE_INDEX, 6, 7, IGNORE_INDEX]
+    assert batch.num_tokens == 11
     masked = batch.to("cpu").with_attention(document_mask=False)  # packed: masked anyway
     assert masked.packed and torch.equal(masked.input_pos, ref["input_pos"])
     # the same attention as torchtune's for every real token (rows of the padding differ: it
