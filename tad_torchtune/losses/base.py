@@ -211,7 +211,7 @@ class Divergence(nn.Module):
             return float(self.sum_and_count(s, teacher, labels, chunk_size=None).total)
 
         try:
-            base = value(t, labels)
+            base, again = value(t, labels), value(t, labels)
             other_labels = value(t, (labels + 1) % vocab)
             shifted = value(t + torch.randn(1, 5, 1, generator=g, dtype=torch.float64), labels)
         except (ValueError, TypeError, KeyError, AssertionError, RuntimeError, IndexError) as err:
@@ -221,11 +221,6 @@ class Divergence(nn.Module):
         def differ(a: float, b: float) -> bool:
             return abs(a - b) > 1e-9 * (1 + abs(a))
 
-        if not self.reads_labels and differ(base, other_labels):
-            raise ConfigError(f"{use.key}._component_: {name}'s value changes with the labels, "
-                              f"but it does not set reads_labels = True (a teacher cache would "
-                              f"give it no label: a wrong value, silently); accepted: a divergence "
-                              f"that declares what it reads ({where})")
         if use.cache is not None and use.cache.mode == "sampled":
             weight = self.tail_weight(torch.full((1, 5), -1.0, dtype=torch.float64),
                                       torch.ones(1, 5, dtype=torch.bool))
@@ -237,6 +232,13 @@ class Divergence(nn.Module):
                     f"from a sampled teacher cache ({use.cache.where}), which serves "
                     f"{sorted(served)}; accepted: a cache made with cache_mode=top_m, or the "
                     f"live teacher")
+        if differ(base, again):  # a value that draws at random: nothing more to compare
+            return
+        if not self.reads_labels and differ(base, other_labels):
+            raise ConfigError(f"{use.key}._component_: {name}'s value changes with the labels, "
+                              f"but it does not set reads_labels = True (a teacher cache would "
+                              f"give it no label: a wrong value, silently); accepted: a divergence "
+                              f"that declares what it reads ({where})")
         if use.cache is not None and use.cache.mode == "top_m" and differ(base, shifted):
             raise ConfigError(f"{use.key}._component_: {name}'s value changes when a constant is "
                               f"added to a position's teacher logits, and a bucket teacher cache "

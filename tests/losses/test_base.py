@@ -231,6 +231,10 @@ class _LogitMSE(ForwardKLLoss):
     chunk_fn = staticmethod(_mse)
 
 
+class _Noisy(ForwardKLLoss):  # a value that draws at random (neither labels nor a shift read)
+    chunk_fn = staticmethod(lambda s, t, labels: (((s - t) ** 2).mean(-1) * torch.rand(()), {}))
+
+
 class _TailStat(ForwardKLLoss):  # D_KL1 + w D_KL2 (forward KL's), with a diagnostic of its own
     stat_names = ("top1",)
 
@@ -283,6 +287,7 @@ def test_the_contract_is_checked_at_set_up_on_random_logits():
         f"logits, and a bucket teacher cache (teacher_cache_dir='c') holds log-probabilities; "
         f"accepted: a divergence of the two distributions, or the live teacher")
     _TailStat().check(bucket)
+    _Noisy().check(bucket)  # random: not compared with itself, nor refused for it
     assert refused(_TailStat, sampled) == (
         f"{head}_TailStat's diagnostics ['top1'] cannot be computed from a sampled teacher cache "
         f"(teacher_cache_dir='c'), which serves ['dkl1', 'dkl2', 'tail_mass']; accepted: a cache "
