@@ -88,7 +88,7 @@ from tad_torchtune.parallel import (
     preemption_grace_s,
     shutdown_timeout_settable,
 )
-from tad_torchtune.profiling import StepProfiler, describe
+from tad_torchtune.profiling import OUTSIDE_STEPS, StepProfiler, describe
 from tad_torchtune.schema import (
     DISTILL,
     check_hidden_layers,
@@ -618,10 +618,14 @@ class TADDistillRecipe:
             while self.step_in_epoch < self._steps_per_epoch and self.global_step < self._total_steps:
                 self.train_step(batches, progress)
                 self._log_profile(self._profiler.step())  # on the step that ends a cycle
-                if self._due(self._eval_every):
-                    self._log(self.evaluate())
-                if self._due(self._save_every):
-                    self.save()
+                evaluate, save = self._due(self._eval_every), self._due(self._save_every)
+                if evaluate or save:  # not a step's: left out of the profile and the bar's rate
+                    with torch.profiler.record_function(OUTSIDE_STEPS):
+                        if evaluate:
+                            self._log(self.evaluate())
+                        if save:
+                            self.save()
+                    progress.unpause()
                 if self._stopping:
                     return
             if self.step_in_epoch >= self._steps_per_epoch:
@@ -664,7 +668,8 @@ class TADDistillRecipe:
                 rows, length = batch.tokens.shape
                 if length not in self._flops_per_token:
                     self._flops_per_token[length] = step_flops_per_token(
-                        self._student, self._teacher if self._head.needs_teacher else None, length)
+                        self._student, self._teacher if self._head.needs_teacher else None, length,
+                        teacher_projects=self._kd_weight > 0)  # else its hidden states alone
                 flops += self._flops_per_token[length] * rows * length
             out["mfu"] = flops / seconds / self._peak_flops
         return out
@@ -780,7 +785,10 @@ class TADDistillRecipe:
                                    "scored")
             return {}
         return {"val_kl": out["kl"], "val_ce": out["ce"], "val_ppl": out["ppl"],
-                "val_top1_agreement": out["top1_agreement"]}
+                "val_top1_agreement": out["top1_agreement"],
+                # what they are means over: max_eval_batches caps batches of batch_size rows
+                # per process, so another batch or process count scores another share
+                "val_tokens": int(out["num_tokens"])}
 
     # ------------------------------------------------------------------ checkpoints and logging
 

@@ -95,13 +95,17 @@ def model_flops(model: nn.Module, seq_len: int) -> ModelFlops:
     return ModelFlops(weights, trainable, out.numel(), bool(out.requires_grad), attention)
 
 
-def step_flops_per_token(student: nn.Module, teacher: nn.Module | None, seq_len: int) -> int:
+def step_flops_per_token(student: nn.Module, teacher: nn.Module | None, seq_len: int, *,
+                         teacher_projects: bool = True) -> int:
     """FLOPs per processed token of one training step: the student's forward and backward and
-    the teacher's forward (None: a step without a live teacher, e.g. from a teacher cache)."""
+    the teacher's forward (None: a step without a live teacher, e.g. from a teacher cache;
+    ``teacher_projects`` False: its hidden states alone, for a hidden-state loss without a
+    divergence, so no output projection)."""
     s = model_flops(student, seq_len)
     total = s.forward + s.backward
     if teacher is not None:
-        total += model_flops(teacher, seq_len).forward
+        t = model_flops(teacher, seq_len)
+        total += t.forward - (0 if teacher_projects else 2 * t.output_weights)
     return total
 
 

@@ -140,6 +140,11 @@ def _under_aten(event: Any) -> bool:
     return False
 
 
+#: the ``record_function`` range of what a training loop runs between its steps (a validation,
+#: a checkpoint), which ``step_metrics`` leaves out of the steps it measures
+OUTSIDE_STEPS = "tad_torchtune/outside_steps"
+
+
 def step_metrics(events: list[Any], device: str) -> dict[str, float]:
     """Metrics of one profiled cycle, per active step: ``profile_step_ms`` (the host's time of a
     step, the range of its ``ProfilerStep#N``), ``profile_busy_ms`` and ``profile_busy_share``
@@ -147,8 +152,16 @@ def step_metrics(events: list[Any], device: str) -> dict[str, float]:
     ``profile_<kind>_ms`` for every kind that took time (``/`` in a kind's name as ``_``). A
     step is a ``ProfilerStep`` range in which a kernel started: a cycle the run's end cut short
     ends with an empty one (the next step's, opened by the last ``step()``, closed by
-    ``stop()``)."""
-    kernels = device_kernels(events, device)
+    ``stop()``). ``OUTSIDE_STEPS`` ranges (a validation, a checkpoint between two steps) are
+    left out: their time, their kernels (those that start inside them; on a GPU, whose
+    kernels run after their launch, approximately), and a step range holding nothing else."""
+    outside = sorted((e.time_range.start, e.time_range.end) for e in events
+                     if e.name == OUTSIDE_STEPS and e.device_type == torch.autograd.DeviceType.CPU)
+
+    def covered(start: float, end: float) -> float:  # of [start, end] by the outside ranges
+        return sum(max(0.0, min(end, b) - max(start, a)) for a, b in outside)
+
+    kernels = [k for k in device_kernels(events, device) if not covered(k[1], k[1] + 1e-3)]
     starts = sorted(start for _, start, _ in kernels)
     steps = [e for e in events if e.name.startswith("ProfilerStep")  # "ProfilerStep*"
              and e.device_type == torch.autograd.DeviceType.CPU  # not its range on the GPU
@@ -156,7 +169,8 @@ def step_metrics(events: list[Any], device: str) -> dict[str, float]:
              < bisect.bisect_left(starts, e.time_range.end)]
     count = max(len(steps), 1)
     got = breakdown(kernels)
-    step_ms = sum(e.time_range.end - e.time_range.start for e in steps) / 1e3 / count
+    step_ms = sum(e.time_range.end - e.time_range.start
+                  - covered(e.time_range.start, e.time_range.end) for e in steps) / 1e3 / count
     out = {"profile_step_ms": step_ms, "profile_busy_ms": got["busy_ms"] / count,
            "profile_busy_share": got["busy_ms"] / count / step_ms if step_ms else 0.0,
            "profile_kernels": got["kernels"] / count}

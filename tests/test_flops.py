@@ -61,6 +61,23 @@ def test_step_flops_match_the_flop_counter(freeze_embeddings):
     assert f.trainable_block_weights == f.block_weights - 64 * 64
 
 
+def test_a_teacher_read_for_its_hidden_states_alone_has_no_projection():
+    """With a hidden-state loss and no divergence the teacher runs no output projection: its
+    FLOPs are the counter's of its blocks alone (before, 2 V D per token too: MFU +8%)."""
+    from torchtune.models.llama3 import llama3
+
+    teacher = llama3(**{k: v for k, v in NODE.items() if k != "_component_"})
+    student = pruned_student(teacher=NODE, num_layers=2, intermediate_dim=96)
+    tokens = torch.randint(0, NODE["vocab_size"], (2, 64))
+    with FlopCounterMode(display=False, custom_mapping=_cpu_attention_mapping()) as counter:
+        with torch.no_grad():
+            forward_hidden(teacher, tokens)
+    hidden_only = step_flops_per_token(student, teacher, 64, teacher_projects=False)
+    assert hidden_only - step_flops_per_token(student, None, 64) == pytest.approx(
+        counter.get_total_flops() / tokens.numel(), rel=0.05)
+    assert step_flops_per_token(student, teacher, 64) - hidden_only == 2 * 512 * 64
+
+
 def test_flops_without_a_teacher_are_the_students_alone():
     student = pruned_student(teacher=NODE, num_layers=2, intermediate_dim=96)
     f = model_flops(student, 32)

@@ -164,6 +164,26 @@ def test_a_cycle_s_metrics_are_per_active_step():
         "matmul 6.0, copy_fill 0.5, other 0.5")
 
 
+def test_a_validation_between_steps_is_not_a_step_s():
+    """A validation (or a checkpoint) runs after ``step()``, inside the next step's range, and
+    after the last step in a range of its own: its time, its kernels and a range holding only
+    it are left out (before, a 6.4 s validation made a 1.5 s step 3.7 s, and the range after
+    the last step counted as a step)."""
+    cpu = torch.autograd.DeviceType.CPU
+    events = [event("ProfilerStep*", 0, 10_000, cpu), event("aten::mm", 1_000, 5_000, cpu),
+              # step 2's range: a validation (its own mm), then the step
+              event("ProfilerStep*", 10_000, 70_000, cpu),
+              event(profiling.OUTSIDE_STEPS, 10_000, 60_000, cpu),
+              event("aten::mm", 20_000, 50_000, cpu), event("aten::mm", 61_000, 65_000, cpu),
+              # after the last step: a validation alone
+              event("ProfilerStep*", 70_000, 90_000, cpu),
+              event(profiling.OUTSIDE_STEPS, 70_000, 89_000, cpu),
+              event("aten::mm", 71_000, 80_000, cpu)]
+    assert step_metrics(events, "cpu") == pytest.approx({
+        "profile_step_ms": 10.0, "profile_busy_ms": 4.0, "profile_busy_share": 0.4,
+        "profile_kernels": 1.0, "profile_matmul_ms": 4.0})
+
+
 def test_a_gpu_s_annotation_ranges_are_neither_kernels_nor_steps():
     """On CUDA a user-scope range (``record_function``: the schedule's ``ProfilerStep#N``, the
     optimizer's ``Optimizer.step#AdamW.step``) is recorded twice: on the host, and as a CUDA
