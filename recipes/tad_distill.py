@@ -315,11 +315,12 @@ class TADDistillRecipe:
             if differ:
                 self._warn(f"{', '.join(differ)}: tad_cache's keys shape a cache as it is made; "
                            f"this run reads the one in {str(self._teacher_cache.root)!r} as it is")
-            self._teacher_cache.check_teacher(teacher_identity(cfg))
         # the models against their checkpoints' config.json, before any weight is read
         teacher_kwargs = check_model_fits_checkpoint(
             cfg.teacher_model, cfg.teacher_checkpointer, model_key="teacher_model",
             checkpointer_key="teacher_checkpointer")
+        if self._teacher_cache is not None:  # its checkpoint files checked: the cache's?
+            self._teacher_cache.check_teacher(teacher_identity(cfg))
         self._student_vocab, student_layers, student_len, student_width = sizes_of(
             cfg.student_model)
         # rows longer than either model's RoPE tables cannot run (checked per batch too)

@@ -174,6 +174,7 @@ class TADEleutherEvalRecipe(eleuther_eval.EleutherEvalRecipe):
         (``hf_decoder``) is built from: a null one becomes the family's, a set one must convert
         that model type's weights (another family's conversion fails on a key, or loads Llama's
         q/k weights unpermuted, silently)."""
+        from tad_torchtune.checkpointing import META
         from tad_torchtune.models import model_from_hf_config
         from tad_torchtune.models.loading import (
             check_checkpointer_model_type,
@@ -182,9 +183,9 @@ class TADEleutherEvalRecipe(eleuther_eval.EleutherEvalRecipe):
         )
 
         hf = hf_config_of(checkpointer)
-        if hf is None:
+        if hf is None:  # another checkpointer's folder, left to it; a training checkpoint's not
             folder = Path(str(checkpointer.checkpoint_dir)).expanduser()
-            if folder.is_dir():  # a missing folder: torchtune's checkpointer says it
+            if (folder / META).is_file():
                 raise ConfigError(no_config_json(folder, "checkpointer.checkpoint_dir"))
             return
         if checkpointer.get("model_type") is None:

@@ -177,14 +177,16 @@ def teacher_identity(cfg: Any) -> dict[str, Any]:
     }
 
 
-#: what ``teacher_differences`` compares: of the teacher itself, and of how it ran
-TEACHER_ITSELF, TEACHER_RUN = ("model", "checkpoint_files"), ("dtype", "vocab_alignment")
+#: what ``teacher_differences`` compares: the teacher's weights (its model config was checked
+#: against their config.json; another spelling of it, a longer ``max_seq_len``, is the same
+#: teacher), and, for a resumed ``tad_cache``, how it ran
+TEACHER_WEIGHTS, TEACHER_RUN = ("checkpoint_files",), ("model", "dtype", "vocab_alignment")
 _TEACHER_KEYS = {"model": "teacher_model", "checkpoint_files": "teacher_checkpointer.checkpoint_files",
                  "dtype": "dtype", "vocab_alignment": "vocab_alignment"}
 
 
 def teacher_differences(then: dict[str, Any], now: dict[str, Any],
-                        compared: tuple[str, ...] = TEACHER_ITSELF + TEACHER_RUN) -> list[str]:
+                        compared: tuple[str, ...] = TEACHER_WEIGHTS + TEACHER_RUN) -> list[str]:
     """How the teacher ``now`` (``teacher_identity``) differs from ``then``, a cache's, in the
     fields ``compared``: one phrase per difference, naming the config key. A file's size and
     digest are compared where both record them (a cache of an earlier version recorded the
@@ -197,8 +199,10 @@ def teacher_differences(then: dict[str, Any], now: dict[str, Any],
                 out.append(f"{key}: {new!r}, the cache's teacher {old!r}")
             continue
         old, new = old or {}, new or {}
-        if list(old) != list(new):
-            out.append(f"{key}: {list(new)}, the cache's teacher {list(old)}")
+        if not old:  # an earlier version recorded none of torchtune's filename_format form
+            continue
+        if set(old) != set(new):
+            out.append(f"{key}: {sorted(new)}, the cache's teacher {sorted(old)}")
             continue
         for name in new:
             a = old[name] if isinstance(old[name], dict) else {"size": old[name]}
@@ -357,10 +361,10 @@ class TeacherCache:
 
     def check_teacher(self, teacher: dict[str, Any]) -> None:
         """Refuse a cache made by another teacher than ``teacher`` (``teacher_identity`` of the
-        run): another model config, other checkpoint files or other weights in them. The dtype
-        and vocabulary alignment it ran with are the cache's, whatever the run's."""
+        run): other checkpoint files or other weights in them. The dtype and vocabulary
+        alignment it ran with are the cache's, whatever the run's."""
         then = self.manifest.get("teacher")
-        differ = teacher_differences(then, teacher, TEACHER_ITSELF) if then else []
+        differ = teacher_differences(then, teacher, TEACHER_WEIGHTS) if then else []
         if differ:
             raise ConfigError(
                 f"{'; '.join(differ)}: the teacher cache {str(self.root)!r} was made by another "

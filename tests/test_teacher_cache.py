@@ -147,17 +147,18 @@ def _teacher_files(folder, seed, size=300_000):
         "model.safetensors": {"size": size, "sampled_sha256": sampled_digest(path)}}}
 
 
-def test_a_teacher_is_its_model_and_its_weights_wherever_they_are(tmp_path):
-    """The cache's teacher is compared by model config and checkpoint contents (size and a
-    digest of blocks spread over each file): moved or copied it is the same, other weights of
-    the same size are another teacher; a cache of an earlier version (sizes only) compares
-    sizes."""
+def test_a_teacher_is_its_weights_wherever_they_are(tmp_path):
+    """The cache's teacher is compared by its checkpoint contents (size and a digest of blocks
+    spread over each file): moved or copied it is the same, other weights of the same size are
+    another teacher; a cache of an earlier version (sizes only) compares sizes, and one that
+    recorded no file (torchtune's filename_format form) none; the model config, another
+    spelling of which is the same teacher, and the dtype only for a resumed tad_cache."""
     import os
     import shutil
 
     from tad_torchtune.teacher_cache import (
         DIGEST_BLOCK_BYTES,
-        TEACHER_ITSELF,
+        TEACHER_WEIGHTS,
         sampled_digest,
         teacher_differences,
     )
@@ -182,11 +183,18 @@ def test_a_teacher_is_its_model_and_its_weights_wherever_they_are(tmp_path):
     old = {**made, "checkpoint_files": {"model.safetensors": 300000}}  # an earlier cache's
     assert teacher_differences(old, other) == []
     assert teacher_differences({**old, "checkpoint_files": {"model.safetensors": 7}}, other)
-    assert teacher_differences(made, {**made, "model": {"_component_": "big"}, "dtype": "bf16"},
-                               TEACHER_ITSELF) == [
-        "teacher_model: {'_component_': 'big'}, the cache's teacher {'_component_': 'tiny'}"]
+    run = {**made, "model": {"_component_": "big"}, "dtype": "bf16"}
+    assert teacher_differences(made, run, TEACHER_WEIGHTS) == []
+    assert teacher_differences(made, run) == [  # a resumed tad_cache
+        "teacher_model: {'_component_': 'big'}, the cache's teacher {'_component_': 'tiny'}",
+        "dtype: 'bf16', the cache's teacher 'fp32'"]
     assert teacher_differences(made, {**made, "checkpoint_files": {}}) == [
         "teacher_checkpointer.checkpoint_files: [], the cache's teacher ['model.safetensors']"]
+    two = {"a.safetensors": {"size": 1, "sampled_sha256": "x"},
+           "b.safetensors": {"size": 2, "sampled_sha256": "y"}}
+    assert teacher_differences({**made, "checkpoint_files": two}, {**made, "checkpoint_files":
+                                                                  dict(reversed(two.items()))}) == []
+    assert teacher_differences({**made, "checkpoint_files": {}}, other) == []  # recorded none
 
 
 def test_a_cache_of_another_teacher_is_refused_on_resume_and_for_training(tmp_path):

@@ -56,6 +56,8 @@ def checkpoint_file_names(files: Sequence[str] | Mapping[str, str] | None) -> li
     max_filename}`` form, as the names of the files it reads."""
     if isinstance(files, Mapping):
         files = FormattedCheckpointFiles.from_dict(dict(files)).build_checkpoint_filenames()
+    if isinstance(files, str):  # one name, not its letters (errors.check_checkpoint_files
+        return [files]  # refuses it where the checkpointer is built)
     return [str(f) for f in files or []]
 
 

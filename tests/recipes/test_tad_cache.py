@@ -326,6 +326,10 @@ def test_cache_errors_name_the_keys(assets, tmp_path, monkeypatch, capsys):
         f"content digest): the teacher cache {str(cache)!r} was made by another teacher (from "
         f"{str(Path(assets['teacher']).resolve())!r}); accepted: the cache's teacher, or a "
         f"cache of this one (tune run tad_cache into another teacher_cache_dir)")
+    # the teacher's checkpoint files are checked before the cache's teacher is compared
+    line = fails(**{"kd_loss.k": 2, "teacher_checkpointer.checkpoint_files": "model.safetensors"})
+    assert line.startswith("tad_distill: error: teacher_checkpointer.checkpoint_files: "), line
+    assert "model.safetensors" in line and "another teacher" not in line, line
     empty = tmp_path / "empty"
     empty.mkdir()
     line = fails(teacher_cache_dir=str(empty))

@@ -135,6 +135,9 @@ def test_a_training_checkpoint_and_a_window_too_long_are_refused_before_loading(
         f"checkpointer.checkpoint_dir: {str(step)!r} has no config.json; it is a tad_distill "
         f"training checkpoint (for resuming); accepted: its Hugging Face export "
         f"{str(step / 'hf')!r} (written when export_hf: true), or the run's output_dir/student")
+    # another checkpointer's folder without config.json (torchtune's format): left to it
+    (step / "meta.pt").unlink()
+    TADEleutherEvalRecipe._fit_model_type(cfg.checkpointer)
     cfg.student_dir = str(save_hf_llama(tmp_path / "student", seed=3))  # max_seq_len 64
     cfg.max_seq_length = 64
     TADEleutherEvalRecipe._check_length(cfg)
