@@ -642,6 +642,14 @@ def fused_head(
             f"labels shape {tuple(labels.shape)} must equal student_hidden's leading shape "
             f"{tuple(student_hidden.shape[:-1])} (student_hidden is [B, T, D] or [N, D])"
         )
+    if divergence is not None:  # what sum_and_count checks too: a traceback in a chunk else
+        from tad_torchtune.losses.base import CacheSpec, DivergenceUse
+
+        cache = (None if teacher_cache is None else
+                 CacheSpec(teacher_cache.mode, teacher_cache.top_m, divergence.temperature,
+                           where="teacher cache"))
+        divergence.validate(DivergenceUse(vocab_size=student_weight.shape[0], fused=True,
+                                          cache=cache, key=type(divergence).__name__))
     sides = [("student", student_hidden, student_weight, student_bias)]
     if divergence is not None and teacher_cache is None:
         if teacher_hidden is None or teacher_weight is None:

@@ -819,3 +819,30 @@ def test_output_biases_on_the_fused_path(name, compile_chunks):
         torch.testing.assert_close(mine.grad, ref.grad, atol=1e-10, rtol=1e-9)
     without = fused_divergence(div, h_s, w_s, h_t, w_t, labels, chunk_size=13)
     assert abs(float(without.total.detach()) - float(kd.total.detach())) > 1e-3  # biases matter
+
+
+def test_the_fused_head_checks_its_divergence_as_sum_and_count_does():
+    """A divergence without its chunk math, or one a sampled cache cannot serve: one line
+    (before, ``'NoneType' object is not callable`` from a chunk, or an AssertionError), as
+    ``sum_and_count`` says it."""
+    from tad_torchtune.errors import ConfigError
+    from tad_torchtune.losses import Divergence
+    from tad_torchtune.losses import ReverseKLLoss
+    from tad_torchtune.losses.cached import teacher_sampled, teacher_top_m
+    from tad_torchtune.losses.fused import fused_divergence, fused_head
+
+    class Unfinished(Divergence):
+        pass
+
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(2, 5, 8, generator=g), torch.randn(30, 8, generator=g)
+    labels = torch.randint(0, 30, (2, 5), generator=g)
+    with pytest.raises(ConfigError, match="Unfinished sets no chunk_fn"):
+        fused_divergence(Unfinished(), h, w, h, w, labels)
+    sampled = teacher_sampled(h @ w.T, 6, 4, seed=0, blocks=torch.arange(2))
+    with pytest.raises(ConfigError, match=r"^ReverseKLLoss._component_: ReverseKLLoss cannot be "
+                                          r"estimated from a sampled teacher cache"):
+        fused_head(h, w, labels, divergence=ReverseKLLoss(), teacher_cache=sampled)
+    fused_head(h, w, labels, divergence=ForwardKLLoss(), teacher_cache=sampled)  # it can
+    fused_head(h, w, labels, divergence=ReverseKLLoss(),
+               teacher_cache=teacher_top_m(h @ w.T, labels, 6))
