@@ -36,7 +36,7 @@ from tad_torchtune.data.sources import (
 )
 from tad_torchtune.data.store import (
     FORMAT_VERSION, MANIFEST, OFFSETS, TOKENS, StoreError, StoreWriter, TokenStore,
-    remove_stale_tmp, store_key, token_dtype_for, write_manifest,
+    interrupted_build, remove_stale_tmp, store_key, token_dtype_for, write_manifest,
     tokenizer_fingerprint, tokenizer_vocab_size,
 )
 from tad_torchtune.files import TMP_PREFIX, publish_dir, staging_dir, temporary_target
@@ -184,12 +184,28 @@ def _count(n: float) -> str:
     return tqdm.format_sizeof(n)
 
 
-def _batches(files: Sequence[SourceFile], *, column: str, where: str,
-             batch_chars: int) -> Iterator[_Batch | _FileEnd]:
+def _files_done(writer: StoreWriter, files: Sequence[SourceFile]) -> int:
+    """How many of ``files`` a resumed ``writer`` holds: its sources, if they are the first of
+    ``files`` as they are now (the store's key, from their stats, says so; checked again)."""
+    done = writer.sources
+    if [(s["path"], s["size"], s["mtime_ns"]) for s in done] != [
+            (str(f.path), f.size, f.mtime_ns) for f in files[:len(done)]]:
+        raise StoreError(f"the interrupted build in {str(writer.tmp)!r} is of other files; "
+                         f"delete it")
+    return len(done)
+
+
+def _batches(files: Sequence[SourceFile], *, column: str, where: str, batch_chars: int,
+             first: int = 0, documents_before: int = 0) -> Iterator[_Batch | _FileEnd]:
+    """The documents of ``files[first:]`` in batches of about ``batch_chars`` characters, and
+    each file's end with its SHA-256 (``documents_before``: those of the files before)."""
     import hashlib
 
-    total = before = 0  # documents, and the bytes of the files before this one
+    total = documents_before  # documents
+    before = sum(f.size for f in files[:first])  # bytes of the files before this one
     for i, f in enumerate(files):
+        if i < first:
+            continue
         digest = _CountingDigest(hashlib.sha256())
         batch, chars, n = _Batch(i, 0), 0, 0
         try:
@@ -269,11 +285,18 @@ def _in_order(items: Iterator[_Batch | _FileEnd], encode: EncodeFn, dtype: str,
         yield done(head, future.result if future is not None else lambda: None)
 
 
+#: seconds between two checkpoints of a build (``StoreWriter.checkpoint``), taken at file ends
+CHECKPOINT_EVERY_S = 30.0
+
+
 def build_store(path: Path, files: Sequence[SourceFile], tokenizer: Any, *, column: str = "text",
                 token_dtype: str = "uint16", tokenizer_fp: str | None = None,
                 num_workers: int | None = None, batch_encode: bool = True,
-                where: str = "dataset", progress: bool = True) -> Path:
+                where: str = "dataset", progress: bool = True,
+                resume: Path | None = None) -> Path:
     """Tokenize ``files`` and publish the store at ``path`` (atomically; see ``StoreWriter``).
+    At the end of a file, at most every ``CHECKPOINT_EVERY_S`` seconds, what is written is
+    recorded, so that a build killed or interrupted later goes on from there (``resume``).
 
     Args:
         path: the store's folder (``<store_dir>/<store_key(...)>``).
@@ -288,6 +311,8 @@ def build_store(path: Path, files: Sequence[SourceFile], tokenizer: Any, *, colu
         where: the config key of the dataset, for error messages.
         progress: show a progress bar on stderr: the share of the source files' bytes read
             (its percentage and time left), the tokens written and their rate.
+        resume: the temporary folder of an interrupted build of this store
+            (``store.interrupted_build``): the files it completed are kept, not read again.
 
     Returns:
         ``path``.
@@ -320,12 +345,20 @@ def build_store(path: Path, files: Sequence[SourceFile], tokenizer: Any, *, colu
             "bos_id": getattr(tokenizer, "bos_id", None), "eos_id": getattr(tokenizer, "eos_id", None)}
     start = time.perf_counter()
     try:
-        with StoreWriter(path, token_dtype=token_dtype, tokenizer=info, column=column) as writer, \
+        with StoreWriter(path, token_dtype=token_dtype, tokenizer=info, column=column,
+                         resume=resume) as writer, \
                 tqdm(total=sum(f.size for f in files), unit="B", unit_scale=True,
                      unit_divisor=1024, desc="tad_torchtune: tokenizing", file=sys.stderr,
                      disable=not progress, mininterval=1.0, dynamic_ncols=True) as bar:
-            items = _batches(files, column=column, where=where, batch_chars=BATCH_CHARS[engine])
-            file_tokens = 0
+            done = _files_done(writer, files)
+            if done:
+                bar.write(f"tad_torchtune: going on from an interrupted build: {done} of "
+                          f"{len(files)} file(s), {writer.num_tokens:,} tokens, kept",
+                          file=sys.stderr)
+                bar.update(sum(f.size for f in files[:done]))
+            items = _batches(files, column=column, where=where, batch_chars=BATCH_CHARS[engine],
+                             first=done, documents_before=writer.num_documents)
+            file_tokens, saved = 0, time.perf_counter()
             try:
                 for batch, result in _in_order(items, encode, token_dtype, executor, window):
                     if isinstance(batch, _FileEnd):
@@ -334,6 +367,10 @@ def build_store(path: Path, files: Sequence[SourceFile], tokenizer: Any, *, colu
                                            "sha256": batch.sha256, "num_documents": batch.num_documents,
                                            "num_tokens": file_tokens})
                         file_tokens = 0
+                        if (batch.file + 1 < len(files)
+                                and time.perf_counter() - saved >= CHECKPOINT_EVERY_S):
+                            writer.checkpoint()
+                            saved = time.perf_counter()
                         continue
                     tokens, lengths = result
                     writer.append(tokens, lengths)
@@ -560,11 +597,15 @@ def prepare_store(source: str | Sequence[str], tokenizer: Any, *, column: str = 
         if _builds_here():
             _check_writable(root, where)
             with _build_lock(root, key):
+                resume = None
                 if not (path / MANIFEST).is_file():
-                    remove_stale_tmp(root, key)
+                    resume = interrupted_build(root, key)
+                    remove_stale_tmp(root, key, keep=resume)
                     _remove_abandoned_builds(root, key)
                     same = _link_a_store_of_these_contents(root, path, files, tokenizer_fp=fp,
                                                            column=column, token_dtype=dtype)
+                    if same is not None and resume is not None:  # not needed after all
+                        shutil.rmtree(resume, ignore_errors=True)
                 if not (path / MANIFEST).is_file():
                     total = sum(f.size for f in files)
                     print(f"tad_torchtune: building the token store of {len(files)} file(s) "
@@ -572,7 +613,7 @@ def prepare_store(source: str | Sequence[str], tokenizer: Any, *, column: str = 
                     _warn_of_large_text_files(files, where)
                     build_store(path, files, tokenizer, column=column, token_dtype=dtype,
                                 tokenizer_fp=fp, num_workers=num_workers, where=where,
-                                progress=progress)
+                                progress=progress, resume=resume)
                     built = True
         else:
             _wait_for(path, where)

@@ -33,11 +33,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from tad_torchtune.data.sources import SourceFile
-from tad_torchtune.files import publish_dir, remove_stale, staging_dir
+from tad_torchtune.files import TMP_PREFIX, atomic_write_text, publish_dir, staging_dir
 
 FORMAT = "tad_torchtune.token_store"
 FORMAT_VERSION = 1
 MANIFEST, TOKENS, OFFSETS = "manifest.json", "tokens.bin", "offsets.bin"
+#: in a build's temporary folder: what it has written durably (``StoreWriter.checkpoint``)
+PROGRESS = "progress.json"
 TOKEN_DTYPES = ("auto", "uint16", "uint32")
 _NUMPY_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
@@ -218,26 +220,65 @@ class StoreWriter:
         column: the text column the documents were read from.
     """
 
-    def __init__(self, path: Path, *, token_dtype: str, tokenizer: dict[str, Any], column: str) -> None:
+    def __init__(self, path: Path, *, token_dtype: str, tokenizer: dict[str, Any], column: str,
+                 resume: Path | None = None) -> None:
         self.path = Path(path)
         self.dtype = _NUMPY_DTYPES[token_dtype]
         self._header = {"token_dtype": token_dtype, "tokenizer": tokenizer, "column": column}
-        self.tmp = staging_dir(self.path)
-        self._tokens = open(self.tmp / TOKENS, "wb")
-        self._offsets = open(self.tmp / OFFSETS, "wb")
         self._tokens_sha = hashlib.sha256()
         self._offsets_sha = hashlib.sha256()
         self.num_tokens = 0
         self.num_documents = 0
         self.sources: list[dict[str, Any]] = []
+        if resume is not None and self._resume(Path(resume)):
+            return
+        self.tmp = staging_dir(self.path)
+        self._tokens = open(self.tmp / TOKENS, "wb")
+        self._offsets = open(self.tmp / OFFSETS, "wb")
         self._write_offsets(np.zeros(1, np.int64))
+
+    def _resume(self, tmp: Path) -> bool:
+        """Go on from the last ``checkpoint`` of an interrupted build's folder ``tmp`` (of this
+        store, under its lock): its files cut to what the checkpoint counted, their hashes
+        read again. False, and nothing changed, when its checkpoint is not of this build."""
+        try:
+            progress = json.loads((tmp / PROGRESS).read_text(encoding="utf-8"))
+            sizes = {TOKENS: progress["tokens_bytes"], OFFSETS: progress["offsets_bytes"]}
+            if (progress["header"] != self._header
+                    or any((tmp / name).stat().st_size < size for name, size in sizes.items())):
+                return False
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        self.tmp = tmp
+        for name, sha in ((TOKENS, self._tokens_sha), (OFFSETS, self._offsets_sha)):
+            with open(tmp / name, "r+b") as f:
+                f.truncate(sizes[name])
+                while chunk := f.read(1 << 24):
+                    sha.update(chunk)
+        self._tokens = open(tmp / TOKENS, "ab")
+        self._offsets = open(tmp / OFFSETS, "ab")
+        self.num_tokens = progress["num_tokens"]
+        self.num_documents = progress["num_documents"]
+        self.sources = progress["sources"]
+        return True
+
+    def checkpoint(self) -> None:
+        """Record, durably, what is written so far (the files of ``sources``), so that a build
+        killed later goes on from here (``resume``) instead of starting over."""
+        for f in (self._tokens, self._offsets):
+            f.flush()
+            os.fsync(f.fileno())
+        progress = {"header": self._header, "num_tokens": self.num_tokens,
+                    "num_documents": self.num_documents, "sources": self.sources,
+                    "tokens_bytes": self._tokens.tell(), "offsets_bytes": self._offsets.tell()}
+        atomic_write_text(self.tmp / PROGRESS, json.dumps(progress))
 
     def __enter__(self) -> "StoreWriter":
         return self
 
     def __exit__(self, kind, value, tb) -> None:
-        if kind is not None:
-            self.abort()
+        if kind is not None:  # an interruption keeps what a checkpoint recorded
+            self.abort(keep=issubclass(kind, KeyboardInterrupt))
 
     def _write_offsets(self, offsets: np.ndarray) -> None:
         data = offsets.astype("<i8", copy=False).tobytes()
@@ -274,6 +315,7 @@ class StoreWriter:
             f.flush()
             os.fsync(f.fileno())
             f.close()
+        (self.tmp / PROGRESS).unlink(missing_ok=True)
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, **self._header,
             "num_tokens": self.num_tokens, "num_documents": self.num_documents,
@@ -296,16 +338,39 @@ class StoreWriter:
                              "and is not a store; delete it")
         return self.path  # when another process published first, both hold the same bytes
 
-    def abort(self) -> None:
-        """Close and remove the temporary folder."""
+    def abort(self, *, keep: bool = False) -> None:
+        """Close and remove the temporary folder (``keep``: kept when a checkpoint is in it,
+        for the next build to go on from)."""
         for f in (self._tokens, self._offsets):
             f.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if not (keep and (self.tmp / PROGRESS).is_file()):
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def remove_stale_tmp(store_dir: Path, key: str) -> None:
-    """Remove the temporary folders left by killed builds of ``key`` (call under its lock)."""
-    remove_stale(store_dir, key)
+def interrupted_build(store_dir: Path, key: str) -> Path | None:
+    """The temporary folder of the killed or interrupted build of ``key`` that got furthest
+    (its ``StoreWriter.checkpoint``), if any (call under the store's lock)."""
+    best, most = None, -1
+    for tmp in Path(store_dir).glob(f"{TMP_PREFIX}{key}-*"):
+        try:
+            done = json.loads((tmp / PROGRESS).read_text(encoding="utf-8"))["num_tokens"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(done, int) and done > most:
+            best, most = tmp, done
+    return best
+
+
+def remove_stale_tmp(store_dir: Path, key: str, *, keep: Path | None = None) -> None:
+    """Remove the temporary folders left by killed builds of ``key`` but ``keep`` (call under
+    its lock)."""
+    for tmp in Path(store_dir).glob(f"{TMP_PREFIX}{key}-*"):
+        if tmp == keep:
+            continue
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------ reader

@@ -2,6 +2,7 @@
 byte; bad input fails with one clear line and leaves nothing behind."""
 
 import gzip
+import os
 import json
 
 import numpy as np
@@ -376,3 +377,59 @@ def test_the_progress_bar_counts_the_sources_bytes_to_the_end(tmp_path, demo_tok
     assert "100%" in last and f"{prepare._count(tokens)} tokens" in last, last
     size = tqdm.format_sizeof(total, divisor=1024)
     assert "tokens/s, file 2/2" in last and f"| {size}/{size} [" in last, last
+
+
+class _Interrupted(ByteTokenizer):
+    """ByteTokenizer that records what it encodes and, while ``stop`` is set, is interrupted
+    (Ctrl-C) at a document holding "STOP"."""
+
+    stop = False
+    seen: list = []
+
+    def encode(self, text, add_bos=True, add_eos=True):
+        if _Interrupted.stop and "STOP" in text:
+            raise KeyboardInterrupt
+        _Interrupted.seen.append(text)
+        return super().encode(text, add_bos, add_eos)
+
+
+def test_an_interrupted_build_goes_on_from_the_files_it_finished(tmp_path, monkeypatch, capsys):
+    """A build interrupted in its third of four files keeps, from its last checkpoint, the two
+    it finished: the next build reads only the others and publishes the bytes of a build that
+    ran through (before, it started over: 75 s lost at 5M of 50M tokens)."""
+    from tad_torchtune.data import prepare
+
+    monkeypatch.setattr(prepare, "CHECKPOINT_EVERY_S", 0.0)  # at every file's end
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        docs = [f"document {j} of part {i}" + (" STOP" if (i, j) == (2, 5) else "")
+                for j in range(40)]
+        (corpus / f"part-{i}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n"
+                                                        for d in docs))
+    tok = _Interrupted()
+    monkeypatch.setattr(_Interrupted, "stop", True)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_store(str(corpus), tok, store_dir=tmp_path / "s", num_workers=1, progress=False)
+    (left,) = (tmp_path / "s").glob(".tmp-*")  # kept, with its checkpoint
+    assert json.loads((left / "progress.json").read_text())["num_documents"] == 80
+    monkeypatch.setattr(_Interrupted, "stop", False)
+    monkeypatch.setattr(_Interrupted, "seen", [])
+    capsys.readouterr()
+    store, built = prepare_store(str(corpus), tok, store_dir=tmp_path / "s", num_workers=1,
+                                 progress=True)
+    assert built and ("tad_torchtune: going on from an interrupted build: 2 of 4 file(s), "
+                      f"{80 * 2 + sum(len(d) for d in _docs_of(corpus, 2)):,} tokens, kept"
+                      ) in capsys.readouterr().err
+    parts = {text.split(" of part ")[1] for text in _Interrupted.seen if " of part " in text}
+    assert parts == {"2", "2 STOP", "3"}  # the files it had not finished, alone
+    assert not list((tmp_path / "s").glob(".tmp-*"))
+    ref, _ = prepare_store(str(corpus), tok, store_dir=tmp_path / "ref", num_workers=1,
+                           progress=False)
+    assert _comparable(store.path) == _comparable(ref.path)
+    assert store.fingerprint == ref.fingerprint and "progress.json" not in os.listdir(store.path)
+
+
+def _docs_of(corpus, files):
+    return [json.loads(line)["text"] for i in range(files)
+            for line in (corpus / f"part-{i}.jsonl").read_text().splitlines()]
