@@ -149,6 +149,13 @@ class TADEleutherEvalRecipe(eleuther_eval.EleutherEvalRecipe):
         self._fit_model_type(cfg.checkpointer)
         self._record["student"]["model_type"] = cfg.checkpointer.get("model_type")
         self._check_length(cfg)
+        if self.enable_kv_cache and not kv_cache_keeps_the_window(cfg):
+            self.enable_kv_cache = cfg.enable_kv_cache = False
+            self._record["settings"]["enable_kv_cache"] = False
+            print("tad_eleuther_eval: warning: enable_kv_cache: set to false: torchtune's "
+                  "Gemma2 attention decodes with a KV cache past its sliding window over the "
+                  "first window of tokens, not the last; generation runs without the cache",
+                  file=sys.stderr, flush=True)
         if self.include_path is not None and not Path(str(self.include_path)).is_dir():
             raise ValueError(f"include_path: {str(self.include_path)!r} is not a folder of "
                              "lm_eval task YAML files (pkg://lm_eval: the shipped tasks)")
@@ -231,6 +238,18 @@ class TADEleutherEvalRecipe(eleuther_eval.EleutherEvalRecipe):
         path.write_text(json.dumps(report, indent=2, default=str) + "\n")
         self.logger.info(f"tad_eleuther_eval: results in {path}")
         return output
+
+
+def kv_cache_keeps_the_window(cfg: DictConfig) -> bool:
+    """Whether decoding with a KV cache attends as a full forward does: not for a Gemma2
+    student whose ``sliding_window`` is shorter than ``max_seq_length`` (torchtune's
+    ``Gemma2Attention`` builds the window from the mask's row index, 0 for a one-row decoding
+    mask: every position past the window attends to the first window of tokens)."""
+    from tad_torchtune.models.loading import hf_config_of
+
+    hf = hf_config_of(cfg.checkpointer) or {}
+    window, length = hf.get("sliding_window"), cfg.get("max_seq_length")
+    return not (hf.get("model_type") == "gemma2" and window and length and length > window)
 
 
 @reports_user_errors("tad_eleuther_eval")

@@ -146,3 +146,24 @@ def test_a_training_checkpoint_and_a_window_too_long_are_refused_before_loading(
         TADEleutherEvalRecipe._check_length(cfg)
     assert str(err.value) == ("max_seq_length: 65 exceeds the student's max_seq_len 64; "
                               "accepted: at most 64")
+
+
+def test_a_gemma2_student_decodes_without_the_kv_cache_past_its_window(tmp_path):
+    """torchtune's Gemma2 attention, decoding with a KV cache past its sliding window, attends
+    to the first window of tokens (its window is built from the one-row mask's row index 0):
+    the cache is turned off where lm_eval's windows are longer than the student's."""
+    import json
+
+    from omegaconf import OmegaConf
+    from tad_eleuther_eval import kv_cache_keeps_the_window
+
+    folder = tmp_path / "student"
+    folder.mkdir()
+    cfg = OmegaConf.create({"checkpointer": {"checkpoint_dir": str(folder)},
+                            "max_seq_length": 16})
+    for hf, keeps in (({"model_type": "gemma2", "sliding_window": 8}, False),
+                      ({"model_type": "gemma2", "sliding_window": 16}, True),
+                      ({"model_type": "gemma2", "sliding_window": None}, True),
+                      ({"model_type": "mistral", "sliding_window": 8}, True)):  # its own fix
+        (folder / "config.json").write_text(json.dumps(hf))
+        assert kv_cache_keeps_the_window(cfg) is keeps, hf
