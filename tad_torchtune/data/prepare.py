@@ -35,7 +35,7 @@ from tad_torchtune.data.sources import (
     NoDocument, SourceFile, document_format, expand_sources, hash_file, iter_documents,
 )
 from tad_torchtune.data.store import (
-    FORMAT_VERSION, MANIFEST, OFFSETS, TOKENS, StoreError, StoreWriter, TokenStore,
+    FORMAT_VERSION, MANIFEST, OFFSETS, PROGRESS, TOKENS, StoreError, StoreWriter, TokenStore,
     interrupted_build, remove_stale_tmp, store_key, token_dtype_for, write_manifest,
     tokenizer_fingerprint, tokenizer_vocab_size,
 )
@@ -148,11 +148,16 @@ _WORKER_TOKENIZER: Any = None
 
 
 def _init_worker(tokenizer: Any) -> None:
+    import signal
+
     global _WORKER_TOKENIZER
     _WORKER_TOKENIZER = tokenizer
+    # Ctrl-C reaches the whole process group: the parent stops the build; a worker interrupted
+    # while it holds the call queue's lock would leave the others, and the parent's shutdown,
+    # waiting on it for good
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(Exception):  # Linux: die with the parent instead of waiting forever
         import ctypes
-        import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
@@ -418,13 +423,14 @@ def _lock_path(store_dir: Path, key: str) -> Path:
 
 
 @contextlib.contextmanager
-def _build_lock(store_dir: Path, key: str) -> Iterator[None]:
-    """An exclusive lock per store (released by the kernel if its holder is killed); where the
-    file system has no locks, concurrent builders both build and the first rename wins."""
+def _build_lock(store_dir: Path, key: str) -> Iterator[bool]:
+    """An exclusive lock per store (released by the kernel if its holder is killed), and
+    whether it is held; where the file system has no locks, concurrent builders both build
+    (none going on from an interrupted build) and the first rename wins."""
     try:
         import fcntl
     except ImportError:
-        yield
+        yield False
         return
     with open(_lock_path(store_dir, key), "a") as f:
         try:
@@ -434,8 +440,9 @@ def _build_lock(store_dir: Path, key: str) -> Iterator[None]:
                   file=sys.stderr, flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)
         except OSError:
-            pass
-        yield
+            yield False
+            return
+        yield True
 
 
 def _sha256(hashes: dict[int, str], i: int, path: Path) -> str:
@@ -508,10 +515,17 @@ def _warn_of_large_text_files(files: Sequence[SourceFile], where: str) -> None:
                   flush=True)
 
 
+#: an interrupted build of another store is kept for this long after its last checkpoint, for
+#: its corpus to be built again (``_remove_abandoned_builds``)
+KEEP_INTERRUPTED_S = 7 * 24 * 3600.0
+
+
 def _remove_abandoned_builds(store_dir: Path, key: str) -> None:
     """Remove the temporary folders of killed builds of OTHER stores in ``store_dir`` (a corpus
     touched after a killed build gets another key, so that build's folder would stay for
-    good): those whose store's lock nobody holds. Without file locks nothing is removed."""
+    good): those whose store's lock nobody holds, but a build with a checkpoint younger than
+    ``KEEP_INTERRUPTED_S`` (its next build goes on from it). Without file locks nothing is
+    removed."""
     try:
         import fcntl
     except ImportError:
@@ -526,7 +540,11 @@ def _remove_abandoned_builds(store_dir: Path, key: str) -> None:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:  # being built now (or no locks here): left alone
                 continue
-            remove_stale_tmp(store_dir, other)
+            kept = interrupted_build(store_dir, other)
+            if kept is not None and time.time() - (kept / PROGRESS).stat().st_mtime > (
+                    KEEP_INTERRUPTED_S):
+                kept = None
+            remove_stale_tmp(store_dir, other, keep=kept)
 
 
 def _check_writable(root: Path, where: str) -> None:
@@ -596,10 +614,11 @@ def prepare_store(source: str | Sequence[str], tokenizer: Any, *, column: str = 
     if not (path / MANIFEST).is_file():
         if _builds_here():
             _check_writable(root, where)
-            with _build_lock(root, key):
+            with _build_lock(root, key) as locked:
                 resume = None
                 if not (path / MANIFEST).is_file():
-                    resume = interrupted_build(root, key)
+                    # without a lock another builder may be going on from the same folder
+                    resume = interrupted_build(root, key) if locked else None
                     remove_stale_tmp(root, key, keep=resume)
                     _remove_abandoned_builds(root, key)
                     same = _link_a_store_of_these_contents(root, path, files, tokenizer_fp=fp,

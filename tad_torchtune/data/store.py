@@ -245,16 +245,20 @@ class StoreWriter:
             progress = json.loads((tmp / PROGRESS).read_text(encoding="utf-8"))
             sizes = {TOKENS: progress["tokens_bytes"], OFFSETS: progress["offsets_bytes"]}
             if (progress["header"] != self._header
-                    or any((tmp / name).stat().st_size < size for name, size in sizes.items())):
-                return False
+                    or any((tmp / name).stat().st_size < size for name, size in sizes.items())
+                    or not all(os.access(p, os.W_OK) for p in (tmp, tmp / TOKENS, tmp / OFFSETS))):
+                return False  # not this build's, or not ours to go on with: a new folder
+            for name, sha in ((TOKENS, self._tokens_sha), (OFFSETS, self._offsets_sha)):
+                with open(tmp / name, "r+b") as f:
+                    f.truncate(sizes[name])
+                    while chunk := f.read(1 << 24):
+                        sha.update(chunk)
         except (OSError, ValueError, KeyError, TypeError):
+            self._tokens_sha, self._offsets_sha = hashlib.sha256(), hashlib.sha256()
             return False
+        for stray in tmp.glob(f"{TMP_PREFIX}*"):  # a checkpoint's file a kill left unrenamed
+            stray.unlink(missing_ok=True)
         self.tmp = tmp
-        for name, sha in ((TOKENS, self._tokens_sha), (OFFSETS, self._offsets_sha)):
-            with open(tmp / name, "r+b") as f:
-                f.truncate(sizes[name])
-                while chunk := f.read(1 << 24):
-                    sha.update(chunk)
         self._tokens = open(tmp / TOKENS, "ab")
         self._offsets = open(tmp / OFFSETS, "ab")
         self.num_tokens = progress["num_tokens"]
