@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 from tqdm import tqdm
 
+from tad_torchtune.checks import is_int
 from tad_torchtune.common import DTYPES, provenance
 from tad_torchtune.data import collate
 from tad_torchtune.data.checks import build_dataset, check_batch, check_row_length
@@ -60,7 +61,7 @@ _SETTINGS = ("dtype", "device", "document_mask", "vocab_alignment", "batch_size"
 def _tail_ks(value: Any) -> tuple[int, ...]:
     """``tail_ks``, sorted: integers >= 1 (not 2.5 read as 2, nor true as 1), one line naming
     the key otherwise."""
-    bad = next((k for k in value if isinstance(k, bool) or not isinstance(k, int) or k < 1), None)
+    bad = next((k for k in value if not is_int(k) or k < 1), None)
     if not value or bad is not None:
         raise ConfigError(f"tail_ks: {list(value)!r}{f' holds {bad!r}' if value else ' is empty'}; "
                           f"accepted: a list of integers from 1 to the vocabulary size - 1")

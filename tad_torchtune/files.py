@@ -102,10 +102,12 @@ def atomic_write_text(path: Path, text: str | Iterable[str]) -> None:
     os.replace(tmp, path)
 
 
-def remove_stale(folder: Path, name: str) -> None:
+def remove_stale(folder: Path, name: str, *, keep: Path | None = None) -> None:
     """Remove the temporary files and folders that killed writers of ``name`` left in
-    ``folder`` (call it while no other writer of ``name`` runs)."""
+    ``folder`` but ``keep`` (call it while no other writer of ``name`` runs)."""
     for tmp in Path(folder).glob(f"{TMP_PREFIX}{name}-*"):
+        if tmp == keep:
+            continue
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:

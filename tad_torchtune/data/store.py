@@ -33,7 +33,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from tad_torchtune.data.sources import SourceFile
-from tad_torchtune.files import TMP_PREFIX, atomic_write_text, publish_dir, staging_dir
+from tad_torchtune.files import (
+    TMP_PREFIX,
+    atomic_write_text,
+    publish_dir,
+    remove_stale,
+    staging_dir,
+)
 
 FORMAT = "tad_torchtune.token_store"
 FORMAT_VERSION = 1
@@ -256,8 +262,7 @@ class StoreWriter:
         except (OSError, ValueError, KeyError, TypeError):
             self._tokens_sha, self._offsets_sha = hashlib.sha256(), hashlib.sha256()
             return False
-        for stray in tmp.glob(f"{TMP_PREFIX}*"):  # a checkpoint's file a kill left unrenamed
-            stray.unlink(missing_ok=True)
+        remove_stale(tmp, PROGRESS)  # a checkpoint's file a kill left unrenamed
         self.tmp = tmp
         self._tokens = open(tmp / TOKENS, "ab")
         self._offsets = open(tmp / OFFSETS, "ab")
@@ -368,13 +373,7 @@ def interrupted_build(store_dir: Path, key: str) -> Path | None:
 def remove_stale_tmp(store_dir: Path, key: str, *, keep: Path | None = None) -> None:
     """Remove the temporary folders left by killed builds of ``key`` but ``keep`` (call under
     its lock)."""
-    for tmp in Path(store_dir).glob(f"{TMP_PREFIX}{key}-*"):
-        if tmp == keep:
-            continue
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+    remove_stale(store_dir, key, keep=keep)
 
 
 # ------------------------------------------------------------------------------------ reader
