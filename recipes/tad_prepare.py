@@ -14,7 +14,9 @@ change without a new prepare.
 
 ``num_workers`` (default: every core) is the number of worker processes for tokenizers that are
 not a torchtune ``HuggingFaceBaseTokenizer``; that one is batch-encoded on the Hugging Face
-library's own threads (``RAYON_NUM_THREADS`` limits them). Interrupted, it leaves no store.
+library's own threads (``RAYON_NUM_THREADS`` limits them). Interrupted or killed, it leaves no
+store, and the same command goes on from its last checkpoint (at most 30 s of work lost, within
+a file too).
 """
 
 import os

@@ -189,21 +189,32 @@ def _count(n: float) -> str:
     return tqdm.format_sizeof(n)
 
 
-def _files_done(writer: StoreWriter, files: Sequence[SourceFile]) -> int:
-    """How many of ``files`` a resumed ``writer`` holds: its sources, if they are the first of
-    ``files`` as they are now (the store's key, from their stats, says so; checked again)."""
-    done = writer.sources
-    if [(s["path"], s["size"], s["mtime_ns"]) for s in done] != [
-            (str(f.path), f.size, f.mtime_ns) for f in files[:len(done)]]:
+def _stat(f: SourceFile) -> dict[str, Any]:
+    return {"path": str(f.path), "size": f.size, "mtime_ns": f.mtime_ns}
+
+
+def _files_done(writer: StoreWriter, files: Sequence[SourceFile]) -> tuple[int, int, int]:
+    """What of ``files`` a resumed ``writer`` holds: how many files whole (its sources, if they
+    are the first of ``files`` as they are now: the store's key, from their stats, says so;
+    checked again), and of the next one, the documents and tokens written (its ``in_file``)."""
+    done, part = writer.sources, writer.in_file
+    stats = [_stat(f) for f in files]
+    if ([{k: s[k] for k in ("path", "size", "mtime_ns")} for s in done] != stats[:len(done)]
+            or part is not None and (len(done) == len(files) or {k: part.get(k) for k in (
+                "path", "size", "mtime_ns")} != stats[len(done)])):
         raise StoreError(f"the interrupted build in {str(writer.tmp)!r} is of other files; "
                          f"delete it")
-    return len(done)
+    if part is None:
+        return len(done), 0, 0
+    return len(done), int(part["num_documents"]), int(part["num_tokens"])
 
 
 def _batches(files: Sequence[SourceFile], *, column: str, where: str, batch_chars: int,
-             first: int = 0, documents_before: int = 0) -> Iterator[_Batch | _FileEnd]:
+             first: int = 0, documents_before: int = 0,
+             skip: int = 0) -> Iterator[_Batch | _FileEnd]:
     """The documents of ``files[first:]`` in batches of about ``batch_chars`` characters, and
-    each file's end with its SHA-256 (``documents_before``: those of the files before)."""
+    each file's end with its SHA-256 (``documents_before``: those of the files before; ``skip``:
+    the first documents of ``files[first]``, read for its hash but in no batch)."""
     import hashlib
 
     total = documents_before  # documents
@@ -212,12 +223,15 @@ def _batches(files: Sequence[SourceFile], *, column: str, where: str, batch_char
         if i < first:
             continue
         digest = _CountingDigest(hashlib.sha256())
-        batch, chars, n = _Batch(i, 0), 0, 0
+        kept = skip if i == first else 0  # written by the build this one goes on from
+        batch, chars, n = _Batch(i, kept), 0, 0
         try:
             for doc in iter_documents(f, column=column, where=where, digest=digest):
+                n += 1
+                if n <= kept:
+                    continue
                 batch.docs.append(doc)
                 chars += len(doc)
-                n += 1
                 if chars >= batch_chars:
                     batch.bytes_read = before + digest.bytes
                     yield batch
@@ -235,7 +249,7 @@ def _batches(files: Sequence[SourceFile], *, column: str, where: str, batch_char
             batch.bytes_read = before
             yield batch
         now = SourceFile.stat(f.path)
-        if (now.size, now.mtime_ns) != (f.size, f.mtime_ns):
+        if (now.size, now.mtime_ns) != (f.size, f.mtime_ns) or n < kept:
             raise StoreError(f"{where}.source: {str(f.path)!r} changed while it was being "
                              "tokenized; accepted: files that do not change during prepare")
         yield _FileEnd(i, digest.hexdigest(), n)
@@ -290,7 +304,8 @@ def _in_order(items: Iterator[_Batch | _FileEnd], encode: EncodeFn, dtype: str,
         yield done(head, future.result if future is not None else lambda: None)
 
 
-#: seconds between two checkpoints of a build (``StoreWriter.checkpoint``), taken at file ends
+#: seconds between two checkpoints of a build (``StoreWriter.checkpoint``), taken between two
+#: batches
 CHECKPOINT_EVERY_S = 30.0
 
 
@@ -300,8 +315,8 @@ def build_store(path: Path, files: Sequence[SourceFile], tokenizer: Any, *, colu
                 where: str = "dataset", progress: bool = True,
                 resume: Path | None = None) -> Path:
     """Tokenize ``files`` and publish the store at ``path`` (atomically; see ``StoreWriter``).
-    At the end of a file, at most every ``CHECKPOINT_EVERY_S`` seconds, what is written is
-    recorded, so that a build killed or interrupted later goes on from there (``resume``).
+    Every ``CHECKPOINT_EVERY_S`` seconds, between two batches, what is written is recorded, so
+    that a build killed or interrupted later goes on from there (``resume``), within a file too.
 
     Args:
         path: the store's folder (``<store_dir>/<store_key(...)>``).
@@ -317,7 +332,9 @@ def build_store(path: Path, files: Sequence[SourceFile], tokenizer: Any, *, colu
         progress: show a progress bar on stderr: the share of the source files' bytes read
             (its percentage and time left), the tokens written and their rate.
         resume: the temporary folder of an interrupted build of this store
-            (``store.interrupted_build``): the files it completed are kept, not read again.
+            (``store.interrupted_build``): the files it completed are kept, not read again; the
+            documents it wrote of the file it was in are kept, that file read again from its
+            start for its hash (not tokenized).
 
     Returns:
         ``path``.
@@ -355,36 +372,41 @@ def build_store(path: Path, files: Sequence[SourceFile], tokenizer: Any, *, colu
                 tqdm(total=sum(f.size for f in files), unit="B", unit_scale=True,
                      unit_divisor=1024, desc="tad_torchtune: tokenizing", file=sys.stderr,
                      disable=not progress, mininterval=1.0, dynamic_ncols=True) as bar:
-            done = _files_done(writer, files)
-            if done:
+            done, file_documents, file_tokens = _files_done(writer, files)
+            if done or file_documents:
+                part = (f" and {file_documents:,} document(s) of the next" if file_documents
+                        else "")
                 bar.write(f"tad_torchtune: going on from an interrupted build: {done} of "
-                          f"{len(files)} file(s), {writer.num_tokens:,} tokens, kept",
+                          f"{len(files)} file(s){part}, {writer.num_tokens:,} tokens, kept",
                           file=sys.stderr)
                 bar.update(sum(f.size for f in files[:done]))
             items = _batches(files, column=column, where=where, batch_chars=BATCH_CHARS[engine],
-                             first=done, documents_before=writer.num_documents)
-            file_tokens, saved = 0, time.perf_counter()
+                             first=done, documents_before=writer.num_documents,
+                             skip=file_documents)
+            saved = time.perf_counter()
             try:
                 for batch, result in _in_order(items, encode, token_dtype, executor, window):
+                    f = files[batch.file]
                     if isinstance(batch, _FileEnd):
-                        f = files[batch.file]
-                        writer.add_source({"path": str(f.path), "size": f.size, "mtime_ns": f.mtime_ns,
-                                           "sha256": batch.sha256, "num_documents": batch.num_documents,
+                        writer.add_source({**_stat(f), "sha256": batch.sha256,
+                                           "num_documents": batch.num_documents,
                                            "num_tokens": file_tokens})
-                        file_tokens = 0
-                        if (batch.file + 1 < len(files)
-                                and time.perf_counter() - saved >= CHECKPOINT_EVERY_S):
-                            writer.checkpoint()
-                            saved = time.perf_counter()
-                        continue
-                    tokens, lengths = result
-                    writer.append(tokens, lengths)
-                    file_tokens += tokens.size
-                    rate = writer.num_tokens / max(time.perf_counter() - start, 1e-9)
-                    bar.set_postfix_str(f"{_count(writer.num_tokens)} tokens, {_count(rate)} "
-                                        f"tokens/s, file {batch.file + 1}/{len(files)}",
-                                        refresh=False)
-                    bar.update(batch.bytes_read - bar.n)
+                        file_tokens, in_file = 0, None
+                    else:
+                        tokens, lengths = result
+                        writer.append(tokens, lengths)
+                        file_tokens += tokens.size
+                        in_file = {**_stat(f), "num_documents": batch.first_doc + len(batch.docs),
+                                   "num_tokens": file_tokens}
+                        rate = writer.num_tokens / max(time.perf_counter() - start, 1e-9)
+                        bar.set_postfix_str(f"{_count(writer.num_tokens)} tokens, {_count(rate)} "
+                                            f"tokens/s, file {batch.file + 1}/{len(files)}",
+                                            refresh=False)
+                        bar.update(batch.bytes_read - bar.n)
+                    if (time.perf_counter() - saved >= CHECKPOINT_EVERY_S
+                            and len(writer.sources) < len(files)):  # else: published next
+                        writer.checkpoint(in_file)
+                        saved = time.perf_counter()
             except _TokenIdError as e:
                 limit = np.iinfo(token_dtype).max + 1
                 hint = f", or {where}.token_dtype: uint32" if token_dtype == "uint16" else ""

@@ -46,6 +46,8 @@ FORMAT_VERSION = 1
 MANIFEST, TOKENS, OFFSETS = "manifest.json", "tokens.bin", "offsets.bin"
 #: in a build's temporary folder: what it has written durably (``StoreWriter.checkpoint``)
 PROGRESS = "progress.json"
+#: the key, in a checkpoint's header, of the file a build was part-way through
+IN_FILE = "in_file"
 TOKEN_DTYPES = ("auto", "uint16", "uint32")
 _NUMPY_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
@@ -236,6 +238,8 @@ class StoreWriter:
         self.num_tokens = 0
         self.num_documents = 0
         self.sources: list[dict[str, Any]] = []
+        #: the file a resumed build's checkpoint was taken in, part-way (``checkpoint``)
+        self.in_file: dict[str, Any] | None = None
         if resume is not None and self._resume(Path(resume)):
             return
         self.tmp = staging_dir(self.path)
@@ -250,7 +254,10 @@ class StoreWriter:
         try:
             progress = json.loads((tmp / PROGRESS).read_text(encoding="utf-8"))
             sizes = {TOKENS: progress["tokens_bytes"], OFFSETS: progress["offsets_bytes"]}
-            if (progress["header"] != self._header
+            header = dict(progress["header"])
+            in_file = header.pop(IN_FILE, None)
+            if (header != self._header
+                    or not (in_file is None or isinstance(in_file, dict))
                     or any((tmp / name).stat().st_size < size for name, size in sizes.items())
                     or not all(os.access(p, os.W_OK) for p in (tmp, tmp / TOKENS, tmp / OFFSETS))):
                 return False  # not this build's, or not ours to go on with: a new folder
@@ -269,15 +276,21 @@ class StoreWriter:
         self.num_tokens = progress["num_tokens"]
         self.num_documents = progress["num_documents"]
         self.sources = progress["sources"]
+        self.in_file = in_file
         return True
 
-    def checkpoint(self) -> None:
-        """Record, durably, what is written so far (the files of ``sources``), so that a build
-        killed later goes on from here (``resume``) instead of starting over."""
+    def checkpoint(self, in_file: dict[str, Any] | None = None) -> None:
+        """Record, durably, what is written so far, so that a build killed later goes on from
+        here (``resume``) instead of starting over: the files of ``sources``, and ``in_file``,
+        the file being read when it is part-way through one (its ``path``, ``size`` and
+        ``mtime_ns``, and the ``num_documents`` and ``num_tokens`` of it written)."""
         for f in (self._tokens, self._offsets):
             f.flush()
             os.fsync(f.fileno())
-        progress = {"header": self._header, "num_tokens": self.num_tokens,
+        # in the header, which a version that cannot go on part-way through a file compares
+        # with its own: it starts over rather than writing that file's first documents twice
+        header = self._header if in_file is None else {**self._header, IN_FILE: in_file}
+        progress = {"header": header, "num_tokens": self.num_tokens,
                     "num_documents": self.num_documents, "sources": self.sources,
                     "tokens_bytes": self._tokens.tell(), "offsets_bytes": self._offsets.tell()}
         atomic_write_text(self.tmp / PROGRESS, json.dumps(progress))

@@ -2,6 +2,7 @@
 byte; bad input fails with one clear line and leaves nothing behind."""
 
 import gzip
+import hashlib
 import os
 import json
 
@@ -428,6 +429,62 @@ def test_an_interrupted_build_goes_on_from_the_files_it_finished(tmp_path, monke
                            progress=False)
     assert _comparable(store.path) == _comparable(ref.path)
     assert store.fingerprint == ref.fingerprint and "progress.json" not in os.listdir(store.path)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "jsonl.gz", "parquet"])
+def test_an_interrupted_build_goes_on_from_within_the_file_it_was_in(tmp_path, monkeypatch,
+                                                                      capsys, kind):
+    """A corpus in one file, interrupted at its 150th of 200 documents: the next build keeps the
+    documents its last checkpoint counted and tokenizes only those after them (before, a file
+    was kept whole or not at all, so a corpus of one big file started over), to the bytes of a
+    build that ran through; the file's hash is still that of all of its bytes."""
+    from tad_torchtune.data import prepare
+
+    monkeypatch.setattr(prepare, "CHECKPOINT_EVERY_S", 0.0)  # between every two batches
+    monkeypatch.setattr(prepare, "BATCH_CHARS", {**prepare.BATCH_CHARS, "inline": 300})
+    docs = [f"document {j} of the only file" + (" STOP" if j == 149 else "") for j in range(200)]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    path = corpus / f"all.{kind}"
+    if kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": docs}), path, row_group_size=16)
+    else:
+        lines = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
+        path.write_bytes(gzip.compress(lines) if kind.endswith(".gz") else lines)
+    tok = _Interrupted()
+    monkeypatch.setattr(_Interrupted, "stop", True)
+    monkeypatch.setattr(_Interrupted, "seen", [])
+    with pytest.raises(KeyboardInterrupt):
+        prepare_store(str(corpus), tok, store_dir=tmp_path / "s", num_workers=1, progress=False)
+    (left,) = (tmp_path / "s").glob(".tmp-*")
+    progress = json.loads((left / "progress.json").read_text())
+    kept = progress["header"]["in_file"]["num_documents"]
+    assert progress["sources"] == [] and kept == progress["num_documents"]
+    assert 100 < kept < 150 and _ours(_Interrupted.seen)[:kept] == docs[:kept]
+    monkeypatch.setattr(_Interrupted, "stop", False)
+    monkeypatch.setattr(_Interrupted, "seen", [])
+    capsys.readouterr()
+    store, built = prepare_store(str(corpus), tok, store_dir=tmp_path / "s", num_workers=1,
+                                 progress=False)
+    assert built and (f"going on from an interrupted build: 0 of 1 file(s) and {kept:,} "
+                      f"document(s) of the next, {progress['num_tokens']:,} tokens, kept"
+                      ) in capsys.readouterr().err
+    assert _ours(_Interrupted.seen) == docs[kept:]  # the kept ones were not tokenized again
+    ref, _ = prepare_store(str(corpus), tok, store_dir=tmp_path / "ref", num_workers=1,
+                           progress=False)
+    assert _comparable(store.path) == _comparable(ref.path)
+    assert store.fingerprint == ref.fingerprint
+    (source,) = store.manifest["sources"]
+    assert source["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert source["num_documents"] == 200 and not list((tmp_path / "s").glob(".tmp-*"))
+
+
+def _ours(seen):
+    """The documents among the texts a tokenizer encoded (not its fingerprint's probe)."""
+    return [text for text in seen if "of the only file" in text]
 
 
 def _docs_of(corpus, files):
