@@ -240,7 +240,8 @@ DISTILL = Schema("tad_distill", [
         None, _OPT_INT, minimum=1),
     Key("keep_last_n_checkpoints", "older checkpoints are deleted", 2, _INT, minimum=1),
     Key("eval_every_n_steps", "validation period; always at the end", None, _OPT_INT, minimum=1),
-    Key("max_eval_batches", "cap on validation batches per process", None, _OPT_INT, minimum=1),
+    Key("max_eval_batches", "cap on validation batches per process (`validation_dataset."
+        "max_blocks`: on rows, for any batch size)", None, _OPT_INT, minimum=1),
     Key("log_every_n_steps", "metric logging period", 1, _INT, minimum=1),
     Key("resume_from_checkpoint", "continue from `output_dir/checkpoints/latest`", False, _BOOL),
     Key("export_hf", "export the student with each checkpoint, to `checkpoints/step_N/hf` "
