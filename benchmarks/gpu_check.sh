@@ -216,9 +216,11 @@ run_step() {  # NAME CAP_S COMMAND...: under timeout, its exit code and time rec
     fi
     echo "== $name (at most ${limit} s$( ((optional)) && echo ', not a target')): $*"
     local start=$SECONDS rc=0
-    # the profiles (step_profile.py, diagnostics) stop $profile_margin s before the cap
+    # the profiles (step_profile.py, diagnostics) stop $profile_margin s before the cap; at
+    # the cap SIGINT, so that pytest still writes its --junitxml (the tests run so far), SIGKILL
+    # 10 s later
     GPU_CHECK_STEP_DEADLINE=$(($(date +%s) + limit - profile_margin)) \
-        timeout --kill-after=10 "$limit" "$@" || rc=$?
+        timeout --signal=INT --kill-after=10 "$limit" "$@" || rc=$?
     printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" "$limit" "$optional" \
         >>"$steps_file"
     if ((rc != 0)); then

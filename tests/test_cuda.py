@@ -108,6 +108,38 @@ def test_exact_bf16_case_has_exact_logits():
     assert (teacher.diff(dim=-1) > 0).all()
 
 
+# --------------------------------------- GPU-only, nothing compiled: first, so that a capped
+# --------------------------------------- step (gpu_check.sh) keeps their results
+
+
+@pytest.mark.parametrize("cpu_offload", [False, True])
+def test_fsdp_loads_its_shards_on_the_gpu_or_the_host(cpu_offload, tmp_path, monkeypatch):
+    """The sharded loading on the GPU, as the recipe's process group sets it up (NCCL; with
+    ``fsdp_cpu_offload`` NCCL and gloo): with CPU offload every shard is a DTensor on the host
+    (FSDP refuses one whose device is the GPU's at its first forward), without it on the GPU;
+    the teacher's logits equal the unsharded model's; the student trains a step."""
+    from tests.helpers.teachers import check_sharded_loading
+
+    check_sharded_loading("cuda", "cuda:nccl,cpu:gloo" if cpu_offload else "nccl", cpu_offload,
+                          tmp_path, monkeypatch)
+
+
+def test_the_bf16_weight_gradient_accumulates_inside_the_matmul():
+    """On a GPU the fused head sums a bf16 weight gradient into its float32 accumulator inside
+    the matmul (``torch.addmm(..., out_dtype=torch.float32)``): available, and equal to the
+    float32 sum of the bf16 products."""
+    from tad_torchtune.losses.fused import _accumulate_weight_grad, _mixed_mm_ok
+
+    assert _mixed_mm_ok(torch.device("cuda"), torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    grad = torch.randn(96, 1000, device="cuda", generator=g).to(torch.bfloat16)
+    h = torch.randn(96, 64, device="cuda", generator=g).to(torch.bfloat16)
+    acc = torch.randn(1000, 64, device="cuda", generator=g)
+    want = acc + grad.t().float() @ h.float()
+    _accumulate_weight_grad(acc, grad, h)
+    torch.testing.assert_close(acc, want, atol=1e-4 * float(want.abs().max()), rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------- fused == unfused
 
 
@@ -356,18 +388,6 @@ def test_flex_sliding_window_equals_the_dense_one():
 # ----------------------------------------------------------------------------- the recipe
 
 
-@pytest.mark.parametrize("cpu_offload", [False, True])
-def test_fsdp_loads_its_shards_on_the_gpu_or_the_host(cpu_offload, tmp_path, monkeypatch):
-    """The sharded loading on the GPU, as the recipe's process group sets it up (NCCL; with
-    ``fsdp_cpu_offload`` NCCL and gloo): with CPU offload every shard is a DTensor on the host
-    (FSDP refuses one whose device is the GPU's at its first forward), without it on the GPU;
-    the teacher's logits equal the unsharded model's; the student trains a step."""
-    from tests.helpers.teachers import check_sharded_loading
-
-    check_sharded_loading("cuda", "cuda:nccl,cpu:gloo" if cpu_offload else "nccl", cpu_offload,
-                          tmp_path, monkeypatch)
-
-
 def test_compiled_bf16_recipe_matches_eager(tmp_path):
     """``tune run tad_distill`` on the GPU, bf16, the fused head, 2 steps at a constant learning
     rate, with ``compile: true`` (every block and the per-chunk loss functions through inductor)
@@ -396,19 +416,3 @@ def test_compiled_bf16_recipe_matches_eager(tmp_path):
         assert math.isclose(compiled[step], eager[step], rel_tol=2e-2), (step, compiled, eager)
     kernels = [p for p in inductor_cache.rglob("*") if p.is_file()]
     assert kernels, "the compiled run left no inductor output: nothing was compiled"
-
-
-def test_the_bf16_weight_gradient_accumulates_inside_the_matmul():
-    """On a GPU the fused head sums a bf16 weight gradient into its float32 accumulator inside
-    the matmul (``torch.addmm(..., out_dtype=torch.float32)``): available, and equal to the
-    float32 sum of the bf16 products."""
-    from tad_torchtune.losses.fused import _accumulate_weight_grad, _mixed_mm_ok
-
-    assert _mixed_mm_ok(torch.device("cuda"), torch.bfloat16)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    grad = torch.randn(96, 1000, device="cuda", generator=g).to(torch.bfloat16)
-    h = torch.randn(96, 64, device="cuda", generator=g).to(torch.bfloat16)
-    acc = torch.randn(1000, 64, device="cuda", generator=g)
-    want = acc + grad.t().float() @ h.float()
-    _accumulate_weight_grad(acc, grad, h)
-    torch.testing.assert_close(acc, want, atol=1e-4 * float(want.abs().max()), rtol=1e-4)

@@ -197,9 +197,18 @@ class Divergence(nn.Module):
         """
         import torch
 
+        self.validate(use)
+        # on the host, whatever default device the caller set: under torch.device("cuda") (as
+        # recipe_bench sets a recipe up) a CPU generator filling a CUDA tensor is refused
+        with torch.device("cpu"):
+            self._probe(use)
+
+    def _probe(self, use: DivergenceUse) -> None:
+        """``check``'s contract probe, on CPU tensors."""
+        import torch
+
         from tad_torchtune.errors import one_line
 
-        self.validate(use)
         name = f"{type(self).__module__}.{type(self).__name__}"
         where = "docs/design.md, 'The divergence contract'"
         vocab = (self.top_k or 0) + 6

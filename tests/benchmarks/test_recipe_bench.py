@@ -95,3 +95,39 @@ def test_a_row_is_saved_before_its_loops_are_profiled(tmp_path, monkeypatch):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["arch"] == "demo" and list(row["loops"]) == ["recipe"] and "profiles" not in row
     assert row["loops"]["recipe"]["tokens_per_second"] > 0
+
+
+class _AsUnderCuda(torch.overrides.TorchFunctionMode):
+    """What ``torch.device("cuda")`` changes for a set-up, on a CPU: a factory call that names
+    no device lands on the GPU, where CUDA refuses to fill it from a CPU generator."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        from torch.utils._device import _device_constructors
+
+        kwargs = kwargs or {}
+        generator = kwargs.get("generator")
+        if (func in _device_constructors() and kwargs.get("device") is None
+                and generator is not None and generator.device.type == "cpu"):
+            raise RuntimeError("Expected a 'cuda' device type for generator but found 'cpu'")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["tiny_qwen2", "tiny_gemma2"])
+def test_the_recipe_sets_up_as_under_a_cuda_default_device(arch, tmp_path):
+    """recipe_bench sets the recipe up under ``torch.device(dev)``; on a GPU, the divergence's
+    contract probe drew from a CPU generator into CUDA tensors and the GPU check's two recipe
+    steps failed at set-up, which the dry run (``torch.device("cpu")``) could not show."""
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import tad_distill
+
+    cfg = OmegaConf.create(recipe_bench.recipe_config(arch, "fused_compiled", "cpu", tmp_path,
+                                                      num_blocks=8, seq=None, batch=None,
+                                                      peak=1e12))
+    recipe = tad_distill.TADDistillRecipe(cfg)
+    recipe_bench.loss_bench.set_compile_backend("eager")
+    try:
+        with _AsUnderCuda():
+            recipe.setup(cfg)
+    finally:
+        recipe.cleanup()
+        recipe_bench.loss_bench.set_compile_backend("inductor")

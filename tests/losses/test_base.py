@@ -298,6 +298,22 @@ def test_the_contract_is_checked_at_set_up_on_random_logits():
                 cls(**_SMALL.get(name, {})).check(use)
 
 
+def test_the_contract_is_checked_on_the_host_under_any_default_device():
+    """``check`` runs its probe on CPU tensors whatever default device the caller set:
+    recipe_bench sets a recipe up under ``torch.device("cuda")``, where the probe's CPU
+    generator filled CUDA tensors and CUDA refused it, so the GPU check's recipe steps failed at
+    set-up (here the meta device stands for it: a probe on it has no values to compare)."""
+    from tad_torchtune.losses import CacheSpec, DivergenceUse
+
+    sampled = CacheSpec("sampled", 8, 1.0, "teacher_cache_dir='c'")
+    for name, cls in DIVERGENCES.items():
+        for use in (DivergenceUse(vocab_size=100, fused=True), DivergenceUse(vocab_size=100,
+                                                                             cache=sampled)):
+            if use.cache is None or cls.tail_weight is not Divergence.tail_weight:
+                with torch.device("meta"):
+                    cls(**_SMALL.get(name, {})).check(use)
+
+
 def test_a_divergence_name_is_one_class_s():
     """A user's class named as a shipped divergence replaced it in the registry, silently."""
     with pytest.raises(ValueError) as err:
