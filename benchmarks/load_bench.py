@@ -153,7 +153,8 @@ def run_sharded(args) -> dict:
                  str(args.nproc), __file__, "--model", args.model, "--dtype", args.dtype,
                  "--way", way, "--out", tmp],
                 capture_output=True, text=True,
-                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+                    p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)})
             if proc.returncode != 0:
                 raise SystemExit(f"load_bench: {way} failed ({proc.returncode}):\n"
                                  f"{proc.stderr[-4000:]}")

@@ -29,7 +29,8 @@ from tests.helpers.teachers import (
 
 def _tiny_hf_gemma2(tmp_path):
     cfg = hf_config("gemma2")
-    hf = Gemma2ForCausalLM(Gemma2Config(**cfg)).eval()
+    # eager: transformers' SDPA path drops Gemma2's attention soft-cap (5.17 picks SDPA by default)
+    hf = Gemma2ForCausalLM(Gemma2Config(**cfg, attn_implementation="eager")).eval()
     randomize_(hf, seed=5, norm_center=0.0)
     hf.save_pretrained(tmp_path / "hf_gemma2")
     return hf, tmp_path / "hf_gemma2"

@@ -3,7 +3,6 @@ student, and its errors are one line (the harness run itself: ``tests/test_harne
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ from tests.helpers import tune  # noqa: E402
 from tests.helpers.teachers import save_hf_llama  # noqa: E402
 
 DEMO = Path(resolve_asset("pkg://demo"))
-BIN = Path(sys.executable).parent
 # no Hub, no data set hub: everything below is local, and must stay so
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -52,7 +50,7 @@ def test_eleuther_config_components_load(tmp_path):
 def test_eleuther_recipe_errors_are_one_line(tmp_path, monkeypatch, capsys):
     """Through `tune run` once; the other message in this process (``tune.user_error``)."""
     proc = subprocess.run(
-        [str(BIN / "tune"), "run", "tad_eleuther_eval", "--config", "eleuther_eval_student",
+        [tune.tune_bin(), "run", "tad_eleuther_eval", "--config", "eleuther_eval_student",
          f"output_dir={tmp_path / 'out'}", f"student_dir={tmp_path / 'nowhere'}"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=os.environ | OFFLINE)
     assert proc.returncode == 2

@@ -4,7 +4,6 @@ its errors."""
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from tests.helpers import tune  # noqa: E402
 from tests.helpers.teachers import save_hf_llama  # noqa: E402
 
 pytestmark = pytest.mark.slow
-TUNE = str(Path(sys.executable).parent / "tune")
+TUNE = tune.tune_bin()
 DEMO = Path(resolve_asset("pkg://demo"))
 WORDS = ("the hacker wrote a kludge to frob the bits of the daemon while the wizard "
          "grepped the source for a bug and found a feature in the core dump").split()
