@@ -175,6 +175,7 @@ class _Batch:
     first_doc: int  # index, within the file, of the batch's first document
     docs: list[str] = field(default_factory=list)
     bytes_read: int = 0  # of all the source files, when the batch was complete (the progress)
+    docs_sha256: str = ""  # of the file's documents up to the batch's last (``_docs_digest``)
 
 
 @dataclass
@@ -193,7 +194,8 @@ def _stat(f: SourceFile) -> dict[str, Any]:
     return {"path": str(f.path), "size": f.size, "mtime_ns": f.mtime_ns}
 
 
-def _files_done(writer: StoreWriter, files: Sequence[SourceFile]) -> tuple[int, int, int]:
+def _files_done(writer: StoreWriter, files: Sequence[SourceFile]
+                ) -> tuple[int, int, int, str | None]:
     """What of ``files`` a resumed ``writer`` holds: how many files whole (its sources, if they
     are the first of ``files`` as they are now: the store's key, from their stats, says so;
     checked again), and of the next one, the documents and tokens written (its ``in_file``)."""
@@ -205,13 +207,22 @@ def _files_done(writer: StoreWriter, files: Sequence[SourceFile]) -> tuple[int, 
         raise StoreError(f"the interrupted build in {str(writer.tmp)!r} is of other files; "
                          f"delete it")
     if part is None:
-        return len(done), 0, 0
-    return len(done), int(part["num_documents"]), int(part["num_tokens"])
+        return len(done), 0, 0, None
+    return (len(done), int(part["num_documents"]), int(part["num_tokens"]),
+            part.get("docs_sha256"))
+
+
+def _docs_digest(digest: Any, doc: str) -> None:
+    """Feed one document to the digest of a file's documents so far: what a resume checks the
+    documents it keeps against (a file rewritten with its size and time kept has another)."""
+    data = doc.encode("utf-8", "surrogatepass")
+    digest.update(len(data).to_bytes(8, "little"))
+    digest.update(data)
 
 
 def _batches(files: Sequence[SourceFile], *, column: str, where: str, batch_chars: int,
-             first: int = 0, documents_before: int = 0,
-             skip: int = 0) -> Iterator[_Batch | _FileEnd]:
+             first: int = 0, documents_before: int = 0, skip: int = 0,
+             skip_sha256: str | None = None) -> Iterator[_Batch | _FileEnd]:
     """The documents of ``files[first:]`` in batches of about ``batch_chars`` characters, and
     each file's end with its SHA-256 (``documents_before``: those of the files before; ``skip``:
     the first documents of ``files[first]``, read for its hash but in no batch)."""
@@ -223,17 +234,27 @@ def _batches(files: Sequence[SourceFile], *, column: str, where: str, batch_char
         if i < first:
             continue
         digest = _CountingDigest(hashlib.sha256())
+        docs_digest = hashlib.sha256()
         kept = skip if i == first else 0  # written by the build this one goes on from
         batch, chars, n = _Batch(i, kept), 0, 0
         try:
             for doc in iter_documents(f, column=column, where=where, digest=digest):
                 n += 1
+                _docs_digest(docs_digest, doc)
                 if n <= kept:
+                    if (n == kept and skip_sha256 is not None
+                            and docs_digest.hexdigest() != skip_sha256):
+                        raise StoreError(
+                            f"{where}.source: {str(f.path)!r} changed since the interrupted "
+                            f"build that this one goes on from (its first {kept:,} documents "
+                            f"differ; its size and time do not): that build is deleted, run "
+                            f"again; accepted: files that do not change during prepare")
                     continue
                 batch.docs.append(doc)
                 chars += len(doc)
                 if chars >= batch_chars:
                     batch.bytes_read = before + digest.bytes
+                    batch.docs_sha256 = docs_digest.hexdigest()
                     yield batch
                     batch, chars = _Batch(i, n), 0
         except NoDocument as e:
@@ -247,6 +268,7 @@ def _batches(files: Sequence[SourceFile], *, column: str, where: str, batch_char
         before += f.size
         if batch.docs:
             batch.bytes_read = before
+            batch.docs_sha256 = docs_digest.hexdigest()
             yield batch
         now = SourceFile.stat(f.path)
         if (now.size, now.mtime_ns) != (f.size, f.mtime_ns) or n < kept:
@@ -372,7 +394,7 @@ def build_store(path: Path, files: Sequence[SourceFile], tokenizer: Any, *, colu
                 tqdm(total=sum(f.size for f in files), unit="B", unit_scale=True,
                      unit_divisor=1024, desc="tad_torchtune: tokenizing", file=sys.stderr,
                      disable=not progress, mininterval=1.0, dynamic_ncols=True) as bar:
-            done, file_documents, file_tokens = _files_done(writer, files)
+            done, file_documents, file_tokens, file_sha256 = _files_done(writer, files)
             if done or file_documents:
                 part = (f" and {file_documents:,} document(s) of the next" if file_documents
                         else "")
@@ -382,7 +404,7 @@ def build_store(path: Path, files: Sequence[SourceFile], tokenizer: Any, *, colu
                 bar.update(sum(f.size for f in files[:done]))
             items = _batches(files, column=column, where=where, batch_chars=BATCH_CHARS[engine],
                              first=done, documents_before=writer.num_documents,
-                             skip=file_documents)
+                             skip=file_documents, skip_sha256=file_sha256)
             saved = time.perf_counter()
             try:
                 for batch, result in _in_order(items, encode, token_dtype, executor, window):
@@ -397,7 +419,7 @@ def build_store(path: Path, files: Sequence[SourceFile], tokenizer: Any, *, colu
                         writer.append(tokens, lengths)
                         file_tokens += tokens.size
                         in_file = {**_stat(f), "num_documents": batch.first_doc + len(batch.docs),
-                                   "num_tokens": file_tokens}
+                                   "num_tokens": file_tokens, "docs_sha256": batch.docs_sha256}
                         rate = writer.num_tokens / max(time.perf_counter() - start, 1e-9)
                         bar.set_postfix_str(f"{_count(writer.num_tokens)} tokens, {_count(rate)} "
                                             f"tokens/s, file {batch.file + 1}/{len(files)}",

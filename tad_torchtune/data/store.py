@@ -258,9 +258,14 @@ class StoreWriter:
             in_file = header.pop(IN_FILE, None)
             if (header != self._header
                     or not (in_file is None or isinstance(in_file, dict))
+                    or not _consistent(progress, in_file, self.dtype.itemsize)
                     or any((tmp / name).stat().st_size < size for name, size in sizes.items())
                     or not all(os.access(p, os.W_OK) for p in (tmp, tmp / TOKENS, tmp / OFFSETS))):
                 return False  # not this build's, or not ours to go on with: a new folder
+            with open(tmp / OFFSETS, "rb") as f:  # the last offset counted: num_tokens
+                f.seek(sizes[OFFSETS] - 8)
+                if int.from_bytes(f.read(8), "little") != progress["num_tokens"]:
+                    return False
             for name, sha in ((TOKENS, self._tokens_sha), (OFFSETS, self._offsets_sha)):
                 with open(tmp / name, "r+b") as f:
                     f.truncate(sizes[name])
@@ -367,6 +372,20 @@ class StoreWriter:
             f.close()
         if not (keep and (self.tmp / PROGRESS).is_file()):
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _consistent(progress: dict[str, Any], in_file: dict[str, Any] | None, itemsize: int) -> bool:
+    """Whether a checkpoint's counts agree with each other: its files' sizes with its totals, its
+    totals with its sources' and the part of a file's (a damaged or edited ``progress.json`` is
+    not gone on from)."""
+    tokens, documents = progress["num_tokens"], progress["num_documents"]
+    part = [in_file] if in_file is not None else []
+    counts = [(s["num_tokens"], s["num_documents"]) for s in progress["sources"] + part]
+    return (all(type(v) is int and v >= 0 for c in counts for v in c)
+            and type(tokens) is int and type(documents) is int
+            and progress["tokens_bytes"] == tokens * itemsize
+            and progress["offsets_bytes"] == (documents + 1) * 8
+            and sum(c[0] for c in counts) == tokens and sum(c[1] for c in counts) == documents)
 
 
 def interrupted_build(store_dir: Path, key: str) -> Path | None:

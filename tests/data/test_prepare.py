@@ -581,3 +581,47 @@ def test_a_tokenizer_worker_leaves_ctrl_c_to_its_parent():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_a_build_goes_on_within_a_file_only_from_documents_and_counts_that_agree(tmp_path,
+                                                                                  monkeypatch):
+    """A file rewritten with its size and time kept (its key unchanged) after an interruption
+    within it: the kept documents are of the old text, so the build says so and starts over;
+    a progress.json whose counts disagree is not gone on from (it published a wrong store)."""
+    from tad_torchtune.data import prepare
+
+    monkeypatch.setattr(prepare, "CHECKPOINT_EVERY_S", 0.0)
+    monkeypatch.setattr(prepare, "BATCH_CHARS", {**prepare.BATCH_CHARS, "inline": 300})
+    docs = [f"document {j} of the only file" + (" STOP" if j == 149 else "") for j in range(200)]
+    path = tmp_path / "corpus" / "all.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+    def interrupted(stores):
+        monkeypatch.setattr(_Interrupted, "stop", True)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_store(str(path), _Interrupted(), store_dir=stores, num_workers=1,
+                          progress=False)
+        monkeypatch.setattr(_Interrupted, "stop", False)
+        (left,) = stores.glob(".tmp-*")
+        return left / "progress.json"
+
+    interrupted(tmp_path / "s")
+    st = path.stat()
+    path.write_text(path.read_text().replace("document 3 ", "dokument 3 "))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(StoreError, match="changed since the interrupted build"):
+        prepare_store(str(path), _Interrupted(), store_dir=tmp_path / "s", num_workers=1,
+                      progress=False)
+    store, _ = prepare_store(str(path), _Interrupted(), store_dir=tmp_path / "s", num_workers=1,
+                             progress=False)
+    ref, _ = prepare_store(str(path), _Interrupted(), store_dir=tmp_path / "ref", num_workers=1,
+                           progress=False)
+    assert _comparable(store.path) == _comparable(ref.path)
+    progress = interrupted(tmp_path / "t")
+    edited = json.loads(progress.read_text())
+    edited["header"]["in_file"]["num_documents"] -= 1
+    progress.write_text(json.dumps(edited))
+    store, _ = prepare_store(str(path), _Interrupted(), store_dir=tmp_path / "t", num_workers=1,
+                             progress=False)
+    assert _comparable(store.path) == _comparable(ref.path)
