@@ -446,6 +446,8 @@ def build_store(path: Path, files: Sequence[SourceFile], tokenizer: Any, *, colu
                 "tokens_per_second": round(writer.num_tokens / max(seconds, 1e-9)),
                 "host": platform.node(), "pid": os.getpid(),
             })
+        if resume is not None and Path(resume) != writer.tmp:  # refused (damaged): not kept
+            shutil.rmtree(resume, ignore_errors=True)
     finally:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)

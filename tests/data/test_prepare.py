@@ -625,3 +625,4 @@ def test_a_build_goes_on_within_a_file_only_from_documents_and_counts_that_agree
     store, _ = prepare_store(str(path), _Interrupted(), store_dir=tmp_path / "t", num_workers=1,
                              progress=False)
     assert _comparable(store.path) == _comparable(ref.path)
+    assert not list((tmp_path / "t").glob(".tmp-*"))  # the refused checkpoint is not kept
