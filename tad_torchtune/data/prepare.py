@@ -514,6 +514,8 @@ def _link_a_store_of_these_contents(root: Path, path: Path, files: Sequence[Sour
     sizes = [f.size for f in files]
     hashes: dict[int, str] = {}
     for manifest_path in sorted(root.glob(f"*/{MANIFEST}")):
+        if manifest_path.parent.name.startswith(TMP_PREFIX):  # a build's, not a store
+            continue
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
             sources = manifest["sources"]

@@ -342,7 +342,6 @@ class StoreWriter:
             f.flush()
             os.fsync(f.fileno())
             f.close()
-        (self.tmp / PROGRESS).unlink(missing_ok=True)
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, **self._header,
             "num_tokens": self.num_tokens, "num_documents": self.num_documents,
@@ -363,6 +362,8 @@ class StoreWriter:
         if not published and not (self.path / MANIFEST).is_file():
             raise StoreError(f"cannot publish the token store at {str(self.path)!r}: it exists "
                              "and is not a store; delete it")
+        if published:  # removed only now: a build killed before the rename goes on from it
+            (self.path / PROGRESS).unlink(missing_ok=True)
         return self.path  # when another process published first, both hold the same bytes
 
     def abort(self, *, keep: bool = False) -> None:

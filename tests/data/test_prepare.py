@@ -626,3 +626,39 @@ def test_a_build_goes_on_within_a_file_only_from_documents_and_counts_that_agree
                              progress=False)
     assert _comparable(store.path) == _comparable(ref.path)
     assert not list((tmp_path / "t").glob(".tmp-*"))  # the refused checkpoint is not kept
+
+
+def test_a_build_killed_as_it_publishes_goes_on_from_its_last_checkpoint(tmp_path, monkeypatch):
+    """Stopped between writing its manifest and the rename that publishes it, a build keeps its
+    checkpoint (before, publish removed it first, so the whole build was lost): the next one
+    tokenizes nothing again and publishes the same bytes."""
+    from tad_torchtune.data import prepare
+    from tad_torchtune.data import store as store_module
+
+    monkeypatch.setattr(prepare, "CHECKPOINT_EVERY_S", 0.0)
+    monkeypatch.setattr(prepare, "BATCH_CHARS", {**prepare.BATCH_CHARS, "inline": 300})
+    docs = [f"document {j} of the only file" for j in range(60)]
+    path = tmp_path / "corpus" / "all.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    publish = store_module.publish_dir
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(store_module, "publish_dir", killed)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_store(str(path), _Interrupted(), store_dir=tmp_path / "s", num_workers=1,
+                          progress=False)
+    assert store_module.publish_dir is publish
+    (left,) = (tmp_path / "s").glob(".tmp-*")
+    assert (left / "progress.json").is_file()
+    monkeypatch.setattr(_Interrupted, "seen", [])
+    store, built = prepare_store(str(path), _Interrupted(), store_dir=tmp_path / "s",
+                                 num_workers=1, progress=False)
+    assert built and _ours(_Interrupted.seen) == []  # nothing tokenized again
+    ref, _ = prepare_store(str(path), _Interrupted(), store_dir=tmp_path / "ref", num_workers=1,
+                           progress=False)
+    assert _comparable(store.path) == _comparable(ref.path)
+    assert sorted(os.listdir(store.path)) == ["manifest.json", "offsets.bin", "tokens.bin"]
