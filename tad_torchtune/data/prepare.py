@@ -191,7 +191,14 @@ def _count(n: float) -> str:
 
 
 def _stat(f: SourceFile) -> dict[str, Any]:
+    """What a store's manifest and a build's checkpoint record of a source file's stat."""
     return {"path": str(f.path), "size": f.size, "mtime_ns": f.mtime_ns}
+
+
+def _is_of(entry: dict[str, Any], f: SourceFile) -> bool:
+    """Whether a recorded ``entry`` (a source, a checkpoint's ``in_file``) is ``f`` as it is."""
+    stat = _stat(f)
+    return {k: entry.get(k) for k in stat} == stat
 
 
 def _files_done(writer: StoreWriter, files: Sequence[SourceFile]
@@ -200,10 +207,9 @@ def _files_done(writer: StoreWriter, files: Sequence[SourceFile]
     are the first of ``files`` as they are now: the store's key, from their stats, says so;
     checked again), and of the next one, the documents and tokens written (its ``in_file``)."""
     done, part = writer.sources, writer.in_file
-    stats = [_stat(f) for f in files]
-    if ([{k: s[k] for k in ("path", "size", "mtime_ns")} for s in done] != stats[:len(done)]
-            or part is not None and (len(done) == len(files) or {k: part.get(k) for k in (
-                "path", "size", "mtime_ns")} != stats[len(done)])):
+    if (len(done) + (part is not None) > len(files)
+            or not all(_is_of(s, f) for s, f in zip(done, files))
+            or part is not None and not _is_of(part, files[len(done)])):
         raise StoreError(f"the interrupted build in {str(writer.tmp)!r} is of other files; "
                          f"delete it")
     if part is None:

@@ -4,6 +4,7 @@
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from tad_torchtune.checks import check_positive
@@ -195,8 +196,6 @@ class Divergence(nn.Module):
         Raises:
             ConfigError: naming ``use.key``.
         """
-        import torch
-
         self.validate(use)
         # on the host, whatever default device the caller set: under torch.device("cuda") (as
         # recipe_bench sets a recipe up) a CPU generator filling a CUDA tensor is refused
@@ -205,8 +204,6 @@ class Divergence(nn.Module):
 
     def _probe(self, use: DivergenceUse) -> None:
         """``check``'s contract probe, on CPU tensors."""
-        import torch
-
         from tad_torchtune.errors import one_line
 
         name = f"{type(self).__module__}.{type(self).__name__}"

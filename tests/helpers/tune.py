@@ -174,8 +174,8 @@ def two_ranks(script: Path, args: list[str], cwd: Path, timeout: int = 300
     """``script ARGS`` on two CPU processes under ``torch.distributed.run`` (from ``cwd``, the
     checkout on ``PYTHONPATH``), which must succeed; with what each rank wrote to
     ``cwd/rank<r>.json``."""
-    path = os.pathsep.join(p for p in (str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH"))
-                           if p)  # the checkout first, then what this process was given
+    path = os.pathsep.join(p for p in (str(Path(__file__).parents[2]),
+                                       os.environ.get("PYTHONPATH")) if p)  # the checkout first
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
