@@ -25,7 +25,8 @@ and memory against the store's size, and the cost of a batch against a training 
    fingerprint, key, manifest, maps, split) and the resident memory it adds (VmRSS), with the
    page cache warm (the files were just written; opening reads none of them).
 3. batch: one 8 x 128 batch (random indices, ``collate``) from each store, median over
-   2000 batches, against the step time of ``tune run tad_distill --config demo max_steps=20``
+   2000 batches (the sampler's own time apart: its median, and its first call, which sets the
+   epoch's order up), against the step time of ``tune run tad_distill --config demo max_steps=20``
    (median over its logged steps of step tokens / tokens_per_second), or ``--step-time``.
 """
 
@@ -206,15 +207,19 @@ def startup_child(store_dir: str, source: str, batches: int) -> None:
     opened = time.perf_counter() - start
     after_open = {k: vm_kib(k) for k in fields}
     sampler = iter(ResumableBatchSampler(len(ds), batch_size=BATCH, shuffle=True, seed=0))
-    times = []
+    times, sampled = [], []
     for _ in range(batches):
+        start = time.perf_counter()
         indices = next(sampler)
+        sampled.append(time.perf_counter() - start)
         start = time.perf_counter()
         batch = collate([ds[i] for i in indices])
         times.append(time.perf_counter() - start)
     assert batch.tokens.shape == (BATCH, SEQ_LEN)
     after_batches = {k: vm_kib(k) for k in fields}
+    # sample_s: the sampler's share of a batch (its first call sets the epoch's order up)
     result = {"open_s": opened, "batch_s": statistics.median(times), "blocks": len(ds),
+              "sample_s": statistics.median(sampled), "first_sample_s": sampled[0],
               "tokens": ds.store.num_tokens, "rss_total_mib": after_open["VmRSS"] / 1024,
               "hwm_mib": vm_kib("VmHWM") / 1024}
     for k in fields:
@@ -276,7 +281,8 @@ def bench_startup(work: Path, sizes: list[str], repeats: int, batches: int) -> l
         print(f"startup  {name:5s} open {m['open_s'] * 1e3:.1f} ms  RSS +{m['VmRSS_open_mib']:.1f} "
               f"MiB (anon +{m['RssAnon_open_mib']:.1f}, file +{m['RssFile_open_mib']:.1f}); after "
               f"{batches} batches anon +{m['RssAnon_batches_mib']:.1f}, file "
-              f"+{m['RssFile_batches_mib']:.1f} MiB; batch {m['batch_s'] * 1e6:.0f} us", flush=True)
+              f"+{m['RssFile_batches_mib']:.1f} MiB; batch {m['batch_s'] * 1e6:.0f} us, sampler "
+              f"{m['sample_s'] * 1e6:.0f} us (first {m['first_sample_s'] * 1e3:.1f} ms)", flush=True)
     return rows
 
 

@@ -56,7 +56,8 @@ from tqdm import tqdm
 
 from tad_torchtune.checkpointing import TrainingCheckpointer, rng_state, set_rng_state
 from tad_torchtune.common import DTYPES, full_tensor
-from tad_torchtune.data import Batch, ResumableBatchSampler, TextBlockDataset, collate
+from tad_torchtune.data import (SAMPLE_ORDERS, Batch, ResumableBatchSampler, TextBlockDataset,
+                                 collate)
 from tad_torchtune.data.checks import (
     build_dataset,
     check_batch,
@@ -800,6 +801,7 @@ class TADDistillRecipe:
             "step_in_epoch": self.step_in_epoch, "tokens_seen": self.tokens_seen,
             "train_seconds": self.train_seconds,
             "samples_in_epoch": self.step_in_epoch * self._grad_accum * self._train_sampler.global_batch,
+            "sample_order": self._train_sampler.order,
             "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler else None,
             "rng": rng_state(), "world_size": self._world_size,
             "data": self._data_fingerprints, "data_cut": self._data_cut,
@@ -886,6 +888,14 @@ class TADDistillRecipe:
                 "x processes)"
             )
         self.step_in_epoch = meta["samples_in_epoch"] // per_step
+        # the order the run began in: earlier versions' checkpoints record none (randperm)
+        order = meta.get("sample_order", "randperm")
+        if order not in SAMPLE_ORDERS:
+            raise ConfigError(
+                f"resume_from_checkpoint: {str(path)!r} orders its samples by {order!r}, which "
+                f"this version does not know; accepted: checkpoints ordered by one of "
+                f"{SAMPLE_ORDERS} (resume with the version that wrote it)")
+        self._train_sampler.order = order
         if self._lr_scheduler is not None and meta["lr_scheduler"] is not None:
             self._lr_scheduler.load_state_dict(meta["lr_scheduler"])
             # the next step's rate from THIS run's schedule (a resume with a larger max_steps has

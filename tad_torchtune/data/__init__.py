@@ -9,7 +9,8 @@ fixed-length blocks that keep their document boundaries, and a resumable batch s
 - ``prepare_store``: find or build (once, across processes) the store of a source and tokenizer;
   ``tune run tad_prepare --config CONFIG`` calls it for a config's datasets.
 - ``TokenStore``, ``StoreWriter``, ``tokenizer_fingerprint``: the store format (``store``).
-- ``ResumableBatchSampler``: global batches in a per-epoch order, resumable at any sample.
+- ``ResumableBatchSampler``: global batches in a per-epoch order, resumable at any sample;
+  the order computed position by position (``FeistelPermutation``), held nowhere.
 """
 
 from tad_torchtune.data.batch import Batch, collate, document_attention
@@ -26,12 +27,13 @@ from tad_torchtune.data.prepare import (
     default_store_dir,
     prepare_store,
 )
-from tad_torchtune.data.sampler import ResumableBatchSampler
+from tad_torchtune.data.sampler import SAMPLE_ORDERS, FeistelPermutation, ResumableBatchSampler
 from tad_torchtune.data.sources import CorpusError, SourceFile, expand_sources, iter_documents, resolve_asset
 from tad_torchtune.data.store import StoreError, StoreWriter, TokenStore, tokenizer_fingerprint
 
 __all__ = [
-    "SPLITS", "STORE_DIR_ENV", "Batch", "CorpusError", "ResumableBatchSampler", "SourceFile",
+    "SAMPLE_ORDERS", "SPLITS", "STORE_DIR_ENV", "Batch", "CorpusError", "FeistelPermutation",
+    "ResumableBatchSampler", "SourceFile",
     "StoreError", "StoreWriter", "TextBlockDataset", "TokenStore", "build_store", "collate",
     "document_attention",
     "default_num_workers", "default_store_dir", "expand_sources", "iter_documents",

@@ -1171,6 +1171,58 @@ def test_a_resume_on_other_blocks_of_the_same_store_is_refused(assets, tmp_path)
     assert _recipe({**cfg, "resume_from_checkpoint": True, "max_steps": 3}).global_step == 2
 
 
+def test_a_checkpoint_of_an_earlier_version_resumes_in_the_order_it_began(assets, tmp_path,
+                                                                           monkeypatch):
+    """A checkpoint that records no ``sample_order`` (earlier versions held ``torch.randperm``)
+    resumes in that order: the resumed steps' losses are those of the run it continues, and
+    another order (the computed one, recorded as this version records it) gives others. An order
+    this version does not know is one line."""
+    from functools import partial
+
+    import tad_distill
+
+    from tad_torchtune.data import ResumableBatchSampler
+    from tad_torchtune.errors import ConfigError
+
+    out = tmp_path / "old"
+    cfg = tune.base_config(assets, out, max_steps=6, save_every_n_steps=3, export_hf=False,
+                           validation_dataset=None)
+    with monkeypatch.context() as m:  # the run as an earlier version ran it
+        m.setattr(tad_distill, "ResumableBatchSampler",
+                  partial(ResumableBatchSampler, order="randperm"))
+        _recipe(cfg).train()
+    whole = tune.train_losses(out)
+    ckpt = out / "checkpoints" / "step_000003"
+    meta = torch.load(ckpt / "meta.pt", weights_only=False)
+    assert meta["sample_order"] == "randperm"
+
+    def resume_as(order):
+        import shutil
+
+        shutil.rmtree(out / "checkpoints" / "step_000006", ignore_errors=True)
+        (out / "checkpoints" / "latest").write_text("step_000003")
+        torch.save({k: v for k, v in meta.items() if k != "sample_order"}
+                   | ({} if order is None else {"sample_order": order}), ckpt / "meta.pt")
+        recipe = _recipe({**cfg, "resume_from_checkpoint": True})
+        assert recipe.global_step == 3
+        recipe.train()
+        return recipe._train_sampler.order, tune.train_losses(out)
+
+    order, losses = resume_as(None)
+    assert order == "randperm"
+    _assert_same_losses(losses, whole, rtol=1e-6, steps=[4, 5, 6])
+    order, losses = resume_as("feistel")
+    assert order == "feistel" and all(losses[s] != whole[s] for s in (4, 5, 6)), (losses, whole)
+    (out / "checkpoints" / "latest").write_text("step_000003")
+    torch.save({**meta, "sample_order": "zigzag"}, ckpt / "meta.pt")
+    with pytest.raises(ConfigError) as err:
+        _recipe({**cfg, "resume_from_checkpoint": True})
+    assert str(err.value) == (
+        f"resume_from_checkpoint: {str(ckpt)!r} orders its samples by 'zigzag', which this "
+        "version does not know; accepted: checkpoints ordered by one of ('feistel', "
+        "'randperm') (resume with the version that wrote it)")
+
+
 def test_missing_and_truncated_checkpoint_files_are_named(assets, tmp_path, monkeypatch, capsys):
     import shutil
 
