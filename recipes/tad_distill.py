@@ -72,7 +72,7 @@ from tad_torchtune.flops import peak_flops, step_flops_per_token
 from tad_torchtune.hardware import warn_if_slow_bf16
 from tad_torchtune.head import StudentHead, TeacherHead
 from tad_torchtune.losses import DivergenceUse
-from tad_torchtune.models import save_hf_checkpoint, supports_flex_attention
+from tad_torchtune.models import prepended_bos_id, save_hf_checkpoint, supports_flex_attention
 from tad_torchtune.models.loading import (
     check_model_fits_checkpoint,
     checkpoint_state,
@@ -844,7 +844,8 @@ class TADDistillRecipe:
                    f"run would resume from the checkpoint before; {remedy}")
 
     def export(self, out_dir: Path) -> None:
-        """The student as a Hugging Face checkpoint (safetensors + its own config.json)."""
+        """The student as a Hugging Face checkpoint (safetensors + its own config.json), with
+        tokenizer files that put first the BOS training's tokenizer did."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(
@@ -856,6 +857,7 @@ class TADDistillRecipe:
                 self._student, out_dir, base_config=self._hf_base_config,
                 model_type=self._hf_model_type, state_dict=state,
                 copy_files_from=self._tokenizer_sources,
+                add_bos_id=prepended_bos_id(self._tokenizer),
             )
         barrier()
 

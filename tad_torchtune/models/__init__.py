@@ -5,6 +5,7 @@ from tad_torchtune.models._checkpointer import HFCheckpointer, checkpoint_file_n
 from tad_torchtune.models._export import (
     hf_config_for,
     load_hf_checkpoint,
+    prepended_bos_id,
     read_hf_checkpoint,
     save_hf_checkpoint,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "output_weight",
     "phi2",
     "phi2_2_7b",
+    "prepended_bos_id",
     "project_logits",
     "pruned_student",
     "read_hf_checkpoint",

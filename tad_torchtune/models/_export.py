@@ -5,7 +5,8 @@ TEACHER's (input) ``config.json`` and copies that file, so a pruned student woul
 the teacher's depth, widths and head counts. ``save_hf_checkpoint`` reads the architecture from
 the student module itself and writes ``model.safetensors`` plus a ``config.json`` that
 ``transformers.AutoModelForCausalLM.from_pretrained`` loads without extra code, and that
-``FullModelHFCheckpointer`` (same ``model_type``) reads back.
+``FullModelHFCheckpointer`` (same ``model_type``) reads back, with the tokenizer files it needs
+to encode text as training did (``prepended_bos_id``).
 """
 
 import json
@@ -42,6 +43,69 @@ TOKENIZER_FILES = (
 )
 # One of them makes a tokenizer that transformers.AutoTokenizer can load.
 VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+# Text encoded to see what a tokenizer puts around it.
+_PROBE = "Hello world"
+
+
+def prepended_bos_id(tokenizer: Any) -> int | None:
+    """The BOS id a torchtune tokenizer puts first in every document it encodes for training
+    (``encode(text, add_bos=True)``), or None where it puts none (Qwen2's tokenizer).
+
+    ``save_hf_checkpoint(add_bos_id=...)`` takes it: torchtune's ``HuggingFaceBaseTokenizer``
+    prepends its ``bos_id`` itself when the tokenizer.json does not (Phi-2's, the demo's), so the
+    copied file alone would not.
+
+    Args:
+        tokenizer: a torchtune tokenizer (``encode(text, add_bos, add_eos)``, ``bos_id``).
+
+    Returns:
+        The id, or None.
+    """
+    bos = getattr(tokenizer, "bos_id", None)
+    if bos is None:
+        return None
+    return bos if tokenizer.encode(_PROBE, add_bos=True, add_eos=False)[:1] == [bos] else None
+
+
+def _prepend_bos(folder: Path, bos_id: int) -> str | None:
+    """Give ``folder``'s tokenizer.json a post-processor that puts ``bos_id`` first, where it
+    adds no special token; its own post-processor (Phi-2's ``ByteLevel``) runs before.
+
+    Returns:
+        Why the folder's tokenizer cannot be made to prepend ``bos_id``, or None when it does.
+    """
+    from tokenizers import Tokenizer
+
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return "has no tokenizer.json in which to make transformers.AutoTokenizer prepend it"
+    tok = Tokenizer.from_file(str(path))
+    ids, bare = tok.encode(_PROBE).ids, tok.encode(_PROBE, add_special_tokens=False).ids
+    if ids[:1] == [bos_id]:
+        return None
+    if ids != bare:
+        return f"has a tokenizer.json that adds {sorted(set(ids) - set(bare))} instead"
+    bos = tok.id_to_token(bos_id)
+    if bos is None:
+        return "has a tokenizer.json without that id"
+    # the tokenizers JSON form of TemplateProcessing("<bos> $A", pair "<bos> $A <bos>:1 $B:1"),
+    # written as such so that a token holding a space or a colon needs no template syntax
+    def piece(kind: str, name: str, type_id: int) -> dict[str, Any]:
+        return {kind: {"id": name, "type_id": type_id}}
+
+    template = {
+        "type": "TemplateProcessing",
+        "single": [piece("SpecialToken", bos, 0), piece("Sequence", "A", 0)],
+        "pair": [piece("SpecialToken", bos, 0), piece("Sequence", "A", 0),
+                 piece("SpecialToken", bos, 1), piece("Sequence", "B", 1)],
+        "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+    }
+    data = json.loads(path.read_text(encoding="utf-8"))
+    old = data.get("post_processor")
+    data["post_processor"] = (template if old is None
+                              else {"type": "Sequence", "processors": [old, template]})
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return None
 
 
 def _family_of(model: TransformerDecoder, model_type: str | None) -> ModelFamily:
@@ -126,6 +190,7 @@ def save_hf_checkpoint(
     state_dict: Mapping[str, Tensor] | None = None,
     dtype: torch.dtype | str | None = None,
     copy_files_from: str | Path | Sequence[str | Path] | None = None,
+    add_bos_id: int | None = None,
 ) -> Path:
     """Write ``model.safetensors`` and ``config.json`` for ``model`` in Hugging Face format.
 
@@ -149,6 +214,12 @@ def save_hf_checkpoint(
             (``TOKENIZER_FILES``) are copied alongside, so that the export opens with
             ``AutoTokenizer`` too: those of the first folder holding a vocabulary file
             (``VOCABULARY_FILES``); a warning when none does.
+        add_bos_id: the BOS id that training's tokenizer put first in every document
+            (``prepended_bos_id(tokenizer)``). Where the copied tokenizer.json adds nothing, it
+            gets a post-processor that prepends it, so that ``AutoTokenizer(text).input_ids``
+            equals the torchtune tokenizer's ``encode(text, add_eos=False)``; a tokenizer.json
+            that already prepends it is copied unchanged, and one that cannot be made to (none
+            copied, another special token added) gives a warning. None: files copied as they are.
 
     Returns:
         ``output_dir`` as a ``Path``.
@@ -203,6 +274,12 @@ def save_hf_checkpoint(
             for name in TOKENIZER_FILES:
                 if (source / name).is_file():
                     shutil.copyfile(source / name, out / name)
+            problem = None if add_bos_id is None else _prepend_bos(out, add_bos_id)
+            if problem is not None:
+                warnings.warn(
+                    f"save_hf_checkpoint: training's tokenizer put the BOS id {add_bos_id} "
+                    f"before every document and {str(out)!r} {problem}; check that the "
+                    f"exported model's inputs begin with it", stacklevel=2)
     return out
 
 

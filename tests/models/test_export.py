@@ -6,6 +6,7 @@ The teacher is written as a Hub-style checkpoint and loaded through torchtune's
 """
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from torchtune.config._utils import _get_component_from_path
 from tad_torchtune.models import (
     init_student_from_teacher,
     load_hf_checkpoint,
+    prepended_bos_id,
     pruned_student,
     save_hf_checkpoint,
 )
@@ -171,9 +173,11 @@ def test_export_after_activation_checkpointing_wrappers(tmp_path):
 
 
 def test_exported_demo_student_is_self_contained(tmp_path):
-    """A student exported as the recipe does (``copy_files_from`` = the teacher's folder) from
-    the bundled demo teacher opens with ``AutoModelForCausalLM`` and ``AutoTokenizer`` from its
-    folder alone, with the teacher's tokenizer and the torchtune student's logits."""
+    """A student exported as the recipe does (``copy_files_from`` = the teacher's folder,
+    ``add_bos_id`` from the training tokenizer) from the bundled demo teacher opens with
+    ``AutoModelForCausalLM`` and ``AutoTokenizer`` from its folder alone, with the torchtune
+    student's logits and the ids of training's tokenizer: the demo tokenizer.json adds no BOS,
+    torchtune's HuggingFaceBaseTokenizer prepends it, and so does the export's."""
     import shutil
     from pathlib import Path
 
@@ -190,14 +194,30 @@ def test_exported_demo_student_is_self_contained(tmp_path):
     student = pruned_student(teacher=bundled_config("demo")["teacher_model"], num_layers=2,
                              intermediate_dim=256, mlp_init="fresh")
     init_student_from_teacher(student, teacher)
+    trained_with = demo_tokenizer()
+    bos = trained_with.bos_id
+    assert prepended_bos_id(trained_with) == bos == 0
     save_hf_checkpoint(student, tmp_path / "export", base_config=teacher_dir,
-                       copy_files_from=teacher_dir)
+                       copy_files_from=teacher_dir, add_bos_id=bos)
     alone = shutil.move(tmp_path / "export", tmp_path / "elsewhere" / "student")  # nothing beside it
 
-    text = "A kludge: the wizard's ‘hack’ frobbed the daemon."
-    ids = AutoTokenizer.from_pretrained(alone)(text)["input_ids"]
-    assert ids == demo_tokenizer().encode(text, add_bos=False, add_eos=False)
-    tokens = torch.tensor([[0, *ids]])  # BOS first, as in training
+    hf_tok = AutoTokenizer.from_pretrained(alone)
+    assert hf_tok("hello world")["input_ids"] == [0, 331, 676, 81, 1440]  # recorded
+    texts = ["A kludge: the wizard's ‘hack’ frobbed the daemon.", "hello world", " x", "",
+             "<|end_of_text|> after", "naïve café\n\tdone"]
+    for text in texts:
+        assert hf_tok(text)["input_ids"] == trained_with.encode(text, add_eos=False), text
+    # a pair as transformers' own templates give it: BOS before each text
+    first, second = (trained_with.encode(t, add_eos=False) for t in texts[:2])
+    assert hf_tok(texts[0], texts[1])["input_ids"] == first + second
+    assert hf_tok.decode(hf_tok(texts[0])["input_ids"], skip_special_tokens=True) == texts[0]
+    # only the post-processor changed (the demo's has none)
+    source = json.loads((Path(teacher_dir) / "tokenizer.json").read_text(encoding="utf-8"))
+    exported = json.loads((Path(alone) / "tokenizer.json").read_text(encoding="utf-8"))
+    assert source.pop("post_processor") is None and exported.pop("post_processor") is not None
+    assert exported == source
+    ids = hf_tok(texts[0])["input_ids"]
+    tokens = torch.tensor([ids])
     torch.testing.assert_close(hf_logits(alone, tokens), logits_of(student, tokens), atol=ATOL, rtol=0)
 
     # a teacher folder without a tokenizer gives an export that cannot be self-contained: said
@@ -216,9 +236,132 @@ def test_exported_demo_student_is_self_contained(tmp_path):
                     tokenizer_dir / "tokenizer_config.json")  # not a tokenizer's: must not be
     (bare / "tokenizer_config.json").write_text("{}")  # the bare folder's is not copied either
     save_hf_checkpoint(student, tmp_path / "second", base_config=bare,
-                       copy_files_from=[bare, tokenizer_dir])
+                       copy_files_from=[bare, tokenizer_dir], add_bos_id=bos)
     assert sorted(p.name for p in (tmp_path / "second").iterdir()) == [
         "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     assert ((tmp_path / "second" / "tokenizer_config.json").read_text()
             == (tokenizer_dir / "tokenizer_config.json").read_text())
-    assert AutoTokenizer.from_pretrained(tmp_path / "second")(text)["input_ids"] == ids
+    assert AutoTokenizer.from_pretrained(tmp_path / "second")(texts[0])["input_ids"] == ids
+
+
+def _byte_level_bpe(folder, specials, *, post_processor=None):
+    """A tiny byte-level BPE (GPT-2's kind) as tokenizer.json, vocab.json and merges.txt."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog."] * 20,
+        trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = post_processor
+    tok.save(str(folder / "tokenizer.json"))
+    tok.model.save(str(folder))
+    return tok
+
+
+def _tiny_student():
+    return pruned_student(teacher=teacher_node("llama3"), num_layers=1, intermediate_dim=24)
+
+
+TEXTS = ["def f(x):\n    return x", "The lazy fox.", " a", "<|endoftext|> after"]
+
+
+def test_export_of_a_phi2_like_tokenizer_prepends_its_bos_after_its_byte_level_step(tmp_path):
+    """Phi-2's tokenizer.json (CodeGen's) has a ByteLevel post-processor and no BOS, which
+    torchtune's HuggingFaceBaseTokenizer prepends (``<|endoftext|>``): the export keeps the
+    ByteLevel step (offsets without the leading space) and adds the BOS after it."""
+    from tokenizers import processors
+    from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer
+    from transformers import AutoTokenizer
+
+    src = tmp_path / "phi2"
+    _byte_level_bpe(src, ["<|endoftext|>"], post_processor=processors.ByteLevel(trim_offsets=True))
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "add_bos_token": False,
+         "tokenizer_class": "CodeGenTokenizer"}))
+    trained_with = HuggingFaceBaseTokenizer(
+        str(src / "tokenizer.json"), tokenizer_config_json_path=str(src / "tokenizer_config.json"))
+    assert not trained_with.hf_adds_bos and prepended_bos_id(trained_with) == 0
+    out = save_hf_checkpoint(_tiny_student(), tmp_path / "export", base_config=hf_config("llama3"),
+                             copy_files_from=src, add_bos_id=prepended_bos_id(trained_with))
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    for text in TEXTS:
+        assert hf_tok(text)["input_ids"] == trained_with.encode(text, add_eos=False), text
+    source = json.loads((src / "tokenizer.json").read_text())
+    processor = json.loads((out / "tokenizer.json").read_text())["post_processor"]
+    assert processor["type"] == "Sequence"
+    assert processor["processors"][0] == source["post_processor"]
+    # the ByteLevel step still trims the space before "dog" from its offsets
+    offsets = hf_tok(" lazy dog", return_offsets_mapping=True)["offset_mapping"]
+    assert offsets[1:] == AutoTokenizer.from_pretrained(src)(
+        " lazy dog", return_offsets_mapping=True)["offset_mapping"]
+    assert offsets[-1] == (6, 9)
+    # tokenizer_config.json is copied as it is: with a tokenizer.json, transformers 5 ignores its
+    # add_bos_token, and `true` would make transformers 4's CodeGen fast tokenizer raise
+    name = "tokenizer_config.json"
+    assert (out / name).read_bytes() == (src / name).read_bytes()
+
+
+def _qwen2_like(folder):
+    from torchtune.models.qwen2 import qwen2_tokenizer
+
+    _byte_level_bpe(folder, ["<|endoftext|>"])
+    return qwen2_tokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+
+
+def _adding_bos_itself(folder):
+    from tests.helpers.toy_tokenizers import hf_tokenizer
+
+    return hf_tokenizer(folder, template=True)  # "<s> $A </s>": HF adds BOS (and EOS) itself
+
+
+@pytest.mark.parametrize("kind", [_qwen2_like, _adding_bos_itself])
+def test_export_copies_tokenizers_that_already_agree_unchanged(kind, tmp_path):
+    """No BOS on either side (Qwen2's tokenizer), or a tokenizer.json that adds it itself (Llama's
+    and Gemma's post-processors): the export's tokenizer files are the source's, byte for byte,
+    and AutoTokenizer gives training's ids."""
+    from transformers import AutoTokenizer
+
+    src = tmp_path / "source"
+    trained_with = kind(src)
+    bos = prepended_bos_id(trained_with)
+    assert bos == (None if kind is _qwen2_like else trained_with.bos_id)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to say either
+        out = save_hf_checkpoint(_tiny_student(), tmp_path / "export",
+                                 base_config=hf_config("llama3"), copy_files_from=src,
+                                 add_bos_id=bos)
+    copied = sorted(p.name for p in out.iterdir()
+                    if p.name not in ("config.json", "model.safetensors"))
+    assert copied == sorted(p.name for p in src.iterdir())
+    for name in copied:
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    if kind is _adding_bos_itself:  # Qwen2's torchtune tokenizer splits text its own way
+        hf_tok = AutoTokenizer.from_pretrained(out)
+        for text in TEXTS:
+            assert hf_tok(text)["input_ids"] == trained_with.encode(text, add_eos=False), text
+
+
+def test_export_says_when_it_cannot_make_the_tokenizer_prepend_the_bos(tmp_path):
+    """A vocabulary without tokenizer.json (vocab.json + merges.txt), or a tokenizer.json that
+    adds another special token: one warning line, the files copied as they are."""
+    from tokenizers import processors
+
+    slow = tmp_path / "slow"
+    _byte_level_bpe(slow, ["<|endoftext|>"])
+    (slow / "tokenizer.json").unlink()
+    with pytest.warns(UserWarning, match=r"put the BOS id 0 before every document and "
+                                         r"'.*slow_export' has no tokenizer.json in which"):
+        save_hf_checkpoint(_tiny_student(), tmp_path / "slow_export",
+                           base_config=hf_config("llama3"), copy_files_from=slow, add_bos_id=0)
+    other = tmp_path / "other"
+    _byte_level_bpe(other, ["<s>", "</s>"], post_processor=processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", 1)]))
+    with pytest.warns(UserWarning, match=r"has a tokenizer.json that adds \[1\] instead"):
+        out = save_hf_checkpoint(_tiny_student(), tmp_path / "other_export",
+                                 base_config=hf_config("llama3"), copy_files_from=other,
+                                 add_bos_id=0)
+    assert (out / "tokenizer.json").read_bytes() == (other / "tokenizer.json").read_bytes()

@@ -606,6 +606,18 @@ def test_dress_rehearsal(name, tmp_path, token_store_dir, quiet_process):
     with torch.no_grad():
         expected = project_logits(ours, forward_hidden(ours, tokens)[0])
         torch.testing.assert_close(theirs(tokens).logits, expected, atol=1e-4, rtol=1e-4)
+    # and its tokenizer gives training's ids where training read a tokenizer.json (Phi-2's and
+    # the demo's add no BOS, which torchtune's HuggingFaceBaseTokenizer prepends)
+    from torchtune.config._utils import _get_component_from_path
+    from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer
+    from transformers import AutoTokenizer
+
+    node = OmegaConf.to_container(cfg.tokenizer)
+    trained_with = _get_component_from_path(node.pop("_component_"))(**node)
+    if isinstance(trained_with, HuggingFaceBaseTokenizer):
+        hf_tok = AutoTokenizer.from_pretrained(student_dir)
+        for text in ("The quick brown fox.", " two  spaces", "<|endoftext|>x"):
+            assert hf_tok(text)["input_ids"] == trained_with.encode(text, add_eos=False), text
 
     if name in CACHED:
         # tune run tad_cache --config NAME teacher_cache_dir=DIR cache_mode=sampled, then

@@ -60,7 +60,7 @@ def test_golden_loss_trace(baseline):
     assert losses[10] < losses[1] - 0.5
 
 
-def test_outputs_logged_and_exported(baseline):
+def test_outputs_logged_and_exported(assets, baseline):
     records = tune.read_metrics(baseline)
     train = [r for r in records if "loss" in r]
     for key in ("ce", "kd_loss", "lr", "grad_norm", "tokens_per_second", "kd/tail_mass",
@@ -81,6 +81,20 @@ def test_outputs_logged_and_exported(baseline):
     ckpts = sorted(p.name for p in (baseline / "checkpoints").glob("step_*"))
     assert ckpts == ["step_000008", "step_000010"]  # keep_last_n_checkpoints: 2
     assert (baseline / "checkpoints" / "latest").read_text() == "step_000010"
+    # both exports encode text as training did: the tokenizer.json adds no BOS, torchtune's
+    # HuggingFaceBaseTokenizer prepends <|bos|> (id 0), and so does AutoTokenizer on the export
+    from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer
+    from transformers import AutoTokenizer
+
+    trained_with = HuggingFaceBaseTokenizer(
+        str(assets["tokenizer"] / "tokenizer.json"),
+        tokenizer_config_json_path=str(assets["tokenizer"] / "tokenizer_config.json"))
+    texts = [json.loads(line)["text"] for line in tune.CORPUS.read_text().splitlines()[:3]]
+    for export in (baseline / "student", baseline / "checkpoints" / "step_000010" / "hf"):
+        hf_tok = AutoTokenizer.from_pretrained(export)
+        for text in texts:
+            ids = hf_tok(text)["input_ids"]
+            assert ids[0] == 0 and ids == trained_with.encode(text, add_eos=False), export
     # the profiler is off unless asked for: no trace, no profile metric
     assert not (baseline / "profiling_outputs").exists()
     assert not any(k.startswith("profile_") for r in records for k in r)
