@@ -242,6 +242,7 @@ class TADDistillRecipe:
         self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
         self._run_lock = None  # rank 0's lock of output_dir (``_lock_output_dir``)
         self._warned_slow_save = False
+        self._warned_export = False
         self._warned_no_position: set[str] = set()  # "train", "validation": warned once each
         self.global_step = 0
         self.epoch = 0
@@ -853,12 +854,24 @@ class TADDistillRecipe:
             options=StateDictOptions(full_state_dict=True, cpu_offload=True),
         )
         if self._is_rank_zero:
-            save_hf_checkpoint(
-                self._student, out_dir, base_config=self._hf_base_config,
-                model_type=self._hf_model_type, state_dict=state,
-                copy_files_from=self._tokenizer_sources,
-                add_bos_id=prepended_bos_id(self._tokenizer),
-            )
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                save_hf_checkpoint(
+                    self._student, out_dir, base_config=self._hf_base_config,
+                    model_type=self._hf_model_type, state_dict=state,
+                    copy_files_from=self._tokenizer_sources,
+                    add_bos_id=prepended_bos_id(self._tokenizer),
+                )
+            # what the export says of its tokenizer files: one line, at the run's first export
+            # (every later one would say it of another folder)
+            for w in caught:
+                if str(w.message).startswith("save_hf_checkpoint: "):
+                    if not self._warned_export:
+                        self._warn(str(w.message).removeprefix("save_hf_checkpoint: ") +
+                                   " (told once)")
+                else:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            self._warned_export = True
         barrier()
 
     def _load_training_state(self) -> None:

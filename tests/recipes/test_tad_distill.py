@@ -1237,6 +1237,31 @@ def test_a_checkpoint_of_an_earlier_version_resumes_in_the_order_it_began(assets
         "'randperm') (resume with the version that wrote it)")
 
 
+def test_what_an_export_says_of_its_tokenizer_is_one_line_told_once(assets, tmp_path, capsys):
+    """An export that cannot make its tokenizer files prepend training's BOS (here: only a
+    SentencePiece file to copy) says so in the recipe's one warning line, at its first export
+    only (every checkpoint's export would repeat it of another folder); no Python warning."""
+    cfg = tune.base_config(assets, tmp_path / "run", max_steps=1, validation_dataset=None)
+    recipe = _recipe(cfg)
+    sentencepiece_only = tmp_path / "spm"
+    sentencepiece_only.mkdir()
+    (sentencepiece_only / "tokenizer.model").write_bytes(b"not read")
+    recipe._tokenizer_sources = [sentencepiece_only]
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recipe.export(tmp_path / "first")
+        recipe.export(tmp_path / "second")
+    assert not [str(w.message) for w in caught if "save_hf_checkpoint" in str(w.message)]
+    bos = recipe._tokenizer.bos_id
+    assert [line for line in capsys.readouterr().err.splitlines() if "warning" in line] == [
+        f"tad_distill: warning: training's tokenizer put the BOS id {bos} before every document "
+        f"and {str(tmp_path / 'first')!r} has no tokenizer.json in which to make "
+        f"transformers.AutoTokenizer prepend it; check that the exported model's inputs begin "
+        f"with it (told once)"]
+    assert (tmp_path / "second" / "tokenizer.model").read_bytes() == b"not read"
+
+
 def test_missing_and_truncated_checkpoint_files_are_named(assets, tmp_path, monkeypatch, capsys):
     import shutil
 
