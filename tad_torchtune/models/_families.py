@@ -423,6 +423,8 @@ def build_model(node: Mapping[str, Any] | DictConfig,
 
     node = node if isinstance(node, DictConfig) else OmegaConf.create(dict(node))
     model = instantiate(node, key)
+    if hf_config is None:  # hf_decoder's model: prepared as its own config.json says
+        hf_config = getattr(model, "source_hf_config", None)
     spec = getattr(model, "distill_spec", None)
     if spec is not None:
         family = get_family(spec.family)
@@ -432,6 +434,25 @@ def build_model(node: Mapping[str, Any] | DictConfig,
         except ValueError as err:
             raise ConfigError(str(err)) from None
     return family.prepare(model, hf_config), family
+
+
+def _resolve_folder(node: dict[str, Any]) -> tuple[ModelFamily, dict[str, Any]]:
+    """``hf_decoder``'s family and component-builder kwargs: those its folder's ``config.json``
+    describes (the family built on the meta device to choose it: nothing allocated)."""
+    import torch
+
+    from tad_torchtune.models.loading import read_folder_config
+
+    unknown = [k for k in node if k != "checkpoint_dir"]
+    if unknown or "checkpoint_dir" not in node:
+        raise ValueError(f"{unknown[0] if unknown else 'checkpoint_dir'}: "
+                         f"{'not an argument of' if unknown else 'missing in'} "
+                         f"tad_torchtune.models.hf_decoder; accepted: checkpoint_dir (a Hugging "
+                         f"Face checkpoint folder)")
+    hf = read_folder_config(node["checkpoint_dir"], "")[1]
+    with torch.device("meta"):
+        family = model_from_hf_config(hf, where="checkpoint_dir")[1]
+    return family, _bind(family.builder(), (), family.kwargs_from_hf_config(hf))
 
 
 class _Captured(Exception):
@@ -512,9 +533,13 @@ def resolve_teacher(teacher: Mapping[str, Any] | DictConfig, *, key: str = "teac
 def _resolve(builder: Callable[..., Any], node: dict[str, Any], path: str
              ) -> tuple[ModelFamily, dict[str, Any]]:
     """``resolve_teacher``'s work; its errors start with the argument they concern."""
+    from tad_torchtune.models.loading import hf_decoder  # lazy: loading imports this module
+
     for family in FAMILIES.values():
         if builder is family.builder():
             return family, _bind(builder, (), node)
+    if builder is hf_decoder:
+        return _resolve_folder(node)
 
     # A model builder: run it with each registered component builder it references swapped for
     # a function that records its arguments and stops, so nothing is allocated.

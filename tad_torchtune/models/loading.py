@@ -421,15 +421,22 @@ def sizes_of(model: DictConfig, key: str = "student_model") -> tuple[int, int, i
             built.tok_embeddings.embedding_dim)
 
 
-def _folder(checkpoint_dir: str | Path, where: str) -> tuple[Path, dict[str, Any]]:
+def read_folder_config(checkpoint_dir: str | Path, where: str) -> tuple[Path, dict[str, Any]]:
+    """A Hugging Face checkpoint folder and its ``config.json``.
+
+    Raises:
+        ValueError: naming ``where.checkpoint_dir`` (``checkpoint_dir`` when ``where`` is
+            empty): not a folder, or no ``config.json``.
+    """
     from tad_torchtune.data import resolve_asset
 
+    key = f"{where}.checkpoint_dir" if where else "checkpoint_dir"
     folder = Path(resolve_asset(str(checkpoint_dir))).expanduser()
     if not folder.is_dir():
-        raise ValueError(f"{where}.checkpoint_dir: {str(folder)!r} is not a folder; accepted: "
-                         f"a Hugging Face checkpoint folder")
+        raise ValueError(f"{key}: {str(folder)!r} is not a folder; accepted: a Hugging Face "
+                         f"checkpoint folder")
     if not (folder / "config.json").is_file():
-        raise ValueError(no_config_json(folder, f"{where}.checkpoint_dir"))
+        raise ValueError(no_config_json(folder, key))
     return folder, json.loads((folder / "config.json").read_text())
 
 
@@ -449,10 +456,15 @@ def no_config_json(folder: Path, key: str) -> str:
 
 def hf_decoder(checkpoint_dir: str) -> nn.Module:
     """The torchtune decoder (random weights) that the ``config.json`` in ``checkpoint_dir``
-    describes, for any registered model family: a model ``_component_`` for configs of other
-    recipes (``tad_eleuther_eval``) that load the weights with a checkpointer themselves."""
-    _, hf = _folder(checkpoint_dir, "model")
-    return model_from_hf_config(hf, where="model.checkpoint_dir")[0]
+    describes, for any registered model family: a model ``_component_`` for configs that load
+    the weights with a checkpointer themselves (``tad_eleuther_eval``'s ``model``), and a
+    ``teacher_model`` whose builder arguments come from its folder (``pruned_student`` and the
+    recipes' checks read them through ``resolve_teacher``). The model keeps that config.json as
+    ``source_hf_config``, which ``build_model`` prepares it with."""
+    _, hf = read_folder_config(checkpoint_dir, "model")
+    model = model_from_hf_config(hf, where="model.checkpoint_dir")[0]
+    model.source_hf_config = hf
+    return model
 
 
 #: the keys of a checkpoint folder's entry (``tad_eval``'s ``teacher`` and ``students.NAME``)
@@ -481,7 +493,7 @@ def check_hf_folder(spec: Mapping[str, Any] | DictConfig | str | Path, *, where:
                          f"accepted: {', '.join(FOLDER_KEYS)}")
     if spec is None or spec.get("checkpoint_dir") is None:
         raise ValueError(f"{where}.checkpoint_dir: required (a Hugging Face checkpoint folder)")
-    folder, hf = _folder(spec["checkpoint_dir"], where)
+    folder, hf = read_folder_config(spec["checkpoint_dir"], where)
     # the conversion a model_type names must be of config.json's family, with a model or not
     check_checkpointer_model_type({**spec, "checkpoint_dir": str(folder)}, hf,
                                   checkpointer_key=where)

@@ -109,3 +109,66 @@ def test_a_rope_scaling_no_builder_has_is_refused_in_either_layout(case):
     for cfg in (hub, _transformers5_layout(hub)):
         with pytest.raises(ValueError, match=r"no registered model family builds .*'yarn'"):
             model_from_hf_config(cfg)
+
+
+HF_DECODER = "tad_torchtune.models.hf_decoder"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_an_hf_folder_teacher_resolves_to_the_builder_its_config_json_describes(case, tmp_path):
+    """``teacher_model: {_component_: tad_torchtune.models.hf_decoder, checkpoint_dir: ...}``:
+    the family and builder arguments ``resolve_teacher`` reads from the folder are those of the
+    teacher node written by hand for that config.json (``tests/helpers/teachers.py``), and the
+    model ``build_model`` makes computes the same logits as the hand-written node's prepared with
+    that config.json (Gemma2's soft-caps, Phi-3's and Mistral's sliding window: a model prepared
+    without the folder's config.json would attend past the window)."""
+    from tad_torchtune.models import build_model, model_from_hf_config, resolve_teacher
+    from tests.helpers.teachers import teacher_node
+
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(case)))
+    node = {"_component_": HF_DECODER, "checkpoint_dir": str(tmp_path)}
+    family, kwargs = resolve_teacher(node)
+    ref_family, ref_kwargs = resolve_teacher(teacher_node(case))
+    with torch.device("meta"):  # the family any config.json loader picks (Llama 3's: llama2)
+        assert family is model_from_hf_config(hf_config(case))[1]
+    if family is ref_family:
+        # Gemma2's two cap arguments excepted: torchtune's builder swaps them and the project's
+        # correction sets both from config.json (the logits below compare what they do)
+        # and the length: config.json's max_position_embeddings, where the nodes write 64
+        written = {k: v for k, v in CASES[case][1].items()
+                   if k not in ("hidden_capping_value", "final_capping_value", "max_seq_len")}
+        assert {k: kwargs[k] for k in written} == written
+        assert kwargs["max_seq_len"] == hf_config(case)["max_position_embeddings"]
+        assert set(kwargs) == set(ref_kwargs)
+    else:
+        assert case == "llama3" and family.name == "llama2"
+
+    ours, _ = build_model(node)
+    ref, _ = build_model(teacher_node(case), hf_config(case))
+    randomize_(ref, seed=3)
+    ours.load_state_dict(ref.state_dict())
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits_of(ours, tokens), logits_of(ref, tokens), rtol=0, atol=0)
+
+
+def test_an_hf_folder_teacher_s_mistakes_are_one_line_naming_the_key(tmp_path):
+    from tad_torchtune.models import resolve_teacher
+
+    def error(node):
+        with pytest.raises(ValueError) as err:
+            resolve_teacher({"_component_": HF_DECODER, **node}, key="teacher_model")
+        return str(err.value)
+
+    assert error({"checkpoint_dir": str(tmp_path), "num_layers": 2}) == (
+        "teacher_model.num_layers: not an argument of tad_torchtune.models.hf_decoder; "
+        "accepted: checkpoint_dir (a Hugging Face checkpoint folder)")
+    assert error({}) == (
+        "teacher_model.checkpoint_dir: missing in tad_torchtune.models.hf_decoder; accepted: "
+        "checkpoint_dir (a Hugging Face checkpoint folder)")
+    assert error({"checkpoint_dir": str(tmp_path)}) == (
+        f"teacher_model.checkpoint_dir: {str(tmp_path)!r} has no config.json; accepted: a "
+        f"Hugging Face checkpoint folder")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
+    assert error({"checkpoint_dir": str(tmp_path)}).startswith(
+        "teacher_model.checkpoint_dir: no registered model family builds "
+        "model_type='gpt_neox' (registered model types: [")

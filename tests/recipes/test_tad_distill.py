@@ -1262,6 +1262,19 @@ def test_what_an_export_says_of_its_tokenizer_is_one_line_told_once(assets, tmp_
     assert (tmp_path / "second" / "tokenizer.model").read_bytes() == b"not read"
 
 
+def test_a_teacher_model_read_from_its_folder_trains_as_the_written_one(assets, tmp_path,
+                                                                        baseline):
+    """``teacher_model: {_component_: tad_torchtune.models.hf_decoder, checkpoint_dir: ...}``
+    builds the teacher (and the student pruned from it) that its config.json describes: the
+    baseline's losses, whose teacher node spells the builder's arguments out."""
+    out = _run(assets, tmp_path, "from_folder", save_every_n_steps=2, eval_every_n_steps=5,
+               teacher_model={"_component_": "tad_torchtune.models.hf_decoder",
+                              "checkpoint_dir": str(assets["teacher"])})
+    _assert_same_losses(tune.train_losses(out), tune.train_losses(baseline), rtol=1e-6)
+    exported = json.loads((out / "student" / "config.json").read_text())
+    assert exported == json.loads((baseline / "student" / "config.json").read_text())
+
+
 def test_missing_and_truncated_checkpoint_files_are_named(assets, tmp_path, monkeypatch, capsys):
     import shutil
 
