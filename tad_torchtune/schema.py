@@ -202,8 +202,8 @@ DISTILL = Schema("tad_distill", [
         "`tad_torchtune.models.hf_decoder` with `checkpoint_dir` (read from its config.json)",
         REQUIRED),
     Key("teacher_checkpointer", "e.g. `torchtune.training.FullModelHFCheckpointer`", REQUIRED),
-    Key("student_model", "`tad_torchtune.models.pruned_student` (initialised from the teacher) "
-        "or any builder", REQUIRED),
+    Key("student_model", "`tad_torchtune.models.pruned_student` (initialised from the teacher), "
+        "any builder, or `hf_decoder`", REQUIRED),
     Key("student_checkpointer", "loads a pretrained student (e.g. TinyLlama)"),
     Key("vocab_alignment", "`truncate_teacher` for a teacher with a padded, larger vocabulary",
         "exact", _STR, choices=("exact", "truncate_teacher")),

@@ -1275,6 +1275,26 @@ def test_a_teacher_model_read_from_its_folder_trains_as_the_written_one(assets, 
     assert exported == json.loads((baseline / "student" / "config.json").read_text())
 
 
+def test_a_student_model_read_from_its_folder_starts_as_that_checkpoint(assets, tmp_path):
+    """``student_model`` as ``hf_decoder`` of the teacher's own folder, loaded from it by a
+    ``student_checkpointer``: the student is the teacher (as many weights, and the first step's
+    divergence 0 in both TAD terms, where a student of the base config starts near 2)."""
+    teacher_dir = str(assets["teacher"])
+    cfg = tune.base_config(assets, tmp_path / "run", max_steps=1, log_every_n_steps=1,
+                           validation_dataset=None, export_hf=False)
+    cfg["student_model"] = {"_component_": "tad_torchtune.models.hf_decoder",
+                            "checkpoint_dir": teacher_dir}
+    cfg["student_checkpointer"] = {**cfg["teacher_checkpointer"],
+                                   "output_dir": str(tmp_path / "student_checkpointer")}
+    recipe = _recipe(cfg)
+    assert sum(p.numel() for p in recipe._student.parameters()) == \
+        sum(p.numel() for p in recipe._teacher.parameters())
+    recipe.train()
+    first = next(r for r in tune.read_metrics(tmp_path / "run") if "loss" in r)
+    assert first["kd_loss"] == first["kd/dkl1"] == first["kd/dkl2"] == 0.0
+    assert first["ce"] > 1.0  # a step that scored tokens
+
+
 def test_missing_and_truncated_checkpoint_files_are_named(assets, tmp_path, monkeypatch, capsys):
     import shutil
 
