@@ -38,6 +38,7 @@ from torchtune import config, training, utils
 from tad_torchtune.schema import resolve_config_argv, resolve_package_paths
 from tad_torchtune.common import provenance
 from tad_torchtune.errors import ConfigError, reports_user_errors
+from tad_torchtune.vocab import encode_text
 
 MIN_LM_EVAL = "0.4.5"  # torchtune 0.6.1's own minimum
 
@@ -92,6 +93,11 @@ class StudentEvalWrapper(eleuther_eval._LLMEvalWrapper):
         self._model, self._tokenizer = model, tokenizer
         self._max_seq_length, self._batch_size = max_seq_length, batch_size
         self._dtype, self._enable_kv_cache = dtype, enable_kv_cache
+
+    def tok_encode(self, text: str, **kwargs) -> list[int]:
+        """torchtune's (no BOS: the harness puts the prefix token before a rolling window's
+        first token), also without the BOS a tokenizer.json adds itself (``encode_text``)."""
+        return encode_text(self._tokenizer, text)
 
     def _model_call(self, inps, *args, **kwargs):
         """torchtune's, after checking the ids against the student's vocabulary (an id past it

@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 
 from tad_torchtune.checks import check_int
 from tad_torchtune.data import expand_sources, iter_documents, resolve_asset
+from tad_torchtune.vocab import encode_text
 
 #: the lm-evaluation-harness tasks shipped in the package (``pkg://lm_eval``)
 TASKS_DIR = Path(__file__).parent / "assets" / "lm_eval"
@@ -105,7 +106,7 @@ class RollingWindowDataset(Dataset):
                 for doc in iter_documents(file, column=column)][:max_documents]
         self.samples: list[dict[str, list[int]]] = []
         for doc in docs:
-            ids = tokenizer.encode(doc, add_bos=False, add_eos=False)
+            ids = encode_text(tokenizer, doc)
             for context, continuation in rolling_windows(ids, prefix_id=tokenizer.bos_id,
                                                          max_length=max_length):
                 pad = length - len(context) - len(continuation)

@@ -56,6 +56,19 @@ def align_teacher_vocab(
     )
 
 
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """The ids of ``text`` alone, without BOS or EOS, from a torchtune tokenizer: its
+    ``encode(text, add_bos=False, add_eos=False)``, less the BOS and EOS that torchtune's
+    ``HuggingFaceBaseTokenizer`` leaves in where its tokenizer.json adds them itself (a Llama 3
+    tokenizer.json, or an export of this package, which prepends training's BOS)."""
+    ids = list(tokenizer.encode(text, add_bos=False, add_eos=False))
+    if getattr(tokenizer, "hf_adds_bos", False) and ids[:1] == [tokenizer.bos_id]:
+        ids = ids[1:]
+    if getattr(tokenizer, "hf_adds_eos", False) and ids[-1:] == [tokenizer.eos_id]:
+        ids = ids[:-1]
+    return ids
+
+
 def _spm(tok: Any) -> Any:
     # torchtune's SentencePiece tokenizers wrap ``SentencePieceBaseTokenizer`` as ``_spm_model``,
     # which wraps the ``sentencepiece`` processor as ``spm_model``.
@@ -215,8 +228,8 @@ def tokenizer_warnings(teacher_tokenizer: Any, student_tokenizer: Any, student_v
     """
     out = []
     try:
-        teacher_ids = list(teacher_tokenizer.encode(SPLIT_PROBE, add_bos=False, add_eos=False))
-        student_ids = list(student_tokenizer.encode(SPLIT_PROBE, add_bos=False, add_eos=False))
+        teacher_ids = encode_text(teacher_tokenizer, SPLIT_PROBE)
+        student_ids = encode_text(student_tokenizer, SPLIT_PROBE)
     except (AttributeError, TypeError):  # not torchtune tokenizers: nothing to compare
         return out
     if teacher_ids != student_ids:

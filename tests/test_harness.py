@@ -214,3 +214,43 @@ def test_demo_student_perplexity_agrees_across_harness_paths(tmp_path):
     # token perplexity, as tad_eval reports it, from the harness's numbers
     assert math.exp(-ll / n_tokens) == pytest.approx(report["ppl"], rel=1e-5)
     assert 0 < report["ce"] < math.log(2048) + 1  # a real, if barely trained, model
+
+
+def _bos_adding_demo_tokenizer(tmp_path):
+    """The demo tokenizer as a ``HuggingFaceBaseTokenizer`` on an export's tokenizer.json,
+    whose post-processor prepends the BOS (``save_hf_checkpoint(add_bos_id=...)``; a Llama 3
+    tokenizer.json does the same): torchtune's ``encode(add_bos=False)`` keeps that BOS."""
+    from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer
+
+    from tad_torchtune.models._export import _prepend_bos
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(DEMO / name, tmp_path / name)
+    assert _prepend_bos(tmp_path, demo_tokenizer().bos_id) is None
+    tok = HuggingFaceBaseTokenizer(str(tmp_path / "tokenizer.json"),
+                                   tokenizer_config_json_path=str(tmp_path / "tokenizer_config.json"))
+    assert tok.encode("a kludge", add_bos=False, add_eos=False)[0] == tok.bos_id  # the premise
+    return tok
+
+
+def test_text_alone_is_encoded_without_the_bos_a_tokenizer_json_adds(tmp_path):
+    """``encode_text`` (the rolling windows of ``tad_eval`` and ``tad_eleuther_eval``, the
+    teacher-tokenizer probe) gives the demo tokenizer's ids of the text alone, whether the
+    tokenizer.json adds the BOS or torchtune does; the windows built on either are the same."""
+    from tad_eleuther_eval import StudentEvalWrapper
+
+    from tad_torchtune.models import hf_decoder
+    from tad_torchtune.vocab import encode_text, tokenizer_warnings
+
+    ours, plain = _bos_adding_demo_tokenizer(tmp_path), demo_tokenizer()
+    for text in ("a kludge in the daemon", "", " hacker\n\nethic "):
+        expected = plain.encode(text, add_bos=False, add_eos=False)
+        assert encode_text(ours, text) == encode_text(plain, text) == expected
+    assert tokenizer_warnings(ours, plain, 2048, "exact") == []
+    windows = {name: RollingWindowDataset(tok, source=str(HELD_OUT), max_length=64,
+                                          max_documents=3).samples
+               for name, tok in (("ours", ours), ("plain", plain))}
+    assert windows["ours"] == windows["plain"]
+    wrapper = StudentEvalWrapper(hf_decoder(str(DEMO / "teacher")), ours, device="cpu")
+    assert wrapper.tok_encode("a kludge in the daemon") == \
+        plain.encode("a kludge in the daemon", add_bos=False, add_eos=False)
