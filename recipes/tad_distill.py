@@ -75,6 +75,7 @@ from tad_torchtune.losses import DivergenceUse
 from tad_torchtune.models import prepended_bos_id, save_hf_checkpoint, supports_flex_attention
 from tad_torchtune.models.loading import (
     check_model_fits_checkpoint,
+    check_student_source,
     checkpoint_state,
     load_student,
     load_teacher,
@@ -341,6 +342,8 @@ class TADDistillRecipe:
             check_model_fits_checkpoint(cfg.student_model, cfg.student_checkpointer,
                                         model_key="student_model",
                                         checkpointer_key="student_checkpointer")
+        else:
+            check_student_source(cfg.student_model, cfg.teacher_checkpointer)
         kd_loss = (instantiate_loss(cfg, "kd_loss", "tad_distill", warn=self._is_rank_zero)
                    if self._kd_weight > 0 else None)
         hidden_loss = (instantiate_loss(cfg, "hidden_loss", "tad_distill")

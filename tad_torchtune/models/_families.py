@@ -423,8 +423,9 @@ def build_model(node: Mapping[str, Any] | DictConfig,
 
     node = node if isinstance(node, DictConfig) else OmegaConf.create(dict(node))
     model = instantiate(node, key)
-    if hf_config is None:  # hf_decoder's model: prepared as its own config.json says
-        hf_config = getattr(model, "source_hf_config", None)
+    # hf_decoder's model: prepared as its own config.json says, whatever checkpoint's config
+    # the caller has at hand (a student's is its teacher's without a student_checkpointer)
+    hf_config = getattr(model, "source_hf_config", None) or hf_config
     spec = getattr(model, "distill_spec", None)
     if spec is not None:
         family = get_family(spec.family)
@@ -444,7 +445,7 @@ def _resolve_folder(node: dict[str, Any]) -> tuple[ModelFamily, dict[str, Any]]:
     from tad_torchtune.models.loading import read_folder_config
 
     unknown = [k for k in node if k != "checkpoint_dir"]
-    if unknown or "checkpoint_dir" not in node:
+    if unknown or node.get("checkpoint_dir") is None:
         raise ValueError(f"{unknown[0] if unknown else 'checkpoint_dir'}: "
                          f"{'not an argument of' if unknown else 'missing in'} "
                          f"tad_torchtune.models.hf_decoder; accepted: checkpoint_dir (a Hugging "

@@ -229,6 +229,34 @@ def check_checkpointer_model_type(checkpointer: Mapping[str, Any] | DictConfig,
             f"{kind!r}; accepted for it: {fitting or 'no registered family'}")
 
 
+def check_student_source(model: Mapping[str, Any] | DictConfig,
+                         teacher_checkpointer: Mapping[str, Any] | DictConfig) -> None:
+    """Check, before anything is built, that a student without a checkpointer of its own can be
+    exported: its export starts from the teacher's ``config.json`` (the architecture the
+    student's), which cannot describe a model of another Hugging Face model type (that export
+    would fail after training). A ``pruned_student`` is of its teacher's type.
+
+    Raises:
+        ConfigError: naming ``student_model``, both model types and what is accepted.
+    """
+    from tad_torchtune.models._families import resolve_teacher
+
+    hf = hf_config_of(teacher_checkpointer)
+    if str(model.get("_component_", "")).endswith("pruned_student") or hf is None:
+        return
+    try:
+        family = resolve_teacher(model, key="student_model")[0]
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if family.hf_model_type != hf.get("model_type"):
+        raise ConfigError(
+            f"student_model: a {family.name} student (Hugging Face model_type "
+            f"{family.hf_model_type!r}) without a student_checkpointer is exported on the "
+            f"teacher's config.json, of model_type {hf.get('model_type')!r}, which cannot "
+            f"describe it; accepted: a student of the teacher's model type, or a "
+            f"student_checkpointer with the student's own folder")
+
+
 def check_model_fits_checkpoint(model: Mapping[str, Any] | DictConfig,
                                 checkpointer: Mapping[str, Any] | DictConfig, *,
                                 model_key: str, checkpointer_key: str

@@ -143,12 +143,16 @@ def test_an_hf_folder_teacher_resolves_to_the_builder_its_config_json_describes(
     else:
         assert case == "llama3" and family.name == "llama2"
 
-    ours, _ = build_model(node)
     ref, _ = build_model(teacher_node(case), hf_config(case))
     randomize_(ref, seed=3)
-    ours.load_state_dict(ref.state_dict())
     tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(logits_of(ours, tokens), logits_of(ref, tokens), rtol=0, atol=0)
+    # built alone, or handed another checkpoint's config.json (a student's is its teacher's
+    # without a student_checkpointer): its own folder's config.json prepares it either way
+    for other in (None, {"model_type": "llama", "sliding_window": None}):
+        ours, _ = build_model(node, other)
+        ours.load_state_dict(ref.state_dict())
+        torch.testing.assert_close(logits_of(ours, tokens), logits_of(ref, tokens), rtol=0,
+                                   atol=0)
 
 
 def test_an_hf_folder_teacher_s_mistakes_are_one_line_naming_the_key(tmp_path):
@@ -162,7 +166,7 @@ def test_an_hf_folder_teacher_s_mistakes_are_one_line_naming_the_key(tmp_path):
     assert error({"checkpoint_dir": str(tmp_path), "num_layers": 2}) == (
         "teacher_model.num_layers: not an argument of tad_torchtune.models.hf_decoder; "
         "accepted: checkpoint_dir (a Hugging Face checkpoint folder)")
-    assert error({}) == (
+    assert error({"checkpoint_dir": None}) == error({}) == (
         "teacher_model.checkpoint_dir: missing in tad_torchtune.models.hf_decoder; accepted: "
         "checkpoint_dir (a Hugging Face checkpoint folder)")
     assert error({"checkpoint_dir": str(tmp_path)}) == (

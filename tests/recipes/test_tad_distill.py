@@ -1295,6 +1295,27 @@ def test_a_student_model_read_from_its_folder_starts_as_that_checkpoint(assets, 
     assert first["ce"] > 1.0  # a step that scored tokens
 
 
+def test_a_student_its_teacher_s_config_json_cannot_describe_is_refused_before_training(
+        assets, tmp_path):
+    """Without a student_checkpointer the export starts from the teacher's config.json: a
+    student of another model type (a Qwen2 builder under a Llama teacher) trained to its end and
+    then failed to export; now one line at set-up."""
+    from tad_torchtune.errors import ConfigError
+
+    cfg = tune.base_config(assets, tmp_path / "run", max_steps=1)
+    cfg["student_model"] = {"_component_": "torchtune.models.qwen2.qwen2", "vocab_size": 256,
+                            "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "embed_dim": 32,
+                            "intermediate_dim": 48, "max_seq_len": 64}
+    with pytest.raises(ConfigError) as err:
+        _recipe(cfg)
+    assert str(err.value) == (
+        "student_model: a qwen2 student (Hugging Face model_type 'qwen2') without a "
+        "student_checkpointer is exported on the teacher's config.json, of model_type 'llama', "
+        "which cannot describe it; accepted: a student of the teacher's model type, or a "
+        "student_checkpointer with the student's own folder")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_missing_and_truncated_checkpoint_files_are_named(assets, tmp_path, monkeypatch, capsys):
     import shutil
 
