@@ -195,7 +195,7 @@ def teacher_differences(then: dict[str, Any], now: dict[str, Any],
     for field in compared:
         key, old, new = _TEACHER_KEYS[field], then.get(field), now.get(field)
         if field != "checkpoint_files":
-            if old != new:
+            if old != new and not (field == "model" and _same_model(old, new)):
                 out.append(f"{key}: {new!r}, the cache's teacher {old!r}")
             continue
         old, new = old or {}, new or {}
@@ -212,6 +212,21 @@ def teacher_differences(then: dict[str, Any], now: dict[str, Any],
                            f"(size {b['size']}, the cache's {a['size']}"
                            f"{'' if a['size'] != b['size'] else '; another content digest'})")
     return out
+
+
+def _same_model(a: Any, b: Any) -> bool:
+    """Whether two teacher model nodes are two spellings of one model: the same family and
+    builder arguments (``resolve_teacher``: a model builder and the component builder it calls,
+    ``hf_decoder`` of a folder and the builder its config.json describes), ``max_seq_len``
+    aside (another length of RoPE's tables, the same weights and function)."""
+    from tad_torchtune.models import resolve_teacher
+
+    try:
+        (fa, ka), (fb, kb) = resolve_teacher(a), resolve_teacher(b)
+    except (ValueError, TypeError, AttributeError):  # a node that no longer resolves
+        return False
+    same = {k for k in ka.keys() | kb.keys() if k != "max_seq_len"}
+    return fa.hf_model_type == fb.hf_model_type and all(ka.get(k) == kb.get(k) for k in same)
 
 
 def ids_dtype(vocab_size: int) -> str:

@@ -349,3 +349,25 @@ def test_a_reader_keeps_a_bounded_number_of_shards_open(tmp_path, monkeypatch):
         most = max(most, len(os.listdir("/proc/self/fd")) - fds)
     assert len(reader._open) == 4
     assert most <= 4 * len(reader._fields()) + 2, most  # 20 shards read: 5x more before
+
+
+def test_two_spellings_of_one_teacher_model_are_the_same_teacher():
+    """A resumed ``tad_cache`` compares the teacher's model by what it builds: the demo's
+    written node, ``hf_decoder`` of its folder and another ``max_seq_len`` are one teacher;
+    another depth is not."""
+    from omegaconf import OmegaConf
+
+    from tad_torchtune.cli import shipped_configs
+    from tad_torchtune.data import resolve_asset
+    from tad_torchtune.teacher_cache import teacher_differences
+
+    written = OmegaConf.to_container(OmegaConf.load(shipped_configs()["demo"]).teacher_model,
+                                     resolve=True)
+    folder = {"_component_": "tad_torchtune.models.hf_decoder",
+              "checkpoint_dir": resolve_asset("pkg://demo/teacher")}
+    made = {"model": written, "dtype": "fp32", "vocab_alignment": "exact", "checkpoint_files": {}}
+    for same in (folder, {**written, "max_seq_len": 4096}):
+        assert teacher_differences(made, {**made, "model": same}) == []
+    deeper = {**written, "num_layers": 5}
+    assert teacher_differences(made, {**made, "model": deeper}) == [
+        f"teacher_model: {deeper!r}, the cache's teacher {written!r}"]
