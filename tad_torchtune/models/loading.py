@@ -485,10 +485,11 @@ def no_config_json(folder: Path, key: str) -> str:
 def hf_decoder(checkpoint_dir: str) -> nn.Module:
     """The torchtune decoder (random weights) that the ``config.json`` in ``checkpoint_dir``
     describes, for any registered model family: a model ``_component_`` for configs that load
-    the weights with a checkpointer themselves (``tad_eleuther_eval``'s ``model``), and a
-    ``teacher_model`` whose builder arguments come from its folder (``pruned_student`` and the
-    recipes' checks read them through ``resolve_teacher``). The model keeps that config.json as
-    ``source_hf_config``, which ``build_model`` prepares it with."""
+    the weights with a checkpointer themselves (``tad_eleuther_eval``'s ``model``,
+    ``tad_distill``'s ``student_model`` with a ``student_checkpointer``), and a ``teacher_model``
+    whose builder arguments come from its folder (``pruned_student`` and the recipes' checks read
+    them through ``resolve_teacher``). The model keeps that config.json as ``source_hf_config``,
+    which ``build_model`` prepares it with."""
     _, hf = read_folder_config(checkpoint_dir, "model")
     model = model_from_hf_config(hf, where="model.checkpoint_dir")[0]
     model.source_hf_config = hf
