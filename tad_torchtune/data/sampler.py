@@ -41,8 +41,9 @@ class FeistelPermutation:
     ``range(n)`` still, in fewer than 2 passes on average (``2**B < 2 n`` for ``n > 2``). Six
     rounds of a function that mixes every bit make the order as good as a uniform shuffle for
     data loading (Luby-Rackoff: four rounds of a random function give a pseudo-random
-    permutation), though not every permutation can come out: each round is an even permutation
-    of ``range(2**B)``, so where ``n`` is a power of 2 only even ones do. A domain
+    permutation), though not every permutation can come out: once both parts are 2 bits or
+    wider each round is an even permutation of ``range(2**B)``, so where ``n`` is a power of 2
+    from 16 on only even ones do. A domain
     of 1024 or fewer takes more, ``48 - 4 B``: a round function of a few bits takes too few
     values to mix in six (at ``n = 6`` a chi-square of 177 on 29 degrees of freedom over the
     first two positions, 28 with 36 rounds; tests/data/test_sampler.py).
