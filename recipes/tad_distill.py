@@ -857,23 +857,16 @@ class TADDistillRecipe:
             options=StateDictOptions(full_state_dict=True, cpu_offload=True),
         )
         if self._is_rank_zero:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                save_hf_checkpoint(
-                    self._student, out_dir, base_config=self._hf_base_config,
-                    model_type=self._hf_model_type, state_dict=state,
-                    copy_files_from=self._tokenizer_sources,
-                    add_bos_id=prepended_bos_id(self._tokenizer),
-                )
             # what the export says of its tokenizer files: one line, at the run's first export
             # (every later one would say it of another folder)
-            for w in caught:
-                if str(w.message).startswith("save_hf_checkpoint: "):
-                    if not self._warned_export:
-                        self._warn(str(w.message).removeprefix("save_hf_checkpoint: ") +
-                                   " (told once)")
-                else:
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            told = self._warned_export
+            save_hf_checkpoint(
+                self._student, out_dir, base_config=self._hf_base_config,
+                model_type=self._hf_model_type, state_dict=state,
+                copy_files_from=self._tokenizer_sources,
+                add_bos_id=prepended_bos_id(self._tokenizer),
+                warn=lambda message: None if told else self._warn(f"{message} (told once)"),
+            )
             self._warned_export = True
         barrier()
 

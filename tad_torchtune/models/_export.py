@@ -12,7 +12,7 @@ to encode text as training did (``prepended_bos_id``).
 import json
 import shutil
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +191,7 @@ def save_hf_checkpoint(
     dtype: torch.dtype | str | None = None,
     copy_files_from: str | Path | Sequence[str | Path] | None = None,
     add_bos_id: int | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Path:
     """Write ``model.safetensors`` and ``config.json`` for ``model`` in Hugging Face format.
 
@@ -220,6 +221,8 @@ def save_hf_checkpoint(
             equals the torchtune tokenizer's ``encode(text, add_eos=False)``; a tokenizer.json
             that already prepends it is copied unchanged, and one that cannot be made to (none
             copied, another special token added) gives a warning. None: files copied as they are.
+        warn: called with each warning about the tokenizer files (a recipe's one-line warning);
+            default: ``warnings.warn``, the message prefixed with ``save_hf_checkpoint:``.
 
     Returns:
         ``output_dir`` as a ``Path``.
@@ -258,6 +261,10 @@ def save_hf_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     save_file(hf_sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if warn is None:
+        def warn(message: str) -> None:
+            warnings.warn(f"save_hf_checkpoint: {message}", stacklevel=3)
+
     if copy_files_from is not None:
         folders = ([copy_files_from] if isinstance(copy_files_from, (str, Path))
                    else list(copy_files_from))
@@ -266,20 +273,18 @@ def save_hf_checkpoint(
                        if any((Path(f) / name).is_file() for name in VOCABULARY_FILES)), None)
         if source is None:
             named = " nor ".join(repr(str(f)) for f in folders)
-            warnings.warn(
-                f"save_hf_checkpoint: {named} holds none of {VOCABULARY_FILES}, so {str(out)!r} "
-                f"will not open with transformers.AutoTokenizer; put the tokenizer's files in "
-                f"{str(folders[0])!r}", stacklevel=2)
+            warn(f"{named} holds none of {VOCABULARY_FILES}, so {str(out)!r} will not open "
+                 f"with transformers.AutoTokenizer; put the tokenizer's files in "
+                 f"{str(folders[0])!r}")
         else:
             for name in TOKENIZER_FILES:
                 if (source / name).is_file():
                     shutil.copyfile(source / name, out / name)
             problem = None if add_bos_id is None else _prepend_bos(out, add_bos_id)
             if problem is not None:
-                warnings.warn(
-                    f"save_hf_checkpoint: training's tokenizer put the BOS id {add_bos_id} "
-                    f"before every document and {str(out)!r} {problem}; check that the "
-                    f"exported model's inputs begin with it", stacklevel=2)
+                warn(f"training's tokenizer put the BOS id {add_bos_id} before every document "
+                     f"and {str(out)!r} {problem}; check that the exported model's inputs "
+                     f"begin with it")
     return out
 
 
