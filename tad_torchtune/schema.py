@@ -199,7 +199,8 @@ DISTILL = Schema("tad_distill", [
     Key("batch_size", "micro-batch per process", 1, _INT, minimum=1),
     Key("gradient_accumulation_steps", "micro-batches per optimizer step", 1, _INT, minimum=1),
     Key("teacher_model", "the teacher's torchtune model builder, or "
-        "`tad_torchtune.models.hf_decoder` with `checkpoint_dir` (read from its config.json)",
+        "`tad_torchtune.models.hf_decoder` with `checkpoint_dir` (read from its config.json; "
+        "`max_seq_len` to shorten it)",
         REQUIRED),
     Key("teacher_checkpointer", "e.g. `torchtune.training.FullModelHFCheckpointer`", REQUIRED),
     Key("student_model", "`tad_torchtune.models.pruned_student` (initialised from the teacher), "

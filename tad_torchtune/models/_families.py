@@ -23,12 +23,14 @@ works, because any model builder that calls a registered component builder is re
 """
 
 import inspect
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+import torch
 from torch import Tensor, nn
 from torchtune.config._utils import _get_component_from_path
 
@@ -439,21 +441,48 @@ def build_model(node: Mapping[str, Any] | DictConfig,
 
 def _resolve_folder(node: dict[str, Any]) -> tuple[ModelFamily, dict[str, Any]]:
     """``hf_decoder``'s family and component-builder kwargs: those its folder's ``config.json``
-    describes (the family built on the meta device to choose it: nothing allocated)."""
-    import torch
-
+    describes (the family built on the meta device to choose it: nothing allocated), with its
+    ``max_seq_len`` when the node sets one."""
     from tad_torchtune.models.loading import read_folder_config
 
-    unknown = [k for k in node if k != "checkpoint_dir"]
+    unknown = [k for k in node if k not in HF_DECODER_ARGS]
     if unknown or node.get("checkpoint_dir") is None:
         raise ValueError(f"{unknown[0] if unknown else 'checkpoint_dir'}: "
                          f"{'not an argument of' if unknown else 'missing in'} "
                          f"tad_torchtune.models.hf_decoder; accepted: checkpoint_dir (a Hugging "
-                         f"Face checkpoint folder)")
+                         f"Face checkpoint folder), max_seq_len (default: its config.json's "
+                         f"max_position_embeddings)")
+    max_seq_len = check_max_seq_len(node.get("max_seq_len"))
     hf = read_folder_config(node["checkpoint_dir"], "")[1]
-    with torch.device("meta"):
-        family = model_from_hf_config(hf, where="checkpoint_dir")[1]
-    return family, _bind(family.builder(), (), family.kwargs_from_hf_config(hf))
+    memo = json.dumps(hf, sort_keys=True)
+    if memo not in _FOLDER_FAMILIES:  # a set-up resolves the same folder several times
+        with torch.device("meta"):
+            family = model_from_hf_config(hf, where="checkpoint_dir")[1]
+        _FOLDER_FAMILIES[memo] = family, _bind(family.builder(), (),
+                                               family.kwargs_from_hf_config(hf))
+    family, kwargs = _FOLDER_FAMILIES[memo]
+    return family, {**kwargs, **({"max_seq_len": max_seq_len} if max_seq_len else {})}
+
+
+#: ``hf_decoder``'s arguments
+HF_DECODER_ARGS = ("checkpoint_dir", "max_seq_len")
+#: ``_resolve_folder``'s results by config.json's content
+_FOLDER_FAMILIES: dict[str, tuple[ModelFamily, dict[str, Any]]] = {}
+
+
+def check_max_seq_len(value: Any) -> int | None:
+    """``hf_decoder``'s ``max_seq_len``: None, or a positive int.
+
+    Raises:
+        ValueError: ``max_seq_len: ...``.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_seq_len: {value!r}; accepted: a positive integer (the longest "
+                         f"sequence the model takes, its RoPE table's length), or null for its "
+                         f"config.json's max_position_embeddings")
+    return value
 
 
 class _Captured(Exception):

@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from tad_torchtune.errors import ConfigError, check_checkpoint_files, instantiate
 from tad_torchtune.models._export import read_hf_checkpoint
-from tad_torchtune.models._families import build_model, model_from_hf_config
+from tad_torchtune.models._families import build_model, check_max_seq_len, model_from_hf_config
 from tad_torchtune.models._forward import output_weight
 from tad_torchtune.models._student import init_student_from_teacher
 from tad_torchtune.parallel import on_rank0
@@ -482,16 +482,28 @@ def no_config_json(folder: Path, key: str) -> str:
     return f"{key}: {str(folder)!r} has no config.json; {accepted}"
 
 
-def hf_decoder(checkpoint_dir: str) -> nn.Module:
+def hf_decoder(checkpoint_dir: str, max_seq_len: int | None = None) -> nn.Module:
     """The torchtune decoder (random weights) that the ``config.json`` in ``checkpoint_dir``
     describes, for any registered model family: a model ``_component_`` for configs that load
     the weights with a checkpointer themselves (``tad_eleuther_eval``'s ``model``,
     ``tad_distill``'s ``student_model`` with a ``student_checkpointer``), and a ``teacher_model``
     whose builder arguments come from its folder (``pruned_student`` and the recipes' checks read
     them through ``resolve_teacher``). The model keeps that config.json as ``source_hf_config``,
-    which ``build_model`` prepares it with."""
+    which ``build_model`` prepares it with, and which an export writes unchanged.
+
+    Args:
+        checkpoint_dir: the Hugging Face checkpoint folder.
+        max_seq_len: the longest sequence the model takes (the length of its RoPE tables);
+            None: config.json's ``max_position_embeddings`` (131072 for Llama 3.1, whose
+            tables then take 64 MiB). Students pruned from it inherit it.
+
+    Raises:
+        ValueError: ``max_seq_len: ...`` or ``model.checkpoint_dir: ...``.
+    """
+    max_seq_len = check_max_seq_len(max_seq_len)
     _, hf = read_folder_config(checkpoint_dir, "model")
-    model = model_from_hf_config(hf, where="model.checkpoint_dir")[0]
+    shape = {**hf, "max_position_embeddings": max_seq_len} if max_seq_len else hf
+    model = model_from_hf_config(shape, where="model.checkpoint_dir")[0]
     model.source_hf_config = hf
     return model
 

@@ -165,10 +165,17 @@ def test_an_hf_folder_teacher_s_mistakes_are_one_line_naming_the_key(tmp_path):
 
     assert error({"checkpoint_dir": str(tmp_path), "num_layers": 2}) == (
         "teacher_model.num_layers: not an argument of tad_torchtune.models.hf_decoder; "
-        "accepted: checkpoint_dir (a Hugging Face checkpoint folder)")
+        "accepted: checkpoint_dir (a Hugging Face checkpoint folder), max_seq_len (default: its "
+        "config.json's max_position_embeddings)")
     assert error({"checkpoint_dir": None}) == error({}) == (
         "teacher_model.checkpoint_dir: missing in tad_torchtune.models.hf_decoder; accepted: "
-        "checkpoint_dir (a Hugging Face checkpoint folder)")
+        "checkpoint_dir (a Hugging Face checkpoint folder), max_seq_len (default: its "
+        "config.json's max_position_embeddings)")
+    for bad in (0, -5, 2.5, "1024", True):
+        assert error({"checkpoint_dir": str(tmp_path), "max_seq_len": bad}) == (
+            f"teacher_model.max_seq_len: {bad!r}; accepted: a positive integer (the longest "
+            f"sequence the model takes, its RoPE table's length), or null for its "
+            f"config.json's max_position_embeddings")
     assert error({"checkpoint_dir": str(tmp_path)}) == (
         f"teacher_model.checkpoint_dir: {str(tmp_path)!r} has no config.json; accepted: a "
         f"Hugging Face checkpoint folder")
@@ -176,3 +183,41 @@ def test_an_hf_folder_teacher_s_mistakes_are_one_line_naming_the_key(tmp_path):
     assert error({"checkpoint_dir": str(tmp_path)}).startswith(
         "teacher_model.checkpoint_dir: no registered model family builds "
         "model_type='gpt_neox' (registered model types: [")
+
+
+def test_an_hf_folder_model_takes_a_shorter_max_seq_len(tmp_path):
+    """``hf_decoder``'s ``max_seq_len``: the model's and its RoPE table's length, what
+    ``resolve_teacher`` reports (so a student pruned from it inherits it), the same logits as
+    the full-length model on a sequence both take; config.json itself unchanged (an export
+    writes it). A config.json edited in place is read again: the memo is by its content."""
+    from tad_torchtune.models import build_model, hf_decoder, pruned_student, resolve_teacher
+
+    case = "llama3_1"
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(case)))
+    full_len = hf_config(case)["max_position_embeddings"]
+    assert full_len > 16
+    node = {"_component_": HF_DECODER, "checkpoint_dir": str(tmp_path)}
+    assert resolve_teacher(node)[1]["max_seq_len"] == full_len
+    assert resolve_teacher({**node, "max_seq_len": 16})[1]["max_seq_len"] == 16
+
+    full, short = hf_decoder(str(tmp_path)), hf_decoder(str(tmp_path), max_seq_len=16)
+    assert (full.max_seq_len, short.max_seq_len) == (full_len, 16)
+    tables = {b.shape[0] for name, b in short.named_buffers() if name.endswith("cache")}
+    assert tables == {16}
+    assert short.source_hf_config == hf_config(case)
+    randomize_(full, seed=1)
+    short.load_state_dict(full.state_dict(), strict=False)  # the RoPE tables are not saved
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits_of(short, tokens), logits_of(full, tokens), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        short(torch.zeros(1, 17, dtype=torch.long))
+
+    student = pruned_student(teacher={**node, "max_seq_len": 16}, num_layers=1)
+    assert student.max_seq_len == 16
+    built, _ = build_model({**node, "max_seq_len": 16})
+    assert built.max_seq_len == 16
+
+    (tmp_path / "config.json").write_text(json.dumps({**hf_config(case), "num_hidden_layers": 1,
+                                                      "max_position_embeddings": 32}))
+    kwargs = resolve_teacher(node)[1]
+    assert (kwargs["num_layers"], kwargs["max_seq_len"]) == (1, 32)
