@@ -46,7 +46,7 @@ from tad_torchtune.hardware import warn_if_slow_bf16
 from tad_torchtune.head import TeacherHead
 from tad_torchtune.losses import CacheSpec, DivergenceUse
 from tad_torchtune.losses.cached import teacher_sampled, teacher_top_m
-from tad_torchtune.models import supports_flex_attention
+from tad_torchtune.models import output_weight, supports_flex_attention
 from tad_torchtune.models.loading import (
     check_model_fits_checkpoint,
     checkpoint_state,
@@ -71,6 +71,7 @@ from tad_torchtune.teacher_cache import (
     check_blocks,
     teacher_identity,
 )
+from tad_torchtune.vocab import check_teacher_id_merges
 
 
 class TADCacheRecipe:
@@ -145,8 +146,12 @@ class TADCacheRecipe:
                                prepare=partial(parallelize, fsdp=self._world > 1))
         del state
         self._flex_attention = supports_flex_attention(self._device, teacher)
+        merges = check_teacher_id_merges(
+            DISTILL.get(cfg, "teacher_id_merges"),
+            teacher_vocab_size=output_weight(teacher).shape[0], student_vocab_size=self._vocab,
+            vocab_alignment=self._vocab_alignment)
         self._teacher = TeacherHead(teacher, vocab_size=self._vocab,
-                                    vocab_alignment=self._vocab_alignment)
+                                    vocab_alignment=self._vocab_alignment, merges=merges)
         self._cache = TeacherCache.create(
             self._root, top_m=self._top_m, vocab_size=self._vocab, temperature=self._temperature,
             layouts={s: BlockLayout.of(d) for s, d in self._datasets.items()},

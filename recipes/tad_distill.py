@@ -107,7 +107,7 @@ from tad_torchtune.teacher_cache import (
     check_blocks,
     teacher_identity,
 )
-from tad_torchtune.vocab import check_vocab_compat, tokenizer_warnings
+from tad_torchtune.vocab import check_teacher_id_merges, check_vocab_compat, tokenizer_warnings
 
 
 #: the file in ``output_dir`` whose lock a run holds (``_lock_output_dir``)
@@ -210,6 +210,7 @@ class TADDistillRecipe:
         self._float32_weight_grad = bool(get("fused_float32_weight_grad"))
         self._loss_chunk_size = int(get("loss_chunk_size"))
         self._vocab_alignment = get("vocab_alignment")
+        self._id_merges = get("teacher_id_merges")
 
         self._batch_size = int(get("batch_size"))
         self._grad_accum = int(get("gradient_accumulation_steps"))
@@ -414,9 +415,19 @@ class TADDistillRecipe:
             teacher_tokenizer=teacher_tokenizer,
             student_tokenizer=self._tokenizer if teacher_tokenizer is not None else None,
         )
+        self._merges = check_teacher_id_merges(
+            self._id_merges, teacher_vocab_size=teacher_vocab,
+            student_vocab_size=self._student_vocab, vocab_alignment=self._vocab_alignment)
+        if self._teacher_cache is not None:
+            made = self._teacher_cache.teacher_id_merges
+            if made != (self._merges.as_config() if self._merges else None):
+                self._warn(f"teacher_id_merges: {self._id_merges!r}, the teacher "
+                           f"cache's {made!r}: training reads the cache's teacher as it was "
+                           f"made, validation's live teacher merges as this config says")
         if teacher_tokenizer is not None:
             for line in tokenizer_warnings(teacher_tokenizer, self._tokenizer,
-                                           self._student_vocab, self._vocab_alignment):
+                                           self._student_vocab, self._vocab_alignment,
+                                           self._merges):
                 self._warn(line)
 
         # The models are built on the meta device and sharded there; each rank then loads only
@@ -431,7 +442,8 @@ class TADDistillRecipe:
                                                  cpu_offload=self._cpu_offload))
             self._teacher_head = TeacherHead(
                 self._teacher, vocab_size=self._student_vocab,
-                vocab_alignment=self._vocab_alignment, hidden_layers=self._teacher_hidden_layers)
+                vocab_alignment=self._vocab_alignment, hidden_layers=self._teacher_hidden_layers,
+                merges=self._merges)
 
         def shard_student(student: nn.Module) -> None:
             # the StudentHead is the student's FSDP root: the fused head reads the output weight

@@ -44,6 +44,7 @@ from tad_torchtune.errors import ConfigError, instantiate, reports_user_errors
 from tad_torchtune.metrics import StudentMetrics, TeacherMetrics
 from tad_torchtune.models import (
     forward_hidden,
+    logit_softcap,
     output_weight,
     project_logits,
     supports_flex_attention,
@@ -51,11 +52,11 @@ from tad_torchtune.models import (
 from tad_torchtune.models.loading import check_hf_folder, load_hf_folder
 from tad_torchtune.parallel import require_one_process
 from tad_torchtune.schema import EVAL, resolve_config_argv, resolve_package_paths
-from tad_torchtune.vocab import align_teacher_vocab, check_vocab_compat
+from tad_torchtune.vocab import align_teacher_vocab, check_teacher_id_merges, check_vocab_compat
 
 #: the keys ``eval.json`` records under ``settings``: those that change its figures
-_SETTINGS = ("dtype", "device", "document_mask", "vocab_alignment", "batch_size", "max_batches",
-             "chunk_size", "num_bins", "tail_ks", "seed")
+_SETTINGS = ("dtype", "device", "document_mask", "vocab_alignment", "teacher_id_merges",
+             "batch_size", "max_batches", "chunk_size", "num_bins", "tail_ks", "seed")
 
 
 def _tail_ks(value: Any) -> tuple[int, ...]:
@@ -132,6 +133,24 @@ class TADEvalRecipe:
         # the students' vocabulary: that of the teacher's distribution (truncate_teacher cuts
         # its logits to it before any softmax, for its own metrics too)
         self._vocab_size = min(output_weight(m).shape[0] for m in models)
+        try:
+            self._merges = check_teacher_id_merges(
+                EVAL.get(cfg, "teacher_id_merges"), teacher_vocab_size=teacher_vocab,
+                student_vocab_size=self._vocab_size, vocab_alignment=self._vocab_alignment)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if self._merges is not None:
+            other = {n: output_weight(m).shape[0] for n, m in self._students.items()
+                     if output_weight(m).shape[0] != self._vocab_size}
+            if other:
+                name, size = next(iter(other.items()))
+                raise ConfigError(f"teacher_id_merges: students.{name} has {size} ids, the "
+                                  f"others {self._vocab_size}; accepted: students of one "
+                                  f"vocabulary, the one the merges are into")
+            if logit_softcap(self._teacher) is not None:
+                raise ConfigError(f"teacher_id_merges: {self._merges.as_config()!r} with a "
+                                  f"teacher that soft-caps its logits; accepted: a teacher "
+                                  f"without a logit soft-cap")
         if self._tail_ks[-1] >= self._vocab_size:
             raise ConfigError(f"tail_ks: {self._tail_ks[-1]} is not below the vocabulary of "
                               f"{self._vocab_size} ids; accepted: integers from 1 to "
@@ -176,6 +195,9 @@ class TADEvalRecipe:
             attention = {"mask": batch.mask, "input_pos": batch.input_pos}
             teacher_logits = project_logits(
                 self._teacher, forward_hidden(self._teacher, tokens, **attention)[0])
+            if self._merges is not None:  # into the students' ids (a view: all of them read it)
+                teacher_logits = self._merges.align_(teacher_logits, self._vocab_size,
+                                                     self._vocab_alignment)
             teacher_metrics.update(
                 align_teacher_vocab(teacher_logits, self._vocab_size, self._vocab_alignment),
                 labels)

@@ -37,7 +37,7 @@ from tad_torchtune.models import (
     output_weight,
     project_logits,
 )
-from tad_torchtune.vocab import align_teacher_vocab, check_vocab_alignment
+from tad_torchtune.vocab import IdMerges, MergedRows, align_teacher_vocab, check_vocab_alignment
 
 
 @dataclass
@@ -50,8 +50,11 @@ class TeacherOutput:
         weight: ``[V, D_T]`` output projection weight.
         bias: ``[V]`` output projection bias, or None.
         softcap: the teacher's logit soft-cap, or None.
-        logits: ``[B, T, V]`` in the model's dtype, when asked for.
+        logits: ``[B, T, V]`` in the model's dtype, when asked for (``teacher_id_merges``
+            merged in).
         layers: hidden states of the requested layers (the hidden-state loss).
+        merge: the output-projection rows of ``teacher_id_merges``' teacher ids, which a head
+            projecting ``hidden`` by ``weight`` folds into each chunk; None without merges.
     """
 
     hidden: Tensor
@@ -60,6 +63,7 @@ class TeacherOutput:
     softcap: float | None
     logits: Tensor | None = None
     layers: list[Tensor] = field(default_factory=list)
+    merge: MergedRows | None = None
 
 
 class TeacherHead:
@@ -71,15 +75,25 @@ class TeacherHead:
         vocab_alignment: ``"exact"`` or ``"truncate_teacher"`` (``tad_torchtune.vocab``).
         hidden_layers: layers whose input hidden state the hidden-state loss reads (-1: the
             final normed hidden state).
+        merges: ``teacher_id_merges`` (``tad_torchtune.vocab.IdMerges``), or None.
+
+    Raises:
+        ValueError: merges with a teacher that soft-caps its logits (Gemma2's), where a head
+            projecting chunks would merge before the cap and the logits after it.
     """
 
     def __init__(self, model: nn.Module, *, vocab_size: int, vocab_alignment: str = "exact",
-                 hidden_layers: tuple[int, ...] = ()) -> None:
+                 hidden_layers: tuple[int, ...] = (), merges: IdMerges | None = None) -> None:
         self.model = model
         self.vocab_size = int(vocab_size)
         self.vocab_alignment = check_vocab_alignment(vocab_alignment)
         self.hidden_layers = tuple(hidden_layers)
         self.softcap = logit_softcap(model)
+        self.merges = merges
+        if merges is not None and self.softcap is not None:
+            raise ValueError(f"teacher_id_merges: {merges.as_config()!r} with a teacher that "
+                             f"soft-caps its logits ({self.softcap}); accepted: a teacher "
+                             f"without a logit soft-cap")
 
     def _aligned(self, x: Tensor) -> Tensor:
         return align_teacher_vocab(x, self.vocab_size, self.vocab_alignment)
@@ -88,12 +102,20 @@ class TeacherHead:
     def __call__(self, batch: Batch, *, logits: bool) -> TeacherOutput:
         h, layers = forward_hidden(self.model, batch.tokens, mask=batch.mask,
                                    input_pos=batch.input_pos, hidden_layers=self.hidden_layers)
-        bias = output_bias(self.model)
+        weight, bias = full_tensor(output_weight(self.model)), output_bias(self.model)
+        bias = None if bias is None else full_tensor(bias)
+        merge = z = None
+        if logits:
+            z = project_logits(self.model, h)
+            z = (self._aligned(z) if self.merges is None else
+                 self.merges.align_(z, self.vocab_size, self.vocab_alignment))
+        if self.merges is not None:
+            rows = list(self.merges.sources)
+            merge = MergedRows(weight[rows], None if bias is None else bias[rows], self.merges)
         return TeacherOutput(
-            hidden=h, weight=self._aligned(full_tensor(output_weight(self.model)).t()).t(),
-            bias=None if bias is None else self._aligned(full_tensor(bias)),
-            softcap=self.softcap, layers=layers,
-            logits=self._aligned(project_logits(self.model, h)) if logits else None)
+            hidden=h, weight=self._aligned(weight.t()).t(),
+            bias=None if bias is None else self._aligned(bias),
+            softcap=self.softcap, layers=layers, logits=z, merge=merge)
 
 
 @dataclass
@@ -219,6 +241,7 @@ class StudentHead(nn.Module):
                 teacher_bias=teacher.bias if live else None,
                 ce_weight=clm_w, kd_weight=kd_w, compute_ce=True, student_softcap=self.softcap,
                 teacher_softcap=teacher.softcap if live else None,
+                teacher_merge=teacher.merge if live else None,
                 document_ids=batch.document_ids, chunk_size=self.chunk_size,
                 **self.fused_options)
             objective, ce, kd, n = out.objective, out.ce, out.kd, out.num_tokens
@@ -252,7 +275,8 @@ class StudentHead(nn.Module):
             metrics.update_from_hidden(
                 h, output_weight(self.student), teacher.hidden, teacher.weight, batch.labels,
                 student_bias=output_bias(self.student), teacher_bias=teacher.bias,
-                student_softcap=self.softcap, teacher_softcap=teacher.softcap)
+                student_softcap=self.softcap, teacher_softcap=teacher.softcap,
+                teacher_merge=teacher.merge)
         else:
             metrics.update(project_logits(self.student, h), teacher.logits, batch.labels)
 

@@ -48,7 +48,7 @@ from tad_torchtune.checks import check_int, check_positive, is_int
 from tad_torchtune.common import IGNORE_INDEX, apply_softcap, compute_dtype, full_tensor
 from tad_torchtune.losses.engine import DEFAULT_CHUNK_SIZE, chunk_slices
 from tad_torchtune.losses.kl import forward_kl_chunk
-from tad_torchtune.vocab import align_teacher_vocab, check_vocab_alignment
+from tad_torchtune.vocab import MergedRows, align_teacher_vocab, check_vocab_alignment
 
 #: tail-mass K values of the paper's Figure 2
 TAIL_KS: tuple[int, ...] = (1, 2, 5, 10, 20, 50)
@@ -66,19 +66,23 @@ def _valid_chunks(labels: Tensor, chunk_size: int | None, ignore_index: int,
 
 
 def _projected_chunks(labels: Tensor, chunk_size: int | None, ignore_index: int,
-                      *sides: tuple[Tensor, Tensor, Tensor | None, float | None]
-                      ) -> Iterator[tuple[Tensor, ...]]:
+                      *sides: tuple[Tensor, Tensor, Tensor | None, float | None],
+                      merge: MergedRows | None = None) -> Iterator[tuple[Tensor, ...]]:
     """As ``_valid_chunks``, from ``(hidden [..., D], weight [V, D], bias [V] | None, softcap)``
     per model: each chunk's logits are projected (and soft-capped) on the fly, so ``[N, V]``
-    never exists."""
+    never exists; ``merge`` folds the rows of ``teacher_id_merges`` into the last side's."""
     y = labels.reshape(-1)
     flat = [(h.reshape(y.shape[0], h.shape[-1]), full_tensor(w),
              None if b is None else full_tensor(b), cap) for h, w, b, cap in sides]
     for sl in chunk_slices(y.shape[0], chunk_size):
         keep = y[sl] != ignore_index
-        yield (y[sl][keep], *(
-            apply_softcap(torch.nn.functional.linear(h[sl][keep], w, b).to(compute_dtype(h.dtype)),
-                          cap) for h, w, b, cap in flat))
+        chunks = []
+        for i, (h, w, b, cap) in enumerate(flat):
+            z = torch.nn.functional.linear(h[sl][keep], w, b).to(compute_dtype(h.dtype))
+            if merge is not None and i == len(flat) - 1:
+                z = merge.apply_(z, h[sl][keep])
+            chunks.append(apply_softcap(z, cap))
+        yield (y[sl][keep], *chunks)
 
 
 def _check_inputs(logits: Tensor, labels: Tensor, name: str) -> None:
@@ -219,11 +223,12 @@ class StudentMetrics:
         self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
         teacher_weight: Tensor, labels: Tensor, *, student_bias: Tensor | None = None,
         teacher_bias: Tensor | None = None, student_softcap: float | None = None,
-        teacher_softcap: float | None = None,
+        teacher_softcap: float | None = None, teacher_merge: MergedRows | None = None,
     ) -> None:
         """Add a batch given as final hidden states ``[B, T, D]``, output weights ``[V, D]`` and
         biases ``[V]`` (the fused path's inputs); the same values as ``update`` on their
-        logits."""
+        logits (``teacher_merge``: the rows of ``teacher_id_merges``, folded into each teacher
+        chunk, as ``IdMerges.align_`` folds them into logits)."""
         vocab = student_weight.shape[0]
         w_t = align_teacher_vocab(full_tensor(teacher_weight).t(), vocab, self.vocab_alignment).t()
         if teacher_bias is not None:
@@ -232,7 +237,7 @@ class StudentMetrics:
         self._add(_projected_chunks(
             labels, self.chunk_size, self.ignore_index,
             (student_hidden, student_weight, student_bias, student_softcap),
-            (teacher_hidden, w_t, teacher_bias, teacher_softcap)))
+            (teacher_hidden, w_t, teacher_bias, teacher_softcap), merge=teacher_merge))
 
     def _add(self, chunks) -> None:
         for y, s, t in chunks:

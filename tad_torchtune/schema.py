@@ -208,6 +208,10 @@ DISTILL = Schema("tad_distill", [
     Key("student_checkpointer", "loads a pretrained student (e.g. TinyLlama)"),
     Key("vocab_alignment", "`truncate_teacher` for a teacher with a padded, larger vocabulary",
         "exact", _STR, choices=("exact", "truncate_teacher")),
+    Key("teacher_id_merges", "`{teacher_id: student_id}`: teacher ids past the student's "
+        "vocabulary whose probability is added to a student id's before `truncate_teacher` "
+        "cuts them (e.g. `{32000: 2}`, Phi-3's end-of-text into Llama-2's)", None,
+        (dict, type(None))),
     Key("kd_loss", "a divergence of `tad_torchtune.losses`", shown="required if `kd_weight > 0`"),
     Key("hidden_loss", "`tad_torchtune.losses.HiddenCosineLoss`",
         shown="required if `hidden_weight > 0`"),
@@ -372,6 +376,10 @@ EVAL = Schema("tad_eval", [
         (list,), shown=f"`{list(TAIL_KS)}`"),
     Key("vocab_alignment", "`truncate_teacher` for a teacher with a padded, larger vocabulary",
         "exact", _STR, choices=("exact", "truncate_teacher")),
+    Key("teacher_id_merges", "`{teacher_id: student_id}`: teacher ids past the student's "
+        "vocabulary whose probability is added to a student id's before `truncate_teacher` "
+        "cuts them (e.g. `{32000: 2}`, Phi-3's end-of-text into Llama-2's)", None,
+        (dict, type(None))),
     Key("document_mask", "attention stops at document boundaries, as `tad_distill`'s "
         "`document_mask` (set it as the run did: the KL and CE are then its `val_kl`, `val_ce`)",
         False, _BOOL),

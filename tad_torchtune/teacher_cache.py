@@ -163,6 +163,7 @@ def teacher_identity(cfg: Any) -> dict[str, Any]:
 
     ckpt = cfg.teacher_checkpointer
     folder = Path(str(ckpt.checkpoint_dir)).expanduser()
+    merges = DISTILL.get(cfg, "teacher_id_merges")
     files = {}
     for name in checkpoint_file_names(ckpt.get("checkpoint_files")):
         if (folder / name).is_file():
@@ -174,15 +175,20 @@ def teacher_identity(cfg: Any) -> dict[str, Any]:
         "checkpoint_files": files,
         "dtype": DISTILL.get(cfg, "dtype"),
         "vocab_alignment": DISTILL.get(cfg, "vocab_alignment"),
+        # pairs: JSON would write a mapping's integer keys as strings
+        "teacher_id_merges": sorted([int(k), int(v)] for k, v in merges.items()) if merges
+        else None,
     }
 
 
 #: what ``teacher_differences`` compares: the teacher's weights (its model config was checked
 #: against their config.json; another spelling of it, a longer ``max_seq_len``, is the same
 #: teacher), and, for a resumed ``tad_cache``, how it ran
-TEACHER_WEIGHTS, TEACHER_RUN = ("checkpoint_files",), ("model", "dtype", "vocab_alignment")
+TEACHER_WEIGHTS = ("checkpoint_files",)
+TEACHER_RUN = ("model", "dtype", "vocab_alignment", "teacher_id_merges")
 _TEACHER_KEYS = {"model": "teacher_model", "checkpoint_files": "teacher_checkpointer.checkpoint_files",
-                 "dtype": "dtype", "vocab_alignment": "vocab_alignment"}
+                 "dtype": "dtype", "vocab_alignment": "vocab_alignment",
+                 "teacher_id_merges": "teacher_id_merges"}
 
 
 def teacher_differences(then: dict[str, Any], now: dict[str, Any],
@@ -358,6 +364,13 @@ class TeacherCache:
     @property
     def vocab_size(self) -> int:
         return self.manifest["vocab_size"]
+
+    @property
+    def teacher_id_merges(self) -> dict[int, int] | None:
+        """The ``teacher_id_merges`` the cache was made with (None: none; a cache of an
+        earlier version records none)."""
+        pairs = (self.manifest.get("teacher") or {}).get("teacher_id_merges")
+        return {int(k): int(v) for k, v in pairs} if pairs else None
 
     @property
     def shard_blocks(self) -> int:

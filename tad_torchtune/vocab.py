@@ -3,13 +3,18 @@ read over the student's vocabulary, and the check, before training, that they ca
 
 ``"exact"``: the vocabulary sizes must match. ``"truncate_teacher"``: a teacher whose vocabulary
 is larger than the student's, its first ids being the student's (padded embedding tables, as
-Qwen2.5's), is cut to the student's before any softmax.
+Qwen2.5's), is cut to the student's before any softmax. ``teacher_id_merges`` (``IdMerges``): ids
+of such a teacher past the student's vocabulary whose probability is added to a student id's
+before the cut (Phi-3's end-of-text 32000 into Llama-2's 2), so the teacher's distribution over
+the student's ids loses nothing there.
 """
 
 import random
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
 
 VOCAB_ALIGNMENTS = ("exact", "truncate_teacher")
@@ -67,6 +72,101 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
     if getattr(tokenizer, "hf_adds_eos", False) and ids[-1:] == [tokenizer.eos_id]:
         ids = ids[:-1]
     return ids
+
+
+@dataclass(frozen=True)
+class IdMerges:
+    """``teacher_id_merges``: teacher ids past the student's vocabulary (``sources``), each
+    merged into a student id (``targets``, one per source): the teacher's probability of a
+    target becomes its own plus its sources', ``p'_j = p_j + sum_{s -> j} p_s``, i.e. its logit
+    becomes the log-sum-exp of its and its sources' logits, before ``truncate_teacher`` cuts the
+    sources away (``docs/design.md``, "Vocabularies"). On logits without a soft-cap, before any
+    temperature."""
+
+    sources: tuple[int, ...]
+    targets: tuple[int, ...]
+
+    def fold_(self, aligned: Tensor, source_logits: Tensor) -> Tensor:
+        """Write into ``aligned`` ``[..., V_S]`` each target's merged logit, from the sources'
+        logits ``source_logits`` ``[..., E]`` (in ``sources``' order), in float32 (float64
+        stays), rounded once to ``aligned``'s dtype. Returns ``aligned``."""
+        dtype = torch.promote_types(aligned.dtype, torch.float32)
+        for target in dict.fromkeys(self.targets):
+            cols = [i for i, t in enumerate(self.targets) if t == target]
+            parts = torch.cat([aligned[..., target:target + 1].to(dtype),
+                               source_logits[..., cols].to(dtype)], dim=-1)
+            aligned[..., target] = torch.logsumexp(parts, dim=-1).to(aligned.dtype)
+        return aligned
+
+    def align_(self, teacher_logits: Tensor, student_vocab_size: int,
+               vocab_alignment: str) -> Tensor:
+        """``align_teacher_vocab`` of ``teacher_logits`` ``[..., V_T]`` with the sources
+        merged first: a view of the teacher's logits, whose targets' columns are written."""
+        source_logits = teacher_logits[..., list(self.sources)]
+        aligned = align_teacher_vocab(teacher_logits, student_vocab_size, vocab_alignment)
+        return self.fold_(aligned, source_logits)
+
+    def as_config(self) -> dict[int, int]:
+        """``{teacher_id: student_id}``, as the config writes it."""
+        return dict(zip(self.sources, self.targets))
+
+
+class MergedRows(NamedTuple):
+    """The teacher's output-projection rows of ``IdMerges.sources`` (``weight`` ``[E, D]``,
+    ``bias`` ``[E]`` or None), for heads that project hidden states chunk by chunk."""
+
+    weight: Tensor
+    bias: Tensor | None
+    ids: IdMerges
+
+    def apply_(self, aligned: Tensor, hidden: Tensor) -> Tensor:
+        """``IdMerges.fold_`` of a chunk's projection ``aligned`` ``[n, V_S]`` (written) of
+        the hidden states ``hidden`` ``[n, D]``."""
+        source_logits = torch.nn.functional.linear(hidden.to(self.weight.dtype), self.weight,
+                                                   self.bias)
+        return self.ids.fold_(aligned, source_logits)
+
+
+def check_teacher_id_merges(value: Mapping[Any, Any] | None, *, teacher_vocab_size: int,
+                            student_vocab_size: int, vocab_alignment: str,
+                            key: str = "teacher_id_merges") -> IdMerges | None:
+    """``teacher_id_merges`` as ``IdMerges``, or None when unset or empty.
+
+    Raises:
+        ValueError: naming ``key`` (``teacher_id_merges.32000``), the value and what is
+            accepted: a teacher id inside the student's vocabulary (its mass would count twice)
+            or past the teacher's, a target outside the student's, or no ``truncate_teacher``.
+    """
+    if not value:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{key}: must be a mapping {{teacher_id: student_id}}, got {value!r}")
+    if vocab_alignment != "truncate_teacher" or teacher_vocab_size <= student_vocab_size:
+        raise ValueError(f"{key}: {dict(value)!r} merges teacher ids past the student's "
+                         f"vocabulary, but vocab_alignment is {vocab_alignment!r} with "
+                         f"{teacher_vocab_size} teacher ids and {student_vocab_size} student ids; "
+                         f"accepted: vocab_alignment truncate_teacher and a larger teacher")
+    sources, targets = [], []
+    for raw, target in value.items():
+        try:
+            source = int(raw)
+        except (TypeError, ValueError):
+            source = None
+        if source is None or str(source) != str(raw).strip():
+            raise ValueError(f"{key}: {raw!r} is not a teacher id; accepted: integer ids from "
+                             f"{student_vocab_size} to {teacher_vocab_size - 1}")
+        if not student_vocab_size <= source < teacher_vocab_size:
+            raise ValueError(f"{key}.{source}: not past the student's {student_vocab_size} ids "
+                             f"within the teacher's {teacher_vocab_size}; accepted: teacher ids "
+                             f"from {student_vocab_size} to {teacher_vocab_size - 1} (an id the "
+                             f"student has keeps its own probability)")
+        if isinstance(target, bool) or not isinstance(target, int) or \
+                not 0 <= target < student_vocab_size:
+            raise ValueError(f"{key}.{source}: {target!r}; accepted: a student id from 0 to "
+                             f"{student_vocab_size - 1}")
+        sources.append(source)
+        targets.append(target)
+    return IdMerges(tuple(sources), tuple(targets))
 
 
 def _spm(tok: Any) -> Any:
@@ -212,19 +312,21 @@ SPLIT_PROBE = ("The quick brown fox jumps over the lazy dog. 0123456789 3.14159 
 
 
 def tokenizer_warnings(teacher_tokenizer: Any, student_tokenizer: Any, student_vocab_size: int,
-                       vocab_alignment: str) -> list[str]:
+                       vocab_alignment: str, merges: IdMerges | None = None) -> list[str]:
     """What a user should know about a ``teacher_tokenizer`` beside the student's, one line each
     (empty when nothing), after ``check_vocab_compat`` passed: the teacher reads the STUDENT's
     token ids, so a teacher tokenizer that splits text otherwise sees splits it was not trained
     on; and an end-of-text id of the teacher past the student's vocabulary is cut away by
     ``truncate_teacher``, so where a label is the student's end-of-text the teacher's
-    end-of-text mass is not among the ids the student is distilled on.
+    end-of-text mass is not among the ids the student is distilled on, unless ``merges``
+    (``teacher_id_merges``) merges it into a student id.
 
     Args:
         teacher_tokenizer, student_tokenizer: torchtune tokenizers (``encode(text, add_bos,
             add_eos)``, ``eos_id``).
         student_vocab_size: rows of the student's output projection.
         vocab_alignment: one of ``VOCAB_ALIGNMENTS``.
+        merges: the run's ``teacher_id_merges``, or None.
     """
     out = []
     try:
@@ -243,11 +345,12 @@ def tokenizer_warnings(teacher_tokenizer: Any, student_tokenizer: Any, student_v
     teacher_eos = getattr(teacher_tokenizer, "eos_id", None)
     student_eos = getattr(student_tokenizer, "eos_id", None)
     if (teacher_eos is not None and student_eos is not None and teacher_eos != student_eos
-            and teacher_eos >= student_vocab_size and vocab_alignment == "truncate_teacher"):
+            and teacher_eos >= student_vocab_size and vocab_alignment == "truncate_teacher"
+            and teacher_eos not in (merges.sources if merges else ())):
         out.append(
             f"teacher_tokenizer: the teacher's end-of-text id {teacher_eos} is past the "
             f"student's {student_vocab_size} ids, which truncate_teacher keeps: where a label is "
             f"the student's end-of-text ({student_eos}) the teacher's end-of-text mass is cut "
-            f"away and its other ids are renormalised (the cross-entropy still learns the "
-            f"end-of-text)")
+            f"away and its other ids are renormalised; teacher_id_merges "
+            f"'{{{teacher_eos}: {student_eos}}}' adds it to the student's end-of-text")
     return out

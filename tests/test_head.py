@@ -83,13 +83,13 @@ def test_teacher_head_aligns_a_larger_teacher_and_refuses_otherwise(models, batc
         TeacherHead(teacher, vocab_size=VOCAB, vocab_alignment="pad")
 
 
-def _reference(student, teacher, batch):
+def _reference(student, teacher, batch, z_t=None):
     """The objective, CE, TAD and its diagnostics (sums over valid positions), in float64 from
-    the models' logits and the naive references, and the objective's gradient w.r.t. the
-    student's parameters."""
+    the models' logits (the teacher's: ``z_t`` when given) and the naive references, and the
+    objective's gradient w.r.t. the student's parameters."""
     s_model = copy.deepcopy(student).double()
     z_s = s_model(batch.tokens)  # (B, T, V) float64, differentiable
-    z_t = _logits(teacher, batch.tokens)[..., :VOCAB]
+    z_t = _logits(teacher, batch.tokens)[..., :VOCAB] if z_t is None else z_t
     labels = batch.labels
     n = int((labels != IGNORE).sum())
     ce = F.cross_entropy(z_s.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=IGNORE,
@@ -175,3 +175,88 @@ def test_evaluate_is_student_metrics_on_the_logits(models, batch, fused):
     for key in ("kl", "ce", "ppl", "full_ece", "top1_agreement", "top1_accuracy"):
         assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
     assert want["kl"] > 0.1  # two different models: the comparison is not of zeros
+
+
+#: teacher ids past the student's vocabulary merged into student ids (``teacher_id_merges``)
+MERGES = {VOCAB + 1: 3, VOCAB + 4: 3, VOCAB: 0}
+
+
+@pytest.fixture(scope="module")
+def merging(models, batch):
+    """A teacher whose merged ids hold much of its mass (their output biases raised), and the
+    float64 reference of CE + TAD against its probabilities with each source's added to its
+    target's, computed from the full softmax; the reference without the merges differs."""
+    from tad_torchtune.vocab import check_teacher_id_merges
+
+    teacher, student = models
+    teacher = copy.deepcopy(teacher)
+    with torch.no_grad():
+        teacher.output.bias[list(MERGES)] += 4.0
+    p = torch.softmax(_logits(teacher, batch.tokens), -1)
+    merged = p[..., :VOCAB].clone()
+    for source, target in MERGES.items():
+        merged[..., target] += p[..., source]
+    want = _reference(student, teacher, batch, z_t=merged.log())
+    cut = _reference(student, teacher, batch)
+    assert abs(want["kd"] - cut["kd"]) > 0.05 * cut["kd"]  # the merges matter here
+    ids = check_teacher_id_merges(MERGES, teacher_vocab_size=V_T, student_vocab_size=VOCAB,
+                                  vocab_alignment="truncate_teacher")
+    return teacher, ids, merged, want
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("from_cache", [False, True])
+def test_merged_teacher_ids_reach_every_path_as_added_probabilities(models, batch, merging,
+                                                                    fused, from_cache):
+    """``teacher_id_merges`` through ``TeacherHead``: the logits (the unfused path, and a
+    cache made from them, as ``tad_cache`` makes it) and the rows the fused head folds into
+    each chunk give CE + TAD against the merged probabilities: objective, TAD and gradients."""
+    _, student = models
+    teacher, ids, _, want = merging
+    head = StudentHead(copy.deepcopy(student), kd_loss=TADLoss(k=K, beta=BETA),
+                       clm_weight=CLM_W, kd_weight=KD_W, fused=fused, chunk_size=16,
+                       from_cache=from_cache)
+    teacher_head = TeacherHead(teacher, vocab_size=VOCAB, vocab_alignment="truncate_teacher",
+                               merges=ids)
+    if from_cache:
+        z_t = teacher_head(batch, logits=True).logits.float()
+        batch = copy.copy(batch)
+        batch.teacher = teacher_top_m(z_t, batch.labels, VOCAB - 1)
+        out = None
+    else:
+        out = teacher_head(batch, logits=head.needs_teacher_logits)
+        assert (out.logits is None) is fused
+    terms = head(batch, out)
+    terms.objective.backward()
+    assert float(terms.objective) == pytest.approx(want["objective"], rel=1e-5)
+    assert float(terms.kd) == pytest.approx(want["kd"], rel=1e-5)
+    grads = {k: p.grad for k, p in head.student.named_parameters() if p.grad is not None}
+    for name, g in want["grads"].items():
+        torch.testing.assert_close(grads[name], g, atol=1e-5 * float(g.abs().max()), rtol=1e-3)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_evaluate_reads_the_merged_teacher(models, batch, merging, fused):
+    _, student = models
+    teacher, ids, merged, _ = merging
+    head = StudentHead(student, kd_loss=TADLoss(k=K), fused=fused, chunk_size=16)
+    out = TeacherHead(teacher, vocab_size=VOCAB, vocab_alignment="truncate_teacher",
+                      merges=ids)(batch, logits=not fused)
+    got = head.new_metrics(num_bins=10)
+    head.evaluate(batch, out, got)
+    want = StudentMetrics(num_bins=10)
+    want.update(_logits(student, batch.tokens).float(), merged.log().float(), batch.labels)
+    got, want = got.compute(), want.compute()
+    for key in ("kl", "ce", "top1_agreement"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+
+
+def test_merges_are_refused_with_a_soft_capping_teacher(batch):
+    from tad_torchtune.vocab import IdMerges
+
+    gemma = build_teacher("gemma2", seed=0)
+    with pytest.raises(ValueError, match=r"^teacher_id_merges: \{60: 1\} with a teacher that "
+                                         r"soft-caps its logits \(\d+(\.\d+)?\); accepted: a "
+                                         r"teacher without a logit soft-cap$"):
+        TeacherHead(gemma, vocab_size=VOCAB, merges=IdMerges((60,), (1,)))

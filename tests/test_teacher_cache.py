@@ -188,6 +188,12 @@ def test_a_teacher_is_its_weights_wherever_they_are(tmp_path):
     assert teacher_differences(made, run) == [  # a resumed tad_cache
         "teacher_model: {'_component_': 'big'}, the cache's teacher {'_component_': 'tiny'}",
         "dtype: 'bf16', the cache's teacher 'fp32'"]
+    merged = {**made, "teacher_id_merges": [[32000, 2]]}
+    assert teacher_differences(made, merged, TEACHER_WEIGHTS) == []
+    assert teacher_differences(made, merged) == [  # an earlier cache records no merges: none
+        "teacher_id_merges: [[32000, 2]], the cache's teacher None"]
+    assert teacher_differences(merged, {**made, "teacher_id_merges": None}) == [
+        "teacher_id_merges: None, the cache's teacher [[32000, 2]]"]
     assert teacher_differences(made, {**made, "checkpoint_files": {}}) == [
         "teacher_checkpointer.checkpoint_files: [], the cache's teacher ['model.safetensors']"]
     two = {"a.safetensors": {"size": 1, "sampled_sha256": "x"},

@@ -168,3 +168,116 @@ def test_the_phi3_teacher_and_llama2_student_tokenizers_split_alike(tmp_path):
     teacher, student = phi3_mini_tokenizer(shared), llama2_tokenizer(shared)
     warnings = tokenizer_warnings(teacher, student, 60, "truncate_teacher")
     assert [w.split(":")[1].strip()[:11] for w in warnings] == ["the teacher"], warnings
+
+
+def test_id_merges_add_the_teachers_probability_of_each_source_to_its_target():
+    """``IdMerges.align_``: the aligned teacher's softmax over the student's ids is the full
+    teacher's, each target's probability plus its sources', renormalised over what is kept
+    (the sources and the cut ids without a target leave): against float64 probabilities."""
+    from tad_torchtune.vocab import IdMerges
+
+    v_s, v_t = 20, 26
+    merges = IdMerges(sources=(20, 23, 21), targets=(2, 2, 5))
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randn(2, 3, v_t, generator=torch.Generator().manual_seed(0)) * 3
+        logits[..., 20] += 4.0  # a source with much of the mass
+        logits = logits.to(dtype)
+        p = torch.softmax(logits.double(), -1)
+        want = p[..., :v_s].clone()
+        want[..., 2] += p[..., 20] + p[..., 23]
+        want[..., 5] += p[..., 21]
+        want /= want.sum(-1, keepdim=True)
+        out = merges.align_(logits.clone(), v_s, "truncate_teacher")
+        assert out.shape == (2, 3, v_s) and out.dtype == dtype
+        got = torch.softmax(out.double(), -1)
+        tol = 1e-6 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * 1e-2)
+        # only the targets' columns change
+        same = [i for i in range(v_s) if i not in (2, 5)]
+        assert torch.equal(out[..., same], logits[..., same])
+    # a source at -inf (a masked id) leaves its target as it was
+    logits = torch.randn(4, v_t)
+    logits[:, [20, 21, 23]] = float("-inf")
+    out = merges.align_(logits.clone(), v_s, "truncate_teacher")
+    torch.testing.assert_close(out, logits[:, :v_s], rtol=0, atol=1e-6)
+    assert merges.as_config() == {20: 2, 23: 2, 21: 5}
+
+
+def test_merged_rows_fold_a_projection_as_align_folds_the_logits():
+    """``MergedRows.apply_`` on a chunk projected by the student's rows of the weight equals
+    ``align_`` of the full projection (the fused head's and the metrics' path, and the logits
+    path), with and without a bias."""
+    from tad_torchtune.vocab import IdMerges, MergedRows
+
+    g = torch.Generator().manual_seed(1)
+    h, w = torch.randn(7, 8, generator=g), torch.randn(26, 8, generator=g)
+    b = torch.randn(26, generator=g)
+    merges = IdMerges(sources=(25, 20), targets=(0, 19))
+    for bias in (None, b):
+        full = torch.nn.functional.linear(h, w, bias)
+        want = merges.align_(full.clone(), 20, "truncate_teacher")
+        rows = MergedRows(w[[25, 20]], None if bias is None else bias[[25, 20]], merges)
+        cut = torch.nn.functional.linear(h, w[:20], None if bias is None else bias[:20])
+        got = rows.apply_(cut, h)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("value,sizes,alignment,message", [
+    ({32000: 2}, (32000, 32000), "truncate_teacher",
+     "teacher_id_merges: {32000: 2} merges teacher ids past the student's vocabulary, but "
+     "vocab_alignment is 'truncate_teacher' with 32000 teacher ids and 32000 student ids; "
+     "accepted: vocab_alignment truncate_teacher and a larger teacher"),
+    ({32000: 2}, (32064, 32000), "exact",
+     "teacher_id_merges: {32000: 2} merges teacher ids past the student's vocabulary, but "
+     "vocab_alignment is 'exact' with 32064 teacher ids and 32000 student ids; accepted: "
+     "vocab_alignment truncate_teacher and a larger teacher"),
+    ({5: 2}, (32064, 32000), "truncate_teacher",
+     "teacher_id_merges.5: not past the student's 32000 ids within the teacher's 32064; "
+     "accepted: teacher ids from 32000 to 32063 (an id the student has keeps its own "
+     "probability)"),
+    ({32064: 2}, (32064, 32000), "truncate_teacher",
+     "teacher_id_merges.32064: not past the student's 32000 ids within the teacher's 32064; "
+     "accepted: teacher ids from 32000 to 32063 (an id the student has keeps its own "
+     "probability)"),
+    ({32000: 32000}, (32064, 32000), "truncate_teacher",
+     "teacher_id_merges.32000: 32000; accepted: a student id from 0 to 31999"),
+    ({32000: "2"}, (32064, 32000), "truncate_teacher",
+     "teacher_id_merges.32000: '2'; accepted: a student id from 0 to 31999"),
+    ({"eos": 2}, (32064, 32000), "truncate_teacher",
+     "teacher_id_merges: 'eos' is not a teacher id; accepted: integer ids from 32000 to 32063"),
+    ([32000, 2], (32064, 32000), "truncate_teacher",
+     "teacher_id_merges: must be a mapping {teacher_id: student_id}, got [32000, 2]"),
+])
+def test_teacher_id_merges_mistakes_are_one_line(value, sizes, alignment, message):
+    from tad_torchtune.vocab import check_teacher_id_merges
+
+    with pytest.raises(ValueError) as err:
+        check_teacher_id_merges(value, teacher_vocab_size=sizes[0], student_vocab_size=sizes[1],
+                                vocab_alignment=alignment)
+    assert str(err.value) == message
+
+
+def test_teacher_id_merges_read_from_a_config():
+    """Integer keys, and the string keys a JSON file or some CLIs give; empty or null: none."""
+    from tad_torchtune.vocab import IdMerges, check_teacher_id_merges
+
+    sizes = dict(teacher_vocab_size=32064, student_vocab_size=32000,
+                 vocab_alignment="truncate_teacher")
+    want = IdMerges(sources=(32000, 32007), targets=(2, 2))
+    assert check_teacher_id_merges({32000: 2, 32007: 2}, **sizes) == want
+    assert check_teacher_id_merges({"32000": 2, " 32007": 2}, **sizes) == want
+    assert check_teacher_id_merges(None, **sizes) is None
+    assert check_teacher_id_merges({}, **sizes) is None
+
+
+def test_a_merged_end_of_text_is_not_warned_about():
+    from tad_torchtune.vocab import IdMerges, tokenizer_warnings
+
+    (eos,) = tokenizer_warnings(_Splitter(32000), _Splitter(2), 32000, "truncate_teacher")
+    assert eos.endswith("teacher_id_merges '{32000: 2}' adds it to the student's end-of-text")
+    merged = IdMerges(sources=(32000,), targets=(2,))
+    assert tokenizer_warnings(_Splitter(32000), _Splitter(2), 32000, "truncate_teacher",
+                              merged) == []
+    other = IdMerges(sources=(32007,), targets=(2,))
+    assert len(tokenizer_warnings(_Splitter(32000), _Splitter(2), 32000, "truncate_teacher",
+                                  other)) == 1

@@ -64,6 +64,7 @@ from tad_torchtune.losses.engine import (
     row_layout,
     teacher_pass,
 )
+from tad_torchtune.vocab import MergedRows
 
 #: default ``teacher_cache_mib``: one 1024-token row of 32K-vocabulary float32 teacher logits, or
 #: 256 tokens of a 256K vocabulary in bf16; small next to the float32 ``[V, D]`` weight gradient.
@@ -319,8 +320,9 @@ class _ProjectedTeacher:
     between the two passes of a divergence with a ``top_k``."""
 
     def __init__(self, h: Tensor, w: Tensor, b: Tensor | None, plan: _Plan,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, merge: MergedRows | None = None) -> None:
         self.h, self.w, self.b, self.plan, self.dtype = h, w, b, plan, dtype
+        self.merge = merge
         self.tau = plan.divergence.temperature
         self.cache: dict[int, Tensor] = {}
         self.kept = 0  # projections kept by the current segment's teacher pass
@@ -348,7 +350,7 @@ class _ProjectedTeacher:
 
         def chunk_top(i: int, sl: slice) -> TopK:
             nonlocal budget
-            z = _project(self.h[seg][sl], self.w, self.b)
+            z = self.project(self.h[seg][sl])
             size = z.numel() * z.element_size()
             keep = size <= budget
             if keep:
@@ -367,7 +369,13 @@ class _ProjectedTeacher:
     def chunk(self, i: int, sl: slice) -> Tensor:
         """The teacher's projection of chunk ``i`` of the current segment, as scratch."""
         z = self.cache.pop(i, None)
-        return _project(self.h[sl], self.w, self.b) if z is None else z
+        return self.project(self.h[sl]) if z is None else z
+
+    def project(self, h: Tensor) -> Tensor:
+        """The teacher's logits of hidden states ``h`` ``[n, D_T]`` before the soft-cap, with
+        ``teacher_id_merges`` folded in."""
+        z = _project(h, self.w, self.b)
+        return z if self.merge is None else self.merge.apply_(z, h)
 
     def halves(self) -> bool:
         """Whether the chunk just taken runs in two halves. Its projection and the segment's
@@ -582,6 +590,7 @@ def fused_head(
     compute_ce: bool | None = None,
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
+    teacher_merge: MergedRows | None = None,
     document_ids: Tensor | None = None,
     ignore_index: int | None = None,
     chunk_size: int | None = None,
@@ -615,6 +624,9 @@ def fused_head(
         ce_weight, kd_weight: weights of the two sums in ``objective``.
         compute_ce: compute the CE sum (default: when ``ce_weight > 0``).
         student_softcap, teacher_softcap: logit soft-caps (``model.logit_softcap``) or None.
+        teacher_merge: the teacher's output-projection rows of ``teacher_id_merges``
+            (``tad_torchtune.vocab.MergedRows``), folded into each teacher projection before
+            anything reads it (not with a ``teacher_softcap``), or None.
         document_ids: ``[B, T]`` document of each token within its row, for divergences whose
             row statistics can be per document (TAD with ``abar_scope="document"``).
         ignore_index: label of ignored tokens without a divergence (default -100).
@@ -667,6 +679,9 @@ def fused_head(
                 f"{student_weight.shape[0]}: align a larger teacher vocabulary first "
                 f"(tad_torchtune.vocab.align_teacher_vocab)")
         sides.append(("teacher", teacher_hidden, teacher_weight, teacher_bias))
+        if teacher_merge is not None and teacher_softcap is not None:
+            raise ValueError("teacher_merge: merging is defined on logits without a soft-cap; "
+                             f"got teacher_softcap={teacher_softcap}")
     for name, h, w, b in sides:
         if w.dim() != 2 or w.shape[1] != h.shape[-1]:
             raise ValueError(
@@ -704,7 +719,8 @@ def fused_head(
         w_t = full_tensor(teacher_weight).detach()
         b_t = None if teacher_bias is None else full_tensor(teacher_bias).detach()
         h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])  # (N, D_T)
-        teacher = _ProjectedTeacher(h_t, w_t, b_t, plan, compute_dtype(h_t.dtype))
+        teacher = _ProjectedTeacher(h_t, w_t, b_t, plan, compute_dtype(h_t.dtype),
+                                    teacher_merge)
     groups = None if document_ids is None else document_ids.reshape(-1)
     objective, num_tokens, ce, kd, *stats = _apply(h_s, w_s, b_s, y, plan, teacher, groups)
     kd_out = None

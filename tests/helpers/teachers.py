@@ -332,6 +332,11 @@ def shrink_config(cfg, shrink: int | None = SHRINK):
     else:
         s_shrink = shrink or largest_shrink(resolve_teacher(student)[1])
         cfg.student_model = shrink_node(student, s_shrink)
+    merges = cfg.get("teacher_id_merges")
+    if merges:  # the teacher's ids past the student's, at the same offsets past the tiny one's
+        real = teacher_kwargs["vocab_size"] if pruned else \
+            resolve_teacher(OmegaConf.create(OmegaConf.to_container(student)))[1]["vocab_size"]
+        cfg.teacher_id_merges = {tiny_vocab(real) + int(k) - real: v for k, v in merges.items()}
     return cfg
 
 

@@ -1438,3 +1438,73 @@ def test_an_error_of_rank_0_alone_is_one_line(assets, tmp_path):
         tune.base_config(assets, out, batch_size=4), tmp_path,
         f"output_dir: {str(out / 'student')!r} is a file; it must be the student's export "
         "folder or not exist")
+
+
+def _padded_teacher(assets, folder: Path, extra: int, boosted: dict[int, float]) -> Path:
+    """A copy of the assets' teacher with ``extra`` output rows past its vocabulary (a padded
+    table, as Phi-3's 32064 rows beside Llama-2's 32000), some ``boosted`` to hold mass."""
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir()
+    weights = load_file(assets["teacher"] / "model.safetensors")
+    g = torch.Generator().manual_seed(3)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        if key in weights:
+            rows = torch.randn(extra, weights[key].shape[1], generator=g) * 0.05
+            weights[key] = torch.cat([weights[key], rows])
+    for row, scale in boosted.items():
+        weights["lm_head.weight"][row] = weights["lm_head.weight"][row % 7] * scale
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    hf = json.loads((assets["teacher"] / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**hf, "vocab_size": hf["vocab_size"] + extra}))
+    return folder
+
+
+def test_merged_teacher_ids_train_the_same_fused_and_unfused(assets, tmp_path, capsys,
+                                                             monkeypatch):
+    """``teacher_id_merges`` in ``tad_distill``: a padded teacher's merged ids reach the
+    fused and the unfused head alike (the same first step), and change the divergence against
+    the cut alone; a cache made with them records them, and a run reading it with other merges
+    says so in one line."""
+    from tests.helpers.tune import TEACHER, VOCAB
+
+    padded = _padded_teacher(assets, tmp_path / "padded", 8, {VOCAB + 1: 8.0, VOCAB + 5: 8.0})
+    merges = {VOCAB + 1: 3, VOCAB + 5: 3}
+
+    def first_step(name, **overrides):
+        cfg = tune.base_config(assets, tmp_path / name, max_steps=1, validation_dataset=None,
+                               export_hf=False, vocab_alignment="truncate_teacher",
+                               **overrides)
+        cfg["teacher_model"] = {**TEACHER, "vocab_size": VOCAB + 8}
+        cfg["teacher_checkpointer"]["checkpoint_dir"] = str(padded)
+        cfg["student_model"] = {**TEACHER, "num_layers": 1}  # the student's VOCAB ids
+        recipe = _recipe(cfg)
+        recipe.train()
+        return next(r for r in tune.read_metrics(tmp_path / name) if "loss" in r)
+
+    unfused = first_step("unfused", teacher_id_merges=merges)
+    fused = first_step("fused", teacher_id_merges=merges, fused=True)
+    cut = first_step("cut")
+    for key in ("loss", "kd_loss", "kd/dkl1", "kd/dkl2", "ce"):
+        assert fused[key] == pytest.approx(unfused[key], rel=1e-5), key
+    assert abs(unfused["kd_loss"] - cut["kd_loss"]) > 0.01 * cut["kd_loss"]
+
+    from tad_torchtune.teacher_cache import TeacherCache
+
+    cfg = tune.base_config(assets, tmp_path / "cache_run", max_steps=1, validation_dataset=None,
+                           vocab_alignment="truncate_teacher", teacher_id_merges=merges,
+                           teacher_cache_dir=str(tmp_path / "cache"), cache_mode="top_m")
+    cfg["teacher_model"] = {**TEACHER, "vocab_size": VOCAB + 8}
+    cfg["teacher_checkpointer"]["checkpoint_dir"] = str(padded)
+    cfg["student_model"] = {**TEACHER, "num_layers": 1}
+    cfg["dataset"]["max_blocks"] = 8
+    path = tune.write_config(cfg, tmp_path / "cache.yaml")
+    tune.run_in_process("tad_cache", ["--config", str(path)], monkeypatch)
+    assert TeacherCache(tmp_path / "cache").teacher_id_merges == merges
+    capsys.readouterr()
+    cfg.pop("teacher_id_merges")
+    _recipe(cfg)
+    assert [line for line in capsys.readouterr().err.splitlines() if "teacher_id_merges" in line] \
+        == [f"tad_distill: warning: teacher_id_merges: None, the teacher cache's {merges!r}: "
+            f"training reads the cache's teacher as it was made, validation's live teacher "
+            f"merges as this config says"]

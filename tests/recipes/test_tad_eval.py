@@ -119,6 +119,7 @@ def test_tad_eval_end_to_end(tmp_path):
     # what made it: the settings that change the figures, the data's fingerprint, versions
     assert report["settings"] == {
         "dtype": "fp32", "device": "cpu", "document_mask": False, "vocab_alignment": "exact",
+        "teacher_id_merges": None,
         "batch_size": 3, "max_batches": None, "chunk_size": 1024, "num_bins": 10,
         "tail_ks": [1, 2, 5, 10, 20, 50], "seed": 0}
     assert report["dataset_fingerprint"] == blocks.fingerprint
@@ -334,6 +335,55 @@ def test_a_truncated_teacher_s_own_metrics_are_of_the_truncated_distribution(tmp
     for k, v in small["teacher"]["tail_mass"].items():
         assert padded["teacher"]["tail_mass"][k] == pytest.approx(v, rel=1e-5), k
     assert padded["students"]["s"]["kl"] == pytest.approx(small["students"]["s"]["kl"], rel=1e-5)
+
+
+@pytest.mark.skipif(not (DEMO / "tokenizer.json").is_file(), reason="demo tokenizer not built")
+def test_merged_teacher_ids_are_scored_as_added_probabilities(tmp_path, monkeypatch):
+    """``teacher_id_merges``: the teacher's padded ids' probabilities are added to their
+    targets' before the cut, for its own metrics and the students' KL, against transformers'
+    logits of the padded teacher merged by hand; the setting is recorded."""
+    from safetensors.torch import load_file, save_file
+
+    small = save_hf_llama(tmp_path / "teacher", seed=0)  # 2048 ids
+    padded = tmp_path / "padded"
+    padded.mkdir()
+    weights = load_file(small / "model.safetensors")
+    g = torch.Generator().manual_seed(1)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):  # 64 ids more
+        weights[key] = torch.cat([weights[key], torch.randn(64, 32, generator=g)])
+    merges = {2048: 5, 2050: 5, 2060: 17}
+    weights["lm_head.weight"][list(merges)] *= 6.0  # ids with much of the mass
+    save_file(weights, padded / "model.safetensors", metadata={"format": "pt"})
+    hf = json.loads((small / "config.json").read_text())
+    (padded / "config.json").write_text(json.dumps({**hf, "vocab_size": 2112}))
+    student = save_hf_llama(tmp_path / "student", seed=2)
+    data = write_corpus(tmp_path / "held_out.jsonl")
+    cfg = write_config(
+        tmp_path / "merged.yaml", output_dir=str(tmp_path / "merged"), tokenizer=tokenizer_cfg(),
+        dataset=held_out_dataset(data), teacher={"checkpoint_dir": str(padded)},
+        students={"s": {"checkpoint_dir": str(student)}}, vocab_alignment="truncate_teacher",
+        teacher_id_merges=merges)
+    tune.run_in_process("tad_eval", ["--config", str(cfg)], monkeypatch)
+    report = json.loads((tmp_path / "merged" / "eval.json").read_text())
+
+    blocks = held_out_blocks(data)
+    x = torch.stack([blocks[i]["tokens"] for i in range(len(blocks))])
+    with torch.no_grad():
+        lt = transformers.LlamaForCausalLM.from_pretrained(padded).eval()(x).logits[:, :-1]
+        ls = transformers.LlamaForCausalLM.from_pretrained(student).eval()(x).logits[:, :-1]
+    p_full = lt.double().softmax(-1)
+    p = p_full[..., :2048].clone()
+    for source, target in merges.items():
+        p[..., target] += p_full[..., source]
+    assert float(p_full[..., list(merges)].sum(-1).mean()) > 0.05  # the merges matter
+    p /= p.sum(-1, keepdim=True)
+    log_q = ls.double().log_softmax(-1)
+    y = x[:, 1:]
+    ce_t = -p.log().gather(-1, y.unsqueeze(-1)).mean().item()
+    kl = (p * (p.log() - log_q)).sum(-1).mean().item()
+    assert report["teacher"]["ce"] == pytest.approx(ce_t, rel=1e-4)
+    assert report["students"]["s"]["kl"] == pytest.approx(kl, rel=1e-4)
+    assert report["settings"]["teacher_id_merges"] == {str(k): v for k, v in merges.items()}
 
 
 def test_the_summary_table_keeps_its_columns_apart():
