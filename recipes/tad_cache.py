@@ -46,7 +46,7 @@ from tad_torchtune.hardware import warn_if_slow_bf16
 from tad_torchtune.head import TeacherHead
 from tad_torchtune.losses import CacheSpec, DivergenceUse
 from tad_torchtune.losses.cached import teacher_sampled, teacher_top_m
-from tad_torchtune.models import output_weight, supports_flex_attention
+from tad_torchtune.models import supports_flex_attention
 from tad_torchtune.models.loading import (
     check_model_fits_checkpoint,
     checkpoint_state,
@@ -132,9 +132,14 @@ class TADCacheRecipe:
                                    f"cache_top_m={self._top_m}")
             instantiate_loss(cfg, "kd_loss", "tad_cache", warn=False).check(DivergenceUse(
                 vocab_size=self._vocab, cache=spec, prog="tad_cache"))
-        teacher_len = check_model_fits_checkpoint(
+        teacher_kwargs = check_model_fits_checkpoint(
             cfg.teacher_model, cfg.teacher_checkpointer, model_key="teacher_model",
-            checkpointer_key="teacher_checkpointer").get("max_seq_len")
+            checkpointer_key="teacher_checkpointer")
+        teacher_len = teacher_kwargs.get("max_seq_len")
+        merges = check_teacher_id_merges(  # before any weight is read
+            DISTILL.get(cfg, "teacher_id_merges"),
+            teacher_vocab_size=teacher_kwargs.get("vocab_size", 0),
+            student_vocab_size=self._vocab, vocab_alignment=self._vocab_alignment)
         if teacher_len is not None:
             check_row_length(dataset, "dataset", tokenizer, teacher_len)
         # built on the meta device and sharded there: a rank loads only its shards, which
@@ -146,10 +151,6 @@ class TADCacheRecipe:
                                prepare=partial(parallelize, fsdp=self._world > 1))
         del state
         self._flex_attention = supports_flex_attention(self._device, teacher)
-        merges = check_teacher_id_merges(
-            DISTILL.get(cfg, "teacher_id_merges"),
-            teacher_vocab_size=output_weight(teacher).shape[0], student_vocab_size=self._vocab,
-            vocab_alignment=self._vocab_alignment)
         self._teacher = TeacherHead(teacher, vocab_size=self._vocab,
                                     vocab_alignment=self._vocab_alignment, merges=merges)
         self._cache = TeacherCache.create(

@@ -323,10 +323,19 @@ class TADDistillRecipe:
         teacher_kwargs = check_model_fits_checkpoint(
             cfg.teacher_model, cfg.teacher_checkpointer, model_key="teacher_model",
             checkpointer_key="teacher_checkpointer")
-        if self._teacher_cache is not None:  # its checkpoint files checked: the cache's?
-            self._teacher_cache.check_teacher(teacher_identity(cfg))
         self._student_vocab, student_layers, student_len, student_width = sizes_of(
             cfg.student_model)
+        # before any weight is read, and before the cache's teacher identity records them
+        self._merges = check_teacher_id_merges(
+            self._id_merges, teacher_vocab_size=teacher_kwargs.get("vocab_size", 0),
+            student_vocab_size=self._student_vocab, vocab_alignment=self._vocab_alignment)
+        if self._teacher_cache is not None:  # its checkpoint files checked: the cache's?
+            self._teacher_cache.check_teacher(teacher_identity(cfg))
+            made = self._teacher_cache.teacher_id_merges
+            if made != (self._merges.as_config() if self._merges else None):
+                self._warn(f"teacher_id_merges: {self._id_merges!r}, the teacher "
+                           f"cache's {made!r}: training reads the cache's teacher as it was "
+                           f"made, validation's live teacher merges as this config says")
         # rows longer than either model's RoPE tables cannot run (checked per batch too)
         self._max_seq_len = min(n for n in (student_len, teacher_kwargs.get("max_seq_len"))
                                 if n is not None)
@@ -415,15 +424,6 @@ class TADDistillRecipe:
             teacher_tokenizer=teacher_tokenizer,
             student_tokenizer=self._tokenizer if teacher_tokenizer is not None else None,
         )
-        self._merges = check_teacher_id_merges(
-            self._id_merges, teacher_vocab_size=teacher_vocab,
-            student_vocab_size=self._student_vocab, vocab_alignment=self._vocab_alignment)
-        if self._teacher_cache is not None:
-            made = self._teacher_cache.teacher_id_merges
-            if made != (self._merges.as_config() if self._merges else None):
-                self._warn(f"teacher_id_merges: {self._id_merges!r}, the teacher "
-                           f"cache's {made!r}: training reads the cache's teacher as it was "
-                           f"made, validation's live teacher merges as this config says")
         if teacher_tokenizer is not None:
             for line in tokenizer_warnings(teacher_tokenizer, self._tokenizer,
                                            self._student_vocab, self._vocab_alignment,

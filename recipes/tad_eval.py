@@ -52,7 +52,12 @@ from tad_torchtune.models import (
 from tad_torchtune.models.loading import check_hf_folder, load_hf_folder
 from tad_torchtune.parallel import require_one_process
 from tad_torchtune.schema import EVAL, resolve_config_argv, resolve_package_paths
-from tad_torchtune.vocab import align_teacher_vocab, check_teacher_id_merges, check_vocab_compat
+from tad_torchtune.vocab import (
+    align_teacher_vocab,
+    check_merges_softcap,
+    check_teacher_id_merges,
+    check_vocab_compat,
+)
 
 #: the keys ``eval.json`` records under ``settings``: those that change its figures
 _SETTINGS = ("dtype", "device", "document_mask", "vocab_alignment", "teacher_id_merges",
@@ -110,10 +115,14 @@ class TADEvalRecipe:
         # every folder checked before any model loads: a wrong last student costs no loading;
         # rows longer than a model built from its config.json takes, too
         folders = {"teacher": cfg.teacher} | {f"students.{n}": s for n, s in cfg.students.items()}
+        vocabs = {}
         for where, spec in folders.items():
             _, hf, _ = check_hf_folder(spec, where=where)
+            vocabs[where] = hf.get("vocab_size")
             if spec.get("model") is None and hf.get("max_position_embeddings"):
                 check_row_length(dataset, "dataset", tokenizer, hf["max_position_embeddings"])
+        if None not in vocabs.values():  # the merges' ids, before any model loads
+            self._check_merges(cfg, vocabs.pop("teacher"), vocabs)
         self._teacher = load_hf_folder(cfg.teacher, where="teacher", device=self._device,
                                        dtype=self._dtype)
         self._students = {
@@ -133,24 +142,9 @@ class TADEvalRecipe:
         # the students' vocabulary: that of the teacher's distribution (truncate_teacher cuts
         # its logits to it before any softmax, for its own metrics too)
         self._vocab_size = min(output_weight(m).shape[0] for m in models)
-        try:
-            self._merges = check_teacher_id_merges(
-                EVAL.get(cfg, "teacher_id_merges"), teacher_vocab_size=teacher_vocab,
-                student_vocab_size=self._vocab_size, vocab_alignment=self._vocab_alignment)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        if self._merges is not None:
-            other = {n: output_weight(m).shape[0] for n, m in self._students.items()
-                     if output_weight(m).shape[0] != self._vocab_size}
-            if other:
-                name, size = next(iter(other.items()))
-                raise ConfigError(f"teacher_id_merges: students.{name} has {size} ids, the "
-                                  f"others {self._vocab_size}; accepted: students of one "
-                                  f"vocabulary, the one the merges are into")
-            if logit_softcap(self._teacher) is not None:
-                raise ConfigError(f"teacher_id_merges: {self._merges.as_config()!r} with a "
-                                  f"teacher that soft-caps its logits; accepted: a teacher "
-                                  f"without a logit soft-cap")
+        self._check_merges(cfg, teacher_vocab, {f"students.{name}": output_weight(m).shape[0]
+                                                for name, m in self._students.items()})
+        check_merges_softcap(self._merges, logit_softcap(self._teacher))
         if self._tail_ks[-1] >= self._vocab_size:
             raise ConfigError(f"tail_ks: {self._tail_ks[-1]} is not below the vocabulary of "
                               f"{self._vocab_size} ids; accepted: integers from 1 to "
@@ -162,6 +156,20 @@ class TADEvalRecipe:
         self._paths = {"teacher": str(cfg.teacher.checkpoint_dir)} | {
             f"students.{name}": str(spec.checkpoint_dir) for name, spec in cfg.students.items()
         }
+
+    def _check_merges(self, cfg: DictConfig, teacher_vocab: int, students: dict[str, int]
+                      ) -> None:
+        """``teacher_id_merges`` against the teacher's vocabulary and the students' (one
+        vocabulary, the one the merges are into), as ``self._merges``."""
+        self._merges = check_teacher_id_merges(
+            EVAL.get(cfg, "teacher_id_merges"), teacher_vocab_size=teacher_vocab,
+            student_vocab_size=min(students.values()), vocab_alignment=self._vocab_alignment)
+        other = {n: v for n, v in students.items() if v != min(students.values())}
+        if self._merges is not None and other:
+            name, size = next(iter(other.items()))
+            raise ConfigError(f"teacher_id_merges: {name} has {size} ids, the others "
+                              f"{min(students.values())}; accepted: students of one "
+                              f"vocabulary, the one the merges are into")
 
     def _batches(self):
         n = len(self._dataset)

@@ -37,7 +37,13 @@ from tad_torchtune.models import (
     output_weight,
     project_logits,
 )
-from tad_torchtune.vocab import IdMerges, MergedRows, align_teacher_vocab, check_vocab_alignment
+from tad_torchtune.vocab import (
+    IdMerges,
+    MergedRows,
+    align_teacher_vocab,
+    check_merges_softcap,
+    check_vocab_alignment,
+)
 
 
 @dataclass
@@ -90,10 +96,7 @@ class TeacherHead:
         self.hidden_layers = tuple(hidden_layers)
         self.softcap = logit_softcap(model)
         self.merges = merges
-        if merges is not None and self.softcap is not None:
-            raise ValueError(f"teacher_id_merges: {merges.as_config()!r} with a teacher that "
-                             f"soft-caps its logits ({self.softcap}); accepted: a teacher "
-                             f"without a logit soft-cap")
+        check_merges_softcap(merges, self.softcap)
 
     def _aligned(self, x: Tensor) -> Tensor:
         return align_teacher_vocab(x, self.vocab_size, self.vocab_alignment)

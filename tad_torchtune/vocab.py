@@ -80,8 +80,10 @@ class IdMerges:
     merged into a student id (``targets``, one per source): the teacher's probability of a
     target becomes its own plus its sources', ``p'_j = p_j + sum_{s -> j} p_s``, i.e. its logit
     becomes the log-sum-exp of its and its sources' logits, before ``truncate_teacher`` cuts the
-    sources away (``docs/design.md``, "Vocabularies"). On logits without a soft-cap, before any
-    temperature."""
+    sources away (``docs/design.md``, "Vocabularies"). On logits without a soft-cap; the result
+    is the teacher's logits over the student's ids, which a divergence then divides by its
+    temperature like any teacher's: at a temperature T other than 1 a target's tempered
+    probability is ``(p_j + sum p_s)^(1/T)`` normalised, not the tempered teacher's merged."""
 
     sources: tuple[int, ...]
     targets: tuple[int, ...]
@@ -127,6 +129,19 @@ class MergedRows(NamedTuple):
         return self.ids.fold_(aligned, source_logits)
 
 
+def check_merges_softcap(merges: IdMerges | None, softcap: float | None) -> None:
+    """Refuse merges with a teacher that soft-caps its logits (Gemma2's): a head projecting
+    chunks merges before the cap, the model's logits after it.
+
+    Raises:
+        ValueError: ``teacher_id_merges: ...``.
+    """
+    if merges is not None and softcap is not None:
+        raise ValueError(f"teacher_id_merges: {merges.as_config()!r} with a teacher that "
+                         f"soft-caps its logits ({softcap}); accepted: a teacher without a "
+                         f"logit soft-cap")
+
+
 def check_teacher_id_merges(value: Mapping[Any, Any] | None, *, teacher_vocab_size: int,
                             student_vocab_size: int, vocab_alignment: str,
                             key: str = "teacher_id_merges") -> IdMerges | None:
@@ -155,6 +170,9 @@ def check_teacher_id_merges(value: Mapping[Any, Any] | None, *, teacher_vocab_si
         if source is None or str(source) != str(raw).strip():
             raise ValueError(f"{key}: {raw!r} is not a teacher id; accepted: integer ids from "
                              f"{student_vocab_size} to {teacher_vocab_size - 1}")
+        if source in sources:
+            raise ValueError(f"{key}.{source}: listed twice ({list(value)!r}); accepted: each "
+                             f"teacher id once")
         if not student_vocab_size <= source < teacher_vocab_size:
             raise ValueError(f"{key}.{source}: not past the student's {student_vocab_size} ids "
                              f"within the teacher's {teacher_vocab_size}; accepted: teacher ids "
@@ -353,4 +371,9 @@ def tokenizer_warnings(teacher_tokenizer: Any, student_tokenizer: Any, student_v
             f"the student's end-of-text ({student_eos}) the teacher's end-of-text mass is cut "
             f"away and its other ids are renormalised; teacher_id_merges "
             f"'{{{teacher_eos}: {student_eos}}}' adds it to the student's end-of-text")
+    target = dict(zip(merges.sources, merges.targets)).get(teacher_eos) if merges else None
+    if target is not None and student_eos is not None and target != student_eos:
+        out.append(
+            f"teacher_id_merges: the teacher's end-of-text {teacher_eos} is merged into id "
+            f"{target}, not the student's end-of-text {student_eos}")
     return out

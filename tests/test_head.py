@@ -260,3 +260,22 @@ def test_merges_are_refused_with_a_soft_capping_teacher(batch):
                                          r"soft-caps its logits \(\d+(\.\d+)?\); accepted: a "
                                          r"teacher without a logit soft-cap$"):
         TeacherHead(gemma, vocab_size=VOCAB, merges=IdMerges((60,), (1,)))
+
+
+def test_merged_bf16_metrics_are_the_same_from_hidden_states_and_from_logits(models, batch,
+                                                                          merging):
+    """In bf16 the merged target logit is rounded to bf16 on every path: the fused
+    evaluation (from hidden states) gives the unfused one's figures."""
+    _, student = models
+    teacher, ids, _, _ = merging
+    teacher, student = copy.deepcopy(teacher).bfloat16(), copy.deepcopy(student).bfloat16()
+    figures = []
+    for fused in (False, True):
+        head = StudentHead(student, kd_loss=TADLoss(k=K), fused=fused, chunk_size=16)
+        out = TeacherHead(teacher, vocab_size=VOCAB, vocab_alignment="truncate_teacher",
+                          merges=ids)(batch, logits=not fused)
+        metrics = head.new_metrics(num_bins=10)
+        head.evaluate(batch, out, metrics)
+        figures.append(metrics.compute())
+    for key in ("kl", "ce", "top1_agreement"):
+        assert figures[1][key] == pytest.approx(figures[0][key], rel=1e-6, abs=1e-9), key

@@ -247,6 +247,8 @@ def test_merged_rows_fold_a_projection_as_align_folds_the_logits():
      "teacher_id_merges: 'eos' is not a teacher id; accepted: integer ids from 32000 to 32063"),
     ([32000, 2], (32064, 32000), "truncate_teacher",
      "teacher_id_merges: must be a mapping {teacher_id: student_id}, got [32000, 2]"),
+    ({32000: 2, " 32000": 2}, (32064, 32000), "truncate_teacher",  # its mass would count twice
+     "teacher_id_merges.32000: listed twice ([32000, ' 32000']); accepted: each teacher id once"),
 ])
 def test_teacher_id_merges_mistakes_are_one_line(value, sizes, alignment, message):
     from tad_torchtune.vocab import check_teacher_id_merges
@@ -281,3 +283,8 @@ def test_a_merged_end_of_text_is_not_warned_about():
     other = IdMerges(sources=(32007,), targets=(2,))
     assert len(tokenizer_warnings(_Splitter(32000), _Splitter(2), 32000, "truncate_teacher",
                                   other)) == 1
+    elsewhere = IdMerges(sources=(32000,), targets=(5,))
+    assert tokenizer_warnings(_Splitter(32000), _Splitter(2), 32000, "truncate_teacher",
+                              elsewhere) == [
+        "teacher_id_merges: the teacher's end-of-text 32000 is merged into id 5, not the "
+        "student's end-of-text 2"]

@@ -719,6 +719,10 @@ def fused_head(
         w_t = full_tensor(teacher_weight).detach()
         b_t = None if teacher_bias is None else full_tensor(teacher_bias).detach()
         h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])  # (N, D_T)
+        if teacher_merge is not None:
+            teacher_merge = teacher_merge._replace(
+                weight=full_tensor(teacher_merge.weight).detach(),
+                bias=None if teacher_merge.bias is None else full_tensor(teacher_merge.bias).detach())
         teacher = _ProjectedTeacher(h_t, w_t, b_t, plan, compute_dtype(h_t.dtype),
                                     teacher_merge)
     groups = None if document_ids is None else document_ids.reshape(-1)

@@ -359,6 +359,7 @@ def register_family(family: ModelFamily) -> None:
     """Make ``family`` available to students, export, evaluation and the recipes (replaces a
     family of the same name)."""
     FAMILIES[family.name] = family
+    _FOLDER_FAMILIES.clear()  # a folder's family may be this one now
 
 
 def get_family(name: str) -> ModelFamily:
@@ -452,8 +453,8 @@ def _resolve_folder(node: dict[str, Any]) -> tuple[ModelFamily, dict[str, Any]]:
                          f"tad_torchtune.models.hf_decoder; accepted: checkpoint_dir (a Hugging "
                          f"Face checkpoint folder), max_seq_len (default: its config.json's "
                          f"max_position_embeddings)")
-    max_seq_len = check_max_seq_len(node.get("max_seq_len"))
     hf = read_folder_config(node["checkpoint_dir"], "")[1]
+    max_seq_len = check_max_seq_len(node.get("max_seq_len"), hf)
     memo = json.dumps(hf, sort_keys=True)
     if memo not in _FOLDER_FAMILIES:  # a set-up resolves the same folder several times
         with torch.device("meta"):
@@ -470,18 +471,23 @@ HF_DECODER_ARGS = ("checkpoint_dir", "max_seq_len")
 _FOLDER_FAMILIES: dict[str, tuple[ModelFamily, dict[str, Any]]] = {}
 
 
-def check_max_seq_len(value: Any) -> int | None:
-    """``hf_decoder``'s ``max_seq_len``: None, or a positive int.
+def check_max_seq_len(value: Any, hf: Mapping[str, Any]) -> int | None:
+    """``hf_decoder``'s ``max_seq_len``: None, or a positive int at most ``config.json``'s
+    ``max_position_embeddings`` (``hf``; a longer one would run RoPE past what the model was
+    trained on).
 
     Raises:
         ValueError: ``max_seq_len: ...``.
     """
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"max_seq_len: {value!r}; accepted: a positive integer (the longest "
-                         f"sequence the model takes, its RoPE table's length), or null for its "
-                         f"config.json's max_position_embeddings")
+    longest = hf.get("max_position_embeddings")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or \
+            (longest is not None and value > longest):
+        upto = f" up to its config.json's max_position_embeddings {longest}" if longest else ""
+        raise ValueError(f"max_seq_len: {value!r}; accepted: a positive integer{upto} (the "
+                         f"longest sequence the model takes, its RoPE table's length), or null "
+                         f"for its config.json's max_position_embeddings")
     return value
 
 

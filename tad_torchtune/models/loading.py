@@ -500,8 +500,8 @@ def hf_decoder(checkpoint_dir: str, max_seq_len: int | None = None) -> nn.Module
     Raises:
         ValueError: ``max_seq_len: ...`` or ``model.checkpoint_dir: ...``.
     """
-    max_seq_len = check_max_seq_len(max_seq_len)
     _, hf = read_folder_config(checkpoint_dir, "model")
+    max_seq_len = check_max_seq_len(max_seq_len, hf)
     shape = {**hf, "max_position_embeddings": max_seq_len} if max_seq_len else hf
     model = model_from_hf_config(shape, where="model.checkpoint_dir")[0]
     model.source_hf_config = hf

@@ -171,11 +171,14 @@ def test_an_hf_folder_teacher_s_mistakes_are_one_line_naming_the_key(tmp_path):
         "teacher_model.checkpoint_dir: missing in tad_torchtune.models.hf_decoder; accepted: "
         "checkpoint_dir (a Hugging Face checkpoint folder), max_seq_len (default: its "
         "config.json's max_position_embeddings)")
-    for bad in (0, -5, 2.5, "1024", True):
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 4096}))
+    for bad in (0, -5, 2.5, "1024", True, 4097):
         assert error({"checkpoint_dir": str(tmp_path), "max_seq_len": bad}) == (
-            f"teacher_model.max_seq_len: {bad!r}; accepted: a positive integer (the longest "
-            f"sequence the model takes, its RoPE table's length), or null for its "
-            f"config.json's max_position_embeddings")
+            f"teacher_model.max_seq_len: {bad!r}; accepted: a positive integer up to its "
+            f"config.json's max_position_embeddings 4096 (the longest sequence the model "
+            f"takes, its RoPE table's length), or null for its config.json's "
+            f"max_position_embeddings")
+    (tmp_path / "config.json").unlink()
     assert error({"checkpoint_dir": str(tmp_path)}) == (
         f"teacher_model.checkpoint_dir: {str(tmp_path)!r} has no config.json; accepted: a "
         f"Hugging Face checkpoint folder")
@@ -221,3 +224,22 @@ def test_an_hf_folder_model_takes_a_shorter_max_seq_len(tmp_path):
                                                       "max_position_embeddings": 32}))
     kwargs = resolve_teacher(node)[1]
     assert (kwargs["num_layers"], kwargs["max_seq_len"]) == (1, 32)
+
+
+def test_a_registered_family_replaces_a_folder_s_memoised_one(tmp_path):
+    """``register_family`` of a family of the same name: an ``hf_decoder`` node resolves to
+    the new one, as a builder node does (the folder memo is cleared)."""
+    import dataclasses
+
+    from tad_torchtune.models import get_family, register_family, resolve_teacher
+
+    (tmp_path / "config.json").write_text(json.dumps(hf_config("qwen2")))
+    node = {"_component_": HF_DECODER, "checkpoint_dir": str(tmp_path)}
+    old = resolve_teacher(node)[0]
+    new = dataclasses.replace(old)
+    try:
+        register_family(new)
+        assert resolve_teacher(node)[0] is new is get_family(old.name)
+    finally:
+        register_family(old)
+    assert resolve_teacher(node)[0] is old

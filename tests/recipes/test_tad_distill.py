@@ -1508,3 +1508,17 @@ def test_merged_teacher_ids_train_the_same_fused_and_unfused(assets, tmp_path, c
         == [f"tad_distill: warning: teacher_id_merges: None, the teacher cache's {merges!r}: "
             f"training reads the cache's teacher as it was made, validation's live teacher "
             f"merges as this config says"]
+
+    # a mistake in the merges is one line naming the key, before any weight is read
+    import tad_distill
+
+    def read(*args, **kwargs):
+        raise AssertionError("a checkpoint was read before the config was checked")
+
+    monkeypatch.setattr(tad_distill, "checkpoint_state", read)
+    for merges, message in (({"eos": 3}, "teacher_id_merges: 'eos' is not a teacher id"),
+                            ({VOCAB + 1: VOCAB}, f"teacher_id_merges.{VOCAB + 1}: {VOCAB}; "
+                                                 f"accepted: a student id from 0 to {VOCAB - 1}")):
+        with pytest.raises(ValueError) as err:
+            _recipe({**cfg, "teacher_id_merges": merges})
+        assert str(err.value).startswith(message)

@@ -338,7 +338,8 @@ def test_a_truncated_teacher_s_own_metrics_are_of_the_truncated_distribution(tmp
 
 
 @pytest.mark.skipif(not (DEMO / "tokenizer.json").is_file(), reason="demo tokenizer not built")
-def test_merged_teacher_ids_are_scored_as_added_probabilities(tmp_path, monkeypatch):
+def test_merged_teacher_ids_are_scored_as_added_probabilities(tmp_path, monkeypatch,
+                                                              capsys):
     """``teacher_id_merges``: the teacher's padded ids' probabilities are added to their
     targets' before the cut, for its own metrics and the students' KL, against transformers'
     logits of the padded teacher merged by hand; the setting is recorded."""
@@ -384,6 +385,26 @@ def test_merged_teacher_ids_are_scored_as_added_probabilities(tmp_path, monkeypa
     assert report["teacher"]["ce"] == pytest.approx(ce_t, rel=1e-4)
     assert report["students"]["s"]["kl"] == pytest.approx(kl, rel=1e-4)
     assert report["settings"]["teacher_id_merges"] == {str(k): v for k, v in merges.items()}
+
+    # a mistake is one line naming the key, before any model loads
+    import tad_eval
+
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    monkeypatch.setattr(tad_eval, "load_hf_folder", load)
+    bad = write_config(
+        tmp_path / "bad.yaml", output_dir=str(tmp_path / "bad"), tokenizer=tokenizer_cfg(),
+        dataset=held_out_dataset(data), teacher={"checkpoint_dir": str(padded)},
+        students={"s": {"checkpoint_dir": str(student)}}, vocab_alignment="truncate_teacher",
+        teacher_id_merges={5: 2})
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        tune.run_in_process("tad_eval", ["--config", str(bad)], monkeypatch)
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "tad_eval: error: teacher_id_merges.5: not past the student's 2048 ids within the "
+        "teacher's 2112; accepted: teacher ids from 2048 to 2111 (an id the student has keeps "
+        "its own probability)")
 
 
 def test_the_summary_table_keeps_its_columns_apart():
