@@ -138,7 +138,8 @@ def changed_settings(then: dict[str, Any], now: dict[str, Any], step: int) -> li
     """What a resume at ``step`` does with settings that differ from the checkpoint's run, one
     line each: the optimizer's state (its learning rate and hyperparameters) and the scheduler's
     are the checkpoint's; the schedule follows this run's length, and a length that ends at or
-    before ``step`` trains nothing; the loss is this run's."""
+    before ``step`` trains nothing; the loss and the teacher's vocabulary alignment are this
+    run's."""
     lines = []
     if "optimizer" in then and then["optimizer"] != now["optimizer"]:
         lines.append(f"optimizer: {now['optimizer']} differs from the checkpoint's run "
@@ -162,6 +163,11 @@ def changed_settings(then: dict[str, Any], now: dict[str, Any], step: int) -> li
         lines.append(f"kd_loss: {now['kd_loss']} differs from the checkpoint's run "
                      f"{then['kd_loss']}: the loss (and its curve in metrics.jsonl) changes at "
                      f"step {step + 1}")
+    for key in ("vocab_alignment", "teacher_id_merges"):
+        if key in then and then[key] != now[key]:
+            lines.append(f"{key}: {now[key]} differs from the checkpoint's run {then[key]}: the "
+                         f"teacher's distribution over the student's ids, so the loss, changes "
+                         f"at step {step + 1}")
     for key in ("dataset", "tokenizer"):  # a token store's data is checked by its fingerprint
         if key in then and then[key] != now[key]:
             lines.append(f"{key}: {now[key]} differs from the checkpoint's run {then[key]}: "
@@ -411,6 +417,8 @@ class TADDistillRecipe:
             self._settings["kd_loss"] = OmegaConf.to_container(divergence_node(cfg)[0],
                                                                resolve=True)
         self._settings["total_steps"] = self._total_steps
+        self._settings.update(vocab_alignment=self._vocab_alignment,
+                              teacher_id_merges=self._merges.as_config() if self._merges else None)
 
         # On several processes rank 0 alone reads the teacher's checkpoint (and builds the
         # student's fresh weights) and broadcasts them: one host copy per machine, not per rank.

@@ -1522,3 +1522,17 @@ def test_merged_teacher_ids_train_the_same_fused_and_unfused(assets, tmp_path, c
         with pytest.raises(ValueError) as err:
             _recipe({**cfg, "teacher_id_merges": merges})
         assert str(err.value).startswith(message)
+
+
+def test_a_resume_with_other_vocabulary_settings_says_the_loss_changes():
+    """``vocab_alignment`` and ``teacher_id_merges`` are this run's on a resume: a change is one
+    line; a checkpoint of an earlier version (neither recorded) says nothing."""
+    from tad_distill import changed_settings
+
+    then = {"total_steps": 4, "vocab_alignment": "truncate_teacher", "teacher_id_merges": None}
+    now = {**then, "teacher_id_merges": {32000: 2}}
+    assert changed_settings(then, now, 2) == [
+        "teacher_id_merges: {32000: 2} differs from the checkpoint's run None: the teacher's "
+        "distribution over the student's ids, so the loss, changes at step 3"]
+    assert changed_settings(then, then, 2) == []
+    assert changed_settings({"total_steps": 4}, now, 2) == []
