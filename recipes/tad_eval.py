@@ -57,6 +57,7 @@ from tad_torchtune.vocab import (
     check_merges_softcap,
     check_teacher_id_merges,
     check_vocab_compat,
+    tokenizer_warnings,
 )
 
 #: the keys ``eval.json`` records under ``settings``: those that change its figures
@@ -94,6 +95,7 @@ class TADEvalRecipe:
         self._tail_ks = _tail_ks(get("tail_ks"))
         self._vocab_alignment = get("vocab_alignment")
         self._document_mask = bool(get("document_mask"))
+        self._checked = False  # the merges and tokenizers (before loading, where config.json can)
         if len(cfg.students) == 0:
             raise ConfigError(
                 "students: must map at least one name to {checkpoint_dir: ...}, e.g. "
@@ -107,6 +109,8 @@ class TADEvalRecipe:
                               f"folder or not exist")
         torch.manual_seed(int(EVAL.get(cfg, "seed")))
         tokenizer = instantiate(cfg.tokenizer, "tokenizer")
+        teacher_tokenizer = (instantiate(cfg.teacher_tokenizer, "teacher_tokenizer")
+                             if cfg.get("teacher_tokenizer") is not None else None)
         dataset = build_dataset(cfg.dataset, "dataset", tokenizer)
         if len(dataset) == 0:
             raise ValueError("dataset: the held-out set is empty")
@@ -121,8 +125,11 @@ class TADEvalRecipe:
             vocabs[where] = hf.get("vocab_size")
             if spec.get("model") is None and hf.get("max_position_embeddings"):
                 check_row_length(dataset, "dataset", tokenizer, hf["max_position_embeddings"])
-        if None not in vocabs.values():  # the merges' ids, before any model loads
-            self._check_merges(cfg, vocabs.pop("teacher"), vocabs)
+        if None not in vocabs.values():  # the merges' ids and the tokenizers, before any load
+            teacher_vocab = vocabs.pop("teacher")
+            self._check_merges(cfg, teacher_vocab, vocabs)
+            self._check_tokenizers(teacher_tokenizer, tokenizer, teacher_vocab,
+                                   min(vocabs.values()))
         self._teacher = load_hf_folder(cfg.teacher, where="teacher", device=self._device,
                                        dtype=self._dtype)
         self._students = {
@@ -142,8 +149,12 @@ class TADEvalRecipe:
         # the students' vocabulary: that of the teacher's distribution (truncate_teacher cuts
         # its logits to it before any softmax, for its own metrics too)
         self._vocab_size = min(output_weight(m).shape[0] for m in models)
-        self._check_merges(cfg, teacher_vocab, {f"students.{name}": output_weight(m).shape[0]
-                                                for name, m in self._students.items()})
+        students = {f"students.{name}": output_weight(m).shape[0]
+                    for name, m in self._students.items()}
+        if not self._checked:  # a folder's config.json without vocab_size
+            self._check_merges(cfg, teacher_vocab, students)
+            self._check_tokenizers(teacher_tokenizer, tokenizer, teacher_vocab,
+                                   min(students.values()))
         check_merges_softcap(self._merges, logit_softcap(self._teacher))
         if self._tail_ks[-1] >= self._vocab_size:
             raise ConfigError(f"tail_ks: {self._tail_ks[-1]} is not below the vocabulary of "
@@ -156,6 +167,23 @@ class TADEvalRecipe:
         self._paths = {"teacher": str(cfg.teacher.checkpoint_dir)} | {
             f"students.{name}": str(spec.checkpoint_dir) for name, spec in cfg.students.items()
         }
+
+    def _check_tokenizers(self, teacher_tokenizer: Any, tokenizer: Any, teacher_vocab: int,
+                          student_vocab: int) -> None:
+        """``teacher_tokenizer`` against the students' ``tokenizer``, as ``tad_distill`` checks
+        them: shared ids that disagree are an error, other splits and a cut end-of-text a
+        warning line each."""
+        self._checked = True
+        if teacher_tokenizer is None:
+            return
+        try:
+            check_vocab_compat(teacher_vocab, student_vocab, self._vocab_alignment,
+                               teacher_tokenizer, tokenizer)
+        except ValueError as err:
+            raise ConfigError(f"teacher_tokenizer: {err}") from None
+        for line in tokenizer_warnings(teacher_tokenizer, tokenizer, student_vocab,
+                                       self._vocab_alignment, self._merges):
+            print(f"tad_eval: warning: {line}", file=sys.stderr)
 
     def _check_merges(self, cfg: DictConfig, teacher_vocab: int, students: dict[str, int]
                       ) -> None:

@@ -361,6 +361,8 @@ EVAL = Schema("tad_eval", [
         choices=("bf16", "fp32", "fp16")),
     Key("seed", "random state", 0, _INT),
     Key("tokenizer", "the tokenizer component the dataset is built with", REQUIRED),
+    Key("teacher_tokenizer", "the teacher's, when it differs: ids of the shared vocabulary are "
+        "checked to agree, other splits and a cut end-of-text told (as `tad_distill`)"),
     Key("dataset", "held-out rows: a `tad_torchtune.data.text_block_dataset`, or a torchtune "
         "dataset builder (instruct, chat, packed)",
         REQUIRED),

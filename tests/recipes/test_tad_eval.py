@@ -421,3 +421,45 @@ def test_the_summary_table_keeps_its_columns_apart():
     assert rows[1].split() == ["teacher", "14.7565", "2562585.79", "0.5000"]
     assert rows[2].split() == ["s", "12.5000", "14.7565", "2562585.79", "0.5000", "0.0100"]
     assert len(rows[0]) == 16 + 9 + 9 + 10 + 10 + 10  # the widths of before, for usual values
+
+
+@pytest.mark.skipif(not (DEMO / "tokenizer.json").is_file(), reason="demo tokenizer not built")
+def test_a_teacher_tokenizer_is_checked_as_tad_distill_checks_it(tmp_path, monkeypatch, capsys):
+    """``teacher_tokenizer``: the same tokenizer gives the same report and no warning; one that
+    maps shared ids to other tokens is one line naming the key, before any model loads."""
+    teacher = save_hf_llama(tmp_path / "teacher", seed=0)
+    student = save_hf_llama(tmp_path / "student", seed=2)
+    data = write_corpus(tmp_path / "held_out.jsonl")
+    swapped = json.loads((DEMO / "tokenizer.json").read_text())
+    vocab = swapped["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (tmp_path / "swapped.json").write_text(json.dumps(swapped))
+    reports = {}
+    for name, teacher_tokenizer in (("plain", None), ("same", tokenizer_cfg()),
+                                    ("swapped", {**tokenizer_cfg(),
+                                                 "tokenizer_json_path": str(tmp_path / "swapped.json")})):
+        cfg = write_config(
+            tmp_path / f"{name}.yaml", output_dir=str(tmp_path / name), tokenizer=tokenizer_cfg(),
+            dataset=held_out_dataset(data), teacher={"checkpoint_dir": str(teacher)},
+            students={"s": {"checkpoint_dir": str(student)}},
+            **({"teacher_tokenizer": teacher_tokenizer} if teacher_tokenizer else {}))
+        capsys.readouterr()
+        if name == "swapped":
+            import tad_eval
+
+            def load(*args, **kwargs):
+                raise AssertionError("a model was loaded before the tokenizers were checked")
+
+            monkeypatch.setattr(tad_eval, "load_hf_folder", load)
+            with pytest.raises(SystemExit):
+                tune.run_in_process("tad_eval", ["--config", str(cfg)], monkeypatch)
+            line = capsys.readouterr().err.splitlines()[-1]
+            assert line.startswith("tad_eval: error: teacher_tokenizer: teacher tokenizer "
+                                   "(HuggingFaceBaseTokenizer) and student tokenizer "
+                                   "(HuggingFaceBaseTokenizer) disagree on 2 of the "), line
+            continue
+        tune.run_in_process("tad_eval", ["--config", str(cfg)], monkeypatch)
+        assert "warning" not in capsys.readouterr().err
+        reports[name] = json.loads((tmp_path / name / "eval.json").read_text())
+    assert reports["same"]["students"] == reports["plain"]["students"]
