@@ -174,6 +174,10 @@ class TADEvalRecipe:
         them: shared ids that disagree are an error, other splits and a cut end-of-text a
         warning line each."""
         self._checked = True
+        try:  # sizes that cannot be aligned: each student's own check names it
+            check_vocab_compat(teacher_vocab, student_vocab, self._vocab_alignment)
+        except ValueError:
+            return
         if teacher_tokenizer is None:
             return
         try:
