@@ -16,11 +16,14 @@ teacher's two thirds of the stop mass are dropped, and its other ids renormalise
 held-out blocks: each model's mean probability of the end-of-text where the label is the
 end-of-text, and its forward KL from the merged teacher (the teacher's distribution over the
 student's ids, the stop mass whole) over every position; the teacher's two distributions
-beside.
+beside. The cut teacher is exactly the demo teacher (the copies' mass renormalised away); the
+merged one gives the end-of-text three times its weight. Each run folder records what it
+trained (``stop_mass.json``) and is reused only for the same seed, steps and merge.
 """
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,9 +41,7 @@ def padded_teacher(folder: Path) -> Path:
     from tad_torchtune.data import resolve_asset
 
     demo = Path(resolve_asset("pkg://demo/teacher"))
-    if (folder / "config.json").is_file():
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)  # written again each time: a few MB
     weights = load_file(demo / "model.safetensors")
     for key in ("model.embed_tokens.weight", "lm_head.weight"):
         weights[key] = torch.cat([weights[key], weights[key][EOS].repeat(len(EXTRA), 1)])
@@ -69,8 +70,14 @@ def train(out: Path, teacher: Path, seed: int, steps: int, merged: bool) -> Path
                          "log_dir": str(out / "logs")}
     if merged:
         cfg.teacher_id_merges = {i: EOS for i in EXTRA}
-    if not (out / "student" / "config.json").is_file():
-        tad_distill.run(cfg)
+    made = {"seed": seed, "steps": steps, "merged": merged}
+    stamp = out / "stop_mass.json"  # what an earlier run in this folder trained
+    if (out / "student" / "config.json").is_file() and stamp.is_file() and \
+            json.loads(stamp.read_text()) == made:
+        return out / "student"
+    shutil.rmtree(out, ignore_errors=True)
+    tad_distill.run(cfg)
+    stamp.write_text(json.dumps(made))
     return out / "student"
 
 

@@ -138,7 +138,7 @@ def changed_settings(then: dict[str, Any], now: dict[str, Any], step: int) -> li
     """What a resume at ``step`` does with settings that differ from the checkpoint's run, one
     line each: the optimizer's state (its learning rate and hyperparameters) and the scheduler's
     are the checkpoint's; the schedule follows this run's length, and a length that ends at or
-    before ``step`` trains nothing; the loss and the teacher's vocabulary alignment are this
+    before ``step`` trains nothing; the loss and the teacher's ``teacher_id_merges`` are this
     run's."""
     lines = []
     if "optimizer" in then and then["optimizer"] != now["optimizer"]:
@@ -163,11 +163,16 @@ def changed_settings(then: dict[str, Any], now: dict[str, Any], step: int) -> li
         lines.append(f"kd_loss: {now['kd_loss']} differs from the checkpoint's run "
                      f"{then['kd_loss']}: the loss (and its curve in metrics.jsonl) changes at "
                      f"step {step + 1}")
-    for key in ("vocab_alignment", "teacher_id_merges"):
-        if key in then and then[key] != now[key]:
-            lines.append(f"{key}: {now[key]} differs from the checkpoint's run {then[key]}: the "
-                         f"teacher's distribution over the student's ids, so the loss, changes "
-                         f"at step {step + 1}")
+    if ("teacher_id_merges" in then and then["teacher_id_merges"] != now["teacher_id_merges"]
+            and now["total_steps"] > step):
+        # from a teacher cache training reads the cache's merges (said at set-up): only the
+        # live teacher of validation changes
+        what = ("validation's teacher (val_kl) changes; training reads the teacher cache as it "
+                "was made" if now.get("from_cache") else
+                f"the teacher's distribution over the student's ids, so the loss, changes at "
+                f"step {step + 1}")
+        lines.append(f"teacher_id_merges: {now['teacher_id_merges']} differs from the "
+                     f"checkpoint's run {then['teacher_id_merges']}: {what}")
     for key in ("dataset", "tokenizer"):  # a token store's data is checked by its fingerprint
         if key in then and then[key] != now[key]:
             lines.append(f"{key}: {now[key]} differs from the checkpoint's run {then[key]}: "
@@ -417,8 +422,8 @@ class TADDistillRecipe:
             self._settings["kd_loss"] = OmegaConf.to_container(divergence_node(cfg)[0],
                                                                resolve=True)
         self._settings["total_steps"] = self._total_steps
-        self._settings.update(vocab_alignment=self._vocab_alignment,
-                              teacher_id_merges=self._merges.as_config() if self._merges else None)
+        self._settings.update(teacher_id_merges=self._merges.as_config() if self._merges else None,
+                              from_cache=self._teacher_cache is not None)
 
         # On several processes rank 0 alone reads the teacher's checkpoint (and builds the
         # student's fresh weights) and broadcasts them: one host copy per machine, not per rank.

@@ -122,11 +122,17 @@ class TADEvalRecipe:
         vocabs = {}
         for where, spec in folders.items():
             _, hf, _ = check_hf_folder(spec, where=where)
-            vocabs[where] = hf.get("vocab_size")
+            # a folder's model node may build another vocabulary: known once loaded
+            vocabs[where] = hf.get("vocab_size") if spec.get("model") is None else None
             if spec.get("model") is None and hf.get("max_position_embeddings"):
                 check_row_length(dataset, "dataset", tokenizer, hf["max_position_embeddings"])
-        if None not in vocabs.values():  # the merges' ids and the tokenizers, before any load
+        if None not in vocabs.values():  # sizes, merges' ids, tokenizers, before any load
             teacher_vocab = vocabs.pop("teacher")
+            for where, vocab in vocabs.items():
+                try:
+                    check_vocab_compat(teacher_vocab, vocab, self._vocab_alignment)
+                except ValueError as err:
+                    raise ConfigError(f"{where}: {err}") from None
             self._check_merges(cfg, teacher_vocab, vocabs)
             self._check_tokenizers(teacher_tokenizer, tokenizer, teacher_vocab,
                                    min(vocabs.values()))

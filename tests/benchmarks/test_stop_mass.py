@@ -28,3 +28,10 @@ def test_the_merge_reaches_a_trained_student(tmp_path):
     assert merged["p_eos_at_eos"] > cut["p_eos_at_eos"] > 0.0
     assert merged["eos_labels"] > 50
     assert rows["merged 0"] != rows["cut 0"]
+    # a folder of another run is not reused: each records what it trained
+    import json
+
+    stamp = tmp_path / "cut_0" / "stop_mass.json"
+    assert json.loads(stamp.read_text()) == {"seed": 0, "steps": 2, "merged": False}
+    stop_mass.train(tmp_path / "cut_0", tmp_path / "teacher", 0, 3, merged=False)
+    assert json.loads(stamp.read_text()) == {"seed": 0, "steps": 3, "merged": False}

@@ -1524,15 +1524,43 @@ def test_merged_teacher_ids_train_the_same_fused_and_unfused(assets, tmp_path, c
         assert str(err.value).startswith(message)
 
 
-def test_a_resume_with_other_vocabulary_settings_says_the_loss_changes():
-    """``vocab_alignment`` and ``teacher_id_merges`` are this run's on a resume: a change is one
-    line; a checkpoint of an earlier version (neither recorded) says nothing."""
+def test_a_resume_with_other_merges_says_the_loss_changes(assets, tmp_path, capsys):
+    """``teacher_id_merges`` are this run's on a resume: a change is one line (from a teacher
+    cache, only validation's teacher changes: said so); the same merges written otherwise
+    (string keys, another order) say nothing; a checkpoint of an earlier version (no merges
+    recorded) says nothing."""
     from tad_distill import changed_settings
+    from tests.helpers.tune import TEACHER, VOCAB
 
-    then = {"total_steps": 4, "vocab_alignment": "truncate_teacher", "teacher_id_merges": None}
-    now = {**then, "teacher_id_merges": {32000: 2}}
+    padded = _padded_teacher(assets, tmp_path / "padded", 8, {VOCAB + 1: 8.0})
+    cfg = tune.base_config(assets, tmp_path / "run", max_steps=2, save_every_n_steps=2,
+                           validation_dataset=None, export_hf=False,
+                           vocab_alignment="truncate_teacher",
+                           teacher_id_merges={VOCAB + 1: 3, VOCAB + 2: 3})
+    cfg["teacher_model"] = {**TEACHER, "vocab_size": VOCAB + 8}
+    cfg["teacher_checkpointer"]["checkpoint_dir"] = str(padded)
+    cfg["student_model"] = {**TEACHER, "num_layers": 1}
+    _recipe(cfg).train()
+
+    def told(**overrides):
+        capsys.readouterr()
+        _recipe({**cfg, "resume_from_checkpoint": True, "max_steps": 3, **overrides})
+        return [line for line in capsys.readouterr().err.splitlines()
+                if "teacher_id_merges" in line]
+
+    assert told() == []
+    assert told(teacher_id_merges={str(VOCAB + 2): 3, str(VOCAB + 1): 3}) == []
+    assert told(teacher_id_merges=None) == [
+        f"tad_distill: warning: teacher_id_merges: None differs from the checkpoint's run "
+        f"{{{VOCAB + 1}: 3, {VOCAB + 2}: 3}}: the teacher's distribution over the student's "
+        f"ids, so the loss, changes at step 3"]
+
+    then = {"total_steps": 4, "teacher_id_merges": None}
+    now = {"total_steps": 4, "teacher_id_merges": {32000: 2}, "from_cache": True}
     assert changed_settings(then, now, 2) == [
-        "teacher_id_merges: {32000: 2} differs from the checkpoint's run None: the teacher's "
-        "distribution over the student's ids, so the loss, changes at step 3"]
-    assert changed_settings(then, then, 2) == []
-    assert changed_settings({"total_steps": 4}, now, 2) == []
+        "teacher_id_merges: {32000: 2} differs from the checkpoint's run None: validation's "
+        "teacher (val_kl) changes; training reads the teacher cache as it was made"]
+    assert changed_settings({"total_steps": 4}, now, 2) == []  # an earlier version's
+    assert changed_settings(then, {**now, "total_steps": 2}, 2) == [  # nothing trains
+        "max_steps, epochs: this run ends at step 2, at or before the checkpoint's step 2: "
+        "nothing trains, and the checkpoint's student is exported"]

@@ -405,6 +405,16 @@ def test_merged_teacher_ids_are_scored_as_added_probabilities(tmp_path, monkeypa
         "tad_eval: error: teacher_id_merges.5: not past the student's 2048 ids within the "
         "teacher's 2112; accepted: teacher ids from 2048 to 2111 (an id the student has keeps "
         "its own probability)")
+    # sizes that cannot be aligned: the student's own line, before any model loads too
+    exact = write_config(
+        tmp_path / "exact.yaml", output_dir=str(tmp_path / "exact"), tokenizer=tokenizer_cfg(),
+        dataset=held_out_dataset(data), teacher={"checkpoint_dir": str(padded)},
+        students={"s": {"checkpoint_dir": str(student)}})
+    with pytest.raises(SystemExit):
+        tune.run_in_process("tad_eval", ["--config", str(exact)], monkeypatch)
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        "tad_eval: error: students.s: vocabulary size mismatch: teacher has 2112 ids, student "
+        "has 2048 (vocab_alignment='exact'); set vocab_alignment='truncate_teacher'")
 
 
 def test_the_summary_table_keeps_its_columns_apart():
