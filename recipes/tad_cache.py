@@ -50,7 +50,9 @@ from tad_torchtune.models import supports_flex_attention
 from tad_torchtune.models.loading import (
     check_model_fits_checkpoint,
     checkpoint_state,
+    hf_config_of,
     load_teacher,
+    softcap_of,
     vocab_size_of,
 )
 from tad_torchtune.parallel import barrier, init_distributed, on_rank0, parallelize
@@ -71,7 +73,7 @@ from tad_torchtune.teacher_cache import (
     check_blocks,
     teacher_identity,
 )
-from tad_torchtune.vocab import check_teacher_id_merges
+from tad_torchtune.vocab import check_merges_softcap, check_teacher_id_merges
 
 
 class TADCacheRecipe:
@@ -140,6 +142,9 @@ class TADCacheRecipe:
             DISTILL.get(cfg, "teacher_id_merges"),
             teacher_vocab_size=teacher_kwargs.get("vocab_size", 0),
             student_vocab_size=self._vocab, vocab_alignment=self._vocab_alignment)
+        if merges is not None:  # Gemma2's caps come from its config.json
+            check_merges_softcap(merges, softcap_of(cfg.teacher_model,
+                                                    hf_config_of(cfg.teacher_checkpointer)))
         if teacher_len is not None:
             check_row_length(dataset, "dataset", tokenizer, teacher_len)
         # built on the meta device and sharded there: a rank loads only its shards, which

@@ -77,9 +77,11 @@ from tad_torchtune.models.loading import (
     check_model_fits_checkpoint,
     check_student_source,
     checkpoint_state,
+    hf_config_of,
     load_student,
     load_teacher,
     sizes_of,
+    softcap_of,
     state_vocab_size,
 )
 from tad_torchtune.parallel import (
@@ -107,7 +109,12 @@ from tad_torchtune.teacher_cache import (
     check_blocks,
     teacher_identity,
 )
-from tad_torchtune.vocab import check_teacher_id_merges, check_vocab_compat, tokenizer_warnings
+from tad_torchtune.vocab import (
+    check_merges_softcap,
+    check_teacher_id_merges,
+    check_vocab_compat,
+    tokenizer_warnings,
+)
 
 
 #: the file in ``output_dir`` whose lock a run holds (``_lock_output_dir``)
@@ -340,6 +347,12 @@ class TADDistillRecipe:
         self._merges = check_teacher_id_merges(
             self._id_merges, teacher_vocab_size=teacher_kwargs.get("vocab_size", 0),
             student_vocab_size=self._student_vocab, vocab_alignment=self._vocab_alignment)
+        teacher_hf = hf_config_of(cfg.teacher_checkpointer)
+        if self._merges is not None:  # Gemma2's caps come from its config.json
+            check_merges_softcap(self._merges, softcap_of(cfg.teacher_model, teacher_hf))
+        # the tokenizers too, where config.json gave the teacher's size (else after the read)
+        if teacher_hf is not None:
+            self._check_tokenizers(teacher_tokenizer, teacher_kwargs.get("vocab_size"))
         if self._teacher_cache is not None:  # its checkpoint files checked: the cache's?
             self._teacher_cache.check_teacher(teacher_identity(cfg))
             made = self._teacher_cache.teacher_id_merges
@@ -431,17 +444,11 @@ class TADDistillRecipe:
         teacher_state, teacher_vocab = on_rank0(
             partial(checkpoint_state, cfg.teacher_checkpointer, "teacher_checkpointer"),
             state_vocab_size)
-        check_vocab_compat(
-            teacher_vocab_size=teacher_vocab,
-            student_vocab_size=self._student_vocab, vocab_alignment=self._vocab_alignment,
-            teacher_tokenizer=teacher_tokenizer,
-            student_tokenizer=self._tokenizer if teacher_tokenizer is not None else None,
-        )
-        if teacher_tokenizer is not None:
-            for line in tokenizer_warnings(teacher_tokenizer, self._tokenizer,
-                                           self._student_vocab, self._vocab_alignment,
-                                           self._merges):
-                self._warn(line)
+        check_vocab_compat(teacher_vocab_size=teacher_vocab,
+                           student_vocab_size=self._student_vocab,
+                           vocab_alignment=self._vocab_alignment)
+        if teacher_hf is None:
+            self._check_tokenizers(teacher_tokenizer, teacher_vocab)
 
         # The models are built on the meta device and sharded there; each rank then loads only
         # its shards (models/loading.py). FSDP's CPU offload keeps the shards on the host.
@@ -513,6 +520,25 @@ class TADDistillRecipe:
                                       device=self._device.type)
         if self._is_rank_zero:
             print(self._setup_line(time.perf_counter() - started), file=sys.stderr, flush=True)
+
+    def _check_tokenizers(self, teacher_tokenizer: Any, teacher_vocab: int | None) -> None:
+        """``teacher_tokenizer`` against ``tokenizer`` (``vocab.check_vocab_compat``: shared ids
+        that disagree are one line naming the key), then its warnings (other splits, a cut or
+        misdirected end-of-text); sizes that cannot be aligned are left to the size check."""
+        if teacher_tokenizer is None or teacher_vocab is None:
+            return
+        try:
+            check_vocab_compat(teacher_vocab, self._student_vocab, self._vocab_alignment)
+        except ValueError:
+            return
+        try:
+            check_vocab_compat(teacher_vocab, self._student_vocab, self._vocab_alignment,
+                               teacher_tokenizer, self._tokenizer)
+        except ValueError as err:
+            raise ConfigError(f"teacher_tokenizer: {err}") from None
+        for line in tokenizer_warnings(teacher_tokenizer, self._tokenizer, self._student_vocab,
+                                       self._vocab_alignment, self._merges):
+            self._warn(line)
 
     def _setup_line(self, seconds: float) -> str:
         """One line of what set-up built: its time, the models' sizes, the run's length, and

@@ -49,7 +49,7 @@ from tad_torchtune.models import (
     project_logits,
     supports_flex_attention,
 )
-from tad_torchtune.models.loading import check_hf_folder, load_hf_folder
+from tad_torchtune.models.loading import check_hf_folder, load_hf_folder, softcap_of
 from tad_torchtune.parallel import require_one_process
 from tad_torchtune.schema import EVAL, resolve_config_argv, resolve_package_paths
 from tad_torchtune.vocab import (
@@ -119,9 +119,10 @@ class TADEvalRecipe:
         # every folder checked before any model loads: a wrong last student costs no loading;
         # rows longer than a model built from its config.json takes, too
         folders = {"teacher": cfg.teacher} | {f"students.{n}": s for n, s in cfg.students.items()}
-        vocabs = {}
+        vocabs, configs = {}, {}
         for where, spec in folders.items():
             _, hf, _ = check_hf_folder(spec, where=where)
+            configs[where] = hf
             # a folder's model node may build another vocabulary: known once loaded
             vocabs[where] = hf.get("vocab_size") if spec.get("model") is None else None
             if spec.get("model") is None and hf.get("max_position_embeddings"):
@@ -134,6 +135,8 @@ class TADEvalRecipe:
                 except ValueError as err:
                     raise ConfigError(f"{where}: {err}") from None
             self._check_merges(cfg, teacher_vocab, vocabs)
+            if self._merges is not None:  # Gemma2's caps come from its config.json
+                check_merges_softcap(self._merges, softcap_of(None, configs["teacher"]))
             self._check_tokenizers(teacher_tokenizer, tokenizer, teacher_vocab,
                                    min(vocabs.values()))
         self._teacher = load_hf_folder(cfg.teacher, where="teacher", device=self._device,

@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from tad_torchtune.errors import ConfigError, check_checkpoint_files, instantiate
 from tad_torchtune.models._export import read_hf_checkpoint
 from tad_torchtune.models._families import build_model, check_max_seq_len, model_from_hf_config
-from tad_torchtune.models._forward import output_weight
+from tad_torchtune.models._forward import logit_softcap, output_weight
 from tad_torchtune.models._student import init_student_from_teacher
 from tad_torchtune.parallel import on_rank0
 
@@ -438,6 +438,17 @@ def vocab_size_of(model: DictConfig, key: str = "student_model") -> int:
     """The output vocabulary of a model node (config key ``key``), built on the meta device
     (nothing allocated)."""
     return sizes_of(model, key)[0]
+
+
+def softcap_of(model: DictConfig | None, hf: Mapping[str, Any] | None,
+               key: str = "teacher_model") -> float | None:
+    """The logit soft-cap of the model a config node builds, prepared with the checkpoint's
+    ``config.json`` ``hf`` (Gemma2 reads its caps there), or without a node the model of
+    ``hf`` itself; built on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        built = build_model(model, hf, key=key)[0] if model is not None else \
+            model_from_hf_config(hf)[0]
+    return logit_softcap(built)
 
 
 def sizes_of(model: DictConfig, key: str = "student_model") -> tuple[int, int, int, int]:

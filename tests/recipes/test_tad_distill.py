@@ -1564,3 +1564,66 @@ def test_a_resume_with_other_merges_says_the_loss_changes(assets, tmp_path, caps
     assert changed_settings(then, {**now, "total_steps": 2}, 2) == [  # nothing trains
         "max_steps, epochs: this run ends at step 2, at or before the checkpoint's step 2: "
         "nothing trains, and the checkpoint's student is exported"]
+
+
+def test_a_teacher_tokenizer_of_other_ids_is_refused_before_any_weight_is_read(
+        assets, tmp_path, monkeypatch, capsys):
+    """``teacher_tokenizer`` mapping shared ids to other tokens: one line naming the key,
+    before the teacher's checkpoint is read (it was read first, and the line had no key); the
+    same tokenizer says nothing."""
+    import tad_distill
+
+    tok = assets["tokenizer"]
+    swapped = json.loads((tok / "tokenizer.json").read_text())
+    vocab = swapped["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[40:42]  # printable: decoded apart
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (tmp_path / "swapped.json").write_text(json.dumps(swapped))
+    cfg = tune.base_config(assets, tmp_path / "run", max_steps=1, validation_dataset=None,
+                           export_hf=False)
+    same = dict(cfg["tokenizer"])
+    capsys.readouterr()
+    _recipe({**cfg, "teacher_tokenizer": same})
+    assert "teacher_tokenizer" not in capsys.readouterr().err
+
+    def read(*args, **kwargs):
+        raise AssertionError("a checkpoint was read before the tokenizers were checked")
+
+    monkeypatch.setattr(tad_distill, "checkpoint_state", read)
+    with pytest.raises(ValueError) as err:
+        _recipe({**cfg, "output_dir": str(tmp_path / "other"),
+                 "teacher_tokenizer": {**same, "tokenizer_json_path": str(tmp_path / "swapped.json")}})
+    assert str(err.value).startswith(
+        "teacher_tokenizer: teacher tokenizer (HuggingFaceBaseTokenizer) and student tokenizer "
+        "(HuggingFaceBaseTokenizer) disagree on 2 of the "), str(err.value)
+
+
+def test_merges_with_a_soft_capping_teacher_are_refused_before_any_weight_is_read(
+        assets, tmp_path, monkeypatch):
+    """Gemma2's logit soft-cap, read from its config.json on a meta build: one line, before the
+    checkpoint is read."""
+    import tad_distill
+    import transformers
+
+    from tests.helpers.teachers import VOCAB as V, hf_config, teacher_node
+
+    folder = tmp_path / "gemma2"
+    hf = {**hf_config("gemma2"), "vocab_size": V + 8}
+    hf.pop("model_type")
+    transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**hf)).save_pretrained(folder)
+    cfg = tune.base_config(assets, tmp_path / "run", max_steps=1, validation_dataset=None,
+                           export_hf=False, vocab_alignment="truncate_teacher",
+                           teacher_id_merges={V + 1: 3})
+    cfg["teacher_model"] = {"_component_": "tad_torchtune.models.hf_decoder",
+                            "checkpoint_dir": str(folder)}
+    cfg["teacher_checkpointer"].update(checkpoint_dir=str(folder), model_type="GEMMA2")
+    cfg["student_model"] = dict(teacher_node("gemma2"), num_layers=1)
+
+    def read(*args, **kwargs):
+        raise AssertionError("a checkpoint was read before the merges were checked")
+
+    monkeypatch.setattr(tad_distill, "checkpoint_state", read)
+    with pytest.raises(ValueError) as err:
+        _recipe(cfg)
+    assert str(err.value).startswith(f"teacher_id_merges: {{{V + 1}: 3}} with a teacher that "
+                                     f"soft-caps its logits ("), str(err.value)
