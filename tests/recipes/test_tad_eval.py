@@ -473,3 +473,34 @@ def test_a_teacher_tokenizer_is_checked_as_tad_distill_checks_it(tmp_path, monke
         assert "warning" not in capsys.readouterr().err
         reports[name] = json.loads((tmp_path / name / "eval.json").read_text())
     assert reports["same"]["students"] == reports["plain"]["students"]
+
+
+def test_merges_with_a_soft_capping_teacher_are_refused_before_any_model_loads(
+        tmp_path, monkeypatch, capsys):
+    """Gemma2's logit soft-cap, read from the teacher folder's config.json on a meta build:
+    one line, before any model loads."""
+    import tad_eval
+
+    from tests.helpers.teachers import VOCAB as V, hf_config
+
+    hf = {**hf_config("gemma2")}
+    hf.pop("model_type")
+    for name, vocab in (("teacher", V + 8), ("student", V)):
+        config = transformers.Gemma2Config(**{**hf, "vocab_size": vocab})
+        transformers.Gemma2ForCausalLM(config).save_pretrained(tmp_path / name)
+
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the merges were checked")
+
+    monkeypatch.setattr(tad_eval, "load_hf_folder", load)
+    cfg = write_config(
+        tmp_path / "eval.yaml", output_dir=str(tmp_path / "out"), tokenizer=tokenizer_cfg(),
+        dataset=held_out_dataset(write_corpus(tmp_path / "held_out.jsonl")),
+        teacher={"checkpoint_dir": str(tmp_path / "teacher")},
+        students={"s": {"checkpoint_dir": str(tmp_path / "student")}},
+        vocab_alignment="truncate_teacher", teacher_id_merges={V + 1: 3})
+    with pytest.raises(SystemExit):
+        tune.run_in_process("tad_eval", ["--config", str(cfg)], monkeypatch)
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        f"tad_eval: error: teacher_id_merges: {{{V + 1}: 3}} with a teacher that soft-caps its "
+        f"logits (")
