@@ -112,8 +112,8 @@ from tad_torchtune.teacher_cache import (
 from tad_torchtune.vocab import (
     check_merges_softcap,
     check_teacher_id_merges,
+    check_teacher_tokenizer,
     check_vocab_compat,
-    tokenizer_warnings,
 )
 
 
@@ -522,22 +522,12 @@ class TADDistillRecipe:
             print(self._setup_line(time.perf_counter() - started), file=sys.stderr, flush=True)
 
     def _check_tokenizers(self, teacher_tokenizer: Any, teacher_vocab: int | None) -> None:
-        """``teacher_tokenizer`` against ``tokenizer`` (``vocab.check_vocab_compat``: shared ids
-        that disagree are one line naming the key), then its warnings (other splits, a cut or
-        misdirected end-of-text); sizes that cannot be aligned are left to the size check."""
-        if teacher_tokenizer is None or teacher_vocab is None:
+        """``vocab.check_teacher_tokenizer`` against ``tokenizer``, its warnings told."""
+        if teacher_vocab is None:
             return
-        try:
-            check_vocab_compat(teacher_vocab, self._student_vocab, self._vocab_alignment)
-        except ValueError:
-            return
-        try:
-            check_vocab_compat(teacher_vocab, self._student_vocab, self._vocab_alignment,
-                               teacher_tokenizer, self._tokenizer)
-        except ValueError as err:
-            raise ConfigError(f"teacher_tokenizer: {err}") from None
-        for line in tokenizer_warnings(teacher_tokenizer, self._tokenizer, self._student_vocab,
-                                       self._vocab_alignment, self._merges):
+        for line in check_teacher_tokenizer(teacher_tokenizer, self._tokenizer, teacher_vocab,
+                                            self._student_vocab, self._vocab_alignment,
+                                            self._merges):
             self._warn(line)
 
     def _setup_line(self, seconds: float) -> str:

@@ -56,8 +56,8 @@ from tad_torchtune.vocab import (
     align_teacher_vocab,
     check_merges_softcap,
     check_teacher_id_merges,
+    check_teacher_tokenizer,
     check_vocab_compat,
-    tokenizer_warnings,
 )
 
 #: the keys ``eval.json`` records under ``settings``: those that change its figures
@@ -129,16 +129,9 @@ class TADEvalRecipe:
                 check_row_length(dataset, "dataset", tokenizer, hf["max_position_embeddings"])
         if None not in vocabs.values():  # sizes, merges' ids, tokenizers, before any load
             teacher_vocab = vocabs.pop("teacher")
-            for where, vocab in vocabs.items():
-                try:
-                    check_vocab_compat(teacher_vocab, vocab, self._vocab_alignment)
-                except ValueError as err:
-                    raise ConfigError(f"{where}: {err}") from None
-            self._check_merges(cfg, teacher_vocab, vocabs)
+            self._check_vocabularies(cfg, teacher_vocab, vocabs, teacher_tokenizer, tokenizer)
             if self._merges is not None:  # Gemma2's caps come from its config.json
                 check_merges_softcap(self._merges, softcap_of(None, configs["teacher"]))
-            self._check_tokenizers(teacher_tokenizer, tokenizer, teacher_vocab,
-                                   min(vocabs.values()))
         self._teacher = load_hf_folder(cfg.teacher, where="teacher", device=self._device,
                                        dtype=self._dtype)
         self._students = {
@@ -146,24 +139,15 @@ class TADEvalRecipe:
                                       dtype=self._dtype)
             for name, spec in cfg.students.items()
         }
-        teacher_vocab = output_weight(self._teacher).shape[0]
-        for name, student in self._students.items():
-            try:
-                check_vocab_compat(teacher_vocab, output_weight(student).shape[0],
-                                   self._vocab_alignment)
-            except ValueError as err:
-                raise ConfigError(f"students.{name}: {err}") from None
+        self._check_vocabularies(
+            cfg, output_weight(self._teacher).shape[0],
+            {f"students.{name}": output_weight(m).shape[0] for name, m in self._students.items()},
+            teacher_tokenizer, tokenizer)
         models = [self._teacher, *self._students.values()]
         self._max_seq_len = min(m.max_seq_len for m in models)
         # the students' vocabulary: that of the teacher's distribution (truncate_teacher cuts
         # its logits to it before any softmax, for its own metrics too)
         self._vocab_size = min(output_weight(m).shape[0] for m in models)
-        students = {f"students.{name}": output_weight(m).shape[0]
-                    for name, m in self._students.items()}
-        if not self._checked:  # a folder's config.json without vocab_size
-            self._check_merges(cfg, teacher_vocab, students)
-            self._check_tokenizers(teacher_tokenizer, tokenizer, teacher_vocab,
-                                   min(students.values()))
         check_merges_softcap(self._merges, logit_softcap(self._teacher))
         if self._tail_ks[-1] >= self._vocab_size:
             raise ConfigError(f"tail_ks: {self._tail_ks[-1]} is not below the vocabulary of "
@@ -177,25 +161,24 @@ class TADEvalRecipe:
             f"students.{name}": str(spec.checkpoint_dir) for name, spec in cfg.students.items()
         }
 
-    def _check_tokenizers(self, teacher_tokenizer: Any, tokenizer: Any, teacher_vocab: int,
-                          student_vocab: int) -> None:
-        """``teacher_tokenizer`` against the students' ``tokenizer``, as ``tad_distill`` checks
-        them: shared ids that disagree are an error, other splits and a cut end-of-text a
-        warning line each."""
+    def _check_vocabularies(self, cfg: DictConfig, teacher_vocab: int,
+                            students: dict[str, int], teacher_tokenizer: Any,
+                            tokenizer: Any) -> None:
+        """Each student's vocabulary against the teacher's (``students``: its key -> size),
+        then, the first time (``_checked``), ``teacher_id_merges`` and ``teacher_tokenizer``
+        (``vocab.check_teacher_tokenizer``, its warnings printed)."""
+        for where, vocab in students.items():
+            try:
+                check_vocab_compat(teacher_vocab, vocab, self._vocab_alignment)
+            except ValueError as err:
+                raise ConfigError(f"{where}: {err}") from None
+        if self._checked:
+            return
         self._checked = True
-        try:  # sizes that cannot be aligned: each student's own check names it
-            check_vocab_compat(teacher_vocab, student_vocab, self._vocab_alignment)
-        except ValueError:
-            return
-        if teacher_tokenizer is None:
-            return
-        try:
-            check_vocab_compat(teacher_vocab, student_vocab, self._vocab_alignment,
-                               teacher_tokenizer, tokenizer)
-        except ValueError as err:
-            raise ConfigError(f"teacher_tokenizer: {err}") from None
-        for line in tokenizer_warnings(teacher_tokenizer, tokenizer, student_vocab,
-                                       self._vocab_alignment, self._merges):
+        self._check_merges(cfg, teacher_vocab, students)
+        for line in check_teacher_tokenizer(teacher_tokenizer, tokenizer, teacher_vocab,
+                                            min(students.values()), self._vocab_alignment,
+                                            self._merges):
             print(f"tad_eval: warning: {line}", file=sys.stderr)
 
     def _check_merges(self, cfg: DictConfig, teacher_vocab: int, students: dict[str, int]

@@ -78,9 +78,10 @@ def _projected_chunks(labels: Tensor, chunk_size: int | None, ignore_index: int,
         keep = y[sl] != ignore_index
         chunks = []
         for i, (h, w, b, cap) in enumerate(flat):
-            z = torch.nn.functional.linear(h[sl][keep], w, b)
+            x = h[sl][keep]
+            z = torch.nn.functional.linear(x, w, b)
             if merge is not None and i == len(flat) - 1:  # rounded to z's dtype, as on logits
-                z = merge.apply_(z, h[sl][keep])
+                z = merge.apply_(z, x)
             chunks.append(apply_softcap(z.to(compute_dtype(h.dtype)), cap))
         yield (y[sl][keep], *chunks)
 

@@ -371,9 +371,37 @@ def tokenizer_warnings(teacher_tokenizer: Any, student_tokenizer: Any, student_v
             f"the student's end-of-text ({student_eos}) the teacher's end-of-text mass is cut "
             f"away and its other ids are renormalised; teacher_id_merges "
             f"'{{{teacher_eos}: {student_eos}}}' adds it to the student's end-of-text")
-    target = dict(zip(merges.sources, merges.targets)).get(teacher_eos) if merges else None
+    target = merges.as_config().get(teacher_eos) if merges else None
     if target is not None and student_eos is not None and target != student_eos:
         out.append(
             f"teacher_id_merges: the teacher's end-of-text {teacher_eos} is merged into id "
             f"{target}, not the student's end-of-text {student_eos}")
     return out
+
+
+def check_teacher_tokenizer(teacher_tokenizer: Any, tokenizer: Any, teacher_vocab_size: int,
+                            student_vocab_size: int, vocab_alignment: str,
+                            merges: IdMerges | None = None) -> list[str]:
+    """A recipe's ``teacher_tokenizer`` against its ``tokenizer`` (the students'):
+    ``check_vocab_compat`` of the two, then ``tokenizer_warnings``. Sizes that cannot be
+    aligned are left to the recipe's size check, which names the model (nothing checked here).
+
+    Returns:
+        The warning lines (none without a ``teacher_tokenizer``).
+
+    Raises:
+        ValueError: ``teacher_tokenizer: ...``, for shared ids the two map to other tokens.
+    """
+    if teacher_tokenizer is None:
+        return []
+    try:
+        check_vocab_compat(teacher_vocab_size, student_vocab_size, vocab_alignment)
+    except ValueError:
+        return []
+    try:
+        check_vocab_compat(teacher_vocab_size, student_vocab_size, vocab_alignment,
+                           teacher_tokenizer, tokenizer)
+    except ValueError as err:
+        raise ValueError(f"teacher_tokenizer: {err}") from None
+    return tokenizer_warnings(teacher_tokenizer, tokenizer, student_vocab_size, vocab_alignment,
+                              merges)

@@ -64,7 +64,7 @@ from tad_torchtune.losses.engine import (
     row_layout,
     teacher_pass,
 )
-from tad_torchtune.vocab import MergedRows
+from tad_torchtune.vocab import MergedRows, check_merges_softcap
 
 #: default ``teacher_cache_mib``: one 1024-token row of 32K-vocabulary float32 teacher logits, or
 #: 256 tokens of a 256K vocabulary in bf16; small next to the float32 ``[V, D]`` weight gradient.
@@ -679,9 +679,8 @@ def fused_head(
                 f"{student_weight.shape[0]}: align a larger teacher vocabulary first "
                 f"(tad_torchtune.vocab.align_teacher_vocab)")
         sides.append(("teacher", teacher_hidden, teacher_weight, teacher_bias))
-        if teacher_merge is not None and teacher_softcap is not None:
-            raise ValueError("teacher_merge: merging is defined on logits without a soft-cap; "
-                             f"got teacher_softcap={teacher_softcap}")
+        if teacher_merge is not None:
+            check_merges_softcap(teacher_merge.ids, teacher_softcap)
     for name, h, w, b in sides:
         if w.dim() != 2 or w.shape[1] != h.shape[-1]:
             raise ValueError(
@@ -720,9 +719,10 @@ def fused_head(
         b_t = None if teacher_bias is None else full_tensor(teacher_bias).detach()
         h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])  # (N, D_T)
         if teacher_merge is not None:
+            b_m = teacher_merge.bias
             teacher_merge = teacher_merge._replace(
                 weight=full_tensor(teacher_merge.weight).detach(),
-                bias=None if teacher_merge.bias is None else full_tensor(teacher_merge.bias).detach())
+                bias=None if b_m is None else full_tensor(b_m).detach())
         teacher = _ProjectedTeacher(h_t, w_t, b_t, plan, compute_dtype(h_t.dtype),
                                     teacher_merge)
     groups = None if document_ids is None else document_ids.reshape(-1)
